@@ -1,0 +1,315 @@
+"""The command line: parse arguments, load the config, call the service (or a history command).
+
+No dispatching logic lives here. Configuration errors exit with status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import Config, load_config
+from .content import import_problems
+from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
+from .models import FileVersion
+from .router import Facts, Router, describe_target
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("a port is 0-65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="filedispatch",
+        description="Watch folders and deliver each new file where its rules send it.",
+        epilog="Commands: check, explain (see 'filedispatch COMMAND -h'). Without a command, "
+        "the service runs on the config given with -c.",
+    )
+    parser.add_argument(
+        "-v",
+        "--version",
+        action="version",
+        version=f"filedispatch {__version__}",
+        help="display the version and exit",
+    )
+    parser.add_argument("-c", "--config", type=Path, help="configuration file to use")
+    parser.add_argument("-H", "--host", metavar="IP", help="web app host ip (default: 127.0.0.1)")
+    parser.add_argument("-P", "--port", type=_port, help="web app port (default: 3001)")
+    parser.add_argument("--no-webapp", action="store_true", help="do not start the web app")
+    parser.add_argument("--monitor-port", type=_port, help="console port (default: 50101)")
+    parser.add_argument("--no-monitor", action="store_true", help="do not start the console")
+    parser.add_argument("-d", "--daemon", action="store_true", help="run as a daemon")
+    parser.add_argument(
+        "-x", "--exit", action="store_true", help="stop the running daemon (needs only -p)"
+    )
+    parser.add_argument("-p", "--pidfile", type=Path, help="PID file path")
+    parser.add_argument("--log-file", type=Path, help="write logs to this file")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default: INFO)",
+    )
+    parser.add_argument(
+        "--log-config",
+        type=Path,
+        help="logging configuration file (YAML, logging.config.dictConfig)",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        help="journal database (default: database: in the "
+        "config, else ~/.local/state/filedispatch/journal.db)",
+    )
+    parser.add_argument(
+        "--move", action="store_true", help="remove each source file once every destination has it"
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="dispatch what is there now, wait for it, print a summary, exit",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print where each file would go; write nothing"
+    )
+    parser.add_argument(
+        "--max-items", type=_positive, metavar="N", help="dispatch at most N files in this run"
+    )
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = sub.add_parser("check", help="validate a config and print its routing table")
+    check.add_argument("-c", "--config", type=Path, required=True, dest="sub_config")
+    explain = sub.add_parser("explain", help="say which rules take the given files, and why")
+    explain.add_argument("-c", "--config", type=Path, required=True, dest="sub_config")
+    explain.add_argument("files", nargs="+", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check":
+            return cmd_check(args.sub_config)
+        if args.command == "explain":
+            return cmd_explain(args.sub_config, args.files)
+        if args.exit:
+            from .daemon import stop_daemon
+
+            return stop_daemon(args.pidfile)
+        if args.config is None:
+            parser.error("the following arguments are required: -c/--config")
+        return cmd_run(args)
+    except ConfigError as exc:
+        print(f"filedispatch: invalid configuration {exc.source}:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except (JournalError, ServiceError) as exc:
+        print(f"filedispatch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except FileDispatchError as exc:
+        print(f"filedispatch: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def load_checked(path: Path) -> Config:
+    """Load a config and also import every Python hook it names (so typos fail now)."""
+    config = load_config(path)
+    problems = import_problems(config)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+# ---------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import logs
+    from .config import secrets_of
+    from .service import Options, Service
+
+    config = load_checked(args.config)
+    if args.dry_run:
+        return dry_run(config, args.max_items)
+    options = Options(
+        config_path=args.config.absolute(),
+        db=args.db,
+        once=args.once,
+        max_items=args.max_items,
+        move=args.move,
+        api_host=args.host,
+        api_port=args.port,
+        webapp=False if args.no_webapp or args.once else None,
+        monitor_port=args.monitor_port,
+        monitor=False if args.no_monitor or args.once else None,
+    )
+    if args.daemon:
+        from .daemon import run_daemon
+
+        return run_daemon(config, options, args)
+    logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    logs.set_secrets(secrets_of(config))
+    service = Service(config, options)
+    code = asyncio.run(service.run())
+    if args.once:
+        print_summary(service)
+    return code
+
+
+def print_summary(service: object) -> None:
+    s = service.summary  # type: ignore[attr-defined]
+    print(
+        f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
+        f"failed: {s.failed}"
+        + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
+    )
+
+
+def dry_run(config: Config, max_items: int | None) -> int:
+    """Print where each file in the sources would go; open nothing for writing."""
+    from .watcher import SourceWatcher
+
+    router = Router(config)
+    count = 0
+    for source in config.sources:
+        watcher = SourceWatcher(source, _never, _never)
+        found = sorted(watcher._walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
+        for rel, st in found:
+            if max_items is not None and count >= max_items:
+                print(f"(stopping at --max-items {max_items})")
+                return EXIT_OK
+            version = FileVersion.from_stat(source.key, source.path, rel, st)
+            chains = router.route(version, _facts(router, version))
+            if not chains:
+                print(f"{source.key}/{rel}: no rule matches")
+                continue
+            count += 1
+            for chain in chains:
+                for step in chain.steps:
+                    print(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
+    return EXIT_OK
+
+
+async def _never(*_: object) -> None:
+    return None
+
+
+def _facts(router: Router, version: FileVersion) -> Facts:
+    if not router.needs_mime and not router.classifiers:
+        return Facts()
+    from .content import classify_all, detect_mime
+
+    mime = detect_mime(version.path)
+    return Facts(mime=mime, classified=classify_all(router, version, mime))
+
+
+# ---------------------------------------------------------------------------- check, explain
+
+
+def cmd_check(path: Path) -> int:
+    config = load_checked(path)
+    from .service import Options, journal_path
+
+    print(f"{path}: valid")
+    print(f"journal: {journal_path(config, Options())}")
+    print("sources:")
+    for s in config.sources:
+        ready = f"ready: {s.ready}" + (f" (settle {s.settle:g}s)" if s.ready == "settle" else "")
+        after = s.after + (f" -> {s.done_dir}" if s.after == "move" else "")
+        print(
+            f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
+            f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
+        )
+    print("rules (in order; the first match wins unless a rule says continue):")
+    router = Router(config)
+    for i, rule in enumerate(router.rules, 1):
+        cfg = rule.config
+        what = []
+        if cfg.extensions:
+            what.append("extensions " + ",".join(cfg.extensions))
+        if cfg.glob:
+            what.append("glob " + ",".join(cfg.glob))
+        if cfg.regex:
+            what.append(f"regex {cfg.regex}")
+        if cfg.mime:
+            what.append("mime " + ",".join(cfg.mime))
+        if cfg.exclude:
+            what.append("exclude " + ",".join(cfg.exclude))
+        if cfg.min_size is not None:
+            what.append(f">= {cfg.min_size} bytes")
+        if cfg.max_size is not None:
+            what.append(f"<= {cfg.max_size} bytes")
+        if cfg.classify:
+            what.append(f"classify {cfg.classify}")
+        srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
+        flag = " (continue)" if cfg.continue_ else ""
+        print(f"  {i}. {rule.name}{flag}: {'; '.join(what) or 'every file'} from {srcs}")
+        for j, step in enumerate(cfg.to, 1):
+            name = getattr(step, "name", None)
+            extra = f" name {name}" if name else ""
+            print(f"       {j}) {step.kind}: {step.display}{extra}")
+    return EXIT_OK
+
+
+def cmd_explain(path: Path, files: list[Path]) -> int:
+    config = load_checked(path)
+    router = Router(config)
+    for file in files:
+        absolute = file.absolute()
+        source = next(
+            (s for s in config.sources if absolute.is_relative_to(s.path)), config.sources[0]
+        )
+        rel = (
+            absolute.relative_to(source.path)
+            if absolute.is_relative_to(source.path)
+            else Path(file.name)
+        ).as_posix()
+        try:
+            st = absolute.stat()
+            version = FileVersion.from_stat(source.key, source.path, rel, st)
+        except OSError:
+            version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
+            print(f"{file}: (does not exist; taken as an empty file)")
+        print(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
+        facts = _facts(router, version)
+        if facts.mime:
+            print(f"  detected type: {facts.mime}")
+        chains = {c.rule: c for c in router.route(version, facts)}
+        for check in router.explain(version, facts):
+            mark = "+" if check.matched else "-"
+            print(f"  {mark} {check.rule}: {check.why}")
+        for chain in chains.values():
+            for step in chain.steps:
+                print(f"    -> {describe_target(step, version)}")
+        if not chains:
+            print("    (no rule takes this file: it stays where it is)")
+    return EXIT_OK

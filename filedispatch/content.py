@@ -1,0 +1,106 @@
+"""Facts about a file's content for routing: its MIME type from its first bytes, classifier hooks.
+
+Runs in worker threads (it reads files); the router itself stays pure and only sees the answers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import puremagic
+
+from .config import Config, PythonStep
+from .models import FileVersion
+
+if TYPE_CHECKING:
+    from .router import Router
+
+log = logging.getLogger(__name__)
+SNIFF_BYTES = 8192
+
+
+def import_object(spec: str) -> Any:
+    """``package.module:name`` -> the object (ImportError or AttributeError if missing)."""
+    module_name, _, attr = spec.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def detect_mime(path: Path) -> str | None:
+    """The MIME type the file's first bytes show (None when unknown or unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError:
+        return None
+    if not head:
+        return None
+    try:
+        matches = puremagic.magic_string(head)
+    except puremagic.PureError:
+        matches = []
+    for match in matches:
+        if match.mime_type:
+            return str(match.mime_type)
+    if _looks_like_text(head):
+        return "text/plain"
+    return "application/octet-stream"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 4  # a character cut at the sniffing limit
+    return True
+
+
+def import_problems(config: Config) -> list[str]:
+    """Every ``python:`` step and ``classify:`` hook that cannot be imported, as config errors."""
+    problems = []
+    for i, rule in enumerate(config.rules):
+        specs = [(f"rules[{i}].classify", rule.classify)] if rule.classify else []
+        specs += [
+            (f"rules[{i}].to[{j}].python", step.python)
+            for j, step in enumerate(rule.to)
+            if isinstance(step, PythonStep)
+        ]
+        for where, spec in specs:
+            try:
+                obj = import_object(spec)
+            except Exception as exc:  # ImportError, AttributeError, or the module's own error
+                problems.append(f"{where}: cannot import {spec!r}: {type(exc).__name__}: {exc}")
+                continue
+            if not callable(obj):
+                problems.append(f"{where}: {spec!r} is not callable")
+    return problems
+
+
+def classify_all(
+    router: Router, version: FileVersion, mime: str | None, cache: dict[str, Any] | None = None
+) -> dict[str, str | None]:
+    """Ask each rule's classifier hook which rule the file belongs to."""
+    cache = {} if cache is None else cache
+    answers: dict[str, str | None] = {}
+    for rule_name, spec in router.classifiers.items():
+        hook = cache.get(spec)
+        if hook is None:
+            hook = cache[spec] = import_object(spec)
+        try:
+            answer = hook(version.path, mime)
+        except Exception as exc:  # a broken hook must not stop the routing of other files
+            log.warning("classifier %s failed on %s: %s", spec, version.relpath, exc)
+            answer = None
+        answers[rule_name] = str(answer) if answer else None
+    return answers

@@ -1,0 +1,584 @@
+"""Dispatching: plan routed files into the journal, then run them with a fixed pool of workers.
+
+claim (journal) -> processor -> outcome (journal) -> after-action on the source. The source is
+moved or removed only after the journal has committed that every destination has the file.
+Processors' own exceptions never reach here: they raise our Transient/Permanent errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .asyncutil import first_completed
+from .config import Config, SourceConfig, Step, secrets_of
+from .content import classify_all, detect_mime
+from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
+from .journal import Journal, PlannedStep, StepResult, version_key
+from .models import Dispatch, FileVersion, Outcome, Status
+from .processors import Registry, StepContext
+from .router import Chain, Facts, Router
+
+log = logging.getLogger(__name__)
+
+
+def protocol_of(step: Step) -> str:
+    if step.kind == "compress":
+        return "compress"
+    if step.kind == "ftp":
+        return "ftps" if step.url.lower().startswith("ftps:") else "ftp"
+    if step.kind == "http":
+        return "https" if step.url.lower().startswith("https:") else "http"
+    return step.kind
+
+
+@dataclass
+class DestinationStats:
+    """Counters for one destination, for the status API and the console."""
+
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    bytes: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a ``--once`` run did (and what a long run has done so far)."""
+
+    planned: int = 0  #: new journal rows
+    processed: int = 0  #: file versions whose every destination succeeded in this run
+    already_done: int = 0  #: versions found already dispatched
+    unmatched: int = 0  #: files no rule takes
+    failed: int = 0  #: versions with a destination FAILED for good in this run
+    skipped: int = 0  #: not offered because of --max-items
+    latencies: list[float] = field(default_factory=list)
+
+
+class Dispatcher:
+    """Owns the worker pool; fed by ``offer()``, stopped by the service's stop event."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        registry: Registry,
+        *,
+        workdir: Path,
+        max_items: int | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.journal = journal
+        self.registry = registry
+        self.workdir = workdir
+        self.max_items = max_items
+        self.sources = {s.key: s for s in config.sources}
+        self.summary = RunSummary()
+        self.stats: dict[str, DestinationStats] = defaultdict(DestinationStats)
+        self.in_flight: dict[int, Dispatch] = {}
+        self.stopped_sources: set[str] = set()
+        self._offered = 0
+        self._wake = asyncio.Event()
+        self._running = asyncio.Event()
+        self._running.set()
+        self._queue: asyncio.Queue[list[Dispatch]] = asyncio.Queue(maxsize=config.workers * 2)
+        self._idle = asyncio.Event()
+        self._busy = 0
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._on_change = on_change
+        self._classifiers: dict[str, object] = {}
+        self._room = asyncio.Event()
+        self._secrets = secrets_of(config)
+        self.released = 0
+
+    # ------------------------------------------------------------------ configuration
+
+    def reconfigure(self, config: Config) -> None:
+        """Switch rules and sources (SIGHUP); rows in flight finish under their old steps."""
+        self.config = config
+        self.router = Router(config)
+        self.sources = {s.key: s for s in config.sources}
+        self._classifiers.clear()
+        self._secrets = secrets_of(config)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ planning
+
+    def _facts(self, version: FileVersion) -> Facts:
+        router = self.router
+        if not router.needs_mime and not router.classifiers:
+            return Facts()
+        mime = detect_mime(version.path)
+        return Facts(mime, classify_all(router, version, mime, self._classifiers))
+
+    def route(self, version: FileVersion) -> list[Chain]:
+        return self.router.route(version, self._facts(version))
+
+    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
+        """Plan complete files from a watcher: route them and write PENDING rows."""
+        if self.max_items is not None:
+            room = max(0, self.max_items - self._offered)
+            self.summary.skipped += max(0, len(versions) - room)
+            versions = versions[:room]
+        if not versions:
+            return
+        needs_io = self.router.needs_mime or bool(self.router.classifiers)
+        if needs_io:
+            routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
+        else:
+            routes = [self.router.route(v) for v in versions]
+        steps: list[PlannedStep] = []
+        matched: list[FileVersion] = []
+        for version, chains in zip(versions, routes, strict=True):
+            if not chains:
+                self.summary.unmatched += 1
+                log.debug("no rule takes %s", version.relpath)
+                continue
+            matched.append(version)
+            for chain in chains:
+                for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True)):
+                    steps.append(
+                        PlannedStep(version, chain.rule, i, key, step.display, protocol_of(step))
+                    )
+        self._offered += len(matched)
+        if not steps:
+            return
+        new = await self.journal.plan(steps)
+        self.summary.planned += new
+        if new:
+            self._wake.set()
+        if new < len(steps):
+            await self._settle_known(source, matched)
+        if self._on_change:
+            self._on_change()
+
+    async def _settle_known(self, source: SourceConfig, versions: list[FileVersion]) -> None:
+        """Files seen again: count the ones already done, and finish their after-action."""
+        states = await self.journal.version_states(versions)
+        for v in versions:
+            statuses = states.get(version_key(v), [])
+            if statuses and all(s == Status.SUCCEEDED for s in statuses):
+                self.summary.already_done += 1
+                if source.after != "keep":
+                    await asyncio.to_thread(self._after_action, source, v, True)
+
+    async def reject(self, source: SourceConfig, version: FileVersion, reason: str) -> None:
+        """A file that cannot be dispatched at all (an odd name): one FAILED row says why."""
+        log.warning("cannot dispatch %r from %s: %s", version.relpath, source.key, reason)
+        await self.journal.record_failed_name(version, "-", reason)
+        self.summary.failed += 1
+
+    # ------------------------------------------------------------------ running
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Feed and run workers until ``stop``; then give back unstarted work and drain."""
+        async with asyncio.TaskGroup() as tg:
+            workers = [
+                tg.create_task(self._worker(), name=f"worker-{i}")
+                for i in range(self.config.workers)
+            ]
+            await self._feed(stop)
+            self.released = await self._release_queued()
+            for _ in workers:
+                await self._queue.put([])  # an empty group tells a worker to exit
+
+    async def _feed(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self._running.is_set():
+                await first_completed(stop.wait(), self._running.wait())
+                continue
+            self._wake.clear()
+            room = self._queue.maxsize - self._queue.qsize()
+            if room <= 0:
+                await first_completed(stop.wait(), self._room.wait())
+                self._room.clear()
+                continue
+            skip = frozenset(self.stopped_sources)
+            batch = await self.journal.claim(min(room, 256), time.time(), skip)
+            for group in batch:
+                self._queue.put_nowait(group)  # only the feeder puts, so there is room
+            if batch:
+                continue
+            if self._busy == 0 and self._queue.empty():
+                self._idle.set()
+            due = await self.journal.next_due()
+            timeout = 5.0 if due is None else min(5.0, max(0.0, due - time.time()) + 0.01)
+            await first_completed(stop.wait(), self._wake.wait(), timeout=timeout)
+
+    async def _release_queued(self) -> int:
+        """At shutdown: claimed versions no worker started go back to PENDING."""
+        results: list[StepResult] = []
+        while not self._queue.empty():
+            results += [
+                StepResult(
+                    d.id,
+                    Status.PENDING,
+                    d.attempts,
+                    reason=d.reason,
+                    error_type=d.error_type,
+                    next_attempt=d.next_attempt,
+                )
+                for d in self._queue.get_nowait()
+                if d.status == Status.IN_PROGRESS
+            ]
+        await self.journal.finish(results)
+        return len(results)
+
+    async def _worker(self) -> None:
+        while True:
+            group = await self._queue.get()
+            self._room.set()
+            if not group:
+                return
+            self._busy += 1
+            self._idle.clear()
+            try:
+                await self._run_version(group)
+            except Exception:  # a bug must cost one file a delay, not the worker
+                log.exception("unexpected error while dispatching %s", group[0].relpath)
+                await self.journal.finish(
+                    [
+                        StepResult(d.id, Status.PENDING, d.attempts, next_attempt=time.time() + 60)
+                        for d in group
+                        if d.status == Status.IN_PROGRESS
+                    ]
+                )
+            finally:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._wake.set()
+                if self._on_change:
+                    self._on_change()
+
+    async def wait_idle(self) -> None:
+        """Wait until nothing is due, queued, running or waiting for a retry (``--once``)."""
+        while True:
+            self._idle.clear()
+            self._wake.set()
+            await self._idle.wait()
+            counts = await self.journal.counts()
+            if not counts.get("PENDING") and not counts.get("IN_PROGRESS"):
+                return
+            if self.stopped_sources and set(self.sources) <= self.stopped_sources:
+                return
+            due = await self.journal.next_due()
+            if due is not None:
+                await asyncio.sleep(min(5.0, max(0.05, due - time.time())))
+
+    # ------------------------------------------------------------------ one file version
+
+    async def _run_version(self, rows: list[Dispatch]) -> None:
+        version = rows[0].version
+        source = self.sources.get(version.source)
+        consumes = source is not None and (source.after == "delete" or self._moves(rows))
+        # a hard link is only safe when the source goes away and one folder gets the file
+        link_ok = consumes and sum(d.protocol == "file" for d in rows) == 1
+        chains: dict[str, list[Dispatch]] = defaultdict(list)
+        for d in rows:
+            chains[d.rule].append(d)
+        final = await asyncio.gather(
+            *(self._run_chain(version, c, link_ok) for c in chains.values())
+        )
+        statuses = [s for chain_statuses in final for s in chain_statuses]
+        if source is None:
+            return
+        if all(s == Status.SUCCEEDED for s in statuses):
+            self.summary.processed += 1
+            if source.after != "keep" or self._moves(rows):
+                await asyncio.to_thread(self._after_action, source, version, True)
+        elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
+            self.summary.failed += 1
+            if source.stop_on_error and source.key not in self.stopped_sources:
+                self.stopped_sources.add(source.key)
+                log.error(
+                    "source %s stops dispatching after a failure (stop_on_error); "
+                    "fix the cause and restart",
+                    source.key,
+                )
+            if source.failed_dir is not None:
+                await asyncio.to_thread(self._after_action, source, version, False)
+
+    def _moves(self, rows: list[Dispatch]) -> bool:
+        return any(getattr(self._step(d), "mode", None) == "move" for d in rows)
+
+    def _step(self, row: Dispatch) -> Step | None:
+        rule = self.router.by_name.get(row.rule)
+        if rule is None or row.step >= len(rule.chain.steps):
+            return None
+        return rule.chain.steps[row.step]
+
+    async def _run_chain(
+        self, version: FileVersion, rows: list[Dispatch], link_ok: bool
+    ) -> list[Status]:
+        """Run a rule's steps in order; a failure stops the chain, a retry pauses it."""
+        rows.sort(key=lambda d: d.step)
+        workdir = self.workdir / f"{version_key(version)}-{_safe(rows[0].rule)}"
+        current = version.path
+        for i, row in enumerate(rows):
+            if row.status == Status.SUCCEEDED:
+                produced = self._produced(row)
+                if produced is None:
+                    continue
+                if produced.exists():
+                    current = produced
+                    continue
+                row.status = Status.IN_PROGRESS  # a transform's output is gone: make it again
+            if row.status != Status.IN_PROGRESS:
+                break  # FAILED (the chain stopped there) or PENDING until a retry is due
+            result = await self._attempt(row, version, current, workdir, link_ok)
+            if result.status == Status.SUCCEEDED:
+                if self._produced(row) is not None and result.location:
+                    current = Path(result.location)
+                continue
+            rest = [d for d in rows[i + 1 :] if d.status == Status.IN_PROGRESS]
+            if result.status == Status.FAILED:
+                rest += [d for d in rows[i + 1 :] if d.status == Status.PENDING]
+                note = f"not run: step {row.step + 1} ({row.destination}) failed"
+                await self.journal.finish(
+                    [StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in rest]
+                )
+                for d in rest:
+                    d.status = Status.FAILED
+            elif rest:  # waiting for a retry of this step: the later steps wait too
+                await self.journal.finish(
+                    [
+                        StepResult(
+                            d.id, Status.PENDING, d.attempts, next_attempt=result.next_attempt
+                        )
+                        for d in rest
+                    ]
+                )
+                for d in rest:
+                    d.status = Status.PENDING
+            break
+        statuses = [d.status for d in rows]
+        if all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses) and workdir.exists():
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+        return statuses
+
+    @staticmethod
+    def _produced(row: Dispatch) -> Path | None:
+        if row.protocol == "compress" and row.location:
+            return Path(row.location)
+        return None
+
+    def _semaphore(self, step: Step) -> asyncio.Semaphore | None:
+        if step.concurrency is None:
+            return None
+        key = step.identity()
+        sem = self._semaphores.get(key)
+        if sem is None:
+            sem = self._semaphores[key] = asyncio.Semaphore(step.concurrency)
+        return sem
+
+    async def _attempt(
+        self, row: Dispatch, version: FileVersion, current: Path, workdir: Path, link_ok: bool
+    ) -> StepResult:
+        step = self._step(row)
+        attempt = row.attempts + 1
+        started = time.time()
+        if step is None or row.destination != step.display:
+            result = StepResult(
+                row.id,
+                Status.FAILED,
+                row.attempts,
+                started=started,
+                reason="this destination is no longer in the configuration",
+            )
+            await self._record(row, result, version)
+            return result
+        ctx = StepContext(
+            dispatch_id=row.id,
+            version=version,
+            input=current,
+            rule=row.rule,
+            step=row.step,
+            attempt=attempt,
+            workdir=workdir,
+            resuming=row.started is not None,  # claimed before: a crash may have hit mid-way
+            link_ok=link_ok,
+        )
+        self.in_flight[row.id] = row
+        sem = self._semaphore(step)
+        try:
+            if sem is not None:
+                await sem.acquire()
+            try:
+                outcome = await self._deliver(step, ctx)
+            finally:
+                if sem is not None:
+                    sem.release()
+        except DeliveryError as exc:
+            result = self._failure(row, step, attempt, exc, started)
+        else:
+            result = StepResult(
+                row.id,
+                Status.SUCCEEDED,
+                attempt,
+                location=outcome.location,
+                detail=outcome.detail,
+                started=started,
+            )
+        finally:
+            self.in_flight.pop(row.id, None)
+        await self._record(row, result, version)
+        return result
+
+    async def _deliver(self, step: Step, ctx: StepContext) -> Outcome:
+        processor = self.registry.get(step)
+        try:
+            if step.timeout is not None:
+                return await asyncio.wait_for(processor.deliver(ctx), step.timeout)
+            return await processor.deliver(ctx)
+        except DeliveryError:
+            raise
+        except TimeoutError:
+            raise TransientDeliveryError(f"timed out after {step.timeout:g}s") from None
+        except FileNotFoundError as exc:
+            if not ctx.input.exists():
+                raise SourceVanishedError(
+                    f"the file {ctx.input} vanished before it was sent"
+                ) from exc
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # a processor bug or a foreign error it did not translate
+            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _failure(
+        self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
+    ) -> StepResult:
+        reason = self._scrub(str(exc) or type(exc).__name__)
+        kind = type(exc.__cause__ or exc).__name__
+        policy = step.retry
+        retry = isinstance(exc, TransientDeliveryError) and attempt < policy.attempts
+        if retry and policy.same_error and row.error_type not in (None, kind):
+            retry = False
+            reason += f" (a different error than before, {row.error_type}: not retried)"
+        if not retry:
+            if isinstance(exc, TransientDeliveryError) and policy.attempts > 1:
+                reason = f"{reason} (gave up after {attempt} attempts)"
+            return StepResult(
+                row.id, Status.FAILED, attempt, reason=reason, error_type=kind, started=started
+            )
+        wait = policy.wait(attempt)
+        if policy.jitter:
+            wait *= random.uniform(0.8, 1.2)
+        hint = getattr(exc, "retry_after", None)
+        if hint is not None:
+            wait = max(wait, min(float(hint), policy.max_delay or float(hint)))
+        self.stats[row.destination].retried += 1
+        log.info(
+            "%s -> %s: attempt %d failed (%s); retrying in %.1fs",
+            row.relpath,
+            row.destination,
+            attempt,
+            reason,
+            wait,
+        )
+        return StepResult(
+            row.id,
+            Status.PENDING,
+            attempt,
+            reason=reason,
+            error_type=kind,
+            started=started,
+            next_attempt=time.time() + wait,
+        )
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    async def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
+        await self.journal.finish([result])
+        row.status = result.status
+        row.attempts = result.attempts
+        row.error_type = result.error_type
+        stats = self.stats[row.destination]
+        if result.status == Status.SUCCEEDED:
+            stats.succeeded += 1
+            stats.bytes += version.size
+            self.summary.latencies.append(time.time() - version.mtime_ns / 1e9)
+            log.info("%s -> %s", version.relpath, result.location)
+        elif result.status == Status.FAILED:
+            stats.failed += 1
+            stats.last_error, stats.last_error_at = result.reason, time.time()
+            log.error("%s -> %s failed: %s", version.relpath, row.destination, result.reason)
+        if result.status == Status.FAILED:
+            self._wake.set()
+
+    # ------------------------------------------------------------------ after-actions
+
+    def _after_action(self, source: SourceConfig, version: FileVersion, succeeded: bool) -> None:
+        """Delete or move the source once every destination has it (or to failed_dir)."""
+        path = version.path
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot check %s after dispatch: %s", path, exc.strerror or exc)
+            return
+        if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns):
+            return  # a newer version arrived: it is dispatched on its own, keep it
+        if succeeded:
+            action = source.after
+            if action == "keep":
+                action = "delete"  # a move-mode destination consumed the file
+            target_dir = source.done_dir
+        else:
+            action, target_dir = "move", source.failed_dir
+        try:
+            if action == "delete":
+                path.unlink()
+                return
+            assert target_dir is not None
+            target = _free_name(target_dir / version.relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, target)
+            except OSError:
+                shutil.move(str(path), str(target))
+        except OSError as exc:
+            log.error("after-action %s on %s failed: %s", action, path, exc.strerror or exc)
+
+
+def _free_name(target: Path) -> Path:
+    if not target.exists():
+        return target
+    stem, suffix = target.stem, target.suffix
+    for n in range(1, 10_000):
+        cand = target.with_name(f"{stem}-{n}{suffix}")
+        if not cand.exists():
+            return cand
+    return target.with_name(f"{stem}-{time.time_ns()}{suffix}")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]

@@ -1,0 +1,495 @@
+"""The journal: one SQLite row per (file version, destination step); the plan, backlog and history.
+
+All writes go through one writer task that commits many callers' changes in one transaction
+(group commit); reads use a second connection, so history queries never wait for dispatching.
+The journal never touches files and never calls a processor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .errors import JournalError
+from .models import Dispatch, FileVersion, Status
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Op = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+COLUMNS = (
+    "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
+    "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
+    "error_type, detail"
+)
+
+MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE dispatches (
+            id INTEGER PRIMARY KEY,
+            vkey TEXT NOT NULL,           -- hash of (source, relpath, size, mtime_ns)
+            source TEXT NOT NULL,
+            root TEXT NOT NULL,
+            relpath TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            rule TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            step_key TEXT NOT NULL,       -- identifies the step and the steps before it
+            destination TEXT NOT NULL,    -- redacted
+            protocol TEXT NOT NULL,
+            status TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            reason TEXT,
+            error_type TEXT,
+            location TEXT,
+            detail TEXT,
+            created REAL NOT NULL,
+            started REAL,
+            finished REAL,
+            duration_ms INTEGER,
+            next_attempt REAL NOT NULL DEFAULT 0,
+            UNIQUE (vkey, step_key)
+        )""",
+        "CREATE INDEX dispatches_pending ON dispatches (id) WHERE status = 'PENDING'",
+        "CREATE INDEX dispatches_vkey ON dispatches (vkey)",
+        "CREATE INDEX dispatches_created ON dispatches (created)",
+        "CREATE INDEX dispatches_status_created ON dispatches (status, created)",
+        "CREATE INDEX dispatches_path ON dispatches (source, relpath)",
+    ],
+]
+
+
+def version_key(v: FileVersion) -> str:
+    raw = f"{v.source}\0{v.relpath}\0{v.size}\0{v.mtime_ns}".encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+def default_path() -> Path:
+    """The journal's place when neither --db nor ``database:`` names one."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(state) / "filedispatch" / "journal.db"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedStep:
+    """One row to plan: a step of a chain for a file version."""
+
+    version: FileVersion
+    rule: str
+    step: int
+    step_key: str
+    destination: str
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What the dispatcher reports for one row after an attempt."""
+
+    id: int
+    status: Status
+    attempts: int
+    reason: str | None = None
+    error_type: str | None = None
+    location: str | None = None
+    detail: str | None = None
+    started: float | None = None
+    next_attempt: float = 0.0
+
+
+def _row(r: Sequence[Any]) -> Dispatch:
+    values = list(r)
+    values[10] = Status(values[10])
+    return Dispatch(*values)
+
+
+def _text(value: str) -> str:
+    """Names that are not valid UTF-8 are stored with their odd bytes escaped."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+class Journal:
+    """The journal database; open it with ``async with Journal.open(path) as journal``."""
+
+    def __init__(self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._queue: asyncio.Queue[tuple[Op[Any], asyncio.Future[Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._read_lock = asyncio.Lock()
+        self.commits = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: str | os.PathLike[str]) -> AsyncIterator[Journal]:
+        path = Path(path).absolute()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal {path}: {exc.strerror or exc}") from exc
+        writer = reader = None
+        try:
+            writer = await aiosqlite.connect(path, isolation_level=None)
+            await writer.execute("PRAGMA busy_timeout = 10000")
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await writer.execute("PRAGMA synchronous = NORMAL")
+            await cls._migrate(writer)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            await reader.execute("PRAGMA busy_timeout = 10000")
+            await reader.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as exc:
+            for conn in (writer, reader):
+                if conn is not None:
+                    await conn.close()
+            raise JournalError(f"cannot open the journal {path}: {exc}") from exc
+        journal = cls(path, writer, reader)
+        journal._task = asyncio.create_task(journal._writer(), name="journal-writer")
+        try:
+            yield journal
+        finally:
+            await journal._close()
+
+    @staticmethod
+    async def _migrate(conn: aiosqlite.Connection) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current > len(MIGRATIONS):
+            raise JournalError(
+                f"the journal has schema version {current}, newer than this filedispatch knows"
+            )
+        for version in range(current, len(MIGRATIONS)):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql in MIGRATIONS[version]:
+                    await conn.execute(sql)
+                await conn.execute(f"PRAGMA user_version = {version + 1}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+
+    async def _close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():  # a write nobody will commit must not hang its caller
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(JournalError("the journal is closed"))
+        await self._r.close()
+        await self._w.close()
+
+    # ------------------------------------------------------------------ the writer
+
+    async def _writer(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 2000:
+                batch.append(self._queue.get_nowait())
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Op[Any], asyncio.Future[Any]]]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            await self._w.execute("BEGIN IMMEDIATE")
+            for op, fut in batch:
+                try:
+                    results.append((fut, await op(self._w), None))
+                except sqlite3.Error as exc:
+                    results.append((fut, None, JournalError(str(exc))))
+            await self._w.execute("COMMIT")
+            self.commits += 1
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._w.execute("COMMIT"))
+            for fut, res, err in results:
+                if not fut.done():
+                    fut.set_exception(err) if err else fut.set_result(res)
+            raise
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._w.execute("ROLLBACK")
+            log.error("journal write failed: %s", exc)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(JournalError(f"journal write failed: {exc}"))
+            return
+        for fut, res, err in results:
+            if fut.done():
+                continue
+            if err is not None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(res)
+
+    async def write(self, op: Op[T]) -> T:
+        """Run ``op`` inside the next group commit and return its result once committed."""
+        if self._task is None or self._task.done():
+            raise JournalError("the journal is closed")
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, fut))
+        return await fut
+
+    async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        """A read on the reader connection (sees everything committed)."""
+        try:
+            async with self._read_lock, self._r.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+
+    # ------------------------------------------------------------------ planning and work
+
+    async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
+        """Insert PENDING rows for steps not planned before; returns how many are new."""
+        now = time.time() if now is None else now
+        params = [
+            (
+                version_key(s.version),
+                _text(s.version.source),
+                str(s.version.root),
+                _text(s.version.relpath),
+                _text(s.version.name),
+                _text(s.version.extension),
+                s.version.size,
+                s.version.mtime_ns,
+                s.rule,
+                s.step,
+                s.step_key,
+                _text(s.destination),
+                s.protocol,
+                now,
+            )
+            for s in steps
+        ]
+        if not params:
+            return 0
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            before = conn.total_changes
+            await conn.executemany(
+                "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, "
+                "extension, size, mtime_ns, rule, step, step_key, destination, protocol, "
+                "status, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'PENDING',?)",
+                params,
+            )
+            return conn.total_changes - before
+
+        return await self.write(op)
+
+    async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
+        """A file that cannot even be planned (an undecodable name): one FAILED row says why."""
+        now = time.time()
+        await self.plan([PlannedStep(version, rule, 0, "name", "-", "-")], now)
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "UPDATE dispatches SET status='FAILED', reason=?, finished=? "
+                "WHERE vkey=? AND step_key='name' AND status='PENDING'",
+                (reason, now, version_key(version)),
+            )
+
+        await self.write(op)
+
+    async def claim(
+        self, limit: int, now: float, skip_sources: frozenset[str] = frozenset()
+    ) -> list[list[Dispatch]]:
+        """Take due PENDING work, grouped by file version (all of a version's rows, any status).
+
+        The due PENDING rows of the returned versions are marked IN_PROGRESS in the same
+        transaction, so a crash leaves them recognisable as possibly started.
+        """
+
+        async def op(conn: aiosqlite.Connection) -> list[list[Dispatch]]:
+            async with conn.execute(
+                "SELECT DISTINCT vkey, source FROM dispatches WHERE status='PENDING' "
+                "AND next_attempt <= ? ORDER BY id LIMIT ?",
+                (now, limit * 4),
+            ) as cur:
+                found = await cur.fetchall()
+            vkeys = [v for v, s in found if s not in skip_sources][:limit]
+            if not vkeys:
+                return []
+            marks = ",".join("?" * len(vkeys))
+            async with conn.execute(
+                f"SELECT vkey, {COLUMNS} FROM dispatches WHERE vkey IN ({marks}) "
+                "ORDER BY rule, step, id",
+                vkeys,
+            ) as cur:
+                rows = await cur.fetchall()
+            await conn.execute(
+                f"UPDATE dispatches SET status='IN_PROGRESS', started=? WHERE vkey IN ({marks}) "
+                "AND status='PENDING' AND next_attempt <= ?",
+                (now, *vkeys, now),
+            )
+            groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
+            for r in rows:
+                d = _row(r[1:])
+                if d.status == Status.PENDING and d.next_attempt <= now:
+                    d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
+                groups[r[0]].append(d)
+            return list(groups.values())
+
+        return await self.write(op)
+
+    async def next_due(self) -> float | None:
+        """When the earliest waiting retry becomes due (None when nothing is pending)."""
+        rows = await self.read("SELECT MIN(next_attempt) FROM dispatches WHERE status='PENDING'")
+        return rows[0][0] if rows and rows[0][0] is not None else None
+
+    async def finish(self, results: Sequence[StepResult], now: float | None = None) -> None:
+        """Record outcomes: SUCCEEDED/FAILED are final, PENDING waits for ``next_attempt``."""
+        now = time.time() if now is None else now
+        params = [
+            (
+                r.status.value,
+                r.attempts,
+                r.reason,
+                r.error_type,
+                r.location,
+                r.detail,
+                now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
+                int((now - r.started) * 1000) if r.started is not None else None,
+                r.next_attempt,
+                r.id,
+            )
+            for r in results
+        ]
+        if not params:
+            return
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "UPDATE dispatches SET status=?, attempts=?, reason=?, error_type=?, "
+                "location=?, detail=?, finished=?, duration_ms=?, next_attempt=? WHERE id=?",
+                params,
+            )
+
+        await self.write(op)
+
+    async def resume_interrupted(self) -> int:
+        """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            cur = await conn.execute(
+                "UPDATE dispatches SET status='PENDING', next_attempt=0, "
+                "detail='resumed after an interruption' WHERE status='IN_PROGRESS'"
+            )
+            return cur.rowcount
+
+        return await self.write(op)
+
+    async def version_states(self, versions: Sequence[FileVersion]) -> dict[str, list[str]]:
+        """For each version key: the statuses of its rows (for after-actions on old files)."""
+        keys = [version_key(v) for v in versions]
+        out: dict[str, list[str]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = await self.read(
+                f"SELECT vkey, status FROM dispatches WHERE vkey IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for k, s in rows:
+                out.setdefault(k, []).append(s)
+        return out
+
+    # ------------------------------------------------------------------ history
+
+    async def get(self, dispatch_id: int) -> Dispatch | None:
+        rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
+        return _row(rows[0]) if rows else None
+
+    async def retry(self, dispatch_id: int) -> bool:
+        """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED."""
+
+        async def op(conn: aiosqlite.Connection) -> bool:
+            async with conn.execute(
+                "SELECT vkey, rule, step FROM dispatches WHERE id=? AND status='FAILED'",
+                (dispatch_id,),
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return False
+            await conn.execute(
+                "UPDATE dispatches SET status='PENDING', attempts=0, next_attempt=0, "
+                "reason=NULL, error_type=NULL, finished=NULL, detail='retry requested' "
+                "WHERE vkey=? AND rule=? AND step>=? AND status='FAILED'",
+                tuple(row),
+            )
+            return True
+
+        return await self.write(op)
+
+    async def forget(
+        self,
+        dispatch_id: int | None = None,
+        *,
+        source: str | None = None,
+        relpath: str | None = None,
+    ) -> int:
+        """Delete history so the file is sent again at the next scan; returns rows removed."""
+
+        async def op(conn: aiosqlite.Connection) -> int:
+            if dispatch_id is not None:
+                cur = await conn.execute(
+                    "DELETE FROM dispatches WHERE id=? AND status != 'IN_PROGRESS'", (dispatch_id,)
+                )
+            else:
+                cur = await conn.execute(
+                    "DELETE FROM dispatches WHERE relpath=? AND (? IS NULL OR source=?) "
+                    "AND status != 'IN_PROGRESS'",
+                    (relpath, source, source),
+                )
+            return cur.rowcount
+
+        return await self.write(op)
+
+    async def mark_done(self, steps: Iterable[PlannedStep]) -> int:
+        """Record steps as SUCCEEDED without sending (dirsend's --store-only)."""
+        steps = list(steps)
+        now = time.time()
+        new = await self.plan(steps, now)
+
+        async def op(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "UPDATE dispatches SET status='SUCCEEDED', finished=?, duration_ms=0, "
+                "detail='marked as already dispatched' WHERE vkey=? AND step_key=? "
+                "AND status='PENDING'",
+                [(now, version_key(s.version), s.step_key) for s in steps],
+            )
+
+        await self.write(op)
+        return new
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.read("SELECT status, COUNT(*) FROM dispatches GROUP BY status")
+        return {s: n for s, n in rows}
+
+    async def integrity_check(self) -> str:
+        rows = await self.read("PRAGMA integrity_check")
+        return str(rows[0][0]) if rows else "no answer"

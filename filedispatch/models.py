@@ -1,0 +1,99 @@
+"""Small immutable values passed between the stages: a file version, a dispatch row, an outcome.
+
+Nothing here does I/O; these are the nouns the watcher, journal, dispatcher and API share.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Status(enum.StrEnum):
+    """Where one (file version, destination) dispatch stands."""
+
+    #: planned, waiting for a worker (also: waiting for a retry, see ``next_attempt``)
+    PENDING = "PENDING"
+    #: claimed by a worker; after a crash such rows are resumed at start-up
+    IN_PROGRESS = "IN_PROGRESS"
+    #: the destination confirmed the file; it is never sent there again
+    SUCCEEDED = "SUCCEEDED"
+    #: gave up: a permanent error, or the retries ran out; ``reason`` says why
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True, slots=True)
+class FileVersion:
+    """One version of a file in a source: a new size or mtime makes a new version."""
+
+    source: str  #: the source's name (its configured path unless named)
+    root: Path  #: the source folder
+    relpath: str  #: path relative to ``root``, with "/" separators
+    size: int
+    mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.relpath
+
+    @property
+    def name(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]
+
+    @property
+    def extension(self) -> str:
+        """The lower-case extension without its dot ("" when there is none)."""
+        name = self.name
+        dot = name.rfind(".")
+        return name[dot + 1 :].lower() if dot > 0 else ""
+
+    @classmethod
+    def from_stat(cls, source: str, root: Path, relpath: str, st: os.stat_result) -> FileVersion:
+        return cls(source, root, relpath, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a processor reports after a successful step."""
+
+    location: str  #: where the file now is, already redacted (shown in the journal and API)
+    #: a file that later steps of the chain deliver instead of the input (transforms)
+    produced: Path | None = None
+    detail: str | None = None  #: a short note recorded with the row (a return value, a status)
+
+
+@dataclass(slots=True)
+class Dispatch:
+    """One journal row: a file version bound for one destination step."""
+
+    id: int
+    source: str
+    root: str
+    relpath: str
+    size: int
+    mtime_ns: int
+    rule: str
+    step: int
+    destination: str
+    protocol: str
+    status: Status
+    attempts: int
+    reason: str | None
+    location: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    duration_ms: int | None
+    next_attempt: float
+    error_type: str | None = None
+    detail: str | None = None
+
+    @property
+    def version(self) -> FileVersion:
+        return FileVersion(self.source, Path(self.root), self.relpath, self.size, self.mtime_ns)
+
+    @property
+    def filename(self) -> str:
+        return self.relpath.rsplit("/", 1)[-1]

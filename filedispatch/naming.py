@@ -1,0 +1,79 @@
+"""Naming templates: turn ``{yyyy}/{mm}/{name}`` and a file version into a safe relative path.
+
+Pure functions only; a rendered name that would leave the destination root is refused.
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from pathlib import PurePosixPath
+
+from .errors import PermanentDeliveryError
+from .models import FileVersion
+
+PLACEHOLDERS = frozenset(
+    {"name", "stem", "ext", "relpath", "reldir", "source", "yyyy", "mm", "dd", "HH", "MM", "SS"}
+)
+
+
+def check_template(template: str) -> str:
+    """Validate a template at config load; returns it unchanged or raises ValueError."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r}: {exc}") from None
+    unknown = sorted({f for f in fields if f not in PLACEHOLDERS})
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}}; known: "
+            + ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+        )
+    return template
+
+
+def placeholders(version: FileVersion) -> dict[str, str]:
+    name = version.name
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot + 1 :]) if dot > 0 else (name, "")
+    reldir = version.relpath.rpartition("/")[0]
+    t = time.localtime(version.mtime_ns / 1e9)
+    return {
+        "name": name,
+        "stem": stem,
+        "ext": ext,
+        "relpath": version.relpath,
+        "reldir": reldir,
+        "source": version.source.strip("/").replace("/", "_"),
+        "yyyy": f"{t.tm_year:04d}",
+        "mm": f"{t.tm_mon:02d}",
+        "dd": f"{t.tm_mday:02d}",
+        "HH": f"{t.tm_hour:02d}",
+        "MM": f"{t.tm_min:02d}",
+        "SS": f"{t.tm_sec:02d}",
+    }
+
+
+def render(template: str, version: FileVersion, name: str | None = None) -> PurePosixPath:
+    """The relative path a file gets at its destination; ``name`` overrides the file name."""
+    values = placeholders(version)
+    if name is not None and name != version.name:
+        dot = name.rfind(".")
+        values.update(
+            name=name, stem=name[:dot] if dot > 0 else name, ext=name[dot + 1 :] if dot > 0 else ""
+        )
+    rendered = template.format_map(values)
+    parts = [p for p in rendered.split("/") if p not in ("", ".")]
+    if rendered.startswith("/") or "\x00" in rendered or not parts or ".." in parts:
+        raise PermanentDeliveryError(
+            f"the name template gives {rendered!r}, outside the destination"
+        )
+    return PurePosixPath(*parts)
+
+
+def with_suffix_number(path: PurePosixPath, n: int) -> PurePosixPath:
+    """``a/report.pdf`` -> ``a/report-2.pdf`` (for on_conflict: rename)."""
+    name = path.name
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    return path.with_name(f"{stem}-{n}{ext}")

@@ -1,0 +1,107 @@
+"""Processors: one module per destination kind, all behind the small ``Processor`` protocol.
+
+A processor delivers one file for one step and reports an ``Outcome``, or raises
+``TransientDeliveryError`` (retry) or ``PermanentDeliveryError`` (fail now). It never touches the
+journal and never removes the source: the dispatcher owns both.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..models import FileVersion, Outcome
+
+if TYPE_CHECKING:
+    from ..config import Step
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a processor knows about the step it runs; also handed to Python callables."""
+
+    dispatch_id: int  #: the journal row; also sent as an idempotency key where a protocol allows
+    version: FileVersion  #: the source file this chain started from
+    input: Path  #: the file to deliver: the source, or the output of an earlier transform
+    rule: str
+    step: int  #: 0-based position in the rule's ``to`` list
+    attempt: int  #: 1 for the first try
+    workdir: Path  #: a private folder for this chain's intermediate files
+    #: an earlier attempt of this row may have completed before a crash: check before sending
+    resuming: bool = False
+    #: the source is removed once every destination has it, so a local copy may be a hard link
+    link_ok: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.version.path
+
+    @property
+    def relpath(self) -> str:
+        return self.version.relpath
+
+    @property
+    def source(self) -> str:
+        return self.version.source
+
+
+class Processor(Protocol):
+    """Delivers files for one configured step."""
+
+    async def deliver(self, ctx: StepContext) -> Outcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class Resources:
+    """Things processors share across the service (one HTTP session, FTP/SFTP pools)."""
+
+    items: dict[str, Any] = field(default_factory=dict)
+    closers: list[Any] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        while self.closers:
+            await self.closers.pop()()
+
+
+#: step kind -> module under filedispatch.processors with ``create(step, resources)``
+_MODULES = {
+    "file": "local",
+    "http": "http",
+    "ftp": "ftp",
+    "sftp": "sftp",
+    "command": "command",
+    "python": "python",
+    "compress": "compress",
+}
+
+
+def create(step: Step, resources: Resources) -> Processor:
+    """Build the processor for one configured step (its module is imported on first use)."""
+    module = importlib.import_module(f"{__name__}.{_MODULES[step.kind]}")
+    processor: Processor = module.create(step, resources)
+    return processor
+
+
+class Registry:
+    """One processor per distinct step identity, created on first use, closed together."""
+
+    def __init__(self) -> None:
+        self.resources = Resources()
+        self._processors: dict[str, Processor] = {}
+
+    def get(self, step: Step) -> Processor:
+        key = step.identity()
+        proc = self._processors.get(key)
+        if proc is None:
+            proc = self._processors[key] = create(step, self.resources)
+        return proc
+
+    async def aclose(self) -> None:
+        procs, self._processors = list(self._processors.values()), {}
+        for proc in reversed(procs):
+            await proc.aclose()
+        await self.resources.aclose()

@@ -1,0 +1,302 @@
+"""Local folder destination: atomic delivery by hidden temporary name, fsync and rename.
+
+A delivered file is never visible half-written. This module never removes the source: a
+``move`` is a hard link here, and the dispatcher's after-action removes the source later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+
+from .. import naming
+from ..config import LocalDestination
+from ..errors import PermanentDeliveryError, SourceVanishedError, TransientDeliveryError
+from ..models import Outcome
+from . import Resources, StepContext
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".filedispatch-tmp-"
+MAX_RENAME = 10_000
+_PERMANENT_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EINVAL,
+    errno.EEXIST,
+}
+
+
+def create(step: LocalDestination, resources: Resources) -> LocalProcessor:
+    del resources
+    return LocalProcessor(step)
+
+
+def temp_name(dispatch_id: int, name: str) -> str:
+    """The hidden name a delivery is written under before its rename (bounded to 255 bytes)."""
+    head = f"{TMP_PREFIX}{dispatch_id}-"
+    room = 255 - len(head.encode())
+    return head + name.encode()[:room].decode(errors="ignore")
+
+
+def translate_os_error(exc: OSError, what: str) -> Exception:
+    """Map an OSError met while writing to the destination onto our error tree."""
+    text = f"{what}: {exc.strerror or exc}"
+    if exc.errno in _PERMANENT_ERRNOS:
+        return PermanentDeliveryError(text)
+    return TransientDeliveryError(text)
+
+
+def place(
+    exists: Callable[[PurePosixPath], bool],
+    target: PurePosixPath,
+    on_conflict: str,
+    put: Callable[[PurePosixPath, bool], None],
+) -> PurePosixPath | None:
+    """Resolve ``on_conflict`` for ``target`` and call ``put(final, overwrite)``.
+
+    ``put`` must be atomic and, when ``overwrite`` is false, refuse to replace an existing
+    file with FileExistsError (so two writers can never pick the same name). Returns the final
+    path, or None when ``skip`` found the name taken. Shared by every file-like destination.
+    """
+    if on_conflict == "overwrite":
+        put(target, True)
+        return target
+    candidate = target
+    for n in range(1, MAX_RENAME + 1):
+        if not exists(candidate):
+            try:
+                put(candidate, False)
+                return candidate
+            except FileExistsError:
+                pass
+        if on_conflict == "skip":
+            return None
+        if on_conflict == "fail":
+            raise PermanentDeliveryError(f"{target} already exists (on_conflict: fail)")
+        candidate = naming.with_suffix_number(target, n)
+    raise PermanentDeliveryError(f"no free name near {target} after {MAX_RENAME} tries")
+
+
+def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPath]:
+    """Names an earlier attempt may have used, for recognising our own delivery after a crash."""
+    yield target
+    if on_conflict == "rename":
+        for n in range(1, MAX_RENAME + 1):
+            yield naming.with_suffix_number(target, n)
+
+
+class LocalProcessor:
+    """Delivers into one folder, by copy or (for ``mode: move`` / removed sources) hard link."""
+
+    def __init__(self, dest: LocalDestination) -> None:
+        self.dest = dest
+        self.root = dest.folder
+        self._made: set[Path] = set()
+
+    async def aclose(self) -> None:
+        return None
+
+    def _target(self, ctx: StepContext) -> PurePosixPath:
+        transformed = ctx.input != ctx.version.path
+        return naming.render(self.dest.name, ctx.version, ctx.input.name if transformed else None)
+
+    async def deliver(self, ctx: StepContext) -> Outcome:
+        rel = self._target(ctx)
+        if ctx.resuming:
+            found = await asyncio.to_thread(self._find_previous, ctx, rel)
+            if found is not None:
+                return Outcome(str(found), detail="found delivered by an earlier attempt")
+        link = ctx.link_ok or self.dest.mode == "move"
+        if link and ctx.input == ctx.version.path:
+            # A hard link moves no data: do it inline, it is a few syscalls.
+            try:
+                return self._deliver(ctx, rel, link=True)
+            except _LinkUnavailable:
+                pass
+        return await asyncio.to_thread(self._deliver, ctx, rel, False)
+
+    # -- the synchronous part, run inline (links) or in a thread (copies)
+
+    def _mkdirs(self, folder: Path) -> None:
+        if folder in self._made:
+            return
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot create {folder}") from exc
+        self._made.add(folder)
+
+    def _deliver(self, ctx: StepContext, rel: PurePosixPath, link: bool) -> Outcome:
+        final_dir = self.root / rel.parent
+        self._mkdirs(final_dir)
+        src = ctx.input
+        original = src == ctx.version.path
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
+        except OSError as exc:
+            raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
+        try:
+            st = os.fstat(fd)
+            if original and (st.st_size, st.st_mtime_ns) != (
+                ctx.version.size,
+                ctx.version.mtime_ns,
+            ):
+                raise SourceVanishedError(
+                    f"{src} changed after it was seen; its new version is dispatched on its own"
+                )
+            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
+            if link:
+                try:
+                    os.link(src, tmp, follow_symlinks=False)
+                except FileExistsError:
+                    os.unlink(tmp)
+                    os.link(src, tmp, follow_symlinks=False)
+                except OSError as exc:
+                    raise _LinkUnavailable() from exc
+            else:
+                self._copy(fd, st, tmp)
+        finally:
+            os.close(fd)
+        try:
+            final = place(
+                lambda p: os.path.lexists(self.root / p),
+                rel,
+                self.dest.on_conflict,
+                lambda p, overwrite: self._rename(tmp, self.root / p, overwrite),
+            )
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise translate_os_error(exc, f"cannot deliver to {self.root / rel}") from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        if final is None:
+            _unlink_quietly(tmp)
+            return Outcome(str(self.root / rel), detail="skipped: the name is taken")
+        if self.dest.fsync and not link:
+            _fsync_dir(self.root / final.parent)
+        return Outcome(str(self.root / final), detail="linked" if link else None)
+
+    def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> None:
+        mode = self.dest.file_mode
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            out = os.open(tmp, flags, 0o666 if mode is None else mode)
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
+        try:
+            with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+            if mode is not None:
+                os.fchmod(out, mode)
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if self.dest.fsync:
+                os.fsync(out)
+        except OSError as exc:
+            os.close(out)
+            out = -1
+            _unlink_quietly(tmp)
+            raise translate_os_error(exc, f"cannot write {tmp}") from exc
+        finally:
+            if out >= 0:
+                os.close(out)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            _unlink_quietly(tmp)
+            raise TransientDeliveryError("the file changed while it was copied")
+
+    @staticmethod
+    def _rename(tmp: Path, final: Path, overwrite: bool) -> None:
+        if overwrite:
+            os.replace(tmp, final)
+            return
+        # link() refuses an existing name, so no concurrent writer can be overwritten
+        try:
+            os.link(tmp, final, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            if os.path.lexists(final):
+                raise FileExistsError(final) from None
+            os.rename(tmp, final)
+            return
+        os.unlink(tmp)
+
+    def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
+        """After a crash: a file at one of our candidate names with the input's size and mtime."""
+        _unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
+        try:
+            st = ctx.input.stat()
+            want = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            want = (ctx.version.size, ctx.version.mtime_ns)
+        for cand in candidates(rel, self.dest.on_conflict):
+            path = self.root / cand
+            try:
+                got = path.stat()
+            except OSError:
+                return None
+            if (got.st_size, got.st_mtime_ns) == want:
+                return path
+        return None
+
+
+class _LinkUnavailable(Exception):
+    """Hard links are not possible here (another filesystem, or not allowed): copy instead."""
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sweep_temporaries(roots: Iterable[Path]) -> int:
+    """Remove temporary files a crash left in local destinations; returns how many.
+
+    Called at start-up before any worker runs, so every temporary name found is stale.
+    """
+    removed = 0
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for folder, _dirs, files in os.walk(root):
+            for name in files:
+                if name.startswith(TMP_PREFIX):
+                    path = os.path.join(folder, name)
+                    try:
+                        os.unlink(path)
+                        removed += 1
+                    except OSError:
+                        pass
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    return removed

@@ -1,0 +1,330 @@
+"""The composition root: opens the parts in order, closes them in reverse, owns the signals.
+
+journal -> processors -> dispatcher -> (web app, console) -> watchers. Shutdown stops the
+watchers, lets in-flight deliveries finish within ``shutdown_grace`` seconds, cancels the rest
+(they resume at the next start) and says what it did. No other module installs a signal handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .asyncutil import first_completed
+from .config import Config, LocalDestination, load_config
+from .dispatcher import Dispatcher, RunSummary
+from .errors import ConfigError, ServiceError
+from .journal import Journal, default_path
+from .processors import Registry
+from .processors.local import sweep_temporaries
+from .watcher import SourceWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    """What the command line adds to the config file."""
+
+    config_path: Path | None = None
+    db: Path | None = None
+    once: bool = False
+    max_items: int | None = None
+    move: bool = False
+    api_host: str | None = None
+    api_port: int | None = None
+    webapp: bool | None = None
+    monitor_port: int | None = None
+    monitor: bool | None = None
+    #: called once the service is up (the daemon uses it to report readiness)
+    on_ready: Callable[[], None] | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def journal_path(config: Config, options: Options) -> Path:
+    """``--db``, then ``database:``, then the per-user state folder."""
+    return (options.db or config.database or default_path()).absolute()
+
+
+def apply_options(config: Config, options: Options) -> Config:
+    """The config as the command line amends it (``--move``, ``--host`` ...)."""
+    if options.move:
+        sources = [
+            s if s.after != "keep" else s.model_copy(update={"after": "delete"})
+            for s in config.sources
+        ]
+        config = config.model_copy(update={"sources": sources})
+    api_update: dict[str, object] = {}
+    if options.api_host is not None:
+        api_update["host"] = options.api_host
+    if options.api_port is not None:
+        api_update["port"] = options.api_port
+    if options.webapp is not None:
+        api_update["enabled"] = options.webapp
+    if api_update:
+        config = config.model_copy(update={"api": config.api.model_copy(update=api_update)})
+    mon_update: dict[str, object] = {}
+    if options.monitor_port is not None:
+        mon_update["port"] = options.monitor_port
+    if options.monitor is not None:
+        mon_update["enabled"] = options.monitor
+    if mon_update:
+        config = config.model_copy(update={"monitor": config.monitor.model_copy(update=mon_update)})
+    return config
+
+
+@contextlib.contextmanager
+def journal_lock(path: Path):  # type: ignore[no-untyped-def]
+    """One service per journal: two would dispatch the same files twice."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(
+                f"another filedispatch is already running on the journal {path}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+class Service:
+    """A running filedispatch: the parts, their order, and the stop story."""
+
+    def __init__(self, config: Config, options: Options | None = None) -> None:
+        self.options = options or Options()
+        self.config = apply_options(config, self.options)
+        self.db_path = journal_path(self.config, self.options)
+        self.workdir = (self.config.workdir or self.db_path.parent / "work").absolute()
+        self.started_at = time.time()
+        self.stop_event = asyncio.Event()
+        self.stopping_reason: str | None = None
+        self.watchers: list[SourceWatcher] = []
+        self.journal: Journal
+        self.dispatcher: Dispatcher
+        self.summary = RunSummary()
+        self.reloads = 0
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, reason: str = "requested") -> None:
+        if self.stop_event.is_set():
+            log.info(
+                "already stopping (%s); in-flight deliveries are still finishing",
+                self.stopping_reason,
+            )
+            return
+        self.stopping_reason = reason
+        log.info("stopping (%s)", reason)
+        self.stop_event.set()
+
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP); on any error keep running on the old one."""
+        path = self.options.config_path
+        if path is None:
+            log.warning("reload asked, but the service was not started from a config file")
+            return False
+        try:
+            new = apply_options(load_config(path), self.options)
+        except ConfigError as exc:
+            log.error("reload refused, still running on the old config:\n%s", exc)
+            return False
+        if journal_path(new, self.options) != self.db_path:
+            log.warning("reload: a new database path only takes effect after a restart")
+        old_keys = {s.key for s in self.config.sources}
+        new_keys = {s.key for s in new.sources}
+        if old_keys != new_keys or [s for s in new.sources] != [s for s in self.config.sources]:
+            log.info("reload: sources changed; watchers restart")
+            self._restart_watchers.set()
+        self.config = new
+        self.dispatcher.reconfigure(new)
+        self.reloads += 1
+        for w in self.watchers:
+            w.request_rescan()
+        log.info("reloaded %s", path)
+        return True
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for the API and the console."""
+        d = self.dispatcher
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "paused": d.paused,
+            "sources": [
+                {
+                    "name": w.config.key,
+                    "path": str(w.root),
+                    "polling": w.polling,
+                    "ready": w.ready.is_set(),
+                    "last_error": w.last_error,
+                }
+                for w in self.watchers
+            ],
+            "in_flight": len(d.in_flight),
+            "stopped_sources": sorted(d.stopped_sources),
+            "destinations": {
+                name: {
+                    "succeeded": s.succeeded,
+                    "failed": s.failed,
+                    "retried": s.retried,
+                    "bytes": s.bytes,
+                    "last_error": s.last_error,
+                }
+                for name, s in sorted(d.stats.items())
+            },
+        }
+
+    # ------------------------------------------------------------------ running
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        installed: list[int] = []
+        for sig, handler in (
+            (signal.SIGTERM, lambda: self.request_stop("SIGTERM")),
+            (signal.SIGINT, lambda: self.request_stop("SIGINT")),
+            (signal.SIGHUP, self._on_sighup),
+        ):
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests embedding the service)
+        return installed
+
+    def _on_sighup(self) -> None:
+        from .logs import reopen_log_files
+
+        reopen_log_files()
+        self.reload()
+
+    async def run(self) -> int:
+        """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
+        loop = asyncio.get_running_loop()
+        installed = self._install_signals(loop)
+        self._restart_watchers = asyncio.Event()
+        try:
+            with journal_lock(self.db_path):
+                async with contextlib.AsyncExitStack() as stack:
+                    return await self._run(stack)
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        self.journal = await stack.enter_async_context(Journal.open(self.db_path))
+        resumed = await self.journal.resume_interrupted()
+        if resumed:
+            log.info("resuming %d dispatch(es) interrupted by the last stop", resumed)
+        roots = [
+            s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
+        ]
+        await asyncio.to_thread(sweep_temporaries, roots)
+        if self.workdir.exists():
+            self.workdir.chmod(0o700)
+        registry = Registry()
+        stack.push_async_callback(registry.aclose)
+        self.dispatcher = Dispatcher(
+            self.config,
+            self.journal,
+            registry,
+            workdir=self.workdir,
+            max_items=self.options.max_items,
+        )
+        self.summary = self.dispatcher.summary
+        # the web app and the console are started here, between dispatcher and watchers
+        dispatch_stop = asyncio.Event()
+        dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
+        try:
+            await self._watch(dispatch_task)
+        finally:
+            await self._shutdown(dispatch_stop, dispatch_task)
+        if self.options.once:
+            return 1 if self.summary.failed else 0
+        return 0
+
+    async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
+        """Run watchers (restarting them on a reload that changed sources) until stop."""
+        ready_reported = False
+        while not self.stop_event.is_set():
+            watch_stop = asyncio.Event()
+            self._restart_watchers.clear()
+            exclude = [
+                s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
+            ]
+            self.watchers = [
+                SourceWatcher(s, self.dispatcher.offer, self.dispatcher.reject, exclude)
+                for s in self.config.sources
+            ]
+            async with asyncio.TaskGroup() as tg:
+                for w in self.watchers:
+                    tg.create_task(w.run(watch_stop), name=f"source:{w.config.key}")
+                for w in self.watchers:
+                    await first_completed(w.ready.wait(), self.stop_event.wait(), dispatch_task)
+                if not ready_reported:
+                    ready_reported = True
+                    log.info(
+                        "filedispatch %s watching %d source(s), journal %s",
+                        __version__,
+                        len(self.watchers),
+                        self.db_path,
+                    )
+                    if self.options.on_ready:
+                        self.options.on_ready()
+                if self.options.once and not self.stop_event.is_set():
+                    await first_completed(
+                        self._backlog_done(), self.stop_event.wait(), dispatch_task
+                    )
+                    self.request_stop("the backlog is done (--once)")
+                await first_completed(
+                    self.stop_event.wait(), self._restart_watchers.wait(), dispatch_task
+                )
+                if dispatch_task.done():
+                    self.request_stop("the dispatcher stopped")
+                watch_stop.set()
+            if dispatch_task.done() and dispatch_task.exception() is not None:
+                raise dispatch_task.exception()  # type: ignore[misc]
+
+    async def _backlog_done(self) -> None:
+        """``--once``: files still settling count as backlog too."""
+        while True:
+            await self.dispatcher.wait_idle()
+            if not any(w.unsettled for w in self.watchers):
+                return
+            await asyncio.sleep(0.1)
+
+    async def _shutdown(self, dispatch_stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        dispatch_stop.set()
+        grace = self.config.shutdown_grace
+        in_flight = len(self.dispatcher.in_flight)
+        t0 = time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        cancelled = 0
+        if not done:
+            cancelled = len(self.dispatcher.in_flight)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        elif not task.cancelled() and task.exception() is not None:
+            log.error("the dispatcher failed: %r", task.exception())
+        log.info(
+            "stopped after %.1fs: %d in flight at the stop, %d cancelled (resumed at next "
+            "start), %d claimed but not started (back in the queue)",
+            time.monotonic() - t0,
+            in_flight,
+            cancelled,
+            self.dispatcher.released,
+        )

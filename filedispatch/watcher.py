@@ -1,0 +1,411 @@
+"""Watching sources: a start-up scan, watchfiles events, periodic reconcile scans, readiness gates.
+
+Events are only hints; the folder is the truth. A file is handed on (as a ``FileVersion``)
+only once it is complete: settled, unlocked, or marked done. The watcher never sends, moves
+or deletes a file (except the ``.done`` marker it consumed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import watchfiles
+
+from .config import SourceConfig
+from .models import FileVersion
+from .patterns import GlobSet
+
+log = logging.getLogger(__name__)
+
+NETWORK_FS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "davfs",
+        "fuse.sshfs",
+        "fuse.rclone",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "fuse.davfs2",
+    }
+)
+BATCH = 500
+
+Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[None]]
+Reject = Callable[[SourceConfig, FileVersion, str], Awaitable[None]]
+
+
+def mount_fstype(path: Path, mounts_file: str = "/proc/self/mounts") -> str | None:
+    """The filesystem type of the mount holding ``path`` (None if it cannot be told)."""
+    try:
+        with open(mounts_file, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, best_type = mnt, parts[2]
+    return best_type
+
+
+def is_network_fs(fstype: str | None) -> bool:
+    return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.sshfs"))
+
+
+def valid_name(relpath: str) -> bool:
+    try:
+        relpath.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+class SourceWatcher:
+    """Feeds complete files of one source to ``emit``, in batches."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        emit: Emit,
+        reject: Reject,
+        exclude: list[Path] | None = None,
+    ) -> None:
+        self.config = config
+        self.root = config.path
+        self._emit_cb = emit
+        self._reject_cb = reject
+        self.ignore = GlobSet.compile(config.ignore_globs)
+        self.exclude = [p for p in (exclude or []) if p != self.root]
+        for extra in (config.done_dir, config.failed_dir):
+            if extra is not None:
+                self.exclude.append(extra)
+        self._pending: dict[str, tuple[int, int, float]] = {}  # size, mtime_ns, first seen
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._baseline: set[tuple[str, int, int]] = set()
+        self._rescan_now = asyncio.Event()
+        self.ready = asyncio.Event()  #: set once the start-up scan has been handed on
+        self.polling = False
+        self.last_error: str | None = None
+        self.scans = 0
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch until ``stop`` is set."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("source %s cannot be created: %s", self.root, exc.strerror or exc)
+        self.polling = self._decide_polling()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._settle_loop(stop), name=f"settle:{self.config.key}")
+            tg.create_task(self._events(stop), name=f"watch:{self.config.key}")
+            await self.scan(initial=True)
+            self.ready.set()
+            tg.create_task(self._rescan_loop(stop), name=f"rescan:{self.config.key}")
+            await stop.wait()
+            self._wake.set()
+            self._rescan_now.set()
+
+    def _decide_polling(self) -> bool:
+        if self.config.poll is not None:
+            return self.config.poll
+        fstype = mount_fstype(self.root)
+        if is_network_fs(fstype):
+            log.info(
+                "source %s is on a network filesystem (%s): polling every %.1fs instead of "
+                "inotify, which misses remote writes",
+                self.root,
+                fstype,
+                self.config.poll_interval,
+            )
+            return True
+        return False
+
+    async def _events(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async for changes in watchfiles.awatch(
+                    self.root,
+                    watch_filter=None,  # only our ignore rules decide, not DefaultFilter
+                    recursive=self.config.recursive,
+                    debounce=100,
+                    step=10,
+                    stop_event=stop,
+                    force_polling=self.polling,
+                    poll_delay_ms=int(self.config.poll_interval * 1000),
+                    yield_on_timeout=False,
+                    ignore_permission_denied=True,
+                ):
+                    await self._on_changes(changes)
+            except Exception as exc:  # the watch ended: say why, rescan, watch again
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "watching %s failed (%s); rescanning and watching again",
+                    self.root,
+                    self.last_error,
+                )
+                self._rescan_now.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        mode = self.config.ready
+        paths: set[str] = set()
+        for change, raw in changes:
+            rel = self._relative(raw)
+            if rel is None:
+                continue
+            if change == watchfiles.Change.deleted:
+                if mode == "lock" and rel.endswith(".lock"):
+                    paths.add(rel[:-5])
+                self._pending.pop(rel, None)
+                continue
+            if mode == "done" and rel.endswith(".done"):
+                paths.add(rel[:-5])
+                continue
+            if os.path.isdir(raw):
+                if self.config.recursive:  # a folder moved in whole sends one event
+                    await self._scan_tree(self.root / rel)
+                continue
+            paths.add(rel)
+        ready: list[FileVersion] = []
+        for rel in sorted(paths):
+            v = await self._observe(rel, time.time())
+            if v is not None:
+                ready.append(v)
+        await self._emit(ready)
+
+    async def _rescan_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.rescan
+        while not stop.is_set():
+            timeout = interval if interval > 0 else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rescan_now.wait(), timeout)
+            self._rescan_now.clear()
+            if stop.is_set():
+                return
+            await self.scan(initial=False)
+
+    @property
+    def unsettled(self) -> int:
+        """Files seen but not yet complete (still being written, or within ``settle``)."""
+        return len(self._pending)
+
+    def request_rescan(self) -> None:
+        self._rescan_now.set()
+
+    # ------------------------------------------------------------------ scanning
+
+    async def scan(self, initial: bool) -> None:
+        """Walk the source and offer every complete file (oldest first)."""
+        found = await asyncio.to_thread(lambda: list(self._walk()))
+        found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
+        self.scans += 1
+        if initial and not self.config.process_existing:
+            self._baseline = {(rel, st.st_size, st.st_mtime_ns) for rel, st in found}
+            log.info(
+                "source %s: %d existing file(s) left alone (process_existing: false)",
+                self.root,
+                len(found),
+            )
+            return
+        now = time.time()
+        ready: list[FileVersion] = []
+        for rel, st in found:
+            v = self._consider(rel, st, now)
+            if v is not None:
+                ready.append(v)
+                if len(ready) >= BATCH:
+                    await self._emit(ready)
+                    ready = []
+        await self._emit(ready)
+
+    async def _scan_tree(self, folder: Path) -> None:
+        found = await asyncio.to_thread(lambda: list(self._walk(folder)))
+        now = time.time()
+        await self._emit([v for rel, st in found if (v := self._consider(rel, st, now))])
+
+    def _walk(self, top: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
+        """(relpath, stat) of candidate regular files; never leaves the source, never loops."""
+        root = str(self.root)
+        seen: set[tuple[int, int]] = set()
+        stack = [str(top or self.root)]
+        follow = self.config.follow_symlinks
+        real_root = os.path.realpath(root)
+        while stack:
+            folder = stack.pop()
+            try:
+                st = os.stat(folder)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+                continue
+            for entry in entries:
+                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
+                if self._ignored(rel):
+                    continue
+                try:
+                    if entry.is_symlink():
+                        if not follow:
+                            continue
+                        real = os.path.realpath(entry.path)
+                        if real != real_root and not real.startswith(real_root + os.sep):
+                            log.debug("skipping %s: its link points outside the source", rel)
+                            continue
+                    est = entry.stat(follow_symlinks=follow)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(est.st_mode):
+                    if self.config.recursive and not self._excluded(entry.path):
+                        stack.append(entry.path)
+                elif stat.S_ISREG(est.st_mode) and not self._marker(rel):
+                    yield rel, est
+
+    # ------------------------------------------------------------------ readiness
+
+    def _relative(self, raw: str) -> str | None:
+        try:
+            rel = os.path.relpath(raw, self.root).replace(os.sep, "/")
+        except ValueError:
+            return None
+        if rel.startswith("../") or rel == "." or self._ignored(rel) or self._excluded(raw):
+            return None
+        if not self.config.recursive and "/" in rel:
+            return None
+        return rel
+
+    def _ignored(self, rel: str) -> bool:
+        if self.ignore.on_name is not None:
+            for part in rel.split("/"):
+                if self.ignore.on_name.match(part):
+                    return True
+        return self.ignore.on_path is not None and self.ignore.on_path.match(rel) is not None
+
+    def _excluded(self, path: str) -> bool:
+        return any(path == str(e) or path.startswith(str(e) + os.sep) for e in self.exclude)
+
+    def _marker(self, rel: str) -> bool:
+        mode = self.config.ready
+        return (mode == "lock" and rel.endswith(".lock")) or (
+            mode == "done" and rel.endswith(".done")
+        )
+
+    async def _observe(self, rel: str, now: float) -> FileVersion | None:
+        path = self.root / rel
+        try:
+            if os.path.islink(path):
+                if not self.config.follow_symlinks:
+                    return None
+                real = os.path.realpath(path)
+                real_root = os.path.realpath(self.root)
+                if not real.startswith(real_root + os.sep):
+                    return None
+            st = os.stat(path)
+        except OSError:
+            self._pending.pop(rel, None)
+            return None
+        if not stat.S_ISREG(st.st_mode) or self._marker(rel):
+            return None
+        return self._consider(rel, st, now)
+
+    def _consider(self, rel: str, st: os.stat_result, now: float) -> FileVersion | None:
+        """The version if the file is complete now; otherwise remember to look again."""
+        if (rel, st.st_size, st.st_mtime_ns) in self._baseline:
+            return None
+        mode = self.config.ready
+        path = self.root / rel
+        if mode == "lock":
+            if os.path.lexists(f"{path}.lock"):
+                return None
+            return self._version(rel, st)
+        if mode == "done":
+            if not os.path.lexists(f"{path}.done"):
+                return None
+            return self._version(rel, st)
+        settle = self.config.settle
+        age = now - st.st_mtime_ns / 1e9
+        if settle <= 0 or (age >= 0 and age >= settle):
+            self._pending.pop(rel, None)
+            return self._version(rel, st)
+        # mtime is recent (or from a skewed clock): wait until size and mtime stay put
+        seen = self._pending.get(rel)
+        if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
+            if now - seen[2] >= settle:
+                del self._pending[rel]
+                return self._version(rel, st)
+            due = seen[2] + settle
+        else:
+            self._pending[rel] = (st.st_size, st.st_mtime_ns, now)
+            due = now + settle
+        heapq.heappush(self._heap, (due, rel))
+        self._wake.set()
+        return None
+
+    def _version(self, rel: str, st: os.stat_result) -> FileVersion:
+        return FileVersion(self.config.key, self.root, rel, st.st_size, st.st_mtime_ns)
+
+    async def _settle_loop(self, stop: asyncio.Event) -> None:
+        """Look again at unsettled files when their quiet period is over."""
+        while not stop.is_set():
+            if not self._heap:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            due, _ = self._heap[0]
+            delay = due - time.time()
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+                continue
+            now = time.time()
+            ready: list[FileVersion] = []
+            while self._heap and self._heap[0][0] <= now:
+                _, rel = heapq.heappop(self._heap)
+                if rel not in self._pending:
+                    continue
+                v = await self._observe(rel, now)
+                if v is not None:
+                    ready.append(v)
+            await self._emit(ready)
+
+    async def _emit(self, versions: list[FileVersion]) -> None:
+        if not versions:
+            return
+        good = [v for v in versions if valid_name(v.relpath)]
+        for v in versions:
+            if not valid_name(v.relpath):
+                await self._reject_cb(self.config, v, "the file name is not valid UTF-8")
+        if good:
+            await self._emit_cb(self.config, good)
+        if self.config.ready == "done":
+            for v in good:
+                with contextlib.suppress(OSError):
+                    os.unlink(f"{v.path}.done")
