@@ -31,12 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def protocol_of(step: Step) -> str:
-    if step.kind == "compress":
-        return "compress"
-    if step.kind == "ftp":
-        return "ftps" if step.url.lower().startswith("ftps:") else "ftp"
-    if step.kind == "http":
-        return "https" if step.url.lower().startswith("https:") else "http"
+    """The ``protocol`` the journal and API show: file, http, ftp, sftp, command, python..."""
     return step.kind
 
 
@@ -353,8 +348,8 @@ class Dispatcher:
                 break  # FAILED (the chain stopped there) or PENDING until a retry is due
             result = await self._attempt(row, version, current, workdir, link_ok)
             if result.status == Status.SUCCEEDED:
-                if self._produced(row) is not None and result.location:
-                    current = Path(result.location)
+                if result.output:
+                    current = Path(result.output)
                 continue
             rest = [d for d in rows[i + 1 :] if d.status == Status.IN_PROGRESS]
             if result.status == Status.FAILED:
@@ -384,9 +379,7 @@ class Dispatcher:
 
     @staticmethod
     def _produced(row: Dispatch) -> Path | None:
-        if row.protocol == "compress" and row.location:
-            return Path(row.location)
-        return None
+        return Path(row.output) if row.output else None
 
     def _semaphore(self, step: Step) -> asyncio.Semaphore | None:
         if step.concurrency is None:

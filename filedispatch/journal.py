@@ -31,7 +31,7 @@ Op = Callable[[aiosqlite.Connection], Awaitable[T]]
 COLUMNS = (
     "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
     "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail"
+    "error_type, detail, output"
 )
 
 MIGRATIONS: list[list[str]] = [
@@ -57,6 +57,7 @@ MIGRATIONS: list[list[str]] = [
             error_type TEXT,
             location TEXT,
             detail TEXT,
+            output TEXT,                  -- a file a transform step produced for later steps
             created REAL NOT NULL,
             started REAL,
             finished REAL,
@@ -109,6 +110,7 @@ class StepResult:
     detail: str | None = None
     started: float | None = None
     next_attempt: float = 0.0
+    output: str | None = None
 
 
 def _row(r: Sequence[Any]) -> Dispatch:
@@ -376,6 +378,7 @@ class Journal:
                 now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
                 int((now - r.started) * 1000) if r.started is not None else None,
                 r.next_attempt,
+                r.output,
                 r.id,
             )
             for r in results
@@ -386,7 +389,8 @@ class Journal:
         async def op(conn: aiosqlite.Connection) -> None:
             await conn.executemany(
                 "UPDATE dispatches SET status=?, attempts=?, reason=?, error_type=?, "
-                "location=?, detail=?, finished=?, duration_ms=?, next_attempt=? WHERE id=?",
+                "location=?, detail=?, finished=?, duration_ms=?, next_attempt=?, "
+                "output=COALESCE(?, output) WHERE id=?",
                 params,
             )
 

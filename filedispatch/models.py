@@ -89,6 +89,7 @@ class Dispatch:
     next_attempt: float
     error_type: str | None = None
     detail: str | None = None
+    output: str | None = None  #: the file a transform step produced (for the later steps)
 
     @property
     def version(self) -> FileVersion:

@@ -1,0 +1,142 @@
+"""Shared test helpers: configs on disk, the real CLI as a subprocess, journal rows via sqlite3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def journal_rows(db: Path, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of the journal as dicts (opened read-only, safe while a service runs)."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(f"SELECT * FROM dispatches WHERE {where} ORDER BY id", params)]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str | Path, timeout: float = 60, env: dict[str, str] | None = None,
+            cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m filedispatch ARGS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "filedispatch", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd,
+        input=input,
+    )
+
+
+class ServiceProcess:
+    """The real service as a subprocess; logs go to a file the test can read."""
+
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log_path = config.with_suffix(".log")
+        self.args = args
+        self.env = env or cli_env()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: bool = True) -> ServiceProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "filedispatch", "-c", str(self.config), *self.args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        if wait_ready:
+            wait_until(lambda: "watching" in self.log() or self.proc.poll() is not None, 30)  # type: ignore[union-attr]
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        finally:
+            self._log.close()
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(30)
+        self._log.close()
+
+
+@pytest.fixture
+def service_factory() -> Iterator[Callable[..., ServiceProcess]]:
+    started: list[ServiceProcess] = []
+
+    def factory(config: Path, *args: str, **kw: Any) -> ServiceProcess:
+        svc = ServiceProcess(config, *args, **kw)
+        started.append(svc)
+        return svc
+
+    yield factory
+    for svc in started:
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait(30)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> dict[str, Path]:
+    """inbox/, outbox/ and a journal path inside the test's temporary folder."""
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    inbox.mkdir()
+    return {"root": tmp_path, "inbox": inbox, "outbox": outbox, "db": tmp_path / "journal.db"}
