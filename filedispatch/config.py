@@ -107,6 +107,10 @@ class _UrlStep(_Step):
     def parts(self) -> Any:
         return urlsplit(self.url)
 
+    def __repr_args__(self) -> Any:  # a repr (in a log or traceback) never shows a password
+        for key, value in super().__repr_args__():
+            yield key, (redact_url(value) if key == "url" and isinstance(value, str) else value)
+
     @property
     def display(self) -> str:
         """The URL with any password replaced by ``***``."""

@@ -30,21 +30,28 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def journal_rows(db: Path, where: str = "1=1", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+def journal_rows(
+    db: Path, where: str = "1=1", params: tuple[Any, ...] = ()
+) -> list[dict[str, Any]]:
     """Rows of the journal as dicts (opened read-only, safe while a service runs)."""
     if not db.exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
     try:
-        return [dict(r) for r in conn.execute(f"SELECT * FROM dispatches WHERE {where} ORDER BY id", params)]
+        return [
+            dict(r)
+            for r in conn.execute(f"SELECT * FROM dispatches WHERE {where} ORDER BY id", params)
+        ]
     except sqlite3.OperationalError:
         return []
     finally:
         conn.close()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
     deadline = time.monotonic() + timeout
     while True:
@@ -63,12 +70,21 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | Path, timeout: float = 60, env: dict[str, str] | None = None,
-            cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | Path,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m filedispatch ARGS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "filedispatch", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, env=env or cli_env(), cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or cli_env(),
+        cwd=cwd,
         input=input,
     )
 
@@ -87,7 +103,9 @@ class ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "filedispatch", "-c", str(self.config), *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         if wait_ready:
             wait_until(lambda: "watching" in self.log() or self.proc.poll() is not None, 30)  # type: ignore[union-attr]
@@ -95,7 +113,11 @@ class ServiceProcess:
         return self
 
     def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(encoding="utf-8", errors="replace")
+            if self.log_path.exists()
+            else ""
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

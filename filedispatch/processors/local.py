@@ -133,6 +133,8 @@ class LocalProcessor:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            if exc.errno == errno.ENOENT:  # e.g. below /proc: no retry will make it appear
+                raise PermanentDeliveryError(f"cannot create {folder}: {exc.strerror}") from exc
             raise translate_os_error(exc, f"cannot create {folder}") from exc
         self._made.add(folder)
 
