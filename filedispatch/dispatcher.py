@@ -15,7 +15,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .asyncutil import first_completed
@@ -57,7 +57,6 @@ class RunSummary:
     unmatched: int = 0  #: files no rule takes
     failed: int = 0  #: versions with a destination FAILED for good in this run
     skipped: int = 0  #: not offered because of --max-items
-    latencies: list[float] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -88,7 +87,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._running = asyncio.Event()
         self._running.set()
-        self._queue: asyncio.Queue[list[Dispatch]] = asyncio.Queue(maxsize=config.workers * 2)
+        self._queue: asyncio.Queue[list[Dispatch]] = asyncio.Queue(maxsize=config.workers * 8)
         self._idle = asyncio.Event()
         self._busy = 0
         self._semaphores: dict[str, asyncio.Semaphore] = {}
@@ -167,7 +166,7 @@ class Dispatcher:
             if statuses and all(s == Status.SUCCEEDED for s in statuses):
                 self.summary.already_done += 1
                 if source.after != "keep":
-                    await asyncio.to_thread(self._after_action, source, v, True)
+                    self._after_action(source, v, True)
 
     async def reject(self, source: SourceConfig, version: FileVersion, reason: str) -> None:
         """A file that cannot be dispatched at all (an odd name): one FAILED row says why."""
@@ -297,16 +296,19 @@ class Dispatcher:
         chains: dict[str, list[Dispatch]] = defaultdict(list)
         for d in rows:
             chains[d.rule].append(d)
-        final = await asyncio.gather(
-            *(self._run_chain(version, c, link_ok) for c in chains.values())
-        )
-        statuses = [s for chain_statuses in final for s in chain_statuses]
+        if len(chains) == 1:  # the common case: no gather, no extra tasks
+            statuses = await self._run_chain(version, rows, link_ok)
+        else:
+            final = await asyncio.gather(
+                *(self._run_chain(version, c, link_ok) for c in chains.values())
+            )
+            statuses = [s for chain_statuses in final for s in chain_statuses]
         if source is None:
             return
         if all(s == Status.SUCCEEDED for s in statuses):
             self.summary.processed += 1
             if source.after != "keep" or self._moves(rows):
-                await asyncio.to_thread(self._after_action, source, version, True)
+                self._after_action(source, version, True)
         elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
             self.summary.failed += 1
             if source.stop_on_error and source.key not in self.stopped_sources:
@@ -317,7 +319,7 @@ class Dispatcher:
                     source.key,
                 )
             if source.failed_dir is not None:
-                await asyncio.to_thread(self._after_action, source, version, False)
+                self._after_action(source, version, False)
 
     def _moves(self, rows: list[Dispatch]) -> bool:
         return any(getattr(self._step(d), "mode", None) == "move" for d in rows)
@@ -517,7 +519,6 @@ class Dispatcher:
         if result.status == Status.SUCCEEDED:
             stats.succeeded += 1
             stats.bytes += version.size
-            self.summary.latencies.append(time.time() - version.mtime_ns / 1e9)
             log.info("%s -> %s", version.relpath, result.location)
         elif result.status == Status.FAILED:
             stats.failed += 1
@@ -529,7 +530,11 @@ class Dispatcher:
     # ------------------------------------------------------------------ after-actions
 
     def _after_action(self, source: SourceConfig, version: FileVersion, succeeded: bool) -> None:
-        """Delete or move the source once every destination has it (or to failed_dir)."""
+        """Delete or move the source once every destination has it (or to failed_dir).
+
+        Runs inline: an unlink or a same-filesystem rename is one quick syscall, and a thread
+        hop per file would cost more than the work itself.
+        """
         path = version.path
         try:
             st = path.stat()
