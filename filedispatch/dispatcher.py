@@ -96,6 +96,7 @@ class Dispatcher:
         self._room = asyncio.Event()
         self._secrets = secrets_of(config)
         self.released = 0
+        self._last_write: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -308,7 +309,7 @@ class Dispatcher:
         if all(s == Status.SUCCEEDED for s in statuses):
             self.summary.processed += 1
             if source.after != "keep" or self._moves(rows):
-                self._after_action(source, version, True)
+                self._when_durable(lambda: self._after_action(source, version, True))
         elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
             self.summary.failed += 1
             if source.stop_on_error and source.key not in self.stopped_sources:
@@ -319,7 +320,24 @@ class Dispatcher:
                     source.key,
                 )
             if source.failed_dir is not None:
-                self._after_action(source, version, False)
+                self._when_durable(lambda: self._after_action(source, version, False))
+
+    def _when_durable(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every outcome recorded so far is committed (never before)."""
+        fut = self._last_write
+
+        def run(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.error("the journal did not confirm a delivery; the source is left in place")
+                return
+            action()
+
+        if fut is None:
+            action()
+        elif fut.done():
+            run(fut)
+        else:
+            fut.add_done_callback(run)
 
     def _moves(self, rows: list[Dispatch]) -> bool:
         return any(getattr(self._step(d), "mode", None) == "move" for d in rows)
@@ -406,7 +424,7 @@ class Dispatcher:
                 started=started,
                 reason="this destination is no longer in the configuration",
             )
-            await self._record(row, result, version)
+            self._record(row, result, version)
             return result
         ctx = StepContext(
             dispatch_id=row.id,
@@ -442,7 +460,7 @@ class Dispatcher:
             )
         finally:
             self.in_flight.pop(row.id, None)
-        await self._record(row, result, version)
+        self._record(row, result, version)
         return result
 
     async def _deliver(self, step: Step, ctx: StepContext) -> Outcome:
@@ -453,7 +471,9 @@ class Dispatcher:
             return await processor.deliver(ctx)
         except DeliveryError:
             raise
-        except TimeoutError:
+        except TimeoutError as exc:
+            if step.timeout is None:  # a processor's own timeout it did not translate
+                raise TransientDeliveryError(f"timed out: {exc}") from exc
             raise TransientDeliveryError(f"timed out after {step.timeout:g}s") from None
         except FileNotFoundError as exc:
             if not ctx.input.exists():
@@ -510,8 +530,10 @@ class Dispatcher:
             text = text.replace(secret, "***")
         return text
 
-    async def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
-        await self.journal.finish([result])
+    def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
+        # Not awaited: a worker goes on while the writer commits many outcomes at once. The
+        # source is only touched once this write is durable (see _when_durable).
+        self._last_write = self.journal.finish_soon([result])
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type

@@ -329,11 +329,15 @@ class Journal:
 
     async def write(self, op: Op[T] | Rows) -> T:
         """Run ``op`` inside the next group commit and return its result once committed."""
+        result: T = await self._enqueue(op)
+        return result
+
+    def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
         if self._task is None or self._task.done():
             raise JournalError("the journal is closed")
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((op, fut))
-        return await fut
+        return fut
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""
@@ -443,6 +447,16 @@ class Journal:
 
     async def finish(self, results: Sequence[StepResult], now: float | None = None) -> None:
         """Record outcomes: SUCCEEDED/FAILED are final, PENDING waits for ``next_attempt``."""
+        await self.finish_soon(results, now)
+
+    def finish_soon(
+        self, results: Sequence[StepResult], now: float | None = None
+    ) -> asyncio.Future[None]:
+        """Queue outcomes for the next group commit; the future is done once they are durable.
+
+        Writes are committed in the order they were queued, so when this future is done every
+        write queued before it is committed too.
+        """
         now = time.time() if now is None else now
         params = [
             (
@@ -460,8 +474,7 @@ class Journal:
             )
             for r in results
         ]
-        if params:
-            await self.write(Rows(_FINISH, params))
+        return self._enqueue(Rows(_FINISH, params))
 
     async def resume_interrupted(self) -> int:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""

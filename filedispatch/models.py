@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -33,10 +33,10 @@ class FileVersion:
     relpath: str  #: path relative to ``root``, with "/" separators
     size: int
     mtime_ns: int
+    path: Path = field(init=False, repr=False, compare=False)  #: root / relpath
 
-    @property
-    def path(self) -> Path:
-        return self.root / self.relpath
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", self.root / self.relpath)
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ Pure functions only; a rendered name that would leave the destination root is re
 
 from __future__ import annotations
 
+import functools
 import string
 import time
 from pathlib import PurePosixPath
@@ -32,35 +33,51 @@ def check_template(template: str) -> str:
     return template
 
 
-def placeholders(version: FileVersion) -> dict[str, str]:
+@functools.lru_cache(maxsize=256)
+def _fields(template: str) -> frozenset[str]:
+    return frozenset(f for _, f, _, _ in string.Formatter().parse(template) if f)
+
+
+_TIME_FIELDS = frozenset({"yyyy", "mm", "dd", "HH", "MM", "SS"})
+
+
+def placeholders(version: FileVersion, needed: frozenset[str] = PLACEHOLDERS) -> dict[str, str]:
+    """The placeholder values for a file (only the ``needed`` ones are worked out)."""
     name = version.name
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot + 1 :]) if dot > 0 else (name, "")
-    reldir = version.relpath.rpartition("/")[0]
-    t = time.localtime(version.mtime_ns / 1e9)
-    return {
+    values = {
         "name": name,
         "stem": stem,
         "ext": ext,
         "relpath": version.relpath,
-        "reldir": reldir,
+        "reldir": version.relpath.rpartition("/")[0],
         "source": version.source.strip("/").replace("/", "_"),
-        "yyyy": f"{t.tm_year:04d}",
-        "mm": f"{t.tm_mon:02d}",
-        "dd": f"{t.tm_mday:02d}",
-        "HH": f"{t.tm_hour:02d}",
-        "MM": f"{t.tm_min:02d}",
-        "SS": f"{t.tm_sec:02d}",
     }
+    if needed & _TIME_FIELDS:
+        t = time.localtime(version.mtime_ns / 1e9)
+        values.update(
+            yyyy=f"{t.tm_year:04d}",
+            mm=f"{t.tm_mon:02d}",
+            dd=f"{t.tm_mday:02d}",
+            HH=f"{t.tm_hour:02d}",
+            MM=f"{t.tm_min:02d}",
+            SS=f"{t.tm_sec:02d}",
+        )
+    return values
 
 
 def render(template: str, version: FileVersion, name: str | None = None) -> PurePosixPath:
     """The relative path a file gets at its destination; ``name`` overrides the file name."""
-    values = placeholders(version)
+    values = placeholders(version, _fields(template))
     if name is not None and name != version.name:
         dot = name.rfind(".")
+        reldir = version.relpath.rpartition("/")[0]
         values.update(
-            name=name, stem=name[:dot] if dot > 0 else name, ext=name[dot + 1 :] if dot > 0 else ""
+            name=name,
+            stem=name[:dot] if dot > 0 else name,
+            ext=name[dot + 1 :] if dot > 0 else "",
+            relpath=f"{reldir}/{name}" if reldir else name,
         )
     rendered = template.format_map(values)
     parts = [p for p in rendered.split("/") if p not in ("", ".")]

@@ -94,6 +94,7 @@ class SourceWatcher:
     ) -> None:
         self.config = config
         self.root = config.path
+        self._prefix = str(config.path).rstrip(os.sep) + os.sep
         self._emit_cb = emit
         self._reject_cb = reject
         self.ignore = GlobSet.compile(config.ignore_globs)
@@ -171,6 +172,8 @@ class SourceWatcher:
                 self._rescan_now.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
+                # files that arrived while no watch ran: rescan once the new watch is up
+                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         mode = self.config.ready
@@ -187,14 +190,11 @@ class SourceWatcher:
             if mode == "done" and rel.endswith(".done"):
                 paths.add(rel[:-5])
                 continue
-            if os.path.isdir(raw):
-                if self.config.recursive:  # a folder moved in whole sends one event
-                    await self._scan_tree(self.root / rel)
-                continue
             paths.add(rel)
         ready: list[FileVersion] = []
+        now = time.time()
         for rel in sorted(paths):
-            v = await self._observe(rel, time.time())
+            v = await self._observe(rel, now)
             if v is not None:
                 ready.append(v)
         await self._emit(ready)
@@ -291,11 +291,11 @@ class SourceWatcher:
     # ------------------------------------------------------------------ readiness
 
     def _relative(self, raw: str) -> str | None:
-        try:
-            rel = os.path.relpath(raw, self.root).replace(os.sep, "/")
-        except ValueError:
+        prefix = self._prefix
+        if not raw.startswith(prefix):
             return None
-        if rel.startswith("../") or rel == "." or self._ignored(rel) or self._excluded(raw):
+        rel = raw[len(prefix) :]
+        if not rel or self._ignored(rel) or (self.exclude and self._excluded(raw)):
             return None
         if not self.config.recursive and "/" in rel:
             return None
@@ -318,18 +318,22 @@ class SourceWatcher:
         )
 
     async def _observe(self, rel: str, now: float) -> FileVersion | None:
-        path = self.root / rel
+        path = self._prefix + rel
         try:
-            if os.path.islink(path):
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
                 if not self.config.follow_symlinks:
                     return None
                 real = os.path.realpath(path)
-                real_root = os.path.realpath(self.root)
-                if not real.startswith(real_root + os.sep):
+                if not real.startswith(os.path.realpath(self.root) + os.sep):
                     return None
-            st = os.stat(path)
+                st = os.stat(path)
         except OSError:
             self._pending.pop(rel, None)
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            if self.config.recursive:  # a folder moved in whole sends one event
+                await self._scan_tree(Path(path))
             return None
         if not stat.S_ISREG(st.st_mode) or self._marker(rel):
             return None

@@ -1,0 +1,107 @@
+"""The watcher in a running service: readiness, reconcile scans, odd names, mounts."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from filedispatch.watcher import is_network_fs, mount_fstype
+
+from .conftest import ServiceProcess, journal_rows, wait_until, write_config
+
+
+def cfg(ws: dict[str, Path], **source: Any) -> Path:
+    return write_config(
+        ws["root"] / "c.yml",
+        {
+            "database": str(ws["db"]),
+            "sources": [{"path": str(ws["inbox"]), "settle": 0.1, **source}],
+            "rules": [{"name": "all", "glob": "*", "to": str(ws["outbox"])}],
+            "api": {"enabled": False},
+            "monitor": {"enabled": False},
+        },
+    )
+
+
+def test_reconcile_scan_finds_what_events_missed(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """With events effectively off (polling once an hour), only the rescan can find a file."""
+    ws = workspace
+    svc: ServiceProcess = service_factory(cfg(ws, poll=True, poll_interval=3600, rescan=0.5))
+    svc.start()
+    (ws["inbox"] / "late.txt").write_text("found by the reconcile scan")
+    wait_until(lambda: (ws["outbox"] / "late.txt").exists(), 15)
+    assert svc.stop() == 0
+
+
+def test_default_filter_of_watchfiles_does_not_hide_files(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """watchfiles' DefaultFilter would drop node_modules/ and .git paths; our rules decide."""
+    ws = workspace
+    svc: ServiceProcess = service_factory(cfg(ws, recursive=True)).start()
+    (ws["inbox"] / "node_modules").mkdir()
+    (ws["inbox"] / "node_modules" / "pkg.js").write_text("js")
+    (ws["inbox"] / "build.pyc").write_text("pyc")
+    (ws["inbox"] / ".hidden").write_text("ignored by our default ignore")
+    (ws["inbox"] / "x.part").write_text("partial download, ignored")
+    wait_until(
+        lambda: (
+            (ws["outbox"] / "node_modules" / "pkg.js").exists()
+            and (ws["outbox"] / "build.pyc").exists()
+        )
+    )
+    time.sleep(0.5)
+    assert svc.stop() == 0
+    assert not (ws["outbox"] / ".hidden").exists() and not (ws["outbox"] / "x.part").exists()
+
+
+def test_a_folder_moved_in_whole_is_scanned(
+    workspace: dict[str, Path], tmp_path: Path, service_factory: Any
+) -> None:
+    ws = workspace
+    svc: ServiceProcess = service_factory(cfg(ws, recursive=True)).start()
+    staged = tmp_path / "staged"
+    (staged / "deep").mkdir(parents=True)
+    (staged / "deep" / "a.txt").write_text("a")
+    (staged / "b.txt").write_text("b")
+    os.rename(staged, ws["inbox"] / "batch")
+    wait_until(
+        lambda: (
+            (ws["outbox"] / "batch" / "deep" / "a.txt").exists()
+            and (ws["outbox"] / "batch" / "b.txt").exists()
+        )
+    )
+    assert svc.stop() == 0
+
+
+def test_a_non_utf8_name_arriving_live_does_not_stop_the_watch(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    ws = workspace
+    svc: ServiceProcess = service_factory(cfg(ws)).start()
+    with open(os.path.join(os.fsencode(ws["inbox"]), b"caf\xe9.txt"), "wb") as fh:
+        fh.write(b"latin-1 name")
+    wait_until(lambda: journal_rows(ws["db"], "status='FAILED'"), 20)
+    (ws["inbox"] / "after.txt").write_text("still watching")
+    wait_until(lambda: (ws["outbox"] / "after.txt").exists(), 20)
+    assert svc.proc is not None and svc.proc.poll() is None
+    assert svc.stop() == 0
+    (row,) = journal_rows(ws["db"], "status='FAILED'")
+    assert "not valid UTF-8" in row["reason"]
+
+
+def test_mount_table_detection(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "server:/export /mnt/nfs nfs4 rw 0 0\n"
+        "sshfs#me@host: /mnt/ssh\\040dir fuse.sshfs rw 0 0\n"
+    )
+    assert mount_fstype(Path("/mnt/nfs/inbox"), str(mounts)) == "nfs4"
+    assert mount_fstype(Path("/mnt/ssh dir/x"), str(mounts)) == "fuse.sshfs"
+    assert mount_fstype(Path("/home/user"), str(mounts)) == "ext4"
+    assert is_network_fs("nfs4") and is_network_fs("fuse.sshfs") and not is_network_fs("ext4")
