@@ -1,0 +1,236 @@
+"""Core benchmarks (issue 2): local throughput, latency and memory, each against a baseline
+measured in the same run. Prints figures; asserts nothing (timings never go in the test suite).
+
+    python bench/bench_core.py [--files 10000] [--trickle 200] [--backlog 100000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+PAYLOAD = b"x" * 4096
+
+
+def write_config(root: Path, settle: float = 0, **extra: object) -> Path:
+    cfg = {
+        "database": str(root / "journal.db"),
+        "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0}],
+        "rules": [{"name": "all", "glob": "*",
+                   "to": {"url": str(root / "outbox"), "mode": "move", "fsync": False}}],
+        "api": {"enabled": False},
+        "monitor": {"enabled": False},
+        **extra,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "config.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}{i:06d}.dat"
+        p.write_bytes(PAYLOAD)
+        paths.append(p)
+    return paths
+
+
+def start_service(cfg: Path, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--log-level", "WARNING", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    return proc
+
+
+def wait_ready(db: Path, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not db.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # the start-up scan of an empty folder and the watch starting
+
+
+def succeeded(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM dispatches WHERE status='SUCCEEDED'")
+                   .fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def finished_times(db: Path) -> dict[str, float]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return {r[0]: r[1] for r in conn.execute(
+            "SELECT filename, finished FROM dispatches WHERE status='SUCCEEDED'")}
+    finally:
+        conn.close()
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def baseline_rename(root: Path, n: int) -> float:
+    src, dst = root / "rn-src", root / "rn-dst"
+    files = make_files(src, n)
+    dst.mkdir()
+    t0 = time.perf_counter()
+    for p in files:
+        os.rename(p, dst / p.name)
+    return n / (time.perf_counter() - t0)
+
+
+def baseline_shell(root: Path, n: int) -> float | None:
+    """``inotifywait -m | while read f; do mv ...; done``: one mv process per file."""
+    if shutil.which("inotifywait") is None:
+        return None
+    stage, watched, dst = root / "sh-stage", root / "sh-in", root / "sh-out"
+    files = make_files(stage, n)
+    watched.mkdir()
+    dst.mkdir()
+    script = (f'inotifywait -q -m -e moved_to --format "%f" "{watched}" | '
+              f'while read f; do mv "{watched}/$f" "{dst}/"; done')
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    for p in files:
+        os.rename(p, watched / p.name)
+    deadline = time.time() + 600
+    while len(os.listdir(dst)) < n and time.time() < deadline:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait()
+    return n / elapsed
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def throughput(root: Path, n: int) -> tuple[float, float]:
+    """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
+    cfg = write_config(root)
+    stage = root / "stage"
+    files = make_files(stage, n)
+    (root / "inbox").mkdir()
+    proc = start_service(cfg)
+    wait_ready(root / "journal.db")
+    t0 = time.time()
+    for p in files:
+        os.rename(p, root / "inbox" / p.name)
+    t_last_drop = time.time()
+    deadline = time.time() + 600
+    while succeeded(root / "journal.db") < n and time.time() < deadline:
+        time.sleep(0.05)
+    stop(proc)
+    times = finished_times(root / "journal.db")
+    end = max(times.values())
+    last_name = files[-1].name
+    return n / (end - t0), times[last_name] - t_last_drop
+
+
+def latency(root: Path, n: int, rate: float) -> tuple[float, float]:
+    cfg = write_config(root)
+    stage = root / "stage"
+    files = make_files(stage, n)
+    (root / "inbox").mkdir()
+    proc = start_service(cfg)
+    wait_ready(root / "journal.db")
+    dropped: dict[str, float] = {}
+    for p in files:
+        dropped[p.name] = time.time()
+        os.rename(p, root / "inbox" / p.name)
+        time.sleep(1 / rate)
+    deadline = time.time() + 60
+    while succeeded(root / "journal.db") < n and time.time() < deadline:
+        time.sleep(0.05)
+    stop(proc)
+    times = finished_times(root / "journal.db")
+    lat = sorted((times[k] - dropped[k]) * 1000 for k in dropped)
+    return statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
+
+
+def peak_rss_mib(root: Path, n: int) -> float:
+    """Peak RSS of ``--once`` over ``n`` files waiting in the folder."""
+    cfg = write_config(root)
+    make_files(root / "inbox", n)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--once", "--log-level",
+         "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if succeeded(root / "journal.db") != n:
+        print(f"  warning: only {succeeded(root / 'journal.db')} of {n} delivered")
+    return usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--trickle", type=int, default=200)
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    if args.quick:
+        args.files, args.trickle, args.backlog = 2000, 60, 10_000
+    base = Path(tempfile.mkdtemp(prefix="fd-bench-"))
+    try:
+        print(f"== throughput: {args.files} x 4 KiB, settle 0, move to a local folder")
+        rename = baseline_rename(base / "a", args.files)
+        shell = baseline_shell(base / "b", args.files)
+        rate, last = throughput(base / "c", args.files)
+        print(f"  os.rename baseline      {rename:10.0f} files/s")
+        if shell is None:
+            print("  inotifywait|mv baseline  (inotifywait not installed: apt-get install "
+                  "inotify-tools)")
+        else:
+            print(f"  inotifywait|mv baseline {shell:10.0f} files/s")
+        print(f"  filedispatch            {rate:10.0f} files/s")
+        print(f"  ratio to os.rename      {rate / rename:10.3f}   (target >= 0.15)")
+        if shell:
+            print(f"  ratio to inotifywait|mv {rate / shell:10.1f}   (target >= 10)")
+        print(f"  last file of the burst  {last * 1000:10.0f} ms after the last drop "
+              "(target <= 1000)")
+
+        print(f"== latency: {args.trickle} files at 20/s, settle 0")
+        p50, p99 = latency(base / "d", args.trickle, 20.0)
+        print(f"  p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   (target p99 <= 100)")
+
+        print(f"== memory: {args.backlog} files waiting, --once")
+        idle = peak_rss_mib(base / "e", 1)
+        peak = peak_rss_mib(base / "f", args.backlog)
+        print(f"  baseline (1 file)   {idle:7.1f} MiB")
+        print(f"  peak RSS            {peak:7.1f} MiB   ratio {peak / idle:5.2f}   "
+              "(target <= 128 MiB)")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
