@@ -251,6 +251,15 @@ class Dispatcher:
             self._room.set()
             if not group:
                 return
+            if group[0].source in self.stopped_sources:  # stop_on_error: give it back
+                self.journal.finish_soon(
+                    [
+                        StepResult(d.id, Status.PENDING, d.attempts, reason=d.reason)
+                        for d in group
+                        if d.status == Status.IN_PROGRESS
+                    ]
+                )
+                continue
             self._busy += 1
             self._idle.clear()
             try:
@@ -457,6 +466,7 @@ class Dispatcher:
                 location=outcome.location,
                 detail=outcome.detail,
                 started=started,
+                output=None if outcome.produced is None else str(outcome.produced),
             )
         finally:
             self.in_flight.pop(row.id, None)
