@@ -16,7 +16,7 @@ from . import __version__
 from .config import Config, load_config
 from .content import import_problems
 from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
-from .models import FileVersion
+from .models import FileVersion, Status
 from .router import Facts, Router, describe_target
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="filedispatch",
         description="Watch folders and deliver each new file where its rules send it.",
-        epilog="Commands: check, explain (see 'filedispatch COMMAND -h'). Without a command, "
-        "the service runs on the config given with -c.",
+        epilog="Commands: check, explain, history, mark-existing (see 'filedispatch COMMAND -h'). "
+        "Without a command, the service runs on the config given with -c.",
     )
     parser.add_argument(
         "-v",
@@ -66,14 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-x", "--exit", action="store_true", help="stop the running daemon (needs only -p)"
     )
-    parser.add_argument("-p", "--pidfile", type=Path, help="PID file path")
+    parser.add_argument(
+        "-p",
+        "--pidfile",
+        type=Path,
+        help="PID file path (default: $XDG_RUNTIME_DIR/filedispatch.pid)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=90.0,
+        metavar="S",
+        help="with -x: how long to wait for in-flight deliveries (default: 90)",
+    )
     parser.add_argument("--log-file", type=Path, help="write logs to this file")
     parser.add_argument(
         "--log-level",
-        default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-        help="logging level (default: INFO)",
+        help="logging level (default: INFO, or the root level of --log-config)",
     )
     parser.add_argument(
         "--log-config",
@@ -107,7 +118,46 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="say which rules take the given files, and why")
     explain.add_argument("-c", "--config", type=Path, required=True, dest="sub_config")
     explain.add_argument("files", nargs="+", type=Path)
+    add_history_commands(sub)
     return parser
+
+
+def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``history list|show|forget|stats`` and ``mark-existing`` (see history.py)."""
+    journal = argparse.ArgumentParser(add_help=False)
+    journal.add_argument(
+        "-c", "--config", type=Path, dest="sub_config", metavar="CONFIG", help="configuration"
+    )
+    journal.add_argument(
+        "--db", type=Path, dest="sub_db", metavar="DB", help="journal (default: the config's)"
+    )
+    history = sub.add_parser(
+        "history",
+        help="list, show, forget or count dispatches in the journal (safe while it runs)",
+        epilog="Exit status: 0 done; 1 no such id, path or journal; 2 usage error.",
+    )
+    hsub = history.add_subparsers(dest="history_command", metavar="ACTION", required=True)
+    hlist = hsub.add_parser("list", parents=[journal], help="the newest dispatches")
+    hlist.add_argument("--status", type=str.upper, choices=[s.value for s in Status])
+    hlist.add_argument("--limit", type=_positive, default=20, metavar="N", help="(default: 20)")
+    hlist.add_argument("--json", action="store_true", help="print JSON")
+    show = hsub.add_parser("show", parents=[journal], help="every field of one dispatch")
+    show.add_argument("id", type=int, help="a dispatch id (see history list)")
+    forget = hsub.add_parser(
+        "forget", parents=[journal], help="delete history so the file is sent again"
+    )
+    which = forget.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", type=int, nargs="?", help="a dispatch id (see history list)")
+    which.add_argument("--path", help="a file's path in its source (relative or absolute)")
+    hstats = hsub.add_parser("stats", parents=[journal], help="counts per day, week or month")
+    hstats.add_argument("--period", choices=["day", "week", "month"], default="day")
+    hstats.add_argument("--json", action="store_true", help="print JSON")
+    mark = sub.add_parser(
+        "mark-existing",
+        parents=[journal],
+        help="record the files present now as already dispatched, without sending them",
+    )
+    mark.add_argument("--dry-run", action="store_true", dest="sub_dry_run", help="only print")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,10 +168,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args.sub_config)
         if args.command == "explain":
             return cmd_explain(args.sub_config, args.files)
+        if args.command in ("history", "mark-existing"):
+            from .history import run_command
+
+            path = args.sub_config or args.config
+            load = load_checked if args.command == "mark-existing" else load_config  # hooks route
+            return run_command(args, load(path) if path else None)
         if args.exit:
             from .daemon import stop_daemon
 
-            return stop_daemon(args.pidfile)
+            return stop_daemon(args.pidfile, args.stop_timeout)
         if args.config is None:
             parser.error("the following arguments are required: -c/--config")
         return cmd_run(args)

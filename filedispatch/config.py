@@ -6,9 +6,11 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
@@ -28,6 +30,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .naming import check_template
+from .shell import compile_command
 
 #: names that are never taken: hidden files and the usual partial-download suffixes
 DEFAULT_IGNORE: tuple[str, ...] = (
@@ -103,7 +106,7 @@ class _UrlStep(_Step):
     name: str = "{relpath}"
     on_conflict: OnConflict = "rename"
 
-    @property
+    @cached_property
     def parts(self) -> Any:
         return urlsplit(self.url)
 
@@ -111,7 +114,7 @@ class _UrlStep(_Step):
         for key, value in super().__repr_args__():
             yield key, (redact_url(value) if key == "url" and isinstance(value, str) else value)
 
-    @property
+    @cached_property
     def display(self) -> str:
         """The URL with any password replaced by ``***``."""
         return redact_url(self.url)
@@ -136,14 +139,14 @@ class LocalDestination(_UrlStep):
     file_mode: int | None = Field(None, ge=0, le=0o7777)
     fsync: bool = True  #: flush data to disk before the rename makes the file visible
 
-    @property
+    @cached_property
     def folder(self) -> Path:
         url = self.url
         if url.startswith("file://"):
             url = unquote(urlsplit(url).path)
         return Path(os.path.expanduser(url)).absolute()
 
-    @property
+    @cached_property
     def display(self) -> str:
         return str(self.folder)
 
@@ -188,7 +191,26 @@ class HttpDestination(_UrlStep):
     verify: bool = True
     ca_file: Path | None = None
     expect: Expect = Expect()
-    chunk_size: int = Field(256 * 1024, ge=1024)
+    chunk_size: int = Field(1024 * 1024, ge=1024)  #: bytes read and sent at a time
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = _remote_url(value, ("http", "https"))
+        if "{" in parts.path:  # e.g. PUT https://host/dav/{yyyy}/{name}
+            check_template(unquote(parts.path))
+        return value
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> HttpDestination:
+        sources = [self.parts.password is not None or bool(self.parts.username)]
+        sources += [self.token is not None]
+        sources += [any(k.lower() == "authorization" for k in self.headers)]
+        if sum(sources) > 1:
+            raise ValueError(
+                "give one of: user:password in the URL, token, or an Authorization header"
+            )
+        return self
 
 
 class FtpDestination(_UrlStep):
@@ -199,9 +221,27 @@ class FtpDestination(_UrlStep):
     passive: bool = True
     connect_timeout: float = Field(30.0, gt=0)
     socket_timeout: float = Field(60.0, gt=0)
-    pool_size: int = Field(2, ge=1, le=32)  #: connections kept open to this server
+    pool_size: int = Field(4, ge=1, le=32)  #: connections kept open to this server
     verify: bool = True
     ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _ftp_url(cls, value: str) -> str:
+        _remote_url(value, ("ftp", "ftps"))
+        return value
+
+    @field_validator("passive")
+    @classmethod
+    def _passive_only(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError("active mode is not supported (aioftp connects passively)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> FtpDestination:
+        _check_one_password(self)
+        return self
 
 
 class SftpDestination(_UrlStep):
@@ -218,13 +258,44 @@ class SftpDestination(_UrlStep):
     connect_timeout: float = Field(30.0, gt=0)
     pool_size: int = Field(2, ge=1, le=32)
 
+    @field_validator("url")
+    @classmethod
+    def _sftp_url(cls, value: str) -> str:
+        _remote_url(value, ("sftp",))
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> SftpDestination:
+        _check_one_password(self)
+        return self
+
+
+def _remote_url(value: str, schemes: tuple[str, ...]) -> Any:
+    """Check a destination URL's scheme, host and port; the message never shows a password."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"{redact_url(value)!r} is not a valid URL (bad port?)") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"the URL must start with {' or '.join(s + '://' for s in schemes)}")
+    if not parts.hostname:
+        raise ValueError(f"{redact_url(value)!r} has no host")
+    return parts
+
+
+def _check_one_password(step: FtpDestination | SftpDestination) -> None:
+    if step.password is not None and step.parts.password is not None:
+        raise ValueError("give the password in the URL or as password:, not both")
+
 
 class CommandStep(_Step):
-    """A shell command run on the file; placeholders are substituted shell-quoted."""
+    """A shell command run on the file; placeholders become quoted variables (see shell.py)."""
 
     kind: Literal["command"] = "command"
     command: str
     env: dict[str, str] = Field(default_factory=dict)
+    #: the command's working folder; None: the chain's private work folder
     cwd: Path | None = None
 
     @property
@@ -232,7 +303,13 @@ class CommandStep(_Step):
         return f"command: {self.command}"
 
     def identity(self) -> str:
-        return f"command:{self.command}"
+        return f"command:{self.command}:{self.cwd}:{sorted(self.env.items())!r}"
+
+    @field_validator("command")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        compile_command(value)  # raises ValueError naming an unknown placeholder
+        return value
 
 
 class PythonStep(_Step):
@@ -258,6 +335,13 @@ class PythonStep(_Step):
             raise ValueError("must look like 'package.module:function'")
         return value
 
+    @field_validator("kwargs")
+    @classmethod
+    def _no_context(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "context" in value:
+            raise ValueError("'context' is reserved: callables that declare it receive the step")
+        return value
+
 
 class CompressStep(_Step):
     """A transform: the later steps of the chain deliver the compressed file instead."""
@@ -272,6 +356,12 @@ class CompressStep(_Step):
 
     def identity(self) -> str:
         return f"compress:{self.compress}:{self.level}"
+
+    @model_validator(mode="after")
+    def _level_range(self) -> CompressStep:
+        if self.level is not None and self.compress != "zstd" and self.level > 9:
+            raise ValueError(f"level: {self.compress} takes 0 to 9 (zstd takes up to 22)")
+        return self
 
 
 _SCHEME_KIND = {
@@ -504,11 +594,14 @@ def secrets_of(config: Config) -> list[str]:
             url = getattr(step, "url", None)
             if isinstance(url, str):
                 try:
-                    password = urlsplit(url).password
+                    user, password = urlsplit(url).username, urlsplit(url).password
                 except ValueError:
-                    password = None
-                if password:
-                    found += [password, quote(password, safe="")]
+                    user, password = None, None
+                if password:  # as written, decoded (what is sent) and encoded
+                    found += [password, unquote(password), quote(password, safe="")]
+                    # an HTTP server may echo the Basic Authorization header back
+                    basic = f"{unquote(user or '')}:{unquote(password)}".encode()
+                    found.append(base64.b64encode(basic).decode())
             for key, value in getattr(step, "headers", {}).items():
                 if key.lower() in ("authorization", "proxy-authorization", "x-api-key", "cookie"):
                     found.append(value)
@@ -566,12 +659,13 @@ def _from_seed_format(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
+    out, previous = "", None
     for part in loc:
+        after_index, previous = isinstance(previous, int), part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in STEP_TAGS or part.startswith("function-"):
-            continue
+        elif (part in STEP_TAGS and after_index) or part.startswith("function-"):
+            continue  # a union's tag, not a field (``command`` is both)
         else:
             out += f".{part}" if out else part
     return out or "<top>"
@@ -600,8 +694,21 @@ def _check_paths(config: Config, base: Path) -> list[str]:
             problems.append(f"sources[{i}].done_dir: must not be the source folder itself")
         if src.failed_dir is not None and src.failed_dir == root:
             problems.append(f"sources[{i}].failed_dir: must not be the source folder itself")
+        for key in ("database", "workdir"):
+            path = getattr(config, key)
+            if path is not None and watched_by(src, path):
+                problems.append(
+                    f"{key}: {path} is inside the watched source sources[{i}] ({root}); "
+                    "its own files would be dispatched"
+                )
     del base
     return problems
+
+
+def watched_by(source: SourceConfig, path: Path) -> bool:
+    """Whether a file at ``path`` would be seen by the watcher of ``source``."""
+    folder = path.parent
+    return folder == source.path or (source.recursive and source.path in folder.parents)
 
 
 def _absolutize(raw: dict[str, Any], base: Path) -> None:
@@ -632,6 +739,8 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
             elif isinstance(step, dict) and isinstance(step.get("url"), str):
                 url = step["url"]
                 step = {**step, "url": fix(url) if not url.startswith("~") else url}
+            if isinstance(step, dict) and isinstance(step.get("cwd"), str):  # command steps
+                step = {**step, "cwd": fix(os.path.expanduser(step["cwd"]))}
             fixed.append(step)
         if to is not None:
             rule["to"] = fixed

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -51,12 +53,22 @@ def set_secrets(secrets: Iterable[str]) -> None:
 
 
 def setup(
-    level: str = "INFO", log_file: Path | None = None, log_config: Path | None = None
+    level: str | None = None, log_file: Path | None = None, log_config: Path | None = None
 ) -> None:
-    """Configure the root logger once, at start-up."""
+    """Configure the root logger once, at start-up.
+
+    ``level`` (``--log-level``) overrides the root level of ``log_config``; without either the
+    level is INFO.
+    """
     if log_config is not None:
-        data = yaml.safe_load(Path(log_config).read_text(encoding="utf-8"))
-        logging.config.dictConfig(data)
+        try:
+            data = yaml.safe_load(Path(log_config).read_text(encoding="utf-8"))
+            # dictConfig's default would silence every filedispatch logger already imported
+            data.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(data)
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+            problem = f"not a usable logging configuration: {exc}"
+            raise ConfigError(str(log_config), [problem]) from exc
         if level:
             logging.getLogger().setLevel(level.upper())
     else:
@@ -69,11 +81,11 @@ def setup(
         handler.setFormatter(logging.Formatter(FORMAT))
         root = logging.getLogger()
         root.handlers[:] = [handler]
-        root.setLevel(level.upper())
+        root.setLevel((level or "INFO").upper())
     for handler in logging.getLogger().handlers:
         if _redact not in handler.filters:
             handler.addFilter(_redact)
-    for noisy in ("watchfiles", "aiosqlite", "asyncio", "aioftp", "asyncssh"):
+    for noisy in ("watchfiles", "aiosqlite", "asyncio", "aioftp", "asyncssh", "prompt_toolkit"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .asyncutil import first_completed
-from .config import Config, LocalDestination, load_config
+from .config import Config, LocalDestination, load_config, watched_by
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, ServiceError
 from .journal import Journal, default_path
@@ -109,6 +109,15 @@ class Service:
         self.options = options or Options()
         self.config = apply_options(config, self.options)
         self.db_path = journal_path(self.config, self.options)
+        for i, source in enumerate(self.config.sources):
+            if watched_by(source, self.db_path):
+                raise ConfigError(
+                    str(self.options.config_path or "<config>"),
+                    [
+                        f"the journal {self.db_path} is inside the watched source sources[{i}]; "
+                        "choose another --db or database:"
+                    ],
+                )
         self.workdir = (self.config.workdir or self.db_path.parent / "work").absolute()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
@@ -152,6 +161,10 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
+        from .config import secrets_of
+        from .logs import set_secrets
+
+        set_secrets(secrets_of(new))  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
             w.request_rescan()
@@ -214,6 +227,9 @@ class Service:
     async def run(self) -> int:
         """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
         loop = asyncio.get_running_loop()
+        previous = {
+            int(s): signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
         try:
@@ -223,6 +239,8 @@ class Service:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                # asyncio leaves SIG_DFL: a late SIGTERM would kill the caller's clean-up
+                signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
         self.journal = await stack.enter_async_context(Journal.open(self.db_path))
@@ -246,6 +264,15 @@ class Service:
         )
         self.summary = self.dispatcher.summary
         # the web app and the console are started here, between dispatcher and watchers
+        if self.config.api.enabled:
+            from . import api
+
+            link = api.ServiceLink(self.status, self.dispatcher.wake)
+            await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
+        from . import monitor, progress
+
+        await stack.enter_async_context(monitor.console(self))
+        await stack.enter_async_context(progress.backlog(self))
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
         try:

@@ -1,0 +1,376 @@
+// filedispatch dashboard: plain JavaScript, no build step, nothing loaded from elsewhere.
+// Reads /api/v1/status, /api/v1/logs and /api/v1/stats; draws its charts on <canvas> itself.
+"use strict";
+
+const TOKEN_KEY = "filedispatch-token";
+const REFRESH_MS = 5000;
+const CHART_REFRESH_MS = 30000; // a month of stats on a big journal takes a second: not every 5 s
+const STATUS_COLORS = {
+  SUCCEEDED: "#2e9e5b", FAILED: "#d64545", PENDING: "#9aa3b5", IN_PROGRESS: "#3b7ddd",
+};
+const SERIES_COLORS = ["#3b7ddd", "#e08a2c", "#8e5cc8", "#2aa3a3", "#c8508a", "#7a8a2e", "#9aa3b5"];
+
+const $ = (sel) => document.querySelector(sel);
+const state = {
+  cursors: [], cursor: null, next: null, period: "day", timer: null, detailId: null, chartsAt: 0,
+};
+
+// ---------------------------------------------------------------- requests
+
+async function api(path, options = {}) {
+  const headers = { Accept: "application/json" };
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = "Bearer " + token;
+  const resp = await fetch(path, { ...options, headers });
+  if (resp.status === 401) {
+    $("#token-form").hidden = false;
+    throw new Error("This service needs its API token: enter it above.");
+  }
+  if (resp.status === 204) return null;
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) throw new Error(`${body.error || resp.status}: ${body.detail || resp.statusText}`);
+  return body;
+}
+
+function showError(err) {
+  const box = $("#message");
+  box.textContent = err ? String(err.message || err) : "";
+  box.hidden = !err;
+}
+
+// ---------------------------------------------------------------- formatting
+
+function when(iso) {
+  if (!iso) return "";
+  const d = new Date(iso);
+  return d.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
+}
+
+function duration(ms) {
+  if (ms === null || ms === undefined) return "";
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
+function bytes(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return i === 0 ? `${n} B` : `${n.toFixed(1)} ${units[i]}`;
+}
+
+function uptime(s) {
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : `${m}m ${Math.floor(s % 60)}s`;
+}
+
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const c of children) node.append(c);
+  return node;
+}
+
+// ---------------------------------------------------------------- status header
+
+async function refreshStatus() {
+  const s = await api("/api/v1/status");
+  $("#version").textContent = s.version;
+  $("#queue-depth").textContent = s.queue_depth;
+  $("#in-flight").textContent = s.in_flight;
+  $("#succeeded").textContent = s.counts.SUCCEEDED;
+  $("#failures").textContent = s.counts.FAILED;
+  $("#uptime").textContent = uptime(s.uptime_s);
+}
+
+// ---------------------------------------------------------------- history table
+
+function filterParams() {
+  const params = new URLSearchParams();
+  for (const [k, v] of new FormData($("#filters"))) {
+    if (String(v).trim() !== "") params.set(k, String(v).trim());
+  }
+  return params;
+}
+
+async function refreshLogs() {
+  const params = filterParams();
+  params.set("limit", "50");
+  if (state.cursor) params.set("cursor", state.cursor);
+  const page = await api("/api/v1/logs?" + params);
+  state.next = page.next ? new URL(page.next, location.href).searchParams.get("cursor") : null;
+  $("#count").textContent = `${page.count} matching`;
+  $("#next").disabled = !state.next;
+  $("#prev").disabled = state.cursors.length === 0;
+  $("#page-info").textContent = `page ${state.cursors.length + 1}`;
+  const body = $("#logs tbody");
+  const rows = page.results.map(renderRow);
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 12, className: "empty", textContent: "No dispatches match." })));
+  body.replaceChildren(...rows);
+}
+
+function renderRow(e) {
+  const tr = el("tr", { className: "row" });
+  tr.dataset.id = e.id;
+  tr.dataset.status = e.status;
+  const cells = [
+    [String(e.id), "num"], [when(e.created), ""], [e.filename, "file"], [e.source, ""],
+    [e.destination, "dest"], [e.rule, ""], [null, "status"], [e.size, "num"],
+    [duration(e.duration_ms), "num"], [String(e.attempts), "num"], [e.reason || "", "reason"],
+  ];
+  for (const [text, cls] of cells) {
+    const td = el("td", { className: cls });
+    if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
+    else td.textContent = text;
+    if (cls === "reason") td.title = e.reason || "";
+    tr.append(td);
+  }
+  const action = el("td");
+  if (e.status === "FAILED") {
+    const btn = el("button", { className: "retry", textContent: "Retry", type: "button" });
+    btn.addEventListener("click", (ev) => { ev.stopPropagation(); retry(e.id); });
+    action.append(btn);
+  }
+  tr.append(action);
+  tr.addEventListener("click", () => openDetail(e.id));
+  return tr;
+}
+
+async function retry(id) {
+  let failure = null;
+  try {
+    await api(`/api/v1/logs/${id}/retry`, { method: "POST" });
+  } catch (err) { failure = err; }
+  await refreshAll();
+  if (failure) showError(failure);
+}
+
+async function forget(id) {
+  if (!confirm(`Forget dispatch ${id}? The file is sent again at the next scan.`)) return;
+  let failure = null;
+  try {
+    await api(`/api/v1/logs/${id}`, { method: "DELETE" });
+    $("#detail").close();
+  } catch (err) { failure = err; }
+  await refreshAll();
+  if (failure) showError(failure);
+}
+
+async function openDetail(id) {
+  try {
+    const d = await api(`/api/v1/logs/${id}`);
+    state.detailId = id;
+    $("#detail-id").textContent = `#${d.id}`;
+    const fields = ["status", "filename", "relpath", "source", "rule", "step", "destination", "protocol",
+      "location", "size", "byte_size", "attempts", "created", "started", "finished", "duration_ms",
+      "next_attempt", "reason", "error_type", "detail", "extension"];
+    const dl = $("#detail-fields");
+    dl.replaceChildren();
+    for (const f of fields) {
+      let v = d[f];
+      if (v === null || v === undefined || v === "") continue;
+      if (["created", "started", "finished", "next_attempt"].includes(f)) v = `${when(v)} (${v})`;
+      dl.append(el("dt", { textContent: f }), el("dd", { textContent: String(v) }));
+    }
+    $("#detail-retry").hidden = d.status !== "FAILED";
+    $("#detail").showModal();
+  } catch (err) { showError(err); }
+}
+
+// ---------------------------------------------------------------- charts
+
+function periodStarts(period, since, until) {
+  // every period start (YYYY-MM-DD, UTC) from since to until, so quiet periods show as gaps
+  const out = [];
+  const d = new Date(since + "T00:00:00Z");
+  if (period === "week") d.setUTCDate(d.getUTCDate() - ((d.getUTCDay() + 6) % 7));
+  if (period === "month") d.setUTCDate(1);
+  const end = new Date(until + "T00:00:00Z");
+  while (d <= end && out.length < 400) {
+    out.push(d.toISOString().slice(0, 10));
+    if (period === "day") d.setUTCDate(d.getUTCDate() + 1);
+    else if (period === "week") d.setUTCDate(d.getUTCDate() + 7);
+    else d.setUTCMonth(d.getUTCMonth() + 1);
+  }
+  return out;
+}
+
+function label(start, period) {
+  const d = new Date(start + "T00:00:00Z");
+  if (period === "month") return d.toLocaleDateString(undefined, { month: "short", year: "2-digit", timeZone: "UTC" });
+  return d.toLocaleDateString(undefined, { month: "short", day: "numeric", timeZone: "UTC" });
+}
+
+async function refreshCharts() {
+  state.chartsAt = Date.now();
+  const stats = await api(`/api/v1/stats?period=${state.period}`);
+  const metric = $("#chart-metric").value;
+  const today = new Date().toISOString().slice(0, 10);
+  const first = stats.since ? stats.since.slice(0, 10) : (stats.results[0] || { start: today }).start;
+  const starts = periodStarts(state.period, first, today);
+  const byStart = Object.fromEntries(stats.results.map((b) => [b.start, b]));
+  const labels = starts.map((s) => label(s, state.period));
+  const pick = (b, key, name) => (b && b[key][name] ? b[key][name][metric] : 0);
+
+  const statuses = ["SUCCEEDED", "FAILED", "IN_PROGRESS", "PENDING"];
+  const statusSeries = statuses.map((name) => ({
+    name, color: STATUS_COLORS[name], values: starts.map((s) => pick(byStart[s], "by_status", name)),
+  }));
+  const dests = Object.entries(stats.totals.by_destination)
+    .sort((a, b) => b[1][metric] - a[1][metric]).map(([name]) => name);
+  const top = dests.slice(0, 6);
+  const destSeries = top.map((name, i) => ({
+    name, color: SERIES_COLORS[i], values: starts.map((s) => pick(byStart[s], "by_destination", name)),
+  }));
+  if (dests.length > top.length) {
+    const rest = dests.slice(top.length);
+    destSeries.push({
+      name: "other", color: SERIES_COLORS[6],
+      values: starts.map((s) => rest.reduce((n, d) => n + pick(byStart[s], "by_destination", d), 0)),
+    });
+  }
+  const fmt = metric === "bytes" ? bytes : (n) => (Number.isInteger(n) ? String(n) : n.toFixed(1));
+  drawStacked($("#chart-status"), labels, statusSeries, fmt);
+  drawStacked($("#chart-destination"), labels, destSeries, fmt);
+}
+
+function niceStep(v) {
+  // a round step (1, 2 or 5 times a power of ten) of at least v
+  if (v <= 0) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function drawStacked(canvas, labels, series, fmt) {
+  const ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || canvas.width, h = canvas.clientHeight || canvas.height;
+  canvas.width = Math.round(w * ratio);
+  canvas.height = Math.round(h * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.font = "11px system-ui, sans-serif";
+  const pad = { left: 56, right: 10, top: 0, bottom: 30 };
+  // legend first: it wraps, and the plot starts below it
+  const legend = [];
+  let lx = pad.left, ly = 13;
+  for (const s of series) {
+    const name = s.name.length > 48 ? "…" + s.name.slice(-47) : s.name;
+    const width = ctx.measureText(name).width + 28;
+    if (lx + width > w && lx > pad.left) { lx = pad.left; ly += 16; }
+    legend.push({ x: lx, y: ly, name, color: s.color });
+    lx += width;
+  }
+  pad.top = ly + 14;
+  const pw = w - pad.left - pad.right, ph = h - pad.top - pad.bottom;
+  const totals = labels.map((_, i) => series.reduce((n, s) => n + s.values[i], 0));
+  const step = niceStep(Math.max(0, ...totals) / 4);
+  const max = step * 4;
+
+  // grid and y axis
+  ctx.strokeStyle = "#e2e5eb"; ctx.fillStyle = "#6b7385"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
+  for (let i = 0; i <= 4; i++) {
+    const y = pad.top + ph - (ph * i) / 4;
+    ctx.beginPath(); ctx.moveTo(pad.left, y); ctx.lineTo(pad.left + pw, y); ctx.stroke();
+    ctx.fillText(fmt((max * i) / 4), pad.left - 6, y);
+  }
+  // bars
+  const slot = pw / Math.max(1, labels.length);
+  const bw = Math.max(1, Math.min(28, slot * 0.7));
+  let bars = 0;
+  labels.forEach((_, i) => {
+    let y = pad.top + ph;
+    for (const s of series) {
+      const v = s.values[i];
+      if (!v) continue;
+      const bh = (v / max) * ph;
+      ctx.fillStyle = s.color;
+      ctx.fillRect(pad.left + i * slot + (slot - bw) / 2, y - bh, bw, bh);
+      y -= bh;
+      bars++;
+    }
+  });
+  // x labels, thinned to fit
+  ctx.fillStyle = "#6b7385"; ctx.textAlign = "center"; ctx.textBaseline = "top";
+  const every = Math.max(1, Math.ceil(labels.length / Math.max(1, Math.floor(pw / 60))));
+  labels.forEach((text, i) => {
+    // counted from the newest period, so the latest one is always labelled
+    if ((labels.length - 1 - i) % every === 0) ctx.fillText(text, pad.left + i * slot + slot / 2, pad.top + ph + 6);
+  });
+  ctx.textAlign = "left"; ctx.textBaseline = "middle";
+  for (const item of legend) {
+    ctx.fillStyle = item.color; ctx.fillRect(item.x, item.y - 5, 10, 10);
+    ctx.fillStyle = "#1d2330";
+    ctx.fillText(item.name, item.x + 14, item.y);
+  }
+  if (!bars) {
+    ctx.fillStyle = "#6b7385"; ctx.textAlign = "center";
+    ctx.fillText("no dispatches in this period", pad.left + pw / 2, pad.top + ph / 2);
+  }
+  canvas.dataset.bars = String(bars);
+}
+
+// ---------------------------------------------------------------- wiring
+
+async function refreshAll(charts = true) {
+  try {
+    const work = [refreshStatus(), refreshLogs()];
+    if (charts || Date.now() - state.chartsAt >= CHART_REFRESH_MS) work.push(refreshCharts());
+    await Promise.all(work);
+    $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
+    showError(null);
+  } catch (err) { showError(err); }
+}
+
+function restartFromFirstPage() {
+  state.cursors = [];
+  state.cursor = null;
+  refreshLogs().catch(showError);
+}
+
+function schedule() {
+  clearInterval(state.timer);
+  if ($("#auto-refresh").checked) {
+    state.timer = setInterval(() => { if (!$("#detail").open) refreshAll(false); }, REFRESH_MS);
+  }
+}
+
+function init() {
+  const filters = $("#filters");
+  filters.addEventListener("change", restartFromFirstPage);
+  filters.addEventListener("input", (ev) => { if (ev.target.tagName === "INPUT") restartFromFirstPage(); });
+  filters.addEventListener("reset", () => setTimeout(restartFromFirstPage, 0));
+  filters.addEventListener("submit", (ev) => { ev.preventDefault(); restartFromFirstPage(); });
+  $("#next").addEventListener("click", () => {
+    state.cursors.push(state.cursor);
+    state.cursor = state.next;
+    refreshLogs().catch(showError);
+  });
+  $("#prev").addEventListener("click", () => {
+    state.cursor = state.cursors.pop() || null;
+    refreshLogs().catch(showError);
+  });
+  for (const btn of document.querySelectorAll("#period-tabs button")) {
+    btn.addEventListener("click", () => {
+      document.querySelectorAll("#period-tabs button").forEach((b) => b.classList.toggle("active", b === btn));
+      state.period = btn.dataset.period;
+      refreshCharts().catch(showError);
+    });
+  }
+  $("#chart-metric").addEventListener("change", () => refreshCharts().catch(showError));
+  $("#auto-refresh").addEventListener("change", schedule);
+  $("#token-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $("#token").value);
+    $("#token").value = "";
+    $("#token-form").hidden = true;
+    refreshAll();
+  });
+  $("#detail-retry").addEventListener("click", () => { $("#detail").close(); retry(state.detailId); });
+  $("#detail-forget").addEventListener("click", () => forget(state.detailId));
+  window.addEventListener("resize", () => refreshCharts().catch(showError));
+  refreshAll();
+  schedule();
+}
+
+init();

@@ -1,0 +1,217 @@
+"""The HTTP handlers and the error middleware: requests in, JSON (or metrics text) out.
+
+Handlers validate with ``queries``, read through the app's ``Reader`` and write only through
+the journal's retry and forget. Every error leaves as JSON ``{"error", "detail"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import JournalError
+from . import metrics, queries
+from .queries import BadParameter, parse_int
+from .schema import openapi
+from .state import journal_key, link_key, reader_key
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    status: int, error: str, detail: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+) -> web.Response:
+    return web.json_response(
+        {"error": error, "detail": detail, **extra}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bad parameters -> 400, HTTP errors -> JSON, anything unexpected -> a logged JSON 500."""
+    try:
+        return await handler(request)
+    except BadParameter as exc:
+        return json_error(400, "invalid parameter", str(exc), parameter=exc.name)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return json_error(
+            exc.status, exc.reason.lower(), f"{request.method} {request.path}", headers=headers
+        )
+    except JournalError as exc:
+        log.warning("web app: %s", exc)
+        return json_error(503, "journal unavailable", str(exc))
+    except Exception:
+        log.exception("web app: unexpected error answering %s %s", request.method, request.path)
+        return json_error(500, "internal error", "the service log has the details")
+
+
+def _id(request: web.Request) -> int:
+    return parse_int("id", request.match_info["id"], 1)
+
+
+async def _detail_row(request: web.Request, dispatch_id: int) -> list[Any] | None:
+    rows = await request.app[reader_key].fetch(
+        f"SELECT {queries.DETAIL_SQL} FROM dispatches WHERE id = ?", (dispatch_id,)
+    )
+    return list(rows[0]) if rows else None
+
+
+def _not_found(dispatch_id: int) -> web.Response:
+    return json_error(404, "not found", f"no dispatch has the id {dispatch_id}")
+
+
+# --------------------------------------------------------------------------- history
+
+
+async def list_logs(request: web.Request) -> web.Response:
+    q = queries.parse_log_query(request.query)
+    reader = request.app[reader_key]
+    counted, rows = await asyncio.gather(reader.fetch(*q.count_sql()), reader.fetch(*q.page_sql()))
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    next_url = None
+    if more:
+        params = {k: v for k, v in q.given.items() if k != "offset"}
+        params["cursor"] = q.cursor_after(rows[-1])
+        next_url = str(request.url.with_query(params))
+    return web.json_response(
+        {"count": counted[0][0], "results": [queries.entry(r) for r in rows], "next": next_url}
+    )
+
+
+async def get_log(request: web.Request) -> web.Response:
+    dispatch_id = _id(request)
+    row = await _detail_row(request, dispatch_id)
+    if row is None:
+        return _not_found(dispatch_id)
+    return web.json_response(queries.detail(row))
+
+
+async def retry_log(request: web.Request) -> web.Response:
+    dispatch_id = _id(request)
+    row = await _detail_row(request, dispatch_id)
+    if row is None:
+        return _not_found(dispatch_id)
+    if row[9] != "FAILED" or not await request.app[journal_key].retry(dispatch_id):
+        return json_error(
+            409,
+            "not failed",
+            f"dispatch {dispatch_id} is {row[9]}; only a FAILED dispatch can be retried",
+        )
+    request.app[link_key].wake()
+    log.info("web app: dispatch %d re-queued", dispatch_id)
+    row = await _detail_row(request, dispatch_id)
+    return web.json_response(queries.detail(row)) if row else _not_found(dispatch_id)
+
+
+async def delete_log(request: web.Request) -> web.Response:
+    dispatch_id = _id(request)
+    row = await _detail_row(request, dispatch_id)
+    if row is None:
+        return _not_found(dispatch_id)
+    if row[9] == "IN_PROGRESS" or not await request.app[journal_key].forget(dispatch_id):
+        return json_error(
+            409, "in progress", f"dispatch {dispatch_id} is being delivered; try again later"
+        )
+    log.info("web app: dispatch %d forgotten", dispatch_id)
+    return web.Response(status=204)
+
+
+async def stats(request: web.Request) -> web.Response:
+    q = queries.parse_stats_query(request.query, time.time())
+    rows = await request.app[reader_key].fetch(*q.sql())
+    since = queries.iso(q.since) if q.since is not None else None
+    return web.json_response({"period": q.period, "since": since, **queries.rollup(rows, q.period)})
+
+
+# --------------------------------------------------------------------------- service
+
+
+async def _counts(request: web.Request) -> dict[str, int]:
+    rows = await request.app[reader_key].fetch(
+        "SELECT status, COUNT(*) FROM dispatches GROUP BY status"
+    )
+    found = {str(s): int(n) for s, n in rows}
+    return {s: found.get(s, 0) for s in ("PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED")}
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return queries.redact_text(value)
+    if isinstance(value, Mapping):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
+async def status(request: web.Request) -> web.Response:
+    snap = dict(request.app[link_key].status())
+    counts = await _counts(request)
+    uptime = float(snap.get("uptime_s", 0.0))
+    body = {
+        "version": snap.get("version"),
+        "uptime_s": uptime,
+        "started": queries.iso(time.time() - uptime),
+        "paused": bool(snap.get("paused", False)),
+        "sources": snap.get("sources", []),
+        "stopped_sources": snap.get("stopped_sources", []),
+        "queue_depth": counts["PENDING"],
+        "in_flight": int(snap.get("in_flight", 0)),
+        "counts": counts,
+        "destinations": snap.get("destinations", {}),
+    }
+    return web.json_response(_scrubbed(body))
+
+
+async def health(request: web.Request) -> web.Response:
+    snap = request.app[link_key].status()
+    body = {"status": "ok", "version": snap.get("version"), "uptime_s": snap.get("uptime_s")}
+    try:
+        await request.app[reader_key].fetch("SELECT 1 FROM dispatches LIMIT 1")
+    except JournalError as exc:
+        return web.json_response({**body, "status": "unavailable", "detail": str(exc)}, status=503)
+    return web.json_response(body)
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    outcomes = request.app[metrics.outcomes_key]
+    reader = request.app[reader_key]
+    await outcomes.catch_up(reader, time.time())
+    counts = await _counts(request)
+    text = metrics.render(request.app[link_key].status(), counts.items(), outcomes)
+    return web.Response(body=text.encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
+async def schema(request: web.Request) -> web.Response:
+    return web.json_response(openapi())
+
+
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/", dashboard)
+    r.add_static("/static/", STATIC, append_version=False)
+    r.add_get("/health", health)
+    r.add_get("/metrics", prometheus)
+    r.add_get("/api/v1/logs", list_logs)
+    r.add_get("/api/v1/logs/{id}", get_log)
+    r.add_post("/api/v1/logs/{id}/retry", retry_log)
+    r.add_delete("/api/v1/logs/{id}", delete_log)
+    r.add_get("/api/v1/stats", stats)
+    r.add_get("/api/v1/status", status)
+    r.add_get("/api/v1/schema", schema)

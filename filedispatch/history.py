@@ -1,0 +1,347 @@
+"""History from the command line (dirsend's list/forget/store-only): list, show, forget, stats,
+mark-existing.
+
+Reads go through a read-only SQLite connection, safe while a service writes the journal (WAL);
+writes go through ``Journal``. Nothing here sends a file or touches a source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from .config import Config, SourceConfig
+from .errors import JournalError
+from .journal import COLUMNS, Journal, PlannedStep
+from .models import FileVersion, Status
+from .progress import Progress
+from .router import Chain, Facts, Router
+
+Period = Literal["day", "week", "month"]
+PERIOD_FORMAT: dict[str, str] = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m"}
+BATCH = 500
+
+
+class NotFound(JournalError):
+    """The id or path names nothing in the journal."""
+
+
+def connect_ro(path: Path) -> sqlite3.Connection:
+    """A read-only connection (it never blocks or changes a running service's journal)."""
+    if not path.exists():
+        raise JournalError(f"no journal at {path}")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        conn.execute("SELECT 1 FROM dispatches LIMIT 1")
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    return conn
+
+
+def _query(path: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    conn = connect_ro(path)
+    try:
+        return [dict(r) for r in conn.execute(sql, params)]
+    except sqlite3.Error as exc:
+        raise JournalError(f"journal read failed: {exc}") from exc
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def list_rows(path: Path, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` rows (optionally of one status), newest first."""
+    where, params = ("WHERE status=?", [status]) if status else ("", [])
+    return _query(
+        path, f"SELECT {COLUMNS} FROM dispatches {where} ORDER BY id DESC LIMIT ?", [*params, limit]
+    )
+
+
+def get_row(path: Path, dispatch_id: int) -> dict[str, Any]:
+    rows = _query(path, f"SELECT {COLUMNS} FROM dispatches WHERE id=?", [dispatch_id])
+    if not rows:
+        raise NotFound(f"no dispatch with id {dispatch_id} in {path}")
+    return rows[0]
+
+
+def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
+    """Per day, ISO week or month (local time): succeeded, failed, still waiting, bytes sent."""
+    return _query(
+        path,
+        "SELECT strftime(?, COALESCE(finished, created), 'unixepoch', 'localtime') AS period, "
+        "SUM(status='SUCCEEDED') AS succeeded, SUM(status='FAILED') AS failed, "
+        "SUM(status IN ('PENDING', 'IN_PROGRESS')) AS waiting, "
+        "SUM(CASE WHEN status='SUCCEEDED' THEN size ELSE 0 END) AS bytes "
+        "FROM dispatches GROUP BY period ORDER BY period",
+        [PERIOD_FORMAT[period]],
+    )
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def scrub(text: str | None, secrets: Iterable[str] = ()) -> str:
+    text = text or ""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _when(row: dict[str, Any]) -> str:
+    stamp = row.get("finished") or row.get("started") or row.get("created")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> list[str]:
+    """One line per row: id, time, status, source/file -> destination, and why if not sent."""
+    secrets = list(secrets)
+    lines = []
+    for r in rows:
+        line = (
+            f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  {r['source']}/{r['relpath']} -> "
+            f"{scrub(r['destination'], secrets)}"
+        )
+        if r["status"] != Status.SUCCEEDED and r.get("reason"):
+            line += f"  ({scrub(r['reason'], secrets)})"
+        lines.append(line)
+    return lines
+
+
+def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
+    secrets = list(secrets)
+    out = []
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key in ("created", "started", "finished") and value:
+            value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({value:.3f})"
+        elif isinstance(value, str):
+            value = scrub(value, secrets)
+        out.append(f"{key + ':':<13} {value}")
+    return "\n".join(out)
+
+
+def format_stats(rows: Iterable[dict[str, Any]]) -> list[str]:
+    lines = [f"{'period':<10} {'succeeded':>9} {'failed':>7} {'waiting':>7} {'bytes':>14}"]
+    for r in rows:
+        lines.append(
+            f"{r['period'] or '-':<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
+            f"{r['waiting'] or 0:>7} {r['bytes'] or 0:>14}"
+        )
+    return lines
+
+
+def to_json(rows: list[dict[str, Any]], secrets: Iterable[str] = ()) -> str:
+    secrets = list(secrets)
+    clean = [
+        {k: scrub(v, secrets) if isinstance(v, str) else v for k, v in r.items()} for r in rows
+    ]
+    return json.dumps(clean, indent=2)
+
+
+# ---------------------------------------------------------------------------- forget
+
+
+def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) -> int:
+    """Delete history so the file is sent again (at the next rescan or start); rows removed.
+
+    ``file`` is a path relative to its source, or an absolute path inside one.
+    """
+    if not path.exists():
+        raise JournalError(f"no journal at {path}")
+    if dispatch_id is not None:
+        row = get_row(path, dispatch_id)
+        if row["status"] == Status.IN_PROGRESS:
+            raise JournalError(f"dispatch {dispatch_id} is being sent now; try once it finishes")
+        return asyncio.run(_forget(path, [(None, None, dispatch_id)]))
+    assert file is not None
+    absolute = str(Path(file).expanduser().absolute())
+    found = _query(
+        path,
+        "SELECT DISTINCT source, relpath FROM dispatches WHERE relpath=? "
+        "OR root || '/' || relpath = ?",
+        [file, absolute],
+    )
+    if not found:
+        raise NotFound(f"nothing is recorded for {file} in {path}")
+    return asyncio.run(_forget(path, [(r["source"], r["relpath"], None) for r in found]))
+
+
+async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | None]]) -> int:
+    removed = 0
+    async with Journal.open(path) as journal:
+        for source, relpath, dispatch_id in targets:
+            if dispatch_id is not None:
+                removed += await journal.forget(dispatch_id)
+            else:
+                removed += await journal.forget(source=source, relpath=relpath)
+    return removed
+
+
+# ---------------------------------------------------------------------------- mark-existing
+
+
+@dataclass
+class MarkSummary:
+    files: int = 0  #: files that some rule routes
+    steps: int = 0  #: destination steps of those files
+    new: int = 0  #: steps recorded now (the others were in the journal already)
+    unmatched: int = 0  #: files no rule takes
+
+
+def existing(config: Config) -> Iterator[tuple[SourceConfig, FileVersion]]:
+    """Every regular file in the sources now (what the start-up scan would consider)."""
+    from .watcher import SourceWatcher
+
+    async def never(*_: object) -> None:
+        return None
+
+    for source in config.sources:
+        watcher = SourceWatcher(source, never, never)
+        for rel, st in sorted(watcher._walk(), key=lambda item: item[0]):
+            yield source, FileVersion.from_stat(source.key, source.path, rel, st)
+
+
+def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
+    return [
+        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
+        for chain in chains
+        for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
+    ]
+
+
+def _route(router: Router, version: FileVersion) -> list[Chain]:
+    if not router.needs_mime and not router.classifiers:
+        return router.route(version)
+    from .content import classify_all, detect_mime
+
+    mime = detect_mime(version.path)
+    return router.route(version, Facts(mime, classify_all(router, version, mime)))
+
+
+def mark_existing(
+    config: Config, db: Path, *, dry_run: bool = False, out: TextIO | None = None
+) -> MarkSummary:
+    """Record the files present now as dispatched to every destination their rules name,
+    without sending them (dirsend's ``--store-only``). ``dry_run`` prints and writes nothing.
+    """
+    out = out or sys.stdout
+    files = list(existing(config))
+    router = Router(config)
+    summary = MarkSummary()
+    if dry_run:
+        for _, version in files:
+            chains = _route(router, version)
+            if not chains:
+                summary.unmatched += 1
+                continue
+            summary.files += 1
+            for step in planned_steps(version, chains):
+                summary.steps += 1
+                print(f"{version.source}/{version.relpath} -> {step.destination}", file=out)
+        return summary
+    from .service import journal_lock
+
+    with journal_lock(db):  # a running service would send them meanwhile: refuse
+        asyncio.run(_mark(router, db, files, summary))
+    return summary
+
+
+async def _mark(
+    router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
+) -> None:
+    async with Journal.open(db) as journal:
+        with Progress("mark-existing", total=len(files)) as progress:
+            for start in range(0, len(files), BATCH):
+                steps: list[PlannedStep] = []
+                for _, version in files[start : start + BATCH]:
+                    chains = _route(router, version)
+                    if not chains:
+                        summary.unmatched += 1
+                        continue
+                    summary.files += 1
+                    steps += planned_steps(version, chains)
+                summary.steps += len(steps)
+                summary.new += await journal.mark_done(steps) if steps else 0
+                progress.update(min(start + BATCH, len(files)))
+            progress.close()
+
+
+# ---------------------------------------------------------------------------- the CLI's entry
+
+
+def run_command(args: argparse.Namespace, config: Config | None) -> int:
+    """``filedispatch history ...`` and ``mark-existing``; the exit status (1: not found)."""
+    from .config import secrets_of
+    from .journal import default_path
+    from .service import Options, journal_path
+
+    db = args.sub_db or args.db
+    options = Options(db=db)
+    if config is not None:
+        db = journal_path(config, options)
+    db = (db or default_path()).expanduser().absolute()
+    secrets = secrets_of(config) if config is not None else []
+    if args.command == "mark-existing":
+        if config is None:
+            print("filedispatch: mark-existing needs -c CONFIG", file=sys.stderr)
+            return 2
+        return _mark_command(config, db, args.sub_dry_run or args.dry_run)
+    try:
+        return _history_command(args, db, secrets)
+    except NotFound as exc:
+        print(f"filedispatch: {exc}", file=sys.stderr)
+        return 1
+
+
+def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> int:
+    action = args.history_command
+    if action == "list":
+        rows = list_rows(db, args.status, args.limit)
+        if args.json:
+            print(to_json(rows, secrets))
+        else:
+            print("\n".join(format_rows(rows, secrets)) if rows else "no dispatches recorded")
+    elif action == "show":
+        print(format_detail(get_row(db, args.id), secrets))
+    elif action == "forget":
+        removed = forget(db, args.id, args.path)
+        what = f"dispatch {args.id}" if args.id is not None else args.path
+        print(f"forgot {what} ({removed} row(s)); it is sent again at the next scan or start")
+    elif action == "stats":
+        rows = stats(db, args.period)
+        print(json.dumps(rows, indent=2) if args.json else "\n".join(format_stats(rows)))
+    return 0
+
+
+def _mark_command(config: Config, db: Path, dry_run: bool) -> int:
+    summary = mark_existing(config, db, dry_run=dry_run)
+    if dry_run:
+        print(
+            f"would mark {summary.files} file(s) ({summary.steps} destination step(s)) as "
+            f"already dispatched; {summary.unmatched} file(s) match no rule"
+        )
+        return 0
+    print(
+        f"marked {summary.files} file(s) as already dispatched: {summary.new} destination "
+        f"step(s) recorded, {summary.steps - summary.new} were recorded before; "
+        f"{summary.unmatched} file(s) match no rule"
+    )
+    consuming = [s.key for s in config.sources if s.after != "keep"]
+    if consuming and summary.files:
+        print(
+            f"note: source(s) {', '.join(consuming)} have after: delete/move; the next start "
+            "applies it to the marked files as if they had been sent"
+        )
+    return 0

@@ -1,0 +1,115 @@
+"""The telnet console of a real service, driven by a real telnet client (telnetlib3)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .conftest import free_port, journal_rows, run_cli, wait_until
+from .ops import console, delivered, old_file, ops_config
+
+SECRET = "s3cretpw"
+
+
+def test_console_status_pause_resume_retry_history(tmp_path: Path, service_factory: Any) -> None:
+    port, repl_port = free_port(), free_port()
+    outbox = tmp_path / "outbox"
+    cfg = ops_config(
+        tmp_path,
+        monitor={"port": port, "console_port": repl_port},
+        rules=[
+            {
+                "name": "secret",
+                "glob": "*.secret",
+                # nothing listens there: the one attempt fails, and the password must not show
+                "to": {
+                    "url": f"ftp://user:{SECRET}@127.0.0.1:{free_port()}/in",
+                    "retry": {"attempts": 1},
+                },
+            },
+            {"name": "all", "glob": "*", "to": str(outbox)},
+        ],
+    )
+    svc = service_factory(cfg).start()
+    old_file(tmp_path / "inbox" / "first.txt", b"one")
+    wait_until(lambda: "first.txt" in delivered(outbox))
+
+    status, history = console(port, "fd-status", "fd-history 5")
+    assert "running" in status and str(tmp_path / "inbox") in status
+    assert f"{outbox}: 1 ok, 0 failed" in status
+    assert "first.txt" in history and "SUCCEEDED" in history
+
+    (answer,) = console(port, "fd-pause")
+    assert answer.startswith("paused")
+    old_file(tmp_path / "inbox" / "second.txt", b"two")
+    db = tmp_path / "journal.db"
+    wait_until(lambda: journal_rows(db, "filename='second.txt'"))
+    time.sleep(1.0)
+    assert "second.txt" not in delivered(outbox), "a paused service took new work"
+    (status,) = console(port, "fd-status")
+    assert "PAUSED" in status and "queue: 1 pending" in status
+    (answer,) = console(port, "fd-resume")
+    assert answer.startswith("resumed")
+    wait_until(lambda: "second.txt" in delivered(outbox))
+
+    old_file(tmp_path / "inbox" / "doc.secret", b"s")
+    wait_until(lambda: journal_rows(db, "filename='doc.secret' AND status='FAILED'"), 30)
+    failed_id = journal_rows(db, "filename='doc.secret'")[0]["id"]
+    history, retry, unknown, bad, repl = console(
+        port, "fd-history", f"fd-retry {failed_id}", "fd-retry 99999", "fd-retry x", "console"
+    )
+    assert "doc.secret" in history and "FAILED" in history
+    assert SECRET not in history and "user:***@" in history
+    assert retry == f"dispatch {failed_id} is queued again"
+    assert unknown == "no dispatch with id 99999"
+    assert "not a valid integer" in bad
+    assert "disabled" in repl  # the Python REPL is off unless monitor.console is true
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", repl_port)) != 0
+    wait_until(
+        lambda: journal_rows(
+            db,
+            "filename='doc.secret' AND attempts=1 AND status='FAILED' "
+            "AND detail IS NOT 'retry requested'",
+        ),
+        30,
+    )
+    assert SECRET not in svc.log()
+    assert svc.stop() == 0
+
+
+def test_a_non_loopback_console_is_refused_unless_allowed(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    cfg = ops_config(tmp_path, monitor={"host": "0.0.0.0", "port": free_port()})
+    result = run_cli("-c", cfg)
+    assert result.returncode == 1
+    assert "not a loopback address" in result.stderr and "allow_remote" in result.stderr
+
+    port = free_port()
+    allowed = ops_config(
+        tmp_path,
+        name="allowed.yml",
+        monitor={"host": "0.0.0.0", "port": port, "allow_remote": True},
+    )
+    svc = service_factory(allowed).start()
+    assert "beyond loopback" in svc.log()
+    (status,) = console(port, "fd-status")
+    assert "running" in status
+    assert svc.stop() == 0
+
+
+def test_no_monitor_and_monitor_port_flags(tmp_path: Path, service_factory: Any) -> None:
+    cfg = ops_config(tmp_path, monitor={"port": free_port()})
+    port = free_port()
+    svc = service_factory(cfg, "--monitor-port", str(port)).start()
+    (status,) = console(port, "fd-status")
+    assert "running" in status
+    assert svc.stop() == 0
+    again = ops_config(tmp_path, name="again.yml", monitor={"port": free_port()})  # a new log
+    svc = service_factory(again, "--monitor-port", str(port), "--no-monitor").start()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert svc.stop() == 0
