@@ -1,0 +1,91 @@
+"""The journal on a real SQLite file: planning, claiming, outcomes, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from filedispatch.errors import JournalError
+from filedispatch.journal import Journal, PlannedStep, StepResult
+from filedispatch.models import FileVersion, Status
+
+
+def step(v: FileVersion, n: int = 0, key: str = "k0", rule: str = "r") -> PlannedStep:
+    return PlannedStep(v, rule, n, key, f"/dest/{n}", "file")
+
+
+async def test_a_version_is_planned_once_per_step_and_a_new_version_again(tmp_path: Path) -> None:
+    v1 = FileVersion("in", tmp_path, "a.txt", 10, 1)
+    v2 = FileVersion("in", tmp_path, "a.txt", 11, 2)
+    async with Journal.open(tmp_path / "j.db") as j:
+        assert await j.plan([step(v1), step(v1, 1, "k1")]) == 2
+        assert await j.plan([step(v1), step(v1, 1, "k1")]) == 0
+        assert await j.plan([step(v2)]) == 1
+        assert await j.counts() == {"PENDING": 3}
+
+
+async def test_claim_groups_by_version_and_marks_in_progress(tmp_path: Path) -> None:
+    a = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    b = FileVersion("in", tmp_path, "b.txt", 1, 1)
+    async with Journal.open(tmp_path / "j.db") as j:
+        await j.plan([step(a), step(a, 1, "k1"), step(b)])
+        groups = await j.claim(10, time.time())
+        assert [[d.relpath for d in g] for g in groups] == [["a.txt", "a.txt"], ["b.txt"]]
+        assert all(d.status == Status.IN_PROGRESS and d.started is None for g in groups for d in g)
+        assert await j.claim(10, time.time()) == []
+        first = groups[0][0]
+        await j.finish(
+            [
+                StepResult(
+                    first.id, Status.PENDING, 1, reason="busy", next_attempt=time.time() + 3600
+                )
+            ]
+        )
+        assert await j.claim(10, time.time()) == []  # not due yet
+        assert await j.next_due() is not None
+        regained = await j.claim(10, time.time() + 7200)
+        assert regained[0][0].started is not None  # it was claimed before: resuming
+        assert await j.resume_interrupted() == 3  # every claimed row was left IN_PROGRESS
+
+
+async def test_retry_requeues_a_failed_step_and_the_rest_of_its_chain(tmp_path: Path) -> None:
+    v = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    async with Journal.open(tmp_path / "j.db") as j:
+        await j.plan([step(v), step(v, 1, "k1")])
+        (group,) = await j.claim(10, time.time())
+        await j.finish(
+            [
+                StepResult(group[0].id, Status.FAILED, 1, reason="boom"),
+                StepResult(group[1].id, Status.FAILED, 0, reason="not run"),
+            ]
+        )
+        assert await j.retry(group[1].id + 100) is False
+        assert await j.retry(group[0].id) is True
+        assert await j.counts() == {"PENDING": 2}
+        assert await j.retry(group[0].id) is False  # no longer FAILED
+        assert await j.forget(group[0].id) == 1
+        assert await j.forget(source="in", relpath="a.txt") == 1
+
+
+async def test_the_file_is_private_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    async with Journal.open(path) as j:
+        assert await j.integrity_check() == "ok"
+    assert path.stat().st_mode & 0o777 == 0o600
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(JournalError, match="newer than this filedispatch"):
+        async with Journal.open(path):
+            pass
+
+
+async def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(JournalError, match="cannot create the journal"):
+        async with Journal.open(blocker / "j.db"):
+            pass
