@@ -84,7 +84,13 @@ def import_problems(config: Config) -> list[str]:
                 continue
             if not callable(obj):
                 problems.append(f"{where}: {spec!r} is not callable")
+            elif where.endswith(".python") and isinstance(obj, type) and not _calls(obj):
+                problems.append(f"{where}: instances of {spec!r} are not callable (no __call__)")
     return problems
+
+
+def _calls(cls: type) -> bool:
+    return any("__call__" in vars(k) for k in cls.__mro__)
 
 
 def classify_all(
