@@ -488,6 +488,13 @@ class Journal:
 
         return await self.write(op)
 
+    async def active_version_keys(self) -> set[str]:
+        """Keys of versions that still have PENDING or IN_PROGRESS rows."""
+        rows = await self.read(
+            "SELECT DISTINCT vkey FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
+        )
+        return {r[0] for r in rows}
+
     async def version_states(self, versions: Sequence[FileVersion]) -> dict[str, list[str]]:
         """For each version key: the statuses of its rows (for after-actions on old files)."""
         keys = [version_key(v) for v in versions]

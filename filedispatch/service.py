@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -251,8 +252,7 @@ class Service:
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]
         await asyncio.to_thread(sweep_temporaries, roots)
-        if self.workdir.exists():
-            self.workdir.chmod(0o700)
+        await self._sweep_workdir()
         registry = Registry()
         stack.push_async_callback(registry.aclose)
         self.dispatcher = Dispatcher(
@@ -324,6 +324,18 @@ class Service:
                 watch_stop.set()
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
+
+    async def _sweep_workdir(self) -> None:
+        """Remove chain work folders no unfinished dispatch needs any more (left by a crash)."""
+        if not self.workdir.is_dir():
+            return
+        self.workdir.chmod(0o700)
+        active = await self.journal.active_version_keys()
+        stale = [p for p in self.workdir.iterdir() if p.name.split("-", 1)[0] not in active]
+        for folder in stale:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        if stale:
+            log.info("removed %d stale work folder(s) from %s", len(stale), self.workdir)
 
     async def _backlog_done(self) -> None:
         """``--once``: files still settling count as backlog too."""

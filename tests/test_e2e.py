@@ -434,3 +434,14 @@ def _writer(folder: Path, n: int) -> threading.Thread:
     t = threading.Thread(target=run)
     t.start()
     return t
+
+
+def test_stale_work_folders_are_swept_at_start(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    stale = ws["root"] / "work" / "0123456789abcdef01234567-rule"
+    (stale / "step0").mkdir(parents=True)
+    (stale / "step0" / "left.gz").write_bytes(b"gz")
+    cfg = config(ws, [{"name": "all", "glob": "*", "to": str(ws["outbox"])}])
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert not stale.exists()
+    assert (ws["root"] / "work").stat().st_mode & 0o777 == 0o700
