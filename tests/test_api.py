@@ -598,3 +598,11 @@ def test_no_webapp_turns_it_off(tmp_path: Path) -> None:
         assert "web app on" not in svc.log()
     finally:
         assert svc.stop() == 0
+
+
+@pytest.mark.parametrize(("method", "suffix"), [("GET", ""), ("DELETE", ""), ("POST", "/retry")])
+async def test_a_query_parameter_on_an_id_endpoint_is_400(
+    api: Api, method: str, suffix: str
+) -> None:
+    status, body = await call(api, method, f"/api/v1/logs/1{suffix}?force=1")
+    assert status == 400 and body["parameter"] == "force", body

@@ -57,6 +57,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 def _id(request: web.Request) -> int:
+    for name in request.query:  # these endpoints take no query parameters at all
+        raise BadParameter(name, "unknown parameter; this endpoint takes none")
     return parse_int("id", request.match_info["id"], 1)
 
 
