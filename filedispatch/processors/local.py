@@ -11,7 +11,7 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from .. import naming
@@ -56,6 +56,24 @@ def translate_os_error(exc: OSError, what: str) -> Exception:
     return TransientDeliveryError(text)
 
 
+def choices(target: PurePosixPath, on_conflict: str) -> Iterator[tuple[PurePosixPath, bool]]:
+    """The names to try for ``target``, in order, each with whether it may replace a file.
+
+    The policy of ``on_conflict`` in one place, for every file-like destination, local or
+    remote: the iterator ends when ``skip`` finds the name taken, and raises for ``fail`` or
+    when ``rename`` runs out of numbers. The caller tries each name until one is free.
+    """
+    if on_conflict == "overwrite":
+        yield target, True
+        return
+    for candidate in candidates(target, on_conflict):
+        yield candidate, False
+    if on_conflict == "fail":
+        raise PermanentDeliveryError(f"{target} already exists (on_conflict: fail)")
+    if on_conflict == "rename":
+        raise PermanentDeliveryError(f"no free name near {target} after {MAX_RENAME} tries")
+
+
 def place(
     exists: Callable[[PurePosixPath], bool],
     target: PurePosixPath,
@@ -66,25 +84,16 @@ def place(
 
     ``put`` must be atomic and, when ``overwrite`` is false, refuse to replace an existing
     file with FileExistsError (so two writers can never pick the same name). Returns the final
-    path, or None when ``skip`` found the name taken. Shared by every file-like destination.
+    path, or None when ``skip`` found the name taken.
     """
-    if on_conflict == "overwrite":
-        put(target, True)
-        return target
-    candidate = target
-    for n in range(1, MAX_RENAME + 1):
-        if not exists(candidate):
+    for candidate, overwrite in choices(target, on_conflict):
+        if overwrite or not exists(candidate):
             try:
-                put(candidate, False)
+                put(candidate, overwrite)
                 return candidate
             except FileExistsError:
                 pass
-        if on_conflict == "skip":
-            return None
-        if on_conflict == "fail":
-            raise PermanentDeliveryError(f"{target} already exists (on_conflict: fail)")
-        candidate = naming.with_suffix_number(target, n)
-    raise PermanentDeliveryError(f"no free name near {target} after {MAX_RENAME} tries")
+    return None
 
 
 def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPath]:
@@ -93,6 +102,40 @@ def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPat
     if on_conflict == "rename":
         for n in range(1, MAX_RENAME + 1):
             yield naming.with_suffix_number(target, n)
+
+
+def render_target(template: str, ctx: StepContext) -> PurePosixPath:
+    """The name template rendered for this step's input (a transform's output keeps its name)."""
+    transformed = ctx.input != ctx.version.path
+    return naming.render(template, ctx.version, ctx.input.name if transformed else None)
+
+
+def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
+    """Open the file a step delivers (a raw fd) and check the source is still the planned version.
+
+    Raises SourceVanishedError when it is gone or changed: its new version is dispatched alone.
+    """
+    src = ctx.input
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
+    except OSError as exc:
+        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
+    if src == ctx.version.path and (st.st_size, st.st_mtime_ns) != (
+        ctx.version.size,
+        ctx.version.mtime_ns,
+    ):
+        os.close(fd)
+        raise SourceVanishedError(
+            f"{src} changed after it was seen; its new version is dispatched on its own"
+        )
+    return fd, st
 
 
 class LocalProcessor:
@@ -107,8 +150,7 @@ class LocalProcessor:
         return None
 
     def _target(self, ctx: StepContext) -> PurePosixPath:
-        transformed = ctx.input != ctx.version.path
-        return naming.render(self.dest.name, ctx.version, ctx.input.name if transformed else None)
+        return render_target(self.dest.name, ctx)
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = self._target(ctx)
@@ -142,23 +184,12 @@ class LocalProcessor:
         final_dir = self.root / rel.parent
         self._mkdirs(final_dir)
         src = ctx.input
-        original = src == ctx.version.path
+        fd, st = open_input(ctx)
         try:
-            fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
-        except OSError as exc:
-            raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-        try:
-            st = os.fstat(fd)
-            if original and (st.st_size, st.st_mtime_ns) != (
-                ctx.version.size,
-                ctx.version.mtime_ns,
-            ):
-                raise SourceVanishedError(
-                    f"{src} changed after it was seen; its new version is dispatched on its own"
-                )
             tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
+            if link and self.dest.on_conflict != "overwrite":
+                # link() is atomic and refuses a taken name: no temporary name is needed
+                return self._link_into_place(src, rel)
             if link:
                 try:
                     os.link(src, tmp, follow_symlinks=False)
@@ -190,6 +221,23 @@ class LocalProcessor:
         if self.dest.fsync and not link:
             _fsync_dir(self.root / final.parent)
         return Outcome(str(self.root / final), detail="linked" if link else None)
+
+    def _link_into_place(self, src: Path, rel: PurePosixPath) -> Outcome:
+        def put(p: PurePosixPath, overwrite: bool) -> None:
+            try:
+                os.link(src, self.root / p, follow_symlinks=False)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                raise _LinkUnavailable() from exc
+
+        try:
+            final = place(lambda p: False, rel, self.dest.on_conflict, put)
+        except OSError as exc:
+            raise translate_os_error(exc, f"cannot deliver to {self.root / rel}") from exc
+        if final is None:
+            return Outcome(str(self.root / rel), detail="skipped: the name is taken")
+        return Outcome(str(self.root / final), detail="linked")
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> None:
         mode = self.dest.file_mode

@@ -1,0 +1,306 @@
+"""What the FTP and SFTP processors share: the delivery flow (temporary name, rename,
+``on_conflict``, the resume check), a small connection pool per server, and streaming from disk.
+
+Nothing here speaks a protocol: ftp.py and sftp.py fill in the few operations that differ.
+A pool never hands out a connection that failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import PurePosixPath
+from typing import ClassVar, Generic, TypeVar
+from urllib.parse import unquote
+
+from ..config import FtpDestination, SftpDestination, redact_url
+from ..errors import DeliveryError, TransientDeliveryError
+from ..models import Outcome
+from . import Resources, StepContext
+from .local import candidates, choices, open_input, render_target, temp_name
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C")
+
+
+class Pool(Generic[C]):
+    """At most ``size`` open connections to one server, reused from one file to the next.
+
+    A connection is handed back only when the work done with it succeeded; on any error (or
+    cancellation) it is closed, so a broken connection is never reused.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        open_: Callable[[], Awaitable[C]],
+        close: Callable[[C], Awaitable[None]],
+    ) -> None:
+        self.name = name
+        self._open, self._close = open_, close
+        self._idle: list[C] = []
+        self._slots = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[C]:
+        async with self._slots:
+            conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = await self._open()
+            try:
+                yield conn
+            except BaseException:
+                await self._discard(conn)
+                raise
+            self._idle.append(conn)
+
+    async def _discard(self, conn: C) -> None:
+        try:
+            await asyncio.shield(self._close(conn))
+        except Exception as exc:  # closing a broken connection may fail too: it is gone anyway
+            log.debug("closing a connection to %s: %r", self.name, exc)
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._discard(conn)
+
+
+def shared_pool(resources: Resources, key: str, make: Callable[[], Pool[C]]) -> Pool[C]:
+    """The service-wide pool for ``key`` (one server, one user), made and registered once."""
+    pool: Pool[C] | None = resources.items.get(key)
+    if pool is None:
+        pool = resources.items[key] = make()
+        resources.closers.append(pool.aclose)
+    return pool
+
+
+async def aplace(
+    exists: Callable[[PurePosixPath], Awaitable[bool]],
+    target: PurePosixPath,
+    on_conflict: str,
+    put: Callable[[PurePosixPath, bool], Awaitable[None]],
+) -> PurePosixPath | None:
+    """``local.place`` for a remote server, where looking and renaming are network round trips.
+
+    A server's rename may replace an existing file, so a name is only used once ``exists``
+    says it is free: two services writing the same names to one server can still race, as
+    with any FTP client.
+    """
+    for candidate, overwrite in choices(target, on_conflict):
+        if overwrite or not await exists(candidate):
+            await put(candidate, overwrite)
+            return candidate
+    return None
+
+
+class RemoteTarget:
+    """The parts of an ``ftp://`` / ``sftp://`` URL, parsed once, and where a file goes there."""
+
+    def __init__(self, dest: FtpDestination | SftpDestination, default_port: int) -> None:
+        parts = dest.parts
+        self.dest = dest
+        self.host: str = parts.hostname or ""
+        self.port: int = parts.port or default_port
+        self.user = unquote(parts.username or "")
+        secret = dest.password.get_secret_value() if dest.password is not None else None
+        self.password = secret if secret is not None else unquote(parts.password or "")
+        self.root = PurePosixPath(unquote(parts.path) or "/")
+        self.display = redact_url(dest.url)
+
+    @property
+    def server(self) -> str:
+        """The pool key: one pool per server and connection settings (a reload that changes
+        the password or a timeout gets fresh connections; the folder does not count)."""
+        dest = self.dest
+        settings = dest.model_dump(exclude={"url", "name", "on_conflict", "retry", "timeout"})
+        held = (dest.password, getattr(dest, "passphrase", None))
+        secrets = [s.get_secret_value() for s in held if s is not None]
+        raw = repr((sorted(settings.items(), key=str), dest.parts.netloc, secrets))
+        digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
+        return f"{dest.parts.scheme}://{self.user}@{self.host}:{self.port}#{digest}"
+
+    def location(self, rel: PurePosixPath) -> str:
+        """The redacted URL of a delivered file, for the journal."""
+        return f"{self.display.rstrip('/')}/{rel}"
+
+    def paths(self, ctx: StepContext, rel: PurePosixPath) -> tuple[PurePosixPath, PurePosixPath]:
+        """The remote folder and the temporary name a delivery is written under."""
+        folder = self.root / rel.parent
+        return folder, folder / temp_name(ctx.dispatch_id, rel.name)
+
+
+CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatever the size
+
+
+async def copy_to(
+    fd: int, st: os.stat_result, write: Callable[[bytes], Awaitable[object]], chunk: int = CHUNK
+) -> None:
+    """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
+
+    Reads run in the default executor, so a slow disk never stalls the loop, and the next
+    chunk is read while the current one is sent: at most two chunks are in memory.
+    Raises TransientDeliveryError when the file changed while it was sent.
+    """
+    loop = asyncio.get_running_loop()
+    size, offset = st.st_size, 0
+
+    def read(at: int) -> asyncio.Future[bytes]:
+        return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
+
+    pending = read(0) if size else None
+    try:
+        while pending is not None:
+            data = await pending
+            pending = None
+            if not data:
+                break
+            offset += len(data)
+            if offset < size:
+                pending = read(offset)
+            await write(data)
+    finally:
+        if pending is not None:  # sending failed: the read must end before the fd is closed
+            await asyncio.wait([pending])
+    after = os.fstat(fd)
+    if offset != size or (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
+        raise TransientDeliveryError("the file changed while it was sent")
+
+
+class RemoteProcessor(ABC, Generic[C]):
+    """Delivers into one folder of one file server, over pooled connections of type ``C``.
+
+    The flow: the resume check (when a crash or a lost connection may have hit an earlier
+    attempt), folders created once, the file streamed to a hidden temporary name, then
+    renamed to the name ``on_conflict`` picks. A partial upload never has the final name.
+    """
+
+    kind: ClassVar[str]
+    default_port: ClassVar[int]
+    #: errors after which the connection still works (a refused command)
+    refusals: ClassVar[tuple[type[Exception], ...]] = ()
+
+    def __init__(self, dest: FtpDestination | SftpDestination, resources: Resources) -> None:
+        self.dest = dest
+        self.target = RemoteTarget(dest, self.default_port)
+        self.pool: Pool[C] = shared_pool(
+            resources,
+            f"{self.kind}:{self.target.server}",
+            lambda: Pool(self.target.display, dest.pool_size, self.connect, self.disconnect),
+        )
+        self._made: set[PurePosixPath] = set()  # folders known to exist on the server
+
+    async def aclose(self) -> None:
+        return None  # the pool belongs to the service's resources
+
+    # -- what each protocol provides
+
+    @abstractmethod
+    async def connect(self) -> C: ...
+
+    @abstractmethod
+    async def disconnect(self, conn: C) -> None: ...
+
+    @abstractmethod
+    async def makedirs(self, conn: C, folder: PurePosixPath) -> None: ...
+
+    @abstractmethod
+    async def upload(self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath) -> None:
+        """Stream the open file to ``path`` (use ``copy_to``)."""
+
+    @abstractmethod
+    async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
+
+    @abstractmethod
+    async def size(self, conn: C, path: PurePosixPath) -> int | None:
+        """The size of the file at ``path``; None when there is none."""
+
+    @abstractmethod
+    async def rename(
+        self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
+    ) -> None: ...
+
+    @abstractmethod
+    async def remove(self, conn: C, path: PurePosixPath) -> None:
+        """Remove a file, ignoring every error (used for clean-up only)."""
+
+    @abstractmethod
+    def translate(self, exc: Exception) -> DeliveryError | None:
+        """The protocol's error in our tree; None for an error that is not the protocol's."""
+
+    # -- the flow
+
+    async def deliver(self, ctx: StepContext) -> Outcome:
+        rel = render_target(self.dest.name, ctx)
+        try:
+            async with self.pool.connection() as conn:
+                return await self._deliver(conn, ctx, rel)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            error = self.translate(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def _deliver(self, conn: C, ctx: StepContext, rel: PurePosixPath) -> Outcome:
+        root = self.target.root
+        folder, tmp = self.target.paths(ctx, rel)
+        if ctx.resuming:
+            found = await self._find_previous(conn, ctx, rel, tmp)
+            if found is not None:
+                return Outcome(
+                    self.target.location(found), detail="found delivered by an earlier attempt"
+                )
+        if folder not in self._made:
+            await self.makedirs(conn, folder)
+            self._made.add(folder)
+        fd, st = open_input(ctx)
+        try:
+            await self.upload(conn, fd, st, tmp)
+        except DeliveryError:
+            await self.remove(conn, tmp)
+            raise
+        finally:
+            os.close(fd)
+
+        async def exists(p: PurePosixPath) -> bool:
+            return await self.exists(conn, root / p)
+
+        async def put(p: PurePosixPath, overwrite: bool) -> None:
+            await self.rename(conn, tmp, root / p, overwrite)
+
+        cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
+        try:
+            final = await aplace(exists, rel, self.dest.on_conflict, put)
+        except cleanup:
+            await self.remove(conn, tmp)
+            raise
+        if final is None:
+            await self.remove(conn, tmp)
+            return Outcome(self.target.location(rel), detail="skipped: the name is taken")
+        return Outcome(self.target.location(final))
+
+    async def _find_previous(
+        self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath
+    ) -> PurePosixPath | None:
+        """After a crash or a lost connection: our file at a candidate name, with our size."""
+        await self.remove(conn, tmp)
+        try:
+            want = ctx.input.stat().st_size
+        except OSError:
+            want = ctx.version.size
+        for cand in candidates(rel, self.dest.on_conflict):
+            got = await self.size(conn, self.target.root / cand)
+            if got is None:
+                return None
+            if got == want:
+                return cand
+        return None

@@ -1,0 +1,162 @@
+"""SFTP destination, with asyncssh: host keys checked against known_hosts, password or key
+authentication, pooled connections, and every upload written to a temporary name, then renamed
+(see remote.py).
+
+Turning host key checking off must be explicit and is logged as a warning; no asyncssh error
+leaves this module untranslated, and none carries a password.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, ClassVar
+
+import asyncssh
+
+from ..config import SftpDestination
+from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from . import Resources
+from .remote import RemoteProcessor, copy_to
+
+log = logging.getLogger(__name__)
+
+
+def create(step: SftpDestination, resources: Resources) -> SftpProcessor:
+    return SftpProcessor(step, resources)
+
+
+@dataclass
+class Session:
+    """One SSH connection and the SFTP channel opened on it."""
+
+    conn: asyncssh.SSHClientConnection
+    sftp: asyncssh.SFTPClient
+
+
+class SftpProcessor(RemoteProcessor[Session]):
+    """Delivers into one folder of one SSH server."""
+
+    kind = "sftp"
+    default_port = 22
+    refusals: ClassVar[tuple[type[Exception], ...]] = (asyncssh.SFTPError,)
+
+    def __init__(self, dest: SftpDestination, resources: Resources) -> None:
+        super().__init__(dest, resources)
+        self.sftp = dest
+        if dest.insecure_skip_host_key_check:
+            log.warning(
+                "%s: host key checking is OFF (insecure_skip_host_key_check): the server is "
+                "not verified, and a man in the middle would get the files and credentials",
+                self.target.display,
+            )
+
+    def _options(self) -> dict[str, Any]:
+        dest, target = self.sftp, self.target
+        options: dict[str, Any] = {
+            "port": target.port,
+            "connect_timeout": dest.connect_timeout,
+            "login_timeout": dest.connect_timeout,
+            "keepalive_interval": 30,
+        }
+        if target.user:
+            options["username"] = target.user
+        if target.password:
+            options["password"] = target.password
+        if dest.insecure_skip_host_key_check:
+            options["known_hosts"] = None
+        elif dest.known_hosts is not None:
+            if not dest.known_hosts.is_file():
+                raise PermanentDeliveryError(f"known_hosts {dest.known_hosts} is not a file")
+            options["known_hosts"] = str(dest.known_hosts)
+        if dest.key_file is not None:
+            passphrase = dest.passphrase.get_secret_value() if dest.passphrase else None
+            try:
+                options["client_keys"] = [asyncssh.read_private_key(dest.key_file, passphrase)]
+            except (OSError, asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise PermanentDeliveryError(
+                    f"cannot use key_file {dest.key_file}: {reason}"
+                ) from None
+            options["agent_path"] = None  # the configured key, not whatever an agent holds
+        elif target.password:
+            options["client_keys"] = None
+            options["agent_path"] = None
+        return options
+
+    async def connect(self) -> Session:
+        conn = await asyncssh.connect(self.target.host, **self._options())
+        try:
+            sftp = await conn.start_sftp_client()
+        except BaseException:
+            conn.close()
+            raise
+        return Session(conn, sftp)
+
+    async def disconnect(self, conn: Session) -> None:
+        conn.sftp.exit()
+        conn.conn.close()
+        await conn.conn.wait_closed()
+
+    async def makedirs(self, conn: Session, folder: PurePosixPath) -> None:
+        await conn.sftp.makedirs(str(folder), exist_ok=True)
+
+    async def upload(self, conn: Session, fd: int, st: os.stat_result, path: PurePosixPath) -> None:
+        async with conn.sftp.open(str(path), "wb") as remote:
+            await copy_to(fd, st, remote.write)
+
+    async def exists(self, conn: Session, path: PurePosixPath) -> bool:
+        return bool(await conn.sftp.exists(str(path)))
+
+    async def size(self, conn: Session, path: PurePosixPath) -> int | None:
+        try:
+            attrs = await conn.sftp.stat(str(path))
+        except asyncssh.SFTPNoSuchFile:
+            return None
+        return attrs.size
+
+    async def rename(
+        self, conn: Session, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
+    ) -> None:
+        sftp = conn.sftp
+        if not overwrite:  # a plain SFTP rename refuses to replace a file (OpenSSH)
+            await sftp.rename(str(src), str(dst))
+            return
+        try:  # atomic where the server offers it, as OpenSSH does
+            await sftp.posix_rename(str(src), str(dst))
+            return
+        except asyncssh.SFTPOpUnsupported:
+            pass
+        if await sftp.exists(str(dst)):
+            await sftp.remove(str(dst))
+        await sftp.rename(str(src), str(dst))
+
+    async def remove(self, conn: Session, path: PurePosixPath) -> None:
+        try:
+            await conn.sftp.remove(str(path))
+        except (asyncssh.SFTPError, OSError):
+            pass
+
+    def translate(self, exc: Exception) -> DeliveryError | None:
+        display = self.target.display
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return PermanentDeliveryError(
+                f"{display}: authentication refused ({exc.reason}): check the user, password "
+                "or key_file"
+            )
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return PermanentDeliveryError(
+                f"{display}: the server's host key is not trusted ({exc.reason}); add it to "
+                "known_hosts (ssh-keyscan) if the server is the right one"
+            )
+        if isinstance(exc, (asyncssh.SFTPPermissionDenied, asyncssh.SFTPWriteProtect)):
+            return PermanentDeliveryError(f"{display}: permission denied ({exc.reason})")
+        if isinstance(exc, (asyncssh.SFTPError, asyncssh.Error)):
+            return TransientDeliveryError(f"{display}: {exc.reason}")
+        if isinstance(exc, TimeoutError):
+            return TransientDeliveryError(f"{display}: timed out")
+        if isinstance(exc, OSError):
+            return TransientDeliveryError(f"{display}: {exc or type(exc).__name__}")
+        return None

@@ -1,0 +1,154 @@
+"""FTP destinations against pyftpdlib (a server written independently of aioftp), with a real
+user and folder, through the real CLI."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import ServiceProcess, journal_rows, run_cli, wait_until
+from .servers import (
+    FAST_RETRY,
+    FtpServer,
+    fails_at_once,
+    files_under,
+    old_file,
+    remote_config,
+    sha256_of,
+    some_files,
+)
+
+
+@pytest.fixture
+def ftp(tmp_path: Path) -> Iterator[FtpServer]:
+    server = FtpServer(tmp_path / "ftproot")
+    yield server
+    server.stop()
+
+
+def test_upload_into_nested_folders_with_one_login(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    ws = workspace
+    srcs = some_files(ws["inbox"], 5, 10_000)
+    dest = {"url": ftp.url("/drop/"), "name": "{yyyy}/{relpath}", "pool_size": 1}
+    cfg = remote_config(ws, dest, source={"recursive": True})
+    result = run_cli("-c", cfg, "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    year = time.strftime("%Y", time.localtime(srcs[0].stat().st_mtime))
+    expected = {f"drop/{year}/{p.relative_to(ws['inbox']).as_posix()}": sha256_of(p) for p in srcs}
+    assert files_under(ftp.root) == expected  # no temporary file left behind
+    rows = journal_rows(ws["db"])
+    assert {r["status"] for r in rows} == {"SUCCEEDED"} and len(rows) == 6
+    assert all(r["location"].startswith("ftp://alice:***@127.0.0.1") for r in rows)
+    assert ftp.password not in result.stderr
+    assert ftp.logins == 1  # six files, one pooled connection
+
+
+def test_on_conflict_rename_and_skip(workspace: dict[str, Path], ftp: FtpServer) -> None:
+    (ftp.root / "in").mkdir()
+    (ftp.root / "in" / "a.txt").write_bytes(b"already there")
+    old_file(workspace["inbox"] / "a.txt", b"new")
+    cfg = remote_config(
+        workspace,
+        {"url": ftp.url("/in/"), "on_conflict": "rename"},
+        {"url": ftp.url("/in/"), "name": "skip-{name}", "on_conflict": "skip"},
+    )
+    (ftp.root / "in" / "skip-a.txt").write_bytes(b"keep me")
+    result = run_cli("-c", cfg, "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (ftp.root / "in" / "a.txt").read_bytes() == b"already there"
+    assert (ftp.root / "in" / "a-1.txt").read_bytes() == b"new"
+    assert (ftp.root / "in" / "skip-a.txt").read_bytes() == b"keep me"
+    assert sorted(p.name for p in (ftp.root / "in").iterdir()) == [
+        "a-1.txt",
+        "a.txt",
+        "skip-a.txt",
+    ]
+
+
+def test_wrong_password_fails_at_once_with_a_clear_reason(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    old_file(workspace["inbox"] / "a.txt", b"x")
+    row, stderr = fails_at_once(workspace, {"url": ftp.url("/", password="nope")})
+    assert "login refused" in row["reason"] and "530" in row["reason"]
+    assert "nope" not in row["reason"] + stderr
+
+
+def test_server_down_then_back_is_delivered_after_retries(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    src = old_file(workspace["inbox"] / "a.bin", 100_000)
+    ftp.stop()
+    restart = threading.Timer(1.0, ftp.start)
+    restart.start()
+    retry = {"attempts": 30, "delay": 0.1, "backoff": 1, "jitter": False}
+    cfg = remote_config(workspace, {"url": ftp.url("/x/"), "retry": retry, "connect_timeout": 1})
+    try:
+        result = run_cli("-c", cfg, "--once", timeout=60)
+    finally:
+        restart.join()
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert row["status"] == "SUCCEEDED" and row["attempts"] > 1
+    assert files_under(ftp.root) == {"x/a.bin": sha256_of(src)}
+
+
+def test_kill_mid_upload_leaves_no_partial_file_and_resumes(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "slowroot"
+    slow = FtpServer(root, read_limit=2 * 1024 * 1024)  # 2 MiB/s: the upload takes seconds
+    try:
+        src = old_file(workspace["inbox"] / "big.bin", 12 * 1024 * 1024)
+        cfg = remote_config(workspace, {"url": slow.url("/in/"), "retry": FAST_RETRY})
+        svc = ServiceProcess(cfg).start()
+        try:
+            partial = wait_until(
+                lambda: [p for p in root.rglob("*") if p.is_file() and p.stat().st_size > 0]
+            )
+        finally:
+            svc.kill()
+        time.sleep(0.2)  # the server notices the closed data connection
+        assert not (root / "in" / "big.bin").exists()
+        assert all(p.name.startswith(".filedispatch-tmp-") for p in partial)
+        assert journal_rows(workspace["db"])[0]["status"] == "IN_PROGRESS"
+    finally:
+        slow.stop()
+    fast = FtpServer(root, port=slow.port)
+    try:
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(root) == {"in/big.bin": sha256_of(src)}  # the temp file is gone
+        (row,) = journal_rows(workspace["db"])
+        assert row["status"] == "SUCCEEDED"
+    finally:
+        fast.stop()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    cfg = remote_config(workspace, {"url": ftp.url("/x/"), "retry": FAST_RETRY, "pool_size": 1})
+    svc = ServiceProcess(cfg).start()
+    try:
+        first = old_file(workspace["inbox"] / "first.dat", 1000)
+        wait_until(lambda: (ftp.root / "x" / "first.dat").exists())
+        ftp.stop()  # the idle pooled connection dies with the server
+        ftp.start()
+        second = old_file(workspace["inbox"] / "second.dat", 2000)
+        wait_until(lambda: len(journal_rows(workspace["db"], "status='SUCCEEDED'")) == 2)
+    finally:
+        svc.stop()
+    assert files_under(ftp.root) == {
+        "x/first.dat": sha256_of(first),
+        "x/second.dat": sha256_of(second),
+    }
+    assert ftp.logins == 2  # one login before the restart, one after
+    (row,) = journal_rows(workspace["db"], "filename='second.dat'")
+    assert row["attempts"] == 2  # the first try met the dead connection, and dropped it

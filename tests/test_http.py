@@ -1,0 +1,374 @@
+"""HTTP destinations against a real aiohttp receiver on loopback, through the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from aiohttp import web
+
+from .conftest import cli_env, journal_rows, run_cli
+from .servers import (
+    FAST_RETRY,
+    FtpServer,
+    HttpReceiver,
+    fails_at_once,
+    old_file,
+    remote_config,
+    self_signed,
+    sha256_of,
+)
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpReceiver]:
+    r = HttpReceiver()
+    yield r
+    r.close()
+
+
+def once(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("-c", cfg, "--once", *args, timeout=90)
+
+
+def test_raw_post_put_chunked_and_multipart_arrive_intact(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    ws, url = workspace, receiver.url
+    a = old_file(ws["inbox"] / "a.bin", 300_000)
+    b = old_file(ws["inbox"] / "b c.txt", b"hello world\n")
+    cfg = remote_config(
+        ws,
+        {"url": f"{url}/raw"},
+        {"url": f"{url}/dav/{{yyyy}}/{{name}}", "method": "PUT"},
+        {"url": f"{url}/chunked", "chunked": True},
+        {"url": f"{url}/form", "fieldname": "upload", "fields": {"kind": "report"}},
+    )
+    result = once(cfg)
+    assert result.returncode == 0, result.stderr
+    rows = journal_rows(ws["db"])
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"SUCCEEDED"}
+    assert {r["attempts"] for r in rows} == {1}
+    ids = {(r["filename"], r["step"]): r["id"] for r in rows}
+    year = time.strftime("%Y", time.localtime(a.stat().st_mtime))
+    got = {(r.path, r.method): r for r in receiver.received}
+    assert len(got) == 5  # /raw, /chunked and /form got both files
+    for src in (a, b):
+        digest, size = sha256_of(src), src.stat().st_size
+        put = got[(f"/dav/{year}/{src.name}", "PUT")]
+        assert (put.sha256, put.size) == (digest, size)
+        assert put.headers["Content-Length"] == str(size)
+        assert put.headers["Idempotency-Key"] == str(ids[(src.name, 1)])
+    raws = [r for r in receiver.received if r.path == "/raw"]
+    assert {(r.sha256, r.headers["Content-Length"]) for r in raws} == {
+        (sha256_of(a), str(a.stat().st_size)),
+        (sha256_of(b), str(b.stat().st_size)),
+    }
+    chunked = [r for r in receiver.received if r.path == "/chunked"]
+    assert {r.headers.get("Transfer-Encoding") for r in chunked} == {"chunked"}
+    assert {r.sha256 for r in chunked} == {sha256_of(a), sha256_of(b)}
+    forms = [r for r in receiver.received if r.path == "/form"]
+    assert {(r.filename, r.sha256) for r in forms} == {
+        ("a.bin", sha256_of(a)),
+        ("b c.txt", sha256_of(b)),
+    }
+    assert all(r.fields == {"kind": "report"} for r in forms)
+    assert all("Content-Length" in r.headers for r in forms)
+    locations = {r["location"] for r in rows}
+    assert f"{url}/dav/{year}/b%20c.txt" in locations
+
+
+def test_500_twice_then_201_is_delivered_on_the_third_attempt(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    async def flaky(request: web.Request, hit: int) -> web.Response | None:
+        if hit > 2:
+            return None  # the receiver records it
+        await request.read()
+        return web.Response(status=500, text="try later")
+
+    receiver.behave["/flaky"] = flaky
+    src = old_file(workspace["inbox"] / "f.dat", 70_000)
+    cfg = remote_config(workspace, {"url": f"{receiver.url}/flaky", "retry": FAST_RETRY})
+    result = once(cfg)
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("SUCCEEDED", 3)
+    assert receiver.hits["/flaky"] == 3
+    assert [r.sha256 for r in receiver.received] == [sha256_of(src)]
+
+
+def test_429_waits_as_long_as_retry_after_says(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    seen: list[float] = []
+
+    async def busy(request: web.Request, hit: int) -> web.Response | None:
+        seen.append(time.monotonic())
+        if hit > 1:
+            return None
+        await request.read()
+        return web.Response(status=429, headers={"Retry-After": "1"}, text="slow down")
+
+    receiver.behave["/busy"] = busy
+    old_file(workspace["inbox"] / "f.dat", b"x" * 1000)
+    cfg = remote_config(workspace, {"url": f"{receiver.url}/busy", "retry": FAST_RETRY})
+    result = once(cfg)
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("SUCCEEDED", 2)
+    assert seen[1] - seen[0] >= 0.9  # not the 0.05 s of the retry policy
+
+
+def test_403_fails_at_once_with_the_status_and_the_answer(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    async def forbidden(request: web.Request, hit: int) -> web.Response:
+        await request.read()
+        return web.Response(status=403, text="quota exceeded for this account " + "x" * 500)
+
+    receiver.behave["/no"] = forbidden
+    old_file(workspace["inbox"] / "f.dat", b"data")
+    row, _ = fails_at_once(workspace, {"url": f"{receiver.url}/no"})
+    assert "403" in row["reason"] and "quota exceeded for this account" in row["reason"]
+    assert len(row["reason"]) < 400
+    assert receiver.hits["/no"] == 1
+
+
+def test_a_200_whose_body_says_no_is_a_failure(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    async def liar(request: web.Request, hit: int) -> web.Response:
+        await request.read()
+        return web.json_response({"result": {"ok": False}, "error": "disk full"})
+
+    receiver.behave["/api"] = liar
+    old_file(workspace["inbox"] / "f.dat", b"data")
+    expect = {"json_field": "result.ok", "json_value": True}
+    cfg = remote_config(workspace, {"url": f"{receiver.url}/api", "expect": expect})
+    assert once(cfg).returncode == 1
+    (row,) = journal_rows(workspace["db"])
+    assert row["status"] == "FAILED" and "result.ok" in row["reason"]
+    assert "disk full" in row["reason"]
+
+
+def test_a_connection_closed_mid_upload_is_retried(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    async def hangup(request: web.Request, hit: int) -> web.Response | None:
+        if hit == 1:
+            await request.content.readexactly(256 * 1024)
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        return None
+
+    receiver.behave["/up"] = hangup
+    src = old_file(workspace["inbox"] / "big.dat", 8 * 1024 * 1024)
+    cfg = remote_config(workspace, {"url": f"{receiver.url}/up", "retry": FAST_RETRY})
+    result = once(cfg)
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("SUCCEEDED", 2)
+    assert [(r.sha256, r.size) for r in receiver.received] == [(sha256_of(src), 8 << 20)]
+
+
+def test_a_server_that_never_answers_times_out(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    release = asyncio.Event()
+
+    async def silent(request: web.Request, hit: int) -> web.Response:
+        await request.read()
+        await release.wait()
+        return web.Response(status=201)
+
+    receiver.behave["/silent"] = silent
+    old_file(workspace["inbox"] / "f.dat", b"data")
+    dest = {
+        "url": f"{receiver.url}/silent",
+        "retry": {"attempts": 2, "delay": 0.05},
+        "http_timeout": {"connect": 2, "read": 0.3},
+    }
+    t0 = time.monotonic()
+    result = once(remote_config(workspace, dest))
+    assert time.monotonic() - t0 < 20
+    receiver.lt.loop.call_soon_threadsafe(release.set)
+    assert result.returncode == 1
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 2)
+    assert "timed out" in row["reason"] and "gave up after 2 attempts" in row["reason"]
+
+
+def test_a_50_mb_upload_keeps_memory_flat(workspace: dict[str, Path]) -> None:
+    receiver = HttpReceiver(read_delay=0.01)  # about 1 MiB per 10 ms: time to sample
+    try:
+        size = 50 * 1024 * 1024
+        src = old_file(workspace["inbox"] / "big.bin", size)
+        cfg = remote_config(workspace, {"url": f"{receiver.url}/big", "method": "PUT"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--once"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=cli_env(),
+        )
+        ps = psutil.Process(proc.pid)
+        assert receiver.first_byte.wait(30)
+        start = ps.memory_info().rss
+        peak = start
+        while proc.poll() is None:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+        assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        assert [(r.size, r.sha256) for r in receiver.received] == [(size, sha256_of(src))]
+        grew = (peak - start) / 2**20
+        assert grew < 16, f"RSS grew by {grew:.1f} MiB while streaming 50 MiB"
+    finally:
+        receiver.close()
+
+
+def test_no_secret_reaches_logs_journal_or_check(
+    workspace: dict[str, Path], receiver: HttpReceiver, tmp_path: Path
+) -> None:
+    http_pw, token, ftp_pw = "Http-Pa55-w0rd", "tok-SECRET-9f8e7d", "Ftp-Pa55-w0rd"
+
+    async def echo(request: web.Request, hit: int) -> web.Response:
+        await request.read()  # a server that echoes the credentials back in its error
+        return web.Response(status=500, text=f"bad auth {request.headers.get('Authorization')}")
+
+    receiver.behave["/echo"] = echo
+    receiver.behave["/echo2"] = echo
+    ftp = FtpServer(tmp_path / "ftproot", password=ftp_pw)
+    try:
+        old_file(workspace["inbox"] / "f.dat", b"data")
+        base = receiver.url.replace("http://", f"http://user:{http_pw}@")
+        retry = {"attempts": 2, "delay": 0.05}
+        cfg = remote_config(
+            workspace,
+            {"url": f"{base}/echo", "retry": retry},
+            {"url": f"{receiver.url}/echo2", "token": token, "retry": retry},
+            {"url": ftp.url("/in/", password="wrong-" + ftp_pw), "retry": retry},
+        )
+        # a failed step stops its chain: the second and third also run on their own
+        result = once(cfg, "--log-level", "DEBUG")
+        cfg2 = remote_config(
+            workspace,
+            {"url": f"{receiver.url}/echo2", "token": token, "retry": retry},
+            database=str(workspace["root"] / "j2.db"),
+            file="c2.yml",
+        )
+        result2 = once(cfg2, "--log-level", "DEBUG")
+        cfg3 = remote_config(
+            workspace,
+            {"url": ftp.url("/in/", password="wrong-" + ftp_pw), "retry": retry},
+            database=str(workspace["root"] / "j3.db"),
+            file="c3.yml",
+        )
+        result3 = once(cfg3, "--log-level", "DEBUG")
+        check = run_cli("check", "-c", cfg)
+        assert check.returncode == 0, check.stderr
+        assert "user:***@" in check.stdout
+        texts = [
+            result.stdout,
+            result.stderr,
+            result2.stderr,
+            result3.stderr,
+            check.stdout,
+            check.stderr,
+        ]
+        rows = (
+            journal_rows(workspace["db"])
+            + journal_rows(workspace["root"] / "j2.db")
+            + journal_rows(workspace["root"] / "j3.db")
+        )
+        assert len(rows) == 5 and {r["status"] for r in rows} == {"FAILED"}
+        texts += [json.dumps(r, default=str) for r in rows]
+        blob = "\n".join(texts)
+        assert "bad auth" in blob and "login refused" in blob  # the errors are there...
+        for secret in (http_pw, token, ftp_pw, "Basic dXNlcjpIdHRwLVBhNTUtdzByZA=="):
+            assert secret not in blob  # ... but never the secrets
+    finally:
+        ftp.stop()
+
+
+def test_config_refuses_two_authorizations(workspace: dict[str, Path]) -> None:
+    dest: dict[str, Any] = {"url": "https://u:pw-Secret@example.org/x", "token": "t0ken"}
+    result = run_cli("check", "-c", remote_config(workspace, dest))
+    assert result.returncode == 2
+    assert "one of" in result.stderr and "pw-Secret" not in result.stderr
+
+
+def test_the_documented_examples_are_valid_configs() -> None:
+    import re
+
+    import yaml
+
+    from filedispatch.config import parse_config
+
+    doc = (Path(__file__).parent.parent / "docs" / "destinations-remote.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    assert len(blocks) >= 6
+    for block in blocks:
+        config = parse_config(yaml.safe_load(block), "docs")
+        assert config.rules
+
+
+def test_a_redirect_is_not_followed(workspace: dict[str, Path], receiver: HttpReceiver) -> None:
+    async def moved(request: web.Request, hit: int) -> web.Response:
+        await request.read()
+        return web.Response(status=302, headers={"Location": "/elsewhere"})
+
+    receiver.behave["/old"] = moved
+    old_file(workspace["inbox"] / "f.dat", b"data")
+    row, _ = fails_at_once(workspace, {"url": f"{receiver.url}/old"})
+    assert "redirected to /elsewhere" in row["reason"]
+    assert receiver.hits == {"/old": 1}  # no GET to /elsewhere
+
+
+def test_https_checks_the_certificate_unless_told_otherwise(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    cert, key = self_signed(tmp_path / "tls")
+    receiver = HttpReceiver(tls=(cert, key))
+    try:
+        src = old_file(workspace["inbox"] / "f.dat", 10_000)
+        cfg = remote_config(
+            workspace,
+            {"url": f"{receiver.url}/ca", "ca_file": str(cert)},
+            {"url": f"{receiver.url}/noverify", "verify": False},
+        )
+        result = once(cfg)
+        assert result.returncode == 0, result.stderr
+        assert sorted((r.path, r.sha256) for r in receiver.received) == [
+            ("/ca", sha256_of(src)),
+            ("/noverify", sha256_of(src)),
+        ]
+        (workspace["db"]).unlink()
+        row, _ = fails_at_once(workspace, {"url": f"{receiver.url}/default"})
+        assert "certificate is not trusted" in row["reason"] and "ca_file" in row["reason"]
+    finally:
+        receiver.close()
+
+
+def test_nobody_listening_is_retried_then_fails(workspace: dict[str, Path]) -> None:
+    from .conftest import free_port
+
+    old_file(workspace["inbox"] / "f.dat", b"data")
+    dest = {"url": f"http://127.0.0.1:{free_port()}/x", "retry": FAST_RETRY}
+    assert once(remote_config(workspace, dest)).returncode == 1
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 3)
+    assert "Cannot connect" in row["reason"] and "gave up after 3 attempts" in row["reason"]

@@ -1,0 +1,108 @@
+"""SFTP destinations against an asyncssh server with a generated host key and user key,
+through the real CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from .conftest import journal_rows, run_cli
+from .servers import (
+    SftpServer,
+    fails_at_once,
+    files_under,
+    old_file,
+    remote_config,
+    sha256_of,
+    some_files,
+)
+
+
+@pytest.fixture
+def sftp(tmp_path: Path) -> Iterator[SftpServer]:
+    server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
+    yield server
+    server.close()
+
+
+def test_upload_with_a_key_into_nested_folders(
+    workspace: dict[str, Path], sftp: SftpServer
+) -> None:
+    ws = workspace
+    srcs = some_files(ws["inbox"], 3, 50_000)
+    dest = {
+        "url": sftp.url("/up/"),
+        "key_file": str(sftp.key_file),
+        "known_hosts": str(sftp.known_hosts),
+        "name": "copies/{relpath}",
+        "pool_size": 1,
+    }
+    result = run_cli(
+        "-c", remote_config(ws, dest, source={"recursive": True}), "--once", timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    expected = {f"up/copies/{p.relative_to(ws['inbox']).as_posix()}": sha256_of(p) for p in srcs}
+    assert files_under(sftp.root) == expected  # nothing else: no temporary file is left
+    rows = journal_rows(ws["db"])
+    assert {r["status"] for r in rows} == {"SUCCEEDED"} and len(rows) == 4
+    assert {r["location"] for r in rows} == {
+        f"{sftp.url('/up/')}{name.removeprefix('up/')}" for name in expected
+    }
+
+
+def test_password_in_the_url_or_as_an_option(workspace: dict[str, Path], sftp: SftpServer) -> None:
+    src = old_file(workspace["inbox"] / "a.txt", b"by password")
+    known = str(sftp.known_hosts)
+    cfg = remote_config(
+        workspace,
+        {"url": sftp.url("/p1/", password=sftp.password), "known_hosts": known},
+        {"url": sftp.url("/p2/"), "password": sftp.password, "known_hosts": known},
+    )
+    result = run_cli("-c", cfg, "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert files_under(sftp.root) == {"p1/a.txt": sha256_of(src), "p2/a.txt": sha256_of(src)}
+    rows = journal_rows(workspace["db"])
+    assert {r["location"] for r in rows} == {
+        f"sftp://bob:***@127.0.0.1:{sftp.port}/p1/a.txt",
+        f"sftp://bob@127.0.0.1:{sftp.port}/p2/a.txt",
+    }
+    assert sftp.password not in result.stderr
+
+
+def test_wrong_password_fails_at_once(workspace: dict[str, Path], sftp: SftpServer) -> None:
+    old_file(workspace["inbox"] / "a.txt", b"x")
+    dest = {"url": sftp.url("/", password="wrong-one"), "known_hosts": str(sftp.known_hosts)}
+    row, stderr = fails_at_once(workspace, dest)
+    assert "authentication refused" in row["reason"]
+    assert "wrong-one" not in row["reason"] + stderr
+
+
+def test_a_host_key_that_does_not_match_known_hosts_is_refused(
+    workspace: dict[str, Path], sftp: SftpServer, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_known_hosts"
+    other.write_text(sftp.known_hosts_line(asyncssh.generate_private_key("ssh-ed25519")))
+    old_file(workspace["inbox"] / "a.txt", b"x")
+    dest = {"url": sftp.url("/"), "key_file": str(sftp.key_file), "known_hosts": str(other)}
+    row, _ = fails_at_once(workspace, dest)
+    assert "host key is not trusted" in row["reason"]
+    assert files_under(sftp.root) == {}
+
+
+def test_skipping_the_host_key_check_works_but_warns(
+    workspace: dict[str, Path], sftp: SftpServer, tmp_path: Path
+) -> None:
+    src = old_file(workspace["inbox"] / "a.txt", b"x")
+    dest = {
+        "url": sftp.url("/"),
+        "key_file": str(sftp.key_file),
+        "known_hosts": str(tmp_path / "does-not-matter"),
+        "insecure_skip_host_key_check": True,
+    }
+    result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" in result.stderr and "host key checking is OFF" in result.stderr
+    assert files_under(sftp.root) == {"a.txt": sha256_of(src)}
