@@ -258,7 +258,7 @@ def dry_run(config: Config, max_items: int | None) -> int:
     count = 0
     for source in config.sources:
         watcher = SourceWatcher(source, _never, _never)
-        found = sorted(watcher._walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
+        found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
         for rel, st in found:
             if max_items is not None and count >= max_items:
                 print(f"(stopping at --max-items {max_items})")

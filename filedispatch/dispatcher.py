@@ -210,9 +210,9 @@ class Dispatcher:
                 continue
             self._wake.clear()
             room = self._queue.maxsize - self._queue.qsize()
-            if room <= 0:
-                await first_completed(stop.wait(), self._room.wait())
+            if room < self._queue.maxsize // 2:  # claim in pages, not one group at a time
                 self._room.clear()
+                await first_completed(stop.wait(), self._room.wait())
                 continue
             skip = frozenset(self.stopped_sources)
             batch = await self.journal.claim(min(room, 256), time.time(), skip)
@@ -248,7 +248,8 @@ class Dispatcher:
     async def _worker(self) -> None:
         while True:
             group = await self._queue.get()
-            self._room.set()
+            if self._queue.qsize() <= self._queue.maxsize // 2:
+                self._room.set()
             if not group:
                 return
             if group[0].source in self.stopped_sources:  # stop_on_error: give it back

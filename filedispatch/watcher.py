@@ -222,11 +222,13 @@ class SourceWatcher:
 
     async def scan(self, initial: bool) -> None:
         """Walk the source and offer every complete file (oldest first)."""
-        found = await asyncio.to_thread(lambda: list(self._walk()))
-        found.sort(key=lambda item: (item[1].st_mtime_ns, item[0]))
+        # compact (mtime, name, size) tuples: a folder of 100,000 files must stay cheap to hold
+        found = await asyncio.to_thread(
+            lambda: sorted((st.st_mtime_ns, rel, st.st_size) for rel, st in self.walk())
+        )
         self.scans += 1
         if initial and not self.config.process_existing:
-            self._baseline = {(rel, st.st_size, st.st_mtime_ns) for rel, st in found}
+            self._baseline = {(rel, size, mtime) for mtime, rel, size in found}
             log.info(
                 "source %s: %d existing file(s) left alone (process_existing: false)",
                 self.root,
@@ -235,8 +237,8 @@ class SourceWatcher:
             return
         now = time.time()
         ready: list[FileVersion] = []
-        for rel, st in found:
-            v = self._consider(rel, st, now)
+        for mtime, rel, size in found:
+            v = self._consider(rel, size, mtime, now)
             if v is not None:
                 ready.append(v)
                 if len(ready) >= BATCH:
@@ -245,11 +247,13 @@ class SourceWatcher:
         await self._emit(ready)
 
     async def _scan_tree(self, folder: Path) -> None:
-        found = await asyncio.to_thread(lambda: list(self._walk(folder)))
+        found = await asyncio.to_thread(lambda: list(self.walk(folder)))
         now = time.time()
-        await self._emit([v for rel, st in found if (v := self._consider(rel, st, now))])
+        await self._emit(
+            [v for rel, st in found if (v := self._consider(rel, st.st_size, st.st_mtime_ns, now))]
+        )
 
-    def _walk(self, top: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
+    def walk(self, top: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
         """(relpath, stat) of candidate regular files; never leaves the source, never loops."""
         root = str(self.root)
         seen: set[tuple[int, int]] = set()
@@ -263,30 +267,45 @@ class SourceWatcher:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                entries = list(os.scandir(folder))
+                # iterated, not listed: a DirEntry keeps its stat, 100,000 of them add up
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        found = self._entry(entry, root, real_root, follow)
+                        if found is None:
+                            continue
+                        name, est = found
+                        if est is None:
+                            stack.append(name)
+                        else:
+                            yield name, est
             except OSError as exc:
                 log.warning("cannot list %s: %s", folder, exc.strerror or exc)
-                continue
-            for entry in entries:
-                rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                if self._ignored(rel):
-                    continue
-                try:
-                    if entry.is_symlink():
-                        if not follow:
-                            continue
-                        real = os.path.realpath(entry.path)
-                        if real != real_root and not real.startswith(real_root + os.sep):
-                            log.debug("skipping %s: its link points outside the source", rel)
-                            continue
-                    est = entry.stat(follow_symlinks=follow)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(est.st_mode):
-                    if self.config.recursive and not self._excluded(entry.path):
-                        stack.append(entry.path)
-                elif stat.S_ISREG(est.st_mode) and not self._marker(rel):
-                    yield rel, est
+
+    def _entry(
+        self, entry: os.DirEntry[str], root: str, real_root: str, follow: bool
+    ) -> tuple[str, os.stat_result | None] | None:
+        """(relpath, stat) for a file to take, (path, None) for a folder to enter, else None."""
+        rel = entry.path[len(root) + 1 :] if entry.path.startswith(root + "/") else entry.name
+        if self._ignored(rel):
+            return None
+        try:
+            if entry.is_symlink():
+                if not follow:
+                    return None
+                real = os.path.realpath(entry.path)
+                if real != real_root and not real.startswith(real_root + os.sep):
+                    log.debug("skipping %s: its link points outside the source", rel)
+                    return None
+            est = entry.stat(follow_symlinks=follow)
+        except OSError:
+            return None
+        if stat.S_ISDIR(est.st_mode):
+            if self.config.recursive and not self._excluded(entry.path):
+                return entry.path, None
+            return None
+        if stat.S_ISREG(est.st_mode) and not self._marker(rel):
+            return rel, est
+        return None
 
     # ------------------------------------------------------------------ readiness
 
@@ -337,43 +356,40 @@ class SourceWatcher:
             return None
         if not stat.S_ISREG(st.st_mode) or self._marker(rel):
             return None
-        return self._consider(rel, st, now)
+        return self._consider(rel, st.st_size, st.st_mtime_ns, now)
 
-    def _consider(self, rel: str, st: os.stat_result, now: float) -> FileVersion | None:
+    def _consider(self, rel: str, size: int, mtime_ns: int, now: float) -> FileVersion | None:
         """The version if the file is complete now; otherwise remember to look again."""
-        if (rel, st.st_size, st.st_mtime_ns) in self._baseline:
+        if self._baseline and (rel, size, mtime_ns) in self._baseline:
             return None
         mode = self.config.ready
-        path = self.root / rel
-        if mode == "lock":
-            if os.path.lexists(f"{path}.lock"):
+        if mode != "settle":
+            marker = f"{self._prefix}{rel}.{mode}"  # NAME.lock must be gone, NAME.done there
+            if os.path.lexists(marker) == (mode == "lock"):
                 return None
-            return self._version(rel, st)
-        if mode == "done":
-            if not os.path.lexists(f"{path}.done"):
-                return None
-            return self._version(rel, st)
+            return self._version(rel, size, mtime_ns)
         settle = self.config.settle
-        age = now - st.st_mtime_ns / 1e9
+        age = now - mtime_ns / 1e9
         if settle <= 0 or (age >= 0 and age >= settle):
-            self._pending.pop(rel, None)
-            return self._version(rel, st)
+            if self._pending:
+                self._pending.pop(rel, None)
+            return self._version(rel, size, mtime_ns)
         # mtime is recent (or from a skewed clock): wait until size and mtime stay put
         seen = self._pending.get(rel)
-        if seen is not None and seen[:2] == (st.st_size, st.st_mtime_ns):
+        if seen is not None and seen[:2] == (size, mtime_ns):
             if now - seen[2] >= settle:
                 del self._pending[rel]
-                return self._version(rel, st)
+                return self._version(rel, size, mtime_ns)
             due = seen[2] + settle
         else:
-            self._pending[rel] = (st.st_size, st.st_mtime_ns, now)
+            self._pending[rel] = (size, mtime_ns, now)
             due = now + settle
         heapq.heappush(self._heap, (due, rel))
         self._wake.set()
         return None
 
-    def _version(self, rel: str, st: os.stat_result) -> FileVersion:
-        return FileVersion(self.config.key, self.root, rel, st.st_size, st.st_mtime_ns)
+    def _version(self, rel: str, size: int, mtime_ns: int) -> FileVersion:
+        return FileVersion(self.config.key, self.root, rel, size, mtime_ns)
 
     async def _settle_loop(self, stop: asyncio.Event) -> None:
         """Look again at unsettled files when their quiet period is over."""

@@ -106,7 +106,7 @@ def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPat
 
 def render_target(template: str, ctx: StepContext) -> PurePosixPath:
     """The name template rendered for this step's input (a transform's output keeps its name)."""
-    transformed = ctx.input != ctx.version.path
+    transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
     return naming.render(template, ctx.version, ctx.input.name if transformed else None)
 
 
@@ -144,6 +144,7 @@ class LocalProcessor:
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest
         self.root = dest.folder
+        self._root = str(dest.folder)
         self._made: set[Path] = set()
 
     async def aclose(self) -> None:
@@ -159,9 +160,11 @@ class LocalProcessor:
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
         link = ctx.link_ok or self.dest.mode == "move"
-        if link and ctx.input == ctx.version.path:
+        if link and ctx.input is ctx.version.path:
             # A hard link moves no data: do it inline, it is a few syscalls.
             try:
+                if self.dest.on_conflict != "overwrite":
+                    return self._link_into_place(ctx, rel)
                 return self._deliver(ctx, rel, link=True)
             except _LinkUnavailable:
                 pass
@@ -187,9 +190,6 @@ class LocalProcessor:
         fd, st = open_input(ctx)
         try:
             tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
-            if link and self.dest.on_conflict != "overwrite":
-                # link() is atomic and refuses a taken name: no temporary name is needed
-                return self._link_into_place(src, rel)
             if link:
                 try:
                     os.link(src, tmp, follow_symlinks=False)
@@ -222,10 +222,27 @@ class LocalProcessor:
             _fsync_dir(self.root / final.parent)
         return Outcome(str(self.root / final), detail="linked" if link else None)
 
-    def _link_into_place(self, src: Path, rel: PurePosixPath) -> Outcome:
+    def _link_into_place(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
+        """The hot path of ``mode: move``: link() is atomic and refuses a taken name, so no
+        temporary name is needed. Plain strings, not Paths: this runs once per file, inline."""
+        root = self._root
+        folder = os.path.dirname(str(rel))
+        self._mkdirs(Path(root, folder) if folder else self.root)
+        src = os.fspath(ctx.input)
+        try:
+            st = os.stat(src)
+        except FileNotFoundError:
+            raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
+        except OSError as exc:
+            raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
+        if (st.st_size, st.st_mtime_ns) != (ctx.version.size, ctx.version.mtime_ns):
+            raise SourceVanishedError(
+                f"{src} changed after it was seen; its new version is dispatched on its own"
+            )
+
         def put(p: PurePosixPath, overwrite: bool) -> None:
             try:
-                os.link(src, self.root / p, follow_symlinks=False)
+                os.link(src, f"{root}/{p}", follow_symlinks=False)
             except FileExistsError:
                 raise
             except OSError as exc:
@@ -234,10 +251,10 @@ class LocalProcessor:
         try:
             final = place(lambda p: False, rel, self.dest.on_conflict, put)
         except OSError as exc:
-            raise translate_os_error(exc, f"cannot deliver to {self.root / rel}") from exc
+            raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
         if final is None:
-            return Outcome(str(self.root / rel), detail="skipped: the name is taken")
-        return Outcome(str(self.root / final), detail="linked")
+            return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
+        return Outcome(f"{root}/{final}", detail="linked")
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> None:
         mode = self.dest.file_mode
