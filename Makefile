@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yml
+# e.g. make bench BENCH_ARGS=--quick
+BENCH_ARGS ?=
 
 .PHONY: install install-test run test test-fast lint format bench clean
 
@@ -41,7 +43,7 @@ format: install-test
 	$(BIN)/ruff check --fix filedispatch tests bench
 
 bench: install-test
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

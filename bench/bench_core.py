@@ -27,8 +27,13 @@ def write_config(root: Path, settle: float = 0, **extra: object) -> Path:
     cfg = {
         "database": str(root / "journal.db"),
         "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0}],
-        "rules": [{"name": "all", "glob": "*",
-                   "to": {"url": str(root / "outbox"), "mode": "move", "fsync": False}}],
+        "rules": [
+            {
+                "name": "all",
+                "glob": "*",
+                "to": {"url": str(root / "outbox"), "mode": "move", "fsync": False},
+            }
+        ],
         "api": {"enabled": False},
         "monitor": {"enabled": False},
         **extra,
@@ -52,7 +57,8 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
 def start_service(cfg: Path, *args: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--log-level", "WARNING", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     return proc
 
@@ -67,8 +73,9 @@ def wait_ready(db: Path, timeout: float = 30) -> None:
 def succeeded(db: Path) -> int:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return int(conn.execute("SELECT COUNT(*) FROM dispatches WHERE status='SUCCEEDED'")
-                   .fetchone()[0])
+        return int(
+            conn.execute("SELECT COUNT(*) FROM dispatches WHERE status='SUCCEEDED'").fetchone()[0]
+        )
     except sqlite3.OperationalError:
         return 0
     finally:
@@ -78,8 +85,12 @@ def succeeded(db: Path) -> int:
 def finished_times(db: Path) -> dict[str, float]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return {r[0]: r[1] for r in conn.execute(
-            "SELECT filename, finished FROM dispatches WHERE status='SUCCEEDED'")}
+        return {
+            r[0]: r[1]
+            for r in conn.execute(
+                "SELECT filename, finished FROM dispatches WHERE status='SUCCEEDED'"
+            )
+        }
     finally:
         conn.close()
 
@@ -113,8 +124,10 @@ def baseline_shell(root: Path, n: int) -> float | None:
     files = make_files(stage, n)
     watched.mkdir()
     dst.mkdir()
-    script = (f'inotifywait -q -m -e moved_to --format "%f" "{watched}" | '
-              f'while read f; do mv "{watched}/$f" "{dst}/"; done')
+    script = (
+        f'inotifywait -q -m -e moved_to --format "%f" "{watched}" | '
+        f'while read f; do mv "{watched}/$f" "{dst}/"; done'
+    )
     proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
     time.sleep(1.0)
     t0 = time.perf_counter()
@@ -132,14 +145,19 @@ def baseline_shell(root: Path, n: int) -> float | None:
 # ----------------------------------------------------------------------------- measurements
 
 
-def throughput(root: Path, n: int) -> tuple[float, float]:
-    """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
+def staged_service(root: Path, n: int) -> tuple[list[Path], subprocess.Popen[bytes]]:
+    """``n`` files ready to drop, and a running service watching an empty inbox."""
     cfg = write_config(root)
-    stage = root / "stage"
-    files = make_files(stage, n)
+    files = make_files(root / "stage", n)
     (root / "inbox").mkdir()
     proc = start_service(cfg)
     wait_ready(root / "journal.db")
+    return files, proc
+
+
+def throughput(root: Path, n: int) -> tuple[float, float]:
+    """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
+    files, proc = staged_service(root, n)
     t0 = time.time()
     for p in files:
         os.rename(p, root / "inbox" / p.name)
@@ -155,12 +173,7 @@ def throughput(root: Path, n: int) -> tuple[float, float]:
 
 
 def latency(root: Path, n: int, rate: float) -> tuple[float, float]:
-    cfg = write_config(root)
-    stage = root / "stage"
-    files = make_files(stage, n)
-    (root / "inbox").mkdir()
-    proc = start_service(cfg)
-    wait_ready(root / "journal.db")
+    files, proc = staged_service(root, n)
     dropped: dict[str, float] = {}
     for p in files:
         dropped[p.name] = time.time()
@@ -180,8 +193,9 @@ def peak_rss_mib(root: Path, n: int) -> float:
     cfg = write_config(root)
     make_files(root / "inbox", n)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--once", "--log-level",
-         "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--once", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -207,16 +221,19 @@ def main() -> None:
         rate, last = throughput(base / "c", args.files)
         print(f"  os.rename baseline      {rename:10.0f} files/s")
         if shell is None:
-            print("  inotifywait|mv baseline  (inotifywait not installed: apt-get install "
-                  "inotify-tools)")
+            print(
+                "  inotifywait|mv baseline  (inotifywait not installed: apt-get install "
+                "inotify-tools)"
+            )
         else:
             print(f"  inotifywait|mv baseline {shell:10.0f} files/s")
         print(f"  filedispatch            {rate:10.0f} files/s")
         print(f"  ratio to os.rename      {rate / rename:10.3f}   (target >= 0.15)")
         if shell:
             print(f"  ratio to inotifywait|mv {rate / shell:10.1f}   (target >= 10)")
-        print(f"  last file of the burst  {last * 1000:10.0f} ms after the last drop "
-              "(target <= 1000)")
+        print(
+            f"  last file of the burst  {last * 1000:10.0f} ms after the last drop (target <= 1000)"
+        )
 
         print(f"== latency: {args.trickle} files at 20/s, settle 0")
         p50, p99 = latency(base / "d", args.trickle, 20.0)
@@ -226,8 +243,10 @@ def main() -> None:
         idle = peak_rss_mib(base / "e", 1)
         peak = peak_rss_mib(base / "f", args.backlog)
         print(f"  baseline (1 file)   {idle:7.1f} MiB")
-        print(f"  peak RSS            {peak:7.1f} MiB   ratio {peak / idle:5.2f}   "
-              "(target <= 128 MiB)")
+        print(
+            f"  peak RSS            {peak:7.1f} MiB   ratio {peak / idle:5.2f}   "
+            "(target <= 128 MiB)"
+        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

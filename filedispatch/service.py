@@ -15,9 +15,12 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from . import __version__
 from .asyncutil import first_completed
@@ -30,6 +33,7 @@ from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass
@@ -48,7 +52,6 @@ class Options:
     monitor: bool | None = None
     #: called once the service is up (the daemon uses it to report readiness)
     on_ready: Callable[[], None] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def journal_path(config: Config, options: Options) -> Path:
@@ -64,27 +67,19 @@ def apply_options(config: Config, options: Options) -> Config:
             for s in config.sources
         ]
         config = config.model_copy(update={"sources": sources})
-    api_update: dict[str, object] = {}
-    if options.api_host is not None:
-        api_update["host"] = options.api_host
-    if options.api_port is not None:
-        api_update["port"] = options.api_port
-    if options.webapp is not None:
-        api_update["enabled"] = options.webapp
-    if api_update:
-        config = config.model_copy(update={"api": config.api.model_copy(update=api_update)})
-    mon_update: dict[str, object] = {}
-    if options.monitor_port is not None:
-        mon_update["port"] = options.monitor_port
-    if options.monitor is not None:
-        mon_update["enabled"] = options.monitor
-    if mon_update:
-        config = config.model_copy(update={"monitor": config.monitor.model_copy(update=mon_update)})
-    return config
+    api = _amend(config.api, host=options.api_host, port=options.api_port, enabled=options.webapp)
+    monitor = _amend(config.monitor, port=options.monitor_port, enabled=options.monitor)
+    return config.model_copy(update={"api": api, "monitor": monitor})
+
+
+def _amend(model: _M, **changes: object) -> _M:
+    """A copy of ``model`` with the options that were given (None means not given)."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    return model.model_copy(update=given) if given else model
 
 
 @contextlib.contextmanager
-def journal_lock(path: Path):  # type: ignore[no-untyped-def]
+def journal_lock(path: Path) -> Iterator[None]:
     """One service per journal: two would dispatch the same files twice."""
     lock_path = path.with_name(path.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)

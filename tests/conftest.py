@@ -63,6 +63,23 @@ def wait_until(
         time.sleep(interval)
 
 
+def old(path: Path, data: bytes = b"x") -> Path:
+    """A file that is complete (its mtime is well in the past)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    past = time.time() - 3600
+    os.utime(path, (past, past))
+    return path
+
+
+def delivered(folder: Path) -> dict[str, bytes]:
+    if not folder.exists():
+        return {}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"

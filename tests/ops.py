@@ -10,9 +10,8 @@ from typing import Any
 
 import telnetlib3
 
-from .conftest import free_port, write_config
-from .test_e2e import delivered
-from .test_e2e import old as old_file
+from .conftest import delivered, free_port, write_config
+from .conftest import old as old_file
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROMPT = "monitor >>>"

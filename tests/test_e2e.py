@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import ServiceProcess, journal_rows, run_cli, wait_until, write_config
+from .conftest import (
+    ServiceProcess,
+    delivered,
+    journal_rows,
+    old,
+    run_cli,
+    wait_until,
+    write_config,
+)
 
 
 def config(ws: dict[str, Path], rules: list[dict[str, Any]] | None = None, **source: Any) -> Path:
@@ -26,23 +32,6 @@ def config(ws: dict[str, Path], rules: list[dict[str, Any]] | None = None, **sou
         "monitor": {"enabled": False},
     }
     return write_config(ws["root"] / "config.yml", data)
-
-
-def old(path: Path, data: bytes = b"x") -> Path:
-    """A file that is complete (its mtime is well in the past)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    past = time.time() - 3600
-    os.utime(path, (past, past))
-    return path
-
-
-def delivered(folder: Path) -> dict[str, bytes]:
-    if not folder.exists():
-        return {}
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-    }
 
 
 def test_seed_format_config_runs_once(workspace: dict[str, Path]) -> None:
@@ -420,28 +409,3 @@ def test_file_vanishing_before_dispatch_is_recorded(
     wait_until(lambda: (ws["outbox"] / "stays.txt").exists())
     assert svc.stop() == 0
     assert [r["filename"] for r in journal_rows(ws["db"])] == ["stays.txt"]
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _writer(folder: Path, n: int) -> threading.Thread:
-    def run() -> None:
-        for i in range(n):
-            (folder / f"w{i}.txt").write_text(str(i))
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def test_stale_work_folders_are_swept_at_start(workspace: dict[str, Path]) -> None:
-    ws = workspace
-    stale = ws["root"] / "work" / "0123456789abcdef01234567-rule"
-    (stale / "step0").mkdir(parents=True)
-    (stale / "step0" / "left.gz").write_bytes(b"gz")
-    cfg = config(ws, [{"name": "all", "glob": "*", "to": str(ws["outbox"])}])
-    assert run_cli("-c", cfg, "--once").returncode == 0
-    assert not stale.exists()
-    assert (ws["root"] / "work").stat().st_mode & 0o777 == 0o700
