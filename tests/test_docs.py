@@ -15,19 +15,26 @@ from .conftest import ROOT
 BLOCK = re.compile(r"```yaml\n(.*?)```", re.DOTALL)
 
 
-def yaml_blocks() -> list[tuple[str, str]]:
+def config_examples() -> list[tuple[str, object]]:
+    """Every YAML block of the docs that is a whole configuration (fragments are left out)."""
     found = []
     for doc in sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")]):
         for i, block in enumerate(BLOCK.findall(doc.read_text(encoding="utf-8"))):
-            found.append((f"{doc.name}#{i + 1}", block))
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and {"sources", "source"} & data.keys():
+                found.append((f"{doc.name}#{i + 1}", data))
     return found
 
 
-@pytest.mark.parametrize("where,block", yaml_blocks(), ids=[w for w, _ in yaml_blocks()])
-def test_every_full_config_example_is_valid(where: str, block: str, tmp_path: Path) -> None:
-    data = yaml.safe_load(block)
-    if not isinstance(data, dict) or not ({"sources", "source"} & data.keys()):
-        pytest.skip("a fragment, not a whole configuration")
+EXAMPLES = config_examples()
+
+
+def test_the_docs_have_config_examples() -> None:
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize("where,data", EXAMPLES, ids=[w for w, _ in EXAMPLES])
+def test_every_config_example_is_valid(where: str, data: object, tmp_path: Path) -> None:
     parse_config(data, where, tmp_path)
 
 
