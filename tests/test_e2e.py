@@ -409,3 +409,22 @@ def test_file_vanishing_before_dispatch_is_recorded(
     wait_until(lambda: (ws["outbox"] / "stays.txt").exists())
     assert svc.stop() == 0
     assert [r["filename"] for r in journal_rows(ws["db"])] == ["stays.txt"]
+
+
+def test_files_arriving_during_the_startup_scan_are_sent_once(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """The scan and the live watch feed the same path; the journal keeps each file once."""
+    ws = workspace
+    for i in range(500):
+        old(ws["inbox"] / f"early-{i:03d}.txt", b"early")
+    cfg = config(ws, settle=0)
+    svc: ServiceProcess = service_factory(cfg).start(wait_ready=False)
+    for i in range(300):  # while the service starts, scans and watches
+        (ws["inbox"] / f"late-{i:03d}.txt").write_bytes(b"late")
+    wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) >= 800, 60)
+    time.sleep(0.5)
+    assert svc.stop() == 0
+    assert len(delivered(ws["outbox"])) == 800
+    rows = journal_rows(ws["db"])
+    assert len(rows) == 800 and {r["status"] for r in rows} == {"SUCCEEDED"}
