@@ -143,3 +143,10 @@ class Flaky:
                 sequence[self.seen - 1]
             ](f"failure {self.seen}")
         return "ok"
+
+
+async def overlap(path: str, *, log: str) -> None:
+    """Notes when it starts and ends, 0.2 s apart, so a test can count calls running at once."""
+    _note(log, event="start", path=path)
+    await asyncio.sleep(0.2)
+    _note(log, event="end", path=path)
