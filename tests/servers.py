@@ -142,7 +142,10 @@ class HttpReceiver:
 
 
 class FtpServer:
-    """pyftpdlib with one real user whose home is ``root``; stop() and start() keep the port."""
+    """pyftpdlib with one real user whose home is ``root``; stop() and start() keep the port.
+
+    With ``tls`` (cert, key), FTPS: TLS required before login and on every data connection.
+    """
 
     def __init__(
         self,
@@ -151,6 +154,7 @@ class FtpServer:
         password: str = "alice-Pw-1",
         port: int = 0,
         read_limit: int = 0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         from pyftpdlib.authorizers import DummyAuthorizer
         from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
@@ -172,7 +176,15 @@ class FtpServer:
         }
         if read_limit:
             attrs["dtp_handler"] = type("Slow", (ThrottledDTPHandler,), {"read_limit": read_limit})
-        self.handler = type("Handler", (FTPHandler,), attrs)
+        base: type = FTPHandler
+        self.tls = tls
+        if tls is not None:
+            from pyftpdlib.handlers import TLS_FTPHandler
+
+            base = TLS_FTPHandler
+            attrs.update(certfile=str(tls[0]), keyfile=str(tls[1]))
+            attrs.update(tls_control_required=True, tls_data_required=True)
+        self.handler = type("Handler", (base,), attrs)
         self.handler.log_prefix = "ftpd"
         self.port = port
         self.server: Any = None
@@ -206,7 +218,8 @@ class FtpServer:
 
     def url(self, path: str = "/", password: str | None = None) -> str:
         pw = self.password if password is None else password
-        return f"ftp://{self.user}:{pw}@127.0.0.1:{self.port}{path}"
+        scheme = "ftps" if self.tls else "ftp"
+        return f"{scheme}://{self.user}:{pw}@127.0.0.1:{self.port}{path}"
 
 
 # ------------------------------------------------------------------ SFTP

@@ -18,6 +18,7 @@ from .servers import (
     files_under,
     old_file,
     remote_config,
+    self_signed,
     sha256_of,
     some_files,
 )
@@ -26,6 +27,15 @@ from .servers import (
 @pytest.fixture
 def ftp(tmp_path: Path) -> Iterator[FtpServer]:
     server = FtpServer(tmp_path / "ftproot")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ftps(tmp_path: Path) -> Iterator[FtpServer]:
+    """FTPS with a self-signed certificate (``ftps.tls[0]``, its own CA): pyftpdlib refuses
+    USER before AUTH TLS, and EPSV/PASV before PBSZ 0 + PROT P (a protected data channel)."""
+    server = FtpServer(tmp_path / "ftpsroot", tls=self_signed(tmp_path / "tls"))
     yield server
     server.stop()
 
@@ -152,3 +162,39 @@ def test_a_pooled_connection_the_server_dropped_is_replaced(
     assert ftp.logins == 2  # one login before the restart, one after
     (row,) = journal_rows(workspace["db"], "filename='second.dat'")
     assert row["attempts"] == 2  # the first try met the dead connection, and dropped it
+
+
+def test_ftps_upload_trusting_the_ca_file(workspace: dict[str, Path], ftps: FtpServer) -> None:
+    assert ftps.tls is not None
+    srcs = [old_file(workspace["inbox"] / f"f{i}.dat", 5_000 + i) for i in range(3)]
+    dest = {"url": ftps.url("/secure/"), "ca_file": str(ftps.tls[0]), "pool_size": 1}
+    result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    # the server refuses a login and a data connection without TLS: these went encrypted
+    assert files_under(ftps.root) == {f"secure/{p.name}": sha256_of(p) for p in srcs}
+    rows = journal_rows(workspace["db"])
+    assert {r["status"] for r in rows} == {"SUCCEEDED"} and len(rows) == 3
+    assert all(r["location"].startswith("ftps://alice:***@127.0.0.1") for r in rows)
+    assert ftps.logins == 1
+    assert "WARNING" not in result.stderr and ftps.password not in result.stderr
+
+
+def test_ftps_untrusted_certificate_fails_at_once(
+    workspace: dict[str, Path], ftps: FtpServer
+) -> None:
+    old_file(workspace["inbox"] / "a.txt", b"secret data")
+    row, stderr = fails_at_once(workspace, {"url": ftps.url("/secure/")})  # verify is on
+    assert "certificate is not trusted" in row["reason"], row["reason"]
+    assert "ca_file, or verify: false" in row["reason"]
+    assert ftps.logins == 0 and files_under(ftps.root) == {}
+    assert ftps.password not in row["reason"] + stderr
+
+
+def test_ftps_verify_false_delivers_and_warns(workspace: dict[str, Path], ftps: FtpServer) -> None:
+    src = old_file(workspace["inbox"] / "a.bin", 20_000)
+    dest = {"url": ftps.url("/secure/"), "verify": False}
+    result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert files_under(ftps.root) == {"secure/a.bin": sha256_of(src)}
+    assert "WARNING" in result.stderr and "TLS certificate checking is OFF" in result.stderr
+    assert ftps.password not in result.stderr

@@ -356,6 +356,7 @@ def test_https_checks_the_certificate_unless_told_otherwise(
             ("/ca", sha256_of(src)),
             ("/noverify", sha256_of(src)),
         ]
+        assert "TLS certificate checking is OFF" in result.stderr
         (workspace["db"]).unlink()
         row, _ = fails_at_once(workspace, {"url": f"{receiver.url}/default"})
         assert "certificate is not trusted" in row["reason"] and "ca_file" in row["reason"]

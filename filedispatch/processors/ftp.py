@@ -9,6 +9,7 @@ leaves this module untranslated.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 from pathlib import PurePosixPath
@@ -20,6 +21,8 @@ from ..config import FtpDestination
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
 from .remote import RemoteProcessor, copy_to
+
+log = logging.getLogger(__name__)
 
 
 def create(step: FtpDestination, resources: Resources) -> FtpProcessor:
@@ -58,6 +61,12 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         super().__init__(dest, resources)
         self.ftp = dest
         self.tls = dest.parts.scheme.lower() == "ftps"
+        if self.tls and not dest.verify:
+            log.warning(
+                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "verified, and a man in the middle would get the files and credentials",
+                self.target.display,
+            )
 
     def _ssl_context(self) -> ssl.SSLContext:
         cafile = str(self.ftp.ca_file) if self.ftp.ca_file is not None else None
@@ -80,7 +89,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         )
         try:
             await client.connect(target.host, target.port)
-            if self.tls:
+            if self.tls:  # AUTH TLS, then PBSZ 0 and PROT P: the data connections too
                 await client.upgrade_to_tls(self._ssl_context())
             try:
                 await client.login(target.user or "anonymous", target.password)
@@ -151,6 +160,11 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             if any(str(c).startswith("4") for c in exc.received_codes):
                 return TransientDeliveryError(text)
             return PermanentDeliveryError(text)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return PermanentDeliveryError(
+                f"{display}: the server's TLS certificate is not trusted "
+                f"({exc.verify_message}); set ca_file, or verify: false"
+            )
         if isinstance(exc, TimeoutError):
             return TransientDeliveryError(f"{display}: timed out")
         if isinstance(exc, (OSError, EOFError)):

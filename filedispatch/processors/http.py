@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import mimetypes
 import os
 import ssl
@@ -31,6 +32,7 @@ from . import Resources, StepContext
 from .local import open_input, render_target
 from .remote import copy_to
 
+log = logging.getLogger(__name__)
 SESSION_KEY = "http.session"
 #: connections open at once over the shared session, in all and to one host
 LIMIT, LIMIT_PER_HOST = 100, 32
@@ -145,6 +147,12 @@ class HttpProcessor:
         if dest.token is not None:
             self.headers[hdrs.AUTHORIZATION] = f"Bearer {dest.token.get_secret_value()}"
         self._ssl: ssl.SSLContext | bool | None = None
+        if not dest.verify and dest.parts.scheme.lower() == "https":
+            log.warning(
+                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "verified, and a man in the middle would get the files and credentials",
+                dest.display,
+            )
 
     async def aclose(self) -> None:
         return None  # the session belongs to the service's resources
