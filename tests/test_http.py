@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -373,3 +374,20 @@ def test_nobody_listening_is_retried_then_fails(workspace: dict[str, Path]) -> N
     (row,) = journal_rows(workspace["db"])
     assert (row["status"], row["attempts"]) == ("FAILED", 3)
     assert "Cannot connect" in row["reason"] and "gave up after 3 attempts" in row["reason"]
+
+
+def test_a_file_not_in_the_page_cache_is_read_off_the_loop_and_arrives_intact(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    """Cached data is read inline (RWF_NOWAIT); evicted data through the executor."""
+    src = old_file(workspace["inbox"] / "cold.bin", 6 * 1024 * 1024 + 123)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # evict: reads must go to disk
+    finally:
+        os.close(fd)
+    result = once(remote_config(workspace, {"url": f"{receiver.url}/cold"}))
+    assert result.returncode == 0, result.stderr
+    (got,) = receiver.received
+    assert (got.sha256, got.size) == (sha256_of(src), src.stat().st_size)

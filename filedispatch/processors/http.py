@@ -80,7 +80,7 @@ class FileBody(payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        async def send(data: bytes) -> None:
+        async def send(data: bytes | bytearray) -> None:
             await writer.write(data)
             self._progress()
 

@@ -15,7 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import PurePosixPath
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from ..config import FtpDestination, SftpDestination, redact_url
@@ -141,29 +141,38 @@ CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatev
 
 
 async def copy_to(
-    fd: int, st: os.stat_result, write: Callable[[bytes], Awaitable[object]], chunk: int = CHUNK
+    fd: int,
+    st: os.stat_result,
+    write: Callable[[Any], Awaitable[object]],  # takes bytes or a bytearray (see Chunk)
+    chunk: int = CHUNK,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
 
-    Reads run in the default executor, so a slow disk never stalls the loop, and the next
-    chunk is read while the current one is sent: at most two chunks are in memory.
+    Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
+    what is not is read in the default executor (so a slow disk never stalls the loop), the
+    next chunk while the current one is sent: at most two chunks are in memory.
     Raises TransientDeliveryError when the file changed while it was sent.
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
+    nowait = _NOWAIT
 
     def read(at: int) -> asyncio.Future[bytes]:
         return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
 
-    pending = read(0) if size else None
+    pending: asyncio.Future[bytes] | None = None
     try:
-        while pending is not None:
-            data = await pending
-            pending = None
+        while offset < size:
+            data: Chunk = b""
+            if pending is None and nowait:
+                data, nowait = _read_cached(fd, min(chunk, size - offset), offset)
             if not data:
-                break
+                data = await (pending or read(offset))
+                pending = None
+                if not data:
+                    break
             offset += len(data)
-            if offset < size:
+            if offset < size and not nowait:
                 pending = read(offset)
             await write(data)
     finally:
@@ -172,6 +181,27 @@ async def copy_to(
     after = os.fstat(fd)
     if offset != size or (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
         raise TransientDeliveryError("the file changed while it was sent")
+
+
+_NOWAIT = hasattr(os, "RWF_NOWAIT")
+#: what ``copy_to`` hands its writer
+Chunk = bytes | bytearray
+
+
+def _read_cached(fd: int, n: int, at: int) -> tuple[Chunk, bool]:
+    """Up to ``n`` bytes that are in the page cache, without blocking; and whether to go on
+    trying (False once the filesystem does not support RWF_NOWAIT). A fresh buffer per chunk
+    is handed on as it is, with no copy: writers only read it."""
+    buf = bytearray(n)
+    try:
+        got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return b"", True
+    except OSError:  # EOPNOTSUPP/EINVAL: this filesystem cannot say; use the executor
+        return b"", False
+    if got < n:
+        del buf[got:]
+    return buf, True
 
 
 class RemoteProcessor(ABC, Generic[C]):
