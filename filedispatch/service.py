@@ -264,9 +264,12 @@ class Service:
 
             link = api.ServiceLink(self.status, self.dispatcher.wake)
             await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
-        from . import monitor, progress
+        if self.config.monitor.enabled:  # aiomonitor costs a tenth of a second to import
+            from . import monitor
 
-        await stack.enter_async_context(monitor.console(self))
+            await stack.enter_async_context(monitor.console(self))
+        from . import progress
+
         await stack.enter_async_context(progress.backlog(self))
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
