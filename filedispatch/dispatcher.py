@@ -545,6 +545,7 @@ class Dispatcher:
         # Not awaited: a worker goes on while the writer commits many outcomes at once. The
         # source is only touched once this write is durable (see _when_durable).
         self._last_write = self.journal.finish_soon([result])
+        self._last_write.add_done_callback(_report_write)
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type
@@ -598,6 +599,12 @@ class Dispatcher:
                 shutil.move(str(path), str(target))
         except OSError as exc:
             log.error("after-action %s on %s failed: %s", action, path, exc.strerror or exc)
+
+
+def _report_write(fut: asyncio.Future[None]) -> None:
+    """An outcome nobody awaits: a journal failure is logged here, not lost."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("the journal could not record an outcome: %s", fut.exception())
 
 
 def _free_name(target: Path) -> Path:
