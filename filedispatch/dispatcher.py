@@ -287,8 +287,7 @@ class Dispatcher:
             self._idle.clear()
             self._wake.set()
             await self._idle.wait()
-            counts = await self.journal.counts()
-            if not counts.get("PENDING") and not counts.get("IN_PROGRESS"):
+            if not await self.journal.has_unfinished():
                 return
             if self.stopped_sources and set(self.sources) <= self.stopped_sources:
                 return

@@ -576,6 +576,13 @@ class Journal:
         await self.write(op)
         return new
 
+    async def has_unfinished(self) -> bool:
+        """Whether any row is PENDING or IN_PROGRESS (an index seek, not a count)."""
+        rows = await self.read(
+            "SELECT EXISTS (SELECT 1 FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))"
+        )
+        return bool(rows[0][0])
+
     async def counts(self) -> dict[str, int]:
         rows = await self.read("SELECT status, COUNT(*) FROM dispatches GROUP BY status")
         return {s: n for s, n in rows}

@@ -89,3 +89,15 @@ async def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="cannot create the journal"):
         async with Journal.open(blocker / "j.db"):
             pass
+
+
+async def test_has_unfinished(tmp_path: Path) -> None:
+    v = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    async with Journal.open(tmp_path / "j.db") as j:
+        assert await j.has_unfinished() is False
+        await j.plan([step(v)])
+        assert await j.has_unfinished() is True
+        (group,) = await j.claim(10, time.time())
+        assert await j.has_unfinished() is True  # IN_PROGRESS
+        await j.finish([StepResult(group[0].id, Status.SUCCEEDED, 1)])
+        assert await j.has_unfinished() is False
