@@ -11,13 +11,17 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import Config, load_config
-from .content import import_problems
+from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
 from .models import FileVersion, Status
-from .router import Facts, Router, describe_target
+from .router import Router, describe_target
+
+if TYPE_CHECKING:
+    from .service import Service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -241,8 +245,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def print_summary(service: object) -> None:
-    s = service.summary  # type: ignore[attr-defined]
+def print_summary(service: Service) -> None:
+    s = service.summary
     print(
         f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
         f"failed: {s.failed}"
@@ -264,7 +268,7 @@ def dry_run(config: Config, max_items: int | None) -> int:
                 print(f"(stopping at --max-items {max_items})")
                 return EXIT_OK
             version = FileVersion.from_stat(source.key, source.path, rel, st)
-            chains = router.route(version, _facts(router, version))
+            chains = router.route(version, facts_for(router, version))
             if not chains:
                 print(f"{source.key}/{rel}: no rule matches")
                 continue
@@ -277,15 +281,6 @@ def dry_run(config: Config, max_items: int | None) -> int:
 
 async def _never(*_: object) -> None:
     return None
-
-
-def _facts(router: Router, version: FileVersion) -> Facts:
-    if not router.needs_mime and not router.classifiers:
-        return Facts()
-    from .content import classify_all, detect_mime
-
-    mime = detect_mime(version.path)
-    return Facts(mime=mime, classified=classify_all(router, version, mime))
 
 
 # ---------------------------------------------------------------------------- check, explain
@@ -356,7 +351,7 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
             version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
             print(f"{file}: (does not exist; taken as an empty file)")
         print(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
-        facts = _facts(router, version)
+        facts = facts_for(router, version)
         if facts.mime:
             print(f"  detected type: {facts.mime}")
         chains = {c.rule: c for c in router.route(version, facts)}

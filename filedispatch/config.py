@@ -680,7 +680,7 @@ def _describe(err: Mapping[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _check_paths(config: Config, base: Path) -> list[str]:
+def _check_paths(config: Config) -> list[str]:
     problems = []
     for i, src in enumerate(config.sources):
         root = src.path
@@ -701,7 +701,6 @@ def _check_paths(config: Config, base: Path) -> list[str]:
                     f"{key}: {path} is inside the watched source sources[{i}] ({root}); "
                     "its own files would be dispatched"
                 )
-    del base
     return problems
 
 
@@ -763,7 +762,7 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
         raise ConfigError(
             source, [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors(include_input=False)]
         ) from None
-    problems = _check_paths(config, base)
+    problems = _check_paths(config)
     if problems:
         raise ConfigError(source, problems)
     return config

@@ -16,7 +16,7 @@ from .config import Config, PythonStep
 from .models import FileVersion
 
 if TYPE_CHECKING:
-    from .router import Router
+    from .router import Facts, Router
 
 log = logging.getLogger(__name__)
 SNIFF_BYTES = 8192
@@ -91,6 +91,16 @@ def import_problems(config: Config) -> list[str]:
 
 def _calls(cls: type) -> bool:
     return any("__call__" in vars(k) for k in cls.__mro__)
+
+
+def facts_for(router: Router, version: FileVersion, cache: dict[str, Any] | None = None) -> Facts:
+    """What routing needs to know beyond name and size: nothing unless a rule asks for it."""
+    from .router import Facts
+
+    if not router.needs_mime and not router.classifiers:
+        return Facts()
+    mime = detect_mime(version.path)
+    return Facts(mime, classify_all(router, version, mime, cache))
 
 
 def classify_all(

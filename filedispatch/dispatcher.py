@@ -20,19 +20,14 @@ from pathlib import Path
 
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, secrets_of
-from .content import classify_all, detect_mime
+from .content import facts_for
 from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
-from .journal import Journal, PlannedStep, StepResult, version_key
+from .journal import Journal, PlannedStep, StepResult, planned_steps, version_key
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import Registry, StepContext
-from .router import Chain, Facts, Router
+from .router import Chain, Router
 
 log = logging.getLogger(__name__)
-
-
-def protocol_of(step: Step) -> str:
-    """The ``protocol`` the journal and API show: file, http, ftp, sftp, command, python..."""
-    return step.kind
 
 
 @dataclass
@@ -44,14 +39,12 @@ class DestinationStats:
     retried: int = 0
     bytes: int = 0
     last_error: str | None = None
-    last_error_at: float | None = None
 
 
 @dataclass
 class RunSummary:
     """What a ``--once`` run did (and what a long run has done so far)."""
 
-    planned: int = 0  #: new journal rows
     processed: int = 0  #: file versions whose every destination succeeded in this run
     already_done: int = 0  #: versions found already dispatched
     unmatched: int = 0  #: files no rule takes
@@ -111,15 +104,8 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ planning
 
-    def _facts(self, version: FileVersion) -> Facts:
-        router = self.router
-        if not router.needs_mime and not router.classifiers:
-            return Facts()
-        mime = detect_mime(version.path)
-        return Facts(mime, classify_all(router, version, mime, self._classifiers))
-
     def route(self, version: FileVersion) -> list[Chain]:
-        return self.router.route(version, self._facts(version))
+        return self.router.route(version, facts_for(self.router, version, self._classifiers))
 
     async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
         """Plan complete files from a watcher: route them and write PENDING rows."""
@@ -142,16 +128,11 @@ class Dispatcher:
                 log.debug("no rule takes %s", version.relpath)
                 continue
             matched.append(version)
-            for chain in chains:
-                for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True)):
-                    steps.append(
-                        PlannedStep(version, chain.rule, i, key, step.display, protocol_of(step))
-                    )
+            steps += planned_steps(version, chains)
         self._offered += len(matched)
         if not steps:
             return
         new = await self.journal.plan(steps)
-        self.summary.planned += new
         if new:
             self._wake.set()
         if new < len(steps):
@@ -287,7 +268,7 @@ class Dispatcher:
             self._idle.clear()
             self._wake.set()
             await self._idle.wait()
-            if not await self.journal.has_unfinished():
+            if not await self.journal.unfinished():
                 return
             if self.stopped_sources and set(self.sources) <= self.stopped_sources:
                 return
@@ -300,7 +281,8 @@ class Dispatcher:
     async def _run_version(self, rows: list[Dispatch]) -> None:
         version = rows[0].version
         source = self.sources.get(version.source)
-        consumes = source is not None and (source.after == "delete" or self._moves(rows))
+        moves = self._moves(rows)
+        consumes = source is not None and (source.after == "delete" or moves)
         # a hard link is only safe when the source goes away and one folder gets the file
         link_ok = consumes and sum(d.protocol == "file" for d in rows) == 1
         chains: dict[str, list[Dispatch]] = defaultdict(list)
@@ -317,7 +299,7 @@ class Dispatcher:
             return
         if all(s == Status.SUCCEEDED for s in statuses):
             self.summary.processed += 1
-            if source.after != "keep" or self._moves(rows):
+            if source.after != "keep" or moves:
                 self._when_durable(lambda: self._after_action(source, version, True))
         elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
             self.summary.failed += 1
@@ -555,7 +537,7 @@ class Dispatcher:
             log.info("%s -> %s", version.relpath, result.location)
         elif result.status == Status.FAILED:
             stats.failed += 1
-            stats.last_error, stats.last_error_at = result.reason, time.time()
+            stats.last_error = result.reason
             log.error("%s -> %s failed: %s", version.relpath, row.destination, result.reason)
         if result.status == Status.FAILED:
             self._wake.set()

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from .config import Config, SourceConfig
+from .content import facts_for
 from .errors import JournalError
-from .journal import COLUMNS, Journal, PlannedStep
+from .journal import COLUMNS, Journal, PlannedStep, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
-from .router import Chain, Facts, Router
+from .router import Chain, Router
 
 Period = Literal["day", "week", "month"]
 PERIOD_FORMAT: dict[str, str] = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m"}
@@ -213,21 +214,8 @@ def existing(config: Config) -> Iterator[tuple[SourceConfig, FileVersion]]:
             yield source, FileVersion.from_stat(source.key, source.path, rel, st)
 
 
-def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
-    return [
-        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
-        for chain in chains
-        for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
-    ]
-
-
 def _route(router: Router, version: FileVersion) -> list[Chain]:
-    if not router.needs_mime and not router.classifiers:
-        return router.route(version)
-    from .content import classify_all, detect_mime
-
-    mime = detect_mime(version.path)
-    return router.route(version, Facts(mime, classify_all(router, version, mime)))
+    return router.route(version, facts_for(router, version))
 
 
 def mark_existing(

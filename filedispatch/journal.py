@@ -20,12 +20,15 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
 from .errors import JournalError
 from .models import Dispatch, FileVersion, Status
+
+if TYPE_CHECKING:
+    from .router import Chain
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,6 +170,15 @@ class StepResult:
     output: str | None = None
 
 
+def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
+    """The rows that plan a routed file version: one per step of each chain."""
+    return [
+        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
+        for chain in chains
+        for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
+    ]
+
+
 def _row(r: Sequence[Any]) -> Dispatch:
     values = list(r)
     values[10] = Status(values[10])
@@ -201,7 +213,6 @@ class Journal:
         )
         self._task: asyncio.Task[None] | None = None
         self._read_lock = asyncio.Lock()
-        self.commits = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -324,7 +335,6 @@ class Journal:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             raise
-        self.commits += 1
         return results
 
     async def write(self, op: Op[T] | Rows) -> T:
@@ -576,12 +586,22 @@ class Journal:
         await self.write(op)
         return new
 
-    async def has_unfinished(self) -> bool:
-        """Whether any row is PENDING or IN_PROGRESS (an index seek, not a count)."""
+    async def unfinished(self) -> int:
+        """How many rows are PENDING or IN_PROGRESS (an index range, not a table scan)."""
         rows = await self.read(
-            "SELECT EXISTS (SELECT 1 FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))"
+            "SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
         )
-        return bool(rows[0][0])
+        return int(rows[0][0])
+
+    async def progress(self, since: float) -> tuple[int, int]:
+        """(rows finished since ``since``, rows still to do), from one snapshot and two index
+        ranges: a large journal is never counted whole."""
+        rows = await self.read(
+            "SELECT (SELECT COUNT(*) FROM dispatches WHERE finished >= ?), "
+            "(SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))",
+            (since,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
 
     async def counts(self) -> dict[str, int]:
         rows = await self.read("SELECT status, COUNT(*) FROM dispatches GROUP BY status")

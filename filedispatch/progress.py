@@ -177,22 +177,16 @@ async def backlog(service: Service) -> AsyncIterator[None]:
 
 
 async def _report_backlog(service: Service) -> None:
-    try:
-        base = await service.journal.counts()
-    except Exception:  # progress is a nicety: it must never stop the service
-        return
-    done0 = base.get("SUCCEEDED", 0) + base.get("FAILED", 0)
+    since = time.time()
     progress = Progress("dispatching", unit="deliveries", emit=log.info)
     poll = 0.5 if progress.tty else min(1.0, progress.every)
     with progress:
         while True:
             await asyncio.sleep(poll)
             try:
-                counts = await service.journal.counts()
-            except Exception:
+                done, left = await service.journal.progress(since)
+            except Exception:  # progress is a nicety: it must never stop the service
                 return
-            done = counts.get("SUCCEEDED", 0) + counts.get("FAILED", 0) - done0
-            left = counts.get("PENDING", 0) + counts.get("IN_PROGRESS", 0)
             scanned = bool(service.watchers) and all(w.ready.is_set() for w in service.watchers)
             if scanned and left == 0:
                 if progress.shown:  # quiet when it was quick

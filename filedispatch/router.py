@@ -11,8 +11,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .config import Config, RuleConfig, Step
+from .config import Config, LocalDestination, RuleConfig, Step
+from .errors import PermanentDeliveryError
 from .models import FileVersion
+from .naming import render
 from .patterns import GlobSet
 
 
@@ -148,10 +150,6 @@ class Router:
 
 def describe_target(step: Step, version: FileVersion) -> str:
     """Where a step would put this file, for ``explain`` and ``--dry-run`` (credentials hidden)."""
-    from .config import LocalDestination
-    from .errors import PermanentDeliveryError
-    from .naming import render
-
     template = getattr(step, "name", None)
     if template is None:
         return step.display

@@ -150,9 +150,7 @@ class Service:
             return False
         if journal_path(new, self.options) != self.db_path:
             log.warning("reload: a new database path only takes effect after a restart")
-        old_keys = {s.key for s in self.config.sources}
-        new_keys = {s.key for s in new.sources}
-        if old_keys != new_keys or [s for s in new.sources] != [s for s in self.config.sources]:
+        if new.sources != self.config.sources:
             log.info("reload: sources changed; watchers restart")
             self._restart_watchers.set()
         self.config = new

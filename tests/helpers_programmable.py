@@ -150,3 +150,8 @@ async def overlap(path: str, *, log: str) -> None:
     _note(log, event="start", path=path)
     await asyncio.sleep(0.2)
     _note(log, event="end", path=path)
+
+
+def remove(path: str) -> None:
+    """Deletes the file it is given (for a test of a source vanishing mid-chain)."""
+    Path(path).unlink()

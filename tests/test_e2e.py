@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from .conftest import (
+    ROOT,
     ServiceProcess,
+    cli_env,
     delivered,
     journal_rows,
     old,
@@ -395,10 +397,10 @@ def test_two_services_cannot_share_a_journal(
     assert "already running on the journal" in result.stderr
 
 
-def test_file_vanishing_before_dispatch_is_recorded(
+def test_a_file_deleted_while_settling_is_not_planned(
     workspace: dict[str, Path], service_factory: Any
 ) -> None:
-    """A file deleted while settling is simply not sent; one that vanishes mid-way is FAILED."""
+    """It never became complete, so it leaves no row (the next test covers a planned one)."""
     ws = workspace
     cfg = config(ws, settle=0.5)
     svc: ServiceProcess = service_factory(cfg).start()
@@ -409,6 +411,37 @@ def test_file_vanishing_before_dispatch_is_recorded(
     wait_until(lambda: (ws["outbox"] / "stays.txt").exists())
     assert svc.stop() == 0
     assert [r["filename"] for r in journal_rows(ws["db"])] == ["stays.txt"]
+
+
+def test_a_planned_file_that_vanishes_fails_once_with_the_reason(
+    workspace: dict[str, Path],
+) -> None:
+    """A first step removes the source; the copy after it is FAILED as vanished, not retried."""
+    ws = workspace
+    old(ws["inbox"] / "doomed.txt", b"x")
+    old(ws["inbox"] / "other.txt", b"y")
+    cfg = config(
+        ws,
+        [
+            {
+                "name": "doomed",
+                "glob": "doomed.txt",
+                "to": [
+                    {"python": "tests.helpers_programmable:remove"},
+                    {"url": str(ws["outbox"]), "retry": {"attempts": 5, "delay": 0.05}},
+                ],
+            },
+            {"name": "rest", "glob": "*", "to": str(ws["outbox"])},
+        ],
+    )
+    env = cli_env(PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = run_cli("-c", cfg, "--once", env=env)
+    assert result.returncode == 1
+    assert delivered(ws["outbox"]) == {"other.txt": b"y"}
+    rows = {(r["filename"], r["step"]): r for r in journal_rows(ws["db"])}
+    copy = rows[("doomed.txt", 1)]
+    assert copy["status"] == "FAILED" and copy["attempts"] == 1
+    assert "vanished" in copy["reason"]
 
 
 def test_files_arriving_during_the_startup_scan_are_sent_once(

@@ -91,13 +91,13 @@ async def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_has_unfinished(tmp_path: Path) -> None:
+async def test_unfinished_counts_pending_and_in_progress(tmp_path: Path) -> None:
     v = FileVersion("in", tmp_path, "a.txt", 1, 1)
     async with Journal.open(tmp_path / "j.db") as j:
-        assert await j.has_unfinished() is False
+        assert await j.unfinished() == 0
         await j.plan([step(v)])
-        assert await j.has_unfinished() is True
+        assert await j.unfinished() == 1
         (group,) = await j.claim(10, time.time())
-        assert await j.has_unfinished() is True  # IN_PROGRESS
+        assert await j.unfinished() == 1  # IN_PROGRESS
         await j.finish([StepResult(group[0].id, Status.SUCCEEDED, 1)])
-        assert await j.has_unfinished() is False
+        assert await j.unfinished() == 0
