@@ -8,6 +8,7 @@ Processors' own exceptions never reach here: they raise our Transient/Permanent 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -17,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, secrets_of
@@ -24,10 +26,16 @@ from .content import facts_for
 from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
 from .journal import Journal, PlannedStep, StepResult, planned_steps, version_key
 from .models import Dispatch, FileVersion, Outcome, Status
-from .processors import Registry, StepContext
+from .processors import Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
 
 log = logging.getLogger(__name__)
+
+
+#: files moved inline per journal write; the next chunk's rows commit while one moves
+INLINE_CHUNK = 512
+#: chunks planned ahead of the one moving
+INLINE_AHEAD = 2
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Dispatcher:
         self._secrets = secrets_of(config)
         self.released = 0
         self._last_write: asyncio.Future[None] | None = None
+        #: (source, rule) -> the step and processor that move its files inline, or None
+        self._movers: dict[tuple[str, str], tuple[Step, Mover] | None] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -99,6 +109,7 @@ class Dispatcher:
         self.router = Router(config)
         self.sources = {s.key: s for s in config.sources}
         self._classifiers.clear()
+        self._movers.clear()
         self._secrets = secrets_of(config)
         self._wake.set()
 
@@ -122,23 +133,143 @@ class Dispatcher:
             routes = [self.router.route(v) for v in versions]
         steps: list[PlannedStep] = []
         matched: list[FileVersion] = []
+        inline: list[tuple[FileVersion, Chain, Step, Mover]] = []
         for version, chains in zip(versions, routes, strict=True):
             if not chains:
                 self.summary.unmatched += 1
                 log.debug("no rule takes %s", version.relpath)
                 continue
+            mover = self._mover(source, chains)
+            if mover is not None:
+                inline.append((version, chains[0], *mover))
+                continue
             matched.append(version)
             steps += planned_steps(version, chains)
-        self._offered += len(matched)
-        if not steps:
-            return
-        new = await self.journal.plan(steps)
-        if new:
-            self._wake.set()
-        if new < len(steps):
-            await self._settle_known(source, matched)
-        if self._on_change:
+        self._offered += len(matched) + len(inline)
+        known: list[FileVersion] = []
+        if inline:
+            known += await self._move_inline(source, inline)
+        if steps:
+            new = await self.journal.plan(steps)
+            if new:
+                self._wake.set()
+            if new < len(steps):
+                known += matched
+        if known:
+            await self._settle_known(source, known)
+        if (steps or inline) and self._on_change:
             self._on_change()
+
+    # ------------------------------------------------------------------ moving inline
+
+    def _mover(self, source: SourceConfig, chains: list[Chain]) -> tuple[Step, Mover] | None:
+        """The step and processor when a new file can be moved inline (see _move_inline)."""
+        if len(chains) != 1 or not self._running.is_set() or source.key in self.stopped_sources:
+            return None
+        key = (source.key, chains[0].rule)
+        if key in self._movers:
+            found = self._movers[key]
+        else:
+            found = self._movers[key] = self._find_mover(source, chains[0].steps)
+        if found is None:
+            return None
+        sem = self._semaphore(found[0])
+        return None if sem is not None and sem.locked() else found
+
+    def _find_mover(
+        self, source: SourceConfig, steps: tuple[Step, ...]
+    ) -> tuple[Step, Mover] | None:
+        if len(steps) != 1:
+            return None
+        step = steps[0]
+        # the source must go away once delivered, and be delivered to this one place only
+        consumed = source.after == "delete" or (
+            source.after == "keep" and getattr(step, "mode", None) == "move"
+        )
+        if not consumed:
+            return None
+        processor = self.registry.get(step)
+        if not isinstance(processor, Mover) or not processor.can_move_from(source.path):
+            return None
+        return step, processor
+
+    async def _move_inline(
+        self, source: SourceConfig, items: list[tuple[FileVersion, Chain, Step, Mover]]
+    ) -> list[FileVersion]:
+        """New files whose only step is a rename: record them IN_PROGRESS, rename them here
+        and now, record the outcomes in one write. No claim, no queue, no worker: for a burst
+        of files into a local folder this is most of the work saved. Returns the versions the
+        journal already knew (they are settled by the caller instead).
+
+        In chunks, pipelined: the journal commits the next chunk's rows while this one moves.
+        """
+        known: list[FileVersion] = []
+        chunks = [items[i : i + INLINE_CHUNK] for i in range(0, len(items), INLINE_CHUNK)]
+        ahead = collections.deque(self._plan_started(c) for c in chunks[:INLINE_AHEAD])
+        try:
+            for i, chunk in enumerate(chunks):
+                ids = await ahead.popleft()
+                if i + INLINE_AHEAD < len(chunks):
+                    ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
+                known += self._move_chunk(source, chunk, ids)
+        finally:
+            for planned in ahead:  # after a failure these rows wait for a restart
+                planned.add_done_callback(_report_write)
+        return known
+
+    def _plan_started(
+        self, chunk: list[tuple[FileVersion, Chain, Step, Mover]]
+    ) -> asyncio.Future[list[int | None]]:
+        steps = [PlannedStep(v, c.rule, 0, c.keys[0], s.display, s.kind) for v, c, s, _ in chunk]
+        return self.journal.plan_started(steps, time.time())
+
+    def _move_chunk(
+        self,
+        source: SourceConfig,
+        chunk: list[tuple[FileVersion, Chain, Step, Mover]],
+        ids: list[int | None],
+    ) -> list[FileVersion]:
+        """Move a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
+
+        Synchronous on purpose: nothing can interrupt it between a move and its record.
+        """
+        known: list[FileVersion] = []
+        done: list[tuple[FileVersion, StepResult, bool]] = []
+        for (version, chain, step, mover), row_id in zip(chunk, ids, strict=True):
+            if row_id is None:
+                known.append(version)
+                continue
+            ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
+            started = time.time()
+            moved = False
+            try:
+                outcome = mover.move_now(ctx)
+            except MoveUnavailable as exc:
+                log.info("%s cannot be renamed into %s (%s)", version.relpath, step.display, exc)
+                self._movers[(source.key, chain.rule)] = None
+                result = StepResult(row_id, Status.PENDING, 0, started=started)
+                self._wake.set()  # give it to a worker, which links or copies
+            except Exception as exc:
+                error = exc if isinstance(exc, DeliveryError) else _unexpected(exc, ctx)
+                row = Dispatch(
+                    row_id, version.source, str(version.root), version.relpath, version.size,
+                    version.mtime_ns, chain.rule, 0, step.display, step.kind,
+                    Status.IN_PROGRESS, 0, None, None, started, started, None, None, 0.0,
+                )  # fmt: skip
+                result = self._failure(row, step, 1, error, started)
+            else:
+                moved = outcome.detail == "moved"
+                result = StepResult(
+                    row_id, Status.SUCCEEDED, 1, location=outcome.location,
+                    detail=outcome.detail, started=started,
+                )  # fmt: skip
+            self._note(step.display, result, version)
+            done.append((version, result, moved))
+        if done:
+            self._write([r for _, r, _ in done])
+        for version, result, moved in done:  # after the write: after-actions wait for it
+            self._conclude(source, version, [result.status], consumes=True, gone=moved)
+        return known
 
     async def _settle_known(self, source: SourceConfig, versions: list[FileVersion]) -> None:
         """Files seen again: count the ones already done, and finish their after-action."""
@@ -295,11 +426,26 @@ class Dispatcher:
                 *(self._run_chain(version, c, link_ok) for c in chains.values())
             )
             statuses = [s for chain_statuses in final for s in chain_statuses]
-        if source is None:
-            return
+        if source is not None:
+            self._conclude(source, version, statuses, consumes=moves)
+
+    def _conclude(
+        self,
+        source: SourceConfig,
+        version: FileVersion,
+        statuses: list[Status],
+        *,
+        consumes: bool,
+        gone: bool = False,
+    ) -> None:
+        """Count a version whose rows are all final, and schedule its source's after-action.
+
+        ``consumes``: a move-mode step took the file, so it is removed even with ``after:
+        keep``; ``gone``: the delivery already renamed it away.
+        """
         if all(s == Status.SUCCEEDED for s in statuses):
             self.summary.processed += 1
-            if source.after != "keep" or moves:
+            if (source.after != "keep" or consumes) and not gone:
                 self._when_durable(lambda: self._after_action(source, version, True))
         elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
             self.summary.failed += 1
@@ -467,14 +613,8 @@ class Dispatcher:
             if step.timeout is None:  # a processor's own timeout it did not translate
                 raise TransientDeliveryError(f"timed out: {exc}") from exc
             raise TransientDeliveryError(f"timed out after {step.timeout:g}s") from None
-        except FileNotFoundError as exc:
-            if not ctx.input.exists():
-                raise SourceVanishedError(
-                    f"the file {ctx.input} vanished before it was sent"
-                ) from exc
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # a processor bug or a foreign error it did not translate
-            raise TransientDeliveryError(f"{type(exc).__name__}: {exc}") from exc
+            raise _unexpected(exc, ctx) from exc
 
     def _failure(
         self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
@@ -523,14 +663,21 @@ class Dispatcher:
         return text
 
     def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
-        # Not awaited: a worker goes on while the writer commits many outcomes at once. The
-        # source is only touched once this write is durable (see _when_durable).
-        self._last_write = self.journal.finish_soon([result])
-        self._last_write.add_done_callback(_report_write)
+        self._write([result])
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type
-        stats = self.stats[row.destination]
+        self._note(row.destination, result, version)
+
+    def _write(self, results: list[StepResult]) -> None:
+        # Not awaited: a worker goes on while the writer commits many outcomes at once. The
+        # source is only touched once this write is durable (see _when_durable).
+        self._last_write = self.journal.finish_soon(results)
+        self._last_write.add_done_callback(_report_write)
+
+    def _note(self, destination: str, result: StepResult, version: FileVersion) -> None:
+        """Count and log an attempt's result (the journal write is separate)."""
+        stats = self.stats[destination]
         if result.status == Status.SUCCEEDED:
             stats.succeeded += 1
             stats.bytes += version.size
@@ -538,7 +685,7 @@ class Dispatcher:
         elif result.status == Status.FAILED:
             stats.failed += 1
             stats.last_error = result.reason
-            log.error("%s -> %s failed: %s", version.relpath, row.destination, result.reason)
+            log.error("%s -> %s failed: %s", version.relpath, destination, result.reason)
         if result.status == Status.FAILED:
             self._wake.set()
 
@@ -582,7 +729,14 @@ class Dispatcher:
             log.error("after-action %s on %s failed: %s", action, path, exc.strerror or exc)
 
 
-def _report_write(fut: asyncio.Future[None]) -> None:
+def _unexpected(exc: Exception, ctx: StepContext) -> DeliveryError:
+    """A foreign exception from a processor, as one of ours (a vanished source is final)."""
+    if isinstance(exc, FileNotFoundError) and not ctx.input.exists():
+        return SourceVanishedError(f"the file {ctx.input} vanished before it was sent")
+    return TransientDeliveryError(f"{type(exc).__name__}: {exc}")
+
+
+def _report_write(fut: asyncio.Future[Any]) -> None:
     """An outcome nobody awaits: a journal failure is logged here, not lost."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("the journal could not record an outcome: %s", fut.exception())

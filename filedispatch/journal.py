@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import queue
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -38,10 +40,16 @@ Op = Callable[[sqlite3.Connection], T]
 
 @dataclass(frozen=True, slots=True)
 class Rows:
-    """A write of many parameter rows for one statement; the writer merges these."""
+    """A write of many parameter rows for one statement; the writer merges these.
+
+    ``bulk`` is the same write as one statement over a JSON array of the rows: SQLite then
+    runs every row in one call, with the GIL released, instead of handing the GIL back and
+    forth with the event loop once per row.
+    """
 
     sql: str
     params: list[tuple[Any, ...]]
+    bulk: str | None = None
 
 
 COLUMNS = (
@@ -91,6 +99,9 @@ MIGRATIONS: list[list[str]] = [
     [  # /metrics counts outcomes incrementally, by the time they finished
         "CREATE INDEX dispatches_finished ON dispatches (finished) WHERE finished IS NOT NULL",
     ],
+    [  # UNIQUE (vkey, step_key) already serves lookups by vkey: one index less per insert
+        "DROP INDEX dispatches_vkey",
+    ],
 ]
 
 
@@ -98,6 +109,21 @@ _FINISH = (
     "UPDATE dispatches SET status=?, attempts=?, reason=?, error_type=?, location=?, detail=?, "
     "finished=?, duration_ms=?, next_attempt=?, output=COALESCE(?, output) WHERE id=?"
 )
+_FINISH_BULK = (
+    "UPDATE dispatches SET status=r.value->>0, attempts=r.value->>1, reason=r.value->>2, "
+    "error_type=r.value->>3, location=r.value->>4, detail=r.value->>5, finished=r.value->>6, "
+    "duration_ms=r.value->>7, next_attempt=r.value->>8, "
+    "output=COALESCE(r.value->>9, output) FROM json_each(?) AS r WHERE dispatches.id=r.value->>10"
+)
+
+
+def _bulk_ok(conn: sqlite3.Connection) -> bool:
+    """Whether this SQLite has JSON and ``->>`` (3.38), which the bulk statements use."""
+    try:
+        conn.execute("SELECT '[1]' ->> 0").fetchone()
+    except sqlite3.Error:
+        return False
+    return True
 
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
@@ -179,6 +205,51 @@ def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[Planned
     ]
 
 
+_PLAN = (
+    "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
+    "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
+)
+
+
+def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ...]]:
+    return [
+        (
+            version_key(s.version),
+            _text(s.version.source),
+            str(s.version.root),
+            _text(s.version.relpath),
+            _text(s.version.name),
+            _text(s.version.extension),
+            s.version.size,
+            s.version.mtime_ns,
+            s.rule,
+            s.step,
+            s.step_key,
+            _text(s.destination),
+            s.protocol,
+            now,
+        )
+        for s in steps
+    ]
+
+
+def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
+    """A bulk update applies rows in no set order: only safe when each id comes once."""
+    return len({p[-1] for p in params}) == len(params)
+
+
+def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
+    """On the loop: hand each caller its result (an exception is raised to that caller)."""
+    for fut, res in zip(futures, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
 def _row(r: Sequence[Any]) -> Dispatch:
     values = list(r)
     values[10] = Status(values[10])
@@ -208,10 +279,14 @@ class Journal:
         self._executor = executor
         self._w = writer  # used only on the executor's single thread
         self._r = reader
-        self._queue: asyncio.Queue[tuple[Op[Any] | Rows, asyncio.Future[Any]] | None] = (
-            asyncio.Queue()
+        # Writes go straight to the writer thread, not through a task on the loop: a loop busy
+        # moving a burst of files must not hold back the commits that work is waiting for.
+        self._inbox: queue.SimpleQueue[tuple[Op[Any] | Rows, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
         )
-        self._task: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._bulk = False  #: the SQLite can run a batch of rows as one JSON statement
+        self._thread: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -244,59 +319,60 @@ class Journal:
                 raise
             raise JournalError(f"cannot open the journal {path}: {exc}") from exc
         journal = cls(path, executor, writer, reader)
-        journal._task = asyncio.create_task(journal._writer(), name="journal-writer")
+        journal._bulk = await loop.run_in_executor(executor, _bulk_ok, writer)
+        journal._thread = loop.run_in_executor(executor, journal._writer)
         try:
             yield journal
         finally:
             await journal._close()
 
     async def _close(self) -> None:
-        if self._task is not None:
-            self._queue.put_nowait(None)  # commit what is queued, then stop
+        thread, self._thread = self._thread, None
+        finished = True
+        if thread is not None:
+            self._inbox.put(None)  # commit what is queued, then stop
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), 30)
+                await asyncio.wait_for(asyncio.shield(thread), 30)
             except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
-        while not self._queue.empty():  # a write nobody will commit must not hang its caller
-            item = self._queue.get_nowait()
+                finished = False
+                log.error("the journal writer did not finish within 30s; closing without it")
+        while not self._inbox.empty():  # a write nobody will commit must not hang its caller
+            item = self._inbox.get_nowait()
             if item is not None and not item[1].done():
                 item[1].set_exception(JournalError("the journal is closed"))
         await self._r.close()
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._w.close)
-        self._executor.shutdown()
+        if finished:
+            await self._loop.run_in_executor(self._executor, self._w.close)
+        self._executor.shutdown(wait=finished)
 
     # ------------------------------------------------------------------ the writer
 
-    async def _writer(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _writer(self) -> None:
+        """The writer thread: take what is queued, commit it as one transaction, report back."""
         while True:
-            first = await self._queue.get()
+            first = self._inbox.get()
             if first is None:
                 return
             batch = [first]
             stop = False
-            while not self._queue.empty() and len(batch) < 5000:
-                item = self._queue.get_nowait()
+            while len(batch) < 5000:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
                 if item is None:
                     stop = True
                     break
                 batch.append(item)
-            ops = [op for op, _ in batch]
             try:
-                results = await loop.run_in_executor(self._executor, self._commit, ops)
-            except sqlite3.Error as exc:
+                results = self._commit([op for op, _ in batch])
+            except Exception as exc:  # sqlite3.Error, or a bug in an op: fail this batch only
                 log.error("journal write failed: %s", exc)
                 results = [JournalError(f"journal write failed: {exc}")] * len(batch)
-            for (_, fut), res in zip(batch, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(res, BaseException):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+            try:
+                self._loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], results)
+            except RuntimeError:  # the loop is gone: nobody is waiting any more
+                return
             if stop:
                 return
 
@@ -318,7 +394,10 @@ class Journal:
                         params += nxt.params
                         j += 1
                     try:
-                        conn.executemany(op.sql, params)
+                        if op.bulk and self._bulk and _distinct_ids(params):
+                            conn.execute(op.bulk, (json.dumps(params),))
+                        else:
+                            conn.executemany(op.sql, params)
                         res: Any = None
                     except sqlite3.Error as exc:
                         res = JournalError(str(exc))
@@ -343,10 +422,10 @@ class Journal:
         return result
 
     def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
-        if self._task is None or self._task.done():
+        if self._thread is None or self._thread.done():
             raise JournalError("the journal is closed")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, fut))
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._inbox.put((op, fut))
         return fut
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
@@ -362,39 +441,57 @@ class Journal:
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; returns how many are new."""
         now = time.time() if now is None else now
-        params = [
-            (
-                version_key(s.version),
-                _text(s.version.source),
-                str(s.version.root),
-                _text(s.version.relpath),
-                _text(s.version.name),
-                _text(s.version.extension),
-                s.version.size,
-                s.version.mtime_ns,
-                s.rule,
-                s.step,
-                s.step_key,
-                _text(s.destination),
-                s.protocol,
-                now,
-            )
-            for s in steps
-        ]
+        params = _plan_params(steps, now)
         if not params:
             return 0
 
         def op(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, "
-                "extension, size, mtime_ns, rule, step, step_key, destination, protocol, "
-                "status, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'PENDING',?)",
-                params,
-            )
+            conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
             return conn.total_changes - before
 
         return await self.write(op)
+
+    def plan_started(
+        self, steps: Sequence[PlannedStep], now: float
+    ) -> asyncio.Future[list[int | None]]:
+        """Insert rows already IN_PROGRESS (work the caller starts at once, with no claim).
+
+        The future gives each step's new row id, or None where the step was planned before
+        (that row is left alone). Once it is done, a crash leaves the rows to be resumed at
+        start-up. It is queued at once, so a caller can plan its next batch before it works
+        on this one.
+        """
+        params = _plan_params(steps, now)
+        sql = _PLAN.format(status="IN_PROGRESS", started="?14")
+        bulk = (
+            "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, "
+            "size, mtime_ns, rule, step, step_key, destination, protocol, status, created, "
+            "started) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
+            "value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
+            "'IN_PROGRESS', ?2, ?2 FROM json_each(?1)"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[int | None]:
+            # rowids grow past the largest one, and only this thread writes: the new rows are
+            # the ones above the old maximum
+            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
+            if self._bulk:
+                conn.execute(bulk, (json.dumps(params), now))
+                found = conn.execute(
+                    "SELECT json_group_object(vkey || step_key, id) FROM dispatches WHERE id > ?",
+                    (top,),
+                ).fetchone()[0]
+                new = json.loads(found)
+            else:
+                new = dict(
+                    conn.executemany(sql, params).execute(
+                        "SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,)
+                    )
+                )
+            return [new.pop(p[0] + p[10], None) for p in params]  # a repeat gets None
+
+        return self._enqueue(op)
 
     async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
         """A file that cannot even be planned (an undecodable name): one FAILED row says why."""
@@ -484,7 +581,7 @@ class Journal:
             )
             for r in results
         ]
-        return self._enqueue(Rows(_FINISH, params))
+        return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
 
     async def resume_interrupted(self) -> int:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""

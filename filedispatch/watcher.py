@@ -111,6 +111,7 @@ class SourceWatcher:
         self.polling = False
         self.last_error: str | None = None
         self.scans = 0
+        self._emitting: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ running
 
@@ -153,7 +154,7 @@ class SourceWatcher:
                     self.root,
                     watch_filter=None,  # only our ignore rules decide, not DefaultFilter
                     recursive=self.config.recursive,
-                    debounce=100,
+                    debounce=50,
                     step=10,
                     stop_event=stop,
                     force_polling=self.polling,
@@ -162,6 +163,7 @@ class SourceWatcher:
                     ignore_permission_denied=True,
                 ):
                     await self._on_changes(changes)
+                await self.drain()
             except Exception as exc:  # the watch ended: say why, rescan, watch again
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
@@ -197,7 +199,7 @@ class SourceWatcher:
             v = await self._observe(rel, now)
             if v is not None:
                 ready.append(v)
-        await self._emit(ready)
+        await self._emit(ready, wait=False)
 
     async def _rescan_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.rescan
@@ -388,6 +390,12 @@ class SourceWatcher:
         self._wake.set()
         return None
 
+    async def drain(self) -> None:
+        """Wait for the batch in flight (its error, if any, is raised here)."""
+        task, self._emitting = self._emitting, None
+        if task is not None:
+            await task
+
     def _version(self, rel: str, size: int, mtime_ns: int) -> FileVersion:
         return FileVersion(self.config.key, self.root, rel, size, mtime_ns)
 
@@ -416,9 +424,19 @@ class SourceWatcher:
                     ready.append(v)
             await self._emit(ready)
 
-    async def _emit(self, versions: list[FileVersion]) -> None:
+    async def _emit(self, versions: list[FileVersion], wait: bool = True) -> None:
+        """Hand complete files on, in order. With ``wait=False`` it returns once the batch has
+        started, so the next batch of events is read while this one is being committed; the
+        next call waits for it first (one batch in flight, never more)."""
+        await self.drain()
         if not versions:
             return
+        if wait:
+            await self._hand_on(versions)
+        else:
+            self._emitting = asyncio.create_task(self._hand_on(versions), name=f"emit:{self.root}")
+
+    async def _hand_on(self, versions: list[FileVersion]) -> None:
         good = [v for v in versions if valid_name(v.relpath)]
         for v in versions:
             if not valid_name(v.relpath):

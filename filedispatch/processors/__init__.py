@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..models import FileVersion, Outcome
 
@@ -53,6 +53,25 @@ class Processor(Protocol):
     async def deliver(self, ctx: StepContext) -> Outcome: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Mover(Protocol):
+    """Optional, for a processor whose delivery can be one rename of the source file.
+
+    When a new file's only step is such a processor and the source is consumed anyway, the
+    dispatcher moves it inline as soon as it is planned, instead of queueing it for a worker.
+    ``move_now`` must be quick and never block: it runs on the event loop.
+    """
+
+    def can_move_from(self, folder: Path) -> bool: ...
+
+    def move_now(self, ctx: StepContext) -> Outcome: ...
+
+
+class MoveUnavailable(Exception):
+    """``move_now`` cannot rename here after all (another filesystem under the destination, a
+    filesystem without RENAME_NOREPLACE): deliver this file the ordinary way."""
 
 
 @dataclass

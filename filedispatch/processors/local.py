@@ -7,6 +7,7 @@ A delivered file is never visible half-written. This module never removes the so
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ from .. import naming
 from ..config import LocalDestination
 from ..errors import PermanentDeliveryError, SourceVanishedError, TransientDeliveryError
 from ..models import Outcome
-from . import Resources, StepContext
+from . import MoveUnavailable, Resources, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,35 @@ class LocalProcessor:
 
     def _link_into_place(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
         """The hot path of ``mode: move``: link() is atomic and refuses a taken name, so no
-        temporary name is needed. Plain strings, not Paths: this runs once per file, inline."""
+        temporary name is needed."""
+        return self._put_source(ctx, rel, _link)
+
+    # -- moving inline (see processors.Mover): one rename instead of link + unlink
+
+    def can_move_from(self, folder: Path) -> bool:
+        """Whether files of ``folder`` can be renamed into this destination (one filesystem,
+        and a kernel that renames without replacing)."""
+        if _renameat2 is None:
+            return False
+        try:
+            self._mkdirs(self.root)
+            return os.stat(folder).st_dev == os.stat(self.root).st_dev
+        except (OSError, PermanentDeliveryError, TransientDeliveryError):
+            return False
+
+    def move_now(self, ctx: StepContext) -> Outcome:
+        """Rename the source into place, inline: the delivery and the source's removal are one
+        atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
+        the ordinary path, which links and removes the source later)."""
+        return self._put_source(
+            ctx, self._target(ctx), _replace if self.dest.on_conflict == "overwrite" else _move
+        )
+
+    def _put_source(
+        self, ctx: StepContext, rel: PurePosixPath, put: Callable[[str, str], None]
+    ) -> Outcome:
+        """Link or rename the source itself to its final name, once the source is checked to
+        be the planned version. Plain strings, not Paths: this runs once per file, inline."""
         root = self._root
         folder = os.path.dirname(str(rel))
         self._mkdirs(Path(root, folder) if folder else self.root)
@@ -239,22 +268,15 @@ class LocalProcessor:
             raise SourceVanishedError(
                 f"{src} changed after it was seen; its new version is dispatched on its own"
             )
-
-        def put(p: PurePosixPath, overwrite: bool) -> None:
-            try:
-                os.link(src, f"{root}/{p}", follow_symlinks=False)
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                raise _LinkUnavailable() from exc
-
         try:
-            final = place(lambda p: False, rel, self.dest.on_conflict, put)
+            final = place(
+                lambda p: False, rel, self.dest.on_conflict, lambda p, _: put(src, f"{root}/{p}")
+            )
         except OSError as exc:
             raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
         if final is None:
             return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
-        return Outcome(f"{root}/{final}", detail="linked")
+        return Outcome(f"{root}/{final}", detail="linked" if put is _link else "moved")
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> None:
         mode = self.dest.file_mode
@@ -324,6 +346,64 @@ class LocalProcessor:
 
 class _LinkUnavailable(Exception):
     """Hard links are not possible here (another filesystem, or not allowed): copy instead."""
+
+
+def _link(src: str, dst: str) -> None:
+    """Link ``src`` to the free name ``dst``; FileExistsError if it is taken."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise _LinkUnavailable() from exc
+
+
+def _load_renameat2() -> Callable[[bytes, bytes], int] | None:
+    """renameat2(2) from the C library, which Python does not wrap (Linux 3.15, glibc 2.28)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+
+    def renameat2(src: bytes, dst: bytes) -> int:
+        return int(fn(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE))
+
+    return renameat2
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2 = _load_renameat2()
+
+
+def _move(src: str, dst: str) -> None:
+    """Rename ``src`` to the free name ``dst`` atomically; FileExistsError if it is taken.
+
+    Plain rename() would replace a file that appeared at ``dst`` since we looked, so this uses
+    RENAME_NOREPLACE, which checks and renames in one step in the kernel.
+    """
+    assert _renameat2 is not None
+    if _renameat2(os.fsencode(src), os.fsencode(dst)) == 0:
+        return
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), dst)
+    if err in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
+        raise MoveUnavailable(os.strerror(err))  # e.g. a mount point inside the destination
+    raise OSError(err, os.strerror(err), dst)
+
+
+def _replace(src: str, dst: str) -> None:
+    """``on_conflict: overwrite``: an ordinary rename, which replaces ``dst`` atomically."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise MoveUnavailable(exc.strerror) from exc
+        raise
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -1,0 +1,259 @@
+"""Moving files inline: a new file whose only step renames it into a local folder on the same
+filesystem is moved as soon as it is planned, with no claim and no worker. These tests check
+what a user sees of that path: the bytes, the source, the journal row, and what a crash leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from filedispatch.config import load_config
+from filedispatch.dispatcher import Dispatcher
+from filedispatch.journal import Journal, planned_steps
+from filedispatch.models import FileVersion
+from filedispatch.processors import Registry
+from filedispatch.router import Router
+
+from .conftest import (
+    ServiceProcess,
+    delivered,
+    journal_rows,
+    old,
+    run_cli,
+    wait_until,
+    write_config,
+)
+
+
+def move_config(ws: dict[str, Path], **dest: Any) -> Path:
+    return write_config(
+        ws["root"] / "c.yml",
+        {
+            "database": str(ws["db"]),
+            "sources": [
+                {"path": str(ws["inbox"]), "settle": 0, "failed_dir": str(ws["root"] / "failed")}
+            ],
+            "rules": [
+                {
+                    "name": "all",
+                    "glob": "*",
+                    "to": {"url": str(ws["outbox"]), "mode": "move", **dest},
+                }
+            ],
+            "api": {"enabled": False},
+            "monitor": {"enabled": False},
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "policy,expected_files,status,detail",
+    [
+        ("rename", {"a.txt": b"old", "a-1.txt": b"new"}, "SUCCEEDED", "moved"),
+        ("overwrite", {"a.txt": b"new"}, "SUCCEEDED", "moved"),
+        ("skip", {"a.txt": b"old"}, "SUCCEEDED", "skipped: the name is taken"),
+        ("fail", {"a.txt": b"old"}, "FAILED", None),
+    ],
+)
+def test_on_conflict_when_the_file_is_moved(
+    workspace: dict[str, Path],
+    policy: str,
+    expected_files: dict[str, bytes],
+    status: str,
+    detail: str | None,
+) -> None:
+    ws = workspace
+    old(ws["outbox"] / "a.txt", b"old")
+    old(ws["inbox"] / "a.txt", b"new")
+    cfg = move_config(ws, on_conflict=policy, retry={"attempts": 1})
+
+    result = run_cli("-c", cfg, "--once")
+
+    assert result.returncode == (1 if status == "FAILED" else 0), result.stderr
+    assert delivered(ws["outbox"]) == expected_files
+    (row,) = journal_rows(ws["db"])
+    assert (row["status"], row["detail"], row["attempts"]) == (status, detail, 1)
+    assert list(ws["inbox"].iterdir()) == []  # moved, consumed by skip, or moved to failed/
+    if status == "FAILED":
+        assert "already exists" in row["reason"]
+        assert (ws["root"] / "failed" / "a.txt").read_bytes() == b"new"
+
+
+def test_a_burst_into_a_running_service_is_moved_whole(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    ws = workspace
+    cfg = move_config(ws, name="{ext}/{name}", fsync=False)
+    stage = ws["root"] / "stage"
+    stage.mkdir()
+    expected = {}
+    for i in range(3000):
+        name = f"scan {i:04d}.{('pdf', 'tif', 'xml')[i % 3]}"
+        data = f"{i}".encode() * (1 + i % 50)
+        (stage / name).write_bytes(data)
+        expected[f"{name.rsplit('.', 1)[1]}/{name}"] = data
+    svc: ServiceProcess = service_factory(cfg).start()
+    for p in stage.iterdir():
+        os.rename(p, ws["inbox"] / p.name)
+    wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) == len(expected), 60)
+    assert svc.stop() == 0
+
+    assert delivered(ws["outbox"]) == expected
+    assert list(ws["inbox"].iterdir()) == []
+    rows = journal_rows(ws["db"])
+    assert len(rows) == len(expected)
+    assert {(r["status"], r["attempts"], r["detail"]) for r in rows} == {("SUCCEEDED", 1, "moved")}
+    assert all(r["started"] is not None and r["finished"] >= r["started"] for r in rows)
+
+
+def _interrupted(ws: dict[str, Path], cfg: Path, name: str) -> FileVersion:
+    """The state a kill -9 leaves between committing a file's IN_PROGRESS row and recording
+    its outcome: the row is IN_PROGRESS, nothing else is written."""
+    config = load_config(cfg)
+    source = config.sources[0]
+    st = (ws["inbox"] / name).stat()
+    version = FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns)
+
+    async def plan() -> None:
+        async with Journal.open(ws["db"]) as journal:
+            steps = planned_steps(version, Router(config).route(version))
+            await journal.plan_started(steps, time.time())
+
+    asyncio.run(plan())
+    (row,) = journal_rows(ws["db"])
+    assert row["status"] == "IN_PROGRESS"
+    return version
+
+
+def test_a_crash_after_the_rename_is_recorded_once_at_restart(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    cfg = move_config(ws)
+    old(ws["inbox"] / "batch.edi", b"UNB+UNOA:1")
+    _interrupted(ws, cfg, "batch.edi")
+    ws["outbox"].mkdir()
+    os.rename(ws["inbox"] / "batch.edi", ws["outbox"] / "batch.edi")  # the move that was done
+
+    result = run_cli("-c", cfg, "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert delivered(ws["outbox"]) == {"batch.edi": b"UNB+UNOA:1"}
+    (row,) = journal_rows(ws["db"])
+    assert row["status"] == "SUCCEEDED"
+    assert row["detail"] == "found delivered by an earlier attempt"
+
+
+def test_a_crash_before_the_rename_moves_the_file_at_restart(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    cfg = move_config(ws)
+    old(ws["inbox"] / "batch.edi", b"UNB+UNOA:2")
+    _interrupted(ws, cfg, "batch.edi")
+
+    result = run_cli("-c", cfg, "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert delivered(ws["outbox"]) == {"batch.edi": b"UNB+UNOA:2"}
+    assert list(ws["inbox"].iterdir()) == []
+    (row,) = journal_rows(ws["db"])
+    assert (row["status"], row["attempts"]) == ("SUCCEEDED", 1)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_live_burst_then_restart(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    ws = workspace
+    cfg = move_config(ws, fsync=False)
+    stage = ws["root"] / "stage"
+    stage.mkdir()
+    expected = {}
+    for i in range(8000):
+        data = os.urandom(16 + i % 200)
+        (stage / f"f{i:05d}.dat").write_bytes(data)
+        expected[f"f{i:05d}.dat"] = data
+    svc: ServiceProcess = service_factory(cfg).start()
+    for p in sorted(stage.iterdir()):
+        os.rename(p, ws["inbox"] / p.name)
+    wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) >= 500, 60, 0.005)
+    svc.kill()
+    print("killed with", len(journal_rows(ws["db"], "status='SUCCEEDED'")), "rows SUCCEEDED")
+
+    result = run_cli("-c", cfg, "--once", timeout=300)
+
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert delivered(ws["outbox"]) == expected
+    assert list(ws["inbox"].iterdir()) == []
+    rows = journal_rows(ws["db"])
+    assert sorted(r["filename"] for r in rows) == sorted(expected)
+    assert {r["status"] for r in rows} == {"SUCCEEDED"}
+    conn = sqlite3.connect(ws["db"])
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()
+
+
+@pytest.fixture
+def mounted_subfolder(tmp_path: Path) -> Any:
+    """A tmpfs mounted inside the destination: renames into it cross filesystems."""
+    folder = tmp_path / "outbox" / "elsewhere"
+    folder.mkdir(parents=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_move_across_a_mount_inside_the_destination_is_copied(
+    workspace: dict[str, Path], mounted_subfolder: Path
+) -> None:
+    ws = workspace
+    cfg = move_config(ws, name="elsewhere/{name}")
+    old(ws["inbox"] / "photo.jpg", b"\xff\xd8\xff\xe0 jpeg")
+
+    result = run_cli("-c", cfg, "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert (mounted_subfolder / "photo.jpg").read_bytes() == b"\xff\xd8\xff\xe0 jpeg"
+    assert list(ws["inbox"].iterdir()) == []
+    (row,) = journal_rows(ws["db"])
+    assert (row["status"], row["attempts"]) == ("SUCCEEDED", 1)
+    assert row["detail"] != "moved"
+
+
+async def test_a_source_gone_or_changed_before_its_move_fails_alone(
+    workspace: dict[str, Path],
+) -> None:
+    ws = workspace
+    config = load_config(move_config(ws))
+    source = config.sources[0]
+    versions = {}
+    for name in ("gone.txt", "changed.txt", "fine.txt"):
+        st = old(ws["inbox"] / name, b"v1").stat()
+        versions[name] = FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns)
+    (ws["inbox"] / "gone.txt").unlink()
+    (ws["inbox"] / "changed.txt").write_bytes(b"version 2")
+
+    async with Journal.open(ws["db"]) as journal:
+        dispatcher = Dispatcher(config, journal, Registry(), workdir=ws["root"] / "work")
+        await dispatcher.offer(source, list(versions.values()))
+        await journal.write(lambda conn: None)  # every outcome queued so far is committed
+
+    rows = {r["filename"]: r for r in journal_rows(ws["db"])}
+    assert rows["fine.txt"]["status"] == "SUCCEEDED"
+    assert rows["gone.txt"]["status"] == "FAILED"
+    assert "vanished" in rows["gone.txt"]["reason"]
+    assert rows["changed.txt"]["status"] == "FAILED"
+    assert "changed after it was seen" in rows["changed.txt"]["reason"]
+    assert delivered(ws["outbox"]) == {"fine.txt": b"v1"}
+    assert (ws["inbox"] / "changed.txt").read_bytes() == b"version 2"  # its new version waits
