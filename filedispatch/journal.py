@@ -258,6 +258,8 @@ def _row(r: Sequence[Any]) -> Dispatch:
 
 def _text(value: str) -> str:
     """Names that are not valid UTF-8 are stored with their odd bytes escaped."""
+    if value.isascii():
+        return value
     try:
         value.encode("utf-8")
         return value

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -257,3 +258,21 @@ async def test_a_source_gone_or_changed_before_its_move_fails_alone(
     assert "changed after it was seen" in rows["changed.txt"]["reason"]
     assert delivered(ws["outbox"]) == {"fine.txt": b"v1"}
     assert (ws["inbox"] / "changed.txt").read_bytes() == b"version 2"  # its new version waits
+
+
+@pytest.mark.parametrize("mode", ["move", "copy"])
+def test_a_destination_folder_removed_while_running_is_made_again(
+    workspace: dict[str, Path], service_factory: Any, mode: str
+) -> None:
+    ws = workspace
+    cfg = move_config(ws, name="{ext}/{name}", mode=mode, retry={"attempts": 3, "delay": 0.2})
+    svc: ServiceProcess = service_factory(cfg).start()
+    old(ws["inbox"] / "a.txt", b"first")
+    wait_until(lambda: (ws["outbox"] / "txt" / "a.txt").exists())
+    shutil.rmtree(ws["outbox"] / "txt")
+    old(ws["inbox"] / "b.txt", b"second")
+    wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) == 2)
+    assert svc.stop() == 0
+    assert delivered(ws["outbox"]) == {"txt/b.txt": b"second"}
+    row = journal_rows(ws["db"], "filename='b.txt'")[0]
+    assert row["attempts"] == 2  # the first attempt met the missing folder

@@ -147,6 +147,7 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[Path] = set()
+        self._made_rel: set[str] = set()  #: the same folders, relative, as rendered
 
     async def aclose(self) -> None:
         return None
@@ -183,6 +184,12 @@ class LocalProcessor:
                 raise PermanentDeliveryError(f"cannot create {folder}: {exc.strerror}") from exc
             raise translate_os_error(exc, f"cannot create {folder}") from exc
         self._made.add(folder)
+
+    def _forget_folders(self, exc: OSError) -> None:
+        """A folder we made is gone (someone removed it): make folders again on the retry."""
+        if exc.errno == errno.ENOENT:
+            self._made.clear()
+            self._made_rel.clear()
 
     def _deliver(self, ctx: StepContext, rel: PurePosixPath, link: bool) -> Outcome:
         final_dir = self.root / rel.parent
@@ -226,7 +233,7 @@ class LocalProcessor:
     def _link_into_place(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
         """The hot path of ``mode: move``: link() is atomic and refuses a taken name, so no
         temporary name is needed."""
-        return self._put_source(ctx, rel, _link)
+        return self._put_source(ctx, str(rel), _link)
 
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
@@ -245,18 +252,22 @@ class LocalProcessor:
         """Rename the source into place, inline: the delivery and the source's removal are one
         atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
         the ordinary path, which links and removes the source later)."""
+        transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
+        rel = naming.render_str(
+            self.dest.name, ctx.version, ctx.input.name if transformed else None
+        )
         return self._put_source(
-            ctx, self._target(ctx), _replace if self.dest.on_conflict == "overwrite" else _move
+            ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )
 
-    def _put_source(
-        self, ctx: StepContext, rel: PurePosixPath, put: Callable[[str, str], None]
-    ) -> Outcome:
+    def _put_source(self, ctx: StepContext, rel: str, put: Callable[[str, str], None]) -> Outcome:
         """Link or rename the source itself to its final name, once the source is checked to
         be the planned version. Plain strings, not Paths: this runs once per file, inline."""
         root = self._root
-        folder = os.path.dirname(str(rel))
-        self._mkdirs(Path(root, folder) if folder else self.root)
+        folder = rel.rpartition("/")[0]
+        if folder not in self._made_rel:
+            self._mkdirs(Path(root, folder) if folder else self.root)
+            self._made_rel.add(folder)
         src = os.fspath(ctx.input)
         try:
             st = os.stat(src)
@@ -268,15 +279,24 @@ class LocalProcessor:
             raise SourceVanishedError(
                 f"{src} changed after it was seen; its new version is dispatched on its own"
             )
+        detail = "linked" if put is _link else "moved"
         try:
-            final = place(
-                lambda p: False, rel, self.dest.on_conflict, lambda p, _: put(src, f"{root}/{p}")
-            )
+            try:
+                put(src, f"{root}/{rel}")  # the usual case: the name is free
+                return Outcome(f"{root}/{rel}", detail=detail)
+            except FileExistsError:  # taken: the on_conflict policy picks another, or none
+                final = place(
+                    lambda p: False,
+                    PurePosixPath(rel),
+                    self.dest.on_conflict,
+                    lambda p, _: put(src, f"{root}/{p}"),
+                )
         except OSError as exc:
+            self._forget_folders(exc)
             raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
         if final is None:
             return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
-        return Outcome(f"{root}/{final}", detail="linked" if put is _link else "moved")
+        return Outcome(f"{root}/{final}", detail=detail)
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> None:
         mode = self.dest.file_mode
@@ -284,6 +304,7 @@ class LocalProcessor:
         try:
             out = os.open(tmp, flags, 0o666 if mode is None else mode)
         except OSError as exc:
+            self._forget_folders(exc)
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
             with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
