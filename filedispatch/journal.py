@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -158,8 +157,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 def version_key(v: FileVersion) -> str:
-    raw = f"{v.source}\0{v.relpath}\0{v.size}\0{v.mtime_ns}".encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+    return v.key
 
 
 def default_path() -> Path:
@@ -209,6 +207,15 @@ _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
     "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
     "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
+)
+
+
+_PLAN_BULK = (
+    "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
+    "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
+    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, "
+    "value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, ?2, ?3, ?4 "
+    "FROM json_each(?1)"
 )
 
 
@@ -449,7 +456,7 @@ class Journal:
 
         def op(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
+            self._insert(conn, params, Status.PENDING, now, started=False, bulk=False)
             return conn.total_changes - before
 
         return await self.write(op)
@@ -465,35 +472,52 @@ class Journal:
         on this one.
         """
         params = _plan_params(steps, now)
-        sql = _PLAN.format(status="IN_PROGRESS", started="?14")
-        bulk = (
-            "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, "
-            "size, mtime_ns, rule, step, step_key, destination, protocol, status, created, "
-            "started) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
-            "value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
-            "'IN_PROGRESS', ?2, ?2 FROM json_each(?1)"
-        )
 
         def op(conn: sqlite3.Connection) -> list[int | None]:
             # rowids grow past the largest one, and only this thread writes: the new rows are
             # the ones above the old maximum
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
-            if self._bulk:
-                conn.execute(bulk, (json.dumps(params), now))
-                found = conn.execute(
-                    "SELECT json_group_object(vkey || step_key, id) FROM dispatches WHERE id > ?",
-                    (top,),
-                ).fetchone()[0]
-                new = json.loads(found)
+            self._insert(conn, params, Status.IN_PROGRESS, now, started=True, bulk=True)
+            if self._bulk:  # one row back, not one step (and one GIL hand-over) per row
+                new = json.loads(
+                    conn.execute(
+                        "SELECT json_group_object(vkey || step_key, id) FROM dispatches "
+                        "WHERE id > ?",
+                        (top,),
+                    ).fetchone()[0]
+                )
             else:
                 new = dict(
-                    conn.executemany(sql, params).execute(
-                        "SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,)
-                    )
+                    conn.execute("SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,))
                 )
             return [new.pop(p[0] + p[10], None) for p in params]  # a repeat gets None
 
         return self._enqueue(op)
+
+    def _insert(
+        self,
+        conn: sqlite3.Connection,
+        params: list[tuple[Any, ...]],
+        status: Status,
+        now: float,
+        *,
+        started: bool,
+        bulk: bool,
+    ) -> None:
+        """On the writer thread: INSERT OR IGNORE rows built by ``_plan_params``.
+
+        ``bulk`` for rows that are mostly new and planned while the loop is busy (a burst of
+        moves): one JSON statement, no GIL hand-over per row. Rows that are mostly known (a
+        rescan) go faster through ``executemany``: the JSON form parses every row's fields
+        before the unique key turns it away.
+        """
+        if bulk and self._bulk:
+            conn.execute(
+                _PLAN_BULK, (json.dumps(params), status.value, now, now if started else None)
+            )
+        else:
+            sql = _PLAN.format(status=status.value, started="?14" if started else "NULL")
+            conn.executemany(sql, params)
 
     async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
         """A file that cannot even be planned (an undecodable name): one FAILED row says why."""

@@ -6,6 +6,7 @@ Nothing here does I/O; these are the nouns the watcher, journal, dispatcher and 
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,31 @@ class FileVersion:
     relpath: str  #: path relative to ``root``, with "/" separators
     size: int
     mtime_ns: int
-    path: Path = field(init=False, repr=False, compare=False)  #: root / relpath
+    # worked out on first use and kept: a rescan makes a version of every file it lists, and
+    # most of those are only looked up in the journal
+    _path: Path | None = field(default=None, init=False, repr=False, compare=False)
+    _key: str | None = field(default=None, init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", self.root / self.relpath)
+    @property
+    def path(self) -> Path:
+        """root / relpath (the same object each time)."""
+        path = self._path
+        if path is None:
+            path = self.root / self.relpath
+            object.__setattr__(self, "_path", path)
+        return path
+
+    @property
+    def key(self) -> str:
+        """The version's identity in the journal: a hash of source, relpath, size and mtime."""
+        key = self._key
+        if key is None:
+            raw = f"{self.source}\0{self.relpath}\0{self.size}\0{self.mtime_ns}"
+            key = hashlib.blake2b(
+                raw.encode("utf-8", "surrogateescape"), digest_size=12
+            ).hexdigest()
+            object.__setattr__(self, "_key", key)
+        return key
 
     @property
     def name(self) -> str:
