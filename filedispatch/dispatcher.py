@@ -179,7 +179,7 @@ class Dispatcher:
     def _find_mover(
         self, source: SourceConfig, steps: tuple[Step, ...]
     ) -> tuple[Step, Mover] | None:
-        if len(steps) != 1:
+        if len(steps) != 1 or source.stop_on_error:  # stop_on_error: strictly in order
             return None
         step = steps[0]
         # the source must go away once delivered, and be delivered to this one place only
@@ -239,9 +239,12 @@ class Dispatcher:
             if row_id is None:
                 known.append(version)
                 continue
-            ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
             started = time.time()
             moved = False
+            if not self._running.is_set():  # paused meanwhile: the workers take it on resume
+                done.append((version, StepResult(row_id, Status.PENDING, 0), moved))
+                continue
+            ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
             try:
                 outcome = mover.move_now(ctx)
             except MoveUnavailable as exc:

@@ -276,3 +276,26 @@ def test_a_destination_folder_removed_while_running_is_made_again(
     assert delivered(ws["outbox"]) == {"txt/b.txt": b"second"}
     row = journal_rows(ws["db"], "filename='b.txt'")[0]
     assert row["attempts"] == 2  # the first attempt met the missing folder
+
+
+async def test_a_pause_stops_a_burst_between_chunks(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    config = load_config(move_config(ws))
+    source = config.sources[0]
+    versions = []
+    for i in range(600):  # two chunks
+        st = old(ws["inbox"] / f"f{i:03d}.txt", b"x").stat()
+        versions.append(FileVersion(source.key, source.path, f"f{i:03d}.txt", 1, st.st_mtime_ns))
+
+    async with Journal.open(ws["db"]) as journal:
+        dispatcher = Dispatcher(config, journal, Registry(), workdir=ws["root"] / "work")
+        # runs while the first chunk's rows are being committed, before anything is moved
+        asyncio.get_running_loop().call_soon(dispatcher.pause)
+        await dispatcher.offer(source, versions)
+        await journal.write(lambda conn: None)
+
+    rows = journal_rows(ws["db"])
+    assert len(rows) == 600
+    assert {r["status"] for r in rows} == {"PENDING"}  # given back for the workers
+    assert len(list(ws["inbox"].iterdir())) == 600
+    assert delivered(ws["outbox"]) == {}

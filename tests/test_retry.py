@@ -89,7 +89,8 @@ def test_retries_run_out_then_failed_with_the_count(tmp_path: Path, small_disk: 
     assert time.monotonic() - t0 < 30
 
 
-def test_stop_on_error_stops_the_source(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["copy", "move"])
+def test_stop_on_error_stops_the_source(tmp_path: Path, mode: str) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     past = time.time() - 100
@@ -108,7 +109,7 @@ def test_stop_on_error_stops_the_source(tmp_path: Path) -> None:
                     "glob": "b-*",
                     "to": {"url": "/proc/not-here", "retry": {"attempts": 1}},
                 },
-                {"name": "good", "glob": "*", "to": str(tmp_path / "out")},
+                {"name": "good", "glob": "*", "to": {"url": str(tmp_path / "out"), "mode": mode}},
             ],
             "api": {"enabled": False},
             "monitor": {"enabled": False},
