@@ -101,3 +101,45 @@ async def test_unfinished_counts_pending_and_in_progress(tmp_path: Path) -> None
         assert await j.unfinished() == 1  # IN_PROGRESS
         await j.finish([StepResult(group[0].id, Status.SUCCEEDED, 1)])
         assert await j.unfinished() == 0
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["json-batches", "executemany"])
+async def test_rows_planned_in_progress_then_finished_in_one_write(
+    tmp_path: Path, bulk: bool
+) -> None:
+    """Both ways the writer can send a batch: one JSON statement (SQLite 3.38 and later) and
+    executemany (older SQLite); the rows must come out the same."""
+    names = ["a.txt", "b.txt", "é ü.txt", "c.txt"]
+    versions = [FileVersion("in", tmp_path, n, 5, i) for i, n in enumerate(names)]
+    async with Journal.open(tmp_path / "j.db") as j:
+        if bulk:
+            assert j._bulk, "this SQLite has no ->>: the JSON path is not tested here"
+        j._bulk = bulk
+        await j.plan([step(versions[3])])  # known already: no new id for it
+        now = time.time()
+        ids = await j.plan_started([step(v) for v in versions] + [step(versions[0])], now)
+        assert ids[3] is None and ids[4] is None  # planned before; a repeat in the batch
+        assert all(isinstance(i, int) for i in ids[:3]) and len(set(ids[:3])) == 3
+        rows = {d.relpath: d for d in [await j.get(i) for i in ids[:3]] if d is not None}
+        assert {n: (d.status, d.started) for n, d in rows.items()} == {
+            n: (Status.IN_PROGRESS, now) for n in names[:3]
+        }
+        await j.finish(
+            [
+                StepResult(ids[0], Status.SUCCEEDED, 1, location="/x/a.txt", started=now),
+                StepResult(ids[1], Status.FAILED, 1, reason='no "room"\n', error_type="E"),
+                StepResult(ids[2], Status.PENDING, 1, reason="busy", next_attempt=now + 9),
+            ]
+        )
+        a, b, c = [await j.get(i) for i in ids[:3]]
+        assert a is not None and b is not None and c is not None
+        assert (a.status, a.location, a.attempts, a.reason) == (
+            Status.SUCCEEDED,
+            "/x/a.txt",
+            1,
+            None,
+        )
+        assert a.finished is not None and a.duration_ms is not None
+        assert (b.status, b.reason, b.error_type) == (Status.FAILED, 'no "room"\n', "E")
+        assert (c.status, c.finished, c.next_attempt) == (Status.PENDING, None, now + 9)
+        assert await j.counts() == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 2}
