@@ -17,13 +17,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 PAYLOAD = b"x" * 4096
 
 
-def write_config(root: Path, settle: float = 0, **extra: object) -> Path:
+def write_config(
+    root: Path, settle: float = 0, mode: str = "move", fsync: bool = False, **extra: object
+) -> Path:
     cfg = {
         "database": str(root / "journal.db"),
         "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0}],
@@ -31,7 +34,7 @@ def write_config(root: Path, settle: float = 0, **extra: object) -> Path:
             {
                 "name": "all",
                 "glob": "*",
-                "to": {"url": str(root / "outbox"), "mode": "move", "fsync": False},
+                "to": {"url": str(root / "outbox"), "mode": mode, "fsync": fsync},
             }
         ],
         "api": {"enabled": False},
@@ -145,9 +148,9 @@ def baseline_shell(root: Path, n: int) -> float | None:
 # ----------------------------------------------------------------------------- measurements
 
 
-def staged_service(root: Path, n: int) -> tuple[list[Path], subprocess.Popen[bytes]]:
+def staged_service(root: Path, n: int, **dest: Any) -> tuple[list[Path], subprocess.Popen[bytes]]:
     """``n`` files ready to drop, and a running service watching an empty inbox."""
-    cfg = write_config(root)
+    cfg = write_config(root, **dest)
     files = make_files(root / "stage", n)
     (root / "inbox").mkdir()
     proc = start_service(cfg)
@@ -155,9 +158,9 @@ def staged_service(root: Path, n: int) -> tuple[list[Path], subprocess.Popen[byt
     return files, proc
 
 
-def throughput(root: Path, n: int) -> tuple[float, float]:
+def throughput(root: Path, n: int, **dest: Any) -> tuple[float, float]:
     """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
-    files, proc = staged_service(root, n)
+    files, proc = staged_service(root, n, **dest)
     t0 = time.time()
     for p in files:
         os.rename(p, root / "inbox" / p.name)
@@ -234,6 +237,12 @@ def main() -> None:
         print(
             f"  last file of the burst  {last * 1000:10.0f} ms after the last drop (target <= 1000)"
         )
+
+        print("== the same burst copied (mode: copy, the source kept; no target)")
+        for fsync in (False, True):
+            rate, last = throughput(base / f"copy-{fsync}", args.files, mode="copy", fsync=fsync)
+            ms = last * 1000
+            print(f"  fsync {str(fsync).lower():5s}  {rate:10.0f} files/s   last file {ms:6.0f} ms")
 
         print(f"== latency: {args.trickle} files at 20/s, settle 0")
         p50, p99 = latency(base / "d", args.trickle, 20.0)
