@@ -15,10 +15,10 @@ import random
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, secrets_of
@@ -26,7 +26,7 @@ from .content import facts_for
 from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
 from .journal import Journal, PlannedStep, StepResult, planned_steps, version_key
 from .models import Dispatch, FileVersion, Outcome, Status
-from .processors import Mover, MoveUnavailable, Registry, StepContext
+from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,28 @@ log = logging.getLogger(__name__)
 
 #: files moved inline per journal write; the next chunk's rows commit while one moves
 INLINE_CHUNK = 512
-#: chunks planned ahead of the one moving
+#: files copied per batch (each holds an open file until the batch is flushed)
+COPY_CHUNK = 128
+#: files larger than this are copied by the workers, several at once, not in batches
+COPY_MAX_SIZE = 1024 * 1024
+#: chunks planned ahead of the one being delivered
 INLINE_AHEAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """How a new file skips the queue: renamed on the loop, or copied in a batch."""
+
+    step: Step
+    processor: Mover | BatchCopier
+    move: bool  #: renamed inline (Mover), else copied in a batch (BatchCopier)
+    consumes: bool  #: the source goes once delivered (``mode: move``)
+
+
+#: a file on an inline lane: its version, its rule's chain, the lane
+Item = tuple[FileVersion, Chain, Lane]
+#: an inline delivery's outcome: version, result, source already gone, source to be removed
+Done = tuple[FileVersion, StepResult, bool, bool]
 
 
 @dataclass
@@ -98,8 +118,8 @@ class Dispatcher:
         self._secrets = secrets_of(config)
         self.released = 0
         self._last_write: asyncio.Future[None] | None = None
-        #: (source, rule) -> the step and processor that move its files inline, or None
-        self._movers: dict[tuple[str, str], tuple[Step, Mover] | None] = {}
+        #: (source, rule) -> how its new files skip the workers, or None
+        self._lanes: dict[tuple[str, str], Lane | None] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -109,7 +129,7 @@ class Dispatcher:
         self.router = Router(config)
         self.sources = {s.key: s for s in config.sources}
         self._classifiers.clear()
-        self._movers.clear()
+        self._lanes.clear()
         self._secrets = secrets_of(config)
         self._wake.set()
 
@@ -133,22 +153,25 @@ class Dispatcher:
             routes = [self.router.route(v) for v in versions]
         steps: list[PlannedStep] = []
         matched: list[FileVersion] = []
-        inline: list[tuple[FileVersion, Chain, Step, Mover]] = []
+        moves: list[Item] = []
+        copies: list[Item] = []
         for version, chains in zip(versions, routes, strict=True):
             if not chains:
                 self.summary.unmatched += 1
                 log.debug("no rule takes %s", version.relpath)
                 continue
-            mover = self._mover(source, chains)
-            if mover is not None:
-                inline.append((version, chains[0], *mover))
+            lane = self._lane(source, chains, version)
+            if lane is not None:
+                (moves if lane.move else copies).append((version, chains[0], lane))
                 continue
             matched.append(version)
             steps += planned_steps(version, chains)
-        self._offered += len(matched) + len(inline)
+        self._offered += len(matched) + len(moves) + len(copies)
         known: list[FileVersion] = []
-        if inline:
-            known += await self._move_inline(source, inline)
+        if moves:
+            known += await self._inline(source, moves, INLINE_CHUNK, self._move_chunk)
+        if copies:
+            known += await self._inline(source, copies, COPY_CHUNK, self._copy_chunk)
         if steps:
             new = await self.journal.plan(steps)
             if new:
@@ -157,122 +180,172 @@ class Dispatcher:
                 known += matched
         if known:
             await self._settle_known(source, known)
-        if (steps or inline) and self._on_change:
+        if (steps or moves or copies) and self._on_change:
             self._on_change()
 
-    # ------------------------------------------------------------------ moving inline
+    # ------------------------------------------------------------------ the inline lanes
 
-    def _mover(self, source: SourceConfig, chains: list[Chain]) -> tuple[Step, Mover] | None:
-        """The step and processor when a new file can be moved inline (see _move_inline)."""
+    def _lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
+        """How a new file skips the queue and the workers, if it can (see _inline)."""
         if len(chains) != 1 or not self._running.is_set() or source.key in self.stopped_sources:
             return None
         key = (source.key, chains[0].rule)
-        if key in self._movers:
-            found = self._movers[key]
+        if key in self._lanes:
+            lane = self._lanes[key]
         else:
-            found = self._movers[key] = self._find_mover(source, chains[0].steps)
-        if found is None:
+            lane = self._lanes[key] = self._find_lane(source, chains[0].steps)
+        if lane is None or (not lane.move and version.size > COPY_MAX_SIZE):
             return None
-        sem = self._semaphore(found[0])
-        return None if sem is not None and sem.locked() else found
+        sem = self._semaphore(lane.step)
+        return None if sem is not None and sem.locked() else lane
 
-    def _find_mover(
-        self, source: SourceConfig, steps: tuple[Step, ...]
-    ) -> tuple[Step, Mover] | None:
+    def _find_lane(self, source: SourceConfig, steps: tuple[Step, ...]) -> Lane | None:
         if len(steps) != 1 or source.stop_on_error:  # stop_on_error: strictly in order
             return None
         step = steps[0]
-        # the source must go away once delivered, and be delivered to this one place only
-        consumed = source.after == "delete" or (
-            source.after == "keep" and getattr(step, "mode", None) == "move"
-        )
-        if not consumed:
-            return None
+        moves = getattr(step, "mode", None) == "move"
+        # consumed: the source goes away once delivered, and this is its one destination
+        consumed = source.after == "delete" or (source.after == "keep" and moves)
         processor = self.registry.get(step)
-        if not isinstance(processor, Mover) or not processor.can_move_from(source.path):
-            return None
-        return step, processor
+        if consumed and isinstance(processor, Mover) and processor.can_move_from(source.path):
+            return Lane(step, processor, move=True, consumes=True)
+        if isinstance(processor, BatchCopier):
+            return Lane(step, processor, move=False, consumes=moves)
+        return None
 
-    async def _move_inline(
-        self, source: SourceConfig, items: list[tuple[FileVersion, Chain, Step, Mover]]
+    async def _inline(
+        self,
+        source: SourceConfig,
+        items: list[Item],
+        size: int,
+        run: Callable[[SourceConfig, list[Item], list[int | None]], Awaitable[list[FileVersion]]],
     ) -> list[FileVersion]:
-        """New files whose only step is a rename: record them IN_PROGRESS, rename them here
-        and now, record the outcomes in one write. No claim, no queue, no worker: for a burst
-        of files into a local folder this is most of the work saved. Returns the versions the
-        journal already knew (they are settled by the caller instead).
+        """New files that skip the claim, the queue and the workers: their rows are inserted
+        IN_PROGRESS, the files delivered in chunks by ``run``, each chunk's outcomes recorded
+        in one write. For a burst into a local folder this is most of the work saved. Returns
+        the versions the journal already knew (they are settled by the caller instead).
 
-        In chunks, pipelined: the journal commits the next chunk's rows while this one moves.
+        Pipelined: the journal commits the next chunks' rows while one is delivered.
         """
         known: list[FileVersion] = []
-        chunks = [items[i : i + INLINE_CHUNK] for i in range(0, len(items), INLINE_CHUNK)]
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
         ahead = collections.deque(self._plan_started(c) for c in chunks[:INLINE_AHEAD])
         try:
             for i, chunk in enumerate(chunks):
                 ids = await ahead.popleft()
                 if i + INLINE_AHEAD < len(chunks):
                     ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
-                known += self._move_chunk(source, chunk, ids)
+                known += await run(source, chunk, ids)
         finally:
             for planned in ahead:  # after a failure these rows wait for a restart
                 planned.add_done_callback(_report_write)
         return known
 
-    def _plan_started(
-        self, chunk: list[tuple[FileVersion, Chain, Step, Mover]]
-    ) -> asyncio.Future[list[int | None]]:
-        steps = [PlannedStep(v, c.rule, 0, c.keys[0], s.display, s.kind) for v, c, s, _ in chunk]
+    def _plan_started(self, chunk: list[Item]) -> asyncio.Future[list[int | None]]:
+        steps = [
+            PlannedStep(v, c.rule, 0, c.keys[0], lane.step.display, lane.step.kind)
+            for v, c, lane in chunk
+        ]
         return self.journal.plan_started(steps, time.time())
 
-    def _move_chunk(
-        self,
-        source: SourceConfig,
-        chunk: list[tuple[FileVersion, Chain, Step, Mover]],
-        ids: list[int | None],
+    async def _move_chunk(
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
     ) -> list[FileVersion]:
-        """Move a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
+        """Rename a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
 
-        Synchronous on purpose: nothing can interrupt it between a move and its record.
+        No await inside: nothing can interrupt it between a move and its record.
         """
         known: list[FileVersion] = []
-        done: list[tuple[FileVersion, StepResult, bool]] = []
-        for (version, chain, step, mover), row_id in zip(chunk, ids, strict=True):
+        done: list[Done] = []
+        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
             if row_id is None:
                 known.append(version)
                 continue
-            started = time.time()
-            moved = False
             if not self._running.is_set():  # paused meanwhile: the workers take it on resume
-                done.append((version, StepResult(row_id, Status.PENDING, 0), moved))
+                done.append((version, StepResult(row_id, Status.PENDING, 0), False, True))
                 continue
             ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
+            started = time.time()
             try:
-                outcome = mover.move_now(ctx)
+                outcome: Outcome | Exception = cast(Mover, lane.processor).move_now(ctx)
             except MoveUnavailable as exc:
-                log.info("%s cannot be renamed into %s (%s)", version.relpath, step.display, exc)
-                self._movers[(source.key, chain.rule)] = None
-                result = StepResult(row_id, Status.PENDING, 0, started=started)
+                log.info(
+                    "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
+                )
+                self._lanes[(source.key, chain.rule)] = None
                 self._wake.set()  # give it to a worker, which links or copies
+                done.append((version, StepResult(row_id, Status.PENDING, 0), False, True))
+                continue
             except Exception as exc:
-                error = exc if isinstance(exc, DeliveryError) else _unexpected(exc, ctx)
-                row = Dispatch(
-                    row_id, version.source, str(version.root), version.relpath, version.size,
-                    version.mtime_ns, chain.rule, 0, step.display, step.kind,
-                    Status.IN_PROGRESS, 0, None, None, started, started, None, None, 0.0,
-                )  # fmt: skip
-                result = self._failure(row, step, 1, error, started)
-            else:
-                moved = outcome.detail == "moved"
-                result = StepResult(
-                    row_id, Status.SUCCEEDED, 1, location=outcome.location,
-                    detail=outcome.detail, started=started,
-                )  # fmt: skip
-            self._note(step.display, result, version)
-            done.append((version, result, moved))
-        if done:
-            self._write([r for _, r, _ in done])
-        for version, result, moved in done:  # after the write: after-actions wait for it
-            self._conclude(source, version, [result.status], consumes=True, gone=moved)
+                outcome = exc
+            result = self._inline_result(ctx, lane, outcome, started)
+            moved = isinstance(outcome, Outcome) and outcome.detail == "moved"
+            done.append((version, result, moved, True))
+        self._record_inline(source, done)
         return known
+
+    async def _copy_chunk(
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
+    ) -> list[FileVersion]:
+        """Copy a chunk of small files whose IN_PROGRESS rows are committed, in one thread per
+        destination, then queue their outcomes in one write."""
+        known: list[FileVersion] = []
+        done: list[Done] = []
+        groups: dict[int, list[tuple[FileVersion, Lane, StepContext]]] = {}
+        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
+            if row_id is None:
+                known.append(version)
+            elif not self._running.is_set():
+                done.append((version, StepResult(row_id, Status.PENDING, 0), False, False))
+            else:
+                ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
+                groups.setdefault(id(lane.processor), []).append((version, lane, ctx))
+        started = time.time()
+        for group in groups.values():
+            lane = group[0][1]
+            copier = cast(BatchCopier, lane.processor)
+            sem = self._semaphore(lane.step)  # a batch is one delivery in flight
+            if sem is not None:
+                await sem.acquire()
+            try:
+                outcomes = await asyncio.to_thread(copier.copy_batch, [c for _, _, c in group])
+            finally:
+                if sem is not None:
+                    sem.release()
+            for (version, lane, ctx), outcome in zip(group, outcomes, strict=True):
+                result = self._inline_result(ctx, lane, outcome, started)
+                done.append((version, result, False, lane.consumes))
+        self._record_inline(source, done)
+        return known
+
+    def _inline_result(
+        self, ctx: StepContext, lane: Lane, outcome: Outcome | Exception, started: float
+    ) -> StepResult:
+        """The row's outcome for one inline delivery (counted and logged)."""
+        if isinstance(outcome, Outcome):
+            result = StepResult(
+                ctx.dispatch_id, Status.SUCCEEDED, 1, location=outcome.location,
+                detail=outcome.detail, started=started,
+            )  # fmt: skip
+        else:
+            error = outcome if isinstance(outcome, DeliveryError) else _unexpected(outcome, ctx)
+            v = ctx.version
+            row = Dispatch(
+                ctx.dispatch_id, v.source, str(v.root), v.relpath, v.size, v.mtime_ns, ctx.rule,
+                0, lane.step.display, lane.step.kind, Status.IN_PROGRESS, 0, None, None,
+                started, started, None, None, 0.0,
+            )  # fmt: skip
+            result = self._failure(row, lane.step, 1, error, started)
+        self._note(lane.step.display, result, ctx.version)
+        return result
+
+    def _record_inline(self, source: SourceConfig, done: list[Done]) -> None:
+        """One write for a chunk's outcomes; then, once it is durable, the after-actions."""
+        if not done:
+            return
+        self._write([r for _, r, _, _ in done])
+        for version, result, gone, consumes in done:
+            self._conclude(source, version, [result.status], consumes=consumes, gone=gone)
 
     async def _settle_known(self, source: SourceConfig, versions: list[FileVersion]) -> None:
         """Files seen again: count the ones already done, and finish their after-action."""

@@ -1,6 +1,7 @@
-"""Moving files inline: a new file whose only step renames it into a local folder on the same
-filesystem is moved as soon as it is planned, with no claim and no worker. These tests check
-what a user sees of that path: the bytes, the source, the journal row, and what a crash leaves.
+"""The inline lanes: a new file whose only step is a local folder is renamed into it as soon as
+it is planned (same filesystem, source consumed), or copied in a batch with other small files,
+with no claim and no worker. These tests check what a user sees of those paths: the bytes,
+the source, the journal row, and what a crash leaves.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ def move_config(ws: dict[str, Path], **dest: Any) -> Path:
     )
 
 
+def drop(ws: dict[str, Path], files: dict[str, bytes]) -> None:
+    """Write ``files`` aside, then rename them all into the inbox at once (a burst)."""
+    stage = ws["root"] / "stage"
+    stage.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (stage / name).write_bytes(data)
+    for name in sorted(files):
+        os.rename(stage / name, ws["inbox"] / name)
+
+
 @pytest.mark.parametrize(
     "policy,expected_files,status,detail",
     [
@@ -93,17 +104,13 @@ def test_a_burst_into_a_running_service_is_moved_whole(
 ) -> None:
     ws = workspace
     cfg = move_config(ws, name="{ext}/{name}", fsync=False)
-    stage = ws["root"] / "stage"
-    stage.mkdir()
-    expected = {}
-    for i in range(3000):
-        name = f"scan {i:04d}.{('pdf', 'tif', 'xml')[i % 3]}"
-        data = f"{i}".encode() * (1 + i % 50)
-        (stage / name).write_bytes(data)
-        expected[f"{name.rsplit('.', 1)[1]}/{name}"] = data
+    files = {
+        f"scan {i:04d}.{('pdf', 'tif', 'xml')[i % 3]}": f"{i}".encode() * (1 + i % 50)
+        for i in range(3000)
+    }
+    expected = {f"{name.rsplit('.', 1)[1]}/{name}": data for name, data in files.items()}
     svc: ServiceProcess = service_factory(cfg).start()
-    for p in stage.iterdir():
-        os.rename(p, ws["inbox"] / p.name)
+    drop(ws, files)
     wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) == len(expected), 60)
     assert svc.stop() == 0
 
@@ -172,16 +179,9 @@ def test_kill_9_during_a_live_burst_then_restart(
 ) -> None:
     ws = workspace
     cfg = move_config(ws, fsync=False)
-    stage = ws["root"] / "stage"
-    stage.mkdir()
-    expected = {}
-    for i in range(8000):
-        data = os.urandom(16 + i % 200)
-        (stage / f"f{i:05d}.dat").write_bytes(data)
-        expected[f"f{i:05d}.dat"] = data
+    expected = {f"f{i:05d}.dat": os.urandom(16 + i % 200) for i in range(8000)}
     svc: ServiceProcess = service_factory(cfg).start()
-    for p in sorted(stage.iterdir()):
-        os.rename(p, ws["inbox"] / p.name)
+    drop(ws, expected)
     wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) >= 500, 60, 0.005)
     svc.kill()
     print("killed with", len(journal_rows(ws["db"], "status='SUCCEEDED'")), "rows SUCCEEDED")
@@ -299,3 +299,62 @@ async def test_a_pause_stops_a_burst_between_chunks(workspace: dict[str, Path]) 
     assert {r["status"] for r in rows} == {"PENDING"}  # given back for the workers
     assert len(list(ws["inbox"].iterdir())) == 600
     assert delivered(ws["outbox"]) == {}
+
+
+# ---------------------------------------------------------------------- copies in batches
+
+
+def test_a_burst_of_copies_arrives_whole_and_the_sources_stay(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """Small files are copied in batches, a large one by a worker: all arrive, all kept."""
+    ws = workspace
+    cfg = move_config(ws, mode="copy", fsync=True)
+    expected = {f"lab {i:04d}.csv": os.urandom(1 + i * 7 % 9000) for i in range(1500)}
+    expected["scan.tif"] = os.urandom(3 * 1024 * 1024)  # above the batch limit: for a worker
+    svc: ServiceProcess = service_factory(cfg).start()
+    drop(ws, expected)
+    wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) == len(expected), 60)
+    assert svc.stop() == 0
+
+    assert delivered(ws["outbox"]) == expected
+    assert delivered(ws["inbox"]) == expected  # mode: copy, after: keep
+    assert not [p for p in ws["outbox"].iterdir() if p.name.startswith(".")]
+    rows = journal_rows(ws["db"])
+    assert len(rows) == len(expected)
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCEEDED", 1)}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in ws["inbox"].iterdir()}
+    assert {p.name: p.stat().st_mtime_ns for p in ws["outbox"].iterdir()} == mtimes
+
+
+async def test_one_bad_file_in_a_copy_batch_fails_alone(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    config = load_config(move_config(ws, mode="copy"))
+    source = config.sources[0]
+    versions = []
+    for name in ("a.txt", "gone.txt", "changed.txt", "unreadable.txt", "z.txt"):
+        st = old(ws["inbox"] / name, name.encode()).stat()
+        versions.append(FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns))
+    (ws["inbox"] / "gone.txt").unlink()
+    (ws["inbox"] / "changed.txt").write_bytes(b"changed since it was seen")
+    (ws["inbox"] / "unreadable.txt").chmod(0)
+    can_read_anyway = os.access(ws["inbox"] / "unreadable.txt", os.R_OK)  # root
+
+    async with Journal.open(ws["db"]) as journal:
+        dispatcher = Dispatcher(config, journal, Registry(), workdir=ws["root"] / "work")
+        await dispatcher.offer(source, versions)
+        await journal.write(lambda conn: None)
+
+    rows = {r["filename"]: r for r in journal_rows(ws["db"])}
+    assert rows["a.txt"]["status"] == rows["z.txt"]["status"] == "SUCCEEDED"
+    assert rows["gone.txt"]["status"] == "FAILED" and "vanished" in rows["gone.txt"]["reason"]
+    assert rows["changed.txt"]["status"] == "FAILED"
+    assert "changed after it was seen" in rows["changed.txt"]["reason"]
+    expected = {"a.txt": b"a.txt", "z.txt": b"z.txt"}
+    if can_read_anyway:
+        expected["unreadable.txt"] = b"unreadable.txt"
+    else:
+        assert rows["unreadable.txt"]["status"] == "FAILED"
+        assert "cannot read" in rows["unreadable.txt"]["reason"]
+    assert delivered(ws["outbox"]) == expected
+    assert len(list(ws["inbox"].iterdir())) == 4  # copies leave the sources; gone is gone

@@ -69,6 +69,18 @@ class Mover(Protocol):
     def move_now(self, ctx: StepContext) -> Outcome: ...
 
 
+@runtime_checkable
+class BatchCopier(Protocol):
+    """Optional, for a processor that can copy many small files in one go, in one thread.
+
+    New small files whose only step is such a processor are copied in chunks this way
+    instead of one worker and one thread hop per file. ``copy_batch`` runs in a thread; it
+    returns, per context, an Outcome or the exception that file met.
+    """
+
+    def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]: ...
+
+
 class MoveUnavailable(Exception):
     """``move_now`` cannot rename here after all (another filesystem under the destination, a
     filesystem without RENAME_NOREPLACE): deliver this file the ordinary way."""
