@@ -246,6 +246,12 @@ def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
     return len({p[-1] for p in params}) == len(params)
 
 
+def _opt_text(value: str | None) -> str | None:
+    """Outcome text may hold a name's undecodable bytes (a callable's answer, a path): one such
+    string must not fail the whole group commit it is part of."""
+    return None if value is None else _text(value)
+
+
 def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
     """On the loop: hand each caller its result (an exception is raised to that caller)."""
     for fut, res in zip(futures, results, strict=True):
@@ -595,14 +601,14 @@ class Journal:
             (
                 r.status.value,
                 r.attempts,
-                r.reason,
+                _opt_text(r.reason),
                 r.error_type,
-                r.location,
-                r.detail,
+                _opt_text(r.location),
+                _opt_text(r.detail),
                 now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
                 int((now - r.started) * 1000) if r.started is not None else None,
                 r.next_attempt,
-                r.output,
+                _opt_text(r.output),
                 r.id,
             )
             for r in results

@@ -143,3 +143,24 @@ async def test_rows_planned_in_progress_then_finished_in_one_write(
         assert (b.status, b.reason, b.error_type) == (Status.FAILED, 'no "room"\n', "E")
         assert (c.status, c.finished, c.next_attempt) == (Status.PENDING, None, now + 9)
         assert await j.counts() == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 2}
+
+
+async def test_an_outcome_with_undecodable_text_is_stored_without_failing_the_others(
+    tmp_path: Path,
+) -> None:
+    a = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    b = FileVersion("in", tmp_path, "b.txt", 1, 1)
+    async with Journal.open(tmp_path / "j.db") as j:
+        ids = await j.plan_started([step(a), step(b)], time.time())
+        assert ids[0] is not None and ids[1] is not None
+        odd = b"/out/caf\xe9.txt".decode("utf-8", "surrogateescape")  # a Latin-1 name
+        await j.finish(
+            [
+                StepResult(ids[0], Status.SUCCEEDED, 1, location=odd, detail=odd),
+                StepResult(ids[1], Status.SUCCEEDED, 1, location="/out/b.txt"),
+            ]
+        )
+        first, second = await j.get(ids[0]), await j.get(ids[1])
+    assert first is not None and second is not None
+    assert first.status == second.status == Status.SUCCEEDED
+    assert first.location == "/out/caf\\xe9.txt"
