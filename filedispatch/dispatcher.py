@@ -118,6 +118,7 @@ class Dispatcher:
         self._secrets = secrets_of(config)
         self.released = 0
         self._last_write: asyncio.Future[None] | None = None
+        self._batched = 0  #: files in copy batches running now
         #: (source, rule) -> how its new files skip the workers, or None
         self._lanes: dict[tuple[str, str], Lane | None] = {}
 
@@ -307,9 +308,11 @@ class Dispatcher:
             sem = self._semaphore(lane.step)  # a batch is one delivery in flight
             if sem is not None:
                 await sem.acquire()
+            self._batched += len(group)
             try:
                 outcomes = await asyncio.to_thread(copier.copy_batch, [c for _, _, c in group])
             finally:
+                self._batched -= len(group)
                 if sem is not None:
                     sem.release()
             for (version, lane, ctx), outcome in zip(group, outcomes, strict=True):
@@ -371,6 +374,11 @@ class Dispatcher:
     def resume(self) -> None:
         self._running.set()
         self._wake.set()
+
+    @property
+    def running(self) -> int:
+        """Deliveries running now: the workers' and the files of copy batches."""
+        return len(self.in_flight) + self._batched
 
     @property
     def paused(self) -> bool:

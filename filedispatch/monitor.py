@@ -190,7 +190,7 @@ async def pause_text(service: Service) -> str:
     service.dispatcher.pause()
     log.info("paused from the console")
     return (
-        f"paused: no new work is taken ({len(service.dispatcher.in_flight)} in flight "
+        f"paused: no new work is taken ({service.dispatcher.running} in flight "
         "finish); the watchers keep recording. fd-resume to continue."
     )
 

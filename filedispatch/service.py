@@ -182,7 +182,7 @@ class Service:
                 }
                 for w in self.watchers
             ],
-            "in_flight": len(d.in_flight),
+            "in_flight": d.running,
             "stopped_sources": sorted(d.stopped_sources),
             "destinations": {
                 name: {

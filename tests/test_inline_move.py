@@ -358,3 +358,35 @@ async def test_one_bad_file_in_a_copy_batch_fails_alone(workspace: dict[str, Pat
         assert "cannot read" in rows["unreadable.txt"]["reason"]
     assert delivered(ws["outbox"]) == expected
     assert len(list(ws["inbox"].iterdir())) == 4  # copies leave the sources; gone is gone
+
+
+async def test_files_of_a_running_copy_batch_count_as_in_flight(
+    workspace: dict[str, Path],
+) -> None:
+    """A batch holds its files until the slowest is read: here a FIFO, which blocks the copy
+    until a writer comes, so the count can be looked at while the batch runs."""
+    ws = workspace
+    config = load_config(move_config(ws, mode="copy"))
+    source = config.sources[0]
+    versions = [
+        FileVersion(source.key, source.path, n, 1, old(ws["inbox"] / n).stat().st_mtime_ns)
+        for n in ("a.txt", "b.txt")
+    ]
+    os.mkfifo(ws["inbox"] / "slow.pipe")
+    versions.append(FileVersion(source.key, source.path, "slow.pipe", 0, 0))
+
+    async with Journal.open(ws["db"]) as journal:
+        dispatcher = Dispatcher(config, journal, Registry(), workdir=ws["root"] / "work")
+        offered = asyncio.create_task(dispatcher.offer(source, versions))
+        await asyncio.to_thread(
+            wait_until, lambda: dispatcher.running == 3 or offered.done(), 10, 0.01
+        )
+        assert dispatcher.running == 3
+        fd = os.open(ws["inbox"] / "slow.pipe", os.O_WRONLY)  # lets the blocked open go on
+        os.close(fd)
+        await offered
+        assert dispatcher.running == 0
+        await journal.write(lambda conn: None)
+
+    rows = {r["filename"]: r["status"] for r in journal_rows(ws["db"])}
+    assert rows == {"a.txt": "SUCCEEDED", "b.txt": "SUCCEEDED", "slow.pipe": "FAILED"}
