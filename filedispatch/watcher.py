@@ -391,10 +391,23 @@ class SourceWatcher:
         return None
 
     async def drain(self) -> None:
-        """Wait for the batch in flight (its error, if any, is raised here)."""
+        """Wait for the batch in flight (how it ended is reported by _handed_on)."""
         task, self._emitting = self._emitting, None
         if task is not None:
-            await task
+            await asyncio.wait([task])
+
+    def _handed_on(self, task: asyncio.Task[None]) -> None:
+        """A batch handed on in the background failed (the journal could not be written):
+        say so now and rescan soon. The files are still there and are offered again."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.last_error = f"{type(task.exception()).__name__}: {task.exception()}"
+        log.error(
+            "handing on files from %s failed (%s); they are offered again at a rescan",
+            self.root,
+            self.last_error,
+        )
+        asyncio.get_running_loop().call_later(1.0, self._rescan_now.set)
 
     def _version(self, rel: str, size: int, mtime_ns: int) -> FileVersion:
         return FileVersion(self.config.key, self.root, rel, size, mtime_ns)
@@ -435,6 +448,7 @@ class SourceWatcher:
             await self._hand_on(versions)
         else:
             self._emitting = asyncio.create_task(self._hand_on(versions), name=f"emit:{self.root}")
+            self._emitting.add_done_callback(self._handed_on)
 
     async def _hand_on(self, versions: list[FileVersion]) -> None:
         good = [v for v in versions if valid_name(v.relpath)]

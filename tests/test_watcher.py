@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from filedispatch.watcher import is_network_fs, mount_fstype
+from filedispatch.config import load_config
+from filedispatch.errors import JournalError
+from filedispatch.models import FileVersion
+from filedispatch.watcher import SourceWatcher, is_network_fs, mount_fstype
 
-from .conftest import ServiceProcess, journal_rows, wait_until, write_config
+from .conftest import ServiceProcess, journal_rows, old, wait_until, write_config
 
 
 def cfg(ws: dict[str, Path], **source: Any) -> Path:
@@ -105,3 +109,35 @@ def test_mount_table_detection(tmp_path: Path) -> None:
     assert mount_fstype(Path("/mnt/ssh dir/x"), str(mounts)) == "fuse.sshfs"
     assert mount_fstype(Path("/home/user"), str(mounts)) == "ext4"
     assert is_network_fs("nfs4") and is_network_fs("fuse.sshfs") and not is_network_fs("ext4")
+
+
+async def test_a_batch_that_cannot_be_handed_on_is_offered_again(
+    workspace: dict[str, Path],
+) -> None:
+    """The journal refusing a batch (here: the hand-on callback raising, as a full disk makes
+    the journal raise) costs a log line and a rescan, not the watch."""
+    ws = workspace
+    source = load_config(cfg(ws, rescan=0)).sources[0]
+    offered: list[list[str]] = []
+
+    async def emit(_: Any, versions: list[FileVersion]) -> None:
+        offered.append([v.relpath for v in versions])
+        if len(offered) == 1:
+            raise JournalError("database or disk is full")
+
+    async def reject(*_: Any) -> None:
+        raise AssertionError("nothing here is rejected")
+
+    watcher = SourceWatcher(source, emit, reject)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    await asyncio.wait_for(watcher.ready.wait(), 10)
+    old(ws["inbox"] / "edi-1.x12", b"ISA*00")
+    for _ in range(300):  # the live batch fails; the rescan one second later offers it again
+        if len(offered) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert offered[:2] == [["edi-1.x12"], ["edi-1.x12"]]
+    assert watcher.last_error == "JournalError: database or disk is full"
