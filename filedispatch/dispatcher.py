@@ -24,7 +24,7 @@ from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, secrets_of
 from .content import facts_for
 from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
-from .journal import Journal, PlannedStep, StepResult, planned_steps, version_key
+from .journal import Journal, PlannedStep, StepResult, planned_steps
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
@@ -249,6 +249,24 @@ class Dispatcher:
         ]
         return self.journal.plan_started(steps, time.time())
 
+    def _begin_chunk(
+        self, chunk: list[Item], ids: list[int | None]
+    ) -> tuple[list[FileVersion], list[Done], list[tuple[Lane, StepContext]]]:
+        """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
+        was paused meanwhile (the workers take them on resume), and the work to do."""
+        known: list[FileVersion] = []
+        given_back: list[Done] = []
+        work: list[tuple[Lane, StepContext]] = []
+        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
+            if row_id is None:
+                known.append(version)
+            elif not self._running.is_set():
+                given_back.append((version, StepResult(row_id, Status.PENDING, 0), False, False))
+            else:
+                ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
+                work.append((lane, ctx))
+        return known, given_back, work
+
     async def _move_chunk(
         self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
     ) -> list[FileVersion]:
@@ -256,16 +274,9 @@ class Dispatcher:
 
         No await inside: nothing can interrupt it between a move and its record.
         """
-        known: list[FileVersion] = []
-        done: list[Done] = []
-        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
-            if row_id is None:
-                known.append(version)
-                continue
-            if not self._running.is_set():  # paused meanwhile: the workers take it on resume
-                done.append((version, StepResult(row_id, Status.PENDING, 0), False, True))
-                continue
-            ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
+        known, done, work = self._begin_chunk(chunk, ids)
+        for lane, ctx in work:
+            version = ctx.version
             started = time.time()
             try:
                 outcome: Outcome | Exception = cast(Mover, lane.processor).move_now(ctx)
@@ -273,9 +284,9 @@ class Dispatcher:
                 log.info(
                     "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
                 )
-                self._lanes[(source.key, chain.rule)] = None
+                self._lanes[(version.source, ctx.rule)] = None
                 self._wake.set()  # give it to a worker, which links or copies
-                done.append((version, StepResult(row_id, Status.PENDING, 0), False, True))
+                done.append((version, StepResult(ctx.dispatch_id, Status.PENDING, 0), False, True))
                 continue
             except Exception as exc:
                 outcome = exc
@@ -290,34 +301,27 @@ class Dispatcher:
     ) -> list[FileVersion]:
         """Copy a chunk of small files whose IN_PROGRESS rows are committed, in one thread per
         destination, then queue their outcomes in one write."""
-        known: list[FileVersion] = []
-        done: list[Done] = []
-        groups: dict[int, list[tuple[FileVersion, Lane, StepContext]]] = {}
-        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
-            if row_id is None:
-                known.append(version)
-            elif not self._running.is_set():
-                done.append((version, StepResult(row_id, Status.PENDING, 0), False, False))
-            else:
-                ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
-                groups.setdefault(id(lane.processor), []).append((version, lane, ctx))
+        known, done, work = self._begin_chunk(chunk, ids)
+        groups: dict[int, list[tuple[Lane, StepContext]]] = {}
+        for lane, ctx in work:
+            groups.setdefault(id(lane.processor), []).append((lane, ctx))
         started = time.time()
         for group in groups.values():
-            lane = group[0][1]
+            lane = group[0][0]
             copier = cast(BatchCopier, lane.processor)
             sem = self._semaphore(lane.step)  # a batch is one delivery in flight
             if sem is not None:
                 await sem.acquire()
             self._batched += len(group)
             try:
-                outcomes = await asyncio.to_thread(copier.copy_batch, [c for _, _, c in group])
+                outcomes = await asyncio.to_thread(copier.copy_batch, [c for _, c in group])
             finally:
                 self._batched -= len(group)
                 if sem is not None:
                     sem.release()
-            for (version, lane, ctx), outcome in zip(group, outcomes, strict=True):
+            for (lane, ctx), outcome in zip(group, outcomes, strict=True):
                 result = self._inline_result(ctx, lane, outcome, started)
-                done.append((version, result, False, lane.consumes))
+                done.append((ctx.version, result, False, lane.consumes))
         self._record_inline(source, done)
         return known
 
@@ -354,7 +358,7 @@ class Dispatcher:
         """Files seen again: count the ones already done, and finish their after-action."""
         states = await self.journal.version_states(versions)
         for v in versions:
-            statuses = states.get(version_key(v), [])
+            statuses = states.get(v.key, [])
             if statuses and all(s == Status.SUCCEEDED for s in statuses):
                 self.summary.already_done += 1
                 if source.after != "keep":
@@ -574,7 +578,7 @@ class Dispatcher:
     ) -> list[Status]:
         """Run a rule's steps in order; a failure stops the chain, a retry pauses it."""
         rows.sort(key=lambda d: d.step)
-        workdir = self.workdir / f"{version_key(version)}-{_safe(rows[0].rule)}"
+        workdir = self.workdir / f"{version.key}-{_safe(rows[0].rule)}"
         current = version.path
         for i, row in enumerate(rows):
             if row.status == Status.SUCCEEDED:

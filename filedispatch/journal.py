@@ -156,10 +156,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def version_key(v: FileVersion) -> str:
-    return v.key
-
-
 def default_path() -> Path:
     """The journal's place when neither --db nor ``database:`` names one."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
@@ -203,6 +199,7 @@ def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[Planned
     ]
 
 
+#: new rows, one parameter tuple each (``_plan_params``)
 _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
     "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
@@ -210,11 +207,12 @@ _PLAN = (
 )
 
 
+#: the same rows as one JSON array, inserted IN_PROGRESS (``plan_started``)
 _PLAN_BULK = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
     "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
     "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, "
-    "value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, ?2, ?3, ?4 "
+    "value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, 'IN_PROGRESS', ?2, ?2 "
     "FROM json_each(?1)"
 )
 
@@ -222,7 +220,7 @@ _PLAN_BULK = (
 def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ...]]:
     return [
         (
-            version_key(s.version),
+            s.version.key,
             _text(s.version.source),
             str(s.version.root),
             _text(s.version.relpath),
@@ -462,7 +460,9 @@ class Journal:
 
         def op(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            self._insert(conn, params, Status.PENDING, now, started=False, bulk=False)
+            # executemany, not the JSON form: rows a rescan offers again are mostly known, and
+            # the JSON form parses every row's fields before the unique key turns it away
+            conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
             return conn.total_changes - before
 
         return await self.write(op)
@@ -483,8 +483,8 @@ class Journal:
             # rowids grow past the largest one, and only this thread writes: the new rows are
             # the ones above the old maximum
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
-            self._insert(conn, params, Status.IN_PROGRESS, now, started=True, bulk=True)
-            if self._bulk:  # one row back, not one step (and one GIL hand-over) per row
+            if self._bulk:  # one statement, and one row back: no GIL hand-over per row
+                conn.execute(_PLAN_BULK, (json.dumps(params), now))
                 new = json.loads(
                     conn.execute(
                         "SELECT json_group_object(vkey || step_key, id) FROM dispatches "
@@ -493,37 +493,13 @@ class Journal:
                     ).fetchone()[0]
                 )
             else:
+                conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?14"), params)
                 new = dict(
                     conn.execute("SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,))
                 )
             return [new.pop(p[0] + p[10], None) for p in params]  # a repeat gets None
 
         return self._enqueue(op)
-
-    def _insert(
-        self,
-        conn: sqlite3.Connection,
-        params: list[tuple[Any, ...]],
-        status: Status,
-        now: float,
-        *,
-        started: bool,
-        bulk: bool,
-    ) -> None:
-        """On the writer thread: INSERT OR IGNORE rows built by ``_plan_params``.
-
-        ``bulk`` for rows that are mostly new and planned while the loop is busy (a burst of
-        moves): one JSON statement, no GIL hand-over per row. Rows that are mostly known (a
-        rescan) go faster through ``executemany``: the JSON form parses every row's fields
-        before the unique key turns it away.
-        """
-        if bulk and self._bulk:
-            conn.execute(
-                _PLAN_BULK, (json.dumps(params), status.value, now, now if started else None)
-            )
-        else:
-            sql = _PLAN.format(status=status.value, started="?14" if started else "NULL")
-            conn.executemany(sql, params)
 
     async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
         """A file that cannot even be planned (an undecodable name): one FAILED row says why."""
@@ -534,7 +510,7 @@ class Journal:
             conn.execute(
                 "UPDATE dispatches SET status='FAILED', reason=?, finished=? "
                 "WHERE vkey=? AND step_key='name' AND status='PENDING'",
-                (reason, now, version_key(version)),
+                (reason, now, version.key),
             )
 
         await self.write(op)
@@ -636,7 +612,7 @@ class Journal:
 
     async def version_states(self, versions: Sequence[FileVersion]) -> dict[str, list[str]]:
         """For each version key: the statuses of its rows (for after-actions on old files)."""
-        keys = [version_key(v) for v in versions]
+        keys = [v.key for v in versions]
         out: dict[str, list[str]] = {}
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
@@ -709,7 +685,7 @@ class Journal:
                 "UPDATE dispatches SET status='SUCCEEDED', finished=?, duration_ms=0, "
                 "detail='marked as already dispatched' WHERE vkey=? AND step_key=? "
                 "AND status='PENDING'",
-                [(now, version_key(s.version), s.step_key) for s in steps],
+                [(now, s.version.key, s.step_key) for s in steps],
             )
 
         await self.write(op)

@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .. import naming
 from ..config import LocalDestination
@@ -112,8 +113,13 @@ def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPat
 
 def render_target(template: str, ctx: StepContext) -> PurePosixPath:
     """The name template rendered for this step's input (a transform's output keeps its name)."""
+    return PurePosixPath(render_target_str(template, ctx))
+
+
+def render_target_str(template: str, ctx: StepContext) -> str:
+    """``render_target`` as a plain "a/b" string, for the per-file hot path."""
     transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
-    return naming.render(template, ctx.version, ctx.input.name if transformed else None)
+    return naming.render_str(template, ctx.version, ctx.input.name if transformed else None)
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
@@ -151,8 +157,7 @@ class LocalProcessor:
         self.dest = dest
         self.root = dest.folder
         self._root = str(dest.folder)
-        self._made: set[Path] = set()
-        self._made_rel: set[str] = set()  #: the same folders, relative, as rendered
+        self._made: set[str] = set()  #: folders made (or found) so far
 
     async def aclose(self) -> None:
         return None
@@ -179,22 +184,22 @@ class LocalProcessor:
 
     # -- the synchronous part, run inline (links) or in a thread (copies)
 
-    def _mkdirs(self, folder: Path) -> None:
-        if folder in self._made:
+    def _mkdirs(self, folder: str | Path) -> None:
+        key = os.fspath(folder)  # one cache for Paths and the hot path's strings
+        if key in self._made:
             return
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            os.makedirs(key, exist_ok=True)
         except OSError as exc:
             if exc.errno == errno.ENOENT:  # e.g. below /proc: no retry will make it appear
                 raise PermanentDeliveryError(f"cannot create {folder}: {exc.strerror}") from exc
             raise translate_os_error(exc, f"cannot create {folder}") from exc
-        self._made.add(folder)
+        self._made.add(key)
 
     def _forget_folders(self, exc: OSError) -> None:
         """A folder we made is gone (someone removed it): make folders again on the retry."""
         if exc.errno == errno.ENOENT:
             self._made.clear()
-            self._made_rel.clear()
 
     def _deliver(self, ctx: StepContext, rel: PurePosixPath, link: bool) -> Outcome:
         if not link:
@@ -266,9 +271,9 @@ class LocalProcessor:
         """Flush (with ``fsync``) and close copies; per copy None or its error (the copy is
         then removed). Writeback of all of them starts before the first fsync waits."""
         errors: list[DeliveryError | None] = [None] * len(staged)
-        if self.dest.fsync and _start_writeback is not None and len(staged) > 1:
-            for _, out in staged:
-                _start_writeback(out)
+        if self.dest.fsync and _sync_file_range is not None and len(staged) > 1:
+            for _, out in staged:  # only a hint: a failure is met again by the fsync below
+                _sync_file_range(out, 0, 0, _SYNC_FILE_RANGE_WRITE)
         for i, (tmp, out) in enumerate(staged):
             try:
                 if self.dest.fsync:
@@ -318,17 +323,14 @@ class LocalProcessor:
         try:
             self._mkdirs(self.root)
             return os.stat(folder).st_dev == os.stat(self.root).st_dev
-        except (OSError, PermanentDeliveryError, TransientDeliveryError):
+        except (OSError, DeliveryError):
             return False
 
     def move_now(self, ctx: StepContext) -> Outcome:
         """Rename the source into place, inline: the delivery and the source's removal are one
         atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
         the ordinary path, which links and removes the source later)."""
-        transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
-        rel = naming.render_str(
-            self.dest.name, ctx.version, ctx.input.name if transformed else None
-        )
+        rel = render_target_str(self.dest.name, ctx)
         return self._put_source(
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )
@@ -338,9 +340,7 @@ class LocalProcessor:
         be the planned version. Plain strings, not Paths: this runs once per file, inline."""
         root = self._root
         folder = rel.rpartition("/")[0]
-        if folder not in self._made_rel:
-            self._mkdirs(Path(root, folder) if folder else self.root)
-            self._made_rel.add(folder)
+        self._mkdirs(f"{root}/{folder}" if folder else root)
         src = os.fspath(ctx.input)
         try:
             st = os.stat(src)
@@ -450,41 +450,28 @@ def _link(src: str, dst: str) -> None:
         raise _LinkUnavailable() from exc
 
 
-def _load_renameat2() -> Callable[[bytes, bytes], int] | None:
-    """renameat2(2) from the C library, which Python does not wrap (Linux 3.15, glibc 2.28)."""
+def _libc_function(name: str, *argtypes: Any) -> Any:
+    """A function of the C library that Python does not wrap, or None where there is none."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
-
-    def renameat2(src: bytes, dst: bytes) -> int:
-        return int(fn(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE))
-
-    return renameat2
+    return fn
 
 
-def _load_sync_file_range() -> Callable[[int], None] | None:
-    """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE): start writing a file back, no wait."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-
-    def start(fd: int) -> None:
-        fn(fd, 0, 0, 2)  # only a hint: a failure here is met again by the fsync after it
-
-    return start
-
-
-_start_writeback = _load_sync_file_range()
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
-_renameat2 = _load_renameat2()
+_SYNC_FILE_RANGE_WRITE = 2
+#: renameat2(2): Linux 3.15, glibc 2.28
+_renameat2 = _libc_function(
+    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+)
+#: sync_file_range(2): starts writing a file back without waiting
+_sync_file_range = _libc_function(
+    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
+)
 
 
 def _move(src: str, dst: str) -> None:
@@ -494,7 +481,7 @@ def _move(src: str, dst: str) -> None:
     RENAME_NOREPLACE, which checks and renames in one step in the kernel.
     """
     assert _renameat2 is not None
-    if _renameat2(os.fsencode(src), os.fsencode(dst)) == 0:
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
         return
     err = ctypes.get_errno()
     if err == errno.EEXIST:
