@@ -332,7 +332,7 @@ class Dispatcher:
         if isinstance(outcome, Outcome):
             result = StepResult(
                 ctx.dispatch_id, Status.SUCCEEDED, 1, location=outcome.location,
-                detail=outcome.detail, started=started,
+                detail=outcome.detail, started=started, sha256=outcome.sha256,
             )  # fmt: skip
         else:
             error = outcome if isinstance(outcome, DeliveryError) else _unexpected(outcome, ctx)
@@ -502,16 +502,17 @@ class Dispatcher:
         source = self.sources.get(version.source)
         moves = self._moves(rows)
         consumes = source is not None and (source.after == "delete" or moves)
-        # a hard link is only safe when the source goes away and one folder gets the file
-        link_ok = consumes and sum(d.protocol == "file" for d in rows) == 1
+        # the source may be renamed into place only when it is consumed and this is its one row:
+        # a hard link would share the fate of a live source, and a link changes its ctime
+        may_move = consumes and len(rows) == 1
         chains: dict[str, list[Dispatch]] = defaultdict(list)
         for d in rows:
             chains[d.rule].append(d)
         if len(chains) == 1:  # the common case: no gather, no extra tasks
-            statuses = await self._run_chain(version, rows, link_ok)
+            statuses = await self._run_chain(version, rows, may_move)
         else:
             final = await asyncio.gather(
-                *(self._run_chain(version, c, link_ok) for c in chains.values())
+                *(self._run_chain(version, c, may_move) for c in chains.values())
             )
             statuses = [s for chain_statuses in final for s in chain_statuses]
         if source is not None:
@@ -574,7 +575,7 @@ class Dispatcher:
         return rule.chain.steps[row.step]
 
     async def _run_chain(
-        self, version: FileVersion, rows: list[Dispatch], link_ok: bool
+        self, version: FileVersion, rows: list[Dispatch], may_move: bool
     ) -> list[Status]:
         """Run a rule's steps in order; a failure stops the chain, a retry pauses it."""
         rows.sort(key=lambda d: d.step)
@@ -591,7 +592,7 @@ class Dispatcher:
                 row.status = Status.IN_PROGRESS  # a transform's output is gone: make it again
             if row.status != Status.IN_PROGRESS:
                 break  # FAILED (the chain stopped there) or PENDING until a retry is due
-            result = await self._attempt(row, version, current, workdir, link_ok)
+            result = await self._attempt(row, version, current, workdir, may_move)
             if result.status == Status.SUCCEEDED:
                 if result.output:
                     current = Path(result.output)
@@ -636,7 +637,7 @@ class Dispatcher:
         return sem
 
     async def _attempt(
-        self, row: Dispatch, version: FileVersion, current: Path, workdir: Path, link_ok: bool
+        self, row: Dispatch, version: FileVersion, current: Path, workdir: Path, may_move: bool
     ) -> StepResult:
         step = self._step(row)
         attempt = row.attempts + 1
@@ -660,7 +661,7 @@ class Dispatcher:
             attempt=attempt,
             workdir=workdir,
             resuming=row.started is not None,  # claimed before: a crash may have hit mid-way
-            link_ok=link_ok,
+            may_move=may_move,
         )
         self.in_flight[row.id] = row
         sem = self._semaphore(step)
@@ -683,6 +684,7 @@ class Dispatcher:
                 detail=outcome.detail,
                 started=started,
                 output=None if outcome.produced is None else str(outcome.produced),
+                sha256=outcome.sha256,
             )
         finally:
             self.in_flight.pop(row.id, None)

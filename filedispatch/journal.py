@@ -54,7 +54,7 @@ class Rows:
 COLUMNS = (
     "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
     "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output"
+    "error_type, detail, output, dev, ino, ctime_ns, sha256"
 )
 
 MIGRATIONS: list[list[str]] = [
@@ -101,18 +101,26 @@ MIGRATIONS: list[list[str]] = [
     [  # UNIQUE (vkey, step_key) already serves lookups by vkey: one index less per insert
         "DROP INDEX dispatches_vkey",
     ],
+    [  # the source's identity (a version is also its inode and ctime); what was delivered
+        "ALTER TABLE dispatches ADD COLUMN dev INTEGER",
+        "ALTER TABLE dispatches ADD COLUMN ino INTEGER",
+        "ALTER TABLE dispatches ADD COLUMN ctime_ns INTEGER",
+        "ALTER TABLE dispatches ADD COLUMN sha256 TEXT",
+    ],
 ]
 
 
 _FINISH = (
     "UPDATE dispatches SET status=?, attempts=?, reason=?, error_type=?, location=?, detail=?, "
-    "finished=?, duration_ms=?, next_attempt=?, output=COALESCE(?, output) WHERE id=?"
+    "finished=?, duration_ms=?, next_attempt=?, output=COALESCE(?, output), "
+    "sha256=COALESCE(?, sha256) WHERE id=?"
 )
 _FINISH_BULK = (
     "UPDATE dispatches SET status=r.value->>0, attempts=r.value->>1, reason=r.value->>2, "
     "error_type=r.value->>3, location=r.value->>4, detail=r.value->>5, finished=r.value->>6, "
     "duration_ms=r.value->>7, next_attempt=r.value->>8, "
-    "output=COALESCE(r.value->>9, output) FROM json_each(?) AS r WHERE dispatches.id=r.value->>10"
+    "output=COALESCE(r.value->>9, output), sha256=COALESCE(r.value->>10, sha256) "
+    "FROM json_each(?) AS r WHERE dispatches.id=r.value->>11"
 )
 
 
@@ -188,6 +196,7 @@ class StepResult:
     started: float | None = None
     next_attempt: float = 0.0
     output: str | None = None
+    sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
 
 
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
@@ -202,18 +211,18 @@ def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[Planned
 #: new rows, one parameter tuple each (``_plan_params``)
 _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
-    "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
-    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
+    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, "
+    "started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
 )
 
 
 #: the same rows as one JSON array, inserted IN_PROGRESS (``plan_started``)
 _PLAN_BULK = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
-    "mtime_ns, rule, step, step_key, destination, protocol, status, created, started) "
-    "SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, "
-    "value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, 'IN_PROGRESS', ?2, ?2 "
-    "FROM json_each(?1)"
+    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, "
+    "started) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
+    "value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
+    "value->>13, value->>14, value->>15, 'IN_PROGRESS', ?2, ?2 FROM json_each(?1)"
 )
 
 
@@ -233,6 +242,9 @@ def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ..
             s.step_key,
             _text(s.destination),
             s.protocol,
+            s.version.dev or None,
+            s.version.ino or None,
+            s.version.ctime_ns or None,
             now,
         )
         for s in steps
@@ -493,7 +505,7 @@ class Journal:
                     ).fetchone()[0]
                 )
             else:
-                conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?14"), params)
+                conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?17"), params)
                 new = dict(
                     conn.execute("SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,))
                 )
@@ -585,6 +597,7 @@ class Journal:
                 int((now - r.started) * 1000) if r.started is not None else None,
                 r.next_attempt,
                 _opt_text(r.output),
+                r.sha256,
                 r.id,
             )
             for r in results

@@ -34,6 +34,11 @@ class FileVersion:
     relpath: str  #: path relative to ``root``, with "/" separators
     size: int
     mtime_ns: int
+    #: the inode and its change time (nanoseconds): a new file at the same name, size and mtime
+    #: (a fresh upload, a file recreated after the last one was consumed) is a new version
+    ino: int = 0
+    ctime_ns: int = 0
+    dev: int = 0  #: the device the file was seen on (not part of the key: it differs per host)
     # worked out on first use and kept: a rescan makes a version of every file it lists, and
     # most of those are only looked up in the journal
     _path: Path | None = field(default=None, init=False, repr=False, compare=False)
@@ -50,10 +55,14 @@ class FileVersion:
 
     @property
     def key(self) -> str:
-        """The version's identity in the journal: a hash of source, relpath, size and mtime."""
+        """The version's identity in the journal: a hash of source, relpath, size, mtime, inode
+        and ctime (all as the kernel reported them when the file was seen)."""
         key = self._key
         if key is None:
-            raw = f"{self.source}\0{self.relpath}\0{self.size}\0{self.mtime_ns}"
+            raw = (
+                f"{self.source}\0{self.relpath}\0{self.size}\0{self.mtime_ns}"
+                f"\0{self.ino}\0{self.ctime_ns}"
+            )
             key = hashlib.blake2b(
                 raw.encode("utf-8", "surrogateescape"), digest_size=12
             ).hexdigest()
@@ -73,7 +82,21 @@ class FileVersion:
 
     @classmethod
     def from_stat(cls, source: str, root: Path, relpath: str, st: os.stat_result) -> FileVersion:
-        return cls(source, root, relpath, st.st_size, st.st_mtime_ns)
+        return cls(
+            source, root, relpath, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev
+        )
+
+    def same_file(self, st: os.stat_result) -> bool:
+        """Whether ``st`` (an lstat, a stat or an fstat) is still this very version: the same
+        device, inode, size, mtime and ctime. Identity fields left 0 (a version made from an
+        old journal row, or by hand) are not compared."""
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            return False
+        if self.ino and st.st_ino != self.ino:
+            return False
+        if self.dev and st.st_dev != self.dev:
+            return False
+        return not (self.ctime_ns and st.st_ctime_ns != self.ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +107,7 @@ class Outcome:
     #: a file that later steps of the chain deliver instead of the input (transforms)
     produced: Path | None = None
     detail: str | None = None  #: a short note recorded with the row (a return value, a status)
+    sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
 
 
 @dataclass(slots=True)
@@ -112,10 +136,23 @@ class Dispatch:
     error_type: str | None = None
     detail: str | None = None
     output: str | None = None  #: the file a transform step produced (for the later steps)
+    dev: int | None = None  #: the source's identity when it was seen (None: an old row)
+    ino: int | None = None
+    ctime_ns: int | None = None
+    sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
 
     @property
     def version(self) -> FileVersion:
-        return FileVersion(self.source, Path(self.root), self.relpath, self.size, self.mtime_ns)
+        return FileVersion(
+            self.source,
+            Path(self.root),
+            self.relpath,
+            self.size,
+            self.mtime_ns,
+            self.ino or 0,
+            self.ctime_ns or 0,
+            self.dev or 0,
+        )
 
     @property
     def filename(self) -> str:

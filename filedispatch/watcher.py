@@ -48,6 +48,8 @@ NETWORK_FS = frozenset(
 BATCH = 500
 
 Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[None]]
+#: a file's (inode, ctime_ns, device), kept with its size and mtime
+Ident = tuple[int, int, int]
 Reject = Callable[[SourceConfig, FileVersion, str], Awaitable[None]]
 
 
@@ -72,6 +74,10 @@ def mount_fstype(path: Path, mounts_file: str = "/proc/self/mounts") -> str | No
 
 def is_network_fs(fstype: str | None) -> bool:
     return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.sshfs"))
+
+
+def _ident(st: os.stat_result) -> Ident:
+    return st.st_ino, st.st_ctime_ns, st.st_dev
 
 
 def valid_name(relpath: str) -> bool:
@@ -224,13 +230,16 @@ class SourceWatcher:
 
     async def scan(self, initial: bool) -> None:
         """Walk the source and offer every complete file (oldest first)."""
-        # compact (mtime, name, size) tuples: a folder of 100,000 files must stay cheap to hold
+        # compact tuples: a folder of 100,000 files must stay cheap to hold
         found = await asyncio.to_thread(
-            lambda: sorted((st.st_mtime_ns, rel, st.st_size) for rel, st in self.walk())
+            lambda: sorted(
+                (st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns, st.st_dev)
+                for rel, st in self.walk()
+            )
         )
         self.scans += 1
         if initial and not self.config.process_existing:
-            self._baseline = {(rel, size, mtime) for mtime, rel, size in found}
+            self._baseline = {(rel, size, mtime) for mtime, rel, size, *_ in found}
             log.info(
                 "source %s: %d existing file(s) left alone (process_existing: false)",
                 self.root,
@@ -239,8 +248,8 @@ class SourceWatcher:
             return
         now = time.time()
         ready: list[FileVersion] = []
-        for mtime, rel, size in found:
-            v = self._consider(rel, size, mtime, now)
+        for mtime, rel, size, ino, ctime, dev in found:
+            v = self._consider(rel, size, mtime, now, (ino, ctime, dev))
             if v is not None:
                 ready.append(v)
                 if len(ready) >= BATCH:
@@ -252,7 +261,11 @@ class SourceWatcher:
         found = await asyncio.to_thread(lambda: list(self.walk(folder)))
         now = time.time()
         await self._emit(
-            [v for rel, st in found if (v := self._consider(rel, st.st_size, st.st_mtime_ns, now))]
+            [
+                v
+                for rel, st in found
+                if (v := self._consider(rel, st.st_size, st.st_mtime_ns, now, _ident(st)))
+            ]
         )
 
     def walk(self, top: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
@@ -358,9 +371,11 @@ class SourceWatcher:
             return None
         if not stat.S_ISREG(st.st_mode) or self._marker(rel):
             return None
-        return self._consider(rel, st.st_size, st.st_mtime_ns, now)
+        return self._consider(rel, st.st_size, st.st_mtime_ns, now, _ident(st))
 
-    def _consider(self, rel: str, size: int, mtime_ns: int, now: float) -> FileVersion | None:
+    def _consider(
+        self, rel: str, size: int, mtime_ns: int, now: float, ident: Ident
+    ) -> FileVersion | None:
         """The version if the file is complete now; otherwise remember to look again."""
         if self._baseline and (rel, size, mtime_ns) in self._baseline:
             return None
@@ -369,19 +384,19 @@ class SourceWatcher:
             marker = f"{self._prefix}{rel}.{mode}"  # NAME.lock must be gone, NAME.done there
             if os.path.lexists(marker) == (mode == "lock"):
                 return None
-            return self._version(rel, size, mtime_ns)
+            return self._version(rel, size, mtime_ns, ident)
         settle = self.config.settle
         age = now - mtime_ns / 1e9
         if settle <= 0 or (age >= 0 and age >= settle):
             if self._pending:
                 self._pending.pop(rel, None)
-            return self._version(rel, size, mtime_ns)
+            return self._version(rel, size, mtime_ns, ident)
         # mtime is recent (or from a skewed clock): wait until size and mtime stay put
         seen = self._pending.get(rel)
         if seen is not None and seen[:2] == (size, mtime_ns):
             if now - seen[2] >= settle:
                 del self._pending[rel]
-                return self._version(rel, size, mtime_ns)
+                return self._version(rel, size, mtime_ns, ident)
             due = seen[2] + settle
         else:
             self._pending[rel] = (size, mtime_ns, now)
@@ -409,8 +424,9 @@ class SourceWatcher:
         )
         asyncio.get_running_loop().call_later(1.0, self._rescan_now.set)
 
-    def _version(self, rel: str, size: int, mtime_ns: int) -> FileVersion:
-        return FileVersion(self.config.key, self.root, rel, size, mtime_ns)
+    def _version(self, rel: str, size: int, mtime_ns: int, ident: Ident) -> FileVersion:
+        ino, ctime_ns, dev = ident
+        return FileVersion(self.config.key, self.root, rel, size, mtime_ns, ino, ctime_ns, dev)
 
     async def _settle_loop(self, stop: asyncio.Event) -> None:
         """Look again at unsettled files when their quiet period is over."""

@@ -128,7 +128,7 @@ def _interrupted(ws: dict[str, Path], cfg: Path, name: str) -> FileVersion:
     config = load_config(cfg)
     source = config.sources[0]
     st = (ws["inbox"] / name).stat()
-    version = FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns)
+    version = FileVersion.from_stat(source.key, source.path, name, st)
 
     async def plan() -> None:
         async with Journal.open(ws["db"]) as journal:
@@ -241,7 +241,7 @@ async def test_a_source_gone_or_changed_before_its_move_fails_alone(
     versions = {}
     for name in ("gone.txt", "changed.txt", "fine.txt"):
         st = old(ws["inbox"] / name, b"v1").stat()
-        versions[name] = FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns)
+        versions[name] = FileVersion.from_stat(source.key, source.path, name, st)
     (ws["inbox"] / "gone.txt").unlink()
     (ws["inbox"] / "changed.txt").write_bytes(b"version 2")
 
@@ -334,7 +334,7 @@ async def test_one_bad_file_in_a_copy_batch_fails_alone(workspace: dict[str, Pat
     versions = []
     for name in ("a.txt", "gone.txt", "changed.txt", "unreadable.txt", "z.txt"):
         st = old(ws["inbox"] / name, name.encode()).stat()
-        versions.append(FileVersion(source.key, source.path, name, st.st_size, st.st_mtime_ns))
+        versions.append(FileVersion.from_stat(source.key, source.path, name, st))
     (ws["inbox"] / "gone.txt").unlink()
     (ws["inbox"] / "changed.txt").write_bytes(b"changed since it was seen")
     (ws["inbox"] / "unreadable.txt").chmod(0)

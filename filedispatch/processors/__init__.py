@@ -31,8 +31,9 @@ class StepContext:
     workdir: Path  #: a private folder for this chain's intermediate files
     #: an earlier attempt of this row may have completed before a crash: check before sending
     resuming: bool = False
-    #: the source is removed once every destination has it, so a local copy may be a hard link
-    link_ok: bool = False
+    #: this is the source's only destination and the source is consumed once it is delivered:
+    #: a local folder on the same filesystem may rename the source into place
+    may_move: bool = False
 
     @property
     def path(self) -> Path:

@@ -1,7 +1,8 @@
 """Local folder destination: atomic delivery by hidden temporary name, fsync and rename.
 
-A delivered file is never visible half-written. This module never removes the source: a
-``move`` is a hard link here, and the dispatcher's after-action removes the source later.
+A delivered file is never visible half-written. This module removes a source only by renaming
+it into place, when the dispatcher says it is the source's one destination and it is consumed;
+otherwise it copies, and the dispatcher's after-action removes the source later.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
 
 
 class LocalProcessor:
-    """Delivers into one folder, by copy or (for ``mode: move`` / removed sources) hard link."""
+    """Delivers into one folder: by copy, or by renaming a consumed source that goes nowhere else."""
 
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest
@@ -171,16 +172,14 @@ class LocalProcessor:
             found = await asyncio.to_thread(self._find_previous, ctx, rel)
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
-        link = ctx.link_ok or self.dest.mode == "move"
-        if link and ctx.input is ctx.version.path:
-            # A hard link moves no data: do it inline, it is a few syscalls.
+        if ctx.may_move and ctx.input is ctx.version.path:
+            # The source's one destination, consumed anyway: one rename delivers it. A hard
+            # link instead would leave the delivered file sharing the fate of a live source.
             try:
-                if self.dest.on_conflict != "overwrite":
-                    return self._link_into_place(ctx, rel)
-                return self._deliver(ctx, rel, link=True)
-            except _LinkUnavailable:
+                return self.move_now(ctx)
+            except MoveUnavailable:
                 pass
-        return await asyncio.to_thread(self._deliver, ctx, rel, False)
+        return await asyncio.to_thread(self._deliver, ctx, rel)
 
     # -- the synchronous part, run inline (links) or in a thread (copies)
 
@@ -201,27 +200,12 @@ class LocalProcessor:
         if exc.errno == errno.ENOENT:
             self._made.clear()
 
-    def _deliver(self, ctx: StepContext, rel: PurePosixPath, link: bool) -> Outcome:
-        if not link:
-            tmp, out = self._stage_copy(ctx, rel)
-            error = self._flush([(tmp, out)])[0]
-            if error is not None:
-                raise error
-            return self._place_temp(tmp, rel, link=False, sync_dir=self.dest.fsync)
-        final_dir = self.root / rel.parent
-        self._mkdirs(final_dir)
-        src = ctx.input
-        fd, _ = open_input(ctx)
-        os.close(fd)
-        tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
-        try:
-            os.link(src, tmp, follow_symlinks=False)
-        except FileExistsError:
-            os.unlink(tmp)
-            os.link(src, tmp, follow_symlinks=False)
-        except OSError as exc:
-            raise _LinkUnavailable() from exc
-        return self._place_temp(tmp, rel, link=True, sync_dir=False)
+    def _deliver(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
+        tmp, out = self._stage_copy(ctx, rel)
+        error = self._flush([(tmp, out)])[0]
+        if error is not None:
+            raise error
+        return self._place_temp(tmp, rel, sync_dir=self.dest.fsync)
 
     # -- copying a batch in one thread (see processors.BatchCopier)
 
@@ -246,7 +230,7 @@ class LocalProcessor:
                 results[i] = error
                 continue
             try:
-                results[i] = self._place_temp(tmp, rel, link=False, sync_dir=False)
+                results[i] = self._place_temp(tmp, rel, sync_dir=False)
                 folders.add(rel.parent)
             except Exception as exc:
                 results[i] = exc
@@ -286,7 +270,7 @@ class LocalProcessor:
                 _unlink_quietly(tmp)
         return errors
 
-    def _place_temp(self, tmp: Path, rel: PurePosixPath, *, link: bool, sync_dir: bool) -> Outcome:
+    def _place_temp(self, tmp: Path, rel: PurePosixPath, *, sync_dir: bool) -> Outcome:
         """Give a complete temporary file its final name under the ``on_conflict`` policy."""
         try:
             final = place(
@@ -306,12 +290,7 @@ class LocalProcessor:
             return Outcome(str(self.root / rel), detail="skipped: the name is taken")
         if sync_dir:
             _fsync_dir(self.root / final.parent)
-        return Outcome(str(self.root / final), detail="linked" if link else None)
-
-    def _link_into_place(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
-        """The hot path of ``mode: move``: link() is atomic and refuses a taken name, so no
-        temporary name is needed."""
-        return self._put_source(ctx, str(rel), _link)
+        return Outcome(str(self.root / final))
 
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
@@ -336,7 +315,7 @@ class LocalProcessor:
         )
 
     def _put_source(self, ctx: StepContext, rel: str, put: Callable[[str, str], None]) -> Outcome:
-        """Link or rename the source itself to its final name, once the source is checked to
+        """Rename the source itself to its final name, once the source is checked to
         be the planned version. Plain strings, not Paths: this runs once per file, inline."""
         root = self._root
         folder = rel.rpartition("/")[0]
@@ -352,7 +331,7 @@ class LocalProcessor:
             raise SourceVanishedError(
                 f"{src} changed after it was seen; its new version is dispatched on its own"
             )
-        detail = "linked" if put is _link else "moved"
+        detail = "moved"
         try:
             try:
                 put(src, f"{root}/{rel}")  # the usual case: the name is free
@@ -436,20 +415,6 @@ class LocalProcessor:
         return None
 
 
-class _LinkUnavailable(Exception):
-    """Hard links are not possible here (another filesystem, or not allowed): copy instead."""
-
-
-def _link(src: str, dst: str) -> None:
-    """Link ``src`` to the free name ``dst``; FileExistsError if it is taken."""
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        raise _LinkUnavailable() from exc
-
-
 def _libc_function(name: str, *argtypes: Any) -> Any:
     """A function of the C library that Python does not wrap, or None where there is none."""
     try:
@@ -480,7 +445,8 @@ def _move(src: str, dst: str) -> None:
     Plain rename() would replace a file that appeared at ``dst`` since we looked, so this uses
     RENAME_NOREPLACE, which checks and renames in one step in the kernel.
     """
-    assert _renameat2 is not None
+    if _renameat2 is None:
+        raise MoveUnavailable("this system has no renameat2(RENAME_NOREPLACE)")
     if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
         return
     err = ctypes.get_errno()
