@@ -17,9 +17,10 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
+from . import naming
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, secrets_of
 from .content import facts_for
@@ -833,14 +834,15 @@ def _report_write(fut: asyncio.Future[Any]) -> None:
 
 
 def _free_name(target: Path) -> Path:
-    if not target.exists():
+    """``target``, or the first free ``name-N.ext`` beside it (never past NAME_MAX bytes)."""
+    if not os.path.lexists(target):
         return target
-    stem, suffix = target.stem, target.suffix
-    for n in range(1, 10_000):
-        cand = target.with_name(f"{stem}-{n}{suffix}")
-        if not cand.exists():
-            return cand
-    return target.with_name(f"{stem}-{time.time_ns()}{suffix}")
+    name = PurePosixPath(target.name)
+    for n in [*range(1, 10_000), time.time_ns()]:
+        cand = target.with_name(naming.with_suffix_number(name, n).name)
+        if not os.path.lexists(cand):
+            break
+    return cand
 
 
 def _safe(name: str) -> str:

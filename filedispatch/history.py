@@ -21,7 +21,7 @@ from typing import Any, Literal, TextIO
 from .config import Config, SourceConfig
 from .content import facts_for
 from .errors import JournalError
-from .journal import COLUMNS, Journal, PlannedStep, planned_steps
+from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
 from .router import Chain, Router
@@ -51,11 +51,18 @@ def connect_ro(path: Path) -> sqlite3.Connection:
 def _query(path: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
     conn = connect_ro(path)
     try:
-        return [dict(r) for r in conn.execute(sql, params)]
+        rows = [dict(r) for r in conn.execute(sql, params)]
     except sqlite3.Error as exc:
         raise JournalError(f"journal read failed: {exc}") from exc
     finally:
         conn.close()
+    for row in rows:  # a stat number too large for SQLite is kept in a BLOB (journal._int64)
+        for key in _STAT_NUMBERS.intersection(row):
+            row[key] = number(row[key])
+    return rows
+
+
+_STAT_NUMBERS = frozenset({"mtime_ns", "dev", "ino", "ctime_ns"})
 
 
 # ---------------------------------------------------------------------------- reading

@@ -236,19 +236,46 @@ def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ..
             _text(s.version.name),
             _text(s.version.extension),
             s.version.size,
-            s.version.mtime_ns,
+            _int64(s.version.mtime_ns),
             s.rule,
             s.step,
             s.step_key,
             _text(s.destination),
             s.protocol,
-            s.version.dev or None,
-            s.version.ino or None,
-            s.version.ctime_ns or None,
+            _int64(s.version.dev) or None,
+            _int64(s.version.ino) or None,
+            _int64(s.version.ctime_ns) or None,
             now,
         )
         for s in steps
     ]
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _int64(value: int) -> int | bytes:
+    """A number from stat() as SQLite can keep it exactly.
+
+    SQLite integers are signed 64-bit (and it turns larger ones into lossy REALs), but an mtime
+    in nanoseconds passes 2**63 after 2262-04-11 (ext4 stores dates up to 2446, tmpfs far
+    beyond) and inode and device numbers are unsigned 64-bit. Such a value is stored as its
+    decimal digits in a BLOB, which no column affinity converts; ``number`` reads it back.
+    """
+    return value if value in _INT64 else str(value).encode()
+
+
+def number(value: int | float | bytes | None) -> int | None:
+    """A stored stat number as the int it was (see ``_int64``)."""
+    return int(value) if value is not None else None
+
+
+def _json(params: list[tuple[Any, ...]]) -> str | None:
+    """The rows as one JSON array; None when a row holds a BLOB-kept number (JSON has none)."""
+    try:
+        return json.dumps(params)
+    except TypeError:
+        return None
 
 
 def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
@@ -276,6 +303,8 @@ def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
 def _row(r: Sequence[Any]) -> Dispatch:
     values = list(r)
     values[10] = Status(values[10])
+    values[5] = number(values[5])  # mtime_ns, dev, ino, ctime_ns: see _int64
+    values[22:25] = map(number, values[22:25])
     return Dispatch(*values)
 
 
@@ -495,8 +524,9 @@ class Journal:
             # rowids grow past the largest one, and only this thread writes: the new rows are
             # the ones above the old maximum
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
-            if self._bulk:  # one statement, and one row back: no GIL hand-over per row
-                conn.execute(_PLAN_BULK, (json.dumps(params), now))
+            payload = _json(params) if self._bulk else None
+            if payload is not None:  # one statement, and one row back: no GIL hand-over per row
+                conn.execute(_PLAN_BULK, (payload, now))
                 new = json.loads(
                     conn.execute(
                         "SELECT json_group_object(vkey || step_key, id) FROM dispatches "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
 import os
@@ -109,6 +110,7 @@ class SourceWatcher:
             if extra is not None:
                 self.exclude.append(extra)
         self._pending: dict[str, tuple[int, int, float]] = {}  # size, mtime_ns, first seen
+        self._too_long: set[str] = set()  # paths past PATH_MAX, already reported
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
         self._baseline: set[tuple[str, int, int]] = set()
@@ -312,7 +314,16 @@ class SourceWatcher:
                     log.debug("skipping %s: its link points outside the source", rel)
                     return None
             est = entry.stat(follow_symlinks=follow)
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG and entry.path not in self._too_long:
+                # no call can reach it by its path: say so once, rather than skip it unseen
+                self._too_long.add(entry.path)
+                log.warning(
+                    "skipping %s: its path is %d bytes, longer than this system allows "
+                    "(PATH_MAX, 4096)",
+                    "..." + rel[-200:] if len(rel) > 200 else rel,
+                    len(os.fsencode(entry.path)),
+                )
             return None
         if stat.S_ISDIR(est.st_mode):
             if self.config.recursive and not self._excluded(entry.path):

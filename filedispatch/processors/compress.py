@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import math
 import os
 import shutil
 import tarfile
@@ -21,6 +22,7 @@ from typing import IO
 
 import zstandard
 
+from .. import naming
 from ..config import CompressStep
 from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
@@ -67,7 +69,8 @@ class CompressProcessor:
     def _compress(self, ctx: StepContext) -> Outcome:
         # one folder per step, so two transforms of one chain can never collide
         folder = ensure_workdir(ctx.workdir) / f"step{ctx.step + 1}"
-        target = folder / (ctx.input.name + SUFFIX[self.format])
+        suffix = SUFFIX[self.format]
+        target = folder / (naming.shorten(ctx.input.name, len(suffix)) + suffix)
         fd, st = open_input(ctx)  # also checks the source is still the planned version
         try:
             folder.mkdir(mode=0o700, exist_ok=True)
@@ -101,9 +104,15 @@ class CompressProcessor:
         )
 
 
+def _gzip_time(mtime: float) -> int:
+    """The gzip header's MTIME: 32 unsigned bits, 0 meaning "none" (RFC 1952), so a date
+    before 1970 or after 2106 is left out rather than refused."""
+    return math.floor(mtime) if 0 <= mtime < 2**32 else 0
+
+
 def _gzip(src: IO[bytes], out: IO[bytes], name: str, mtime: float, level: int) -> None:
     # the original name and mtime go into the header, as gzip(1) does; output is reproducible
-    with gzip.GzipFile(name, "wb", level, out, mtime=int(mtime)) as gz:
+    with gzip.GzipFile(name, "wb", level, out, mtime=_gzip_time(mtime)) as gz:
         shutil.copyfileobj(src, gz, _CHUNK)
 
 
@@ -121,10 +130,10 @@ def _zip(src: IO[bytes], out: IO[bytes], name: str, mtime: float, level: int) ->
 def _tar_gz(src: IO[bytes], out: IO[bytes], name: str, mtime: float, level: int) -> None:
     info = tarfile.TarInfo(name)
     info.size = os.fstat(src.fileno()).st_size
-    info.mtime = int(mtime)
+    info.mtime = math.floor(mtime)  # PAX keeps any date; the second it falls in, as stat
     info.mode = 0o644
     with (
-        gzip.GzipFile(name + ".tar", "wb", level, out, mtime=int(mtime)) as gz,
+        gzip.GzipFile(name + ".tar", "wb", level, out, mtime=_gzip_time(mtime)) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
     ):
         tar.addfile(info, src)
@@ -139,8 +148,13 @@ def _zstd(src: IO[bytes], out: IO[bytes], name: str, mtime: float, level: int) -
 
 
 def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
-    t = time.localtime(max(mtime, 315_532_800 + 86_400))  # zip dates start in 1980
+    # zip (MS-DOS) dates run from 1980 to 2107: a date outside is brought to the nearest end
+    t = time.localtime(min(max(mtime, _ZIP_FIRST), _ZIP_LAST))
     return (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+
+
+_ZIP_FIRST = 315_532_800 + 86_400  #: 1980-01-02 UTC: 1980-01-01 in every time zone
+_ZIP_LAST = 4_354_819_200 - 86_400  #: 2107-12-31 UTC: still 2107 in every time zone
 
 
 _WRITERS: dict[str, Callable[[IO[bytes], IO[bytes], str, float, int], None]] = {

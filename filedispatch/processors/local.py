@@ -12,7 +12,6 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,6 +40,7 @@ _PERMANENT_ERRNOS = {
     errno.ENOTDIR,
     errno.EINVAL,
     errno.EEXIST,
+    errno.EFBIG,  # larger than the destination filesystem allows a file to be
 }
 
 
@@ -50,15 +50,17 @@ def create(step: LocalDestination, resources: Resources) -> LocalProcessor:
 
 
 def temp_name(dispatch_id: int, name: str) -> str:
-    """The hidden name a delivery is written under before its rename (bounded to 255 bytes)."""
+    """The hidden name a delivery is written under before its rename (at most NAME_MAX bytes:
+    the name is shortened by ``naming.shorten`` to leave room for the prefix)."""
     head = f"{TMP_PREFIX}{dispatch_id}-"
-    room = 255 - len(head.encode())
-    return head + name.encode()[:room].decode(errors="ignore")
+    return head + naming.shorten(name, len(head))
 
 
 def translate_os_error(exc: OSError, what: str) -> DeliveryError:
     """Map an OSError met while writing to the destination onto our error tree."""
     text = f"{what}: {exc.strerror or exc}"
+    if exc.errno == errno.EFBIG:
+        text += " (larger than the destination filesystem allows one file to be)"
     if exc.errno in _PERMANENT_ERRNOS:
         return PermanentDeliveryError(text)
     return TransientDeliveryError(text)
@@ -152,7 +154,8 @@ def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
 
 
 class LocalProcessor:
-    """Delivers into one folder: by copy, or by renaming a consumed source that goes nowhere else."""
+    """Delivers into one folder: by copy, or by renaming a consumed source that goes nowhere
+    else."""
 
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest
@@ -351,8 +354,9 @@ class LocalProcessor:
         return Outcome(f"{root}/{final}", detail=detail)
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> int:
-        """Copy ``fd`` to ``tmp`` (mode and mtime kept); returns the copy's fd, still open and
-        not flushed. Removes ``tmp`` and raises if the source changed while it was read."""
+        """Copy ``fd`` to ``tmp`` (mode, mtime and holes kept, see ``copy_data``); returns the
+        copy's fd, still open and not flushed. Removes ``tmp`` and raises if the source changed
+        while it was read."""
         mode = self.dest.file_mode
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
@@ -361,8 +365,7 @@ class LocalProcessor:
             self._forget_folders(exc)
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
-            with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
-                shutil.copyfileobj(fin, fout, 1024 * 1024)
+            copy_data(fd, out, st)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -413,6 +416,95 @@ class LocalProcessor:
             if (got.st_size, got.st_mtime_ns) == want:
                 return path
         return None
+
+
+#: bytes one kernel copy call is asked for: large enough that a big file takes few calls,
+#: small enough that no single call (which cannot be interrupted) runs for long
+_KERNEL_CHUNK = 64 * 1024 * 1024
+_CHUNK = 1024 * 1024  #: the read/write loop's buffer
+#: what copy_file_range(2) or sendfile(2) fail with where they cannot copy between these files
+#: (another filesystem on a kernel that refuses that, a filesystem without the call, seccomp)
+_NO_KERNEL_COPY = {
+    errno.EXDEV,
+    errno.EINVAL,
+    errno.ENOSYS,
+    errno.EOPNOTSUPP,
+    errno.EPERM,
+    errno.EBADF,
+}
+
+
+def copy_data(src: int, dst: int, st: os.stat_result) -> None:
+    """Copy the ``st.st_size`` bytes of the open file ``src`` to ``dst`` (empty, open for
+    writing), by the kernel where it can, keeping holes as holes.
+
+    A sparse source (fewer blocks than its size needs) is copied one data extent at a time,
+    found with SEEK_DATA/SEEK_HOLE, and the copy is given its full size with ftruncate: a
+    4 TiB file with 1 MiB of data writes 1 MiB. Each extent goes by copy_file_range(2) (which
+    may share blocks on filesystems with reflinks, copy-on-write), else sendfile(2), else a
+    pread/write loop. A file that shrinks while it is read ends the copy early; the caller's
+    check of size and mtime then refuses the copy. OSError on a failed read or write.
+    """
+    size = st.st_size
+    if size == 0:
+        return
+    extents = _data_extents(src, size) if st.st_blocks * 512 < size else [(0, size)]
+    method = 0  # 0: copy_file_range, 1: sendfile, 2: read/write
+    end = 0
+    for start, stop in extents:
+        pos = start
+        while pos < stop:
+            count = min(stop - pos, _KERNEL_CHUNK)
+            try:
+                if method == 0:
+                    n = os.copy_file_range(src, dst, count, pos, pos)
+                elif method == 1:
+                    if os.lseek(dst, 0, os.SEEK_CUR) != pos:
+                        os.lseek(dst, pos, os.SEEK_SET)
+                    n = os.sendfile(dst, src, pos, count)
+                else:
+                    n = _pread_write(src, dst, pos, count)
+            except OSError as exc:
+                if method < 2 and exc.errno in _NO_KERNEL_COPY:
+                    method += 1  # the failed call wrote nothing: go on from pos the next way
+                    continue
+                raise
+            if n == 0:  # the file is shorter than it was: the caller sees the change
+                return
+            pos += n
+        end = stop
+    if end < size:
+        os.ftruncate(dst, size)  # a hole at the end: the copy gets its full size
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each run of data in the file, holes left out; the whole file where
+    the filesystem cannot tell."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past pos: the rest is a hole
+                    break
+                raise
+            stop = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            extents.append((start, stop))
+            pos = stop
+    except OSError:
+        return [(0, size)]
+    return extents
+
+
+def _pread_write(src: int, dst: int, pos: int, count: int) -> int:
+    data = os.pread(src, min(count, _CHUNK), pos)
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(dst, view[done:], pos + done)
+    return len(data)
 
 
 def _libc_function(name: str, *argtypes: Any) -> Any:
