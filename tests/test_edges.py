@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import zstandard
 
+from filedispatch.processors.local import COPY_WAYS, copy_data
+
 from .conftest import cli_env, delivered, journal_rows, run_cli
 from .servers import FtpServer, HttpReceiver, SftpServer, old_file, remote_config
 
@@ -421,6 +423,31 @@ def test_a_sparse_file_keeps_its_holes_on_the_test_filesystem(
     out = ws["outbox"] / "disk.img"
     assert out.stat().st_size == size and out.stat().st_blocks * 512 < 16 << 20
     assert digest(out) == digest(path)
+
+
+@pytest.mark.parametrize("way", range(len(COPY_WAYS)), ids=COPY_WAYS)
+def test_every_way_of_copying_keeps_bytes_and_holes(tmp_path: Path, way: int) -> None:
+    """copy_data's fallbacks (sendfile, then read/write), forced, on real files: a sparse
+    one with data at both ends and a hole at its end, a dense one larger than one kernel
+    call, and an empty one."""
+    files = {
+        "sparse": sparse(tmp_path / "sparse", (300 << 20) + 3, {0: b"a", 200 << 20: b"b" * 70_000}),
+        "dense": old_file(tmp_path / "dense", (64 << 20) + 12_345),
+        "empty": old_file(tmp_path / "empty", b""),
+    }
+    for name, src in files.items():
+        out = tmp_path / f"{name}.copy"
+        fd = os.open(src, os.O_RDONLY)
+        dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            copy_data(fd, dst, os.fstat(fd), first=way)
+        finally:
+            os.close(dst)
+            os.close(fd)
+        assert out.stat().st_size == src.stat().st_size
+        assert digest(out) == digest(src), name
+        if src.stat().st_blocks * 512 < 100 << 20:  # the filesystem keeps holes: so must the copy
+            assert out.stat().st_blocks <= src.stat().st_blocks + 2048, name
 
 
 def digest(path: Path) -> str:

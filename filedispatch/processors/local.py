@@ -434,7 +434,11 @@ _NO_KERNEL_COPY = {
 }
 
 
-def copy_data(src: int, dst: int, st: os.stat_result) -> None:
+#: the ways ``copy_data`` copies an extent, each the fallback of the one before
+COPY_WAYS = ("copy_file_range", "sendfile", "read/write")
+
+
+def copy_data(src: int, dst: int, st: os.stat_result, first: int = 0) -> None:
     """Copy the ``st.st_size`` bytes of the open file ``src`` to ``dst`` (empty, open for
     writing), by the kernel where it can, keeping holes as holes.
 
@@ -442,14 +446,15 @@ def copy_data(src: int, dst: int, st: os.stat_result) -> None:
     found with SEEK_DATA/SEEK_HOLE, and the copy is given its full size with ftruncate: a
     4 TiB file with 1 MiB of data writes 1 MiB. Each extent goes by copy_file_range(2) (which
     may share blocks on filesystems with reflinks, copy-on-write), else sendfile(2), else a
-    pread/write loop. A file that shrinks while it is read ends the copy early; the caller's
-    check of size and mtime then refuses the copy. OSError on a failed read or write.
+    pread/write loop; ``first`` (an index in COPY_WAYS) skips the ones before it, so that
+    tests run every way. A file that shrinks while it is read ends the copy early; the
+    caller's check of size and mtime then refuses the copy. OSError on a failed read or write.
     """
     size = st.st_size
     if size == 0:
         return
     extents = _data_extents(src, size) if st.st_blocks * 512 < size else [(0, size)]
-    method = 0  # 0: copy_file_range, 1: sendfile, 2: read/write
+    method = first  # see COPY_WAYS
     end = 0
     for start, stop in extents:
         pos = start
