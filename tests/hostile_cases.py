@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: a password no message may show (it holds the characters URLs make awkward)
 CANARY = "Kx9/Canary#Zq7?w2"
@@ -152,6 +153,88 @@ CASES: list[Case] = [
         SRC + f"rules: [{{to: 'https://u:{CANARY}@:80/x'}}]",
     ),
 ]
+
+
+#: a secret in each place people put one (issue 11.7)
+CANARIES = {
+    "query": "Qy7canaryQUERY",
+    "query_fail": "Qf3canaryFAILQ",
+    "env": "En5canaryENV",
+    "shell_var": "Sv2canaryVAR",
+    "python_arg": "Pa8canaryARG",
+    "sftp_pw": "s1/Sl4shPartA/Sl4shPartB",
+    "ftp_pw": "f2#canary?HASH",
+    "header": "Hd4canaryHEADER",
+}
+
+
+def canary_env() -> dict[str, str]:
+    """The environment of a canary run: a variable a command names, the tests importable."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {"FD_CANARY_VAR": CANARIES["shell_var"], "PYTHONPATH": root}
+
+
+def canary_places(
+    http_url: str, closed_port: int, ftp: Any, sftp: Any
+) -> list[tuple[str, dict[str, Any]]]:
+    """``(canary name, rule)`` for each place: ``http_url`` answers 201 on ``/up``;
+    nothing listens on ``closed_port``; ``ftp`` and ``sftp`` (tests/servers.py) take the
+    passwords ``CANARIES["ftp_pw"]`` and ``CANARIES["sftp_pw"]``."""
+    c, once = CANARIES, {"attempts": 1}
+    closed = f"http://127.0.0.1:{closed_port}"
+    return [
+        ("query", {"to": {"url": f"{http_url}/up?api_key={c['query']}&a=1"}}),
+        (
+            "query_fail",
+            {"to": {"url": f"{closed}/up?access_token={c['query_fail']}", "retry": once}},
+        ),
+        (
+            "env",
+            {
+                "to": {
+                    "command": 'echo "token is $TOKEN"; echo "$TOKEN" >&2',
+                    "env": {"TOKEN": c["env"]},
+                }
+            },
+        ),
+        (
+            "shell_var",
+            {"to": {"command": 'echo "var is ${FD_CANARY_VAR}" >&2; exit 3', "retry": once}},
+        ),
+        (
+            "python_arg",
+            {
+                "to": {
+                    "python": "tests.helpers_programmable:fail",
+                    "args": [c["python_arg"]],
+                    "retry": once,
+                }
+            },
+        ),
+        (
+            "sftp_pw",
+            {
+                "to": {
+                    "url": f"sftp://{sftp.user}:{c['sftp_pw']}@127.0.0.1:{sftp.port}/up/",
+                    "known_hosts": str(sftp.known_hosts),
+                }
+            },
+        ),
+        ("ftp_pw", {"to": {"url": f"ftp://{ftp.user}:{c['ftp_pw']}@127.0.0.1:{ftp.port}/in/"}}),
+        (
+            "header",
+            {"to": {"url": f"{closed}/up", "headers": {"X-Api-Key": c["header"]}, "retry": once}},
+        ),
+    ]
+
+
+def leaked(text: str) -> list[str]:
+    """The canaries found in ``text``, whole or as a part between slashes."""
+    return [
+        name
+        for name, secret in CANARIES.items()
+        if any(len(part) > 4 and part in text for part in [secret, *secret.split("/")])
+    ]
 
 
 def prepare(folder: Path) -> None:

@@ -17,17 +17,8 @@ from aiohttp import web
 from filedispatch.config import parse_config, redact_url, scrub, secrets_of
 
 from .conftest import cli_env, free_port, journal_rows, old, run_cli, write_config
+from .hostile_cases import CANARIES, canary_env, canary_places, leaked
 from .servers import FtpServer, HttpReceiver, SftpServer
-
-CANARIES = {
-    "query": "Qy7canaryQUERY",
-    "query_fail": "Qf3canaryFAILQ",
-    "env": "En5canaryENV",
-    "shell_var": "Sv2canaryVAR",
-    "python_arg": "Pa8canaryARG",
-    "sftp_pw": "s1/Sl4shPartA/Sl4shPartB",
-    "ftp_pw": "f2#canary?HASH",
-}
 
 
 def test_credentials_in_a_query_are_redacted_whatever_their_case() -> None:
@@ -100,40 +91,7 @@ def test_secret_fields_are_declared_on_the_models(monkeypatch: Any) -> None:
     assert scrub("x env-value y", found) == "x *** y"
 
 
-def _canary_config(root: Path, receiver: HttpReceiver, ftp: FtpServer, sftp: SftpServer) -> Path:
-    c = CANARIES
-    closed = free_port()
-    once = {"attempts": 1}
-    rules: list[dict[str, Any]] = [
-        {"to": {"url": f"{receiver.url}/up?api_key={c['query']}&a=1"}},
-        {
-            "to": {
-                "url": f"http://127.0.0.1:{closed}/up?access_token={c['query_fail']}",
-                "retry": once,
-            }
-        },
-        {
-            "to": {
-                "command": 'echo "token is $TOKEN"; echo "$TOKEN" >&2',
-                "env": {"TOKEN": c["env"]},
-            }
-        },
-        {"to": {"command": 'echo "var is ${FD_CANARY_VAR}" >&2; exit 3', "retry": once}},
-        {
-            "to": {
-                "python": "tests.helpers_programmable:fail",
-                "args": [c["python_arg"]],
-                "retry": once,
-            }
-        },
-        {
-            "to": {
-                "url": f"sftp://{sftp.user}:{c['sftp_pw']}@127.0.0.1:{sftp.port}/up/",
-                "known_hosts": str(sftp.known_hosts),
-            }
-        },
-        {"to": {"url": f"ftp://{ftp.user}:{c['ftp_pw']}@127.0.0.1:{ftp.port}/in/"}},
-    ]
+def _canary_config(root: Path, rules: list[dict[str, Any]]) -> Path:
     return write_config(
         root / "c.yml",
         {
@@ -159,8 +117,9 @@ def test_no_canary_reaches_the_log_the_journal_or_check(tmp_path: Path) -> None:
     sftp = SftpServer(tmp_path / "sftproot", tmp_path / "keys", password=c["sftp_pw"])
     try:
         old(tmp_path / "in" / "a.txt", b"payload")
-        cfg = _canary_config(tmp_path, receiver, ftp, sftp)
-        env = cli_env(FD_CANARY_VAR=c["shell_var"], PYTHONPATH=str(Path(__file__).parent.parent))
+        places = canary_places(receiver.url, free_port(), ftp, sftp)
+        cfg = _canary_config(tmp_path, [rule for _, rule in places])
+        env = cli_env(**canary_env())
         log = tmp_path / "run.log"
         result = run_cli(
             "-c", cfg, "--once", "--log-level", "DEBUG", "--log-file", log, env=env, timeout=120
@@ -183,15 +142,11 @@ def test_no_canary_reaches_the_log_the_journal_or_check(tmp_path: Path) -> None:
     assert (tmp_path / "sftproot" / "up" / "a.txt").read_bytes() == b"payload"
     assert rows["r6"]["status"] == "SUCCEEDED", rows["r6"]["reason"]
     assert (tmp_path / "ftproot" / "in" / "a.txt").read_bytes() == b"payload"
+    assert rows["r7"]["status"] == "FAILED"
     blob = "\n".join(
         [result.stdout, result.stderr, log.read_text(), check.stdout, check.stderr]
         + [json.dumps(r, default=str) for r in rows.values()]
     )
-    leaks = [name for name, secret in c.items() if secret in blob]
-    leaks += [
-        name
-        for name, secret in c.items()
-        if any(len(p) > 4 and p in blob for p in secret.split("/"))
-    ]
+    leaks = leaked(blob)
     assert leaks == [], leaks
     assert os.path.getsize(log) > 0
