@@ -12,8 +12,8 @@ journal column for the canary. Prints the two figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import os
 import sqlite3
 import subprocess

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     SecretStr,
     Tag,
     ValidationError,
@@ -397,9 +398,12 @@ class PythonStep(_Step):
 
     kind: Literal["python"] = "python"
     python: str
-    #: every string in args and kwargs is a secret: scrubbed from the journal and the log
-    args: Annotated[list[Any], SECRET] = Field(default_factory=list)
-    kwargs: Annotated[dict[str, Any], SECRET] = Field(default_factory=dict)
+    #: what ``${VAR}`` put into args is a secret; the rest is shown as written
+    args: list[Any] = Field(default_factory=list)
+    #: values under credential-like names, and what ``${VAR}`` put in, are secrets
+    kwargs: Annotated[dict[str, Any], CREDENTIALS] = Field(default_factory=dict)
+    #: values the environment substituted into args and kwargs (set by parse_config)
+    _from_environment: frozenset[str] = PrivateAttr(default=frozenset())
 
     @property
     def display(self) -> str:
@@ -777,6 +781,8 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
             for item in value:
                 if isinstance(item, BaseModel):
                     yield from _declared_secrets(item)
+    if isinstance(model, PythonStep):
+        yield from model._from_environment
 
 
 #: shorter values are not scrubbed: hiding every "a" or "42" would garble every message
@@ -811,7 +817,15 @@ def scrub(text: str, secrets: list[str]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _substitute_env(node: Any, path: str, problems: list[str]) -> Any:
+#: where a value taken from the environment is a secret though the field is not declared one
+_ENV_SECRET_PLACE = re.compile(r"\.(args|kwargs)\b")
+
+
+def _substitute_env(
+    node: Any, path: str, problems: list[str], secret: set[str] | None = None
+) -> Any:
+    """``node`` with ``${VAR}`` replaced; values put into a Python step's arguments go to
+    ``secret`` (an operator takes a value from the environment to keep it out of the file)."""
     if isinstance(node, str):
 
         def repl(match: re.Match[str]) -> str:
@@ -820,11 +834,13 @@ def _substitute_env(node: Any, path: str, problems: list[str]) -> Any:
             if value is None:
                 problems.append(f"{path or '<top>'}: environment variable {name} is not set")
                 return ""
+            if secret is not None and name in os.environ and _ENV_SECRET_PLACE.search(path):
+                secret.add(value)
             return value
 
         return _ENV_RE.sub(repl, node)
     if isinstance(node, list):
-        return [_substitute_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_substitute_env(v, f"{path}[{i}]", problems, secret) for i, v in enumerate(node)]
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
@@ -839,7 +855,7 @@ def _substitute_env(node: Any, path: str, problems: list[str]) -> Any:
                         problems.append(f"{where}: environment variable {name} is not set")
                 out[k] = v
             else:
-                out[k] = _substitute_env(v, where, problems)
+                out[k] = _substitute_env(v, where, problems, secret)
         return out
     return node
 
@@ -977,7 +993,8 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must hold a mapping (keys such as sources, rules)"])
     problems: list[str] = []
-    raw = _substitute_env(raw, "", problems)
+    from_environment: set[str] = set()
+    raw = _substitute_env(raw, "", problems, from_environment)
     if problems:
         raise ConfigError(source, problems)
     raw = _from_seed_format(raw)
@@ -992,6 +1009,13 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
     problems = _check_paths(config)
     if problems:
         raise ConfigError(source, problems)
+    for rule in config.rules:
+        for step in rule.to:
+            if isinstance(step, PythonStep) and from_environment:
+                given = list(_strings(step.args)) + list(_strings(step.kwargs))
+                step._from_environment = frozenset(
+                    v for v in from_environment if any(v in text for text in given)
+                )
     return config
 
 

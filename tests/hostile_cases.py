@@ -171,7 +171,11 @@ CANARIES = {
 def canary_env() -> dict[str, str]:
     """The environment of a canary run: a variable a command names, the tests importable."""
     root = str(Path(__file__).resolve().parent.parent)
-    return {"FD_CANARY_VAR": CANARIES["shell_var"], "PYTHONPATH": root}
+    return {
+        "FD_CANARY_VAR": CANARIES["shell_var"],
+        "FD_CANARY_ARG": CANARIES["python_arg"],
+        "PYTHONPATH": root,
+    }
 
 
 def canary_places(
@@ -206,7 +210,7 @@ def canary_places(
             {
                 "to": {
                     "python": "tests.helpers_programmable:fail",
-                    "args": [c["python_arg"]],
+                    "args": ["${FD_CANARY_ARG}"],
                     "retry": once,
                 }
             },

@@ -62,6 +62,7 @@ def test_a_password_with_reserved_characters_is_read_as_rfc_3986_userinfo() -> N
 
 def test_secret_fields_are_declared_on_the_models(monkeypatch: Any) -> None:
     monkeypatch.setenv("FD_TEST_SECRET_VAR", "from-the-environment")
+    monkeypatch.setenv("FD_TEST_ARG", "arg-from-the-environment")
     config = parse_config(
         {
             "sources": [{"path": "/in"}],
@@ -69,7 +70,11 @@ def test_secret_fields_are_declared_on_the_models(monkeypatch: Any) -> None:
                 {
                     "to": [
                         {"command": "send ${FD_TEST_SECRET_VAR}", "env": {"A": "env-value"}},
-                        {"python": "m:f", "args": ["an-arg"], "kwargs": {"k": ["nested-kw"]}},
+                        {
+                            "python": "m:f",
+                            "args": ["an-arg", "--key=${FD_TEST_ARG}"],
+                            "kwargs": {"api_key": ["nested-kw"], "note": "readable"},
+                        },
                         {
                             "url": "https://h/x",
                             "headers": {"X-Api-Key": "hdr-key", "Accept": "a/b"},
@@ -82,8 +87,10 @@ def test_secret_fields_are_declared_on_the_models(monkeypatch: Any) -> None:
         }
     )
     found = secrets_of(config)
-    for value in ("from-the-environment", "env-value", "an-arg", "nested-kw", "hdr-key"):
+    for value in ("from-the-environment", "env-value", "arg-from-the-environment"):
         assert value in found
+    assert "nested-kw" in found and "hdr-key" in found
+    assert "an-arg" not in found and "readable" not in found  # written in the file, no credential
     assert "a-passphrase" in found and "api-token-1234567890" in found
     assert "a/b" not in found  # a header that is no credential stays readable
     # the variable stays in the command's text: the journal and check show the name only
