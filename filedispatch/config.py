@@ -1109,7 +1109,8 @@ def _places(config: Config) -> list[str]:
         wanted.append(("database", config.database.parent))
     if config.workdir is not None:
         wanted.append(("workdir", config.workdir))
-    wanted.extend((f"{loc}.url", folder) for loc, folder in config.iter_local_roots())
+    # local destinations are not checked: one may be a mount that comes later, and a
+    # destination that cannot be made fails its own files, with the reason, not the service
     found = ((where, folder_problem(folder)) for where, folder in wanted)
     return [f"{where}: {problem}" for where, problem in found if problem]
 
@@ -1140,8 +1141,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a YAML config file; relative paths inside it are relative to it.
 
     Beyond parse_config, refuses keys given twice, alias bombs, NaN and infinities, and
-    folders (sources, done_dir, failed_dir, the journal's, workdir, local destinations) that
-    can neither be used nor created. Raises ConfigError naming the file and each field.
+    folders (sources, done_dir, failed_dir, the journal's, workdir) that can neither be used
+    nor created. Raises ConfigError naming the file and each field.
     """
     path = Path(path)
     try:

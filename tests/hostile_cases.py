@@ -119,7 +119,6 @@ CASES: list[Case] = [
     Case("source-under-a-file", "sources[0].path", "sources: [{path: ./afile/in}]\n" + OUT),
     Case("database-under-a-file", "database", "database: ./afile/j.db\n" + SRC + OUT),
     Case("workdir-is-a-file", "workdir", "workdir: ./afile\n" + SRC + OUT),
-    Case("dest-under-a-file", "rules[0].to[0].url", SRC + "rules: [{to: ./afile/out}]"),
     Case("db-option-under-a-file", "--db", SRC + OUT, ("--once", "--db", "afile/j.db")),
     Case(
         "log-file-is-a-folder",
