@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import __version__
 from .asyncutil import first_completed
-from .config import Config, LocalDestination, load_config, watched_by
+from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, ServiceError
 from .journal import Journal, default_path
@@ -155,15 +155,23 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
-        from .config import secrets_of
-        from .logs import set_secrets
-
-        set_secrets(secrets_of(new))  # a new password must not reach the log either
+        self._publish_secrets()  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
             w.request_rescan()
         log.info("reloaded %s", path)
         return True
+
+    def _publish_secrets(self) -> None:
+        """Tell the log filter every secret of the config in force, the API token included."""
+        from .logs import set_secrets
+
+        secrets = secrets_of(self.config)
+        if self.config.api.enabled:
+            from .api import resolve_token
+
+            secrets += [t for t in (resolve_token(self.config.api),) if t]
+        set_secrets(secrets)
 
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
@@ -237,6 +245,7 @@ class Service:
                 signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        self._publish_secrets()
         self.journal = await stack.enter_async_context(Journal.open(self.db_path))
         resumed = await self.journal.resume_interrupted()
         if resumed:
