@@ -126,15 +126,21 @@ async def serve(config: ApiConfig, journal: Journal, link: ServiceLink) -> Async
 # offers no other hook for it.
 
 
-def _refused(exc: BaseException | None) -> str | None:
-    """What the HTTP parser refused, on one line (None: not the parser's doing)."""
+def _refused(exc: BaseException | None, *, quote: bool = True) -> str | None:
+    """What the HTTP parser refused, on one line (None: not the parser's doing).
+
+    The parser's message quotes the bytes it refused (a header with a token in it, perhaps)
+    with a caret under them: ``quote=False`` leaves them out.
+    """
     while exc is not None and not isinstance(exc, HttpProcessingError):
         exc = exc.__cause__
     if exc is None:
         return None
-    # the parser's message quotes the bytes it refused, with a caret under them
     lines = [line.strip() for line in exc.message.splitlines()]
-    return " ".join(line for line in lines if line.strip("^ "))[:500] or "bad request"
+    lines = [x for x in lines if x.strip("^ ")]
+    if not quote:
+        lines = [x for x in lines if not x.startswith(("b'", 'b"', "bytearray("))]
+    return " ".join(lines).removesuffix(":")[:500] or "bad request"
 
 
 class _JsonErrors(web.RequestHandler):
@@ -154,6 +160,7 @@ class _JsonErrors(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         detail = _refused(exc) or message or "the request could not be answered"
+        answer = _refused(exc, quote=False) or detail
         if status >= 500 and not isinstance(exc, asyncio.TimeoutError):
             log.error("web app: error answering a request from %s", request.remote, exc_info=exc)
         else:
@@ -164,7 +171,7 @@ class _JsonErrors(web.RequestHandler):
             error = HTTPStatus(status).phrase.lower()
         except ValueError:
             error = "error"
-        response = json_error(status, error, detail)
+        response = json_error(status, error, answer)
         response.force_close()
         return response
 
