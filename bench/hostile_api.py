@@ -315,7 +315,8 @@ def main() -> int:
     port = free_port()
     inbox = root / "inbox"
     inbox.mkdir()
-    (root / "blocker").write_text("a file where a folder should be")
+    (root / "blocked").mkdir()
+    (root / "blocked" / "d.bin").write_text("in the way (on_conflict: fail)")
     for name in ("a.txt", "d.bin"):
         (inbox / name).write_bytes(b"x" * 10)
         os.utime(inbox / name, (time.time() - 3600,) * 2)
@@ -327,7 +328,11 @@ def main() -> int:
                 "sources": [{"path": str(inbox), "name": "inbox", "settle": 0.2}],
                 "rules": [
                     {"name": "docs", "extensions": ["txt"], "to": str(root / "out")},
-                    {"name": "broken", "extensions": ["bin"], "to": str(root / "blocker" / "x")},
+                    {
+                        "name": "broken",
+                        "extensions": ["bin"],
+                        "to": {"url": str(root / "blocked"), "on_conflict": "fail"},
+                    },
                 ],
                 "api": {"port": port},
                 "monitor": {"enabled": False},

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .asyncutil import first_completed
-from .config import Config, SourceConfig, Step, secrets_of
+from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
 from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
 from .journal import Journal, PlannedStep, StepResult, planned_steps
@@ -680,8 +680,8 @@ class Dispatcher:
                 row.id,
                 Status.SUCCEEDED,
                 attempt,
-                location=outcome.location,
-                detail=outcome.detail,
+                location=self._scrub(outcome.location),  # a URL's query may carry a token
+                detail=None if outcome.detail is None else self._scrub(outcome.detail),
                 started=started,
                 output=None if outcome.produced is None else str(outcome.produced),
                 sha256=outcome.sha256,
@@ -748,9 +748,7 @@ class Dispatcher:
         )
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets)
 
     def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
         self._write([result])

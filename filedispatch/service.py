@@ -163,15 +163,11 @@ class Service:
         return True
 
     def _publish_secrets(self) -> None:
-        """Tell the log filter every secret of the config in force, the API token included."""
+        """Tell the log filter every secret of the config in force (the API token from its
+        environment variable included)."""
         from .logs import set_secrets
 
-        secrets = secrets_of(self.config)
-        if self.config.api.enabled:
-            from .api import resolve_token
-
-            secrets += [t for t in (resolve_token(self.config.api),) if t]
-        set_secrets(secrets)
+        set_secrets(secrets_of(self.config))
 
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""

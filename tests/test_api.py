@@ -17,7 +17,15 @@ import yarl
 
 import filedispatch
 
-from .apiutil import FTP_PASSWORD, TOKEN, Api, api_config, env_without_token, running_api
+from .apiutil import (
+    FTP_PASSWORD,
+    TOKEN,
+    Api,
+    api_config,
+    env_without_token,
+    running_api,
+    unblock,
+)
 from .conftest import ServiceProcess, free_port, run_cli, wait_until
 
 ENTRY_FIELDS = {
@@ -524,7 +532,7 @@ async def test_retry_requeues_a_failed_dispatch_and_it_is_sent(api: Api) -> None
     status, body = await call(api, "POST", f"/api/v1/logs/{ok['id']}/retry")
     assert status == 409 and "SUCCEEDED" in body["detail"]
     failed = api.rows("filename = 'd.bin'")[0]
-    (api.root / "blocker").unlink()  # the cause goes away
+    unblock(api.root)  # the cause goes away
     status, body = await call(api, "POST", f"/api/v1/logs/{failed['id']}/retry")
     assert status == 200, body
     assert body["id"] == failed["id"] and body["status"] in ("PENDING", "IN_PROGRESS", "SUCCEEDED")
