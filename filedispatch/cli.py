@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: the largest whole number the journal (SQLite) stores; a larger id or limit cannot be asked
+MAX_INTEGER = 2**63 - 1
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_INTEGER}")
     return value
 
 
@@ -147,12 +151,12 @@ def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     hlist.add_argument("--limit", type=_positive, default=20, metavar="N", help="(default: 20)")
     hlist.add_argument("--json", action="store_true", help="print JSON")
     show = hsub.add_parser("show", parents=[journal], help="every field of one dispatch")
-    show.add_argument("id", type=int, help="a dispatch id (see history list)")
+    show.add_argument("id", type=_positive, help="a dispatch id (see history list)")
     forget = hsub.add_parser(
         "forget", parents=[journal], help="delete history so the file is sent again"
     )
     which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", type=int, nargs="?", help="a dispatch id (see history list)")
+    which.add_argument("id", type=_positive, nargs="?", help="a dispatch id (see history list)")
     which.add_argument("--path", help="a file's path in its source (relative or absolute)")
     hstats = hsub.add_parser("stats", parents=[journal], help="counts per day, week or month")
     hstats.add_argument("--period", choices=["day", "week", "month"], default="day")

@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -50,6 +50,8 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: a variable a shell command names, ``${VAR}`` or ``$VAR`` (the shell expands both)
+_SHELL_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 def parse_size(value: int | str) -> int:
@@ -845,8 +847,8 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
         elif any(isinstance(m, SecretUrl) for m in marks) and isinstance(value, str):
             yield from _url_secrets(value)
         elif any(isinstance(m, ShellVariables) for m in marks) and isinstance(value, str):
-            for match in _ENV_RE.finditer(value):
-                yield os.environ.get(match.group(1), "")
+            for match in _SHELL_VAR_RE.finditer(value):
+                yield os.environ.get(match.group(1) or match.group(2), "")
         elif any(isinstance(m, Credentials) for m in marks) and isinstance(value, Mapping):
             for key, item in value.items():
                 if _CREDENTIAL_NAME.search(str(key)):
@@ -865,6 +867,10 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
 
 #: shorter values are not scrubbed: hiding every "a" or "42" would garble every message
 MIN_SECRET_CHARS = 3
+#: the shortest piece of a secret hidden where a message was cut short through it
+MIN_CUT_CHARS = 4
+#: what a shortened message shows where text was left out (reprlib, our own reasons)
+_ELLIPSES = ("...", "\u2026")
 
 
 def secrets_of(config: Config | BaseModel) -> list[str]:
@@ -884,11 +890,34 @@ def secrets_of(config: Config | BaseModel) -> list[str]:
     return sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
 
-def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with each of ``secrets`` (longest first, as secrets_of gives them) as ``***``."""
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first, as secrets_of gives them) as ``***``.
+
+    A message shortened before it got here (an HTTP answer quoted up to 200 characters, the
+    tail of a command's output, an exception cut at 1000, ``reprlib``) may hold only a piece
+    of a secret where it was cut: at its start or end, or beside ``...``. Such a piece of
+    MIN_CUT_CHARS or more is hidden too.
+    """
+    secrets = list(secrets)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, "***")
+    for secret in secrets:
+        if len(secret) > MIN_CUT_CHARS:
+            text = _scrub_cut(text, secret)
+    return text
+
+
+def _scrub_cut(text: str, secret: str) -> str:
+    marks = [m for m in _ELLIPSES if m in text]
+    for k in range(len(secret) - 1, MIN_CUT_CHARS - 1, -1):
+        head, tail = secret[:k], secret[-k:]
+        if text.endswith(head):
+            text = text[:-k] + "***"
+        if text.startswith(tail):
+            text = "***" + text[k:]
+        for mark in marks:
+            text = text.replace(head + mark, "***" + mark).replace(mark + tail, mark + "***")
     return text
 
 
@@ -1044,6 +1073,11 @@ def watched_by(source: SourceConfig, path: Path) -> bool:
     return watches_folder(source, real(path).parent)
 
 
+def _items(value: Any) -> list[Any]:
+    """``value`` if it is a list, else nothing (the model names what it should have been)."""
+    return value if isinstance(value, list) else []
+
+
 def _absolutize(raw: dict[str, Any], base: Path) -> None:
     """Relative paths in the file are taken relative to the config file's folder."""
 
@@ -1057,12 +1091,12 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
     for key in ("database", "workdir"):
         if key in raw:
             raw[key] = fix(raw[key])
-    for src in raw.get("sources") or []:
+    for src in _items(raw.get("sources")):
         if isinstance(src, dict):
             for key in ("path", "done_dir", "failed_dir"):
                 if key in src:
                     src[key] = fix(src[key])
-    for rule in raw.get("rules") or []:
+    for rule in _items(raw.get("rules")):
         if not isinstance(rule, dict):
             continue
         to = rule.get("to")
@@ -1246,6 +1280,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(str(path), ["the file is not UTF-8 text"]) from None
     try:
         raw = yaml.load(text, Loader=_Loader)  # a SafeLoader that also refuses duplicate keys
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(str(path), ["the document is nested too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
