@@ -41,6 +41,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:  # also refuses nan, which compares false
+        raise argparse.ArgumentTypeError("must be 0 to 86400 seconds")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -83,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-timeout",
-        type=float,
+        type=_seconds,
         default=90.0,
         metavar="S",
         help="with -x: how long to wait for in-flight deliveries (default: 90)",

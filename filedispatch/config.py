@@ -49,6 +49,7 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 #: a variable a shell command names, ``${VAR}`` or ``$VAR`` (the shell expands both)
 _SHELL_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
@@ -265,7 +266,20 @@ class HttpDestination(_UrlStep):
     verify: bool = True
     ca_file: FsPath | None = None
     expect: Expect = Expect()
-    chunk_size: int = Field(1024 * 1024, ge=1024)  #: bytes read and sent at a time
+    #: bytes read and sent at a time (1 KiB to 64 MiB: each chunk is held in memory)
+    chunk_size: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        # RFC 9110 5.1 and 5.5: a name is a token; a value never holds CR, LF or NUL (they
+        # would end the header, and aiohttp refuses them only when the first file is sent)
+        for name, text in value.items():
+            if not _TOKEN_RE.fullmatch(name):
+                raise ValueError("a header name must be a token (letters, digits, !#$%&'*+-.^_`|~)")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of header {name} holds a line break or NUL")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -1108,8 +1122,12 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
             elif isinstance(step, dict) and isinstance(step.get("url"), str):
                 url = step["url"]
                 step = {**step, "url": fix(url) if not url.startswith("~") else url}
-            if isinstance(step, dict) and isinstance(step.get("cwd"), str):  # command steps
-                step = {**step, "cwd": fix(os.path.expanduser(step["cwd"]))}
+            if isinstance(step, dict):
+                # command steps' folder; TLS and SSH files (relative to the config, like every
+                # other path in it, not to wherever the service was started)
+                for key in ("cwd", "ca_file", "key_file", "known_hosts"):
+                    if isinstance(step.get(key), str):
+                        step = {**step, key: fix(os.path.expanduser(step[key]))}
             fixed.append(step)
         if to is not None:
             rule["to"] = fixed

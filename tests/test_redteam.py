@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from filedispatch.api import MAX_CONNECTIONS
+from filedispatch.config import load_config
 
 from .conftest import (
     ServiceProcess,
@@ -274,3 +275,45 @@ def test_idle_connections_cannot_take_the_descriptors_deliveries_need(
     assert svc.log().count("connections open; refusing more") >= 1
     assert svc.log().count("connections open; refusing more") < 10  # not one line per client
     assert limit - 100 > MAX_CONNECTIONS
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e9"])
+def test_a_stop_timeout_that_is_not_a_finite_duration_is_a_usage_error(
+    tmp_path: Path, value: str
+) -> None:
+    result = run_cli("-x", "-p", tmp_path / "fd.pid", "--stop-timeout", value)
+    assert result.returncode == 2, result.stderr
+    assert "--stop-timeout" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "headers",
+    ['{"X-Trace": "a\\r\\nX-Injected: 1"}', '{"Bad Name": "v"}', '{"X-A": "nul\\u0000"}'],
+)
+def test_a_header_that_would_break_the_request_is_refused_at_load(
+    tmp_path: Path, headers: str
+) -> None:
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(
+        "sources: [{path: ./in}]\n"
+        f"rules: [{{to: [{{url: 'http://127.0.0.1:9/up', headers: {headers}}}]}}]\n"
+    )
+    result = run_cli("check", "-c", cfg)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rules[0].to[0].headers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tls_and_ssh_files_are_relative_to_the_config(tmp_path: Path) -> None:
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "ca.pem").write_text("not used")
+    cfg = conf_dir / "config.yml"
+    cfg.write_text(
+        "sources: [{path: ./in}]\n"
+        "rules: [{to: [{url: 'https://127.0.0.1:9/up', ca_file: ca.pem}]}]\n"
+    )
+    config = load_config(cfg)
+    step = config.rules[0].to[0]
+    assert Path(step.ca_file) == conf_dir / "ca.pem"  # type: ignore[union-attr]
