@@ -19,6 +19,7 @@ from aiohttp import web
 from .conftest import cli_env, journal_rows, run_cli
 from .servers import (
     FAST_RETRY,
+    EarlyAnswer,
     FtpServer,
     HttpReceiver,
     fails_at_once,
@@ -391,3 +392,31 @@ def test_a_file_not_in_the_page_cache_is_read_off_the_loop_and_arrives_intact(
     assert result.returncode == 0, result.stderr
     (got,) = receiver.received
     assert (got.sha256, got.size) == (sha256_of(src), src.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("status", "abort", "outcome", "attempts"),
+    [
+        (413, False, "FAILED", 1),
+        (401, True, "FAILED", 1),
+        (403, False, "FAILED", 1),
+        (503, True, "FAILED", 3),
+        (429, False, "FAILED", 3),
+    ],
+)
+def test_an_answer_sent_before_the_body_was_read_is_classified_by_its_status(
+    workspace: dict[str, Path], status: int, abort: bool, outcome: str, attempts: int
+) -> None:
+    server = EarlyAnswer(status, abort=abort)
+    try:
+        old_file(workspace["inbox"] / "big.dat", 30 * 1024 * 1024)
+        dest = {"url": f"{server.url}/up", "retry": FAST_RETRY}
+        result = once(remote_config(workspace, dest))
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == (outcome, attempts), row
+    assert f"HTTP {status}" in row["reason"] and f"refused with {status}" in row["reason"]
+    assert "Can not write request body" not in row["reason"]
+    assert server.requests == attempts

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from ..config import FtpDestination, SftpDestination, redact_url
-from ..errors import DeliveryError, TransientDeliveryError
+from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import candidates, choices, open_input, render_target, temp_name
@@ -145,20 +145,31 @@ async def copy_to(
     st: os.stat_result,
     write: Callable[[Any], Awaitable[object]],  # takes bytes or a bytearray (see Chunk)
     chunk: int = CHUNK,
+    digest: Any = None,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
 
     Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
     what is not is read in the default executor (so a slow disk never stalls the loop), the
-    next chunk while the current one is sent: at most two chunks are in memory.
+    next chunk while the current one is sent: at most two chunks are in memory. ``digest``
+    (a hashlib object) is fed every byte sent, in order, as it is read: no second read.
     Raises TransientDeliveryError when the file changed while it was sent.
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
     nowait = _NOWAIT
 
+    def pread_hashed(n: int, at: int) -> bytes:
+        data = os.pread(fd, n, at)
+        digest.update(data)  # in the reading thread: hashlib lets go of the GIL
+        return data
+
+    reader: Callable[[int, int], bytes] = (
+        pread_hashed if digest is not None else lambda n, at: os.pread(fd, n, at)
+    )
+
     def read(at: int) -> asyncio.Future[bytes]:
-        return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
+        return loop.run_in_executor(None, reader, min(chunk, size - at), at)
 
     pending: asyncio.Future[bytes] | None = None
     try:
@@ -166,6 +177,8 @@ async def copy_to(
             data: Chunk = b""
             if pending is None and nowait:
                 data, nowait = _read_cached(fd, min(chunk, size - offset), offset)
+                if data and digest is not None:
+                    digest.update(data)
             if not data:
                 data = await (pending or read(offset))
                 pending = None
@@ -208,8 +221,10 @@ class RemoteProcessor(ABC, Generic[C]):
     """Delivers into one folder of one file server, over pooled connections of type ``C``.
 
     The flow: the resume check (when a crash or a lost connection may have hit an earlier
-    attempt), folders created once, the file streamed to a hidden temporary name, then
-    renamed to the name ``on_conflict`` picks. A partial upload never has the final name.
+    attempt), folders created once (safely against other connections making them too), the
+    file streamed to a hidden temporary name (its SHA-256 computed on the way), checked as
+    ``verify`` says, then renamed to the name ``on_conflict`` picks. A partial upload never
+    has the final name, unless ``temp_name: false`` says the server cannot rename.
     """
 
     kind: ClassVar[str]
@@ -239,11 +254,17 @@ class RemoteProcessor(ABC, Generic[C]):
     async def disconnect(self, conn: C) -> None: ...
 
     @abstractmethod
-    async def makedirs(self, conn: C, folder: PurePosixPath) -> None: ...
+    async def mkdir(self, conn: C, folder: PurePosixPath) -> None:
+        """Make one folder whose parent exists; raise (a refusal) when it cannot."""
 
     @abstractmethod
-    async def upload(self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath) -> None:
-        """Stream the open file to ``path`` (use ``copy_to``)."""
+    async def is_dir(self, conn: C, path: PurePosixPath) -> bool: ...
+
+    @abstractmethod
+    async def upload(
+        self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+    ) -> None:
+        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -253,13 +274,26 @@ class RemoteProcessor(ABC, Generic[C]):
         """The size of the file at ``path``; None when there is none."""
 
     @abstractmethod
+    async def sha256(self, conn: C, path: PurePosixPath) -> str:
+        """The hex SHA-256 of the file at ``path``, as the server sees it. Raises
+        PermanentDeliveryError when the server cannot tell it."""
+
+    @abstractmethod
     async def rename(
         self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
     ) -> None: ...
 
     @abstractmethod
+    async def delete(self, conn: C, path: PurePosixPath) -> None:
+        """Remove a file; raise when it cannot."""
+
+    @abstractmethod
     async def remove(self, conn: C, path: PurePosixPath) -> None:
         """Remove a file, ignoring every error (used for clean-up only)."""
+
+    @abstractmethod
+    def check_name(self, path: PurePosixPath) -> None:
+        """Raise PermanentDeliveryError when the protocol cannot carry this name."""
 
     @abstractmethod
     def translate(self, exc: Exception) -> DeliveryError | None:
@@ -269,6 +303,7 @@ class RemoteProcessor(ABC, Generic[C]):
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = render_target(self.dest.name, ctx)
+        self.check_name(self.target.root / rel)
         try:
             async with self.pool.connection() as conn:
                 return await self._deliver(conn, ctx, rel)
@@ -289,23 +324,18 @@ class RemoteProcessor(ABC, Generic[C]):
                 return Outcome(
                     self.target.location(found), detail="found delivered by an earlier attempt"
                 )
-        if folder not in self._made:
-            await self.makedirs(conn, folder)
-            self._made.add(folder)
-        fd, st = open_input(ctx)
-        try:
-            await self.upload(conn, fd, st, tmp)
-        except DeliveryError:
-            await self.remove(conn, tmp)
-            raise
-        finally:
-            os.close(fd)
+        await self.makedirs(conn, folder)
 
         async def exists(p: PurePosixPath) -> bool:
             return await self.exists(conn, root / p)
 
+        if not self.dest.temp_name:
+            return await self._deliver_in_place(conn, ctx, rel, exists)
+
+        sent = await self._send(conn, ctx, tmp)
+
         async def put(p: PurePosixPath, overwrite: bool) -> None:
-            await self.rename(conn, tmp, root / p, overwrite)
+            await self._rename(conn, tmp, root / p, overwrite)
 
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         try:
@@ -316,7 +346,103 @@ class RemoteProcessor(ABC, Generic[C]):
         if final is None:
             await self.remove(conn, tmp)
             return Outcome(self.target.location(rel), detail="skipped: the name is taken")
-        return Outcome(self.target.location(final))
+        return Outcome(self.target.location(final), sha256=sent)
+
+    async def _deliver_in_place(
+        self,
+        conn: C,
+        ctx: StepContext,
+        rel: PurePosixPath,
+        exists: Callable[[PurePosixPath], Awaitable[bool]],
+    ) -> Outcome:
+        """``temp_name: false``: the upload writes the final name itself (a reader may see it
+        partial, and a crash may leave it so)."""
+        for candidate, overwrite in choices(rel, self.dest.on_conflict):
+            if overwrite or not await exists(candidate):
+                sent = await self._send(conn, ctx, self.target.root / candidate)
+                return Outcome(self.target.location(candidate), sha256=sent)
+        return Outcome(self.target.location(rel), detail="skipped: the name is taken")
+
+    async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
+        """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.
+        On any failure the file at ``path`` is removed."""
+        digest = hashlib.sha256()
+        cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
+        fd, st = open_input(ctx)
+        try:
+            await self.upload(conn, fd, st, path, digest)
+            sent = digest.hexdigest()
+            await self._verify(conn, path, st.st_size, sent)
+        except cleanup:
+            await self.remove(conn, path)
+            raise
+        finally:
+            os.close(fd)
+        return sent
+
+    async def _verify(self, conn: C, path: PurePosixPath, size: int, sent: str) -> None:
+        """A mismatch is transient: the next attempt uploads again."""
+        mode = self.dest.verify
+        if mode == "size":
+            got = await self.size(conn, path)
+            if got != size:
+                raise TransientDeliveryError(
+                    f"{self.target.display}: verify: {got} bytes arrived of {size} sent"
+                )
+        elif mode == "sha256":
+            arrived = await self.sha256(conn, path)
+            if arrived.lower() != sent:
+                raise TransientDeliveryError(
+                    f"{self.target.display}: verify: the SHA-256 that arrived ({arrived}) is "
+                    f"not the one sent ({sent})"
+                )
+
+    async def makedirs(self, conn: C, folder: PurePosixPath) -> None:
+        """Make ``folder`` and its parents, level by level, safe against other connections
+        doing the same: "exists" is success once a check sees a folder there, and a level
+        whose parent vanished meanwhile is tried again from the top (3 rounds at most)."""
+        if folder in self._made:
+            return
+        levels = [p for p in reversed((folder, *folder.parents)) if p != p.parent]
+        for round_ in range(3):
+            try:
+                for level in levels:
+                    if level in self._made:
+                        continue
+                    try:
+                        await self.mkdir(conn, level)
+                    except self.refusals:
+                        if not await self.is_dir(conn, level):
+                            raise
+                    self._made.add(level)
+                return
+            except self.refusals:
+                self._made.difference_update(levels)  # someone removed a level: look again
+                if round_ == 2:
+                    raise
+
+    async def _rename(
+        self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
+    ) -> None:
+        """Rename, with the fallbacks a server may need: replacing a file it will not rename
+        over (``overwrite`` only) by deleting it first; a server that renames nothing is told
+        plainly, with what to set instead."""
+        try:
+            await self.rename(conn, src, dst, overwrite)
+            return
+        except self.refusals as exc:
+            error = self.translate(exc)
+            if overwrite and await self.exists(conn, dst):
+                log.info("%s: cannot rename over %s: deleting it first", self.target.display, dst)
+                await self.delete(conn, dst)
+                await self.rename(conn, src, dst, False)
+                return
+            if isinstance(error, PermanentDeliveryError):
+                raise PermanentDeliveryError(
+                    f"{error}; this server may not rename files: set temp_name: false to "
+                    "upload under the final name (see docs/destinations-remote.md)"
+                ) from exc
+            raise
 
     async def _find_previous(
         self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath
