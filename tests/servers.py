@@ -83,7 +83,7 @@ class HttpReceiver:
 
     async def _start(self) -> int:
         app = web.Application(client_max_size=1 << 40)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, newlines too
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()
         context = None
@@ -298,9 +298,19 @@ class SftpServer:
     The SFTP root is chrooted to ``root``; ``known_hosts`` trusts this server's host key.
     """
 
-    def __init__(self, root: Path, keys: Path, user: str = "bob", password: str = "bob-Pw-2"):
+    def __init__(
+        self,
+        root: Path,
+        keys: Path,
+        user: str = "bob",
+        password: str = "bob-Pw-2",
+        sftp_class: Any = None,
+    ):
+        """``sftp_class``: an ``asyncssh.SFTPServer`` subclass that answers some requests
+        differently (it is given the chroot)."""
         import asyncssh
 
+        self.sftp_class = sftp_class or asyncssh.SFTPServer
         self.root, self.user, self.password = root, user, password
         root.mkdir(parents=True, exist_ok=True)
         keys.mkdir(parents=True, exist_ok=True)
@@ -339,7 +349,7 @@ class SftpServer:
             server_host_keys=[self.host_key],
             authorized_client_keys=authorized,
             server_factory=Auth,
-            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(self.root).encode()),
+            sftp_factory=lambda chan: self.sftp_class(chan, chroot=str(self.root).encode()),
         )
         return int(self.acceptor.sockets[0].getsockname()[1])
 
