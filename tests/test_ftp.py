@@ -385,35 +385,25 @@ def test_verify_sha256_asks_a_server_that_can_hash(
         server.stop()
 
 
-def test_a_digest_that_does_not_match_is_retried_and_leaves_nothing(
-    workspace: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("verify", "overrides", "reason"),
+    [
+        ("sha256", {"ftp_XSHA256": _xsha256(lie=True)}, "is not the one sent"),
+        ("size", {"ftp_SIZE": _refuse("213 7")}, "7 bytes arrived of 1000 sent"),
+    ],
+)
+def test_what_arrived_not_matching_is_retried_and_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path, verify: str, overrides: Any, reason: str
 ) -> None:
-    server = FtpServer(tmp_path / "root", overrides={"ftp_XSHA256": _xsha256(lie=True)})
+    server = FtpServer(tmp_path / "root", overrides=overrides)
     try:
         old_file(workspace["inbox"] / "a.bin", 1000)
-        dest = {"url": server.url("/in/"), "verify": "sha256", "retry": FAST_RETRY}
+        dest = {"url": server.url("/in/"), "verify": verify, "retry": FAST_RETRY}
         result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
         assert result.returncode == 1
         (row,) = journal_rows(workspace["db"])
         assert (row["status"], row["attempts"]) == ("FAILED", 3)
-        assert "verify" in row["reason"] and "not the one sent" in row["reason"]
-        assert files_under(server.root) == {}
-    finally:
-        server.stop()
-
-
-def test_a_size_that_does_not_match_is_retried_and_leaves_nothing(
-    workspace: dict[str, Path], tmp_path: Path
-) -> None:
-    server = FtpServer(tmp_path / "root", overrides={"ftp_SIZE": _refuse("213 7")})
-    try:
-        old_file(workspace["inbox"] / "a.bin", 1000)
-        dest = {"url": server.url("/in/"), "retry": FAST_RETRY}  # verify: size by default
-        result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
-        assert result.returncode == 1
-        (row,) = journal_rows(workspace["db"])
-        assert (row["status"], row["attempts"]) == ("FAILED", 3)
-        assert "7 bytes arrived of 1000 sent" in row["reason"]
+        assert "verify" in row["reason"] and reason in row["reason"]
         assert files_under(server.root) == {}
     finally:
         server.stop()

@@ -425,6 +425,22 @@ def test_an_answer_sent_before_the_body_was_read_is_classified_by_its_status(
     assert server.requests == attempts
 
 
+def test_a_success_answered_before_the_body_was_read_is_no_delivery(
+    workspace: dict[str, Path],
+) -> None:
+    server = EarlyAnswer(201)  # "201" from the headers alone, then the connection closes
+    try:
+        old_file(workspace["inbox"] / "big.dat", 3 * 1024 * 1024)
+        result = once(remote_config(workspace, {"url": f"{server.url}/up", "retry": FAST_RETRY}))
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 3)
+    assert "HTTP 201 came before the whole file was sent" in row["reason"]
+    assert row["sha256"] is None
+
+
 # ------------------------------------------------------------ names, Expect, verify
 
 ODD_NAMES = ["two\nlines.txt", 'é "q";50%.txt', "tab\there\\.txt"]

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import contextvars
 import email.utils
 import hashlib
 import json
@@ -81,14 +82,23 @@ class _Request(aiohttp.ClientRequest):
     waits for ever, and a server that ignores ``Expect`` would never get the body)."""
 
     async def write_bytes(self, writer: Any, conn: Any, content_length: int | None = None) -> None:
-        waiter: asyncio.Future[bool] | None = self._continue
-        if waiter is not None and not waiter.done():
-            writer.send_headers()
-            await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(waiter), CONTINUE_WAIT)
-            self._continue = None  # from here aiohttp writes the body at once
-        await super().write_bytes(writer, conn, content_length)
+        try:
+            waiter: asyncio.Future[bool] | None = self._continue
+            if waiter is not None and not waiter.done():
+                writer.send_headers()
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), CONTINUE_WAIT)
+                self._continue = None  # from here aiohttp writes the body at once
+            await super().write_bytes(writer, conn, content_length)
+        finally:  # however it ends (aiohttp cancels it once the answer is complete)
+            body = _SENDING.get(None)
+            if body is not None:
+                body.ended.set()
+
+
+#: the file body the request being made in this task sends (seen by its writer task)
+_SENDING: contextvars.ContextVar[FileBody] = contextvars.ContextVar("sending")
 
 
 class FileBody(payload.Payload):
@@ -108,6 +118,8 @@ class FileBody(payload.Payload):
         self._size = st.st_size
         self.error: DeliveryError | None = None  #: our own error, which aiohttp would wrap
         self.digest = hashlib.sha256()  #: of every byte sent, fed as they are read
+        self.ended = asyncio.Event()  #: the request's writer ended, sent all or not
+        self.complete = False  #: every byte of the file was handed to the connection
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
@@ -120,9 +132,17 @@ class FileBody(payload.Payload):
         try:
             self.digest = hashlib.sha256()  # a second sending (a redirect) starts afresh
             await copy_to(self._fd, self._st, send, self._chunk, self.digest)
+            self.complete = True
         except DeliveryError as exc:
             self.error = exc
             raise
+
+    async def sent_whole(self, wait: float) -> bool:
+        """Whether the whole file went out; a success answer may come a moment before the
+        writer has finished, so its end is awaited (at most ``wait`` seconds)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ended.wait(), wait)
+        return self.complete
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file body is streamed, never decoded")
@@ -256,6 +276,7 @@ class HttpProcessor:
         if st.st_size >= EXPECT_FROM:
             headers.setdefault(hdrs.EXPECT, "100-continue")
         started = time.monotonic()
+        _SENDING.set(body)
         try:
             async with asyncio.timeout(None) as deadline:
                 stall.start(deadline, dest.http_timeout.connect)
@@ -272,7 +293,7 @@ class HttpProcessor:
                     allow_redirects=False,
                 ) as resp:
                     stall.answered()
-                    detail = await self._check(resp, location, st.st_size, body.digest)
+                    detail = await self._check(resp, location, body)
         except DeliveryError:
             raise
         except TimeoutError as exc:
@@ -310,9 +331,7 @@ class HttpProcessor:
             what = f"nothing sent or received for {t.read:g}s"
         return TransientDeliveryError(f"{location}: timed out ({what})")
 
-    async def _check(
-        self, resp: aiohttp.ClientResponse, location: str, size: int, digest: Any
-    ) -> str:
+    async def _check(self, resp: aiohttp.ClientResponse, location: str, body: FileBody) -> str:
         """The detail for the journal when the answer is a success, else the error to raise."""
         expect = self.dest.expect
         status = resp.status
@@ -328,7 +347,12 @@ class HttpProcessor:
                     msg, retry_after=retry_after(resp.headers.get(hdrs.RETRY_AFTER))
                 )
             raise PermanentDeliveryError(msg)
-        echoed = Echo(size, digest.hexdigest(), _repr_digest(resp.headers))
+        if not await body.sent_whole(self.dest.http_timeout.read):
+            # a success for a file the server did not wait for is no delivery
+            raise TransientDeliveryError(
+                f"{location}: HTTP {status} came before the whole file was sent"
+            )
+        echoed = Echo(body.size or 0, body.digest.hexdigest(), _repr_digest(resp.headers))
         fields = (expect.json_field, expect.size_field, expect.sha256_field)
         if expect.contains is None and fields == (None, None, None):
             self._verify(echoed, location, status)
@@ -384,13 +408,14 @@ def form_data(field: str, filename: str) -> str:
     plain, the exact name in ``filename*`` too, which receivers such as aiohttp prefer."""
     name = PurePosixPath(filename).name
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    browser = "".join(c if c.isprintable() and c != '"' else f"%{ord(c):02X}" for c in text)
-    head = f'form-data; name="{_form_name(field)}"; filename="{browser}"'
+    head = f'form-data; name="{_browser(field)}"; filename="{_browser(text)}"'
     return head if _plain(name) else f"{head}; {_extended(name)}"
 
 
-def _form_name(field: str) -> str:
-    return "".join(c if c.isprintable() and c != '"' else f"%{ord(c):02X}" for c in field)
+def _browser(text: str) -> str:
+    """A quoted-string value as browsers write one in a form: a quote and what is not
+    printable (CR, LF ...) percent-encoded, the rest as it is."""
+    return "".join(c if c.isprintable() and c != '"' else quote(c, safe="") for c in text)
 
 
 @dataclass

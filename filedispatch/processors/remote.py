@@ -120,7 +120,9 @@ class RemoteTarget:
         """The pool key: one pool per server and connection settings (a reload that changes
         the password or a timeout gets fresh connections; the folder does not count)."""
         dest = self.dest
-        settings = dest.model_dump(exclude={"url", "name", "on_conflict", "retry", "timeout"})
+        settings = dest.model_dump(
+            exclude={"url", "name", "on_conflict", "retry", "timeout", "verify", "temp_name"}
+        )
         held = (dest.password, getattr(dest, "passphrase", None))
         secrets = [s.get_secret_value() for s in held if s is not None]
         raw = repr((sorted(settings.items(), key=str), dest.parts.netloc, secrets))
@@ -151,34 +153,26 @@ async def copy_to(
 
     Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
     what is not is read in the default executor (so a slow disk never stalls the loop), the
-    next chunk while the current one is sent: at most two chunks are in memory. ``digest``
-    (a hashlib object) is fed every byte sent, in order, as it is read: no second read.
+    next chunk while the current one is sent: at most two chunks are in memory (three while
+    a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
+    no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
+    lets go of the GIL), so hashing costs the event loop no time.
     Raises TransientDeliveryError when the file changed while it was sent.
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
     nowait = _NOWAIT
 
-    def pread_hashed(n: int, at: int) -> bytes:
-        data = os.pread(fd, n, at)
-        digest.update(data)  # in the reading thread: hashlib lets go of the GIL
-        return data
-
-    reader: Callable[[int, int], bytes] = (
-        pread_hashed if digest is not None else lambda n, at: os.pread(fd, n, at)
-    )
-
     def read(at: int) -> asyncio.Future[bytes]:
-        return loop.run_in_executor(None, reader, min(chunk, size - at), at)
+        return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
 
     pending: asyncio.Future[bytes] | None = None
+    hashing: asyncio.Future[None] | None = None  # the chunk before this one, being hashed
     try:
         while offset < size:
             data: Chunk = b""
             if pending is None and nowait:
                 data, nowait = _read_cached(fd, min(chunk, size - offset), offset)
-                if data and digest is not None:
-                    digest.update(data)
             if not data:
                 data = await (pending or read(offset))
                 pending = None
@@ -187,16 +181,32 @@ async def copy_to(
             offset += len(data)
             if offset < size and not nowait:
                 pending = read(offset)
+            if digest is not None:
+                if hashing is not None:  # in order: one chunk's hash at a time
+                    await hashing
+                    hashing = None
+                if len(data) >= HASH_AWAY:
+                    hashing = loop.run_in_executor(None, digest.update, data)
+                else:
+                    digest.update(data)
             await write(data)
+        if hashing is not None:
+            await hashing
+            hashing = None
     finally:
-        if pending is not None:  # sending failed: the read must end before the fd is closed
-            await asyncio.wait([pending])
+        # sending failed: the read must end before the fd is closed, and the hash before
+        # the digest is read
+        unfinished = [f for f in (pending, hashing) if f is not None]
+        if unfinished:
+            await asyncio.wait(unfinished)
     after = os.fstat(fd)
     if offset != size or (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
         raise TransientDeliveryError("the file changed while it was sent")
 
 
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
+#: chunks of this size or more are hashed in a worker thread; smaller ones cost less inline
+HASH_AWAY = 256 * 1024
 #: what ``copy_to`` hands its writer
 Chunk = bytes | bytearray
 
