@@ -189,7 +189,7 @@ def test_ftps_untrusted_certificate_fails_at_once(
     old_file(workspace["inbox"] / "a.txt", b"secret data")
     row, stderr = fails_at_once(workspace, {"url": ftps.url("/secure/")})  # verify is on
     assert "certificate is not trusted" in row["reason"], row["reason"]
-    assert "ca_file, or verify: false" in row["reason"]
+    assert "ca_file, or tls_verify: false" in row["reason"]
     assert ftps.logins == 0 and files_under(ftps.root) == {}
     assert ftps.password not in row["reason"] + stderr
 

@@ -63,7 +63,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         self.tls = dest.parts.scheme.lower() == "ftps"
         if self.tls and not dest.tls_verify:
             log.warning(
-                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "%s: TLS certificate checking is OFF (tls_verify: false): the server is not "
                 "verified, and a man in the middle would get the files and credentials",
                 self.target.display,
             )
@@ -225,7 +225,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         if isinstance(exc, ssl.SSLCertVerificationError):
             return PermanentDeliveryError(
                 f"{display}: the server's TLS certificate is not trusted "
-                f"({exc.verify_message}); set ca_file, or verify: false"
+                f"({exc.verify_message}); set ca_file, or tls_verify: false"
             )
         if isinstance(exc, TimeoutError):
             return TransientDeliveryError(f"{display}: timed out")

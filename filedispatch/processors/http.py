@@ -203,7 +203,7 @@ class HttpProcessor:
         self._ssl: ssl.SSLContext | bool | None = None
         if not dest.tls_verify and dest.parts.scheme.lower() == "https":
             log.warning(
-                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "%s: TLS certificate checking is OFF (tls_verify: false): the server is not "
                 "verified, and a man in the middle would get the files and credentials",
                 dest.display,
             )
@@ -511,7 +511,7 @@ def _translate(exc: aiohttp.ClientError, location: str) -> DeliveryError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return PermanentDeliveryError(
             f"{location}: the server's TLS certificate is not trusted "
-            f"({exc.certificate_error}); set ca_file, or verify: false"
+            f"({exc.certificate_error}); set ca_file, or tls_verify: false"
         )
     if isinstance(exc, aiohttp.InvalidURL):
         return PermanentDeliveryError(f"{location}: not a valid URL")
