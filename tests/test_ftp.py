@@ -230,10 +230,32 @@ def _mkd_made_meanwhile(self: Any, path: str) -> None:
     self.respond("550 File exists.")
 
 
-def test_a_folder_another_connection_made_meanwhile_is_used(
-    workspace: dict[str, Path], tmp_path: Path
+def _mkd_parent_vanishes() -> Any:
+    """The first MKD of ``.../in`` finds its parent removed by someone meanwhile."""
+    from pyftpdlib.handlers import FTPHandler
+
+    vanished: list[str] = []
+
+    def mkd(self: Any, path: str) -> None:
+        if path.endswith("/in") and not vanished:
+            vanished.append(path)
+            os.rmdir(os.path.dirname(path))
+            self.respond("550 No such file or directory.")
+            return
+        FTPHandler.ftp_MKD(self, path)
+
+    return mkd
+
+
+@pytest.mark.parametrize(
+    "mkd",
+    [_mkd_made_meanwhile, _mkd_parent_vanishes()],
+    ids=["made-meanwhile", "parent-removed-meanwhile"],
+)
+def test_folders_are_made_safely_against_other_connections(
+    workspace: dict[str, Path], tmp_path: Path, mkd: Any
 ) -> None:
-    server = FtpServer(tmp_path / "root", overrides={"ftp_MKD": _mkd_made_meanwhile})
+    server = FtpServer(tmp_path / "root", overrides={"ftp_MKD": mkd})
     try:
         src = old_file(workspace["inbox"] / "v.mp4", 5000)
         cfg = remote_config(workspace, {"url": server.url("/videos/in/"), "retry": FAST_RETRY})
@@ -242,33 +264,6 @@ def test_a_folder_another_connection_made_meanwhile_is_used(
         assert files_under(server.root) == {"videos/in/v.mp4": sha256_of(src)}
         (row,) = journal_rows(workspace["db"])
         assert row["attempts"] == 1
-    finally:
-        server.stop()
-
-
-def test_a_parent_removed_while_folders_are_made_is_made_again(
-    workspace: dict[str, Path], tmp_path: Path
-) -> None:
-    vanished: list[str] = []
-
-    def mkd(self: Any, path: str) -> None:
-        if path.endswith("/in") and not vanished:  # someone removes the parent meanwhile
-            vanished.append(path)
-            os.rmdir(os.path.dirname(path))
-            self.respond("550 No such file or directory.")
-            return
-        FTPHandler.ftp_MKD(self, path)
-
-    from pyftpdlib.handlers import FTPHandler
-
-    server = FtpServer(tmp_path / "root", overrides={"ftp_MKD": mkd})
-    try:
-        src = old_file(workspace["inbox"] / "v.mp4", 5000)
-        cfg = remote_config(workspace, {"url": server.url("/videos/in/"), "retry": FAST_RETRY})
-        result = run_cli("-c", cfg, "--once", timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert vanished and files_under(server.root) == {"videos/in/v.mp4": sha256_of(src)}
-        assert journal_rows(workspace["db"])[0]["attempts"] == 1
     finally:
         server.stop()
 
