@@ -416,3 +416,29 @@ def test_verify_sha256_on_a_server_that_cannot_hash_is_refused_by_check_and_at_o
     row, _ = fails_at_once(workspace, dest)
     assert "HASH" in row["reason"] and "XSHA256" in row["reason"]
     assert files_under(ftp.root) == {}
+
+
+def test_a_transfer_the_server_breaks_off_is_classified_by_its_reply(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    from pyftpdlib.handlers import DTPHandler
+
+    class Quota(DTPHandler):  # type: ignore[misc]
+        """Takes 256 KiB, then closes the data connection and replies 552."""
+
+        def handle_read(self) -> None:
+            super().handle_read()
+            if self.tot_bytes_received > 256 * 1024 and not self._closed:
+                self._resp = ("552 Exceeded storage allocation (quota).", lambda *a: None)
+                self.close()
+
+        handle_read_event = handle_read  # pyftpdlib calls this alias
+
+    server = FtpServer(tmp_path / "root", overrides={"dtp_handler": Quota})
+    try:
+        old_file(workspace["inbox"] / "big.bin", 8 * 1024 * 1024)
+        row, _ = fails_at_once(workspace, {"url": server.url("/in/")})
+        assert "552 Exceeded storage allocation" in row["reason"]
+        assert files_under(server.root) == {}
+    finally:
+        server.stop()

@@ -121,7 +121,25 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         self, conn: aioftp.Client, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
     ) -> None:
         async with conn.upload_stream(path) as stream:
-            await copy_to(fd, st, stream.write, digest=digest)
+            try:
+                await copy_to(fd, st, stream.write, digest=digest)
+            except OSError as exc:
+                # The server closed the data connection mid-file (a quota, a full disk): its
+                # reason is the reply on the control connection, classified by its code.
+                refusal = await self._reply(conn)
+                if refusal is not None:
+                    raise refusal from exc
+                raise
+
+    async def _reply(self, conn: aioftp.Client) -> DeliveryError | None:
+        """The server's reply to a transfer it broke off, in our tree; None if none comes."""
+        try:
+            code, info = await asyncio.wait_for(conn.parse_response(), self.ftp.socket_timeout)
+        except (OSError, TimeoutError, aioftp.AIOFTPException, ValueError):
+            return None
+        if code.matches("2xx") or code.matches("1xx"):
+            return None
+        return self.translate(aioftp.StatusCodeError(aioftp.Code("2xx"), code, info))
 
     async def exists(self, conn: aioftp.Client, path: PurePosixPath) -> bool:
         # One MLST. aioftp's ``exists`` lists the whole folder when a file is missing (the

@@ -67,10 +67,10 @@ def shared_session(resources: Resources) -> aiohttp.ClientSession:
     return session
 
 
-#: bodies from this size on ask ``Expect: 100-continue`` first (as curl does), so a server
-#: that refuses the upload (413, 401, 403) says so before the body is sent; a server that
-#: answers and closes while a large body is still coming resets the connection, and its
-#: answer is lost with it
+#: bodies from this size on ask ``Expect: 100-continue`` first (as curl does): a server that
+#: refuses the upload (413, 401, 403) answers before the body is sent. Without it, a server
+#: that answers and closes while the body is still coming resets the connection, and TCP
+#: discards its answer with it
 EXPECT_FROM = 1024 * 1024
 #: seconds to wait for ``100 Continue`` before sending the body anyway (curl waits 1 s):
 #: a server that ignores ``Expect`` still gets the file
@@ -130,7 +130,7 @@ class FileBody(payload.Payload):
             self._progress()
 
         try:
-            self.digest = hashlib.sha256()  # a second sending (a redirect) starts afresh
+            self.digest = hashlib.sha256()  # of this sending only
             await copy_to(self._fd, self._st, send, self._chunk, self.digest)
             self.complete = True
         except DeliveryError as exc:
