@@ -140,8 +140,9 @@ class FileBody(payload.Payload):
     async def sent_whole(self, wait: float) -> bool:
         """Whether the whole file went out; a success answer may come a moment before the
         writer has finished, so its end is awaited (at most ``wait`` seconds)."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ended.wait(), wait)
+        if not self.ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), wait)
         return self.complete
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
