@@ -377,7 +377,28 @@ def cmd_check(path: Path) -> int:
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
             say(f"       {j}) {step.kind}: {step.display}{extra}")
-    return EXIT_OK
+    problems = verify_problems(config)
+    for problem in problems:
+        say(f"{path}: {problem}", sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def verify_problems(config: Config) -> list[str]:
+    """FTP destinations with ``verify: sha256`` whose server cannot hash (asked over FTP)."""
+    from .config import FtpDestination
+    from .processors.ftp import sha256_problem
+
+    steps = {
+        s.display: s
+        for r in config.rules
+        for s in r.to
+        if isinstance(s, FtpDestination) and s.verify == "sha256"
+    }
+
+    async def ask() -> list[str | None]:
+        return list(await asyncio.gather(*(sha256_problem(s) for s in steps.values())))
+
+    return [p for p in asyncio.run(ask()) if p] if steps else []
 
 
 def cmd_explain(path: Path, files: list[Path]) -> int:

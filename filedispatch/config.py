@@ -162,6 +162,8 @@ class _Step(_Model):
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
+#: what is checked after a delivery: nothing, the size that arrived, or its SHA-256
+Verify = Literal["none", "size", "sha256"]
 
 
 class _UrlStep(_Step):
@@ -173,6 +175,8 @@ class _UrlStep(_Step):
     #: naming template for the delivered file, relative to the destination folder
     name: str = "{relpath}"
     on_conflict: OnConflict = "rename"
+    #: check what arrived before the delivery counts (see docs/integrity.md, item 10)
+    verify: Verify = "size"
 
     @cached_property
     def parts(self) -> Any:
@@ -241,6 +245,10 @@ class Expect(_Model):
     contains: str | None = None  #: the body must contain this text
     json_field: str | None = None  #: the JSON body must have this (dotted) field, truthy
     json_value: Any = None  #: ... and, if set, equal to this
+    #: the (dotted) JSON field where the server echoes the size it received, for ``verify``
+    size_field: str | None = None
+    #: the (dotted) JSON field where it echoes the hex SHA-256 it received, for ``verify``
+    sha256_field: str | None = None
 
 
 class HttpTimeout(_Model):
@@ -263,7 +271,7 @@ class HttpDestination(_UrlStep):
     headers: Annotated[dict[str, str], CREDENTIALS] = Field(default_factory=dict)
     token: SecretStr | None = None  #: sent as ``Authorization: Bearer ...``
     http_timeout: HttpTimeout = HttpTimeout()
-    verify: bool = True
+    tls_verify: bool = True  #: check the server's TLS certificate (``verify: true|false`` too)
     ca_file: FsPath | None = None
     expect: Expect = Expect()
     #: bytes read and sent at a time (1 KiB to 64 MiB: each chunk is held in memory)
@@ -280,6 +288,8 @@ class HttpDestination(_UrlStep):
             if any(c in text for c in "\r\n\0"):
                 raise ValueError(f"the value of header {name} holds a line break or NUL")
         return value
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
 
     @field_validator("url")
     @classmethod
@@ -310,8 +320,12 @@ class FtpDestination(_UrlStep):
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and log in
     socket_timeout: PositiveSeconds = 60.0  #: seconds, the longest silence on a connection
     pool_size: int = Field(4, ge=1, le=32)  #: connections kept open to this server
-    verify: bool = True
+    tls_verify: bool = True  #: check the server's TLS certificate (``verify: true|false`` too)
     ca_file: FsPath | None = None
+    #: upload under a hidden temporary name, then rename; false: under the final name
+    temp_name: bool = True
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
 
     @field_validator("url")
     @classmethod
@@ -345,6 +359,7 @@ class SftpDestination(_UrlStep):
     insecure_skip_host_key_check: bool = False
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and authenticate
     pool_size: int = Field(2, ge=1, le=32)
+    temp_name: bool = True  #: as for FTP
 
     @field_validator("url")
     @classmethod
@@ -376,6 +391,18 @@ def _remote_url(value: str, schemes: tuple[str, ...]) -> Any:
     if not parts.hostname:
         raise ValueError("the URL has no host")
     return parts
+
+
+def _tls_spelling(data: Any) -> Any:
+    """``verify: true|false`` was the TLS switch before ``verify`` named the arrival check:
+    a boolean still means ``tls_verify``."""
+    if isinstance(data, dict) and isinstance(data.get("verify"), bool):
+        data = dict(data)
+        flag = data.pop("verify")
+        if "tls_verify" in data:
+            raise ValueError("give tls_verify, not both verify: true|false and tls_verify")
+        data["tls_verify"] = flag
+    return data
 
 
 def _check_one_password(step: FtpDestination | SftpDestination) -> None:
