@@ -11,14 +11,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, folder_problem, load_config, real, watched_by
 from .content import facts_for, import_problems
-from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
+from .errors import ConfigError, FileDispatchError
 from .models import FileVersion, Status
 from .router import Router, describe_target
+from .textsafe import escape
 
 if TYPE_CHECKING:
     from .service import Service
@@ -26,13 +27,28 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: the largest whole number the journal (SQLite) stores; a larger id or limit cannot be asked
+MAX_INTEGER = 2**63 - 1
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_INTEGER}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:  # also refuses nan, which compares false
+        raise argparse.ArgumentTypeError("must be 0 to 86400 seconds")
     return value
 
 
@@ -78,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-timeout",
-        type=float,
+        type=_seconds,
         default=90.0,
         metavar="S",
         help="with -x: how long to wait for in-flight deliveries (default: 90)",
@@ -146,12 +162,12 @@ def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     hlist.add_argument("--limit", type=_positive, default=20, metavar="N", help="(default: 20)")
     hlist.add_argument("--json", action="store_true", help="print JSON")
     show = hsub.add_parser("show", parents=[journal], help="every field of one dispatch")
-    show.add_argument("id", type=int, help="a dispatch id (see history list)")
+    show.add_argument("id", type=_positive, help="a dispatch id (see history list)")
     forget = hsub.add_parser(
         "forget", parents=[journal], help="delete history so the file is sent again"
     )
     which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", type=int, nargs="?", help="a dispatch id (see history list)")
+    which.add_argument("id", type=_positive, nargs="?", help="a dispatch id (see history list)")
     which.add_argument("--path", help="a file's path in its source (relative or absolute)")
     hstats = hsub.add_parser("stats", parents=[journal], help="counts per day, week or month")
     hstats.add_argument("--period", choices=["day", "week", "month"], default="day")
@@ -186,18 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("the following arguments are required: -c/--config")
         return cmd_run(args)
     except ConfigError as exc:
-        print(f"filedispatch: invalid configuration {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        for problem in exc.problems:  # one line each, naming the file and the field
+            say(f"filedispatch: invalid configuration {exc.source}: {problem}", sys.stderr)
         return EXIT_USAGE
-    except (JournalError, ServiceError) as exc:
-        print(f"filedispatch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except FileDispatchError as exc:
-        print(f"filedispatch: {exc}", file=sys.stderr)
+    except FileDispatchError as exc:  # JournalError, ServiceError ...
+        say(f"filedispatch: {exc}", sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+    """Print one line; what a file's writer or the config named cannot break it (``escape``)."""
+    print(escape(line), file=file or sys.stdout)
 
 
 def load_checked(path: Path) -> Config:
@@ -220,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_checked(args.config)
     if args.dry_run:
         return dry_run(config, args.max_items)
+    check_options(config, args)
     options = Options(
         config_path=args.config.absolute(),
         db=args.db,
@@ -236,7 +254,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .daemon import run_daemon
 
         return run_daemon(config, options, args)
-    logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    try:
+        logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    except OSError as exc:  # checked above; this is a race with someone changing the folder
+        problem = f"--log-file: cannot be opened: {exc.strerror or exc}"
+        raise ConfigError(str(args.config), [problem]) from None
     logs.set_secrets(secrets_of(config))
     service = Service(config, options)
     code = asyncio.run(service.run())
@@ -245,9 +267,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def check_options(config: Config, args: argparse.Namespace) -> None:
+    """Files named on the command line: usable, and not inside a watched source.
+
+    Raises ConfigError (exit 2) naming the option; the same rules as for ``database:``.
+    """
+    problems = []
+    for option, path in (("--db", args.db), ("--log-file", args.log_file)):
+        if path is None:
+            continue
+        if "\0" in str(path) or not str(path).strip():
+            problems.append(f"{option}: not a usable path")
+            continue
+        path = path.expanduser().absolute()
+        if path.is_dir():
+            problems.append(f"{option}: {path} is a folder; give a file name")
+        elif (problem := folder_problem(path.parent)) is not None:
+            problems.append(f"{option}: {problem}")
+        for i, source in enumerate(config.sources):
+            if watched_by(source, path):
+                problems.append(
+                    f"{option}: {path} is inside the watched source sources[{i}] "
+                    f"({real(source.path)}); it would be dispatched"
+                )
+    if problems:
+        raise ConfigError(str(args.config), problems)
+
+
 def print_summary(service: Service) -> None:
     s = service.summary
-    print(
+    say(
         f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
         f"failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
@@ -265,17 +314,17 @@ def dry_run(config: Config, max_items: int | None) -> int:
         found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
         for rel, st in found:
             if max_items is not None and count >= max_items:
-                print(f"(stopping at --max-items {max_items})")
+                say(f"(stopping at --max-items {max_items})")
                 return EXIT_OK
             version = FileVersion.from_stat(source.key, source.path, rel, st)
             chains = router.route(version, facts_for(router, version))
             if not chains:
-                print(f"{source.key}/{rel}: no rule matches")
+                say(f"{source.key}/{rel}: no rule matches")
                 continue
             count += 1
             for chain in chains:
                 for step in chain.steps:
-                    print(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
+                    say(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
     return EXIT_OK
 
 
@@ -290,17 +339,17 @@ def cmd_check(path: Path) -> int:
     config = load_checked(path)
     from .service import Options, journal_path
 
-    print(f"{path}: valid")
-    print(f"journal: {journal_path(config, Options())}")
-    print("sources:")
+    say(f"{path}: valid")
+    say(f"journal: {journal_path(config, Options())}")
+    say("sources:")
     for s in config.sources:
         ready = f"ready: {s.ready}" + (f" (settle {s.settle:g}s)" if s.ready == "settle" else "")
         after = s.after + (f" -> {s.done_dir}" if s.after == "move" else "")
-        print(
+        say(
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
-    print("rules (in order; the first match wins unless a rule says continue):")
+    say("rules (in order; the first match wins unless a rule says continue):")
     router = Router(config)
     for i, rule in enumerate(router.rules, 1):
         cfg = rule.config
@@ -323,44 +372,65 @@ def cmd_check(path: Path) -> int:
             what.append(f"classify {cfg.classify}")
         srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
         flag = " (continue)" if cfg.continue_ else ""
-        print(f"  {i}. {rule.name}{flag}: {'; '.join(what) or 'every file'} from {srcs}")
+        say(f"  {i}. {rule.name}{flag}: {'; '.join(what) or 'every file'} from {srcs}")
         for j, step in enumerate(cfg.to, 1):
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
-            print(f"       {j}) {step.kind}: {step.display}{extra}")
-    return EXIT_OK
+            say(f"       {j}) {step.kind}: {step.display}{extra}")
+    problems = verify_problems(config)
+    for problem in problems:
+        say(f"{path}: {problem}", sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def verify_problems(config: Config) -> list[str]:
+    """FTP destinations with ``verify: sha256`` whose server cannot hash (asked over FTP)."""
+    from .config import FtpDestination
+    from .processors.ftp import sha256_problem
+
+    steps = {
+        s.display: s
+        for r in config.rules
+        for s in r.to
+        if isinstance(s, FtpDestination) and s.verify == "sha256"
+    }
+
+    async def ask() -> list[str | None]:
+        return list(await asyncio.gather(*(sha256_problem(s) for s in steps.values())))
+
+    return [p for p in asyncio.run(ask()) if p] if steps else []
 
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
     config = load_checked(path)
     router = Router(config)
     for file in files:
-        absolute = file.absolute()
+        absolute = real(file)  # compared resolved, as the sources are
         source = next(
-            (s for s in config.sources if absolute.is_relative_to(s.path)), config.sources[0]
+            (s for s in config.sources if absolute.is_relative_to(real(s.path))),
+            config.sources[0],
         )
+        root = real(source.path)
         rel = (
-            absolute.relative_to(source.path)
-            if absolute.is_relative_to(source.path)
-            else Path(file.name)
+            absolute.relative_to(root) if absolute.is_relative_to(root) else Path(file.name)
         ).as_posix()
         try:
             st = absolute.stat()
             version = FileVersion.from_stat(source.key, source.path, rel, st)
         except OSError:
             version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
-            print(f"{file}: (does not exist; taken as an empty file)")
-        print(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
+            say(f"{file}: (does not exist; taken as an empty file)")
+        say(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
         facts = facts_for(router, version)
         if facts.mime:
-            print(f"  detected type: {facts.mime}")
+            say(f"  detected type: {facts.mime}")
         chains = {c.rule: c for c in router.route(version, facts)}
         for check in router.explain(version, facts):
             mark = "+" if check.matched else "-"
-            print(f"  {mark} {check.rule}: {check.why}")
+            say(f"  {mark} {check.rule}: {check.why}")
         for chain in chains.values():
             for step in chain.steps:
-                print(f"    -> {describe_target(step, version)}")
+                say(f"    -> {describe_target(step, version)}")
         if not chains:
-            print("    (no rule takes this file: it stays where it is)")
+            say("    (no rule takes this file: it stays where it is)")
     return EXIT_OK
