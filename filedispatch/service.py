@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, watched_by
 from .dispatcher import Dispatcher, RunSummary
@@ -45,6 +45,8 @@ class Options:
     once: bool = False
     max_items: int | None = None
     move: bool = False
+    #: files recorded by mark-existing get their after-action (delete, move) like sent ones
+    consume_marked: bool = False
     api_host: str | None = None
     api_port: int | None = None
     webapp: bool | None = None
@@ -165,6 +167,15 @@ class Service:
         log.info("reloaded %s", path)
         return True
 
+    async def retry(self, dispatch_id: int) -> recovery.RetryAnswer:
+        """Send a FAILED dispatch again, or say why not (API, console; see recovery.retry)."""
+        answer = await recovery.retry(self.journal, self.dispatcher.sources, dispatch_id)
+        if answer.ok:
+            self.dispatcher.wake()
+            for w in self.watchers:  # a file moved back from failed_dir is found at once
+                w.request_rescan()
+        return answer
+
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
         d = self.dispatcher
@@ -241,6 +252,9 @@ class Service:
         resumed = await self.journal.resume_interrupted()
         if resumed:
             log.info("resuming %d dispatch(es) interrupted by the last stop", resumed)
+        rekeyed = await recovery.rekey_old_rows(self.journal)
+        if rekeyed:
+            log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
         roots = [
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]
@@ -254,13 +268,14 @@ class Service:
             registry,
             workdir=self.workdir,
             max_items=self.options.max_items,
+            consume_marked=self.options.consume_marked,
         )
         self.summary = self.dispatcher.summary
         # the web app and the console are started here, between dispatcher and watchers
         if self.config.api.enabled:
             from . import api
 
-            link = api.ServiceLink(self.status, self.dispatcher.wake)
+            link = api.ServiceLink(self.status, self.dispatcher.wake, self.retry)
             await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
         if self.config.monitor.enabled:  # aiomonitor costs a tenth of a second to import
             from . import monitor

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
+from .. import fastpath
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import DeliveryError, TransientDeliveryError
 from ..models import Outcome
@@ -183,7 +184,7 @@ async def copy_to(
         raise TransientDeliveryError("the file changed while it was sent")
 
 
-_NOWAIT = hasattr(os, "RWF_NOWAIT")
+_NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the executor
 #: what ``copy_to`` hands its writer
 Chunk = bytes | bytearray
 
