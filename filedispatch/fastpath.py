@@ -97,15 +97,17 @@ def start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def reflink(src_fd: int, dst_fd: int) -> bool:
-    """Make ``dst_fd`` share ``src_fd``'s blocks copy-on-write; False where that is not offered.
+def reflink(src_fd: int, dst_fd: int) -> bool | None:
+    """Make ``dst_fd`` share ``src_fd``'s blocks copy-on-write (Linux ``FICLONE``).
 
+    True: cloned. False: not this time (the source is on another filesystem). None: the
+    destination's filesystem cannot clone (or the switch is off): stop asking for it.
     A reflink is a copy, not a link: writing to the source later never changes the clone.
     """
     if not ENABLED:
-        return False
+        return None
     try:
         fcntl.ioctl(dst_fd, _FICLONE, src_fd)
-    except OSError:  # EOPNOTSUPP, EXDEV, EINVAL, ENOTTY ...: copy the bytes instead
-        return False
+    except OSError as exc:
+        return False if exc.errno == errno.EXDEV else None
     return True

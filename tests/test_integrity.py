@@ -454,6 +454,35 @@ def test_sighup_changing_on_conflict_applies_to_new_deliveries(
     assert svc.stop() == 0
 
 
+def test_sighup_changing_a_steps_options_retires_its_old_processor(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    """New deliveries run with the new options; the old processor is closed once idle."""
+    notes = tmp_path / "notes.jsonl"
+
+    def tagger(tag: str) -> dict[str, Any]:
+        return {
+            "python": "tests.helpers_programmable:Tagger",
+            "kwargs": {"log": str(notes), "tag": tag},
+        }
+
+    def read() -> list[dict[str, Any]]:
+        return [json.loads(x) for x in notes.read_text().splitlines()] if notes.exists() else []
+
+    cfg = config(tmp_path, tagger("one"))
+    svc: ServiceProcess = service_factory(cfg).start()
+    old(tmp_path / "inbox" / "a.txt")
+    wait_until(lambda: [n["tag"] for n in read() if n["kind"] == "tag"] == ["one"], 30)
+    config(tmp_path, tagger("two"))
+    svc.signal(signal.SIGHUP)
+    first = read()[0]["instance"]
+    wait_until(lambda: {"kind": "closed", "instance": first} in read(), 30)
+    old(tmp_path / "inbox" / "b.txt")
+    wait_until(lambda: [n.get("tag") for n in read() if n["kind"] == "tag"] == ["one", "two"], 30)
+    assert read()[-1]["instance"] != first
+    assert svc.stop() == 0
+
+
 # ----------------------------------------------------------------------------- 10.7
 
 

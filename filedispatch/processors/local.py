@@ -158,6 +158,7 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
+        self._clone = True  #: reflinks are worth trying here (see fastpath.reflink)
 
     async def aclose(self) -> None:
         return None
@@ -358,7 +359,10 @@ class LocalProcessor:
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
             # a reflink shares blocks copy-on-write: as independent of the source as a copy
-            if not fastpath.reflink(fd, out):
+            cloned = fastpath.reflink(fd, out) if self._clone else None
+            if cloned is None:
+                self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
+            if not cloned:
                 with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
                     shutil.copyfileobj(fin, fout, 1024 * 1024)
             if mode is not None:
