@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, folder_problem, load_config, real, watched_by
 from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
 from .models import FileVersion, Status
@@ -201,9 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("the following arguments are required: -c/--config")
         return cmd_run(args)
     except ConfigError as exc:
-        print(f"filedispatch: invalid configuration {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        for problem in exc.problems:  # one line each, naming the file and the field
+            print(f"filedispatch: invalid configuration {exc.source}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except (JournalError, ServiceError) as exc:
         print(f"filedispatch: {exc}", file=sys.stderr)
@@ -235,6 +234,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_checked(args.config)
     if args.dry_run:
         return dry_run(config, args.max_items)
+    check_options(config, args)
     options = Options(
         config_path=args.config.absolute(),
         db=args.db,
@@ -252,13 +252,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .daemon import run_daemon
 
         return run_daemon(config, options, args)
-    logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    try:
+        logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    except OSError as exc:  # checked above; this is a race with someone changing the folder
+        problem = f"--log-file: cannot be opened: {exc.strerror or exc}"
+        raise ConfigError(str(args.config), [problem]) from None
     logs.set_secrets(secrets_of(config))
     service = Service(config, options)
     code = asyncio.run(service.run())
     if args.once:
         print_summary(service)
     return code
+
+
+def check_options(config: Config, args: argparse.Namespace) -> None:
+    """Files named on the command line: usable, and not inside a watched source.
+
+    Raises ConfigError (exit 2) naming the option; the same rules as for ``database:``.
+    """
+    problems = []
+    for option, path in (("--db", args.db), ("--log-file", args.log_file)):
+        if path is None:
+            continue
+        if "\0" in str(path) or not str(path).strip():
+            problems.append(f"{option}: not a usable path")
+            continue
+        path = path.expanduser().absolute()
+        if path.is_dir():
+            problems.append(f"{option}: {path} is a folder; give a file name")
+        elif (problem := folder_problem(path.parent)) is not None:
+            problems.append(f"{option}: {problem}")
+        for i, source in enumerate(config.sources):
+            if watched_by(source, path):
+                problems.append(
+                    f"{option}: {path} is inside the watched source sources[{i}] "
+                    f"({real(source.path)}); it would be dispatched"
+                )
+    if problems:
+        raise ConfigError(str(args.config), problems)
 
 
 def print_summary(service: Service) -> None:
@@ -351,14 +382,14 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
     config = load_checked(path)
     router = Router(config)
     for file in files:
-        absolute = file.absolute()
+        absolute = real(file)  # compared resolved, as the sources are
         source = next(
-            (s for s in config.sources if absolute.is_relative_to(s.path)), config.sources[0]
+            (s for s in config.sources if absolute.is_relative_to(real(s.path))),
+            config.sources[0],
         )
+        root = real(source.path)
         rel = (
-            absolute.relative_to(source.path)
-            if absolute.is_relative_to(source.path)
-            else Path(file.name)
+            absolute.relative_to(root) if absolute.is_relative_to(root) else Path(file.name)
         ).as_posix()
         try:
             st = absolute.stat()

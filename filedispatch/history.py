@@ -202,7 +202,7 @@ def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) 
 
 async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | None]]) -> int:
     removed = 0
-    async with Journal.open(path) as journal:
+    async with Journal.open(path, hold=False) as journal:
         for source, relpath, dispatch_id in targets:
             if dispatch_id is not None:
                 removed += await journal.forget(dispatch_id)
@@ -328,7 +328,7 @@ def mark_existing(
 async def _mark(
     router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
 ) -> None:
-    async with Journal.open(db) as journal:
+    async with Journal.open(db, hold=False) as journal:
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []

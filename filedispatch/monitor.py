@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -21,7 +22,7 @@ import click
 from aiomonitor.monitor import Monitor, command_done, current_stdout, monitor_cli
 
 from .config import MonitorConfig, secrets_of
-from .errors import ServiceError
+from .errors import JournalError, ServiceError
 from .history import format_rows, scrub
 from .journal import COLUMNS
 
@@ -146,19 +147,32 @@ def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
 async def status_text(service: Service) -> str:
     """fd-status: the service's state, the queue and per-destination counts."""
     st = service.status()
-    counts = await service.journal.counts()
-    per_dest = await service.journal.read(
-        "SELECT destination, status, COUNT(*) FROM dispatches GROUP BY destination, status"
-    )
+    try:
+        counts = await service.journal.counts()
+        per_dest = await service.journal.read(
+            "SELECT destination, status, COUNT(*) FROM dispatches GROUP BY destination, status"
+        )
+    except JournalError:  # a removed journal may not even be read: the state still shows
+        counts, per_dest = {}, []
     journal: dict[str, dict[str, int]] = {}
     for dest, status, n in per_dest:
         journal.setdefault(dest, {})[status] = n
     secrets = secrets_of(service.config)
-    lines = [
-        f"filedispatch {st['version']}, up {st['uptime_s']}s, "
-        + ("PAUSED (fd-resume to continue)" if st["paused"] else "running"),
-        "sources:",
-    ]
+    journal_state: dict[str, Any] = st["journal"]  # type: ignore[assignment]
+    if journal_state["state"] != "ok":
+        state = f"PAUSED: journal {journal_state['state']}, resumes by itself once it is writable"
+    elif st["paused"]:
+        state = "PAUSED (fd-resume to continue)"
+    else:
+        state = "running"
+    lines = [f"filedispatch {st['version']}, up {st['uptime_s']}s, {state}"]
+    if journal_state["state"] != "ok":
+        lines.append(
+            f"journal {journal_state['path']}: {journal_state['error']} "
+            f"(since {time.strftime('%H:%M:%S', time.localtime(journal_state['since']))}, "
+            f"{journal_state['retries']} retries)"
+        )
+    lines.append("sources:")
     for s in st["sources"]:  # type: ignore[attr-defined]
         how = "polling" if s["polling"] else "inotify"
         state = "ready" if s["ready"] else "scanning"

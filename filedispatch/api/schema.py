@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 from .. import __version__
+from ..journal import JournalState
 from .queries import (
     DEFAULT_LIMIT,
     LIST_PARAMS,
@@ -176,12 +177,27 @@ def openapi() -> dict[str, Any]:
                 "uptime_s": {"type": "number"},
                 "started": {"type": "string", "format": "date-time"},
                 "paused": {"type": "boolean"},
+                "pause_reason": {
+                    "type": "string",
+                    "enum": ["operator", "journal"],
+                    "nullable": True,
+                },
+                "journal": {"$ref": "#/components/schemas/Journal"},
                 "sources": {"type": "array", "items": {"type": "object"}},
                 "stopped_sources": {"type": "array", "items": _STR},
-                "queue_depth": _INT,
+                "queue_depth": _NULL_INT,
                 "in_flight": _INT,
-                "counts": {"type": "object", "additionalProperties": _INT},
+                "counts": {"type": "object", "additionalProperties": _INT, "nullable": True},
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
+            }
+        ),
+        "Journal": _object(
+            {
+                "path": _STR,
+                "state": {"type": "string", "enum": [s.value for s in JournalState]},
+                "error": {"type": "string", "nullable": True},
+                "since": {"type": "number", "nullable": True},
+                "retries": _INT,
             }
         ),
         "Health": {
@@ -191,6 +207,7 @@ def openapi() -> dict[str, Any]:
                 "version": _STR,
                 "uptime_s": {"type": "number"},
                 "detail": _STR,
+                "journal": {"$ref": "#/components/schemas/Journal"},
             },
             "required": ["status"],
         },
@@ -260,9 +277,17 @@ def openapi() -> dict[str, Any]:
         },
         "/health": {
             "get": _op(
-                "Liveness for load balancers and systemd: 200 while the journal can be read.",
+                "Liveness for load balancers and systemd: 200 while the journal can be read "
+                "and written; 503 while it cannot (intake and delivery are then paused).",
                 {"200": _json({"$ref": ref + "Health"}, "Up.")},
-                ("503", _json({"$ref": ref + "Health"}, "The journal cannot be read.")),
+                (
+                    "503",
+                    _json(
+                        {"$ref": ref + "Health"},
+                        "The journal cannot be read or written (disk full, I/O error, "
+                        "read-only, locked, removed or replaced): `detail` says why.",
+                    ),
+                ),
                 secure=False,
             )
         },

@@ -167,16 +167,24 @@ def _scrubbed(value: Any) -> Any:
 
 async def status(request: web.Request) -> web.Response:
     snap = dict(request.app[link_key].status())
-    counts = await _counts(request)
+    journal = snap.get("journal") or {}
+    try:
+        counts: dict[str, int] | None = await _counts(request)
+    except JournalError:
+        if journal.get("state", "ok") == "ok":
+            raise
+        counts = None  # a removed journal may not even be read: the state still answers
     uptime = float(snap.get("uptime_s", 0.0))
     body = {
         "version": snap.get("version"),
         "uptime_s": uptime,
         "started": queries.iso(time.time() - uptime),
         "paused": bool(snap.get("paused", False)),
+        "pause_reason": snap.get("pause_reason"),
+        "journal": journal,
         "sources": snap.get("sources", []),
         "stopped_sources": snap.get("stopped_sources", []),
-        "queue_depth": counts["PENDING"],
+        "queue_depth": counts["PENDING"] if counts is not None else None,
         "in_flight": int(snap.get("in_flight", 0)),
         "counts": counts,
         "destinations": snap.get("destinations", {}),
@@ -185,8 +193,16 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while the journal can be read and written; 503 with the reason otherwise."""
     snap = request.app[link_key].status()
     body = {"status": "ok", "version": snap.get("version"), "uptime_s": snap.get("uptime_s")}
+    journal = snap.get("journal") or {}
+    if journal.get("state", "ok") != "ok":
+        detail = f"journal {journal['state']}: {journal.get('error')}"
+        return web.json_response(
+            _scrubbed({**body, "status": "unavailable", "detail": detail, "journal": journal}),
+            status=503,
+        )
     try:
         await request.app[reader_key].fetch("SELECT 1 FROM dispatches LIMIT 1")
     except JournalError as exc:

@@ -75,11 +75,19 @@ function el(tag, props = {}, ...children) {
 async function refreshStatus() {
   const s = await api("/api/v1/status");
   $("#version").textContent = s.version;
-  $("#queue-depth").textContent = s.queue_depth;
+  $("#queue-depth").textContent = s.queue_depth ?? "–";
   $("#in-flight").textContent = s.in_flight;
-  $("#succeeded").textContent = s.counts.SUCCEEDED;
-  $("#failures").textContent = s.counts.FAILED;
+  $("#succeeded").textContent = s.counts ? s.counts.SUCCEEDED : "–";
+  $("#failures").textContent = s.counts ? s.counts.FAILED : "–";
   $("#uptime").textContent = uptime(s.uptime_s);
+  // the journal failing pauses everything: say so in the header, with what to do
+  const failing = s.journal && s.journal.state !== "ok";
+  $("#state").textContent = failing ? `paused: journal ${s.journal.state}` : s.paused ? "paused" : "running";
+  $("#state-card").className = failing ? "card bad" : s.paused ? "card warn" : "card ok";
+  $("#journal-alert").hidden = !failing;
+  $("#journal-alert").textContent = failing
+    ? `The journal cannot be written: ${s.journal.error}. Intake and delivery are paused and resume by themselves.`
+    : "";
 }
 
 // ---------------------------------------------------------------- history table
