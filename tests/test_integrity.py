@@ -496,7 +496,10 @@ def _unprivileged(cfg: Path, *args: str) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="drops root's read-anything capabilities")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs the service as root without its read-anything capabilities (setpriv)",
+)
 def test_an_unreadable_source_is_retried_until_its_mode_is_fixed(tmp_path: Path) -> None:
     out, db = tmp_path / "out", tmp_path / "j.db"
     retry = {"attempts": 20, "delay": 0.2, "backoff": 1.5, "max_delay": 1}
