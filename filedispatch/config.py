@@ -7,6 +7,7 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import math
 import os
 import re
@@ -592,6 +593,57 @@ class RuleConfig(_Model):
         return [_coerce_step(v) for v in value] if isinstance(value, list) else value
 
 
+#: the shortest API token taken: a short one is guessed by anyone who can reach the port
+MIN_TOKEN_LENGTH = 16
+
+
+def canonical_ip(text: str) -> str | None:
+    """An IP address in its canonical form (an IPv4-mapped IPv6 one as IPv4); None: a name."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is this machine only; a name other than
+    ``localhost`` may resolve anywhere, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    ip = canonical_ip(host)
+    return ip is not None and ipaddress.ip_address(ip).is_loopback
+
+
+def split_host(text: str) -> tuple[str, int | None]:
+    """``Example.org:8080`` -> ``("example.org", 8080)``; ``[::1]`` -> ``("::1", None)``.
+
+    The form of an HTTP ``Host`` header (RFC 9110): a name or an IP address, IPv6 in brackets,
+    then an optional port. IP addresses come back in their canonical form. Raises ValueError.
+    """
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("an IPv6 address needs its closing ]")
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise ValueError("not an IPv6 address in [ ]") from None
+    else:
+        name, _, rest = text.partition(":")
+        rest = ":" + rest if _ else ""
+    if rest and (not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6):
+        raise ValueError("a port is a number after the last :")
+    port = int(rest[1:]) if rest else None
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError("a port is 1-65535")
+    if not name or not all(c.isalnum() or c in "-._:" for c in name) or not name.isascii():
+        raise ValueError("a host is a name (letters, digits, - . _) or an IP address")
+    return canonical_ip(name) or name.lower(), port
+
+
 class ApiConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -599,6 +651,32 @@ class ApiConfig(_Model):
     token: SecretStr | None = None
     #: an environment variable holding the token (read at start)
     token_env: str | None = "FILEDISPATCH_API_TOKEN"
+    #: more names (``host`` or ``host:port``) the ``Host`` header may give, beside the address
+    #: the web app listens on: the names it is reached by through a proxy or on the network
+    allowed_hosts: list[str] = []
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_TOKEN_LENGTH} characters (make one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for i, entry in enumerate(value):
+            try:
+                name, port = split_host(entry.strip())
+            except ValueError as exc:
+                raise ValueError(f"entry {i + 1} is not host or host:port: {exc}") from None
+            shown = f"[{name}]" if ":" in name else name
+            out.append(shown if port is None else f"{shown}:{port}")
+        return out
 
 
 class MonitorConfig(_Model):
@@ -940,6 +1018,21 @@ def _check_paths(config: Config) -> list[str]:
     return problems
 
 
+def _check_token_env(api: ApiConfig) -> list[str]:
+    """The token from the environment is held to the rule of ``api.token`` (never echoed)."""
+    if not api.enabled or api.token_env is None:
+        return []
+    if api.token is not None and api.token.get_secret_value():
+        return []  # api.token wins; the variable is not read
+    value = os.environ.get(api.token_env, "")
+    if 0 < len(value) < MIN_TOKEN_LENGTH:
+        return [
+            f"api.token_env: the token in the environment variable {api.token_env} must be "
+            f"at least {MIN_TOKEN_LENGTH} characters"
+        ]
+    return []
+
+
 def watches_folder(source: SourceConfig, folder: Path) -> bool:
     """Whether files put in ``folder`` would be seen by the watcher of ``source`` (resolved)."""
     folder, root = real(folder), real(source.path)
@@ -1006,7 +1099,7 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
         raise ConfigError(
             source, [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors(include_input=False)]
         ) from None
-    problems = _check_paths(config)
+    problems = _check_paths(config) + _check_token_env(config.api)
     if problems:
         raise ConfigError(source, problems)
     for rule in config.rules:

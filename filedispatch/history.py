@@ -28,6 +28,7 @@ from .models import FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
 from .router import Chain, Router
+from .textsafe import escape
 
 Period = Literal["day", "week", "month"]
 PERIOD_FORMAT: dict[str, str] = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m"}
@@ -116,6 +117,12 @@ def scrub(text: str | None, secrets: Iterable[str] = ()) -> str:
     return text
 
 
+def shown(value: object, secrets: Iterable[str] = ()) -> str:
+    """A value as a table shows it: secrets hidden, on one line (control and bidi characters
+    escaped, see ``textsafe``)."""
+    return escape(scrub(value if isinstance(value, str) else str(value), secrets))
+
+
 def _when(row: dict[str, Any]) -> str:
     stamp = row.get("finished") or row.get("started") or row.get("created")
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
@@ -127,11 +134,11 @@ def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> 
     lines = []
     for r in rows:
         line = (
-            f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  {r['source']}/{r['relpath']} -> "
-            f"{scrub(r['destination'], secrets)}"
+            f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  "
+            f"{shown(r['source'])}/{shown(r['relpath'])} -> {shown(r['destination'], secrets)}"
         )
         if r["status"] != Status.SUCCEEDED and r.get("reason"):
-            line += f"  ({scrub(r['reason'], secrets)})"
+            line += f"  ({shown(r['reason'], secrets)})"
         elif r.get("marked"):
             line += "  (marked by mark-existing: not sent)"
         lines.append(line)
@@ -148,8 +155,8 @@ def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
             value = "yes: recorded by mark-existing, never sent"
         if key in ("created", "started", "finished") and value:
             value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({value:.3f})"
-        elif isinstance(value, str):
-            value = scrub(value, secrets)
+        else:
+            value = shown(value, secrets)
         out.append(f"{key + ':':<13} {value}")
     return "\n".join(out)
 
@@ -158,7 +165,7 @@ def format_stats(rows: Iterable[dict[str, Any]]) -> list[str]:
     lines = [f"{'period':<10} {'succeeded':>9} {'failed':>7} {'waiting':>7} {'bytes':>14}"]
     for r in rows:
         lines.append(
-            f"{r['period'] or '-':<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
+            f"{shown(r['period'] or '-'):<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
             f"{r['waiting'] or 0:>7} {r['bytes'] or 0:>14}"
         )
     return lines
@@ -262,8 +269,8 @@ def _retry_command(args: argparse.Namespace, db: Path, config: Config | None) ->
         return 0
     sources = None if config is None else {s.key: s for s in config.sources}
     answers = asyncio.run(_retry(db, ids, sources))
-    for answer in answers:
-        print(answer.message, file=sys.stdout if answer.ok else sys.stderr)
+    for answer in answers:  # a path in the answer is a writer's name: shown escaped
+        print(escape(answer.message), file=sys.stdout if answer.ok else sys.stderr)
     if any(a.ok for a in answers):
         print("a running service takes them now; otherwise they go at the next start or --once")
     return 0 if all(a.ok for a in answers) else 1
@@ -316,7 +323,8 @@ def mark_existing(
             summary.files += 1
             for step in planned_steps(version, chains):
                 summary.steps += 1
-                print(f"{version.source}/{version.relpath} -> {step.destination}", file=out)
+                line = f"{version.source}/{version.relpath} -> {step.destination}"
+                print(escape(line), file=out)
         return summary
     from .service import journal_lock
 
@@ -386,7 +394,7 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
         print(format_detail(get_row(db, args.id), secrets))
     elif action == "forget":
         removed = forget(db, args.id, args.path)
-        what = f"dispatch {args.id}" if args.id is not None else args.path
+        what = f"dispatch {args.id}" if args.id is not None else shown(args.path)
         print(f"forgot {what} ({removed} row(s)); it is sent again at the next scan or start")
     elif action == "stats":
         rows = stats(db, args.period)

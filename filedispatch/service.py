@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from . import __version__, recovery
 from .asyncutil import first_completed
-from .config import Config, LocalDestination, load_config, watched_by
+from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
@@ -168,10 +168,7 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
-        from .config import secrets_of
-        from .logs import set_secrets
-
-        set_secrets(secrets_of(new))  # a new password must not reach the log either
+        self._publish_secrets()  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
             w.request_rescan()
@@ -186,6 +183,13 @@ class Service:
             for w in self.watchers:  # a file moved back from failed_dir is found at once
                 w.request_rescan()
         return answer
+
+    def _publish_secrets(self) -> None:
+        """Tell the log filter every secret of the config in force (the API token from its
+        environment variable included)."""
+        from .logs import set_secrets
+
+        set_secrets(secrets_of(self.config))
 
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
@@ -283,6 +287,7 @@ class Service:
                 w.request_rescan()
 
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        self._publish_secrets()
         journal = await self._open_journal(stack)
         if journal is None:
             return 0

@@ -106,6 +106,15 @@ _E400 = _json(_ERROR, "A parameter is invalid or unknown; `parameter` names it."
 _E401 = _json(_ERROR, "A token is configured and the request did not carry it.")
 _E404 = _json(_ERROR, "No dispatch has this id.")
 _E503 = _json(_ERROR, "The journal cannot be read right now.")
+_E421 = _json(_ERROR, "The Host header names neither this service nor api.allowed_hosts.")
+_E403 = _json(_ERROR, "The request comes from a page of another origin (Origin, Sec-Fetch-Site).")
+_E415 = _json(_ERROR, "A change must say `Content-Type: application/json`.")
+#: what a change (POST, DELETE) sends: nothing, or JSON that is ignored, but declared JSON
+_CHANGE_BODY = {
+    "required": False,
+    "description": "Empty, or any JSON (ignored); the Content-Type must be application/json.",
+    "content": {"application/json": {"schema": {}}},
+}
 _ID = {
     "name": "id",
     "in": "path",
@@ -121,12 +130,16 @@ def _op(
     *errors: tuple[str, dict[str, Any]],
     params: list[dict[str, Any]] | None = None,
     secure: bool = True,
+    change: bool = False,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": params or [],
-        "responses": {**ok, **dict(errors)},
+        "responses": {**ok, **dict(errors), "421": _E421},
     }
+    if change:
+        op["requestBody"] = _CHANGE_BODY
+        op["responses"] |= {"403": _E403, "415": _E415}
     if secure:
         op["responses"]["401"] = _E401
     else:
@@ -238,6 +251,7 @@ def openapi() -> dict[str, Any]:
                 ("404", _E404),
                 ("409", _json(_ERROR, "The dispatch is being delivered right now.")),
                 params=[_ID],
+                change=True,
             ),
         },
         "/api/v1/logs/{id}/retry": {
@@ -248,6 +262,7 @@ def openapi() -> dict[str, Any]:
                 ("404", _E404),
                 ("409", _json(_ERROR, "The dispatch is not FAILED.")),
                 params=[_ID],
+                change=True,
             )
         },
         "/api/v1/stats": {
@@ -310,7 +325,9 @@ def openapi() -> dict[str, Any]:
             "title": "filedispatch",
             "version": __version__,
             "description": "History and status of a filedispatch service. When a token is "
-            "configured, /api/* and /metrics need `Authorization: Bearer <token>`.",
+            "configured, /api/* and /metrics need `Authorization: Bearer <token>`. Only a "
+            "Host header naming the service is answered; a change (POST, DELETE) must say "
+            "`Content-Type: application/json` and must not come from a page of another origin.",
         },
         "paths": paths,
         "components": {

@@ -7,6 +7,7 @@ the journal's retry and forget. Every error leaves as JSON ``{"error", "detail"}
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -223,14 +224,42 @@ async def schema(request: web.Request) -> web.Response:
     return web.json_response(openapi())
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+@functools.cache
+def static_files() -> Mapping[str, tuple[bytes, str]]:
+    """The dashboard's files by name, read once: nothing else is ever served from disk, so
+    no path in a request can name another file."""
+    return {
+        p.name: (p.read_bytes(), MEDIA_TYPES[p.suffix])
+        for p in STATIC.iterdir()
+        if p.is_file() and p.suffix in MEDIA_TYPES
+    }
+
+
+def _static(name: str) -> web.Response:
+    found = static_files().get(name)
+    if found is None:
+        raise web.HTTPNotFound()
+    body, media_type = found
+    return web.Response(
+        body=body, content_type=media_type, charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return _static("index.html")
+
+
+async def static_file(request: web.Request) -> web.Response:
+    return _static(request.match_info["name"])
 
 
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/", dashboard)
-    r.add_static("/static/", STATIC, append_version=False)
+    r.add_get("/static/{name}", static_file)
     r.add_get("/health", health)
     r.add_get("/metrics", prometheus)
     r.add_get("/api/v1/logs", list_logs)
