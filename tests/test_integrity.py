@@ -202,7 +202,11 @@ def test_history_retry_failed_requeues_files_still_in_their_source(tmp_path: Pat
 
 
 def _post(port: int, path: str) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
