@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fastpath
+from . import fastpath, relocate
 from .config import SourceConfig
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
@@ -90,12 +89,15 @@ async def retry(
 
 
 def _same(version: FileVersion, st: os.stat_result, *, moved: bool) -> bool:
-    """``version.same_file``; a file moved since has a new ctime (a rename changes it)."""
+    """``version.same_file``; a file moved since has a new ctime (a rename changes it), and
+    one moved to another filesystem a new inode (it was copied, its mtime kept)."""
     if not moved:
         return version.same_file(st)
     if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns):
         return False
-    return not (version.ino and (st.st_ino, st.st_dev) != (version.ino, version.dev))
+    if version.ino and st.st_dev != version.dev:
+        return True  # moved to another filesystem: a copy (new inode) with the same mtime
+    return not (version.ino and st.st_ino != version.ino)
 
 
 def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
@@ -111,7 +113,7 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
             return "here"
         return f"{version.path} changed since it failed; its new version is dispatched on its own"
     if source is not None and source.failed_dir is not None:
-        for candidate in _names(source.failed_dir / version.relpath):
+        for candidate in relocate.numbered(source.failed_dir / version.relpath):
             try:
                 found = os.lstat(candidate)
             except FileNotFoundError:
@@ -123,24 +125,18 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
     return f"{version.path} is no longer in its source (nor in failed_dir): nothing to send"
 
 
-def _names(target: Path) -> list[Path]:
-    """The names an after-action may have given a file in failed_dir (see _free_name)."""
-    stem, suffix = target.stem, target.suffix
-    return [target] + [target.with_name(f"{stem}-{n}{suffix}") for n in range(1, 100)]
-
-
 def _restore(row: Dispatch, found: Path) -> Path:
     """Move ``found`` back to the row's place in its source, never over another file."""
     path = row.version.path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
+        try:
+            fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
+        except fastpath.RenameUnavailable:  # failed_dir on another filesystem
+            # copied under a hidden name, renamed once whole: never a half file in the source
+            relocate.move_by_copy(found, path, lambda: True, any_free_name=False)
     except FileExistsError:
         raise OSError(f"another file now has the name {path}") from None
-    except fastpath.RenameUnavailable:  # failed_dir on another filesystem
-        if os.path.lexists(path):
-            raise OSError(f"another file now has the name {path}") from None
-        shutil.move(found, path)
     return path
 
 
