@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import delivered, journal_rows, old, run_cli, write_config
+from .conftest import delivered, journal_rows, mounted_tmpfs, old, run_cli, write_config
 
 
 def config(root: Path, inbox: Path, to: Any, **source: Any) -> Path:
@@ -29,17 +28,6 @@ def config(root: Path, inbox: Path, to: Any, **source: Any) -> Path:
             "monitor": {"enabled": False},
         },
     )
-
-
-@pytest.fixture
-def other_fs(tmp_path: Path) -> Iterator[Path]:
-    """A folder on another filesystem than tmp_path (/dev/shm is a tmpfs)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("needs /dev/shm on another filesystem")
-    folder = Path(tempfile.mkdtemp(dir=shm))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -64,15 +52,8 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs mounted for the test (needs the right to mount)."""
     folder = tmp_path / "tiny"
     folder.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip("needs the right to mount a tmpfs")
-    try:
+    with mounted_tmpfs(folder):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_source_that_cannot_be_removed_is_never_doubled_in_done_dir(
