@@ -148,11 +148,12 @@ async def rekey_old_rows(journal: Journal, batch: int = 1000) -> int:
     has now, where the file is still there with the recorded size and mtime: without this,
     every file kept in a source would look new after an upgrade and be sent again. Runs
     once (checked rows are not looked at again). Returns how many rows were re-keyed."""
-    total = 0
+    total, after = 0, ""
     while True:
-        rows = await journal.unkeyed(batch)
+        rows = await journal.unkeyed(batch, after)
         if not rows:
             return total
+        after = rows[-1][0]
         found, missing = await asyncio.to_thread(_stat_old, rows)
         total += await journal.rekey(found, missing)
 
