@@ -108,21 +108,35 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
         st = os.lstat(version.path)
     except FileNotFoundError:
         st = None
+    if st is not None and _same(version, st, moved=False):
+        return "here"
+    parked = _in_failed_dir(version, source)
     if st is not None:
-        if _same(version, st, moved=False):
-            return "here"
+        if parked is not None:  # the failed file cannot come back: its name is taken
+            return (
+                f"the file is in {parked}, but another file now has its name {version.path}; "
+                "move one of them away and retry"
+            )
         return f"{version.path} changed since it failed; its new version is dispatched on its own"
-    if source is not None and source.failed_dir is not None:
-        for candidate in relocate.numbered(source.failed_dir / version.relpath):
-            try:
-                found = os.lstat(candidate)
-            except FileNotFoundError:
-                break
-            if _same(version, found, moved=True):
-                return candidate
+    if parked is not None:
+        return parked
     if source is None:
         return f"{version.path} is no longer in its source (give the config to look in failed_dir)"
     return f"{version.path} is no longer in its source (nor in failed_dir): nothing to send"
+
+
+def _in_failed_dir(version: FileVersion, source: SourceConfig | None) -> Path | None:
+    """The file of ``version`` in its source's failed_dir (under a numbered name maybe)."""
+    if source is None or source.failed_dir is None:
+        return None
+    for candidate in relocate.numbered(source.failed_dir / version.relpath):
+        try:
+            found = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        if _same(version, found, moved=True):
+            return candidate
+    return None
 
 
 def _restore(row: Dispatch, found: Path) -> Path:

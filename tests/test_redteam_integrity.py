@@ -205,3 +205,32 @@ def test_an_old_journal_larger_than_a_batch_is_rekeyed_whole_and_sends_nothing_a
     assert len(kept) == 40 and len(journal_rows(db)) == 3000
     for row in kept:
         assert row["ino"] == (inbox / row["relpath"]).stat().st_ino
+
+
+def test_a_retry_whose_file_is_in_failed_dir_behind_a_new_file_says_so(tmp_path: Path) -> None:
+    """A file moved to failed_dir, then a new file under the same name in the inbox: a retry
+    said "changed since it failed; its new version is dispatched on its own", as if the failed
+    bytes would go. They would not: they are in failed_dir and cannot come back over the new
+    file. The answer must say where the failed file is and why it cannot come back."""
+    inbox, out, failed = tmp_path / "inbox", tmp_path / "out", tmp_path / "failed"
+    old(inbox / "a.txt", b"failed bytes")
+    fail = {"command": "exit 4", "retry": {"attempts": 1}}
+    cfg = config(tmp_path, inbox, [fail, str(out)], failed_dir=str(failed))
+    assert run_cli("-c", cfg, "--once").returncode == 1
+    assert delivered(failed) == {"a.txt": b"failed bytes"}
+    (inbox / "a.txt").write_bytes(b"a new file")
+    (row,) = journal_rows(tmp_path / "j.db", "relpath='a.txt' AND step=0")
+    config(tmp_path, inbox, [str(out)], failed_dir=str(failed))
+
+    answer = run_cli("history", "retry", str(row["id"]), "-c", cfg)
+    assert answer.returncode == 1
+    assert f"the file is in {failed / 'a.txt'}" in answer.stderr
+    assert "another file now has its name" in answer.stderr
+    assert (inbox / "a.txt").read_bytes() == b"a new file"
+    assert delivered(failed) == {"a.txt": b"failed bytes"}
+
+    (inbox / "a.txt").rename(tmp_path / "aside.txt")
+    answer = run_cli("history", "retry", str(row["id"]), "-c", cfg)
+    assert answer.returncode == 0, answer.stderr
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert delivered(out) == {"a.txt": b"failed bytes"}
