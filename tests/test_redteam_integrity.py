@@ -19,7 +19,16 @@ from filedispatch.config import load_config
 from filedispatch.journal import MIGRATIONS
 from filedispatch.router import step_keys
 
-from .conftest import delivered, journal_rows, mounted_tmpfs, old, run_cli, write_config
+from .conftest import (
+    cli_env,
+    delivered,
+    journal_rows,
+    mounted_tmpfs,
+    old,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from .test_integrity import _old_key
 
 
@@ -234,3 +243,56 @@ def test_a_retry_whose_file_is_in_failed_dir_behind_a_new_file_says_so(tmp_path:
     assert answer.returncode == 0, answer.stderr
     assert run_cli("-c", cfg, "--once").returncode == 0
     assert delivered(out) == {"a.txt": b"failed bytes"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fastpath", ["1", "0"])
+def test_kill_9_in_a_chain_with_a_move_to_another_filesystem_delivers_each_file_once(
+    tmp_path: Path, other_fs: Path, service_factory: Any, fastpath: str
+) -> None:
+    """Two folders and a command per file, then ``after: move`` to a done_dir on another
+    filesystem (a copy then a removal), killed with SIGKILL at three points and restarted:
+    each folder has each file once, whole; done_dir has each file once; the inbox is empty;
+    the command ran at least once per file (at least once is what a command is promised)."""
+    inbox, a, b, done = tmp_path / "inbox", tmp_path / "a", tmp_path / "b", other_fs / "done"
+    db, ran = tmp_path / "j.db", tmp_path / "ran"
+    inbox.mkdir()
+    expected = {f"f-{i:04d}.bin": os.urandom(100 + i * 37 % 20_000) for i in range(400)}
+    for name, data in expected.items():
+        old(inbox / name, data)
+    cfg = write_config(
+        tmp_path / "c.yml",
+        {
+            "database": str(db),
+            "workers": 4,
+            "sources": [{"path": str(inbox), "settle": 0, "after": "move", "done_dir": str(done)}],
+            "rules": [
+                {
+                    "name": "chain",
+                    "glob": "*",
+                    "to": [
+                        {"url": str(a), "fsync": True},
+                        {"command": f'echo "$FILEDISPATCH_DISPATCH_ID" >> {ran}'},
+                        {"url": str(b), "fsync": True},
+                    ],
+                }
+            ],
+            "api": {"enabled": False},
+            "monitor": {"enabled": False},
+        },
+    )
+    env = cli_env(FILEDISPATCH_FASTPATH=fastpath)
+    for threshold in (100, 500, 900):  # rows SUCCEEDED (of 1,200) when the kill comes
+        svc = service_factory(cfg, env=env).start(wait_ready=False)
+        wait_until(lambda t=threshold: len(journal_rows(db, "status='SUCCEEDED'")) >= t, 120, 0.01)
+        svc.kill()
+    result = run_cli("-c", cfg, "--once", timeout=300, env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+    assert delivered(a) == expected
+    assert delivered(b) == expected
+    assert delivered(done) == expected, "missing, doubled or partial in done_dir"
+    assert list(inbox.iterdir()) == []
+    assert {r["status"] for r in journal_rows(db)} == {"SUCCEEDED"}
+    step1 = {str(r["id"]) for r in journal_rows(db, "step=1")}
+    assert set(ran.read_text().split()) == step1
