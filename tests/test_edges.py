@@ -27,7 +27,7 @@ import zstandard
 
 from filedispatch.processors.local import COPY_WAYS, copy_data
 
-from .conftest import cli_env, delivered, journal_rows, run_cli
+from .conftest import cli_env, delivered, journal_rows, mounted_tmpfs, run_cli
 from .servers import FtpServer, HttpReceiver, SftpServer, old_file, remote_config
 
 NAME_MAX = 255
@@ -205,6 +205,32 @@ def test_a_failed_file_moved_to_a_taken_name_in_failed_dir_fits(
     assert journal_rows(ws["db"])[0]["status"] == "FAILED"
 
 
+def test_a_move_to_failed_dir_on_another_filesystem_keeps_holes_and_fits_its_name(
+    workspace: dict[str, Path], other_fs: Path
+) -> None:
+    """failed_dir on another filesystem: the source is moved by copying (relocate.py), under
+    a hidden name that fits, then numbered within 255 bytes, its holes kept."""
+    ws = workspace
+    name = name_of(NAME_MAX, ".img")
+    failed = other_fs / "failed"
+    failed.mkdir()
+    (failed / name).write_bytes(b"an earlier failure")
+    pieces = {0: b"head", 200 << 20: b"tail!"}
+    src = sparse(ws["inbox"] / name, (200 << 20) + 5, pieces)
+    before = digest(src)
+    cfg = remote_config(
+        ws, {"command": "exit 3", "retry": {"attempts": 1}}, source={"failed_dir": str(failed)}
+    )
+    result = once(cfg)
+    assert result.returncode == 1
+    other = the_other(failed, name)
+    assert_fits(other, ".img")
+    assert "-1.img" in other and not src.exists()
+    moved = failed / other
+    assert digest(moved) == before
+    assert moved.stat().st_blocks * 512 < 1 << 20  # 200 MiB of holes stayed holes
+
+
 # ------------------------------------------------------------------ deep paths
 
 
@@ -318,22 +344,11 @@ def test_mtimes_from_1901_to_the_last_ext4_date_are_delivered_kept_and_shown(
 
 @contextlib.contextmanager
 def tmpfs(folder: Path, size: str = "64M") -> Iterator[Path]:
-    """A tmpfs mounted at ``folder`` (root only): stores any mtime time_t can, and is small,
-    so a copy that wrote a sparse file's holes would run out of room at once."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    """A small tmpfs at ``folder`` (root only): it stores any mtime time_t can, and a copy
+    that wrote a sparse file's holes would run out of room at once."""
     folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+    with mounted_tmpfs(folder, size) as mounted:
+        yield mounted
 
 
 def test_an_mtime_with_no_calendar_date_fails_alone(

@@ -398,7 +398,7 @@ class LocalProcessor:
             if cloned is None:
                 self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
             if not cloned:
-                copy_data(fd, out, st, 0 if fastpath.KERNEL_COPY else len(COPY_WAYS) - 1)
+                copy_data(fd, out, st)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -471,7 +471,7 @@ _NO_KERNEL_COPY = {
 COPY_WAYS = ("copy_file_range", "sendfile", "read/write")
 
 
-def copy_data(src: int, dst: int, st: os.stat_result, first: int = 0) -> None:
+def copy_data(src: int, dst: int, st: os.stat_result, first: int | None = None) -> None:
     """Copy the ``st.st_size`` bytes of the open file ``src`` to ``dst`` (empty, open for
     writing), by the kernel where it can, keeping holes as holes.
 
@@ -479,14 +479,17 @@ def copy_data(src: int, dst: int, st: os.stat_result, first: int = 0) -> None:
     found with SEEK_DATA/SEEK_HOLE, and the copy is given its full size with ftruncate: a
     4 TiB file with 1 MiB of data writes 1 MiB. Each extent goes by copy_file_range(2) (which
     may share blocks on filesystems with reflinks, copy-on-write), else sendfile(2), else a
-    pread/write loop; ``first`` (an index in COPY_WAYS) skips the ones before it, so that
-    tests run every way. A file that shrinks while it is read ends the copy early; the
-    caller's check of size and mtime then refuses the copy. OSError on a failed read or write.
+    pread/write loop (the only way when FILEDISPATCH_FASTPATH=0); ``first`` (an index in
+    COPY_WAYS) skips the ones before it, so that tests run every way. A file that shrinks
+    while it is read ends the copy early; the caller's check of size and mtime then refuses
+    the copy. OSError on a failed read or write.
     """
     size = st.st_size
     if size == 0:
         return
     extents = _data_extents(src, size) if st.st_blocks * 512 < size else [(0, size)]
+    if first is None:
+        first = 0 if fastpath.KERNEL_COPY else len(COPY_WAYS) - 1
     method = first  # see COPY_WAYS
     end = 0
     for start, stop in extents:
