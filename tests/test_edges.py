@@ -184,25 +184,29 @@ def unpack(fmt: str, blob: bytes) -> bytes:
         return member.read()
 
 
-def test_a_failed_file_moved_to_a_taken_name_in_failed_dir_fits(
-    workspace: dict[str, Path],
-) -> None:
-    ws = workspace
-    name = name_of(NAME_MAX, ".pdf")
-    failed = ws["root"] / "failed"
+def fail_into_taken_name(ws: dict[str, Path], failed: Path, src: Path) -> Path:
+    """Fail ``src`` at once with ``failed_dir`` holding its name already; where it went."""
     failed.mkdir()
-    (failed / name).write_bytes(b"an earlier failure")
-    old_file(ws["inbox"] / name, b"fails")
+    (failed / src.name).write_bytes(b"an earlier failure")
     cfg = remote_config(
         ws, {"command": "exit 3", "retry": {"attempts": 1}}, source={"failed_dir": str(failed)}
     )
-    result = once(cfg)
-    assert result.returncode == 1
-    other = the_other(failed, name)
-    assert_fits(other, ".pdf")
-    assert (failed / other).read_bytes() == b"fails" and "-1.pdf" in other
-    assert not (ws["inbox"] / name).exists()
+    assert once(cfg).returncode == 1
     assert journal_rows(ws["db"])[0]["status"] == "FAILED"
+    assert not src.exists()
+    other = the_other(failed, src.name)
+    stem, _, ext = src.name.rpartition(".")
+    assert_fits(other, "." + ext)
+    assert f"-1.{ext}" in other and other.startswith(stem[:10])
+    return failed / other
+
+
+def test_a_failed_file_moved_to_a_taken_name_in_failed_dir_fits(
+    workspace: dict[str, Path],
+) -> None:
+    src = old_file(workspace["inbox"] / name_of(NAME_MAX, ".pdf"), b"fails")
+    moved = fail_into_taken_name(workspace, workspace["root"] / "failed", src)
+    assert moved.read_bytes() == b"fails"
 
 
 def test_a_move_to_failed_dir_on_another_filesystem_keeps_holes_and_fits_its_name(
@@ -210,23 +214,10 @@ def test_a_move_to_failed_dir_on_another_filesystem_keeps_holes_and_fits_its_nam
 ) -> None:
     """failed_dir on another filesystem: the source is moved by copying (relocate.py), under
     a hidden name that fits, then numbered within 255 bytes, its holes kept."""
-    ws = workspace
-    name = name_of(NAME_MAX, ".img")
-    failed = other_fs / "failed"
-    failed.mkdir()
-    (failed / name).write_bytes(b"an earlier failure")
     pieces = {0: b"head", 200 << 20: b"tail!"}
-    src = sparse(ws["inbox"] / name, (200 << 20) + 5, pieces)
+    src = sparse(workspace["inbox"] / name_of(NAME_MAX, ".img"), (200 << 20) + 5, pieces)
     before = digest(src)
-    cfg = remote_config(
-        ws, {"command": "exit 3", "retry": {"attempts": 1}}, source={"failed_dir": str(failed)}
-    )
-    result = once(cfg)
-    assert result.returncode == 1
-    other = the_other(failed, name)
-    assert_fits(other, ".img")
-    assert "-1.img" in other and not src.exists()
-    moved = failed / other
+    moved = fail_into_taken_name(workspace, other_fs / "failed", src)
     assert digest(moved) == before
     assert moved.stat().st_blocks * 512 < 1 << 20  # 200 MiB of holes stayed holes
 
