@@ -284,7 +284,8 @@ class Dispatcher:
                 log.info(
                     "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
                 )
-                self._lanes[(version.source, ctx.rule)] = None
+                if not exc.this_file:
+                    self._lanes[(version.source, ctx.rule)] = None
                 self._wake.set()  # give it to a worker, which links or copies
                 done.append((version, StepResult(ctx.dispatch_id, Status.PENDING, 0), False, True))
                 continue

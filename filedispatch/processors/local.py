@@ -8,16 +8,18 @@ otherwise it copies, and the dispatcher's after-action removes the source later.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .. import naming
+from .. import naming, sourcefile
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -25,7 +27,7 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
-from ..models import Outcome
+from ..models import FileVersion, Outcome
 from . import MoveUnavailable, Resources, StepContext
 
 log = logging.getLogger(__name__)
@@ -124,35 +126,15 @@ def render_target_str(template: str, ctx: StepContext) -> str:
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
-    """Open the file a step delivers (a raw fd) and check the source is still the planned version.
+    """Open the file a step delivers (a raw fd) and check it is still the planned version.
 
-    Raises SourceVanishedError when it is gone or changed: its new version is dispatched alone.
+    Raises SourceVanishedError when it is gone, changed or replaced (see ``sourcefile``).
     """
-    src = ctx.input
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
-    except OSError as exc:
-        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-    if src == ctx.version.path and (st.st_size, st.st_mtime_ns) != (
-        ctx.version.size,
-        ctx.version.mtime_ns,
-    ):
-        os.close(fd)
-        raise SourceVanishedError(
-            f"{src} changed after it was seen; its new version is dispatched on its own"
-        )
-    return fd, st
+    return sourcefile.open_input(ctx.version, ctx.input)
 
 
 class LocalProcessor:
-    """Delivers into one folder: by copy, or by renaming a consumed source that goes nowhere else."""
+    """Delivers into one folder: by copy, or by renaming a consumed source going nowhere else."""
 
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest
@@ -314,41 +296,89 @@ class LocalProcessor:
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )
 
-    def _put_source(self, ctx: StepContext, rel: str, put: Callable[[str, str], None]) -> Outcome:
-        """Rename the source itself to its final name, once the source is checked to
-        be the planned version. Plain strings, not Paths: this runs once per file, inline."""
+    def _put_source(self, ctx: StepContext, rel: str, put: Rename) -> Outcome:
+        """Rename the source itself to its final name, once the name is checked to be the
+        planned version (a regular file, not a link: a link is never moved into a
+        destination, its target is copied instead). Plain strings, not Paths: this runs once
+        per file, inline, so it only names files (O_PATH) and never opens one."""
         root = self._root
         folder = rel.rpartition("/")[0]
         self._mkdirs(f"{root}/{folder}" if folder else root)
-        src = os.fspath(ctx.input)
+        version = ctx.version
+        parent, _, name = version.relpath.rpartition("/")
         try:
-            st = os.stat(src)
-        except FileNotFoundError:
-            raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
-        except OSError as exc:
-            raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-        if (st.st_size, st.st_mtime_ns) != (ctx.version.size, ctx.version.mtime_ns):
-            raise SourceVanishedError(
-                f"{src} changed after it was seen; its new version is dispatched on its own"
-            )
-        detail = "moved"
+            flags = sourcefile.PATH_FLAGS | os.O_DIRECTORY
+            if parent:
+                dirfd = sourcefile.open_beneath(version.root, parent, flags)
+            else:
+                dirfd = os.open(version.root, flags)
+        except OSError as exc:  # a folder of the path is a link now, or gone: copy (or refuse)
+            raise MoveUnavailable(f"{parent}: {exc.strerror}", this_file=True) from None
         try:
+            st = self._check_name(version, dirfd, name)
             try:
-                put(src, f"{root}/{rel}")  # the usual case: the name is free
-                return Outcome(f"{root}/{rel}", detail=detail)
-            except FileExistsError:  # taken: the on_conflict policy picks another, or none
-                final = place(
-                    lambda p: False,
-                    PurePosixPath(rel),
-                    self.dest.on_conflict,
-                    lambda p, _: put(src, f"{root}/{p}"),
-                )
+                try:
+                    put(name, f"{root}/{rel}", dirfd)  # the usual case: the name is free
+                    final: str | PurePosixPath | None = rel
+                except FileExistsError:  # taken: the on_conflict policy picks another, or none
+                    final = place(
+                        lambda p: False,
+                        PurePosixPath(rel),
+                        self.dest.on_conflict,
+                        lambda p, _: put(name, f"{root}/{p}", dirfd),
+                    )
+            except OSError as exc:
+                self._forget_folders(exc)
+                raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
+            if final is None:
+                return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
+            self._check_moved(version, dirfd, name, st, f"{root}/{final}")
+        finally:
+            os.close(dirfd)
+        return Outcome(f"{root}/{final}", detail="moved")
+
+    @staticmethod
+    def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
+        """The planned version at ``name`` in ``dirfd``, named (O_PATH) but never opened."""
+        try:
+            fd = os.open(name, sourcefile.PATH_FLAGS | os.O_NOFOLLOW, dir_fd=dirfd)
+        except FileNotFoundError:
+            raise SourceVanishedError(
+                f"the file {version.path} vanished before it could be sent"
+            ) from None
         except OSError as exc:
-            self._forget_folders(exc)
-            raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
-        if final is None:
-            return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
-        return Outcome(f"{root}/{final}", detail=detail)
+            raise PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.S_ISLNK(st.st_mode):  # followed within the source by the copying path
+            raise MoveUnavailable(f"{version.relpath} is a symbolic link", this_file=True)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceVanishedError(f"{version.relpath} is no longer a regular file: not moved")
+        if not version.same_file(st):
+            raise SourceVanishedError(
+                f"{version.relpath} changed after it was seen; its new version is dispatched "
+                "on its own"
+            )
+        return st
+
+    @staticmethod
+    def _check_moved(
+        version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
+    ) -> None:
+        """The name was swapped between the check and the rename: put back what was moved."""
+        try:
+            got = os.lstat(final)
+        except OSError:
+            return  # gone already (a consumer of the destination): it was ours a moment ago
+        if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
+            return
+        with contextlib.suppress(OSError, MoveUnavailable):
+            _move(final, name, dst_dir_fd=dirfd)
+        raise SourceVanishedError(
+            f"{version.relpath} was replaced while it was moved; put back, not delivered"
+        )
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> int:
         """Copy ``fd`` to ``tmp`` (mode and mtime kept); returns the copy's fd, still open and
@@ -366,15 +396,15 @@ class LocalProcessor:
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            after = os.fstat(fd)
+            sourcefile.check_unchanged(fd, st, str(tmp.name))
         except OSError as exc:
             os.close(out)
             _unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot write {tmp}") from exc
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        except SourceVanishedError:
             os.close(out)
             _unlink_quietly(tmp)
-            raise TransientDeliveryError("the file changed while it was copied")
+            raise
         return out
 
     @staticmethod
@@ -399,11 +429,13 @@ class LocalProcessor:
     def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
         """After a crash: a file at one of our candidate names with the input's size and mtime."""
         _unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
-        try:
-            st = ctx.input.stat()
-            want = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            want = (ctx.version.size, ctx.version.mtime_ns)
+        want = (ctx.version.size, ctx.version.mtime_ns)
+        if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
+            try:
+                st = ctx.input.stat()
+                want = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                return None
         for cand in candidates(rel, self.dest.on_conflict):
             path = self.root / cand
             try:
@@ -439,7 +471,11 @@ _sync_file_range = _libc_function(
 )
 
 
-def _move(src: str, dst: str) -> None:
+#: rename(src, dst, src_dir_fd): ``src`` is a name in the folder ``src_dir_fd``
+Rename = Callable[[str, str, int], None]
+
+
+def _move(src: str, dst: str, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD) -> None:
     """Rename ``src`` to the free name ``dst`` atomically; FileExistsError if it is taken.
 
     Plain rename() would replace a file that appeared at ``dst`` since we looked, so this uses
@@ -447,7 +483,10 @@ def _move(src: str, dst: str) -> None:
     """
     if _renameat2 is None:
         raise MoveUnavailable("this system has no renameat2(RENAME_NOREPLACE)")
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+    if (
+        _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE)
+        == 0
+    ):
         return
     err = ctypes.get_errno()
     if err == errno.EEXIST:
@@ -457,13 +496,13 @@ def _move(src: str, dst: str) -> None:
     raise OSError(err, os.strerror(err), dst)
 
 
-def _replace(src: str, dst: str) -> None:
+def _replace(src: str, dst: str, src_dir_fd: int = _AT_FDCWD) -> None:
     """``on_conflict: overwrite``: an ordinary rename, which replaces ``dst`` atomically."""
     try:
-        os.replace(src, dst)
+        os.replace(src, dst, src_dir_fd=None if src_dir_fd == _AT_FDCWD else src_dir_fd)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            raise MoveUnavailable(exc.strerror) from exc
+            raise MoveUnavailable(exc.strerror or str(exc)) from exc
         raise
 
 

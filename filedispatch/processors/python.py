@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import sourcefile
 from ..config import PythonStep
 from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
 from .compress import ensure_workdir
+from .local import open_input
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,17 @@ class PythonProcessor:
             kwargs["context"] = ctx
             ensure_workdir(ctx.workdir)  # documented to exist, for a transform's output
         args = (str(ctx.input), *self.step.args)
+        # checked before the call and after it (the callable gets a path, which it may open
+        # after someone swapped the file): a change discards the result
+        fd, st = open_input(ctx)
+        try:
+            value = await self._call(target, args, kwargs)
+            sourcefile.recheck(ctx.version, ctx.input, fd, st, "the callable")
+        finally:
+            os.close(fd)
+        return self._outcome(ctx, value)
+
+    async def _call(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
         try:
             if self._is_async:
                 value = await target(*args, **kwargs)
@@ -97,7 +110,7 @@ class PythonProcessor:
             raise  # the callable chose: PermanentDeliveryError fails now, Transient retries
         except Exception as exc:
             raise _translate(exc) from exc
-        return self._outcome(ctx, value)
+        return value
 
     async def _load(self) -> Callable[..., Any]:
         if self._target is not None:

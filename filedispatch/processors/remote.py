@@ -18,8 +18,9 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
+from .. import sourcefile
 from ..config import FtpDestination, SftpDestination, redact_url
-from ..errors import DeliveryError, TransientDeliveryError
+from ..errors import DeliveryError, SourceVanishedError
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import candidates, choices, open_input, render_target, temp_name
@@ -151,7 +152,8 @@ async def copy_to(
     Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
     what is not is read in the default executor (so a slow disk never stalls the loop), the
     next chunk while the current one is sent: at most two chunks are in memory.
-    Raises TransientDeliveryError when the file changed while it was sent.
+    Raises SourceVanishedError when the file changed while it was sent, before its last
+    chunk goes (the caller removes what was sent; the new version is dispatched on its own).
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
@@ -174,13 +176,14 @@ async def copy_to(
             offset += len(data)
             if offset < size and not nowait:
                 pending = read(offset)
+            if offset >= size:  # every byte is read: a change since is caught before the last
+                sourcefile.check_unchanged(fd, st, "the file")  # chunk completes the upload
             await write(data)
     finally:
         if pending is not None:  # sending failed: the read must end before the fd is closed
             await asyncio.wait([pending])
-    after = os.fstat(fd)
-    if offset != size or (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
-        raise TransientDeliveryError("the file changed while it was sent")
+    if offset != size:
+        raise SourceVanishedError("the file shrank while it was sent")
 
 
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
@@ -323,10 +326,12 @@ class RemoteProcessor(ABC, Generic[C]):
     ) -> PurePosixPath | None:
         """After a crash or a lost connection: our file at a candidate name, with our size."""
         await self.remove(conn, tmp)
-        try:
-            want = ctx.input.stat().st_size
-        except OSError:
-            want = ctx.version.size
+        want = ctx.version.size
+        if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
+            try:
+                want = ctx.input.stat().st_size
+            except OSError:
+                return None
         for cand in candidates(rel, self.dest.on_conflict):
             got = await self.size(conn, self.target.root / cand)
             if got is None:
