@@ -2,6 +2,7 @@
 measured in the same run. Prints figures; asserts nothing (timings never go in the test suite).
 
     python bench/bench_core.py [--files 10000] [--trickle 200] [--backlog 100000] [--quick]
+        [--gate-rounds 3] [--before PATH-TO-AN-OLDER-CHECKOUT] [--only-gates]
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ PAYLOAD = b"x" * 4096
 
 
 def write_config(
-    root: Path, settle: float = 0, mode: str = "move", fsync: bool = False, **extra: object
+    root: Path,
+    settle: float = 0,
+    mode: str = "move",
+    fsync: bool = False,
+    source: dict[str, object] | None = None,
+    **extra: object,
 ) -> Path:
     cfg = {
         "database": str(root / "journal.db"),
-        "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0}],
+        "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0, **(source or {})}],
         "rules": [
             {
                 "name": "all",
@@ -57,11 +63,17 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
     return paths
 
 
-def start_service(cfg: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_service(cfg: Path, *args: str, code: str | None = None) -> subprocess.Popen[bytes]:
+    """The service on ``cfg``; ``code``: a checkout of filedispatch to run instead of this one."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = code
     proc = subprocess.Popen(
         [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--log-level", "WARNING", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
+        cwd=code,
     )
     return proc
 
@@ -148,19 +160,21 @@ def baseline_shell(root: Path, n: int) -> float | None:
 # ----------------------------------------------------------------------------- measurements
 
 
-def staged_service(root: Path, n: int, **dest: Any) -> tuple[list[Path], subprocess.Popen[bytes]]:
+def staged_service(
+    root: Path, n: int, code: str | None = None, **dest: Any
+) -> tuple[list[Path], subprocess.Popen[bytes]]:
     """``n`` files ready to drop, and a running service watching an empty inbox."""
     cfg = write_config(root, **dest)
     files = make_files(root / "stage", n)
     (root / "inbox").mkdir()
-    proc = start_service(cfg)
+    proc = start_service(cfg, code=code)
     wait_ready(root / "journal.db")
     return files, proc
 
 
-def throughput(root: Path, n: int, **dest: Any) -> tuple[float, float]:
+def throughput(root: Path, n: int, code: str | None = None, **dest: Any) -> tuple[float, float]:
     """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
-    files, proc = staged_service(root, n, **dest)
+    files, proc = staged_service(root, n, code, **dest)
     t0 = time.time()
     for p in files:
         os.rename(p, root / "inbox" / p.name)
@@ -207,17 +221,54 @@ def peak_rss_mib(root: Path, n: int) -> float:
     return usage.ru_maxrss / 1024
 
 
+def gates(base: Path, n: int, rounds: int, before: str | None) -> None:
+    """The readiness and identity gates' cost: the same burst with ``open_writers: check``
+    (the default) and ``ignore``, alternated so the machine's load falls on both alike; with
+    ``before``, also a checkout without any of the gates (``--before PATH``)."""
+    runs: dict[str, list[float]] = {"check": [], "ignore": [], "before": []}
+    for i in range(rounds):
+        for gate in ("check", "ignore"):
+            rate, _ = throughput(base / f"gate-{gate}-{i}", n, source={"open_writers": gate})
+            runs[gate].append(rate)
+        if before is not None:
+            rate, _ = throughput(base / f"gate-before-{i}", n, code=before)
+            runs["before"].append(rate)
+    check, ignore = statistics.median(runs["check"]), statistics.median(runs["ignore"])
+    print(f"  open_writers: check   {check:10.0f} files/s  (median of {rounds})")
+    print(f"  open_writers: ignore  {ignore:10.0f} files/s")
+    print(f"  ratio check/ignore    {check / ignore:10.3f}   (target >= 0.90)")
+    if runs["before"]:
+        old = statistics.median(runs["before"])
+        print(f"  {before} (no gates) {old:10.0f} files/s")
+        print(f"  ratio check/before    {check / old:10.3f}   (target >= 0.90)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--trickle", type=int, default=200)
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--gate-rounds", type=int, default=3, help="bursts per setting in the gates section"
+    )
+    parser.add_argument(
+        "--before",
+        metavar="PATH",
+        help="a checkout of filedispatch without the gates, run in the gates section too",
+    )
+    parser.add_argument(
+        "--only-gates", action="store_true", help="run only the gates section (with --files)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.files, args.trickle, args.backlog = 2000, 60, 10_000
     base = Path(tempfile.mkdtemp(prefix="fd-bench-"))
     try:
+        print(f"== gates: {args.files} x 4 KiB moved, open-writers gate on and off")
+        gates(base / "g", args.files, args.gate_rounds, args.before)
+        if args.only_gates:
+            return
         print(f"== throughput: {args.files} x 4 KiB, settle 0, move to a local folder")
         rename = baseline_rename(base / "a", args.files)
         shell = baseline_shell(base / "b", args.files)

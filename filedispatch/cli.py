@@ -19,6 +19,7 @@ from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
 from .models import FileVersion, Status
 from .router import Router, describe_target
+from .sourcefile import describe_writer_check
 
 if TYPE_CHECKING:
     from .service import Service
@@ -300,6 +301,10 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        if s.open_writers == "check":
+            print(f"    open writers: {describe_writer_check(s.path)}")
+        else:
+            print("    open writers: not checked (open_writers: ignore)")
     print("rules (in order; the first match wins unless a rule says continue):")
     router = Router(config)
     for i, rule in enumerate(router.rules, 1):

@@ -76,21 +76,31 @@ def open_beneath(root: str | Path, relpath: str, flags: int = READ_FLAGS) -> int
     Raises OSError: ELOOP (or ENOTDIR) where a component is a link, ENOENT, EACCES, EINVAL for
     a path with ``..`` or empty parts. The caller checks what it got with ``os.fstat``.
     """
-    parts = _parts(relpath)
-    top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    top = open_root(root)
     try:
-        if openat2 is not None:
-            if flags & os.O_PATH:  # openat2 refuses every other flag beside O_PATH
-                flags &= os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY
-            how = _OpenHow(flags, 0, _NO_LINKS)
-            fd = int(openat2(_SYS_OPENAT2, top, os.fsencode(relpath), ctypes.byref(how), 24))
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err), relpath)
-            return fd
-        return _walk(top, parts, flags)
+        return open_at(top, relpath, flags)
     finally:
         os.close(top)
+
+
+def open_root(root: str | Path) -> int:
+    """A descriptor naming the source folder (``O_PATH``), for ``open_at``; close it after."""
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_at(top: int, relpath: str, flags: int = READ_FLAGS) -> int:
+    """``open_beneath`` from a descriptor of the source folder (one per batch of files)."""
+    parts = _parts(relpath)
+    if openat2 is not None:
+        if flags & os.O_PATH:  # openat2 refuses every other flag beside O_PATH
+            flags &= os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY
+        how = _OpenHow(flags, 0, _NO_LINKS)
+        fd = int(openat2(_SYS_OPENAT2, top, os.fsencode(relpath), ctypes.byref(how), 24))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), relpath)
+        return fd
+    return _walk(top, parts, flags)
 
 
 def _walk(top: int, parts: list[str], flags: int) -> int:
@@ -279,12 +289,19 @@ class WriterCheck:
         """The relpaths someone holds open for writing (run it in a thread: it opens files)."""
         busy: set[str] = set()
         ask_proc: dict[tuple[int, int], str] = {}
-        for rel in relpaths:
-            answer = self._lease(root, rel)
-            if answer is True:
-                busy.add(rel)
-            elif isinstance(answer, tuple):
-                ask_proc[answer] = rel
+        try:
+            top = open_root(root)
+        except OSError:
+            return busy  # the source is gone: nothing of it is handed on anyway
+        try:
+            for rel in relpaths:
+                answer = self._lease(top, root, rel)
+                if answer is True:
+                    busy.add(rel)
+                elif isinstance(answer, tuple):
+                    ask_proc[answer] = rel
+        finally:
+            os.close(top)
         if ask_proc:
             writers, complete = proc_writers()
             busy.update(rel for key, rel in ask_proc.items() if key in writers)
@@ -294,10 +311,10 @@ class WriterCheck:
                 self.why_unknown = "no lease and not every process's open files are readable"
         return busy
 
-    def _lease(self, root: Path, rel: str) -> bool | tuple[int, int] | None:
+    def _lease(self, top: int, root: Path, rel: str) -> bool | tuple[int, int] | None:
         """True: open for writing; False: not; (dev, ino): ask /proc; None: gone or special."""
         try:
-            fd = open_beneath(root, rel)
+            fd = open_at(top, rel)
         except OSError:
             try:  # a followed link: the gate looks at its target, inside the source only
                 real = inside(root, os.path.join(root, rel))

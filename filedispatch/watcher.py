@@ -498,6 +498,7 @@ class SourceWatcher:
         again = now + min(max(self.config.settle, WRITER_RECHECK), 2.0)
         for v in versions:
             if v.relpath in busy:
+                log.debug("%s is still open for writing: not complete yet", v.relpath)
                 self._pending[v.relpath] = ((v.size, v.mtime_ns, v.ino, v.ctime_ns), now)
                 self._look_again(v.relpath, again)
         return [v for v in versions if v.relpath not in busy]
