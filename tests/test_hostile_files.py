@@ -242,6 +242,52 @@ async def test_fifos_swapped_in_do_not_hold_the_copy_threads(workspace: dict[str
     assert delivered(ws["outbox"]) == {"z.txt": b"z.txt"}
 
 
+async def test_mime_sniffing_never_reads_a_fifo_or_a_link_swapped_in(
+    workspace: dict[str, Path],
+) -> None:
+    """Routing by content reads the file's head: through sourcefile, so a FIFO swapped in
+    cannot hold the planning thread, and a link out is not read (its type is not known)."""
+    ws = workspace
+    path = write_config(
+        ws["root"] / "c.yml",
+        {
+            "database": str(ws["db"]),
+            "sources": [{"path": str(ws["inbox"]), "settle": 0}],
+            "rules": [
+                {"name": "text", "mime": "text/*", "to": str(ws["outbox"] / "text")},
+                {"name": "rest", "glob": "*", "to": str(ws["outbox"] / "rest")},
+            ],
+            "api": {"enabled": False},
+            "monitor": {"enabled": False},
+        },
+    )
+    cfg = load_config(path)
+    source = cfg.sources[0]
+    secret = old(ws["root"] / "outside" / "secret.txt", b"plain text outside")
+    versions = []
+    for name in ("fifo.txt", "link.txt"):
+        st = old(ws["inbox"] / name, b"\x00\x01binary").stat()
+        versions.append(FileVersion.from_stat(source.key, source.path, name, st))
+    os.mkfifo(ws["root"] / "f")
+    os.rename(ws["root"] / "f", ws["inbox"] / "fifo.txt")
+    os.symlink(secret, ws["root"] / "l")
+    os.rename(ws["root"] / "l", ws["inbox"] / "link.txt")
+    async with Journal.open(ws["db"]) as journal:
+        dispatcher = Dispatcher(cfg, journal, Registry(), workdir=ws["root"] / "work")
+        try:
+            routes = await asyncio.wait_for(
+                asyncio.to_thread(lambda: [dispatcher.route(v) for v in versions]), 30
+            )
+        finally:
+            for _ in range(5):  # a planning thread blocked in open() (the bug) is let go
+                try:
+                    os.close(os.open(ws["inbox"] / "fifo.txt", os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:
+                    pass
+                await asyncio.sleep(0.05)
+    assert [[c.rule for c in chains] for chains in routes] == [["rest"], ["rest"]]
+
+
 # ---------------------------------------------------------------- 11.2 linked folders
 
 
