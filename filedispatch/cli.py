@@ -11,15 +11,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import Config, load_config
+from .config import Config, folder_problem, load_config, real, watched_by
 from .content import facts_for, import_problems
-from .errors import ConfigError, FileDispatchError, JournalError, ServiceError
+from .errors import ConfigError, FileDispatchError
 from .models import FileVersion, Status
 from .router import Router, describe_target
 from .sourcefile import describe_writer_check
+from .textsafe import escape
 
 if TYPE_CHECKING:
     from .service import Service
@@ -187,18 +188,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("the following arguments are required: -c/--config")
         return cmd_run(args)
     except ConfigError as exc:
-        print(f"filedispatch: invalid configuration {exc.source}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        for problem in exc.problems:  # one line each, naming the file and the field
+            say(f"filedispatch: invalid configuration {exc.source}: {problem}", sys.stderr)
         return EXIT_USAGE
-    except (JournalError, ServiceError) as exc:
-        print(f"filedispatch: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except FileDispatchError as exc:
-        print(f"filedispatch: {exc}", file=sys.stderr)
+    except FileDispatchError as exc:  # JournalError, ServiceError ...
+        say(f"filedispatch: {exc}", sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+def say(line: str, file: TextIO | None = None) -> None:
+    """Print one line; what a file's writer or the config named cannot break it (``escape``)."""
+    print(escape(line), file=file or sys.stdout)
 
 
 def load_checked(path: Path) -> Config:
@@ -221,6 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_checked(args.config)
     if args.dry_run:
         return dry_run(config, args.max_items)
+    check_options(config, args)
     options = Options(
         config_path=args.config.absolute(),
         db=args.db,
@@ -237,7 +240,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .daemon import run_daemon
 
         return run_daemon(config, options, args)
-    logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    try:
+        logs.setup(args.log_level, args.log_file if args.log_file else None, args.log_config)
+    except OSError as exc:  # checked above; this is a race with someone changing the folder
+        problem = f"--log-file: cannot be opened: {exc.strerror or exc}"
+        raise ConfigError(str(args.config), [problem]) from None
     logs.set_secrets(secrets_of(config))
     service = Service(config, options)
     code = asyncio.run(service.run())
@@ -246,9 +253,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def check_options(config: Config, args: argparse.Namespace) -> None:
+    """Files named on the command line: usable, and not inside a watched source.
+
+    Raises ConfigError (exit 2) naming the option; the same rules as for ``database:``.
+    """
+    problems = []
+    for option, path in (("--db", args.db), ("--log-file", args.log_file)):
+        if path is None:
+            continue
+        if "\0" in str(path) or not str(path).strip():
+            problems.append(f"{option}: not a usable path")
+            continue
+        path = path.expanduser().absolute()
+        if path.is_dir():
+            problems.append(f"{option}: {path} is a folder; give a file name")
+        elif (problem := folder_problem(path.parent)) is not None:
+            problems.append(f"{option}: {problem}")
+        for i, source in enumerate(config.sources):
+            if watched_by(source, path):
+                problems.append(
+                    f"{option}: {path} is inside the watched source sources[{i}] "
+                    f"({real(source.path)}); it would be dispatched"
+                )
+    if problems:
+        raise ConfigError(str(args.config), problems)
+
+
 def print_summary(service: Service) -> None:
     s = service.summary
-    print(
+    say(
         f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
         f"failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
@@ -266,17 +300,17 @@ def dry_run(config: Config, max_items: int | None) -> int:
         found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
         for rel, st in found:
             if max_items is not None and count >= max_items:
-                print(f"(stopping at --max-items {max_items})")
+                say(f"(stopping at --max-items {max_items})")
                 return EXIT_OK
             version = FileVersion.from_stat(source.key, source.path, rel, st)
             chains = router.route(version, facts_for(router, version))
             if not chains:
-                print(f"{source.key}/{rel}: no rule matches")
+                say(f"{source.key}/{rel}: no rule matches")
                 continue
             count += 1
             for chain in chains:
                 for step in chain.steps:
-                    print(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
+                    say(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
     return EXIT_OK
 
 
@@ -291,21 +325,21 @@ def cmd_check(path: Path) -> int:
     config = load_checked(path)
     from .service import Options, journal_path
 
-    print(f"{path}: valid")
-    print(f"journal: {journal_path(config, Options())}")
-    print("sources:")
+    say(f"{path}: valid")
+    say(f"journal: {journal_path(config, Options())}")
+    say("sources:")
     for s in config.sources:
         ready = f"ready: {s.ready}" + (f" (settle {s.settle:g}s)" if s.ready == "settle" else "")
         after = s.after + (f" -> {s.done_dir}" if s.after == "move" else "")
-        print(
+        say(
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
         if s.open_writers == "check":
-            print(f"    open writers: {describe_writer_check(s.path)}")
+            say(f"    open writers: {describe_writer_check(s.path)}")
         else:
-            print("    open writers: not checked (open_writers: ignore)")
-    print("rules (in order; the first match wins unless a rule says continue):")
+            say("    open writers: not checked (open_writers: ignore)")
+    say("rules (in order; the first match wins unless a rule says continue):")
     router = Router(config)
     for i, rule in enumerate(router.rules, 1):
         cfg = rule.config
@@ -328,11 +362,11 @@ def cmd_check(path: Path) -> int:
             what.append(f"classify {cfg.classify}")
         srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
         flag = " (continue)" if cfg.continue_ else ""
-        print(f"  {i}. {rule.name}{flag}: {'; '.join(what) or 'every file'} from {srcs}")
+        say(f"  {i}. {rule.name}{flag}: {'; '.join(what) or 'every file'} from {srcs}")
         for j, step in enumerate(cfg.to, 1):
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
-            print(f"       {j}) {step.kind}: {step.display}{extra}")
+            say(f"       {j}) {step.kind}: {step.display}{extra}")
     return EXIT_OK
 
 
@@ -340,32 +374,32 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
     config = load_checked(path)
     router = Router(config)
     for file in files:
-        absolute = file.absolute()
+        absolute = real(file)  # compared resolved, as the sources are
         source = next(
-            (s for s in config.sources if absolute.is_relative_to(s.path)), config.sources[0]
+            (s for s in config.sources if absolute.is_relative_to(real(s.path))),
+            config.sources[0],
         )
+        root = real(source.path)
         rel = (
-            absolute.relative_to(source.path)
-            if absolute.is_relative_to(source.path)
-            else Path(file.name)
+            absolute.relative_to(root) if absolute.is_relative_to(root) else Path(file.name)
         ).as_posix()
         try:
             st = absolute.stat()
             version = FileVersion.from_stat(source.key, source.path, rel, st)
         except OSError:
             version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
-            print(f"{file}: (does not exist; taken as an empty file)")
-        print(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
+            say(f"{file}: (does not exist; taken as an empty file)")
+        say(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
         facts = facts_for(router, version)
         if facts.mime:
-            print(f"  detected type: {facts.mime}")
+            say(f"  detected type: {facts.mime}")
         chains = {c.rule: c for c in router.route(version, facts)}
         for check in router.explain(version, facts):
             mark = "+" if check.matched else "-"
-            print(f"  {mark} {check.rule}: {check.why}")
+            say(f"  {mark} {check.rule}: {check.why}")
         for chain in chains.values():
             for step in chain.steps:
-                print(f"    -> {describe_target(step, version)}")
+                say(f"    -> {describe_target(step, version)}")
         if not chains:
-            print("    (no rule takes this file: it stays where it is)")
+            say("    (no rule takes this file: it stays where it is)")
     return EXIT_OK

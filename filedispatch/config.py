@@ -7,20 +7,24 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 from __future__ import annotations
 
 import base64
+import ipaddress
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     SecretStr,
     Tag,
     ValidationError,
@@ -60,30 +64,89 @@ def parse_size(value: int | str) -> int:
     if not match:
         raise ValueError(f"{value!r} is not a size (examples: 512, 10KB, 2GB)")
     number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * 1024 ** "_KMGT".index(unit or "_"))
+    size = number * 1024 ** "_KMGT".index(unit or "_")
+    if not size <= MAX_SIZE:  # also refuses what the float could not hold (inf)
+        raise ValueError("a size can be at most 1 PiB")
+    return int(size)
 
 
-Size = Annotated[int, Field(ge=0)]
+#: the upper bound of every duration in the config, in seconds (one week): a wait or a timeout
+#: beyond it is a typo, and an infinite one would poison timestamps computed from it
+MAX_SECONDS = 7 * 24 * 3600.0
+#: the largest size a rule can compare with (1 PiB)
+MAX_SIZE = 1024**5
+
+Size = Annotated[int, Field(ge=0, le=MAX_SIZE)]
+#: a duration in seconds, 0 allowed, finite and at most MAX_SECONDS
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+#: a duration in seconds, more than 0, finite and at most MAX_SECONDS
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+
+
+class Secret:
+    """Field metadata: every string in the field's value is a secret (see ``secrets_of``).
+
+    ``Credentials`` marks a mapping whose values are secret only under a credential-like key
+    (``headers``); ``SecretUrl`` marks a URL whose password and credential query parameters are.
+    Fields typed ``SecretStr`` need no marker.
+    """
+
+
+class Credentials(Secret):
+    """Field metadata: a mapping whose values under credential-like keys are secrets."""
+
+
+class SecretUrl(Secret):
+    """Field metadata: a URL whose password and credential query parameters are secrets."""
+
+
+class ShellVariables(Secret):
+    """Field metadata: a shell text whose ``${VAR}`` values (from the environment) are secrets."""
+
+
+SECRET, CREDENTIALS, SECRET_URL = Secret(), Credentials(), SecretUrl()
+SHELL_VARIABLES = ShellVariables()
+
+
+def _path_text(value: object) -> object:
+    """Refuse the path strings no file system takes: empty ones and ones with a NUL byte."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str) and not text.strip():
+            raise ValueError("the path is empty")
+        if "\0" in str(text):
+            raise ValueError("the path contains a NUL byte")
+    return value
+
+
+#: a file system path; relative paths are taken relative to the config file (see _absolutize)
+FsPath = Annotated[Path, BeforeValidator(_path_text)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False
+    )
 
 
 class RetryPolicy(_Model):
     """How often, and how far apart, a failing step is tried again."""
 
     attempts: int = Field(5, ge=1, le=1000)  #: total tries, the first included
-    delay: float = Field(1.0, ge=0)  #: seconds before the first retry
-    backoff: float = Field(2.0, ge=1)  #: each further wait is multiplied by this
-    max_delay: float = Field(300.0, ge=0)  #: a cap on one wait
+    delay: Seconds = 1.0  #: seconds before the first retry
+    backoff: float = Field(2.0, ge=1, le=100)  #: each further wait is multiplied by this
+    max_delay: Seconds = 300.0  #: seconds, a cap on one wait
     jitter: bool = True  #: spread waits by up to +/-20% so retries do not march in step
     #: Rattail's rule: retry only while the same kind of error repeats
     same_error: bool = False
 
     def wait(self, attempt: int) -> float:
         """Seconds to wait after the ``attempt``-th try failed (1-based), before jitter."""
-        return float(min(self.max_delay, self.delay * self.backoff ** max(0, attempt - 1)))
+        try:
+            grown = self.delay * self.backoff ** max(0, attempt - 1)
+        except OverflowError:  # 100 ** 999 is no float: the cap applies
+            grown = math.inf
+        return float(min(self.max_delay, grown))
 
 
 # --------------------------------------------------------------------------- steps
@@ -92,7 +155,7 @@ class RetryPolicy(_Model):
 class _Step(_Model):
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
-    timeout: float | None = Field(None, gt=0)  #: seconds one attempt may take
+    timeout: PositiveSeconds | None = None  #: seconds one attempt may take
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
@@ -101,7 +164,9 @@ OnConflict = Literal["rename", "overwrite", "skip", "fail"]
 class _UrlStep(_Step):
     """Common to destinations given by URL: a naming template and a conflict policy."""
 
-    url: str
+    #: the password and credential query parameters are secrets; reserved characters in an
+    #: unencoded password are percent-encoded on load (see _encode_userinfo)
+    url: Annotated[str, SECRET_URL, BeforeValidator(_path_text)]
     #: naming template for the delivered file, relative to the destination folder
     name: str = "{relpath}"
     on_conflict: OnConflict = "rename"
@@ -116,8 +181,13 @@ class _UrlStep(_Step):
 
     @cached_property
     def display(self) -> str:
-        """The URL with any password replaced by ``***``."""
+        """The URL with its password and credential query parameters replaced by ``***``."""
         return redact_url(self.url)
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _userinfo(cls, value: object) -> object:
+        return _encode_userinfo(value) if isinstance(value, str) else value
 
     def identity(self) -> str:
         return f"{self.kind}:{self.display}:{self.name}"
@@ -171,9 +241,9 @@ class Expect(_Model):
 
 
 class HttpTimeout(_Model):
-    connect: float = Field(30.0, gt=0)
-    read: float = Field(300.0, gt=0)  #: the longest silence while sending or reading
-    total: float | None = Field(None, gt=0)  #: none by default: large files take long
+    connect: PositiveSeconds = 30.0  #: seconds to open the connection
+    read: PositiveSeconds = 300.0  #: seconds, the longest silence while sending or reading
+    total: PositiveSeconds | None = None  #: seconds; none by default: large files take long
 
 
 class HttpDestination(_UrlStep):
@@ -183,13 +253,15 @@ class HttpDestination(_UrlStep):
     name: str = "{name}"
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     fieldname: str | None = None  #: multipart/form-data with the file in this field
-    fields: dict[str, str] = Field(default_factory=dict)  #: extra multipart form fields
+    #: extra multipart form fields; values under credential-like names are secrets
+    fields: Annotated[dict[str, str], CREDENTIALS] = Field(default_factory=dict)
     chunked: bool = False  #: chunked transfer instead of Content-Length
-    headers: dict[str, str] = Field(default_factory=dict)
+    #: values under credential-like names (Authorization, X-Api-Key, Cookie ...) are secrets
+    headers: Annotated[dict[str, str], CREDENTIALS] = Field(default_factory=dict)
     token: SecretStr | None = None  #: sent as ``Authorization: Bearer ...``
     http_timeout: HttpTimeout = HttpTimeout()
     verify: bool = True
-    ca_file: Path | None = None
+    ca_file: FsPath | None = None
     expect: Expect = Expect()
     chunk_size: int = Field(1024 * 1024, ge=1024)  #: bytes read and sent at a time
 
@@ -219,11 +291,11 @@ class FtpDestination(_UrlStep):
     kind: Literal["ftp"] = "ftp"
     password: SecretStr | None = None  #: instead of the password in the URL
     passive: bool = True
-    connect_timeout: float = Field(30.0, gt=0)
-    socket_timeout: float = Field(60.0, gt=0)
+    connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and log in
+    socket_timeout: PositiveSeconds = 60.0  #: seconds, the longest silence on a connection
     pool_size: int = Field(4, ge=1, le=32)  #: connections kept open to this server
     verify: bool = True
-    ca_file: Path | None = None
+    ca_file: FsPath | None = None
 
     @field_validator("url")
     @classmethod
@@ -249,13 +321,13 @@ class SftpDestination(_UrlStep):
 
     kind: Literal["sftp"] = "sftp"
     password: SecretStr | None = None
-    key_file: Path | None = None
+    key_file: FsPath | None = None
     passphrase: SecretStr | None = None
     #: a known_hosts file; None uses ~/.ssh/known_hosts
-    known_hosts: Path | None = None
+    known_hosts: FsPath | None = None
     #: turns host key checking off; must be said explicitly and is logged as a warning
     insecure_skip_host_key_check: bool = False
-    connect_timeout: float = Field(30.0, gt=0)
+    connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and authenticate
     pool_size: int = Field(2, ge=1, le=32)
 
     @field_validator("url")
@@ -271,16 +343,22 @@ class SftpDestination(_UrlStep):
 
 
 def _remote_url(value: str, schemes: tuple[str, ...]) -> Any:
-    """Check a destination URL's scheme, host and port; the message never shows a password."""
+    """Check a destination URL's scheme, host and port.
+
+    The message never quotes the URL: a password with an unusual character may defeat any
+    attempt to find and hide it.
+    """
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
-        raise ValueError(f"{redact_url(value)!r} is not a valid URL (bad port?)") from None
+        raise ValueError(
+            "not a valid URL (a bad port? write /, ?, # or @ in a password as %2F, %3F, %23, %40)"
+        ) from None
     if parts.scheme.lower() not in schemes:
         raise ValueError(f"the URL must start with {' or '.join(s + '://' for s in schemes)}")
     if not parts.hostname:
-        raise ValueError(f"{redact_url(value)!r} has no host")
+        raise ValueError("the URL has no host")
     return parts
 
 
@@ -293,10 +371,14 @@ class CommandStep(_Step):
     """A shell command run on the file; placeholders become quoted variables (see shell.py)."""
 
     kind: Literal["command"] = "command"
-    command: str
-    env: dict[str, str] = Field(default_factory=dict)
+    #: ``${VAR}`` in the command is left to the shell (expanded when it runs, from ``env`` and
+    #: the service's environment), so its value never shows in the journal, the log or check;
+    #: the values of the variables it names are secrets, scrubbed from its output
+    command: Annotated[str, SHELL_VARIABLES]
+    #: every value is a secret: scrubbed from the command's output, the journal and the log
+    env: Annotated[dict[str, str], SECRET] = Field(default_factory=dict)
     #: the command's working folder; None: the chain's private work folder
-    cwd: Path | None = None
+    cwd: FsPath | None = None
 
     @property
     def display(self) -> str:
@@ -317,8 +399,12 @@ class PythonStep(_Step):
 
     kind: Literal["python"] = "python"
     python: str
+    #: what ``${VAR}`` put into args is a secret; the rest is shown as written
     args: list[Any] = Field(default_factory=list)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: values under credential-like names, and what ``${VAR}`` put in, are secrets
+    kwargs: Annotated[dict[str, Any], CREDENTIALS] = Field(default_factory=dict)
+    #: values the environment substituted into args and kwargs (set by parse_config)
+    _from_environment: frozenset[str] = PrivateAttr(default=frozenset())
 
     @property
     def display(self) -> str:
@@ -425,24 +511,24 @@ OpenWriters = Literal["check", "ignore"]
 class SourceConfig(_Model):
     """A folder to watch and what to do with its files once delivered."""
 
-    path: Path
+    path: FsPath
     name: str | None = None  #: how rules and the journal refer to it; defaults to the path
     recursive: bool = False
     process_existing: bool = True
-    settle: float = Field(1.0, ge=0)
+    settle: Seconds = 1.0  #: seconds a file must stay unchanged before it is taken
     ready: Ready = "settle"
     ignore: list[str] = Field(default_factory=list)  #: globs, added to the defaults
     ignore_defaults: bool = True
     after: After = "keep"
-    done_dir: Path | None = None
-    failed_dir: Path | None = None
+    done_dir: FsPath | None = None
+    failed_dir: FsPath | None = None
     follow_symlinks: bool = False  #: links followed only where they stay inside the source
     #: ``check``: a file someone still holds open for writing is not complete (a lease, or
     #: /proc where no lease can be had); ``ignore``: only ``ready`` decides
     open_writers: OpenWriters = "check"
     poll: bool | None = None  #: None: poll only on network filesystems
-    poll_interval: float = Field(1.0, gt=0)
-    rescan: float = Field(60.0, ge=0)  #: seconds between reconcile scans; 0 turns them off
+    poll_interval: PositiveSeconds = 1.0  #: seconds between polls
+    rescan: Seconds = 60.0  #: seconds between reconcile scans; 0 turns them off
     stop_on_error: bool = False  #: Rattail: a failure stops dispatching from this source
 
     @property
@@ -511,6 +597,57 @@ class RuleConfig(_Model):
         return [_coerce_step(v) for v in value] if isinstance(value, list) else value
 
 
+#: the shortest API token taken: a short one is guessed by anyone who can reach the port
+MIN_TOKEN_LENGTH = 16
+
+
+def canonical_ip(text: str) -> str | None:
+    """An IP address in its canonical form (an IPv4-mapped IPv6 one as IPv4); None: a name."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an IP address) is this machine only; a name other than
+    ``localhost`` may resolve anywhere, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    ip = canonical_ip(host)
+    return ip is not None and ipaddress.ip_address(ip).is_loopback
+
+
+def split_host(text: str) -> tuple[str, int | None]:
+    """``Example.org:8080`` -> ``("example.org", 8080)``; ``[::1]`` -> ``("::1", None)``.
+
+    The form of an HTTP ``Host`` header (RFC 9110): a name or an IP address, IPv6 in brackets,
+    then an optional port. IP addresses come back in their canonical form. Raises ValueError.
+    """
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError("an IPv6 address needs its closing ]")
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise ValueError("not an IPv6 address in [ ]") from None
+    else:
+        name, _, rest = text.partition(":")
+        rest = ":" + rest if _ else ""
+    if rest and (not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6):
+        raise ValueError("a port is a number after the last :")
+    port = int(rest[1:]) if rest else None
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError("a port is 1-65535")
+    if not name or not all(c.isalnum() or c in "-._:" for c in name) or not name.isascii():
+        raise ValueError("a host is a name (letters, digits, - . _) or an IP address")
+    return canonical_ip(name) or name.lower(), port
+
+
 class ApiConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -518,6 +655,32 @@ class ApiConfig(_Model):
     token: SecretStr | None = None
     #: an environment variable holding the token (read at start)
     token_env: str | None = "FILEDISPATCH_API_TOKEN"
+    #: more names (``host`` or ``host:port``) the ``Host`` header may give, beside the address
+    #: the web app listens on: the names it is reached by through a proxy or on the network
+    allowed_hosts: list[str] = []
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and 0 < len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_TOKEN_LENGTH} characters (make one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        out = []
+        for i, entry in enumerate(value):
+            try:
+                name, port = split_host(entry.strip())
+            except ValueError as exc:
+                raise ValueError(f"entry {i + 1} is not host or host:port: {exc}") from None
+            shown = f"[{name}]" if ":" in name else name
+            out.append(shown if port is None else f"{shown}:{port}")
+        return out
 
 
 class MonitorConfig(_Model):
@@ -532,10 +695,10 @@ class MonitorConfig(_Model):
 class Config(_Model):
     """The whole configuration, as validated from YAML."""
 
-    database: Path | None = None
-    workdir: Path | None = None  #: where transforms write intermediate files
+    database: FsPath | None = None
+    workdir: FsPath | None = None  #: where transforms write intermediate files
     workers: int = Field(16, ge=1, le=1024)  #: deliveries in flight at once, all destinations
-    shutdown_grace: float = Field(30.0, ge=0)  #: seconds in-flight work may take at shutdown
+    shutdown_grace: Seconds = 30.0  #: seconds in-flight work may take at shutdown
     sources: list[SourceConfig] = Field(min_length=1)
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()
@@ -572,52 +735,179 @@ class Config(_Model):
 
 # --------------------------------------------------------------------------- secrets
 
+#: names of query parameters, headers and form fields whose values are credentials
+_CREDENTIAL_NAME = re.compile(
+    r"key|token|secret|pass|pwd|sig|auth|credential|session|cookie|jwt|bearer|private", re.I
+)
+#: what may follow the ``@`` that ends a userinfo: a host (a name or an [IPv6] literal) and port
+_HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?=[/?#]|$)")
+_REMOTE_SCHEME = re.compile(r"^(https?|ftps?|sftp)://", re.I)
+#: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
+_USERINFO_SAFE = "!$&'()*+,;=%"
+
+
+def _encode_userinfo(url: str) -> str:
+    """Percent-encode a password written with ``/``, ``?``, ``#`` or ``@`` in a remote URL.
+
+    RFC 3986 ends the authority at the first ``/``, ``?`` or ``#``, so ``sftp://u:47/11@host/``
+    would be read as host ``u``, port 47. When the text up to that point holds no ``@`` but
+    starts with ``user:`` and an ``@`` followed by a host comes later, that ``@`` ends the
+    userinfo. An ``@`` in the path of such a URL must then be written ``%40``.
+    """
+    match = _REMOTE_SCHEME.match(url)
+    if match is None:
+        return url
+    head, rest = url[: match.end()], url[match.end() :]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[:end] or "@" not in rest[end:]:
+        return url  # the usual form, or no userinfo at all
+    user, colon, _ = rest[:end].partition(":")
+    if not colon or not user:
+        return url
+    at = rest.find("@", end)
+    while at >= 0:
+        if _HOST_AFTER_AT.match(rest, at + 1):
+            password = rest[len(user) + 1 : at]
+            encoded = f"{user}:{quote(password, safe=_USERINFO_SAFE)}"
+            return f"{head}{encoded}@{rest[at + 1 :]}"
+        at = rest.find("@", at + 1)
+    return url
+
+
+def _query_credentials(query: str) -> Iterator[tuple[str, str]]:
+    """``(name, value)`` of every credential-like parameter of a query string, as written."""
+    for pair in query.split("&"):
+        name, eq, value = pair.partition("=")
+        if eq and value and _CREDENTIAL_NAME.search(unquote_plus(name)):
+            yield name, value
+
 
 def redact_url(url: str) -> str:
-    """``ftp://user:secret@host/x`` -> ``ftp://user:***@host/x``; other text is unchanged."""
+    """``ftp://user:secret@host/x?token=t`` -> ``ftp://user:***@host/x?token=***``.
+
+    The password and the values of credential-like query parameters (``key``, ``token``,
+    ``secret``, ``password``, ``sig``, ``auth``, ``api_key``, ``access_token``, ... in any
+    case) are hidden; other text is unchanged.
+    """
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(_encode_userinfo(url))
+        password = parts.password
     except ValueError:
         return url
-    if parts.password is None or not parts.netloc:
+    if not parts.netloc:
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
+    if password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query and any(_query_credentials(parts.query)):
+        pairs = []
+        for pair in parts.query.split("&"):
+            name, eq, value = pair.partition("=")
+            hidden = eq and value and _CREDENTIAL_NAME.search(unquote_plus(name))
+            pairs.append(f"{name}=***" if hidden else pair)
+        parts = parts._replace(query="&".join(pairs))
+    return parts.geturl()
 
 
-def secrets_of(config: Config) -> list[str]:
-    """Every secret string in the config, for scrubbing free text such as error messages."""
-    found: list[str] = []
-    for rule in config.rules:
-        for step in rule.to:
-            for attr in ("password", "token", "passphrase"):
-                secret = getattr(step, attr, None)
-                if isinstance(secret, SecretStr) and secret.get_secret_value():
-                    found.append(secret.get_secret_value())
-            url = getattr(step, "url", None)
-            if isinstance(url, str):
-                try:
-                    user, password = urlsplit(url).username, urlsplit(url).password
-                except ValueError:
-                    user, password = None, None
-                if password:  # as written, decoded (what is sent) and encoded
-                    found += [password, unquote(password), quote(password, safe="")]
-                    # an HTTP server may echo the Basic Authorization header back
-                    basic = f"{unquote(user or '')}:{unquote(password)}".encode()
-                    found.append(base64.b64encode(basic).decode())
-            for key, value in getattr(step, "headers", {}).items():
-                if key.lower() in ("authorization", "proxy-authorization", "x-api-key", "cookie"):
-                    found.append(value)
-    if config.api.token is not None:
-        found.append(config.api.token.get_secret_value())
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+def _url_secrets(url: str) -> Iterator[str]:
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return
+    if password:  # as written, decoded (what is sent) and encoded
+        yield from (password, unquote(password), quote(password, safe=""))
+        # an HTTP server may echo the Basic Authorization header back
+        basic = f"{unquote(user or '')}:{unquote(password)}".encode()
+        yield base64.b64encode(basic).decode()
+    for _, value in _query_credentials(parts.query):
+        yield from (value, unquote_plus(value))
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a value of YAML shapes (nested lists and mappings), keys excepted."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, SecretStr):
+        yield value.get_secret_value()
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _declared_secrets(model: BaseModel) -> Iterator[str]:
+    """The values of the fields ``model`` and the models inside it declare secret."""
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        marks = [m for m in info.metadata if isinstance(m, Secret)]
+        if isinstance(value, SecretStr):
+            yield value.get_secret_value()
+        elif any(isinstance(m, SecretUrl) for m in marks) and isinstance(value, str):
+            yield from _url_secrets(value)
+        elif any(isinstance(m, ShellVariables) for m in marks) and isinstance(value, str):
+            for match in _ENV_RE.finditer(value):
+                yield os.environ.get(match.group(1), "")
+        elif any(isinstance(m, Credentials) for m in marks) and isinstance(value, Mapping):
+            for key, item in value.items():
+                if _CREDENTIAL_NAME.search(str(key)):
+                    yield from _strings(item)
+        elif marks:
+            yield from _strings(value)
+        elif isinstance(value, BaseModel):
+            yield from _declared_secrets(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    yield from _declared_secrets(item)
+    if isinstance(model, PythonStep):
+        yield from model._from_environment
+
+
+#: shorter values are not scrubbed: hiding every "a" or "42" would garble every message
+MIN_SECRET_CHARS = 3
+
+
+def secrets_of(config: Config | BaseModel) -> list[str]:
+    """Every secret string in the config (or in one step of it), longest first.
+
+    For scrubbing free text (a command's output, an exception, a log line, a journal reason,
+    an API answer): replace each with ``***`` in this order. Secrets are the fields declared
+    so on the models: ``SecretStr`` fields (passwords, passphrases, tokens), URL passwords
+    (as written, decoded, encoded and as HTTP Basic credentials), credential-like query
+    parameters, credential-like headers and form fields, a command step's ``env`` values and
+    a Python step's ``args`` and ``kwargs``. Values shorter than MIN_SECRET_CHARS are left out.
+    """
+    found = set(_declared_secrets(config))
+    api = getattr(config, "api", None)
+    if isinstance(api, ApiConfig) and api.token is None and api.token_env:
+        found.add(os.environ.get(api.token_env, ""))  # the token the service will read
+    return sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first, as secrets_of gives them) as ``***``."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _substitute_env(node: Any, path: str, problems: list[str]) -> Any:
+#: where a value taken from the environment is a secret though the field is not declared one
+_ENV_SECRET_PLACE = re.compile(r"\.(args|kwargs)\b")
+
+
+def _substitute_env(
+    node: Any, path: str, problems: list[str], secret: set[str] | None = None
+) -> Any:
+    """``node`` with ``${VAR}`` replaced; values put into a Python step's arguments go to
+    ``secret`` (an operator takes a value from the environment to keep it out of the file)."""
     if isinstance(node, str):
 
         def repl(match: re.Match[str]) -> str:
@@ -626,16 +916,29 @@ def _substitute_env(node: Any, path: str, problems: list[str]) -> Any:
             if value is None:
                 problems.append(f"{path or '<top>'}: environment variable {name} is not set")
                 return ""
+            if secret is not None and name in os.environ and _ENV_SECRET_PLACE.search(path):
+                secret.add(value)
             return value
 
         return _ENV_RE.sub(repl, node)
     if isinstance(node, list):
-        return [_substitute_env(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_substitute_env(v, f"{path}[{i}]", problems, secret) for i, v in enumerate(node)]
     if isinstance(node, dict):
-        return {
-            k: _substitute_env(v, f"{path}.{k}" if path else str(k), problems)
-            for k, v in node.items()
-        }
+        out = {}
+        for k, v in node.items():
+            where = f"{path}.{k}" if path else str(k)
+            if k == "command" and isinstance(v, str):
+                # left to the shell, so the value never becomes part of the step's text
+                env = node.get("env")
+                given = set(env) if isinstance(env, dict) else set()
+                for match in _ENV_RE.finditer(v):
+                    name, default = match.group(1), match.group(2)
+                    if default is None and name not in given and name not in os.environ:
+                        problems.append(f"{where}: environment variable {name} is not set")
+                out[k] = v
+            else:
+                out[k] = _substitute_env(v, where, problems, secret)
+        return out
     return node
 
 
@@ -684,23 +987,34 @@ def _describe(err: Mapping[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def real(path: Path) -> Path:
+    """``path`` with ``~``, ``..`` and every symbolic link resolved, as the kernel would.
+
+    Works for paths that do not exist yet: the longest existing prefix is resolved (links
+    included) and the rest appended, so two spellings of one place compare equal.
+    """
+    return Path(os.path.realpath(os.path.expanduser(path)))
+
+
 def _check_paths(config: Config) -> list[str]:
+    """Places that would feed the service its own output; every path compared resolved."""
     problems = []
     for i, src in enumerate(config.sources):
-        root = src.path
+        root = real(src.path)
         for loc, folder in config.iter_local_roots():
-            if folder == root or (src.recursive and root in folder.parents):
+            if watches_folder(src, folder):
                 problems.append(
                     f"{loc}.url: the destination {folder} is inside the watched source "
                     f"sources[{i}] ({root}); files would be dispatched in a loop"
                 )
-        if src.after == "move" and src.done_dir == root:
-            problems.append(f"sources[{i}].done_dir: must not be the source folder itself")
-        if src.failed_dir is not None and src.failed_dir == root:
-            problems.append(f"sources[{i}].failed_dir: must not be the source folder itself")
+        for key in ("done_dir", "failed_dir"):
+            folder = getattr(src, key)
+            if folder is not None and real(folder) == root:
+                problems.append(f"sources[{i}].{key}: must not be the source folder itself")
         for key in ("database", "workdir"):
             path = getattr(config, key)
-            if path is not None and watched_by(src, path):
+            inside = key == "workdir" and path is not None and watches_folder(src, path)
+            if path is not None and (inside or watched_by(src, path)):
                 problems.append(
                     f"{key}: {path} is inside the watched source sources[{i}] ({root}); "
                     "its own files would be dispatched"
@@ -708,17 +1022,39 @@ def _check_paths(config: Config) -> list[str]:
     return problems
 
 
+def _check_token_env(api: ApiConfig) -> list[str]:
+    """The token from the environment is held to the rule of ``api.token`` (never echoed)."""
+    if not api.enabled or api.token_env is None:
+        return []
+    if api.token is not None and api.token.get_secret_value():
+        return []  # api.token wins; the variable is not read
+    value = os.environ.get(api.token_env, "")
+    if 0 < len(value) < MIN_TOKEN_LENGTH:
+        return [
+            f"api.token_env: the token in the environment variable {api.token_env} must be "
+            f"at least {MIN_TOKEN_LENGTH} characters"
+        ]
+    return []
+
+
+def watches_folder(source: SourceConfig, folder: Path) -> bool:
+    """Whether files put in ``folder`` would be seen by the watcher of ``source`` (resolved)."""
+    folder, root = real(folder), real(source.path)
+    return folder == root or (source.recursive and root in folder.parents)
+
+
 def watched_by(source: SourceConfig, path: Path) -> bool:
-    """Whether a file at ``path`` would be seen by the watcher of ``source``."""
-    folder = path.parent
-    return folder == source.path or (source.recursive and source.path in folder.parents)
+    """Whether a file at ``path`` would be seen by the watcher of ``source`` (resolved)."""
+    return watches_folder(source, real(path).parent)
 
 
 def _absolutize(raw: dict[str, Any], base: Path) -> None:
     """Relative paths in the file are taken relative to the config file's folder."""
 
     def fix(value: Any) -> Any:
-        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            return value  # refused by the model, naming the field
+        if "://" not in value and not os.path.isabs(value):
             return str(base / os.path.expanduser(value))
         return value
 
@@ -754,7 +1090,8 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
     if not isinstance(raw, dict):
         raise ConfigError(source, ["the file must hold a mapping (keys such as sources, rules)"])
     problems: list[str] = []
-    raw = _substitute_env(raw, "", problems)
+    from_environment: set[str] = set()
+    raw = _substitute_env(raw, "", problems, from_environment)
     if problems:
         raise ConfigError(source, problems)
     raw = _from_seed_format(raw)
@@ -766,14 +1103,144 @@ def parse_config(raw: Any, source: str = "<config>", base: Path | None = None) -
         raise ConfigError(
             source, [f"{_loc(e['loc'])}: {_describe(e)}" for e in exc.errors(include_input=False)]
         ) from None
-    problems = _check_paths(config)
+    problems = _check_paths(config) + _check_token_env(config.api)
     if problems:
         raise ConfigError(source, problems)
+    for rule in config.rules:
+        for step in rule.to:
+            if isinstance(step, PythonStep) and from_environment:
+                given = list(_strings(step.args)) + list(_strings(step.kwargs))
+                step._from_environment = frozenset(
+                    v for v in from_environment if any(v in text for text in given)
+                )
     return config
 
 
+#: the most nodes a document may hold once its aliases are expanded; real configurations hold
+#: hundreds, and a few hundred bytes of nested aliases ("billion laughs") would hold billions
+MAX_NODES = 20_000
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults`` may be overridden: that is what it is for
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"the key {key!r} is given twice (lines {seen[key]} and {line}); "
+                        "the first value would be ignored",
+                        key_node.start_mark,
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_document(raw: Any) -> list[str]:
+    """Aliases beyond MAX_NODES expanded nodes, alias cycles, and NaN or infinite numbers.
+
+    Counts without expanding: a node met again through an alias costs its size once more,
+    which is memoised, so even a billion-laughs document is measured in a few steps.
+    """
+    sizes: dict[int, int] = {}
+    problems: list[str] = []
+    active: set[int] = set()
+
+    def size(node: Any, where: str) -> int:
+        if isinstance(node, float) and not math.isfinite(node):
+            problems.append(f"{where or '<top>'}: {node} is not a usable number")
+            return 1
+        if not isinstance(node, (list, dict)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise ValueError(f"{where}: an alias refers to a node that contains it")
+        active.add(id(node))
+        total = 1
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            inner = f"{where}[{key}]" if isinstance(node, list) else f"{where}.{key}"
+            total += size(value, inner.lstrip("."))
+            if total > MAX_NODES:
+                break
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    try:
+        total = size(raw, "")
+    except ValueError as exc:
+        return [str(exc)]
+    except RecursionError:
+        return ["the document is nested too deeply"]
+    if total > MAX_NODES:
+        return [
+            f"the document expands to more than {MAX_NODES} values (aliases repeated "
+            "inside aliases?); write the configuration out"
+        ]
+    return problems
+
+
+def _places(config: Config) -> list[str]:
+    """Folders the service will need that cannot be there: under a file, or not creatable.
+
+    Reads the file system (never writes): only load_config calls it, not parse_config.
+    """
+    wanted: list[tuple[str, Path]] = []
+    for i, src in enumerate(config.sources):
+        wanted.append((f"sources[{i}].path", src.path))
+        for key in ("done_dir", "failed_dir"):
+            folder = getattr(src, key)
+            if folder is not None:
+                wanted.append((f"sources[{i}].{key}", folder))
+    if config.database is not None:
+        wanted.append(("database", config.database.parent))
+    if config.workdir is not None:
+        wanted.append(("workdir", config.workdir))
+    # local destinations are not checked: one may be a mount that comes later, and a
+    # destination that cannot be made fails its own files, with the reason, not the service
+    found = ((where, folder_problem(folder)) for where, folder in wanted)
+    return [f"{where}: {problem}" for where, problem in found if problem]
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` can be neither used nor created, or None if it can.
+
+    A folder that exists must be a folder; one that does not must have its nearest existing
+    ancestor be a folder this process may write into.
+    """
+    try:
+        path = Path(os.path.expanduser(folder)).absolute()
+        if path.exists():
+            return None if path.is_dir() else f"{path} exists and is not a folder"
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            return f"{path} cannot be created: {ancestor} is not a folder"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"{path} cannot be created: {ancestor} is not writable"
+    except (OSError, ValueError) as exc:
+        return f"{folder} cannot be used: {getattr(exc, 'strerror', None) or exc}"
+    return None
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config file; relative paths inside it are relative to it."""
+    """Read and validate a YAML config file; relative paths inside it are relative to it.
+
+    Beyond parse_config, refuses keys given twice, alias bombs, NaN and infinities, and
+    folders (sources, done_dir, failed_dir, the journal's, workdir) that can neither be used
+    nor created. Raises ConfigError naming the file and each field.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -782,10 +1249,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["the file is not UTF-8 text"]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader that also refuses duplicate keys
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise ConfigError(str(path), [f"{where}{problem}"]) from None
-    return parse_config(raw, str(path), path.absolute().parent)
+    problems = _check_document(raw)
+    if problems:
+        raise ConfigError(str(path), problems)
+    config = parse_config(raw, str(path), path.absolute().parent)
+    problems = _places(config)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from .asyncutil import first_completed
-from .config import Config, SourceConfig, Step, secrets_of
+from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
-from .errors import DeliveryError, SourceVanishedError, TransientDeliveryError
+from .errors import DeliveryError, JournalError, SourceVanishedError, TransientDeliveryError
 from .journal import Journal, PlannedStep, StepResult, planned_steps
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
@@ -40,6 +40,8 @@ COPY_CHUNK = 128
 COPY_MAX_SIZE = 1024 * 1024
 #: chunks planned ahead of the one being delivered
 INLINE_AHEAD = 2
+#: seconds before claiming again after the journal refused a claim
+RETRY_CLAIM_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._running = asyncio.Event()
         self._running.set()
+        self._stop = asyncio.Event()  #: the service's stop, once ``run`` has it
         self._queue: asyncio.Queue[list[Dispatch]] = asyncio.Queue(maxsize=config.workers * 8)
         self._idle = asyncio.Event()
         self._busy = 0
@@ -188,7 +191,7 @@ class Dispatcher:
 
     def _lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
         """How a new file skips the queue and the workers, if it can (see _inline)."""
-        if len(chains) != 1 or not self._running.is_set() or source.key in self.stopped_sources:
+        if len(chains) != 1 or not self._may_start() or source.key in self.stopped_sources:
             return None
         key = (source.key, chains[0].rule)
         if key in self._lanes:
@@ -260,7 +263,7 @@ class Dispatcher:
         for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
             if row_id is None:
                 known.append(version)
-            elif not self._running.is_set():
+            elif not self._may_start():
                 given_back.append((version, StepResult(row_id, Status.PENDING, 0), False, False))
             else:
                 ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
@@ -357,6 +360,8 @@ class Dispatcher:
 
     async def _settle_known(self, source: SourceConfig, versions: list[FileVersion]) -> None:
         """Files seen again: count the ones already done, and finish their after-action."""
+        if not self.journal.writable.is_set():
+            return  # no source is touched while the journal fails; a later scan sees them
         states = await self.journal.version_states(versions)
         for v in versions:
             statuses = states.get(v.key, [])
@@ -376,6 +381,11 @@ class Dispatcher:
     def pause(self) -> None:
         self._running.clear()
 
+    def _may_start(self) -> bool:
+        """New work starts only while not paused and while the journal takes writes: a
+        delivery the journal cannot record is one it would repeat after a restart."""
+        return self._running.is_set() and self.journal.writable.is_set()
+
     def resume(self) -> None:
         self._running.set()
         self._wake.set()
@@ -394,6 +404,7 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Feed and run workers until ``stop``; then give back unstarted work and drain."""
+        self._stop = stop
         async with asyncio.TaskGroup() as tg:
             workers = [
                 tg.create_task(self._worker(), name=f"worker-{i}")
@@ -409,6 +420,9 @@ class Dispatcher:
             if not self._running.is_set():
                 await first_completed(stop.wait(), self._running.wait())
                 continue
+            if not self.journal.writable.is_set():
+                await first_completed(stop.wait(), self.journal.writable.wait())
+                continue
             self._wake.clear()
             room = self._queue.maxsize - self._queue.qsize()
             if room < self._queue.maxsize // 2:  # claim in pages, not one group at a time
@@ -416,19 +430,26 @@ class Dispatcher:
                 await first_completed(stop.wait(), self._room.wait())
                 continue
             skip = frozenset(self.stopped_sources)
-            batch = await self.journal.claim(min(room, 256), time.time(), skip)
+            try:
+                batch = await self.journal.claim(min(room, 256), time.time(), skip)
+                due = None if batch else await self.journal.next_due()
+            except JournalError as exc:  # unreadable (removed), or given up at a stop
+                if self.journal.writable.is_set():
+                    log.error("cannot claim work: %s", exc)
+                await first_completed(stop.wait(), timeout=RETRY_CLAIM_S)
+                continue
             for group in batch:
                 self._queue.put_nowait(group)  # only the feeder puts, so there is room
             if batch:
                 continue
             if self._busy == 0 and self._queue.empty():
                 self._idle.set()
-            due = await self.journal.next_due()
             timeout = 5.0 if due is None else min(5.0, max(0.0, due - time.time()) + 0.01)
             await first_completed(stop.wait(), self._wake.wait(), timeout=timeout)
 
     async def _release_queued(self) -> int:
-        """At shutdown: claimed versions no worker started go back to PENDING."""
+        """At shutdown: claimed versions no worker started go back to PENDING (or, while the
+        journal fails, stay IN_PROGRESS and are resumed at the next start)."""
         results: list[StepResult] = []
         while not self._queue.empty():
             results += [
@@ -443,7 +464,10 @@ class Dispatcher:
                 for d in self._queue.get_nowait()
                 if d.status == Status.IN_PROGRESS
             ]
-        await self.journal.finish(results)
+        try:
+            await self.journal.finish(results)
+        except JournalError as exc:
+            log.warning("%d claimed dispatch(es) resume at the next start: %s", len(results), exc)
         return len(results)
 
     async def _worker(self) -> None:
@@ -462,13 +486,19 @@ class Dispatcher:
                     ]
                 )
                 continue
+            if not self.journal.writable.is_set():  # claimed before the journal failed
+                await first_completed(self.journal.writable.wait(), self._stop.wait())
+                if not self.journal.writable.is_set():
+                    continue  # stopping: its rows stay IN_PROGRESS, resumed at the next start
             self._busy += 1
             self._idle.clear()
             try:
                 await self._run_version(group)
+            except JournalError as exc:  # only when stopping: the rows resume at the next start
+                log.error("%s not recorded: %s", group[0].relpath, exc)
             except Exception:  # a bug must cost one file a delay, not the worker
                 log.exception("unexpected error while dispatching %s", group[0].relpath)
-                await self.journal.finish(
+                await self._finish_quietly(
                     [
                         StepResult(d.id, Status.PENDING, d.attempts, next_attempt=time.time() + 60)
                         for d in group
@@ -481,6 +511,12 @@ class Dispatcher:
                     self._wake.set()
                 if self._on_change:
                     self._on_change()
+
+    async def _finish_quietly(self, results: list[StepResult]) -> None:
+        try:
+            await self.journal.finish(results)
+        except JournalError as exc:
+            log.error("the journal could not record an outcome: %s", exc)
 
     async def wait_idle(self) -> None:
         """Wait until nothing is due, queued, running or waiting for a retry (``--once``)."""
@@ -681,8 +717,8 @@ class Dispatcher:
                 row.id,
                 Status.SUCCEEDED,
                 attempt,
-                location=outcome.location,
-                detail=outcome.detail,
+                location=self._scrub(outcome.location),  # a URL's query may carry a token
+                detail=None if outcome.detail is None else self._scrub(outcome.detail),
                 started=started,
                 output=None if outcome.produced is None else str(outcome.produced),
                 sha256=outcome.sha256,
@@ -749,9 +785,7 @@ class Dispatcher:
         )
 
     def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self._secrets)
 
     def _record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
         self._write([result])

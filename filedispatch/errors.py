@@ -3,6 +3,7 @@
 FileDispatchError
 ├── ConfigError                 bad configuration (the CLI exits 2, no traceback)
 ├── JournalError                the journal cannot be opened or written
+│   └── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 └── DeliveryError               one delivery step did not succeed
     ├── TransientDeliveryError  worth retrying (network down, 5xx, timeout, busy)
@@ -30,6 +31,10 @@ class ConfigError(FileDispatchError):
 
 class JournalError(FileDispatchError):
     """The journal database cannot be opened, migrated or written."""
+
+
+class JournalUnavailableError(JournalError):
+    """The journal cannot be opened now, for a reason a wait can cure (a full disk, a lock)."""
 
 
 class ServiceError(FileDispatchError):

@@ -25,6 +25,7 @@ from .journal import COLUMNS, Journal, PlannedStep, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
 from .router import Chain, Router
+from .textsafe import escape
 
 Period = Literal["day", "week", "month"]
 PERIOD_FORMAT: dict[str, str] = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m"}
@@ -99,6 +100,12 @@ def scrub(text: str | None, secrets: Iterable[str] = ()) -> str:
     return text
 
 
+def shown(value: object, secrets: Iterable[str] = ()) -> str:
+    """A value as a table shows it: secrets hidden, on one line (control and bidi characters
+    escaped, see ``textsafe``)."""
+    return escape(scrub(value if isinstance(value, str) else str(value), secrets))
+
+
 def _when(row: dict[str, Any]) -> str:
     stamp = row.get("finished") or row.get("started") or row.get("created")
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
@@ -110,11 +117,11 @@ def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> 
     lines = []
     for r in rows:
         line = (
-            f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  {r['source']}/{r['relpath']} -> "
-            f"{scrub(r['destination'], secrets)}"
+            f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  "
+            f"{shown(r['source'])}/{shown(r['relpath'])} -> {shown(r['destination'], secrets)}"
         )
         if r["status"] != Status.SUCCEEDED and r.get("reason"):
-            line += f"  ({scrub(r['reason'], secrets)})"
+            line += f"  ({shown(r['reason'], secrets)})"
         lines.append(line)
     return lines
 
@@ -127,8 +134,8 @@ def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
             continue
         if key in ("created", "started", "finished") and value:
             value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({value:.3f})"
-        elif isinstance(value, str):
-            value = scrub(value, secrets)
+        else:
+            value = shown(value, secrets)
         out.append(f"{key + ':':<13} {value}")
     return "\n".join(out)
 
@@ -137,7 +144,7 @@ def format_stats(rows: Iterable[dict[str, Any]]) -> list[str]:
     lines = [f"{'period':<10} {'succeeded':>9} {'failed':>7} {'waiting':>7} {'bytes':>14}"]
     for r in rows:
         lines.append(
-            f"{r['period'] or '-':<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
+            f"{shown(r['period'] or '-'):<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
             f"{r['waiting'] or 0:>7} {r['bytes'] or 0:>14}"
         )
     return lines
@@ -181,7 +188,7 @@ def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) 
 
 async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | None]]) -> int:
     removed = 0
-    async with Journal.open(path) as journal:
+    async with Journal.open(path, hold=False) as journal:
         for source, relpath, dispatch_id in targets:
             if dispatch_id is not None:
                 removed += await journal.forget(dispatch_id)
@@ -237,7 +244,8 @@ def mark_existing(
             summary.files += 1
             for step in planned_steps(version, chains):
                 summary.steps += 1
-                print(f"{version.source}/{version.relpath} -> {step.destination}", file=out)
+                line = f"{version.source}/{version.relpath} -> {step.destination}"
+                print(escape(line), file=out)
         return summary
     from .service import journal_lock
 
@@ -249,7 +257,7 @@ def mark_existing(
 async def _mark(
     router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
 ) -> None:
-    async with Journal.open(db) as journal:
+    async with Journal.open(db, hold=False) as journal:
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []
@@ -305,7 +313,7 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
         print(format_detail(get_row(db, args.id), secrets))
     elif action == "forget":
         removed = forget(db, args.id, args.path)
-        what = f"dispatch {args.id}" if args.id is not None else args.path
+        what = f"dispatch {args.id}" if args.id is not None else shown(args.path)
         print(f"forgot {what} ({removed} row(s)); it is sent again at the next scan or start")
     elif action == "stats":
         rows = stats(db, args.period)

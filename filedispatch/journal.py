@@ -5,6 +5,10 @@ commit), run whole on its own thread in one hop: driving a transaction statement
 through aiosqlite cost a loop round trip per statement, which capped dispatching near 2,000
 files/s on a busy loop. Reads use an aiosqlite connection, so history queries never wait for
 dispatching. The journal never touches files and never calls a processor.
+
+A write the disk refuses (full, I/O error, read-only, locked too long) or a journal file removed
+or replaced under the service is not an error for the caller: the writer keeps the batch, says
+so once (``health``, ``writable``), retries it with a capped backoff and commits it when it can.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import logging
 import os
 import queue
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiosqlite
 
-from .errors import JournalError
+from .errors import JournalError, JournalUnavailableError
 from .models import Dispatch, FileVersion, Status
 
 if TYPE_CHECKING:
@@ -35,6 +41,91 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: a write: a function run on the writer thread inside the group transaction
 Op = Callable[[sqlite3.Connection], T]
+
+
+#: the writer retries a refused batch after this many seconds, doubling up to RETRY_MAX_S
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+#: how often an idle writer checks that the path still names the open journal
+IDENTITY_EVERY_S = 2.0
+
+
+class JournalState(StrEnum):
+    """Whether the journal can take writes now."""
+
+    #: writes are committed
+    OK = "ok"
+    #: writes are refused (disk full, I/O error, read-only, locked too long): held and retried
+    FAILING = "failing"
+    #: the journal's path now names another file: writes are held until the old one is back
+    REPLACED = "replaced"
+    #: the journal's path names no file any more: writes are held until it is back
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalHealth:
+    """The journal's state for the status API, /health and the console.
+
+    ``error`` is one line saying what is wrong and what to do; ``since`` (epoch seconds) is
+    when writes began to be held; ``retries`` counts the attempts since then.
+    """
+
+    state: JournalState = JournalState.OK
+    error: str | None = None
+    since: float | None = None
+    retries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.state == JournalState.OK
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "error": self.error,
+            "since": self.since,
+            "retries": self.retries,
+        }
+
+
+class _Held(Exception):  # never reaches a caller: the batch is held
+    """On the writer thread: the journal cannot take this batch now."""
+
+    def __init__(self, state: JournalState, error: str) -> None:
+        super().__init__(error)
+        self.state = state
+        self.error = error
+
+
+#: SQLite primary result codes that say the journal cannot be written now (not that this write
+#: is wrong), with what the operator can do about each
+_OUTAGES = {
+    5: "the journal is locked by another process for too long (find it: fuser {path})",
+    6: "the journal is locked by another process for too long (find it: fuser {path})",
+    8: "the journal is read-only: make {path} and its folder writable",
+    10: "the journal cannot be written (disk I/O error): check the disk of {path} (a full disk "
+    "or a read-only remount also shows this way)",
+    11: "the journal {path} is corrupted: stop filedispatch, move it aside and recover its "
+    "rows (sqlite3 FILE .recover)",
+    13: "the disk holding the journal {path} is full: free space there",
+    14: "the journal {path} cannot be opened: check that its folder exists and is writable",
+    15: "the journal is locked by another process for too long (find it: fuser {path})",
+    26: "the journal {path} is not a database: stop filedispatch, move it aside and recover it "
+    "(sqlite3 FILE .recover)",
+}
+#: of those, the ones a wait can cure when they are met while opening the journal
+_TRANSIENT_AT_OPEN = frozenset({5, 6, 8, 10, 13, 15})
+
+
+def _outage(exc: BaseException, path: Path) -> str | None:
+    """One line for an SQLite error that means "the journal cannot be written now"; None for an
+    error of one write (a constraint, a bad value), which fails that write alone."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(exc, sqlite3.Error) or code is None or code & 0xFF not in _OUTAGES:
+        return None
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return f"{_OUTAGES[code & 0xFF].format(path=path)} ({exc}, {name})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,15 +226,39 @@ def _bulk_ok(conn: sqlite3.Connection) -> bool:
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
     try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        # a damaged page found now is one line at the start, not a crash at the first write
+        found = [" ".join(str(r[0]).split()) for r in conn.execute("PRAGMA quick_check(2)")]
+        if found != ["ok"]:
+            raise JournalError(_corrupted(path, "; ".join(found)))
         _migrate(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _corrupted(path: Path, what: str) -> str:
+    return (
+        f"the journal {path} is corrupted ({what}); it was left as it is. Move it aside "
+        f"(mv {path} {path}.broken) and recover its rows (sqlite3 {path}.broken .recover | "
+        f"sqlite3 {path}), or start with an empty journal (files still in the sources are "
+        "then sent again)"
+    )
+
+
+def _open_error(exc: sqlite3.Error, path: Path) -> JournalError:
+    """Why the journal cannot be opened, and whether waiting can help."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
+        return JournalError(_corrupted(path, str(exc)))
+    why = _outage(exc, path) or str(exc)
+    if code in _TRANSIENT_AT_OPEN:
+        return JournalUnavailableError(f"cannot open the journal: {why}")
+    return JournalError(f"cannot open the journal {path}: {why}")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -313,12 +428,30 @@ class Journal:
         self._bulk = False  #: the SQLite can run a batch of rows as one JSON statement
         self._thread: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
+        #: (device, inode) of the open database: the path must keep naming this file
+        self._identity: tuple[int, int] = (0, 0)
+        #: set: a write the journal refuses fails at once instead of being held (stopping)
+        self._give_up = threading.Event()
+        self._held: JournalHealth = JournalHealth()  # the writer thread's view
+        self.health = JournalHealth()  #: the loop's view, for status and /health
+        #: set while writes are committed; cleared while they are held (see ``health``)
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._listeners: list[Callable[[JournalHealth], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, path: str | os.PathLike[str]) -> AsyncIterator[Journal]:
+    async def open(
+        cls, path: str | os.PathLike[str], *, hold: bool = True
+    ) -> AsyncIterator[Journal]:
+        """Open (create, migrate) the journal; raises JournalError with one line saying why
+        not and what to do, JournalUnavailableError when waiting may help (a full disk).
+
+        ``hold``: writes the journal refuses are held and retried (the service); without it
+        they fail at once (one-shot commands).
+        """
         path = Path(path).absolute()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +467,8 @@ class Journal:
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
-        except (sqlite3.Error, JournalError) as exc:
+            st = os.stat(path)
+        except (sqlite3.Error, JournalError, OSError) as exc:
             if writer is not None:
                 await loop.run_in_executor(executor, writer.close)
             if reader is not None:
@@ -342,8 +476,13 @@ class Journal:
             executor.shutdown()
             if isinstance(exc, JournalError):
                 raise
-            raise JournalError(f"cannot open the journal {path}: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise JournalError(f"cannot open the journal {path}: {exc}") from exc
+            raise _open_error(exc, path) from exc
         journal = cls(path, executor, writer, reader)
+        journal._identity = (st.st_dev, st.st_ino)
+        if not hold:
+            journal.stop_retrying()
         journal._bulk = await loop.run_in_executor(executor, _bulk_ok, writer)
         journal._thread = loop.run_in_executor(executor, journal._writer)
         try:
@@ -355,6 +494,7 @@ class Journal:
         thread, self._thread = self._thread, None
         finished = True
         if thread is not None:
+            self.stop_retrying()
             self._inbox.put(None)  # commit what is queued, then stop
             try:
                 await asyncio.wait_for(asyncio.shield(thread), 30)
@@ -375,7 +515,11 @@ class Journal:
     def _writer(self) -> None:
         """The writer thread: take what is queued, commit it as one transaction, report back."""
         while True:
-            first = self._inbox.get()
+            try:
+                first = self._inbox.get(timeout=IDENTITY_EVERY_S)
+            except queue.Empty:
+                self._check_while_idle()
+                continue
             if first is None:
                 return
             batch = [first]
@@ -390,7 +534,9 @@ class Journal:
                     break
                 batch.append(item)
             try:
-                results = self._commit([op for op, _ in batch])
+                results = self._commit_held([op for op, _ in batch])
+            except JournalError as exc:
+                results = [exc] * len(batch)
             except Exception as exc:  # sqlite3.Error, or a bug in an op: fail this batch only
                 log.error("journal write failed: %s", exc)
                 results = [JournalError(f"journal write failed: {exc}")] * len(batch)
@@ -400,6 +546,117 @@ class Journal:
                 return
             if stop:
                 return
+
+    def _commit_held(self, ops: list[Op[Any] | Rows]) -> list[Any]:
+        """On the writer thread: commit ``ops``; while the journal refuses them, hold them and
+        try again (1 s doubling to 30 s) until they are committed, or until ``stop_retrying``.
+
+        Callers keep waiting meanwhile, so nothing that waits for a write (a claim, a planned
+        row, an after-action) goes ahead of the journal.
+        """
+        delay = RETRY_FIRST_S
+        while True:
+            if self._give_up.is_set() and not self._held.ok:
+                raise JournalError(f"not recorded, the journal is failing: {self._held.error}")
+            try:
+                self._check_identity()
+                results = self._commit(ops)
+            except (sqlite3.Error, _Held) as exc:
+                held = exc if isinstance(exc, _Held) else None
+                why = held.error if held else _outage(exc, self.path)
+                if why is None:
+                    raise
+                self._report(held.state if held else JournalState.FAILING, why)
+                if self._give_up.is_set():
+                    raise JournalError(f"not recorded, the journal is failing: {why}") from exc
+                self._give_up.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if not self._held.ok:
+                self._report(JournalState.OK, None)
+            return results
+
+    def _check_identity(self) -> None:
+        """Raise ``_Held`` unless the path still names the open database (same device, inode):
+        a write into a journal that was removed or replaced would be lost at the next start."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise _Held(
+                JournalState.REMOVED,
+                f"the journal file {self.path} was removed or renamed while filedispatch ran: "
+                "dispatching stops. Put the same file back to resume, or restart filedispatch "
+                "(with an empty journal, files still in the sources are sent again)",
+            ) from None
+        except OSError as exc:
+            raise _Held(
+                JournalState.FAILING, f"cannot check the journal file {self.path}: {exc}"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._identity:
+            raise _Held(
+                JournalState.REPLACED,
+                f"the journal file {self.path} was replaced by another file while filedispatch "
+                "ran: dispatching stops. Put the original back to resume, or restart "
+                "filedispatch to use the new file",
+            )
+
+    def _check_while_idle(self) -> None:
+        """No write queued: still notice a removed or replaced file (and its return)."""
+        try:
+            self._check_identity()
+        except _Held as held:
+            if (held.state, held.error) != (self._held.state, self._held.error):
+                self._report(held.state, held.error)
+            return
+        if self._held.state in (JournalState.REMOVED, JournalState.REPLACED):
+            self._report(JournalState.OK, None)
+
+    def _report(self, state: JournalState, error: str | None) -> None:
+        """On the writer thread: record an attempt's outcome, log a change once, tell the loop."""
+        before = self._held
+        if state == JournalState.OK:
+            now = JournalHealth()
+            waited = time.time() - (before.since or time.time())
+            log.warning(
+                "the journal %s takes writes again after %.0fs: intake and delivery resume",
+                self.path,
+                waited,
+            )
+        else:
+            now = JournalHealth(
+                state,
+                error,
+                before.since if not before.ok else time.time(),
+                before.retries + (0 if before.ok else 1),
+            )
+            if (before.state, before.error) != (state, error) and not self._give_up.is_set():
+                log.error(
+                    "%s; intake and delivery are paused until the journal takes writes again "
+                    "(retried every %g s at most)",
+                    error,
+                    RETRY_MAX_S,
+                )
+        self._held = now
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            self._loop.call_soon_threadsafe(self._set_health, now)
+
+    def _set_health(self, health: JournalHealth) -> None:
+        self.health = health
+        if health.ok:
+            self.writable.set()
+        else:
+            self.writable.clear()
+        for listener in self._listeners:
+            listener(health)
+
+    def on_health(self, listener: Callable[[JournalHealth], None]) -> None:
+        """Call ``listener(health)`` on the loop whenever the journal's health changes."""
+        self._listeners.append(listener)
+
+    def stop_retrying(self) -> None:
+        """From now on a write the journal refuses fails at once (``JournalError``) rather than
+        being held: a stopping service must not wait for a disk to be freed."""
+        self._give_up.set()
 
     def _commit(self, ops: list[Op[Any] | Rows]) -> list[Any]:
         """On the writer thread: one transaction for every op; ``Rows`` of one statement merged."""
@@ -425,6 +682,8 @@ class Journal:
                             conn.executemany(op.sql, params)
                         res: Any = None
                     except sqlite3.Error as exc:
+                        if _outage(exc, self.path):
+                            raise  # the whole transaction is held and tried again
                         res = JournalError(str(exc))
                     results += [res] * (j - i + 1)
                     i = j + 1
@@ -432,6 +691,8 @@ class Journal:
                 try:
                     results.append(op(conn))
                 except sqlite3.Error as exc:
+                    if _outage(exc, self.path):
+                        raise
                     results.append(JournalError(str(exc)))
                 i += 1
             conn.execute("COMMIT")
@@ -604,8 +865,12 @@ class Journal:
         ]
         return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
 
-    async def resume_interrupted(self) -> int:
-        """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""
+    def resume_interrupted(self) -> asyncio.Future[int]:
+        """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once.
+
+        Queued, not awaited by the service: on a full disk it waits with the other writes, and
+        every write queued after it (claims first of all) is committed after it.
+        """
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
@@ -614,7 +879,7 @@ class Journal:
             )
             return cur.rowcount
 
-        return await self.write(op)
+        return self._enqueue(op)
 
     async def active_version_keys(self) -> set[str]:
         """Keys of versions that still have PENDING or IN_PROGRESS rows."""
@@ -643,8 +908,17 @@ class Journal:
         rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
         return _row(rows[0]) if rows else None
 
+    def _require_writable(self) -> None:
+        """An operator's request is answered now, not held until the journal is back."""
+        if not self.health.ok:
+            raise JournalError(f"the journal cannot be written now: {self.health.error}")
+
     async def retry(self, dispatch_id: int) -> bool:
-        """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED."""
+        """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED.
+
+        Raises JournalError at once while the journal is failing (``health``).
+        """
+        self._require_writable()
 
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -670,7 +944,11 @@ class Journal:
         source: str | None = None,
         relpath: str | None = None,
     ) -> int:
-        """Delete history so the file is sent again at the next scan; returns rows removed."""
+        """Delete history so the file is sent again at the next scan; returns rows removed.
+
+        Raises JournalError at once while the journal is failing (``health``).
+        """
+        self._require_writable()
 
         def op(conn: sqlite3.Connection) -> int:
             if dispatch_id is not None:

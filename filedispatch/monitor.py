@@ -11,19 +11,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ipaddress
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 from aiomonitor.monitor import Monitor, command_done, current_stdout, monitor_cli
 
-from .config import MonitorConfig, secrets_of
-from .errors import ServiceError
-from .history import format_rows, scrub
+from .config import MonitorConfig, is_loopback, secrets_of
+from .errors import JournalError, ServiceError
+from .history import format_rows, shown
 from .journal import COLUMNS
+from .textsafe import escape, escape_lines
 
 if TYPE_CHECKING:
     from .service import Service
@@ -31,15 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMANDS = "fd-status, fd-pause, fd-resume, fd-retry ID, fd-history [N]"
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
 
 
 def check_host(cfg: MonitorConfig) -> None:
@@ -131,10 +123,12 @@ def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
                 job(monitor.service, *args), monitor.service_loop
             )
             text = await asyncio.wrap_future(fut)
-            stdout.write(text.rstrip("\n") + "\n")
+            # each answer builds its lines from escaped values; this keeps a slip from
+            # reaching the operator's terminal as an escape sequence
+            stdout.write(escape_lines(text.rstrip("\n")) + "\n")
             stdout.flush()
         except Exception as exc:
-            monitor.print_fail(f"{type(exc).__name__}: {exc}")
+            monitor.print_fail(escape(f"{type(exc).__name__}: {exc}"))
         finally:
             done.set()
 
@@ -146,42 +140,56 @@ def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
 async def status_text(service: Service) -> str:
     """fd-status: the service's state, the queue and per-destination counts."""
     st = service.status()
-    counts = await service.journal.counts()
-    per_dest = await service.journal.read(
-        "SELECT destination, status, COUNT(*) FROM dispatches GROUP BY destination, status"
-    )
+    try:
+        counts = await service.journal.counts()
+        per_dest = await service.journal.read(
+            "SELECT destination, status, COUNT(*) FROM dispatches GROUP BY destination, status"
+        )
+    except JournalError:  # a removed journal may not even be read: the state still shows
+        counts, per_dest = {}, []
     journal: dict[str, dict[str, int]] = {}
     for dest, status, n in per_dest:
         journal.setdefault(dest, {})[status] = n
     secrets = secrets_of(service.config)
-    lines = [
-        f"filedispatch {st['version']}, up {st['uptime_s']}s, "
-        + ("PAUSED (fd-resume to continue)" if st["paused"] else "running"),
-        "sources:",
-    ]
+    journal_state: dict[str, Any] = st["journal"]  # type: ignore[assignment]
+    if journal_state["state"] != "ok":
+        state = f"PAUSED: journal {journal_state['state']}, resumes by itself once it is writable"
+    elif st["paused"]:
+        state = "PAUSED (fd-resume to continue)"
+    else:
+        state = "running"
+    lines = [f"filedispatch {st['version']}, up {st['uptime_s']}s, {state}"]
+    if journal_state["state"] != "ok":
+        lines.append(
+            f"journal {shown(journal_state['path'])}: {shown(journal_state['error'], secrets)} "
+            f"(since {time.strftime('%H:%M:%S', time.localtime(journal_state['since']))}, "
+            f"{journal_state['retries']} retries)"
+        )
+    lines.append("sources:")
     for s in st["sources"]:  # type: ignore[attr-defined]
         how = "polling" if s["polling"] else "inotify"
         state = "ready" if s["ready"] else "scanning"
-        err = f"; last error: {s['last_error']}" if s["last_error"] else ""
-        lines.append(f"  {s['name']}: {s['path']} ({how}, {state}{err})")
+        err = f"; last error: {shown(s['last_error'], secrets)}" if s["last_error"] else ""
+        lines.append(f"  {shown(s['name'])}: {shown(s['path'])} ({how}, {state}{err})")
     lines.append(
         f"queue: {counts.get('PENDING', 0)} pending, {counts.get('IN_PROGRESS', 0)} claimed; "
         f"in flight: {st['in_flight']}"
     )
     if st["stopped_sources"]:
-        lines.append(f"stopped after a failure: {', '.join(st['stopped_sources'])}")  # type: ignore[arg-type]
+        stopped = ", ".join(st["stopped_sources"])  # type: ignore[arg-type]
+        lines.append(f"stopped after a failure: {shown(stopped)}")
     lines.append("destinations (this run | journal):")
     run_stats: dict[str, dict[str, Any]] = st["destinations"]  # type: ignore[assignment]
     for dest in sorted(set(run_stats) | set(journal)):
         r = run_stats.get(dest, {})
         j = journal.get(dest, {})
         line = (
-            f"  {scrub(dest, secrets)}: {r.get('succeeded', 0)} ok, {r.get('failed', 0)} failed, "
+            f"  {shown(dest, secrets)}: {r.get('succeeded', 0)} ok, {r.get('failed', 0)} failed, "
             f"{r.get('retried', 0)} retried | {j.get('SUCCEEDED', 0)} succeeded, "
             f"{j.get('FAILED', 0)} failed, {j.get('PENDING', 0) + j.get('IN_PROGRESS', 0)} waiting"
         )
         if r.get("last_error"):
-            line += f"; last error: {scrub(r['last_error'], secrets)}"
+            line += f"; last error: {shown(r['last_error'], secrets)}"
         lines.append(line)
     return "\n".join(lines)
 

@@ -24,10 +24,10 @@ from pydantic import BaseModel
 
 from . import __version__
 from .asyncutil import first_completed
-from .config import Config, LocalDestination, load_config, watched_by
+from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, ServiceError
-from .journal import Journal, default_path
+from .errors import ConfigError, JournalUnavailableError, ServiceError
+from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -82,8 +82,13 @@ def _amend(model: _M, **changes: object) -> _M:
 def journal_lock(path: Path) -> Iterator[None]:
     """One service per journal: two would dispatch the same files twice."""
     lock_path = path.with_name(path.name + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot create the journal's lock file {lock_path}: {exc.strerror or exc}"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,8 +96,11 @@ def journal_lock(path: Path) -> Iterator[None]:
             raise ServiceError(
                 f"another filedispatch is already running on the journal {path}"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:  # the pid is for people; the lock alone keeps a second service out
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            log.warning("cannot write the pid into %s: %s", lock_path, exc.strerror or exc)
         yield
     finally:
         os.close(fd)
@@ -127,6 +135,9 @@ class Service:
     # ------------------------------------------------------------------ control
 
     def request_stop(self, reason: str = "requested") -> None:
+        journal = getattr(self, "journal", None)
+        if journal is not None:  # writes held for a full disk must not hold up the stop
+            journal.stop_retrying()
         if self.stop_event.is_set():
             log.info(
                 "already stopping (%s); in-flight deliveries are still finishing",
@@ -155,23 +166,30 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
-        from .config import secrets_of
-        from .logs import set_secrets
-
-        set_secrets(secrets_of(new))  # a new password must not reach the log either
+        self._publish_secrets()  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
             w.request_rescan()
         log.info("reloaded %s", path)
         return True
 
+    def _publish_secrets(self) -> None:
+        """Tell the log filter every secret of the config in force (the API token from its
+        environment variable included)."""
+        from .logs import set_secrets
+
+        set_secrets(secrets_of(self.config))
+
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
         d = self.dispatcher
+        health = self.journal.health
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
-            "paused": d.paused,
+            "paused": d.paused or not health.ok,
+            "pause_reason": "journal" if not health.ok else "operator" if d.paused else None,
+            "journal": {"path": str(self.db_path), **health.as_dict()},
             "sources": [
                 {
                     "name": w.config.key,
@@ -236,11 +254,35 @@ class Service:
                 # asyncio leaves SIG_DFL: a late SIGTERM would kill the caller's clean-up
                 signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
+    async def _open_journal(self, stack: contextlib.AsyncExitStack) -> Journal | None:
+        """The journal, once it can be opened: a full disk at the start is waited for (with a
+        capped backoff) rather than a crash at every restart; None if stopped meanwhile."""
+        delay, said = RETRY_FIRST_S, ""
+        while True:
+            try:
+                return await stack.enter_async_context(Journal.open(self.db_path))
+            except JournalUnavailableError as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.error("%s; waiting for it (retried every %g s at most)", exc, RETRY_MAX_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), delay)
+                return None
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    def _on_journal_health(self, health: JournalHealth) -> None:
+        if health.ok:  # files that arrived meanwhile: look for them now
+            for w in self.watchers:
+                w.request_rescan()
+
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
-        self.journal = await stack.enter_async_context(Journal.open(self.db_path))
-        resumed = await self.journal.resume_interrupted()
-        if resumed:
-            log.info("resuming %d dispatch(es) interrupted by the last stop", resumed)
+        self._publish_secrets()
+        journal = await self._open_journal(stack)
+        if journal is None:
+            return 0
+        self.journal = journal
+        journal.on_health(self._on_journal_health)
+        journal.resume_interrupted().add_done_callback(_report_resumed)
         roots = [
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]
@@ -363,3 +405,10 @@ class Service:
             cancelled,
             self.dispatcher.released,
         )
+
+
+def _report_resumed(fut: asyncio.Future[int]) -> None:
+    if fut.cancelled() or fut.exception() is not None:
+        return  # the journal failing is reported by the journal itself
+    if fut.result():
+        log.info("resuming %d dispatch(es) interrupted by the last stop", fut.result())

@@ -21,6 +21,7 @@ import watchfiles
 
 from . import sourcefile
 from .config import SourceConfig
+from .errors import JournalError
 from .models import FileVersion
 from .patterns import GlobSet
 from .sourcefile import WriterCheck
@@ -466,9 +467,11 @@ class SourceWatcher:
     def _handed_on(self, task: asyncio.Task[None]) -> None:
         """A batch handed on in the background failed (the journal could not be written):
         say so now and rescan soon. The files are still there and are offered again."""
-        if task.cancelled() or task.exception() is None:
-            return
-        self.last_error = f"{type(task.exception()).__name__}: {task.exception()}"
+        if not task.cancelled() and task.exception() is not None:
+            self._hand_on_failed(task.exception())  # type: ignore[arg-type]
+
+    def _hand_on_failed(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
         log.error(
             "handing on files from %s failed (%s); they are offered again at a rescan",
             self.root,
@@ -533,7 +536,10 @@ class SourceWatcher:
         if not versions:
             return
         if wait:
-            await self._hand_on(versions)
+            try:
+                await self._hand_on(versions)
+            except JournalError as exc:  # a scan goes on; the files are offered again
+                self._hand_on_failed(exc)
         else:
             self._emitting = asyncio.create_task(self._hand_on(versions), name=f"emit:{self.root}")
             self._emitting.add_done_callback(self._handed_on)

@@ -26,6 +26,15 @@ FILES = {  # inbox file -> size; .bin and .dat fail (see the rules); drop/f.txt 
 }
 
 
+BLOCKED = "blocker/sub/d.bin"  #: in the way of d.bin: its dispatch fails until it goes
+BLOCKED_REASON = "already exists"
+
+
+def unblock(root: Path) -> None:
+    """The cause of d.bin's failure goes away."""
+    (root / BLOCKED).unlink()
+
+
 @dataclass
 class Api:
     url: str
@@ -51,7 +60,8 @@ def api_config(root: Path, port: int, **api: Any) -> Path:
     inbox, drop = root / "inbox", root / "drop"
     inbox.mkdir(parents=True, exist_ok=True)
     drop.mkdir(exist_ok=True)
-    (root / "blocker").write_text("a file where a folder should be")
+    # a file already where d.bin goes, and on_conflict: fail (unblock() takes it away)
+    old(root / BLOCKED, 3)
     dead_port = free_port()  # nothing listens there: the FTP step fails at once
     return write_config(
         root / "config.yml",
@@ -64,7 +74,11 @@ def api_config(root: Path, port: int, **api: Any) -> Path:
             "rules": [
                 {"name": "docs", "extensions": ["txt", "pdf"], "to": str(root / "out" / "docs")},
                 {"name": "images", "extensions": ["png"], "to": str(root / "out" / "images")},
-                {"name": "broken", "extensions": ["bin"], "to": str(root / "blocker" / "sub")},
+                {
+                    "name": "broken",
+                    "extensions": ["bin"],
+                    "to": {"url": str(root / "blocker" / "sub"), "on_conflict": "fail"},
+                },
                 {
                     "name": "remote",
                     "extensions": ["dat"],

@@ -17,7 +17,15 @@ import yarl
 
 import filedispatch
 
-from .apiutil import FTP_PASSWORD, TOKEN, Api, api_config, env_without_token, running_api
+from .apiutil import (
+    FTP_PASSWORD,
+    TOKEN,
+    Api,
+    api_config,
+    env_without_token,
+    running_api,
+    unblock,
+)
 from .conftest import ServiceProcess, free_port, run_cli, wait_until
 
 ENTRY_FIELDS = {
@@ -40,12 +48,18 @@ async def call(
     *,
     token: str | None = TOKEN,
     raw_query: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, Any]:
-    """One request; the body as JSON when it is JSON, else as text."""
+    """One request; the body as JSON when it is JSON, else as text. A change (POST, DELETE)
+    says it is JSON, as the dashboard does and as the service requires."""
     url: Any = api.url + path
     if raw_query is not None:
         url = yarl.URL(f"{url}?{raw_query}", encoded=True)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if method not in ("GET", "HEAD"):
+        headers.setdefault("Content-Type", "application/json")
     async with (
         aiohttp.ClientSession() as session,
         session.request(method, url, params=params, headers=headers) as resp,
@@ -518,7 +532,7 @@ async def test_retry_requeues_a_failed_dispatch_and_it_is_sent(api: Api) -> None
     status, body = await call(api, "POST", f"/api/v1/logs/{ok['id']}/retry")
     assert status == 409 and "SUCCEEDED" in body["detail"]
     failed = api.rows("filename = 'd.bin'")[0]
-    (api.root / "blocker").unlink()  # the cause goes away
+    unblock(api.root)  # the cause goes away
     status, body = await call(api, "POST", f"/api/v1/logs/{failed['id']}/retry")
     assert status == 200, body
     assert body["id"] == failed["id"] and body["status"] in ("PENDING", "IN_PROGRESS", "SUCCEEDED")
@@ -551,7 +565,9 @@ async def test_forget_removes_the_entry_and_the_file_is_sent_again(api: Api) -> 
 def test_a_token_from_the_environment(tmp_path: Path) -> None:
     port = free_port()
     cfg = api_config(tmp_path, port)
-    svc = ServiceProcess(cfg, env=env_without_token(FILEDISPATCH_API_TOKEN="from-env")).start()
+    svc = ServiceProcess(
+        cfg, env=env_without_token(FILEDISPATCH_API_TOKEN="from-env-1234567890")
+    ).start()
     try:
         import urllib.error
         import urllib.request
@@ -560,10 +576,10 @@ def test_a_token_from_the_environment(tmp_path: Path) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(url, timeout=10)
         assert err.value.code == 401
-        req = urllib.request.Request(url, headers={"Authorization": "Bearer from-env"})
+        req = urllib.request.Request(url, headers={"Authorization": "Bearer from-env-1234567890"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
-        assert "token required" in svc.log() and "from-env" not in svc.log()
+        assert "token required" in svc.log() and "from-env-1234567890" not in svc.log()
     finally:
         assert svc.stop() == 0
 

@@ -17,7 +17,7 @@ from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
-from .apiutil import TOKEN, Api, running_api
+from .apiutil import BLOCKED_REASON, TOKEN, Api, running_api, unblock
 from .conftest import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
@@ -147,12 +147,12 @@ def test_the_dashboard_shows_filters_retries_and_charts(
     click(driver, f'#logs tr[data-id="{row["id"]}"] td.file')
     dialog = driver.find_element(By.ID, "detail")
     wait_until(dialog.is_displayed, 10)
-    assert "Not a directory" in dialog.text and "blocker" in dialog.text
+    assert BLOCKED_REASON in dialog.text and "blocker" in dialog.text
     dialog.find_element(By.CSS_SELECTOR, "button.close").click()
     wait_until(lambda: not dialog.is_displayed(), 10)
 
     # retry it once its cause is gone: the journal re-queues it and it is delivered
-    (api.root / "blocker").unlink()
+    unblock(api.root)
     click(driver, f'#logs tr[data-id="{row["id"]}"] button.retry')
     wait_until(lambda: api.rows("id = ?", (row["id"],))[0]["status"] == "SUCCEEDED", 20)
     done = api.rows("id = ?", (row["id"],))[0]

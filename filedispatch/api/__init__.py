@@ -7,23 +7,26 @@ except for the two history actions: retry a failed dispatch, forget one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import os
 from collections.abc import AsyncIterator
+from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from ..config import ApiConfig
+from ..config import ApiConfig, is_loopback
 from ..errors import ServiceError
 from ..journal import Journal
+from .guard import HostNames, auth_guard, host_guard, hosts_key, write_guard
 from .metrics import Outcomes, outcomes_key
 from .state import Reader, ServiceLink, journal_key, link_key, reader_key, token_key
-from .views import Handler, error_middleware, json_error, setup_routes
+from .views import error_middleware, json_error, setup_routes
 
-__all__ = ["ServiceLink", "create_app", "is_loopback", "resolve_token", "serve"]
+__all__ = ["ServiceLink", "create_app", "resolve_token", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -37,38 +40,6 @@ def resolve_token(config: ApiConfig) -> str | None:
     return None
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _protected(path: str) -> bool:
-    """The token guards the API and the metrics; /health and the dashboard's files stay open."""
-    return path.startswith("/api/") or path == "/metrics"
-
-
-@web.middleware
-async def _auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request.app[token_key]
-    if token and _protected(request.path):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        expected = token.encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), expected
-        ):
-            return json_error(
-                401,
-                "unauthorized",
-                "send the API token as the header 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": 'Bearer realm="filedispatch"'},
-            )
-    return await handler(request)
-
-
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     # the dashboard loads nothing from elsewhere, and this makes sure of it
     response.headers.setdefault(
@@ -80,12 +51,22 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def create_app(
-    journal: Journal, link: ServiceLink, *, token: str | None = None, readers: int = 2
+    journal: Journal,
+    link: ServiceLink,
+    *,
+    token: str | None = None,
+    readers: int = 2,
+    config: ApiConfig | None = None,
 ) -> web.Application:
-    """The application: routes, middlewares, and its journal readers (opened at startup)."""
+    """The application: routes, middlewares, and its journal readers (opened at startup).
+
+    ``config`` gives the host names it answers to (``api.host``, ``api.allowed_hosts``).
+    """
     app = web.Application(
-        middlewares=[error_middleware, _auth_middleware], client_max_size=64 * 1024
+        middlewares=[error_middleware, host_guard, write_guard, auth_guard],
+        client_max_size=64 * 1024,
     )
+    app[hosts_key] = HostNames.of(config or ApiConfig())
     app[journal_key] = journal
     app[link_key] = link
     app[token_key] = token
@@ -117,8 +98,8 @@ async def serve(config: ApiConfig, journal: Journal, link: ServiceLink) -> Async
             f"the {config.token_env or 'FILEDISPATCH_API_TOKEN'} environment variable, or "
             "listen on 127.0.0.1 (-H 127.0.0.1)"
         )
-    app = create_app(journal, link, token=token)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    app = create_app(journal, link, token=token, config=config)
+    runner = _Runner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
@@ -136,3 +117,77 @@ async def serve(config: ApiConfig, journal: Journal, link: ServiceLink) -> Async
         yield url
     finally:
         await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- below the app
+# What aiohttp's HTTP parser refuses (a malformed request line, bad headers, a body of the wrong
+# length) never reaches the app or its middlewares: aiohttp's connection handler answers it in
+# plain text and logs a traceback. These subclasses answer it in JSON and log one line; aiohttp
+# offers no other hook for it.
+
+
+def _refused(exc: BaseException | None, *, quote: bool = True) -> str | None:
+    """What the HTTP parser refused, on one line (None: not the parser's doing).
+
+    The parser's message quotes the bytes it refused (a header with a token in it, perhaps)
+    with a caret under them: ``quote=False`` leaves them out.
+    """
+    while exc is not None and not isinstance(exc, HttpProcessingError):
+        exc = exc.__cause__
+    if exc is None:
+        return None
+    lines = [line.strip() for line in exc.message.splitlines()]
+    lines = [x for x in lines if x.strip("^ ")]
+    if not quote:
+        lines = [x for x in lines if not x.startswith(("b'", 'b"', "bytearray("))]
+    return " ".join(lines).removesuffix(":")[:500] or "bad request"
+
+
+class _JsonErrors(web.RequestHandler):
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # a body that cannot be read (a bad chunk, a bad gzip) after the answer went out
+        refused = _refused(kw.get("exc_info"))
+        if refused is None:
+            super().log_exception(*args, **kw)
+        else:
+            log.warning("web app: the body of a request could not be read: %s", refused)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        detail = _refused(exc) or message or "the request could not be answered"
+        answer = _refused(exc, quote=False) or detail
+        if status >= 500 and not isinstance(exc, asyncio.TimeoutError):
+            log.error("web app: error answering a request from %s", request.remote, exc_info=exc)
+        else:
+            log.warning("web app: %d for a request from %s: %s", status, request.remote, detail)
+        if request.writer.output_size > 0:  # aiohttp's own rule: too late for another answer
+            raise ConnectionError("the response has started; no error can be sent")
+        try:
+            error = HTTPStatus(status).phrase.lower()
+        except ValueError:
+            error = "error"
+        response = json_error(status, error, answer)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrors(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **plain._kwargs,
+        )

@@ -106,6 +106,13 @@ def render(status: Mapping[str, Any], counts: Iterable[tuple[str, int]], outcome
     doc.sample("filedispatch_info", 1, version=str(status.get("version", "")))
     doc.family("filedispatch_uptime_seconds", "gauge", "Seconds since the service started.")
     doc.sample("filedispatch_uptime_seconds", float(status.get("uptime_s", 0.0)))
+    journal = dict(status.get("journal") or {})
+    doc.family(
+        "filedispatch_journal_writable",
+        "gauge",
+        "1 while the journal takes writes; 0 while it fails (intake and delivery paused).",
+    )
+    doc.sample("filedispatch_journal_writable", int(journal.get("state", "ok") == "ok"))
     by_status = dict(counts)
     doc.family("filedispatch_queue_depth", "gauge", "Dispatches waiting (PENDING journal rows).")
     doc.sample("filedispatch_queue_depth", by_status.get("PENDING", 0))

@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 from .. import __version__
+from ..journal import JournalState
 from .queries import (
     DEFAULT_LIMIT,
     LIST_PARAMS,
@@ -105,6 +106,15 @@ _E400 = _json(_ERROR, "A parameter is invalid or unknown; `parameter` names it."
 _E401 = _json(_ERROR, "A token is configured and the request did not carry it.")
 _E404 = _json(_ERROR, "No dispatch has this id.")
 _E503 = _json(_ERROR, "The journal cannot be read right now.")
+_E421 = _json(_ERROR, "The Host header names neither this service nor api.allowed_hosts.")
+_E403 = _json(_ERROR, "The request comes from a page of another origin (Origin, Sec-Fetch-Site).")
+_E415 = _json(_ERROR, "A change must say `Content-Type: application/json`.")
+#: what a change (POST, DELETE) sends: nothing, or JSON that is ignored, but declared JSON
+_CHANGE_BODY = {
+    "required": False,
+    "description": "Empty, or any JSON (ignored); the Content-Type must be application/json.",
+    "content": {"application/json": {"schema": {}}},
+}
 _ID = {
     "name": "id",
     "in": "path",
@@ -120,12 +130,16 @@ def _op(
     *errors: tuple[str, dict[str, Any]],
     params: list[dict[str, Any]] | None = None,
     secure: bool = True,
+    change: bool = False,
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": params or [],
-        "responses": {**ok, **dict(errors)},
+        "responses": {**ok, **dict(errors), "421": _E421},
     }
+    if change:
+        op["requestBody"] = _CHANGE_BODY
+        op["responses"] |= {"403": _E403, "415": _E415}
     if secure:
         op["responses"]["401"] = _E401
     else:
@@ -176,12 +190,27 @@ def openapi() -> dict[str, Any]:
                 "uptime_s": {"type": "number"},
                 "started": {"type": "string", "format": "date-time"},
                 "paused": {"type": "boolean"},
+                "pause_reason": {
+                    "type": "string",
+                    "enum": ["operator", "journal"],
+                    "nullable": True,
+                },
+                "journal": {"$ref": "#/components/schemas/Journal"},
                 "sources": {"type": "array", "items": {"type": "object"}},
                 "stopped_sources": {"type": "array", "items": _STR},
-                "queue_depth": _INT,
+                "queue_depth": _NULL_INT,
                 "in_flight": _INT,
-                "counts": {"type": "object", "additionalProperties": _INT},
+                "counts": {"type": "object", "additionalProperties": _INT, "nullable": True},
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
+            }
+        ),
+        "Journal": _object(
+            {
+                "path": _STR,
+                "state": {"type": "string", "enum": [s.value for s in JournalState]},
+                "error": {"type": "string", "nullable": True},
+                "since": {"type": "number", "nullable": True},
+                "retries": _INT,
             }
         ),
         "Health": {
@@ -191,6 +220,7 @@ def openapi() -> dict[str, Any]:
                 "version": _STR,
                 "uptime_s": {"type": "number"},
                 "detail": _STR,
+                "journal": {"$ref": "#/components/schemas/Journal"},
             },
             "required": ["status"],
         },
@@ -221,6 +251,7 @@ def openapi() -> dict[str, Any]:
                 ("404", _E404),
                 ("409", _json(_ERROR, "The dispatch is being delivered right now.")),
                 params=[_ID],
+                change=True,
             ),
         },
         "/api/v1/logs/{id}/retry": {
@@ -231,6 +262,7 @@ def openapi() -> dict[str, Any]:
                 ("404", _E404),
                 ("409", _json(_ERROR, "The dispatch is not FAILED.")),
                 params=[_ID],
+                change=True,
             )
         },
         "/api/v1/stats": {
@@ -260,9 +292,17 @@ def openapi() -> dict[str, Any]:
         },
         "/health": {
             "get": _op(
-                "Liveness for load balancers and systemd: 200 while the journal can be read.",
+                "Liveness for load balancers and systemd: 200 while the journal can be read "
+                "and written; 503 while it cannot (intake and delivery are then paused).",
                 {"200": _json({"$ref": ref + "Health"}, "Up.")},
-                ("503", _json({"$ref": ref + "Health"}, "The journal cannot be read.")),
+                (
+                    "503",
+                    _json(
+                        {"$ref": ref + "Health"},
+                        "The journal cannot be read or written (disk full, I/O error, "
+                        "read-only, locked, removed or replaced): `detail` says why.",
+                    ),
+                ),
                 secure=False,
             )
         },
@@ -285,7 +325,9 @@ def openapi() -> dict[str, Any]:
             "title": "filedispatch",
             "version": __version__,
             "description": "History and status of a filedispatch service. When a token is "
-            "configured, /api/* and /metrics need `Authorization: Bearer <token>`.",
+            "configured, /api/* and /metrics need `Authorization: Bearer <token>`. Only a "
+            "Host header naming the service is answered; a change (POST, DELETE) must say "
+            "`Content-Type: application/json` and must not come from a page of another origin.",
         },
         "paths": paths,
         "components": {

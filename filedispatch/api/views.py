@@ -7,6 +7,7 @@ the journal's retry and forget. Every error leaves as JSON ``{"error", "detail"}
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -160,16 +161,24 @@ def _scrubbed(value: Any) -> Any:
 
 async def status(request: web.Request) -> web.Response:
     snap = dict(request.app[link_key].status())
-    counts = await _counts(request)
+    journal = snap.get("journal") or {}
+    try:
+        counts: dict[str, int] | None = await _counts(request)
+    except JournalError:
+        if journal.get("state", "ok") == "ok":
+            raise
+        counts = None  # a removed journal may not even be read: the state still answers
     uptime = float(snap.get("uptime_s", 0.0))
     body = {
         "version": snap.get("version"),
         "uptime_s": uptime,
         "started": queries.iso(time.time() - uptime),
         "paused": bool(snap.get("paused", False)),
+        "pause_reason": snap.get("pause_reason"),
+        "journal": journal,
         "sources": snap.get("sources", []),
         "stopped_sources": snap.get("stopped_sources", []),
-        "queue_depth": counts["PENDING"],
+        "queue_depth": counts["PENDING"] if counts is not None else None,
         "in_flight": int(snap.get("in_flight", 0)),
         "counts": counts,
         "destinations": snap.get("destinations", {}),
@@ -178,8 +187,16 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while the journal can be read and written; 503 with the reason otherwise."""
     snap = request.app[link_key].status()
     body = {"status": "ok", "version": snap.get("version"), "uptime_s": snap.get("uptime_s")}
+    journal = snap.get("journal") or {}
+    if journal.get("state", "ok") != "ok":
+        detail = f"journal {journal['state']}: {journal.get('error')}"
+        return web.json_response(
+            _scrubbed({**body, "status": "unavailable", "detail": detail, "journal": journal}),
+            status=503,
+        )
     try:
         await request.app[reader_key].fetch("SELECT 1 FROM dispatches LIMIT 1")
     except JournalError as exc:
@@ -200,14 +217,42 @@ async def schema(request: web.Request) -> web.Response:
     return web.json_response(openapi())
 
 
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+@functools.cache
+def static_files() -> Mapping[str, tuple[bytes, str]]:
+    """The dashboard's files by name, read once: nothing else is ever served from disk, so
+    no path in a request can name another file."""
+    return {
+        p.name: (p.read_bytes(), MEDIA_TYPES[p.suffix])
+        for p in STATIC.iterdir()
+        if p.is_file() and p.suffix in MEDIA_TYPES
+    }
+
+
+def _static(name: str) -> web.Response:
+    found = static_files().get(name)
+    if found is None:
+        raise web.HTTPNotFound()
+    body, media_type = found
+    return web.Response(
+        body=body, content_type=media_type, charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return _static("index.html")
+
+
+async def static_file(request: web.Request) -> web.Response:
+    return _static(request.match_info["name"])
 
 
 def setup_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/", dashboard)
-    r.add_static("/static/", STATIC, append_version=False)
+    r.add_get("/static/{name}", static_file)
     r.add_get("/health", health)
     r.add_get("/metrics", prometheus)
     r.add_get("/api/v1/logs", list_logs)

@@ -15,7 +15,7 @@ import signal
 from asyncio.subprocess import DEVNULL, PIPE
 
 from .. import sourcefile
-from ..config import CommandStep
+from ..config import CommandStep, scrub, secrets_of
 from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from ..shell import compile_command, placeholder_values
@@ -47,6 +47,8 @@ class CommandProcessor:
     def __init__(self, step: CommandStep) -> None:
         self.step = step
         self.script = compile_command(step.command)
+        #: its env values (and any other secret of the step) never leave in its output
+        self.secrets = secrets_of(step)
 
     async def aclose(self) -> None:
         return None
@@ -102,10 +104,10 @@ class CommandProcessor:
         finally:
             for reader in readers:
                 reader.cancel()
-        if code == 0:
-            last = _text(out).rpartition("\n")[2][:DETAIL_CHARS]
+        if code == 0:  # scrubbed before it is cut: a cut secret could not be found
+            last = scrub(_text(out), self.secrets).rpartition("\n")[2][:DETAIL_CHARS]
             return Outcome(self.step.display, detail=f"exit 0: {last}" if last else "exit 0")
-        raise _failure(code, _text(err))
+        raise _failure(code, scrub(_text(err), self.secrets))
 
 
 async def _tail(stream: asyncio.StreamReader, kept: bytearray) -> None:

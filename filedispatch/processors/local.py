@@ -134,7 +134,7 @@ def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
 
 
 class LocalProcessor:
-    """Delivers into one folder: by copy, or by renaming a consumed source going nowhere else."""
+    """Delivers into one folder: by copy, or by renaming a consumed source (its one destination)."""
 
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest

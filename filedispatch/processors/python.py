@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import sourcefile
-from ..config import PythonStep
+from ..config import PythonStep, scrub, secrets_of
 from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
@@ -60,6 +60,8 @@ class PythonProcessor:
         self._wants_context = False
         self._lock = asyncio.Lock()
         self._running: set[threading.Thread] = set()
+        #: its args and kwargs are secrets: an exception or a result echoing them is scrubbed
+        self.secrets = secrets_of(step)
 
     async def aclose(self) -> None:
         hung = [t for t in self._running if t.is_alive()]
@@ -77,7 +79,8 @@ class PythonProcessor:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:  # closing must not stop the other processors closing
-                log.warning("%s: close() failed: %s: %s", self.step.python, type(exc).__name__, exc)
+                reason = scrub(f"{type(exc).__name__}: {exc}", self.secrets)
+                log.warning("%s: close() failed: %s", self.step.python, reason)
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         target = await self._load()
@@ -105,12 +108,22 @@ class PythonProcessor:
                 if inspect.isawaitable(value):  # a sync wrapper that hands back a coroutine
                     value = await value
         except SystemExit as exc:  # must not end the service
-            raise _exit_error(exc) from None
-        except DeliveryError:
-            raise  # the callable chose: PermanentDeliveryError fails now, Transient retries
+            raise self._scrubbed(_exit_error(exc)) from None
+        except DeliveryError as exc:  # the callable chose: Permanent fails now, Transient retries
+            raise self._scrubbed(exc) from exc.__cause__
         except Exception as exc:
-            raise _translate(exc) from exc
+            raise self._scrubbed(_translate(exc)) from exc  # its kind is the error type
         return value
+
+    def _scrubbed(self, exc: DeliveryError) -> DeliveryError:
+        """``exc`` with the step's secrets hidden in its message (the same class and hint)."""
+        text = str(exc)
+        clean = scrub(text, self.secrets)
+        if clean == text:
+            return exc
+        if isinstance(exc, TransientDeliveryError):
+            return TransientDeliveryError(clean, retry_after=exc.retry_after)
+        return PermanentDeliveryError(clean)
 
     async def _load(self) -> Callable[..., Any]:
         if self._target is not None:
@@ -130,7 +143,7 @@ class PythonProcessor:
                         else:  # in a thread: a sync __init__ may connect somewhere
                             instance = await self._in_thread(obj)
                     except Exception as exc:
-                        raise _translate(exc) from exc
+                        raise self._scrubbed(_translate(exc)) from exc
                     obj = self._instance = instance
                 if not callable(obj):
                     raise PermanentDeliveryError(f"{self.step.python} is not callable")
@@ -180,7 +193,7 @@ class PythonProcessor:
         produced = _as_file(value)
         if produced is not None and produced not in (ctx.input, ctx.version.path):
             return Outcome(str(produced), produced=produced, detail=f"produced {produced.name}")
-        detail = None if value is None else f"returned {_repr.repr(value)}"
+        detail = None if value is None else scrub(f"returned {_repr.repr(value)}", self.secrets)
         return Outcome(self.step.display, detail=detail)
 
 

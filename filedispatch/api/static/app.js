@@ -19,6 +19,9 @@ const state = {
 
 async function api(path, options = {}) {
   const headers = { Accept: "application/json" };
+  // the service refuses a change (retry, forget) that is not declared JSON: a page on another
+  // site cannot send that type without asking first, and this service never says yes
+  if (options.method && options.method !== "GET") headers["Content-Type"] = "application/json";
   const token = localStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = "Bearer " + token;
   const resp = await fetch(path, { ...options, headers });
@@ -63,6 +66,20 @@ function uptime(s) {
   return d ? `${d}d ${h}h` : h ? `${h}h ${m}m` : `${m}m ${Math.floor(s % 60)}s`;
 }
 
+// what a file's writer named cannot break a line, drive anything, or reorder what is around it:
+// control and bidi characters are shown as the escapes the log and the console use
+const UNSAFE = /[\u0000-\u001f\u007f-\u009f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]/gu;
+const NAMED = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+function shown(text) {
+  if (text === null || text === undefined) return "";
+  return String(text).replace(UNSAFE, (c) => {
+    if (NAMED[c]) return NAMED[c];
+    const code = c.charCodeAt(0);
+    return code < 0x100 ? "\\x" + code.toString(16).padStart(2, "0") : "\\u" + code.toString(16).padStart(4, "0");
+  });
+}
+
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   Object.assign(node, props);
@@ -75,11 +92,19 @@ function el(tag, props = {}, ...children) {
 async function refreshStatus() {
   const s = await api("/api/v1/status");
   $("#version").textContent = s.version;
-  $("#queue-depth").textContent = s.queue_depth;
+  $("#queue-depth").textContent = s.queue_depth ?? "–";
   $("#in-flight").textContent = s.in_flight;
-  $("#succeeded").textContent = s.counts.SUCCEEDED;
-  $("#failures").textContent = s.counts.FAILED;
+  $("#succeeded").textContent = s.counts ? s.counts.SUCCEEDED : "–";
+  $("#failures").textContent = s.counts ? s.counts.FAILED : "–";
   $("#uptime").textContent = uptime(s.uptime_s);
+  // the journal failing pauses everything: say so in the header, with what to do
+  const failing = s.journal && s.journal.state !== "ok";
+  $("#state").textContent = failing ? `paused: journal ${s.journal.state}` : s.paused ? "paused" : "running";
+  $("#state-card").className = failing ? "card bad" : s.paused ? "card warn" : "card ok";
+  $("#journal-alert").hidden = !failing;
+  $("#journal-alert").textContent = failing
+    ? `The journal cannot be written: ${s.journal.error}. Intake and delivery are paused and resume by themselves.`
+    : "";
 }
 
 // ---------------------------------------------------------------- history table
@@ -120,8 +145,8 @@ function renderRow(e) {
   for (const [text, cls] of cells) {
     const td = el("td", { className: cls });
     if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
-    else td.textContent = text;
-    if (cls === "reason") td.title = e.reason || "";
+    else td.textContent = shown(text);
+    if (cls === "reason") td.title = shown(e.reason || "");
     tr.append(td);
   }
   const action = el("td");
@@ -169,7 +194,7 @@ async function openDetail(id) {
       let v = d[f];
       if (v === null || v === undefined || v === "") continue;
       if (["created", "started", "finished", "next_attempt"].includes(f)) v = `${when(v)} (${v})`;
-      dl.append(el("dt", { textContent: f }), el("dd", { textContent: String(v) }));
+      dl.append(el("dt", { textContent: f }), el("dd", { textContent: shown(v) }));
     }
     $("#detail-retry").hidden = d.status !== "FAILED";
     $("#detail").showModal();
