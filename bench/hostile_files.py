@@ -83,6 +83,10 @@ class Receiver:
         return web.Response(status=201, text="ok")
 
     def close(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        except Exception:  # noqa: BLE001 - closing a measuring tool: say nothing more
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
 
