@@ -85,7 +85,7 @@ class Receiver:
     def close(self) -> None:
         try:
             asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        except Exception:  # noqa: BLE001 - closing a measuring tool: say nothing more
+        except Exception:  # closing a measuring tool: nothing more to say
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
