@@ -324,9 +324,6 @@ class WriterCheck:
             except OSError:
                 return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None
             try:
                 # a writer opening it while we hold the lease makes the kernel signal us
                 # (SIGIO by default, which would end the process): SIGURG is ignored
@@ -335,7 +332,8 @@ class WriterCheck:
             except OSError as exc:
                 if exc.errno == errno.EAGAIN:
                     return True
-                return st.st_dev, st.st_ino  # EACCES (not ours), EINVAL (no leases here)
+                st = os.fstat(fd)  # EACCES (not ours), EINVAL (no leases here, or not a file)
+                return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
             return False
         finally:

@@ -428,3 +428,32 @@ def test_a_link_pointing_outside_is_never_taken_even_when_following(
     assert svc.stop() == 0
     assert delivered(ws["outbox"]) == {"fine.txt": b"fine"}
     assert secret.read_bytes() == SECRET and os.path.islink(ws["inbox"] / "s.key")
+
+
+def test_a_writer_in_another_process_is_found_by_lease_and_by_proc(tmp_path: Path) -> None:
+    """Both ways of telling a file is still being written see a real writer process: the
+    lease (refused) and the /proc scan used where no lease can be had."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"begun")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1], 'ab'); print(1, flush=True); "
+         "sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == b"1"
+        st = path.stat()
+        assert sourcefile.WriterCheck().busy(tmp_path, ["w.bin"]) == {"w.bin"}
+        found, _ = sourcefile.proc_writers()
+        assert (st.st_dev, st.st_ino) in found
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.close()
+        writer.wait(10)
+    assert sourcefile.WriterCheck().busy(tmp_path, ["w.bin"]) == set()
+    found, _ = sourcefile.proc_writers()
+    assert (st.st_dev, st.st_ino) not in found
