@@ -90,6 +90,10 @@ def open_root(root: str | Path) -> int:
 
 def open_at(top: int, relpath: str, flags: int = READ_FLAGS) -> int:
     """``open_beneath`` from a descriptor of the source folder (one per batch of files)."""
+    if "/" not in relpath:  # one component: O_NOFOLLOW says it all, and costs no ctypes call
+        if relpath in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "not a plain relative path", relpath)
+        return os.open(relpath, flags | os.O_NOFOLLOW, dir_fd=top)
     parts = _parts(relpath)
     if openat2 is not None:
         if flags & os.O_PATH:  # openat2 refuses every other flag beside O_PATH

@@ -48,6 +48,10 @@ NETWORK_FS = frozenset(
         "fuse.davfs2",
     }
 )
+#: filesystems on a local disk (or in memory), where opening a regular file never waits for
+#: a server: the open-writers gate runs inline there (a thread per batch costs more in GIL
+#: hand-overs than the few syscalls per file it would move off the loop)
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "jfs"})
 BATCH = 500
 #: seconds between looks at a file someone still holds open for writing (at least; ``settle``
 #: is used when longer, up to 2 s)
@@ -127,6 +131,7 @@ class SourceWatcher:
         self._emitting: asyncio.Task[None] | None = None
         self._real_root = os.path.realpath(self.root)
         self.writers = WriterCheck()  #: the open-writers gate (``open_writers: check``)
+        self._local_fs = False  #: decided at start: see LOCAL_FS
         self._told_unknown = False
 
     # ------------------------------------------------------------------ running
@@ -138,6 +143,7 @@ class SourceWatcher:
         except OSError as exc:
             log.error("source %s cannot be created: %s", self.root, exc.strerror or exc)
         self._real_root = os.path.realpath(self.root)
+        self._local_fs = mount_fstype(self.root) in LOCAL_FS
         self.polling = self._decide_polling()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._settle_loop(stop), name=f"settle:{self.config.key}")
@@ -486,7 +492,11 @@ class SourceWatcher:
     async def _no_writers(self, versions: list[FileVersion]) -> list[FileVersion]:
         """The versions nobody holds open for writing any more. The others are still being
         written (a writer that paused is not done): they are looked at again shortly."""
-        busy = await asyncio.to_thread(self.writers.busy, self.root, [v.relpath for v in versions])
+        rels = [v.relpath for v in versions]
+        if self._local_fs:  # a lease on a local file is a few syscalls that never wait
+            busy = self.writers.busy(self.root, rels)
+        else:
+            busy = await asyncio.to_thread(self.writers.busy, self.root, rels)
         if self.writers.unknown and not self._told_unknown:
             self._told_unknown = True
             log.warning(

@@ -141,9 +141,26 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
+        #: source folder -> a descriptor naming it (O_PATH), for the inline moves' renames
+        self._sources: dict[str, int] = {}
 
     async def aclose(self) -> None:
-        return None
+        sources, self._sources = self._sources, {}
+        for fd in sources.values():
+            os.close(fd)
+
+    def _source_dir(self, root: Path, fresh: bool = False) -> int:
+        """A descriptor of a source folder, kept: one open per source, not one per file. A
+        source folder replaced meanwhile is found again (``fresh``) when a name is missing."""
+        key = str(root)
+        fd = self._sources.get(key)
+        if fd is not None and fresh:
+            del self._sources[key]
+            os.close(fd)
+            fd = None
+        if fd is None:
+            fd = self._sources[key] = os.open(key, sourcefile.PATH_FLAGS | os.O_DIRECTORY)
+        return fd
 
     def _target(self, ctx: StepContext) -> PurePosixPath:
         return render_target(self.dest.name, ctx)
@@ -300,22 +317,29 @@ class LocalProcessor:
         """Rename the source itself to its final name, once the name is checked to be the
         planned version (a regular file, not a link: a link is never moved into a
         destination, its target is copied instead). Plain strings, not Paths: this runs once
-        per file, inline, so it only names files (O_PATH) and never opens one."""
+        per file, inline, so it only looks at files (lstat) and never opens one."""
         root = self._root
         folder = rel.rpartition("/")[0]
         self._mkdirs(f"{root}/{folder}" if folder else root)
         version = ctx.version
         parent, _, name = version.relpath.rpartition("/")
         try:
-            flags = sourcefile.PATH_FLAGS | os.O_DIRECTORY
+            top = self._source_dir(version.root)
+            dirfd = top
             if parent:
-                dirfd = sourcefile.open_beneath(version.root, parent, flags)
-            else:
-                dirfd = os.open(version.root, flags)
+                dirfd = sourcefile.open_at(top, parent, sourcefile.PATH_FLAGS | os.O_DIRECTORY)
         except OSError as exc:  # a folder of the path is a link now, or gone: copy (or refuse)
-            raise MoveUnavailable(f"{parent}: {exc.strerror}", this_file=True) from None
+            raise MoveUnavailable(
+                f"{parent or version.root}: {exc.strerror}", this_file=True
+            ) from None
         try:
-            st = self._check_name(version, dirfd, name)
+            try:
+                st = self._check_name(version, dirfd, name)
+            except SourceVanishedError:
+                if parent or not self._source_replaced(version.root):
+                    raise
+                dirfd = top = self._source_dir(version.root, fresh=True)
+                st = self._check_name(version, dirfd, name)
             try:
                 try:
                     put(name, f"{root}/{rel}", dirfd)  # the usual case: the name is free
@@ -334,24 +358,30 @@ class LocalProcessor:
                 return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
             self._check_moved(version, dirfd, name, st, f"{root}/{final}")
         finally:
-            os.close(dirfd)
+            if dirfd != top:
+                os.close(dirfd)
         return Outcome(f"{root}/{final}", detail="moved")
+
+    def _source_replaced(self, root: Path) -> bool:
+        """Whether the kept descriptor of ``root`` no longer names the folder at that path."""
+        fd = self._sources.get(str(root))
+        try:
+            kept, now = os.fstat(fd) if fd is not None else None, os.stat(root)
+        except OSError:
+            return False
+        return kept is None or (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino)
 
     @staticmethod
     def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
-        """The planned version at ``name`` in ``dirfd``, named (O_PATH) but never opened."""
+        """The planned version at ``name`` in ``dirfd``, looked at: never opened, never followed."""
         try:
-            fd = os.open(name, sourcefile.PATH_FLAGS | os.O_NOFOLLOW, dir_fd=dirfd)
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         except FileNotFoundError:
             raise SourceVanishedError(
                 f"the file {version.path} vanished before it could be sent"
             ) from None
         except OSError as exc:
             raise PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror}") from exc
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
         if stat.S_ISLNK(st.st_mode):  # followed within the source by the copying path
             raise MoveUnavailable(f"{version.relpath} is a symbolic link", this_file=True)
         if not stat.S_ISREG(st.st_mode):
