@@ -28,13 +28,28 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+#: the largest whole number the journal (SQLite) stores; a larger id or limit cannot be asked
+MAX_INTEGER = 2**63 - 1
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_INTEGER}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite, non-negative number of seconds, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:  # also refuses nan, which compares false
+        raise argparse.ArgumentTypeError("must be 0 to 86400 seconds")
     return value
 
 
@@ -80,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-timeout",
-        type=float,
+        type=_seconds,
         default=90.0,
         metavar="S",
         help="with -x: how long to wait for in-flight deliveries (default: 90)",
@@ -148,12 +163,12 @@ def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     hlist.add_argument("--limit", type=_positive, default=20, metavar="N", help="(default: 20)")
     hlist.add_argument("--json", action="store_true", help="print JSON")
     show = hsub.add_parser("show", parents=[journal], help="every field of one dispatch")
-    show.add_argument("id", type=int, help="a dispatch id (see history list)")
+    show.add_argument("id", type=_positive, help="a dispatch id (see history list)")
     forget = hsub.add_parser(
         "forget", parents=[journal], help="delete history so the file is sent again"
     )
     which = forget.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", type=int, nargs="?", help="a dispatch id (see history list)")
+    which.add_argument("id", type=_positive, nargs="?", help="a dispatch id (see history list)")
     which.add_argument("--path", help="a file's path in its source (relative or absolute)")
     hstats = hsub.add_parser("stats", parents=[journal], help="counts per day, week or month")
     hstats.add_argument("--period", choices=["day", "week", "month"], default="day")
@@ -367,7 +382,28 @@ def cmd_check(path: Path) -> int:
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
             say(f"       {j}) {step.kind}: {step.display}{extra}")
-    return EXIT_OK
+    problems = verify_problems(config)
+    for problem in problems:
+        say(f"{path}: {problem}", sys.stderr)
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def verify_problems(config: Config) -> list[str]:
+    """FTP destinations with ``verify: sha256`` whose server cannot hash (asked over FTP)."""
+    from .config import FtpDestination
+    from .processors.ftp import sha256_problem
+
+    steps = {
+        s.display: s
+        for r in config.rules
+        for s in r.to
+        if isinstance(s, FtpDestination) and s.verify == "sha256"
+    }
+
+    async def ask() -> list[str | None]:
+        return list(await asyncio.gather(*(sha256_problem(s) for s in steps.values())))
+
+    return [p for p in asyncio.run(ask()) if p] if steps else []
 
 
 def cmd_explain(path: Path, files: list[Path]) -> int:

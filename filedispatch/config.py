@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,7 +49,10 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 )
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: a variable a shell command names, ``${VAR}`` or ``$VAR`` (the shell expands both)
+_SHELL_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
 
 
 def parse_size(value: int | str) -> int:
@@ -159,6 +162,8 @@ class _Step(_Model):
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
+#: what is checked after a delivery: nothing, the size that arrived, or its SHA-256
+Verify = Literal["none", "size", "sha256"]
 
 
 class _UrlStep(_Step):
@@ -170,6 +175,8 @@ class _UrlStep(_Step):
     #: naming template for the delivered file, relative to the destination folder
     name: str = "{relpath}"
     on_conflict: OnConflict = "rename"
+    #: check what arrived before the delivery counts (see docs/integrity.md, item 10)
+    verify: Verify = "size"
 
     @cached_property
     def parts(self) -> Any:
@@ -238,6 +245,10 @@ class Expect(_Model):
     contains: str | None = None  #: the body must contain this text
     json_field: str | None = None  #: the JSON body must have this (dotted) field, truthy
     json_value: Any = None  #: ... and, if set, equal to this
+    #: the (dotted) JSON field where the server echoes the size it received, for ``verify``
+    size_field: str | None = None
+    #: the (dotted) JSON field where it echoes the hex SHA-256 it received, for ``verify``
+    sha256_field: str | None = None
 
 
 class HttpTimeout(_Model):
@@ -260,10 +271,25 @@ class HttpDestination(_UrlStep):
     headers: Annotated[dict[str, str], CREDENTIALS] = Field(default_factory=dict)
     token: SecretStr | None = None  #: sent as ``Authorization: Bearer ...``
     http_timeout: HttpTimeout = HttpTimeout()
-    verify: bool = True
+    tls_verify: bool = True  #: check the server's TLS certificate (``verify: true|false`` too)
     ca_file: FsPath | None = None
     expect: Expect = Expect()
-    chunk_size: int = Field(1024 * 1024, ge=1024)  #: bytes read and sent at a time
+    #: bytes read and sent at a time (1 KiB to 64 MiB: each chunk is held in memory)
+    chunk_size: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        # RFC 9110 5.1 and 5.5: a name is a token; a value never holds CR, LF or NUL (they
+        # would end the header, and aiohttp refuses them only when the first file is sent)
+        for name, text in value.items():
+            if not _TOKEN_RE.fullmatch(name):
+                raise ValueError("a header name must be a token (letters, digits, !#$%&'*+-.^_`|~)")
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of header {name} holds a line break or NUL")
+        return value
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
 
     @field_validator("url")
     @classmethod
@@ -294,8 +320,12 @@ class FtpDestination(_UrlStep):
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and log in
     socket_timeout: PositiveSeconds = 60.0  #: seconds, the longest silence on a connection
     pool_size: int = Field(4, ge=1, le=32)  #: connections kept open to this server
-    verify: bool = True
+    tls_verify: bool = True  #: check the server's TLS certificate (``verify: true|false`` too)
     ca_file: FsPath | None = None
+    #: upload under a hidden temporary name, then rename; false: under the final name
+    temp_name: bool = True
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
 
     @field_validator("url")
     @classmethod
@@ -329,6 +359,7 @@ class SftpDestination(_UrlStep):
     insecure_skip_host_key_check: bool = False
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and authenticate
     pool_size: int = Field(2, ge=1, le=32)
+    temp_name: bool = True  #: as for FTP
 
     @field_validator("url")
     @classmethod
@@ -360,6 +391,18 @@ def _remote_url(value: str, schemes: tuple[str, ...]) -> Any:
     if not parts.hostname:
         raise ValueError("the URL has no host")
     return parts
+
+
+def _tls_spelling(data: Any) -> Any:
+    """``verify: true|false`` was the TLS switch before ``verify`` named the arrival check:
+    a boolean still means ``tls_verify``."""
+    if isinstance(data, dict) and isinstance(data.get("verify"), bool):
+        data = dict(data)
+        flag = data.pop("verify")
+        if "tls_verify" in data:
+            raise ValueError("give tls_verify, not both verify: true|false and tls_verify")
+        data["tls_verify"] = flag
+    return data
 
 
 def _check_one_password(step: FtpDestination | SftpDestination) -> None:
@@ -849,8 +892,8 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
         elif any(isinstance(m, SecretUrl) for m in marks) and isinstance(value, str):
             yield from _url_secrets(value)
         elif any(isinstance(m, ShellVariables) for m in marks) and isinstance(value, str):
-            for match in _ENV_RE.finditer(value):
-                yield os.environ.get(match.group(1), "")
+            for match in _SHELL_VAR_RE.finditer(value):
+                yield os.environ.get(match.group(1) or match.group(2), "")
         elif any(isinstance(m, Credentials) for m in marks) and isinstance(value, Mapping):
             for key, item in value.items():
                 if _CREDENTIAL_NAME.search(str(key)):
@@ -869,6 +912,10 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
 
 #: shorter values are not scrubbed: hiding every "a" or "42" would garble every message
 MIN_SECRET_CHARS = 3
+#: the shortest piece of a secret hidden where a message was cut short through it
+MIN_CUT_CHARS = 4
+#: what a shortened message shows where text was left out (reprlib, our own reasons)
+_ELLIPSES = ("...", "\u2026")
 
 
 def secrets_of(config: Config | BaseModel) -> list[str]:
@@ -888,11 +935,34 @@ def secrets_of(config: Config | BaseModel) -> list[str]:
     return sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
 
-def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with each of ``secrets`` (longest first, as secrets_of gives them) as ``***``."""
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first, as secrets_of gives them) as ``***``.
+
+    A message shortened before it got here (an HTTP answer quoted up to 200 characters, the
+    tail of a command's output, an exception cut at 1000, ``reprlib``) may hold only a piece
+    of a secret where it was cut: at its start or end, or beside ``...``. Such a piece of
+    MIN_CUT_CHARS or more is hidden too.
+    """
+    secrets = list(secrets)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, "***")
+    for secret in secrets:
+        if len(secret) > MIN_CUT_CHARS:
+            text = _scrub_cut(text, secret)
+    return text
+
+
+def _scrub_cut(text: str, secret: str) -> str:
+    marks = [m for m in _ELLIPSES if m in text]
+    for k in range(len(secret) - 1, MIN_CUT_CHARS - 1, -1):
+        head, tail = secret[:k], secret[-k:]
+        if text.endswith(head):
+            text = text[:-k] + "***"
+        if text.startswith(tail):
+            text = "***" + text[k:]
+        for mark in marks:
+            text = text.replace(head + mark, "***" + mark).replace(mark + tail, mark + "***")
     return text
 
 
@@ -1048,6 +1118,11 @@ def watched_by(source: SourceConfig, path: Path) -> bool:
     return watches_folder(source, real(path).parent)
 
 
+def _items(value: Any) -> list[Any]:
+    """``value`` if it is a list, else nothing (the model names what it should have been)."""
+    return value if isinstance(value, list) else []
+
+
 def _absolutize(raw: dict[str, Any], base: Path) -> None:
     """Relative paths in the file are taken relative to the config file's folder."""
 
@@ -1061,12 +1136,12 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
     for key in ("database", "workdir"):
         if key in raw:
             raw[key] = fix(raw[key])
-    for src in raw.get("sources") or []:
+    for src in _items(raw.get("sources")):
         if isinstance(src, dict):
             for key in ("path", "done_dir", "failed_dir"):
                 if key in src:
                     src[key] = fix(src[key])
-    for rule in raw.get("rules") or []:
+    for rule in _items(raw.get("rules")):
         if not isinstance(rule, dict):
             continue
         to = rule.get("to")
@@ -1078,8 +1153,12 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
             elif isinstance(step, dict) and isinstance(step.get("url"), str):
                 url = step["url"]
                 step = {**step, "url": fix(url) if not url.startswith("~") else url}
-            if isinstance(step, dict) and isinstance(step.get("cwd"), str):  # command steps
-                step = {**step, "cwd": fix(os.path.expanduser(step["cwd"]))}
+            if isinstance(step, dict):
+                # command steps' folder; TLS and SSH files (relative to the config, like every
+                # other path in it, not to wherever the service was started)
+                for key in ("cwd", "ca_file", "key_file", "known_hosts"):
+                    if isinstance(step.get(key), str):
+                        step = {**step, key: fix(os.path.expanduser(step[key]))}
             fixed.append(step)
         if to is not None:
             rule["to"] = fixed
@@ -1250,6 +1329,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(str(path), ["the file is not UTF-8 text"]) from None
     try:
         raw = yaml.load(text, Loader=_Loader)  # a SafeLoader that also refuses duplicate keys
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(str(path), ["the document is nested too deeply"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -35,6 +35,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -300,6 +301,10 @@ def stop_daemon(pidfile: Path | None, timeout: float = STOP_TIMEOUT) -> int:
         return 1
     except OSError as exc:
         print(f"filedispatch: cannot read the pidfile {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a folder opens read-only, then cannot be read
+        os.close(fd)
+        print(f"filedispatch: the pidfile {path} is not a regular file", file=sys.stderr)
         return 1
     try:
         if _unlocked(fd):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from .config import Config, SourceConfig
+from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError
 from .journal import COLUMNS, Journal, PlannedStep, planned_steps
@@ -94,10 +95,7 @@ def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
 
 
 def scrub(text: str | None, secrets: Iterable[str] = ()) -> str:
-    text = text or ""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+    return scrub_secrets(text or "", secrets)
 
 
 def shown(value: object, secrets: Iterable[str] = ()) -> str:

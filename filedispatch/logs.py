@@ -18,6 +18,7 @@ from types import TracebackType
 
 import yaml
 
+from .config import scrub
 from .errors import ConfigError
 from .textsafe import escape, escape_lines
 
@@ -44,9 +45,7 @@ class ScrubFilter(logging.Filter):
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
 
     def scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub(text, self.secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

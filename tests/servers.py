@@ -83,7 +83,7 @@ class HttpReceiver:
 
     async def _start(self) -> int:
         app = web.Application(client_max_size=1 << 40)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._handle)  # any path, newlines too
         self.runner = web.AppRunner(app, handle_signals=False)
         await self.runner.setup()
         context = None
@@ -138,6 +138,54 @@ class HttpReceiver:
         self.lt.close()
 
 
+class EarlyAnswer:
+    """A bare HTTP/1.1 server that answers every request from its headers alone, reads none
+    of the body and closes the connection (as a proxy enforcing a size limit or a login does).
+
+    ``status`` is the answer; ``requests`` counts requests seen, ``continued`` how many asked
+    for ``100-continue``. With ``abort``, the close is a reset (unread data makes it one anyway).
+    """
+
+    def __init__(self, status: int, headers: str = "", abort: bool = False) -> None:
+        self.status, self.extra, self.abort = status, headers, abort
+        self.requests = 0
+        self.continued = 0
+        self.lt = LoopThread()
+        self.port = self.lt.call(self._start())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.requests += 1
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"expect: 100-continue"):
+                self.continued += 1
+        text = f"refused with {self.status}"
+        writer.write(
+            f"HTTP/1.1 {self.status} Refused\r\nContent-Length: {len(text)}\r\n"
+            f"Connection: close\r\n{self.extra}\r\n{text}".encode()
+        )
+        await writer.drain()
+        if self.abort:
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.lt.call(stop())
+        self.lt.close()
+
+
 # ------------------------------------------------------------------ FTP
 
 
@@ -155,7 +203,12 @@ class FtpServer:
         port: int = 0,
         read_limit: int = 0,
         tls: tuple[Path, Path] | None = None,
+        overrides: dict[str, Any] | None = None,
+        without: tuple[str, ...] = (),
     ) -> None:
+        """``overrides``: handler attributes, e.g. ``ftp_RNFR`` (a method answering a command
+        differently, or a command pyftpdlib lacks); ``without``: commands the server does
+        not know (answered ``500``, and left out of FEAT)."""
         from pyftpdlib.authorizers import DummyAuthorizer
         from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
 
@@ -184,6 +237,20 @@ class FtpServer:
             base = TLS_FTPHandler
             attrs.update(certfile=str(tls[0]), keyfile=str(tls[1]))
             attrs.update(tls_control_required=True, tls_data_required=True)
+        attrs.update(overrides or {})
+        commands = {k: v for k, v in base.proto_cmds.items() if k not in without}
+        feats: list[str] = []
+        for key in overrides or {}:  # a command of our own takes a path, as SIZE does
+            if key.startswith("ftp_") and key[4:] not in commands:
+                commands[key[4:]] = dict(base.proto_cmds["SIZE"], help=f"Syntax: {key[4:]}")
+                feats.append(key[4:])  # and FEAT lists it
+
+        def init(handler: Any, *args: Any, **kwargs: Any) -> None:
+            base.__init__(handler, *args, **kwargs)
+            handler._extra_feats.extend(feats)
+
+        attrs["__init__"] = init
+        attrs["proto_cmds"] = commands
         self.handler = type("Handler", (base,), attrs)
         self.handler.log_prefix = "ftpd"
         self.port = port
@@ -231,9 +298,19 @@ class SftpServer:
     The SFTP root is chrooted to ``root``; ``known_hosts`` trusts this server's host key.
     """
 
-    def __init__(self, root: Path, keys: Path, user: str = "bob", password: str = "bob-Pw-2"):
+    def __init__(
+        self,
+        root: Path,
+        keys: Path,
+        user: str = "bob",
+        password: str = "bob-Pw-2",
+        sftp_class: Any = None,
+    ):
+        """``sftp_class``: an ``asyncssh.SFTPServer`` subclass that answers some requests
+        differently (it is given the chroot)."""
         import asyncssh
 
+        self.sftp_class = sftp_class or asyncssh.SFTPServer
         self.root, self.user, self.password = root, user, password
         root.mkdir(parents=True, exist_ok=True)
         keys.mkdir(parents=True, exist_ok=True)
@@ -272,7 +349,7 @@ class SftpServer:
             server_host_keys=[self.host_key],
             authorized_client_keys=authorized,
             server_factory=Auth,
-            sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=str(self.root).encode()),
+            sftp_factory=lambda chan: self.sftp_class(chan, chroot=str(self.root).encode()),
         )
         return int(self.acceptor.sockets[0].getsockname()[1])
 

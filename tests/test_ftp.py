@@ -3,10 +3,13 @@ user and folder, through the real CLI."""
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import hashlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,17 +96,19 @@ def test_wrong_password_fails_at_once_with_a_clear_reason(
 def test_server_down_then_back_is_delivered_after_retries(
     workspace: dict[str, Path], ftp: FtpServer
 ) -> None:
+    # States, not durations: the server comes back only once the journal shows a retry
     src = old_file(workspace["inbox"] / "a.bin", 100_000)
     ftp.stop()
-    restart = threading.Timer(1.0, ftp.start)
-    restart.start()
-    retry = {"attempts": 30, "delay": 0.1, "backoff": 1, "jitter": False}
+    retry = {"attempts": 1000, "delay": 0.05, "backoff": 1, "jitter": False}
     cfg = remote_config(workspace, {"url": ftp.url("/x/"), "retry": retry, "connect_timeout": 1})
+    svc = ServiceProcess(cfg, "--once").start(wait_ready=False)
     try:
-        result = run_cli("-c", cfg, "--once", timeout=60)
+        wait_until(lambda: [r for r in journal_rows(workspace["db"]) if r["attempts"] >= 2], 60)
+        ftp.start()
+        assert svc.proc is not None
+        assert svc.proc.wait(60) == 0, svc.log()
     finally:
-        restart.join()
-    assert result.returncode == 0, result.stderr
+        svc.kill()
     (row,) = journal_rows(workspace["db"])
     assert row["status"] == "SUCCEEDED" and row["attempts"] > 1
     assert files_under(ftp.root) == {"x/a.bin": sha256_of(src)}
@@ -124,7 +129,6 @@ def test_kill_mid_upload_leaves_no_partial_file_and_resumes(
             )
         finally:
             svc.kill()
-        time.sleep(0.2)  # the server notices the closed data connection
         assert not (root / "in" / "big.bin").exists()
         assert all(p.name.startswith(".filedispatch-tmp-") for p in partial)
         assert journal_rows(workspace["db"])[0]["status"] == "IN_PROGRESS"
@@ -185,7 +189,7 @@ def test_ftps_untrusted_certificate_fails_at_once(
     old_file(workspace["inbox"] / "a.txt", b"secret data")
     row, stderr = fails_at_once(workspace, {"url": ftps.url("/secure/")})  # verify is on
     assert "certificate is not trusted" in row["reason"], row["reason"]
-    assert "ca_file, or verify: false" in row["reason"]
+    assert "ca_file, or tls_verify: false" in row["reason"]
     assert ftps.logins == 0 and files_under(ftps.root) == {}
     assert ftps.password not in row["reason"] + stderr
 
@@ -198,3 +202,243 @@ def test_ftps_verify_false_delivers_and_warns(workspace: dict[str, Path], ftps: 
     assert files_under(ftps.root) == {"secure/a.bin": sha256_of(src)}
     assert "WARNING" in result.stderr and "TLS certificate checking is OFF" in result.stderr
     assert ftps.password not in result.stderr
+
+
+# ------------------------------------------------------------ names, servers that do less
+
+
+def test_a_name_ftp_cannot_carry_fails_at_once_and_others_arrive(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    odd = old_file(workspace["inbox"] / 'é "q";50%.txt', b"odd but fine")
+    old_file(workspace["inbox"] / "two\nlines.txt", b"cannot travel")
+    cfg = remote_config(workspace, {"url": ftp.url("/in/"), "retry": FAST_RETRY})
+    result = run_cli("-c", cfg, "--once", timeout=60)
+    assert result.returncode == 1, result.stderr
+    rows = {r["relpath"]: r for r in journal_rows(workspace["db"])}
+    bad = rows["two\nlines.txt"]
+    assert (bad["status"], bad["attempts"]) == ("FAILED", 1)
+    assert "line break" in bad["reason"]
+    assert rows[odd.name]["status"] == "SUCCEEDED"
+    assert files_under(ftp.root) == {f"in/{odd.name}": sha256_of(odd)}
+
+
+def _mkd_made_meanwhile(self: Any, path: str) -> None:
+    """Another connection makes the folder just before this one asks: MKD answers 550."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path)
+    self.respond("550 File exists.")
+
+
+def _mkd_parent_vanishes() -> Any:
+    """The first MKD of ``.../in`` finds its parent removed by someone meanwhile."""
+    from pyftpdlib.handlers import FTPHandler
+
+    vanished: list[str] = []
+
+    def mkd(self: Any, path: str) -> None:
+        if path.endswith("/in") and not vanished:
+            vanished.append(path)
+            os.rmdir(os.path.dirname(path))
+            self.respond("550 No such file or directory.")
+            return
+        FTPHandler.ftp_MKD(self, path)
+
+    return mkd
+
+
+@pytest.mark.parametrize(
+    "mkd",
+    [_mkd_made_meanwhile, _mkd_parent_vanishes()],
+    ids=["made-meanwhile", "parent-removed-meanwhile"],
+)
+def test_folders_are_made_safely_against_other_connections(
+    workspace: dict[str, Path], tmp_path: Path, mkd: Any
+) -> None:
+    server = FtpServer(tmp_path / "root", overrides={"ftp_MKD": mkd})
+    try:
+        src = old_file(workspace["inbox"] / "v.mp4", 5000)
+        cfg = remote_config(workspace, {"url": server.url("/videos/in/"), "retry": FAST_RETRY})
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"videos/in/v.mp4": sha256_of(src)}
+        (row,) = journal_rows(workspace["db"])
+        assert row["attempts"] == 1
+    finally:
+        server.stop()
+
+
+def test_a_hundred_files_into_a_new_folder_over_the_default_pool(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    srcs = [old_file(workspace["inbox"] / f"c{i:03d}.mp4", 200 + i) for i in range(100)]
+    cfg = remote_config(workspace, {"url": ftp.url("/videos/in/"), "retry": {"attempts": 1}})
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert files_under(ftp.root) == {f"videos/in/{p.name}": sha256_of(p) for p in srcs}
+
+
+def _refuse(reply: str) -> Any:
+    def handler(self: Any, arg: str) -> None:
+        self.respond(reply)
+
+    return handler
+
+
+def test_a_server_that_forbids_renames_fails_at_once_or_takes_the_final_name(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = FtpServer(
+        tmp_path / "root", overrides={"ftp_RNFR": _refuse("502 Command not implemented.")}
+    )
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"payload")
+        row, _ = fails_at_once(workspace, {"url": server.url("/in/")})
+        assert "502" in row["reason"] and "temp_name: false" in row["reason"]
+        assert files_under(server.root) == {}  # the temporary file was removed
+        workspace["db"].unlink()
+        cfg = remote_config(workspace, {"url": server.url("/in/"), "temp_name": False})
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"in/a.txt": sha256_of(src)}
+        (row,) = journal_rows(workspace["db"])
+        assert (row["status"], row["sha256"]) == ("SUCCEEDED", sha256_of(src))
+    finally:
+        server.stop()
+
+
+def test_a_server_that_will_not_rename_over_a_file_gets_it_deleted_first(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    from pyftpdlib.handlers import FTPHandler
+
+    def rnto(self: Any, path: str) -> None:
+        if os.path.exists(path):
+            self.respond("550 File exists.")
+            return
+        FTPHandler.ftp_RNTO(self, path)
+
+    server = FtpServer(tmp_path / "root", overrides={"ftp_RNTO": rnto})
+    try:
+        (server.root / "in").mkdir()
+        (server.root / "in" / "a.txt").write_bytes(b"old")
+        src = old_file(workspace["inbox"] / "a.txt", b"new content")
+        dest = {"url": server.url("/in/"), "on_conflict": "overwrite", "retry": FAST_RETRY}
+        result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"in/a.txt": sha256_of(src)}
+        assert journal_rows(workspace["db"])[0]["attempts"] == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("missing", ["MLST", "SIZE", "EPSV"])
+def test_a_server_without_a_command_is_served_by_the_fallback(
+    workspace: dict[str, Path], tmp_path: Path, missing: str
+) -> None:
+    server = FtpServer(tmp_path / "root", without=(missing,))
+    try:
+        (server.root / "in").mkdir()
+        (server.root / "in" / "a.txt").write_bytes(b"already there")
+        src = old_file(workspace["inbox"] / "a.txt", b"second a")
+        dest = {"url": server.url("/in/"), "retry": {"attempts": 1}, "verify": "size"}
+        result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root)["in/a-1.txt"] == sha256_of(src)
+        assert (server.root / "in" / "a.txt").read_bytes() == b"already there"
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------ verify
+
+
+def _xsha256(lie: bool = False) -> Any:
+    def handler(self: Any, arg: str) -> None:
+        with open(arg, "rb") as f:  # pyftpdlib gives the real path
+            digest = hashlib.sha256(f.read()).hexdigest()
+        self.respond(f"213 {'0' * 64 if lie else digest}")
+
+    return handler
+
+
+def test_verify_sha256_asks_a_server_that_can_hash(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = FtpServer(tmp_path / "root", overrides={"ftp_XSHA256": _xsha256()})
+    try:
+        src = old_file(workspace["inbox"] / "a.bin", 300_000)
+        dest = {"url": server.url("/in/"), "verify": "sha256", "retry": {"attempts": 1}}
+        cfg = remote_config(workspace, dest)
+        assert run_cli("check", "-c", cfg).returncode == 0
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"in/a.bin": sha256_of(src)}
+        (row,) = journal_rows(workspace["db"])
+        assert row["sha256"] == sha256_of(src)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("verify", "overrides", "reason"),
+    [
+        ("sha256", {"ftp_XSHA256": _xsha256(lie=True)}, "is not the one sent"),
+        ("size", {"ftp_SIZE": _refuse("213 7")}, "7 bytes arrived of 1000 sent"),
+    ],
+)
+def test_what_arrived_not_matching_is_retried_and_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path, verify: str, overrides: Any, reason: str
+) -> None:
+    server = FtpServer(tmp_path / "root", overrides=overrides)
+    try:
+        old_file(workspace["inbox"] / "a.bin", 1000)
+        dest = {"url": server.url("/in/"), "verify": verify, "retry": FAST_RETRY}
+        result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=60)
+        assert result.returncode == 1
+        (row,) = journal_rows(workspace["db"])
+        assert (row["status"], row["attempts"]) == ("FAILED", 3)
+        assert "verify" in row["reason"] and reason in row["reason"]
+        assert files_under(server.root) == {}
+    finally:
+        server.stop()
+
+
+def test_verify_sha256_on_a_server_that_cannot_hash_is_refused_by_check_and_at_once(
+    workspace: dict[str, Path], ftp: FtpServer
+) -> None:
+    old_file(workspace["inbox"] / "a.bin", 1000)
+    dest = {"url": ftp.url("/in/"), "verify": "sha256"}
+    checked = run_cli("check", "-c", remote_config(workspace, {**dest, "retry": FAST_RETRY}))
+    assert checked.returncode == 2
+    assert "verify: sha256 needs the server's HASH" in checked.stderr
+    assert ftp.password not in checked.stdout + checked.stderr
+    row, _ = fails_at_once(workspace, dest)
+    assert "HASH" in row["reason"] and "XSHA256" in row["reason"]
+    assert files_under(ftp.root) == {}
+
+
+def test_a_transfer_the_server_breaks_off_is_classified_by_its_reply(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    from pyftpdlib.handlers import DTPHandler
+
+    class Quota(DTPHandler):  # type: ignore[misc]
+        """Takes 256 KiB, then closes the data connection and replies 552."""
+
+        def handle_read(self) -> None:
+            super().handle_read()
+            if self.tot_bytes_received > 256 * 1024 and not self._closed:
+                self._resp = ("552 Exceeded storage allocation (quota).", lambda *a: None)
+                self.close()
+
+        handle_read_event = handle_read  # pyftpdlib calls this alias
+
+    server = FtpServer(tmp_path / "root", overrides={"dtp_handler": Quota})
+    try:
+        old_file(workspace["inbox"] / "big.bin", 8 * 1024 * 1024)
+        row, _ = fails_at_once(workspace, {"url": server.url("/in/")})
+        assert "552 Exceeded storage allocation" in row["reason"]
+        assert files_under(server.root) == {}
+    finally:
+        server.stop()

@@ -49,7 +49,7 @@ def test_history_commands_while_the_service_writes(tmp_path: Path, service_facto
     missing = run_cli("history", "show", "999999", "--db", db)
     assert missing.returncode == 1 and "no dispatch with id 999999" in missing.stderr
     bad = run_cli("history", "show", "abc", "--db", db)
-    assert bad.returncode == 2 and "invalid int value" in bad.stderr
+    assert bad.returncode == 2 and "is not a whole number" in bad.stderr
     nodb = run_cli("history", "list", "--db", tmp_path / "nope.db")
     assert nodb.returncode == 1 and "no journal at" in nodb.stderr
 

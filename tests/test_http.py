@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -14,11 +16,13 @@ from typing import Any
 
 import psutil
 import pytest
+import yaml
 from aiohttp import web
 
 from .conftest import cli_env, journal_rows, run_cli
 from .servers import (
     FAST_RETRY,
+    EarlyAnswer,
     FtpServer,
     HttpReceiver,
     fails_at_once,
@@ -391,3 +395,212 @@ def test_a_file_not_in_the_page_cache_is_read_off_the_loop_and_arrives_intact(
     assert result.returncode == 0, result.stderr
     (got,) = receiver.received
     assert (got.sha256, got.size) == (sha256_of(src), src.stat().st_size)
+
+
+@pytest.mark.parametrize(
+    ("status", "abort", "outcome", "attempts"),
+    [
+        (413, False, "FAILED", 1),
+        (401, True, "FAILED", 1),
+        (403, False, "FAILED", 1),
+        (503, True, "FAILED", 3),
+        (429, False, "FAILED", 3),
+    ],
+)
+def test_an_answer_sent_before_the_body_was_read_is_classified_by_its_status(
+    workspace: dict[str, Path], status: int, abort: bool, outcome: str, attempts: int
+) -> None:
+    server = EarlyAnswer(status, abort=abort)
+    try:
+        old_file(workspace["inbox"] / "big.dat", 30 * 1024 * 1024)
+        dest = {"url": f"{server.url}/up", "retry": FAST_RETRY}
+        result = once(remote_config(workspace, dest))
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == (outcome, attempts), row
+    assert f"HTTP {status}" in row["reason"] and f"refused with {status}" in row["reason"]
+    assert "Can not write request body" not in row["reason"]
+    # each request asked before sending its body, so the answer came before any of it
+    assert server.requests == server.continued == attempts
+
+
+def test_a_success_answered_before_the_body_was_read_is_no_delivery(
+    workspace: dict[str, Path],
+) -> None:
+    server = EarlyAnswer(201)  # "201" from the headers alone, then the connection closes
+    try:
+        old_file(workspace["inbox"] / "big.dat", 3 * 1024 * 1024)
+        result = once(remote_config(workspace, {"url": f"{server.url}/up", "retry": FAST_RETRY}))
+    finally:
+        server.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(workspace["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 3)
+    assert "HTTP 201 came before the whole file was sent" in row["reason"]
+    assert row["sha256"] is None
+
+
+# ------------------------------------------------------------ names, Expect, verify
+
+ODD_NAMES = ["two\nlines.txt", 'é "q";50%.txt', "tab\there\\.txt"]
+
+
+def _sent_name(rec: Any) -> str | None:
+    from aiohttp.multipart import content_disposition_filename, parse_content_disposition
+
+    _, params = parse_content_disposition(rec.headers.get("Content-Disposition"))
+    return content_disposition_filename(params, "filename")
+
+
+@pytest.mark.parametrize("how", ["raw", "template", "form"])
+def test_any_name_arrives_as_it_is(
+    workspace: dict[str, Path], receiver: HttpReceiver, how: str
+) -> None:
+    for name in ODD_NAMES:
+        old_file(workspace["inbox"] / name, name.encode())
+    dest: dict[str, Any] = {"url": f"{receiver.url}/up", "retry": FAST_RETRY}
+    if how == "template":
+        dest.update(url=f"{receiver.url}/dav/{{name}}", method="PUT")
+    elif how == "form":
+        dest.update(fieldname="file")
+    result = once(remote_config(workspace, dest))
+    assert result.returncode == 0, result.stderr
+    rows = journal_rows(workspace["db"])
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCEEDED", 1)}
+    if how == "raw":
+        assert sorted(_sent_name(r) or "" for r in receiver.received) == sorted(ODD_NAMES)
+        for r in receiver.received:  # the fallback: printable ASCII, no quote or percent
+            fallback = r.headers["Content-Disposition"].split('filename="')[1].split('"')[0]
+            assert fallback.isascii() and fallback.isprintable() and "%" not in fallback
+    elif how == "template":
+        assert sorted(r.path for r in receiver.received) == sorted(f"/dav/{n}" for n in ODD_NAMES)
+    else:
+        assert sorted(r.filename or "" for r in receiver.received) == sorted(ODD_NAMES)
+    assert sorted(r.sha256 for r in receiver.received) == sorted(
+        hashlib.sha256(n.encode()).hexdigest() for n in ODD_NAMES
+    )
+
+
+def test_a_large_file_reaches_a_server_that_ignores_expect(workspace: dict[str, Path]) -> None:
+    import http.server
+    import threading
+
+    got: list[bytes] = []
+
+    class Old(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: never sends 100 Continue
+        def do_POST(self) -> None:
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Old)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        src = old_file(workspace["inbox"] / "big.bin", 3 * 1024 * 1024)
+        url = f"http://127.0.0.1:{server.server_address[1]}/up"
+        result = once(remote_config(workspace, {"url": url, "retry": FAST_RETRY}))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    assert [hashlib.sha256(b).hexdigest() for b in got] == [sha256_of(src)]
+    (row,) = journal_rows(workspace["db"])
+    assert (row["attempts"], row["sha256"]) == (1, sha256_of(src))
+
+
+def _echo(digest: str | None = None, field: dict[str, Any] | None = None) -> Any:
+    """A receiver that reads the body and echoes its SHA-256 (or ``digest``) as Repr-Digest,
+    or the JSON ``field`` (its values may be "size" and "sha256": what arrived)."""
+
+    async def handler(request: web.Request, hit: int) -> web.Response:
+        body = await request.read()
+        real = hashlib.sha256(body).hexdigest()
+        if field is not None:
+            values = {"size": len(body), "sha256": real}
+            echoed = {k: values.get(v, v) for k, v in field.items()}
+            return web.json_response({"file": echoed}, status=201)
+        sent = bytes.fromhex(digest or real)
+        value = "sha-256=:" + base64.b64encode(sent).decode() + ":"
+        return web.Response(status=201, headers={"Repr-Digest": value})
+
+    return handler
+
+
+def test_verify_against_an_echoed_digest(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    receiver.behave["/good"] = _echo()
+    receiver.behave["/liar"] = _echo(digest="00" * 32)
+    receiver.behave["/mute"] = _echo(field={})
+    src = old_file(workspace["inbox"] / "a.bin", 200_000)
+    steps = [
+        {"url": f"{receiver.url}/good", "verify": "sha256", "retry": FAST_RETRY},
+        {"url": f"{receiver.url}/liar", "retry": FAST_RETRY},  # verify: size checks it too
+        {"url": f"{receiver.url}/mute", "verify": "sha256", "retry": FAST_RETRY},
+    ]
+    for step in steps:
+        workspace["db"].unlink(missing_ok=True)
+        once(remote_config(workspace, step))
+        (row,) = journal_rows(workspace["db"])
+        path = step["url"].rsplit("/", 1)[1]
+        if path == "good":
+            assert (row["status"], row["sha256"]) == ("SUCCEEDED", sha256_of(src))
+        elif path == "liar":
+            assert (row["status"], row["attempts"]) == ("FAILED", 3)
+            assert "verify: the server received SHA-256 0000" in row["reason"]
+        else:
+            assert (row["status"], row["attempts"]) == ("FAILED", 1)
+            assert "needs the server to echo the digest" in row["reason"]
+
+
+def test_verify_against_echoed_json_fields(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    receiver.behave["/short"] = _echo(field={"n": 7, "sum": "sha256"})
+    receiver.behave["/ok"] = _echo(field={"n": "size", "sum": "sha256"})
+    src = old_file(workspace["inbox"] / "a.bin", 50_000)
+    expect = {"size_field": "file.n", "sha256_field": "file.sum"}
+    for path, status in (("short", "FAILED"), ("ok", "SUCCEEDED")):
+        workspace["db"].unlink(missing_ok=True)
+        dest = {"url": f"{receiver.url}/{path}", "expect": expect, "retry": FAST_RETRY}
+        once(remote_config(workspace, dest))
+        (row,) = journal_rows(workspace["db"])
+        assert row["status"] == status, row
+        if status == "FAILED":
+            assert row["attempts"] == 3 and "received 7 bytes of 50000" in row["reason"]
+        else:
+            assert row["sha256"] == sha256_of(src)
+
+
+def test_the_sha256_sent_is_shown_by_history_and_the_api(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    import urllib.request
+
+    from .conftest import ServiceProcess, free_port, wait_until
+
+    src = old_file(workspace["inbox"] / "a.bin", 10_000)
+    port = free_port()
+    cfg = remote_config(workspace, {"url": f"{receiver.url}/up"})
+    data = yaml.safe_load(cfg.read_text())
+    data["api"] = {"enabled": True, "host": "127.0.0.1", "port": port}
+    cfg.write_text(yaml.safe_dump(data))
+    svc = ServiceProcess(cfg).start()
+    try:
+        (row,) = wait_until(lambda: journal_rows(workspace["db"], "status='SUCCEEDED'"))
+        base = f"http://127.0.0.1:{port}/api/v1/logs"
+        with urllib.request.urlopen(base) as answer:
+            listed = json.load(answer)["results"]
+        with urllib.request.urlopen(f"{base}/{row['id']}") as answer:
+            detail = json.load(answer)
+    finally:
+        svc.stop()
+    assert [e["sha256"] for e in listed] == [sha256_of(src)] == [detail["sha256"]]
+    shown = run_cli("history", "show", str(row["id"]), "--db", workspace["db"])
+    assert f"sha256:       {sha256_of(src)}" in shown.stdout

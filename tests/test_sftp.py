@@ -3,14 +3,19 @@ through the real CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
 
 from .conftest import journal_rows, run_cli
 from .servers import (
+    FAST_RETRY,
     SftpServer,
     fails_at_once,
     files_under,
@@ -106,3 +111,109 @@ def test_skipping_the_host_key_check_works_but_warns(
     assert result.returncode == 0, result.stderr
     assert "WARNING" in result.stderr and "host key checking is OFF" in result.stderr
     assert files_under(sftp.root) == {"a.txt": sha256_of(src)}
+
+
+# ------------------------------------------------------------ names, servers that do less, verify
+
+
+def _dest(server: SftpServer, path: str = "/in/", **extra: Any) -> dict[str, Any]:
+    return {
+        "url": server.url(path),
+        "key_file": str(server.key_file),
+        "known_hosts": str(server.known_hosts),
+        "retry": FAST_RETRY,
+        **extra,
+    }
+
+
+def test_any_name_arrives_line_breaks_and_quotes_too(
+    workspace: dict[str, Path], sftp: SftpServer
+) -> None:
+    names = ["two\nlines.txt", 'é "q";50%.txt', "tab\there.txt"]
+    for name in names:
+        old_file(workspace["inbox"] / name, os.fsencode(name))
+    result = run_cli("-c", remote_config(workspace, _dest(sftp, verify="sha256")), "--once")
+    assert result.returncode == 0, result.stderr
+    arrived = {os.fsencode(p.name): p.read_bytes() for p in (sftp.root / "in").iterdir()}
+    assert arrived == {os.fsencode(n): os.fsencode(n) for n in names}
+    rows = journal_rows(workspace["db"])
+    assert {(r["status"], r["attempts"]) for r in rows} == {("SUCCEEDED", 1)}
+    assert {r["sha256"] for r in rows} == {
+        hashlib.sha256(os.fsencode(n)).hexdigest() for n in names
+    }
+
+
+class _MadeMeanwhile(asyncssh.SFTPServer):
+    """Another connection makes each folder just before this one asks."""
+
+    def mkdir(self, path: bytes, attrs: Any) -> None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self.map_path(path))
+        raise asyncssh.SFTPFailure("File exists")
+
+
+def test_a_folder_another_connection_made_meanwhile_is_used(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = SftpServer(tmp_path / "root", tmp_path / "keys", sftp_class=_MadeMeanwhile)
+    try:
+        src = old_file(workspace["inbox"] / "v.mp4", 5000)
+        cfg = remote_config(workspace, _dest(server, "/videos/in/"))
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"videos/in/v.mp4": sha256_of(src)}
+        assert journal_rows(workspace["db"])[0]["attempts"] == 1
+    finally:
+        server.close()
+
+
+class _NoRename(asyncssh.SFTPServer):
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        raise asyncssh.SFTPPermissionDenied("renaming is not allowed here")
+
+    posix_rename = rename
+
+
+def test_a_server_that_forbids_renames_fails_at_once_or_takes_the_final_name(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = SftpServer(tmp_path / "root", tmp_path / "keys", sftp_class=_NoRename)
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"payload")
+        row, _ = fails_at_once(workspace, _dest(server))
+        assert "renaming is not allowed" in row["reason"] and "temp_name: false" in row["reason"]
+        assert files_under(server.root) == {}
+        workspace["db"].unlink()
+        cfg = remote_config(workspace, _dest(server, temp_name=False, verify="sha256"))
+        result = run_cli("-c", cfg, "--once", timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert files_under(server.root) == {"in/a.txt": sha256_of(src)}
+        assert journal_rows(workspace["db"])[0]["sha256"] == sha256_of(src)
+    finally:
+        server.close()
+
+
+class _Shortens(asyncssh.SFTPServer):
+    """Reports every file one byte short: what arrived is not what was sent."""
+
+    def stat(self, path: bytes) -> Any:
+        attrs = asyncssh.SFTPAttrs.from_local(super().stat(path))
+        if attrs.size:
+            attrs.size -= 1
+        return attrs
+
+
+def test_a_size_that_does_not_match_is_retried_and_leaves_nothing(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = SftpServer(tmp_path / "root", tmp_path / "keys", sftp_class=_Shortens)
+    try:
+        old_file(workspace["inbox"] / "a.bin", 1000)
+        result = run_cli("-c", remote_config(workspace, _dest(server)), "--once", timeout=60)
+        assert result.returncode == 1
+        (row,) = journal_rows(workspace["db"])
+        assert (row["status"], row["attempts"]) == ("FAILED", 3)
+        assert "999 bytes arrived of 1000 sent" in row["reason"]
+        assert files_under(server.root) == {}
+    finally:
+        server.close()

@@ -143,7 +143,39 @@ def _refused(exc: BaseException | None, *, quote: bool = True) -> str | None:
     return " ".join(lines).removesuffix(":")[:500] or "bad request"
 
 
+#: connections the web app keeps open at once; a client beyond them is disconnected at once,
+#: so idle or slow clients cannot take the file descriptors the deliveries and the journal need
+MAX_CONNECTIONS = 256
+
+
 class _JsonErrors(web.RequestHandler):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        server = self._manager
+        if isinstance(server, _Server) and len(server.connections) > MAX_CONNECTIONS:
+            if not server.full:  # one line per flood, not one per connection
+                log.warning(
+                    "web app: %d connections open; refusing more until some close",
+                    MAX_CONNECTIONS,
+                )
+            server.full = True
+            transport.close()
+        elif isinstance(server, _Server):
+            server.full = False
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        # an HTTPException raised before the middlewares run (aiohttp's own answer to an
+        # unknown ``Expect:``) would go out as text
+        if isinstance(resp, web.HTTPException) and resp.content_type != "application/json":
+            try:
+                error = HTTPStatus(resp.status).phrase.lower()
+            except ValueError:
+                error = "error"
+            resp = json_error(resp.status, error, resp.text or error)
+        return await super().finish_response(request, resp, start_time)
+
     def log_exception(self, *args: Any, **kw: Any) -> None:
         # a body that cannot be read (a bad chunk, a bad gzip) after the answer went out
         refused = _refused(kw.get("exc_info"))
@@ -177,6 +209,9 @@ class _JsonErrors(web.RequestHandler):
 
 
 class _Server(web.Server):
+    #: MAX_CONNECTIONS reached (a warning was logged)
+    full = False
+
     def __call__(self) -> web.RequestHandler:
         return _JsonErrors(self, loop=self._loop, **self._kwargs)
 

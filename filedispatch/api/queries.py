@@ -154,7 +154,7 @@ STATS_PARAMS: tuple[Param, ...] = (
 
 ENTRY_SQL = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason"
+    "attempts, size, duration_ms, reason, sha256"
 )
 DETAIL_SQL = ENTRY_SQL + ", relpath, step, location, detail, error_type, started, next_attempt"
 
@@ -550,7 +550,8 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         size,
         duration_ms,
         reason,
-    ) = row[:14]
+        sha256,
+    ) = row[:15]
     return {
         "id": id_,
         "created": iso(created),
@@ -567,12 +568,13 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         "size": human_size(size),
         "duration_ms": duration_ms,
         "reason": _redacted(reason),
+        "sha256": sha256,
     }
 
 
 def detail(row: Sequence[Any]) -> dict[str, Any]:
     """One ``DETAIL_SQL`` row: the entry and what the detail view adds."""
-    relpath, step, location, note, error_type, started, next_attempt = row[14:21]
+    relpath, step, location, note, error_type, started, next_attempt = row[15:22]
     return {
         **entry(row),
         "relpath": relpath,

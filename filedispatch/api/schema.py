@@ -44,6 +44,7 @@ ENTRY: dict[str, Any] = {
     "size": _STR,
     "duration_ms": _NULL_INT,
     "reason": _NULL_STR,
+    "sha256": _NULL_STR,
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,

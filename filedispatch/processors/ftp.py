@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 from pathlib import PurePosixPath
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import aioftp
 
@@ -61,9 +61,9 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         super().__init__(dest, resources)
         self.ftp = dest
         self.tls = dest.parts.scheme.lower() == "ftps"
-        if self.tls and not dest.verify:
+        if self.tls and not dest.tls_verify:
             log.warning(
-                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "%s: TLS certificate checking is OFF (tls_verify: false): the server is not "
                 "verified, and a man in the middle would get the files and credentials",
                 self.target.display,
             )
@@ -74,7 +74,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             context = ssl.create_default_context(cafile=cafile)
         except (OSError, ssl.SSLError) as exc:
             raise PermanentDeliveryError(f"cannot load ca_file {cafile}: {exc}") from exc
-        if not self.ftp.verify:
+        if not self.ftp.tls_verify:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
@@ -108,18 +108,38 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         finally:
             conn.close()
 
-    async def makedirs(self, conn: aioftp.Client, folder: PurePosixPath) -> None:
+    async def mkdir(self, conn: aioftp.Client, folder: PurePosixPath) -> None:
+        await conn.command(f"MKD {folder}", "257")
+
+    async def is_dir(self, conn: aioftp.Client, path: PurePosixPath) -> bool:
         try:
-            await conn.make_directory(folder)
+            return bool(await conn.is_dir(path))
         except aioftp.StatusCodeError:
-            if not await conn.is_dir(folder):  # else another connection just made it
-                raise
+            return False
 
     async def upload(
-        self, conn: aioftp.Client, fd: int, st: os.stat_result, path: PurePosixPath
+        self, conn: aioftp.Client, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
     ) -> None:
         async with conn.upload_stream(path) as stream:
-            await copy_to(fd, st, stream.write)
+            try:
+                await copy_to(fd, st, stream.write, digest=digest)
+            except OSError as exc:
+                # The server closed the data connection mid-file (a quota, a full disk): its
+                # reason is the reply on the control connection, classified by its code.
+                refusal = await self._reply(conn)
+                if refusal is not None:
+                    raise refusal from exc
+                raise
+
+    async def _reply(self, conn: aioftp.Client) -> DeliveryError | None:
+        """The server's reply to a transfer it broke off, in our tree; None if none comes."""
+        try:
+            code, info = await asyncio.wait_for(conn.parse_response(), self.ftp.socket_timeout)
+        except (OSError, TimeoutError, aioftp.AIOFTPException, ValueError):
+            return None
+        if code.matches("2xx") or code.matches("1xx"):
+            return None
+        return self.translate(aioftp.StatusCodeError(aioftp.Code("2xx"), code, info))
 
     async def exists(self, conn: aioftp.Client, path: PurePosixPath) -> bool:
         # One MLST. aioftp's ``exists`` lists the whole folder when a file is missing (the
@@ -130,16 +150,56 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         except aioftp.StatusCodeError as exc:
             if exc.received_codes[-1].matches("550"):
                 return False
-            if exc.received_codes[-1].matches("50x"):  # no MLST on this server
-                return await conn.exists(path)
+            if exc.received_codes[-1].matches("50x"):  # no MLST on this server: LIST
+                return bool(await conn.exists(path))
             raise
 
     async def size(self, conn: aioftp.Client, path: PurePosixPath) -> int | None:
+        # SIZE (RFC 3659) first: one line; a server without it is asked by MLST, then LIST
         try:
-            info = await conn.stat(path)
+            await conn.command("TYPE I", "200")  # SIZE counts bytes in binary mode only
+            _, info = await conn.command(f"SIZE {path}", "213")
+            return int(info[-1].split()[-1])
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("50x"):
+                return None
+        except (ValueError, IndexError):
+            pass
+        try:
+            stat = await conn.stat(path)
         except aioftp.StatusCodeError:
             return None
-        return int(info.get("size", -1)) if info.get("type") == "file" else -1
+        return int(stat.get("size", -1)) if stat.get("type") == "file" else -1
+
+    async def sha256(self, conn: aioftp.Client, path: PurePosixPath) -> str:
+        command = await self._hash_command(conn)
+        if command is None:
+            raise PermanentDeliveryError(
+                f"{self.target.display}: verify: sha256 needs the server's HASH (SHA-256) or "
+                "XSHA256 command, and FEAT lists neither; use verify: size"
+            )
+        _, info = await conn.command(f"{command} {path}", "213")
+        # "213 SHA-256 0-1234 <hex> name" (HASH) or "213 <hex>" (XSHA256)
+        for word in info[-1].split():
+            if len(word) == 64 and all(c in "0123456789abcdefABCDEF" for c in word):
+                return word
+        raise PermanentDeliveryError(
+            f"{self.target.display}: verify: cannot read a SHA-256 in {info[-1]!r}"
+        )
+
+    async def _hash_command(self, conn: aioftp.Client) -> str | None:
+        """HASH (draft-bryan-ftpext-hash, set to SHA-256) or XSHA256, if FEAT lists one."""
+        if not hasattr(conn, "hash_command"):
+            features = await feature_lines(conn)
+            command: str | None = None
+            if any(f.startswith("HASH") and "SHA-256" in f for f in features):
+                await conn.command("OPTS HASH SHA-256", "200")
+                command = "HASH"
+            elif any(f.split()[:1] == ["XSHA256"] for f in features):
+                command = "XSHA256"
+            conn.hash_command = command  # type: ignore[attr-defined]
+        found: str | None = conn.hash_command  # type: ignore[attr-defined]
+        return found
 
     async def rename(
         self, conn: aioftp.Client, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
@@ -147,11 +207,31 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         del overwrite  # RNTO replaces an existing file on the servers that allow it
         await conn.rename(src, dst)
 
+    async def delete(self, conn: aioftp.Client, path: PurePosixPath) -> None:
+        await conn.remove_file(path)
+
     async def remove(self, conn: aioftp.Client, path: PurePosixPath) -> None:
         try:
             await conn.remove_file(path)
         except (aioftp.StatusCodeError, OSError, TimeoutError):
             pass
+
+    def check_name(self, path: PurePosixPath) -> None:
+        text = str(path)
+        if "\r" in text or "\n" in text or "\0" in text:
+            # RFC 959: a command ends at CRLF, so such a name would end it early (and the
+            # rest would be read as a command of its own)
+            raise PermanentDeliveryError(
+                f"{self.target.display}: FTP cannot carry a name with a line break or NUL "
+                f"({text!r}); rename the file or use a naming template without it"
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PermanentDeliveryError(
+                f"{self.target.display}: the name {text!r} is not valid UTF-8, which FTP "
+                "names are sent as"
+            ) from None
 
     def translate(self, exc: Exception) -> DeliveryError | None:
         display = self.target.display
@@ -163,13 +243,43 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         if isinstance(exc, ssl.SSLCertVerificationError):
             return PermanentDeliveryError(
                 f"{display}: the server's TLS certificate is not trusted "
-                f"({exc.verify_message}); set ca_file, or verify: false"
+                f"({exc.verify_message}); set ca_file, or tls_verify: false"
             )
         if isinstance(exc, TimeoutError):
             return TransientDeliveryError(f"{display}: timed out")
         if isinstance(exc, (OSError, EOFError)):
-            return TransientDeliveryError(f"{display}: {exc or type(exc).__name__}")
+            return TransientDeliveryError(f"{display}: {str(exc) or type(exc).__name__}")
         return None
+
+
+async def sha256_problem(step: FtpDestination) -> str | None:
+    """For ``check``: why ``verify: sha256`` cannot work with this server (it has neither
+    HASH nor XSHA256, or cannot be reached), or None when it can."""
+    resources = Resources()
+    proc = FtpProcessor(step, resources)
+    try:
+        async with proc.pool.connection() as conn:
+            command = await proc._hash_command(conn)
+    except Exception as exc:
+        error = exc if isinstance(exc, DeliveryError) else proc.translate(exc)
+        return f"{step.display}: cannot ask the server its features ({error or exc!r})"
+    finally:
+        await resources.aclose()
+    if command is None:
+        return (
+            f"{step.display}: verify: sha256 needs the server's HASH (SHA-256) or XSHA256 "
+            "command, and its FEAT lists neither; use verify: size"
+        )
+    return None
+
+
+async def feature_lines(conn: aioftp.Client) -> list[str]:
+    """The server's FEAT answer, one feature a line, upper-case (RFC 2389); [] without FEAT."""
+    try:
+        _, info = await conn.command("FEAT", "211")
+    except aioftp.StatusCodeError:
+        return []
+    return [line.strip().upper() for line in info[1:-1] if line.strip()]
 
 
 def _codes(exc: aioftp.StatusCodeError) -> str:

@@ -8,7 +8,12 @@ translated here into a transient (retry) or permanent (fail now) delivery error.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
+import contextvars
 import email.utils
+import hashlib
 import json
 import logging
 import mimetypes
@@ -16,6 +21,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -52,11 +58,47 @@ def shared_session(resources: Resources) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=LIMIT, limit_per_host=LIMIT_PER_HOST)
         # no total timeout: each request sets connect and read timeouts of its own
         session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            request_class=_Request,
         )
         resources.items[SESSION_KEY] = session
         resources.closers.append(session.close)
     return session
+
+
+#: bodies from this size on ask ``Expect: 100-continue`` first (as curl does): a server that
+#: refuses the upload (413, 401, 403) answers before the body is sent. Without it, a server
+#: that answers and closes while the body is still coming resets the connection, and TCP
+#: discards its answer with it
+EXPECT_FROM = 1024 * 1024
+#: seconds to wait for ``100 Continue`` before sending the body anyway (curl waits 1 s):
+#: a server that ignores ``Expect`` still gets the file
+CONTINUE_WAIT = 1.0
+
+
+class _Request(aiohttp.ClientRequest):
+    """aiohttp's request, waiting at most CONTINUE_WAIT for ``100 Continue`` (aiohttp itself
+    waits for ever, and a server that ignores ``Expect`` would never get the body)."""
+
+    async def write_bytes(self, writer: Any, conn: Any, content_length: int | None = None) -> None:
+        try:
+            waiter: asyncio.Future[bool] | None = self._continue
+            if waiter is not None and not waiter.done():
+                writer.send_headers()
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), CONTINUE_WAIT)
+                self._continue = None  # from here aiohttp writes the body at once
+            await super().write_bytes(writer, conn, content_length)
+        finally:  # however it ends (aiohttp cancels it once the answer is complete)
+            body = _SENDING.get(None)
+            if body is not None:
+                body.ended.set()
+
+
+#: the file body the request being made in this task sends (seen by its writer task)
+_SENDING: contextvars.ContextVar[FileBody] = contextvars.ContextVar("sending")
 
 
 class FileBody(payload.Payload):
@@ -75,6 +117,9 @@ class FileBody(payload.Payload):
         self._fd, self._st, self._chunk, self._progress = fd, st, chunk, progress
         self._size = st.st_size
         self.error: DeliveryError | None = None  #: our own error, which aiohttp would wrap
+        self.digest = hashlib.sha256()  #: of every byte sent, fed as they are read
+        self.ended = asyncio.Event()  #: the request's writer ended, sent all or not
+        self.complete = False  #: every byte of the file was handed to the connection
 
     async def write(self, writer: Any) -> None:
         await self.write_with_length(writer, None)
@@ -85,10 +130,20 @@ class FileBody(payload.Payload):
             self._progress()
 
         try:
-            await copy_to(self._fd, self._st, send, self._chunk)
+            self.digest = hashlib.sha256()  # of this sending only
+            await copy_to(self._fd, self._st, send, self._chunk, self.digest)
+            self.complete = True
         except DeliveryError as exc:
             self.error = exc
             raise
+
+    async def sent_whole(self, wait: float) -> bool:
+        """Whether the whole file went out; a success answer may come a moment before the
+        writer has finished, so its end is awaited (at most ``wait`` seconds)."""
+        if not self.ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), wait)
+        return self.complete
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file body is streamed, never decoded")
@@ -147,9 +202,9 @@ class HttpProcessor:
         if dest.token is not None:
             self.headers[hdrs.AUTHORIZATION] = f"Bearer {dest.token.get_secret_value()}"
         self._ssl: ssl.SSLContext | bool | None = None
-        if not dest.verify and dest.parts.scheme.lower() == "https":
+        if not dest.tls_verify and dest.parts.scheme.lower() == "https":
             log.warning(
-                "%s: TLS certificate checking is OFF (verify: false): the server is not "
+                "%s: TLS certificate checking is OFF (tls_verify: false): the server is not "
                 "verified, and a man in the middle would get the files and credentials",
                 dest.display,
             )
@@ -159,7 +214,7 @@ class HttpProcessor:
 
     def _ssl_setting(self) -> ssl.SSLContext | bool:
         if self._ssl is None:
-            if not self.dest.verify:
+            if not self.dest.tls_verify:
                 self._ssl = False
             elif self.dest.ca_file is not None:
                 try:
@@ -177,7 +232,9 @@ class HttpProcessor:
         if not self.templated:
             return quote(self.path, safe=_PATH_SAFE) + self.query
         rel = render_target(self.path.lstrip("/"), ctx)
-        return "/" + quote(str(rel), safe=_PATH_SAFE) + self.query
+        # the rendered names may hold anything a file name can: all but "/" and the
+        # unreserved characters is percent-encoded (bytes that are not UTF-8 as they are)
+        return "/" + quote(os.fsencode(str(rel)), safe="/~") + self.query
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         filename = str(render_target(self.dest.name, ctx))
@@ -212,15 +269,15 @@ class HttpProcessor:
             form = aiohttp.MultipartWriter("form-data")
             for key, value in dest.fields.items():
                 form.append(value).set_content_disposition("form-data", name=key)
-            # the file name as browsers send it: UTF-8, quoted, not percent-encoded
-            body.set_content_disposition(
-                "form-data", quote_fields=False, name=dest.fieldname, filename=filename
-            )
+            body.headers[hdrs.CONTENT_DISPOSITION] = form_data(dest.fieldname, filename)
             form.append_payload(body)
             data = form
         else:
             body.headers[hdrs.CONTENT_DISPOSITION] = attachment(filename)
+        if st.st_size >= EXPECT_FROM:
+            headers.setdefault(hdrs.EXPECT, "100-continue")
         started = time.monotonic()
+        _SENDING.set(body)
         try:
             async with asyncio.timeout(None) as deadline:
                 stall.start(deadline, dest.http_timeout.connect)
@@ -237,7 +294,7 @@ class HttpProcessor:
                     allow_redirects=False,
                 ) as resp:
                     stall.answered()
-                    detail = await self._check(resp, location)
+                    detail = await self._check(resp, location, body)
         except DeliveryError:
             raise
         except TimeoutError as exc:
@@ -247,7 +304,23 @@ class HttpProcessor:
             raise body.error or _translate(exc, location) from exc
         finally:
             stall.timeout = None  # the writer may still report progress: it no longer counts
-        return Outcome(location, detail=detail)
+        return Outcome(location, detail=detail, sha256=body.digest.hexdigest())
+
+    def _verify(self, echoed: Echo, location: str, status: int) -> None:
+        """``verify`` against what the server echoed: a mismatch is transient (sent again);
+        ``size`` with nothing echoed passes (an HTTP server need not echo anything), and
+        ``sha256`` with no digest echoed is permanent (no retry can make the server tell)."""
+        mode = self.dest.verify
+        if mode == "none":
+            return
+        problem = echoed.mismatch()
+        if problem:
+            raise TransientDeliveryError(f"{location}: HTTP {status} but verify: {problem}")
+        if mode == "sha256" and echoed.sha256 is None:
+            raise PermanentDeliveryError(
+                f"{location}: HTTP {status} but verify: sha256 needs the server to echo the "
+                "digest (a Repr-Digest header, or expect.sha256_field)"
+            )
 
     def _timed_out(self, exc: BaseException, location: str, elapsed: float) -> DeliveryError:
         t = self.dest.http_timeout
@@ -259,7 +332,7 @@ class HttpProcessor:
             what = f"nothing sent or received for {t.read:g}s"
         return TransientDeliveryError(f"{location}: timed out ({what})")
 
-    async def _check(self, resp: aiohttp.ClientResponse, location: str) -> str:
+    async def _check(self, resp: aiohttp.ClientResponse, location: str, body: FileBody) -> str:
         """The detail for the journal when the answer is a success, else the error to raise."""
         expect = self.dest.expect
         status = resp.status
@@ -275,10 +348,21 @@ class HttpProcessor:
                     msg, retry_after=retry_after(resp.headers.get(hdrs.RETRY_AFTER))
                 )
             raise PermanentDeliveryError(msg)
-        if expect.contains is None and expect.json_field is None:
+        if not await body.sent_whole(self.dest.http_timeout.read):
+            # a success for a file the server did not wait for is no delivery
+            raise TransientDeliveryError(
+                f"{location}: HTTP {status} came before the whole file was sent"
+            )
+        echoed = Echo(body.size or 0, body.digest.hexdigest(), _repr_digest(resp.headers))
+        fields = (expect.json_field, expect.size_field, expect.sha256_field)
+        if expect.contains is None and fields == (None, None, None):
+            self._verify(echoed, location, status)
             return f"HTTP {status}"
         raw = await resp.content.read(_EXPECT_BODY_MAX)
         text = raw.decode(resp.get_encoding() if resp.charset else "utf-8", "replace")
+        if expect.size_field is not None or expect.sha256_field is not None:
+            echoed.read_json(text, expect.size_field, expect.sha256_field)
+        self._verify(echoed, location, status)
         if expect.contains is not None and expect.contains not in text:
             raise PermanentDeliveryError(
                 f"{location}: HTTP {status} but the answer lacks {expect.contains!r}: "
@@ -293,14 +377,103 @@ class HttpProcessor:
         return f"HTTP {status}"
 
 
+#: RFC 8187 attr-char: what ``filename*`` keeps as it is
+_ATTR_CHAR = "!#$&+-.^_`|~"
+
+
+def _plain(name: str) -> bool:
+    """A name any receiver reads the same in a quoted ``filename=``: printable ASCII, without
+    the characters parsers treat differently (quote, backslash, percent, semicolon)."""
+    return name.isascii() and name.isprintable() and not any(c in name for c in '"\\%;')
+
+
+def _extended(name: str) -> str:
+    """``filename*`` (RFC 8187): UTF-8, percent-encoded; bytes that are not UTF-8 as they are."""
+    return "filename*=UTF-8''" + quote(os.fsencode(name), safe=_ATTR_CHAR)
+
+
 def attachment(filename: str) -> str:
-    """An RFC 6266 Content-Disposition for a raw body: an ASCII name, or UTF-8 ``filename*``."""
+    """An RFC 6266 Content-Disposition for a raw body: a plain name as it is; any other with
+    an ASCII fallback ``filename=`` and the exact name in ``filename*``. Never a control
+    character in the header, whatever the name holds."""
     name = PurePosixPath(filename).name
-    if name.isascii() and name.isprintable():
-        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
-        return f'attachment; filename="{escaped}"'
-    fallback = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+    if _plain(name):
+        return f'attachment; filename="{name}"'
+    fallback = "".join(c if _plain(c) else "_" for c in name)
+    return f'attachment; filename="{fallback}"; {_extended(name)}'
+
+
+def form_data(field: str, filename: str) -> str:
+    """The Content-Disposition of the file part of a form: the name as browsers send it
+    (UTF-8; quote, CR and LF as %22, %0D, %0A: WHATWG HTML), and, when the name is not
+    plain, the exact name in ``filename*`` too, which receivers such as aiohttp prefer."""
+    name = PurePosixPath(filename).name
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    head = f'form-data; name="{_browser(field)}"; filename="{_browser(text)}"'
+    return head if _plain(name) else f"{head}; {_extended(name)}"
+
+
+def _browser(text: str) -> str:
+    """A quoted-string value as browsers write one in a form: a quote and what is not
+    printable (CR, LF ...) percent-encoded, the rest as it is."""
+    return "".join(c if c.isprintable() and c != '"' else quote(c, safe="") for c in text)
+
+
+@dataclass
+class Echo:
+    """What was sent, and what the server said it received (None where it said nothing)."""
+
+    sent_size: int
+    sent_sha256: str
+    sha256: str | None = None
+    size: int | None = None
+
+    def read_json(self, text: str, size_field: str | None, sha256_field: str | None) -> None:
+        try:
+            node = json.loads(text)
+        except ValueError:
+            return
+        if size_field is not None:
+            found = _field(node, size_field)
+            self.size = found if isinstance(found, int) else None
+        if sha256_field is not None:
+            found = _field(node, sha256_field)
+            self.sha256 = found.lower() if isinstance(found, str) else self.sha256
+
+    def mismatch(self) -> str | None:
+        if self.size is not None and self.size != self.sent_size:
+            return f"the server received {self.size} bytes of {self.sent_size} sent"
+        if self.sha256 is not None and self.sha256 != self.sent_sha256:
+            return f"the server received SHA-256 {self.sha256}, not {self.sent_sha256}"
+        return None
+
+
+def _repr_digest(headers: Any) -> str | None:
+    """The hex SHA-256 in a ``Repr-Digest: sha-256=:<base64>:`` header (RFC 9530), if any."""
+    for value in headers.getall("Repr-Digest", ()):
+        for item in value.split(","):
+            key, _, encoded = item.strip().partition("=")
+            if key.strip().lower() == "sha-256" and encoded.startswith(":"):
+                try:
+                    return base64.b64decode(encoded.strip(":"), validate=True).hex()
+                except (ValueError, binascii.Error):
+                    return None
+    return None
+
+
+_MISSING = object()
+
+
+def _field(node: Any, field: str, missing: Any = None) -> Any:
+    """The value at a dotted path in parsed JSON (list items by index); ``missing`` if none."""
+    for key in field.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return missing
+    return node
 
 
 def _snippet(raw: bytes, limit: int = 200) -> str:
@@ -312,13 +485,9 @@ def _json_problem(text: str, field: str, value: Any) -> str | None:
         node: Any = json.loads(text)
     except ValueError:
         return "the answer is not JSON"
-    for key in field.split("."):
-        if isinstance(node, dict) and key in node:
-            node = node[key]
-        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
-            node = node[int(key)]
-        else:
-            return f"the answer has no field {field!r}"
+    node = _field(node, field, _MISSING)
+    if node is _MISSING:
+        return f"the answer has no field {field!r}"
     if value is None:
         return None if node else f"the field {field!r} is {node!r}"
     return None if node == value else f"the field {field!r} is {node!r}, not {value!r}"
@@ -343,7 +512,7 @@ def _translate(exc: aiohttp.ClientError, location: str) -> DeliveryError:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return PermanentDeliveryError(
             f"{location}: the server's TLS certificate is not trusted "
-            f"({exc.certificate_error}); set ca_file, or verify: false"
+            f"({exc.certificate_error}); set ca_file, or tls_verify: false"
         )
     if isinstance(exc, aiohttp.InvalidURL):
         return PermanentDeliveryError(f"{location}: not a valid URL")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -141,6 +142,7 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
+        self._sums: dict[Path, str] = {}  #: a verified copy's SHA-256, until it is placed
         #: source folder -> a descriptor naming it (O_PATH), for the inline moves' renames
         self._sources: dict[str, int] = {}
 
@@ -246,9 +248,38 @@ class LocalProcessor:
         fd, st = open_input(ctx)
         try:
             tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
-            return tmp, self._copy(fd, st, tmp)
+            out = self._copy(fd, st, tmp)
+            try:
+                self._verify(fd, out, st, tmp)
+            except BaseException:
+                os.close(out)
+                _unlink_quietly(tmp)
+                raise
+            return tmp, out
         finally:
             os.close(fd)
+
+    def _verify(self, src: int, out: int, st: os.stat_result, tmp: Path) -> None:
+        """``verify``: the copy's size (one fstat), or its SHA-256 against the source's (both
+        read again); a mismatch is transient. The SHA-256 is kept for the Outcome."""
+        mode = self.dest.verify
+        if mode == "none":
+            return
+        got = os.fstat(out).st_size
+        if got != st.st_size:
+            raise TransientDeliveryError(f"verify: {tmp} has {got} bytes of {st.st_size}")
+        if mode == "sha256":
+            try:
+                back = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:  # the copy's own fd is write-only: read it back through its name
+                    sent, arrived = _sha256_of(src), _sha256_of(back)
+                finally:
+                    os.close(back)
+            except OSError as exc:
+                raise translate_os_error(exc, f"cannot read {tmp} back") from exc
+            if sent != arrived:
+                raise TransientDeliveryError(f"verify: {tmp} is not what was read (SHA-256)")
+            self._sums[tmp] = sent
 
     def _flush(self, staged: list[tuple[Path, int]]) -> list[DeliveryError | None]:
         """Flush (with ``fsync``) and close copies; per copy None or its error (the copy is
@@ -266,11 +297,13 @@ class LocalProcessor:
             finally:
                 os.close(out)
             if errors[i] is not None:
+                self._sums.pop(tmp, None)
                 _unlink_quietly(tmp)
         return errors
 
     def _place_temp(self, tmp: Path, rel: PurePosixPath, *, sync_dir: bool) -> Outcome:
         """Give a complete temporary file its final name under the ``on_conflict`` policy."""
+        sent = self._sums.pop(tmp, None)
         try:
             final = place(
                 lambda p: os.path.lexists(self.root / p),
@@ -289,7 +322,7 @@ class LocalProcessor:
             return Outcome(str(self.root / rel), detail="skipped: the name is taken")
         if sync_dir:
             _fsync_dir(self.root / final.parent)
-        return Outcome(str(self.root / final))
+        return Outcome(str(self.root / final), sha256=sent)
 
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
@@ -541,6 +574,14 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _sha256_of(fd: int) -> str:
+    digest, offset = hashlib.sha256(), 0
+    while data := os.pread(fd, 1024 * 1024, offset):
+        digest.update(data)
+        offset += len(data)
+    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -20,7 +20,12 @@ from urllib.parse import unquote
 
 from .. import sourcefile
 from ..config import FtpDestination, SftpDestination, redact_url
-from ..errors import DeliveryError, SourceVanishedError
+from ..errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import candidates, choices, open_input, render_target, temp_name
@@ -121,7 +126,9 @@ class RemoteTarget:
         """The pool key: one pool per server and connection settings (a reload that changes
         the password or a timeout gets fresh connections; the folder does not count)."""
         dest = self.dest
-        settings = dest.model_dump(exclude={"url", "name", "on_conflict", "retry", "timeout"})
+        settings = dest.model_dump(
+            exclude={"url", "name", "on_conflict", "retry", "timeout", "verify", "temp_name"}
+        )
         held = (dest.password, getattr(dest, "passphrase", None))
         secrets = [s.get_secret_value() for s in held if s is not None]
         raw = repr((sorted(settings.items(), key=str), dest.parts.netloc, secrets))
@@ -146,12 +153,16 @@ async def copy_to(
     st: os.stat_result,
     write: Callable[[Any], Awaitable[object]],  # takes bytes or a bytearray (see Chunk)
     chunk: int = CHUNK,
+    digest: Any = None,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
 
     Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
     what is not is read in the default executor (so a slow disk never stalls the loop), the
-    next chunk while the current one is sent: at most two chunks are in memory.
+    next chunk while the current one is sent: at most two chunks are in memory (three while
+    a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
+    no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
+    lets go of the GIL), so hashing costs the event loop no time.
     Raises SourceVanishedError when the file changed while it was sent, before its last
     chunk goes (the caller removes what was sent; the new version is dispatched on its own).
     """
@@ -163,6 +174,7 @@ async def copy_to(
         return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
 
     pending: asyncio.Future[bytes] | None = None
+    hashing: asyncio.Future[None] | None = None  # the chunk before this one, being hashed
     try:
         while offset < size:
             data: Chunk = b""
@@ -178,15 +190,31 @@ async def copy_to(
                 pending = read(offset)
             if offset >= size:  # every byte is read: a change since is caught before the last
                 sourcefile.check_unchanged(fd, st, "the file")  # chunk completes the upload
+            if digest is not None:
+                if hashing is not None:  # in order: one chunk's hash at a time
+                    await hashing
+                    hashing = None
+                if len(data) >= HASH_AWAY:
+                    hashing = loop.run_in_executor(None, digest.update, data)
+                else:
+                    digest.update(data)
             await write(data)
+        if hashing is not None:
+            await hashing
+            hashing = None
     finally:
-        if pending is not None:  # sending failed: the read must end before the fd is closed
-            await asyncio.wait([pending])
+        # sending failed: the read must end before the fd is closed, and the hash before
+        # the digest is read
+        unfinished = [f for f in (pending, hashing) if f is not None]
+        if unfinished:
+            await asyncio.wait(unfinished)
     if offset != size:
         raise SourceVanishedError("the file shrank while it was sent")
 
 
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
+#: chunks of this size or more are hashed in a worker thread; smaller ones cost less inline
+HASH_AWAY = 256 * 1024
 #: what ``copy_to`` hands its writer
 Chunk = bytes | bytearray
 
@@ -211,8 +239,10 @@ class RemoteProcessor(ABC, Generic[C]):
     """Delivers into one folder of one file server, over pooled connections of type ``C``.
 
     The flow: the resume check (when a crash or a lost connection may have hit an earlier
-    attempt), folders created once, the file streamed to a hidden temporary name, then
-    renamed to the name ``on_conflict`` picks. A partial upload never has the final name.
+    attempt), folders created once (safely against other connections making them too), the
+    file streamed to a hidden temporary name (its SHA-256 computed on the way), checked as
+    ``verify`` says, then renamed to the name ``on_conflict`` picks. A partial upload never
+    has the final name, unless ``temp_name: false`` says the server cannot rename.
     """
 
     kind: ClassVar[str]
@@ -242,11 +272,17 @@ class RemoteProcessor(ABC, Generic[C]):
     async def disconnect(self, conn: C) -> None: ...
 
     @abstractmethod
-    async def makedirs(self, conn: C, folder: PurePosixPath) -> None: ...
+    async def mkdir(self, conn: C, folder: PurePosixPath) -> None:
+        """Make one folder whose parent exists; raise (a refusal) when it cannot."""
 
     @abstractmethod
-    async def upload(self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath) -> None:
-        """Stream the open file to ``path`` (use ``copy_to``)."""
+    async def is_dir(self, conn: C, path: PurePosixPath) -> bool: ...
+
+    @abstractmethod
+    async def upload(
+        self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+    ) -> None:
+        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -256,13 +292,26 @@ class RemoteProcessor(ABC, Generic[C]):
         """The size of the file at ``path``; None when there is none."""
 
     @abstractmethod
+    async def sha256(self, conn: C, path: PurePosixPath) -> str:
+        """The hex SHA-256 of the file at ``path``, as the server sees it. Raises
+        PermanentDeliveryError when the server cannot tell it."""
+
+    @abstractmethod
     async def rename(
         self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
     ) -> None: ...
 
     @abstractmethod
+    async def delete(self, conn: C, path: PurePosixPath) -> None:
+        """Remove a file; raise when it cannot."""
+
+    @abstractmethod
     async def remove(self, conn: C, path: PurePosixPath) -> None:
         """Remove a file, ignoring every error (used for clean-up only)."""
+
+    @abstractmethod
+    def check_name(self, path: PurePosixPath) -> None:
+        """Raise PermanentDeliveryError when the protocol cannot carry this name."""
 
     @abstractmethod
     def translate(self, exc: Exception) -> DeliveryError | None:
@@ -272,6 +321,7 @@ class RemoteProcessor(ABC, Generic[C]):
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = render_target(self.dest.name, ctx)
+        self.check_name(self.target.root / rel)
         try:
             async with self.pool.connection() as conn:
                 return await self._deliver(conn, ctx, rel)
@@ -292,23 +342,18 @@ class RemoteProcessor(ABC, Generic[C]):
                 return Outcome(
                     self.target.location(found), detail="found delivered by an earlier attempt"
                 )
-        if folder not in self._made:
-            await self.makedirs(conn, folder)
-            self._made.add(folder)
-        fd, st = open_input(ctx)
-        try:
-            await self.upload(conn, fd, st, tmp)
-        except DeliveryError:
-            await self.remove(conn, tmp)
-            raise
-        finally:
-            os.close(fd)
+        await self.makedirs(conn, folder)
 
         async def exists(p: PurePosixPath) -> bool:
             return await self.exists(conn, root / p)
 
+        if not self.dest.temp_name:
+            return await self._deliver_in_place(conn, ctx, rel, exists)
+
+        sent = await self._send(conn, ctx, tmp)
+
         async def put(p: PurePosixPath, overwrite: bool) -> None:
-            await self.rename(conn, tmp, root / p, overwrite)
+            await self._rename(conn, tmp, root / p, overwrite)
 
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         try:
@@ -319,7 +364,103 @@ class RemoteProcessor(ABC, Generic[C]):
         if final is None:
             await self.remove(conn, tmp)
             return Outcome(self.target.location(rel), detail="skipped: the name is taken")
-        return Outcome(self.target.location(final))
+        return Outcome(self.target.location(final), sha256=sent)
+
+    async def _deliver_in_place(
+        self,
+        conn: C,
+        ctx: StepContext,
+        rel: PurePosixPath,
+        exists: Callable[[PurePosixPath], Awaitable[bool]],
+    ) -> Outcome:
+        """``temp_name: false``: the upload writes the final name itself (a reader may see it
+        partial, and a crash may leave it so)."""
+        for candidate, overwrite in choices(rel, self.dest.on_conflict):
+            if overwrite or not await exists(candidate):
+                sent = await self._send(conn, ctx, self.target.root / candidate)
+                return Outcome(self.target.location(candidate), sha256=sent)
+        return Outcome(self.target.location(rel), detail="skipped: the name is taken")
+
+    async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
+        """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.
+        On any failure the file at ``path`` is removed."""
+        digest = hashlib.sha256()
+        cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
+        fd, st = open_input(ctx)
+        try:
+            await self.upload(conn, fd, st, path, digest)
+            sent = digest.hexdigest()
+            await self._verify(conn, path, st.st_size, sent)
+        except cleanup:
+            await self.remove(conn, path)
+            raise
+        finally:
+            os.close(fd)
+        return sent
+
+    async def _verify(self, conn: C, path: PurePosixPath, size: int, sent: str) -> None:
+        """A mismatch is transient: the next attempt uploads again."""
+        mode = self.dest.verify
+        if mode == "size":
+            got = await self.size(conn, path)
+            if got != size:
+                raise TransientDeliveryError(
+                    f"{self.target.display}: verify: {got} bytes arrived of {size} sent"
+                )
+        elif mode == "sha256":
+            arrived = await self.sha256(conn, path)
+            if arrived.lower() != sent:
+                raise TransientDeliveryError(
+                    f"{self.target.display}: verify: the SHA-256 that arrived ({arrived}) is "
+                    f"not the one sent ({sent})"
+                )
+
+    async def makedirs(self, conn: C, folder: PurePosixPath) -> None:
+        """Make ``folder`` and its parents, level by level, safe against other connections
+        doing the same: "exists" is success once a check sees a folder there, and a level
+        whose parent vanished meanwhile is tried again from the top (3 rounds at most)."""
+        if folder in self._made:
+            return
+        levels = [p for p in reversed((folder, *folder.parents)) if p != p.parent]
+        for round_ in range(3):
+            try:
+                for level in levels:
+                    if level in self._made:
+                        continue
+                    try:
+                        await self.mkdir(conn, level)
+                    except self.refusals:
+                        if not await self.is_dir(conn, level):
+                            raise
+                    self._made.add(level)
+                return
+            except self.refusals:
+                self._made.difference_update(levels)  # someone removed a level: look again
+                if round_ == 2:
+                    raise
+
+    async def _rename(
+        self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
+    ) -> None:
+        """Rename, with the fallbacks a server may need: replacing a file it will not rename
+        over (``overwrite`` only) by deleting it first; a server that renames nothing is told
+        plainly, with what to set instead."""
+        try:
+            await self.rename(conn, src, dst, overwrite)
+            return
+        except self.refusals as exc:
+            error = self.translate(exc)
+            if overwrite and await self.exists(conn, dst):
+                log.info("%s: cannot rename over %s: deleting it first", self.target.display, dst)
+                await self.delete(conn, dst)
+                await self.rename(conn, src, dst, False)
+                return
+            if isinstance(error, PermanentDeliveryError):
+                raise PermanentDeliveryError(
+                    f"{error}; this server may not rename files: set temp_name: false to "
+                    "upload under the final name (see docs/destinations-remote.md)"
+                ) from exc
+            raise
 
     async def _find_previous(
         self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath

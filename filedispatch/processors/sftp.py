@@ -8,6 +8,7 @@ leaves this module untranslated, and none carries a password.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import asyncssh
 from ..config import SftpDestination
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
-from .remote import RemoteProcessor, copy_to
+from .remote import CHUNK, RemoteProcessor, copy_to
 
 log = logging.getLogger(__name__)
 
@@ -100,44 +101,64 @@ class SftpProcessor(RemoteProcessor[Session]):
         conn.conn.close()
         await conn.conn.wait_closed()
 
-    async def makedirs(self, conn: Session, folder: PurePosixPath) -> None:
-        await conn.sftp.makedirs(str(folder), exist_ok=True)
+    async def mkdir(self, conn: Session, folder: PurePosixPath) -> None:
+        await conn.sftp.mkdir(_raw(folder))
 
-    async def upload(self, conn: Session, fd: int, st: os.stat_result, path: PurePosixPath) -> None:
-        async with conn.sftp.open(str(path), "wb") as remote:
-            await copy_to(fd, st, remote.write)
+    async def is_dir(self, conn: Session, path: PurePosixPath) -> bool:
+        try:
+            return bool(await conn.sftp.isdir(_raw(path)))
+        except asyncssh.SFTPError:
+            return False
+
+    async def upload(
+        self, conn: Session, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+    ) -> None:
+        async with conn.sftp.open(_raw(path), "wb") as remote:
+            await copy_to(fd, st, remote.write, digest=digest)
 
     async def exists(self, conn: Session, path: PurePosixPath) -> bool:
-        return bool(await conn.sftp.exists(str(path)))
+        return bool(await conn.sftp.exists(_raw(path)))
 
     async def size(self, conn: Session, path: PurePosixPath) -> int | None:
         try:
-            attrs = await conn.sftp.stat(str(path))
+            attrs = await conn.sftp.stat(_raw(path))
         except asyncssh.SFTPNoSuchFile:
             return None
         return attrs.size
+
+    async def sha256(self, conn: Session, path: PurePosixPath) -> str:
+        # SFTP has no standard way to ask the server: read the file back
+        digest = hashlib.sha256()
+        async with conn.sftp.open(_raw(path), "rb", encoding=None) as remote:
+            while data := await remote.read(CHUNK):
+                digest.update(data if isinstance(data, bytes) else data.encode())
+        return digest.hexdigest()
 
     async def rename(
         self, conn: Session, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
     ) -> None:
         sftp = conn.sftp
         if not overwrite:  # a plain SFTP rename refuses to replace a file (OpenSSH)
-            await sftp.rename(str(src), str(dst))
+            await sftp.rename(_raw(src), _raw(dst))
             return
-        try:  # atomic where the server offers it, as OpenSSH does
-            await sftp.posix_rename(str(src), str(dst))
-            return
+        try:  # atomic where the server offers it, as OpenSSH does; else see _rename
+            await sftp.posix_rename(_raw(src), _raw(dst))
         except asyncssh.SFTPOpUnsupported:
-            pass
-        if await sftp.exists(str(dst)):
-            await sftp.remove(str(dst))
-        await sftp.rename(str(src), str(dst))
+            await sftp.rename(_raw(src), _raw(dst))
+
+    async def delete(self, conn: Session, path: PurePosixPath) -> None:
+        await conn.sftp.remove(_raw(path))
 
     async def remove(self, conn: Session, path: PurePosixPath) -> None:
         try:
-            await conn.sftp.remove(str(path))
+            await conn.sftp.remove(_raw(path))
         except (asyncssh.SFTPError, OSError):
             pass
+
+    def check_name(self, path: PurePosixPath) -> None:
+        # SFTP names are length-prefixed bytes: only NUL cannot travel (POSIX forbids it too)
+        if "\0" in str(path):
+            raise PermanentDeliveryError(f"{self.target.display}: a name cannot hold NUL")
 
     def translate(self, exc: Exception) -> DeliveryError | None:
         display = self.target.display
@@ -158,5 +179,11 @@ class SftpProcessor(RemoteProcessor[Session]):
         if isinstance(exc, TimeoutError):
             return TransientDeliveryError(f"{display}: timed out")
         if isinstance(exc, OSError):
-            return TransientDeliveryError(f"{display}: {exc or type(exc).__name__}")
+            return TransientDeliveryError(f"{display}: {str(exc) or type(exc).__name__}")
         return None
+
+
+def _raw(path: PurePosixPath) -> bytes:
+    """A path as the bytes SFTP carries: a name that is not UTF-8 (read from the disk with
+    surrogate escapes) arrives as the very bytes it had here."""
+    return os.fsencode(str(path))
