@@ -1,8 +1,9 @@
 """Watching sources: a start-up scan, watchfiles events, periodic reconcile scans, readiness gates.
 
 Events are only hints; the folder is the truth. A file is handed on (as a ``FileVersion``)
-only once it is complete: settled, unlocked, or marked done. The watcher never sends, moves
-or deletes a file (except the ``.done`` marker it consumed).
+only once it is complete: settled, unlocked, or marked done, and open for writing by nobody.
+Links follow one rule in the scan and the watch. The watcher never sends, moves or deletes a
+file (except the ``.done`` marker it consumed); it stats files in threads, off the event loop.
 """
 
 from __future__ import annotations
