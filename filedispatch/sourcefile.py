@@ -289,8 +289,10 @@ class WriterCheck:
         self.unknown = 0
         self.why_unknown: str | None = None
 
-    def busy(self, root: Path, relpaths: Iterable[str]) -> set[str]:
-        """The relpaths someone holds open for writing (run it in a thread: it opens files)."""
+    def busy(self, root: Path, versions: Iterable[FileVersion]) -> set[str]:
+        """The relpaths of ``versions`` that are not complete: someone holds the file open for
+        writing, or it is no longer that version (changed since it was seen: look again).
+        It opens files: on a local disk only, or in a thread."""
         busy: set[str] = set()
         ask_proc: dict[tuple[int, int], str] = {}
         try:
@@ -298,8 +300,9 @@ class WriterCheck:
         except OSError:
             return busy  # the source is gone: nothing of it is handed on anyway
         try:
-            for rel in relpaths:
-                answer = self._lease(top, root, rel)
+            for version in versions:
+                rel = version.relpath
+                answer = self._lease(top, root, version)
                 if answer is True:
                     busy.add(rel)
                 elif isinstance(answer, tuple):
@@ -315,8 +318,10 @@ class WriterCheck:
                 self.why_unknown = "no lease and not every process's open files are readable"
         return busy
 
-    def _lease(self, top: int, root: Path, rel: str) -> bool | tuple[int, int] | None:
-        """True: open for writing; False: not; (dev, ino): ask /proc; None: gone or special."""
+    def _lease(self, top: int, root: Path, version: FileVersion) -> bool | tuple[int, int] | None:
+        """True: open for writing, or changed; False: complete; (dev, ino): ask /proc; None:
+        gone or not a regular file (nothing to hand on)."""
+        rel = version.relpath
         try:
             fd = open_at(top, rel)
         except OSError:
@@ -337,9 +342,13 @@ class WriterCheck:
                 if exc.errno == errno.EAGAIN:
                     return True
                 st = os.fstat(fd)  # EACCES (not ours), EINVAL (no leases here, or not a file)
-                return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                return (st.st_dev, st.st_ino) if version.same_file(st) else True
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            return False
+            # nobody writes it now; it is complete if it is still the version seen (a writer
+            # that finished between the look and the lease made a newer one: look again)
+            return not version.same_file(os.fstat(fd))
         finally:
             os.close(fd)
 

@@ -491,13 +491,13 @@ class SourceWatcher:
         return FileVersion(self.config.key, self.root, rel, size, mtime_ns, ino, ctime_ns, dev)
 
     async def _no_writers(self, versions: list[FileVersion]) -> list[FileVersion]:
-        """The versions nobody holds open for writing any more. The others are still being
-        written (a writer that paused is not done): they are looked at again shortly."""
-        rels = [v.relpath for v in versions]
+        """The versions nobody holds open for writing any more, and still as seen. The others
+        are still being written (a writer that paused is not done) or changed since: they are
+        looked at again shortly."""
         if self._local_fs:  # a lease on a local file is a few syscalls that never wait
-            busy = self.writers.busy(self.root, rels)
+            busy = self.writers.busy(self.root, versions)
         else:
-            busy = await asyncio.to_thread(self.writers.busy, self.root, rels)
+            busy = await asyncio.to_thread(self.writers.busy, self.root, versions)
         if self.writers.unknown and not self._told_unknown:
             self._told_unknown = True
             log.warning(
@@ -512,7 +512,7 @@ class SourceWatcher:
         again = now + min(max(self.config.settle, WRITER_RECHECK), 2.0)
         for v in versions:
             if v.relpath in busy:
-                log.debug("%s is still open for writing: not complete yet", v.relpath)
+                log.debug("%s is still open for writing (or changed): not complete yet", v.relpath)
                 self._pending[v.relpath] = ((v.size, v.mtime_ns, v.ino, v.ctime_ns), now)
                 self._look_again(v.relpath, again)
         return [v for v in versions if v.relpath not in busy]

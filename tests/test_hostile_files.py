@@ -447,13 +447,16 @@ def test_a_writer_in_another_process_is_found_by_lease_and_by_proc(tmp_path: Pat
     try:
         assert writer.stdout is not None and writer.stdout.readline().strip() == b"1"
         st = path.stat()
-        assert sourcefile.WriterCheck().busy(tmp_path, ["w.bin"]) == {"w.bin"}
+        version = FileVersion.from_stat("s", tmp_path, "w.bin", st)
+        assert sourcefile.WriterCheck().busy(tmp_path, [version]) == {"w.bin"}
         found, _ = sourcefile.proc_writers()
         assert (st.st_dev, st.st_ino) in found
     finally:
         assert writer.stdin is not None
         writer.stdin.close()
         writer.wait(10)
-    assert sourcefile.WriterCheck().busy(tmp_path, ["w.bin"]) == set()
+    assert sourcefile.WriterCheck().busy(tmp_path, [version]) == set()
+    path.write_bytes(b"changed since it was seen, by a writer now gone")
+    assert sourcefile.WriterCheck().busy(tmp_path, [version]) == {"w.bin"}
     found, _ = sourcefile.proc_writers()
     assert (st.st_dev, st.st_ino) not in found
