@@ -460,3 +460,32 @@ def test_a_writer_in_another_process_is_found_by_lease_and_by_proc(tmp_path: Pat
     assert sourcefile.WriterCheck().busy(tmp_path, [version]) == {"w.bin"}
     found, _ = sourcefile.proc_writers()
     assert (st.st_dev, st.st_ino) not in found
+
+
+def test_a_command_reads_the_checked_file_and_a_swap_during_its_run_fails_the_row(
+    workspace: dict[str, Path],
+) -> None:
+    """A command gets FILEDISPATCH_FD, open on the checked file; a file replaced while the
+    command ran (here by the command itself, as another writer would) fails its row."""
+    from .conftest import run_cli
+
+    ws = workspace
+    out = ws["root"] / "copies"
+    out.mkdir()
+    old(ws["inbox"] / "keep.txt", b"planned bytes")
+    old(ws["inbox"] / "swap.txt", b"planned bytes")
+    command = (
+        f'cat /dev/fd/"$FILEDISPATCH_FD" > {out}/"$FILEDISPATCH_NAME"; '
+        f'if [ "$FILEDISPATCH_NAME" = swap.txt ]; then '
+        f"ln -s {ws['root']}/c.yml {ws['inbox']}/.l && "
+        f'mv -T {ws["inbox"]}/.l "$FILEDISPATCH_PATH"; fi'
+    )
+    cfg = config(ws, {"command": command, "retry": {"attempts": 1}})
+    result = run_cli("-c", cfg, "--once", timeout=60)
+    assert result.returncode == 1, result.stderr  # --once: a file failed
+    rows = {r["relpath"]: r for r in journal_rows(ws["db"])}
+    assert rows["keep.txt"]["status"] == "SUCCEEDED"
+    assert rows["swap.txt"]["status"] == "FAILED"
+    assert "while the command ran" in rows["swap.txt"]["reason"]
+    assert (out / "keep.txt").read_bytes() == b"planned bytes"
+    assert (out / "swap.txt").read_bytes() == b"planned bytes"
