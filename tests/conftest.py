@@ -18,6 +18,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: a test of a fast path itself (an inline lane...), which FILEDISPATCH_FASTPATH=0 turns off
+needs_fastpath = pytest.mark.skipif(
+    os.environ.get("FILEDISPATCH_FASTPATH", "1").strip() == "0",
+    reason="tests a fast path, and FILEDISPATCH_FASTPATH=0 turns it off",
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -61,7 +61,7 @@ def test_raw_post_put_chunked_and_multipart_arrive_intact(
     assert result.returncode == 0, result.stderr
     rows = journal_rows(ws["db"])
     assert len(rows) == 8 and {r["status"] for r in rows} == {"SUCCEEDED"}
-    assert {r["attempts"] for r in rows} == {1}
+    assert {r["attempts"] for r in rows} == {1}, result.stderr
     ids = {(r["filename"], r["step"]): r["id"] for r in rows}
     year = time.strftime("%Y", time.localtime(a.stat().st_mtime))
     got = {(r.path, r.method): r for r in receiver.received}

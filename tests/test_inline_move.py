@@ -29,6 +29,7 @@ from .conftest import (
     ServiceProcess,
     delivered,
     journal_rows,
+    needs_fastpath,
     old,
     run_cli,
     wait_until,
@@ -233,6 +234,7 @@ def test_a_move_across_a_mount_inside_the_destination_is_copied(
     assert row["detail"] != "moved"
 
 
+@needs_fastpath
 async def test_a_source_gone_or_changed_before_its_move_fails_alone(
     workspace: dict[str, Path],
 ) -> None:
@@ -328,6 +330,7 @@ def test_a_burst_of_copies_arrives_whole_and_the_sources_stay(
     assert {p.name: p.stat().st_mtime_ns for p in ws["outbox"].iterdir()} == mtimes
 
 
+@needs_fastpath
 async def test_one_bad_file_in_a_copy_batch_fails_alone(workspace: dict[str, Path]) -> None:
     ws = workspace
     config = load_config(move_config(ws, mode="copy"))
@@ -363,6 +366,7 @@ async def test_one_bad_file_in_a_copy_batch_fails_alone(workspace: dict[str, Pat
     assert len(list(ws["inbox"].iterdir())) == 4  # copies leave the sources; gone is gone
 
 
+@needs_fastpath
 async def test_files_of_a_running_copy_batch_count_as_in_flight(
     workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -125,7 +125,14 @@ class FileBody(payload.Payload):
         await self.write_with_length(writer, None)
 
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        handed = 0
+
         async def send(data: bytes | bytearray) -> None:
+            nonlocal handed
+            # aiohttp's writer takes the bytes into the transport at once and only then may
+            # wait for it to drain: counted before the await, they count even if that wait
+            # is cancelled
+            handed += len(data)
             await writer.write(data)
             self._progress()
 
@@ -135,6 +142,11 @@ class FileBody(payload.Payload):
             self.complete = True
         except DeliveryError as exc:
             self.error = exc
+            raise
+        except asyncio.CancelledError:
+            # aiohttp cancels the writer once the answer is complete: a server that read the
+            # whole body may answer while the last chunk's drain is still awaited
+            self.complete = handed == self._size
             raise
 
     async def sent_whole(self, wait: float) -> bool:

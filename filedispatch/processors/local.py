@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import hashlib
 import logging
@@ -18,9 +17,8 @@ import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from .. import naming, sourcefile
+from .. import fastpath, naming, sourcefile
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -142,6 +140,7 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
+        self._clone = True  #: reflinks are worth trying here (see fastpath.reflink)
         self._sums: dict[Path, str] = {}  #: a verified copy's SHA-256, until it is placed
         #: source folder -> a descriptor naming it (O_PATH), for the inline moves' renames
         self._sources: dict[str, int] = {}
@@ -285,9 +284,9 @@ class LocalProcessor:
         """Flush (with ``fsync``) and close copies; per copy None or its error (the copy is
         then removed). Writeback of all of them starts before the first fsync waits."""
         errors: list[DeliveryError | None] = [None] * len(staged)
-        if self.dest.fsync and _sync_file_range is not None and len(staged) > 1:
+        if self.dest.fsync and len(staged) > 1:
             for _, out in staged:  # only a hint: a failure is met again by the fsync below
-                _sync_file_range(out, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                fastpath.start_writeback(out)
         for i, (tmp, out) in enumerate(staged):
             try:
                 if self.dest.fsync:
@@ -327,10 +326,7 @@ class LocalProcessor:
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
     def can_move_from(self, folder: Path) -> bool:
-        """Whether files of ``folder`` can be renamed into this destination (one filesystem,
-        and a kernel that renames without replacing)."""
-        if _renameat2 is None:
-            return False
+        """Whether files of ``folder`` can be renamed into this destination (one filesystem)."""
         try:
             self._mkdirs(self.root)
             return os.stat(folder).st_dev == os.stat(self.root).st_dev
@@ -454,8 +450,13 @@ class LocalProcessor:
             self._forget_folders(exc)
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
-            with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
-                shutil.copyfileobj(fin, fout, 1024 * 1024)
+            # a reflink shares blocks copy-on-write: as independent of the source as a copy
+            cloned = fastpath.reflink(fd, out) if self._clone else None
+            if cloned is None:
+                self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
+            if not cloned:
+                with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -510,53 +511,19 @@ class LocalProcessor:
         return None
 
 
-def _libc_function(name: str, *argtypes: Any) -> Any:
-    """A function of the C library that Python does not wrap, or None where there is none."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-#: renameat2(2): Linux 3.15, glibc 2.28
-_renameat2 = _libc_function(
-    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
-)
-#: sync_file_range(2): starts writing a file back without waiting
-_sync_file_range = _libc_function(
-    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
-)
-
-
 #: rename(src, dst, src_dir_fd): ``src`` is a name in the folder ``src_dir_fd``
 Rename = Callable[[str, str, int], None]
+_AT_FDCWD = -100
 
 
 def _move(src: str, dst: str, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD) -> None:
-    """Rename ``src`` to the free name ``dst`` atomically; FileExistsError if it is taken.
-
-    Plain rename() would replace a file that appeared at ``dst`` since we looked, so this uses
-    RENAME_NOREPLACE, which checks and renames in one step in the kernel.
-    """
-    if _renameat2 is None:
-        raise MoveUnavailable("this system has no renameat2(RENAME_NOREPLACE)")
-    if (
-        _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE)
-        == 0
-    ):
-        return
-    err = ctypes.get_errno()
-    if err == errno.EEXIST:
-        raise FileExistsError(err, os.strerror(err), dst)
-    if err in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
-        raise MoveUnavailable(os.strerror(err))  # e.g. a mount point inside the destination
-    raise OSError(err, os.strerror(err), dst)
+    """Rename ``src`` to the free name ``dst``; FileExistsError if it is taken (see
+    fastpath.rename_noreplace: atomic where the kernel offers it). A relative name is taken in
+    the folder of its ``*_dir_fd``."""
+    try:
+        fastpath.rename_noreplace(src, dst, src_dir_fd, dst_dir_fd)
+    except fastpath.RenameUnavailable as exc:
+        raise MoveUnavailable(str(exc)) from exc
 
 
 def _replace(src: str, dst: str, src_dir_fd: int = _AT_FDCWD) -> None:

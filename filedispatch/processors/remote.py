@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
-from .. import sourcefile
+from .. import fastpath, sourcefile
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import (
     DeliveryError,
@@ -212,7 +212,7 @@ async def copy_to(
         raise SourceVanishedError("the file shrank while it was sent")
 
 
-_NOWAIT = hasattr(os, "RWF_NOWAIT")
+_NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the executor
 #: chunks of this size or more are hashed in a worker thread; smaller ones cost less inline
 HASH_AWAY = 256 * 1024
 #: what ``copy_to`` hands its writer
