@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from . import fastpath
+from . import fastpath, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
@@ -1003,9 +1003,7 @@ def _check_unchanged(version: FileVersion, follow_symlinks: bool) -> None:
     except OSError:
         return  # the delivery meets it again and says why
     if not version.same_file(st):
-        raise SourceVanishedError(
-            f"{version.path} changed since it was seen; its new version is dispatched on its own"
-        )
+        raise SourceVanishedError(sourcefile.describe_change(version, st))
 
 
 def _source_unreadable(exc: DeliveryError, ctx: StepContext) -> DeliveryError | None:

@@ -150,6 +150,22 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
+def describe_change(version: FileVersion, st: os.stat_result) -> str:
+    """Why the name of ``version``, whose lstat is ``st``, is no longer that version: for the
+    journal (a link out of the source, a FIFO, or simply a newer version)."""
+    rel = version.relpath
+    if inside(version.root, str(version.path)) is None:
+        return (
+            f"{rel} is a symbolic link (or lies below one) that leads outside the source: "
+            "not followed"
+        )
+    if stat.S_ISLNK(st.st_mode):
+        return f"{rel} was replaced by a symbolic link: not followed"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{rel} is now {_kind(st.st_mode)}: not read"
+    return f"{version.path} changed since it was seen; its new version is dispatched on its own"
+
+
 def _refusal(version: FileVersion, exc: OSError) -> Exception:
     rel = version.relpath
     if exc.errno == errno.ENOENT:
