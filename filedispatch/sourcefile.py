@@ -166,6 +166,12 @@ def describe_change(version: FileVersion, st: os.stat_result) -> str:
     return f"{version.path} changed since it was seen; its new version is dispatched on its own"
 
 
+def _named(exc: OSError, version: FileVersion) -> OSError:
+    """``exc`` naming the source's whole path (the cause kept with our error: a
+    PermissionError there makes the dispatcher try again later, see _source_unreadable)."""
+    return OSError(exc.errno, exc.strerror, str(version.path))
+
+
 def _refusal(version: FileVersion, exc: OSError) -> Exception:
     rel = version.relpath
     if exc.errno == errno.ENOENT:
@@ -189,7 +195,7 @@ def _open_link(version: FileVersion, flags: int) -> int:
     try:
         return open_beneath(os.path.realpath(version.root), real, flags)
     except OSError as exc:  # it moved again meanwhile
-        raise _refusal(version, exc) from None
+        raise _refusal(version, exc) from _named(exc, version)
 
 
 def open_version(version: FileVersion, flags: int = READ_FLAGS) -> tuple[int, os.stat_result]:
@@ -207,7 +213,7 @@ def open_version(version: FileVersion, flags: int = READ_FLAGS) -> tuple[int, os
         fd = open_beneath(version.root, version.relpath, flags)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
-            raise _refusal(version, exc) from None
+            raise _refusal(version, exc) from _named(exc, version)
         fd = _open_link(version, flags)
     try:
         st = os.fstat(fd)
@@ -259,20 +265,23 @@ def check_unchanged(fd: int, before: os.stat_result, what: str) -> None:
         )
 
 
-def recheck(version: FileVersion, path: Path, fd: int, st: os.stat_result, what: str) -> None:
-    """After code that was handed a *path* (a command, a Python step) ran: the file held open
-    is unchanged and its name still leads to it, with no link. Raises SourceVanishedError
-    otherwise (the step's result is then not trusted; the new version goes on its own)."""
+def recheck(version: FileVersion, path: Path, what: str) -> None:
+    """After code that was handed a *path* (a command, a Python step) ran: the name must still
+    lead, inside the source and without a link, to a regular file (or be gone: the code
+    consumed it). Raises SourceVanishedError otherwise: the code may then have read something
+    else than the source, and its result is not trusted. A file merely changed meanwhile is a
+    new version, which the after-action's identity check keeps and sends on its own."""
+    if path != version.path:
+        return  # a transform's output, in the chain's own work folder
     try:
-        check_unchanged(fd, st, version.relpath)
-        again, now = open_input(version, path)
-        os.close(again)
-    except SourceVanishedError as exc:
-        if not os.path.lexists(path):
-            return  # the code consumed the file it was given: its result stands
-        raise SourceVanishedError(f"while {what} ran: {exc}") from None
-    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-        raise SourceVanishedError(f"{version.relpath} was replaced while {what} ran")
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SourceVanishedError(f"while {what} ran: cannot look at {path}: {exc}") from None
+    if stat.S_ISREG(st.st_mode) and inside(version.root, str(path)) == version.relpath:
+        return
+    raise SourceVanishedError(f"while {what} ran: {describe_change(version, st)}")
 
 
 def read_head(version: FileVersion, size: int) -> bytes | None:

@@ -66,11 +66,12 @@ class CommandProcessor:
     async def deliver(self, ctx: StepContext) -> Outcome:
         # The planned version, checked and held open: the command gets its path, and also the
         # descriptor (FILEDISPATCH_FD: /dev/fd/N reads exactly the checked file, whatever is
-        # put at the name meanwhile). Afterwards the file must be unchanged and still there.
-        fd, st = open_input(ctx)
+        # put at the name meanwhile). Afterwards the name must not lead to a link, a special
+        # file or out of the source (the command may have read that instead).
+        fd, _ = open_input(ctx)
         try:
             outcome = await self._run(ctx, fd)
-            sourcefile.recheck(ctx.version, ctx.input, fd, st, "the command")
+            sourcefile.recheck(ctx.version, ctx.input, "the command")
         finally:
             os.close(fd)
         return outcome

@@ -90,13 +90,11 @@ class PythonProcessor:
             ensure_workdir(ctx.workdir)  # documented to exist, for a transform's output
         args = (str(ctx.input), *self.step.args)
         # checked before the call and after it (the callable gets a path, which it may open
-        # after someone swapped the file): a change discards the result
-        fd, st = open_input(ctx)
-        try:
-            value = await self._call(target, args, kwargs)
-            sourcefile.recheck(ctx.version, ctx.input, fd, st, "the callable")
-        finally:
-            os.close(fd)
+        # after someone put a link there): a link or special file found after discards it
+        fd, _ = open_input(ctx)
+        os.close(fd)
+        value = await self._call(target, args, kwargs)
+        sourcefile.recheck(ctx.version, ctx.input, "the callable")
         return self._outcome(ctx, value)
 
     async def _call(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
