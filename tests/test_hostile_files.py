@@ -225,7 +225,12 @@ async def test_fifos_swapped_in_do_not_hold_the_copy_threads(workspace: dict[str
     try:
         async with Journal.open(ws["db"]) as journal:
             dispatcher = Dispatcher(cfg, journal, Registry(), workdir=ws["root"] / "work")
+            stop = asyncio.Event()  # the workers too: with the fast paths off they copy
+            runner = asyncio.create_task(dispatcher.run(stop))
             await asyncio.wait_for(dispatcher.offer(source, versions), 30)
+            await asyncio.wait_for(dispatcher.wait_idle(), 30)
+            stop.set()
+            await runner
             await journal.write(lambda conn: None)
     finally:
         for _ in range(20):  # copy threads blocked in open() one FIFO after another (the bug)
