@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import functools
 import logging
 import os
 import random
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from . import fastpath, sourcefile
+from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
@@ -140,7 +140,7 @@ class Dispatcher:
         #: (source, rule) -> how its new files skip the workers, or None
         self._lanes: dict[tuple[str, str], Lane | None] = {}
         #: after-actions that move a file to another filesystem, run in threads
-        self._moving: set[asyncio.Task[None]] = set()
+        self._moving: set[asyncio.Task[object]] = set()
 
     # ------------------------------------------------------------------ configuration
 
@@ -900,12 +900,15 @@ class Dispatcher:
                 return
             folder = source.done_dir if what is Fate.DONE_DIR else source.failed_dir
             assert folder is not None
-            target = _free_name(folder / version.relpath)
+            target = folder / version.relpath
             target.parent.mkdir(parents=True, exist_ok=True)
-            _rename_free(path, target)
+            relocate.rename_free(path, target)
         except fastpath.RenameUnavailable:
+            unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
             task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(_move_across, version, source.follow_symlinks, target)
+                asyncio.to_thread(
+                    relocate.move_by_copy, path, target, unchanged, any_free_name=True
+                )
             )
             self._moving.add(task)
             task.add_done_callback(self._moved)
@@ -916,11 +919,11 @@ class Dispatcher:
         source = self.sources.get(version.source)
         return source is not None and source.follow_symlinks
 
-    def _moved(self, task: asyncio.Task[None]) -> None:
+    def _moved(self, task: asyncio.Task[object]) -> None:
         self._moving.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("after-action: moving a source to another filesystem failed: %s", exc)
+            log.error("after-action: moving a source by copying failed: %s", exc)
 
     async def moves_done(self) -> None:
         """Wait for the after-actions running in threads (moves to another filesystem)."""
@@ -957,33 +960,9 @@ def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:
     return st
 
 
-def _rename_free(path: Path, target: Path) -> None:
-    """Rename ``path`` to ``target`` or, if another file takes that name meanwhile, to the
-    next free name: never over an existing file."""
-    while True:
-        try:
-            fastpath.rename_noreplace(os.fspath(path), os.fspath(target))
-            return
-        except FileExistsError:
-            target = _free_name(target)
-
-
-def _move_across(version: FileVersion, follow_symlinks: bool, target: Path) -> None:
-    """Move a source to another filesystem (in a thread): copy it beside ``target`` under a
-    hidden name, check the source is still the version, give the copy its name, then remove
-    the source. A crash leaves the source in place (and at worst a hidden partial copy)."""
-    path = version.path
-    tmp = target.with_name(f".filedispatch-move-{os.getpid()}-{target.name}"[:255])
-    shutil.copy2(path, tmp, follow_symlinks=True)
-    try:
-        if not version.same_file(_identity(path, follow_symlinks)):
-            raise OSError(f"{path} changed while it was moved; it stays (a new version)")
-        _rename_free(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.unlink(path)
+def _unchanged(version: FileVersion, follow_symlinks: bool) -> bool:
+    """Whether the source is still the very file of ``version`` (for a move by copy)."""
+    return version.same_file(_identity(version.path, follow_symlinks))
 
 
 def _unexpected(exc: Exception, ctx: StepContext) -> DeliveryError:
@@ -1022,17 +1001,6 @@ def _report_write(fut: asyncio.Future[Any]) -> None:
     """An outcome nobody awaits: a journal failure is logged here, not lost."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("the journal could not record an outcome: %s", fut.exception())
-
-
-def _free_name(target: Path) -> Path:
-    if not target.exists():
-        return target
-    stem, suffix = target.stem, target.suffix
-    for n in range(1, 10_000):
-        cand = target.with_name(f"{stem}-{n}{suffix}")
-        if not cand.exists():
-            return cand
-    return target.with_name(f"{stem}-{time.time_ns()}{suffix}")
 
 
 def _safe(name: str) -> str:

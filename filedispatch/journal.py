@@ -942,13 +942,17 @@ class Journal:
 
         return await self.write(op)
 
-    async def unkeyed(self, limit: int = 1000) -> list[tuple[str, str, str, str, int, int]]:
+    async def unkeyed(
+        self, limit: int = 1000, after: str = ""
+    ) -> list[tuple[str, str, str, str, int, int]]:
         """Versions recorded before a version was also its inode and ctime (``ino IS NULL``):
-        (vkey, source, root, relpath, size, mtime_ns), at most ``limit`` of them."""
+        (vkey, source, root, relpath, size, mtime_ns), at most ``limit`` of them, in key order
+        from the first key above ``after`` (pass the last key of a batch for the next one: the
+        index is walked once in all, not once per batch)."""
         rows = await self.read(
             "SELECT vkey, source, root, relpath, size, mtime_ns FROM dispatches "
-            "WHERE ino IS NULL GROUP BY vkey LIMIT ?",
-            (limit,),
+            "WHERE vkey > ? AND ino IS NULL GROUP BY vkey ORDER BY vkey LIMIT ?",
+            (after, limit),
         )
         return [tuple(r) for r in rows]
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fastpath
+from . import fastpath, relocate
 from .config import SourceConfig
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
@@ -90,12 +89,15 @@ async def retry(
 
 
 def _same(version: FileVersion, st: os.stat_result, *, moved: bool) -> bool:
-    """``version.same_file``; a file moved since has a new ctime (a rename changes it)."""
+    """``version.same_file``; a file moved since has a new ctime (a rename changes it), and
+    one moved to another filesystem a new inode (it was copied, its mtime kept)."""
     if not moved:
         return version.same_file(st)
     if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns):
         return False
-    return not (version.ino and (st.st_ino, st.st_dev) != (version.ino, version.dev))
+    if version.ino and st.st_dev != version.dev:
+        return True  # moved to another filesystem: a copy (new inode) with the same mtime
+    return not (version.ino and st.st_ino != version.ino)
 
 
 def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
@@ -106,27 +108,35 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
         st = os.lstat(version.path)
     except FileNotFoundError:
         st = None
+    if st is not None and _same(version, st, moved=False):
+        return "here"
+    parked = _in_failed_dir(version, source)
     if st is not None:
-        if _same(version, st, moved=False):
-            return "here"
+        if parked is not None:  # the failed file cannot come back: its name is taken
+            return (
+                f"the file is in {parked}, but another file now has its name {version.path}; "
+                "move one of them away and retry"
+            )
         return f"{version.path} changed since it failed; its new version is dispatched on its own"
-    if source is not None and source.failed_dir is not None:
-        for candidate in _names(source.failed_dir / version.relpath):
-            try:
-                found = os.lstat(candidate)
-            except FileNotFoundError:
-                break
-            if _same(version, found, moved=True):
-                return candidate
+    if parked is not None:
+        return parked
     if source is None:
         return f"{version.path} is no longer in its source (give the config to look in failed_dir)"
     return f"{version.path} is no longer in its source (nor in failed_dir): nothing to send"
 
 
-def _names(target: Path) -> list[Path]:
-    """The names an after-action may have given a file in failed_dir (see _free_name)."""
-    stem, suffix = target.stem, target.suffix
-    return [target] + [target.with_name(f"{stem}-{n}{suffix}") for n in range(1, 100)]
+def _in_failed_dir(version: FileVersion, source: SourceConfig | None) -> Path | None:
+    """The file of ``version`` in its source's failed_dir (under a numbered name maybe)."""
+    if source is None or source.failed_dir is None:
+        return None
+    for candidate in relocate.numbered(source.failed_dir / version.relpath):
+        try:
+            found = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        if _same(version, found, moved=True):
+            return candidate
+    return None
 
 
 def _restore(row: Dispatch, found: Path) -> Path:
@@ -134,13 +144,13 @@ def _restore(row: Dispatch, found: Path) -> Path:
     path = row.version.path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
+        try:
+            fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
+        except fastpath.RenameUnavailable:  # failed_dir on another filesystem
+            # copied under a hidden name, renamed once whole: never a half file in the source
+            relocate.move_by_copy(found, path, lambda: True, any_free_name=False)
     except FileExistsError:
         raise OSError(f"another file now has the name {path}") from None
-    except fastpath.RenameUnavailable:  # failed_dir on another filesystem
-        if os.path.lexists(path):
-            raise OSError(f"another file now has the name {path}") from None
-        shutil.move(found, path)
     return path
 
 
@@ -152,11 +162,12 @@ async def rekey_old_rows(journal: Journal, batch: int = 1000) -> int:
     has now, where the file is still there with the recorded size and mtime: without this,
     every file kept in a source would look new after an upgrade and be sent again. Runs
     once (checked rows are not looked at again). Returns how many rows were re-keyed."""
-    total = 0
+    total, after = 0, ""
     while True:
-        rows = await journal.unkeyed(batch)
+        rows = await journal.unkeyed(batch, after)
         if not rows:
             return total
+        after = rows[-1][0]
         found, missing = await asyncio.to_thread(_stat_old, rows)
         total += await journal.rekey(found, missing)
 

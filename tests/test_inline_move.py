@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from .conftest import (
     ServiceProcess,
     delivered,
     journal_rows,
+    mounted_tmpfs,
     needs_fastpath,
     old,
     run_cli,
@@ -206,15 +206,8 @@ def mounted_subfolder(tmp_path: Path) -> Any:
     """A tmpfs mounted inside the destination: renames into it cross filesystems."""
     folder = tmp_path / "outbox" / "elsewhere"
     folder.mkdir(parents=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with mounted_tmpfs(folder):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_move_across_a_mount_inside_the_destination_is_copied(

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -378,17 +377,6 @@ def test_a_delivered_copy_never_changes_with_its_live_source(
     assert (archive / "a.bin").read_bytes() == b"original"
     assert os.stat(archive / "a.bin").st_ino != os.stat(src).st_ino
     assert svc.stop() == 0
-
-
-@pytest.fixture
-def other_fs(tmp_path: Path) -> Any:
-    """A folder on another filesystem than tmp_path (/dev/shm is a tmpfs)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("needs /dev/shm on another filesystem")
-    folder = Path(tempfile.mkdtemp(dir=shm))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_move_to_done_dir_on_another_filesystem_is_whole(tmp_path: Path, other_fs: Path) -> None:
