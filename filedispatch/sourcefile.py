@@ -22,7 +22,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import PermanentDeliveryError, SourceVanishedError
+from .errors import PermanentDeliveryError, SourceVanishedError, TransientDeliveryError
 from .models import FileVersion
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,18 @@ def _refusal(version: FileVersion, exc: OSError) -> Exception:
         return SourceVanishedError(f"{rel} is no longer a regular file: not read")
     if exc.errno in (errno.EWOULDBLOCK, errno.ETXTBSY):
         return SourceVanishedError(f"{rel} is held by another process (a lease): not read")
-    return PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror or exc}")
+    return _unreadable(version.path, exc)
+
+
+#: this process ran short of descriptors or memory: the file is fine, a later try may work
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EINTR})
+
+
+def _unreadable(path: Path, exc: OSError) -> PermanentDeliveryError | TransientDeliveryError:
+    text = f"cannot read {path}: {exc.strerror or exc}"
+    if exc.errno in _RESOURCE_ERRNOS:
+        return TransientDeliveryError(text)
+    return PermanentDeliveryError(text)
 
 
 def _open_link(version: FileVersion, flags: int) -> int:
@@ -242,7 +253,7 @@ def open_input(version: FileVersion, path: Path) -> tuple[int, os.stat_result]:
     except FileNotFoundError:
         raise SourceVanishedError(f"the file {path} vanished before it could be sent") from None
     except OSError as exc:
-        raise PermanentDeliveryError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise _unreadable(path, exc) from exc
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)

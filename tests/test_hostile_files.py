@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -494,3 +496,36 @@ def test_a_command_reads_the_checked_file_and_a_swap_during_its_run_fails_the_ro
     assert "while the command ran" in rows["swap.txt"]["reason"]
     assert (out / "keep.txt").read_bytes() == b"planned bytes"
     assert (out / "swap.txt").read_bytes() == b"planned bytes"
+
+
+def test_running_out_of_descriptors_is_worth_a_retry_not_a_failure(tmp_path: Path) -> None:
+    """EMFILE says nothing about the file: the open is refused as transient (retried), while
+    a real refusal such as a folder in the way stays permanent."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(b"data")
+    script = f"""
+import os, resource, sys
+from pathlib import Path
+from filedispatch.errors import TransientDeliveryError
+from filedispatch.models import FileVersion
+from filedispatch.sourcefile import open_version
+root = Path({str(tmp_path / "in")!r})
+v = FileVersion.from_stat("in", root, "a.txt", os.stat(root / "a.txt"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+try:
+    open_version(v)
+except TransientDeliveryError as exc:
+    print("transient", exc)
+except Exception as exc:
+    print("other", type(exc).__name__, exc)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("transient"), result.stdout
+    assert "Too many open files" in result.stdout
