@@ -19,6 +19,7 @@ from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError
 from .models import FileVersion, Status
 from .router import Router, describe_target
+from .sourcefile import describe_writer_check
 from .textsafe import escape
 
 if TYPE_CHECKING:
@@ -365,6 +366,10 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        if s.open_writers == "check":
+            say(f"    open writers: {describe_writer_check(s.path)}")
+        else:
+            say("    open writers: not checked (open_writers: ignore)")
     say("rules (in order; the first match wins unless a rule says continue):")
     router = Router(config)
     for i, rule in enumerate(router.rules, 1):

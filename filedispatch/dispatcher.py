@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from . import fastpath, relocate
+from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
@@ -310,7 +310,8 @@ class Dispatcher:
                 log.info(
                     "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
                 )
-                self._lanes[(version.source, ctx.rule)] = None
+                if not exc.this_file:
+                    self._lanes[(version.source, ctx.rule)] = None
                 self._wake.set()  # give it to a worker, which links or copies
                 pending = StepResult(ctx.dispatch_id, Status.PENDING, 0)
                 done.append((version, pending, False, lane.step))
@@ -981,9 +982,7 @@ def _check_unchanged(version: FileVersion, follow_symlinks: bool) -> None:
     except OSError:
         return  # the delivery meets it again and says why
     if not version.same_file(st):
-        raise SourceVanishedError(
-            f"{version.path} changed since it was seen; its new version is dispatched on its own"
-        )
+        raise SourceVanishedError(sourcefile.describe_change(version, st))
 
 
 def _source_unreadable(exc: DeliveryError, ctx: StepContext) -> DeliveryError | None:

@@ -64,8 +64,11 @@ class RenameUnavailable(Exception):
     """This filesystem cannot rename here (another filesystem, no RENAME_NOREPLACE support)."""
 
 
-def rename_noreplace(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError then).
+def rename_noreplace(
+    src: str, dst: str, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD
+) -> None:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (FileExistsError then). A relative name
+    is taken in the folder of its ``*_dir_fd`` (a descriptor, as for ``renameat``).
 
     Fast: ``renameat2(RENAME_NOREPLACE)``, which checks and renames in one step in the kernel.
     Plain (the switch off, or an old system): a check then ``rename()``; a file another writer
@@ -76,7 +79,9 @@ def rename_noreplace(src: str, dst: str) -> None:
     """
     if _renameat2 is not None:
         if (
-            _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+            _renameat2(
+                src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), _RENAME_NOREPLACE
+            )
             == 0
         ):
             return
@@ -86,10 +91,15 @@ def rename_noreplace(src: str, dst: str) -> None:
         if err in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
             raise RenameUnavailable(os.strerror(err))  # e.g. a mount point inside the target
         raise OSError(err, os.strerror(err), dst)
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    src_fd = None if src_dir_fd == _AT_FDCWD else src_dir_fd
+    dst_fd = None if dst_dir_fd == _AT_FDCWD else dst_dir_fd
     try:
-        os.rename(src, dst)
+        os.lstat(dst, dir_fd=dst_fd)
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
             raise RenameUnavailable(exc.strerror) from exc

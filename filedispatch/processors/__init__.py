@@ -90,7 +90,12 @@ class BatchCopier(Protocol):
 
 class MoveUnavailable(Exception):
     """``move_now`` cannot rename here after all (another filesystem under the destination, a
-    filesystem without RENAME_NOREPLACE): deliver this file the ordinary way."""
+    filesystem without RENAME_NOREPLACE): deliver this file the ordinary way.
+    ``this_file``: only this file cannot be renamed (a link: its target is copied)."""
+
+    def __init__(self, reason: str, *, this_file: bool = False) -> None:
+        super().__init__(reason)
+        self.this_file = this_file
 
 
 @dataclass
