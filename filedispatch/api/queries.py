@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import functools
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from typing import Any, Literal, cast
 from multidict import MultiMapping
 
 from ..models import Status
+from ..reporting import PERIODS, Period, day_sql, human_size, period_label, period_start
 
 UTC = dt.UTC
 DAY = 86400.0
@@ -28,8 +28,6 @@ DEFAULT_LIMIT = 50
 MAX_OFFSET = 1_000_000_000
 MAX_INT = 2**63 - 1
 PROTOCOLS = ("file", "http", "ftp", "sftp", "command", "python", "compress")
-PERIODS = ("day", "week", "month")
-Period = Literal["day", "week", "month"]
 
 #: the default window of /stats when no ``created`` bound is given: the current period and
 #: this many days before it (then aligned to the start of its week or month)
@@ -393,10 +391,10 @@ def parse_log_query(query: MultiMapping[str]) -> LogQuery:
 # --------------------------------------------------------------------------- /stats
 
 
-_DAY_SQL = "CAST(created / 86400 AS INTEGER)"
-#: the period a row falls in, as a day number (days since 1970-01-01, UTC): the day itself, its
-#: Monday (1970-01-01 was a Thursday); months are grouped by day here and folded in Python,
-#: which costs less than SQLite's strftime() on every row
+_DAY_SQL = day_sql("created")
+#: the period a row falls in, as a day number (UTC): the day itself, its Monday (1970-01-01
+#: was a Thursday); months are grouped by day here and folded by ``period_start``, which costs
+#: less than SQLite's strftime() on every row
 _BUCKET_SQL: dict[str, str] = {
     "day": _DAY_SQL,
     "week": f"{_DAY_SQL} - ({_DAY_SQL} + 3) % 7",
@@ -446,22 +444,6 @@ def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
     return StatsQuery(cast(Period, period), conditions, since)
 
 
-@functools.lru_cache(maxsize=4096)
-def bucket_start(day: int, period: Period) -> dt.date:
-    """The first day of the period holding day number ``day``."""
-    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
-    return date.replace(day=1) if period == "month" else date
-
-
-def bucket_label(start: dt.date, period: Period) -> str:
-    if period == "week":
-        year, week, _ = start.isocalendar()
-        return f"{year}-W{week:02d}"
-    if period == "month":
-        return start.strftime("%Y-%m")
-    return start.isoformat()
-
-
 def _tally() -> dict[str, int]:
     return {"count": 0, "bytes": 0}
 
@@ -484,12 +466,12 @@ def rollup(rows: Iterable[Sequence[Any]], period: Period) -> dict[str, Any]:
     buckets: dict[dt.date, dict[str, Any]] = {}
     totals = _group()
     for day, status, dest, ext, n, size in rows:
-        start = bucket_start(int(day), period)
+        start = period_start(int(day), period)
         group = buckets.get(start)
         if group is None:
             group = buckets[start] = {
                 "start": start.isoformat(),
-                "label": bucket_label(start, period),
+                "label": period_label(start, period),
                 **_group(),
             }
         dest = redact_text(dest)
@@ -519,18 +501,6 @@ def iso(ts: float | None) -> str | None:
         return None
     moment = dt.datetime.fromtimestamp(ts, UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def human_size(n: int) -> str:
-    """1536 -> "1.5 KB" (powers of 1024, as sizes are written in the config)."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        value /= 1024
-        if value < 1024 or unit == "PB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def entry(row: Sequence[Any]) -> dict[str, Any]:
