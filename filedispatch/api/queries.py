@@ -225,11 +225,17 @@ def parse_time(name: str, text: str) -> tuple[float, bool]:
 Condition = tuple[str, Any]  # "column op ?" and the value bound to it
 
 
+def choice(name: str, text: str, choices: Sequence[str]) -> str:
+    """The one of ``choices`` that ``text`` names, in any case (``failed`` is ``FAILED``)."""
+    for c in choices:
+        if c.casefold() == text.casefold():
+            return c
+    raise BadParameter(name, f"{text[:40]!r} is not one of {', '.join(choices)}")
+
+
 def _filter_conditions(p: Param, text: str) -> list[Condition]:
     if p.kind == "enum":
-        if text not in p.choices:
-            raise BadParameter(p.name, f"{text[:40]!r} is not one of {', '.join(p.choices)}")
-        return [(f"{p.column} = ?", text)]
+        return [(f"{p.column} = ?", choice(p.name, text, p.choices))]
     if p.kind == "text":
         value = text.lower().lstrip(".") if p.name == "extension" else text
         return [(f"{p.column} = ?", value)]
@@ -427,9 +433,7 @@ def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
     """Validate the query string of ``GET /api/v1/stats``."""
     allowed = {p.name: p for p in STATS_PARAMS}
     given = _single(query, allowed)
-    period = given.pop("period", "day")
-    if period not in PERIODS:
-        raise BadParameter("period", f"{period[:40]!r} is not one of {', '.join(PERIODS)}")
+    period = choice("period", given.pop("period", "day"), PERIODS)
     conditions: list[Condition] = []
     for name, text in given.items():
         conditions += _filter_conditions(allowed[name], text)

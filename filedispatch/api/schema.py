@@ -66,7 +66,7 @@ def _object(props: dict[str, Any], *, closed: bool = True) -> dict[str, Any]:
 
 
 def _param_schema(p: Param) -> dict[str, Any]:
-    if p.kind == "enum":
+    if p.kind == "enum":  # any case is accepted; the schema lists the canonical spelling
         return {"type": "string", "enum": list(p.choices)}
     if p.kind == "int":
         return {"type": "integer", "minimum": 0, "maximum": MAX_INT}
@@ -202,6 +202,19 @@ def openapi() -> dict[str, Any]:
                 "queue_depth": _NULL_INT,
                 "in_flight": _INT,
                 "counts": {"type": "object", "additionalProperties": _INT, "nullable": True},
+                "retry_waiting": {
+                    **_object(
+                        {
+                            "count": _INT,
+                            "next_attempt": {
+                                "type": "string",
+                                "format": "date-time",
+                                "nullable": True,
+                            },
+                        }
+                    ),
+                    "nullable": True,
+                },
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
             }
         ),
