@@ -120,13 +120,16 @@ def _when(row: dict[str, Any]) -> str:
 
 
 def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> list[str]:
-    """One line per row: id, time, status, source/file -> destination, and why if not sent."""
+    """One line per row: id, time, status, source/file -> where it landed (the final name,
+    for a delivered row that recorded one) or its destination, and why if not sent."""
     secrets = list(secrets)
     lines = []
     for r in rows:
+        landed = r.get("location") if r["status"] == Status.SUCCEEDED else None
         line = (
             f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  "
-            f"{shown(r['source'])}/{shown(r['relpath'])} -> {shown(r['destination'], secrets)}"
+            f"{shown(r['source'])}/{shown(r['relpath'])} -> "
+            f"{shown(landed or r['destination'], secrets)}"
         )
         if r["status"] != Status.SUCCEEDED and r.get("reason"):
             line += f"  ({shown(r['reason'], secrets)})"

@@ -11,8 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
+from .apiutil import get_json
 from .conftest import free_port, journal_rows, run_cli, wait_until
 from .ops import delivered, old_file, ops_config
 
@@ -28,16 +27,6 @@ DAYS = {
 
 def _noon(day: dt.date) -> float:
     return dt.datetime(day.year, day.month, day.day, 12, tzinfo=dt.UTC).timestamp()
-
-
-async def _get(url: str) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-        body: dict[str, Any] = await resp.json()
-        return body
 
 
 def test_cli_and_api_agree_on_iso_weeks(tmp_path: Path, service_factory: Any) -> None:
@@ -79,7 +68,7 @@ def test_cli_and_api_agree_on_iso_weeks(tmp_path: Path, service_factory: Any) ->
     svc = service_factory(cfg).start()
     wait_until(lambda: len(journal_rows(db)) == len(DAYS))
     body = asyncio.run(
-        _get(f"http://127.0.0.1:{port}/api/v1/stats?period=week&created__gte=2026-01-01")
+        get_json(f"http://127.0.0.1:{port}/api/v1/stats?period=week&created__gte=2026-01-01", TOKEN)
     )
     assert {b["label"]: b["count"] for b in body["results"]} == expected
     assert svc.stop() == 0

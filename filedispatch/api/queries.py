@@ -152,7 +152,7 @@ STATS_PARAMS: tuple[Param, ...] = (
 
 ENTRY_SQL = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256"
+    "attempts, size, duration_ms, reason, sha256, mtime_ns"
 )
 DETAIL_SQL = ENTRY_SQL + ", relpath, step, location, detail, error_type, started, next_attempt"
 
@@ -525,11 +525,14 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         duration_ms,
         reason,
         sha256,
-    ) = row[:15]
+        mtime_ns,
+    ) = row[:16]
     return {
         "id": id_,
         "created": iso(created),
         "finished": iso(finished),
+        "created_ts": created,
+        "finished_ts": finished,
         "filename": filename,
         "source": source,
         "destination": redact_text(destination),
@@ -543,12 +546,14 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         "duration_ms": duration_ms,
         "reason": _redacted(reason),
         "sha256": sha256,
+        "mtime": iso(mtime_ns / 1e9),
+        "mtime_ns": mtime_ns,
     }
 
 
 def detail(row: Sequence[Any]) -> dict[str, Any]:
     """One ``DETAIL_SQL`` row: the entry and what the detail view adds."""
-    relpath, step, location, note, error_type, started, next_attempt = row[15:22]
+    relpath, step, location, note, error_type, started, next_attempt = row[16:23]
     return {
         **entry(row),
         "relpath": relpath,
@@ -557,5 +562,6 @@ def detail(row: Sequence[Any]) -> dict[str, Any]:
         "detail": _redacted(note),
         "error_type": error_type,
         "started": iso(started),
+        "started_ts": started,
         "next_attempt": iso(next_attempt) if next_attempt and row[9] == "PENDING" else None,
     }

@@ -32,6 +32,8 @@ ENTRY: dict[str, Any] = {
     "id": _INT,
     "created": {"type": "string", "format": "date-time"},
     "finished": _NULL_TIME,
+    "created_ts": {"type": "number"},
+    "finished_ts": {"type": "number", "nullable": True},
     "filename": _STR,
     "source": _STR,
     "destination": _STR,
@@ -45,6 +47,8 @@ ENTRY: dict[str, Any] = {
     "duration_ms": _NULL_INT,
     "reason": _NULL_STR,
     "sha256": _NULL_STR,
+    "mtime": {"type": "string", "format": "date-time"},
+    "mtime_ns": _INT,
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,
@@ -54,6 +58,7 @@ DETAIL: dict[str, Any] = {
     "detail": _NULL_STR,
     "error_type": _NULL_STR,
     "started": _NULL_TIME,
+    "started_ts": {"type": "number", "nullable": True},
     "next_attempt": _NULL_TIME,
 }
 
