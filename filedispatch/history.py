@@ -325,7 +325,10 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
     elif action == "forget":
         removed = forget(db, args.id, args.path)
         what = f"dispatch {args.id}" if args.id is not None else shown(args.path)
-        print(f"forgot {what} ({removed} row(s)); it is sent again at the next scan or start")
+        print(
+            f"forgot {what} ({removed} row(s)); it is sent again at the next rescan, within "
+            "`rescan` seconds (default 60), or at the next start"
+        )
     elif action == "stats":
         rows = stats(db, args.period)
         print(json.dumps(rows, indent=2) if args.json else "\n".join(format_stats(rows)))

@@ -56,3 +56,26 @@ def test_a_sub_command_without_a_config_says_so(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert f"{command[0]} needs -c CONFIG" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_once_says_what_it_does_before_the_work(tmp_path: Path) -> None:
+    cfg = ops_config(tmp_path)
+    for i in range(200):
+        (tmp_path / "inbox" / f"f{i:03d}.txt").write_bytes(b"x")
+    result = run_cli("-c", cfg, "--once", "--log-level", "INFO")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    first_delivery = next(i for i, line in enumerate(lines) if ".txt -> " in line)
+    announce = next(i for i, line in enumerate(lines) if "source(s)" in line)
+    assert announce < first_delivery, "\n".join(lines[: first_delivery + 3])
+    assert "dispatching what is in 1 source(s) now, then exiting (--once)" in lines[announce]
+    assert not any("watching 1 source(s)" in line for line in lines)
+
+
+def test_forget_says_when_the_file_is_sent_again(tmp_path: Path) -> None:
+    cfg = ops_config(tmp_path)
+    (tmp_path / "inbox" / "a.txt").write_bytes(b"a")
+    assert run_cli("mark-existing", "-c", cfg).returncode == 0
+    forgot = run_cli("history", "forget", "1", "-c", cfg)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "sent again at the next rescan, within `rescan` seconds (default 60)" in forgot.stdout

@@ -264,7 +264,8 @@ def openapi() -> dict[str, Any]:
                 params=[_ID],
             ),
             "delete": _op(
-                "Forget a dispatch: the file is sent there again at the next scan.",
+                "Forget a dispatch: the file is sent there again at the next rescan, within "
+                "`rescan` seconds (default 60), or at the next start.",
                 {"204": {"description": "Forgotten."}},
                 ("400", _E400),
                 ("404", _E404),

@@ -221,7 +221,7 @@ async function retry(id) {
 }
 
 async function forget(id) {
-  if (!confirm(`Forget dispatch ${id}? The file is sent again at the next scan.`)) return;
+  if (!confirm(`Forget dispatch ${id}? The file is sent again at the next rescan, within the source's rescan seconds (default 60), or at the next start.`)) return;
   let failure = null;
   try {
     await api(`/api/v1/logs/${id}`, { method: "DELETE" });
