@@ -6,7 +6,7 @@ CONFIG ?= config.example.yml
 # e.g. make bench BENCH_ARGS=--quick
 BENCH_ARGS ?=
 
-.PHONY: install install-test run test test-fast lint format bench clean
+.PHONY: install install-test run test test-plain test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ install-test: $(VENV)/.installed-dev
 run: install
 	$(BIN)/filedispatch -c $(CONFIG)
 
+# The crash, move and copy tests run a second time with every fast path off
+# (FILEDISPATCH_FASTPATH=0, see filedispatch/fastpath.py): the plain paths keep the guarantees.
+PLAIN_PATH_TESTS := tests/test_crash.py tests/test_inline_move.py tests/test_e2e.py tests/test_integrity.py
+
 test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	FILEDISPATCH_FASTPATH=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(PLAIN_PATH_TESTS)
+
+test-plain: install-test
+	FILEDISPATCH_FASTPATH=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(PLAIN_PATH_TESTS)
 
 test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)

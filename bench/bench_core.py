@@ -2,6 +2,7 @@
 measured in the same run. Prints figures; asserts nothing (timings never go in the test suite).
 
     python bench/bench_core.py [--files 10000] [--trickle 200] [--backlog 100000] [--quick]
+        [--gate-rounds 3] [--before PATH-TO-AN-OLDER-CHECKOUT] [--only-gates]
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ PAYLOAD = b"x" * 4096
 
 
 def write_config(
-    root: Path, settle: float = 0, mode: str = "move", fsync: bool = False, **extra: object
+    root: Path,
+    settle: float = 0,
+    mode: str = "move",
+    fsync: bool = False,
+    source: dict[str, object] | None = None,
+    **extra: object,
 ) -> Path:
     cfg = {
         "database": str(root / "journal.db"),
-        "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0}],
+        "sources": [{"path": str(root / "inbox"), "settle": settle, "rescan": 0, **(source or {})}],
         "rules": [
             {
                 "name": "all",
@@ -57,11 +63,17 @@ def make_files(folder: Path, n: int, prefix: str = "f") -> list[Path]:
     return paths
 
 
-def start_service(cfg: Path, *args: str) -> subprocess.Popen[bytes]:
+def start_service(cfg: Path, *args: str, code: str | None = None) -> subprocess.Popen[bytes]:
+    """The service on ``cfg``; ``code``: a checkout of filedispatch to run instead of this one."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = code
     proc = subprocess.Popen(
         [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--log-level", "WARNING", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        env=env,
+        cwd=code,
     )
     return proc
 
@@ -98,12 +110,19 @@ def finished_times(db: Path) -> dict[str, float]:
         conn.close()
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
+def stop(proc: subprocess.Popen[bytes]) -> float:
+    """SIGTERM, wait; the CPU seconds (user + system) the process used in its whole life."""
     proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return float(usage.ru_utime + usage.ru_stime)
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    return float("nan")
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -148,19 +167,27 @@ def baseline_shell(root: Path, n: int) -> float | None:
 # ----------------------------------------------------------------------------- measurements
 
 
-def staged_service(root: Path, n: int, **dest: Any) -> tuple[list[Path], subprocess.Popen[bytes]]:
+def staged_service(
+    root: Path, n: int, code: str | None = None, **dest: Any
+) -> tuple[list[Path], subprocess.Popen[bytes]]:
     """``n`` files ready to drop, and a running service watching an empty inbox."""
     cfg = write_config(root, **dest)
     files = make_files(root / "stage", n)
     (root / "inbox").mkdir()
-    proc = start_service(cfg)
+    proc = start_service(cfg, code=code)
     wait_ready(root / "journal.db")
     return files, proc
 
 
-def throughput(root: Path, n: int, **dest: Any) -> tuple[float, float]:
+def throughput(root: Path, n: int, code: str | None = None, **dest: Any) -> tuple[float, float]:
     """files/s from the first drop to the last SUCCEEDED row; and the last file's latency."""
-    files, proc = staged_service(root, n, **dest)
+    rate, last, _ = burst(root, n, code, **dest)
+    return rate, last
+
+
+def burst(root: Path, n: int, code: str | None = None, **dest: Any) -> tuple[float, float, float]:
+    """``throughput``, and the CPU seconds the service used in all (start-up included)."""
+    files, proc = staged_service(root, n, code, **dest)
     t0 = time.time()
     for p in files:
         os.rename(p, root / "inbox" / p.name)
@@ -168,11 +195,11 @@ def throughput(root: Path, n: int, **dest: Any) -> tuple[float, float]:
     deadline = time.time() + 600
     while succeeded(root / "journal.db") < n and time.time() < deadline:
         time.sleep(0.05)
-    stop(proc)
+    cpu = stop(proc)
     times = finished_times(root / "journal.db")
     end = max(times.values())
     last_name = files[-1].name
-    return n / (end - t0), times[last_name] - t_last_drop
+    return n / (end - t0), times[last_name] - t_last_drop, cpu
 
 
 def latency(root: Path, n: int, rate: float) -> tuple[float, float]:
@@ -207,17 +234,68 @@ def peak_rss_mib(root: Path, n: int) -> float:
     return usage.ru_maxrss / 1024
 
 
+def gates(base: Path, n: int, rounds: int, before: str | None) -> None:
+    """The readiness and identity gates' cost: the same burst with ``open_writers: check``
+    (the default) and ``ignore``, alternated so the machine's load falls on both alike; with
+    ``before``, also a checkout without any of the gates (``--before PATH``)."""
+    runs: dict[str, list[float]] = {"check": [], "ignore": [], "before": []}
+    cpu: dict[str, list[float]] = {"check": [], "ignore": [], "before": [], "idle": []}
+    for i in range(rounds):
+        for gate in ("check", "ignore"):
+            rate, _, used = burst(base / f"gate-{gate}-{i}", n, source={"open_writers": gate})
+            runs[gate].append(rate)
+            cpu[gate].append(used)
+        if before is not None:
+            rate, _, used = burst(base / f"gate-before-{i}", n, code=before)
+            runs["before"].append(rate)
+            cpu["before"].append(used)
+        _, _, used = burst(base / f"gate-idle-{i}", 1)  # start-up and stop, one file
+        cpu["idle"].append(used)
+    med = {k: statistics.median(v) for k, v in runs.items() if v}
+    idle = statistics.median(cpu["idle"])
+    # CPU per file, start-up taken off: the machine's other load barely moves it
+    per = {k: (statistics.median(v) - idle) / n * 1e6 for k, v in cpu.items() if v and k != "idle"}
+    print(f"  (median of {rounds} alternated bursts each; CPU per file without start-up)")
+    for k, label in (("check", "open_writers: check"), ("ignore", "open_writers: ignore")):
+        print(f"  {label:22s}{med[k]:10.0f} files/s  {per[k]:7.1f} us CPU/file")
+    print(
+        f"  ratio check/ignore    {med['check'] / med['ignore']:10.3f} files/s   "
+        f"{per['ignore'] / per['check']:6.3f} by CPU   (target >= 0.90)"
+    )
+    if "before" in med:
+        print(f"  {before} (no gates)  {med['before']:10.0f} files/s  {per['before']:7.1f} us")
+        print(
+            f"  ratio check/before    {med['check'] / med['before']:10.3f} files/s   "
+            f"{per['before'] / per['check']:6.3f} by CPU   (target >= 0.90)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--trickle", type=int, default=200)
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    parser.add_argument(
+        "--gate-rounds", type=int, default=3, help="bursts per setting in the gates section"
+    )
+    parser.add_argument(
+        "--before",
+        metavar="PATH",
+        help="a checkout of filedispatch without the gates, run in the gates section too",
+    )
+    parser.add_argument(
+        "--only-gates", action="store_true", help="run only the gates section (with --files)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.files, args.trickle, args.backlog = 2000, 60, 10_000
     base = Path(tempfile.mkdtemp(prefix="fd-bench-"))
     try:
+        print(f"== gates: {args.files} x 4 KiB moved, open-writers gate on and off")
+        gates(base / "g", args.files, args.gate_rounds, args.before)
+        if args.only_gates:
+            return
         print(f"== throughput: {args.files} x 4 KiB, settle 0, move to a local folder")
         rename = baseline_rename(base / "a", args.files)
         shell = baseline_shell(base / "b", args.files)

@@ -19,6 +19,7 @@ from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError
 from .models import FileVersion, Status
 from .router import Router, describe_target
+from .sourcefile import describe_writer_check
 from .textsafe import escape
 
 if TYPE_CHECKING:
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--move", action="store_true", help="remove each source file once every destination has it"
     )
     parser.add_argument(
+        "--consume-marked",
+        action="store_true",
+        help="apply after: delete/move (and --move) to files mark-existing recorded, which "
+        "no destination was sent (by default they are kept)",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="dispatch what is there now, wait for it, print a summary, exit",
@@ -149,7 +156,7 @@ def add_config_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``history list|show|forget|stats`` and ``mark-existing`` (see history.py)."""
+    """``history list|show|retry|forget|stats`` and ``mark-existing`` (see history.py)."""
     journal = argparse.ArgumentParser(add_help=False)
     add_config_option(journal, "configuration (also accepted before the command)")
     journal.add_argument(
@@ -157,7 +164,7 @@ def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     history = sub.add_parser(
         "history",
-        help="list, show, forget or count dispatches in the journal (safe while it runs)",
+        help="list, show, retry, forget or count dispatches in the journal (safe while it runs)",
         epilog="Exit status: 0 done; 1 no such id, path or journal; 2 usage error.",
     )
     hsub = history.add_subparsers(dest="history_command", metavar="ACTION", required=True)
@@ -173,6 +180,15 @@ def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     which = forget.add_mutually_exclusive_group(required=True)
     which.add_argument("id", type=_positive, nargs="?", help="a dispatch id (see history list)")
     which.add_argument("--path", help="a file's path in its source (relative or absolute)")
+    retry = hsub.add_parser(
+        "retry",
+        parents=[journal],
+        help="send FAILED dispatches again (a file in failed_dir is moved back into its source)",
+    )
+    again = retry.add_mutually_exclusive_group(required=True)
+    again.add_argument("id", type=int, nargs="?", help="a FAILED dispatch id (see history list)")
+    again.add_argument("--path", help="a file's path in its source (relative or absolute)")
+    again.add_argument("--failed", action="store_true", help="every FAILED dispatch")
     hstats = hsub.add_parser("stats", parents=[journal], help="counts per day, week or month")
     hstats.add_argument("--period", choices=["day", "week", "month"], default="day")
     hstats.add_argument("--json", action="store_true", help="print JSON")
@@ -249,6 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         once=args.once,
         max_items=args.max_items,
         move=args.move,
+        consume_marked=args.consume_marked,
         api_host=args.host,
         api_port=args.port,
         webapp=False if args.no_webapp or args.once else None,
@@ -354,6 +371,10 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        if s.open_writers == "check":
+            say(f"    open writers: {describe_writer_check(s.path)}")
+        else:
+            say("    open writers: not checked (open_writers: ignore)")
     say("rules (in order; the first match wins unless a rule says continue):")
     router = Router(config)
     for i, rule in enumerate(router.rules, 1):

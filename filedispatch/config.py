@@ -548,6 +548,7 @@ STEP_TAGS = frozenset({"file", "http", "ftp", "sftp", "command", "python", "comp
 
 Ready = Literal["settle", "lock", "done"]
 After = Literal["keep", "delete", "move"]
+OpenWriters = Literal["check", "ignore"]
 
 
 class SourceConfig(_Model):
@@ -564,7 +565,10 @@ class SourceConfig(_Model):
     after: After = "keep"
     done_dir: FsPath | None = None
     failed_dir: FsPath | None = None
-    follow_symlinks: bool = False
+    follow_symlinks: bool = False  #: links followed only where they stay inside the source
+    #: ``check``: a file someone still holds open for writing is not complete (a lease, or
+    #: /proc where no lease can be had); ``ignore``: only ``ready`` decides
+    open_writers: OpenWriters = "check"
     poll: bool | None = None  #: None: poll only on network filesystems
     poll_interval: PositiveSeconds = 1.0  #: seconds between polls
     rescan: Seconds = 60.0  #: seconds between reconcile scans; 0 turns them off

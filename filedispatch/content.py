@@ -1,19 +1,20 @@
 """Facts about a file's content for routing: its MIME type from its first bytes, classifier hooks.
 
-Runs in worker threads (it reads files); the router itself stays pure and only sees the answers.
+Runs in worker threads (it reads files, through ``sourcefile`` only); the router itself stays
+pure and only sees the answers. A classifier hook is handed the path: it is user code.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import puremagic
 
 from .config import Config, PythonStep
 from .models import FileVersion
+from .sourcefile import read_head
 
 if TYPE_CHECKING:
     from .router import Facts, Router
@@ -35,13 +36,10 @@ def import_object(spec: str) -> Any:
     return obj
 
 
-def detect_mime(path: Path) -> str | None:
-    """The MIME type the file's first bytes show (None when unknown or unreadable)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(SNIFF_BYTES)
-    except OSError:
-        return None
+def detect_mime(version: FileVersion) -> str | None:
+    """The MIME type the version's first bytes show (None when unknown, unreadable, or no longer
+    that version). Read through ``sourcefile``: never a link out of the source, never a FIFO."""
+    head = read_head(version, SNIFF_BYTES)
     if not head:
         return None
     try:
@@ -99,7 +97,7 @@ def facts_for(router: Router, version: FileVersion, cache: dict[str, Any] | None
 
     if not router.needs_mime and not router.classifiers:
         return Facts()
-    mime = detect_mime(version.path)
+    mime = detect_mime(version)
     return Facts(mime, classify_all(router, version, mime, cache))
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import random
 import shutil
+import stat
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,10 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
-from .errors import DeliveryError, JournalError, SourceVanishedError, TransientDeliveryError
+from .errors import (
+    DeliveryError,
+    JournalError,
+    PermanentDeliveryError,
+    SourceUnreadableError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
+from .fate import Fate, fate, renamed_by_delivery
 from .journal import Journal, PlannedStep, StepResult, planned_steps
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
@@ -51,13 +62,14 @@ class Lane:
     step: Step
     processor: Mover | BatchCopier
     move: bool  #: renamed inline (Mover), else copied in a batch (BatchCopier)
-    consumes: bool  #: the source goes once delivered (``mode: move``)
 
 
 #: a file on an inline lane: its version, its rule's chain, the lane
 Item = tuple[FileVersion, Chain, Lane]
-#: an inline delivery's outcome: version, result, source already gone, source to be removed
-Done = tuple[FileVersion, StepResult, bool, bool]
+#: an inline delivery's outcome: version, result, source already gone (renamed), its step
+Done = tuple[FileVersion, StepResult, bool, Step]
+#: a file the journal knew already, with the chains its rules route it through now
+Known = tuple[FileVersion, list[Chain]]
 
 
 @dataclass
@@ -94,8 +106,11 @@ class Dispatcher:
         workdir: Path,
         max_items: int | None = None,
         on_change: Callable[[], None] | None = None,
+        consume_marked: bool = False,
     ) -> None:
         self.config = config
+        #: files recorded by ``mark-existing`` get their after-action like delivered ones
+        self.consume_marked = consume_marked
         self.router = Router(config)
         self.journal = journal
         self.registry = registry
@@ -124,6 +139,8 @@ class Dispatcher:
         self._batched = 0  #: files in copy batches running now
         #: (source, rule) -> how its new files skip the workers, or None
         self._lanes: dict[tuple[str, str], Lane | None] = {}
+        #: after-actions that move a file to another filesystem, run in threads
+        self._moving: set[asyncio.Task[object]] = set()
 
     # ------------------------------------------------------------------ configuration
 
@@ -135,6 +152,8 @@ class Dispatcher:
         self._classifiers.clear()
         self._lanes.clear()
         self._secrets = secrets_of(config)
+        # new deliveries use processors built from the new options; old ones close once idle
+        self.registry.retire_unused(step for rule in config.rules for step in rule.to)
         self._wake.set()
 
     # ------------------------------------------------------------------ planning
@@ -156,7 +175,7 @@ class Dispatcher:
         else:
             routes = [self.router.route(v) for v in versions]
         steps: list[PlannedStep] = []
-        matched: list[FileVersion] = []
+        matched: list[Known] = []
         moves: list[Item] = []
         copies: list[Item] = []
         for version, chains in zip(versions, routes, strict=True):
@@ -168,10 +187,10 @@ class Dispatcher:
             if lane is not None:
                 (moves if lane.move else copies).append((version, chains[0], lane))
                 continue
-            matched.append(version)
+            matched.append((version, chains))
             steps += planned_steps(version, chains)
         self._offered += len(matched) + len(moves) + len(copies)
-        known: list[FileVersion] = []
+        known: list[Known] = []
         if moves:
             known += await self._inline(source, moves, INLINE_CHUNK, self._move_chunk)
         if copies:
@@ -191,7 +210,9 @@ class Dispatcher:
 
     def _lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
         """How a new file skips the queue and the workers, if it can (see _inline)."""
-        if len(chains) != 1 or not self._may_start() or source.key in self.stopped_sources:
+        if not fastpath.INLINE_LANES or len(chains) != 1:
+            return None
+        if not self._may_start() or source.key in self.stopped_sources:
             return None
         key = (source.key, chains[0].rule)
         if key in self._lanes:
@@ -207,14 +228,15 @@ class Dispatcher:
         if len(steps) != 1 or source.stop_on_error:  # stop_on_error: strictly in order
             return None
         step = steps[0]
-        moves = getattr(step, "mode", None) == "move"
-        # consumed: the source goes away once delivered, and this is its one destination
-        consumed = source.after == "delete" or (source.after == "keep" and moves)
         processor = self.registry.get(step)
-        if consumed and isinstance(processor, Mover) and processor.can_move_from(source.path):
-            return Lane(step, processor, move=True, consumes=True)
+        if (
+            renamed_by_delivery(source, steps)
+            and isinstance(processor, Mover)
+            and processor.can_move_from(source.path)
+        ):
+            return Lane(step, processor, move=True)
         if isinstance(processor, BatchCopier):
-            return Lane(step, processor, move=False, consumes=moves)
+            return Lane(step, processor, move=False)
         return None
 
     async def _inline(
@@ -222,8 +244,8 @@ class Dispatcher:
         source: SourceConfig,
         items: list[Item],
         size: int,
-        run: Callable[[SourceConfig, list[Item], list[int | None]], Awaitable[list[FileVersion]]],
-    ) -> list[FileVersion]:
+        run: Callable[[SourceConfig, list[Item], list[int | None]], Awaitable[list[Known]]],
+    ) -> list[Known]:
         """New files that skip the claim, the queue and the workers: their rows are inserted
         IN_PROGRESS, the files delivered in chunks by ``run``, each chunk's outcomes recorded
         in one write. For a burst into a local folder this is most of the work saved. Returns
@@ -231,7 +253,7 @@ class Dispatcher:
 
         Pipelined: the journal commits the next chunks' rows while one is delivered.
         """
-        known: list[FileVersion] = []
+        known: list[Known] = []
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         ahead = collections.deque(self._plan_started(c) for c in chunks[:INLINE_AHEAD])
         try:
@@ -254,17 +276,18 @@ class Dispatcher:
 
     def _begin_chunk(
         self, chunk: list[Item], ids: list[int | None]
-    ) -> tuple[list[FileVersion], list[Done], list[tuple[Lane, StepContext]]]:
+    ) -> tuple[list[Known], list[Done], list[tuple[Lane, StepContext]]]:
         """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
         was paused meanwhile (the workers take them on resume), and the work to do."""
-        known: list[FileVersion] = []
+        known: list[Known] = []
         given_back: list[Done] = []
         work: list[tuple[Lane, StepContext]] = []
         for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
             if row_id is None:
-                known.append(version)
+                known.append((version, [chain]))
             elif not self._may_start():
-                given_back.append((version, StepResult(row_id, Status.PENDING, 0), False, False))
+                pending = StepResult(row_id, Status.PENDING, 0)
+                given_back.append((version, pending, False, lane.step))
             else:
                 ctx = StepContext(row_id, version, version.path, chain.rule, 0, 1, self.workdir)
                 work.append((lane, ctx))
@@ -272,7 +295,7 @@ class Dispatcher:
 
     async def _move_chunk(
         self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
-    ) -> list[FileVersion]:
+    ) -> list[Known]:
         """Rename a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
 
         No await inside: nothing can interrupt it between a move and its record.
@@ -287,21 +310,23 @@ class Dispatcher:
                 log.info(
                     "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
                 )
-                self._lanes[(version.source, ctx.rule)] = None
+                if not exc.this_file:
+                    self._lanes[(version.source, ctx.rule)] = None
                 self._wake.set()  # give it to a worker, which links or copies
-                done.append((version, StepResult(ctx.dispatch_id, Status.PENDING, 0), False, True))
+                pending = StepResult(ctx.dispatch_id, Status.PENDING, 0)
+                done.append((version, pending, False, lane.step))
                 continue
             except Exception as exc:
                 outcome = exc
             result = self._inline_result(ctx, lane, outcome, started)
             moved = isinstance(outcome, Outcome) and outcome.detail == "moved"
-            done.append((version, result, moved, True))
+            done.append((version, result, moved, lane.step))
         self._record_inline(source, done)
         return known
 
     async def _copy_chunk(
         self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
-    ) -> list[FileVersion]:
+    ) -> list[Known]:
         """Copy a chunk of small files whose IN_PROGRESS rows are committed, in one thread per
         destination, then queue their outcomes in one write."""
         known, done, work = self._begin_chunk(chunk, ids)
@@ -324,7 +349,7 @@ class Dispatcher:
                     sem.release()
             for (lane, ctx), outcome in zip(group, outcomes, strict=True):
                 result = self._inline_result(ctx, lane, outcome, started)
-                done.append((ctx.version, result, False, lane.consumes))
+                done.append((ctx.version, result, False, lane.step))
         self._record_inline(source, done)
         return known
 
@@ -338,7 +363,10 @@ class Dispatcher:
                 detail=outcome.detail, started=started, sha256=outcome.sha256,
             )  # fmt: skip
         else:
-            error = outcome if isinstance(outcome, DeliveryError) else _unexpected(outcome, ctx)
+            if isinstance(outcome, DeliveryError):
+                error = _source_unreadable(outcome, ctx) or outcome
+            else:
+                error = _unexpected(outcome, ctx)
             v = ctx.version
             row = Dispatch(
                 ctx.dispatch_id, v.source, str(v.root), v.relpath, v.size, v.mtime_ns, ctx.rule,
@@ -354,20 +382,28 @@ class Dispatcher:
         if not done:
             return
         self._write([r for _, r, _, _ in done])
-        for version, result, gone, consumes in done:
-            self._conclude(source, version, [result.status], consumes=consumes, gone=gone)
+        for version, result, gone, step in done:
+            self._conclude(source, version, (step,), [result.status], gone=gone)
 
-    async def _settle_known(self, source: SourceConfig, versions: list[FileVersion]) -> None:
-        """Files seen again: count the ones already done, and finish their after-action."""
+    async def _settle_known(self, source: SourceConfig, known: list[Known]) -> None:
+        """Files seen again: count the ones already done, and finish their after-action (one a
+        crash or a stop interrupted, or one the configuration asks for since)."""
         if not self.journal.writable.is_set():
             return  # no source is touched while the journal fails; a later scan sees them
-        states = await self.journal.version_states(versions)
-        for v in versions:
-            statuses = states.get(v.key, [])
-            if statuses and all(s == Status.SUCCEEDED for s in statuses):
+        states = await self.journal.version_states([v for v, _ in known])
+        for version, chains in known:
+            rows = {key: (status, n) for key, status, n in states.get(version.key, [])}
+            keys = [key for chain in chains for key in chain.keys]
+            if not keys or any(key not in rows for key in keys):
+                continue  # steps planned just now: they run first
+            statuses = [Status(rows[key][0]) for key in keys]
+            if all(s == Status.SUCCEEDED for s in statuses):
                 self.summary.already_done += 1
-                if source.after != "keep":
-                    self._after_action(source, v, True)
+            marked = any(_marked(*rows[key]) for key in keys)
+            steps = [step for chain in chains for step in chain.steps]
+            what = fate(source, steps, statuses, marked=marked and not self.consume_marked)
+            if what in _ACTS:
+                self._after_action(source, version, what)
 
     async def reject(self, source: SourceConfig, version: FileVersion, reason: str) -> None:
         """A file that cannot be dispatched at all (an odd name): one FAILED row says why."""
@@ -413,6 +449,7 @@ class Dispatcher:
             self.released = await self._release_queued()
             for _ in workers:
                 await self._queue.put([])  # an empty group tells a worker to exit
+        await self.moves_done()
 
     async def _feed(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -452,14 +489,7 @@ class Dispatcher:
         results: list[StepResult] = []
         while not self._queue.empty():
             results += [
-                StepResult(
-                    d.id,
-                    Status.PENDING,
-                    d.attempts,
-                    reason=d.reason,
-                    error_type=d.error_type,
-                    next_attempt=d.next_attempt,
-                )
+                _waiting(d, d.next_attempt)
                 for d in self._queue.get_nowait()
                 if d.status == Status.IN_PROGRESS
             ]
@@ -534,44 +564,64 @@ class Dispatcher:
     # ------------------------------------------------------------------ one file version
 
     async def _run_version(self, rows: list[Dispatch]) -> None:
+        """Run a claimed version's current chains (the steps its rules name now). Rows of steps
+        no longer in the configuration are set aside: claimed ones fail with that reason, final
+        ones are history. So a version whose step was fixed runs its new chain."""
         version = rows[0].version
         source = self.sources.get(version.source)
-        moves = self._moves(rows)
-        consumes = source is not None and (source.after == "delete" or moves)
-        # the source may be renamed into place only when it is consumed and this is its one row:
-        # a hard link would share the fate of a live source, and a link changes its ctime
-        may_move = consumes and len(rows) == 1
-        chains: dict[str, list[Dispatch]] = defaultdict(list)
+        current: list[Dispatch] = []
+        gone: list[Dispatch] = []
         for d in rows:
+            (current if self._current(d) else gone).append(d)
+        left = [d for d in gone if d.status == Status.IN_PROGRESS]
+        if left:
+            note = "this step is no longer in the configuration (its rule changed)"
+            self._write([StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in left])
+            for d in left:
+                d.status = Status.FAILED
+        if not current:
+            return
+        steps = [self._step(d) for d in current]
+        # the source may be renamed into place only when it is consumed and this is its one
+        # step: a link or a later step would share the fate of a live source
+        may_move = source is not None and renamed_by_delivery(source, steps)
+        chains: dict[str, list[Dispatch]] = defaultdict(list)
+        for d in current:
             chains[d.rule].append(d)
         if len(chains) == 1:  # the common case: no gather, no extra tasks
-            statuses = await self._run_chain(version, rows, may_move)
+            statuses = await self._run_chain(version, current, may_move)
         else:
             final = await asyncio.gather(
                 *(self._run_chain(version, c, may_move) for c in chains.values())
             )
             statuses = [s for chain_statuses in final for s in chain_statuses]
         if source is not None:
-            self._conclude(source, version, statuses, consumes=moves)
+            marked = any(_marked(d.status, d.attempts) for d in current)
+            self._conclude(source, version, steps, statuses, marked=marked)
+
+    def _current(self, row: Dispatch) -> bool:
+        """Whether a row is for a step its rule names now (the same step, after the same ones)."""
+        rule = self.router.by_name.get(row.rule)
+        if rule is None or row.step >= len(rule.chain.steps):
+            return False
+        if row.step_key is None:  # a row not read by claim: its destination must still match
+            return rule.chain.steps[row.step].display == row.destination
+        return rule.chain.keys[row.step] == row.step_key
 
     def _conclude(
         self,
         source: SourceConfig,
         version: FileVersion,
+        steps: Sequence[Step | None],
         statuses: list[Status],
         *,
-        consumes: bool,
+        marked: bool = False,
         gone: bool = False,
     ) -> None:
-        """Count a version whose rows are all final, and schedule its source's after-action.
-
-        ``consumes``: a move-mode step took the file, so it is removed even with ``after:
-        keep``; ``gone``: the delivery already renamed it away.
-        """
+        """Count a version whose rows are all final, and schedule its source's after-action
+        (see fate.fate). ``gone``: the delivery already renamed the source away."""
         if all(s == Status.SUCCEEDED for s in statuses):
             self.summary.processed += 1
-            if (source.after != "keep" or consumes) and not gone:
-                self._when_durable(lambda: self._after_action(source, version, True))
         elif all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses):
             self.summary.failed += 1
             if source.stop_on_error and source.key not in self.stopped_sources:
@@ -581,8 +631,9 @@ class Dispatcher:
                     "fix the cause and restart",
                     source.key,
                 )
-            if source.failed_dir is not None:
-                self._when_durable(lambda: self._after_action(source, version, False))
+        what = fate(source, steps, statuses, marked=marked and not self.consume_marked)
+        if what in _ACTS and not gone:
+            self._when_durable(lambda: self._after_action(source, version, what))
 
     def _when_durable(self, action: Callable[[], None]) -> None:
         """Run ``action`` once every outcome recorded so far is committed (never before)."""
@@ -600,9 +651,6 @@ class Dispatcher:
             run(fut)
         else:
             fut.add_done_callback(run)
-
-    def _moves(self, rows: list[Dispatch]) -> bool:
-        return any(getattr(self._step(d), "mode", None) == "move" for d in rows)
 
     def _step(self, row: Dispatch) -> Step | None:
         rule = self.router.by_name.get(row.rule)
@@ -627,37 +675,39 @@ class Dispatcher:
                     continue
                 row.status = Status.IN_PROGRESS  # a transform's output is gone: make it again
             if row.status != Status.IN_PROGRESS:
-                break  # FAILED (the chain stopped there) or PENDING until a retry is due
+                # FAILED: the chain stopped there (the later steps cannot run, whatever they
+                # are now); PENDING: a retry is not due yet (the later steps wait for it)
+                await self._hold_rest(row, rows[i + 1 :])
+                break
             result = await self._attempt(row, version, current, workdir, may_move)
             if result.status == Status.SUCCEEDED:
                 if result.output:
                     current = Path(result.output)
                 continue
-            rest = [d for d in rows[i + 1 :] if d.status == Status.IN_PROGRESS]
-            if result.status == Status.FAILED:
-                rest += [d for d in rows[i + 1 :] if d.status == Status.PENDING]
-                note = f"not run: step {row.step + 1} ({row.destination}) failed"
-                await self.journal.finish(
-                    [StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in rest]
-                )
-                for d in rest:
-                    d.status = Status.FAILED
-            elif rest:  # waiting for a retry of this step: the later steps wait too
-                await self.journal.finish(
-                    [
-                        StepResult(
-                            d.id, Status.PENDING, d.attempts, next_attempt=result.next_attempt
-                        )
-                        for d in rest
-                    ]
-                )
-                for d in rest:
-                    d.status = Status.PENDING
+            row.next_attempt = result.next_attempt
+            await self._hold_rest(row, rows[i + 1 :])
             break
         statuses = [d.status for d in rows]
         if all(s in (Status.SUCCEEDED, Status.FAILED) for s in statuses) and workdir.exists():
             await asyncio.to_thread(shutil.rmtree, workdir, True)
         return statuses
+
+    async def _hold_rest(self, row: Dispatch, rest: list[Dispatch]) -> None:
+        """The steps after ``row``, which did not succeed: after a FAILED step they fail too
+        (none will ever run); behind a PENDING one they wait for its retry. None is left
+        IN_PROGRESS, so no run ever waits for rows nothing will run."""
+        if row.status == Status.FAILED:
+            rest = [d for d in rest if d.status in (Status.IN_PROGRESS, Status.PENDING)]
+            note = f"not run: step {row.step + 1} ({row.destination}) failed"
+            results = [StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in rest]
+        else:
+            rest = [d for d in rest if d.status == Status.IN_PROGRESS]
+            results = [_waiting(d, row.next_attempt) for d in rest]
+        if not results:
+            return
+        await self.journal.finish(results)
+        for d, r in zip(rest, results, strict=True):
+            d.status = r.status
 
     @staticmethod
     def _produced(row: Dispatch) -> Path | None:
@@ -666,7 +716,7 @@ class Dispatcher:
     def _semaphore(self, step: Step) -> asyncio.Semaphore | None:
         if step.concurrency is None:
             return None
-        key = step.identity()
+        key = f"{step.identity()}\0{step.concurrency}"
         sem = self._semaphores.get(key)
         if sem is None:
             sem = self._semaphores[key] = asyncio.Semaphore(step.concurrency)
@@ -705,6 +755,8 @@ class Dispatcher:
             if sem is not None:
                 await sem.acquire()
             try:
+                if row.attempts and current is version.path:
+                    _check_unchanged(version, self._follows(version))
                 outcome = await self._deliver(step, ctx)
             finally:
                 if sem is not None:
@@ -728,11 +780,16 @@ class Dispatcher:
         return result
 
     async def _deliver(self, step: Step, ctx: StepContext) -> Outcome:
-        processor = self.registry.get(step)
+        processor = self.registry.acquire(step)
         try:
             if step.timeout is not None:
                 return await asyncio.wait_for(processor.deliver(ctx), step.timeout)
             return await processor.deliver(ctx)
+        except PermanentDeliveryError as exc:
+            unreadable = _source_unreadable(exc, ctx)
+            if unreadable is None:
+                raise
+            raise unreadable from exc.__cause__
         except DeliveryError:
             raise
         except TimeoutError as exc:
@@ -741,6 +798,8 @@ class Dispatcher:
             raise TransientDeliveryError(f"timed out after {step.timeout:g}s") from None
         except Exception as exc:  # a processor bug or a foreign error it did not translate
             raise _unexpected(exc, ctx) from exc
+        finally:
+            self.registry.release(processor)
 
     def _failure(
         self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
@@ -815,42 +874,95 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ after-actions
 
-    def _after_action(self, source: SourceConfig, version: FileVersion, succeeded: bool) -> None:
-        """Delete or move the source once every destination has it (or to failed_dir).
+    def _after_action(self, source: SourceConfig, version: FileVersion, what: Fate) -> None:
+        """Delete the source, or move it to done_dir or failed_dir, if it is still the very
+        file that was delivered (same device, inode, size, mtime and ctime); a file that
+        changed since is a new version, dispatched on its own, and stays.
 
-        Runs inline: an unlink or a same-filesystem rename is one quick syscall, and a thread
-        hop per file would cost more than the work itself.
+        Inline: an unlink or a same-filesystem rename is one quick syscall, and a thread hop
+        per file would cost more than the work itself. A move to another filesystem copies
+        the bytes, so it runs in a thread.
         """
         path = version.path
         try:
-            st = path.stat()
+            st = _identity(path, source.follow_symlinks)
         except FileNotFoundError:
             return
         except OSError as exc:
             log.warning("cannot check %s after dispatch: %s", path, exc.strerror or exc)
             return
-        if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns):
-            return  # a newer version arrived: it is dispatched on its own, keep it
-        if succeeded:
-            action = source.after
-            if action == "keep":
-                action = "delete"  # a move-mode destination consumed the file
-            target_dir = source.done_dir
-        else:
-            action, target_dir = "move", source.failed_dir
+        if not version.same_file(st):
+            log.info("%s changed since it was dispatched; it stays (a new version)", path)
+            return
         try:
-            if action == "delete":
-                path.unlink()
+            if what is Fate.DELETE:
+                os.unlink(path)  # a symbolic link itself, never its target
                 return
-            assert target_dir is not None
-            target = _free_name(target_dir / version.relpath)
+            folder = source.done_dir if what is Fate.DONE_DIR else source.failed_dir
+            assert folder is not None
+            target = folder / version.relpath
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(path, target)
-            except OSError:
-                shutil.move(str(path), str(target))
+            relocate.rename_free(path, target)
+        except fastpath.RenameUnavailable:
+            unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(
+                    relocate.move_by_copy, path, target, unchanged, any_free_name=True
+                )
+            )
+            self._moving.add(task)
+            task.add_done_callback(self._moved)
         except OSError as exc:
-            log.error("after-action %s on %s failed: %s", action, path, exc.strerror or exc)
+            log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
+
+    def _follows(self, version: FileVersion) -> bool:
+        source = self.sources.get(version.source)
+        return source is not None and source.follow_symlinks
+
+    def _moved(self, task: asyncio.Task[object]) -> None:
+        self._moving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("after-action: moving a source by copying failed: %s", exc)
+
+    async def moves_done(self) -> None:
+        """Wait for the after-actions running in threads (moves to another filesystem)."""
+        while self._moving:
+            await asyncio.wait(set(self._moving))
+
+
+#: the fates that act on the source file
+_ACTS = (Fate.DELETE, Fate.DONE_DIR, Fate.FAILED_DIR)
+
+
+def _waiting(row: Dispatch, next_attempt: float) -> StepResult:
+    """A row handed back to wait (PENDING), its last error kept."""
+    return StepResult(
+        row.id,
+        Status.PENDING,
+        row.attempts,
+        reason=row.reason,
+        error_type=row.error_type,
+        next_attempt=next_attempt,
+    )
+
+
+def _marked(status: Status | str, attempts: int) -> bool:
+    """A SUCCEEDED row no attempt made: ``mark-existing`` recorded it without sending."""
+    return status == Status.SUCCEEDED and attempts == 0
+
+
+def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:
+    """The source as its version saw it: the link's target where links are followed."""
+    st = os.lstat(path)
+    if follow_symlinks and stat.S_ISLNK(st.st_mode):
+        st = os.stat(path)
+    return st
+
+
+def _unchanged(version: FileVersion, follow_symlinks: bool) -> bool:
+    """Whether the source is still the very file of ``version`` (for a move by copy)."""
+    return version.same_file(_identity(version.path, follow_symlinks))
 
 
 def _unexpected(exc: Exception, ctx: StepContext) -> DeliveryError:
@@ -860,21 +972,35 @@ def _unexpected(exc: Exception, ctx: StepContext) -> DeliveryError:
     return TransientDeliveryError(f"{type(exc).__name__}: {exc}")
 
 
+def _check_unchanged(version: FileVersion, follow_symlinks: bool) -> None:
+    """Before a retry: time has passed, and a source that changed since (a chmod, a rewrite)
+    is a new version, dispatched on its own; this one must not send its bytes too."""
+    try:
+        st = _identity(version.path, follow_symlinks)
+    except FileNotFoundError:
+        raise SourceVanishedError(f"the file {version.path} vanished before it was sent") from None
+    except OSError:
+        return  # the delivery meets it again and says why
+    if not version.same_file(st):
+        raise SourceVanishedError(sourcefile.describe_change(version, st))
+
+
+def _source_unreadable(exc: DeliveryError, ctx: StepContext) -> DeliveryError | None:
+    """A source the service may not read yet (EACCES, EPERM: an upload tool that creates files
+    0600, then fixes the mode) is worth retrying, within the step's retry policy; a
+    destination that refuses us is not. Told apart by the file the error names."""
+    cause = exc.__cause__
+    if not isinstance(cause, PermissionError) or isinstance(exc, SourceUnreadableError):
+        return None
+    if cause.filename is None or os.fsdecode(cause.filename) != os.fspath(ctx.input):
+        return None
+    return SourceUnreadableError(str(exc))
+
+
 def _report_write(fut: asyncio.Future[Any]) -> None:
     """An outcome nobody awaits: a journal failure is logged here, not lost."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("the journal could not record an outcome: %s", fut.exception())
-
-
-def _free_name(target: Path) -> Path:
-    if not target.exists():
-        return target
-    stem, suffix = target.stem, target.suffix
-    for n in range(1, 10_000):
-        cand = target.with_name(f"{stem}-{n}{suffix}")
-        if not cand.exists():
-            return cand
-    return target.with_name(f"{stem}-{time.time_ns()}{suffix}")
 
 
 def _safe(name: str) -> str:

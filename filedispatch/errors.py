@@ -7,8 +7,9 @@ FileDispatchError
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 └── DeliveryError               one delivery step did not succeed
     ├── TransientDeliveryError  worth retrying (network down, 5xx, timeout, busy)
-    ├── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
-    └── SourceVanishedError     the source file disappeared before it could be sent
+    │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
+    └── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
+        └── SourceVanishedError the source file disappeared before it could be sent
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class TransientDeliveryError(DeliveryError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SourceUnreadableError(TransientDeliveryError):
+    """The source exists but may not be read (EACCES, EPERM): often an uploader that creates
+    a file 0600 and fixes its mode a moment later. Retried within the step's retry policy."""
 
 
 class PermanentDeliveryError(DeliveryError):

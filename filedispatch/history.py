@@ -1,8 +1,9 @@
-"""History from the command line (dirsend's list/forget/store-only): list, show, forget, stats,
-mark-existing.
+"""History from the command line (dirsend's list/forget/store-only): list, show, retry, forget,
+stats, mark-existing.
 
 Reads go through a read-only SQLite connection, safe while a service writes the journal (WAL);
-writes go through ``Journal``. Nothing here sends a file or touches a source.
+writes go through ``Journal``. Nothing here sends a file; only ``retry`` moves one, back from
+``failed_dir`` into its source (see recovery.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import recovery
 from .config import Config, SourceConfig
 from .config import scrub as scrub_secrets
 from .content import facts_for
@@ -25,6 +27,7 @@ from .errors import JournalError
 from .journal import COLUMNS, Journal, PlannedStep, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
+from .recovery import RetryAnswer
 from .reporting import Period, day_sql, human_size, period_label, period_start
 from .router import Chain, Router
 from .textsafe import escape
@@ -62,19 +65,33 @@ def _query(path: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, A
 # ---------------------------------------------------------------------------- reading
 
 
+#: a SUCCEEDED row no attempt made: recorded by mark-existing, never sent (see Dispatch.marked)
+MARKED_SQL = "(status='SUCCEEDED' AND attempts=0) AS marked"
+
+
+def _with_marked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in rows:
+        r["marked"] = bool(r["marked"])
+    return rows
+
+
 def list_rows(path: Path, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """The newest ``limit`` rows (optionally of one status), newest first."""
     where, params = ("WHERE status=?", [status]) if status else ("", [])
-    return _query(
-        path, f"SELECT {COLUMNS} FROM dispatches {where} ORDER BY id DESC LIMIT ?", [*params, limit]
+    return _with_marked(
+        _query(
+            path,
+            f"SELECT {COLUMNS}, {MARKED_SQL} FROM dispatches {where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
     )
 
 
 def get_row(path: Path, dispatch_id: int) -> dict[str, Any]:
-    rows = _query(path, f"SELECT {COLUMNS} FROM dispatches WHERE id=?", [dispatch_id])
+    rows = _query(path, f"SELECT {COLUMNS}, {MARKED_SQL} FROM dispatches WHERE id=?", [dispatch_id])
     if not rows:
         raise NotFound(f"no dispatch with id {dispatch_id} in {path}")
-    return rows[0]
+    return _with_marked(rows)[0]
 
 
 def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
@@ -133,6 +150,8 @@ def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> 
         )
         if r["status"] != Status.SUCCEEDED and r.get("reason"):
             line += f"  ({shown(r['reason'], secrets)})"
+        elif r.get("marked"):
+            line += "  (marked by mark-existing: not sent)"
         lines.append(line)
     return lines
 
@@ -141,8 +160,10 @@ def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
     secrets = list(secrets)
     out = []
     for key, value in row.items():
-        if value is None:
+        if value is None or (key == "marked" and not value):
             continue
+        if key == "marked":
+            value = "yes: recorded by mark-existing, never sent"
         if key in ("created", "started", "finished") and value:
             value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({value:.3f})"
         else:
@@ -206,6 +227,64 @@ async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | 
             else:
                 removed += await journal.forget(source=source, relpath=relpath)
     return removed
+
+
+# ---------------------------------------------------------------------------- retry
+
+
+def retry_targets(path: Path, dispatch_id: int | None, file: str | None) -> list[int]:
+    """The FAILED rows to retry: one id; a file's (relative or absolute path); or every one.
+    Per version and rule, its first FAILED step (retrying it re-queues the later ones)."""
+    if dispatch_id is not None:
+        get_row(path, dispatch_id)  # NotFound names the id
+        return [dispatch_id]
+    where, params = "status='FAILED'", []
+    if file is not None:
+        absolute = str(Path(file).expanduser().absolute())
+        where += " AND (relpath=? OR root || '/' || relpath = ?)"
+        params = [file, absolute]
+    rows = _query(
+        path,
+        f"SELECT MIN(id) AS id FROM dispatches WHERE {where} AND step = (SELECT MIN(step) "
+        "FROM dispatches d WHERE d.vkey=dispatches.vkey AND d.rule=dispatches.rule "
+        "AND d.status='FAILED') GROUP BY vkey, rule ORDER BY MIN(id)",
+        params,
+    )
+    if file is not None and not rows:
+        raise NotFound(f"no FAILED dispatch of {file} in {path}")
+    return [r["id"] for r in rows]
+
+
+async def _retry(
+    path: Path, ids: list[int], sources: dict[str, SourceConfig] | None
+) -> list[RetryAnswer]:
+    answers: list[RetryAnswer] = []
+    restored: set[Path] = set()
+    async with Journal.open(path) as journal:
+        for dispatch_id in ids:
+            answer = await recovery.retry(journal, sources, dispatch_id)
+            if answer.restored is not None and answer.restored in restored:
+                continue
+            if answer.restored is not None:
+                restored.add(answer.restored)
+            answers.append(answer)
+    return answers
+
+
+def _retry_command(args: argparse.Namespace, db: Path, config: Config | None) -> int:
+    if not db.exists():
+        raise NotFound(f"no journal at {db}")
+    ids = retry_targets(db, args.id, args.path)
+    if not ids:
+        print("no FAILED dispatch to retry")
+        return 0
+    sources = None if config is None else {s.key: s for s in config.sources}
+    answers = asyncio.run(_retry(db, ids, sources))
+    for answer in answers:  # a path in the answer is a writer's name: shown escaped
+        print(escape(answer.message), file=sys.stdout if answer.ok else sys.stderr)
+    if any(a.ok for a in answers):
+        print("a running service takes them now; otherwise they go at the next start or --once")
+    return 0 if all(a.ok for a in answers) else 1
 
 
 # ---------------------------------------------------------------------------- mark-existing
@@ -306,6 +385,8 @@ def run_command(args: argparse.Namespace, config: Config | None) -> int:
             return 2
         return _mark_command(config, db, args.sub_dry_run or args.dry_run)
     try:
+        if args.history_command == "retry":
+            return _retry_command(args, db, config)
         return _history_command(args, db, secrets)
     except NotFound as exc:
         print(f"filedispatch: {exc}", file=sys.stderr)
@@ -351,7 +432,7 @@ def _mark_command(config: Config, db: Path, dry_run: bool) -> int:
     consuming = [s.key for s in config.sources if s.after != "keep"]
     if consuming and summary.files:
         print(
-            f"note: source(s) {', '.join(consuming)} have after: delete/move; the next start "
-            "applies it to the marked files as if they had been sent"
+            f"note: source(s) {', '.join(consuming)} have after: delete/move; marked files "
+            "were never sent, so they are kept unless a run is given --consume-marked"
         )
     return 0

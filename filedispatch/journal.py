@@ -809,7 +809,7 @@ class Journal:
                 return []
             marks = ",".join("?" * len(vkeys))
             rows = conn.execute(
-                f"SELECT vkey, {COLUMNS} FROM dispatches WHERE vkey IN ({marks}) "
+                f"SELECT vkey, step_key, {COLUMNS} FROM dispatches WHERE vkey IN ({marks}) "
                 "ORDER BY rule, step, id",
                 vkeys,
             ).fetchall()
@@ -820,7 +820,8 @@ class Journal:
             )
             groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
             for r in rows:
-                d = _row(r[1:])
+                d = _row(r[2:])
+                d.step_key = r[1]
                 if d.status == Status.PENDING and d.next_attempt <= now:
                     d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
                 groups[r[0]].append(d)
@@ -888,18 +889,22 @@ class Journal:
         )
         return {r[0] for r in rows}
 
-    async def version_states(self, versions: Sequence[FileVersion]) -> dict[str, list[str]]:
-        """For each version key: the statuses of its rows (for after-actions on old files)."""
+    async def version_states(
+        self, versions: Sequence[FileVersion]
+    ) -> dict[str, list[tuple[str, str, int]]]:
+        """For each version key: (step_key, status, attempts) of its rows (for after-actions
+        on files seen again)."""
         keys = [v.key for v in versions]
-        out: dict[str, list[str]] = {}
+        out: dict[str, list[tuple[str, str, int]]] = {}
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             rows = await self.read(
-                f"SELECT vkey, status FROM dispatches WHERE vkey IN ({','.join('?' * len(chunk))})",
+                "SELECT vkey, step_key, status, attempts FROM dispatches "
+                f"WHERE vkey IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
-            for k, s in rows:
-                out.setdefault(k, []).append(s)
+            for k, step_key, status, attempts in rows:
+                out.setdefault(k, []).append((step_key, status, attempts))
         return out
 
     # ------------------------------------------------------------------ history
@@ -934,6 +939,46 @@ class Journal:
                 tuple(row),
             )
             return True
+
+        return await self.write(op)
+
+    async def unkeyed(
+        self, limit: int = 1000, after: str = ""
+    ) -> list[tuple[str, str, str, str, int, int]]:
+        """Versions recorded before a version was also its inode and ctime (``ino IS NULL``):
+        (vkey, source, root, relpath, size, mtime_ns), at most ``limit`` of them, in key order
+        from the first key above ``after`` (pass the last key of a batch for the next one: the
+        index is walked once in all, not once per batch)."""
+        rows = await self.read(
+            "SELECT vkey, source, root, relpath, size, mtime_ns FROM dispatches "
+            "WHERE vkey > ? AND ino IS NULL GROUP BY vkey ORDER BY vkey LIMIT ?",
+            (after, limit),
+        )
+        return [tuple(r) for r in rows]
+
+    async def rekey(
+        self, found: Sequence[tuple[str, str, int, int, int]], missing: Sequence[str]
+    ) -> int:
+        """Give old rows the key their file has now: ``found`` is (old vkey, new vkey, dev,
+        ino, ctime_ns) for files still there with the recorded size and mtime; ``missing``
+        are old vkeys whose file is gone or changed (marked checked with ino 0, so they are
+        not looked at again). Returns the rows re-keyed. A row whose new key is already
+        planned keeps its old key (its history stays; the new row says what happens now).
+        """
+
+        def op(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE OR IGNORE dispatches SET vkey=?, dev=?, ino=?, ctime_ns=? "
+                "WHERE vkey=? AND ino IS NULL",
+                [(new, dev, ino, ctime, old) for old, new, dev, ino, ctime in found],
+            )
+            changed = conn.total_changes - before
+            conn.executemany(
+                "UPDATE dispatches SET ino=0 WHERE vkey=? AND ino IS NULL",
+                [(old,) for old in missing] + [(old,) for old, *_ in found],
+            )
+            return changed
 
         return await self.write(op)
 
@@ -974,8 +1019,8 @@ class Journal:
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE dispatches SET status='SUCCEEDED', finished=?, duration_ms=0, "
-                "detail='marked as already dispatched' WHERE vkey=? AND step_key=? "
-                "AND status='PENDING'",
+                "detail='marked as already dispatched (mark-existing): not sent' "
+                "WHERE vkey=? AND step_key=? AND status='PENDING'",
                 [(now, s.version.key, s.step_key) for s in steps],
             )
 

@@ -140,6 +140,13 @@ class Dispatch:
     ino: int | None = None
     ctime_ns: int | None = None
     sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
+    #: the step and the steps before it, as planned (set by a claim; None elsewhere)
+    step_key: str | None = None
+
+    @property
+    def marked(self) -> bool:
+        """Recorded by ``mark-existing`` as already there, never delivered (no attempt)."""
+        return self.status == Status.SUCCEEDED and self.attempts == 0
 
     @property
     def version(self) -> FileVersion:

@@ -473,14 +473,10 @@ async def resume_text(service: Service) -> str:
 
 
 async def retry_text(service: Service, dispatch_id: int) -> str:
-    if await service.journal.retry(dispatch_id):
-        service.dispatcher.wake()
-        log.info("dispatch %d queued again from the console", dispatch_id)
-        return f"dispatch {dispatch_id} is queued again"
-    row = await service.journal.get(dispatch_id)
-    if row is None:
-        return f"no dispatch with id {dispatch_id}"
-    return f"dispatch {dispatch_id} is {row.status}, not FAILED: nothing to retry"
+    answer = await service.retry(dispatch_id)
+    if answer.ok:
+        log.info("console: %s", answer.message)
+    return answer.message
 
 
 async def history_text(service: Service, limit: int) -> str:

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
@@ -45,6 +45,8 @@ class Options:
     once: bool = False
     max_items: int | None = None
     move: bool = False
+    #: files recorded by mark-existing get their after-action (delete, move) like sent ones
+    consume_marked: bool = False
     api_host: str | None = None
     api_port: int | None = None
     webapp: bool | None = None
@@ -173,6 +175,15 @@ class Service:
         log.info("reloaded %s", path)
         return True
 
+    async def retry(self, dispatch_id: int) -> recovery.RetryAnswer:
+        """Send a FAILED dispatch again, or say why not (API, console; see recovery.retry)."""
+        answer = await recovery.retry(self.journal, self.dispatcher.sources, dispatch_id)
+        if answer.ok:
+            self.dispatcher.wake()
+            for w in self.watchers:  # a file moved back from failed_dir is found at once
+                w.request_rescan()
+        return answer
+
     def _publish_secrets(self) -> None:
         """Tell the log filter every secret of the config in force (the API token from its
         environment variable included)."""
@@ -283,6 +294,9 @@ class Service:
         self.journal = journal
         journal.on_health(self._on_journal_health)
         journal.resume_interrupted().add_done_callback(_report_resumed)
+        rekeyed = await recovery.rekey_old_rows(journal)
+        if rekeyed:
+            log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
         roots = [
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]
@@ -296,13 +310,14 @@ class Service:
             registry,
             workdir=self.workdir,
             max_items=self.options.max_items,
+            consume_marked=self.options.consume_marked,
         )
         self.summary = self.dispatcher.summary
         # the web app and the console are started here, between dispatcher and watchers
         if self.config.api.enabled:
             from . import api
 
-            link = api.ServiceLink(self.status, self.dispatcher.wake)
+            link = api.ServiceLink(self.status, self.dispatcher.wake, self.retry)
             await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
         if self.config.monitor.enabled:  # aiomonitor costs a tenth of a second to import
             from . import monitor

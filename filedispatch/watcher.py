@@ -1,8 +1,9 @@
 """Watching sources: a start-up scan, watchfiles events, periodic reconcile scans, readiness gates.
 
 Events are only hints; the folder is the truth. A file is handed on (as a ``FileVersion``)
-only once it is complete: settled, unlocked, or marked done. The watcher never sends, moves
-or deletes a file (except the ``.done`` marker it consumed).
+only once it is complete: settled, unlocked, or marked done, and open for writing by nobody.
+Links follow one rule in the scan and the watch. The watcher never sends, moves or deletes a
+file (except the ``.done`` marker it consumed); it stats files in threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import watchfiles
 
+from . import sourcefile
 from .config import SourceConfig
 from .errors import JournalError
 from .models import FileVersion
 from .patterns import GlobSet
+from .sourcefile import WriterCheck
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,14 @@ NETWORK_FS = frozenset(
         "fuse.davfs2",
     }
 )
+#: filesystems on a local disk (or in memory), where opening a regular file never waits for
+#: a server: the open-writers gate runs inline there (a thread per batch costs more in GIL
+#: hand-overs than the few syscalls per file it would move off the loop)
+LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "jfs"})
 BATCH = 500
+#: seconds between looks at a file someone still holds open for writing (at least; ``settle``
+#: is used when longer, up to 2 s)
+WRITER_RECHECK = 0.25
 
 Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[None]]
 #: a file's (inode, ctime_ns, device), kept with its size and mtime
@@ -109,7 +119,8 @@ class SourceWatcher:
         for extra in (config.done_dir, config.failed_dir):
             if extra is not None:
                 self.exclude.append(extra)
-        self._pending: dict[str, tuple[int, int, float]] = {}  # size, mtime_ns, first seen
+        #: files seen but not complete yet: (size, mtime_ns, inode, ctime_ns) and when first seen
+        self._pending: dict[str, tuple[tuple[int, int, int, int], float]] = {}
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
         self._baseline: set[tuple[str, int, int]] = set()
@@ -119,6 +130,10 @@ class SourceWatcher:
         self.last_error: str | None = None
         self.scans = 0
         self._emitting: asyncio.Task[None] | None = None
+        self._real_root = os.path.realpath(self.root)
+        self.writers = WriterCheck()  #: the open-writers gate (``open_writers: check``)
+        self._local_fs = False  #: decided at start: see LOCAL_FS
+        self._told_unknown = False
 
     # ------------------------------------------------------------------ running
 
@@ -128,6 +143,8 @@ class SourceWatcher:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             log.error("source %s cannot be created: %s", self.root, exc.strerror or exc)
+        self._real_root = os.path.realpath(self.root)
+        self._local_fs = mount_fstype(self.root) in LOCAL_FS
         self.polling = self._decide_polling()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._settle_loop(stop), name=f"settle:{self.config.key}")
@@ -200,13 +217,7 @@ class SourceWatcher:
                 paths.add(rel[:-5])
                 continue
             paths.add(rel)
-        ready: list[FileVersion] = []
-        now = time.time()
-        for rel in sorted(paths):
-            v = await self._observe(rel, now)
-            if v is not None:
-                ready.append(v)
-        await self._emit(ready, wait=False)
+        await self._emit(await self._observe(sorted(paths)), wait=False)
 
     async def _rescan_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.rescan
@@ -275,7 +286,6 @@ class SourceWatcher:
         seen: set[tuple[int, int]] = set()
         stack = [str(top or self.root)]
         follow = self.config.follow_symlinks
-        real_root = os.path.realpath(root)
         while stack:
             folder = stack.pop()
             try:
@@ -286,7 +296,7 @@ class SourceWatcher:
                 # iterated, not listed: a DirEntry keeps its stat, 100,000 of them add up
                 with os.scandir(folder) as entries:
                     for entry in entries:
-                        found = self._entry(entry, root, real_root, follow)
+                        found = self._entry(entry, root, follow)
                         if found is None:
                             continue
                         name, est = found
@@ -298,20 +308,15 @@ class SourceWatcher:
                 log.warning("cannot list %s: %s", folder, exc.strerror or exc)
 
     def _entry(
-        self, entry: os.DirEntry[str], root: str, real_root: str, follow: bool
+        self, entry: os.DirEntry[str], root: str, follow: bool
     ) -> tuple[str, os.stat_result | None] | None:
         """(relpath, stat) for a file to take, (path, None) for a folder to enter, else None."""
         rel = entry.path[len(root) + 1 :] if entry.path.startswith(root + "/") else entry.name
         if self._ignored(rel):
             return None
         try:
-            if entry.is_symlink():
-                if not follow:
-                    return None
-                real = os.path.realpath(entry.path)
-                if real != real_root and not real.startswith(real_root + os.sep):
-                    log.debug("skipping %s: its link points outside the source", rel)
-                    return None
+            if entry.is_symlink() and not self._link_allowed(entry.path):
+                return None
             est = entry.stat(follow_symlinks=follow)
         except OSError:
             return None
@@ -352,27 +357,76 @@ class SourceWatcher:
             mode == "done" and rel.endswith(".done")
         )
 
-    async def _observe(self, rel: str, now: float) -> FileVersion | None:
-        path = self._prefix + rel
-        try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                if not self.config.follow_symlinks:
-                    return None
-                real = os.path.realpath(path)
-                if not real.startswith(os.path.realpath(self.root) + os.sep):
-                    return None
-                st = os.stat(path)
-        except OSError:
-            self._pending.pop(rel, None)
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            if self.config.recursive:  # a folder moved in whole sends one event
-                await self._scan_tree(Path(path))
-            return None
-        if not stat.S_ISREG(st.st_mode) or self._marker(rel):
-            return None
-        return self._consider(rel, st.st_size, st.st_mtime_ns, now, _ident(st))
+    def _link_allowed(self, path: str) -> bool:
+        """The one rule for links, files and folders alike, in the scan and the watch: with
+        ``follow_symlinks: false`` never followed; with true, only if it stays in the source."""
+        if not self.config.follow_symlinks:
+            return False
+        if sourcefile.inside(self._real_root, path) is None:
+            log.debug("skipping %s: its link leads outside the source", path)
+            return False
+        return True
+
+    def _folder_allowed(self, folder: str, cache: dict[str, bool]) -> bool:
+        """Whether files below ``folder`` (relative) belong to the source: the folder is
+        reached without a link (or, with ``follow_symlinks``, only through links that stay
+        inside). The live watch follows linked folders; their events end here."""
+        allowed = cache.get(folder)
+        if allowed is None:
+            real = os.path.realpath(self._prefix + folder)
+            if real == os.path.join(self._real_root, folder):
+                allowed = True
+            else:
+                allowed = self._link_allowed(self._prefix + folder)
+            cache[folder] = allowed
+        return allowed
+
+    def _look(self, rels: list[str]) -> list[tuple[str, str, os.stat_result | None]]:
+        """(relpath, what it is now, its stat) for each: "file" (a regular file to consider),
+        "dir" (a folder to scan), "gone", or "skip". Runs in a thread: a stat may block."""
+        cache: dict[str, bool] = {}
+        found: list[tuple[str, str, os.stat_result | None]] = []
+        for rel in rels:
+            path = self._prefix + rel
+            folder = rel.rpartition("/")[0]
+            if folder and not self._folder_allowed(folder, cache):
+                found.append((rel, "skip", None))
+                continue
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    if not self._link_allowed(path):
+                        found.append((rel, "skip", None))
+                        continue
+                    st = os.stat(path)
+            except OSError:
+                found.append((rel, "gone", None))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                found.append((rel, "dir" if self.config.recursive else "skip", st))
+            elif stat.S_ISREG(st.st_mode) and not self._marker(rel):
+                found.append((rel, "file", st))
+            else:  # FIFOs, sockets, devices: never offered, never opened
+                found.append((rel, "skip", None))
+        return found
+
+    async def _observe(self, rels: list[str]) -> list[FileVersion]:
+        """Look at files named by events (or due after settling), off the loop: complete ones."""
+        if not rels:
+            return []
+        looks = await asyncio.to_thread(self._look, rels)
+        now = time.time()
+        ready: list[FileVersion] = []
+        for rel, what, st in looks:
+            if what == "file" and st is not None:
+                v = self._consider(rel, st.st_size, st.st_mtime_ns, now, _ident(st))
+                if v is not None:
+                    ready.append(v)
+            elif what == "dir":  # a folder moved in whole sends one event
+                await self._scan_tree(Path(self._prefix + rel))
+            elif what == "gone":
+                self._pending.pop(rel, None)
+        return ready
 
     def _consider(
         self, rel: str, size: int, mtime_ns: int, now: float, ident: Ident
@@ -392,19 +446,24 @@ class SourceWatcher:
             if self._pending:
                 self._pending.pop(rel, None)
             return self._version(rel, size, mtime_ns, ident)
-        # mtime is recent (or from a skewed clock): wait until size and mtime stay put
+        # mtime is recent (or from a skewed clock): wait until the file stays put, the same
+        # inode and ctime too (a file swapped in during the quiet period starts it again)
+        shape = (size, mtime_ns, ident[0], ident[1])
         seen = self._pending.get(rel)
-        if seen is not None and seen[:2] == (size, mtime_ns):
-            if now - seen[2] >= settle:
+        if seen is not None and seen[0] == shape:
+            if now - seen[1] >= settle:
                 del self._pending[rel]
                 return self._version(rel, size, mtime_ns, ident)
-            due = seen[2] + settle
+            due = seen[1] + settle
         else:
-            self._pending[rel] = (size, mtime_ns, now)
+            self._pending[rel] = (shape, now)
             due = now + settle
+        self._look_again(rel, due)
+        return None
+
+    def _look_again(self, rel: str, due: float) -> None:
         heapq.heappush(self._heap, (due, rel))
         self._wake.set()
-        return None
 
     async def drain(self) -> None:
         """Wait for the batch in flight (how it ended is reported by _handed_on)."""
@@ -431,6 +490,33 @@ class SourceWatcher:
         ino, ctime_ns, dev = ident
         return FileVersion(self.config.key, self.root, rel, size, mtime_ns, ino, ctime_ns, dev)
 
+    async def _no_writers(self, versions: list[FileVersion]) -> list[FileVersion]:
+        """The versions nobody holds open for writing any more, and still as seen. The others
+        are still being written (a writer that paused is not done) or changed since: they are
+        looked at again shortly."""
+        if self._local_fs:  # a lease on a local file is a few syscalls that never wait
+            busy = self.writers.busy(self.root, versions)
+        else:
+            busy = await asyncio.to_thread(self.writers.busy, self.root, versions)
+        if self.writers.unknown and not self._told_unknown:
+            self._told_unknown = True
+            log.warning(
+                "source %s: cannot tell whether some files are still open for writing (%s); "
+                "they are taken once settled",
+                self.root,
+                self.writers.why_unknown,
+            )
+        if not busy:
+            return versions
+        now = time.time()
+        again = now + min(max(self.config.settle, WRITER_RECHECK), 2.0)
+        for v in versions:
+            if v.relpath in busy:
+                log.debug("%s is still open for writing (or changed): not complete yet", v.relpath)
+                self._pending[v.relpath] = ((v.size, v.mtime_ns, v.ino, v.ctime_ns), now)
+                self._look_again(v.relpath, again)
+        return [v for v in versions if v.relpath not in busy]
+
     async def _settle_loop(self, stop: asyncio.Event) -> None:
         """Look again at unsettled files when their quiet period is over."""
         while not stop.is_set():
@@ -446,15 +532,12 @@ class SourceWatcher:
                     await asyncio.wait_for(self._wake.wait(), delay)
                 continue
             now = time.time()
-            ready: list[FileVersion] = []
+            due_now: list[str] = []
             while self._heap and self._heap[0][0] <= now:
                 _, rel = heapq.heappop(self._heap)
-                if rel not in self._pending:
-                    continue
-                v = await self._observe(rel, now)
-                if v is not None:
-                    ready.append(v)
-            await self._emit(ready)
+                if rel in self._pending:
+                    due_now.append(rel)
+            await self._emit(await self._observe(sorted(set(due_now))))
 
     async def _emit(self, versions: list[FileVersion], wait: bool = True) -> None:
         """Hand complete files on, in order. With ``wait=False`` it returns once the batch has
@@ -477,6 +560,8 @@ class SourceWatcher:
         for v in versions:
             if not valid_name(v.relpath):
                 await self._reject_cb(self.config, v, "the file name is not valid UTF-8")
+        if good and self.config.open_writers == "check":
+            good = await self._no_writers(good)
         if good:
             await self._emit_cb(self.config, good)
         if self.config.ready == "done":

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,12 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: a test of a fast path itself (an inline lane...), which FILEDISPATCH_FASTPATH=0 turns off
+needs_fastpath = pytest.mark.skipif(
+    os.environ.get("FILEDISPATCH_FASTPATH", "1").strip() == "0",
+    reason="tests a fast path, and FILEDISPATCH_FASTPATH=0 turns it off",
+)
 
 
 def free_port() -> int:
@@ -179,3 +188,28 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
     inbox.mkdir()
     return {"root": tmp_path, "inbox": inbox, "outbox": outbox, "db": tmp_path / "journal.db"}
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than tmp_path (/dev/shm is a tmpfs)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem")
+    folder = Path(tempfile.mkdtemp(dir=shm))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``folder`` for the block (skips without the right)."""
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("needs the right to mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -155,3 +155,18 @@ async def overlap(path: str, *, log: str) -> None:
 def remove(path: str) -> None:
     """Deletes the file it is given (for a test of a source vanishing mid-chain)."""
     Path(path).unlink()
+
+
+class Tagger:
+    """A class step that notes each file with its ``tag``, and notes when it is closed."""
+
+    def __init__(self) -> None:
+        self.log: str | None = None
+
+    def __call__(self, path: str, *, log: str, tag: str) -> None:
+        self.log = log
+        _note(log, kind="tag", path=path, tag=tag, instance=id(self))
+
+    def close(self) -> None:
+        if self.log is not None:
+            _note(self.log, kind="closed", instance=id(self))

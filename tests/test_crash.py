@@ -17,9 +17,11 @@ pytestmark = pytest.mark.slow
 N = 2000
 
 
-@pytest.mark.parametrize("after", ["keep", "delete"])
+@pytest.mark.parametrize(
+    ("after", "mode"), [("keep", "copy"), ("delete", "copy"), ("keep", "move")]
+)
 def test_kill_9_mid_delivery_then_restart_delivers_each_file_exactly_once(
-    tmp_path: Path, service_factory: Any, after: str
+    tmp_path: Path, service_factory: Any, after: str, mode: str
 ) -> None:
     inbox, outbox, db = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "j.db"
     inbox.mkdir()
@@ -42,7 +44,7 @@ def test_kill_9_mid_delivery_then_restart_delivers_each_file_exactly_once(
                     "name": "edi",
                     "glob": "*",
                     # fsync makes each delivery slow enough to be caught half-way
-                    "to": {"url": str(outbox), "fsync": True},
+                    "to": {"url": str(outbox), "fsync": True, "mode": mode},
                 }
             ],
             "api": {"enabled": False},
@@ -77,7 +79,7 @@ def test_kill_9_mid_delivery_then_restart_delivers_each_file_exactly_once(
     assert len(rows) == N
     assert {r["status"] for r in rows} == {"SUCCEEDED"}
     assert sorted(r["filename"] for r in rows) == sorted(expected)
-    if after == "delete":
+    if after == "delete" or mode == "move":  # no source left whose destination has it
         assert list(inbox.iterdir()) == []
     conn = sqlite3.connect(db)
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

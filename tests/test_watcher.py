@@ -141,3 +141,36 @@ async def test_a_batch_that_cannot_be_handed_on_is_offered_again(
     await asyncio.wait_for(task, 10)
     assert offered[:2] == [["edi-1.x12"], ["edi-1.x12"]]
     assert watcher.last_error == "JournalError: database or disk is full"
+
+
+def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
+    workspace: dict[str, Path],
+) -> None:
+    """Settling compares the inode and ctime too: another file put at the name with the same
+    size and mtime (here an mtime ahead of the clock, as a skewed NFS server gives, so only
+    the quiet period decides) is watched for a whole period of its own."""
+    ws = workspace
+    source = load_config(cfg(ws, settle=5)).sources[0]
+
+    async def never(*_: object) -> None:
+        return None
+
+    watcher = SourceWatcher(source, never, never)
+    now = time.time()
+    ahead = int((now + 60) * 1e9)
+    path = ws["inbox"] / "a.txt"
+    path.write_bytes(b"first")
+    os.utime(path, ns=(ahead, ahead))
+    st = path.stat()
+    ident = (st.st_ino, st.st_ctime_ns, st.st_dev)
+    assert watcher._consider("a.txt", st.st_size, st.st_mtime_ns, now, ident) is None
+    (ws["root"] / "swap").write_bytes(b"other")
+    os.utime(ws["root"] / "swap", ns=(ahead, ahead))
+    os.rename(ws["root"] / "swap", path)
+    st2 = path.stat()
+    assert (st2.st_size, st2.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    ident2 = (st2.st_ino, st2.st_ctime_ns, st2.st_dev)
+    assert ident2 != ident
+    assert watcher._consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 5, ident2) is None
+    v = watcher._consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 10, ident2)
+    assert v is not None and v.ino == st2.st_ino

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from aiohttp import web
 
 from ..errors import JournalError
 from ..journal import Journal
+from ..recovery import RetryAnswer
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,8 @@ class ServiceLink:
     status: Callable[[], Mapping[str, Any]]
     #: tell the dispatcher to look for due work now (after a retry)
     wake: Callable[[], None]
+    #: send a FAILED dispatch again or say why not (None: only re-queue it in the journal)
+    retry: Callable[[int], Awaitable[RetryAnswer]] | None = None
 
 
 class Reader:

@@ -106,14 +106,21 @@ async def retry_log(request: web.Request) -> web.Response:
     row = await _detail_row(request, dispatch_id)
     if row is None:
         return _not_found(dispatch_id)
-    if row[9] != "FAILED" or not await request.app[journal_key].retry(dispatch_id):
+    if row[9] != "FAILED":
         return json_error(
             409,
             "not failed",
             f"dispatch {dispatch_id} is {row[9]}; only a FAILED dispatch can be retried",
         )
-    request.app[link_key].wake()
-    log.info("web app: dispatch %d re-queued", dispatch_id)
+    link = request.app[link_key]
+    if link.retry is not None:  # the file may need bringing back from failed_dir first
+        answer = await link.retry(dispatch_id)
+        if not answer.ok:
+            return json_error(409, "cannot retry", answer.message)
+        log.info("web app: %s", answer.message)
+    elif not await request.app[journal_key].retry(dispatch_id):
+        return json_error(409, "not failed", f"dispatch {dispatch_id} is no longer FAILED")
+    link.wake()
     row = await _detail_row(request, dispatch_id)
     return web.json_response(queries.detail(row)) if row else _not_found(dispatch_id)
 

@@ -7,10 +7,16 @@ journal and never removes the source: the dispatcher owns both.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import importlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from pydantic import SecretStr
 
 from ..models import FileVersion, Outcome
 
@@ -84,7 +90,12 @@ class BatchCopier(Protocol):
 
 class MoveUnavailable(Exception):
     """``move_now`` cannot rename here after all (another filesystem under the destination, a
-    filesystem without RENAME_NOREPLACE): deliver this file the ordinary way."""
+    filesystem without RENAME_NOREPLACE): deliver this file the ordinary way.
+    ``this_file``: only this file cannot be renamed (a link: its target is copied)."""
+
+    def __init__(self, reason: str, *, this_file: bool = False) -> None:
+        super().__init__(reason)
+        self.this_file = this_file
 
 
 @dataclass
@@ -118,22 +129,96 @@ def create(step: Step, resources: Resources) -> Processor:
     return processor
 
 
+def config_key(step: Step) -> str:
+    """A stable digest of a step's whole configuration, secrets included (never shown).
+
+    Two steps with the same key behave the same; ``Step.identity()`` is coarser on purpose
+    (it says which destination already has a file, whatever its options).
+    """
+    dump = step.model_dump(mode="python", round_trip=True)
+    raw = json.dumps([type(step).__name__, dump], sort_keys=True, default=_plain)
+    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return ["secret", value.get_secret_value()]
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    return repr(value) if not isinstance(value, Path) else str(value)
+
+
 class Registry:
-    """One processor per distinct step identity, created on first use, closed together."""
+    """One processor per distinct step configuration, created on first use.
+
+    A reload retires the processors no step of the new configuration uses: they finish what
+    they are delivering and are closed once idle. Shared connections (an HTTP session, FTP and
+    SFTP pools) live in ``resources``, so two processors for one server still share them.
+    """
 
     def __init__(self) -> None:
         self.resources = Resources()
         self._processors: dict[str, Processor] = {}
+        self._busy: dict[int, int] = {}  #: id(processor) -> deliveries running
+        self._retired: dict[int, Processor] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        #: id(step) -> (the step, its config_key): the digest once per step object, not per
+        #: file (the step is held, so its id cannot be reused while it is here)
+        self._keys: dict[int, tuple[Step, str]] = {}
+
+    def _key(self, step: Step) -> str:
+        known = self._keys.get(id(step))
+        if known is None:
+            known = self._keys[id(step)] = (step, config_key(step))
+        return known[1]
 
     def get(self, step: Step) -> Processor:
-        key = step.identity()
+        key = self._key(step)
         proc = self._processors.get(key)
         if proc is None:
             proc = self._processors[key] = create(step, self.resources)
         return proc
 
+    def acquire(self, step: Step) -> Processor:
+        """``get``, counting a delivery in progress until ``release``."""
+        proc = self.get(step)
+        self._busy[id(proc)] = self._busy.get(id(proc), 0) + 1
+        return proc
+
+    def release(self, proc: Processor) -> None:
+        n = self._busy.pop(id(proc), 1) - 1
+        if n > 0:
+            self._busy[id(proc)] = n
+        elif id(proc) in self._retired:
+            self._close(self._retired.pop(id(proc)))
+
+    def retire_unused(self, steps: Iterable[Step]) -> int:
+        """After a reload: processors none of ``steps`` uses are closed once idle; returns how
+        many were retired. New deliveries get processors built from the new configuration."""
+        steps = list(steps)
+        ids = {id(step) for step in steps}
+        self._keys = {i: known for i, known in self._keys.items() if i in ids}
+        keep = {self._key(step) for step in steps}
+        old = [key for key in self._processors if key not in keep]
+        for key in old:
+            proc = self._processors.pop(key)
+            if self._busy.get(id(proc)):
+                self._retired[id(proc)] = proc
+            else:
+                self._close(proc)
+        return len(old)
+
+    def _close(self, proc: Processor) -> None:
+        task = asyncio.get_running_loop().create_task(proc.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def aclose(self) -> None:
         procs, self._processors = list(self._processors.values()), {}
+        procs += self._retired.values()
+        self._retired.clear()
         for proc in reversed(procs):
             await proc.aclose()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         await self.resources.aclose()

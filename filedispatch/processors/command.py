@@ -14,6 +14,7 @@ import os
 import signal
 from asyncio.subprocess import DEVNULL, PIPE
 
+from .. import sourcefile
 from ..config import CommandStep, scrub, secrets_of
 from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
@@ -63,8 +64,19 @@ class CommandProcessor:
         return env
 
     async def deliver(self, ctx: StepContext) -> Outcome:
-        fd, _ = open_input(ctx)  # the planned version is still there (else: vanished)
-        os.close(fd)
+        # The planned version, checked and held open: the command gets its path, and also the
+        # descriptor (FILEDISPATCH_FD: /dev/fd/N reads exactly the checked file, whatever is
+        # put at the name meanwhile). Afterwards the name must not lead to a link, a special
+        # file or out of the source (the command may have read that instead).
+        fd, _ = open_input(ctx)
+        try:
+            outcome = await self._run(ctx, fd)
+            sourcefile.recheck(ctx.version, ctx.input, "the command")
+        finally:
+            os.close(fd)
+        return outcome
+
+    async def _run(self, ctx: StepContext, fd: int) -> Outcome:
         cwd = self.step.cwd or ensure_workdir(ctx.workdir)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -75,7 +87,8 @@ class CommandProcessor:
                 stdout=PIPE,
                 stderr=PIPE,
                 cwd=cwd,
-                env=self._environment(ctx),
+                env={**self._environment(ctx), "FILEDISPATCH_FD": str(fd)},
+                pass_fds=(fd,),
                 start_new_session=True,  # its own process group, killed as a whole
             )
         except OSError as exc:

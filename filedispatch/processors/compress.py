@@ -21,8 +21,9 @@ from typing import IO
 
 import zstandard
 
+from .. import sourcefile
 from ..config import CompressStep
-from ..errors import PermanentDeliveryError, TransientDeliveryError
+from ..errors import PermanentDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import _unlink_quietly, open_input, translate_os_error
@@ -80,9 +81,7 @@ class CompressProcessor:
         try:
             with open(fd, "rb") as src, open(out_fd, "wb") as out:
                 _WRITERS[self.format](src, out, ctx.input.name, st.st_mtime, self.level)
-                after = os.fstat(src.fileno())
-            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                raise TransientDeliveryError(f"{ctx.input.name} changed while it was compressed")
+                sourcefile.check_unchanged(src.fileno(), st, ctx.input.name)
             os.replace(tmp, target)
         except OSError as exc:
             _unlink_quietly(tmp)

@@ -8,17 +8,17 @@ otherwise it copies, and the dispatcher's after-action removes the source later.
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
 
-from .. import naming
+from .. import fastpath, naming, sourcefile
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -26,7 +26,7 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
-from ..models import Outcome
+from ..models import FileVersion, Outcome
 from . import MoveUnavailable, Resources, StepContext
 
 log = logging.getLogger(__name__)
@@ -125,31 +125,11 @@ def render_target_str(template: str, ctx: StepContext) -> str:
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
-    """Open the file a step delivers (a raw fd) and check the source is still the planned version.
+    """Open the file a step delivers (a raw fd) and check it is still the planned version.
 
-    Raises SourceVanishedError when it is gone or changed: its new version is dispatched alone.
+    Raises SourceVanishedError when it is gone, changed or replaced (see ``sourcefile``).
     """
-    src = ctx.input
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
-    except OSError as exc:
-        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        os.close(fd)
-        raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-    if src == ctx.version.path and (st.st_size, st.st_mtime_ns) != (
-        ctx.version.size,
-        ctx.version.mtime_ns,
-    ):
-        os.close(fd)
-        raise SourceVanishedError(
-            f"{src} changed after it was seen; its new version is dispatched on its own"
-        )
-    return fd, st
+    return sourcefile.open_input(ctx.version, ctx.input)
 
 
 class LocalProcessor:
@@ -160,10 +140,28 @@ class LocalProcessor:
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
+        self._clone = True  #: reflinks are worth trying here (see fastpath.reflink)
         self._sums: dict[Path, str] = {}  #: a verified copy's SHA-256, until it is placed
+        #: source folder -> a descriptor naming it (O_PATH), for the inline moves' renames
+        self._sources: dict[str, int] = {}
 
     async def aclose(self) -> None:
-        return None
+        sources, self._sources = self._sources, {}
+        for fd in sources.values():
+            os.close(fd)
+
+    def _source_dir(self, root: Path, fresh: bool = False) -> int:
+        """A descriptor of a source folder, kept: one open per source, not one per file. A
+        source folder replaced meanwhile is found again (``fresh``) when a name is missing."""
+        key = str(root)
+        fd = self._sources.get(key)
+        if fd is not None and fresh:
+            del self._sources[key]
+            os.close(fd)
+            fd = None
+        if fd is None:
+            fd = self._sources[key] = os.open(key, sourcefile.PATH_FLAGS | os.O_DIRECTORY)
+        return fd
 
     def _target(self, ctx: StepContext) -> PurePosixPath:
         return render_target(self.dest.name, ctx)
@@ -286,9 +284,9 @@ class LocalProcessor:
         """Flush (with ``fsync``) and close copies; per copy None or its error (the copy is
         then removed). Writeback of all of them starts before the first fsync waits."""
         errors: list[DeliveryError | None] = [None] * len(staged)
-        if self.dest.fsync and _sync_file_range is not None and len(staged) > 1:
+        if self.dest.fsync and len(staged) > 1:
             for _, out in staged:  # only a hint: a failure is met again by the fsync below
-                _sync_file_range(out, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                fastpath.start_writeback(out)
         for i, (tmp, out) in enumerate(staged):
             try:
                 if self.dest.fsync:
@@ -328,10 +326,7 @@ class LocalProcessor:
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
     def can_move_from(self, folder: Path) -> bool:
-        """Whether files of ``folder`` can be renamed into this destination (one filesystem,
-        and a kernel that renames without replacing)."""
-        if _renameat2 is None:
-            return False
+        """Whether files of ``folder`` can be renamed into this destination (one filesystem)."""
         try:
             self._mkdirs(self.root)
             return os.stat(folder).st_dev == os.stat(self.root).st_dev
@@ -347,41 +342,102 @@ class LocalProcessor:
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )
 
-    def _put_source(self, ctx: StepContext, rel: str, put: Callable[[str, str], None]) -> Outcome:
-        """Rename the source itself to its final name, once the source is checked to
-        be the planned version. Plain strings, not Paths: this runs once per file, inline."""
+    def _put_source(self, ctx: StepContext, rel: str, put: Rename) -> Outcome:
+        """Rename the source itself to its final name, once the name is checked to be the
+        planned version (a regular file, not a link: a link is never moved into a
+        destination, its target is copied instead). Plain strings, not Paths: this runs once
+        per file, inline, so it only looks at files (lstat) and never opens one."""
         root = self._root
         folder = rel.rpartition("/")[0]
         self._mkdirs(f"{root}/{folder}" if folder else root)
-        src = os.fspath(ctx.input)
+        version = ctx.version
+        parent, _, name = version.relpath.rpartition("/")
         try:
-            st = os.stat(src)
-        except FileNotFoundError:
-            raise SourceVanishedError(f"the file {src} vanished before it could be sent") from None
-        except OSError as exc:
-            raise PermanentDeliveryError(f"cannot read {src}: {exc.strerror or exc}") from exc
-        if (st.st_size, st.st_mtime_ns) != (ctx.version.size, ctx.version.mtime_ns):
-            raise SourceVanishedError(
-                f"{src} changed after it was seen; its new version is dispatched on its own"
-            )
-        detail = "moved"
+            top = self._source_dir(version.root)
+            dirfd = top
+            if parent:
+                dirfd = sourcefile.open_at(top, parent, sourcefile.PATH_FLAGS | os.O_DIRECTORY)
+        except OSError as exc:  # a folder of the path is a link now, or gone: copy (or refuse)
+            raise MoveUnavailable(
+                f"{parent or version.root}: {exc.strerror}", this_file=True
+            ) from None
         try:
             try:
-                put(src, f"{root}/{rel}")  # the usual case: the name is free
-                return Outcome(f"{root}/{rel}", detail=detail)
-            except FileExistsError:  # taken: the on_conflict policy picks another, or none
-                final = place(
-                    lambda p: False,
-                    PurePosixPath(rel),
-                    self.dest.on_conflict,
-                    lambda p, _: put(src, f"{root}/{p}"),
-                )
+                st = self._check_name(version, dirfd, name)
+            except SourceVanishedError:
+                if parent or not self._source_replaced(version.root):
+                    raise
+                dirfd = top = self._source_dir(version.root, fresh=True)
+                st = self._check_name(version, dirfd, name)
+            try:
+                try:
+                    put(name, f"{root}/{rel}", dirfd)  # the usual case: the name is free
+                    final: str | PurePosixPath | None = rel
+                except FileExistsError:  # taken: the on_conflict policy picks another, or none
+                    final = place(
+                        lambda p: False,
+                        PurePosixPath(rel),
+                        self.dest.on_conflict,
+                        lambda p, _: put(name, f"{root}/{p}", dirfd),
+                    )
+            except OSError as exc:
+                self._forget_folders(exc)
+                raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
+            if final is None:
+                return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
+            self._check_moved(version, dirfd, name, st, f"{root}/{final}")
+        finally:
+            if dirfd != top:
+                os.close(dirfd)
+        return Outcome(f"{root}/{final}", detail="moved")
+
+    def _source_replaced(self, root: Path) -> bool:
+        """Whether the kept descriptor of ``root`` no longer names the folder at that path."""
+        fd = self._sources.get(str(root))
+        try:
+            kept, now = os.fstat(fd) if fd is not None else None, os.stat(root)
+        except OSError:
+            return False
+        return kept is None or (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino)
+
+    @staticmethod
+    def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
+        """The planned version at ``name`` in ``dirfd``, looked at: never opened, never followed."""
+        try:
+            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise SourceVanishedError(
+                f"the file {version.path} vanished before it could be sent"
+            ) from None
         except OSError as exc:
-            self._forget_folders(exc)
-            raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
-        if final is None:
-            return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
-        return Outcome(f"{root}/{final}", detail=detail)
+            raise PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror}") from exc
+        if stat.S_ISLNK(st.st_mode):  # followed within the source by the copying path
+            raise MoveUnavailable(f"{version.relpath} is a symbolic link", this_file=True)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceVanishedError(f"{version.relpath} is no longer a regular file: not moved")
+        if not version.same_file(st):
+            raise SourceVanishedError(
+                f"{version.relpath} changed after it was seen; its new version is dispatched "
+                "on its own"
+            )
+        return st
+
+    @staticmethod
+    def _check_moved(
+        version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
+    ) -> None:
+        """The name was swapped between the check and the rename: put back what was moved."""
+        try:
+            got = os.lstat(final)
+        except OSError:
+            return  # gone already (a consumer of the destination): it was ours a moment ago
+        if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
+            return
+        with contextlib.suppress(OSError, MoveUnavailable):
+            _move(final, name, dst_dir_fd=dirfd)
+        raise SourceVanishedError(
+            f"{version.relpath} was replaced while it was moved; put back, not delivered"
+        )
 
     def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> int:
         """Copy ``fd`` to ``tmp`` (mode and mtime kept); returns the copy's fd, still open and
@@ -394,20 +450,25 @@ class LocalProcessor:
             self._forget_folders(exc)
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
-            with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
-                shutil.copyfileobj(fin, fout, 1024 * 1024)
+            # a reflink shares blocks copy-on-write: as independent of the source as a copy
+            cloned = fastpath.reflink(fd, out) if self._clone else None
+            if cloned is None:
+                self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
+            if not cloned:
+                with open(fd, "rb", closefd=False) as fin, open(out, "wb", closefd=False) as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
-            after = os.fstat(fd)
+            sourcefile.check_unchanged(fd, st, str(tmp.name))
         except OSError as exc:
             os.close(out)
             _unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot write {tmp}") from exc
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        except SourceVanishedError:
             os.close(out)
             _unlink_quietly(tmp)
-            raise TransientDeliveryError("the file changed while it was copied")
+            raise
         return out
 
     @staticmethod
@@ -432,11 +493,13 @@ class LocalProcessor:
     def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
         """After a crash: a file at one of our candidate names with the input's size and mtime."""
         _unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
-        try:
-            st = ctx.input.stat()
-            want = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            want = (ctx.version.size, ctx.version.mtime_ns)
+        want = (ctx.version.size, ctx.version.mtime_ns)
+        if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
+            try:
+                st = ctx.input.stat()
+                want = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                return None
         for cand in candidates(rel, self.dest.on_conflict):
             path = self.root / cand
             try:
@@ -448,55 +511,28 @@ class LocalProcessor:
         return None
 
 
-def _libc_function(name: str, *argtypes: Any) -> Any:
-    """A function of the C library that Python does not wrap, or None where there is none."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
-
-
+#: rename(src, dst, src_dir_fd): ``src`` is a name in the folder ``src_dir_fd``
+Rename = Callable[[str, str, int], None]
 _AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-_SYNC_FILE_RANGE_WRITE = 2
-#: renameat2(2): Linux 3.15, glibc 2.28
-_renameat2 = _libc_function(
-    "renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
-)
-#: sync_file_range(2): starts writing a file back without waiting
-_sync_file_range = _libc_function(
-    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
-)
 
 
-def _move(src: str, dst: str) -> None:
-    """Rename ``src`` to the free name ``dst`` atomically; FileExistsError if it is taken.
-
-    Plain rename() would replace a file that appeared at ``dst`` since we looked, so this uses
-    RENAME_NOREPLACE, which checks and renames in one step in the kernel.
-    """
-    if _renameat2 is None:
-        raise MoveUnavailable("this system has no renameat2(RENAME_NOREPLACE)")
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-        return
-    err = ctypes.get_errno()
-    if err == errno.EEXIST:
-        raise FileExistsError(err, os.strerror(err), dst)
-    if err in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EOPNOTSUPP):
-        raise MoveUnavailable(os.strerror(err))  # e.g. a mount point inside the destination
-    raise OSError(err, os.strerror(err), dst)
+def _move(src: str, dst: str, src_dir_fd: int = _AT_FDCWD, dst_dir_fd: int = _AT_FDCWD) -> None:
+    """Rename ``src`` to the free name ``dst``; FileExistsError if it is taken (see
+    fastpath.rename_noreplace: atomic where the kernel offers it). A relative name is taken in
+    the folder of its ``*_dir_fd``."""
+    try:
+        fastpath.rename_noreplace(src, dst, src_dir_fd, dst_dir_fd)
+    except fastpath.RenameUnavailable as exc:
+        raise MoveUnavailable(str(exc)) from exc
 
 
-def _replace(src: str, dst: str) -> None:
+def _replace(src: str, dst: str, src_dir_fd: int = _AT_FDCWD) -> None:
     """``on_conflict: overwrite``: an ordinary rename, which replaces ``dst`` atomically."""
     try:
-        os.replace(src, dst)
+        os.replace(src, dst, src_dir_fd=None if src_dir_fd == _AT_FDCWD else src_dir_fd)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            raise MoveUnavailable(exc.strerror) from exc
+            raise MoveUnavailable(exc.strerror or str(exc)) from exc
         raise
 
 

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .. import sourcefile
 from ..config import PythonStep, scrub, secrets_of
 from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
 from .compress import ensure_workdir
+from .local import open_input
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,15 @@ class PythonProcessor:
             kwargs["context"] = ctx
             ensure_workdir(ctx.workdir)  # documented to exist, for a transform's output
         args = (str(ctx.input), *self.step.args)
+        # checked before the call and after it (the callable gets a path, which it may open
+        # after someone put a link there): a link or special file found after discards it
+        fd, _ = open_input(ctx)
+        os.close(fd)
+        value = await self._call(target, args, kwargs)
+        sourcefile.recheck(ctx.version, ctx.input, "the callable")
+        return self._outcome(ctx, value)
+
+    async def _call(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
         try:
             if self._is_async:
                 value = await target(*args, **kwargs)
@@ -100,7 +111,7 @@ class PythonProcessor:
             raise self._scrubbed(exc) from exc.__cause__
         except Exception as exc:
             raise self._scrubbed(_translate(exc)) from exc  # its kind is the error type
-        return self._outcome(ctx, value)
+        return value
 
     def _scrubbed(self, exc: DeliveryError) -> DeliveryError:
         """``exc`` with the step's secrets hidden in its message (the same class and hint)."""

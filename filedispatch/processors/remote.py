@@ -18,8 +18,14 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
+from .. import fastpath, sourcefile
 from ..config import FtpDestination, SftpDestination, redact_url
-from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from ..errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import candidates, choices, open_input, render_target, temp_name
@@ -157,7 +163,8 @@ async def copy_to(
     a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
     no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
     lets go of the GIL), so hashing costs the event loop no time.
-    Raises TransientDeliveryError when the file changed while it was sent.
+    Raises SourceVanishedError when the file changed while it was sent, before its last
+    chunk goes (the caller removes what was sent; the new version is dispatched on its own).
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
@@ -181,6 +188,8 @@ async def copy_to(
             offset += len(data)
             if offset < size and not nowait:
                 pending = read(offset)
+            if offset >= size:  # every byte is read: a change since is caught before the last
+                sourcefile.check_unchanged(fd, st, "the file")  # chunk completes the upload
             if digest is not None:
                 if hashing is not None:  # in order: one chunk's hash at a time
                     await hashing
@@ -199,12 +208,11 @@ async def copy_to(
         unfinished = [f for f in (pending, hashing) if f is not None]
         if unfinished:
             await asyncio.wait(unfinished)
-    after = os.fstat(fd)
-    if offset != size or (after.st_size, after.st_mtime_ns) != (size, st.st_mtime_ns):
-        raise TransientDeliveryError("the file changed while it was sent")
+    if offset != size:
+        raise SourceVanishedError("the file shrank while it was sent")
 
 
-_NOWAIT = hasattr(os, "RWF_NOWAIT")
+_NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the executor
 #: chunks of this size or more are hashed in a worker thread; smaller ones cost less inline
 HASH_AWAY = 256 * 1024
 #: what ``copy_to`` hands its writer
@@ -459,10 +467,12 @@ class RemoteProcessor(ABC, Generic[C]):
     ) -> PurePosixPath | None:
         """After a crash or a lost connection: our file at a candidate name, with our size."""
         await self.remove(conn, tmp)
-        try:
-            want = ctx.input.stat().st_size
-        except OSError:
-            want = ctx.version.size
+        want = ctx.version.size
+        if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
+            try:
+                want = ctx.input.stat().st_size
+            except OSError:
+                return None
         for cand in candidates(rel, self.dest.on_conflict):
             got = await self.size(conn, self.target.root / cand)
             if got is None:

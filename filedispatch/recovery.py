@@ -1,0 +1,191 @@
+"""Recovery: a FAILED dispatch sent again on request, and old journals' rows given today's key.
+
+Here the journal's answers meet the files: the journal never touches files, so what needs
+both (is the file still there? was it moved to ``failed_dir``?) lives here. Used by the API,
+the console and ``filedispatch history retry``; the service runs ``rekey_old_rows`` at start.
+Never sends a file itself: a retried row is queued for the dispatcher, a file brought back is
+found by the watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fastpath, relocate
+from .config import SourceConfig
+from .journal import Journal
+from .models import Dispatch, FileVersion, Status
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAnswer:
+    """What a retry request did: ``queued`` (the row waits for a worker), ``restored`` (the
+    file was moved back from ``failed_dir`` into its source, where it is found again as a
+    new version), or neither, with ``reason`` saying why not."""
+
+    dispatch_id: int
+    queued: bool = False
+    restored: Path | None = None
+    reason: str = ""
+    found: bool = True  #: False: no dispatch has this id
+
+    @property
+    def ok(self) -> bool:
+        return self.queued or self.restored is not None
+
+    @property
+    def message(self) -> str:
+        if self.queued:
+            return f"dispatch {self.dispatch_id} is queued again"
+        if not self.found:
+            return f"no dispatch with id {self.dispatch_id}"
+        if self.restored is not None:
+            return (
+                f"dispatch {self.dispatch_id}: the file was moved back from failed_dir to "
+                f"{self.restored}; it is dispatched again as a new version"
+            )
+        return f"dispatch {self.dispatch_id}: {self.reason}"
+
+
+async def retry(
+    journal: Journal, sources: Mapping[str, SourceConfig] | None, dispatch_id: int
+) -> RetryAnswer:
+    """Send a FAILED dispatch again: re-queue it if its file is still the version in its
+    source; bring the file back from the source's ``failed_dir`` if it was moved there (the
+    rows of the old version stay FAILED: the file comes back as a new version and runs the
+    chain its rules name now); otherwise say why it cannot be retried.
+    ``sources``: the configured sources by key (None: the config is not known, so
+    ``failed_dir`` cannot be looked in)."""
+    row = await journal.get(dispatch_id)
+    if row is None:
+        return RetryAnswer(dispatch_id, found=False, reason="no dispatch has this id")
+    if row.status != Status.FAILED:
+        return RetryAnswer(
+            dispatch_id, reason=f"it is {row.status}; only a FAILED dispatch can be retried"
+        )
+    source = None if sources is None else sources.get(row.source)
+    where = await asyncio.to_thread(_locate, row, source)
+    if where == "here":
+        if await journal.retry(dispatch_id):
+            return RetryAnswer(dispatch_id, queued=True)
+        return RetryAnswer(dispatch_id, reason="it is no longer FAILED")
+    if isinstance(where, Path):
+        try:
+            back = await asyncio.to_thread(_restore, row, where)
+        except OSError as exc:
+            return RetryAnswer(
+                dispatch_id, reason=f"cannot move {where} back: {exc.strerror or exc}"
+            )
+        log.info("dispatch %d: moved %s back to %s", dispatch_id, where, back)
+        return RetryAnswer(dispatch_id, restored=back)
+    return RetryAnswer(dispatch_id, reason=where)
+
+
+def _same(version: FileVersion, st: os.stat_result, *, moved: bool) -> bool:
+    """``version.same_file``; a file moved since has a new ctime (a rename changes it), and
+    one moved to another filesystem a new inode (it was copied, its mtime kept)."""
+    if not moved:
+        return version.same_file(st)
+    if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns):
+        return False
+    if version.ino and st.st_dev != version.dev:
+        return True  # moved to another filesystem: a copy (new inode) with the same mtime
+    return not (version.ino and st.st_ino != version.ino)
+
+
+def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
+    """Where the row's file is: "here" (still in its source, unchanged), a Path in
+    failed_dir, or the reason it cannot be found."""
+    version = row.version
+    try:
+        st = os.lstat(version.path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and _same(version, st, moved=False):
+        return "here"
+    parked = _in_failed_dir(version, source)
+    if st is not None:
+        if parked is not None:  # the failed file cannot come back: its name is taken
+            return (
+                f"the file is in {parked}, but another file now has its name {version.path}; "
+                "move one of them away and retry"
+            )
+        return f"{version.path} changed since it failed; its new version is dispatched on its own"
+    if parked is not None:
+        return parked
+    if source is None:
+        return f"{version.path} is no longer in its source (give the config to look in failed_dir)"
+    return f"{version.path} is no longer in its source (nor in failed_dir): nothing to send"
+
+
+def _in_failed_dir(version: FileVersion, source: SourceConfig | None) -> Path | None:
+    """The file of ``version`` in its source's failed_dir (under a numbered name maybe)."""
+    if source is None or source.failed_dir is None:
+        return None
+    for candidate in relocate.numbered(source.failed_dir / version.relpath):
+        try:
+            found = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        if _same(version, found, moved=True):
+            return candidate
+    return None
+
+
+def _restore(row: Dispatch, found: Path) -> Path:
+    """Move ``found`` back to the row's place in its source, never over another file."""
+    path = row.version.path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        try:
+            fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
+        except fastpath.RenameUnavailable:  # failed_dir on another filesystem
+            # copied under a hidden name, renamed once whole: never a half file in the source
+            relocate.move_by_copy(found, path, lambda: True, any_free_name=False)
+    except FileExistsError:
+        raise OSError(f"another file now has the name {path}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------- old journals
+
+
+async def rekey_old_rows(journal: Journal, batch: int = 1000) -> int:
+    """Give rows recorded before a version was also its inode and ctime the key their file
+    has now, where the file is still there with the recorded size and mtime: without this,
+    every file kept in a source would look new after an upgrade and be sent again. Runs
+    once (checked rows are not looked at again). Returns how many rows were re-keyed."""
+    total, after = 0, ""
+    while True:
+        rows = await journal.unkeyed(batch, after)
+        if not rows:
+            return total
+        after = rows[-1][0]
+        found, missing = await asyncio.to_thread(_stat_old, rows)
+        total += await journal.rekey(found, missing)
+
+
+def _stat_old(
+    rows: list[tuple[str, str, str, str, int, int]],
+) -> tuple[list[tuple[str, str, int, int, int]], list[str]]:
+    found: list[tuple[str, str, int, int, int]] = []
+    missing: list[str] = []
+    for vkey, source, root, relpath, size, mtime_ns in rows:
+        try:
+            st = os.stat(os.path.join(root, relpath))  # a followed link: its target
+        except (OSError, ValueError):
+            missing.append(vkey)
+            continue
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            missing.append(vkey)  # a new version since: it is dispatched as one
+            continue
+        version = FileVersion.from_stat(source, Path(root), relpath, st)
+        found.append((vkey, version.key, st.st_dev, st.st_ino, st.st_ctime_ns))
+    return found, missing

@@ -1,0 +1,128 @@
+"""Moving a source file where one rename cannot: whole, once, and never over another file.
+
+A rename is atomic; a move to another filesystem (or where the kernel refuses the rename) is
+a copy, a rename of the copy into place and a removal of the original, and something can
+stop it between any two. Here that sequence is made safe to stop and to repeat: the copy is
+written under a hidden name (never half-written under its own), a copy left by an interrupted
+move is recognised instead of made again, and a source that cannot be removed takes its copy
+back. Used by the after-actions (``done_dir``, ``failed_dir``) and by a retry that brings a
+file back from ``failed_dir``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import filecmp
+import hashlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from . import fastpath
+
+#: how many numbered names (``a-1.bin``, ``a-2.bin``...) are tried before a clock-based one
+MAX_NUMBERED = 10_000
+
+
+def numbered(target: Path) -> Iterator[Path]:
+    """``target``, then ``stem-1.suffix``, ``stem-2.suffix``...: the names a moved file may
+    be given when ``target`` is taken (``MAX_NUMBERED`` of them)."""
+    yield target
+    stem, suffix = target.stem, target.suffix
+    for n in range(1, MAX_NUMBERED):
+        yield target.with_name(f"{stem}-{n}{suffix}")
+
+
+def free_name(target: Path) -> Path:
+    """The first of ``numbered(target)`` nobody has; a clock-based name when all are taken."""
+    for candidate in numbered(target):
+        if not os.path.lexists(candidate):
+            return candidate
+    return target.with_name(f"{target.stem}-{time.time_ns()}{target.suffix}")
+
+
+def rename_free(path: Path, target: Path) -> Path:
+    """Rename ``path`` to ``target`` or, if another file takes that name meanwhile, to the
+    next free name: never over an existing file. Returns the name it got. Raises
+    ``fastpath.RenameUnavailable`` where no rename can do it."""
+    target = free_name(target)
+    while True:
+        try:
+            fastpath.rename_noreplace(os.fspath(path), os.fspath(target))
+            return target
+        except FileExistsError:
+            target = free_name(target)
+
+
+def move_by_copy(
+    src: Path, target: Path, unchanged: Callable[[], bool], *, any_free_name: bool
+) -> Path:
+    """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
+
+    The copy (bytes, mode, mtime: ``shutil.copy2``; a link's target) is written under a hidden
+    name beside ``target``, then ``unchanged()`` must still say the source is the file meant
+    (else OSError, and the copy goes), then the copy gets its name, then ``src`` is removed.
+    ``any_free_name``: the copy may take the next free numbered name (``done_dir``,
+    ``failed_dir``), and a file among those names with ``src``'s size, mtime and bytes is a
+    copy an interrupted move already placed: only ``src`` is removed then. Otherwise the copy
+    takes ``target`` or nothing (FileExistsError).
+
+    A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
+    a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
+    error is raised: the file is never in both places. Returns where the file is now.
+    """
+    if any_free_name:
+        placed = _placed_before(src, target)
+        if placed is not None:
+            if not unchanged():
+                raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+            os.unlink(src)
+            return placed
+    # one hidden name per source and target: a crash's leftover is overwritten next time
+    tag = hashlib.sha256(os.fsencode(src)).hexdigest()[:12]
+    tmp = target.with_name(f".filedispatch-move-{tag}-{target.name}"[:255])
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=True)
+        if not unchanged():
+            raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+        if any_free_name:
+            placed = rename_free(tmp, target)
+        else:
+            fastpath.rename_noreplace(os.fspath(tmp), os.fspath(target))
+            placed = target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:
+        os.unlink(src)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(placed)
+        raise
+    return placed
+
+
+def _placed_before(src: Path, target: Path) -> Path | None:
+    """A file among ``target``'s numbered names that is already a whole copy of ``src``."""
+    try:
+        st = os.stat(src)
+    except OSError:
+        return None
+    for candidate in numbered(target):
+        try:
+            there = os.lstat(candidate)
+        except FileNotFoundError:
+            return None  # names are taken in order: none after a free one
+        except OSError:
+            continue
+        if (there.st_size, there.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            continue
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            continue  # the source itself (a done_dir inside the source): not a copy
+        with contextlib.suppress(OSError):
+            if filecmp.cmp(src, candidate, shallow=False):
+                return candidate
+    return None

@@ -1,0 +1,449 @@
+"""Source files: the one way filedispatch opens, checks, reads the head of, or renames a file of
+a source. Everything inside a source is untrusted; nothing here ever reads outside it.
+
+A name is opened relative to the source folder without following a link in any component
+(``openat2(2)`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``, or a component-wise
+``O_NOFOLLOW`` walk where the kernel lacks it), never blocking (``O_NONBLOCK``: a FIFO cannot
+hold a thread), and is then checked on the open descriptor: a regular file, the very version
+planned. After that check nothing opens it by path again. A link is followed only where it
+stays inside the source and leads to the planned file itself (see ``open_version``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from .errors import PermanentDeliveryError, SourceVanishedError, TransientDeliveryError
+from .models import FileVersion
+
+log = logging.getLogger(__name__)
+
+#: how a source file is opened for reading: no blocking open (FIFOs), no controlling tty
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+#: a handle to a name only (never opens the file itself: no side effect of a device or FIFO)
+PATH_FLAGS = os.O_PATH | os.O_CLOEXEC
+
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_NO_LINKS = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+_SYS_OPENAT2 = 437  # the same number on every architecture (a syscall added after 5.1)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _find_openat2() -> Callable[..., int] | None:
+    """libc's syscall(), if the running kernel has openat2 (Linux 5.6); else None."""
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECTORY, 0, _NO_LINKS)
+    fd = syscall(_SYS_OPENAT2, -100, b".", ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        return None  # ENOSYS (an old kernel), or seccomp refusing it: walk instead
+    os.close(fd)
+    return syscall
+
+
+#: None where the kernel has no openat2: the component-wise walk is used (tests switch it off)
+openat2 = _find_openat2()
+
+
+def _parts(relpath: str) -> list[str]:
+    parts = relpath.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise OSError(errno.EINVAL, "not a plain relative path", relpath)
+    return parts
+
+
+def open_beneath(root: str | Path, relpath: str, flags: int = READ_FLAGS) -> int:
+    """A descriptor of ``root/relpath`` reached without following any link below ``root``.
+
+    ``flags`` are ``os.open`` flags (``READ_FLAGS``, ``PATH_FLAGS``, with ``O_DIRECTORY``...).
+    Raises OSError: ELOOP (or ENOTDIR) where a component is a link, ENOENT, EACCES, EINVAL for
+    a path with ``..`` or empty parts. The caller checks what it got with ``os.fstat``.
+    """
+    top = open_root(root)
+    try:
+        return open_at(top, relpath, flags)
+    finally:
+        os.close(top)
+
+
+def open_root(root: str | Path) -> int:
+    """A descriptor naming the source folder (``O_PATH``), for ``open_at``; close it after."""
+    return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_at(top: int, relpath: str, flags: int = READ_FLAGS) -> int:
+    """``open_beneath`` from a descriptor of the source folder (one per batch of files)."""
+    if "/" not in relpath:  # one component: O_NOFOLLOW says it all, and costs no ctypes call
+        if relpath in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "not a plain relative path", relpath)
+        return os.open(relpath, flags | os.O_NOFOLLOW, dir_fd=top)
+    parts = _parts(relpath)
+    if openat2 is not None:
+        if flags & os.O_PATH:  # openat2 refuses every other flag beside O_PATH
+            flags &= os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY
+        how = _OpenHow(flags, 0, _NO_LINKS)
+        fd = int(openat2(_SYS_OPENAT2, top, os.fsencode(relpath), ctypes.byref(how), 24))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), relpath)
+        return fd
+    return _walk(top, parts, flags)
+
+
+def _walk(top: int, parts: list[str], flags: int) -> int:
+    """The component-wise ``O_NOFOLLOW`` walk, for kernels without openat2."""
+    folder = top
+    try:
+        for part in parts[:-1]:
+            # O_PATH | O_NOFOLLOW on a link gives the link, which O_DIRECTORY then refuses
+            nxt = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder
+            )
+            if folder != top:
+                os.close(folder)
+            folder = nxt
+        return os.open(parts[-1], flags | os.O_NOFOLLOW, dir_fd=folder)
+    finally:
+        if folder != top:
+            os.close(folder)
+
+
+def inside(root: str | Path, path: str) -> str | None:
+    """``path``, links resolved, relative to the resolved ``root``; None if it leaves it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if real == real_root:
+        return ""
+    if not real.startswith(real_root.rstrip("/") + "/"):
+        return None
+    return real[len(real_root.rstrip("/")) + 1 :]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+def describe_change(version: FileVersion, st: os.stat_result) -> str:
+    """Why the name of ``version``, whose lstat is ``st``, is no longer that version: for the
+    journal (a link out of the source, a FIFO, or simply a newer version)."""
+    rel = version.relpath
+    if inside(version.root, str(version.path)) is None:
+        return (
+            f"{rel} is a symbolic link (or lies below one) that leads outside the source: "
+            "not followed"
+        )
+    if stat.S_ISLNK(st.st_mode):
+        return f"{rel} was replaced by a symbolic link: not followed"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{rel} is now {_kind(st.st_mode)}: not read"
+    return f"{version.path} changed since it was seen; its new version is dispatched on its own"
+
+
+def _named(exc: OSError, version: FileVersion) -> OSError:
+    """``exc`` naming the source's whole path (the cause kept with our error: a
+    PermissionError there makes the dispatcher try again later, see _source_unreadable)."""
+    return OSError(exc.errno, exc.strerror, str(version.path))
+
+
+def _refusal(version: FileVersion, exc: OSError) -> Exception:
+    rel = version.relpath
+    if exc.errno == errno.ENOENT:
+        return SourceVanishedError(f"the file {version.path} vanished before it could be sent")
+    if exc.errno == errno.ENXIO:  # a socket (or a FIFO opened for writing) cannot be opened
+        return SourceVanishedError(f"{rel} is no longer a regular file: not read")
+    if exc.errno in (errno.EWOULDBLOCK, errno.ETXTBSY):
+        return SourceVanishedError(f"{rel} is held by another process (a lease): not read")
+    return _unreadable(version.path, exc)
+
+
+#: this process ran short of descriptors or memory: the file is fine, a later try may work
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EINTR})
+
+
+def _unreadable(path: Path, exc: OSError) -> PermanentDeliveryError | TransientDeliveryError:
+    text = f"cannot read {path}: {exc.strerror or exc}"
+    if exc.errno in _RESOURCE_ERRNOS:
+        return TransientDeliveryError(text)
+    return PermanentDeliveryError(text)
+
+
+def _open_link(version: FileVersion, flags: int) -> int:
+    """``version`` is reached through a link: follow it only inside the source, to the very
+    file planned (a link that leads elsewhere, or was swapped in for the file, is refused)."""
+    real = inside(version.root, str(version.path))
+    if real is None:
+        raise SourceVanishedError(
+            f"{version.relpath} is a symbolic link (or lies below one) that leads outside "
+            "the source: not followed"
+        )
+    try:
+        return open_beneath(os.path.realpath(version.root), real, flags)
+    except OSError as exc:  # it moved again meanwhile
+        raise _refusal(version, exc) from _named(exc, version)
+
+
+def open_version(version: FileVersion, flags: int = READ_FLAGS) -> tuple[int, os.stat_result]:
+    """Open the planned ``version`` of a source file; returns its descriptor and its fstat.
+
+    The descriptor is a regular file with the planned device, inode, size, mtime and ctime;
+    read from it, never from the path again. A link is followed only inside the source and
+    only to that planned file (so with ``follow_symlinks: false`` a link swapped in for the
+    file is refused, and with ``true`` the link planned still works).
+
+    Raises SourceVanishedError when the file is gone, changed, replaced (by a link, a FIFO,
+    another file) or held; PermanentDeliveryError when it cannot be read (EACCES...).
+    """
+    try:
+        fd = open_beneath(version.root, version.relpath, flags)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            raise _refusal(version, exc) from _named(exc, version)
+        fd = _open_link(version, flags)
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise _refusal(version, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SourceVanishedError(f"{version.relpath} is now {_kind(st.st_mode)}: not read")
+    if not version.same_file(st):
+        os.close(fd)
+        raise SourceVanishedError(
+            f"{version.relpath} changed after it was seen (another file, or a link to one, "
+            "is at its name now); its new version is dispatched on its own"
+        )
+    return fd, st
+
+
+def open_input(version: FileVersion, path: Path) -> tuple[int, os.stat_result]:
+    """Open what a step delivers: the source (``open_version``) or a transform's output in
+    the chain's own work folder (never a link, never blocking). Raises as open_version."""
+    if path is version.path or path == version.path:
+        return open_version(version)
+    try:
+        fd = os.open(path, READ_FLAGS | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise SourceVanishedError(f"the file {path} vanished before it could be sent") from None
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise PermanentDeliveryError(f"{path} is {_kind(st.st_mode)}: not read")
+    return fd, st
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime_ns, ctime_ns): what must not move while a file is sent."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def check_unchanged(fd: int, before: os.stat_result, what: str) -> None:
+    """Raise SourceVanishedError if the open file changed since ``before`` (checked once its
+    bytes are read: a writer that came back meanwhile makes a new version, sent on its own;
+    what was sent of this one must be discarded by the caller)."""
+    if identity(os.fstat(fd)) != identity(before):
+        raise SourceVanishedError(
+            f"{what} changed while it was sent; its new version is dispatched on its own"
+        )
+
+
+def recheck(version: FileVersion, path: Path, what: str) -> None:
+    """After code that was handed a *path* (a command, a Python step) ran: the name must still
+    lead, inside the source and without a link, to a regular file (or be gone: the code
+    consumed it). Raises SourceVanishedError otherwise: the code may then have read something
+    else than the source, and its result is not trusted. A file merely changed meanwhile is a
+    new version, which the after-action's identity check keeps and sends on its own."""
+    if path != version.path:
+        return  # a transform's output, in the chain's own work folder
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SourceVanishedError(f"while {what} ran: cannot look at {path}: {exc}") from None
+    if stat.S_ISREG(st.st_mode) and inside(version.root, str(path)) == version.relpath:
+        return
+    raise SourceVanishedError(f"while {what} ran: {describe_change(version, st)}")
+
+
+def read_head(version: FileVersion, size: int) -> bytes | None:
+    """Up to ``size`` first bytes of the planned version (None if it cannot be read now)."""
+    try:
+        fd, _ = open_version(version)
+    except (SourceVanishedError, PermanentDeliveryError):
+        return None
+    try:
+        return os.pread(fd, size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- open writers
+
+
+class WriterCheck:
+    """Whether files are still open for writing by anyone, for the readiness gate.
+
+    Asks for a read lease (``F_SETLEASE F_RDLCK``), which Linux refuses while any process
+    holds the file open for writing, and gives it back at once; where a lease cannot be had
+    (another owner without CAP_LEASE, NFS, ``fs.leases-enable = 0``) it looks through
+    ``/proc/*/fd`` for a writer. ``unknown`` counts files it could not tell about.
+    """
+
+    def __init__(self) -> None:
+        self.unknown = 0
+        self.why_unknown: str | None = None
+
+    def busy(self, root: Path, versions: Iterable[FileVersion]) -> set[str]:
+        """The relpaths of ``versions`` that are not complete: someone holds the file open for
+        writing, or it is no longer that version (changed since it was seen: look again).
+        It opens files: on a local disk only, or in a thread."""
+        busy: set[str] = set()
+        ask_proc: dict[tuple[int, int], str] = {}
+        try:
+            top = open_root(root)
+        except OSError:
+            return busy  # the source is gone: nothing of it is handed on anyway
+        try:
+            for version in versions:
+                rel = version.relpath
+                answer = self._lease(top, root, version)
+                if answer is True:
+                    busy.add(rel)
+                elif isinstance(answer, tuple):
+                    ask_proc[answer] = rel
+        finally:
+            os.close(top)
+        if ask_proc:
+            writers, complete = proc_writers()
+            busy.update(rel for key, rel in ask_proc.items() if key in writers)
+            if not complete:
+                left = [rel for key, rel in ask_proc.items() if key not in writers]
+                self.unknown += len(left)
+                self.why_unknown = "no lease and not every process's open files are readable"
+        return busy
+
+    def _lease(self, top: int, root: Path, version: FileVersion) -> bool | tuple[int, int] | None:
+        """True: open for writing, or changed; False: complete; (dev, ino): ask /proc; None:
+        gone or not a regular file (nothing to hand on)."""
+        rel = version.relpath
+        try:
+            fd = open_at(top, rel)
+        except OSError:
+            try:  # a followed link: the gate looks at its target, inside the source only
+                real = inside(root, os.path.join(root, rel))
+                if not real:
+                    return None
+                fd = open_beneath(os.path.realpath(root), real)
+            except OSError:
+                return None
+        try:
+            try:
+                # a writer opening it while we hold the lease makes the kernel signal us
+                # (SIGIO by default, which would end the process): SIGURG is ignored
+                fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return True
+                st = os.fstat(fd)  # EACCES (not ours), EINVAL (no leases here, or not a file)
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                return (st.st_dev, st.st_ino) if version.same_file(st) else True
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+            # nobody writes it now; it is complete if it is still the version seen (a writer
+            # that finished between the look and the lease made a newer one: look again)
+            return not version.same_file(os.fstat(fd))
+        finally:
+            os.close(fd)
+
+
+def proc_writers(proc: str = "/proc") -> tuple[set[tuple[int, int]], bool]:
+    """(device, inode) of every file some process holds open for writing, and whether every
+    process could be looked at (another user's need root or CAP_SYS_PTRACE)."""
+    found: set[tuple[int, int]] = set()
+    complete = True
+    me = str(os.getpid())
+    for pid in _pids(proc):
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            complete = False
+            continue
+        for fd in fds:
+            try:
+                with open(f"{proc}/{pid}/fdinfo/{fd}", "rb") as fh:
+                    flags = next(
+                        int(line.split()[1], 8) for line in fh if line.startswith(b"flags:")
+                    )
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    continue
+                st = os.stat(f"{proc}/{pid}/fd/{fd}")
+            except (OSError, StopIteration, ValueError, IndexError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.add((st.st_dev, st.st_ino))
+    return found, complete
+
+
+def _pids(proc: str) -> Iterator[str]:
+    with contextlib.suppress(OSError):
+        yield from (p for p in os.listdir(proc) if p.isdigit())
+
+
+def describe_writer_check(root: Path) -> str:
+    """One line for ``check``: how (and whether) files still being written are told apart."""
+    try:
+        with open("/proc/sys/fs/leases-enable", encoding="ascii") as fh:
+            leases = fh.read().strip() == "1"
+    except OSError:
+        leases = False
+    from .watcher import is_network_fs, mount_fstype  # the watcher owns filesystem types
+
+    fstype = mount_fstype(root)
+    if leases and not is_network_fs(fstype):
+        if os.geteuid() == 0:
+            return "leases (root: every file)"
+        return (
+            f"leases for files owned by uid {os.geteuid()}; others by /proc (only this user's "
+            "processes are visible: a writer of another user is not seen)"
+        )
+    why = "leases are off (fs.leases-enable)" if not leases else f"no leases on {fstype}"
+    if os.geteuid() == 0:
+        return f"/proc scan ({why})"
+    return f"/proc scan of this user's processes only ({why}); writers on other hosts unseen"
