@@ -141,20 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser("check", help="validate a config and print its routing table")
-    check.add_argument("-c", "--config", type=Path, required=True, dest="sub_config")
+    add_config_option(check, "configuration to check (also accepted before 'check')")
     explain = sub.add_parser("explain", help="say which rules take the given files, and why")
-    explain.add_argument("-c", "--config", type=Path, required=True, dest="sub_config")
+    add_config_option(explain, "configuration (also accepted before 'explain')")
     explain.add_argument("files", nargs="+", type=Path)
     add_history_commands(sub)
     return parser
 
 
+def add_config_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``-c/--config`` after a sub-command; ``main`` takes it from before the sub-command too
+    (``filedispatch -c CONFIG check``)."""
+    parser.add_argument("-c", "--config", type=Path, dest="sub_config", metavar="CONFIG", help=help)
+
+
 def add_history_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``history list|show|retry|forget|stats`` and ``mark-existing`` (see history.py)."""
     journal = argparse.ArgumentParser(add_help=False)
-    journal.add_argument(
-        "-c", "--config", type=Path, dest="sub_config", metavar="CONFIG", help="configuration"
-    )
+    add_config_option(journal, "configuration (also accepted before the command)")
     journal.add_argument(
         "--db", type=Path, dest="sub_db", metavar="DB", help="journal (default: the config's)"
     )
@@ -200,10 +204,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "check":
-            return cmd_check(args.sub_config)
-        if args.command == "explain":
-            return cmd_explain(args.sub_config, args.files)
+        if args.command in ("check", "explain"):
+            path = args.sub_config or args.config
+            if path is None:
+                parser.error(f"{args.command} needs -c CONFIG (before or after '{args.command}')")
+            return cmd_check(path) if args.command == "check" else cmd_explain(path, args.files)
         if args.command in ("history", "mark-existing"):
             from .history import run_command
 

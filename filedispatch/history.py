@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 from . import recovery
 from .config import Config, SourceConfig
@@ -28,11 +28,10 @@ from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
+from .reporting import Period, day_sql, human_size, period_label, period_start
 from .router import Chain, Router
 from .textsafe import escape
 
-Period = Literal["day", "week", "month"]
-PERIOD_FORMAT: dict[str, str] = {"day": "%Y-%m-%d", "week": "%Y-W%W", "month": "%Y-%m"}
 BATCH = 500
 
 
@@ -103,16 +102,27 @@ def get_row(path: Path, dispatch_id: int) -> dict[str, Any]:
 
 
 def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
-    """Per day, ISO week or month (local time): succeeded, failed, still waiting, bytes sent."""
-    return _query(
+    """Per day, ISO 8601 week (``2026-W49``) or month, by the local date a dispatch finished
+    (or was recorded, while it waits): ``period``, ``succeeded``, ``failed``, ``waiting``
+    and ``bytes`` (sent, an int), oldest period first."""
+    days = _query(
         path,
-        "SELECT strftime(?, COALESCE(finished, created), 'unixepoch', 'localtime') AS period, "
+        f"SELECT {day_sql('COALESCE(finished, created)', local=True)} AS day, "
         "SUM(status='SUCCEEDED') AS succeeded, SUM(status='FAILED') AS failed, "
         "SUM(status IN ('PENDING', 'IN_PROGRESS')) AS waiting, "
         "SUM(CASE WHEN status='SUCCEEDED' THEN size ELSE 0 END) AS bytes "
-        "FROM dispatches GROUP BY period ORDER BY period",
-        [PERIOD_FORMAT[period]],
+        "FROM dispatches GROUP BY day ORDER BY day",
+        [],
     )
+    periods: dict[str, dict[str, Any]] = {}
+    for row in days:
+        key = period_label(period_start(int(row.pop("day")), period), period)
+        into = periods.setdefault(
+            key, {"period": key, "succeeded": 0, "failed": 0, "waiting": 0, "bytes": 0}
+        )
+        for name, value in row.items():
+            into[name] += value or 0
+    return list(periods.values())
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -134,13 +144,16 @@ def _when(row: dict[str, Any]) -> str:
 
 
 def format_rows(rows: Iterable[dict[str, Any]], secrets: Iterable[str] = ()) -> list[str]:
-    """One line per row: id, time, status, source/file -> destination, and why if not sent."""
+    """One line per row: id, time, status, source/file -> where it landed (the final name,
+    for a delivered row that recorded one) or its destination, and why if not sent."""
     secrets = list(secrets)
     lines = []
     for r in rows:
+        landed = r.get("location") if r["status"] == Status.SUCCEEDED else None
         line = (
             f"{r['id']:>7}  {_when(r)}  {r['status']:<11}  "
-            f"{shown(r['source'])}/{shown(r['relpath'])} -> {shown(r['destination'], secrets)}"
+            f"{shown(r['source'])}/{shown(r['relpath'])} -> "
+            f"{shown(landed or r['destination'], secrets)}"
         )
         if r["status"] != Status.SUCCEEDED and r.get("reason"):
             line += f"  ({shown(r['reason'], secrets)})"
@@ -167,11 +180,11 @@ def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
 
 
 def format_stats(rows: Iterable[dict[str, Any]]) -> list[str]:
-    lines = [f"{'period':<10} {'succeeded':>9} {'failed':>7} {'waiting':>7} {'bytes':>14}"]
+    lines = [f"{'period':<10} {'succeeded':>9} {'failed':>7} {'waiting':>7} {'sent':>10}"]
     for r in rows:
         lines.append(
             f"{shown(r['period'] or '-'):<10} {r['succeeded'] or 0:>9} {r['failed'] or 0:>7} "
-            f"{r['waiting'] or 0:>7} {r['bytes'] or 0:>14}"
+            f"{r['waiting'] or 0:>7} {human_size(r['bytes'] or 0):>10}"
         )
     return lines
 
@@ -400,7 +413,10 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
     elif action == "forget":
         removed = forget(db, args.id, args.path)
         what = f"dispatch {args.id}" if args.id is not None else shown(args.path)
-        print(f"forgot {what} ({removed} row(s)); it is sent again at the next scan or start")
+        print(
+            f"forgot {what} ({removed} row(s)); it is sent again at the next rescan, within "
+            "`rescan` seconds (default 60), or at the next start"
+        )
     elif action == "stats":
         rows = stats(db, args.period)
         print(json.dumps(rows, indent=2) if args.json else "\n".join(format_stats(rows)))

@@ -1019,7 +1019,7 @@ class Journal:
         source: str | None = None,
         relpath: str | None = None,
     ) -> int:
-        """Delete history so the file is sent again at the next scan; returns rows removed.
+        """Delete history so the file is sent again at the next rescan or start; the rows removed.
 
         Raises JournalError at once while the journal is failing (``health``).
         """

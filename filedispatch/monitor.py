@@ -11,14 +11,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
+import shlex
 import socket
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from aiomonitor.monitor import Monitor, command_done, current_stdout, monitor_cli
+import janus
+from aiomonitor.monitor import (
+    Monitor,
+    command_done,
+    current_monitor,
+    current_stdout,
+    monitor_cli,
+)
+from prompt_toolkit.application.current import create_app_session, get_app
+from prompt_toolkit.contrib.telnet.protocol import IAC, TelnetProtocolParser
+from prompt_toolkit.contrib.telnet.server import TelnetConnection, TelnetServer
+from prompt_toolkit.data_structures import Size
+from prompt_toolkit.input import DummyInput, create_pipe_input
+from prompt_toolkit.output.plain_text import PlainTextOutput
+from prompt_toolkit.output.vt100 import Vt100_Output
 
 from .config import MonitorConfig, is_loopback, secrets_of
 from .errors import JournalError, ServiceError
@@ -31,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The help's width for a line client, which tells no terminal size
+HELP_WIDTH = 100
 COMMANDS = "fd-status, fd-pause, fd-resume, fd-retry ID, fd-history [N]"
 
 
@@ -74,6 +93,89 @@ class FileDispatchMonitor(Monitor):  # type: ignore[misc]
         self.service_loop = loop
         self.jobs: set[asyncio.Task[None]] = set()  # running fd-* commands (console thread)
 
+    async def _ui_main_async(self) -> None:
+        # aiomonitor's own, with ConsoleServer in place of prompt_toolkit's TelnetServer
+        loop = asyncio.get_running_loop()
+        self._termination_info_queue: janus.Queue[Any] = janus.Queue()
+        self._cancellation_chain_queue: janus.Queue[Any] = janus.Queue()
+        self._ui_loop = loop
+        self._ui_forever_future = loop.create_future()
+        self._ui_termination_handler_task = asyncio.create_task(
+            self._ui_handle_termination_updates()
+        )
+        self._ui_cancellation_handler_task = asyncio.create_task(
+            self._ui_handle_cancellation_updates()
+        )
+        server = ConsoleServer(self, interact=self._interact, host=self._host, port=self._port)
+        server.start()
+        await asyncio.sleep(0)
+        self._ui_started.set()
+        try:
+            await self._ui_forever_future
+        except asyncio.CancelledError:
+            pass
+        finally:
+            console_tasks = {*self._console_tasks}
+            for console_task in console_tasks:
+                console_task.cancel()
+            await asyncio.gather(*console_tasks, return_exceptions=True)
+            self._ui_termination_handler_task.cancel()
+            self._ui_cancellation_handler_task.cancel()
+            await self._ui_termination_handler_task
+            await self._ui_cancellation_handler_task
+            await server.stop()
+
+    async def line_session(self, connection: ConsoleConnection) -> None:
+        """The console for a plain line client: a line in, the command's answer out, no
+        terminal escapes. An empty line repeats the last command, as over telnet."""
+        stdout = connection.stdout
+        stdout.write(BLANK_LINE)
+        tasks = len(asyncio.all_tasks(self.service_loop))
+        stdout.write(self.intro.format(tasknum=tasks, s="" if tasks == 1 else "s") + "\n")
+        monitor_token = current_monitor.set(self)
+        stdout_token = current_stdout.set(stdout)
+        lastcmd = "noop"
+        try:
+            with create_app_session(input=DummyInput(), output=PlainTextOutput(stdout)):
+                while True:
+                    stdout.write(self.prompt)
+                    raw = await connection.lines.readline()
+                    if not raw:
+                        return
+                    line = raw.decode(connection.encoding, "replace").strip() or lastcmd
+                    try:
+                        args = shlex.split(line)
+                    except ValueError as exc:
+                        self.print_fail(str(exc))
+                        continue
+                    if args and args[0] == "console" and self._console_enabled:
+                        self.print_fail("the Python REPL needs a telnet client")
+                        continue
+                    done = asyncio.Event()
+                    done_token = command_done.set(done)
+                    try:
+                        contextvars.copy_context().run(
+                            monitor_cli.main,
+                            args,
+                            prog_name="",
+                            obj=self,
+                            standalone_mode=False,
+                            max_content_width=HELP_WIDTH,
+                        )
+                        await done.wait()
+                        lastcmd = line
+                    except click.ClickException as exc:
+                        self.print_fail(exc.format_message())
+                    except asyncio.CancelledError:  # "exit"
+                        return
+                    except Exception:
+                        self.print_fail(traceback.format_exc())
+                    finally:
+                        command_done.reset(done_token)
+        finally:
+            current_stdout.reset(stdout_token)
+            current_monitor.reset(monitor_token)
+
 
 @contextlib.asynccontextmanager
 async def console(service: Service) -> AsyncIterator[FileDispatchMonitor | None]:
@@ -104,6 +206,167 @@ async def console(service: Service) -> AsyncIterator[FileDispatchMonitor | None]
         yield monitor
     finally:
         await asyncio.to_thread(monitor.close)
+
+
+# ------------------------------------------------------------------ the console's server
+
+#: How long a new client has to answer the telnet options before it is taken for a plain
+#: line client (nc, socat): a telnet client answers within a round trip.
+TELNET_WAIT_S = 1.0
+#: How long a client that speaks telnet has to tell its terminal type before "vt100" is
+#: assumed (a client may refuse TTYPE; prompt_toolkit's own server then waits for ever).
+TTYPE_WAIT_S = 3.0
+#: Blanks out, on a line client's terminal, the option bytes it was sent before it was known
+#: not to speak telnet (they show as a few replacement characters).
+BLANK_LINE = "\r" + " " * 40 + "\r"
+
+
+class ConsoleConnection(TelnetConnection):
+    """One console client: a telnet client gets aiomonitor's prompt_toolkit session, a plain
+    line client (``nc``) a line-at-a-time session without terminal escapes.
+
+    Telnet's end of line is CR LF (or CR NUL); prompt_toolkit takes the CR for Enter and the
+    LF for a second, empty line, which aiomonitor runs as the last command again: the
+    connection hands on the CR alone.
+    """
+
+    def __init__(self, *args: Any, monitor: FileDispatchMonitor, **kw: Any) -> None:
+        super().__init__(*args, **kw)  # sends the telnet options; OSError if already gone
+        self.monitor = monitor
+        self.mode: str | None = None  # "telnet" or "line" once known
+        self.saw_telnet = False
+        self.decided = asyncio.Event()
+        self.lines = asyncio.StreamReader()
+        self._after_cr = False
+        self.parser = TelnetProtocolParser(self._data, self._size, self._ttype)
+
+    # TelnetProtocolParser's callbacks
+    def _data(self, data: bytes) -> None:
+        if self.mode is None and not self.saw_telnet:
+            self._decide("line")
+        if self.mode == "line":
+            self.lines.feed_data(data)
+            return
+        out = bytearray()
+        for byte in data:
+            if self._after_cr and byte in (0x0A, 0x00):  # the LF or NUL of a CR LF / CR NUL
+                self._after_cr = False
+                continue
+            self._after_cr = byte == 0x0D
+            out.append(byte)
+        if out:
+            self.vt100_input.send_bytes(bytes(out))
+
+    def _size(self, rows: int, columns: int) -> None:
+        self.size = Size(rows=rows, columns=columns)
+        if self.vt100_output is not None and self.context:
+            self.context.run(lambda: get_app()._on_resize())
+
+    def _ttype(self, ttype: str) -> None:
+        if self.vt100_output is None:
+            self.vt100_output = Vt100_Output(self.stdout, lambda: self.size, term=ttype)
+        self._decide("telnet")
+
+    def _decide(self, mode: str) -> None:
+        if self.mode is None:
+            self.mode = mode
+            self.decided.set()
+
+    def feed(self, data: bytes) -> None:
+        if self.mode is None and IAC in data:
+            self.saw_telnet = True
+        self.parser.feed(data)
+
+    def _readable(self) -> None:
+        try:
+            data = self.conn.recv(4096)
+        except OSError:  # reset by the client: the same as a close
+            data = b""
+        if data:
+            self.feed(data)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self.lines.feed_eof()
+            self.decided.set()
+        super().close()
+
+    async def run_application(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.conn, self._readable)
+        try:
+            await _wait(self.decided, TELNET_WAIT_S)
+            if self.mode is None and self.saw_telnet:
+                await _wait(self.decided, TTYPE_WAIT_S)
+                if self.vt100_output is None:
+                    self._ttype("vt100")
+            self._decide("line")
+            if self._closed:
+                return
+            if self.mode == "telnet":
+                with create_app_session(input=self.vt100_input, output=self.vt100_output):
+                    self.context = contextvars.copy_context()
+                    await self.interact(self)
+            else:
+                await self.monitor.line_session(self)
+        finally:
+            self.close()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
+
+
+class ConsoleServer(TelnetServer):
+    """prompt_toolkit's telnet server with :class:`ConsoleConnection`; a client that leaves
+    early (a port probe, ``nc -z``, a reset) is logged at DEBUG, not as a traceback."""
+
+    def __init__(self, monitor: FileDispatchMonitor, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.monitor = monitor
+
+    def _accept(self, listen_socket: socket.socket) -> None:
+        try:
+            conn, addr = listen_socket.accept()
+        except OSError as exc:  # the client left between the poll and the accept
+            log.debug("console: a connection was lost before it was accepted: %s", exc)
+            return
+
+        async def run() -> None:
+            try:
+                with create_pipe_input() as vt100_input:
+                    connection = ConsoleConnection(
+                        conn,
+                        addr,
+                        self.interact,
+                        self,
+                        encoding=self.encoding,
+                        style=self.style,
+                        vt100_input=vt100_input,
+                        enable_cpr=self.enable_cpr,
+                        monitor=self.monitor,
+                    )
+                    self.connections.add(connection)
+                    try:
+                        await connection.run_application()
+                    finally:
+                        self.connections.discard(connection)
+            except (OSError, EOFError, KeyboardInterrupt) as exc:
+                log.debug("console: client %s:%d left: %r", *addr[:2], exc)
+                with contextlib.suppress(OSError):
+                    conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("console: the session with %s:%d failed", *addr[:2])
+            finally:
+                self._application_tasks.remove(task)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._application_tasks.append(task)
 
 
 # ---------------------------------------------------------------------------- fd-* commands
@@ -283,3 +546,14 @@ def fd_retry(ctx: click.Context, dispatch_id: int) -> None:
 def fd_history(ctx: click.Context, limit: int) -> None:
     """The last N dispatches (default 10), credentials hidden"""
     _submit(ctx, history_text, limit)
+
+
+def _whole_short_help() -> None:
+    # click cuts a command's description to fit "help"'s column at the server's own terminal
+    # width (80 in a service) and ends it with "..."; a short_help is wrapped, never cut
+    for cmd in monitor_cli.commands.values():
+        if not cmd.short_help and cmd.help:
+            cmd.short_help = cmd.help.strip().split("\n\n")[0].replace("\n", " ")
+
+
+_whole_short_help()

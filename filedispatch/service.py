@@ -339,6 +339,14 @@ class Service:
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
         """Run watchers (restarting them on a reload that changed sources) until stop."""
         ready_reported = False
+        if self.options.once:  # said before the work, which starts with the scan
+            log.info(
+                "filedispatch %s: dispatching what is in %d source(s) now, then exiting "
+                "(--once); journal %s",
+                __version__,
+                len(self.config.sources),
+                self.db_path,
+            )
         while not self.stop_event.is_set():
             watch_stop = asyncio.Event()
             self._restart_watchers.clear()
@@ -356,12 +364,15 @@ class Service:
                     await first_completed(w.ready.wait(), self.stop_event.wait(), dispatch_task)
                 if not ready_reported:
                     ready_reported = True
-                    log.info(
-                        "filedispatch %s watching %d source(s), journal %s",
-                        __version__,
-                        len(self.watchers),
-                        self.db_path,
-                    )
+                    if self.options.once:
+                        log.info("the sources are listed; finishing the backlog (--once)")
+                    else:
+                        log.info(
+                            "filedispatch %s watching %d source(s), journal %s",
+                            __version__,
+                            len(self.watchers),
+                            self.db_path,
+                        )
                     if self.options.on_ready:
                         self.options.on_ready()
                 if self.options.once and not self.stop_event.is_set():

@@ -125,3 +125,16 @@ def running_api(root: Path, token: str | None = TOKEN) -> Iterator[Api]:
     finally:
         if svc.proc is not None and svc.proc.poll() is None:
             svc.stop()
+
+
+async def get_json(url: str, token: str = TOKEN) -> dict[str, Any]:
+    """GET ``url`` with the bearer token; the JSON body of a 200 answer."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        body: dict[str, Any] = await resp.json()
+        return body

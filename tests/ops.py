@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -42,12 +43,13 @@ def read_pid(pidfile: Path) -> int:
     return int(pidfile.read_text().strip())
 
 
-def console(port: int, *commands: str, timeout: float = 15) -> list[str]:
-    """Run commands in one telnet session (telnetlib3's client); each command's answer."""
-    return asyncio.run(_session(port, commands, timeout))
+def console(port: int, *commands: str, timeout: float = 15, eol: str = "\r") -> list[str]:
+    """Run commands in one telnet session (telnetlib3's client); each command's answer.
+    ``eol`` ends each line as typed (telnet's own is CR LF)."""
+    return asyncio.run(_session(port, commands, timeout, eol))
 
 
-async def _session(port: int, commands: tuple[str, ...], timeout: float) -> list[str]:
+async def _session(port: int, commands: tuple[str, ...], timeout: float, eol: str) -> list[str]:
     reader, writer = await telnetlib3.open_connection(
         "127.0.0.1", port, connect_minwait=0.05, connect_maxwait=0.5
     )
@@ -80,12 +82,43 @@ async def _session(port: int, commands: tuple[str, ...], timeout: float) -> list
         await until(lambda b: True if PROMPT in b else None)
         for command in commands:
             buf = ""
-            writer.write(command + "\r")  # CR alone: a CR LF would repeat the command
+            writer.write(command + eol)
             answers.append(await until(answer_to(command)))
-        writer.write("exit\r")
+        writer.write("exit" + eol)
     finally:
         writer.close()
     return answers
 
 
-__all__ = ["console", "delivered", "free_port", "old_file", "ops_config"]
+def line_console(port: int, *commands: str, timeout: float = 15) -> tuple[str, list[str]]:
+    """Run commands the way ``nc`` does: plain lines ending in LF, no telnet at all.
+    Returns the text before the first prompt and each command's answer; the session ends
+    with ``exit`` and the server's close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        buf = b""
+
+        def until_prompt() -> str:
+            nonlocal buf
+            deadline = time.monotonic() + timeout
+            while PROMPT.encode() not in buf:
+                s.settimeout(max(0.1, deadline - time.monotonic()))
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise AssertionError(f"the console closed the connection: {buf!r}")
+                buf += chunk
+            text, _, buf = buf.partition(PROMPT.encode())
+            return text.decode("utf-8", "replace")
+
+        intro = until_prompt()
+        answers = []
+        for command in commands:
+            s.sendall(command.encode() + b"\n")
+            answers.append(until_prompt().strip())
+        s.sendall(b"exit\n")
+        s.settimeout(timeout)
+        while s.recv(4096):  # the server ends the session
+            pass
+    return intro, answers
+
+
+__all__ = ["console", "delivered", "free_port", "line_console", "old_file", "ops_config"]

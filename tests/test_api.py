@@ -31,7 +31,7 @@ from .conftest import ServiceProcess, free_port, run_cli, wait_until
 ENTRY_FIELDS = {
     "id", "created", "finished", "filename", "source", "destination", "extension", "protocol",
     "rule", "status", "attempts", "byte_size", "size", "duration_ms", "reason",
-    "sha256",
+    "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns",
 }  # fmt: skip
 
 
@@ -331,7 +331,7 @@ async def test_a_bad_parameter_is_a_json_400_naming_it(api: Api, query: str, nam
     ("query", "name"),
     [
         ("period=year", "period"),
-        ("period=DAY", "period"),
+        ("period=days", "period"),
         ("created__gte=soon", "created__gte"),
         ("ordering=-created", "ordering"),
         ("limit=5", "limit"),
@@ -623,3 +623,15 @@ async def test_a_query_parameter_on_an_id_endpoint_is_400(
 ) -> None:
     status, body = await call(api, method, f"/api/v1/logs/1{suffix}?force=1")
     assert status == 400 and body["parameter"] == "force", body
+
+
+async def test_enum_filters_take_any_case(api: Api) -> None:
+    failed = sorted(r["id"] for r in api.rows("status = 'FAILED'"))
+    for spelling in ("failed", "Failed", "FAILED"):
+        status, body = await call(api, "GET", "/api/v1/logs", {"status": spelling})
+        assert status == 200, body
+        assert sorted(e["id"] for e in body["results"]) == failed
+    status, body = await call(api, "GET", "/api/v1/logs", {"protocol": "FTP"})
+    assert status == 200 and {e["protocol"] for e in body["results"]} == {"ftp"}
+    status, body = await call(api, "GET", "/api/v1/stats", {"period": "Week"})
+    assert status == 200 and body["period"] == "week"

@@ -4,11 +4,14 @@ status filter, a retry of a failed dispatch that the journal then shows, and the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -18,18 +21,48 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
 from .apiutil import BLOCKED_REASON, TOKEN, Api, running_api, unblock
-from .conftest import wait_until
+from .conftest import free_port, journal_rows, wait_until
+from .conftest import old as old
+from .ops import console, ops_config
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
+# where Debian's packages put them; the variables are for other layouts (and for the test of
+# this module's own message, tests/test_test_setup.py)
+CHROMIUM = os.environ.get("FILEDISPATCH_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("FILEDISPATCH_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+
+def browser_missing() -> str | None:
+    """What this machine lacks to run the dashboard in Chromium, naming the Debian packages
+    to install; None when nothing is missing."""
+    missing = [
+        (path, package)
+        for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver"))
+        if not os.access(path, os.X_OK)
+    ]
+    if not missing:
+        return None
+    paths = " and ".join(path for path, _ in missing)
+    packages = " ".join(package for _, package in missing)
+    return (
+        f"the dashboard tests need {paths}: install the Debian package(s) {packages} "
+        f"(apt-get install {packages}; .ci/run does it)"
+    )
+
+
+MISSING = browser_missing()
+#: CI must not pass by skipping: there a missing browser fails the tests with the same message
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        not os.path.exists(CHROMIUM),
-        reason=f"{CHROMIUM} is missing (Debian packages: chromium chromium-driver)",
-    ),
+    pytest.mark.skipif(bool(MISSING) and not IN_CI, reason=MISSING or ""),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _browser_present() -> None:  # module scope: before the service of the api fixture starts
+    if MISSING:  # only in CI: elsewhere the module is skipped
+        pytest.fail(MISSING, pytrace=False)
 
 
 SCREENSHOT = os.environ.get("FILEDISPATCH_SCREENSHOT")  #: save a screenshot here when set
@@ -161,3 +194,120 @@ def test_the_dashboard_shows_filters_retries_and_charts(
     # and the page, still filtered on FAILED, no longer lists it
     wait_until(lambda: {f for f, _ in visible_rows(driver)} == {"e.dat"}, 15)
     assert driver.find_element(By.ID, "message").is_displayed() is False
+
+
+#: a URL with no place to break a line (a folder named by a digest, say)
+LONG_PATH = "in/" + "0123456789abcdef" * 16
+SHOTS = os.environ.get("FILEDISPATCH_SCREENSHOT_DIR")  #: save the 1280 px screenshots here
+
+
+def _status(url: str) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url + "/api/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        body: dict[str, Any] = json.load(resp)
+        return body
+
+
+def _text(driver: webdriver.Chrome, css: str) -> str:
+    return str(driver.execute_script("return document.querySelector(arguments[0]).innerText", css))
+
+
+def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
+    tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
+) -> None:
+    driver = browser
+    driver.set_window_size(1280, 900)
+    port, console_port = free_port(), free_port()
+    dead = free_port()  # nothing listens there
+    long_url = f"ftp://bob:pw@127.0.0.1:{dead}/{LONG_PATH}"
+    cfg = ops_config(
+        tmp_path,
+        rules=[
+            {
+                "name": "gone",
+                "glob": "*.bin",
+                "to": {"url": long_url, "retry": {"attempts": 1}, "connect_timeout": 2},
+            },
+            {
+                "name": "later",
+                "glob": "*.dat",
+                "to": {
+                    "url": f"ftp://bob:pw@127.0.0.1:{dead}/later",
+                    "retry": {"attempts": 5, "delay": 3600, "jitter": False},
+                    "connect_timeout": 2,
+                },
+            },
+            {"name": "rest", "glob": "*", "to": str(tmp_path / "outbox")},
+        ],
+        api={"port": port, "token": TOKEN},
+        monitor={"port": console_port},
+    )
+    svc = service_factory(cfg).start()
+    url = f"http://127.0.0.1:{port}"
+    driver.get(url + "/")
+    driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
+    driver.get(url + "/")
+    wait_until(lambda: _text(driver, "#failures") == "0", 15)
+    assert "bad" not in str(driver.find_element(By.ID, "failures-card").get_attribute("class"))
+    assert _text(driver, "#state") == "running"
+
+    old(tmp_path / "inbox" / "big.bin", b"b")
+    old(tmp_path / "inbox" / "soon.dat", b"s")
+    db = tmp_path / "journal.db"
+    wait_until(lambda: journal_rows(db, "filename='big.bin' AND status='FAILED'"), 30)
+    wait_until(lambda: journal_rows(db, "filename='soon.dat' AND attempts=1"), 30)
+
+    # failures, the destination's last error, what waits for a retry and when
+    wait_until(lambda: _text(driver, "#failures") == "1", 15)
+    assert "bad" in str(driver.find_element(By.ID, "failures-card").get_attribute("class"))
+    wait_until(lambda: _text(driver, "#retry-waiting") == "1", 15)
+    assert _text(driver, "#retry-next").startswith("next ")
+    status = _status(url)
+    assert status["retry_waiting"]["count"] == 1 and status["retry_waiting"]["next_attempt"]
+    dest_errors = {
+        row.get_attribute("data-destination"): row.text
+        for row in driver.find_elements(By.CSS_SELECTOR, "#destinations tbody tr")
+    }
+    shown_url = long_url.replace("bob:pw@", "bob:***@")
+    assert shown_url in dest_errors, dest_errors
+    last_error = status["destinations"][shown_url]["last_error"]
+    assert last_error and last_error[:20] in dest_errors[shown_url]
+    assert "pw@" not in driver.page_source
+
+    # the failed row with its long URL: the reason and the Retry button stay on screen
+    row = journal_rows(db, "filename='big.bin'")[0]
+    retry_css = f'#logs tr[data-id="{row["id"]}"] button.retry'
+    wait_until(lambda: bool(driver.find_elements(By.CSS_SELECTOR, retry_css)), 15)
+    width = int(driver.execute_script("return document.documentElement.clientWidth"))
+    for css in (retry_css, f'#logs tr[data-id="{row["id"]}"] td.reason'):
+        rect = driver.execute_script(
+            "return document.querySelector(arguments[0]).getBoundingClientRect().toJSON()", css
+        )
+        assert rect["width"] > 0 and rect["right"] <= width, (css, rect, width)
+    assert int(driver.execute_script("return document.documentElement.scrollWidth")) <= width
+    if SHOTS:
+        driver.save_screenshot(str(Path(SHOTS) / "dashboard-1280.png"))
+        driver.execute_script("document.querySelector(arguments[0]).scrollIntoView()", retry_css)
+        driver.save_screenshot(str(Path(SHOTS) / "dashboard-history-1280.png"))
+
+    # paused by an operator: PAUSED, and why
+    (answer,) = console(console_port, "fd-pause")
+    assert answer.startswith("paused")
+    wait_until(lambda: _text(driver, "#state") == "PAUSED", 15)
+    assert "operator" in _text(driver, "#pause-alert")
+    if SHOTS:
+        driver.save_screenshot(str(Path(SHOTS) / "dashboard-paused-1280.png"))
+    (answer,) = console(console_port, "fd-resume")
+    wait_until(lambda: _text(driver, "#state") == "running", 15)
+    assert not driver.find_element(By.ID, "pause-alert").is_displayed()
+
+    # the status filter takes any case, in the API too
+    for spelling in ("failed", "Failed", "FAILED"):
+        request = urllib.request.Request(
+            f"{url}/api/v1/logs?status={spelling}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert [r["filename"] for r in json.load(resp)["results"]] == ["big.bin"]
+    assert svc.stop() == 0

@@ -57,7 +57,7 @@ def test_history_commands_while_the_service_writes(tmp_path: Path, service_facto
         stats = run_cli("history", "stats", "--period", period, "-c", cfg)
         assert stats.returncode == 0, stats.stderr
         header, line = stats.stdout.splitlines()
-        assert header.split() == ["period", "succeeded", "failed", "waiting", "bytes"]
+        assert header.split() == ["period", "succeeded", "failed", "waiting", "sent"]
         assert line.split()[1:4] == ["303", "0", "0"]
 
     # forget: the file is sent again at the next rescan (the service is still running)

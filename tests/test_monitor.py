@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
+from filedispatch.monitor import fd_history, fd_retry, fd_status
+
 from .conftest import free_port, journal_rows, run_cli, wait_until
-from .ops import console, delivered, old_file, ops_config
+from .ops import console, delivered, line_console, old_file, ops_config
 
 SECRET = "s3cretpw"
 
@@ -112,4 +115,65 @@ def test_no_monitor_and_monitor_port_flags(tmp_path: Path, service_factory: Any)
     svc = service_factory(again, "--monitor-port", str(port), "--no-monitor").start()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert svc.stop() == 0
+
+
+def test_a_plain_line_client_like_nc_gets_the_console(tmp_path: Path, service_factory: Any) -> None:
+    port = free_port()
+    outbox = tmp_path / "outbox"
+    svc = service_factory(ops_config(tmp_path, monitor={"port": port})).start()
+    old_file(tmp_path / "inbox" / "first.txt", b"one")
+    wait_until(lambda: "first.txt" in delivered(outbox))
+
+    intro, (status, history, helptext, bad) = line_console(
+        port, "fd-status", "fd-history 5", "help", "fd-retry x"
+    )
+    assert "Type help for available commands" in intro
+    assert "running" in status and f"{outbox}: 1 ok, 0 failed" in status
+    assert "first.txt" in history and "SUCCEEDED" in history
+    assert "not a valid integer" in bad
+    for answer in (status, history, helptext, bad):
+        assert "\x1b" not in answer, f"a terminal escape reached a line client: {answer!r}"
+    # every fd-* command is listed with its whole description (wrapped, not cut with "...")
+    assert "..." not in helptext.split("Commands:")[1], helptext
+    packed = "".join(helptext.split())
+    for name, doc in (
+        ("fd-status", fd_status.__doc__),
+        ("fd-retry", fd_retry.__doc__),
+        ("fd-history", fd_history.__doc__),
+    ):
+        assert name + "".join((doc or "").split()) in packed, helptext
+    assert svc.stop() == 0
+
+
+def test_port_probes_and_dropped_clients_leave_no_traceback(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    port = free_port()
+    svc = service_factory(ops_config(tmp_path, monitor={"port": port})).start()
+    for _ in range(3):  # nc -z: connect and close at once
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    for _ in range(3):  # a client that resets the connection mid-session
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.recv(1)  # the server's first telnet option has been sent
+        s.close()
+    # the console still serves, and what came before went by quietly
+    (status,) = console(port, "fd-status")
+    assert "running" in status
+    log_text = svc.log()
+    assert "Traceback" not in log_text and "Got " not in log_text, log_text
+    _, (status,) = line_console(port, "fd-status")
+    assert "running" in status
+    assert svc.stop() == 0
+
+
+def test_a_telnet_client_ending_lines_with_cr_lf_runs_each_command_once(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    port = free_port()
+    svc = service_factory(ops_config(tmp_path, monitor={"port": port})).start()
+    paused, status = console(port, "fd-pause", "fd-status", eol="\r\n")
+    assert paused.startswith("paused") and "PAUSED" in status
+    assert svc.log().count("paused from the console") == 1, svc.log()
     assert svc.stop() == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import functools
 import json
 import math
 import re
@@ -20,6 +19,7 @@ from typing import Any, Literal, cast
 from multidict import MultiMapping
 
 from ..models import Status
+from ..reporting import PERIODS, Period, day_sql, human_size, period_label, period_start
 
 UTC = dt.UTC
 DAY = 86400.0
@@ -28,8 +28,6 @@ DEFAULT_LIMIT = 50
 MAX_OFFSET = 1_000_000_000
 MAX_INT = 2**63 - 1
 PROTOCOLS = ("file", "http", "ftp", "sftp", "command", "python", "compress")
-PERIODS = ("day", "week", "month")
-Period = Literal["day", "week", "month"]
 
 #: the default window of /stats when no ``created`` bound is given: the current period and
 #: this many days before it (then aligned to the start of its week or month)
@@ -154,7 +152,7 @@ STATS_PARAMS: tuple[Param, ...] = (
 
 ENTRY_SQL = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256"
+    "attempts, size, duration_ms, reason, sha256, mtime_ns"
 )
 DETAIL_SQL = ENTRY_SQL + ", relpath, step, location, detail, error_type, started, next_attempt"
 
@@ -227,11 +225,17 @@ def parse_time(name: str, text: str) -> tuple[float, bool]:
 Condition = tuple[str, Any]  # "column op ?" and the value bound to it
 
 
+def choice(name: str, text: str, choices: Sequence[str]) -> str:
+    """The one of ``choices`` that ``text`` names, in any case (``failed`` is ``FAILED``)."""
+    for c in choices:
+        if c.casefold() == text.casefold():
+            return c
+    raise BadParameter(name, f"{text[:40]!r} is not one of {', '.join(choices)}")
+
+
 def _filter_conditions(p: Param, text: str) -> list[Condition]:
     if p.kind == "enum":
-        if text not in p.choices:
-            raise BadParameter(p.name, f"{text[:40]!r} is not one of {', '.join(p.choices)}")
-        return [(f"{p.column} = ?", text)]
+        return [(f"{p.column} = ?", choice(p.name, text, p.choices))]
     if p.kind == "text":
         value = text.lower().lstrip(".") if p.name == "extension" else text
         return [(f"{p.column} = ?", value)]
@@ -393,10 +397,10 @@ def parse_log_query(query: MultiMapping[str]) -> LogQuery:
 # --------------------------------------------------------------------------- /stats
 
 
-_DAY_SQL = "CAST(created / 86400 AS INTEGER)"
-#: the period a row falls in, as a day number (days since 1970-01-01, UTC): the day itself, its
-#: Monday (1970-01-01 was a Thursday); months are grouped by day here and folded in Python,
-#: which costs less than SQLite's strftime() on every row
+_DAY_SQL = day_sql("created")
+#: the period a row falls in, as a day number (UTC): the day itself, its Monday (1970-01-01
+#: was a Thursday); months are grouped by day here and folded by ``period_start``, which costs
+#: less than SQLite's strftime() on every row
 _BUCKET_SQL: dict[str, str] = {
     "day": _DAY_SQL,
     "week": f"{_DAY_SQL} - ({_DAY_SQL} + 3) % 7",
@@ -429,9 +433,7 @@ def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
     """Validate the query string of ``GET /api/v1/stats``."""
     allowed = {p.name: p for p in STATS_PARAMS}
     given = _single(query, allowed)
-    period = given.pop("period", "day")
-    if period not in PERIODS:
-        raise BadParameter("period", f"{period[:40]!r} is not one of {', '.join(PERIODS)}")
+    period = choice("period", given.pop("period", "day"), PERIODS)
     conditions: list[Condition] = []
     for name, text in given.items():
         conditions += _filter_conditions(allowed[name], text)
@@ -444,22 +446,6 @@ def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
             first = first.replace(day=1)
         since = dt.datetime(first.year, first.month, first.day, tzinfo=UTC).timestamp()
     return StatsQuery(cast(Period, period), conditions, since)
-
-
-@functools.lru_cache(maxsize=4096)
-def bucket_start(day: int, period: Period) -> dt.date:
-    """The first day of the period holding day number ``day``."""
-    date = dt.date(1970, 1, 1) + dt.timedelta(days=day)
-    return date.replace(day=1) if period == "month" else date
-
-
-def bucket_label(start: dt.date, period: Period) -> str:
-    if period == "week":
-        year, week, _ = start.isocalendar()
-        return f"{year}-W{week:02d}"
-    if period == "month":
-        return start.strftime("%Y-%m")
-    return start.isoformat()
 
 
 def _tally() -> dict[str, int]:
@@ -484,12 +470,12 @@ def rollup(rows: Iterable[Sequence[Any]], period: Period) -> dict[str, Any]:
     buckets: dict[dt.date, dict[str, Any]] = {}
     totals = _group()
     for day, status, dest, ext, n, size in rows:
-        start = bucket_start(int(day), period)
+        start = period_start(int(day), period)
         group = buckets.get(start)
         if group is None:
             group = buckets[start] = {
                 "start": start.isoformat(),
-                "label": bucket_label(start, period),
+                "label": period_label(start, period),
                 **_group(),
             }
         dest = redact_text(dest)
@@ -521,18 +507,6 @@ def iso(ts: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def human_size(n: int) -> str:
-    """1536 -> "1.5 KB" (powers of 1024, as sizes are written in the config)."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KB", "MB", "GB", "TB", "PB"):
-        value /= 1024
-        if value < 1024 or unit == "PB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 def entry(row: Sequence[Any]) -> dict[str, Any]:
     """One ``ENTRY_SQL`` row as the API shows it."""
     (
@@ -551,11 +525,14 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         duration_ms,
         reason,
         sha256,
-    ) = row[:15]
+        mtime_ns,
+    ) = row[:16]
     return {
         "id": id_,
         "created": iso(created),
         "finished": iso(finished),
+        "created_ts": created,
+        "finished_ts": finished,
         "filename": filename,
         "source": source,
         "destination": redact_text(destination),
@@ -569,12 +546,14 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         "duration_ms": duration_ms,
         "reason": _redacted(reason),
         "sha256": sha256,
+        "mtime": iso(mtime_ns / 1e9),
+        "mtime_ns": mtime_ns,
     }
 
 
 def detail(row: Sequence[Any]) -> dict[str, Any]:
     """One ``DETAIL_SQL`` row: the entry and what the detail view adds."""
-    relpath, step, location, note, error_type, started, next_attempt = row[15:22]
+    relpath, step, location, note, error_type, started, next_attempt = row[16:23]
     return {
         **entry(row),
         "relpath": relpath,
@@ -583,5 +562,6 @@ def detail(row: Sequence[Any]) -> dict[str, Any]:
         "detail": _redacted(note),
         "error_type": error_type,
         "started": iso(started),
+        "started_ts": started,
         "next_attempt": iso(next_attempt) if next_attempt and row[9] == "PENDING" else None,
     }

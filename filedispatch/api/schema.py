@@ -32,6 +32,8 @@ ENTRY: dict[str, Any] = {
     "id": _INT,
     "created": {"type": "string", "format": "date-time"},
     "finished": _NULL_TIME,
+    "created_ts": {"type": "number"},
+    "finished_ts": {"type": "number", "nullable": True},
     "filename": _STR,
     "source": _STR,
     "destination": _STR,
@@ -45,6 +47,8 @@ ENTRY: dict[str, Any] = {
     "duration_ms": _NULL_INT,
     "reason": _NULL_STR,
     "sha256": _NULL_STR,
+    "mtime": {"type": "string", "format": "date-time"},
+    "mtime_ns": _INT,
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,
@@ -54,6 +58,7 @@ DETAIL: dict[str, Any] = {
     "detail": _NULL_STR,
     "error_type": _NULL_STR,
     "started": _NULL_TIME,
+    "started_ts": {"type": "number", "nullable": True},
     "next_attempt": _NULL_TIME,
 }
 
@@ -66,7 +71,7 @@ def _object(props: dict[str, Any], *, closed: bool = True) -> dict[str, Any]:
 
 
 def _param_schema(p: Param) -> dict[str, Any]:
-    if p.kind == "enum":
+    if p.kind == "enum":  # any case is accepted; the schema lists the canonical spelling
         return {"type": "string", "enum": list(p.choices)}
     if p.kind == "int":
         return {"type": "integer", "minimum": 0, "maximum": MAX_INT}
@@ -202,6 +207,19 @@ def openapi() -> dict[str, Any]:
                 "queue_depth": _NULL_INT,
                 "in_flight": _INT,
                 "counts": {"type": "object", "additionalProperties": _INT, "nullable": True},
+                "retry_waiting": {
+                    **_object(
+                        {
+                            "count": _INT,
+                            "next_attempt": {
+                                "type": "string",
+                                "format": "date-time",
+                                "nullable": True,
+                            },
+                        }
+                    ),
+                    "nullable": True,
+                },
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
             }
         ),
@@ -246,7 +264,8 @@ def openapi() -> dict[str, Any]:
                 params=[_ID],
             ),
             "delete": _op(
-                "Forget a dispatch: the file is sent there again at the next scan.",
+                "Forget a dispatch: the file is sent there again at the next rescan, within "
+                "`rescan` seconds (default 60), or at the next start.",
                 {"204": {"description": "Forgotten."}},
                 ("400", _E400),
                 ("404", _E404),

@@ -156,6 +156,16 @@ async def _counts(request: web.Request) -> dict[str, int]:
     return {s: found.get(s, 0) for s in ("PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED")}
 
 
+async def _retry_waiting(request: web.Request) -> dict[str, Any]:
+    """Dispatches that failed at least once and wait for their next attempt: how many, and
+    when the first of them is due (ISO 8601 UTC; null when none waits)."""
+    rows = await request.app[reader_key].fetch(
+        "SELECT COUNT(*), MIN(next_attempt) FROM dispatches WHERE status='PENDING' AND attempts > 0"
+    )
+    count, first = rows[0] if rows else (0, None)
+    return {"count": int(count or 0), "next_attempt": queries.iso(first) if count else None}
+
+
 def _scrubbed(value: Any) -> Any:
     if isinstance(value, str):
         return queries.redact_text(value)
@@ -171,10 +181,11 @@ async def status(request: web.Request) -> web.Response:
     journal = snap.get("journal") or {}
     try:
         counts: dict[str, int] | None = await _counts(request)
+        waiting: dict[str, Any] | None = await _retry_waiting(request)
     except JournalError:
         if journal.get("state", "ok") == "ok":
             raise
-        counts = None  # a removed journal may not even be read: the state still answers
+        counts = waiting = None  # a removed journal may not even be read: the state answers
     uptime = float(snap.get("uptime_s", 0.0))
     body = {
         "version": snap.get("version"),
@@ -188,6 +199,7 @@ async def status(request: web.Request) -> web.Response:
         "queue_depth": counts["PENDING"] if counts is not None else None,
         "in_flight": int(snap.get("in_flight", 0)),
         "counts": counts,
+        "retry_waiting": waiting,
         "destinations": snap.get("destinations", {}),
     }
     return web.json_response(_scrubbed(body))

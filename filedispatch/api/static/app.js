@@ -89,6 +89,11 @@ function el(tag, props = {}, ...children) {
 
 // ---------------------------------------------------------------- status header
 
+const PAUSE_REASONS = {
+  operator: "Paused by an operator (fd-pause on the console): no new work is taken; the watchers keep recording. fd-resume continues.",
+  journal: "Paused because the journal cannot be written: intake and delivery resume by themselves once it can.",
+};
+
 async function refreshStatus() {
   const s = await api("/api/v1/status");
   $("#version").textContent = s.version;
@@ -96,15 +101,61 @@ async function refreshStatus() {
   $("#in-flight").textContent = s.in_flight;
   $("#succeeded").textContent = s.counts ? s.counts.SUCCEEDED : "–";
   $("#failures").textContent = s.counts ? s.counts.FAILED : "–";
+  // red only when something failed: a red 0 reads as an alarm
+  $("#failures-card").className = s.counts && s.counts.FAILED > 0 ? "card bad" : "card";
   $("#uptime").textContent = uptime(s.uptime_s);
+  const waiting = s.retry_waiting || { count: 0, next_attempt: null };
+  $("#retry-waiting").textContent = waiting.count;
+  $("#retry-next").textContent = waiting.next_attempt ? `next ${when(waiting.next_attempt)}` : "";
+  $("#retry-card").className = waiting.count > 0 ? "card warn" : "card";
   // the journal failing pauses everything: say so in the header, with what to do
   const failing = s.journal && s.journal.state !== "ok";
-  $("#state").textContent = failing ? `paused: journal ${s.journal.state}` : s.paused ? "paused" : "running";
+  $("#state").textContent = failing ? `PAUSED: journal ${s.journal.state}` : s.paused ? "PAUSED" : "running";
   $("#state-card").className = failing ? "card bad" : s.paused ? "card warn" : "card ok";
   $("#journal-alert").hidden = !failing;
   $("#journal-alert").textContent = failing
-    ? `The journal cannot be written: ${s.journal.error}. Intake and delivery are paused and resume by themselves.`
+    ? `The journal cannot be written: ${shown(s.journal.error)}. Intake and delivery are paused and resume by themselves.`
     : "";
+  const pausedBy = s.paused && !failing ? s.pause_reason || "operator" : null;
+  $("#pause-alert").hidden = !pausedBy;
+  $("#pause-alert").textContent = pausedBy ? PAUSE_REASONS[pausedBy] || `Paused (${shown(pausedBy)}).` : "";
+  renderService(s);
+}
+
+// cells whose text may be long (a URL, a name, an error): cut with an ellipsis inside a box of
+// bounded width, the whole text as the tooltip (a table cell's own max-width is ignored)
+const CUT = ["file", "dest", "reason", "clip"];
+
+function cut(text) {
+  return el("div", { className: "cut", textContent: shown(text), title: shown(text) });
+}
+
+function cell(text, className = "") {
+  const td = el("td", { className });
+  if (CUT.some((c) => className.split(" ").includes(c))) td.append(cut(text));
+  else td.textContent = shown(text);
+  return td;
+}
+
+function renderService(s) {
+  const sources = (s.sources || []).map((src) => {
+    const stopped = (s.stopped_sources || []).includes(src.name);
+    const how = `${src.polling ? "polling" : "inotify"}, ${src.ready ? "ready" : "scanning"}${stopped ? ", stopped" : ""}`;
+    const tr = el("tr", {}, cell(src.name), cell(src.path, "clip"), cell(how), cell(src.last_error || "", "reason clip"));
+    tr.dataset.source = src.name;
+    if (src.last_error || stopped) tr.className = "has-error";
+    return tr;
+  });
+  $("#sources tbody").replaceChildren(...sources);
+  const dests = Object.entries(s.destinations || {}).map(([name, d]) => {
+    const tr = el("tr", {}, cell(name, "dest clip"), cell(d.succeeded, "num"), cell(d.failed, "num"),
+      cell(d.retried, "num"), cell(d.last_error || "", "reason clip"));
+    tr.dataset.destination = name;
+    if (d.last_error) tr.className = "has-error";
+    return tr;
+  });
+  if (!dests.length) dests.push(el("tr", {}, el("td", { colSpan: 5, className: "empty", textContent: "Nothing sent yet in this run." })));
+  $("#destinations tbody").replaceChildren(...dests);
 }
 
 // ---------------------------------------------------------------- history table
@@ -145,11 +196,11 @@ function renderRow(e) {
   for (const [text, cls] of cells) {
     const td = el("td", { className: cls });
     if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
+    else if (CUT.includes(cls)) td.append(cut(text));
     else td.textContent = shown(text);
-    if (cls === "reason") td.title = shown(e.reason || "");
     tr.append(td);
   }
-  const action = el("td");
+  const action = el("td", { className: "action" });
   if (e.status === "FAILED") {
     const btn = el("button", { className: "retry", textContent: "Retry", type: "button" });
     btn.addEventListener("click", (ev) => { ev.stopPropagation(); retry(e.id); });
@@ -170,7 +221,7 @@ async function retry(id) {
 }
 
 async function forget(id) {
-  if (!confirm(`Forget dispatch ${id}? The file is sent again at the next scan.`)) return;
+  if (!confirm(`Forget dispatch ${id}? The file is sent again at the next rescan, within the source's rescan seconds (default 60), or at the next start.`)) return;
   let failure = null;
   try {
     await api(`/api/v1/logs/${id}`, { method: "DELETE" });

@@ -1,0 +1,81 @@
+"""The command line as typed: ``-c CONFIG`` before or after any sub-command, and help that
+names what to type (the real CLI, as a subprocess)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+from .ops import ops_config
+
+SUBCOMMANDS = [
+    ["check"],
+    ["explain"],
+    ["history", "list"],
+    ["history", "show"],
+    ["history", "forget"],
+    ["history", "stats"],
+    ["mark-existing"],
+]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=" ".join)
+def test_sub_command_help_names_config_not_an_internal_name(command: list[str]) -> None:
+    result = run_cli(*command, "-h")
+    assert result.returncode == 0, result.stderr
+    assert "-c CONFIG, --config CONFIG" in result.stdout, result.stdout
+    assert "SUB_" not in result.stdout, result.stdout
+
+
+def test_config_before_or_after_every_sub_command(tmp_path: Path) -> None:
+    cfg = ops_config(tmp_path)
+    (tmp_path / "inbox" / "a.txt").write_bytes(b"a")
+    # recorded, not sent: the journal has a row for history to show
+    assert run_cli("mark-existing", "-c", cfg).returncode == 0
+    runs = {
+        "check": (["check"], [], "valid"),
+        "explain": (["explain"], [str(tmp_path / "inbox" / "a.txt")], "a.txt"),
+        "mark-existing": (["mark-existing"], ["--dry-run"], "would mark 1 file(s)"),
+        "history stats": (["history", "stats"], [], "period"),
+        "history list": (["history", "list"], [], "a.txt"),
+    }
+    for name, (command, rest, expected) in runs.items():
+        before = run_cli("-c", cfg, *command, *rest)
+        after = run_cli(*command, "-c", cfg, *rest)
+        for result in (before, after):
+            assert result.returncode == 0, (name, result.stderr)
+            assert expected in result.stdout, (name, result.stdout)
+        assert before.stdout == after.stdout, name
+
+
+def test_a_sub_command_without_a_config_says_so(tmp_path: Path) -> None:
+    for command in (["check"], ["explain", "x.txt"]):
+        result = run_cli(*command, cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"{command[0]} needs -c CONFIG" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_once_says_what_it_does_before_the_work(tmp_path: Path) -> None:
+    cfg = ops_config(tmp_path)
+    for i in range(200):
+        (tmp_path / "inbox" / f"f{i:03d}.txt").write_bytes(b"x")
+    result = run_cli("-c", cfg, "--once", "--log-level", "INFO")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    first_delivery = next(i for i, line in enumerate(lines) if ".txt -> " in line)
+    announce = next(i for i, line in enumerate(lines) if "source(s)" in line)
+    assert announce < first_delivery, "\n".join(lines[: first_delivery + 3])
+    assert "dispatching what is in 1 source(s) now, then exiting (--once)" in lines[announce]
+    assert not any("watching 1 source(s)" in line for line in lines)
+
+
+def test_forget_says_when_the_file_is_sent_again(tmp_path: Path) -> None:
+    cfg = ops_config(tmp_path)
+    (tmp_path / "inbox" / "a.txt").write_bytes(b"a")
+    assert run_cli("mark-existing", "-c", cfg).returncode == 0
+    forgot = run_cli("history", "forget", "1", "-c", cfg)
+    assert forgot.returncode == 0, forgot.stderr
+    assert "sent again at the next rescan, within `rescan` seconds (default 60)" in forgot.stdout
