@@ -337,7 +337,8 @@ def test_thousand_files_dropped_at_once(workspace: dict[str, Path], service_fact
     wait_until(lambda: len(journal_rows(ws["db"], "status='SUCCEEDED'")) >= 1000, 60)
     assert svc.stop() == 0
     assert delivered(ws["outbox"]) == expected
-    assert len(journal_rows(ws["db"])) == 1000
+    rows = journal_rows(ws["db"])
+    assert len(rows) == 1000, [dict(r) for r in rows if r["status"] != "SUCCEEDED"]
 
 
 def test_special_files_and_symlinks_are_not_taken(workspace: dict[str, Path]) -> None:
