@@ -320,6 +320,10 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
 
 
+#: console sessions open at once; a client beyond them is disconnected at once
+MAX_CONSOLES = 16
+
+
 class ConsoleServer(TelnetServer):
     """prompt_toolkit's telnet server with :class:`ConsoleConnection`; a client that leaves
     early (a port probe, ``nc -z``, a reset) is logged at DEBUG, not as a traceback."""
@@ -327,6 +331,7 @@ class ConsoleServer(TelnetServer):
     def __init__(self, monitor: FileDispatchMonitor, **kw: Any) -> None:
         super().__init__(**kw)
         self.monitor = monitor
+        self._full = False  #: MAX_CONSOLES reached (a warning was logged)
 
     def _accept(self, listen_socket: socket.socket) -> None:
         try:
@@ -334,6 +339,16 @@ class ConsoleServer(TelnetServer):
         except OSError as exc:  # the client left between the poll and the accept
             log.debug("console: a connection was lost before it was accepted: %s", exc)
             return
+        if len(self._application_tasks) >= MAX_CONSOLES:
+            # each session holds descriptors and a task: a flood of idle clients must not take
+            # what the deliveries and the journal need (the web app has the same cap)
+            if not self._full:
+                log.warning("console: %d sessions open; refusing more until one ends", MAX_CONSOLES)
+            self._full = True
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
+        self._full = False
 
         async def run() -> None:
             try:

@@ -177,3 +177,34 @@ def test_a_telnet_client_ending_lines_with_cr_lf_runs_each_command_once(
     assert paused.startswith("paused") and "PAUSED" in status
     assert svc.log().count("paused from the console") == 1, svc.log()
     assert svc.stop() == 0
+
+
+def test_a_flood_of_idle_console_clients_is_capped_and_the_console_recovers(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    from filedispatch.monitor import MAX_CONSOLES
+
+    port = free_port()
+    svc = service_factory(ops_config(tmp_path, monitor={"port": port})).start()
+    idle = []
+    for _ in range(MAX_CONSOLES):  # clients that connect and then say nothing
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.recv(1)  # their session has started
+        idle.append(s)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert extra.recv(1) == b""  # one too many: closed at once, nothing sent
+    extra.close()
+    wait_until(lambda: "sessions open; refusing more" in svc.log(), 30)
+    for s in idle:
+        s.close()
+    # once the idle ones are gone (their sessions see the close), a client is served again
+
+    def served() -> bool:
+        try:
+            return "running" in line_console(port, "fd-status")[1][0]
+        except AssertionError:  # still refused: the idle sessions have not ended yet
+            return False
+
+    wait_until(served, 30)
+    assert "Traceback" not in svc.log()
+    assert svc.stop() == 0
