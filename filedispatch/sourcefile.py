@@ -278,7 +278,8 @@ def check_unchanged(fd: int, before: os.stat_result, what: str) -> None:
 
 def recheck(version: FileVersion, path: Path, what: str) -> None:
     """After code that was handed a *path* (a command, a Python step) ran: the name must still
-    lead, inside the source and without a link, to a regular file (or be gone: the code
+    lead, inside the source and without a link, to a regular file (a link only to the planned
+    file itself, as ``open_version`` allows: ``follow_symlinks: true``), or be gone (the code
     consumed it). Raises SourceVanishedError otherwise: the code may then have read something
     else than the source, and its result is not trusted. A file merely changed meanwhile is a
     new version, which the after-action's identity check keeps and sends on its own."""
@@ -292,7 +293,23 @@ def recheck(version: FileVersion, path: Path, what: str) -> None:
         raise SourceVanishedError(f"while {what} ran: cannot look at {path}: {exc}") from None
     if stat.S_ISREG(st.st_mode) and inside(version.root, str(path)) == version.relpath:
         return
+    if stat.S_ISLNK(st.st_mode) and _link_to_planned(version, path):
+        return  # a link followed (follow_symlinks: true), still to the very file planned
     raise SourceVanishedError(f"while {what} ran: {describe_change(version, st)}")
+
+
+def _link_to_planned(version: FileVersion, path: Path) -> bool:
+    """Whether the link at ``path`` leads, inside the source, to the planned file itself (its
+    device and inode: the rule ``open_version`` applies to a link)."""
+    if inside(version.root, str(path)) is None:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or not version.ino:
+        return False
+    return st.st_ino == version.ino and (not version.dev or st.st_dev == version.dev)
 
 
 def read_head(version: FileVersion, size: int) -> bytes | None:
