@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -213,3 +213,27 @@ def mounted_tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+if TYPE_CHECKING:
+    from .servers import FtpServer, SftpServer
+
+
+@pytest.fixture
+def ftp(tmp_path: Path) -> Iterator[FtpServer]:
+    """A pyftpdlib server on loopback, serving ``tmp_path/ftproot``."""
+    from .servers import FtpServer  # servers.py imports this module
+
+    server = FtpServer(tmp_path / "ftproot")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sftp(tmp_path: Path) -> Iterator[SftpServer]:
+    """An asyncssh SFTP server on loopback, serving ``tmp_path/sftproot``."""
+    from .servers import SftpServer
+
+    server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
+    yield server
+    server.close()

@@ -83,20 +83,6 @@ def test_a_conflict_number_never_pushes_a_name_past_255_bytes(
     assert os.path.exists(ws["inbox"] / name) == (after == "keep")
 
 
-@pytest.fixture
-def ftp(tmp_path: Path) -> Iterator[FtpServer]:
-    server = FtpServer(tmp_path / "ftproot")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Iterator[SftpServer]:
-    server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
-    yield server
-    server.close()
-
-
 def test_remote_temporary_names_and_conflict_numbers_fit(
     workspace: dict[str, Path], ftp: FtpServer, sftp: SftpServer
 ) -> None:

@@ -28,13 +28,6 @@ from .servers import (
 
 
 @pytest.fixture
-def ftp(tmp_path: Path) -> Iterator[FtpServer]:
-    server = FtpServer(tmp_path / "ftproot")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def ftps(tmp_path: Path) -> Iterator[FtpServer]:
     """FTPS with a self-signed certificate (``ftps.tls[0]``, its own CA): pyftpdlib refuses
     USER before AUTH TLS, and EPSV/PASV before PBSZ 0 + PROT P (a protected data channel)."""

@@ -6,12 +6,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-import pytest
 
 from .conftest import journal_rows, run_cli
 from .servers import (
@@ -24,13 +22,6 @@ from .servers import (
     sha256_of,
     some_files,
 )
-
-
-@pytest.fixture
-def sftp(tmp_path: Path) -> Iterator[SftpServer]:
-    server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
-    yield server
-    server.close()
 
 
 def test_upload_with_a_key_into_nested_folders(
