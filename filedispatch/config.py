@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import yaml
@@ -159,6 +159,9 @@ class _Step(_Model):
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
     timeout: PositiveSeconds | None = None  #: seconds one attempt may take
+    #: whether the step may hand the later steps another file than it got (a transform):
+    #: only such steps count in the later steps' keys (see ``router.step_keys``)
+    transforms: ClassVar[bool] = False
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
@@ -441,6 +444,7 @@ class PythonStep(_Step):
     """A Python callable ``package.module:function`` or ``package.module:Class``."""
 
     kind: Literal["python"] = "python"
+    transforms: ClassVar[bool] = True  #: a callable that returns a file is a transform
     python: str
     #: what ``${VAR}`` put into args is a secret; the rest is shown as written
     args: list[Any] = Field(default_factory=list)
@@ -476,6 +480,7 @@ class CompressStep(_Step):
     """A transform: the later steps of the chain deliver the compressed file instead."""
 
     kind: Literal["compress"] = "compress"
+    transforms: ClassVar[bool] = True
     compress: Literal["gzip", "zip", "tar.gz", "zstd"]
     level: int | None = Field(None, ge=0, le=22)
 

@@ -391,11 +391,16 @@ class Dispatcher:
         if not self.journal.writable.is_set():
             return  # no source is touched while the journal fails; a later scan sees them
         states = await self.journal.version_states([v for v, _ in known])
+        unrun: list[tuple[str, str]] = []
         for version, chains in known:
             rows = {key: (status, n) for key, status, n in states.get(version.key, [])}
             keys = [key for chain in chains for key in chain.keys]
             if not keys or any(key not in rows for key in keys):
                 continue  # steps planned just now: they run first
+            ready = [_first_unrun(chain.keys, rows) for chain in chains]
+            if any(ready):
+                unrun += [(version.key, key) for key in ready if key is not None]
+                continue
             statuses = [Status(rows[key][0]) for key in keys]
             if all(s == Status.SUCCEEDED for s in statuses):
                 self.summary.already_done += 1
@@ -404,6 +409,8 @@ class Dispatcher:
             what = fate(source, steps, statuses, marked=marked and not self.consume_marked)
             if what in _ACTS:
                 self._after_action(source, version, what)
+        if unrun and await self.journal.requeue_unrun(unrun):
+            self._wake.set()
 
     async def reject(self, source: SourceConfig, version: FileVersion, reason: str) -> None:
         """A file that cannot be dispatched at all (an odd name): one FAILED row says why."""
@@ -572,7 +579,12 @@ class Dispatcher:
         current: list[Dispatch] = []
         gone: list[Dispatch] = []
         for d in rows:
-            (current if self._current(d) else gone).append(d)
+            place = self._place(d)
+            if place is None:
+                gone.append(d)
+            else:  # its position in the chain now, which may differ from when it was planned
+                d.step = place
+                current.append(d)
         left = [d for d in gone if d.status == Status.IN_PROGRESS]
         if left:
             note = "this step is no longer in the configuration (its rule changed)"
@@ -599,14 +611,18 @@ class Dispatcher:
             marked = any(_marked(d.status, d.attempts) for d in current)
             self._conclude(source, version, steps, statuses, marked=marked)
 
-    def _current(self, row: Dispatch) -> bool:
-        """Whether a row is for a step its rule names now (the same step, after the same ones)."""
+    def _place(self, row: Dispatch) -> int | None:
+        """Where a row's step is in its rule's chain now, None if no longer there. Matched by
+        the row's step key, which names the step and the transforms before it, so adding,
+        removing or reordering other steps leaves its rows in place (``router.step_keys``)."""
         rule = self.router.by_name.get(row.rule)
-        if rule is None or row.step >= len(rule.chain.steps):
-            return False
+        if rule is None:
+            return None
+        steps = rule.chain.steps
         if row.step_key is None:  # a row not read by claim: its destination must still match
-            return rule.chain.steps[row.step].display == row.destination
-        return rule.chain.keys[row.step] == row.step_key
+            ok = row.step < len(steps) and steps[row.step].display == row.destination
+            return row.step if ok else None
+        return rule.chain.position(row.step_key)
 
     def _conclude(
         self,
@@ -653,10 +669,9 @@ class Dispatcher:
             fut.add_done_callback(run)
 
     def _step(self, row: Dispatch) -> Step | None:
-        rule = self.router.by_name.get(row.rule)
-        if rule is None or row.step >= len(rule.chain.steps):
-            return None
-        return rule.chain.steps[row.step]
+        """The step a row is for, as configured now (see ``_place``)."""
+        place = self._place(row)
+        return None if place is None else self.router.by_name[row.rule].chain.steps[place]
 
     async def _run_chain(
         self, version: FileVersion, rows: list[Dispatch], may_move: bool
@@ -674,6 +689,8 @@ class Dispatcher:
                     current = produced
                     continue
                 row.status = Status.IN_PROGRESS  # a transform's output is gone: make it again
+            elif _unrun(row.status, row.attempts):
+                row.status = Status.IN_PROGRESS  # the steps before it all succeed now
             if row.status != Status.IN_PROGRESS:
                 # FAILED: the chain stopped there (the later steps cannot run, whatever they
                 # are now); PENDING: a retry is not due yet (the later steps wait for it)
@@ -947,9 +964,25 @@ def _waiting(row: Dispatch, next_attempt: float) -> StepResult:
     )
 
 
+def _unrun(status: Status | str, attempts: int) -> bool:
+    """A FAILED row no attempt made: "not run" behind a step that failed. It is no verdict on
+    its own step: once every step before it succeeds (a step fixed or removed), it runs."""
+    return status == Status.FAILED and attempts == 0
+
+
 def _marked(status: Status | str, attempts: int) -> bool:
     """A SUCCEEDED row no attempt made: ``mark-existing`` recorded it without sending."""
     return status == Status.SUCCEEDED and attempts == 0
+
+
+def _first_unrun(keys: Sequence[str], rows: dict[str, tuple[str, int]]) -> str | None:
+    """The key of a chain's step that was never run although every step before it succeeded
+    now (see ``_unrun``), if there is one: it is to be queued again."""
+    for key in keys:
+        status, attempts = rows[key]
+        if status != Status.SUCCEEDED:
+            return key if _unrun(status, attempts) else None
+    return None
 
 
 def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:

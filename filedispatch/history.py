@@ -347,14 +347,19 @@ def mark_existing(
     from .service import journal_lock
 
     with journal_lock(db):  # a running service would send them meanwhile: refuse
-        asyncio.run(_mark(router, db, files, summary))
+        asyncio.run(_mark(config, router, db, files, summary))
     return summary
 
 
 async def _mark(
-    router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
+    config: Config,
+    router: Router,
+    db: Path,
+    files: list[tuple[SourceConfig, FileVersion]],
+    summary: MarkSummary,
 ) -> None:
     async with Journal.open(db, hold=False) as journal:
+        await recovery.upgrade_step_keys(journal, config)  # an older journal's rows count as marked
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []

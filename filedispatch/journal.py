@@ -22,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -162,7 +162,7 @@ MIGRATIONS: list[list[str]] = [
             mtime_ns INTEGER NOT NULL,
             rule TEXT NOT NULL,
             step INTEGER NOT NULL,
-            step_key TEXT NOT NULL,       -- identifies the step and the steps before it
+            step_key TEXT NOT NULL,       -- identifies the step and the transforms before it
             destination TEXT NOT NULL,    -- redacted
             protocol TEXT NOT NULL,
             status TEXT NOT NULL,
@@ -197,6 +197,13 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE dispatches ADD COLUMN ino INTEGER",
         "ALTER TABLE dispatches ADD COLUMN ctime_ns INTEGER",
         "ALTER TABLE dispatches ADD COLUMN sha256 TEXT",
+    ],
+    [  # one-time upgrades that need the config, done at the next start (``done`` NULL until
+        # then); a journal with no rows yet has nothing to upgrade
+        "CREATE TABLE upgrades (name TEXT PRIMARY KEY, done REAL)",
+        # step keys name only the earlier transforms now (recovery.upgrade_step_keys)
+        "INSERT INTO upgrades (name, done) SELECT 'step-keys', CASE WHEN EXISTS "
+        "(SELECT 1 FROM dispatches) THEN NULL ELSE 0 END",
     ],
 ]
 
@@ -1008,6 +1015,42 @@ class Journal:
                 "UPDATE dispatches SET ino=0 WHERE vkey=? AND ino IS NULL",
                 [(old,) for old in missing] + [(old,) for old, *_ in found],
             )
+            return changed
+
+        return await self.write(op)
+
+    async def requeue_unrun(self, steps: Sequence[tuple[str, str]]) -> int:
+        """Queue again FAILED rows no attempt made ("not run" behind a step that failed), given
+        as (vkey, step_key): the steps before them succeed now. Returns the rows queued."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL "
+                "WHERE vkey=? AND step_key=? AND status='FAILED' AND attempts=0",
+                steps,
+            )
+            return conn.total_changes - before
+
+        return await self.write(op)
+
+    async def upgrade_due(self, name: str) -> bool:
+        """Whether the one-time upgrade ``name`` (a row of ``upgrades``) is still to be done."""
+        rows = await self.read("SELECT 1 FROM upgrades WHERE name=? AND done IS NULL", (name,))
+        return bool(rows)
+
+    async def rekey_steps(self, keys: Mapping[str, str], now: float) -> int:
+        """Give rows the step keys of today (``keys``: old step key -> new one) and record the
+        ``step-keys`` upgrade done, in one transaction. Idempotent: a key already changed is not
+        found again. A row whose new key its version has already keeps its old one (as in
+        ``rekey``). Returns the rows changed."""
+        pairs = [(new, old) for old, new in keys.items() if old != new]
+
+        def op(conn: sqlite3.Connection) -> int:
+            before = conn.total_changes
+            conn.executemany("UPDATE OR IGNORE dispatches SET step_key=? WHERE step_key=?", pairs)
+            changed = conn.total_changes - before
+            conn.execute("UPDATE upgrades SET done=? WHERE name='step-keys'", (now,))
             return changed
 
         return await self.write(op)

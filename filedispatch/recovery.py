@@ -1,8 +1,9 @@
-"""Recovery: a FAILED dispatch sent again on request, and old journals' rows given today's key.
+"""Recovery: a FAILED dispatch sent again on request, and old journals' rows given today's keys.
 
 Here the journal's answers meet the files: the journal never touches files, so what needs
 both (is the file still there? was it moved to ``failed_dir``?) lives here. Used by the API,
-the console and ``filedispatch history retry``; the service runs ``rekey_old_rows`` at start.
+the console and ``filedispatch history retry``; the service runs ``rekey_old_rows`` and
+``upgrade_step_keys`` at start.
 Never sends a file itself: a retried row is queued for the dispatcher, a file brought back is
 found by the watcher.
 """
@@ -12,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import fastpath, relocate
-from .config import SourceConfig
+from .config import Config, SourceConfig
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
+from .router import legacy_step_keys, step_keys
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +192,16 @@ def _stat_old(
         version = FileVersion.from_stat(source, Path(root), relpath, st)
         found.append((vkey, version.key, st.st_dev, st.st_ino, st.st_ctime_ns))
     return found, missing
+
+
+async def upgrade_step_keys(journal: Journal, config: Config) -> int | None:
+    """Once per journal: give rows recorded when a step's key named every step before it the
+    key it has now (the step and the transforms before it), for the chains of ``config``, so
+    that an upgrade sends no kept file again. Rows of steps no rule names any more keep their
+    old key (they are history). Returns the rows re-keyed, None when it was done before."""
+    if not await journal.upgrade_due("step-keys"):
+        return None
+    keys: dict[str, str] = {}
+    for rule in config.rules:
+        keys.update(zip(legacy_step_keys(rule.to), step_keys(rule.to), strict=True))
+    return await journal.rekey_steps(keys, time.time())

@@ -26,6 +26,13 @@ class Chain:
     steps: tuple[Step, ...]
     keys: tuple[str, ...]
 
+    def position(self, key: str) -> int | None:
+        """The index of the step whose key is ``key``, None if no step of the chain has it."""
+        try:
+            return self.keys.index(key)
+        except ValueError:
+            return None
+
 
 @dataclass(frozen=True, slots=True)
 class RuleCheck:
@@ -46,12 +53,42 @@ class Facts:
 
 
 def step_keys(steps: Sequence[Step]) -> tuple[str, ...]:
-    """A key per step that names the step and every step before it (transforms change input)."""
+    """A key per step, naming the step and the earlier steps that change what it receives.
+
+    Only a transform (``step.transforms``: compress, a Python step, which may return a file)
+    changes the input of the steps after it, so only transforms are folded into the keys of
+    later steps: adding, removing or reordering other destinations leaves a step's key, and
+    so its journal rows ("already sent there"), as they were. A step that repeats with the
+    same transforms before it gets ``#2``, ``#3``... so each step still has its own key.
+    The first step's key (and any step's behind transforms only) is what ``legacy_step_keys``
+    gives, so journals written before keep those rows' keys.
+    """
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    prefix = hashlib.sha1()
+    for step in steps:
+        acc = prefix.copy()
+        acc.update(_identity_bytes(step))
+        key = acc.hexdigest()[:20]
+        seen[key] = seen.get(key, 0) + 1
+        keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+        if step.transforms:
+            prefix.update(_identity_bytes(step))
+    return tuple(keys)
+
+
+def legacy_step_keys(steps: Sequence[Step]) -> tuple[str, ...]:
+    """The keys journals had before: each named every step before it, of any kind.
+    Kept only to re-key such rows once (``recovery.upgrade_step_keys``)."""
     keys, acc = [], hashlib.sha1()
     for step in steps:
-        acc.update(step.identity().encode("utf-8", "surrogateescape") + b"\0")
+        acc.update(_identity_bytes(step))
         keys.append(acc.copy().hexdigest()[:20])
     return tuple(keys)
+
+
+def _identity_bytes(step: Step) -> bytes:
+    return step.identity().encode("utf-8", "surrogateescape") + b"\0"
 
 
 def _mime_matcher(patterns: Sequence[str]) -> re.Pattern[str] | None:

@@ -297,6 +297,9 @@ class Service:
         rekeyed = await recovery.rekey_old_rows(journal)
         if rekeyed:
             log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
+        upgraded = await recovery.upgrade_step_keys(journal, self.config)
+        if upgraded:
+            log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
         roots = [
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]

@@ -80,8 +80,25 @@ def test_a_step_fixed_in_the_config_runs_its_new_chain(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stdout + second.stderr
     assert delivered(out) == {"a.txt": b"payload"}
     rows = journal_rows(tmp_path / "j.db")
-    assert [r["status"] for r in rows] == ["FAILED", "FAILED", "SUCCEEDED", "SUCCEEDED"]
+    # the old command's row stays FAILED; out's row, "not run" behind it, runs now (a step's
+    # key names only the transforms before it, so out keeps its row: see router.step_keys)
+    assert [(r["destination"], r["status"]) for r in rows] == [
+        ("command: exit 4", "FAILED"),
+        (str(out), "SUCCEEDED"),
+        ("command: exit 0", "SUCCEEDED"),
+    ]
     assert not journal_rows(tmp_path / "j.db", "status IN ('PENDING', 'IN_PROGRESS')")
+
+
+def test_a_failed_step_removed_from_the_chain_lets_the_steps_after_it_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old(tmp_path / "inbox" / "a.txt", b"payload")
+    cfg = config(tmp_path, [FAIL, str(out)])
+    assert run_cli("-c", cfg, "--once").returncode == 1
+    config(tmp_path, [str(out)])
+    again = run_cli("-c", cfg, "--once", timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert delivered(out) == {"a.txt": b"payload"}
 
 
 def test_a_later_step_changed_behind_a_failed_step_fails_at_once(tmp_path: Path) -> None:

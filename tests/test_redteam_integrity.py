@@ -298,11 +298,6 @@ def test_kill_9_in_a_chain_with_a_move_to_another_filesystem_delivers_each_file_
     assert set(ran.read_text().split()) == step1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a step's key names every step before it (router.step_keys), so a "
-    "destination put in front of another makes the later one's rows new: see the report",
-)
 def test_a_destination_added_in_front_of_another_does_not_send_kept_files_again(
     tmp_path: Path,
 ) -> None:
