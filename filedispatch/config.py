@@ -132,24 +132,41 @@ class _Model(BaseModel):
     )
 
 
-class RetryPolicy(_Model):
-    """How often, and how far apart, a failing step is tried again."""
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-    attempts: int = Field(5, ge=1, le=1000)  #: total tries, the first included
+
+def _duration(value: object) -> object:
+    """A number of seconds, or a text such as ``90s``, ``30m``, ``1h``, ``2d``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:]) if text else None
+        try:
+            return float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration (examples: 90, 90s, 30m, 1h)") from None
+    return value
+
+
+class RetryPolicy(_Model):
+    """A step's retry settings: how often, how far apart and for how long a failing step is
+    tried again. What they decide (which errors, the backoff, the jitter, when to give up)
+    is in ``retry.py``; see docs/configuration.md, "Retries"."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    #: tries in all, the first included; None: 5 (``retry.DEFAULT_ATTEMPTS``), except for
+    #: network errors, which are tried until ``for`` runs out
+    attempts: int | None = Field(None, ge=1, le=1000)
     delay: Seconds = 1.0  #: seconds before the first retry
     backoff: float = Field(2.0, ge=1, le=100)  #: each further wait is multiplied by this
     max_delay: Seconds = 300.0  #: seconds, a cap on one wait
+    #: seconds of waiting between tries after which retrying stops (``90``, ``30m``, ``1h``);
+    #: None: no limit, except 1 h (``retry.NETWORK_FOR_S``) for network errors without
+    #: ``attempts``
+    for_: Annotated[Seconds | None, BeforeValidator(_duration)] = Field(None, alias="for")
     jitter: bool = True  #: spread waits by up to +/-20% so retries do not march in step
     #: Rattail's rule: retry only while the same kind of error repeats
     same_error: bool = False
-
-    def wait(self, attempt: int) -> float:
-        """Seconds to wait after the ``attempt``-th try failed (1-based), before jitter."""
-        try:
-            grown = self.delay * self.backoff ** max(0, attempt - 1)
-        except OverflowError:  # 100 ** 999 is no float: the cap applies
-            grown = math.inf
-        return float(min(self.max_delay, grown))
 
 
 # --------------------------------------------------------------------------- steps

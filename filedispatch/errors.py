@@ -6,7 +6,8 @@ FileDispatchError
 │   └── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 └── DeliveryError               one delivery step did not succeed
-    ├── TransientDeliveryError  worth retrying (network down, 5xx, timeout, busy)
+    ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
+    │   ├── NetworkError        the remote cannot be reached (DNS, refused, reset, timeout)
     │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
     └── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
         └── SourceVanishedError the source file disappeared before it could be sent
@@ -52,6 +53,12 @@ class TransientDeliveryError(DeliveryError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class NetworkError(TransientDeliveryError):
+    """The remote could not be reached, or the connection broke: a name that does not resolve,
+    a connection refused or reset, a timeout. Retried for as long as an ordinary outage lasts
+    (``retry.NETWORK_FOR_S``), not a number of attempts (see retry.py)."""
 
 
 class SourceUnreadableError(TransientDeliveryError):

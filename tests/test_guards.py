@@ -1,5 +1,5 @@
 """Two guards that nothing else would catch being removed: the source is touched only once
-the journal has committed the outcome (``Dispatcher._when_durable``), and a group commit's
+the journal has committed the outcome (``Outcomes.when_durable``), and a group commit's
 bulk update never applies two outcomes of one row in an unknown order (``_distinct_ids``)."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _setup(tmp_path: Path) -> tuple[Dispatcher, RecordingJournal, list[Dispatch]
 
 async def test_the_source_is_removed_only_once_the_outcome_is_durable(tmp_path: Path) -> None:
     dispatcher, journal, rows, src = _setup(tmp_path)
-    await dispatcher._run_version(rows)
+    await dispatcher.workers.run_version(rows)
     assert (tmp_path / "o1" / "a.txt").read_bytes() == b"payload"
     assert (tmp_path / "o2" / "a.txt").read_bytes() == b"payload"
     assert [r.status for results, _ in journal.writes for r in results] == [Status.SUCCEEDED] * 2
@@ -105,7 +105,7 @@ async def test_the_source_is_removed_only_once_the_outcome_is_durable(tmp_path: 
 
 async def test_the_source_stays_when_the_journal_cannot_commit(tmp_path: Path) -> None:
     dispatcher, journal, rows, src = _setup(tmp_path)
-    await dispatcher._run_version(rows)
+    await dispatcher.workers.run_version(rows)
     for _, fut in journal.writes:
         fut.set_exception(RuntimeError("disk I/O error"))
     await asyncio.sleep(0)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import aioftp
 
 from ..config import FtpDestination
-from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
 from .remote import RemoteProcessor, copy_to
 
@@ -246,9 +246,9 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
                 f"({exc.verify_message}); set ca_file, or tls_verify: false"
             )
         if isinstance(exc, TimeoutError):
-            return TransientDeliveryError(f"{display}: timed out")
+            return NetworkError(f"{display}: timed out")
         if isinstance(exc, (OSError, EOFError)):
-            return TransientDeliveryError(f"{display}: {str(exc) or type(exc).__name__}")
+            return NetworkError(f"{display}: {str(exc) or type(exc).__name__}")
         return None
 
 

@@ -32,7 +32,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import HttpDestination, redact_url
-from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
 from .local import open_input, render_target
@@ -342,7 +342,7 @@ class HttpProcessor:
             what = f"not done within the total timeout of {t.total:g}s"
         else:
             what = f"nothing sent or received for {t.read:g}s"
-        return TransientDeliveryError(f"{location}: timed out ({what})")
+        return NetworkError(f"{location}: timed out ({what})")
 
     async def _check(self, resp: aiohttp.ClientResponse, location: str, body: FileBody) -> str:
         """The detail for the journal when the answer is a success, else the error to raise."""
@@ -529,6 +529,8 @@ def _translate(exc: aiohttp.ClientError, location: str) -> DeliveryError:
     if isinstance(exc, aiohttp.InvalidURL):
         return PermanentDeliveryError(f"{location}: not a valid URL")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return TransientDeliveryError(f"{location}: the server closed the connection")
+        return NetworkError(f"{location}: the server closed the connection")
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ClientOSError)):
+        return NetworkError(f"{location}: {text}")  # no name, refused, reset, unreachable
     return TransientDeliveryError(f"{location}: {text}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import asyncssh
 
 from ..config import SftpDestination
-from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
 from .remote import CHUNK, RemoteProcessor, copy_to
 
@@ -174,12 +174,14 @@ class SftpProcessor(RemoteProcessor[Session]):
             )
         if isinstance(exc, (asyncssh.SFTPPermissionDenied, asyncssh.SFTPWriteProtect)):
             return PermanentDeliveryError(f"{display}: permission denied ({exc.reason})")
+        if isinstance(exc, asyncssh.ConnectionLost):
+            return NetworkError(f"{display}: {exc.reason}")
         if isinstance(exc, (asyncssh.SFTPError, asyncssh.Error)):
             return TransientDeliveryError(f"{display}: {exc.reason}")
         if isinstance(exc, TimeoutError):
-            return TransientDeliveryError(f"{display}: timed out")
+            return NetworkError(f"{display}: timed out")
         if isinstance(exc, OSError):
-            return TransientDeliveryError(f"{display}: {str(exc) or type(exc).__name__}")
+            return NetworkError(f"{display}: {str(exc) or type(exc).__name__}")
         return None
 
 

@@ -1,0 +1,250 @@
+"""The inline lanes: new files into a local folder that skip the claim, the queue and the
+workers, renamed on the event loop or copied in batches.
+
+Their rows are inserted IN_PROGRESS, the files delivered in chunks, each chunk's outcomes
+recorded in one write; for a burst into a local folder this is most of the work saved. Used
+only where ``fastpath.INLINE_LANES``; never for a file the workers must keep in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import cast
+
+from .. import fastpath
+from ..config import SourceConfig, Step
+from ..fate import renamed_by_delivery
+from ..journal import PlannedStep, StepResult
+from ..models import Dispatch, FileVersion, Outcome, Status
+from ..processors import BatchCopier, Mover, MoveUnavailable, StepContext
+from ..router import Chain
+from .after import AfterActions
+from .outcomes import Outcomes, as_delivery_error, report_write
+from .state import DispatchState
+
+log = logging.getLogger("filedispatch.dispatcher")
+
+#: files moved inline per journal write; the next chunk's rows commit while one moves
+INLINE_CHUNK = 512
+#: files copied per batch (each holds an open file until the batch is flushed)
+COPY_CHUNK = 128
+#: files larger than this (bytes) are copied by the workers, several at once, not in batches
+COPY_MAX_SIZE = 1024 * 1024
+#: chunks planned ahead of the one being delivered
+INLINE_AHEAD = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """How a new file skips the queue: renamed on the loop, or copied in a batch."""
+
+    step: Step
+    processor: Mover | BatchCopier
+    move: bool  #: renamed inline (Mover), else copied in a batch (BatchCopier)
+
+
+#: a file on an inline lane: its version, its rule's chain, the lane
+Item = tuple[FileVersion, Chain, Lane]
+#: an inline delivery's outcome: version, result, source already gone (renamed), its step
+Done = tuple[FileVersion, StepResult, bool, Step]
+#: a file the journal knew already, with the chains its rules route it through now
+Known = tuple[FileVersion, list[Chain]]
+
+
+class InlineLanes:
+    """Chooses a new file's lane and delivers the files of each lane in chunks."""
+
+    def __init__(self, state: DispatchState, outcomes: Outcomes, after: AfterActions) -> None:
+        self.state = state
+        self.outcomes = outcomes
+        self.after = after
+        #: (source, rule) -> how its new files skip the workers, or None
+        self._lanes: dict[tuple[str, str], Lane | None] = {}
+
+    def clear(self) -> None:
+        """Forget the lanes chosen (the configuration changed)."""
+        self._lanes.clear()
+
+    def lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
+        """How a new file skips the queue and the workers, if it can."""
+        if not fastpath.INLINE_LANES or len(chains) != 1:
+            return None
+        if not self.state.may_start() or source.key in self.state.stopped_sources:
+            return None
+        key = (source.key, chains[0].rule)
+        if key in self._lanes:
+            lane = self._lanes[key]
+        else:
+            lane = self._lanes[key] = self._find(source, chains[0].steps)
+        if lane is None or (not lane.move and version.size > COPY_MAX_SIZE):
+            return None
+        sem = self.state.semaphore(lane.step)
+        return None if sem is not None and sem.locked() else lane
+
+    def _find(self, source: SourceConfig, steps: tuple[Step, ...]) -> Lane | None:
+        if len(steps) != 1 or source.stop_on_error:  # stop_on_error: strictly in order
+            return None
+        step = steps[0]
+        processor = self.state.registry.get(step)
+        if (
+            renamed_by_delivery(source, steps)
+            and isinstance(processor, Mover)
+            and processor.can_move_from(source.path)
+        ):
+            return Lane(step, processor, move=True)
+        if isinstance(processor, BatchCopier):
+            return Lane(step, processor, move=False)
+        return None
+
+    async def moves(self, source: SourceConfig, items: list[Item]) -> list[Known]:
+        """Rename ``items`` into place; the versions the journal knew already are returned."""
+        return await self._inline(source, items, INLINE_CHUNK, self._move_chunk)
+
+    async def copies(self, source: SourceConfig, items: list[Item]) -> list[Known]:
+        """Copy ``items`` in batches; the versions the journal knew already are returned."""
+        return await self._inline(source, items, COPY_CHUNK, self._copy_chunk)
+
+    async def _inline(
+        self,
+        source: SourceConfig,
+        items: list[Item],
+        size: int,
+        run: Callable[[SourceConfig, list[Item], list[int | None]], Awaitable[list[Known]]],
+    ) -> list[Known]:
+        """Deliver ``items`` in chunks of ``size`` with ``run``. Pipelined: the journal
+        commits the next chunks' rows while one is delivered."""
+        known: list[Known] = []
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        ahead = collections.deque(self._plan_started(c) for c in chunks[:INLINE_AHEAD])
+        try:
+            for i, chunk in enumerate(chunks):
+                ids = await ahead.popleft()
+                if i + INLINE_AHEAD < len(chunks):
+                    ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
+                known += await run(source, chunk, ids)
+        finally:
+            for planned in ahead:  # after a failure these rows wait for a restart
+                planned.add_done_callback(report_write)
+        return known
+
+    def _plan_started(self, chunk: list[Item]) -> asyncio.Future[list[int | None]]:
+        steps = [
+            PlannedStep(v, c.rule, 0, c.keys[0], lane.step.display, lane.step.kind)
+            for v, c, lane in chunk
+        ]
+        return self.state.journal.plan_started(steps, time.time())
+
+    def _begin_chunk(
+        self, chunk: list[Item], ids: list[int | None]
+    ) -> tuple[list[Known], list[Done], list[tuple[Lane, StepContext]]]:
+        """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
+        was paused meanwhile (the workers take them on resume), and the work to do."""
+        known: list[Known] = []
+        given_back: list[Done] = []
+        work: list[tuple[Lane, StepContext]] = []
+        for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
+            if row_id is None:
+                known.append((version, [chain]))
+            elif not self.state.may_start():
+                pending = StepResult(row_id, Status.PENDING, 0)
+                given_back.append((version, pending, False, lane.step))
+            else:
+                ctx = StepContext(
+                    row_id, version, version.path, chain.rule, 0, 1, self.state.workdir
+                )
+                work.append((lane, ctx))
+        return known, given_back, work
+
+    async def _move_chunk(
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
+    ) -> list[Known]:
+        """Rename a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
+
+        No await inside: nothing can interrupt it between a move and its record.
+        """
+        known, done, work = self._begin_chunk(chunk, ids)
+        for lane, ctx in work:
+            version = ctx.version
+            started = time.time()
+            try:
+                outcome: Outcome | Exception = cast(Mover, lane.processor).move_now(ctx)
+            except MoveUnavailable as exc:
+                log.info(
+                    "%s cannot be renamed into %s (%s)", version.relpath, lane.step.display, exc
+                )
+                if not exc.this_file:
+                    self._lanes[(version.source, ctx.rule)] = None
+                self.state.wake.set()  # give it to a worker, which links or copies
+                pending = StepResult(ctx.dispatch_id, Status.PENDING, 0)
+                done.append((version, pending, False, lane.step))
+                continue
+            except Exception as exc:
+                outcome = exc
+            result = self._result(ctx, lane, outcome, started)
+            moved = isinstance(outcome, Outcome) and outcome.detail == "moved"
+            done.append((version, result, moved, lane.step))
+        self._record(source, done)
+        return known
+
+    async def _copy_chunk(
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
+    ) -> list[Known]:
+        """Copy a chunk of small files whose IN_PROGRESS rows are committed, in one thread per
+        destination, then queue their outcomes in one write."""
+        known, done, work = self._begin_chunk(chunk, ids)
+        groups: dict[int, list[tuple[Lane, StepContext]]] = {}
+        for lane, ctx in work:
+            groups.setdefault(id(lane.processor), []).append((lane, ctx))
+        started = time.time()
+        for group in groups.values():
+            lane = group[0][0]
+            copier = cast(BatchCopier, lane.processor)
+            sem = self.state.semaphore(lane.step)  # a batch is one delivery in flight
+            if sem is not None:
+                await sem.acquire()
+            self.state.batched += len(group)
+            try:
+                outcomes = await asyncio.to_thread(copier.copy_batch, [c for _, c in group])
+            finally:
+                self.state.batched -= len(group)
+                if sem is not None:
+                    sem.release()
+            for (lane, ctx), outcome in zip(group, outcomes, strict=True):
+                result = self._result(ctx, lane, outcome, started)
+                done.append((ctx.version, result, False, lane.step))
+        self._record(source, done)
+        return known
+
+    def _result(
+        self, ctx: StepContext, lane: Lane, outcome: Outcome | Exception, started: float
+    ) -> StepResult:
+        """The row's outcome for one inline delivery (counted and logged)."""
+        if isinstance(outcome, Outcome):
+            result = StepResult(
+                ctx.dispatch_id, Status.SUCCEEDED, 1, location=outcome.location,
+                detail=outcome.detail, started=started, sha256=outcome.sha256,
+            )  # fmt: skip
+        else:
+            error = as_delivery_error(outcome, ctx)
+            v = ctx.version
+            row = Dispatch(
+                ctx.dispatch_id, v.source, str(v.root), v.relpath, v.size, v.mtime_ns, ctx.rule,
+                0, lane.step.display, lane.step.kind, Status.IN_PROGRESS, 0, None, None,
+                started, started, None, None, 0.0,
+            )  # fmt: skip
+            result = self.outcomes.failed(row, lane.step, 1, error, started)
+        self.outcomes.note(lane.step.display, result, ctx.version)
+        return result
+
+    def _record(self, source: SourceConfig, done: list[Done]) -> None:
+        """One write for a chunk's outcomes; then, once it is durable, the after-actions."""
+        if not done:
+            return
+        self.outcomes.write([r for _, r, _, _ in done])
+        for version, result, gone, step in done:
+            self.after.conclude(source, version, (step,), [result.status], gone=gone)

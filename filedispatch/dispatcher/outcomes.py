@@ -1,0 +1,187 @@
+"""Outcomes: an attempt's result made a journal row's, counted, logged and written.
+
+Asks ``retry.decide`` whether a failure is tried again (the policy is there, not here);
+writes outcomes without waiting, and runs an action on the source only once they are durable
+(``when_durable``). Never delivers, never touches a source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .. import retry
+from ..config import Step
+from ..errors import (
+    DeliveryError,
+    SourceUnreadableError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
+from ..journal import StepResult
+from ..models import Dispatch, FileVersion, Outcome, Status
+from ..processors import StepContext
+from .state import DispatchState
+
+log = logging.getLogger("filedispatch.dispatcher")
+
+
+class Outcomes:
+    """Turns attempts into journal rows; the only part that writes outcomes."""
+
+    def __init__(self, state: DispatchState) -> None:
+        self.state = state
+        self._last_write: asyncio.Future[None] | None = None
+
+    def succeeded(self, row_id: int, attempt: int, outcome: Outcome, started: float) -> StepResult:
+        """The row's result for a delivery that succeeded (texts scrubbed of secrets)."""
+        scrub = self.state.scrub
+        return StepResult(
+            row_id,
+            Status.SUCCEEDED,
+            attempt,
+            location=scrub(outcome.location),  # a URL's query may carry a token
+            detail=None if outcome.detail is None else scrub(outcome.detail),
+            started=started,
+            output=None if outcome.produced is None else str(outcome.produced),
+            sha256=outcome.sha256,
+        )
+
+    def failed(
+        self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
+    ) -> StepResult:
+        """The row's result for a failed attempt: PENDING until its retry is due, or FAILED
+        (see ``retry.decide``). A retry is counted and logged here: the first of a row at
+        WARNING, later ones at INFO, each line naming the destination once."""
+        reason = self.state.scrub(str(exc) or type(exc).__name__)
+        kind = retry.error_kind(exc)
+        decision = retry.decide(step.retry, exc, attempt, row.error_type)
+        if not decision.retry:
+            return StepResult(
+                row.id,
+                Status.FAILED,
+                attempt,
+                reason=reason + decision.note,
+                error_type=kind,
+                started=started,
+            )
+        self.state.stats[row.destination].retried += 1
+        log.log(
+            logging.WARNING if attempt == 1 else logging.INFO,
+            "%s -> %s: attempt %d failed (%s); retrying in %.1fs",
+            row.relpath,
+            row.destination,
+            attempt,
+            _without_place(reason, row.destination),
+            decision.wait_s,
+        )
+        return StepResult(
+            row.id,
+            Status.PENDING,
+            attempt,
+            reason=reason,
+            error_type=kind,
+            started=started,
+            next_attempt=time.time() + decision.wait_s,
+        )
+
+    def record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
+        """Write a worker's result and apply it to the row it has in hand."""
+        self.write([result])
+        row.status = result.status
+        row.attempts = result.attempts
+        row.error_type = result.error_type
+        self.note(row.destination, result, version)
+
+    def write(self, results: list[StepResult]) -> None:
+        # Not awaited: a worker goes on while the writer commits many outcomes at once. The
+        # source is only touched once this write is durable (see when_durable).
+        self._last_write = self.state.journal.finish_soon(results)
+        self._last_write.add_done_callback(report_write)
+
+    def note(self, destination: str, result: StepResult, version: FileVersion) -> None:
+        """Count and log an attempt's result (the journal write is separate)."""
+        stats = self.state.stats[destination]
+        if result.status == Status.SUCCEEDED:
+            stats.succeeded += 1
+            stats.bytes += version.size
+            log.info("%s -> %s", version.relpath, result.location)
+        elif result.status == Status.FAILED:
+            stats.failed += 1
+            stats.last_error = result.reason
+            log.error("%s -> %s failed: %s", version.relpath, destination, result.reason)
+            self.state.wake.set()
+
+    def when_durable(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every outcome recorded so far is committed (never before)."""
+        fut = self._last_write
+
+        def run(f: asyncio.Future[None]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.error("the journal did not confirm a delivery; the source is left in place")
+                return
+            action()
+
+        if fut is None:
+            action()
+        elif fut.done():
+            run(fut)
+        else:
+            fut.add_done_callback(run)
+
+
+def _without_place(reason: str, destination: str) -> str:
+    """A reason without the destination's URL in front (the log line names it already)."""
+    head, sep, rest = reason.partition(": ")
+    return rest if sep and head.startswith(destination.rstrip("/")) else reason
+
+
+def waiting(row: Dispatch, next_attempt: float) -> StepResult:
+    """A row handed back to wait (PENDING), its last error kept."""
+    return StepResult(
+        row.id,
+        Status.PENDING,
+        row.attempts,
+        reason=row.reason,
+        error_type=row.error_type,
+        next_attempt=next_attempt,
+    )
+
+
+def as_delivery_error(exc: Exception, ctx: StepContext) -> DeliveryError:
+    """Any exception a delivery raised, as one of ours; a new error keeps the foreign one as
+    its ``__cause__`` (the journal's ``error_type``).
+
+    A foreign exception is a processor bug or an error it did not translate: transient,
+    except a source that vanished (final). A source the service may not read yet (EACCES,
+    EPERM: an upload tool that creates files 0600, then fixes the mode) is worth retrying,
+    within the step's retry policy; a destination that refuses us is not. Told apart by the
+    file the error names."""
+    if isinstance(exc, DeliveryError):
+        cause = exc.__cause__
+        if (
+            isinstance(cause, PermissionError)
+            and not isinstance(exc, SourceUnreadableError)
+            and cause.filename is not None
+            and os.fsdecode(cause.filename) == os.fspath(ctx.input)
+        ):
+            error: DeliveryError = SourceUnreadableError(str(exc))
+            error.__cause__ = cause
+            return error
+        return exc
+    if isinstance(exc, FileNotFoundError) and not ctx.input.exists():
+        error = SourceVanishedError(f"the file {ctx.input} vanished before it was sent")
+    else:
+        error = TransientDeliveryError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def report_write(fut: asyncio.Future[Any]) -> None:
+    """An outcome nobody awaits: a journal failure is logged here, not lost."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("the journal could not record an outcome: %s", fut.exception())

@@ -1,0 +1,138 @@
+"""What the dispatcher's parts share: the configuration in force, the journal, the counters.
+
+Behaviour lives in the parts (planning, lanes, feeder, workers, outcomes, after-actions);
+this holds their common state and the few questions each of them asks of it. No I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config, SourceConfig, Step, scrub, secrets_of
+from ..journal import Journal
+from ..models import Dispatch, FileVersion, Status
+from ..processors import Registry
+from ..router import Router
+
+
+@dataclass
+class DestinationStats:
+    """Counters for one destination, for the status API and the console."""
+
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    bytes: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """What a ``--once`` run did (and what a long run has done so far)."""
+
+    processed: int = 0  #: file versions whose every destination succeeded in this run
+    already_done: int = 0  #: versions found already dispatched
+    unmatched: int = 0  #: files no rule takes
+    failed: int = 0  #: versions with a destination FAILED for good in this run
+    skipped: int = 0  #: not offered because of --max-items
+
+
+class DispatchState:
+    """The state the dispatcher's parts share (one per service)."""
+
+    def __init__(
+        self,
+        config: Config,
+        journal: Journal,
+        registry: Registry,
+        *,
+        workdir: Path,
+        consume_marked: bool,
+        on_change: Callable[[], None] | None,
+    ) -> None:
+        self.journal = journal
+        self.registry = registry
+        self.workdir = workdir
+        #: files recorded by ``mark-existing`` get their after-action like delivered ones
+        self.consume_marked = consume_marked
+        self.summary = RunSummary()
+        self.stats: dict[str, DestinationStats] = defaultdict(DestinationStats)
+        self.in_flight: dict[int, Dispatch] = {}  #: rows a worker is delivering, by id
+        self.batched = 0  #: files in copy batches running now
+        self.stopped_sources: set[str] = set()  #: stopped by ``stop_on_error``
+        self.wake = asyncio.Event()  #: new work may be due: the feeder claims again
+        self.running = asyncio.Event()  #: cleared while paused
+        self.running.set()
+        self.stop = asyncio.Event()  #: the service's stop, once the dispatcher runs
+        self._on_change = on_change
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.sources = {s.key: s for s in config.sources}
+        self.secrets = secrets_of(config)
+
+    def may_start(self) -> bool:
+        """New work starts only while not paused and while the journal takes writes: a
+        delivery the journal cannot record is one it would repeat after a restart."""
+        return self.running.is_set() and self.journal.writable.is_set()
+
+    def semaphore(self, step: Step) -> asyncio.Semaphore | None:
+        """The bound of a step's ``concurrency`` (None: unbounded), shared by equal steps."""
+        if step.concurrency is None:
+            return None
+        key = f"{step.identity()}\0{step.concurrency}"
+        sem = self._semaphores.get(key)
+        if sem is None:
+            sem = self._semaphores[key] = asyncio.Semaphore(step.concurrency)
+        return sem
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret of the configuration replaced."""
+        return scrub(text, self.secrets)
+
+    def follows(self, version: FileVersion) -> bool:
+        """Whether the version's source follows symbolic links."""
+        source = self.sources.get(version.source)
+        return source is not None and source.follow_symlinks
+
+    def source_stops(self, source: SourceConfig) -> bool:
+        """Whether ``source`` stops dispatching now (``stop_on_error`` after a failure);
+        True only the first time."""
+        if not source.stop_on_error or source.key in self.stopped_sources:
+            return False
+        self.stopped_sources.add(source.key)
+        return True
+
+    def changed(self) -> None:
+        """Tell the service's listener (the progress bar) that counts moved."""
+        if self._on_change is not None:
+            self._on_change()
+
+
+def marked(status: Status | str, attempts: int) -> bool:
+    """A SUCCEEDED row no attempt made: ``mark-existing`` recorded it without sending."""
+    return status == Status.SUCCEEDED and attempts == 0
+
+
+def unrun(status: Status | str, attempts: int) -> bool:
+    """A FAILED row no attempt made: "not run" behind a step that failed. It is no verdict on
+    its own step: once every step before it succeeds (a step fixed or removed), it runs."""
+    return status == Status.FAILED and attempts == 0
+
+
+def first_unrun(keys: Sequence[str], rows: dict[str, tuple[str, int]]) -> str | None:
+    """The key of a chain's step that was never run although every step before it succeeded
+    now (see ``unrun``), if there is one: it is to be queued again. ``rows``: step key ->
+    (status, attempts)."""
+    for key in keys:
+        status, attempts = rows[key]
+        if status != Status.SUCCEEDED:
+            return key if unrun(status, attempts) else None
+    return None
