@@ -160,9 +160,8 @@ class RetryPolicy(_Model):
     delay: Seconds = 1.0  #: seconds before the first retry
     backoff: float = Field(2.0, ge=1, le=100)  #: each further wait is multiplied by this
     max_delay: Seconds = 300.0  #: seconds, a cap on one wait
-    #: seconds of waiting between tries after which retrying stops (``90``, ``30m``, ``1h``);
-    #: None: no limit, except 1 h (``retry.NETWORK_FOR_S``) for network errors without
-    #: ``attempts``
+    #: seconds after the first try when retrying stops (``90``, ``30m``, ``1h``); None: no
+    #: limit, except 1 h (``retry.NETWORK_FOR_S``) for network errors without ``attempts``
     for_: Annotated[Seconds | None, BeforeValidator(_duration)] = Field(None, alias="for")
     jitter: bool = True  #: spread waits by up to +/-20% so retries do not march in step
     #: Rattail's rule: retry only while the same kind of error repeats

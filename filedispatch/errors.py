@@ -15,6 +15,8 @@ FileDispatchError
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 
 
@@ -59,6 +61,16 @@ class NetworkError(TransientDeliveryError):
     """The remote could not be reached, or the connection broke: a name that does not resolve,
     a connection refused or reset, a timeout. Retried for as long as an ordinary outage lasts
     (``retry.NETWORK_FOR_S``), not a number of attempts (see retry.py)."""
+
+    @classmethod
+    def from_os_error(cls, where: str, exc: OSError, what: str = "") -> NetworkError:
+        """``where: [what: ]reason``, the reason being the system's words for the error
+        number ("Connection refused"), which do not repeat the address as the exception's
+        text does; the caller raises it ``from exc``."""
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+        if isinstance(exc, socket.gaierror):
+            reason = f"the name does not resolve ({exc.strerror})"
+        return cls(f"{where}: {what}: {reason}" if what else f"{where}: {reason}")
 
 
 class SourceUnreadableError(TransientDeliveryError):

@@ -851,7 +851,9 @@ class Journal:
                 vkeys,
             ).fetchall()
             conn.execute(
-                f"UPDATE dispatches SET status='IN_PROGRESS', started=? WHERE vkey IN ({marks}) "
+                # ``started`` is the first try's (the retry policy's ``for`` counts from it)
+                "UPDATE dispatches SET status='IN_PROGRESS', started=COALESCE(started, ?) "
+                f"WHERE vkey IN ({marks}) "
                 "AND status='PENDING' AND next_attempt <= ?",
                 (now, *vkeys, now),
             )
@@ -970,7 +972,7 @@ class Journal:
             if row is None:
                 return False
             conn.execute(
-                "UPDATE dispatches SET status='PENDING', attempts=0, next_attempt=0, "
+                "UPDATE dispatches SET status='PENDING', attempts=0, next_attempt=0, started=NULL, "
                 "reason=NULL, error_type=NULL, finished=NULL, detail='retry requested' "
                 "WHERE vkey=? AND rule=? AND step>=? AND status='FAILED'",
                 tuple(row),
@@ -1026,8 +1028,8 @@ class Journal:
         def op(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
             conn.executemany(
-                "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL "
-                "WHERE vkey=? AND step_key=? AND status='FAILED' AND attempts=0",
+                "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL, "
+                "started=NULL WHERE vkey=? AND step_key=? AND status='FAILED' AND attempts=0",
                 steps,
             )
             return conn.total_changes - before

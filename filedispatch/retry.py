@@ -22,11 +22,9 @@ if TYPE_CHECKING:
 #: tries in all for an error that may heal, where ``attempts`` is not set (network errors
 #: excepted: they are bounded by time, ``NETWORK_FOR_S``)
 DEFAULT_ATTEMPTS = 5
-#: seconds of waiting between tries after which a network error is given up, where neither
+#: seconds after the first try during which a network error is retried, where neither
 #: ``attempts`` nor ``for`` is set (an ordinary outage: a DNS failure, a server restarting)
 NETWORK_FOR_S = 3600.0
-#: no policy tries more often than this, whatever its waits (a zero wait cannot spin forever)
-MAX_ATTEMPTS = 1000
 #: the jitter's spread: each wait is multiplied by a random factor in [1 - J, 1 + J]
 JITTER = 0.2
 
@@ -66,25 +64,33 @@ def backoff_s(policy: RetryPolicy, attempt: int) -> float:
     return float(min(policy.max_delay, grown))
 
 
-def limits(policy: RetryPolicy, network: bool) -> tuple[int, float | None]:
-    """(most tries in all, seconds of waiting after which retrying stops or None) for an error
-    of this kind. ``attempts`` set applies to every error; unset, a network error is bounded
-    by ``for`` (default ``NETWORK_FOR_S``) and any other by ``DEFAULT_ATTEMPTS``."""
+def limits(policy: RetryPolicy, network: bool) -> tuple[int | None, float | None]:
+    """(most tries in all, seconds after the first try when retrying stops), None for no
+    bound, for an error of this kind. ``attempts`` set applies to every error; unset, a
+    network error is bounded by ``for`` (default ``NETWORK_FOR_S``) and any other by
+    ``DEFAULT_ATTEMPTS`` (and ``for`` if set)."""
     if policy.attempts is not None:
         return policy.attempts, policy.for_
     if network:
-        return MAX_ATTEMPTS, NETWORK_FOR_S if policy.for_ is None else policy.for_
+        return None, NETWORK_FOR_S if policy.for_ is None else policy.for_
     return DEFAULT_ATTEMPTS, policy.for_
 
 
 def decide(
-    policy: RetryPolicy, exc: DeliveryError, attempt: int, previous_error: str | None
+    policy: RetryPolicy,
+    exc: DeliveryError,
+    attempt: int,
+    previous_error: str | None,
+    *,
+    first_try_s: float,
+    now_s: float,
 ) -> Decision:
     """Whether the ``attempt``-th try (1-based), which failed with ``exc``, is tried again.
 
-    A permanent error is never retried. A transient one is while the tries and the waits stay
-    within ``limits``; with ``same_error``, only while the error's kind (``error_kind``) is
-    the one the row failed with before (``previous_error``, None on a first failure). A
+    A permanent error is never retried. A transient one is while within ``limits``: the
+    tries made, and the time from ``first_try_s`` (when the row's first try started, Unix
+    seconds) to ``now_s``; with ``same_error``, only while the error's kind (``error_kind``)
+    is the one the row failed with before (``previous_error``, None on a first failure). A
     ``retry_after`` the server asked for (seconds) lengthens the wait, up to ``max_delay``.
     """
     if not isinstance(exc, TransientDeliveryError):
@@ -95,13 +101,15 @@ def decide(
             False, note=f" (a different error than before, {previous_error}: not retried)"
         )
     most, for_s = limits(policy, isinstance(exc, NetworkError))
-    if attempt >= most:
+    if most is not None and attempt >= most:
         return Decision(False, note=f" (gave up after {attempt} attempts)" if most > 1 else "")
+    if for_s is not None and now_s - first_try_s >= for_s:
+        return Decision(
+            False, note=f" (gave up after {attempt} attempts in {now_s - first_try_s:.0f}s)"
+        )
     wait = backoff_s(policy, attempt)
-    if for_s is not None and sum(backoff_s(policy, n) for n in range(1, attempt + 1)) > for_s:
-        return Decision(False, note=f" (gave up after {attempt} attempts, {for_s:g}s of retrying)")
-    if policy.jitter:
-        wait *= random.uniform(1 - JITTER, 1 + JITTER)
+    if policy.jitter:  # spread, but never past the cap
+        wait = min(policy.max_delay, wait * random.uniform(1 - JITTER, 1 + JITTER))
     hint = exc.retry_after
     if hint is not None:
         wait = max(wait, min(float(hint), policy.max_delay or float(hint)))

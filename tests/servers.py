@@ -67,8 +67,13 @@ class HttpReceiver:
     path has had (1 for the first), and returns a response or None for the default 201.
     """
 
-    def __init__(self, read_delay: float = 0.0, tls: tuple[Path, Path] | None = None) -> None:
+    def __init__(
+        self, read_delay: float = 0.0, tls: tuple[Path, Path] | None = None, port: int = 0
+    ) -> None:
+        """``port``: 0 for any free one; a given port lets a test start it where a client
+        has been failing to connect."""
         self.tls = tls
+        self._port = port
         self.received: list[Received] = []
         self.hits: dict[str, int] = defaultdict(int)
         self.behave: dict[str, Behaviour] = {}
@@ -92,7 +97,7 @@ class HttpReceiver:
 
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*self.tls)
-        site = web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=context)
+        site = web.TCPSite(self.runner, "127.0.0.1", self._port, ssl_context=context)
         await site.start()
         server = site._server
         assert server is not None and server.sockets

@@ -59,7 +59,11 @@ class Outcomes:
         WARNING, later ones at INFO, each line naming the destination once."""
         reason = self.state.scrub(str(exc) or type(exc).__name__)
         kind = retry.error_kind(exc)
-        decision = retry.decide(step.retry, exc, attempt, row.error_type)
+        # row.started: when its first try started (None: this is its first)
+        first = started if row.started is None else row.started
+        decision = retry.decide(
+            step.retry, exc, attempt, row.error_type, first_try_s=first, now_s=time.time()
+        )
         if not decision.retry:
             return StepResult(
                 row.id,
@@ -102,6 +106,9 @@ class Outcomes:
         # source is only touched once this write is durable (see when_durable).
         self._last_write = self.state.journal.finish_soon(results)
         self._last_write.add_done_callback(report_write)
+        if any(r.status == Status.PENDING for r in results):
+            # a retry is planned: the feeder learns when it is due once the row says so
+            self._last_write.add_done_callback(lambda _: self.state.wake.set())
 
     def note(self, destination: str, result: StepResult, version: FileVersion) -> None:
         """Count and log an attempt's result (the journal write is separate)."""

@@ -247,8 +247,10 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             )
         if isinstance(exc, TimeoutError):
             return NetworkError(f"{display}: timed out")
-        if isinstance(exc, (OSError, EOFError)):
-            return NetworkError(f"{display}: {str(exc) or type(exc).__name__}")
+        if isinstance(exc, OSError):
+            return NetworkError.from_os_error(display, exc)
+        if isinstance(exc, EOFError):
+            return NetworkError(f"{display}: the server closed the connection")
         return None
 
 

@@ -530,7 +530,8 @@ def _translate(exc: aiohttp.ClientError, location: str) -> DeliveryError:
         return PermanentDeliveryError(f"{location}: not a valid URL")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return NetworkError(f"{location}: the server closed the connection")
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ClientOSError)):
-        return NetworkError(f"{location}: {text}")  # no name, refused, reset, unreachable
-    return TransientDeliveryError(f"{location}: {text}")
+    if isinstance(exc, aiohttp.ClientConnectorError):  # no name, refused, unreachable
+        return NetworkError.from_os_error(location, exc.os_error, "Cannot connect")
+    if isinstance(exc, aiohttp.ClientOSError):  # reset, broken pipe
+        return NetworkError.from_os_error(location, exc)
+    return TransientDeliveryError(f"{location}: {str(exc) or type(exc).__name__}")

@@ -181,7 +181,7 @@ class SftpProcessor(RemoteProcessor[Session]):
         if isinstance(exc, TimeoutError):
             return NetworkError(f"{display}: timed out")
         if isinstance(exc, OSError):
-            return NetworkError(f"{display}: {str(exc) or type(exc).__name__}")
+            return NetworkError.from_os_error(display, exc)
         return None
 
 
