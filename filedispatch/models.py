@@ -121,18 +121,18 @@ class Dispatch:
     size: int
     mtime_ns: int
     rule: str
-    step: int
+    step: int  #: the step's position in its chain (a worker sets today's; see step_key)
     destination: str
     protocol: str
     status: Status
     attempts: int
     reason: str | None
     location: str | None
-    created: float
-    started: float | None
-    finished: float | None
+    created: float  #: Unix seconds, when the row was planned
+    started: float | None  #: Unix seconds, when its first try started (None: not yet)
+    finished: float | None  #: Unix seconds, when its latest try ended
     duration_ms: int | None
-    next_attempt: float
+    next_attempt: float  #: Unix seconds, when a PENDING row is due
     error_type: str | None = None
     detail: str | None = None
     output: str | None = None  #: the file a transform step produced (for the later steps)
@@ -140,7 +140,8 @@ class Dispatch:
     ino: int | None = None
     ctime_ns: int | None = None
     sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
-    #: the step and the steps before it, as planned (set by a claim; None elsewhere)
+    #: the step and the transforms before it (``router.step_keys``; set by a claim, None
+    #: elsewhere)
     step_key: str | None = None
 
     @property

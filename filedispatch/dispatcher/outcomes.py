@@ -38,7 +38,8 @@ class Outcomes:
         self._last_write: asyncio.Future[None] | None = None
 
     def succeeded(self, row_id: int, attempt: int, outcome: Outcome, started: float) -> StepResult:
-        """The row's result for a delivery that succeeded (texts scrubbed of secrets)."""
+        """The row's result for a delivery that succeeded (texts scrubbed of secrets);
+        ``started``: Unix seconds, when this try started."""
         scrub = self.state.scrub
         return StepResult(
             row_id,
@@ -54,9 +55,10 @@ class Outcomes:
     def failed(
         self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
     ) -> StepResult:
-        """The row's result for a failed attempt: PENDING until its retry is due, or FAILED
-        (see ``retry.decide``). A retry is counted and logged here: the first of a row at
-        WARNING, later ones at INFO, each line naming the destination once."""
+        """The row's result for a failed attempt (``started``: Unix seconds, its start):
+        PENDING until its retry is due, or FAILED (see ``retry.decide``). A retry is counted
+        and logged here: the first of a row at WARNING, later ones at INFO, each line naming
+        the destination once."""
         reason = self.state.scrub(str(exc) or type(exc).__name__)
         kind = retry.error_kind(exc)
         # row.started: when its first try started (None: this is its first)
