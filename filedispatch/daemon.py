@@ -341,12 +341,36 @@ def stop_daemon(pidfile: Path | None, timeout: float = STOP_TIMEOUT) -> int:
                 )
                 return 1
             time.sleep(0.1)
+        # the lock goes when the daemon closes its descriptors, a moment before the process
+        # itself is gone: "stopped" means gone (or a zombie its parent has yet to reap)
+        while not _gone(pid) and time.monotonic() - t0 <= timeout:
+            time.sleep(0.02)
         if _same_file(fd, path):
             path.unlink(missing_ok=True)  # normally the daemon removed it itself
         print(f"filedispatch (pid {pid}) stopped after {time.monotonic() - t0:.1f}s")
         return 0
     finally:
         os.close(fd)
+
+
+def _gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs: no such process, or a zombie (state ``Z`` in
+    ``/proc/PID/stat``, see proc(5)) that only waits to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    # the state follows the command name, which is in parentheses and may hold any byte
+    return stat_line[stat_line.rfind(b")") + 2 : stat_line.rfind(b")") + 3] in (b"Z", b"X")
 
 
 def _unlocked(fd: int) -> bool:
