@@ -36,6 +36,7 @@ from .errors import (
 )
 from .fate import Fate, fate, renamed_by_delivery
 from .journal import Journal, PlannedStep, StepResult, planned_steps
+from .limits import ItemBudget
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
@@ -116,6 +117,7 @@ class Dispatcher:
         self.registry = registry
         self.workdir = workdir
         self.max_items = max_items
+        self.budget = ItemBudget(max_items) if max_items is not None else None
         self.sources = {s.key: s for s in config.sources}
         self.summary = RunSummary()
         self.stats: dict[str, DestinationStats] = defaultdict(DestinationStats)
@@ -163,10 +165,6 @@ class Dispatcher:
 
     async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
         """Plan complete files from a watcher: route them and write PENDING rows."""
-        if self.max_items is not None:
-            room = max(0, self.max_items - self._offered)
-            self.summary.skipped += max(0, len(versions) - room)
-            versions = versions[:room]
         if not versions:
             return
         needs_io = self.router.needs_mime or bool(self.router.classifiers)
@@ -174,6 +172,8 @@ class Dispatcher:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [self.router.route(v) for v in versions]
+        if self.budget is not None:  # --max-items: only work not done yet counts
+            versions, routes = await self.budget.admit(versions, routes, self.journal, self.summary)
         steps: list[PlannedStep] = []
         matched: list[Known] = []
         moves: list[Item] = []

@@ -314,6 +314,50 @@ class StepResult:
     sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
 
 
+@dataclass(frozen=True, slots=True)
+class StepState:
+    """Where one planned step of a file version stands in the journal."""
+
+    id: int  #: the dispatch row
+    step_key: str
+    status: Status
+    attempts: int  #: 0 on a SUCCEEDED row: recorded by mark-existing, never sent
+
+    @property
+    def marked(self) -> bool:
+        return self.status == Status.SUCCEEDED and self.attempts == 0
+
+
+def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
+    """For each version key: its rows' states, read through a read-only connection (safe
+    while a service writes; nothing is created, so a missing journal gives ``{}``). Raises
+    JournalError when the file is there but cannot be read."""
+    if not path.exists():
+        return {}
+    out: dict[str, list[StepState]] = {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    try:
+        for i in range(0, len(vkeys), 500):
+            chunk = list(vkeys[i : i + 500])
+            rows = conn.execute(
+                "SELECT vkey, id, step_key, status, attempts FROM dispatches "
+                f"WHERE vkey IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                chunk,
+            )
+            for vkey, row_id, step_key, status, attempts in rows:
+                out.setdefault(vkey, []).append(
+                    StepState(row_id, step_key, Status(status), attempts)
+                )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return out
+
+
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
     """The rows that plan a routed file version: one per step of each chain."""
     return [

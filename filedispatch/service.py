@@ -28,6 +28,7 @@ from .config import Config, LocalDestination, load_config, secrets_of, watched_b
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
+from .models import FileVersion
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -354,7 +355,9 @@ class Service:
                 s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
             ]
             self.watchers = [
-                SourceWatcher(s, self.dispatcher.offer, self.dispatcher.reject, exclude)
+                SourceWatcher(
+                    s, self.dispatcher.offer, self.dispatcher.reject, exclude, self._age_due
+                )
                 for s in self.config.sources
             ]
             async with asyncio.TaskGroup() as tg:
@@ -388,6 +391,10 @@ class Service:
                 watch_stop.set()
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
+
+    def _age_due(self, version: FileVersion) -> float | None:
+        """When a file some rule waits for (``min_age``) is old enough (the rules in force)."""
+        return self.dispatcher.router.waiting(version)
 
     async def _sweep_workdir(self) -> None:
         """Remove chain work folders no unfinished dispatch needs any more (left by a crash)."""
