@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import Config, folder_problem, load_config, real, watched_by
+from .config import Config, Step, folder_problem, load_config, real, watched_by
 from .content import import_problems
 from .errors import ConfigError, FileDispatchError
 from .models import Status
@@ -407,11 +407,21 @@ def cmd_check(path: Path) -> int:
             extra = f" name {name}" if name else ""
             if getattr(step, "timezone", None):
                 extra += f" (times in {step.timezone})"  # type: ignore[union-attr]
+            extra += describe_controls(step)
             say(f"       {j}) {step.kind}: {step.display}{extra}")
     problems = verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def describe_controls(step: Step) -> str:
+    """``; dedupe content; rate 10/s; ...`` for the routing table (empty without controls)."""
+    parts = ["dedupe content"] if step.deduped else []
+    parts += [
+        f"{key} {value}" for key in ("rate", "bandwidth", "window") if (value := getattr(step, key))
+    ]
+    return "".join(f"; {p}" for p in parts)
 
 
 def verify_problems(config: Config) -> list[str]:

@@ -29,6 +29,7 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -195,10 +196,41 @@ class RetryPolicy(_Model):
 # --------------------------------------------------------------------------- steps
 
 
+Dedupe = Literal["none", "content"]
+
+
 class _Step(_Model):
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
     timeout: PositiveSeconds | None = None  #: seconds one attempt may take
+    #: ``content``: a file whose bytes (SHA-256) this destination already received is
+    #: recorded as a duplicate of that dispatch and not sent again
+    dedupe: Dedupe | None = None
+    #: files per period, shared by every delivery to this destination: ``10/s``, ``600/min``
+    rate: str | None = None
+    #: bytes per second, shared by every delivery to this destination: ``5MB/s``
+    bandwidth: str | None = None
+    #: when this destination may be sent to: ``Mon-Fri 22:00-06:00``, ``08:00-18:00`` or a
+    #: cron expression whose minutes are open (``* 22-23,0-5 * * 1-5``); local time unless
+    #: the destination has a ``timezone``
+    window: str | None = None
+    #: ``dedupe`` of the rule this step is in (a step's own wins)
+    _rule_dedupe: Dedupe | None = PrivateAttr(None)
+
+    @property
+    def deduped(self) -> bool:
+        """Whether content dedupe applies (the step's own ``dedupe``, else its rule's)."""
+        return (self.dedupe or self._rule_dedupe) == "content"
+
+    @field_validator("rate", "bandwidth", "window")
+    @classmethod
+    def _control(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from .controls import Window, parse_bandwidth, parse_rate
+
+        parse = {"rate": parse_rate, "bandwidth": parse_bandwidth, "window": Window.parse}
+        if value is not None:
+            parse[str(info.field_name)](value)
+        return value
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
@@ -679,6 +711,8 @@ class RuleConfig(_Model):
     max_age: Age | None = None
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
     classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
+    #: ``content``: for every step of the rule that does not say otherwise (see _Step.dedupe)
+    dedupe: Dedupe | None = None
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
 
@@ -720,6 +754,7 @@ class RuleConfig(_Model):
             raise ValueError("min_age is larger than max_age: no file could match")
         groups = list(re.compile(self.regex).groupindex) if self.regex else []
         for j, step in enumerate(self.to):
+            step._rule_dedupe = self.dedupe
             if isinstance(step, _UrlStep):
                 try:
                     check_template(step.name, groups)

@@ -26,6 +26,7 @@ from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
+from .controls import OutsideWindowError
 from .errors import (
     DeliveryError,
     JournalError,
@@ -805,6 +806,8 @@ class Dispatcher:
         self, row: Dispatch, step: Step, attempt: int, exc: DeliveryError, started: float
     ) -> StepResult:
         reason = self._scrub(str(exc) or type(exc).__name__)
+        if isinstance(exc, OutsideWindowError):  # not an attempt: it waits for the window
+            return StepResult(row.id, Status.PENDING, row.attempts, reason, next_attempt=exc.until)
         kind = type(exc.__cause__ or exc).__name__
         policy = step.retry
         retry = isinstance(exc, TransientDeliveryError) and attempt < policy.attempts

@@ -198,6 +198,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE dispatches ADD COLUMN ctime_ns INTEGER",
         "ALTER TABLE dispatches ADD COLUMN sha256 TEXT",
     ],
+    [  # dedupe: content asks whether a destination already has these bytes
+        "CREATE INDEX dispatches_sha256 ON dispatches (sha256, destination) "
+        "WHERE sha256 IS NOT NULL AND status = 'SUCCEEDED'",
+    ],
 ]
 
 
@@ -326,6 +330,15 @@ class StepState:
     @property
     def marked(self) -> bool:
         return self.status == Status.SUCCEEDED and self.attempts == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Rows of one destination that wait (PENDING, due later)."""
+
+    destination: str  #: as the rows show it (redacted)
+    count: int
+    until: float  #: when the first of them is due, seconds since 1970
 
 
 def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
@@ -980,6 +993,26 @@ class Journal:
             for k, step_key, status, attempts in rows:
                 out.setdefault(k, []).append((step_key, status, attempts))
         return out
+
+    async def delivered_digest(self, destination: str, sha256: str) -> tuple[int, str] | None:
+        """(id, location) of the first SUCCEEDED dispatch that delivered bytes with this
+        SHA-256 (hex) to ``destination`` (as the rows show it, redacted), or None."""
+        rows = await self.read(
+            "SELECT id, COALESCE(location, destination) FROM dispatches "
+            "WHERE sha256=? AND destination=? AND status='SUCCEEDED' ORDER BY id LIMIT 1",
+            (sha256, destination),
+        )
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def waiting_by_destination(self, now: float) -> list[Waiting]:
+        """Per destination: the PENDING rows not due before ``now`` (held for a window or a
+        retry), and when the first of them is due."""
+        rows = await self.read(
+            "SELECT destination, COUNT(*), MIN(next_attempt) FROM dispatches "
+            "WHERE status='PENDING' AND next_attempt > ? GROUP BY destination",
+            (now,),
+        )
+        return [Waiting(str(d), int(n), float(t)) for d, n, t in rows]
 
     # ------------------------------------------------------------------ history
 

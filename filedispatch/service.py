@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, secrets_of, watched_by
+from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
@@ -214,6 +215,7 @@ class Service:
             ],
             "in_flight": d.running,
             "stopped_sources": sorted(d.stopped_sources),
+            "windows": self.windows(),
             "destinations": {
                 name: {
                     "succeeded": s.succeeded,
@@ -225,6 +227,13 @@ class Service:
                 for name, s in sorted(d.stats.items())
             },
         }
+
+    def windows(self) -> list[dict[str, object]]:
+        """Each destination with a ``window``: whether it is open now, and if not when it
+        opens (seconds since 1970); the API adds what waits for it."""
+        from .controls import window_state
+
+        return window_state(step for rule in self.config.rules for step in rule.to)
 
     # ------------------------------------------------------------------ running
 
@@ -303,7 +312,7 @@ class Service:
         ]
         await asyncio.to_thread(sweep_temporaries, roots)
         await self._sweep_workdir()
-        registry = Registry()
+        registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
         self.dispatcher = Dispatcher(
             self.config,

@@ -5,15 +5,26 @@ Through the real CLI on real folders and a real journal, as an operator would us
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .conftest import cli_env, delivered, journal_rows, old, run_cli, wait_until
+from .apiutil import TOKEN, get_json
+from .conftest import (
+    cli_env,
+    delivered,
+    free_port,
+    journal_rows,
+    old,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from .test_e2e import config
 
 
@@ -282,3 +293,155 @@ def test_templates_stay_inside_the_destination(workspace: dict[str, Path]) -> No
     bad = config(ws, [{"to": {"url": str(ws["outbox"]), "timezone": "Mars/Olympus"}}])
     result = run_cli("check", "-c", bad)
     assert result.returncode == 2 and "rules[0].to[0].timezone" in result.stderr
+
+
+# ---------------------------------------------------------------------------- 3. dedupe
+
+
+def test_dedupe_content_sends_the_same_bytes_once_per_destination(
+    workspace: dict[str, Path],
+) -> None:
+    ws = workspace
+    rules = [
+        {
+            "name": "all",
+            "dedupe": "content",
+            "to": [str(ws["outbox"]), {"url": str(ws["root"] / "plain"), "dedupe": "none"}],
+        }
+    ]
+    cfg = config(ws, rules)
+    aged(ws["inbox"] / "a.txt", 3600, b"same bytes")
+    aged(ws["inbox"] / "b.txt", 3500, b"same bytes")
+    aged(ws["inbox"] / "c.txt", 3400, b"other bytes")
+    check = run_cli("check", "-c", cfg)
+    assert f"1) file: {ws['outbox']} name {{relpath}}; dedupe content" in check.stdout
+    result = run_cli("-c", cfg, "--once")
+    assert result.returncode == 0, result.stderr
+    sent = delivered(ws["outbox"])
+    assert sorted(sent.values()) == [b"other bytes", b"same bytes"]
+    assert len(delivered(ws["root"] / "plain")) == 3  # dedupe: none on that destination
+    rows = journal_rows(ws["db"], "destination=?", (str(ws["outbox"]),))
+    assert {r["status"] for r in rows} == {"SUCCEEDED"}
+    dup = [r for r in rows if (r["detail"] or "").startswith("duplicate of dispatch #")]
+    assert len(dup) == 1
+    first = next(r for r in rows if r["filename"] != dup[0]["filename"] and r["size"] == 10)
+    assert dup[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
+    assert dup[0]["location"] == first["location"] and dup[0]["sha256"] == first["sha256"]
+    # a later run finds the bytes in the journal
+    aged(ws["inbox"] / "d.txt", 3300, b"same bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert len(delivered(ws["outbox"])) == 2
+    last = journal_rows(ws["db"], "filename='d.txt' AND destination=?", (str(ws["outbox"]),))
+    assert last[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
+
+
+# ---------------------------------------------------------------------------- 5. rate
+
+
+def test_rate_and_bandwidth_hold_deliveries_back(workspace: dict[str, Path]) -> None:
+    """Lower bounds only: the limiter may be slower on a busy machine, never faster."""
+    ws = workspace
+    rules = [
+        {"name": "slow", "extensions": ["txt"], "to": {"url": str(ws["outbox"]), "rate": "2/s"}},
+        {
+            "name": "thin",
+            "extensions": ["bin"],
+            "to": {"url": str(ws["root"] / "thin"), "bandwidth": "64KB/s"},
+        },
+    ]
+    cfg = config(ws, rules)
+    for i in range(6):
+        aged(ws["inbox"] / f"f{i}.txt", 3600)
+    for i in range(3):
+        aged(ws["inbox"] / f"g{i}.bin", 3600, b"z" * 64 * 1024)
+    check = run_cli("check", "-c", cfg)
+    assert "; rate 2/s" in check.stdout and "; bandwidth 64KB/s" in check.stdout
+    result = run_cli("-c", cfg, "--once")
+    assert result.returncode == 0, result.stderr
+    assert len(delivered(ws["outbox"])) == 6 and len(delivered(ws["root"] / "thin")) == 3
+    # 6 files at 2/s (a burst of 2, then one each 0.5 s): the last starts >= 2 s after the first
+    txt = sorted(r["finished"] for r in journal_rows(ws["db"], "extension='txt'"))
+    assert txt[-1] - txt[0] >= 1.9
+    # 3 x 64 KiB at 64 KiB/s (one second's worth at once): the last >= 2 s after the first
+    binary = sorted(r["finished"] for r in journal_rows(ws["db"], "extension='bin'"))
+    assert binary[-1] - binary[0] >= 1.9
+
+
+def test_bad_rate_bandwidth_and_window_are_refused(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    for key, value, words in (
+        ("rate", "fast", "is not a rate"),
+        ("bandwidth", "5MB", "is not a bandwidth"),
+        ("window", "Mon-Fry 22:00-06:00", "is not a day"),
+        ("window", "25:00-26:00", "is not a time of day"),
+        ("dedupe", "bytes", "dedupe"),
+    ):
+        cfg = config(ws, [{"to": {"url": str(ws["outbox"]), key: value}}])
+        result = run_cli("check", "-c", cfg)
+        assert result.returncode == 2, (key, result.stdout)
+        assert f"rules[0].to[0].{key}" in result.stderr and words in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- 4. windows
+
+
+def test_window_times() -> None:
+    from filedispatch.controls import Window
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+    night = Window.parse("Mon-Fri 22:00-06:00")
+    # 2026-11-30 is a Monday
+    assert night.opens(at("2026-11-30 23:00"), UTC) is None
+    assert night.opens(at("2026-12-01 05:59"), UTC) is None  # Monday's night, on Tuesday
+    assert night.opens(at("2026-12-01 12:00"), UTC) == at("2026-12-01 22:00")
+    assert night.opens(at("2026-12-05 12:00"), UTC) == at("2026-12-07 22:00")  # Sat -> Mon
+    assert night.opens(at("2026-12-05 03:00"), UTC) is None  # Friday's night, on Saturday
+    cron = Window.parse("* 22-23 * * 1-5")
+    assert cron.opens(at("2026-11-30 22:30"), UTC) is None
+    assert cron.opens(at("2026-11-30 21:10"), UTC) == at("2026-11-30 22:00")
+
+
+def test_outside_its_window_a_file_waits_pending(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    ws = workspace
+    now = datetime.now(UTC)
+    start = (now.hour + 2) % 24
+    window = f"{start:02d}:00-{(start + 1) % 24:02d}:00"
+    port = free_port()
+    data = {
+        "database": str(ws["db"]),
+        "sources": [{"path": str(ws["inbox"]), "name": "inbox", "settle": 0.2}],
+        "rules": [
+            {"to": {"url": str(ws["outbox"]), "window": window, "timezone": "UTC"}},
+        ],
+        "api": {"port": port, "token": TOKEN},
+        "monitor": {"enabled": False},
+    }
+    cfg = write_config(ws["root"] / "config.yml", data)
+    old(ws["inbox"] / "night.txt")
+    svc = service_factory(cfg).start()
+    rows = wait_until(lambda: [r for r in journal_rows(ws["db"]) if r["reason"]])
+    opens = now.replace(hour=start, minute=0, second=0, microsecond=0)
+    if opens < now:
+        opens += timedelta(days=1)
+    assert rows[0]["status"] == "PENDING" and rows[0]["attempts"] == 0
+    assert rows[0]["next_attempt"] == opens.timestamp()
+    assert "outside the destination's window" in rows[0]["reason"]
+    assert delivered(ws["outbox"]) == {}
+    status = asyncio.run(get_json(f"http://127.0.0.1:{port}/api/v1/status"))
+    assert status["windows"] == [
+        {
+            "destination": str(ws["outbox"]),
+            "window": window,
+            "open": False,
+            "opens": status["windows"][0]["opens"],
+            "waiting": 1,
+            "until": status["windows"][0]["until"],
+        }
+    ]
+    assert datetime.fromisoformat(status["windows"][0]["until"]) == opens
+    assert svc.stop() == 0
