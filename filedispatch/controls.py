@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 
-from .errors import DeliveryError
+from .errors import OutsideWindowError
+from .journal import DUPLICATE_OF
 from .models import Outcome
 from .naming import content_sha256
 
@@ -52,15 +53,6 @@ _PERIODS = {
     "h": 3600,
     "hour": 3600,
 }
-
-
-class OutsideWindowError(DeliveryError):
-    """The destination's window is shut: the row waits, PENDING, until ``until`` (seconds
-    since 1970), without counting an attempt."""
-
-    def __init__(self, message: str, until: float) -> None:
-        super().__init__(message)
-        self.until = until
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -290,7 +282,7 @@ class _Controlled:
                 row, location = earlier
                 return Outcome(
                     location,
-                    detail=f"duplicate of dispatch #{row}: the same bytes (sha256 "
+                    detail=f"{DUPLICATE_OF}{row}: the same bytes (sha256 "
                     f"{digest[:12]}...) were delivered there; not sent again",
                     sha256=digest,
                 )

@@ -26,10 +26,10 @@ from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
 from .content import facts_for
-from .controls import OutsideWindowError
 from .errors import (
     DeliveryError,
     JournalError,
+    OutsideWindowError,
     PermanentDeliveryError,
     SourceUnreadableError,
     SourceVanishedError,

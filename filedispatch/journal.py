@@ -332,6 +332,10 @@ class StepState:
         return self.status == Status.SUCCEEDED and self.attempts == 0
 
 
+#: how the detail of a dispatch recorded as a duplicate (``dedupe: content``) begins
+DUPLICATE_OF = "duplicate of dispatch #"
+
+
 @dataclass(frozen=True, slots=True)
 class Waiting:
     """Rows of one destination that wait (PENDING, due later)."""
@@ -995,12 +999,14 @@ class Journal:
         return out
 
     async def delivered_digest(self, destination: str, sha256: str) -> tuple[int, str] | None:
-        """(id, location) of the first SUCCEEDED dispatch that delivered bytes with this
-        SHA-256 (hex) to ``destination`` (as the rows show it, redacted), or None."""
+        """(id, location) of the first SUCCEEDED dispatch that sent bytes with this SHA-256
+        (hex) to ``destination`` (as the rows show it, redacted), or None. Rows recorded as
+        duplicates (``DUPLICATE_OF`` in their detail) name that dispatch, and are passed over."""
         rows = await self.read(
             "SELECT id, COALESCE(location, destination) FROM dispatches "
-            "WHERE sha256=? AND destination=? AND status='SUCCEEDED' ORDER BY id LIMIT 1",
-            (sha256, destination),
+            "WHERE sha256=? AND destination=? AND status='SUCCEEDED' "
+            "AND (detail IS NULL OR detail NOT LIKE ? || '%') ORDER BY id LIMIT 1",
+            (sha256, destination, DUPLICATE_OF),
         )
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
