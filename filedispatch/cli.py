@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import Config, Step, folder_problem, load_config, real, watched_by
+from .config import DEFAULT_IGNORE, Config, Step, folder_problem, load_config, real, watched_by
 from .content import import_problems
 from .errors import ConfigError, FileDispatchError
 from .models import Status
@@ -370,6 +370,9 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        own = ", ".join(s.ignore_globs[len(DEFAULT_IGNORE) if s.ignore_defaults else 0 :])
+        base = "the defaults (.*, *.part, ...)" if s.ignore_defaults else ""
+        say(f"    ignore: {' and '.join(t for t in (base, own) if t) or 'nothing'}")
         if s.open_writers == "check":
             say(f"    open writers: {describe_writer_check(s.path)}")
         else:

@@ -141,6 +141,23 @@ def test_an_absolute_exclude_is_a_path_on_this_machine(workspace: dict[str, Path
     assert delivered(ws["outbox"]) == {"public/open.txt": b"x"}
 
 
+def test_an_absolute_ignore_must_lie_in_its_source(workspace: dict[str, Path]) -> None:
+    ws = workspace
+    cfg = config(ws, ignore=[f"{ws['inbox']}/drafts/*"], recursive=True)
+    old(ws["inbox"] / "drafts" / "d.txt")
+    old(ws["inbox"] / "final" / "f.txt")
+    check = run_cli("check", "-c", cfg)
+    assert check.returncode == 0, check.stderr
+    assert "    ignore: the defaults (.*, *.part, ...) and drafts/*" in check.stdout
+    explain = run_cli("explain", "-c", cfg, ws["inbox"] / "drafts" / "d.txt")
+    assert "not taken: ignored by the source: its name matches ignore" in explain.stdout
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert delivered(ws["outbox"]) == {"final/f.txt": b"x"}
+    bad = config(ws, ignore=["/etc/*"])
+    result = run_cli("check", "-c", bad)
+    assert result.returncode == 2 and "ignore[0]: '/etc/*' starts with /" in result.stderr
+
+
 def test_an_absolute_exclude_outside_every_source_is_refused(workspace: dict[str, Path]) -> None:
     ws = workspace
     cfg = config(ws, [{"exclude": ["*.tmp", "/etc/*"], "to": str(ws["outbox"])}])
@@ -181,9 +198,10 @@ def test_a_young_file_is_taken_when_it_comes_of_age(
     ws = workspace
     rules = [{"name": "late", "min_age": "1h", "to": str(ws["outbox"])}]
     cfg = config(ws, rules, rescan=0)
-    f = aged(ws["inbox"] / "soon.txt", 3600 - 3)  # of age about 3 s from now
+    f = aged(ws["inbox"] / "soon.txt", 3600 - 10)  # of age 10 s from now
     due = f.stat().st_mtime + 3600
     svc = service_factory(cfg).start()
+    assert time.time() < due, "the start-up scan saw it young: the timer is what takes it"
     wait_until(lambda: delivered(ws["outbox"]) == {"soon.txt": b"x"}, timeout=60)
     rows = journal_rows(ws["db"])
     assert len(rows) == 1 and rows[0]["created"] >= due  # planned only once of age
