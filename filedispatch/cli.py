@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -447,6 +448,7 @@ def verify_problems(config: Config) -> list[str]:
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
     """Say for each file what the service would do with it now, and why (see simulate.py)."""
+    from .controls import window_state
     from .service import Options, journal_path
     from .simulate import Simulation
 
@@ -463,8 +465,13 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
         for check in d.checks:
             mark = "+" if check.matched else "-"
             say(f"  {mark} {check.rule}: {check.why}")
+        shut = window_state(step for chain in d.chains for step in chain.steps)
         for chain in d.chains:
             for step in chain.steps:
                 say(f"    -> {describe_target(step, d.version)}")
+                for w in shut:
+                    if w.destination == step.display and w.opens is not None:
+                        opens = time.strftime("%Y-%m-%d %H:%M", time.localtime(w.opens))
+                        say(f"       (its window {w.window} is shut: waits until {opens})")
         say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
     return EXIT_OK

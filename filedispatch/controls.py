@@ -161,21 +161,25 @@ def _at(day: datetime, minutes: int, tz: tzinfo | None) -> datetime:
     return naive.replace(tzinfo=tz) if tz is not None else naive
 
 
-def window_state(steps: Iterable[Step], now: float | None = None) -> list[dict[str, object]]:
-    """``destination``, ``window``, ``open`` and ``opens`` (seconds since 1970, or None while
-    open) for each destination that has a window (once per destination)."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class WindowState:
+    """A destination's window now."""
+
+    destination: str  #: as shown (redacted)
+    window: str  #: as written
+    open: bool
+    opens: float | None  #: when it opens next (seconds since 1970); None while open
+
+
+def window_state(steps: Iterable[Step], now: float | None = None) -> list[WindowState]:
+    """The state of each destination that has a window (once per destination)."""
     now = time.time() if now is None else now
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, WindowState] = {}
     for step in steps:
         if step.window and step.display not in out:
             naming = getattr(step, "naming", None)
             opens = Window.parse(step.window).opens(now, naming.tz if naming else None)
-            out[step.display] = {
-                "destination": step.display,
-                "window": step.window,
-                "open": opens is None,
-                "opens": opens,
-            }
+            out[step.display] = WindowState(step.display, step.window, opens is None, opens)
     return list(out.values())
 
 
@@ -188,8 +192,10 @@ class Controls:
 
     def __init__(self, journal: Journal) -> None:
         self.journal = journal
-        self._rates: dict[str, AsyncLimiter] = {}
-        self._bandwidths: dict[str, AsyncLimiter] = {}
+        #: (destination, its limit as written) -> the limiter: a reload that changes the
+        #: limit gets a new one
+        self._rates: dict[tuple[str, str], AsyncLimiter] = {}
+        self._bandwidths: dict[tuple[str, str], AsyncLimiter] = {}
         self._recent: collections.OrderedDict[tuple[str, str], tuple[int, str]] = (
             collections.OrderedDict()
         )
@@ -220,20 +226,19 @@ class Controls:
     def rate(self, step: Step) -> AsyncLimiter | None:
         if step.rate is None:
             return None
-        limiter = self._rates.get(step.display)
+        limiter = self._rates.get((step.display, step.rate))
         if limiter is None:
             count, period = parse_rate(step.rate)
-            limiter = self._rates[step.display] = AsyncLimiter(count, period)
+            limiter = self._rates[(step.display, step.rate)] = AsyncLimiter(count, period)
         return limiter
 
     def bandwidth(self, step: Step) -> AsyncLimiter | None:
         if step.bandwidth is None:
             return None
-        limiter = self._bandwidths.get(step.display)
+        key = (step.display, step.bandwidth)
+        limiter = self._bandwidths.get(key)
         if limiter is None:
-            limiter = self._bandwidths[step.display] = AsyncLimiter(
-                parse_bandwidth(step.bandwidth), 1.0
-            )
+            limiter = self._bandwidths[key] = AsyncLimiter(parse_bandwidth(step.bandwidth), 1.0)
         return limiter
 
     async def duplicate(self, destination: str, digest: str) -> tuple[int, str] | None:

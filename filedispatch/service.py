@@ -231,9 +231,12 @@ class Service:
     def windows(self) -> list[dict[str, object]]:
         """Each destination with a ``window``: whether it is open now, and if not when it
         opens (seconds since 1970); the API adds what waits for it."""
+        from dataclasses import asdict
+
         from .controls import window_state
 
-        return window_state(step for rule in self.config.rules for step in rule.to)
+        steps = (step for rule in self.config.rules for step in rule.to)
+        return [asdict(w) for w in window_state(steps)]
 
     # ------------------------------------------------------------------ running
 

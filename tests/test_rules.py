@@ -462,4 +462,7 @@ def test_outside_its_window_a_file_waits_pending(
         }
     ]
     assert datetime.fromisoformat(status["windows"][0]["until"]) == opens
+    explain = run_cli("explain", "-c", cfg, ws["inbox"] / "night.txt")
+    assert f"(its window {window} is shut: waits until " in explain.stdout
+    assert "=> not taken: already planned: dispatch #1 waits in the journal" in explain.stdout
     assert svc.stop() == 0
