@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from . import __version__
-from .config import Config, folder_problem, load_config, real, watched_by
-from .content import facts_for, import_problems
+from .config import DEFAULT_IGNORE, Config, Step, folder_problem, load_config, real, watched_by
+from .content import import_problems
 from .errors import ConfigError, FileDispatchError
-from .models import FileVersion, Status
-from .router import Router, describe_target
+from .models import Status
+from .router import Router, age_text, describe_target
 from .sourcefile import describe_writer_check
 from .textsafe import escape
 
@@ -257,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_checked(args.config)
     if args.dry_run:
-        return dry_run(config, args.max_items)
+        return dry_run(config, args.max_items, args.db)
     check_options(config, args)
     options = Options(
         config_path=args.config.absolute(),
@@ -325,28 +325,28 @@ def print_summary(service: Service) -> None:
     )
 
 
-def dry_run(config: Config, max_items: int | None) -> int:
-    """Print where each file in the sources would go; open nothing for writing."""
-    from .watcher import SourceWatcher
+def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> int:
+    """Print what a start would do with each file in the sources, and why a file is not
+    taken; open nothing for writing (the journal is only read). ``max_items`` counts only
+    files that would be sent, as the run does."""
+    from .service import Options, journal_path
+    from .simulate import Simulation
 
-    router = Router(config)
+    simulation = Simulation(config, journal_path(config, Options(db=db)))
     count = 0
-    for source in config.sources:
-        watcher = SourceWatcher(source, _never, _never)
-        found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
-        for rel, st in found:
-            if max_items is not None and count >= max_items:
-                say(f"(stopping at --max-items {max_items})")
-                return EXIT_OK
-            version = FileVersion.from_stat(source.key, source.path, rel, st)
-            chains = router.route(version, facts_for(router, version))
-            if not chains:
-                say(f"{source.key}/{rel}: no rule matches")
-                continue
-            count += 1
-            for chain in chains:
-                for step in chain.steps:
-                    say(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
+    for decision in simulation.scan():
+        if not decision.taken:
+            say(f"{decision.shown}: not taken: {decision.why_not}")
+            continue
+        if max_items is not None and count >= max_items:
+            say(f"(stopping at --max-items {max_items}: only files to send are counted)")
+            return EXIT_OK
+        count += 1
+        assert decision.version is not None
+        for chain in decision.chains:
+            for step in chain.steps:
+                target = describe_target(step, decision.version)
+                say(f"{decision.shown} -> [{chain.rule}] {target}")
     return EXIT_OK
 
 
@@ -371,6 +371,9 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        own = ", ".join(s.ignore_globs[len(DEFAULT_IGNORE) if s.ignore_defaults else 0 :])
+        base = "the defaults (.*, *.part, ...)" if s.ignore_defaults else ""
+        say(f"    ignore: {' and '.join(t for t in (base, own) if t) or 'nothing'}")
         if s.open_writers == "check":
             say(f"    open writers: {describe_writer_check(s.path)}")
         else:
@@ -394,6 +397,10 @@ def cmd_check(path: Path) -> int:
             what.append(f">= {cfg.min_size} bytes")
         if cfg.max_size is not None:
             what.append(f"<= {cfg.max_size} bytes")
+        if cfg.min_age is not None or cfg.max_age is not None:
+            low = age_text(cfg.min_age) if cfg.min_age is not None else "0s"
+            high = age_text(cfg.max_age) if cfg.max_age is not None else ""
+            what.append(f"age {low}..{high}")
         if cfg.classify:
             what.append(f"classify {cfg.classify}")
         srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
@@ -402,11 +409,23 @@ def cmd_check(path: Path) -> int:
         for j, step in enumerate(cfg.to, 1):
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
+            if getattr(step, "timezone", None):
+                extra += f" (times in {step.timezone})"  # type: ignore[union-attr]
+            extra += describe_controls(step)
             say(f"       {j}) {step.kind}: {step.display}{extra}")
     problems = verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def describe_controls(step: Step) -> str:
+    """``; dedupe content; rate 10/s; ...`` for the routing table (empty without controls)."""
+    parts = ["dedupe content"] if step.deduped else []
+    parts += [
+        f"{key} {value}" for key in ("rate", "bandwidth", "window") if (value := getattr(step, key))
+    ]
+    return "".join(f"; {p}" for p in parts)
 
 
 def verify_problems(config: Config) -> list[str]:
@@ -428,35 +447,31 @@ def verify_problems(config: Config) -> list[str]:
 
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
+    """Say for each file what the service would do with it now, and why (see simulate.py)."""
+    from .controls import window_state
+    from .service import Options, journal_path
+    from .simulate import Simulation
+
     config = load_checked(path)
-    router = Router(config)
+    simulation = Simulation(config, journal_path(config, Options()))
     for file in files:
-        absolute = real(file)  # compared resolved, as the sources are
-        source = next(
-            (s for s in config.sources if absolute.is_relative_to(real(s.path))),
-            config.sources[0],
-        )
-        root = real(source.path)
-        rel = (
-            absolute.relative_to(root) if absolute.is_relative_to(root) else Path(file.name)
-        ).as_posix()
-        try:
-            st = absolute.stat()
-            version = FileVersion.from_stat(source.key, source.path, rel, st)
-        except OSError:
-            version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
-            say(f"{file}: (does not exist; taken as an empty file)")
-        say(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
-        facts = facts_for(router, version)
-        if facts.mime:
-            say(f"  detected type: {facts.mime}")
-        chains = {c.rule: c for c in router.route(version, facts)}
-        for check in router.explain(version, facts):
+        d = simulation.look(file)
+        if d.version is None:
+            say(f"{file}: not taken: {d.why_not}")
+            continue
+        say(f"{file}: source {d.version.source}, path {d.version.relpath}, {d.version.size} bytes")
+        if d.facts.mime:
+            say(f"  detected type: {d.facts.mime}")
+        for check in d.checks:
             mark = "+" if check.matched else "-"
             say(f"  {mark} {check.rule}: {check.why}")
-        for chain in chains.values():
+        shut = window_state(step for chain in d.chains for step in chain.steps)
+        for chain in d.chains:
             for step in chain.steps:
-                say(f"    -> {describe_target(step, version)}")
-        if not chains:
-            say("    (no rule takes this file: it stays where it is)")
+                say(f"    -> {describe_target(step, d.version)}")
+                for w in shut:
+                    if w.destination == step.display and w.opens is not None:
+                        opens = time.strftime("%Y-%m-%d %H:%M", time.localtime(w.opens))
+                        say(f"       (its window {w.window} is shut: waits until {opens})")
+        say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
     return EXIT_OK

@@ -16,6 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -28,12 +29,13 @@ from pydantic import (
     SecretStr,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from .errors import ConfigError
-from .naming import check_template
+from .naming import NameOptions, check_template
 from .shell import compile_command
 
 #: names that are never taken: hidden files and the usual partial-download suffixes
@@ -71,6 +73,45 @@ def parse_size(value: int | str) -> int:
     if not size <= MAX_SIZE:  # also refuses what the float could not hold (inf)
         raise ValueError("a size can be at most 1 PiB")
     return int(size)
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+#: the largest age a rule can compare with, in seconds (about 100 years)
+MAX_AGE = 100 * 365 * 86400.0
+
+
+def zone_info(name: str) -> ZoneInfo:
+    """An IANA time zone (``UTC``, ``Europe/Berlin``); ValueError naming it if unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{name!r} is not a time zone (examples: UTC, Europe/Berlin, America/New_York)"
+        ) from None
+
+
+def parse_duration(value: float | str) -> float:
+    """``90``, ``90s``, ``5m``, ``2h``, ``3d``, ``1w`` -> seconds (a float; a bare number is
+    seconds). Raises ValueError naming the examples."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string such as 5m")
+    if isinstance(value, (int, float)):
+        if value < 0 or not math.isfinite(value):
+            raise ValueError("a duration cannot be negative or infinite")
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration (examples: 30, 30s, 5m, 2h, 3d, 1w)")
+    return float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+
+
+#: an age in seconds (``min_age``/``max_age``); written with a unit or as seconds
+Age = Annotated[
+    float,
+    BeforeValidator(lambda v: parse_duration(v) if v is not None else v),
+    Field(ge=0, le=MAX_AGE),
+]
 
 
 #: the upper bound of every duration in the config, in seconds (one week): a wait or a timeout
@@ -171,6 +212,9 @@ class RetryPolicy(_Model):
 # --------------------------------------------------------------------------- steps
 
 
+Dedupe = Literal["none", "content"]
+
+
 class _Step(_Model):
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
@@ -178,6 +222,34 @@ class _Step(_Model):
     #: whether the step may hand the later steps another file than it got (a transform):
     #: only such steps count in the later steps' keys (see ``router.step_keys``)
     transforms: ClassVar[bool] = False
+    #: ``content``: a file whose bytes (SHA-256) this destination already received is
+    #: recorded as a duplicate of that dispatch and not sent again
+    dedupe: Dedupe | None = None
+    #: files per period, shared by every delivery to this destination: ``10/s``, ``600/min``
+    rate: str | None = None
+    #: bytes per second, shared by every delivery to this destination: ``5MB/s``
+    bandwidth: str | None = None
+    #: when this destination may be sent to: ``Mon-Fri 22:00-06:00``, ``08:00-18:00`` or a
+    #: cron expression whose minutes are open (``* 22-23,0-5 * * 1-5``); local time unless
+    #: the destination has a ``timezone``
+    window: str | None = None
+    #: ``dedupe`` of the rule this step is in (a step's own wins)
+    _rule_dedupe: Dedupe | None = PrivateAttr(None)
+
+    @property
+    def deduped(self) -> bool:
+        """Whether content dedupe applies (the step's own ``dedupe``, else its rule's)."""
+        return (self.dedupe or self._rule_dedupe) == "content"
+
+    @field_validator("rate", "bandwidth", "window")
+    @classmethod
+    def _control(cls, value: str | None, info: ValidationInfo) -> str | None:
+        from .controls import Window, parse_bandwidth, parse_rate
+
+        parse = {"rate": parse_rate, "bandwidth": parse_bandwidth, "window": Window.parse}
+        if value is not None:
+            parse[str(info.field_name)](value)
+        return value
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
@@ -215,15 +287,35 @@ class _UrlStep(_Step):
     def _userinfo(cls, value: object) -> object:
         return _encode_userinfo(value) if isinstance(value, str) else value
 
+    #: the time zone of the name template's time placeholders (an IANA name such as
+    #: ``Europe/Berlin`` or ``UTC``); None: the machine's local time
+    timezone: str | None = None
+    #: the regex of the rule this step belongs to (its named groups are placeholders)
+    _rule_regex: str | None = PrivateAttr(None)
+
     def identity(self) -> str:
-        return f"{self.kind}:{self.display}:{self.name}"
+        zone = f":{self.timezone}" if self.timezone else ""  # unset: keys stay as they were
+        return f"{self.kind}:{self.display}:{self.name}{zone}"
 
     kind: str = ""
 
     @field_validator("name")
     @classmethod
     def _template(cls, value: str) -> str:
-        return check_template(value)
+        return check_template(value, groups=None)  # named groups: checked by the rule
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            zone_info(value)
+        return value
+
+    @cached_property
+    def naming(self) -> NameOptions:
+        """The rule's regex and the time zone, for ``naming.render_str``."""
+        regex = re.compile(self._rule_regex) if self._rule_regex else None
+        return NameOptions(regex, zone_info(self.timezone) if self.timezone else None)
 
 
 class LocalDestination(_UrlStep):
@@ -601,12 +693,22 @@ class SourceConfig(_Model):
 
     @property
     def ignore_globs(self) -> tuple[str, ...]:
-        return (DEFAULT_IGNORE if self.ignore_defaults else ()) + tuple(self.ignore)
+        """The defaults (unless turned off) and ``ignore``, a pattern given as a path inside
+        the source made relative to it."""
+        root = str(self.path).rstrip("/") + "/"
+        own = tuple(p.removeprefix(root) if p.startswith("/") else p for p in self.ignore)
+        return (DEFAULT_IGNORE if self.ignore_defaults else ()) + own
 
     @model_validator(mode="after")
     def _after_needs_done_dir(self) -> SourceConfig:
         if self.after == "move" and self.done_dir is None:
             raise ValueError("after: move needs done_dir")
+        for i, pattern in enumerate(self.ignore):
+            if pattern.startswith("/") and not pattern.startswith(str(self.path).rstrip("/") + "/"):
+                raise ValueError(
+                    f"ignore[{i}]: {pattern!r} starts with / but is not inside this source "
+                    f"({self.path}); a pattern is relative to the source (e.g. 'tmp/*')"
+                )
         return self
 
 
@@ -623,8 +725,15 @@ class RuleConfig(_Model):
     exclude: list[str] = Field(default_factory=list)
     min_size: Size | None = None
     max_size: Size | None = None
+    #: seconds since the file was last modified (``30s``, ``5m``, ``2h``, ``3d``): a younger
+    #: file waits, and is looked at again once it is old enough
+    min_age: Age | None = None
+    #: seconds since the file was last modified: an older file is not taken by this rule
+    max_age: Age | None = None
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
     classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
+    #: ``content``: for every step of the rule that does not say otherwise (see _Step.dedupe)
+    dedupe: Dedupe | None = None
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
 
@@ -659,6 +768,21 @@ class RuleConfig(_Model):
         if isinstance(value, (str, Mapping)):
             value = [value]
         return [_coerce_step(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RuleConfig:
+        if self.min_age is not None and self.max_age is not None and self.min_age > self.max_age:
+            raise ValueError("min_age is larger than max_age: no file could match")
+        groups = list(re.compile(self.regex).groupindex) if self.regex else []
+        for j, step in enumerate(self.to):
+            step._rule_dedupe = self.dedupe
+            if isinstance(step, _UrlStep):
+                try:
+                    check_template(step.name, groups)
+                except ValueError as exc:
+                    raise ValueError(f"to[{j}].name: {exc}") from None
+                step._rule_regex = self.regex
+        return self
 
 
 #: the shortest API token taken: a short one is guessed by anyone who can reach the port
@@ -783,6 +907,7 @@ class Config(_Model):
             for s in rule.sources:
                 if s not in known:
                     problems.append(f"rules[{i}].sources: no source is named {s!r}")
+            problems += _absolute_patterns(i, rule, self.sources)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -808,6 +933,29 @@ _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?
 _REMOTE_SCHEME = re.compile(r"^(https?|ftps?|sftp)://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
+
+
+def _absolute_patterns(i: int, rule: RuleConfig, sources: list[SourceConfig]) -> list[str]:
+    """A ``glob``/``exclude`` pattern starting with ``/`` is a path on this machine, tested on
+    the file's full path: refused when no source of the rule could hold such a path (it
+    would never match)."""
+    mine = [s for s in sources if not rule.sources or {s.key, str(s.path)} & set(rule.sources)]
+    problems = []
+    for key in ("glob", "exclude"):
+        for j, pattern in enumerate(getattr(rule, key)):
+            if not pattern.startswith("/"):
+                continue
+            fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0].rpartition("/")[0] or "/"
+            prefix = Path(fixed)
+            if not any(
+                prefix.is_relative_to(s.path) or Path(s.path).is_relative_to(prefix) for s in mine
+            ):
+                problems.append(
+                    f"rules[{i}].{key}[{j}]: {pattern!r} starts with / (a path on this machine) "
+                    "but lies in none of the rule's sources, so it would never match; a pattern "
+                    "without the leading / is relative to the source (e.g. 'private/*')"
+                )
+    return problems
 
 
 def _encode_userinfo(url: str) -> str:

@@ -6,6 +6,7 @@ FileDispatchError
 │   └── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 └── DeliveryError               one delivery step did not succeed
+    ├── OutsideWindowError      the destination's window is shut: wait until it opens
     ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
     │   ├── NetworkError        the remote cannot be reached (DNS, refused, reset, timeout)
     │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
@@ -47,6 +48,15 @@ class ServiceError(FileDispatchError):
 
 class DeliveryError(FileDispatchError):
     """One delivery step did not succeed; the message is recorded in the journal."""
+
+
+class OutsideWindowError(DeliveryError):
+    """The destination's ``window`` is shut: the row waits, PENDING, until ``until`` (seconds
+    since 1970), without counting an attempt."""
+
+    def __init__(self, message: str, until: float) -> None:
+        super().__init__(message)
+        self.until = until
 
 
 class TransientDeliveryError(DeliveryError):

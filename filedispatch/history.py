@@ -24,7 +24,7 @@ from .config import Config, SourceConfig
 from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError
-from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
+from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps, read_states
 from .models import FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
@@ -332,17 +332,22 @@ def mark_existing(
     files = list(existing(config))
     router = Router(config)
     summary = MarkSummary()
-    if dry_run:
-        for _, version in files:
-            chains = _route(router, version)
-            if not chains:
-                summary.unmatched += 1
-                continue
-            summary.files += 1
-            for step in planned_steps(version, chains):
-                summary.steps += 1
-                line = f"{version.source}/{version.relpath} -> {step.destination}"
-                print(escape(line), file=out)
+    if dry_run:  # the same files, routes and journal rows as the real run, only read
+        for start in range(0, len(files), BATCH):
+            batch = [(v, _route(router, v)) for _, v in files[start : start + BATCH]]
+            states = read_states(db, [v.key for v, chains in batch if chains])
+            for version, chains in batch:
+                if not chains:
+                    summary.unmatched += 1
+                    continue
+                summary.files += 1
+                recorded = {s.step_key for s in states.get(version.key, [])}
+                for step in planned_steps(version, chains):
+                    summary.steps += 1
+                    before = step.step_key in recorded
+                    summary.new += not before
+                    line = f"{version.source}/{version.relpath} -> {step.destination}"
+                    print(escape(line + ("  (recorded before)" if before else "")), file=out)
         return summary
     from .service import journal_lock
 
@@ -433,7 +438,9 @@ def _mark_command(config: Config, db: Path, dry_run: bool) -> int:
     if dry_run:
         print(
             f"would mark {summary.files} file(s) ({summary.steps} destination step(s)) as "
-            f"already dispatched; {summary.unmatched} file(s) match no rule"
+            f"already dispatched: {summary.new} destination step(s) would be recorded, "
+            f"{summary.steps - summary.new} were recorded before; "
+            f"{summary.unmatched} file(s) match no rule"
         )
         return 0
     print(

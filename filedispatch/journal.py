@@ -205,6 +205,10 @@ MIGRATIONS: list[list[str]] = [
         "INSERT INTO upgrades (name, done) SELECT 'step-keys', CASE WHEN EXISTS "
         "(SELECT 1 FROM dispatches) THEN NULL ELSE 0 END",
     ],
+    [  # dedupe: content asks whether a destination already has these bytes
+        "CREATE INDEX dispatches_sha256 ON dispatches (sha256, destination) "
+        "WHERE sha256 IS NOT NULL AND status = 'SUCCEEDED'",
+    ],
 ]
 
 
@@ -319,6 +323,63 @@ class StepResult:
     next_attempt: float = 0.0
     output: str | None = None
     sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
+
+
+@dataclass(frozen=True, slots=True)
+class StepState:
+    """Where one planned step of a file version stands in the journal."""
+
+    id: int  #: the dispatch row
+    step_key: str
+    status: Status
+    attempts: int  #: 0 on a SUCCEEDED row: recorded by mark-existing, never sent
+
+    @property
+    def marked(self) -> bool:
+        return self.status == Status.SUCCEEDED and self.attempts == 0
+
+
+#: how the detail of a dispatch recorded as a duplicate (``dedupe: content``) begins
+DUPLICATE_OF = "duplicate of dispatch #"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Rows of one destination that wait (PENDING, due later)."""
+
+    destination: str  #: as the rows show it (redacted)
+    count: int
+    until: float  #: when the first of them is due, seconds since 1970
+
+
+def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
+    """For each version key: its rows' states, read through a read-only connection (safe
+    while a service writes; nothing is created, so a missing journal gives ``{}``). Raises
+    JournalError when the file is there but cannot be read."""
+    if not path.exists():
+        return {}
+    out: dict[str, list[StepState]] = {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    try:
+        for i in range(0, len(vkeys), 500):
+            chunk = list(vkeys[i : i + 500])
+            rows = conn.execute(
+                "SELECT vkey, id, step_key, status, attempts FROM dispatches "
+                f"WHERE vkey IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                chunk,
+            )
+            for vkey, row_id, step_key, status, attempts in rows:
+                out.setdefault(vkey, []).append(
+                    StepState(row_id, step_key, Status(status), attempts)
+                )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return out
 
 
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
@@ -945,6 +1006,28 @@ class Journal:
             for k, step_key, status, attempts in rows:
                 out.setdefault(k, []).append((step_key, status, attempts))
         return out
+
+    async def delivered_digest(self, destination: str, sha256: str) -> tuple[int, str] | None:
+        """(id, location) of the first SUCCEEDED dispatch that sent bytes with this SHA-256
+        (hex) to ``destination`` (as the rows show it, redacted), or None. Rows recorded as
+        duplicates (``DUPLICATE_OF`` in their detail) name that dispatch, and are passed over."""
+        rows = await self.read(
+            "SELECT id, COALESCE(location, destination) FROM dispatches "
+            "WHERE sha256=? AND destination=? AND status='SUCCEEDED' "
+            "AND (detail IS NULL OR detail NOT LIKE ? || '%') ORDER BY id LIMIT 1",
+            (sha256, destination, DUPLICATE_OF),
+        )
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def waiting_by_destination(self, now: float) -> list[Waiting]:
+        """Per destination: the PENDING rows not due before ``now`` (held for a window or a
+        retry), and when the first of them is due."""
+        rows = await self.read(
+            "SELECT destination, COUNT(*), MIN(next_attempt) FROM dispatches "
+            "WHERE status='PENDING' AND next_attempt > ? GROUP BY destination",
+            (now,),
+        )
+        return [Waiting(str(d), int(n), float(t)) for d, n, t in rows]
 
     # ------------------------------------------------------------------ history
 

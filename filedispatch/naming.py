@@ -8,30 +8,74 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import re
 import string
 import time
-from pathlib import PurePosixPath
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .errors import PermanentDeliveryError
 from .models import FileVersion
 
 PLACEHOLDERS = frozenset(
     {"name", "stem", "ext", "relpath", "reldir", "source", "yyyy", "mm", "dd", "HH", "MM", "SS"}
+    | {"parent", "now", "mtime", "counter", "sha256"}
 )
+#: placeholders that take a strftime format after a colon: ``{now:%Y-%m-%d}``
+TIME_PLACEHOLDERS = frozenset({"now", "mtime"})
+#: what ``{now}`` and ``{mtime}`` give without a format
+DEFAULT_TIME_FORMAT = "%Y%m%dT%H%M%S"
+#: the value ``{counter}`` shows where no dispatch exists yet (explain, --dry-run)
+COUNTER_UNKNOWN = "{counter}"
 
 
-def check_template(template: str) -> str:
-    """Validate a template at config load; returns it unchanged or raises ValueError."""
+@dataclass(frozen=True, slots=True)
+class NameOptions:
+    """What a destination adds to its name template: its rule's regex (whose named groups are
+    placeholders) and the time zone of the time placeholders (None: local time)."""
+
+    regex: re.Pattern[str] | None = None
+    tz: tzinfo | None = None
+
+
+NO_OPTIONS = NameOptions()
+
+
+def template_fields(template: str) -> list[tuple[str, str]]:
+    """(field, format spec) of each placeholder of ``template``; ValueError if malformed."""
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        return [
+            (f, spec or "") for _, f, spec, _ in string.Formatter().parse(template) if f is not None
+        ]
     except ValueError as exc:
         raise ValueError(f"bad template {template!r}: {exc}") from None
-    unknown = sorted({f for f in fields if f not in PLACEHOLDERS})
-    if unknown:
-        raise ValueError(
-            f"unknown placeholder {{{unknown[0]}}}; known: "
-            + ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
-        )
+
+
+def check_template(template: str, groups: Iterable[str] | None = ()) -> str:
+    """Validate a template at config load; returns it unchanged or raises ValueError.
+
+    ``groups``: the named groups of the rule's regex, also usable as placeholders; None when
+    they are not known yet (any plain name passes, and the rule checks it later).
+    """
+    known = PLACEHOLDERS | set(groups or ())
+    for field, spec in template_fields(template):
+        if not field.isidentifier():  # {name.attr} or {name[0]} would reach into objects
+            raise ValueError(f"{{{field}}} is not a placeholder (a plain name is)")
+        if field not in known and groups is not None:
+            hint = f" or named groups of the rule's regex ({', '.join(sorted(groups))})"
+            raise ValueError(
+                f"unknown placeholder {{{field}}}; known: "
+                + ", ".join("{" + p + "}" for p in sorted(PLACEHOLDERS))
+                + (hint if groups else " (and no named group of the rule's regex)")
+            )
+        if field == "sha256" and spec and not (spec.isdigit() and 1 <= int(spec) <= 64):
+            raise ValueError("{sha256:N} takes N from 1 to 64 (hex digits kept)")
+        if spec and field not in TIME_PLACEHOLDERS and field != "sha256":
+            raise ValueError(f"{{{field}}} takes no format (only now, mtime and sha256 do)")
     return template
 
 
@@ -40,7 +84,7 @@ def _fields(template: str) -> frozenset[str]:
     return frozenset(f for _, f, _, _ in string.Formatter().parse(template) if f)
 
 
-_TIME_FIELDS = frozenset({"yyyy", "mm", "dd", "HH", "MM", "SS"})
+_TIME_FIELDS = frozenset({"yyyy", "mm", "dd", "HH", "MM", "SS", "mtime"})
 
 #: bytes in one name (path component) on Linux filesystems: ext4, xfs, btrfs, tmpfs
 NAME_MAX = 255
@@ -50,53 +94,131 @@ _EXT_MAX = 32
 _MARK_BYTES = 9
 
 
-def placeholders(version: FileVersion, needed: frozenset[str] = PLACEHOLDERS) -> dict[str, str]:
-    """The placeholder values for a file (only the ``needed`` ones are worked out)."""
+class _Digest(str):
+    """A hex digest; its format spec is how many leading digits to keep."""
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        return str(self)[: int(spec)] if spec else str(self)
+
+
+class _Time(datetime):
+    """A datetime whose empty format spec is DEFAULT_TIME_FORMAT."""
+
+    def __format__(self, spec: str) -> str:
+        return self.strftime(spec or DEFAULT_TIME_FORMAT)
+
+
+def _as_time(timestamp: float, tz: tzinfo | None, what: str = "the time") -> _Time:
+    try:
+        return _Time.fromtimestamp(timestamp, tz)
+    except (OverflowError, OSError, ValueError):
+        # tmpfs keeps mtimes up to 2**63 s, beyond what the C library can turn into a date
+        raise PermanentDeliveryError(
+            f"{what} ({timestamp:.0f} s since 1970) has no calendar date on this system, so "
+            "the name template's date fields cannot be filled"
+        ) from None
+
+
+def placeholders(
+    version: FileVersion,
+    needed: frozenset[str] = PLACEHOLDERS,
+    options: NameOptions = NO_OPTIONS,
+    *,
+    counter: int | None = None,
+    content: Path | None = None,
+    now: float | None = None,
+) -> dict[str, object]:
+    """The placeholder values for a file (only the ``needed`` ones are worked out).
+
+    ``counter``: the dispatch's id in the journal (None: shown as ``{counter}``); ``content``:
+    the file whose bytes ``{sha256}`` hashes (default the version's own); ``now``: seconds
+    since 1970 for ``{now}`` (default the clock).
+    """
     name = version.name
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot + 1 :]) if dot > 0 else (name, "")
-    values = {
+    reldir = version.relpath.rpartition("/")[0]
+    values: dict[str, object] = {
         "name": name,
         "stem": stem,
         "ext": ext,
         "relpath": version.relpath,
-        "reldir": version.relpath.rpartition("/")[0],
+        "reldir": reldir,
         "source": version.source.strip("/").replace("/", "_"),
     }
+    if "parent" in needed:
+        values["parent"] = reldir.rpartition("/")[2] if reldir else version.root.name
     if needed & _TIME_FIELDS:
-        try:
-            t = time.localtime(version.mtime_ns / 1e9)
-        except (OverflowError, OSError, ValueError):
-            # tmpfs keeps mtimes up to 2**63 s, beyond what the C library can turn into a date
-            raise PermanentDeliveryError(
-                f"the file's modification time ({version.mtime_ns} ns since 1970) has no "
-                "calendar date on this system, so the name template's date fields cannot be "
-                "filled"
-            ) from None
+        t = _as_time(version.mtime_ns / 1e9, options.tz, "the file's modification time")
         values.update(
-            yyyy=f"{t.tm_year:04d}",
-            mm=f"{t.tm_mon:02d}",
-            dd=f"{t.tm_mday:02d}",
-            HH=f"{t.tm_hour:02d}",
-            MM=f"{t.tm_min:02d}",
-            SS=f"{t.tm_sec:02d}",
+            yyyy=f"{t.year:04d}",
+            mm=f"{t.month:02d}",
+            dd=f"{t.day:02d}",
+            HH=f"{t.hour:02d}",
+            MM=f"{t.minute:02d}",
+            SS=f"{t.second:02d}",
+            mtime=t,
         )
+    if "now" in needed:
+        values["now"] = _as_time(time.time() if now is None else now, options.tz)
+    if "counter" in needed:
+        values["counter"] = COUNTER_UNKNOWN if counter is None else str(counter)
+    if "sha256" in needed:
+        values["sha256"] = _Digest(content_sha256(version, content))
+    if options.regex is not None and needed - PLACEHOLDERS:
+        match = options.regex.search(version.relpath)
+        groups = match.groupdict() if match else {}
+        for group in needed - PLACEHOLDERS:
+            values[group] = groups.get(group) or ""
     return values
 
 
-def render(template: str, version: FileVersion, name: str | None = None) -> PurePosixPath:
-    """The relative path a file gets at its destination; ``name`` overrides the file name."""
-    return PurePosixPath(render_str(template, version, name))
+def content_sha256(version: FileVersion, content: Path | None = None) -> str:
+    """The hex SHA-256 of the version's bytes (or of ``content``, a transform's output); read
+    through ``sourcefile``, so never through a link out of the source. PermanentDeliveryError
+    when it cannot be read."""
+    from . import sourcefile
+
+    try:
+        fd, _ = sourcefile.open_input(version, content or version.path)
+    except OSError as exc:
+        raise PermanentDeliveryError(f"{{sha256}} cannot be worked out: {exc}") from None
+    with os.fdopen(fd, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def render_str(template: str, version: FileVersion, name: str | None = None) -> str:
-    """``render`` as a plain "a/b/c" string (cheaper, for the per-file hot path)."""
+def render(
+    template: str,
+    version: FileVersion,
+    name: str | None = None,
+    options: NameOptions = NO_OPTIONS,
+    **more: Any,
+) -> PurePosixPath:
+    """The relative path a file gets at its destination; ``name`` overrides the file name;
+    ``options`` and ``more`` as for ``render_str``."""
+    return PurePosixPath(render_str(template, version, name, options, **more))
+
+
+def render_str(
+    template: str,
+    version: FileVersion,
+    name: str | None = None,
+    options: NameOptions = NO_OPTIONS,
+    **more: Any,
+) -> str:
+    """``render`` as a plain "a/b/c" string (cheaper, for the per-file hot path). ``options``
+    are the destination's; ``more`` (counter, content, now) as for ``placeholders``.
+
+    Raises PermanentDeliveryError when the name would leave the destination.
+    """
     if name is None or name == version.name:
         if template == "{relpath}":  # the defaults: the watcher's relpath is already clean
             return _checked(version.relpath)
         if template == "{name}":
             return _checked(version.name)
-    values = placeholders(version, _fields(template))
+    values = placeholders(version, _fields(template), options, **more)
     if name is not None and name != version.name:
         dot = name.rfind(".")
         reldir = version.relpath.rpartition("/")[0]

@@ -1,20 +1,22 @@
 """Routing: rules compiled once; a file version in, the chains of steps it must go through out.
 
-Pure and synchronous: no I/O, no clock. Facts that need I/O (a MIME type, a classifier's
-verdict) are found by the caller and passed in.
+Pure and synchronous: no I/O. Facts that need I/O (a MIME type, a classifier's verdict) are
+found by the caller and passed in; the time (for ``min_age``/``max_age``) comes from the clock
+the router was given, read once per file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .config import Config, LocalDestination, RuleConfig, Step
 from .errors import PermanentDeliveryError
 from .models import FileVersion
-from .naming import render
+from .naming import NO_OPTIONS, render
 from .patterns import GlobSet
 
 
@@ -98,45 +100,89 @@ def _mime_matcher(patterns: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile("(?:" + "|".join(parts) + r")\Z")
 
 
+def age_text(seconds: float) -> str:
+    """``90`` -> ``1m30s``, ``7200`` -> ``2h``: an age or a wait for people."""
+    seconds = max(0, int(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts[:2])
+
+
 class CompiledRule:
     def __init__(self, name: str, rule: RuleConfig, source_keys: set[str] | None) -> None:
         self.name = name
         self.config = rule
         self.sources = source_keys
         self.extensions = frozenset(rule.extensions)
-        self.glob = GlobSet.compile(rule.glob)
-        self.exclude = GlobSet.compile(rule.exclude)
+        self.glob = GlobSet.compile([p for p in rule.glob if not p.startswith("/")])
+        self.exclude = GlobSet.compile([p for p in rule.exclude if not p.startswith("/")])
+        # a pattern starting with "/" is a path on this machine: tested on the file's full path
+        self.glob_abs = GlobSet.compile([p for p in rule.glob if p.startswith("/")])
+        self.exclude_abs = GlobSet.compile([p for p in rule.exclude if p.startswith("/")])
         self.regex = re.compile(rule.regex) if rule.regex else None
         self.mime = _mime_matcher(rule.mime)
         self.chain = Chain(name, tuple(rule.to), step_keys(rule.to))
 
-    def check(self, version: FileVersion, facts: Facts) -> str | None:
-        """None when the rule takes the file, else the reason it does not."""
+    def check(self, version: FileVersion, facts: Facts | None) -> str | None:
+        """None when the rule takes the file (its age aside: see ``check_age``), else the
+        reason it does not. ``facts`` None: the content conditions (mime) are not tested."""
         if self.sources is not None and version.source not in self.sources:
             return f"only for sources {sorted(self.sources)}"
         if self.extensions and version.extension not in self.extensions:
             return f"extension {version.extension or '(none)'!r} not in {sorted(self.extensions)}"
-        if self.glob and not self.glob.match(version.relpath):
+        if (self.glob or self.glob_abs) and not (
+            (self.glob and self.glob.match(version.relpath))
+            or (self.glob_abs and self.glob_abs.match(str(version.path).lstrip("/")))
+        ):
             return f"path does not match glob {self.config.glob}"
         if self.regex is not None and not self.regex.search(version.relpath):
             return f"path does not match regex {self.config.regex!r}"
-        if self.exclude and self.exclude.match(version.relpath):
+        if (self.exclude and self.exclude.match(version.relpath)) or (
+            self.exclude_abs and self.exclude_abs.match(str(version.path).lstrip("/"))
+        ):
             return f"path matches exclude {self.config.exclude}"
         if self.config.min_size is not None and version.size < self.config.min_size:
             return f"size {version.size} below min_size {self.config.min_size}"
         if self.config.max_size is not None and version.size > self.config.max_size:
             return f"size {version.size} above max_size {self.config.max_size}"
-        if self.mime is not None and (
-            facts.mime is None or not self.mime.match(facts.mime.lower())
+        if (
+            facts is not None
+            and self.mime is not None
+            and (facts.mime is None or not self.mime.match(facts.mime.lower()))
         ):
             return f"type {facts.mime or 'unknown'} not in {self.config.mime}"
         return None
 
+    def check_age(self, version: FileVersion, now: float) -> tuple[str | None, float | None]:
+        """(why not, when it will be old enough): (None, None) when the age suits the rule;
+        (reason, None) when the file is too old; (reason, due) when it is too young, ``due``
+        in seconds since 1970."""
+        cfg = self.config
+        if cfg.min_age is None and cfg.max_age is None:
+            return None, None
+        mtime = version.mtime_ns / 1e9
+        age = now - mtime
+        if cfg.min_age is not None and now < (due := mtime + cfg.min_age):
+            return (
+                f"too young: modified {age_text(age)} ago, min_age {age_text(cfg.min_age)}; "
+                f"taken at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(due))}",
+                due,
+            )
+        if cfg.max_age is not None and age > cfg.max_age:
+            return f"too old: modified {age_text(age)} ago, max_age {age_text(cfg.max_age)}", None
+        return None, None
+
 
 class Router:
-    """Every rule of a config, compiled; ``route`` is called once per file version."""
+    """Every rule of a config, compiled; ``route`` is called once per file version.
 
-    def __init__(self, config: Config) -> None:
+    ``clock``: seconds since 1970 (``time.time``), read once per file for the age conditions.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.time) -> None:
         paths = {str(s.path): s.key for s in config.sources}
         self.rules: list[CompiledRule] = []
         for i, rule in enumerate(config.rules):
@@ -145,53 +191,77 @@ class Router:
         self.by_name = {r.name: r for r in self.rules}
         self.needs_mime = any(r.mime is not None for r in self.rules)
         self.classifiers = {r.name: r.config.classify for r in self.rules if r.config.classify}
+        self.clock = clock
+        self.ages = any(r.config.min_age is not None for r in self.rules)
+        self.timed = self.ages or any(r.config.max_age is not None for r in self.rules)
 
     def route(self, version: FileVersion, facts: Facts = Facts()) -> list[Chain]:
-        """The chains this file version goes through, in rule order."""
-        return [c for c, _ in self._walk(version, facts, explain=False) if c is not None]
+        """The chains this file version goes through, in rule order; none while some rule
+        waits for the file to be old enough (``waiting``)."""
+        walked, due = self._walk(version, facts, explain=False)
+        return [] if due is not None else [c for c, _ in walked if c is not None]
 
     def explain(self, version: FileVersion, facts: Facts = Facts()) -> list[RuleCheck]:
-        return [check for _, check in self._walk(version, facts, explain=True)]
+        return [check for _, check in self._walk(version, facts, explain=True)[0]]
+
+    def waiting(self, version: FileVersion, facts: Facts | None = None) -> float | None:
+        """When the file will be old enough for the rule that waits for it (seconds since
+        1970), or None if no rule waits. A rule waits for a file that it would take but for
+        ``min_age``: the file is not routed at all until then (no rule after it takes it
+        meanwhile, and no after-action runs early). ``facts`` None: content conditions are
+        taken as met (the caller looks again then, and routes with the facts)."""
+        if not self.ages:
+            return None
+        return self._walk(version, facts, explain=False)[1]
 
     def _walk(
-        self, version: FileVersion, facts: Facts, explain: bool
-    ) -> list[tuple[Chain | None, RuleCheck]]:
+        self, version: FileVersion, facts: Facts | None, explain: bool
+    ) -> tuple[list[tuple[Chain | None, RuleCheck]], float | None]:
         out: list[tuple[Chain | None, RuleCheck]] = []
         stopped_by: str | None = None
+        due: float | None = None
+        now = self.clock() if self.timed else 0.0
         for rule in self.rules:
             if stopped_by is not None:
                 if not explain:
                     break
-                out.append(
-                    (None, RuleCheck(rule.name, False, f"not tried: {stopped_by} matched first"))
-                )
+                out.append((None, RuleCheck(rule.name, False, f"not tried: {stopped_by}")))
                 continue
             why = rule.check(version, facts)
             chain: Chain | None = rule.chain
-            if why is None and rule.name in self.classifiers:
+            if why is None and rule.name in self.classifiers and facts is not None:
                 chosen = facts.classified.get(rule.name)
                 target = self.by_name.get(chosen) if chosen else None
                 if target is None:
                     why = f"classifier {self.classifiers[rule.name]} chose {chosen or 'nothing'}"
                 else:
                     chain = Chain(target.name, target.chain.steps, target.chain.keys)
+            if why is None:
+                why, young = rule.check_age(version, now)
+                if young is not None:
+                    due = young if due is None else min(due, young)
+                    out.append((None, RuleCheck(rule.name, False, why or "")))
+                    if not rule.config.continue_:
+                        stopped_by = f"the file waits for {rule.name}"
+                    continue
             if why is not None:
                 out.append((None, RuleCheck(rule.name, False, why)))
                 continue
             assert chain is not None
             out.append((chain, RuleCheck(rule.name, True, "matched")))
             if not rule.config.continue_:
-                stopped_by = rule.name
-        return out
+                stopped_by = f"{rule.name} matched first"
+        return out, due
 
 
 def describe_target(step: Step, version: FileVersion) -> str:
-    """Where a step would put this file, for ``explain`` and ``--dry-run`` (credentials hidden)."""
+    """Where a step would put this file, for ``explain`` and ``--dry-run`` (credentials hidden;
+    ``{counter}`` is shown as it is: the journal gives the number when the file is planned)."""
     template = getattr(step, "name", None)
     if template is None:
         return step.display
     try:
-        rel = render(template, version)
+        rel = render(template, version, None, getattr(step, "naming", NO_OPTIONS))
     except PermanentDeliveryError as exc:
         return f"{step.display} (refused: {exc})"
     if isinstance(step, LocalDestination):

@@ -25,9 +25,11 @@ from pydantic import BaseModel
 from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, secrets_of, watched_by
+from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
+from .models import FileVersion
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -213,6 +215,7 @@ class Service:
             ],
             "in_flight": d.running,
             "stopped_sources": sorted(d.stopped_sources),
+            "windows": self.windows(),
             "destinations": {
                 name: {
                     "succeeded": s.succeeded,
@@ -224,6 +227,16 @@ class Service:
                 for name, s in sorted(d.stats.items())
             },
         }
+
+    def windows(self) -> list[dict[str, object]]:
+        """Each destination with a ``window``: whether it is open now, and if not when it
+        opens (seconds since 1970); the API adds what waits for it."""
+        from dataclasses import asdict
+
+        from .controls import window_state
+
+        steps = (step for rule in self.config.rules for step in rule.to)
+        return [asdict(w) for w in window_state(steps)]
 
     # ------------------------------------------------------------------ running
 
@@ -305,7 +318,7 @@ class Service:
         ]
         await asyncio.to_thread(sweep_temporaries, roots)
         await self._sweep_workdir()
-        registry = Registry()
+        registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
         self.dispatcher = Dispatcher(
             self.config,
@@ -357,7 +370,9 @@ class Service:
                 s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
             ]
             self.watchers = [
-                SourceWatcher(s, self.dispatcher.offer, self.dispatcher.reject, exclude)
+                SourceWatcher(
+                    s, self.dispatcher.offer, self.dispatcher.reject, exclude, self._age_due
+                )
                 for s in self.config.sources
             ]
             async with asyncio.TaskGroup() as tg:
@@ -391,6 +406,10 @@ class Service:
                 watch_stop.set()
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
+
+    def _age_due(self, version: FileVersion) -> float | None:
+        """When a file some rule waits for (``min_age``) is old enough (the rules in force)."""
+        return self.dispatcher.router.waiting(version)
 
     async def _sweep_workdir(self) -> None:
         """Remove chain work folders no unfinished dispatch needs any more (left by a crash)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import watchfiles
 
 from . import sourcefile
-from .config import SourceConfig
+from .config import DEFAULT_IGNORE, SourceConfig
 from .errors import JournalError
 from .models import FileVersion
 from .patterns import GlobSet
@@ -55,6 +55,9 @@ NETWORK_FS = frozenset(
 #: hand-overs than the few syscalls per file it would move off the loop)
 LOCAL_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "jfs"})
 BATCH = 500
+#: files waiting to be old enough for a rule (``min_age``) that are remembered for a timely
+#: look; beyond this many, the later ones are found by the periodic rescan instead
+MAX_AGE_WAITS = 100_000
 #: seconds between looks at a file someone still holds open for writing (at least; ``settle``
 #: is used when longer, up to 2 s)
 WRITER_RECHECK = 0.25
@@ -63,6 +66,8 @@ Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[None]]
 #: a file's (inode, ctime_ns, device), kept with its size and mtime
 Ident = tuple[int, int, int]
 Reject = Callable[[SourceConfig, FileVersion, str], Awaitable[None]]
+#: when a file handed on will be old enough for the rule that waits for it (seconds since 1970)
+AgeDue = Callable[[FileVersion], float | None]
 
 
 def mount_fstype(path: Path, mounts_file: str = "/proc/self/mounts") -> str | None:
@@ -109,8 +114,13 @@ class SourceWatcher:
         emit: Emit,
         reject: Reject,
         exclude: list[Path] | None = None,
+        age_due: AgeDue | None = None,
     ) -> None:
         self.config = config
+        self._age_due = age_due
+        #: files a rule waits for (``min_age``): relpath -> when to look again
+        self._ageing: dict[str, float] = {}
+        self._told_ageing = False
         self.root = config.path
         self._prefix = str(config.path).rstrip(os.sep) + os.sep
         self._emit_cb = emit
@@ -339,6 +349,76 @@ class SourceWatcher:
             return rel, est
         return None
 
+    # ------------------------------------------------------------------ for a simulation
+
+    def why_not(self, rel: str) -> str | None:
+        """Why the watcher would never hand on the file at ``rel`` (relative to the source),
+        by the rules it applies in the scan and the watch; None if it could. For ``explain``:
+        it stats the file, so it is not for the event loop."""
+        parts = rel.split("/")
+        for i in range(len(parts)):
+            if self._ignored("/".join(parts[: i + 1])):
+                what = "name" if i == len(parts) - 1 else "folder"
+                defaults = (
+                    " (the defaults: see ignore_defaults)"
+                    if self._ignored_by_default("/".join(parts[: i + 1]))
+                    else ""
+                )
+                return f"ignored by the source: its {what} matches ignore{defaults}"
+        if "/" in rel and not self.config.recursive:
+            return "in a sub-folder, and the source is not recursive"
+        path = self._prefix + rel
+        if self.exclude and self._excluded(path):
+            return "in a folder the service keeps out (done_dir, failed_dir or a destination)"
+        if not valid_name(rel):
+            return "the file name is not valid UTF-8: recorded as FAILED, never sent"
+        if self._marker(rel):
+            return f"a ready: {self.config.ready} marker, not a file to send"
+        folder = rel.rpartition("/")[0]
+        if folder and not self._folder_allowed(folder, {}):
+            return "below a linked folder (follow_symlinks is false, or it leads outside)"
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                if not self._link_allowed(path):
+                    why = (
+                        "leads outside the source"
+                        if self.config.follow_symlinks
+                        else ("follow_symlinks is false")
+                    )
+                    return f"a symbolic link: not followed ({why})"
+                st = os.stat(path)
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (a folder, FIFO, socket or device is never taken)"
+        return None
+
+    def _ignored_by_default(self, rel: str) -> bool:
+        defaults = GlobSet.compile(DEFAULT_IGNORE if self.config.ignore_defaults else ())
+        return bool(defaults) and defaults.match(rel)
+
+    def not_ready(self, version: FileVersion, now: float) -> str | None:
+        """Why the file is not complete now, by the source's ``ready`` and ``open_writers``
+        (None: it would be handed on). Stats and may open the file: not for the event loop."""
+        mode = self.config.ready
+        if mode == "settle":
+            age = now - version.mtime_ns / 1e9
+            if self.config.settle > 0 and age < self.config.settle:
+                return (
+                    f"not complete yet: modified {max(age, 0):.1f}s ago, settle is "
+                    f"{self.config.settle:g}s"
+                )
+        elif os.path.lexists(f"{self._prefix}{version.relpath}.{mode}") == (mode == "lock"):
+            if mode == "lock":
+                return f"not complete yet: {version.name}.lock exists (taken once it is gone)"
+            return f"not complete yet: waits for {version.name}.done"
+        if self.config.open_writers == "check" and version.relpath in self.writers.busy(
+            self.root, [version]
+        ):
+            return "not complete yet: a process holds it open for writing"
+        return None
+
     # ------------------------------------------------------------------ readiness
 
     def _relative(self, raw: str) -> str | None:
@@ -545,8 +625,11 @@ class SourceWatcher:
             now = time.time()
             due_now: list[str] = []
             while self._heap and self._heap[0][0] <= now:
-                _, rel = heapq.heappop(self._heap)
+                due, rel = heapq.heappop(self._heap)
                 if rel in self._pending:
+                    due_now.append(rel)
+                elif self._ageing.get(rel) == due:
+                    del self._ageing[rel]
                     due_now.append(rel)
             await self._emit(await self._observe(sorted(set(due_now))))
 
@@ -575,7 +658,42 @@ class SourceWatcher:
             good = await self._no_writers(good)
         if good:
             await self._emit_cb(self.config, good)
+        waiting = self._wait_for_age(good) if self._age_due is not None else set()
         if self.config.ready == "done":
             for v in good:
-                with contextlib.suppress(OSError):
-                    os.unlink(f"{v.path}.done")
+                if v.relpath not in waiting:  # its marker is needed when it is looked at again
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{v.path}.done")
+
+    def _wait_for_age(self, versions: list[FileVersion]) -> set[str]:
+        """Remember to look again at files a rule waits for (``min_age``), when they are old
+        enough: one timer entry per file and due time, at most MAX_AGE_WAITS of them (the
+        rescan finds the others). Returns their relpaths."""
+        assert self._age_due is not None
+        waiting: set[str] = set()
+        for v in versions:
+            due = self._age_due(v)
+            if due is None:
+                continue
+            waiting.add(v.relpath)
+            if self._ageing.get(v.relpath) == due:
+                continue  # a rescan offered it again: its look is already due
+            if len(self._ageing) >= MAX_AGE_WAITS and v.relpath not in self._ageing:
+                if not self._told_ageing:
+                    self._told_ageing = True
+                    log.warning(
+                        "source %s: more than %d files wait for min_age; the others are "
+                        "found by the rescan (every %gs)",
+                        self.root,
+                        MAX_AGE_WAITS,
+                        self.config.rescan,
+                    )
+                continue
+            self._ageing[v.relpath] = due
+            self._look_again(v.relpath, due)
+        return waiting
+
+    @property
+    def ageing(self) -> int:
+        """Files a rule waits for until they are old enough (``min_age``)."""
+        return len(self._ageing)

@@ -311,3 +311,32 @@ def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
         with urllib.request.urlopen(request, timeout=10) as resp:
             assert [r["filename"] for r in json.load(resp)["results"]] == ["big.bin"]
     assert svc.stop() == 0
+
+
+def test_the_dashboard_shows_what_waits_for_a_window(
+    tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
+) -> None:
+    import datetime as dt
+
+    driver = browser
+    port = free_port()
+    start = (dt.datetime.now(dt.UTC).hour + 2) % 24
+    window = f"{start:02d}:00-{(start + 1) % 24:02d}:00"
+    outbox = tmp_path / "night"
+    cfg = ops_config(
+        tmp_path,
+        rules=[{"to": {"url": str(outbox), "window": window, "timezone": "UTC"}}],
+        api={"port": port, "token": TOKEN},
+    )
+    svc = service_factory(cfg).start()
+    old(tmp_path / "inbox" / "night.txt", b"n")
+    wait_until(lambda: journal_rows(tmp_path / "journal.db", "reason IS NOT NULL"), 30)
+    url = f"http://127.0.0.1:{port}"
+    driver.get(url + "/")
+    driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
+    driver.get(url + "/")
+    wait_until(lambda: "1 waiting" in _text(driver, "#windows"), 15)
+    text = _text(driver, "#windows")
+    assert f"{outbox}: window {window} shut; 1 waiting, opens " in text
+    assert driver.find_elements(By.CSS_SELECTOR, "#windows li.window.shut")
+    assert svc.stop() == 0

@@ -41,3 +41,50 @@ def test_every_config_example_is_valid(where: str, data: object, tmp_path: Path)
 def test_example_config_is_valid() -> None:
     config = load_config(ROOT / "config.example.yml")
     assert config.sources[0].path == ROOT / "inbox"
+
+
+def _example(marker: str) -> str:
+    """The YAML block of configuration.md that contains ``marker``."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    return next(b for b in BLOCK.findall(text) if marker in b)
+
+
+def test_the_naming_example_runs(tmp_path: Path) -> None:
+    """configuration.md's naming example, run as written (--once) on a real file."""
+    import hashlib
+    import os
+    import time
+
+    from .conftest import delivered, run_cli
+
+    (tmp_path / "config.yml").write_text(_example("name: invoices"), encoding="utf-8")
+    f = tmp_path / "inbox" / "north" / "acme_20261130_inv.pdf"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"%PDF")
+    when = time.time() - 3600
+    os.utime(f, (when, when))
+    result = run_cli("-c", tmp_path / "config.yml", "--once", "--db", tmp_path / "j.db")
+    assert result.returncode == 0, result.stderr
+    hhmm = time.strftime("%H%M", time.gmtime(f.stat().st_mtime))
+    digest = hashlib.sha256(b"%PDF").hexdigest()[:8]
+    assert list(delivered(tmp_path / "outbox" / "invoices")) == [
+        f"acme/20261130/{hhmm}-1-{digest}-acme_20261130_inv.pdf"
+    ]
+
+
+def test_the_ages_example_runs(tmp_path: Path) -> None:
+    """configuration.md's min_age/max_age example: only the settled report goes."""
+    import os
+    import time
+
+    from .conftest import delivered, run_cli
+
+    (tmp_path / "config.yml").write_text(_example("settled-reports"), encoding="utf-8")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name, age in (("young.csv", 60), ("settled.csv", 3600), ("ancient.csv", 40 * 86400)):
+        (inbox / name).write_bytes(b"a,b")
+        os.utime(inbox / name, (time.time() - age, time.time() - age))
+    result = run_cli("-c", tmp_path / "config.yml", "--once", "--db", tmp_path / "j.db")
+    assert result.returncode == 0, result.stderr
+    assert list(delivered(tmp_path / "outbox" / "reports")) == ["settled.csv"]

@@ -220,6 +220,19 @@ def openapi() -> dict[str, Any]:
                     ),
                     "nullable": True,
                 },
+                "windows": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "destination": _STR,
+                            "window": _STR,
+                            "open": {"type": "boolean"},
+                            "opens": {"type": "string", "format": "date-time", "nullable": True},
+                            "waiting": _INT,
+                            "until": {"type": "string", "format": "date-time", "nullable": True},
+                        }
+                    ),
+                },
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
             }
         ),

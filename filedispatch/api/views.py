@@ -166,6 +166,32 @@ async def _retry_waiting(request: web.Request) -> dict[str, Any]:
     return {"count": int(count or 0), "next_attempt": queries.iso(first) if count else None}
 
 
+async def _windows(request: web.Request, windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Destinations with a ``window``: open or when it opens, and how many dispatches wait
+    for it and until when (ISO 8601 UTC)."""
+    if not windows:
+        return []
+    try:
+        waits = await request.app[journal_key].waiting_by_destination(time.time())
+    except JournalError:
+        waits = []
+    by_dest = {w.destination: w for w in waits}
+    out = []
+    for w in windows:
+        held = by_dest.get(str(w["destination"]))
+        out.append(
+            {
+                "destination": w["destination"],
+                "window": w["window"],
+                "open": w["open"],
+                "opens": queries.iso(w["opens"]) if w["opens"] is not None else None,
+                "waiting": held.count if held else 0,
+                "until": queries.iso(held.until) if held else None,
+            }
+        )
+    return out
+
+
 def _scrubbed(value: Any) -> Any:
     if isinstance(value, str):
         return queries.redact_text(value)
@@ -200,6 +226,7 @@ async def status(request: web.Request) -> web.Response:
         "in_flight": int(snap.get("in_flight", 0)),
         "counts": counts,
         "retry_waiting": waiting,
+        "windows": await _windows(request, snap.get("windows", [])),
         "destinations": snap.get("destinations", {}),
     }
     return web.json_response(_scrubbed(body))

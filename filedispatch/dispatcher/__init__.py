@@ -18,7 +18,7 @@ from ..config import Config, SourceConfig
 from ..journal import Journal
 from ..models import Dispatch, FileVersion
 from ..processors import Registry
-from ..router import Chain
+from ..router import Chain, Router
 from .after import AfterActions
 from .feeder import Feeder
 from .lanes import InlineLanes
@@ -65,6 +65,11 @@ class Dispatcher:
     @property
     def config(self) -> Config:
         return self.state.config
+
+    @property
+    def router(self) -> Router:
+        """The rules in force (replaced on reload)."""
+        return self.state.router
 
     @property
     def sources(self) -> dict[str, SourceConfig]:

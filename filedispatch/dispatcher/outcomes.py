@@ -18,6 +18,7 @@ from .. import retry
 from ..config import Step
 from ..errors import (
     DeliveryError,
+    OutsideWindowError,
     SourceUnreadableError,
     SourceVanishedError,
     TransientDeliveryError,
@@ -60,6 +61,8 @@ class Outcomes:
         and logged here: the first of a row at WARNING, later ones at INFO, each line naming
         the destination once."""
         reason = self.state.scrub(str(exc) or type(exc).__name__)
+        if isinstance(exc, OutsideWindowError):  # not an attempt: it waits for the window
+            return StepResult(row.id, Status.PENDING, row.attempts, reason, next_attempt=exc.until)
         kind = retry.error_kind(exc)
         # row.started: when its first try started (None: this is its first)
         first = started if row.started is None else row.started

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from ..config import SourceConfig
 from ..content import facts_for
 from ..journal import PlannedStep, planned_steps
+from ..limits import ItemBudget
 from ..models import FileVersion, Status
 from ..router import Chain
 from .after import ACTS, AfterActions
@@ -36,8 +37,7 @@ class Planner:
         self.state = state
         self.lanes = lanes
         self.after = after
-        self.max_items = max_items
-        self._offered = 0
+        self.budget = ItemBudget(max_items) if max_items is not None else None
         self._classifiers: dict[str, object] = {}
 
     def clear(self) -> None:
@@ -52,10 +52,6 @@ class Planner:
     async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
         """Plan complete files from a watcher: route them and write PENDING rows."""
         state = self.state
-        if self.max_items is not None:
-            room = max(0, self.max_items - self._offered)
-            state.summary.skipped += max(0, len(versions) - room)
-            versions = versions[:room]
         if not versions:
             return
         router = state.router
@@ -63,6 +59,10 @@ class Planner:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [router.route(v) for v in versions]
+        if self.budget is not None:  # --max-items: only work not done yet counts
+            versions, routes = await self.budget.admit(
+                versions, routes, state.journal, state.summary
+            )
         steps: list[PlannedStep] = []
         matched: list[Known] = []
         moves: list[Item] = []
@@ -78,7 +78,6 @@ class Planner:
                 continue
             matched.append((version, chains))
             steps += planned_steps(version, chains)
-        self._offered += len(matched) + len(moves) + len(copies)
         known: list[Known] = []
         if moves:
             known += await self.lanes.moves(source, moves)

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import importlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -156,8 +156,10 @@ class Registry:
     SFTP pools) live in ``resources``, so two processors for one server still share them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, wrap: Callable[[Step, Processor], Processor] | None = None) -> None:
         self.resources = Resources()
+        #: puts a new processor behind its destination's controls (see controls.py)
+        self._wrap = wrap
         self._processors: dict[str, Processor] = {}
         self._busy: dict[int, int] = {}  #: id(processor) -> deliveries running
         self._retired: dict[int, Processor] = {}
@@ -176,7 +178,10 @@ class Registry:
         key = self._key(step)
         proc = self._processors.get(key)
         if proc is None:
-            proc = self._processors[key] = create(step, self.resources)
+            proc = create(step, self.resources)
+            if self._wrap is not None:
+                proc = self._wrap(step, proc)
+            self._processors[key] = proc
         return proc
 
     def acquire(self, step: Step) -> Processor:

@@ -243,13 +243,13 @@ class HttpProcessor:
         """The request path: the URL's own, or its template rendered for this file."""
         if not self.templated:
             return quote(self.path, safe=_PATH_SAFE) + self.query
-        rel = render_target(self.path.lstrip("/"), ctx)
+        rel = render_target(self.path.lstrip("/"), ctx, self.dest.naming)
         # the rendered names may hold anything a file name can: all but "/" and the
         # unreserved characters is percent-encoded (bytes that are not UTF-8 as they are)
         return "/" + quote(os.fsencode(str(rel)), safe="/~") + self.query
 
     async def deliver(self, ctx: StepContext) -> Outcome:
-        filename = str(render_target(self.dest.name, ctx))
+        filename = str(render_target(self.dest.name, ctx, self.dest.naming))
         path = self._url(ctx)
         location = self.display_base + path
         sslsetting = self._ssl_setting()

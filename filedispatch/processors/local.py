@@ -115,15 +115,27 @@ def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPat
             yield naming.with_suffix_number(target, n)
 
 
-def render_target(template: str, ctx: StepContext) -> PurePosixPath:
-    """The name template rendered for this step's input (a transform's output keeps its name)."""
-    return PurePosixPath(render_target_str(template, ctx))
+def render_target(
+    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
+) -> PurePosixPath:
+    """The name template rendered for this step's input (a transform's output keeps its name);
+    ``options``: the destination's (``step.naming``: its rule's regex, its time zone)."""
+    return PurePosixPath(render_target_str(template, ctx, options))
 
 
-def render_target_str(template: str, ctx: StepContext) -> str:
+def render_target_str(
+    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
+) -> str:
     """``render_target`` as a plain "a/b" string, for the per-file hot path."""
     transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
-    return naming.render_str(template, ctx.version, ctx.input.name if transformed else None)
+    return naming.render_str(
+        template,
+        ctx.version,
+        ctx.input.name if transformed else None,
+        options,
+        counter=ctx.dispatch_id,
+        content=ctx.input,
+    )
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
@@ -166,7 +178,7 @@ class LocalProcessor:
         return fd
 
     def _target(self, ctx: StepContext) -> PurePosixPath:
-        return render_target(self.dest.name, ctx)
+        return render_target(self.dest.name, ctx, self.dest.naming)
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = self._target(ctx)
@@ -339,7 +351,7 @@ class LocalProcessor:
         """Rename the source into place, inline: the delivery and the source's removal are one
         atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
         the ordinary path, which links and removes the source later)."""
-        rel = render_target_str(self.dest.name, ctx)
+        rel = render_target_str(self.dest.name, ctx, self.dest.naming)
         return self._put_source(
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )

@@ -320,7 +320,7 @@ class RemoteProcessor(ABC, Generic[C]):
     # -- the flow
 
     async def deliver(self, ctx: StepContext) -> Outcome:
-        rel = render_target(self.dest.name, ctx)
+        rel = render_target(self.dest.name, ctx, self.dest.naming)
         self.check_name(self.target.root / rel)
         try:
             async with self.pool.connection() as conn:

@@ -119,7 +119,25 @@ async function refreshStatus() {
   const pausedBy = s.paused && !failing ? s.pause_reason || "operator" : null;
   $("#pause-alert").hidden = !pausedBy;
   $("#pause-alert").textContent = pausedBy ? PAUSE_REASONS[pausedBy] || `Paused (${shown(pausedBy)}).` : "";
+  renderWindows(s.windows || []);
   renderService(s);
+}
+
+// destinations with a time window: shut ones say how much waits for them, and until when
+function renderWindows(windows) {
+  const list = $("#windows");
+  list.replaceChildren(
+    ...windows.map((w) =>
+      el("li", {
+        className: w.open ? "window open" : "window shut",
+        textContent: w.open
+          ? `${shown(w.destination)}: window ${shown(w.window)} open`
+          : `${shown(w.destination)}: window ${shown(w.window)} shut; ${w.waiting} waiting` +
+            (w.opens ? `, opens ${when(w.opens)}` : ""),
+      }),
+    ),
+  );
+  list.hidden = windows.length === 0;
 }
 
 // cells whose text may be long (a URL, a name, an error): cut with an ellipsis inside a box of

@@ -1,0 +1,318 @@
+"""Delivery controls of a destination: content dedupe, time windows, rate and bandwidth limits.
+
+A processor with controls is wrapped (``Controls.wrap``) in one that asks them before it
+delivers: skip a file whose bytes the destination already has, wait for the window, take a
+share of the rate and bandwidth. It decides and waits only: it never writes the journal
+(the dispatcher records the outcome) and never touches the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timedelta, tzinfo
+from typing import TYPE_CHECKING
+
+from aiolimiter import AsyncLimiter
+
+from .errors import OutsideWindowError
+from .journal import DUPLICATE_OF
+from .models import Outcome
+from .naming import content_sha256
+
+if TYPE_CHECKING:
+    from .config import Step
+    from .journal import Journal
+    from .processors import Processor, StepContext
+
+#: (destination, sha256) of deliveries made by this service, remembered until the journal
+#: surely has them (their rows are committed in the background)
+RECENT_DIGESTS = 10_000
+#: the longest a window may stay shut before its next opening is found (two weeks)
+_HORIZON_DAYS = 15
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW_RE = re.compile(
+    r"^\s*(?:(?P<days>[A-Za-z]{3}(?:\s*-\s*[A-Za-z]{3})?(?:\s*,\s*[A-Za-z]{3}"
+    r"(?:\s*-\s*[A-Za-z]{3})?)*)\s+)?(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})\s*$"
+)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.I)
+_PERIODS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+}
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_rate(text: str) -> tuple[float, float]:
+    """``10/s``, ``600/min``, ``5000/h`` -> (files, per seconds). ValueError if not."""
+    match = _RATE_RE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{text!r} is not a rate (examples: 10/s, 600/min, 5000/h)")
+    return float(match.group(1)), float(_PERIODS[match.group(2).lower()])
+
+
+def parse_bandwidth(text: str) -> int:
+    """``5MB/s``, ``512KB/s`` -> bytes per second (units are powers of 1024)."""
+    from .config import parse_size
+
+    size, slash, per = text.rpartition("/")
+    if not slash or per.strip().lower() not in ("s", "sec", "second"):
+        raise ValueError(f"{text!r} is not a bandwidth (examples: 5MB/s, 512KB/s)")
+    value = parse_size(size)
+    if value < 1024:
+        raise ValueError("a bandwidth is at least 1KB/s")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Window:
+    """When a destination may be sent to: a day-and-time range, or a cron expression whose
+    matching minutes are open. Times are in ``tz`` (None: local time)."""
+
+    text: str
+    days: frozenset[int] = frozenset(range(7))  #: 0 is Monday
+    start: int = 0  #: minutes after midnight
+    length: int = 0  #: minutes; a range past midnight belongs to the day it starts on
+    cron: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        """``"Mon-Fri 22:00-06:00"``, ``"Sat,Sun 00:00-24:00"``, ``"08:00-18:00"``, or a cron
+        expression (five fields: ``"* 22-23,0-5 * * 1-5"``). ValueError saying why not."""
+        match = _WINDOW_RE.match(text)
+        if match is None:
+            if len(text.split()) == 5:
+                from croniter import croniter
+
+                if croniter.is_valid(text):
+                    return cls(text, cron=text)
+            raise ValueError(
+                f"{text!r} is not a window (examples: 'Mon-Fri 22:00-06:00', '08:00-18:00', "
+                "or a cron expression such as '* 22-23,0-5 * * 1-5')"
+            )
+        start, end = _minutes(match.group("start")), _minutes(match.group("end"))
+        length = (end - start) % (24 * 60) or 24 * 60
+        days = _days(match.group("days")) if match.group("days") else frozenset(range(7))
+        return cls(text, days, start, length)
+
+    def opens(self, now: float, tz: tzinfo | None) -> float | None:
+        """None when the window is open at ``now`` (seconds since 1970), else when it opens
+        next."""
+        t = datetime.fromtimestamp(now, tz)
+        if self.cron is not None:
+            return self._cron_opens(t)
+        day0 = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        for back in (1, 0):  # a range that started yesterday may still run
+            begin = _at(day0 - timedelta(days=back), self.start, tz)
+            if begin.weekday() in self.days and begin <= t < begin + timedelta(minutes=self.length):
+                return None
+        for ahead in range(_HORIZON_DAYS):
+            begin = _at(day0 + timedelta(days=ahead), self.start, tz)
+            if begin > t and begin.weekday() in self.days:
+                return begin.timestamp()
+        return None  # no day named: refused at load, so not reached
+
+    def _cron_opens(self, t: datetime) -> float | None:
+        from croniter import croniter
+
+        assert self.cron is not None
+        minute = t.replace(second=0, microsecond=0)
+        if croniter.match(self.cron, minute):
+            return None
+        return float(croniter(self.cron, minute).get_next(float))
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = (int(x) for x in hhmm.split(":"))
+    if hours > 24 or minutes > 59 or (hours == 24 and minutes):
+        raise ValueError(f"{hhmm} is not a time of day (00:00 to 24:00)")
+    return hours * 60 + minutes
+
+
+def _days(text: str) -> frozenset[int]:
+    days: set[int] = set()
+    for part in text.lower().replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if first not in _DAYS or (last and last not in _DAYS):
+            raise ValueError(f"{part!r} is not a day or a range of days (Mon, Tue ... Sun)")
+        a, b = _DAYS.index(first), _DAYS.index(last or first)
+        days.update(_DAYS.index(d) % 7 for d in (_DAYS * 2)[a : (b if b >= a else b + 7) + 1])
+    return frozenset(days)
+
+
+def _at(day: datetime, minutes: int, tz: tzinfo | None) -> datetime:
+    """``day`` (a midnight) plus ``minutes`` of wall-clock time."""
+    naive = day.replace(tzinfo=None) + timedelta(minutes=minutes)
+    return naive.replace(tzinfo=tz) if tz is not None else naive
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WindowState:
+    """A destination's window now."""
+
+    destination: str  #: as shown (redacted)
+    window: str  #: as written
+    open: bool
+    opens: float | None  #: when it opens next (seconds since 1970); None while open
+
+
+def window_state(steps: Iterable[Step], now: float | None = None) -> list[WindowState]:
+    """The state of each destination that has a window (once per destination)."""
+    now = time.time() if now is None else now
+    out: dict[str, WindowState] = {}
+    for step in steps:
+        if step.window and step.display not in out:
+            naming = getattr(step, "naming", None)
+            opens = Window.parse(step.window).opens(now, naming.tz if naming else None)
+            out[step.display] = WindowState(step.display, step.window, opens is None, opens)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------------- at delivery
+
+
+class Controls:
+    """The limiters and the dedupe memory, shared by every processor of one destination
+    (steps that name the same destination share them, whatever rule they are in)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        #: (destination, its limit as written) -> the limiter: a reload that changes the
+        #: limit gets a new one
+        self._rates: dict[tuple[str, str], AsyncLimiter] = {}
+        self._bandwidths: dict[tuple[str, str], AsyncLimiter] = {}
+        self._recent: collections.OrderedDict[tuple[str, str], tuple[int, str]] = (
+            collections.OrderedDict()
+        )
+        #: (destination, sha256) being sent now -> its lock and how many hold or wait for it
+        self._sending: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """One delivery of the same bytes to one destination at a time: the second finds
+        the first's outcome instead of sending them again."""
+        lock, users = self._sending.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._sending[key]
+
+    def wrap(self, step: Step, processor: Processor) -> Processor:
+        """``processor`` behind the step's controls, or itself when it has none (so the
+        dispatcher's inline lanes still find a ``Mover`` or ``BatchCopier``)."""
+        if not has_controls(step):
+            return processor
+        return _Controlled(self, step, processor)
+
+    def rate(self, step: Step) -> AsyncLimiter | None:
+        if step.rate is None:
+            return None
+        limiter = self._rates.get((step.display, step.rate))
+        if limiter is None:
+            count, period = parse_rate(step.rate)
+            limiter = self._rates[(step.display, step.rate)] = AsyncLimiter(count, period)
+        return limiter
+
+    def bandwidth(self, step: Step) -> AsyncLimiter | None:
+        if step.bandwidth is None:
+            return None
+        key = (step.display, step.bandwidth)
+        limiter = self._bandwidths.get(key)
+        if limiter is None:
+            limiter = self._bandwidths[key] = AsyncLimiter(parse_bandwidth(step.bandwidth), 1.0)
+        return limiter
+
+    async def duplicate(self, destination: str, digest: str) -> tuple[int, str] | None:
+        """(dispatch id, location) of an earlier delivery of these bytes there, or None."""
+        known = self._recent.get((destination, digest))
+        if known is not None:
+            return known
+        return await self.journal.delivered_digest(destination, digest)
+
+    def delivered(self, destination: str, digest: str, dispatch_id: int, location: str) -> None:
+        self._recent[(destination, digest)] = (dispatch_id, location)
+        while len(self._recent) > RECENT_DIGESTS:
+            self._recent.popitem(last=False)
+
+
+def has_controls(step: Step) -> bool:
+    return bool(step.deduped or step.rate or step.bandwidth or step.window)
+
+
+class _Controlled:
+    """A processor behind its destination's controls (see ``Controls.wrap``)."""
+
+    def __init__(self, controls: Controls, step: Step, inner: Processor) -> None:
+        self.controls = controls
+        self.step = step
+        self.inner = inner
+        self.window = Window.parse(step.window) if step.window else None
+
+    async def deliver(self, ctx: StepContext) -> Outcome:
+        step = self.step
+        if self.window is not None:
+            tz = getattr(step, "naming", None)
+            opens = self.window.opens(time.time(), tz.tz if tz is not None else None)
+            if opens is not None:
+                raise OutsideWindowError(
+                    f"outside the destination's window ({self.window.text}): waits until "
+                    f"{datetime.fromtimestamp(opens).isoformat(' ', 'seconds')}",
+                    opens,
+                )
+        if not step.deduped:
+            return await self._send(ctx)
+        digest = await asyncio.to_thread(content_sha256, ctx.version, ctx.input)
+        async with self.controls.one_at_a_time((step.display, digest)):
+            earlier = await self.controls.duplicate(step.display, digest)
+            if earlier is not None and earlier[0] != ctx.dispatch_id:
+                row, location = earlier
+                return Outcome(
+                    location,
+                    detail=f"{DUPLICATE_OF}{row}: the same bytes (sha256 "
+                    f"{digest[:12]}...) were delivered there; not sent again",
+                    sha256=digest,
+                )
+            outcome = await self._send(ctx)
+            if outcome.sha256 is None:
+                outcome = dataclasses.replace(outcome, sha256=digest)
+            self.controls.delivered(step.display, digest, ctx.dispatch_id, outcome.location)
+            return outcome
+
+    async def _send(self, ctx: StepContext) -> Outcome:
+        rate = self.controls.rate(self.step)
+        if rate is not None:
+            await rate.acquire()
+        bandwidth = self.controls.bandwidth(self.step)
+        if bandwidth is not None:
+            # paid before sending, in shares the bucket can hold: over any stretch of time the
+            # bytes sent stay within the limit plus one second's worth
+            left: float = ctx.version.size
+            if ctx.input != ctx.version.path:  # a transform's output
+                left = await asyncio.to_thread(os.path.getsize, ctx.input)
+            while left > 0:
+                share = min(left, bandwidth.max_rate)
+                await bandwidth.acquire(share)
+                left -= share
+        return await self.inner.deliver(ctx)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,185 @@
+"""A faithful simulation for ``explain``, ``--dry-run`` and ``--max-items``: what the service
+would do with a file, by the service's own decisions, and why a file is not taken.
+
+The watcher's gates (ignores, ``recursive``, links, kept-out folders, readiness), the router
+(rules, ages) and the journal ("already done"), each asked as the service asks it. Reads only:
+it never writes the journal, never creates a file or folder, and never sends anything.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, SourceConfig, real
+from .content import facts_for
+from .journal import PlannedStep, StepState, planned_steps, read_states
+from .models import FileVersion, Status
+from .router import Chain, Facts, Router, RuleCheck
+from .watcher import SourceWatcher
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the service would do with one file now."""
+
+    shown: str  #: the file as printed: ``source/relpath``, or the path given
+    source: SourceConfig | None = None
+    version: FileVersion | None = None
+    chains: tuple[Chain, ...] = ()  #: what it goes through (also when already done)
+    checks: tuple[RuleCheck, ...] = ()  #: each rule's verdict (routed files only)
+    facts: Facts = field(default_factory=Facts)
+    #: None: it would be sent now; else why not (not in a source, ignored, not complete yet,
+    #: no rule, waiting for min_age, already done ...)
+    why_not: str | None = None
+    #: the rules matched but the journal has every step: nothing new to do
+    done: bool = False
+
+    @property
+    def taken(self) -> bool:
+        return self.why_not is None
+
+
+async def _never(*_: object) -> None:
+    return None
+
+
+class Simulation:
+    """The service's decisions for files, without running it.
+
+    ``db``: the journal to consult for "already done" (read-only; a missing one means nothing
+    was done yet). ``clock``: seconds since 1970, for readiness and ages.
+    """
+
+    def __init__(
+        self, config: Config, db: Path | None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.clock = clock
+        self.router = Router(config, clock)
+        exclude = [folder for _, folder in config.iter_local_roots()]  # as the service does
+        self.watchers = {s.key: SourceWatcher(s, _never, _never, exclude) for s in config.sources}
+
+    # ------------------------------------------------------------------ whole sources
+
+    def scan(self, *, starting: bool = True) -> Iterator[Decision]:
+        """Every file in the sources, in the order a start-up scan offers them (oldest first).
+        ``starting``: as at a start (``process_existing: false`` leaves them all alone)."""
+        for source in self.config.sources:
+            watcher = self.watchers[source.key]
+            found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
+            versions = [FileVersion.from_stat(source.key, source.path, r, st) for r, st in found]
+            if starting and not source.process_existing:
+                for v in versions:
+                    yield Decision(f"{source.key}/{v.relpath}", source, v, why_not=_LEFT_ALONE)
+                continue
+            for i in range(0, len(versions), 500):
+                yield from self._decide(source, versions[i : i + 500], check_name=True)
+
+    # ------------------------------------------------------------------ one path
+
+    def look(self, path: Path) -> Decision:
+        """What the service would do with the file at ``path`` (any path: it need not be in
+        a source, or exist)."""
+        absolute = real(path)  # compared resolved, as the sources are
+        source = next(
+            (s for s in self.config.sources if absolute.is_relative_to(real(s.path))), None
+        )
+        if source is None:
+            where = ", ".join(str(s.path) for s in self.config.sources)
+            return Decision(str(path), why_not=f"not inside any source ({where})")
+        rel = absolute.relative_to(real(source.path)).as_posix()
+        shown = f"{source.key}/{rel}"
+        if rel == ".":
+            return Decision(shown, source, why_not="the source folder itself, not a file")
+        if not os.path.lexists(source.path / rel):
+            # a name that is not there yet: the rules, for an empty file of that name
+            version = FileVersion(source.key, source.path, rel, 0, int(self.clock() * 1e9))
+            facts = facts_for(self.router, version)
+            return Decision(
+                shown,
+                source,
+                version,
+                tuple(self.router.route(version, facts)),
+                tuple(self.router.explain(version, facts)),
+                facts,
+                "does not exist (the rules are shown for an empty file of that name, modified now)",
+            )
+        why = self.watchers[source.key].why_not(rel)
+        if why is not None:
+            return Decision(shown, source, why_not=why)
+        st = (source.path / rel).stat()
+        version = FileVersion.from_stat(source.key, source.path, rel, st)
+        return next(iter(self._decide(source, [version], check_name=False)))
+
+    # ------------------------------------------------------------------ the decisions
+
+    def _decide(
+        self, source: SourceConfig, versions: Sequence[FileVersion], check_name: bool
+    ) -> Iterator[Decision]:
+        watcher = self.watchers[source.key]
+        now = self.clock()
+        routed: list[tuple[FileVersion, Facts, list[Chain], list[RuleCheck]]] = []
+        out: dict[str, Decision] = {}
+        for v in versions:
+            shown = f"{source.key}/{v.relpath}"
+            why = watcher.why_not(v.relpath) if check_name else None
+            why = why or watcher.not_ready(v, now)
+            if why is not None:
+                out[v.key] = Decision(shown, source, v, why_not=why)
+                continue
+            facts = facts_for(self.router, v)
+            checks = self.router.explain(v, facts)
+            due = self.router.waiting(v, facts)
+            if due is not None:
+                young = next((c.why for c in checks if c.why.startswith("too young")), "")
+                out[v.key] = Decision(shown, source, v, (), tuple(checks), facts, f"waits: {young}")
+                continue
+            chains = self.router.route(v, facts)
+            if not chains:
+                out[v.key] = Decision(
+                    shown, source, v, (), tuple(checks), facts, "no rule takes it"
+                )
+                continue
+            routed.append((v, facts, chains, checks))
+        states = read_states(self.db, [v.key for v, *_ in routed]) if self.db and routed else {}
+        for v, facts, chains, checks in routed:
+            why = _journal_says(planned_steps(v, chains), states.get(v.key, []))
+            out[v.key] = Decision(
+                f"{source.key}/{v.relpath}",
+                source,
+                v,
+                tuple(chains),
+                tuple(checks),
+                facts,
+                why,
+                done=why is not None and why.startswith("already done"),
+            )
+        for v in versions:
+            yield out[v.key]
+
+
+_LEFT_ALONE = (
+    "left alone: present at start, and the source has process_existing: false (only files "
+    "that arrive later are taken)"
+)
+
+
+def _journal_says(steps: Sequence[PlannedStep], rows: list[StepState]) -> str | None:
+    """Why the journal makes a routed file no new work (None: some step is new)."""
+    by_key = {r.step_key: r for r in rows}
+    keys = [s.step_key for s in steps]
+    if not keys or any(k not in by_key for k in keys):
+        return None
+    mine = [by_key[k] for k in keys]
+    ids = ", ".join(f"#{r.id}" for r in mine)
+    if all(r.status == Status.SUCCEEDED for r in mine):
+        how = " (recorded by mark-existing)" if any(r.marked for r in mine) else ""
+        return f"already done: dispatch {ids}{how}"
+    if any(r.status == Status.FAILED for r in mine):
+        return f"failed before: dispatch {ids} (`filedispatch history retry` sends it again)"
+    return f"already planned: dispatch {ids} waits in the journal"
