@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 import yaml
@@ -155,10 +155,41 @@ class RetryPolicy(_Model):
 # --------------------------------------------------------------------------- steps
 
 
-class _Step(_Model):
+class StepModel(_Model):
+    """What every step kind has. A kind is declared once, by its subclass alone:
+
+    - ``kind``, a ``Literal`` field: its name in the config, its tag, and its protocol in the
+      journal and the API;
+    - ``processor``: the module under ``filedispatch.processors`` whose ``create(step,
+      resources)`` builds its processor (imported on first use);
+    - ``schemes``: the URL schemes that select it when a step is written as a URL; a kind
+      with none is selected by a mapping key of its own name (``command: ...``);
+    - its secrets, marked on its fields (``SecretStr``, ``SECRET``, ``CREDENTIALS``,
+      ``SECRET_URL``, see ``secrets_of``);
+
+    and it is listed in ``STEP_MODELS``, from which everything else is derived.
+    """
+
+    kind: str
+    processor: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]] = ()
+
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
     timeout: PositiveSeconds | None = None  #: seconds one attempt may take
+
+    @classmethod
+    def kind_name(cls) -> str:
+        return str(cls.model_fields["kind"].default)
+
+    @property
+    def display(self) -> str:
+        """How the step is shown (log, journal, API, ``check``): never with a secret."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """Which destination already has a file, whatever the step's other options."""
+        raise NotImplementedError
 
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
@@ -166,7 +197,7 @@ OnConflict = Literal["rename", "overwrite", "skip", "fail"]
 Verify = Literal["none", "size", "sha256"]
 
 
-class _UrlStep(_Step):
+class _UrlStep(StepModel):
     """Common to destinations given by URL: a naming template and a conflict policy."""
 
     #: the password and credential query parameters are secrets; reserved characters in an
@@ -199,8 +230,6 @@ class _UrlStep(_Step):
     def identity(self) -> str:
         return f"{self.kind}:{self.display}:{self.name}"
 
-    kind: str = ""
-
     @field_validator("name")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -211,6 +240,8 @@ class LocalDestination(_UrlStep):
     """A folder on this machine: ``/path``, ``./path``, ``~/path`` or ``file:///path``."""
 
     kind: Literal["file"] = "file"
+    processor: ClassVar[str] = "local"
+    schemes: ClassVar[tuple[str, ...]] = ("", "file")
     mode: Literal["copy", "move"] = "copy"
     #: permission bits of delivered files (octal string or number); None keeps the umask's
     file_mode: int | None = Field(None, ge=0, le=0o7777)
@@ -261,6 +292,8 @@ class HttpDestination(_UrlStep):
     """An HTTP(S) endpoint; the file is streamed from disk as a raw body or multipart form."""
 
     kind: Literal["http"] = "http"
+    processor: ClassVar[str] = "http"
+    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
     name: str = "{name}"
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     fieldname: str | None = None  #: multipart/form-data with the file in this field
@@ -315,6 +348,8 @@ class FtpDestination(_UrlStep):
     """An FTP server (``ftp://``) or FTP with explicit TLS (``ftps://``)."""
 
     kind: Literal["ftp"] = "ftp"
+    processor: ClassVar[str] = "ftp"
+    schemes: ClassVar[tuple[str, ...]] = ("ftp", "ftps")
     password: SecretStr | None = None  #: instead of the password in the URL
     passive: bool = True
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and log in
@@ -350,6 +385,8 @@ class SftpDestination(_UrlStep):
     """An SSH server reached with SFTP: ``sftp://user@host:port/dir``."""
 
     kind: Literal["sftp"] = "sftp"
+    processor: ClassVar[str] = "sftp"
+    schemes: ClassVar[tuple[str, ...]] = ("sftp",)
     password: SecretStr | None = None
     key_file: FsPath | None = None
     passphrase: SecretStr | None = None
@@ -410,10 +447,11 @@ def _check_one_password(step: FtpDestination | SftpDestination) -> None:
         raise ValueError("give the password in the URL or as password:, not both")
 
 
-class CommandStep(_Step):
+class CommandStep(StepModel):
     """A shell command run on the file; placeholders become quoted variables (see shell.py)."""
 
     kind: Literal["command"] = "command"
+    processor: ClassVar[str] = "command"
     #: ``${VAR}`` in the command is left to the shell (expanded when it runs, from ``env`` and
     #: the service's environment), so its value never shows in the journal, the log or check;
     #: the values of the variables it names are secrets, scrubbed from its output
@@ -437,10 +475,11 @@ class CommandStep(_Step):
         return value
 
 
-class PythonStep(_Step):
+class PythonStep(StepModel):
     """A Python callable ``package.module:function`` or ``package.module:Class``."""
 
     kind: Literal["python"] = "python"
+    processor: ClassVar[str] = "python"
     python: str
     #: what ``${VAR}`` put into args is a secret; the rest is shown as written
     args: list[Any] = Field(default_factory=list)
@@ -472,10 +511,11 @@ class PythonStep(_Step):
         return value
 
 
-class CompressStep(_Step):
+class CompressStep(StepModel):
     """A transform: the later steps of the chain deliver the compressed file instead."""
 
     kind: Literal["compress"] = "compress"
+    processor: ClassVar[str] = "compress"
     compress: Literal["gzip", "zip", "tar.gz", "zstd"]
     level: int | None = Field(None, ge=0, le=22)
 
@@ -493,15 +533,23 @@ class CompressStep(_Step):
         return self
 
 
-_SCHEME_KIND = {
-    "": "file",
-    "file": "file",
-    "http": "http",
-    "https": "http",
-    "ftp": "ftp",
-    "ftps": "ftp",
-    "sftp": "sftp",
-}
+#: every step kind, in the order ``check`` and the docs list them: the one list to extend
+STEP_MODELS: tuple[type[StepModel], ...] = (
+    LocalDestination,
+    HttpDestination,
+    FtpDestination,
+    SftpDestination,
+    CommandStep,
+    PythonStep,
+    CompressStep,
+)
+#: the kinds' names: their tags in the config, their protocols in the journal and the API
+STEP_KINDS: tuple[str, ...] = tuple(m.kind_name() for m in STEP_MODELS)
+STEP_TAGS = frozenset(STEP_KINDS)
+_SCHEME_KIND = {scheme: m.kind_name() for m in STEP_MODELS for scheme in m.schemes}
+_KEYED_KINDS = tuple(m.kind_name() for m in STEP_MODELS if not m.schemes)
+#: URL schemes of destinations on another host (whose URL may hold a user and password)
+REMOTE_SCHEMES = tuple(s for s in _SCHEME_KIND if s not in ("", "file"))
 
 
 def _step_kind(value: Any) -> str | None:
@@ -511,7 +559,7 @@ def _step_kind(value: Any) -> str | None:
         return str(getattr(value, "kind", None))
     if not isinstance(value, Mapping):
         return None
-    for key in ("command", "python", "compress"):
+    for key in _KEYED_KINDS:
         if key in value:
             return key
     url = value.get("url")
@@ -525,24 +573,27 @@ def _coerce_step(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
-Step = Annotated[
-    Annotated[LocalDestination, Tag("file")]
-    | Annotated[HttpDestination, Tag("http")]
-    | Annotated[FtpDestination, Tag("ftp")]
-    | Annotated[SftpDestination, Tag("sftp")]
-    | Annotated[CommandStep, Tag("command")]
-    | Annotated[PythonStep, Tag("python")]
-    | Annotated[CompressStep, Tag("compress")],
-    Discriminator(
-        _step_kind,
-        custom_error_type="destination",
-        custom_error_message=(
-            "not a destination: give a path, a URL (file, http, https, ftp, ftps, sftp) "
-            "or a mapping with url, command, python or compress"
+def _or(words: Iterable[str]) -> str:
+    *head, last = words
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+if TYPE_CHECKING:
+    #: one configured step of a rule's ``to`` list, of any kind in STEP_MODELS
+    Step: TypeAlias = StepModel
+else:
+    Step = Annotated[
+        Union[tuple(Annotated[m, Tag(m.kind_name())] for m in STEP_MODELS)],  # noqa: UP007
+        Discriminator(
+            _step_kind,
+            custom_error_type="destination",
+            custom_error_message=(
+                "not a destination: give a path, a URL "
+                f"({', '.join(s for s in _SCHEME_KIND if s)}) "
+                f"or a mapping with {_or(('url', *_KEYED_KINDS))}"
+            ),
         ),
-    ),
-]
-STEP_TAGS = frozenset({"file", "http", "ftp", "sftp", "command", "python", "compress"})
+    ]
 
 # --------------------------------------------------------------------------- sources and rules
 
@@ -784,7 +835,7 @@ _CREDENTIAL_NAME = re.compile(
 )
 #: what may follow the ``@`` that ends a userinfo: a host (a name or an [IPv6] literal) and port
 _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?=[/?#]|$)")
-_REMOTE_SCHEME = re.compile(r"^(https?|ftps?|sftp)://", re.I)
+_REMOTE_SCHEME = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)})://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
 

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..models import Outcome
 from . import Resources, StepContext
-from .local import candidates, choices, open_input, render_target, temp_name
+from .common import candidates, choices, open_input, render_target, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ async def aplace(
     on_conflict: str,
     put: Callable[[PurePosixPath, bool], Awaitable[None]],
 ) -> PurePosixPath | None:
-    """``local.place`` for a remote server, where looking and renaming are network round trips.
+    """``common.place`` for a remote server, where looking and renaming are network round trips.
 
     A server's rename may replace an existing file, so a name is only used once ``exists``
     says it is free: two services writing the same names to one server can still race, as
