@@ -7,6 +7,7 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import ipaddress
 import math
 import os
@@ -410,6 +411,102 @@ class SftpDestination(_UrlStep):
         return self
 
 
+#: S3 user metadata keys and values, and tag keys: what the S3 API accepts in a header
+_S3_META_KEY = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_MIB = 1024 * 1024
+
+
+class S3Destination(_UrlStep):
+    """An S3 bucket, on AWS or any S3-compatible server: ``s3://bucket/prefix/``.
+
+    Credentials come from ``access_key_id`` and ``secret_access_key`` when given, else from
+    the standard chain (environment, ``profile`` in ~/.aws, instance or container role).
+    """
+
+    kind: Literal["s3"] = "s3"
+    processor: ClassVar[str] = "s3"
+    schemes: ClassVar[tuple[str, ...]] = ("s3",)
+    #: another S3 API than AWS (MinIO, Ceph, Garage, ...): ``https://host:port``
+    endpoint_url: str | None = None
+    region: str | None = None  #: e.g. ``eu-west-1``; None: from the chain, else us-east-1
+    access_key_id: str | None = None  #: shown as written (an identifier, not a secret)
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None  #: with temporary credentials
+    profile: str | None = None  #: a profile of ~/.aws/config and ~/.aws/credentials
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    storage_class: str | None = None  #: e.g. STANDARD_IA, GLACIER_IR; None: the bucket's
+    #: ``x-amz-meta-*`` metadata stored with each object (ASCII names and values)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)  #: object tags
+    #: files larger than this go as multipart uploads in parts of this size, in bytes
+    #: (5 MiB to 5 GiB; each part in flight is held in memory)
+    part_size: int = Field(8 * _MIB, ge=5 * _MIB, le=5 * 1024 * _MIB)
+    #: parts of one file sent at once: memory is at most part_size x (part_concurrency + 1)
+    part_concurrency: int = Field(4, ge=1, le=64)
+    #: abort unfinished multipart uploads under the prefix begun before this service started
+    #: (a crash leaves them, and the bucket bills their parts)
+    abort_stale_uploads: bool = True
+    connect_timeout: PositiveSeconds = 30.0  #: seconds to open a connection
+    read_timeout: PositiveSeconds = 300.0  #: seconds, the longest silence of one request
+    tls_verify: bool = True  #: check the endpoint's TLS certificate
+    ca_file: FsPath | None = None
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
+
+    @cached_property
+    def bucket(self) -> str:
+        return str(self.parts.netloc)
+
+    @cached_property
+    def prefix(self) -> str:
+        """The key prefix, ``""`` or ending with ``/``."""
+        path = unquote(self.parts.path).strip("/")
+        return f"{path}/" if path else ""
+
+    @field_validator("url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme.lower() != "s3":
+            raise ValueError("the URL must start with s3://")
+        if "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError("give credentials as access_key_id and secret_access_key")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc):
+            raise ValueError("s3://BUCKET/...: a bucket name is 3-63 of a-z, 0-9, '.' and '-'")
+        if parts.query or parts.fragment:
+            raise ValueError("an s3:// URL takes no ?query or #fragment")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = _remote_url(value, ("http", "https"))
+            if parts.username or parts.password:
+                raise ValueError("give credentials as access_key_id and secret_access_key")
+        return value
+
+    @field_validator("metadata", "tags")
+    @classmethod
+    def _header_safe(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _S3_META_KEY.fullmatch(name):
+                raise ValueError(f"{name!r}: names are ASCII letters, digits and -_.")
+            if not text.isascii() or any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of {name} must be ASCII on one line")
+        return value
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Destination:
+        if importlib.util.find_spec("aiobotocore") is None:
+            raise ValueError("s3:// needs the s3 extra: pip install 'filedispatch[s3]'")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("give access_key_id and secret_access_key together (or neither)")
+        if self.profile is not None and self.access_key_id is not None:
+            raise ValueError("give a profile or access_key_id, not both")
+        return self
+
+
 def _remote_url(value: str, schemes: tuple[str, ...]) -> Any:
     """Check a destination URL's scheme, host and port.
 
@@ -539,6 +636,7 @@ STEP_MODELS: tuple[type[StepModel], ...] = (
     HttpDestination,
     FtpDestination,
     SftpDestination,
+    S3Destination,
     CommandStep,
     PythonStep,
     CompressStep,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from .. import naming, sourcefile
@@ -83,6 +83,28 @@ def place(
                 put(candidate, overwrite)
                 return candidate
             except FileExistsError:
+                pass
+    return None
+
+
+async def aplace(
+    exists: Callable[[PurePosixPath], Awaitable[bool]],
+    target: PurePosixPath,
+    on_conflict: str,
+    put: Callable[[PurePosixPath, bool], Awaitable[None]],
+) -> PurePosixPath | None:
+    """``place`` for a remote server (FTP, SFTP, S3): looking and writing are round trips.
+
+    A server's rename may replace an existing file, so a name is only used once ``exists``
+    says it is free, or until ``put`` raises FileExistsError (as a conditional write does):
+    two services writing the same names to one FTP server can still race.
+    """
+    for candidate, overwrite in choices(target, on_conflict):
+        if overwrite or not await exists(candidate):
+            try:
+                await put(candidate, overwrite)
+                return candidate
+            except FileExistsError:  # a conditional write found it taken after all
                 pass
     return None
 
