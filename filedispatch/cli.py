@@ -403,6 +403,10 @@ def cmd_check(path: Path) -> int:
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
             say(f"       {j}) {step.kind}: {step.display}{extra}")
+    from .notify import describe
+
+    for line in describe(config):
+        say(f"  notify {line}")
     problems = verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)

@@ -693,6 +693,90 @@ else:
         ),
     ]
 
+# --------------------------------------------------------------------------- notifications
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> object:
+    """``90``, ``"90s"``, ``"15m"``, ``"1h"``, ``"1d"`` -> seconds; other values pass as is."""
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (examples: 30, 30s, 15m, 1h, 1d)")
+        return float(match.group(1)) * _DURATION_UNIT[(match.group(2) or "s").lower()]
+    return value
+
+
+#: a duration in seconds, written as a number or with a unit: 30s, 15m, 1h, 1d
+Duration = Annotated[float, Field(gt=0, le=MAX_SECONDS), BeforeValidator(parse_duration)]
+#: what a notification target is told about
+NotifyEvent = Literal["failed", "source_error", "journal", "success", "digest"]
+_NOTIFY_DEFAULT: tuple[NotifyEvent, ...] = ("failed", "source_error", "journal")
+
+
+class NotifyUrl(Secret):
+    """Field metadata: an Apprise URL. Its password, credential query parameters and every
+    token-like part (10 or more characters mixing letters and digits, as the bot tokens and
+    webhook keys of Telegram, Slack, Discord or Matrix URLs are) are secrets."""
+
+
+NOTIFY_URL = NotifyUrl()
+
+
+class NotifyTarget(_Model):
+    """Where notifications go (an Apprise URL) and which events it wants.
+
+    ``failed``: a file failed for good; ``source_error``: a source folder is gone or its watch
+    failed; ``journal``: the journal cannot be written; ``success``: a file was delivered;
+    ``digest``: every ``every`` seconds, counts of what happened.
+    """
+
+    url: Annotated[str, NOTIFY_URL]
+    on: list[NotifyEvent] = Field(default_factory=lambda: list(_NOTIFY_DEFAULT), min_length=1)
+    every: Duration = 3600.0  #: seconds between two digests
+    #: seconds events are gathered before one message tells them all (a burst is one message)
+    window: Duration = 10.0
+    #: a message that cannot be sent is tried again this way, then dropped (and logged)
+    retry: RetryPolicy = RetryPolicy(attempts=3, delay=2.0, max_delay=60.0)
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _listify(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _apprise_url(cls, value: str) -> str:
+        if importlib.util.find_spec("apprise") is None:
+            raise ValueError("notify: needs the notify extra: pip install 'filedispatch[notify]'")
+        import apprise
+
+        if apprise.Apprise.instantiate(value, suppress_exceptions=True) is None:
+            raise ValueError(
+                "not a notification URL Apprise knows (see "
+                "https://github.com/caronc/apprise/wiki for json://, mailto://, slack://, ...)"
+            )
+        return value
+
+    @cached_property
+    def display(self) -> str:
+        """The URL as Apprise shows it in privacy mode (tokens and passwords hidden)."""
+        import apprise
+
+        plugin = apprise.Apprise.instantiate(self.url, suppress_exceptions=True)
+        if plugin is None:
+            return redact_url(self.url)
+        return str(plugin.url(privacy=True))  # type: ignore[no-untyped-call]
+
+    def __repr_args__(self) -> Any:  # a repr never shows the URL's tokens
+        shown = self.display
+        for key, value in list(super().__repr_args__()):
+            if key != "display":
+                yield key, (shown if key == "url" else value)
+
+
 # --------------------------------------------------------------------------- sources and rules
 
 Ready = Literal["settle", "lock", "done"]
@@ -714,6 +798,8 @@ class SourceConfig(_Model):
     after: After = "keep"
     done_dir: FsPath | None = None
     failed_dir: FsPath | None = None
+    #: notifications about this source's files and folder (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
     follow_symlinks: bool = False  #: links followed only where they stay inside the source
     #: ``check``: a file someone still holds open for writing is not complete (a lease, or
     #: /proc where no lease can be had); ``ignore``: only ``ready`` decides
@@ -755,6 +841,8 @@ class RuleConfig(_Model):
     classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
+    #: notifications about this rule's deliveries (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
 
     @field_validator("extensions", "glob", "exclude", "mime", "sources", mode="before")
     @classmethod
@@ -895,6 +983,8 @@ class Config(_Model):
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()
     monitor: MonitorConfig = MonitorConfig()
+    #: notifications about every source and rule, and about the journal (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -1017,6 +1107,19 @@ def _url_secrets(url: str) -> Iterator[str]:
         yield from (value, unquote_plus(value))
 
 
+_TOKEN_PART = re.compile(r"[^/?#&=:@.]{10,}")
+
+
+def _notify_url_secrets(url: str) -> Iterator[str]:
+    """An Apprise URL's secrets: as any URL's, and the token-like parts of its host and path
+    (10+ characters holding letters and digits: a bot token, a webhook id or key)."""
+    yield from _url_secrets(url)
+    rest = url.split("://", 1)[-1]
+    for part in _TOKEN_PART.findall(rest):
+        if re.search(r"[A-Za-z]", part) and re.search(r"[0-9]", part):
+            yield from (part, unquote(part))
+
+
 def _strings(value: Any) -> Iterator[str]:
     """Every string in a value of YAML shapes (nested lists and mappings), keys excepted."""
     if isinstance(value, str):
@@ -1038,6 +1141,8 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
         marks = [m for m in info.metadata if isinstance(m, Secret)]
         if isinstance(value, SecretStr):
             yield value.get_secret_value()
+        elif any(isinstance(m, NotifyUrl) for m in marks) and isinstance(value, str):
+            yield from _notify_url_secrets(value)
         elif any(isinstance(m, SecretUrl) for m in marks) and isinstance(value, str):
             yield from _url_secrets(value)
         elif any(isinstance(m, ShellVariables) for m in marks) and isinstance(value, str):

@@ -141,6 +141,9 @@ class Dispatcher:
         self._lanes: dict[tuple[str, str], Lane | None] = {}
         #: after-actions that move a file to another filesystem, run in threads
         self._moving: set[asyncio.Task[object]] = set()
+        #: told (rule, version, destination, result) when a row SUCCEEDED or FAILED for good
+        #: (the notifier); must return at once and never raise
+        self.on_result: Callable[[str, FileVersion, str, StepResult], None] | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -374,7 +377,7 @@ class Dispatcher:
                 started, started, None, None, 0.0,
             )  # fmt: skip
             result = self._failure(row, lane.step, 1, error, started)
-        self._note(lane.step.display, result, ctx.version)
+        self._note(lane.step.display, result, ctx.version, ctx.rule)
         return result
 
     def _record_inline(self, source: SourceConfig, done: list[Done]) -> None:
@@ -850,7 +853,7 @@ class Dispatcher:
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type
-        self._note(row.destination, result, version)
+        self._note(row.destination, result, version, row.rule)
 
     def _write(self, results: list[StepResult]) -> None:
         # Not awaited: a worker goes on while the writer commits many outcomes at once. The
@@ -858,7 +861,7 @@ class Dispatcher:
         self._last_write = self.journal.finish_soon(results)
         self._last_write.add_done_callback(_report_write)
 
-    def _note(self, destination: str, result: StepResult, version: FileVersion) -> None:
+    def _note(self, destination: str, result: StepResult, version: FileVersion, rule: str) -> None:
         """Count and log an attempt's result (the journal write is separate)."""
         stats = self.stats[destination]
         if result.status == Status.SUCCEEDED:
@@ -871,6 +874,8 @@ class Dispatcher:
             log.error("%s -> %s failed: %s", version.relpath, destination, result.reason)
         if result.status == Status.FAILED:
             self._wake.set()
+        if self.on_result is not None and result.status in (Status.SUCCEEDED, Status.FAILED):
+            self.on_result(rule, version, destination, result)
 
     # ------------------------------------------------------------------ after-actions
 
