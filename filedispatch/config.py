@@ -741,6 +741,15 @@ class NotifyTarget(_Model):
     #: a message that cannot be sent is tried again this way, then dropped (and logged)
     retry: RetryPolicy = RetryPolicy(attempts=3, delay=2.0, max_delay=60.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _on_key(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare ``on`` key as the boolean true
+        if isinstance(data, dict) and True in data:
+            data = dict(data)
+            data["on"] = data.pop(True)
+        return data
+
     @field_validator("on", mode="before")
     @classmethod
     def _listify(cls, value: object) -> object:
@@ -762,13 +771,15 @@ class NotifyTarget(_Model):
 
     @cached_property
     def display(self) -> str:
-        """The URL as Apprise shows it in privacy mode (tokens and passwords hidden)."""
+        """The URL as Apprise shows it in privacy mode (tokens and passwords hidden), without
+        its query."""
         import apprise
 
         plugin = apprise.Apprise.instantiate(self.url, suppress_exceptions=True)
         if plugin is None:
             return redact_url(self.url)
-        return str(plugin.url(privacy=True))  # type: ignore[no-untyped-call]
+        # without the query: Apprise lists every default option there
+        return str(plugin.url(privacy=True)).split("?", 1)[0]  # type: ignore[no-untyped-call]
 
     def __repr_args__(self) -> Any:  # a repr never shows the URL's tokens
         shown = self.display

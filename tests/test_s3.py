@@ -207,3 +207,17 @@ def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan(
     assert s3.objects() == {"big.bin": sha256_of(src)}  # once, under its own name
     assert s3.uploads() == []
     assert "aborted 1 unfinished multipart upload" in second.log()
+
+
+def test_a_stop_mid_upload_aborts_the_multipart_upload(
+    workspace: dict[str, Path], s3: S3Server, service_factory
+) -> None:
+    ws = workspace
+    dest = s3.dest(part_size=5 * MIB, part_concurrency=1)
+    svc = service_factory(remote_config(ws, dest, shutdown_grace=0)).start()
+    old_file(ws["inbox"] / "big.bin", 80 * MIB)
+    wait_until(lambda: _uploading(s3), 60, 0.01)
+    assert svc.stop() == 0  # no grace: the upload is cancelled
+    assert "1 cancelled" in svc.log()
+    assert s3.uploads() == []  # aborted, not left to bill its parts
+    assert s3.objects() == {}
