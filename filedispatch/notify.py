@@ -161,17 +161,23 @@ class Notifier:
         if self._status is None:
             return
         while True:
-            sources = self._status().get("sources", [])
-            assert isinstance(sources, list)
-            for s in sources:
-                name, path, error = s["name"], s["path"], s["last_error"]
-                if not await asyncio.to_thread(os.path.isdir, path):
-                    error = f"the folder {path} is gone"
-                if error != self._source_errors.get(name) and error is not None:
-                    line = f"source {escape(name)}: {escape(scrub(error, self._secrets))}"
-                    self.event(Event("source_error", name, None, line))
-                self._source_errors[name] = error
+            try:
+                await self._look_at_sources(self._status())
+            except Exception as exc:  # the status is the service's; never end the notifier
+                log.warning("notify: cannot look at the sources: %r", exc)
             await asyncio.sleep(SOURCE_POLL_S)
+
+    async def _look_at_sources(self, status: dict[str, object]) -> None:
+        sources = status.get("sources", [])
+        assert isinstance(sources, list)
+        for s in sources:
+            name, path, error = s["name"], s["path"], s["last_error"]
+            if not await asyncio.to_thread(os.path.isdir, path):
+                error = f"the folder {path} is gone"
+            if error != self._source_errors.get(name) and error is not None:
+                line = f"source {escape(name)}: {escape(scrub(error, self._secrets))}"
+                self.event(Event("source_error", name, None, line))
+            self._source_errors[name] = error
 
     # ------------------------------------------------------------------ messages out
 

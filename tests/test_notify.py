@@ -260,3 +260,19 @@ def test_a_bad_notification_url_names_the_field(workspace: dict[str, Path]) -> N
     assert result.returncode == 2
     assert "notify[0].url" in result.stderr and "Traceback" not in result.stderr
     assert "secret-value-123" not in result.stderr
+
+
+def test_a_journal_removed_under_the_service_is_told(
+    workspace: dict[str, Path], webhook: Webhook, service_factory
+) -> None:
+    ws = workspace
+    cfg = to_outbox(ws, {"url": webhook.url("journal"), "on": ["journal"], "window": "0.1s"})
+    svc = service_factory(cfg).start()
+    old_file(ws["inbox"] / "before.txt", b"x")
+    wait_until(lambda: (ws["outbox"] / "before.txt").exists(), 30)
+    ws["db"].unlink()
+    old_file(ws["inbox"] / "after.txt", b"y")
+    (message,) = wait_until(lambda: webhook.messages("journal"), 60)
+    assert message["title"] == "filedispatch: 1 journal trouble"
+    assert str(ws["db"]) in message["message"]
+    svc.stop()
