@@ -121,7 +121,8 @@ class S3Processor:
             read_timeout=dest.read_timeout,
             # the step's retry policy retries a file; botocore only rides out a blip
             retries={"mode": "standard", "total_max_attempts": 3},
-            max_pool_connections=max(10, 2 * dest.part_concurrency),
+            # the workers share one client: room for all of them, and for the parts in flight
+            max_pool_connections=max(32, 2 * dest.part_concurrency),
             s3={"addressing_style": dest.addressing_style},
             # we send SHA-256 when verify asks for it; no CRC of every byte otherwise
             request_checksum_calculation="when_required",
