@@ -458,6 +458,13 @@ class S3Destination(_UrlStep):
         return str(self.parts.netloc)
 
     @cached_property
+    def display(self) -> str:
+        """``s3://bucket/prefix/``, and the server when it is not AWS: one bucket name on two
+        servers is two destinations (``identity`` is built from this)."""
+        where = redact_url(self.url)
+        return f"{where} at {redact_url(self.endpoint_url)}" if self.endpoint_url else where
+
+    @cached_property
     def prefix(self) -> str:
         """The key prefix, ``""`` or ending with ``/``."""
         path = unquote(self.parts.path).strip("/")

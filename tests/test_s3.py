@@ -7,6 +7,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import yaml
+
 from .conftest import journal_rows, run_cli, wait_until
 from .servers import (
     FAST_RETRY,
@@ -221,3 +223,28 @@ def test_a_stop_mid_upload_aborts_the_multipart_upload(
     assert "1 cancelled" in svc.log()
     assert s3.uploads() == []  # aborted, not left to bill its parts
     assert s3.objects() == {}
+
+
+def test_one_bucket_name_on_two_servers_is_two_destinations(
+    workspace: dict[str, Path], s3: S3Server, tmp_path: Path
+) -> None:
+    other = S3Server(tmp_path / "s3b")
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"to both")
+        cfg = remote_config(workspace, s3.dest())
+        data = yaml.safe_load(cfg.read_text())
+        data["rules"] = [  # two rules: the journal tells their steps apart by identity alone
+            {"name": "one", "glob": "*", "continue": True, "to": [s3.dest()]},
+            {"name": "two", "glob": "*", "to": [other.dest()]},
+        ]
+        cfg.write_text(yaml.safe_dump(data))
+        result = run_cli("-c", cfg, "--once")
+        assert result.returncode == 0, result.stderr
+        assert s3.objects() == other.objects() == {"a.txt": sha256_of(src)}
+        rows = journal_rows(workspace["db"])
+        assert {r["destination"] for r in rows} == {
+            f"s3://{s3.bucket}/ at {s3.endpoint}",
+            f"s3://{other.bucket}/ at {other.endpoint}",
+        }
+    finally:
+        other.stop()
