@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import pytest
 import yaml
 
 from .conftest import journal_rows, run_cli, wait_until
@@ -97,6 +98,7 @@ def test_a_large_file_on_conflict_rename_goes_in_parts_beside_the_taken_name(
     assert s3.uploads() == []
 
 
+@pytest.mark.slow
 def test_200_mib_multipart_upload_holds_a_few_parts_in_memory(
     workspace: dict[str, Path], s3: S3Server, service_factory
 ) -> None:
@@ -170,6 +172,7 @@ def _uploading(s3: S3Server) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_server_restarted_mid_upload_the_file_is_sent_again_whole(
     workspace: dict[str, Path], s3: S3Server, service_factory
 ) -> None:
@@ -193,6 +196,7 @@ def test_server_restarted_mid_upload_the_file_is_sent_again_whole(
     assert svc.stop() == 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan(
     workspace: dict[str, Path], s3: S3Server, service_factory
 ) -> None:
@@ -211,6 +215,7 @@ def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan(
     assert "aborted 1 unfinished multipart upload" in second.log()
 
 
+@pytest.mark.slow
 def test_a_stop_mid_upload_aborts_the_multipart_upload(
     workspace: dict[str, Path], s3: S3Server, service_factory
 ) -> None:
