@@ -409,10 +409,14 @@ def cmd_check(path: Path) -> int:
         for j, step in enumerate(cfg.to, 1):
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
-            if getattr(step, "timezone", None):
-                extra += f" (times in {step.timezone})"  # type: ignore[union-attr]
+            if zone := getattr(step, "timezone", None):
+                extra += f" (times in {zone})"
             extra += describe_controls(step)
             say(f"       {j}) {step.kind}: {step.display}{extra}")
+    from .notify import describe
+
+    for line in describe(config):
+        say(f"  notify {line}")
     problems = verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)

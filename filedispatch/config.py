@@ -7,6 +7,7 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import ipaddress
 import math
 import os
@@ -14,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -177,15 +178,9 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _duration(value: object) -> object:
-    """A number of seconds, or a text such as ``90s``, ``30m``, ``1h``, ``2d``."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        unit = _DURATION_UNITS.get(text[-1:]) if text else None
-        try:
-            return float(text[:-1]) * unit if unit else float(text)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a duration (examples: 90, 90s, 30m, 1h)") from None
-    return value
+    """A text such as ``90s``, ``30m``, ``1h``, ``2d`` as seconds (``parse_duration``); any
+    other value is left for the field's own type to check."""
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 class RetryPolicy(_Model):
@@ -215,7 +210,25 @@ class RetryPolicy(_Model):
 Dedupe = Literal["none", "content"]
 
 
-class _Step(_Model):
+class StepModel(_Model):
+    """What every step kind has. A kind is declared once, by its subclass alone:
+
+    - ``kind``, a ``Literal`` field: its name in the config, its tag, and its protocol in the
+      journal and the API;
+    - ``processor``: the module under ``filedispatch.processors`` whose ``create(step,
+      resources)`` builds its processor (imported on first use);
+    - ``schemes``: the URL schemes that select it when a step is written as a URL; a kind
+      with none is selected by a mapping key of its own name (``command: ...``);
+    - its secrets, marked on its fields (``SecretStr``, ``SECRET``, ``CREDENTIALS``,
+      ``SECRET_URL``, see ``secrets_of``);
+
+    and it is listed in ``STEP_MODELS``, from which everything else is derived.
+    """
+
+    kind: str
+    processor: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]] = ()
+
     retry: RetryPolicy = RetryPolicy()
     concurrency: int | None = Field(None, ge=1, le=1024)  #: at most this many at once
     timeout: PositiveSeconds | None = None  #: seconds one attempt may take
@@ -251,13 +264,26 @@ class _Step(_Model):
             parse[str(info.field_name)](value)
         return value
 
+    @classmethod
+    def kind_name(cls) -> str:
+        return str(cls.model_fields["kind"].default)
+
+    @property
+    def display(self) -> str:
+        """How the step is shown (log, journal, API, ``check``): never with a secret."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """Which destination already has a file, whatever the step's other options."""
+        raise NotImplementedError
+
 
 OnConflict = Literal["rename", "overwrite", "skip", "fail"]
 #: what is checked after a delivery: nothing, the size that arrived, or its SHA-256
 Verify = Literal["none", "size", "sha256"]
 
 
-class _UrlStep(_Step):
+class _UrlStep(StepModel):
     """Common to destinations given by URL: a naming template and a conflict policy."""
 
     #: the password and credential query parameters are secrets; reserved characters in an
@@ -297,8 +323,6 @@ class _UrlStep(_Step):
         zone = f":{self.timezone}" if self.timezone else ""  # unset: keys stay as they were
         return f"{self.kind}:{self.display}:{self.name}{zone}"
 
-    kind: str = ""
-
     @field_validator("name")
     @classmethod
     def _template(cls, value: str) -> str:
@@ -322,6 +346,8 @@ class LocalDestination(_UrlStep):
     """A folder on this machine: ``/path``, ``./path``, ``~/path`` or ``file:///path``."""
 
     kind: Literal["file"] = "file"
+    processor: ClassVar[str] = "local"
+    schemes: ClassVar[tuple[str, ...]] = ("", "file")
     mode: Literal["copy", "move"] = "copy"
     #: permission bits of delivered files (octal string or number); None keeps the umask's
     file_mode: int | None = Field(None, ge=0, le=0o7777)
@@ -372,6 +398,8 @@ class HttpDestination(_UrlStep):
     """An HTTP(S) endpoint; the file is streamed from disk as a raw body or multipart form."""
 
     kind: Literal["http"] = "http"
+    processor: ClassVar[str] = "http"
+    schemes: ClassVar[tuple[str, ...]] = ("http", "https")
     name: str = "{name}"
     method: Literal["POST", "PUT", "PATCH"] = "POST"
     fieldname: str | None = None  #: multipart/form-data with the file in this field
@@ -426,6 +454,8 @@ class FtpDestination(_UrlStep):
     """An FTP server (``ftp://``) or FTP with explicit TLS (``ftps://``)."""
 
     kind: Literal["ftp"] = "ftp"
+    processor: ClassVar[str] = "ftp"
+    schemes: ClassVar[tuple[str, ...]] = ("ftp", "ftps")
     password: SecretStr | None = None  #: instead of the password in the URL
     passive: bool = True
     connect_timeout: PositiveSeconds = 30.0  #: seconds to connect and log in
@@ -461,6 +491,8 @@ class SftpDestination(_UrlStep):
     """An SSH server reached with SFTP: ``sftp://user@host:port/dir``."""
 
     kind: Literal["sftp"] = "sftp"
+    processor: ClassVar[str] = "sftp"
+    schemes: ClassVar[tuple[str, ...]] = ("sftp",)
     password: SecretStr | None = None
     key_file: FsPath | None = None
     passphrase: SecretStr | None = None
@@ -481,6 +513,109 @@ class SftpDestination(_UrlStep):
     @model_validator(mode="after")
     def _one_password(self) -> SftpDestination:
         _check_one_password(self)
+        return self
+
+
+#: S3 user metadata keys and values, and tag keys: what the S3 API accepts in a header
+_S3_META_KEY = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_MIB = 1024 * 1024
+
+
+class S3Destination(_UrlStep):
+    """An S3 bucket, on AWS or any S3-compatible server: ``s3://bucket/prefix/``.
+
+    Credentials come from ``access_key_id`` and ``secret_access_key`` when given, else from
+    the standard chain (environment, ``profile`` in ~/.aws, instance or container role).
+    """
+
+    kind: Literal["s3"] = "s3"
+    processor: ClassVar[str] = "s3"
+    schemes: ClassVar[tuple[str, ...]] = ("s3",)
+    #: another S3 API than AWS (MinIO, Ceph, Garage, ...): ``https://host:port``
+    endpoint_url: str | None = None
+    region: str | None = None  #: e.g. ``eu-west-1``; None: from the chain, else us-east-1
+    access_key_id: str | None = None  #: shown as written (an identifier, not a secret)
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None  #: with temporary credentials
+    profile: str | None = None  #: a profile of ~/.aws/config and ~/.aws/credentials
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    storage_class: str | None = None  #: e.g. STANDARD_IA, GLACIER_IR; None: the bucket's
+    #: ``x-amz-meta-*`` metadata stored with each object (ASCII names and values)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)  #: object tags
+    #: files larger than this go as multipart uploads in parts of this size, in bytes
+    #: (5 MiB to 5 GiB; each part in flight is held in memory)
+    part_size: int = Field(8 * _MIB, ge=5 * _MIB, le=5 * 1024 * _MIB)
+    #: parts of one file sent at once: memory is at most part_size x (part_concurrency + 1)
+    part_concurrency: int = Field(4, ge=1, le=64)
+    #: abort unfinished multipart uploads under the prefix begun before this service started
+    #: (a crash leaves them, and the bucket bills their parts)
+    abort_stale_uploads: bool = True
+    connect_timeout: PositiveSeconds = 30.0  #: seconds to open a connection
+    read_timeout: PositiveSeconds = 300.0  #: seconds, the longest silence of one request
+    tls_verify: bool = True  #: check the endpoint's TLS certificate
+    ca_file: FsPath | None = None
+
+    _tls_verify = model_validator(mode="before")(lambda data: _tls_spelling(data))
+
+    @cached_property
+    def bucket(self) -> str:
+        return str(self.parts.netloc)
+
+    @cached_property
+    def display(self) -> str:
+        """``s3://bucket/prefix/``, and the server when it is not AWS: one bucket name on two
+        servers is two destinations (``identity`` is built from this)."""
+        where = redact_url(self.url)
+        return f"{where} at {redact_url(self.endpoint_url)}" if self.endpoint_url else where
+
+    @cached_property
+    def prefix(self) -> str:
+        """The key prefix, ``""`` or ending with ``/``."""
+        path = unquote(self.parts.path).strip("/")
+        return f"{path}/" if path else ""
+
+    @field_validator("url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme.lower() != "s3":
+            raise ValueError("the URL must start with s3://")
+        if "@" in parts.netloc or ":" in parts.netloc:
+            raise ValueError("give credentials as access_key_id and secret_access_key")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", parts.netloc):
+            raise ValueError("s3://BUCKET/...: a bucket name is 3-63 of a-z, 0-9, '.' and '-'")
+        if parts.query or parts.fragment:
+            raise ValueError("an s3:// URL takes no ?query or #fragment")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = _remote_url(value, ("http", "https"))
+            if parts.username or parts.password:
+                raise ValueError("give credentials as access_key_id and secret_access_key")
+        return value
+
+    @field_validator("metadata", "tags")
+    @classmethod
+    def _header_safe(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _S3_META_KEY.fullmatch(name):
+                raise ValueError(f"{name!r}: names are ASCII letters, digits and -_.")
+            if not text.isascii() or any(c in text for c in "\r\n\0"):
+                raise ValueError(f"the value of {name} must be ASCII on one line")
+        return value
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> S3Destination:
+        if importlib.util.find_spec("aiobotocore") is None:
+            raise ValueError("s3:// needs the s3 extra: pip install 'filedispatch[s3]'")
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("give access_key_id and secret_access_key together (or neither)")
+        if self.profile is not None and self.access_key_id is not None:
+            raise ValueError("give a profile or access_key_id, not both")
         return self
 
 
@@ -521,10 +656,11 @@ def _check_one_password(step: FtpDestination | SftpDestination) -> None:
         raise ValueError("give the password in the URL or as password:, not both")
 
 
-class CommandStep(_Step):
+class CommandStep(StepModel):
     """A shell command run on the file; placeholders become quoted variables (see shell.py)."""
 
     kind: Literal["command"] = "command"
+    processor: ClassVar[str] = "command"
     #: ``${VAR}`` in the command is left to the shell (expanded when it runs, from ``env`` and
     #: the service's environment), so its value never shows in the journal, the log or check;
     #: the values of the variables it names are secrets, scrubbed from its output
@@ -548,11 +684,12 @@ class CommandStep(_Step):
         return value
 
 
-class PythonStep(_Step):
+class PythonStep(StepModel):
     """A Python callable ``package.module:function`` or ``package.module:Class``."""
 
     kind: Literal["python"] = "python"
     transforms: ClassVar[bool] = True  #: a callable that returns a file is a transform
+    processor: ClassVar[str] = "python"
     python: str
     #: what ``${VAR}`` put into args is a secret; the rest is shown as written
     args: list[Any] = Field(default_factory=list)
@@ -584,11 +721,12 @@ class PythonStep(_Step):
         return value
 
 
-class CompressStep(_Step):
+class CompressStep(StepModel):
     """A transform: the later steps of the chain deliver the compressed file instead."""
 
     kind: Literal["compress"] = "compress"
     transforms: ClassVar[bool] = True
+    processor: ClassVar[str] = "compress"
     compress: Literal["gzip", "zip", "tar.gz", "zstd"]
     level: int | None = Field(None, ge=0, le=22)
 
@@ -606,15 +744,24 @@ class CompressStep(_Step):
         return self
 
 
-_SCHEME_KIND = {
-    "": "file",
-    "file": "file",
-    "http": "http",
-    "https": "http",
-    "ftp": "ftp",
-    "ftps": "ftp",
-    "sftp": "sftp",
-}
+#: every step kind, in the order ``check`` and the docs list them: the one list to extend
+STEP_MODELS: tuple[type[StepModel], ...] = (
+    LocalDestination,
+    HttpDestination,
+    FtpDestination,
+    SftpDestination,
+    S3Destination,
+    CommandStep,
+    PythonStep,
+    CompressStep,
+)
+#: the kinds' names: their tags in the config, their protocols in the journal and the API
+STEP_KINDS: tuple[str, ...] = tuple(m.kind_name() for m in STEP_MODELS)
+STEP_TAGS = frozenset(STEP_KINDS)
+_SCHEME_KIND = {scheme: m.kind_name() for m in STEP_MODELS for scheme in m.schemes}
+_KEYED_KINDS = tuple(m.kind_name() for m in STEP_MODELS if not m.schemes)
+#: URL schemes of destinations on another host (whose URL may hold a user and password)
+REMOTE_SCHEMES = tuple(s for s in _SCHEME_KIND if s not in ("", "file"))
 
 
 def _step_kind(value: Any) -> str | None:
@@ -624,7 +771,7 @@ def _step_kind(value: Any) -> str | None:
         return str(getattr(value, "kind", None))
     if not isinstance(value, Mapping):
         return None
-    for key in ("command", "python", "compress"):
+    for key in _KEYED_KINDS:
         if key in value:
             return key
     url = value.get("url")
@@ -638,24 +785,108 @@ def _coerce_step(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
-Step = Annotated[
-    Annotated[LocalDestination, Tag("file")]
-    | Annotated[HttpDestination, Tag("http")]
-    | Annotated[FtpDestination, Tag("ftp")]
-    | Annotated[SftpDestination, Tag("sftp")]
-    | Annotated[CommandStep, Tag("command")]
-    | Annotated[PythonStep, Tag("python")]
-    | Annotated[CompressStep, Tag("compress")],
-    Discriminator(
-        _step_kind,
-        custom_error_type="destination",
-        custom_error_message=(
-            "not a destination: give a path, a URL (file, http, https, ftp, ftps, sftp) "
-            "or a mapping with url, command, python or compress"
+def _or(words: Iterable[str]) -> str:
+    *head, last = words
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+if TYPE_CHECKING:
+    #: one configured step of a rule's ``to`` list, of any kind in STEP_MODELS
+    Step: TypeAlias = StepModel
+else:
+    Step = Annotated[
+        Union[tuple(Annotated[m, Tag(m.kind_name())] for m in STEP_MODELS)],  # noqa: UP007
+        Discriminator(
+            _step_kind,
+            custom_error_type="destination",
+            custom_error_message=(
+                "not a destination: give a path, a URL "
+                f"({', '.join(s for s in _SCHEME_KIND if s)}) "
+                f"or a mapping with {_or(('url', *_KEYED_KINDS))}"
+            ),
         ),
-    ),
-]
-STEP_TAGS = frozenset({"file", "http", "ftp", "sftp", "command", "python", "compress"})
+    ]
+
+# --------------------------------------------------------------------------- notifications
+
+#: a duration in seconds, written as a number or with a unit: 30s, 15m, 1h, 1d
+Duration = Annotated[float, Field(gt=0, le=MAX_SECONDS), BeforeValidator(_duration)]
+#: what a notification target is told about
+NotifyEvent = Literal["failed", "source_error", "journal", "success", "digest"]
+_NOTIFY_DEFAULT: tuple[NotifyEvent, ...] = ("failed", "source_error", "journal")
+
+
+class NotifyUrl(Secret):
+    """Field metadata: an Apprise URL. Its password, credential query parameters and every
+    token-like part (10 or more characters mixing letters and digits, as the bot tokens and
+    webhook keys of Telegram, Slack, Discord or Matrix URLs are) are secrets."""
+
+
+NOTIFY_URL = NotifyUrl()
+
+
+class NotifyTarget(_Model):
+    """Where notifications go (an Apprise URL) and which events it wants.
+
+    ``failed``: a file failed for good; ``source_error``: a source folder is gone or its watch
+    failed; ``journal``: the journal cannot be written; ``success``: a file was delivered;
+    ``digest``: every ``every`` seconds, counts of what happened.
+    """
+
+    url: Annotated[str, NOTIFY_URL]
+    on: list[NotifyEvent] = Field(default_factory=lambda: list(_NOTIFY_DEFAULT), min_length=1)
+    every: Duration = 3600.0  #: seconds between two digests
+    #: seconds events are gathered before one message tells them all (a burst is one message)
+    window: Duration = 10.0
+    #: a message that cannot be sent is tried again this way, then dropped (and logged)
+    retry: RetryPolicy = RetryPolicy(attempts=3, delay=2.0, max_delay=60.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _on_key(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare ``on`` key as the boolean true
+        if isinstance(data, dict) and True in data:
+            data = dict(data)
+            data["on"] = data.pop(True)
+        return data
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _listify(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _apprise_url(cls, value: str) -> str:
+        if importlib.util.find_spec("apprise") is None:
+            raise ValueError("notify: needs the notify extra: pip install 'filedispatch[notify]'")
+        import apprise
+
+        if apprise.Apprise.instantiate(value, suppress_exceptions=True) is None:
+            raise ValueError(
+                "not a notification URL Apprise knows (see "
+                "https://github.com/caronc/apprise/wiki for json://, mailto://, slack://, ...)"
+            )
+        return value
+
+    @cached_property
+    def display(self) -> str:
+        """The URL as Apprise shows it in privacy mode (tokens and passwords hidden), without
+        its query."""
+        import apprise
+
+        plugin = apprise.Apprise.instantiate(self.url, suppress_exceptions=True)
+        if plugin is None:
+            return redact_url(self.url)
+        # without the query: Apprise lists every default option there
+        return str(plugin.url(privacy=True)).split("?", 1)[0]  # type: ignore[no-untyped-call]
+
+    def __repr_args__(self) -> Any:  # a repr never shows the URL's tokens
+        shown = self.display
+        for key, value in list(super().__repr_args__()):
+            if key != "display":
+                yield key, (shown if key == "url" else value)
+
 
 # --------------------------------------------------------------------------- sources and rules
 
@@ -678,6 +909,8 @@ class SourceConfig(_Model):
     after: After = "keep"
     done_dir: FsPath | None = None
     failed_dir: FsPath | None = None
+    #: notifications about this source's files and folder (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
     follow_symlinks: bool = False  #: links followed only where they stay inside the source
     #: ``check``: a file someone still holds open for writing is not complete (a lease, or
     #: /proc where no lease can be had); ``ignore``: only ``ready`` decides
@@ -736,6 +969,8 @@ class RuleConfig(_Model):
     dedupe: Dedupe | None = None
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
+    #: notifications about this rule's deliveries (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
 
     @field_validator("extensions", "glob", "exclude", "mime", "sources", mode="before")
     @classmethod
@@ -891,6 +1126,8 @@ class Config(_Model):
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()
     monitor: MonitorConfig = MonitorConfig()
+    #: notifications about every source and rule, and about the journal (see NotifyTarget)
+    notify: list[NotifyTarget] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -930,7 +1167,7 @@ _CREDENTIAL_NAME = re.compile(
 )
 #: what may follow the ``@`` that ends a userinfo: a host (a name or an [IPv6] literal) and port
 _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?=[/?#]|$)")
-_REMOTE_SCHEME = re.compile(r"^(https?|ftps?|sftp)://", re.I)
+_REMOTE_SCHEME = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)})://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
 
@@ -1037,6 +1274,19 @@ def _url_secrets(url: str) -> Iterator[str]:
         yield from (value, unquote_plus(value))
 
 
+_TOKEN_PART = re.compile(r"[^/?#&=:@.]{10,}")
+
+
+def _notify_url_secrets(url: str) -> Iterator[str]:
+    """An Apprise URL's secrets: as any URL's, and the token-like parts of its host and path
+    (10+ characters holding letters and digits: a bot token, a webhook id or key)."""
+    yield from _url_secrets(url)
+    rest = url.split("://", 1)[-1]
+    for part in _TOKEN_PART.findall(rest):
+        if re.search(r"[A-Za-z]", part) and re.search(r"[0-9]", part):
+            yield from (part, unquote(part))
+
+
 def _strings(value: Any) -> Iterator[str]:
     """Every string in a value of YAML shapes (nested lists and mappings), keys excepted."""
     if isinstance(value, str):
@@ -1058,6 +1308,8 @@ def _declared_secrets(model: BaseModel) -> Iterator[str]:
         marks = [m for m in info.metadata if isinstance(m, Secret)]
         if isinstance(value, SecretStr):
             yield value.get_secret_value()
+        elif any(isinstance(m, NotifyUrl) for m in marks) and isinstance(value, str):
+            yield from _notify_url_secrets(value)
         elif any(isinstance(m, SecretUrl) for m in marks) and isinstance(value, str):
             yield from _url_secrets(value)
         elif any(isinstance(m, ShellVariables) for m in marks) and isinstance(value, str):

@@ -329,6 +329,12 @@ class Service:
             consume_marked=self.options.consume_marked,
         )
         self.summary = self.dispatcher.summary
+        from . import notify
+
+        if notify.configured(self.config):  # after the dispatcher: closed before it
+            notifier = await stack.enter_async_context(notify.running(self.config, self.status))
+            self.dispatcher.on_result = notifier.on_result
+            journal.on_health(notifier.on_journal_health)
         # the web app and the console are started here, between dispatcher and watchers
         if self.config.api.enabled:
             from . import api

@@ -216,7 +216,7 @@ def mounted_tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
 
 
 if TYPE_CHECKING:
-    from .servers import FtpServer, SftpServer
+    from .servers import FtpServer, S3Server, SftpServer
 
 
 @pytest.fixture
@@ -237,3 +237,13 @@ def sftp(tmp_path: Path) -> Iterator[SftpServer]:
     server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
     yield server
     server.close()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    """moto's S3 API server on loopback with one bucket (no signature check)."""
+    from .servers import S3Server
+
+    server = S3Server(tmp_path / "s3")
+    yield server
+    server.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -369,6 +370,123 @@ class SftpServer:
 
         self.lt.call(stop())
         self.lt.close()
+
+
+# ------------------------------------------------------------------ S3
+
+
+class S3Server:
+    """moto's S3 API server in a subprocess on loopback (so it can be killed and restarted),
+    with one bucket. ``auth``: moto checks signatures against an IAM user made at start."""
+
+    bucket = "inbox-bucket"
+    region = "us-east-1"
+
+    def __init__(self, folder: Path, *, auth: bool = False) -> None:
+        from .conftest import free_port
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.auth = auth
+        self.access_key, self.secret_key = "AKIDFILEDISPATCHTEST", "not-checked-secret-key"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import os
+        import sys
+
+        from .conftest import wait_until
+
+        env = dict(os.environ)
+        if self.auth:  # the first actions (user, key, policy, bucket) are made unchecked
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"
+        server = Path(sys.executable).parent / "moto_server"
+        with (self.folder / "moto.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(server), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        wait_until(self._up, 30)
+        if self.auth:
+            iam = self.client("iam")
+            iam.create_user(UserName="dispatch")
+            key = iam.create_access_key(UserName="dispatch")["AccessKey"]
+            self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
+            iam.put_user_policy(
+                UserName="dispatch",
+                PolicyName="all-s3",
+                PolicyDocument=(
+                    '{"Version": "2012-10-17", "Statement": '
+                    '[{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}'
+                ),
+            )
+        self.client().create_bucket(Bucket=self.bucket)
+
+    def _up(self) -> bool:
+        import socket
+
+        assert self.proc is not None and self.proc.poll() is None, "moto_server exited"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def client(self, service: str = "s3") -> Any:
+        import boto3
+
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+    def dest(self, prefix: str = "", **options: Any) -> dict[str, Any]:
+        """A destination mapping for this server, with its credentials."""
+        return {
+            "url": f"s3://{self.bucket}/{prefix}",
+            "endpoint_url": self.endpoint,
+            "region": self.region,
+            "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key,
+            **options,
+        }
+
+    def objects(self, prefix: str = "") -> dict[str, str]:
+        """Every object under ``prefix``: key -> SHA-256 of its bytes."""
+        s3, out = self.client(), {}
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                body = s3.get_object(Bucket=self.bucket, Key=item["Key"])["Body"]
+                digest = hashlib.sha256()
+                for chunk in iter(lambda b=body: b.read(1 << 20), b""):
+                    digest.update(chunk)
+                out[item["Key"]] = digest.hexdigest()
+        return out
+
+    def uploads(self) -> list[str]:
+        """Keys of the multipart uploads begun and neither completed nor aborted."""
+        found = self.client().list_multipart_uploads(Bucket=self.bucket)
+        return [u["Key"] for u in found.get("Uploads", [])]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None
+
+    def restart(self) -> None:
+        """A new server on the same port: every bucket and upload is gone, the bucket is
+        made again."""
+        self.stop()
+        self.start()
 
 
 def sha256_of(path: Path) -> str:

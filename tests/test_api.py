@@ -498,6 +498,10 @@ async def test_the_token_is_required(api: Api, path: str) -> None:
 async def test_the_dashboard_and_health_are_open(api: Api) -> None:
     status, html = await call(api, "GET", "/", token=None)
     assert status == 200 and "<canvas" in html
+    # the protocol filter offers every step kind, from the one list of them
+    assert "<option>s3</option>" in html and "<option>sftp</option>" in html
+    status, found = await call(api, "GET", "/api/v1/logs", {"protocol": "s3"})
+    assert status == 200 and found["count"] == 0
     status, js = await call(api, "GET", "/static/app.js", token=None)
     assert status == 200 and "fetch(" in js
 

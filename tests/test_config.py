@@ -200,3 +200,21 @@ def test_check_prints_the_routing_table_redacted(tmp_path: Path) -> None:
     assert "videos" in result.stdout and "extensions mp4" in result.stdout
     assert "ftp://me:***@ftp.example/v" in result.stdout
     assert "pa55word" not in result.stdout
+
+
+def test_each_step_kind_is_declared_once_and_reaches_every_list() -> None:
+    """A kind's model is the one place: its tag, processor, URL schemes and API protocol."""
+    import importlib
+
+    from filedispatch.api.queries import PROTOCOLS
+    from filedispatch.config import STEP_KINDS, STEP_MODELS
+
+    assert PROTOCOLS == STEP_KINDS
+    assert len(set(STEP_KINDS)) == len(STEP_KINDS)
+    for model in STEP_MODELS:
+        module = importlib.import_module(f"filedispatch.processors.{model.processor}")
+        assert callable(module.create), model
+        for scheme in model.schemes:
+            url = f"{scheme}://host/x" if scheme not in ("", "file") else "/tmp/x"
+            cfg = parse_config({"sources": [{"path": "/tmp"}], "rules": [{"to": [url]}]})
+            assert isinstance(cfg.rules[0].to[0], model), scheme

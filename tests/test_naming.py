@@ -17,7 +17,7 @@ from filedispatch.naming import (
     shorten,
     with_suffix_number,
 )
-from filedispatch.processors.local import temp_name
+from filedispatch.processors.common import temp_name
 
 
 def test_placeholders() -> None:

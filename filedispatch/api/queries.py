@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 
 from multidict import MultiMapping
 
+from ..config import STEP_KINDS
 from ..models import Status
 from ..reporting import PERIODS, Period, day_sql, human_size, period_label, period_start
 
@@ -27,7 +28,7 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
 MAX_OFFSET = 1_000_000_000
 MAX_INT = 2**63 - 1
-PROTOCOLS = ("file", "http", "ftp", "sftp", "command", "python", "compress")
+PROTOCOLS = STEP_KINDS
 
 #: the default window of /stats when no ``created`` bound is given: the current period and
 #: this many days before it (then aligned to the start of its week or month)

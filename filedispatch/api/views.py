@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import STEP_KINDS
 from ..errors import JournalError
 from . import metrics, queries
 from .queries import BadParameter, parse_int
@@ -270,11 +271,16 @@ MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css
 def static_files() -> Mapping[str, tuple[bytes, str]]:
     """The dashboard's files by name, read once: nothing else is ever served from disk, so
     no path in a request can name another file."""
-    return {
+    files = {
         p.name: (p.read_bytes(), MEDIA_TYPES[p.suffix])
         for p in STATIC.iterdir()
         if p.is_file() and p.suffix in MEDIA_TYPES
     }
+    # the protocol filter offers every step kind (config.STEP_KINDS, the one list of them)
+    page, media_type = files["index.html"]
+    options = "".join(f"<option>{kind}</option>" for kind in STEP_KINDS)
+    files["index.html"] = (page.replace(b"<!--protocol-options-->", options.encode()), media_type)
+    return files
 
 
 def _static(name: str) -> web.Response:

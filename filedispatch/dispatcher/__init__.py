@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import Config, SourceConfig
-from ..journal import Journal
+from ..journal import Journal, StepResult
 from ..models import Dispatch, FileVersion
 from ..processors import Registry
 from ..router import Chain, Router
@@ -65,6 +65,18 @@ class Dispatcher:
     @property
     def config(self) -> Config:
         return self.state.config
+
+    @property
+    def on_result(self) -> Callable[[str, FileVersion, str, StepResult], None] | None:
+        """Told (rule, version, destination, result) when a row SUCCEEDED or FAILED for good;
+        must return at once and never raise (the notifier)."""
+        return self.state.on_result
+
+    @on_result.setter
+    def on_result(
+        self, listener: Callable[[str, FileVersion, str, StepResult], None] | None
+    ) -> None:
+        self.state.on_result = listener
 
     @property
     def router(self) -> Router:

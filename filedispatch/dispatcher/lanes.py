@@ -238,7 +238,7 @@ class InlineLanes:
                 started, started, None, None, 0.0,
             )  # fmt: skip
             result = self.outcomes.failed(row, lane.step, 1, error, started)
-        self.outcomes.note(lane.step.display, result, ctx.version)
+        self.outcomes.note(lane.step.display, result, ctx.version, ctx.rule)
         return result
 
     def _record(self, source: SourceConfig, done: list[Done]) -> None:

@@ -104,7 +104,7 @@ class Outcomes:
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type
-        self.note(row.destination, result, version)
+        self.note(row.destination, result, version, row.rule)
 
     def write(self, results: list[StepResult]) -> None:
         # Not awaited: a worker goes on while the writer commits many outcomes at once. The
@@ -115,8 +115,9 @@ class Outcomes:
             # a retry is planned: the feeder learns when it is due once the row says so
             self._last_write.add_done_callback(lambda _: self.state.wake.set())
 
-    def note(self, destination: str, result: StepResult, version: FileVersion) -> None:
-        """Count and log an attempt's result (the journal write is separate)."""
+    def note(self, destination: str, result: StepResult, version: FileVersion, rule: str) -> None:
+        """Count and log an attempt's result (the journal write is separate); tell
+        ``state.on_result`` (the notifier) of a row SUCCEEDED or FAILED for good."""
         stats = self.state.stats[destination]
         if result.status == Status.SUCCEEDED:
             stats.succeeded += 1
@@ -127,6 +128,8 @@ class Outcomes:
             stats.last_error = result.reason
             log.error("%s -> %s failed: %s", version.relpath, destination, result.reason)
             self.state.wake.set()
+        if self.state.on_result is not None and result.status in (Status.SUCCEEDED, Status.FAILED):
+            self.state.on_result(rule, version, destination, result)
 
     def when_durable(self, action: Callable[[], None]) -> None:
         """Run ``action`` once every outcome recorded so far is committed (never before)."""

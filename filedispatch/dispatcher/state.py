@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, SourceConfig, Step, scrub, secrets_of
-from ..journal import Journal
+from ..journal import Journal, StepResult
 from ..models import Dispatch, FileVersion, Status
 from ..processors import Registry
 from ..router import Router
@@ -69,6 +69,9 @@ class DispatchState:
         self.running.set()
         self.stop = asyncio.Event()  #: the service's stop, once the dispatcher runs
         self._on_change = on_change
+        #: told (rule, version, destination, result) when a row SUCCEEDED or FAILED for good
+        #: (the notifier); must return at once and never raise
+        self.on_result: Callable[[str, FileVersion, str, StepResult], None] | None = None
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self.configure(config)
 

@@ -110,21 +110,9 @@ class Resources:
             await self.closers.pop()()
 
 
-#: step kind -> module under filedispatch.processors with ``create(step, resources)``
-_MODULES = {
-    "file": "local",
-    "http": "http",
-    "ftp": "ftp",
-    "sftp": "sftp",
-    "command": "command",
-    "python": "python",
-    "compress": "compress",
-}
-
-
 def create(step: Step, resources: Resources) -> Processor:
-    """Build the processor for one configured step (its module is imported on first use)."""
-    module = importlib.import_module(f"{__name__}.{_MODULES[step.kind]}")
+    """Build the processor for one configured step (its kind's module, imported on first use)."""
+    module = importlib.import_module(f"{__name__}.{step.processor}")
     processor: Processor = module.create(step, resources)
     return processor
 

@@ -20,8 +20,8 @@ from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from ..shell import compile_command, placeholder_values
 from . import Resources, StepContext
+from .common import open_input, translate_os_error
 from .compress import ensure_workdir
-from .local import open_input, translate_os_error
 
 log = logging.getLogger(__name__)
 

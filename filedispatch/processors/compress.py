@@ -27,7 +27,7 @@ from ..config import CompressStep
 from ..errors import PermanentDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
-from .local import _unlink_quietly, open_input, translate_os_error
+from .common import open_input, translate_os_error, unlink_quietly
 
 #: the name suffix each format adds
 SUFFIX = {"gzip": ".gz", "zip": ".zip", "tar.gz": ".tar.gz", "zstd": ".zst"}
@@ -86,13 +86,13 @@ class CompressProcessor:
                 sourcefile.check_unchanged(src.fileno(), st, ctx.input.name)
             os.replace(tmp, target)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot compress {ctx.input.name}") from exc
         except _FORMAT_ERRORS as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise PermanentDeliveryError(f"cannot compress {ctx.input.name}: {exc}") from exc
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         size = target.stat().st_size
         return Outcome(

@@ -35,7 +35,7 @@ from ..config import HttpDestination, redact_url
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
-from .local import open_input, render_target
+from .common import open_input, render_target
 from .remote import copy_to
 
 log = logging.getLogger(__name__)

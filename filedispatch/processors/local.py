@@ -14,10 +14,10 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
-from .. import fastpath, naming, sourcefile
+from .. import fastpath, sourcefile
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -27,123 +27,24 @@ from ..errors import (
 )
 from ..models import FileVersion, Outcome
 from . import MoveUnavailable, Resources, StepContext
+from .common import (
+    TMP_PREFIX,
+    candidates,
+    open_input,
+    place,
+    render_target,
+    render_target_str,
+    temp_name,
+    translate_os_error,
+    unlink_quietly,
+)
 
 log = logging.getLogger(__name__)
-
-TMP_PREFIX = ".filedispatch-tmp-"
-MAX_RENAME = 10_000
-_PERMANENT_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENAMETOOLONG,
-    errno.EISDIR,
-    errno.ENOTDIR,
-    errno.EINVAL,
-    errno.EEXIST,
-    errno.EFBIG,  # larger than the destination filesystem allows a file to be
-}
 
 
 def create(step: LocalDestination, resources: Resources) -> LocalProcessor:
     del resources
     return LocalProcessor(step)
-
-
-def temp_name(dispatch_id: int, name: str) -> str:
-    """The hidden name a delivery is written under before its rename (at most NAME_MAX bytes:
-    the name is shortened by ``naming.shorten`` to leave room for the prefix)."""
-    head = f"{TMP_PREFIX}{dispatch_id}-"
-    return head + naming.shorten(name, len(head))
-
-
-def translate_os_error(exc: OSError, what: str) -> DeliveryError:
-    """Map an OSError met while writing to the destination onto our error tree."""
-    text = f"{what}: {exc.strerror or exc}"
-    if exc.errno == errno.EFBIG:
-        text += " (larger than the destination filesystem allows one file to be)"
-    if exc.errno in _PERMANENT_ERRNOS:
-        return PermanentDeliveryError(text)
-    return TransientDeliveryError(text)
-
-
-def choices(target: PurePosixPath, on_conflict: str) -> Iterator[tuple[PurePosixPath, bool]]:
-    """The names to try for ``target``, in order, each with whether it may replace a file.
-
-    The policy of ``on_conflict`` in one place, for every file-like destination, local or
-    remote: the iterator ends when ``skip`` finds the name taken, and raises for ``fail`` or
-    when ``rename`` runs out of numbers. The caller tries each name until one is free.
-    """
-    if on_conflict == "overwrite":
-        yield target, True
-        return
-    for candidate in candidates(target, on_conflict):
-        yield candidate, False
-    if on_conflict == "fail":
-        raise PermanentDeliveryError(f"{target} already exists (on_conflict: fail)")
-    if on_conflict == "rename":
-        raise PermanentDeliveryError(f"no free name near {target} after {MAX_RENAME} tries")
-
-
-def place(
-    exists: Callable[[PurePosixPath], bool],
-    target: PurePosixPath,
-    on_conflict: str,
-    put: Callable[[PurePosixPath, bool], None],
-) -> PurePosixPath | None:
-    """Resolve ``on_conflict`` for ``target`` and call ``put(final, overwrite)``.
-
-    ``put`` must be atomic and, when ``overwrite`` is false, refuse to replace an existing
-    file with FileExistsError (so two writers can never pick the same name). Returns the final
-    path, or None when ``skip`` found the name taken.
-    """
-    for candidate, overwrite in choices(target, on_conflict):
-        if overwrite or not exists(candidate):
-            try:
-                put(candidate, overwrite)
-                return candidate
-            except FileExistsError:
-                pass
-    return None
-
-
-def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPath]:
-    """Names an earlier attempt may have used, for recognising our own delivery after a crash."""
-    yield target
-    if on_conflict == "rename":
-        for n in range(1, MAX_RENAME + 1):
-            yield naming.with_suffix_number(target, n)
-
-
-def render_target(
-    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
-) -> PurePosixPath:
-    """The name template rendered for this step's input (a transform's output keeps its name);
-    ``options``: the destination's (``step.naming``: its rule's regex, its time zone)."""
-    return PurePosixPath(render_target_str(template, ctx, options))
-
-
-def render_target_str(
-    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
-) -> str:
-    """``render_target`` as a plain "a/b" string, for the per-file hot path."""
-    transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
-    return naming.render_str(
-        template,
-        ctx.version,
-        ctx.input.name if transformed else None,
-        options,
-        counter=ctx.dispatch_id,
-        content=ctx.input,
-    )
-
-
-def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
-    """Open the file a step delivers (a raw fd) and check it is still the planned version.
-
-    Raises SourceVanishedError when it is gone, changed or replaced (see ``sourcefile``).
-    """
-    return sourcefile.open_input(ctx.version, ctx.input)
 
 
 class LocalProcessor:
@@ -266,7 +167,7 @@ class LocalProcessor:
                 self._verify(fd, out, st, tmp)
             except BaseException:
                 os.close(out)
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
                 raise
             return tmp, out
         finally:
@@ -311,7 +212,7 @@ class LocalProcessor:
                 os.close(out)
             if errors[i] is not None:
                 self._sums.pop(tmp, None)
-                _unlink_quietly(tmp)
+                unlink_quietly(tmp)
         return errors
 
     def _place_temp(self, tmp: Path, rel: PurePosixPath, *, sync_dir: bool) -> Outcome:
@@ -325,13 +226,13 @@ class LocalProcessor:
                 lambda p, overwrite: self._rename(tmp, self.root / p, overwrite),
             )
         except OSError as exc:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot deliver to {self.root / rel}") from exc
         except BaseException:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         if final is None:
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             return Outcome(str(self.root / rel), detail="skipped: the name is taken")
         if sync_dir:
             _fsync_dir(self.root / final.parent)
@@ -477,11 +378,11 @@ class LocalProcessor:
             sourcefile.check_unchanged(fd, st, str(tmp.name))
         except OSError as exc:
             os.close(out)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot write {tmp}") from exc
         except SourceVanishedError:
             os.close(out)
-            _unlink_quietly(tmp)
+            unlink_quietly(tmp)
             raise
         return out
 
@@ -506,7 +407,7 @@ class LocalProcessor:
 
     def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
         """After a crash: a file at one of our candidate names with the input's size and mtime."""
-        _unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
+        unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
         want = (ctx.version.size, ctx.version.mtime_ns)
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
             try:
@@ -645,13 +546,6 @@ def _replace(src: str, dst: str, src_dir_fd: int = _AT_FDCWD) -> None:
         if exc.errno == errno.EXDEV:
             raise MoveUnavailable(exc.strerror or str(exc)) from exc
         raise
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _sha256_of(fd: int) -> str:

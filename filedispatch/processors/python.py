@@ -25,8 +25,8 @@ from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from . import Resources, StepContext
+from .common import open_input
 from .compress import ensure_workdir
-from .local import open_input
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from ..errors import (
 )
 from ..models import Outcome
 from . import Resources, StepContext
-from .local import candidates, choices, open_input, render_target, temp_name
+from .common import aplace, candidates, choices, open_input, render_target, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +86,6 @@ def shared_pool(resources: Resources, key: str, make: Callable[[], Pool[C]]) -> 
         pool = resources.items[key] = make()
         resources.closers.append(pool.aclose)
     return pool
-
-
-async def aplace(
-    exists: Callable[[PurePosixPath], Awaitable[bool]],
-    target: PurePosixPath,
-    on_conflict: str,
-    put: Callable[[PurePosixPath, bool], Awaitable[None]],
-) -> PurePosixPath | None:
-    """``local.place`` for a remote server, where looking and renaming are network round trips.
-
-    A server's rename may replace an existing file, so a name is only used once ``exists``
-    says it is free: two services writing the same names to one server can still race, as
-    with any FTP client.
-    """
-    for candidate, overwrite in choices(target, on_conflict):
-        if overwrite or not await exists(candidate):
-            await put(candidate, overwrite)
-            return candidate
-    return None
 
 
 class RemoteTarget:

@@ -1,0 +1,156 @@
+"""What every file-like processor shares: names, conflicts, opening the input, OS errors.
+
+Pure helpers with no state; each destination module (local, http, ftp, sftp, s3, command,
+compress, python) builds on them. Nothing here writes to a destination.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path, PurePosixPath
+
+from .. import naming, sourcefile
+from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from . import StepContext
+
+TMP_PREFIX = ".filedispatch-tmp-"
+MAX_RENAME = 10_000
+_PERMANENT_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENAMETOOLONG,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.EINVAL,
+    errno.EEXIST,
+    errno.EFBIG,  # larger than the destination filesystem allows a file to be
+}
+
+
+def temp_name(dispatch_id: int, name: str) -> str:
+    """The hidden name a delivery is written under before its rename (at most NAME_MAX bytes:
+    the name is shortened by ``naming.shorten`` to leave room for the prefix)."""
+    head = f"{TMP_PREFIX}{dispatch_id}-"
+    return head + naming.shorten(name, len(head))
+
+
+def translate_os_error(exc: OSError, what: str) -> DeliveryError:
+    """Map an OSError met while writing to the destination onto our error tree."""
+    text = f"{what}: {exc.strerror or exc}"
+    if exc.errno == errno.EFBIG:
+        text += " (larger than the destination filesystem allows one file to be)"
+    if exc.errno in _PERMANENT_ERRNOS:
+        return PermanentDeliveryError(text)
+    return TransientDeliveryError(text)
+
+
+def choices(target: PurePosixPath, on_conflict: str) -> Iterator[tuple[PurePosixPath, bool]]:
+    """The names to try for ``target``, in order, each with whether it may replace a file.
+
+    The policy of ``on_conflict`` in one place, for every file-like destination, local or
+    remote: the iterator ends when ``skip`` finds the name taken, and raises for ``fail`` or
+    when ``rename`` runs out of numbers. The caller tries each name until one is free.
+    """
+    if on_conflict == "overwrite":
+        yield target, True
+        return
+    for candidate in candidates(target, on_conflict):
+        yield candidate, False
+    if on_conflict == "fail":
+        raise PermanentDeliveryError(f"{target} already exists (on_conflict: fail)")
+    if on_conflict == "rename":
+        raise PermanentDeliveryError(f"no free name near {target} after {MAX_RENAME} tries")
+
+
+def place(
+    exists: Callable[[PurePosixPath], bool],
+    target: PurePosixPath,
+    on_conflict: str,
+    put: Callable[[PurePosixPath, bool], None],
+) -> PurePosixPath | None:
+    """Resolve ``on_conflict`` for ``target`` and call ``put(final, overwrite)``.
+
+    ``put`` must be atomic and, when ``overwrite`` is false, refuse to replace an existing
+    file with FileExistsError (so two writers can never pick the same name). Returns the final
+    path, or None when ``skip`` found the name taken.
+    """
+    for candidate, overwrite in choices(target, on_conflict):
+        if overwrite or not exists(candidate):
+            try:
+                put(candidate, overwrite)
+                return candidate
+            except FileExistsError:
+                pass
+    return None
+
+
+async def aplace(
+    exists: Callable[[PurePosixPath], Awaitable[bool]],
+    target: PurePosixPath,
+    on_conflict: str,
+    put: Callable[[PurePosixPath, bool], Awaitable[None]],
+) -> PurePosixPath | None:
+    """``place`` for a remote server (FTP, SFTP, S3): looking and writing are round trips.
+
+    A server's rename may replace an existing file, so a name is only used once ``exists``
+    says it is free, or until ``put`` raises FileExistsError (as a conditional write does):
+    two services writing the same names to one FTP server can still race.
+    """
+    for candidate, overwrite in choices(target, on_conflict):
+        if overwrite or not await exists(candidate):
+            try:
+                await put(candidate, overwrite)
+                return candidate
+            except FileExistsError:  # a conditional write found it taken after all
+                pass
+    return None
+
+
+def candidates(target: PurePosixPath, on_conflict: str) -> Iterable[PurePosixPath]:
+    """Names an earlier attempt may have used, for recognising our own delivery after a crash."""
+    yield target
+    if on_conflict == "rename":
+        for n in range(1, MAX_RENAME + 1):
+            yield naming.with_suffix_number(target, n)
+
+
+def render_target(
+    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
+) -> PurePosixPath:
+    """The name template rendered for this step's input (a transform's output keeps its name);
+    ``options``: the destination's (``step.naming``: its rule's regex, its time zone)."""
+    return PurePosixPath(render_target_str(template, ctx, options))
+
+
+def render_target_str(
+    template: str, ctx: StepContext, options: naming.NameOptions = naming.NO_OPTIONS
+) -> str:
+    """``render_target`` as a plain "a/b" string, for the per-file hot path."""
+    transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
+    return naming.render_str(
+        template,
+        ctx.version,
+        ctx.input.name if transformed else None,
+        options,
+        counter=ctx.dispatch_id,
+        content=ctx.input,
+    )
+
+
+def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
+    """Open the file a step delivers (a raw fd) and check it is still the planned version.
+
+    Raises SourceVanishedError when it is gone, changed or replaced (see ``sourcefile``).
+    """
+    return sourcefile.open_input(ctx.version, ctx.input)
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove ``path`` if it is there; an error (gone already, no permission) is ignored."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

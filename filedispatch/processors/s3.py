@@ -1,0 +1,513 @@
+"""S3 destination, with aiobotocore: one PUT for a small file, a multipart upload with bounded
+memory for a large one, conflicts settled by a conditional write where the server has them.
+
+An interrupted multipart upload is aborted; ones a crash left are aborted when the destination
+is first used. No botocore error leaves this module untranslated, and none carries a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from .. import sourcefile
+from ..config import S3Destination, scrub, secrets_of
+from ..errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
+from ..models import Outcome
+from . import Resources, StepContext
+from .common import aplace, candidates, open_input, render_target
+
+log = logging.getLogger(__name__)
+
+#: the user metadata that marks an object as the delivery of one journal row (see resuming)
+ID_META = "filedispatch-id"
+#: a file up to this size is read on the event loop: a thread hop costs more than the read
+INLINE_READ = 64 * 1024
+#: error codes no retry will cure
+_PERMANENT_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "InvalidStorageClass",
+    "InvalidTag",
+    "InvalidArgument",
+    "KeyTooLongError",
+    "MetadataTooLarge",
+    "EntityTooLarge",
+    "AccountProblem",
+    "InvalidObjectState",
+}
+#: a multipart upload that vanished (the server lost it, or it was aborted): start again
+_TRANSIENT_CODES = {"NoSuchUpload", "RequestTimeout", "SlowDown", "InternalError"}
+_STATUS_MEANING = {
+    403: "forbidden (a wrong access key or secret, or no permission)",
+    404: "not found",
+}
+_CONFLICT_STATUS = 412  #: If-None-Match: * found the key taken
+
+
+def create(step: S3Destination, resources: Resources) -> S3Processor:
+    del resources
+    return S3Processor(step)
+
+
+class _Taken(FileExistsError):
+    """A conditional write found the key taken."""
+
+
+class S3Processor:
+    """Delivers objects under one bucket and prefix."""
+
+    def __init__(self, dest: S3Destination) -> None:
+        self.dest = dest
+        self.bucket, self.prefix = dest.bucket, dest.prefix
+        self.display = dest.display
+        self._secrets = secrets_of(dest)
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+        self._opening = asyncio.Lock()
+        self._started = dt.datetime.now(dt.UTC)
+        self._swept = False
+        #: does the server honour If-None-Match: * on writes? None until a write tells
+        self._conditional: bool | None = None
+
+    # -- the client
+
+    async def _get_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        async with self._opening:
+            if self._client is None:
+                client = await self._stack.enter_async_context(self._new_client())
+                if self.dest.abort_stale_uploads:
+                    await self._abort_stale(client)
+                self._client = client
+        return self._client
+
+    def _new_client(self) -> Any:
+        dest = self.dest
+        session = get_session()
+        if dest.profile is not None:
+            session.set_config_variable("profile", dest.profile)
+        config = AioConfig(
+            connect_timeout=dest.connect_timeout,
+            read_timeout=dest.read_timeout,
+            # the step's retry policy retries a file; botocore only rides out a blip
+            retries={"mode": "standard", "total_max_attempts": 3},
+            # the workers share one client: room for all of them, and for the parts in flight
+            max_pool_connections=max(32, 2 * dest.part_concurrency),
+            s3={"addressing_style": dest.addressing_style},
+            # we send SHA-256 when verify asks for it; no CRC of every byte otherwise
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: bool | str = dest.tls_verify
+        if dest.tls_verify and dest.ca_file is not None:
+            verify = str(dest.ca_file)
+        secret, token = dest.secret_access_key, dest.session_token
+        return session.create_client(
+            "s3",
+            endpoint_url=dest.endpoint_url,
+            region_name=dest.region,
+            aws_access_key_id=dest.access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            aws_session_token=token.get_secret_value() if token else None,
+            verify=verify,
+            config=config,
+        )
+
+    async def _abort_stale(self, client: Any) -> None:
+        """Abort the multipart uploads under our prefix begun before this service started."""
+        try:
+            pages = client.get_paginator("list_multipart_uploads")
+            stale = []
+            async for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < self._started:
+                        stale.append((upload["Key"], upload["UploadId"]))
+            for key, upload_id in stale:
+                await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            # not fatal: the first delivery reports what is wrong with the bucket
+            log.warning("%s: cannot list unfinished uploads: %s", self.display, self._why(exc))
+            return
+        if stale:
+            log.info("%s: aborted %d unfinished multipart upload(s)", self.display, len(stale))
+
+    async def aclose(self) -> None:
+        self._client = None
+        await self._stack.aclose()
+
+    # -- delivering
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.bucket}/{quote(key, safe='/')}"
+
+    def key(self, rel: PurePosixPath) -> str:
+        return f"{self.prefix}{rel}"
+
+    async def deliver(self, ctx: StepContext) -> Outcome:
+        try:
+            return await self._deliver(ctx)
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            error = self._translate(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+    async def _deliver(self, ctx: StepContext) -> Outcome:
+        rel = render_target(self.dest.name, ctx, self.dest.naming)
+        if len(self.key(rel).encode("utf-8", "surrogateescape")) > 1024:
+            raise PermanentDeliveryError(f"{self.display}: the key {rel} is over 1024 bytes")
+        client = await self._get_client()
+        fd, st = open_input(ctx)
+        try:
+            if ctx.resuming:
+                found = await self._find_previous(client, ctx, rel, st.st_size)
+                if found is not None:
+                    return Outcome(
+                        self.location(self.key(found)),
+                        detail="found delivered by an earlier attempt",
+                    )
+            if st.st_size <= self.dest.part_size:
+                body = await _read(fd, st.st_size, 0)
+                sourcefile.check_unchanged(fd, st, "the file")
+                if len(body) != st.st_size:
+                    raise SourceVanishedError("the file shrank while it was sent")
+                digest = await _sha256(body)
+
+                async def put(p: PurePosixPath, overwrite: bool) -> None:
+                    await self._put(client, ctx, self.key(p), body, digest, overwrite)
+
+                final = await aplace(self._free_check(client), rel, self.dest.on_conflict, put)
+                sent: str | None = digest.hex()
+            else:
+                final, sent = await self._deliver_multipart(client, ctx, rel, fd, st)
+        finally:
+            os.close(fd)
+        if final is None:
+            return Outcome(self.location(self.key(rel)), detail="skipped: the name is taken")
+        return Outcome(self.location(self.key(final)), sha256=sent)
+
+    def _free_check(self, client: Any) -> Callable[[PurePosixPath], Awaitable[bool]]:
+        """``exists`` for aplace: a HEAD, unless conditional writes make the write itself the
+        check (then the first name is tried at once and a taken one answers 412)."""
+
+        async def exists(p: PurePosixPath) -> bool:
+            if self._conditional is not False:  # True, or not known yet: try the write
+                return False
+            return await self._head(client, self.key(p)) is not None
+
+        return exists
+
+    def _object_args(self, ctx: StepContext) -> dict[str, Any]:
+        dest = self.dest
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Metadata": {**dest.metadata, ID_META: str(ctx.dispatch_id)},
+        }
+        if dest.storage_class:
+            args["StorageClass"] = dest.storage_class
+        if dest.tags:
+            args["Tagging"] = "&".join(
+                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in dest.tags.items()
+            )
+        return args
+
+    async def _put(
+        self,
+        client: Any,
+        ctx: StepContext,
+        key: str,
+        body: bytes,
+        digest: bytes,
+        overwrite: bool,
+    ) -> None:
+        args = self._object_args(ctx) | {"Key": key, "Body": body}
+        if self.dest.verify == "sha256":
+            args["ChecksumSHA256"] = base64.b64encode(digest).decode()
+        answer = await self._write(client.put_object, args, overwrite, key)
+        await self._verify(client, key, len(body), answer, args.get("ChecksumSHA256"))
+
+    async def _write(
+        self, call: Callable[..., Awaitable[Any]], args: dict[str, Any], overwrite: bool, key: str
+    ) -> Any:
+        """``call(**args)``, made conditional on the key being free unless ``overwrite``.
+        Raises _Taken when it is; a server without conditional writes gets a HEAD first."""
+        if overwrite:
+            return await call(**args)
+        if self._conditional is not False:
+            try:
+                answer = await call(**args, IfNoneMatch="*")
+            except ClientError as exc:
+                status, code = _status(exc)
+                if status == _CONFLICT_STATUS or code == "PreconditionFailed":
+                    self._conditional = True
+                    raise _Taken(key) from None
+                if status != 501 and code not in ("NotImplemented", "InvalidArgument"):
+                    raise
+                log.info("%s: no conditional writes here: a HEAD checks each name", self.display)
+                self._conditional = False
+            else:
+                self._conditional = True
+                return answer
+        if await self._head(self._client, key) is not None:  # set: a write was made
+            raise _Taken(key)
+        return await call(**args)
+
+    async def _deliver_multipart(
+        self,
+        client: Any,
+        ctx: StepContext,
+        rel: PurePosixPath,
+        fd: int,
+        st: os.stat_result,
+    ) -> tuple[PurePosixPath | None, str | None]:
+        """Upload in parts under the first free name; a name taken meanwhile (412 on
+        completion) is transient: the next attempt picks another."""
+        overwrite = self.dest.on_conflict == "overwrite"
+        final: PurePosixPath | None = None
+        for cand in candidates(rel, self.dest.on_conflict) if not overwrite else [rel]:
+            if overwrite or await self._head(client, self.key(cand)) is None:
+                final = cand
+                break
+            if self.dest.on_conflict == "skip":
+                return None, None
+        if final is None:
+            raise PermanentDeliveryError(
+                f"{self.display}: {rel} already exists (on_conflict: {self.dest.on_conflict})"
+                if self.dest.on_conflict == "fail"
+                else f"{self.display}: no free name near {rel}"
+            )
+        key = self.key(final)
+        args = self._object_args(ctx) | {"Key": key}
+        sha = self.dest.verify == "sha256"
+        if sha:
+            args["ChecksumAlgorithm"] = "SHA256"
+        upload_id = (await client.create_multipart_upload(**args))["UploadId"]
+        ids = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
+        try:
+            parts, whole = await self._send_parts(client, ids, fd, st, sha)
+            done: dict[str, Any] = {"MultipartUpload": {"Parts": parts}, **ids}
+            try:
+                answer = await self._write(client.complete_multipart_upload, done, overwrite, key)
+            except _Taken:
+                raise TransientDeliveryError(
+                    f"{self.display}: {final} was taken while it was uploaded"
+                ) from None
+        except BaseException:
+            await asyncio.shield(self._abort(client, ids))
+            raise
+        composite = None
+        if sha:
+            joined = b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts)
+            composite = f"{base64.b64encode(hashlib.sha256(joined).digest()).decode()}-{len(parts)}"
+        await self._verify(client, key, st.st_size, answer, composite)
+        return final, whole
+
+    async def _send_parts(
+        self, client: Any, ids: dict[str, Any], fd: int, st: os.stat_result, sha: bool
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Read the file part by part, in order, and send up to part_concurrency at once:
+        at most part_concurrency + 1 parts are in memory. Returns the parts for completion
+        and, with ``sha``, the SHA-256 of the whole file."""
+        size, step = st.st_size, self.dest.part_size
+        room = asyncio.Semaphore(self.dest.part_concurrency)
+        whole = hashlib.sha256() if sha else None
+        parts: list[dict[str, Any]] = []
+
+        async def send(number: int, data: bytes) -> None:
+            try:
+                args: dict[str, Any] = {"PartNumber": number, "Body": data, **ids}
+                if sha:
+                    args["ChecksumSHA256"] = base64.b64encode(await _sha256(data)).decode()
+                answer = await client.upload_part(**args)
+                part = {"PartNumber": number, "ETag": answer["ETag"]}
+                if sha:
+                    part["ChecksumSHA256"] = args["ChecksumSHA256"]
+                parts.append(part)
+            finally:
+                room.release()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for number, offset in enumerate(range(0, size, step), 1):
+                    await room.acquire()
+                    data = await _read(fd, min(step, size - offset), offset)
+                    if len(data) != min(step, size - offset):
+                        raise SourceVanishedError("the file shrank while it was sent")
+                    if whole is not None:
+                        await asyncio.to_thread(whole.update, data)
+                    group.create_task(send(number, data))
+                    del data
+        except BaseExceptionGroup as group_error:
+            raise _first(group_error) from None
+        sourcefile.check_unchanged(fd, st, "the file")
+        parts.sort(key=lambda p: int(p["PartNumber"]))
+        return parts, whole.hexdigest() if whole is not None else None
+
+    async def _abort(self, client: Any, ids: dict[str, Any]) -> None:
+        try:
+            await asyncio.wait_for(client.abort_multipart_upload(**ids), self.dest.connect_timeout)
+        except Exception as exc:
+            log.warning(
+                "%s: cannot abort an interrupted upload of %s (it is aborted at the next "
+                "start): %s",
+                self.display,
+                ids["Key"],
+                self._why(exc),
+            )
+
+    async def _verify(
+        self, client: Any, key: str, size: int, answer: dict[str, Any], checksum: str | None
+    ) -> None:
+        """``size``: HEAD says the stored length; ``sha256``: the server checked the SHA-256
+        sent with the data (``x-amz-checksum-sha256``) and stores the one we expect."""
+        if self.dest.verify == "none":
+            return
+        if self.dest.verify == "sha256" and checksum is not None:
+            stored = answer.get("ChecksumSHA256")
+            if stored is None:
+                head = await self._head(client, key, checksum=True)
+                stored = (head or {}).get("ChecksumSHA256")
+            # a multipart object's checksum is the SHA-256 of its parts' SHA-256s, "-N" after
+            # it on AWS and not on some other servers
+            if stored is not None and stored.split("-")[0] != checksum.split("-")[0]:
+                await self._discard(client, key)
+                raise TransientDeliveryError(
+                    f"{self.display}: verify: the stored SHA-256 ({stored}) is not the one "
+                    f"sent ({checksum})"
+                )
+            if stored is not None:
+                return
+        head = await self._head(client, key)
+        got = None if head is None else head.get("ContentLength")
+        if got != size:
+            await self._discard(client, key)
+            raise TransientDeliveryError(f"{self.display}: verify: {got} bytes stored of {size}")
+
+    async def _discard(self, client: Any, key: str) -> None:
+        """Remove an object that failed verification (the next attempt sends it again)."""
+        with contextlib.suppress(ClientError):
+            await client.delete_object(Bucket=self.bucket, Key=key)
+
+    async def _head(self, client: Any, key: str, *, checksum: bool = False) -> Any:
+        """The object's HEAD answer, or None when there is no such key."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if checksum:
+            args["ChecksumMode"] = "ENABLED"
+        try:
+            return await client.head_object(**args)
+        except ClientError as exc:
+            status, code = _status(exc)
+            if status == 404 and code != "NoSuchBucket":
+                return None
+            raise
+
+    async def _find_previous(
+        self, client: Any, ctx: StepContext, rel: PurePosixPath, size: int
+    ) -> PurePosixPath | None:
+        """After a crash: the object an earlier attempt of this row completed, if any (it
+        carries this row's id in its metadata, and our size)."""
+        for cand in candidates(rel, self.dest.on_conflict):
+            head = await self._head(client, self.key(cand))
+            if head is None:
+                return None
+            mine = head.get("Metadata", {}).get(ID_META) == str(ctx.dispatch_id)
+            if mine and head.get("ContentLength") == size:
+                return cand
+        return None
+
+    # -- errors
+
+    def _why(self, exc: BaseException) -> str:
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            status, code = _status(exc)
+            # a HEAD answer has no body, so no code: say what its status means
+            message = error.get("Message") or _STATUS_MEANING.get(status or 0, "no message")
+            text = f"{code or status}: {message}"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        return scrub(text, self._secrets)
+
+    def _translate(self, exc: Exception) -> DeliveryError | None:
+        """Our error for a botocore or connection error; None for any other."""
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return PermanentDeliveryError(
+                f"{self.display}: no credentials: give access_key_id and secret_access_key, "
+                "a profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            )
+        if isinstance(exc, ClientError):
+            status, code = _status(exc)
+            text = f"{self.display}: {self._why(exc)}"
+            transient = code in _TRANSIENT_CODES
+            if code in _PERMANENT_CODES or (status in (400, 403, 404) and not transient):
+                return PermanentDeliveryError(text)
+            return TransientDeliveryError(text)
+        if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)):
+            return TransientDeliveryError(f"{self.display}: {self._why(exc)}")
+        return None
+
+
+def _status(exc: ClientError) -> tuple[int | None, str]:
+    meta = exc.response.get("ResponseMetadata", {})
+    return meta.get("HTTPStatusCode"), str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report from a failed TaskGroup: ours before a cancellation."""
+    found = list(_leaves(group))
+    for exc in found:
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return found[0]
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+async def _read(fd: int, count: int, offset: int) -> bytes:
+    if count <= INLINE_READ:
+        return os.pread(fd, count, offset)
+    return await asyncio.to_thread(os.pread, fd, count, offset)
+
+
+async def _sha256(data: bytes) -> bytes:
+    if len(data) <= INLINE_READ:
+        return hashlib.sha256(data).digest()
+    return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())

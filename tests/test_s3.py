@@ -1,0 +1,255 @@
+"""S3 destinations against moto's S3 API server on loopback, through the real CLI and service:
+objects, metadata, tags, conflicts, multipart with bounded memory, wrong secret, missing bucket,
+a server restarted mid-upload, and kill -9 of the service mid-upload."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import journal_rows, run_cli, wait_until
+from .servers import (
+    FAST_RETRY,
+    S3Server,
+    fails_at_once,
+    old_file,
+    remote_config,
+    sha256_of,
+    some_files,
+)
+
+MIB = 1024 * 1024
+
+
+def test_files_arrive_as_objects_with_metadata_tags_and_storage_class(
+    workspace: dict[str, Path], s3: S3Server
+) -> None:
+    ws = workspace
+    srcs = some_files(ws["inbox"], 3, 20_000)
+    big = old_file(ws["inbox"] / "big.bin", 12 * MIB)  # multipart: parts of 5 MiB
+    dest = s3.dest(
+        "in/",
+        name="{yyyy}/{relpath}",
+        metadata={"team": "ops"},
+        tags={"origin": "scanner 2"},
+        storage_class="STANDARD_IA",
+        part_size=5 * MIB,
+        verify="sha256",
+    )
+    result = run_cli("-c", remote_config(ws, dest, source={"recursive": True}), "--once")
+    assert result.returncode == 0, result.stderr
+    rows = journal_rows(ws["db"])
+    assert {r["status"] for r in rows} == {"SUCCEEDED"} and len(rows) == 5
+    objects = s3.objects("in/")
+    year = {r["location"].split("/")[4] for r in rows}.pop()
+    expected = {
+        f"in/{year}/{p.relative_to(ws['inbox']).as_posix()}": sha256_of(p) for p in [*srcs, big]
+    }
+    assert objects == expected
+    assert {r["location"] for r in rows} == {f"s3://{s3.bucket}/{k}" for k in expected}
+    client = s3.client()
+    head = client.head_object(Bucket=s3.bucket, Key=f"in/{year}/f0.dat")
+    assert head["Metadata"]["team"] == "ops" and head["StorageClass"] == "STANDARD_IA"
+    tags = client.get_object_tagging(Bucket=s3.bucket, Key=f"in/{year}/big.bin")["TagSet"]
+    assert tags == [{"Key": "origin", "Value": "scanner 2"}]
+    assert s3.uploads() == []
+    assert s3.secret_key not in result.stderr
+
+
+def test_on_conflict_rename_skip_fail_and_overwrite(
+    workspace: dict[str, Path], s3: S3Server
+) -> None:
+    ws = workspace
+    client = s3.client()
+    for prefix in ("rename/", "skip/", "fail/", "overwrite/"):
+        client.put_object(Bucket=s3.bucket, Key=f"{prefix}a.txt", Body=b"already there")
+    src = old_file(ws["inbox"] / "a.txt", b"new bytes")
+    steps = [
+        s3.dest(f"{policy}/", on_conflict=policy, retry=FAST_RETRY)
+        for policy in ("rename", "skip", "overwrite", "fail")  # a chain stops at a failure
+    ]
+    result = run_cli("-c", remote_config(ws, *steps), "--once")
+    assert result.returncode == 1, result.stderr  # the fail step failed
+    rows = {r["destination"].split("/")[3]: r for r in journal_rows(ws["db"])}
+    assert rows["rename"]["location"] == f"s3://{s3.bucket}/rename/a-1.txt"
+    assert "skipped" in rows["skip"]["detail"]
+    assert rows["fail"]["status"] == "FAILED" and "already exists" in rows["fail"]["reason"]
+    new, old = sha256_of(src), sha256_of(old_file(ws["root"] / "x", b"already there"))
+    got = s3.objects()
+    assert got["rename/a.txt"] == old and got["rename/a-1.txt"] == new
+    assert got["skip/a.txt"] == old and "skip/a-1.txt" not in got
+    assert got["fail/a.txt"] == old
+    assert got["overwrite/a.txt"] == new
+
+
+def test_a_large_file_on_conflict_rename_goes_in_parts_beside_the_taken_name(
+    workspace: dict[str, Path], s3: S3Server
+) -> None:
+    ws = workspace
+    s3.client().put_object(Bucket=s3.bucket, Key="big/a.bin", Body=b"taken")
+    src = old_file(ws["inbox"] / "a.bin", 11 * MIB)
+    dest = s3.dest("big/", part_size=5 * MIB, on_conflict="rename")
+    result = run_cli("-c", remote_config(ws, dest), "--once")
+    assert result.returncode == 0, result.stderr
+    assert s3.objects("big/")["big/a-1.bin"] == sha256_of(src)
+    assert s3.uploads() == []
+
+
+@pytest.mark.slow
+def test_200_mib_multipart_upload_holds_a_few_parts_in_memory(
+    workspace: dict[str, Path], s3: S3Server, service_factory
+) -> None:
+    ws = workspace
+    cfg = remote_config(ws, s3.dest(part_size=8 * MIB, part_concurrency=4))
+    svc = service_factory(cfg).start()
+    assert svc.proc is not None
+    old_file(ws["inbox"] / "warm.txt", b"warm up the client")
+    wait_until(lambda: _ended(ws["db"]), 60)
+    before = _peak_rss(svc.proc.pid)
+    src = old_file(ws["inbox"] / "huge.bin", 200 * MIB)
+    wait_until(lambda: len(_ended(ws["db"])) == 2, 240)
+    grew = _peak_rss(svc.proc.pid) - before
+    assert svc.stop() == 0
+    assert s3.objects()["huge.bin"] == sha256_of(src)
+    # 4 parts of 8 MiB in flight and one being read, with botocore's copies: far below 200 MiB
+    assert grew < 120 * MIB, f"peak RSS grew by {grew / MIB:.0f} MiB"
+
+
+def _peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_wrong_secret_fails_at_once_and_never_shows_it(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = S3Server(tmp_path / "s3auth", auth=True)
+    try:
+        old_file(workspace["inbox"] / "a.txt", b"x")
+        wrong = "wrong-secret-" + server.secret_key[:20]
+        row, stderr = fails_at_once(workspace, server.dest(secret_access_key=wrong))
+        assert "SignatureDoesNotMatch" in row["reason"]
+        assert wrong not in row["reason"] + stderr
+        assert server.objects() == {}
+    finally:
+        server.stop()
+
+
+def test_right_secret_with_signature_checks_delivers(
+    workspace: dict[str, Path], tmp_path: Path
+) -> None:
+    server = S3Server(tmp_path / "s3auth", auth=True)
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"signed")
+        result = run_cli("-c", remote_config(workspace, server.dest()), "--once")
+        assert result.returncode == 0, result.stderr
+        assert server.objects() == {"a.txt": sha256_of(src)}
+    finally:
+        server.stop()
+
+
+def test_missing_bucket_fails_at_once(workspace: dict[str, Path], s3: S3Server) -> None:
+    old_file(workspace["inbox"] / "a.txt", b"x")
+    dest = s3.dest()
+    dest["url"] = "s3://no-such-bucket/in/"
+    row, _ = fails_at_once(workspace, dest)
+    assert "NoSuchBucket" in row["reason"]
+
+
+def _ended(db: Path, statuses: tuple[str, ...] = ("SUCCEEDED",)) -> list[dict[str, object]]:
+    return [r for r in journal_rows(db) if r["status"] in statuses]
+
+
+def _uploading(s3: S3Server) -> bool:
+    try:
+        return bool(s3.uploads())
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+def test_server_restarted_mid_upload_the_file_is_sent_again_whole(
+    workspace: dict[str, Path], s3: S3Server, service_factory
+) -> None:
+    ws = workspace
+    retry = {"attempts": 5, "delay": 0.05, "jitter": False}
+    cfg = remote_config(ws, s3.dest(part_size=5 * MIB, part_concurrency=1, retry=retry))
+    svc = service_factory(cfg).start()
+    assert svc.proc is not None
+    src = old_file(ws["inbox"] / "big.bin", 80 * MIB)
+    wait_until(lambda: _uploading(s3), 60, 0.01)
+    svc.signal(signal.SIGSTOP)  # held still while its server goes away and comes back
+    try:
+        s3.restart()
+    finally:
+        svc.signal(signal.SIGCONT)
+    (row,) = wait_until(lambda: _ended(ws["db"], ("SUCCEEDED", "FAILED")), 120)
+    assert row["status"] == "SUCCEEDED", row
+    assert row["attempts"] >= 2
+    assert s3.objects() == {"big.bin": sha256_of(src)}
+    assert s3.uploads() == []
+    assert svc.stop() == 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan(
+    workspace: dict[str, Path], s3: S3Server, service_factory
+) -> None:
+    ws = workspace
+    cfg = remote_config(ws, s3.dest(part_size=5 * MIB, part_concurrency=1))
+    first = service_factory(cfg).start()
+    src = old_file(ws["inbox"] / "big.bin", 80 * MIB)
+    wait_until(lambda: _uploading(s3), 60, 0.01)
+    first.kill()
+    assert s3.uploads() == ["big.bin"]  # the orphan a crash leaves
+    second = service_factory(cfg).start()
+    wait_until(lambda: _ended(ws["db"]), 120)
+    assert second.stop() == 0
+    assert s3.objects() == {"big.bin": sha256_of(src)}  # once, under its own name
+    assert s3.uploads() == []
+    assert "aborted 1 unfinished multipart upload" in second.log()
+
+
+@pytest.mark.slow
+def test_a_stop_mid_upload_aborts_the_multipart_upload(
+    workspace: dict[str, Path], s3: S3Server, service_factory
+) -> None:
+    ws = workspace
+    dest = s3.dest(part_size=5 * MIB, part_concurrency=1)
+    svc = service_factory(remote_config(ws, dest, shutdown_grace=0)).start()
+    old_file(ws["inbox"] / "big.bin", 80 * MIB)
+    wait_until(lambda: _uploading(s3), 60, 0.01)
+    assert svc.stop() == 0  # no grace: the upload is cancelled
+    assert "1 cancelled" in svc.log()
+    assert s3.uploads() == []  # aborted, not left to bill its parts
+    assert s3.objects() == {}
+
+
+def test_one_bucket_name_on_two_servers_is_two_destinations(
+    workspace: dict[str, Path], s3: S3Server, tmp_path: Path
+) -> None:
+    other = S3Server(tmp_path / "s3b")
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"to both")
+        cfg = remote_config(workspace, s3.dest())
+        data = yaml.safe_load(cfg.read_text())
+        data["rules"] = [  # two rules: the journal tells their steps apart by identity alone
+            {"name": "one", "glob": "*", "continue": True, "to": [s3.dest()]},
+            {"name": "two", "glob": "*", "to": [other.dest()]},
+        ]
+        cfg.write_text(yaml.safe_dump(data))
+        result = run_cli("-c", cfg, "--once")
+        assert result.returncode == 0, result.stderr
+        assert s3.objects() == other.objects() == {"a.txt": sha256_of(src)}
+        rows = journal_rows(workspace["db"])
+        assert {r["destination"] for r in rows} == {
+            f"s3://{s3.bucket}/ at {s3.endpoint}",
+            f"s3://{other.bucket}/ at {other.endpoint}",
+        }
+    finally:
+        other.stop()
