@@ -1,4 +1,4 @@
-"""The journal: one SQLite row per (file version, destination step); the plan, backlog and history.
+"""The SQLite journal: one row per (file version, destination step); the plan, backlog and history.
 
 All writes go through one writer that commits many callers' changes in one transaction (group
 commit), run whole on its own thread in one hop: driving a transaction statement by statement
@@ -25,17 +25,22 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from .errors import JournalError, JournalUnavailableError
-from .models import Dispatch, FileVersion, Status
-
-if TYPE_CHECKING:
-    from .router import Chain
+from ..errors import JournalError, JournalUnavailableError
+from ..models import Dispatch, FileVersion, Status
+from .base import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    JournalHealth,
+    JournalState,
+    PlannedStep,
+    StepResult,
+)
+from .sqlite_reads import COLUMNS, SqliteReader, SqliteReads, row_dispatch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,50 +48,8 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], T]
 
 
-#: the writer retries a refused batch after this many seconds, doubling up to RETRY_MAX_S
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
 #: how often an idle writer checks that the path still names the open journal
 IDENTITY_EVERY_S = 2.0
-
-
-class JournalState(StrEnum):
-    """Whether the journal can take writes now."""
-
-    #: writes are committed
-    OK = "ok"
-    #: writes are refused (disk full, I/O error, read-only, locked too long): held and retried
-    FAILING = "failing"
-    #: the journal's path now names another file: writes are held until the old one is back
-    REPLACED = "replaced"
-    #: the journal's path names no file any more: writes are held until it is back
-    REMOVED = "removed"
-
-
-@dataclass(frozen=True, slots=True)
-class JournalHealth:
-    """The journal's state for the status API, /health and the console.
-
-    ``error`` is one line saying what is wrong and what to do; ``since`` (epoch seconds) is
-    when writes began to be held; ``retries`` counts the attempts since then.
-    """
-
-    state: JournalState = JournalState.OK
-    error: str | None = None
-    since: float | None = None
-    retries: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.state == JournalState.OK
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "error": self.error,
-            "since": self.since,
-            "retries": self.retries,
-        }
 
 
 class _Held(Exception):  # never reaches a caller: the batch is held
@@ -141,12 +104,6 @@ class Rows:
     params: list[tuple[Any, ...]]
     bulk: str | None = None
 
-
-COLUMNS = (
-    "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
-    "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output, dev, ino, ctime_ns, sha256"
-)
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -279,50 +236,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def default_path() -> Path:
-    """The journal's place when neither --db nor ``database:`` names one."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "filedispatch" / "journal.db"
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedStep:
-    """One row to plan: a step of a chain for a file version."""
-
-    version: FileVersion
-    rule: str
-    step: int
-    step_key: str
-    destination: str
-    protocol: str
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What the dispatcher reports for one row after an attempt."""
-
-    id: int
-    status: Status
-    attempts: int
-    reason: str | None = None
-    error_type: str | None = None
-    location: str | None = None
-    detail: str | None = None
-    started: float | None = None
-    next_attempt: float = 0.0
-    output: str | None = None
-    sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
-
-
-def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
-    """The rows that plan a routed file version: one per step of each chain."""
-    return [
-        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
-        for chain in chains
-        for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
-    ]
-
-
 #: new rows, one parameter tuple each (``_plan_params``)
 _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
@@ -380,11 +293,6 @@ def _int64(value: int) -> int | bytes:
     return value if value in _INT64 else str(value).encode()
 
 
-def number(value: int | float | bytes | None) -> int | None:
-    """A stored stat number as the int it was (see ``_int64``)."""
-    return int(value) if value is not None else None
-
-
 def _json(params: list[tuple[Any, ...]]) -> str | None:
     """The rows as one JSON array; None when a row holds a BLOB-kept number (JSON has none)."""
     try:
@@ -415,12 +323,8 @@ def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
             fut.set_result(res)
 
 
-def _row(r: Sequence[Any]) -> Dispatch:
-    values = list(r)
-    values[10] = Status(values[10])
-    values[5] = number(values[5])  # mtime_ns, dev, ino, ctime_ns: see _int64
-    values[22:25] = map(number, values[22:25])
-    return Dispatch(*values)
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A write that changes nothing: committed after everything queued before it."""
 
 
 def _text(value: str) -> str:
@@ -434,8 +338,8 @@ def _text(value: str) -> str:
         return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-class Journal:
-    """The journal database; open it with ``async with Journal.open(path) as journal``."""
+class SqliteJournal(SqliteReads):
+    """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
     def __init__(
         self,
@@ -473,8 +377,8 @@ class Journal:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, path: str | os.PathLike[str], *, hold: bool = True
-    ) -> AsyncIterator[Journal]:
+        cls, path: str | os.PathLike[str], /, *, hold: bool = True
+    ) -> AsyncIterator[SqliteJournal]:
         """Open (create, migrate) the journal; raises JournalError with one line saying why
         not and what to do, JournalUnavailableError when waiting may help (a full disk).
 
@@ -538,6 +442,14 @@ class Journal:
         if finished:
             await self._loop.run_in_executor(self._executor, self._w.close)
         self._executor.shutdown(wait=finished)
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def reader(self, size: int = 2) -> contextlib.AbstractAsyncContextManager[SqliteReader]:
+        """A pool of ``size`` read-only connections of their own (the web app's)."""
+        return SqliteReader.open(self.path, size)
 
     # ------------------------------------------------------------------ the writer
 
@@ -736,6 +648,10 @@ class Journal:
         result: T = await self._enqueue(op)
         return result
 
+    async def flush(self) -> None:
+        """Return once every write queued before this call is committed."""
+        await self.write(_nothing)
+
     def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
         if self._thread is None or self._thread.done():
             raise JournalError("the journal is closed")
@@ -850,7 +766,7 @@ class Journal:
             )
             groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
             for r in rows:
-                d = _row(r[2:])
+                d = row_dispatch(r[2:])
                 d.step_key = r[1]
                 if d.status == Status.PENDING and d.next_attempt <= now:
                     d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
@@ -938,10 +854,6 @@ class Journal:
         return out
 
     # ------------------------------------------------------------------ history
-
-    async def get(self, dispatch_id: int) -> Dispatch | None:
-        rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
-        return _row(rows[0]) if rows else None
 
     def _require_writable(self) -> None:
         """An operator's request is answered now, not held until the journal is back."""
