@@ -35,7 +35,7 @@ from filedispatch.api import ServiceLink, serve
 from filedispatch.api.queries import parse_log_query, parse_stats_query
 from filedispatch.config import ApiConfig
 from filedispatch.journal import Journal, PlannedStep, StepResult
-from filedispatch.journal.sqlite_reads import page_sql, stats_sql, where
+from filedispatch.journal.reads import page_sql, stats_sql, where
 from filedispatch.models import FileVersion, Status
 
 DESTINATIONS = [

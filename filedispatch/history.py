@@ -25,11 +25,12 @@ from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError
 from .journal import (
-    Journal,
+    Database,
     JournalReader,
     PlannedStep,
     journal_lock,
     journal_path,
+    open_journal,
     open_reader,
     planned_steps,
 )
@@ -48,7 +49,7 @@ class NotFound(JournalError):
     """The id or path names nothing in the journal."""
 
 
-def _read(path: Path, ask: Callable[[JournalReader], Awaitable[T]]) -> T:
+def _read(path: Database, ask: Callable[[JournalReader], Awaitable[T]]) -> T:
     """One question to the journal at ``path`` (which must exist), answered now."""
 
     async def run() -> T:
@@ -65,20 +66,20 @@ def as_dict(row: Dispatch) -> dict[str, Any]:
     return out
 
 
-def list_rows(path: Path, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+def list_rows(path: Database, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """The newest ``limit`` rows (optionally of one status), newest first."""
     wanted = Status(status) if status else None
     return [as_dict(r) for r in _read(path, lambda j: j.recent(limit, wanted))]
 
 
-def get_row(path: Path, dispatch_id: int) -> dict[str, Any]:
+def get_row(path: Database, dispatch_id: int) -> dict[str, Any]:
     row = _read(path, lambda j: j.get(dispatch_id))
     if row is None:
         raise NotFound(f"no dispatch with id {dispatch_id} in {path}")
     return as_dict(row)
 
 
-def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
+def stats(path: Database, period: Period = "day") -> list[dict[str, Any]]:
     """Per day, ISO 8601 week (``2026-W49``) or month, by the local date a dispatch finished
     (or was recorded, while it waits): ``period``, ``succeeded``, ``failed``, ``waiting``
     and ``bytes`` (sent, an int), oldest period first."""
@@ -170,7 +171,7 @@ def to_json(rows: list[dict[str, Any]], secrets: Iterable[str] = ()) -> str:
 # ---------------------------------------------------------------------------- forget
 
 
-def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) -> int:
+def forget(path: Database, dispatch_id: int | None = None, file: str | None = None) -> int:
     """Delete history so the file is sent again (at the next rescan or start); rows removed.
 
     ``file`` is a path relative to its source, or an absolute path inside one.
@@ -188,9 +189,9 @@ def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) 
     return asyncio.run(_forget(path, [(r.source, r.relpath, None) for r in found]))
 
 
-async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | None]]) -> int:
+async def _forget(path: Database, targets: list[tuple[str | None, str | None, int | None]]) -> int:
     removed = 0
-    async with Journal.open(path, hold=False) as journal:
+    async with open_journal(path, hold=False) as journal:
         for source, relpath, dispatch_id in targets:
             if dispatch_id is not None:
                 removed += await journal.forget(dispatch_id)
@@ -202,7 +203,7 @@ async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | 
 # ---------------------------------------------------------------------------- retry
 
 
-def retry_targets(path: Path, dispatch_id: int | None, file: str | None) -> list[int]:
+def retry_targets(path: Database, dispatch_id: int | None, file: str | None) -> list[int]:
     """The FAILED rows to retry: one id; a file's (relative or absolute path); or every one.
     Per version and rule, its first FAILED step (retrying it re-queues the later ones)."""
     if dispatch_id is not None:
@@ -216,11 +217,11 @@ def retry_targets(path: Path, dispatch_id: int | None, file: str | None) -> list
 
 
 async def _retry(
-    path: Path, ids: list[int], sources: dict[str, SourceConfig] | None
+    path: Database, ids: list[int], sources: dict[str, SourceConfig] | None
 ) -> list[RetryAnswer]:
     answers: list[RetryAnswer] = []
     restored: set[Path] = set()
-    async with Journal.open(path) as journal:
+    async with open_journal(path) as journal:
         for dispatch_id in ids:
             answer = await recovery.retry(journal, sources, dispatch_id)
             if answer.restored is not None and answer.restored in restored:
@@ -231,8 +232,8 @@ async def _retry(
     return answers
 
 
-def _retry_command(args: argparse.Namespace, db: Path, config: Config | None) -> int:
-    if not db.exists():
+def _retry_command(args: argparse.Namespace, db: Database, config: Config | None) -> int:
+    if isinstance(db, Path) and not db.exists():
         raise NotFound(f"no journal at {db}")
     ids = retry_targets(db, args.id, args.path)
     if not ids:
@@ -276,7 +277,7 @@ def _route(router: Router, version: FileVersion) -> list[Chain]:
 
 
 def mark_existing(
-    config: Config, db: Path, *, dry_run: bool = False, out: TextIO | None = None
+    config: Config, db: Database, *, dry_run: bool = False, out: TextIO | None = None
 ) -> MarkSummary:
     """Record the files present now as dispatched to every destination their rules name,
     without sending them (dirsend's ``--store-only``). ``dry_run`` prints and writes nothing.
@@ -303,9 +304,12 @@ def mark_existing(
 
 
 async def _mark(
-    router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
+    router: Router,
+    db: Database,
+    files: list[tuple[SourceConfig, FileVersion]],
+    summary: MarkSummary,
 ) -> None:
-    async with Journal.open(db, hold=False) as journal:
+    async with open_journal(db, hold=False) as journal:
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []
@@ -345,7 +349,7 @@ def run_command(args: argparse.Namespace, config: Config | None) -> int:
         return 1
 
 
-def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> int:
+def _history_command(args: argparse.Namespace, db: Database, secrets: list[str]) -> int:
     action = args.history_command
     if action == "list":
         rows = list_rows(db, args.status, args.limit)
@@ -368,7 +372,7 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
     return 0
 
 
-def _mark_command(config: Config, db: Path, dry_run: bool) -> int:
+def _mark_command(config: Config, db: Database, dry_run: bool) -> int:
     summary = mark_existing(config, db, dry_run=dry_run)
     if dry_run:
         print(

@@ -28,10 +28,13 @@ from .errors import ConfigError, JournalUnavailableError
 from .journal import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
+    Database,
     Journal,
     JournalHealth,
+    default_path,
     journal_lock,
     journal_path,
+    open_journal,
 )
 from .processors import Registry
 from .processors.local import sweep_temporaries
@@ -80,6 +83,11 @@ def _amend(model: _M, **changes: object) -> _M:
     return model.model_copy(update=given) if given else model
 
 
+def _state_folder(database: Database) -> Path:
+    """Where the service keeps its own files: beside an SQLite journal, else the state folder."""
+    return database.parent if isinstance(database, Path) else default_path().parent
+
+
 class Service:
     """A running filedispatch: the parts, their order, and the stop story."""
 
@@ -88,7 +96,7 @@ class Service:
         self.config = apply_options(config, self.options)
         self.db_path = journal_path(self.config, self.options.db)
         for i, source in enumerate(self.config.sources):
-            if watched_by(source, self.db_path):
+            if isinstance(self.db_path, Path) and watched_by(source, self.db_path):
                 raise ConfigError(
                     str(self.options.config_path or "<config>"),
                     [
@@ -96,7 +104,7 @@ class Service:
                         "choose another --db or database:"
                     ],
                 )
-        self.workdir = (self.config.workdir or self.db_path.parent / "work").absolute()
+        self.workdir = (self.config.workdir or _state_folder(self.db_path) / "work").absolute()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self.stopping_reason: str | None = None
@@ -243,7 +251,7 @@ class Service:
         delay, said = RETRY_FIRST_S, ""
         while True:
             try:
-                return await stack.enter_async_context(Journal.open(self.db_path))
+                return await stack.enter_async_context(open_journal(self.db_path))
             except JournalUnavailableError as exc:
                 if str(exc) != said:
                     said = str(exc)

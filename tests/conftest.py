@@ -237,3 +237,43 @@ def sftp(tmp_path: Path) -> Iterator[SftpServer]:
     server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------------------- journal backends
+
+_PG_CLUSTER: list[Any] = []
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the session (see tests/pgcluster.py)."""
+    from . import pgcluster
+
+    why = pgcluster.missing()
+    if why is not None:
+        pgcluster.unavailable(why)
+    os.environ[pgcluster.PASSWORD_ENV] = pgcluster.PASSWORD  # services started later read it
+    cluster = pgcluster.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """The URL of a new, empty database (no password in it; see ``pgcluster.PASSWORD_ENV``)."""
+    return str(pg_cluster.database())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """What names a fresh journal, once per backend: a path, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "j.db"
+    from filedispatch.journal import PostgresTarget
+
+    from . import pgcluster
+
+    url = request.getfixturevalue("pg_url")
+    return PostgresTarget(url, pgcluster.PASSWORD_ENV)

@@ -5,7 +5,7 @@
 this package; nothing in it touches a source file or calls a processor.
 """
 
-from .backends import connect, open_reader
+from .backends import open_journal, open_reader
 from .base import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
@@ -32,12 +32,19 @@ from .base import (
     planned_steps,
 )
 from .place import journal_lock, journal_path
+from .sqlite import MIGRATIONS, SqliteJournal
+from .target import Database, PostgresTarget
+
+#: older callers open a journal with ``Journal.open(path)``
+Journal.open = open_journal  # type: ignore[attr-defined]
 
 __all__ = [
+    "MIGRATIONS",
     "RETRY_FIRST_S",
     "RETRY_MAX_S",
     "Column",
     "Condition",
+    "Database",
     "DayTally",
     "DestinationCount",
     "Detail",
@@ -49,16 +56,18 @@ __all__ = [
     "OutcomeGroup",
     "PageQuery",
     "PlannedStep",
+    "PostgresTarget",
     "RecordedPath",
     "RetryWaiting",
     "SortKey",
+    "SqliteJournal",
     "StatsGroup",
     "StepResult",
-    "connect",
     "default_path",
     "journal_lock",
     "journal_path",
     "number",
+    "open_journal",
     "open_reader",
     "planned_steps",
 ]

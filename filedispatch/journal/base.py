@@ -7,7 +7,9 @@ No SQL here: each backend module writes its own. Nothing here touches a file or 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -15,10 +17,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ..errors import JournalError
 from ..models import Dispatch, FileVersion, Status
 
 if TYPE_CHECKING:
     from ..router import Chain
+
+#: one logger for the whole package: its lines read "filedispatch.journal" whatever the backend
+log = logging.getLogger("filedispatch.journal")
 
 #: a held write is tried again after this many seconds, doubling up to RETRY_MAX_S
 RETRY_FIRST_S = 1.0
@@ -65,6 +71,76 @@ class JournalHealth:
         }
 
 
+def next_health(
+    before: JournalHealth, state: JournalState, error: str | None, where: str, quiet: bool
+) -> JournalHealth:
+    """The health after an attempt to write: a change is logged once (a failure not when
+    ``quiet``: a stopping service), the retries counted, ``since`` kept while it lasts."""
+    if state == JournalState.OK:
+        waited = time.time() - (before.since or time.time())
+        log.warning(
+            "the journal %s takes writes again after %.0fs: intake and delivery resume",
+            where,
+            waited,
+        )
+        return JournalHealth()
+    if (before.state, before.error) != (state, error) and not quiet:
+        log.error(
+            "%s; intake and delivery are paused until the journal takes writes again "
+            "(retried every %g s at most)",
+            error,
+            RETRY_MAX_S,
+        )
+    return JournalHealth(
+        state,
+        error,
+        before.since if not before.ok else time.time(),
+        before.retries + (0 if before.ok else 1),
+    )
+
+
+class HealthReport:
+    """A journal's health as the event loop sees it, and who is told when it changes."""
+
+    def __init__(self) -> None:
+        #: the journal's state, for status and /health
+        self.health = JournalHealth()
+        #: set while writes are committed; cleared while they are held
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._listeners: list[Callable[[JournalHealth], None]] = []
+
+    def _set_health(self, health: JournalHealth) -> None:
+        """On the loop: take the new health and tell the listeners."""
+        self.health = health
+        if health.ok:
+            self.writable.set()
+        else:
+            self.writable.clear()
+        for listener in self._listeners:
+            listener(health)
+
+    def on_health(self, listener: Callable[[JournalHealth], None]) -> None:
+        """Call ``listener(health)`` on the loop whenever the journal's health changes."""
+        self._listeners.append(listener)
+
+    def _require_writable(self) -> None:
+        """An operator's request is answered now, not held until the journal is back."""
+        if not self.health.ok:
+            raise JournalError(f"the journal cannot be written now: {self.health.error}")
+
+
+def resolve(futures: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> None:
+    """On the loop: hand each caller of a batch its result (an exception is raised to it)."""
+    for fut, res in zip(futures, results, strict=True):
+        if fut.done():
+            continue
+        if isinstance(res, BaseException):
+            fut.set_exception(res)
+        else:
+            fut.set_result(res)
+
+
 def default_path() -> Path:
     """The journal's place when neither --db nor ``database:`` names one."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
@@ -103,6 +179,28 @@ class StepResult:
     sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
 
 
+def finish_params(results: Sequence[StepResult], now: float) -> list[tuple[Any, ...]]:
+    """The values of an outcome update, one tuple per result: status, attempts, reason,
+    error_type, location, detail, finished, duration_ms, next_attempt, output, sha256, id."""
+    return [
+        (
+            r.status.value,
+            r.attempts,
+            stored_opt_text(r.reason),
+            r.error_type,
+            stored_opt_text(r.location),
+            stored_opt_text(r.detail),
+            now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
+            int((now - r.started) * 1000) if r.started is not None else None,
+            r.next_attempt,
+            stored_opt_text(r.output),
+            r.sha256,
+            r.id,
+        )
+        for r in results
+    ]
+
+
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
     """The rows that plan a routed file version: one per step of each chain."""
     return [
@@ -116,6 +214,23 @@ def number(value: int | float | bytes | None) -> int | None:
     """A stored stat number as the int it was (SQLite keeps one past 2**63 as decimal digits
     in a BLOB, see ``sqlite._int64``)."""
     return int(value) if value is not None else None
+
+
+def stored_text(value: str) -> str:
+    """A name as the journal keeps it: one that is not valid UTF-8 has its odd bytes escaped."""
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def stored_opt_text(value: str | None) -> str | None:
+    """Outcome text may hold a name's undecodable bytes (a callable's answer, a path): one such
+    string must not fail the whole group commit it is part of."""
+    return None if value is None else stored_text(value)
 
 
 # --------------------------------------------------------------------------- history queries
@@ -337,7 +452,8 @@ class JournalReader(Protocol):
 class Journal(JournalReader, Protocol):
     """The journal: the plan (PENDING rows), claims, outcomes and history; one writer.
 
-    Open one with ``Journal.open(database)`` (a path: SQLite; ``postgresql://``: PostgreSQL).
+    Open one with ``open_journal(database)`` (a path: SQLite; a ``PostgresTarget``: PostgreSQL);
+    ``Journal.open`` is the same function, for older callers.
     A write the journal cannot take now is held and retried (``health``, ``writable``), not
     raised, unless ``stop_retrying`` was called.
     """
@@ -350,17 +466,6 @@ class Journal(JournalReader, Protocol):
     @property
     def where(self) -> str:
         """Where the journal is, for people (a path, or a URL without its password)."""
-
-    @staticmethod
-    def open(
-        database: str | os.PathLike[str], /, *, hold: bool = True
-    ) -> AbstractAsyncContextManager[Journal]:
-        """Open (create, migrate) the journal named by ``database`` (see ``backends.connect``);
-        raises JournalError with one line saying why not, JournalUnavailableError when waiting
-        may help. ``hold=False``: refused writes fail at once (one-shot commands)."""
-        from .backends import connect
-
-        return connect(database, hold=hold)
 
     def reader(self, size: int = 2) -> AbstractAsyncContextManager[JournalReader]:
         """Reads of their own (a pool of ``size`` connections) for the web app."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import queue
 import sqlite3
@@ -31,18 +30,23 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from ..errors import JournalError, JournalUnavailableError
-from ..models import Dispatch, FileVersion, Status
+from ..models import Dispatch, FileVersion
 from .base import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
+    HealthReport,
     JournalHealth,
     JournalState,
     PlannedStep,
     StepResult,
+    finish_params,
+    log,
+    next_health,
+    resolve,
 )
-from .sqlite_reads import COLUMNS, SqliteReader, SqliteReads, row_dispatch
+from .base import stored_text as _text
+from .reads import COLUMNS, SqlReads, claimed_groups
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: a write: a function run on the writer thread inside the group transaction
 Op = Callable[[sqlite3.Connection], T]
@@ -306,39 +310,53 @@ def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
     return len({p[-1] for p in params}) == len(params)
 
 
-def _opt_text(value: str | None) -> str | None:
-    """Outcome text may hold a name's undecodable bytes (a callable's answer, a path): one such
-    string must not fail the whole group commit it is part of."""
-    return None if value is None else _text(value)
+class SqliteReader(SqlReads):
+    """A small pool of read-only connections to the journal file (the web app's, the command
+    line's): a slow history query never waits behind, or holds up, the dispatcher's reads."""
 
+    def __init__(self, conns: Sequence[aiosqlite.Connection]) -> None:
+        self._free: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        for conn in conns:
+            self._free.put_nowait(conn)
 
-def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
-    """On the loop: hand each caller its result (an exception is raised to that caller)."""
-    for fut, res in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if isinstance(res, BaseException):
-            fut.set_exception(res)
-        else:
-            fut.set_result(res)
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path, size: int = 2) -> AsyncIterator[SqliteReader]:
+        """Raises JournalError when the file is missing or is not a journal."""
+        conns: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(size):
+                conn = await aiosqlite.connect(f"{path.as_uri()}?mode=ro", uri=True)
+                conns.append(conn)
+                await conn.execute("PRAGMA busy_timeout = 10000")
+                await conn.execute("PRAGMA query_only = 1")
+            await conns[0].execute("SELECT 1 FROM dispatches LIMIT 1")
+        except sqlite3.Error as exc:
+            for conn in conns:
+                await conn.close()
+            raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+        try:
+            yield cls(conns)
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        conn = await self._free.get()
+        try:
+            async with conn.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        finally:
+            self._free.put_nowait(conn)
 
 
 def _nothing(conn: sqlite3.Connection) -> None:
     """A write that changes nothing: committed after everything queued before it."""
 
 
-def _text(value: str) -> str:
-    """Names that are not valid UTF-8 are stored with their odd bytes escaped."""
-    if value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-class SqliteJournal(SqliteReads):
+class SqliteJournal(SqlReads, HealthReport):
     """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
     def __init__(
@@ -348,6 +366,7 @@ class SqliteJournal(SqliteReads):
         writer: sqlite3.Connection,
         reader: aiosqlite.Connection,
     ) -> None:
+        HealthReport.__init__(self)
         self.path = path
         self._executor = executor
         self._w = writer  # used only on the executor's single thread
@@ -366,11 +385,6 @@ class SqliteJournal(SqliteReads):
         #: set: a write the journal refuses fails at once instead of being held (stopping)
         self._give_up = threading.Event()
         self._held: JournalHealth = JournalHealth()  # the writer thread's view
-        self.health = JournalHealth()  #: the loop's view, for status and /health
-        #: set while writes are committed; cleared while they are held (see ``health``)
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self._listeners: list[Callable[[JournalHealth], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -482,7 +496,7 @@ class SqliteJournal(SqliteReads):
                 log.error("journal write failed: %s", exc)
                 results = [JournalError(f"journal write failed: {exc}")] * len(batch)
             try:
-                self._loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], results)
+                self._loop.call_soon_threadsafe(resolve, [fut for _, fut in batch], results)
             except RuntimeError:  # the loop is gone: nobody is waiting any more
                 return
             if stop:
@@ -554,45 +568,10 @@ class SqliteJournal(SqliteReads):
 
     def _report(self, state: JournalState, error: str | None) -> None:
         """On the writer thread: record an attempt's outcome, log a change once, tell the loop."""
-        before = self._held
-        if state == JournalState.OK:
-            now = JournalHealth()
-            waited = time.time() - (before.since or time.time())
-            log.warning(
-                "the journal %s takes writes again after %.0fs: intake and delivery resume",
-                self.path,
-                waited,
-            )
-        else:
-            now = JournalHealth(
-                state,
-                error,
-                before.since if not before.ok else time.time(),
-                before.retries + (0 if before.ok else 1),
-            )
-            if (before.state, before.error) != (state, error) and not self._give_up.is_set():
-                log.error(
-                    "%s; intake and delivery are paused until the journal takes writes again "
-                    "(retried every %g s at most)",
-                    error,
-                    RETRY_MAX_S,
-                )
+        now = next_health(self._held, state, error, str(self.path), self._give_up.is_set())
         self._held = now
         with contextlib.suppress(RuntimeError):  # the loop is gone
             self._loop.call_soon_threadsafe(self._set_health, now)
-
-    def _set_health(self, health: JournalHealth) -> None:
-        self.health = health
-        if health.ok:
-            self.writable.set()
-        else:
-            self.writable.clear()
-        for listener in self._listeners:
-            listener(health)
-
-    def on_health(self, listener: Callable[[JournalHealth], None]) -> None:
-        """Call ``listener(health)`` on the loop whenever the journal's health changes."""
-        self._listeners.append(listener)
 
     def stop_retrying(self) -> None:
         """From now on a write the journal refuses fails at once (``JournalError``) rather than
@@ -764,21 +743,9 @@ class SqliteJournal(SqliteReads):
                 "AND status='PENDING' AND next_attempt <= ?",
                 (now, *vkeys, now),
             )
-            groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
-            for r in rows:
-                d = row_dispatch(r[2:])
-                d.step_key = r[1]
-                if d.status == Status.PENDING and d.next_attempt <= now:
-                    d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
-                groups[r[0]].append(d)
-            return list(groups.values())
+            return claimed_groups(vkeys, rows, now)
 
         return await self.write(op)
-
-    async def next_due(self) -> float | None:
-        """When the earliest waiting retry becomes due (None when nothing is pending)."""
-        rows = await self.read("SELECT MIN(next_attempt) FROM dispatches WHERE status='PENDING'")
-        return rows[0][0] if rows and rows[0][0] is not None else None
 
     async def finish(self, results: Sequence[StepResult], now: float | None = None) -> None:
         """Record outcomes: SUCCEEDED/FAILED are final, PENDING waits for ``next_attempt``."""
@@ -792,24 +759,7 @@ class SqliteJournal(SqliteReads):
         Writes are committed in the order they were queued, so when this future is done every
         write queued before it is committed too.
         """
-        now = time.time() if now is None else now
-        params = [
-            (
-                r.status.value,
-                r.attempts,
-                _opt_text(r.reason),
-                r.error_type,
-                _opt_text(r.location),
-                _opt_text(r.detail),
-                now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
-                int((now - r.started) * 1000) if r.started is not None else None,
-                r.next_attempt,
-                _opt_text(r.output),
-                r.sha256,
-                r.id,
-            )
-            for r in results
-        ]
+        params = finish_params(results, time.time() if now is None else now)
         return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
 
     def resume_interrupted(self) -> asyncio.Future[int]:
@@ -828,37 +778,7 @@ class SqliteJournal(SqliteReads):
 
         return self._enqueue(op)
 
-    async def active_version_keys(self) -> set[str]:
-        """Keys of versions that still have PENDING or IN_PROGRESS rows."""
-        rows = await self.read(
-            "SELECT DISTINCT vkey FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
-        )
-        return {r[0] for r in rows}
-
-    async def version_states(
-        self, versions: Sequence[FileVersion]
-    ) -> dict[str, list[tuple[str, str, int]]]:
-        """For each version key: (step_key, status, attempts) of its rows (for after-actions
-        on files seen again)."""
-        keys = [v.key for v in versions]
-        out: dict[str, list[tuple[str, str, int]]] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = await self.read(
-                "SELECT vkey, step_key, status, attempts FROM dispatches "
-                f"WHERE vkey IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for k, step_key, status, attempts in rows:
-                out.setdefault(k, []).append((step_key, status, attempts))
-        return out
-
     # ------------------------------------------------------------------ history
-
-    def _require_writable(self) -> None:
-        """An operator's request is answered now, not held until the journal is back."""
-        if not self.health.ok:
-            raise JournalError(f"the journal cannot be written now: {self.health.error}")
 
     async def retry(self, dispatch_id: int) -> bool:
         """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED.
@@ -968,27 +888,6 @@ class SqliteJournal(SqliteReads):
 
         await self.write(op)
         return new
-
-    async def unfinished(self) -> int:
-        """How many rows are PENDING or IN_PROGRESS (an index range, not a table scan)."""
-        rows = await self.read(
-            "SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
-        )
-        return int(rows[0][0])
-
-    async def progress(self, since: float) -> tuple[int, int]:
-        """(rows finished since ``since``, rows still to do), from one snapshot and two index
-        ranges: a large journal is never counted whole."""
-        rows = await self.read(
-            "SELECT (SELECT COUNT(*) FROM dispatches WHERE finished >= ?), "
-            "(SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))",
-            (since,),
-        )
-        return int(rows[0][0]), int(rows[0][1])
-
-    async def counts(self) -> dict[str, int]:
-        rows = await self.read("SELECT status, COUNT(*) FROM dispatches GROUP BY status")
-        return {s: n for s, n in rows}
 
     async def integrity_check(self) -> str:
         rows = await self.read("PRAGMA integrity_check")

@@ -1,5 +1,6 @@
-"""The history reads of the SQLite journal, as typed rows: the SQL the web app, the command
-line and the console ask the journal, and the web app's own pool of read-only connections.
+"""The history reads, as typed rows: the SQL the web app, the command line and the console ask
+the journal, written once for both backends (``?`` marks a parameter; a ``Dialect`` gives the
+few pieces that differ).
 
 Every SQL text here is built from fixed pieces and whitelisted column names; every value is a
 bound parameter. Nothing here writes.
@@ -8,17 +9,11 @@ bound parameter. Nothing here writes.
 from __future__ import annotations
 
 import abc
-import asyncio
-import contextlib
-import sqlite3
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
-from typing import Any, Literal, get_args
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
-import aiosqlite
-
-from ..errors import JournalError
-from ..models import Dispatch, Status
+from ..models import Dispatch, FileVersion, Status
 from .base import (
     NULLABLE,
     Column,
@@ -64,6 +59,19 @@ def row_dispatch(r: Sequence[Any]) -> Dispatch:
     return Dispatch(*values)
 
 
+def claimed_groups(vkeys: Sequence[str], rows: Sequence[Any], now: float) -> list[list[Dispatch]]:
+    """A claim's answer: ``rows`` (``vkey, step_key`` and ``COLUMNS``) grouped by version in
+    ``vkeys`` order; the rows the claim marked IN_PROGRESS say so."""
+    groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
+    for r in rows:
+        d = row_dispatch(r[2:])
+        d.step_key = r[1]
+        if d.status == Status.PENDING and d.next_attempt <= now:
+            d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
+        groups[r[0]].append(d)
+    return list(groups.values())
+
+
 def _entry(r: Sequence[Any]) -> Entry:
     values = list(r[:16])
     values[15] = number(values[15])
@@ -76,21 +84,34 @@ def _detail(r: Sequence[Any]) -> Detail:
     return Detail(*values)
 
 
-def day_sql(column: str, *, local: bool = False) -> str:
-    """SQL for the day number of an epoch-seconds ``column`` (UTC, or the local time zone of
-    the process running the query with ``local``)."""
-    if local:
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the backends' SQL says differently."""
+
+    #: a case-insensitive (for ASCII at least) pattern match
+    like: str
+    #: the sum of an expression over a group, 0 (not NULL) for no rows
+    total: Callable[[str], str]
+    #: the day number (days since 1970-01-01) of an epoch-seconds column, UTC or local time
+    day: Callable[[str, bool], str]
+
+
+def _sqlite_day(column: str, local: bool) -> str:
+    if local:  # the local time zone of the process running the query
         return (
             f"CAST(julianday({column}, 'unixepoch', 'localtime') - {EPOCH_JULIAN_DAY} AS INTEGER)"
         )
     return f"CAST({column} / 86400 AS INTEGER)"
 
 
-_DAY = day_sql("created")
-#: the period a row falls in, as a day number (UTC): the day itself, its Monday (1970-01-01
-#: was a Thursday); months are grouped by day and folded by the caller, which costs less
-#: than SQLite's strftime() on every row
-_BUCKET: dict[str, str] = {"day": _DAY, "week": f"{_DAY} - ({_DAY} + 3) % 7", "month": _DAY}
+def _postgres_day(column: str, local: bool) -> str:
+    if local:  # the session's TimeZone, which the journal sets to this process's zone
+        return f"FLOOR(EXTRACT(EPOCH FROM TO_TIMESTAMP({column})::timestamp) / 86400)::bigint"
+    return f"FLOOR({column} / 86400)::bigint"
+
+
+SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day)
+POSTGRES = Dialect("ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day)
 
 
 def _column(name: str) -> str:
@@ -101,25 +122,25 @@ def _column(name: str) -> str:
 
 def _sort_expr(key: SortKey) -> str:
     col = _column(key.column)
-    return f"IFNULL({col}, -1)" if col in NULLABLE else col
+    return f"COALESCE({col}, -1)" if col in NULLABLE else col
 
 
-def _condition(c: Condition) -> tuple[str, Any]:
+def _condition(c: Condition, dialect: Dialect) -> tuple[str, Any]:
     col = _column(c.column)
     if c.op == "contains":
         text = str(c.value)
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return f"{col} LIKE ? ESCAPE '\\'", f"%{escaped}%"
+        return f"{col} {dialect.like} ? ESCAPE '\\'", f"%{escaped}%"
     if c.op not in ("=", ">=", "<", "<="):
         raise ValueError(f"not a comparison a query may use: {c.op!r}")
     return f"{col} {c.op} ?", c.value
 
 
-def where(conditions: Sequence[Condition]) -> tuple[str, list[Any]]:
+def where(conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     """`` WHERE ...`` (or nothing) and its parameters."""
     if not conditions:
         return "", []
-    parts = [_condition(c) for c in conditions]
+    parts = [_condition(c, dialect) for c in conditions]
     return " WHERE " + " AND ".join(sql for sql, _ in parts), [v for _, v in parts]
 
 
@@ -137,9 +158,9 @@ def _seek(keys: Sequence[SortKey], after: Sequence[Any]) -> tuple[str, list[Any]
     return "(" + " OR ".join(parts) + ")", params
 
 
-def page_sql(query: PageQuery) -> tuple[str, list[Any]]:
+def page_sql(query: PageQuery, dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
     """The SQL of one page of ``ENTRY_COLUMNS`` rows and its parameters."""
-    sql_where, values = where(query.conditions)
+    sql_where, values = where(query.conditions, dialect)
     if query.after is not None:
         seek, seek_values = _seek(query.keys, query.after)
         sql_where = f"{sql_where} AND {seek}" if sql_where else f" WHERE {seek}"
@@ -152,20 +173,29 @@ def page_sql(query: PageQuery) -> tuple[str, list[Any]]:
 
 
 def stats_sql(
-    conditions: Sequence[Condition], period: Literal["day", "week", "month"]
+    conditions: Sequence[Condition],
+    period: Literal["day", "week", "month"],
+    dialect: Dialect = SQLITE,
 ) -> tuple[str, list[Any]]:
-    """The SQL of ``stats`` and its parameters."""
-    sql_where, params = where(conditions)
+    """The SQL of ``stats`` and its parameters: rows grouped by the period they were created
+    in, as a day number (UTC): the day itself, or its Monday (1970-01-01 was a Thursday);
+    months are grouped by day and folded by the caller, which costs less than SQLite's
+    strftime() on every row."""
+    sql_where, params = where(conditions, dialect)
+    day = dialect.day("created", False)
+    bucket = f"{day} - ({day} + 3) % 7" if period == "week" else day
     return (
-        f"SELECT {_BUCKET[period]} AS bucket, status, destination, extension, "
-        f"COUNT(*), TOTAL(size) FROM dispatches{sql_where} "
+        f"SELECT {bucket} AS bucket, status, destination, extension, "
+        f"COUNT(*), {dialect.total('size')} FROM dispatches{sql_where} "
         "GROUP BY bucket, status, destination, extension",
         params,
     )
 
 
-class SqliteReads(abc.ABC):
+class SqlReads(abc.ABC):
     """The ``JournalReader`` methods over one ``read(sql, params)``."""
+
+    dialect: ClassVar[Dialect] = SQLITE
 
     @abc.abstractmethod
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -176,12 +206,12 @@ class SqliteReads(abc.ABC):
         return {str(s): int(n) for s, n in rows}
 
     async def count_entries(self, conditions: Sequence[Condition]) -> int:
-        sql_where, params = where(conditions)
+        sql_where, params = where(conditions, self.dialect)
         rows = await self.read(f"SELECT COUNT(*) FROM dispatches{sql_where}", params)
         return int(rows[0][0])
 
     async def page(self, query: PageQuery) -> list[Entry]:
-        return [_entry(r) for r in await self.read(*page_sql(query))]
+        return [_entry(r) for r in await self.read(*page_sql(query, self.dialect))]
 
     async def get(self, dispatch_id: int) -> Dispatch | None:
         rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
@@ -196,17 +226,20 @@ class SqliteReads(abc.ABC):
     async def stats(
         self, conditions: Sequence[Condition], period: Literal["day", "week", "month"]
     ) -> list[StatsGroup]:
-        rows = await self.read(*stats_sql(conditions, period))
+        rows = await self.read(*stats_sql(conditions, period, self.dialect))
         return [StatsGroup(int(d), s, dest, ext, int(n), int(b)) for d, s, dest, ext, n, b in rows]
 
     async def outcomes(
         self, after: float, upto: float, buckets_ms: Sequence[int]
     ) -> list[OutcomeGroup]:
-        within = ", ".join(f"TOTAL(duration_ms <= {int(b)})" for b in buckets_ms)
+        total = self.dialect.total
+        within = ", ".join(
+            total(f"CASE WHEN duration_ms <= {int(b)} THEN 1 ELSE 0 END") for b in buckets_ms
+        )
         rows = await self.read(
-            "SELECT destination, status, COUNT(*), TOTAL(size), COUNT(duration_ms), "
-            f"TOTAL(duration_ms), {within} FROM dispatches WHERE finished > ? AND finished <= ? "
-            "GROUP BY destination, status",
+            f"SELECT destination, status, COUNT(*), {total('size')}, COUNT(duration_ms), "
+            f"{total('duration_ms')}, {within} FROM dispatches "
+            "WHERE finished > ? AND finished <= ? GROUP BY destination, status",
             (after, upto),
         )
         return [
@@ -240,9 +273,10 @@ class SqliteReads(abc.ABC):
 
     async def day_tallies(self) -> list[DayTally]:
         rows = await self.read(
-            f"SELECT {day_sql('COALESCE(finished, created)', local=True)} AS day, "
-            "SUM(status='SUCCEEDED'), SUM(status='FAILED'), "
-            "SUM(status IN ('PENDING', 'IN_PROGRESS')), "
+            f"SELECT {self.dialect.day('COALESCE(finished, created)', True)} AS day, "
+            "COUNT(CASE WHEN status='SUCCEEDED' THEN 1 END), "
+            "COUNT(CASE WHEN status='FAILED' THEN 1 END), "
+            "COUNT(CASE WHEN status IN ('PENDING', 'IN_PROGRESS') THEN 1 END), "
             "SUM(CASE WHEN status='SUCCEEDED' THEN size ELSE 0 END) "
             "FROM dispatches GROUP BY day ORDER BY day"
         )
@@ -277,44 +311,51 @@ class SqliteReads(abc.ABC):
     async def ping(self) -> None:
         await self.read("SELECT 1 FROM dispatches LIMIT 1")
 
+    # ------------------------------------------------------------------ what the work asks
 
-class SqliteReader(SqliteReads):
-    """A small pool of read-only connections to the journal file (the web app's, the command
-    line's): a slow history query never waits behind, or holds up, the dispatcher's reads."""
+    async def next_due(self) -> float | None:
+        """When the earliest waiting retry becomes due (None when nothing is pending)."""
+        rows = await self.read("SELECT MIN(next_attempt) FROM dispatches WHERE status='PENDING'")
+        return float(rows[0][0]) if rows and rows[0][0] is not None else None
 
-    def __init__(self, conns: Sequence[aiosqlite.Connection]) -> None:
-        self._free: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        for conn in conns:
-            self._free.put_nowait(conn)
+    async def active_version_keys(self) -> set[str]:
+        """Keys of versions that still have PENDING or IN_PROGRESS rows."""
+        rows = await self.read(
+            "SELECT DISTINCT vkey FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
+        )
+        return {r[0] for r in rows}
 
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, path: Path, size: int = 2) -> AsyncIterator[SqliteReader]:
-        """Raises JournalError when the file is missing or is not a journal."""
-        conns: list[aiosqlite.Connection] = []
-        try:
-            for _ in range(size):
-                conn = await aiosqlite.connect(f"{path.as_uri()}?mode=ro", uri=True)
-                conns.append(conn)
-                await conn.execute("PRAGMA busy_timeout = 10000")
-                await conn.execute("PRAGMA query_only = 1")
-            await conns[0].execute("SELECT 1 FROM dispatches LIMIT 1")
-        except sqlite3.Error as exc:
-            for conn in conns:
-                await conn.close()
-            raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-        try:
-            yield cls(conns)
-        finally:
-            for conn in conns:
-                await conn.close()
+    async def version_states(
+        self, versions: Sequence[FileVersion]
+    ) -> dict[str, list[tuple[str, str, int]]]:
+        """For each version key: (step_key, status, attempts) of its rows (for after-actions
+        on files seen again)."""
+        keys = [v.key for v in versions]
+        out: dict[str, list[tuple[str, str, int]]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = await self.read(
+                "SELECT vkey, step_key, status, attempts FROM dispatches "
+                f"WHERE vkey IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+            for k, step_key, status, attempts in rows:
+                out.setdefault(k, []).append((step_key, status, attempts))
+        return out
 
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = await self._free.get()
-        try:
-            async with conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
-        finally:
-            self._free.put_nowait(conn)
+    async def unfinished(self) -> int:
+        """How many rows are PENDING or IN_PROGRESS (an index range, not a table scan)."""
+        rows = await self.read(
+            "SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
+        )
+        return int(rows[0][0])
+
+    async def progress(self, since: float) -> tuple[int, int]:
+        """(rows finished since ``since``, rows still to do), from one snapshot and two index
+        ranges: a large journal is never counted whole."""
+        rows = await self.read(
+            "SELECT (SELECT COUNT(*) FROM dispatches WHERE finished >= ?), "
+            "(SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))",
+            (since,),
+        )
+        return int(rows[0][0]), int(rows[0][1])
