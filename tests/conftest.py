@@ -40,9 +40,12 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 def journal_rows(
-    db: Path, where: str = "1=1", params: tuple[Any, ...] = ()
+    db: Path | str, where: str = "1=1", params: tuple[Any, ...] = ()
 ) -> list[dict[str, Any]]:
-    """Rows of the journal as dicts (opened read-only, safe while a service runs)."""
+    """Rows of the journal as dicts (opened read-only, safe while a service runs); ``db`` is a
+    path, or a PostgreSQL URL (``where`` marks parameters with ``?`` either way)."""
+    if isinstance(db, str):
+        return _pg_rows(db, where, params)
     if not db.exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -56,6 +59,25 @@ def journal_rows(
         return []
     finally:
         conn.close()
+
+
+def _pg_rows(url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    import decimal
+
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from .pgcluster import PASSWORD
+
+    sql = f"SELECT * FROM dispatches WHERE {where} ORDER BY id"
+    try:
+        with psycopg.connect(url, password=PASSWORD, row_factory=dict_row) as conn:
+            rows = conn.execute(sql.replace("%", "%%").replace("?", "%s"), params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        return []
+    return [
+        {k: int(v) if isinstance(v, decimal.Decimal) else v for k, v in r.items()} for r in rows
+    ]
 
 
 def wait_until(

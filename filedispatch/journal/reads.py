@@ -94,6 +94,8 @@ class Dialect:
     total: Callable[[str], str]
     #: the day number (days since 1970-01-01) of an epoch-seconds column, UTC or local time
     day: Callable[[str, bool], str]
+    #: whether a text value may hold a NUL character (PostgreSQL's may not)
+    nul_in_text: bool = True
 
 
 def _sqlite_day(column: str, local: bool) -> str:
@@ -111,7 +113,7 @@ def _postgres_day(column: str, local: bool) -> str:
 
 
 SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day)
-POSTGRES = Dialect("ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day)
+POSTGRES = Dialect("ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day, False)
 
 
 def _column(name: str) -> str:
@@ -125,15 +127,17 @@ def _sort_expr(key: SortKey) -> str:
     return f"COALESCE({col}, -1)" if col in NULLABLE else col
 
 
-def _condition(c: Condition, dialect: Dialect) -> tuple[str, Any]:
+def _condition(c: Condition, dialect: Dialect) -> tuple[str, list[Any]]:
     col = _column(c.column)
+    if isinstance(c.value, str) and "\0" in c.value and not dialect.nul_in_text:
+        return "1 = 0", []  # no row holds such a text, and the server would refuse the value
     if c.op == "contains":
         text = str(c.value)
         escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return f"{col} {dialect.like} ? ESCAPE '\\'", f"%{escaped}%"
+        return f"{col} {dialect.like} ? ESCAPE '\\'", [f"%{escaped}%"]
     if c.op not in ("=", ">=", "<", "<="):
         raise ValueError(f"not a comparison a query may use: {c.op!r}")
-    return f"{col} {c.op} ?", c.value
+    return f"{col} {c.op} ?", [c.value]
 
 
 def where(conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
@@ -141,7 +145,7 @@ def where(conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> tuple[s
     if not conditions:
         return "", []
     parts = [_condition(c, dialect) for c in conditions]
-    return " WHERE " + " AND ".join(sql for sql, _ in parts), [v for _, v in parts]
+    return " WHERE " + " AND ".join(sql for sql, _ in parts), [v for _, vs in parts for v in vs]
 
 
 def _seek(keys: Sequence[SortKey], after: Sequence[Any]) -> tuple[str, list[Any]]:
