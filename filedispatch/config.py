@@ -769,14 +769,27 @@ class PostgresDatabase(_Model):
 
 
 def _database(value: object) -> object:
-    """``database:`` as text: a PostgreSQL URL, or a path."""
+    """``database:``: a PostgreSQL URL or mapping becomes a ``PostgresDatabase`` here, so that
+    a mistake is one message about the one form meant; anything else must be a path."""
+    if isinstance(value, Path | PostgresDatabase):
+        return value
     if isinstance(value, str) and is_postgres(value):
-        return {"url": value}
-    return value
+        value = {"url": value}
+    if isinstance(value, dict):
+        try:
+            return PostgresDatabase.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            why = str(first["msg"]).removeprefix("Value error, ")
+            raise ValueError(f"{where}: {why}" if where else why) from None
+    if not isinstance(value, str):
+        raise ValueError("must be a path or a postgresql:// URL")
+    return _path_text(value)
 
 
 #: the journal: an SQLite file's path, or a PostgreSQL database
-Database = Annotated[FsPath | PostgresDatabase, BeforeValidator(_database)]
+Database = Annotated[Path | PostgresDatabase, BeforeValidator(_database)]
 
 
 class Config(_Model):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import JournalError, JournalUnavailableError
 from ..models import Dispatch, FileVersion
@@ -271,14 +271,14 @@ class PostgresJournal(SqlReads, HealthReport):
                 name="filedispatch-journal",
             )
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-        except (psycopg.Error, JournalError, Exception) as exc:
+        except Exception as exc:
             await conn.close()
             if pool is not None:
                 await pool.close()
             if isinstance(exc, JournalError):
                 raise
             why = target.scrub(str(exc))
-            if _outage(exc) or type(exc).__name__ == "PoolTimeout":
+            if _outage(exc):  # a PoolTimeout is an OperationalError too
                 raise JournalUnavailableError(
                     f"cannot open the journal {target.shown}: {why}"
                 ) from None
@@ -431,15 +431,13 @@ class PostgresJournal(SqlReads, HealthReport):
             async with self._pool.connection() as conn:
                 cur = await conn.execute(_pg(sql), params)
                 return list(await cur.fetchall())
-        except psycopg.Error as exc:
-            raise JournalError(f"journal read failed: {self.target.scrub(str(exc))}") from None
-        except Exception as exc:  # the pool's timeout when the server is gone
-            if type(exc).__name__ != "PoolTimeout":
-                raise
+        except PoolTimeout:  # the server is gone
             raise JournalError(
                 f"journal read failed: no connection to {self.target.shown} within "
                 f"{CONNECT_TIMEOUT_S:g}s"
             ) from None
+        except psycopg.Error as exc:
+            raise JournalError(f"journal read failed: {self.target.scrub(str(exc))}") from None
 
     # ------------------------------------------------------------------ planning and work
 
