@@ -329,10 +329,10 @@ def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> in
     """Print what a start would do with each file in the sources, and why a file is not
     taken; open nothing for writing (the journal is only read). ``max_items`` counts only
     files that would be sent, as the run does."""
-    from .service import Options, journal_path
+    from .journal import journal_path
     from .simulate import Simulation
 
-    simulation = Simulation(config, journal_path(config, Options(db=db)))
+    simulation = Simulation(config, journal_path(config, db))
     count = 0
     for decision in simulation.scan():
         if not decision.taken:
@@ -359,10 +359,10 @@ async def _never(*_: object) -> None:
 
 def cmd_check(path: Path) -> int:
     config = load_checked(path)
-    from .service import Options, journal_path
+    from .journal import journal_path
 
     say(f"{path}: valid")
-    say(f"journal: {journal_path(config, Options())}")
+    say(f"journal: {journal_path(config)}")
     say("sources:")
     for s in config.sources:
         ready = f"ready: {s.ready}" + (f" (settle {s.settle:g}s)" if s.ready == "settle" else "")
@@ -453,11 +453,11 @@ def verify_problems(config: Config) -> list[str]:
 def cmd_explain(path: Path, files: list[Path]) -> int:
     """Say for each file what the service would do with it now, and why (see simulate.py)."""
     from .controls import window_state
-    from .service import Options, journal_path
+    from .journal import journal_path
     from .simulate import Simulation
 
     config = load_checked(path)
-    simulation = Simulation(config, journal_path(config, Options()))
+    simulation = Simulation(config, journal_path(config))
     for file in files:
         d = simulation.look(file)
         if d.version is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import Config, SourceConfig, real
 from .content import facts_for
-from .journal import PlannedStep, StepState, planned_steps, read_states
+from .journal import Database, PlannedStep, StepState, planned_steps, read_states
 from .models import FileVersion, Status
 from .router import Chain, Facts, Router, RuleCheck
 from .watcher import SourceWatcher
@@ -55,7 +55,7 @@ class Simulation:
     """
 
     def __init__(
-        self, config: Config, db: Path | None, clock: Callable[[], float] = time.time
+        self, config: Config, db: Database | None, clock: Callable[[], float] = time.time
     ) -> None:
         self.config = config
         self.db = db
