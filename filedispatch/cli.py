@@ -317,12 +317,14 @@ def check_options(config: Config, args: argparse.Namespace) -> None:
 
 
 def print_summary(service: Service) -> None:
+    """The ``--once`` summary: what was done, then what the sources' scans passed over, per
+    reason (``skipped: hidden: 2  ignored: 0  unmatched: 1 ...``; see watcher.SKIP_REASONS)."""
     s = service.summary
     say(
-        f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
-        f"failed: {s.failed}"
+        f"processed: {s.processed}  already done: {s.already_done}  failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
     )
+    say("skipped: " + "  ".join(f"{reason}: {n}" for reason, n in service.skipped().items()))
 
 
 def dry_run(config: Config, max_items: int | None) -> int:

@@ -39,6 +39,7 @@ from .journal import Journal, PlannedStep, StepResult, planned_steps
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
+from .textsafe import escape
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,15 @@ class Dispatcher:
     def route(self, version: FileVersion) -> list[Chain]:
         return self.router.route(version, facts_for(self.router, version, self._classifiers))
 
-    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
-        """Plan complete files from a watcher: route them and write PENDING rows."""
+    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> int:
+        """Plan complete files from a watcher: route them and write PENDING rows. Returns how
+        many of them no rule takes (the watcher counts them among the files it skipped)."""
         if self.max_items is not None:
             room = max(0, self.max_items - self._offered)
             self.summary.skipped += max(0, len(versions) - room)
             versions = versions[:room]
         if not versions:
-            return
+            return 0
         needs_io = self.router.needs_mime or bool(self.router.classifiers)
         if needs_io:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
@@ -178,10 +180,13 @@ class Dispatcher:
         matched: list[Known] = []
         moves: list[Item] = []
         copies: list[Item] = []
+        unmatched = 0
         for version, chains in zip(versions, routes, strict=True):
             if not chains:
-                self.summary.unmatched += 1
-                log.debug("no rule takes %s", version.relpath)
+                unmatched += 1
+                log.debug(
+                    "skipping %s in %s: no rule takes it", escape(version.relpath), source.key
+                )
                 continue
             lane = self._lane(source, chains, version)
             if lane is not None:
@@ -189,6 +194,7 @@ class Dispatcher:
                 continue
             matched.append((version, chains))
             steps += planned_steps(version, chains)
+        self.summary.unmatched += unmatched
         self._offered += len(matched) + len(moves) + len(copies)
         known: list[Known] = []
         if moves:
@@ -205,6 +211,7 @@ class Dispatcher:
             await self._settle_known(source, known)
         if (steps or moves or copies) and self._on_change:
             self._on_change()
+        return unmatched
 
     # ------------------------------------------------------------------ the inline lanes
 

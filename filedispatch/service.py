@@ -30,7 +30,7 @@ from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
 from .processors import Registry
 from .processors.local import sweep_temporaries
-from .watcher import SourceWatcher
+from .watcher import SourceWatcher, no_skips
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
@@ -208,6 +208,7 @@ class Service:
                     "polling": w.polling,
                     "ready": w.ready.is_set(),
                     "last_error": w.last_error,
+                    "skipped": dict(w.skipped),
                 }
                 for w in self.watchers
             ],
@@ -246,6 +247,14 @@ class Service:
 
         reopen_log_files()
         self.reload()
+
+    def skipped(self) -> dict[str, int]:
+        """Entries the sources' last scans passed over, per reason (see watcher.SKIP_REASONS)."""
+        total = no_skips()
+        for w in self.watchers:
+            for reason, count in w.skipped.items():
+                total[reason] += count
+        return total
 
     async def run(self) -> int:
         """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
