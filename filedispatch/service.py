@@ -240,6 +240,11 @@ class Service:
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests embedding the service)
+        # the open-writers gate's leases are broken by SIGIO, whose default ends the process;
+        # ignored, the gate saves a call per file (see sourcefile.WriterCheck)
+        with contextlib.suppress(ValueError):  # not the main thread: the gate sets SIGURG
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+            installed.append(signal.SIGIO)
         return installed
 
     def _on_sighup(self) -> None:
@@ -260,7 +265,8 @@ class Service:
         """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
         loop = asyncio.get_running_loop()
         previous = {
-            int(s): signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            int(s): signal.getsignal(s)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGIO)
         }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
@@ -270,7 +276,8 @@ class Service:
                     return await self._run(stack)
         finally:
             for sig in installed:
-                loop.remove_signal_handler(sig)
+                if sig != signal.SIGIO:
+                    loop.remove_signal_handler(sig)
                 # asyncio leaves SIG_DFL: a late SIGTERM would kill the caller's clean-up
                 signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
