@@ -600,8 +600,8 @@ class RuleConfig(_Model):
     glob: list[str] = Field(default_factory=list)
     regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
-    min_size: Size | None = None
-    max_size: Size | None = None
+    min_size: Size | None = None  #: bytes (``10KB`` and the like are read as bytes)
+    max_size: Size | None = None  #: bytes
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
     classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
     continue_: bool = Field(False, alias="continue")

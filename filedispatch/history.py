@@ -23,7 +23,7 @@ from . import recovery
 from .config import Config, SourceConfig
 from .config import scrub as scrub_secrets
 from .content import facts_for
-from .errors import JournalError
+from .errors import JournalError, NotFound
 from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
 from .models import FileVersion, Status
 from .progress import Progress
@@ -33,10 +33,6 @@ from .router import Chain, Router
 from .textsafe import escape
 
 BATCH = 500
-
-
-class NotFound(JournalError):
-    """The id or path names nothing in the journal."""
 
 
 def connect_ro(path: Path) -> sqlite3.Connection:
@@ -344,7 +340,7 @@ def mark_existing(
                 line = f"{version.source}/{version.relpath} -> {step.destination}"
                 print(escape(line), file=out)
         return summary
-    from .service import journal_lock
+    from .journalfile import journal_lock
 
     with journal_lock(db):  # a running service would send them meanwhile: refuse
         asyncio.run(_mark(router, db, files, summary))
@@ -378,12 +374,11 @@ def run_command(args: argparse.Namespace, config: Config | None) -> int:
     """``filedispatch history ...`` and ``mark-existing``; the exit status (1: not found)."""
     from .config import secrets_of
     from .journal import default_path
-    from .service import Options, journal_path
+    from .journalfile import journal_path
 
     db = args.sub_db or args.db
-    options = Options(db=db)
     if config is not None:
-        db = journal_path(config, options)
+        db = journal_path(config, db)
     db = (db or default_path()).expanduser().absolute()
     secrets = secrets_of(config) if config is not None else []
     if args.command == "mark-existing":

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,8 +24,10 @@ from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, JournalUnavailableError, ServiceError
-from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
+from .errors import ConfigError, JournalUnavailableError
+from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth
+from .journalfile import journal_lock, journal_path
+from .link import ServiceLink
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher, no_skips
@@ -56,11 +56,6 @@ class Options:
     on_ready: Callable[[], None] | None = None
 
 
-def journal_path(config: Config, options: Options) -> Path:
-    """``--db``, then ``database:``, then the per-user state folder."""
-    return (options.db or config.database or default_path()).absolute()
-
-
 def apply_options(config: Config, options: Options) -> Config:
     """The config as the command line amends it (``--move``, ``--host`` ...)."""
     if options.move:
@@ -80,41 +75,13 @@ def _amend(model: _M, **changes: object) -> _M:
     return model.model_copy(update=given) if given else model
 
 
-@contextlib.contextmanager
-def journal_lock(path: Path) -> Iterator[None]:
-    """One service per journal: two would dispatch the same files twice."""
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ServiceError(
-            f"cannot create the journal's lock file {lock_path}: {exc.strerror or exc}"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ServiceError(
-                f"another filedispatch is already running on the journal {path}"
-            ) from None
-        try:  # the pid is for people; the lock alone keeps a second service out
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError as exc:
-            log.warning("cannot write the pid into %s: %s", lock_path, exc.strerror or exc)
-        yield
-    finally:
-        os.close(fd)
-
-
 class Service:
     """A running filedispatch: the parts, their order, and the stop story."""
 
     def __init__(self, config: Config, options: Options | None = None) -> None:
         self.options = options or Options()
         self.config = apply_options(config, self.options)
-        self.db_path = journal_path(self.config, self.options)
+        self.db_path = journal_path(self.config, self.options.db)
         for i, source in enumerate(self.config.sources):
             if watched_by(source, self.db_path):
                 raise ConfigError(
@@ -161,7 +128,7 @@ class Service:
         except ConfigError as exc:
             log.error("reload refused, still running on the old config:\n%s", exc)
             return False
-        if journal_path(new, self.options) != self.db_path:
+        if journal_path(new, self.options.db) != self.db_path:
             log.warning("reload: a new database path only takes effect after a restart")
         if new.sources != self.config.sources:
             log.info("reload: sources changed; watchers restart")
@@ -190,6 +157,27 @@ class Service:
         from .logs import set_secrets
 
         set_secrets(secrets_of(self.config))
+
+    def link(self) -> ServiceLink:
+        """The narrow interface the web app, the console and the progress report get."""
+
+        def pause() -> int:
+            self.dispatcher.pause()
+            return self.dispatcher.running
+
+        def resume() -> int:
+            self.dispatcher.resume()
+            return self.dispatcher.running
+
+        return ServiceLink(
+            status=self.status,
+            wake=self.dispatcher.wake,
+            retry=self.retry,
+            pause=pause,
+            resume=resume,
+            scanned=lambda: bool(self.watchers) and all(w.ready.is_set() for w in self.watchers),
+            secrets=lambda: secrets_of(self.config),
+        )
 
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
@@ -330,18 +318,20 @@ class Service:
         )
         self.summary = self.dispatcher.summary
         # the web app and the console are started here, between dispatcher and watchers
+        link = self.link()
         if self.config.api.enabled:
             from . import api
 
-            link = api.ServiceLink(self.status, self.dispatcher.wake, self.retry)
             await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
         if self.config.monitor.enabled:  # aiomonitor costs a tenth of a second to import
             from . import monitor
 
-            await stack.enter_async_context(monitor.console(self))
+            await stack.enter_async_context(
+                monitor.console(self.config.monitor, self.journal, link)
+            )
         from . import progress
 
-        await stack.enter_async_context(progress.backlog(self))
+        await stack.enter_async_context(progress.backlog(self.journal, link.scanned))
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
         try:

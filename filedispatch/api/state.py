@@ -1,8 +1,9 @@
 """What the web app holds: its typed keys, the service link, and its own journal readers.
 
-The app reads the journal on read-only connections of its own, so a slow history query never
-waits behind, or holds up, the dispatcher's reads; writes (retry, forget) go through the
-journal's single writer. Nothing here serves HTTP.
+``ServiceLink``, the narrow status interface the console and the progress report share, is
+in ``link.py``. The app reads the journal on read-only connections of its own, so a slow
+history query never waits behind, or holds up, the dispatcher's reads; writes (retry,
+forget) go through the journal's single writer. Nothing here serves HTTP.
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +20,7 @@ from aiohttp import web
 
 from ..errors import JournalError
 from ..journal import Journal
-from ..recovery import RetryAnswer
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceLink:
-    """What the running service lends the web app."""
-
-    #: a snapshot: version, uptime_s, sources, in_flight, destinations ... (``Service.status``)
-    status: Callable[[], Mapping[str, Any]]
-    #: tell the dispatcher to look for due work now (after a retry)
-    wake: Callable[[], None]
-    #: send a FAILED dispatch again or say why not (None: only re-queue it in the journal)
-    retry: Callable[[int], Awaitable[RetryAnswer]] | None = None
+from ..link import ServiceLink
 
 
 class Reader:
