@@ -373,6 +373,8 @@ def cmd_check(path: Path) -> int:
             f"  {s.key}: {s.path}{' (recursive)' if s.recursive else ''}; {ready}; "
             f"after: {after}" + (f"; failed_dir: {s.failed_dir}" if s.failed_dir else "")
         )
+        if not s.path.exists():
+            say(f"    note: {s.path} does not exist yet; the service creates it at start")
         if s.open_writers == "check":
             say(f"    open writers: {describe_writer_check(s.path)}")
         else:
@@ -405,10 +407,31 @@ def cmd_check(path: Path) -> int:
             name = getattr(step, "name", None)
             extra = f" name {name}" if name else ""
             say(f"       {j}) {step.kind}: {step.display}{extra}")
-    problems = verify_problems(config)
+    problems = file_problems(config) + verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def file_problems(config: Config) -> list[str]:
+    """TLS and SSH files the steps name (``ca_file``, ``key_file``, ``known_hosts``) that are
+    missing or unreadable: the first real delivery would fail on them. Names the rule, the
+    step and the field; never shows the file's content."""
+    problems = []
+    for i, rule in enumerate(config.rules):
+        for j, step in enumerate(rule.to):
+            for field in ("ca_file", "key_file", "known_hosts"):
+                path = getattr(step, field, None)
+                if path is None:
+                    continue
+                where = f"rules[{i}].to[{j}].{field}"
+                if not path.exists():
+                    problems.append(f"{where}: {path} does not exist")
+                elif not path.is_file():
+                    problems.append(f"{where}: {path} is not a file")
+                elif not os.access(path, os.R_OK):
+                    problems.append(f"{where}: {path} cannot be read by this user")
+    return problems
 
 
 def verify_problems(config: Config) -> list[str]:

@@ -197,4 +197,6 @@ async def _report_backlog(journal: Journal, scanned_now: Callable[[], bool]) -> 
                     )
                 return
             progress.label = "dispatching" if scanned else "scanning and dispatching"
-            progress.update(done, done + left)
+            # while the scan still plans, the total grows: no fraction is shown until it is known
+            progress.total = done + left if scanned else None
+            progress.update(done)
