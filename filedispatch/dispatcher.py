@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import os
@@ -340,8 +341,8 @@ class Dispatcher:
         groups: dict[int, list[tuple[Lane, StepContext]]] = {}
         for lane, ctx in work:
             groups.setdefault(id(lane.processor), []).append((lane, ctx))
-        started = time.time()
         for group in groups.values():
+            started = time.time()  # each group is one batch: its files share its duration
             lane = group[0][0]
             copier = cast(BatchCopier, lane.processor)
             sem = self._semaphore(lane.step)  # a batch is one delivery in flight
@@ -354,7 +355,10 @@ class Dispatcher:
                 self._batched -= len(group)
                 if sem is not None:
                     sem.release()
+            shared = f"copied in a batch of {len(group)} files; the duration is the batch's"
             for (lane, ctx), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, Outcome) and outcome.detail is None and len(group) > 1:
+                    outcome = dataclasses.replace(outcome, detail=shared)
                 result = self._inline_result(ctx, lane, outcome, started)
                 done.append((ctx.version, result, False, lane.step))
         self._record_inline(source, done)
