@@ -100,16 +100,25 @@ class NotRegularFile(OSError):
         self.mode = mode
 
 
+#: (pid, descriptor of /proc/PID/fd) kept open, so a reopen resolves one name only; per
+#: process: after a fork (the daemon's) "self" named the parent, whose folder goes with it
+_proc: tuple[int, int | None] = (0, None)
+
+
 def _proc_fd() -> int | None:
-    """A descriptor of ``/proc/self/fd`` (handles are reopened through it); None without /proc."""
-    try:
-        return os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-
-
-#: the folder of this process's descriptors, kept open (a reopen then resolves one name only)
-_PROC_FD = _proc_fd()
+    """A descriptor of this process's ``/proc/self/fd`` (handles are reopened through it);
+    None without /proc."""
+    global _proc
+    pid = os.getpid()
+    if _proc[0] != pid:
+        try:
+            fd: int | None = os.open(f"/proc/{pid}/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        # the parent's descriptor is not closed here: a daemon closes what it inherited and
+        # its number may name another file by now
+        _proc = (pid, fd)
+    return _proc[1]
 
 
 def reopen(handle: int, relpath: str, flags: int = READ_FLAGS) -> int | None:
@@ -124,9 +133,10 @@ def reopen(handle: int, relpath: str, flags: int = READ_FLAGS) -> int | None:
         if stat.S_ISLNK(st.st_mode):
             raise OSError(errno.ELOOP, "a symbolic link", relpath)
         raise NotRegularFile(st.st_mode, relpath)
-    if _PROC_FD is None:
+    proc = _proc_fd()
+    if proc is None:
         return None
-    return os.open(str(handle), flags & ~os.O_NOFOLLOW, dir_fd=_PROC_FD)
+    return os.open(str(handle), flags & ~os.O_NOFOLLOW, dir_fd=proc)
 
 
 def open_at(top: int, relpath: str, flags: int = READ_FLAGS) -> int:
@@ -449,8 +459,9 @@ class WriterCheck:
                 return None
             if not version.same_file(st):
                 return True  # a newer version (a writer came and went): look again
-            if _PROC_FD is not None:
-                fd = os.open(str(handle), READ_FLAGS, dir_fd=_PROC_FD)
+            proc = _proc_fd()
+            if proc is not None:
+                fd = os.open(str(handle), READ_FLAGS, dir_fd=proc)
             else:
                 fd = open_beneath(root, version.relpath)
         except OSError:
