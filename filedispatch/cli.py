@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -317,12 +318,14 @@ def check_options(config: Config, args: argparse.Namespace) -> None:
 
 
 def print_summary(service: Service) -> None:
+    """The ``--once`` summary: what was done, then what the sources' scans passed over, per
+    reason (``skipped: hidden: 2  ignored: 0  unmatched: 1 ...``; see watcher.SKIP_REASONS)."""
     s = service.summary
     say(
-        f"processed: {s.processed}  already done: {s.already_done}  unmatched: {s.unmatched}  "
-        f"failed: {s.failed}"
+        f"processed: {s.processed}  already done: {s.already_done}  failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
     )
+    say("skipped: " + "  ".join(f"{reason}: {n}" for reason, n in service.skipped().items()))
 
 
 def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> int:
@@ -374,6 +377,8 @@ def cmd_check(path: Path) -> int:
         own = ", ".join(s.ignore_globs[len(DEFAULT_IGNORE) if s.ignore_defaults else 0 :])
         base = "the defaults (.*, *.part, ...)" if s.ignore_defaults else ""
         say(f"    ignore: {' and '.join(t for t in (base, own) if t) or 'nothing'}")
+        if not s.path.exists():
+            say(f"    note: {s.path} does not exist yet; the service creates it at start")
         if s.open_writers == "check":
             say(f"    open writers: {describe_writer_check(s.path)}")
         else:
@@ -417,7 +422,7 @@ def cmd_check(path: Path) -> int:
 
     for line in describe(config):
         say(f"  notify {line}")
-    problems = verify_problems(config)
+    problems = file_problems(config) + verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
     return EXIT_USAGE if problems else EXIT_OK
@@ -430,6 +435,27 @@ def describe_controls(step: Step) -> str:
         f"{key} {value}" for key in ("rate", "bandwidth", "window") if (value := getattr(step, key))
     ]
     return "".join(f"; {p}" for p in parts)
+
+
+def file_problems(config: Config) -> list[str]:
+    """TLS and SSH files the steps name (``ca_file``, ``key_file``, ``known_hosts``) that are
+    missing or unreadable: the first real delivery would fail on them. Names the rule, the
+    step and the field; never shows the file's content."""
+    problems = []
+    for i, rule in enumerate(config.rules):
+        for j, step in enumerate(rule.to):
+            for field in ("ca_file", "key_file", "known_hosts"):
+                path = getattr(step, field, None)
+                if path is None:
+                    continue
+                where = f"rules[{i}].to[{j}].{field}"
+                if not path.exists():
+                    problems.append(f"{where}: {path} does not exist")
+                elif not path.is_file():
+                    problems.append(f"{where}: {path} is not a file")
+                elif not os.access(path, os.R_OK):
+                    problems.append(f"{where}: {path} cannot be read by this user")
+    return problems
 
 
 def verify_problems(config: Config) -> list[str]:

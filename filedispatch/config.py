@@ -957,8 +957,8 @@ class RuleConfig(_Model):
     glob: list[str] = Field(default_factory=list)
     regex: str | None = None
     exclude: list[str] = Field(default_factory=list)
-    min_size: Size | None = None
-    max_size: Size | None = None
+    min_size: Size | None = None  #: bytes (``10KB`` and the like are read as bytes)
+    max_size: Size | None = None  #: bytes
     #: seconds since the file was last modified (``30s``, ``5m``, ``2h``, ``3d``): a younger
     #: file waits, and is looked at again once it is old enough
     min_age: Age | None = None

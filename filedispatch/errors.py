@@ -3,7 +3,8 @@
 FileDispatchError
 ├── ConfigError                 bad configuration (the CLI exits 2, no traceback)
 ├── JournalError                the journal cannot be opened or written
-│   └── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
+│   ├── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
+│   └── NotFound                a history command named what the journal does not hold
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 └── DeliveryError               one delivery step did not succeed
     ├── OutsideWindowError      the destination's window is shut: wait until it opens
@@ -12,6 +13,10 @@ FileDispatchError
     │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
     └── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
         └── SourceVanishedError the source file disappeared before it could be sent
+
+Exceptions that never leave the module raising them (``MoveUnavailable``,
+``RenameUnavailable``, the API's ``BadParameter``) signal a fallback, not an error, and are not
+part of this tree; ``tests/test_house.py`` checks that this drawing matches the classes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ class JournalError(FileDispatchError):
 
 class JournalUnavailableError(JournalError):
     """The journal cannot be opened now, for a reason a wait can cure (a full disk, a lock)."""
+
+
+class NotFound(JournalError):
+    """A history command named a dispatch or a file the journal does not hold (exit 1)."""
 
 
 class ServiceError(FileDispatchError):

@@ -23,7 +23,7 @@ from . import recovery
 from .config import Config, SourceConfig
 from .config import scrub as scrub_secrets
 from .content import facts_for
-from .errors import JournalError
+from .errors import JournalError, NotFound
 from .journal import (
     Database,
     JournalReader,
@@ -44,10 +44,6 @@ from .textsafe import escape
 
 BATCH = 500
 T = TypeVar("T")
-
-
-class NotFound(JournalError):
-    """The id or path names nothing in the journal."""
 
 
 def _read(path: Database, ask: Callable[[JournalReader], Awaitable[T]]) -> T:

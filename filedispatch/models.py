@@ -32,8 +32,8 @@ class FileVersion:
     source: str  #: the source's name (its configured path unless named)
     root: Path  #: the source folder
     relpath: str  #: path relative to ``root``, with "/" separators
-    size: int
-    mtime_ns: int
+    size: int  #: bytes
+    mtime_ns: int  #: nanoseconds since the epoch
     #: the inode and its change time (nanoseconds): a new file at the same name, size and mtime
     #: (a fresh upload, a file recreated after the last one was consumed) is a new version
     ino: int = 0
@@ -112,14 +112,15 @@ class Outcome:
 
 @dataclass(slots=True)
 class Dispatch:
-    """One journal row: a file version bound for one destination step."""
+    """One journal row: a file version bound for one destination step. Times are Unix
+    times in seconds (float) unless the name says ``_ns`` or ``_ms``; sizes are bytes."""
 
     id: int
     source: str
     root: str
     relpath: str
-    size: int
-    mtime_ns: int
+    size: int  #: bytes, as seen in the source
+    mtime_ns: int  #: the source's mtime, nanoseconds since the epoch
     rule: str
     step: int  #: the step's position in its chain (a worker sets today's; see step_key)
     destination: str
@@ -128,11 +129,11 @@ class Dispatch:
     attempts: int
     reason: str | None
     location: str | None
-    created: float  #: Unix seconds, when the row was planned
-    started: float | None  #: Unix seconds, when its first try started (None: not yet)
-    finished: float | None  #: Unix seconds, when its latest try ended
-    duration_ms: int | None
-    next_attempt: float  #: Unix seconds, when a PENDING row is due
+    created: float  #: Unix time, seconds: when the row was planned
+    started: float | None  #: Unix time, seconds: when its first try began (None: not yet)
+    finished: float | None  #: Unix time, seconds: when its latest try ended
+    duration_ms: int | None  #: milliseconds the latest try took
+    next_attempt: float  #: Unix time, seconds: not claimed before then (a retry's backoff)
     error_type: str | None = None
     detail: str | None = None
     output: str | None = None  #: the file a transform step produced (for the later steps)

@@ -18,7 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import click
 import janus
@@ -37,13 +37,12 @@ from prompt_toolkit.input import DummyInput, create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 from prompt_toolkit.output.vt100 import Vt100_Output
 
-from .config import MonitorConfig, is_loopback, secrets_of
+from .config import MonitorConfig, is_loopback
 from .errors import JournalError, ServiceError
 from .history import as_dict, format_rows, shown
+from .journal import Journal
+from .link import ServiceLink
 from .textsafe import escape, escape_lines
-
-if TYPE_CHECKING:
-    from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +83,14 @@ def _check_port(host: str, port: int) -> None:
 
 
 class FileDispatchMonitor(Monitor):  # type: ignore[misc]
-    """aiomonitor's Monitor with the service it controls."""
+    """aiomonitor's Monitor with the journal and the service link its commands use."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, service: Service, **kw: Any) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, journal: Journal, link: ServiceLink, **kw: Any
+    ) -> None:
         super().__init__(loop, **kw)
-        self.service = service
+        self.journal = journal
+        self.link = link
         self.service_loop = loop
         self.jobs: set[asyncio.Task[None]] = set()  # running fd-* commands (console thread)
 
@@ -177,9 +179,11 @@ class FileDispatchMonitor(Monitor):  # type: ignore[misc]
 
 
 @contextlib.asynccontextmanager
-async def console(service: Service) -> AsyncIterator[FileDispatchMonitor | None]:
-    """Run the console for the life of the block (nothing when ``monitor.enabled`` is off)."""
-    cfg = service.config.monitor
+async def console(
+    cfg: MonitorConfig, journal: Journal, link: ServiceLink
+) -> AsyncIterator[FileDispatchMonitor | None]:
+    """Run the console for the life of the block (nothing when ``monitor.enabled`` is off).
+    Its commands see the service only through ``link`` and read ``journal``."""
     if not cfg.enabled:
         yield None
         return
@@ -187,7 +191,8 @@ async def console(service: Service) -> AsyncIterator[FileDispatchMonitor | None]
     _check_port(cfg.host, cfg.port)
     monitor = FileDispatchMonitor(
         asyncio.get_running_loop(),
-        service,
+        journal,
+        link,
         host=cfg.host,
         port=cfg.port,
         console_port=cfg.console_port,
@@ -389,7 +394,7 @@ Job = Callable[..., Coroutine[Any, Any, str]]
 
 
 def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
-    """Run ``job(service, *args)`` on the service's loop; print its answer in this session."""
+    """Run ``job(journal, link, *args)`` on the service's loop; print its answer here."""
     monitor: FileDispatchMonitor = ctx.obj
     done = command_done.get()
     stdout: TextIO = current_stdout.get()
@@ -397,7 +402,7 @@ def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
     async def relay() -> None:
         try:
             fut: concurrent.futures.Future[str] = asyncio.run_coroutine_threadsafe(
-                job(monitor.service, *args), monitor.service_loop
+                job(monitor.journal, monitor.link, *args), monitor.service_loop
             )
             text = await asyncio.wrap_future(fut)
             # each answer builds its lines from escaped values; this keeps a slip from
@@ -414,19 +419,19 @@ def _submit(ctx: click.Context, job: Job, *args: Any) -> None:
     task.add_done_callback(monitor.jobs.discard)
 
 
-async def status_text(service: Service) -> str:
+async def status_text(journal: Journal, link: ServiceLink) -> str:
     """fd-status: the service's state, the queue and per-destination counts."""
-    st = service.status()
+    st = link.status()
     try:
-        counts = await service.journal.counts()
-        per_dest = await service.journal.by_destination()
+        counts = await journal.counts()
+        per_dest = await journal.by_destination()
     except JournalError:  # a removed journal may not even be read: the state still shows
         counts, per_dest = {}, []
-    journal: dict[str, dict[str, int]] = {}
+    recorded: dict[str, dict[str, int]] = {}
     for row in per_dest:
-        journal.setdefault(row.destination, {})[row.status] = row.count
-    secrets = secrets_of(service.config)
-    journal_state: dict[str, Any] = st["journal"]  # type: ignore[assignment]
+        recorded.setdefault(row.destination, {})[row.status] = row.count
+    secrets = link.secrets()
+    journal_state: dict[str, Any] = st["journal"]
     if journal_state["state"] != "ok":
         state = f"PAUSED: journal {journal_state['state']}, resumes by itself once it is writable"
     elif st["paused"]:
@@ -441,7 +446,7 @@ async def status_text(service: Service) -> str:
             f"{journal_state['retries']} retries)"
         )
     lines.append("sources:")
-    for s in st["sources"]:  # type: ignore[attr-defined]
+    for s in st["sources"]:
         how = "polling" if s["polling"] else "inotify"
         state = "ready" if s["ready"] else "scanning"
         err = f"; last error: {shown(s['last_error'], secrets)}" if s["last_error"] else ""
@@ -451,13 +456,13 @@ async def status_text(service: Service) -> str:
         f"in flight: {st['in_flight']}"
     )
     if st["stopped_sources"]:
-        stopped = ", ".join(st["stopped_sources"])  # type: ignore[arg-type]
+        stopped = ", ".join(st["stopped_sources"])
         lines.append(f"stopped after a failure: {shown(stopped)}")
     lines.append("destinations (this run | journal):")
-    run_stats: dict[str, dict[str, Any]] = st["destinations"]  # type: ignore[assignment]
-    for dest in sorted(set(run_stats) | set(journal)):
+    run_stats: dict[str, dict[str, Any]] = st["destinations"]
+    for dest in sorted(set(run_stats) | set(recorded)):
         r = run_stats.get(dest, {})
-        j = journal.get(dest, {})
+        j = recorded.get(dest, {})
         line = (
             f"  {shown(dest, secrets)}: {r.get('succeeded', 0)} ok, {r.get('failed', 0)} failed, "
             f"{r.get('retried', 0)} retried | {j.get('SUCCEEDED', 0)} succeeded, "
@@ -469,31 +474,33 @@ async def status_text(service: Service) -> str:
     return "\n".join(lines)
 
 
-async def pause_text(service: Service) -> str:
-    service.dispatcher.pause()
+async def pause_text(journal: Journal, link: ServiceLink) -> str:
+    running = link.pause()
     log.info("paused from the console")
     return (
-        f"paused: no new work is taken ({service.dispatcher.running} in flight "
+        f"paused: no new work is taken ({running} in flight "
         "finish); the watchers keep recording. fd-resume to continue."
     )
 
 
-async def resume_text(service: Service) -> str:
-    service.dispatcher.resume()
+async def resume_text(journal: Journal, link: ServiceLink) -> str:
+    link.resume()
     log.info("resumed from the console")
     return "resumed: taking new work again"
 
 
-async def retry_text(service: Service, dispatch_id: int) -> str:
-    answer = await service.retry(dispatch_id)
+async def retry_text(journal: Journal, link: ServiceLink, dispatch_id: int) -> str:
+    if link.retry is None:
+        return "retry is not available here"
+    answer = await link.retry(dispatch_id)
     if answer.ok:
         log.info("console: %s", answer.message)
     return answer.message
 
 
-async def history_text(service: Service, limit: int) -> str:
-    rows = await service.journal.recent(limit)
-    lines = format_rows((as_dict(r) for r in rows), secrets_of(service.config))
+async def history_text(journal: Journal, link: ServiceLink, limit: int) -> str:
+    rows = await journal.recent(limit)
+    lines = format_rows((as_dict(r) for r in rows), link.secrets())
     return "\n".join(lines) if lines else "no dispatches yet"
 
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
-    from .service import Service
+    from .journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,13 @@ def _handlers_on(stream: TextIO) -> list[logging.Handler]:
 
 
 @contextlib.asynccontextmanager
-async def backlog(service: Service) -> AsyncIterator[None]:
+async def backlog(journal: Journal, scanned: Callable[[], bool]) -> AsyncIterator[None]:
     """Report the start-up scan and the backlog it plans until both are done, then go quiet.
 
-    Counted in deliveries (journal rows) finished since the start against those still to do.
+    Counted in deliveries (journal rows) finished since the start against those still to do;
+    ``scanned()`` tells whether every source's start-up scan is done (``ServiceLink.scanned``).
     """
-    task = asyncio.create_task(_report_backlog(service), name="progress")
+    task = asyncio.create_task(_report_backlog(journal, scanned), name="progress")
     try:
         yield
     finally:
@@ -176,7 +177,7 @@ async def backlog(service: Service) -> AsyncIterator[None]:
             await task
 
 
-async def _report_backlog(service: Service) -> None:
+async def _report_backlog(journal: Journal, scanned_now: Callable[[], bool]) -> None:
     since = time.time()
     progress = Progress("dispatching", unit="deliveries", emit=log.info)
     poll = 0.5 if progress.tty else min(1.0, progress.every)
@@ -184,10 +185,10 @@ async def _report_backlog(service: Service) -> None:
         while True:
             await asyncio.sleep(poll)
             try:
-                done, left = await service.journal.progress(since)
+                done, left = await journal.progress(since)
             except Exception:  # progress is a nicety: it must never stop the service
                 return
-            scanned = bool(service.watchers) and all(w.ready.is_set() for w in service.watchers)
+            scanned = scanned_now()
             if scanned and left == 0:
                 if progress.shown:  # quiet when it was quick
                     progress.close(
@@ -196,4 +197,6 @@ async def _report_backlog(service: Service) -> None:
                     )
                 return
             progress.label = "dispatching" if scanned else "scanning and dispatching"
-            progress.update(done, done + left)
+            # while the scan still plans, the total grows: no fraction is shown until it is known
+            progress.total = done + left if scanned else None
+            progress.update(done)

@@ -37,10 +37,11 @@ from .journal import (
     journal_path,
     open_journal,
 )
+from .link import ServiceLink
 from .models import FileVersion
 from .processors import Registry
 from .processors.local import sweep_temporaries
-from .watcher import SourceWatcher
+from .watcher import SourceWatcher, no_skips
 
 log = logging.getLogger(__name__)
 _M = TypeVar("_M", bound=BaseModel)
@@ -173,6 +174,27 @@ class Service:
 
         set_secrets(secrets_of(self.config))
 
+    def link(self) -> ServiceLink:
+        """The narrow interface the web app, the console and the progress report get."""
+
+        def pause() -> int:
+            self.dispatcher.pause()
+            return self.dispatcher.running
+
+        def resume() -> int:
+            self.dispatcher.resume()
+            return self.dispatcher.running
+
+        return ServiceLink(
+            status=self.status,
+            wake=self.dispatcher.wake,
+            retry=self.retry,
+            pause=pause,
+            resume=resume,
+            scanned=lambda: bool(self.watchers) and all(w.ready.is_set() for w in self.watchers),
+            secrets=lambda: secrets_of(self.config),
+        )
+
     def status(self) -> dict[str, object]:
         """A snapshot for the API and the console."""
         d = self.dispatcher
@@ -190,6 +212,7 @@ class Service:
                     "polling": w.polling,
                     "ready": w.ready.is_set(),
                     "last_error": w.last_error,
+                    "skipped": dict(w.skipped),
                 }
                 for w in self.watchers
             ],
@@ -232,6 +255,11 @@ class Service:
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread (tests embedding the service)
+        # the open-writers gate's leases are broken by SIGIO, whose default ends the process;
+        # ignored, the gate saves a call per file (see sourcefile.WriterCheck)
+        with contextlib.suppress(ValueError):  # not the main thread: the gate sets SIGURG
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+            installed.append(signal.SIGIO)
         return installed
 
     def _on_sighup(self) -> None:
@@ -240,11 +268,20 @@ class Service:
         reopen_log_files()
         self.reload()
 
+    def skipped(self) -> dict[str, int]:
+        """Entries the sources' last scans passed over, per reason (see watcher.SKIP_REASONS)."""
+        total = no_skips()
+        for w in self.watchers:
+            for reason, count in w.skipped.items():
+                total[reason] += count
+        return total
+
     async def run(self) -> int:
         """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
         loop = asyncio.get_running_loop()
         previous = {
-            int(s): signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            int(s): signal.getsignal(s)
+            for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGIO)
         }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
@@ -254,7 +291,8 @@ class Service:
                     return await self._run(stack)
         finally:
             for sig in installed:
-                loop.remove_signal_handler(sig)
+                if sig != signal.SIGIO:
+                    loop.remove_signal_handler(sig)
                 # asyncio leaves SIG_DFL: a late SIGTERM would kill the caller's clean-up
                 signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
@@ -316,18 +354,20 @@ class Service:
             self.dispatcher.on_result = notifier.on_result
             journal.on_health(notifier.on_journal_health)
         # the web app and the console are started here, between dispatcher and watchers
+        link = self.link()
         if self.config.api.enabled:
             from . import api
 
-            link = api.ServiceLink(self.status, self.dispatcher.wake, self.retry)
             await stack.enter_async_context(api.serve(self.config.api, self.journal, link))
         if self.config.monitor.enabled:  # aiomonitor costs a tenth of a second to import
             from . import monitor
 
-            await stack.enter_async_context(monitor.console(self))
+            await stack.enter_async_context(
+                monitor.console(self.config.monitor, self.journal, link)
+            )
         from . import progress
 
-        await stack.enter_async_context(progress.backlog(self))
+        await stack.enter_async_context(progress.backlog(self.journal, link.scanned))
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
         try:

@@ -3,9 +3,11 @@ a source. Everything inside a source is untrusted; nothing here ever reads outsi
 
 A name is opened relative to the source folder without following a link in any component
 (``openat2(2)`` with ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``, or a component-wise
-``O_NOFOLLOW`` walk where the kernel lacks it), never blocking (``O_NONBLOCK``: a FIFO cannot
-hold a thread), and is then checked on the open descriptor: a regular file, the very version
-planned. After that check nothing opens it by path again. A link is followed only where it
+``O_NOFOLLOW`` walk where the kernel lacks it), first as a handle to the name only
+(``O_PATH``: a FIFO or a device is never opened, so opening has no side effect), checked on
+that handle (a regular file), and only then opened for reading through ``/proc/self/fd/N``
+(never blocking: ``O_NONBLOCK``), then checked again: the very version planned. After that
+check nothing opens it by path again. A link is followed only where it
 stays inside the source and leads to the planned file itself (see ``open_version``).
 """
 
@@ -88,8 +90,72 @@ def open_root(root: str | Path) -> int:
     return os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
+class NotRegularFile(OSError):
+    """The name leads to something else than a regular file (a FIFO, a socket, a device, a
+    folder): refused on its ``O_PATH`` handle, before it was ever opened. ``mode`` is its
+    ``st_mode``."""
+
+    def __init__(self, mode: int, relpath: str) -> None:
+        super().__init__(errno.ENXIO, f"{_kind(mode)}, not a regular file", relpath)
+        self.mode = mode
+
+
+#: (pid, descriptor of /proc/PID/fd) kept open, so a reopen resolves one name only; per
+#: process: after a fork (the daemon's) "self" named the parent, whose folder goes with it
+_proc: tuple[int, int | None] = (0, None)
+
+
+def _proc_fd() -> int | None:
+    """A descriptor of this process's ``/proc/self/fd`` (handles are reopened through it);
+    None without /proc."""
+    global _proc
+    pid = os.getpid()
+    if _proc[0] != pid:
+        try:
+            fd: int | None = os.open(f"/proc/{pid}/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = None
+        # the parent's descriptor is not closed here: a daemon closes what it inherited and
+        # its number may name another file by now
+        _proc = (pid, fd)
+    return _proc[1]
+
+
+def reopen(handle: int, relpath: str, flags: int = READ_FLAGS) -> int | None:
+    """Open the file an ``O_PATH`` ``handle`` names, with ``flags``, if it is a regular file;
+    None where /proc is not mounted (the caller then opens the checked name itself).
+
+    Raises NotRegularFile (nothing was opened: no FIFO unblocked its writer, no device saw an
+    open), OSError(ELOOP) for a symbolic link (the handle of a link, ``O_NOFOLLOW``), or the
+    error of the open."""
+    st = os.fstat(handle)
+    if not stat.S_ISREG(st.st_mode):
+        if stat.S_ISLNK(st.st_mode):
+            raise OSError(errno.ELOOP, "a symbolic link", relpath)
+        raise NotRegularFile(st.st_mode, relpath)
+    proc = _proc_fd()
+    if proc is None:
+        return None
+    return os.open(str(handle), flags & ~os.O_NOFOLLOW, dir_fd=proc)
+
+
 def open_at(top: int, relpath: str, flags: int = READ_FLAGS) -> int:
-    """``open_beneath`` from a descriptor of the source folder (one per batch of files)."""
+    """``open_beneath`` from a descriptor of the source folder (one per batch of files).
+
+    Without ``O_PATH`` in ``flags``, only a regular file is opened (see ``reopen``): anything
+    else raises NotRegularFile without having been opened. Without /proc the checked name is
+    opened again (``O_NONBLOCK`` still keeps a FIFO swapped in meanwhile from blocking)."""
+    if flags & os.O_PATH:
+        return _open_at(top, relpath, flags)
+    handle = _open_at(top, relpath, PATH_FLAGS)
+    try:
+        fd = reopen(handle, relpath, flags)
+    finally:
+        os.close(handle)
+    return _open_at(top, relpath, flags) if fd is None else fd
+
+
+def _open_at(top: int, relpath: str, flags: int) -> int:
     if "/" not in relpath:  # one component: O_NOFOLLOW says it all, and costs no ctypes call
         if relpath in ("", ".", ".."):
             raise OSError(errno.EINVAL, "not a plain relative path", relpath)
@@ -176,6 +242,8 @@ def _refusal(version: FileVersion, exc: OSError) -> Exception:
     rel = version.relpath
     if exc.errno == errno.ENOENT:
         return SourceVanishedError(f"the file {version.path} vanished before it could be sent")
+    if isinstance(exc, NotRegularFile):  # refused on its handle: never opened
+        return SourceVanishedError(f"{rel} is now {_kind(exc.mode)}: not read")
     if exc.errno == errno.ENXIO:  # a socket (or a FIFO opened for writing) cannot be opened
         return SourceVanishedError(f"{rel} is no longer a regular file: not read")
     if exc.errno in (errno.EWOULDBLOCK, errno.ETXTBSY):
@@ -345,17 +413,23 @@ class WriterCheck:
     def busy(self, root: Path, versions: Iterable[FileVersion]) -> set[str]:
         """The relpaths of ``versions`` that are not complete: someone holds the file open for
         writing, or it is no longer that version (changed since it was seen: look again).
-        It opens files: on a local disk only, or in a thread."""
+        It opens files (regular ones only, see ``reopen``): on a local disk only, or in a
+        thread. Six system calls a file (five where SIGIO is ignored): this runs for every
+        file that arrives."""
         busy: set[str] = set()
         ask_proc: dict[tuple[int, int], str] = {}
         try:
             top = open_root(root)
         except OSError:
             return busy  # the source is gone: nothing of it is handed on anyway
+        # a writer opening the file while we hold the lease makes the kernel signal us (SIGIO
+        # by default, whose default action would end the process): SIGURG, ignored, unless
+        # SIGIO is ignored already (the service does that; it saves a call per file)
+        setsig = signal.getsignal(signal.SIGIO) is not signal.SIG_IGN
         try:
             for version in versions:
                 rel = version.relpath
-                answer = self._lease(top, root, version)
+                answer = self._lease(top, root, version, setsig)
                 if answer is True:
                     busy.add(rel)
                 elif isinstance(answer, tuple):
@@ -371,39 +445,73 @@ class WriterCheck:
                 self.why_unknown = "no lease and not every process's open files are readable"
         return busy
 
-    def _lease(self, top: int, root: Path, version: FileVersion) -> bool | tuple[int, int] | None:
+    def _lease(
+        self, top: int, root: Path, version: FileVersion, setsig: bool
+    ) -> bool | tuple[int, int] | None:
         """True: open for writing, or changed; False: complete; (dev, ino): ask /proc; None:
-        gone or not a regular file (nothing to hand on)."""
-        rel = version.relpath
+        gone or not a regular file (nothing to hand on; a FIFO or device is never opened)."""
+        found = _handle(top, root, version.relpath)
+        if found is None:
+            return None
+        handle, st = found
         try:
-            fd = open_at(top, rel)
-        except OSError:
-            try:  # a followed link: the gate looks at its target, inside the source only
-                real = inside(root, os.path.join(root, rel))
-                if not real:
-                    return None
-                fd = open_beneath(os.path.realpath(root), real)
-            except OSError:
+            if not stat.S_ISREG(st.st_mode):
                 return None
-        try:
-            try:
-                # a writer opening it while we hold the lease makes the kernel signal us
-                # (SIGIO by default, which would end the process): SIGURG is ignored
-                fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-                fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-            except OSError as exc:
-                if exc.errno == errno.EAGAIN:
-                    return True
-                st = os.fstat(fd)  # EACCES (not ours), EINVAL (no leases here, or not a file)
-                if not stat.S_ISREG(st.st_mode):
-                    return None
-                return (st.st_dev, st.st_ino) if version.same_file(st) else True
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-            # nobody writes it now; it is complete if it is still the version seen (a writer
-            # that finished between the look and the lease made a newer one: look again)
-            return not version.same_file(os.fstat(fd))
+            if not version.same_file(st):
+                return True  # a newer version (a writer came and went): look again
+            proc = _proc_fd()
+            if proc is not None:
+                fd = os.open(str(handle), READ_FLAGS, dir_fd=proc)
+            else:
+                fd = open_beneath(root, version.relpath)
+        except OSError:
+            return None
         finally:
+            os.close(handle)
+        try:
+            if setsig:
+                fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            if exc.errno == errno.EAGAIN:
+                return True
+            return st.st_dev, st.st_ino  # EACCES (not ours), EINVAL (no leases here)
+        finally:
+            # closing gives the lease back: a writer opening the file meanwhile waits that long
             os.close(fd)
+        # nobody holds it open for writing, and it was the version seen a moment before the
+        # lease (one that changed within those microseconds is caught by the identity check
+        # each delivery makes on its own descriptor)
+        return False
+
+
+def _handle(top: int, root: Path, rel: str) -> tuple[int, os.stat_result] | None:
+    """An ``O_PATH`` handle of ``rel`` and its fstat (a link followed only inside the source,
+    as ``open_version`` does); None if it is gone or a link leads outside."""
+    try:
+        handle = _open_at(top, rel, PATH_FLAGS)
+    except OSError:  # a link in a folder of the path (openat2 refuses it)
+        handle = None
+    if handle is not None:
+        try:
+            st = os.fstat(handle)
+            if not stat.S_ISLNK(st.st_mode):
+                return handle, st
+        except OSError:
+            pass
+        os.close(handle)
+    try:  # a followed link: the gate looks at its target, inside the source only
+        real = inside(root, os.path.join(root, rel))
+        if not real:
+            return None
+        handle = open_beneath(os.path.realpath(root), real, PATH_FLAGS)
+    except OSError:
+        return None
+    try:
+        return handle, os.fstat(handle)
+    except OSError:
+        os.close(handle)
+        return None
 
 
 def proc_writers(proc: str = "/proc") -> tuple[set[tuple[int, int]], bool]:

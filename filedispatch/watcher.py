@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .errors import JournalError
 from .models import FileVersion
 from .patterns import GlobSet
 from .sourcefile import WriterCheck
+from .textsafe import escape
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,19 @@ MAX_AGE_WAITS = 100_000
 #: is used when longer, up to 2 s)
 WRITER_RECHECK = 0.25
 
-Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[None]]
+#: why an entry of a source is passed over, as counted in ``SourceWatcher.skipped``, the
+#: ``--once`` summary and the API's status (each with the words its DEBUG line gives)
+SKIP_REASONS: dict[str, str] = {
+    "hidden": "a hidden name (it starts with a dot)",
+    "ignored": "an ignore pattern matches it",
+    "unmatched": "no rule takes it",
+    "subfolder": "a folder, and the source is not recursive",
+    "not_regular": "not a regular file (a FIFO, socket or device is never opened)",
+    "link": "a symbolic link not followed (follow_symlinks is false, or it leads outside)",
+}
+
+#: plans complete files; returns how many of them no rule takes (None: not counted)
+Emit = Callable[[SourceConfig, list[FileVersion]], Awaitable[int | None]]
 #: a file's (inode, ctime_ns, device), kept with its size and mtime
 Ident = tuple[int, int, int]
 Reject = Callable[[SourceConfig, FileVersion, str], Awaitable[None]]
@@ -95,6 +109,11 @@ def is_network_fs(fstype: str | None) -> bool:
 
 def _ident(st: os.stat_result) -> Ident:
     return st.st_ino, st.st_ctime_ns, st.st_dev
+
+
+def no_skips() -> dict[str, int]:
+    """A zero count for every reason in SKIP_REASONS."""
+    return dict.fromkeys(SKIP_REASONS, 0)
 
 
 def valid_name(relpath: str) -> bool:
@@ -141,7 +160,9 @@ class SourceWatcher:
         self.polling = False
         self.last_error: str | None = None
         self.scans = 0
-        self._emitting: asyncio.Task[None] | None = None
+        #: entries the last full scan passed over, per reason (see SKIP_REASONS)
+        self.skipped: dict[str, int] = no_skips()
+        self._emitting: asyncio.Task[int] | None = None
         self._real_root = os.path.realpath(self.root)
         self.writers = WriterCheck()  #: the open-writers gate (``open_writers: check``)
         self._local_fs = False  #: decided at start: see LOCAL_FS
@@ -255,15 +276,17 @@ class SourceWatcher:
     async def scan(self, initial: bool) -> None:
         """Walk the source and offer every complete file (oldest first)."""
         # compact tuples: a folder of 100,000 files must stay cheap to hold
+        skips: Counter[str] = Counter()
         found = await asyncio.to_thread(
             lambda: sorted(
                 (st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns, st.st_dev)
-                for rel, st in self.walk()
+                for rel, st in self.walk(skips=skips)
             )
         )
         self.scans += 1
         if initial and not self.config.process_existing:
             self._baseline = {(rel, size, mtime) for mtime, rel, size, *_ in found}
+            self.skipped = no_skips() | skips
             log.info(
                 "source %s: %d existing file(s) left alone (process_existing: false)",
                 self.root,
@@ -277,9 +300,10 @@ class SourceWatcher:
             if v is not None:
                 ready.append(v)
                 if len(ready) >= BATCH:
-                    await self._emit(ready)
+                    skips["unmatched"] += await self._emit(ready)
                     ready = []
-        await self._emit(ready)
+        skips["unmatched"] += await self._emit(ready)
+        self.skipped = no_skips() | skips
 
     async def _scan_tree(self, folder: Path) -> None:
         found = await asyncio.to_thread(lambda: list(self.walk(folder)))
@@ -292,8 +316,11 @@ class SourceWatcher:
             ]
         )
 
-    def walk(self, top: Path | None = None) -> Iterator[tuple[str, os.stat_result]]:
-        """(relpath, stat) of candidate regular files; never leaves the source, never loops."""
+    def walk(
+        self, top: Path | None = None, skips: Counter[str] | None = None
+    ) -> Iterator[tuple[str, os.stat_result]]:
+        """(relpath, stat) of candidate regular files; never leaves the source, never loops.
+        Each entry passed over is logged at DEBUG and counted in ``skips`` by reason."""
         root = str(self.root)
         seen: set[tuple[int, int]] = set()
         stack = [str(top or self.root)]
@@ -308,7 +335,7 @@ class SourceWatcher:
                 # iterated, not listed: a DirEntry keeps its stat, 100,000 of them add up
                 with os.scandir(folder) as entries:
                     for entry in entries:
-                        found = self._entry(entry, root, follow)
+                        found = self._entry(entry, root, follow, skips)
                         if found is None:
                             continue
                         name, est = found
@@ -320,14 +347,16 @@ class SourceWatcher:
                 log.warning("cannot list %s: %s", folder, exc.strerror or exc)
 
     def _entry(
-        self, entry: os.DirEntry[str], root: str, follow: bool
+        self, entry: os.DirEntry[str], root: str, follow: bool, skips: Counter[str] | None
     ) -> tuple[str, os.stat_result | None] | None:
         """(relpath, stat) for a file to take, (path, None) for a folder to enter, else None."""
         rel = entry.path[len(root) + 1 :] if entry.path.startswith(root + "/") else entry.name
         if self._ignored(rel):
+            self._skip(skips, self._why_ignored(rel), rel)
             return None
         try:
             if entry.is_symlink() and not self._link_allowed(entry.path):
+                self._skip(skips, "link", rel)
                 return None
             est = entry.stat(follow_symlinks=follow)
         except OSError as exc:
@@ -342,11 +371,14 @@ class SourceWatcher:
                 )
             return None
         if stat.S_ISDIR(est.st_mode):
-            if self.config.recursive and not self._excluded(entry.path):
+            if not self.config.recursive:
+                self._skip(skips, "subfolder", rel)
+            elif not self._excluded(entry.path):  # done_dir, failed_dir: ours, not counted
                 return entry.path, None
             return None
-        if stat.S_ISREG(est.st_mode) and not self._marker(rel):
-            return rel, est
+        if stat.S_ISREG(est.st_mode):
+            return None if self._marker(rel) else (rel, est)
+        self._skip(skips, "not_regular", rel)
         return None
 
     # ------------------------------------------------------------------ for a simulation
@@ -426,9 +458,13 @@ class SourceWatcher:
         if not raw.startswith(prefix):
             return None
         rel = raw[len(prefix) :]
-        if not rel or self._ignored(rel) or (self.exclude and self._excluded(raw)):
+        if not rel or (self.exclude and self._excluded(raw)):
+            return None
+        if self._ignored(rel):
+            self._skip(None, self._why_ignored(rel), rel)
             return None
         if not self.config.recursive and "/" in rel:
+            self._skip(None, "subfolder", rel.partition("/")[0])
             return None
         return rel
 
@@ -438,6 +474,16 @@ class SourceWatcher:
                 if self.ignore.on_name.match(part):
                     return True
         return self.ignore.on_path is not None and self.ignore.on_path.match(rel) is not None
+
+    def _skip(self, skips: Counter[str] | None, reason: str, rel: str) -> None:
+        """Count an entry passed over and say so at DEBUG (the name escaped: the writer's)."""
+        if skips is not None:
+            skips[reason] += 1
+        log.debug("skipping %s in %s: %s", escape(rel), self.config.key, SKIP_REASONS[reason])
+
+    def _why_ignored(self, rel: str) -> str:
+        """For a path ``_ignored`` holds: "hidden" when a part of it starts with a dot."""
+        return "hidden" if any(part.startswith(".") for part in rel.split("/")) else "ignored"
 
     def _excluded(self, path: str) -> bool:
         return any(path == str(e) or path.startswith(str(e) + os.sep) for e in self.exclude)
@@ -481,12 +527,14 @@ class SourceWatcher:
             path = self._prefix + rel
             folder = rel.rpartition("/")[0]
             if folder and not self._folder_allowed(folder, cache):
+                self._skip(None, "link", folder)
                 found.append((rel, "skip", None))
                 continue
             try:
                 st = os.lstat(path)
                 if stat.S_ISLNK(st.st_mode):
                     if not self._link_allowed(path):
+                        self._skip(None, "link", rel)
                         found.append((rel, "skip", None))
                         continue
                     st = os.stat(path)
@@ -498,6 +546,8 @@ class SourceWatcher:
             elif stat.S_ISREG(st.st_mode) and not self._marker(rel):
                 found.append((rel, "file", st))
             else:  # FIFOs, sockets, devices: never offered, never opened
+                if not stat.S_ISREG(st.st_mode):
+                    self._skip(None, "not_regular", rel)
                 found.append((rel, "skip", None))
         return found
 
@@ -562,7 +612,7 @@ class SourceWatcher:
         if task is not None:
             await asyncio.wait([task])
 
-    def _handed_on(self, task: asyncio.Task[None]) -> None:
+    def _handed_on(self, task: asyncio.Task[int]) -> None:
         """A batch handed on in the background failed (the journal could not be written):
         say so now and rescan soon. The files are still there and are offered again."""
         if not task.cancelled() and task.exception() is not None:
@@ -633,37 +683,39 @@ class SourceWatcher:
                     due_now.append(rel)
             await self._emit(await self._observe(sorted(set(due_now))))
 
-    async def _emit(self, versions: list[FileVersion], wait: bool = True) -> None:
-        """Hand complete files on, in order. With ``wait=False`` it returns once the batch has
-        started, so the next batch of events is read while this one is being committed; the
-        next call waits for it first (one batch in flight, never more)."""
+    async def _emit(self, versions: list[FileVersion], wait: bool = True) -> int:
+        """Hand complete files on, in order; how many no rule takes (0 unless waited for).
+        With ``wait=False`` it returns once the batch has started, so the next batch of events
+        is read while this one is being committed; the next call waits for it first (one
+        batch in flight, never more)."""
         await self.drain()
         if not versions:
-            return
+            return 0
         if wait:
             try:
-                await self._hand_on(versions)
+                return await self._hand_on(versions)
             except JournalError as exc:  # a scan goes on; the files are offered again
                 self._hand_on_failed(exc)
         else:
             self._emitting = asyncio.create_task(self._hand_on(versions), name=f"emit:{self.root}")
             self._emitting.add_done_callback(self._handed_on)
+        return 0
 
-    async def _hand_on(self, versions: list[FileVersion]) -> None:
+    async def _hand_on(self, versions: list[FileVersion]) -> int:
         good = [v for v in versions if valid_name(v.relpath)]
         for v in versions:
             if not valid_name(v.relpath):
                 await self._reject_cb(self.config, v, "the file name is not valid UTF-8")
         if good and self.config.open_writers == "check":
             good = await self._no_writers(good)
-        if good:
-            await self._emit_cb(self.config, good)
+        unmatched = (await self._emit_cb(self.config, good) or 0) if good else 0
         waiting = self._wait_for_age(good) if self._age_due is not None else set()
         if self.config.ready == "done":
             for v in good:
                 if v.relpath not in waiting:  # its marker is needed when it is looked at again
                     with contextlib.suppress(OSError):
                         os.unlink(f"{v.path}.done")
+        return unmatched
 
     def _wait_for_age(self, versions: list[FileVersion]) -> set[str]:
         """Remember to look again at files a rule waits for (``min_age``), when they are old

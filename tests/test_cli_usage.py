@@ -79,3 +79,32 @@ def test_forget_says_when_the_file_is_sent_again(tmp_path: Path) -> None:
     forgot = run_cli("history", "forget", "1", "-c", cfg)
     assert forgot.returncode == 0, forgot.stderr
     assert "sent again at the next rescan, within `rescan` seconds (default 60)" in forgot.stdout
+
+
+def test_check_names_missing_tls_and_ssh_files_and_a_source_to_create(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    cfg = ops_config(
+        tmp_path,
+        rules=[
+            {
+                "name": "remote",
+                "glob": "*",
+                "to": [
+                    {
+                        "url": "sftp://u@127.0.0.1:2222/in",
+                        "key_file": str(tmp_path / "absent_key"),
+                        "known_hosts": str(tmp_path / "keys"),
+                    },
+                    {"url": "https://127.0.0.1:8443/up", "ca_file": str(tmp_path / "no_ca.pem")},
+                ],
+            }
+        ],
+        sources=[{"path": str(tmp_path / "not-yet"), "name": "later"}],
+    )
+    result = run_cli("check", "-c", cfg)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"rules[0].to[0].key_file: {tmp_path / 'absent_key'} does not exist" in result.stderr
+    assert f"rules[0].to[0].known_hosts: {tmp_path / 'keys'} is not a file" in result.stderr
+    assert f"rules[0].to[1].ca_file: {tmp_path / 'no_ca.pem'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{tmp_path / 'not-yet'} does not exist yet; the service creates it" in result.stdout

@@ -21,9 +21,10 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..config import ApiConfig, is_loopback
 from ..errors import ServiceError
 from ..journal import Journal
+from ..link import ServiceLink
 from .guard import HostNames, auth_guard, host_guard, hosts_key, write_guard
 from .metrics import Outcomes, outcomes_key
-from .state import ServiceLink, journal_key, link_key, reader_key, token_key
+from .state import journal_key, link_key, reader_key, token_key
 from .views import error_middleware, json_error, setup_routes
 
 __all__ = ["ServiceLink", "create_app", "resolve_token", "serve"]

@@ -9,6 +9,7 @@ from typing import Any
 
 from .. import __version__
 from ..journal import JournalState
+from ..watcher import SKIP_REASONS
 from .queries import (
     DEFAULT_LIMIT,
     LIST_PARAMS,
@@ -202,7 +203,7 @@ def openapi() -> dict[str, Any]:
                     "nullable": True,
                 },
                 "journal": {"$ref": "#/components/schemas/Journal"},
-                "sources": {"type": "array", "items": {"type": "object"}},
+                "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}},
                 "stopped_sources": {"type": "array", "items": _STR},
                 "queue_depth": _NULL_INT,
                 "in_flight": _INT,
@@ -234,6 +235,16 @@ def openapi() -> dict[str, Any]:
                     ),
                 },
                 "destinations": {"type": "object", "additionalProperties": {"type": "object"}},
+            }
+        ),
+        "Source": _object(
+            {
+                "name": _STR,
+                "path": _STR,
+                "polling": {"type": "boolean"},
+                "ready": {"type": "boolean"},
+                "last_error": _NULL_STR,
+                "skipped": _object(dict.fromkeys(SKIP_REASONS, _INT)),
             }
         ),
         "Journal": _object(

@@ -139,9 +139,10 @@ class Dispatcher:
         """The chains a version goes through (may do I/O: a MIME type, a classifier)."""
         return self.planner.route(version)
 
-    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
-        """Plan complete files from a watcher: route them and write PENDING rows."""
-        await self.planner.offer(source, versions)
+    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> int:
+        """Plan complete files from a watcher: route them and write PENDING rows. Returns how
+        many of them no rule takes (the watcher counts them among the files it skipped)."""
+        return await self.planner.offer(source, versions)
 
     async def reject(self, source: SourceConfig, version: FileVersion, reason: str) -> None:
         """A file that cannot be dispatched at all (an odd name): one FAILED row says why."""

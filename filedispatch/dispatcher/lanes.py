@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -200,8 +201,8 @@ class InlineLanes:
         groups: dict[int, list[tuple[Lane, StepContext]]] = {}
         for lane, ctx in work:
             groups.setdefault(id(lane.processor), []).append((lane, ctx))
-        started = time.time()
         for group in groups.values():
+            started = time.time()  # each group is one batch: its files share its duration
             lane = group[0][0]
             copier = cast(BatchCopier, lane.processor)
             sem = self.state.semaphore(lane.step)  # a batch is one delivery in flight
@@ -214,7 +215,10 @@ class InlineLanes:
                 self.state.batched -= len(group)
                 if sem is not None:
                     sem.release()
+            shared = f"copied in a batch of {len(group)} files; the duration is the batch's"
             for (lane, ctx), outcome in zip(group, outcomes, strict=True):
+                if isinstance(outcome, Outcome) and outcome.detail is None and len(group) > 1:
+                    outcome = dataclasses.replace(outcome, detail=shared)
                 result = self._result(ctx, lane, outcome, started)
                 done.append((ctx.version, result, False, lane.step))
         self._record(source, done)

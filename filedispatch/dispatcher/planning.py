@@ -17,6 +17,7 @@ from ..journal import PlannedStep, planned_steps
 from ..limits import ItemBudget
 from ..models import FileVersion, Status
 from ..router import Chain
+from ..textsafe import escape
 from .after import ACTS, AfterActions
 from .lanes import InlineLanes, Item, Known
 from .state import DispatchState, first_unrun, marked
@@ -49,11 +50,12 @@ class Planner:
         router = self.state.router
         return router.route(version, facts_for(router, version, self._classifiers))
 
-    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
-        """Plan complete files from a watcher: route them and write PENDING rows."""
+    async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> int:
+        """Plan complete files from a watcher: route them and write PENDING rows. Returns how
+        many of them no rule takes (the watcher counts them among the files it skipped)."""
         state = self.state
         if not versions:
-            return
+            return 0
         router = state.router
         if router.needs_mime or router.classifiers:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
@@ -67,10 +69,13 @@ class Planner:
         matched: list[Known] = []
         moves: list[Item] = []
         copies: list[Item] = []
+        unmatched = 0
         for version, chains in zip(versions, routes, strict=True):
             if not chains:
-                state.summary.unmatched += 1
-                log.debug("no rule takes %s", version.relpath)
+                unmatched += 1
+                log.debug(
+                    "skipping %s in %s: no rule takes it", escape(version.relpath), source.key
+                )
                 continue
             lane = self.lanes.lane(source, chains, version)
             if lane is not None:
@@ -78,6 +83,7 @@ class Planner:
                 continue
             matched.append((version, chains))
             steps += planned_steps(version, chains)
+        state.summary.unmatched += unmatched
         known: list[Known] = []
         if moves:
             known += await self.lanes.moves(source, moves)
@@ -93,6 +99,7 @@ class Planner:
             await self._settle_known(source, known)
         if steps or moves or copies:
             state.changed()
+        return unmatched
 
     async def _settle_known(self, source: SourceConfig, known: list[Known]) -> None:
         """Files seen again: count the ones already done, queue again the steps that never ran
