@@ -31,6 +31,7 @@ run: install
 # (FILEDISPATCH_FASTPATH=0, see filedispatch/fastpath.py): the plain paths keep the guarantees.
 PLAIN_PATH_TESTS := tests/test_crash.py tests/test_inline_move.py tests/test_e2e.py tests/test_integrity.py
 
+# the PostgreSQL journal tests need Debian's postgresql package (initdb, pg_ctl; see README)
 test: install-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	FILEDISPATCH_FASTPATH=0 $(BIN)/python -m pytest -q -p no:cacheprovider $(PLAIN_PATH_TESTS)

@@ -35,6 +35,7 @@ from filedispatch.api import ServiceLink, serve
 from filedispatch.api.queries import parse_log_query, parse_stats_query
 from filedispatch.config import ApiConfig
 from filedispatch.journal import Journal, PlannedStep, StepResult
+from filedispatch.journal.reads import page_sql, stats_sql, where
 from filedispatch.models import FileVersion, Status
 
 DESTINATIONS = [
@@ -179,11 +180,13 @@ def raw_sql(db: Path, paths: list[str], now: float) -> list[float]:
         params: MultiDict[str] = MultiDict(parse_qsl(query, keep_blank_values=True))
         t0 = time.perf_counter()
         if route.endswith("/stats"):
-            conn.execute(*parse_stats_query(params, now).sql()).fetchall()
+            sq = parse_stats_query(params, now)
+            conn.execute(*stats_sql(sq.filters(), sq.period)).fetchall()
         else:
             q = parse_log_query(params)
-            conn.execute(*q.count_sql()).fetchall()
-            conn.execute(*q.page_sql()).fetchall()
+            sql_where, values = where(q.conditions)
+            conn.execute(f"SELECT COUNT(*) FROM dispatches{sql_where}", values).fetchall()
+            conn.execute(*page_sql(q.page())).fetchall()
         out.append((time.perf_counter() - t0) * 1000)
     conn.close()
     return out

@@ -359,10 +359,10 @@ async def _never(*_: object) -> None:
 
 def cmd_check(path: Path) -> int:
     config = load_checked(path)
-    from .service import Options, journal_path
+    from .journal import journal_path
 
     say(f"{path}: valid")
-    say(f"journal: {journal_path(config, Options())}")
+    say(f"journal: {journal_path(config)}")
     say("sources:")
     for s in config.sources:
         ready = f"ready: {s.ready}" + (f" (settle {s.settle:g}s)" if s.ready == "settle" else "")

@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .journal.target import PostgresTarget, is_postgres, url_problem
 from .naming import check_template
 from .shell import compile_command
 
@@ -757,10 +758,53 @@ class MonitorConfig(_Model):
     allow_remote: bool = False  #: needed to listen beyond loopback
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class PostgresDatabase(_Model):
+    """A PostgreSQL database as the journal (``database: postgresql://user@host:port/name``).
+
+    The URL holds no password: libpq reads it from ``PGPASSWORD``, a service file or a pgpass
+    file, or ``password_env`` names the environment variable that holds it.
+    """
+
+    url: str
+    password_env: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        problem = url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("password_env")
+    @classmethod
+    def _env(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable")
+        return value
+
+    def target(self) -> PostgresTarget:
+        return PostgresTarget(self.url, self.password_env)
+
+
+def _database(value: object) -> object:
+    """``database:`` as text: a PostgreSQL URL, or a path."""
+    if isinstance(value, str) and is_postgres(value):
+        return {"url": value}
+    return value
+
+
+#: the journal: an SQLite file's path, or a PostgreSQL database
+Database = Annotated[FsPath | PostgresDatabase, BeforeValidator(_database)]
+
+
 class Config(_Model):
     """The whole configuration, as validated from YAML."""
 
-    database: FsPath | None = None
+    database: Database | None = None
     workdir: FsPath | None = None  #: where transforms write intermediate files
     workers: int = Field(16, ge=1, le=1024)  #: deliveries in flight at once, all destinations
     shutdown_grace: Seconds = 30.0  #: seconds in-flight work may take at shutdown
@@ -954,6 +998,9 @@ def secrets_of(config: Config | BaseModel) -> list[str]:
     api = getattr(config, "api", None)
     if isinstance(api, ApiConfig) and api.token is None and api.token_env:
         found.add(os.environ.get(api.token_env, ""))  # the token the service will read
+    database = getattr(config, "database", None)
+    if isinstance(database, PostgresDatabase):  # the password the journal will read
+        found.add(os.environ.get(database.password_env or "PGPASSWORD", ""))
     return sorted((s for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
 
@@ -1105,8 +1152,10 @@ def _check_paths(config: Config) -> list[str]:
                 problems.append(f"sources[{i}].{key}: must not be the source folder itself")
         for key in ("database", "workdir"):
             path = getattr(config, key)
-            inside = key == "workdir" and path is not None and watches_folder(src, path)
-            if path is not None and (inside or watched_by(src, path)):
+            if not isinstance(path, Path):  # none, or a database server
+                continue
+            inside = key == "workdir" and watches_folder(src, path)
+            if inside or watched_by(src, path):
                 problems.append(
                     f"{key}: {path} is inside the watched source sources[{i}] ({root}); "
                     "its own files would be dispatched"
@@ -1303,7 +1352,7 @@ def _places(config: Config) -> list[str]:
             folder = getattr(src, key)
             if folder is not None:
                 wanted.append((f"sources[{i}].{key}", folder))
-    if config.database is not None:
+    if isinstance(config.database, Path):
         wanted.append(("database", config.database.parent))
     if config.workdir is not None:
         wanted.append(("workdir", config.workdir))

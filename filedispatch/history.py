@@ -1,127 +1,98 @@
 """History from the command line (dirsend's list/forget/store-only): list, show, retry, forget,
 stats, mark-existing.
 
-Reads go through a read-only SQLite connection, safe while a service writes the journal (WAL);
-writes go through ``Journal``. Nothing here sends a file; only ``retry`` moves one, back from
-``failed_dir`` into its source (see recovery.py).
+Reads go through the journal's reader (read-only, safe while a service writes the journal),
+writes through ``Journal``; no SQL here. Nothing here sends a file; only ``retry`` moves one,
+back from ``failed_dir`` into its source (see recovery.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
-import sqlite3
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from . import recovery
 from .config import Config, SourceConfig
 from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError
-from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
-from .models import FileVersion, Status
+from .journal import (
+    Database,
+    JournalReader,
+    PlannedStep,
+    journal_lock,
+    journal_path,
+    open_journal,
+    open_reader,
+    planned_steps,
+)
+from .models import Dispatch, FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
-from .reporting import Period, day_sql, human_size, period_label, period_start
+from .reporting import Period, human_size, period_label, period_start
 from .router import Chain, Router
 from .textsafe import escape
 
 BATCH = 500
+T = TypeVar("T")
 
 
 class NotFound(JournalError):
     """The id or path names nothing in the journal."""
 
 
-def connect_ro(path: Path) -> sqlite3.Connection:
-    """A read-only connection (it never blocks or changes a running service's journal)."""
-    if not path.exists():
-        raise JournalError(f"no journal at {path}")
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        conn.row_factory = sqlite3.Row
-        conn.execute("SELECT 1 FROM dispatches LIMIT 1")
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-    return conn
+def _read(path: Database, ask: Callable[[JournalReader], Awaitable[T]]) -> T:
+    """One question to the journal at ``path`` (which must exist), answered now."""
+
+    async def run() -> T:
+        async with open_reader(path) as reader:
+            return await ask(reader)
+
+    return asyncio.run(run())
 
 
-def _query(path: Path, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    conn = connect_ro(path)
-    try:
-        rows = [dict(r) for r in conn.execute(sql, params)]
-    except sqlite3.Error as exc:
-        raise JournalError(f"journal read failed: {exc}") from exc
-    finally:
-        conn.close()
-    for row in rows:  # a stat number too large for SQLite is kept in a BLOB (journal._int64)
-        for key in _STAT_NUMBERS.intersection(row):
-            row[key] = number(row[key])
-    return rows
+def as_dict(row: Dispatch) -> dict[str, Any]:
+    """A row as the command line shows it: every column, and whether mark-existing made it."""
+    out = {f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "step_key"}
+    out["marked"] = row.marked
+    return out
 
 
-_STAT_NUMBERS = frozenset({"mtime_ns", "dev", "ino", "ctime_ns"})
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-#: a SUCCEEDED row no attempt made: recorded by mark-existing, never sent (see Dispatch.marked)
-MARKED_SQL = "(status='SUCCEEDED' AND attempts=0) AS marked"
-
-
-def _with_marked(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    for r in rows:
-        r["marked"] = bool(r["marked"])
-    return rows
-
-
-def list_rows(path: Path, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+def list_rows(path: Database, status: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
     """The newest ``limit`` rows (optionally of one status), newest first."""
-    where, params = ("WHERE status=?", [status]) if status else ("", [])
-    return _with_marked(
-        _query(
-            path,
-            f"SELECT {COLUMNS}, {MARKED_SQL} FROM dispatches {where} ORDER BY id DESC LIMIT ?",
-            [*params, limit],
-        )
-    )
+    wanted = Status(status) if status else None
+    return [as_dict(r) for r in _read(path, lambda j: j.recent(limit, wanted))]
 
 
-def get_row(path: Path, dispatch_id: int) -> dict[str, Any]:
-    rows = _query(path, f"SELECT {COLUMNS}, {MARKED_SQL} FROM dispatches WHERE id=?", [dispatch_id])
-    if not rows:
+def get_row(path: Database, dispatch_id: int) -> dict[str, Any]:
+    row = _read(path, lambda j: j.get(dispatch_id))
+    if row is None:
         raise NotFound(f"no dispatch with id {dispatch_id} in {path}")
-    return _with_marked(rows)[0]
+    return as_dict(row)
 
 
-def stats(path: Path, period: Period = "day") -> list[dict[str, Any]]:
+def stats(path: Database, period: Period = "day") -> list[dict[str, Any]]:
     """Per day, ISO 8601 week (``2026-W49``) or month, by the local date a dispatch finished
     (or was recorded, while it waits): ``period``, ``succeeded``, ``failed``, ``waiting``
     and ``bytes`` (sent, an int), oldest period first."""
-    days = _query(
-        path,
-        f"SELECT {day_sql('COALESCE(finished, created)', local=True)} AS day, "
-        "SUM(status='SUCCEEDED') AS succeeded, SUM(status='FAILED') AS failed, "
-        "SUM(status IN ('PENDING', 'IN_PROGRESS')) AS waiting, "
-        "SUM(CASE WHEN status='SUCCEEDED' THEN size ELSE 0 END) AS bytes "
-        "FROM dispatches GROUP BY day ORDER BY day",
-        [],
-    )
     periods: dict[str, dict[str, Any]] = {}
-    for row in days:
-        key = period_label(period_start(int(row.pop("day")), period), period)
+    for row in _read(path, lambda j: j.day_tallies()):
+        key = period_label(period_start(row.day, period), period)
         into = periods.setdefault(
             key, {"period": key, "succeeded": 0, "failed": 0, "waiting": 0, "bytes": 0}
         )
-        for name, value in row.items():
-            into[name] += value or 0
+        into["succeeded"] += row.succeeded
+        into["failed"] += row.failed
+        into["waiting"] += row.waiting
+        into["bytes"] += row.bytes
     return list(periods.values())
 
 
@@ -200,13 +171,11 @@ def to_json(rows: list[dict[str, Any]], secrets: Iterable[str] = ()) -> str:
 # ---------------------------------------------------------------------------- forget
 
 
-def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) -> int:
+def forget(path: Database, dispatch_id: int | None = None, file: str | None = None) -> int:
     """Delete history so the file is sent again (at the next rescan or start); rows removed.
 
     ``file`` is a path relative to its source, or an absolute path inside one.
     """
-    if not path.exists():
-        raise JournalError(f"no journal at {path}")
     if dispatch_id is not None:
         row = get_row(path, dispatch_id)
         if row["status"] == Status.IN_PROGRESS:
@@ -214,20 +183,15 @@ def forget(path: Path, dispatch_id: int | None = None, file: str | None = None) 
         return asyncio.run(_forget(path, [(None, None, dispatch_id)]))
     assert file is not None
     absolute = str(Path(file).expanduser().absolute())
-    found = _query(
-        path,
-        "SELECT DISTINCT source, relpath FROM dispatches WHERE relpath=? "
-        "OR root || '/' || relpath = ?",
-        [file, absolute],
-    )
+    found = _read(path, lambda j: j.recorded_paths(file, absolute))
     if not found:
         raise NotFound(f"nothing is recorded for {file} in {path}")
-    return asyncio.run(_forget(path, [(r["source"], r["relpath"], None) for r in found]))
+    return asyncio.run(_forget(path, [(r.source, r.relpath, None) for r in found]))
 
 
-async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | None]]) -> int:
+async def _forget(path: Database, targets: list[tuple[str | None, str | None, int | None]]) -> int:
     removed = 0
-    async with Journal.open(path, hold=False) as journal:
+    async with open_journal(path, hold=False) as journal:
         for source, relpath, dispatch_id in targets:
             if dispatch_id is not None:
                 removed += await journal.forget(dispatch_id)
@@ -239,35 +203,25 @@ async def _forget(path: Path, targets: list[tuple[str | None, str | None, int | 
 # ---------------------------------------------------------------------------- retry
 
 
-def retry_targets(path: Path, dispatch_id: int | None, file: str | None) -> list[int]:
+def retry_targets(path: Database, dispatch_id: int | None, file: str | None) -> list[int]:
     """The FAILED rows to retry: one id; a file's (relative or absolute path); or every one.
     Per version and rule, its first FAILED step (retrying it re-queues the later ones)."""
     if dispatch_id is not None:
         get_row(path, dispatch_id)  # NotFound names the id
         return [dispatch_id]
-    where, params = "status='FAILED'", []
-    if file is not None:
-        absolute = str(Path(file).expanduser().absolute())
-        where += " AND (relpath=? OR root || '/' || relpath = ?)"
-        params = [file, absolute]
-    rows = _query(
-        path,
-        f"SELECT MIN(id) AS id FROM dispatches WHERE {where} AND step = (SELECT MIN(step) "
-        "FROM dispatches d WHERE d.vkey=dispatches.vkey AND d.rule=dispatches.rule "
-        "AND d.status='FAILED') GROUP BY vkey, rule ORDER BY MIN(id)",
-        params,
-    )
-    if file is not None and not rows:
+    absolute = str(Path(file).expanduser().absolute()) if file is not None else None
+    ids = _read(path, lambda j: j.first_failures(file, absolute))
+    if file is not None and not ids:
         raise NotFound(f"no FAILED dispatch of {file} in {path}")
-    return [r["id"] for r in rows]
+    return ids
 
 
 async def _retry(
-    path: Path, ids: list[int], sources: dict[str, SourceConfig] | None
+    path: Database, ids: list[int], sources: dict[str, SourceConfig] | None
 ) -> list[RetryAnswer]:
     answers: list[RetryAnswer] = []
     restored: set[Path] = set()
-    async with Journal.open(path) as journal:
+    async with open_journal(path) as journal:
         for dispatch_id in ids:
             answer = await recovery.retry(journal, sources, dispatch_id)
             if answer.restored is not None and answer.restored in restored:
@@ -278,8 +232,8 @@ async def _retry(
     return answers
 
 
-def _retry_command(args: argparse.Namespace, db: Path, config: Config | None) -> int:
-    if not db.exists():
+def _retry_command(args: argparse.Namespace, db: Database, config: Config | None) -> int:
+    if isinstance(db, Path) and not db.exists():
         raise NotFound(f"no journal at {db}")
     ids = retry_targets(db, args.id, args.path)
     if not ids:
@@ -323,7 +277,7 @@ def _route(router: Router, version: FileVersion) -> list[Chain]:
 
 
 def mark_existing(
-    config: Config, db: Path, *, dry_run: bool = False, out: TextIO | None = None
+    config: Config, db: Database, *, dry_run: bool = False, out: TextIO | None = None
 ) -> MarkSummary:
     """Record the files present now as dispatched to every destination their rules name,
     without sending them (dirsend's ``--store-only``). ``dry_run`` prints and writes nothing.
@@ -344,8 +298,6 @@ def mark_existing(
                 line = f"{version.source}/{version.relpath} -> {step.destination}"
                 print(escape(line), file=out)
         return summary
-    from .service import journal_lock
-
     with journal_lock(db):  # a running service would send them meanwhile: refuse
         asyncio.run(_mark(config, router, db, files, summary))
     return summary
@@ -354,11 +306,11 @@ def mark_existing(
 async def _mark(
     config: Config,
     router: Router,
-    db: Path,
+    db: Database,
     files: list[tuple[SourceConfig, FileVersion]],
     summary: MarkSummary,
 ) -> None:
-    async with Journal.open(db, hold=False) as journal:
+    async with open_journal(db, hold=False) as journal:
         await recovery.upgrade_step_keys(journal, config)  # an older journal's rows count as marked
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
@@ -382,14 +334,8 @@ async def _mark(
 def run_command(args: argparse.Namespace, config: Config | None) -> int:
     """``filedispatch history ...`` and ``mark-existing``; the exit status (1: not found)."""
     from .config import secrets_of
-    from .journal import default_path
-    from .service import Options, journal_path
 
-    db = args.sub_db or args.db
-    options = Options(db=db)
-    if config is not None:
-        db = journal_path(config, options)
-    db = (db or default_path()).expanduser().absolute()
+    db = journal_path(config, args.sub_db or args.db)
     secrets = secrets_of(config) if config is not None else []
     if args.command == "mark-existing":
         if config is None:
@@ -405,7 +351,7 @@ def run_command(args: argparse.Namespace, config: Config | None) -> int:
         return 1
 
 
-def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> int:
+def _history_command(args: argparse.Namespace, db: Database, secrets: list[str]) -> int:
     action = args.history_command
     if action == "list":
         rows = list_rows(db, args.status, args.limit)
@@ -428,7 +374,7 @@ def _history_command(args: argparse.Namespace, db: Path, secrets: list[str]) -> 
     return 0
 
 
-def _mark_command(config: Config, db: Path, dry_run: bool) -> int:
+def _mark_command(config: Config, db: Database, dry_run: bool) -> int:
     summary = mark_existing(config, db, dry_run=dry_run)
     if dry_run:
         print(

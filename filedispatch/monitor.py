@@ -39,8 +39,7 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 
 from .config import MonitorConfig, is_loopback, secrets_of
 from .errors import JournalError, ServiceError
-from .history import format_rows, shown
-from .journal import COLUMNS
+from .history import as_dict, format_rows, shown
 from .textsafe import escape, escape_lines
 
 if TYPE_CHECKING:
@@ -420,14 +419,12 @@ async def status_text(service: Service) -> str:
     st = service.status()
     try:
         counts = await service.journal.counts()
-        per_dest = await service.journal.read(
-            "SELECT destination, status, COUNT(*) FROM dispatches GROUP BY destination, status"
-        )
+        per_dest = await service.journal.by_destination()
     except JournalError:  # a removed journal may not even be read: the state still shows
         counts, per_dest = {}, []
     journal: dict[str, dict[str, int]] = {}
-    for dest, status, n in per_dest:
-        journal.setdefault(dest, {})[status] = n
+    for row in per_dest:
+        journal.setdefault(row.destination, {})[row.status] = row.count
     secrets = secrets_of(service.config)
     journal_state: dict[str, Any] = st["journal"]  # type: ignore[assignment]
     if journal_state["state"] != "ok":
@@ -495,13 +492,8 @@ async def retry_text(service: Service, dispatch_id: int) -> str:
 
 
 async def history_text(service: Service, limit: int) -> str:
-    names = [c.strip() for c in COLUMNS.split(",")]
-    rows = await service.journal.read(
-        f"SELECT {COLUMNS} FROM dispatches ORDER BY id DESC LIMIT ?", (limit,)
-    )
-    lines = format_rows(
-        (dict(zip(names, r, strict=True)) for r in rows), secrets_of(service.config)
-    )
+    rows = await service.journal.recent(limit)
+    lines = format_rows((as_dict(r) for r in rows), secrets_of(service.config))
     return "\n".join(lines) if lines else "no dispatches yet"
 
 

@@ -1,8 +1,8 @@
 """What the command line's and the API's reports share: the period a moment falls in (a day,
 an ISO 8601 week, a month) and sizes for people.
 
-A period is found from a *day number* (whole days since 1970-01-01) so that SQLite can group
-rows by day cheaply and Python folds the days into weeks or months with one rule for both.
+A period is found from a *day number* (whole days since 1970-01-01) so that the journal can
+group rows by day cheaply and Python folds the days into weeks or months with one rule for both.
 """
 
 from __future__ import annotations
@@ -13,19 +13,6 @@ from typing import Literal
 
 PERIODS = ("day", "week", "month")
 Period = Literal["day", "week", "month"]
-
-#: 1970-01-01 as a Julian day: ``julianday(...) - EPOCH_JULIAN_DAY`` is a day number
-EPOCH_JULIAN_DAY = 2440587.5
-
-
-def day_sql(column: str, *, local: bool = False) -> str:
-    """SQL for the day number of an epoch-seconds ``column`` (UTC, or the local time zone of
-    the process running the query with ``local``)."""
-    if local:
-        return (
-            f"CAST(julianday({column}, 'unixepoch', 'localtime') - {EPOCH_JULIAN_DAY} AS INTEGER)"
-        )
-    return f"CAST({column} / 86400 AS INTEGER)"
 
 
 @functools.lru_cache(maxsize=4096)

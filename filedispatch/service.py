@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -26,8 +24,18 @@ from . import __version__, recovery
 from .asyncutil import first_completed
 from .config import Config, LocalDestination, load_config, secrets_of, watched_by
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, JournalUnavailableError, ServiceError
-from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
+from .errors import ConfigError, JournalUnavailableError
+from .journal import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    Database,
+    Journal,
+    JournalHealth,
+    default_path,
+    journal_lock,
+    journal_path,
+    open_journal,
+)
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -56,11 +64,6 @@ class Options:
     on_ready: Callable[[], None] | None = None
 
 
-def journal_path(config: Config, options: Options) -> Path:
-    """``--db``, then ``database:``, then the per-user state folder."""
-    return (options.db or config.database or default_path()).absolute()
-
-
 def apply_options(config: Config, options: Options) -> Config:
     """The config as the command line amends it (``--move``, ``--host`` ...)."""
     if options.move:
@@ -80,32 +83,9 @@ def _amend(model: _M, **changes: object) -> _M:
     return model.model_copy(update=given) if given else model
 
 
-@contextlib.contextmanager
-def journal_lock(path: Path) -> Iterator[None]:
-    """One service per journal: two would dispatch the same files twice."""
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ServiceError(
-            f"cannot create the journal's lock file {lock_path}: {exc.strerror or exc}"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ServiceError(
-                f"another filedispatch is already running on the journal {path}"
-            ) from None
-        try:  # the pid is for people; the lock alone keeps a second service out
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError as exc:
-            log.warning("cannot write the pid into %s: %s", lock_path, exc.strerror or exc)
-        yield
-    finally:
-        os.close(fd)
+def _state_folder(database: Database) -> Path:
+    """Where the service keeps its own files: beside an SQLite journal, else the state folder."""
+    return database.parent if isinstance(database, Path) else default_path().parent
 
 
 class Service:
@@ -114,9 +94,9 @@ class Service:
     def __init__(self, config: Config, options: Options | None = None) -> None:
         self.options = options or Options()
         self.config = apply_options(config, self.options)
-        self.db_path = journal_path(self.config, self.options)
+        self.db_path = journal_path(self.config, self.options.db)
         for i, source in enumerate(self.config.sources):
-            if watched_by(source, self.db_path):
+            if isinstance(self.db_path, Path) and watched_by(source, self.db_path):
                 raise ConfigError(
                     str(self.options.config_path or "<config>"),
                     [
@@ -124,7 +104,7 @@ class Service:
                         "choose another --db or database:"
                     ],
                 )
-        self.workdir = (self.config.workdir or self.db_path.parent / "work").absolute()
+        self.workdir = (self.config.workdir or _state_folder(self.db_path) / "work").absolute()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self.stopping_reason: str | None = None
@@ -161,7 +141,7 @@ class Service:
         except ConfigError as exc:
             log.error("reload refused, still running on the old config:\n%s", exc)
             return False
-        if journal_path(new, self.options) != self.db_path:
+        if journal_path(new, self.options.db) != self.db_path:
             log.warning("reload: a new database path only takes effect after a restart")
         if new.sources != self.config.sources:
             log.info("reload: sources changed; watchers restart")
@@ -271,7 +251,7 @@ class Service:
         delay, said = RETRY_FIRST_S, ""
         while True:
             try:
-                return await stack.enter_async_context(Journal.open(self.db_path))
+                return await stack.enter_async_context(open_journal(self.db_path))
             except JournalUnavailableError as exc:
                 if str(exc) != said:
                     said = str(exc)

@@ -39,7 +39,7 @@ def unblock(root: Path) -> None:
 class Api:
     url: str
     root: Path
-    db: Path
+    db: Path | str  #: the journal: a path, or a PostgreSQL URL
     docs: Path
     ftp: str  #: the ftp destination as the API must show it
     service: ServiceProcess
@@ -56,7 +56,7 @@ def old(path: Path, size: int) -> None:
     os.utime(path, (past, past))
 
 
-def api_config(root: Path, port: int, **api: Any) -> Path:
+def api_config(root: Path, port: int, database: str | None = None, **api: Any) -> Path:
     inbox, drop = root / "inbox", root / "drop"
     inbox.mkdir(parents=True, exist_ok=True)
     drop.mkdir(exist_ok=True)
@@ -66,7 +66,7 @@ def api_config(root: Path, port: int, **api: Any) -> Path:
     return write_config(
         root / "config.yml",
         {
-            "database": str(root / "journal.db"),
+            "database": database_config(database) if database else str(root / "journal.db"),
             "sources": [
                 {"path": str(inbox), "name": "inbox", "settle": 0.2, "rescan": 1},
                 {"path": str(drop), "name": "drop", "settle": 0.2, "rescan": 1},
@@ -95,6 +95,13 @@ def api_config(root: Path, port: int, **api: Any) -> Path:
     )
 
 
+def database_config(url: str) -> dict[str, str]:
+    """``database:`` for a PostgreSQL URL of the test cluster (its password in the environment)."""
+    from .pgcluster import PASSWORD_ENV
+
+    return {"url": url, "password_env": PASSWORD_ENV}
+
+
 def env_without_token(**extra: str) -> dict[str, str]:
     env = cli_env(**extra)
     if "FILEDISPATCH_API_TOKEN" not in extra:
@@ -103,15 +110,18 @@ def env_without_token(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_api(root: Path, token: str | None = TOKEN) -> Iterator[Api]:
-    """The service on a free port with every file of FILES dispatched (or failed) for good."""
+def running_api(
+    root: Path, token: str | None = TOKEN, database: str | None = None
+) -> Iterator[Api]:
+    """The service on a free port with every file of FILES dispatched (or failed) for good;
+    its journal in ``database`` (a PostgreSQL URL) or in a file under ``root``."""
     port = free_port()
-    cfg = api_config(root, port, **({"token": token} if token else {}))
+    cfg = api_config(root, port, database, **({"token": token} if token else {}))
     for name, size in FILES.items():
         old(root / "inbox" / name, size)
     old(root / "drop" / "f.txt", 7)
     svc = ServiceProcess(cfg, env=env_without_token()).start()
-    db = root / "journal.db"
+    db: Path | str = database or root / "journal.db"
     try:
         wait_until(
             lambda: (

@@ -40,9 +40,12 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 def journal_rows(
-    db: Path, where: str = "1=1", params: tuple[Any, ...] = ()
+    db: Path | str, where: str = "1=1", params: tuple[Any, ...] = ()
 ) -> list[dict[str, Any]]:
-    """Rows of the journal as dicts (opened read-only, safe while a service runs)."""
+    """Rows of the journal as dicts (opened read-only, safe while a service runs); ``db`` is a
+    path, or a PostgreSQL URL (``where`` marks parameters with ``?`` either way)."""
+    if isinstance(db, str):
+        return _pg_rows(db, where, params)
     if not db.exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -56,6 +59,25 @@ def journal_rows(
         return []
     finally:
         conn.close()
+
+
+def _pg_rows(url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+    import decimal
+
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from .pgcluster import PASSWORD
+
+    sql = f"SELECT * FROM dispatches WHERE {where} ORDER BY id"
+    try:
+        with psycopg.connect(url, password=PASSWORD, row_factory=dict_row) as conn:
+            rows = conn.execute(sql.replace("%", "%%").replace("?", "%s"), params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        return []
+    return [
+        {k: int(v) if isinstance(v, decimal.Decimal) else v for k, v in r.items()} for r in rows
+    ]
 
 
 def wait_until(
@@ -237,3 +259,43 @@ def sftp(tmp_path: Path) -> Iterator[SftpServer]:
     server = SftpServer(tmp_path / "sftproot", tmp_path / "keys")
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------------------- journal backends
+
+_PG_CLUSTER: list[Any] = []
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the session (see tests/pgcluster.py)."""
+    from . import pgcluster
+
+    why = pgcluster.missing()
+    if why is not None:
+        pgcluster.unavailable(why)
+    os.environ[pgcluster.PASSWORD_ENV] = pgcluster.PASSWORD  # services started later read it
+    cluster = pgcluster.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Any) -> str:
+    """The URL of a new, empty database (no password in it; see ``pgcluster.PASSWORD_ENV``)."""
+    return str(pg_cluster.database())
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """What names a fresh journal, once per backend: a path, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "j.db"
+    from filedispatch.journal import PostgresTarget
+
+    from . import pgcluster
+
+    url = request.getfixturevalue("pg_url")
+    return PostgresTarget(url, pgcluster.PASSWORD_ENV)

@@ -35,9 +35,13 @@ ENTRY_FIELDS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    with running_api(tmp_path_factory.mktemp("api")) as running:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """The service and its API, once with each journal backend."""
+    url = None
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_cluster").database()
+    with running_api(tmp_path_factory.mktemp("api"), database=url) as running:
         yield running
 
 

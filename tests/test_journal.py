@@ -1,36 +1,57 @@
-"""The journal on a real SQLite file: planning, claiming, outcomes, migrations."""
+"""The journal on both backends (a real SQLite file, a real PostgreSQL database, through the one
+``database`` fixture): planning, claiming, outcomes, migrations."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from filedispatch.errors import JournalError
-from filedispatch.journal import Journal, PlannedStep, StepResult
+from filedispatch.errors import JournalError, JournalUnavailableError
+from filedispatch.journal import (
+    Condition,
+    Database,
+    Journal,
+    JournalState,
+    PageQuery,
+    PlannedStep,
+    PostgresTarget,
+    SortKey,
+    SqliteJournal,
+    StepResult,
+    open_journal,
+)
 from filedispatch.models import FileVersion, Status
+
+from . import pgcluster
 
 
 def step(v: FileVersion, n: int = 0, key: str = "k0", rule: str = "r") -> PlannedStep:
     return PlannedStep(v, rule, n, key, f"/dest/{n}", "file")
 
 
-async def test_a_version_is_planned_once_per_step_and_a_new_version_again(tmp_path: Path) -> None:
+async def test_a_version_is_planned_once_per_step_and_a_new_version_again(
+    tmp_path: Path, database: Database
+) -> None:
     v1 = FileVersion("in", tmp_path, "a.txt", 10, 1)
     v2 = FileVersion("in", tmp_path, "a.txt", 11, 2)
-    async with Journal.open(tmp_path / "j.db") as j:
+    async with open_journal(database) as j:
         assert await j.plan([step(v1), step(v1, 1, "k1")]) == 2
         assert await j.plan([step(v1), step(v1, 1, "k1")]) == 0
         assert await j.plan([step(v2)]) == 1
         assert await j.counts() == {"PENDING": 3}
 
 
-async def test_claim_groups_by_version_and_marks_in_progress(tmp_path: Path) -> None:
+async def test_claim_groups_by_version_and_marks_in_progress(
+    tmp_path: Path, database: Database
+) -> None:
     a = FileVersion("in", tmp_path, "a.txt", 1, 1)
     b = FileVersion("in", tmp_path, "b.txt", 1, 1)
-    async with Journal.open(tmp_path / "j.db") as j:
+    async with open_journal(database) as j:
         await j.plan([step(a), step(a, 1, "k1"), step(b)])
         groups = await j.claim(10, time.time())
         assert [[d.relpath for d in g] for g in groups] == [["a.txt", "a.txt"], ["b.txt"]]
@@ -51,9 +72,11 @@ async def test_claim_groups_by_version_and_marks_in_progress(tmp_path: Path) -> 
         assert await j.resume_interrupted() == 3  # every claimed row was left IN_PROGRESS
 
 
-async def test_retry_requeues_a_failed_step_and_the_rest_of_its_chain(tmp_path: Path) -> None:
+async def test_retry_requeues_a_failed_step_and_the_rest_of_its_chain(
+    tmp_path: Path, database: Database
+) -> None:
     v = FileVersion("in", tmp_path, "a.txt", 1, 1)
-    async with Journal.open(tmp_path / "j.db") as j:
+    async with open_journal(database) as j:
         await j.plan([step(v), step(v, 1, "k1")])
         (group,) = await j.claim(10, time.time())
         await j.finish(
@@ -91,9 +114,11 @@ async def test_an_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
-async def test_unfinished_counts_pending_and_in_progress(tmp_path: Path) -> None:
+async def test_unfinished_counts_pending_and_in_progress(
+    tmp_path: Path, database: Database
+) -> None:
     v = FileVersion("in", tmp_path, "a.txt", 1, 1)
-    async with Journal.open(tmp_path / "j.db") as j:
+    async with open_journal(database) as j:
         assert await j.unfinished() == 0
         await j.plan([step(v)])
         assert await j.unfinished() == 1
@@ -103,54 +128,61 @@ async def test_unfinished_counts_pending_and_in_progress(tmp_path: Path) -> None
         assert await j.unfinished() == 0
 
 
-@pytest.mark.parametrize("bulk", [True, False], ids=["json-batches", "executemany"])
-async def test_rows_planned_in_progress_then_finished_in_one_write(
-    tmp_path: Path, bulk: bool
-) -> None:
-    """Both ways the writer can send a batch: one JSON statement (SQLite 3.38 and later) and
-    executemany (older SQLite); the rows must come out the same."""
+async def _plan_started_then_finished(j: Journal, tmp_path: Path) -> None:
     names = ["a.txt", "b.txt", "é ü.txt", "c.txt"]
     versions = [FileVersion("in", tmp_path, n, 5, i) for i, n in enumerate(names)]
-    async with Journal.open(tmp_path / "j.db") as j:
-        if bulk:
-            assert j._bulk, "this SQLite has no ->>: the JSON path is not tested here"
-        j._bulk = bulk
-        await j.plan([step(versions[3])])  # known already: no new id for it
-        now = time.time()
-        ids = await j.plan_started([step(v) for v in versions] + [step(versions[0])], now)
-        assert ids[3] is None and ids[4] is None  # planned before; a repeat in the batch
-        assert all(isinstance(i, int) for i in ids[:3]) and len(set(ids[:3])) == 3
-        rows = {d.relpath: d for d in [await j.get(i) for i in ids[:3]] if d is not None}
-        assert {n: (d.status, d.started) for n, d in rows.items()} == {
-            n: (Status.IN_PROGRESS, now) for n in names[:3]
-        }
-        await j.finish(
-            [
-                StepResult(ids[0], Status.SUCCEEDED, 1, location="/x/a.txt", started=now),
-                StepResult(ids[1], Status.FAILED, 1, reason='no "room"\n', error_type="E"),
-                StepResult(ids[2], Status.PENDING, 1, reason="busy", next_attempt=now + 9),
-            ]
-        )
-        a, b, c = [await j.get(i) for i in ids[:3]]
-        assert a is not None and b is not None and c is not None
-        assert (a.status, a.location, a.attempts, a.reason) == (
-            Status.SUCCEEDED,
-            "/x/a.txt",
-            1,
-            None,
-        )
-        assert a.finished is not None and a.duration_ms is not None
-        assert (b.status, b.reason, b.error_type) == (Status.FAILED, 'no "room"\n', "E")
-        assert (c.status, c.finished, c.next_attempt) == (Status.PENDING, None, now + 9)
-        assert await j.counts() == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 2}
+    await j.plan([step(versions[3])])  # known already: no new id for it
+    now = time.time()
+    ids = await j.plan_started([step(v) for v in versions] + [step(versions[0])], now)
+    assert ids[3] is None and ids[4] is None  # planned before; a repeat in the batch
+    assert all(isinstance(i, int) for i in ids[:3]) and len(set(ids[:3])) == 3
+    rows = {d.relpath: d for d in [await j.get(i) for i in ids[:3] if i] if d is not None}
+    assert {n: (d.status, d.started) for n, d in rows.items()} == {
+        n: (Status.IN_PROGRESS, now) for n in names[:3]
+    }
+    first, second, third = (i for i in ids[:3] if i is not None)
+    await j.finish(
+        [
+            StepResult(first, Status.SUCCEEDED, 1, location="/x/a.txt", started=now),
+            StepResult(second, Status.FAILED, 1, reason='no "room"\n', error_type="E"),
+            StepResult(third, Status.PENDING, 1, reason="busy", next_attempt=now + 9),
+        ]
+    )
+    a, b, c = [await j.get(i) for i in (first, second, third)]
+    assert a is not None and b is not None and c is not None
+    assert (a.status, a.location, a.attempts, a.reason) == (
+        Status.SUCCEEDED,
+        "/x/a.txt",
+        1,
+        None,
+    )
+    assert a.finished is not None and a.duration_ms is not None
+    assert (b.status, b.reason, b.error_type) == (Status.FAILED, 'no "room"\n', "E")
+    assert (c.status, c.finished, c.next_attempt) == (Status.PENDING, None, now + 9)
+    assert await j.counts() == {"SUCCEEDED": 1, "FAILED": 1, "PENDING": 2}
+
+
+async def test_rows_planned_in_progress_then_finished_in_one_write(
+    tmp_path: Path, database: Database
+) -> None:
+    async with open_journal(database) as j:
+        await _plan_started_then_finished(j, tmp_path)
+
+
+async def test_sqlite_without_json_batches_writes_the_same_rows(tmp_path: Path) -> None:
+    """The other way the SQLite writer sends a batch: executemany (SQLite before 3.38)."""
+    async with SqliteJournal.open(tmp_path / "j.db") as j:
+        assert j._bulk, "this SQLite has no ->>: the JSON path is not tested by the others"
+        j._bulk = False
+        await _plan_started_then_finished(j, tmp_path)
 
 
 async def test_an_outcome_with_undecodable_text_is_stored_without_failing_the_others(
-    tmp_path: Path,
+    tmp_path: Path, database: Database
 ) -> None:
     a = FileVersion("in", tmp_path, "a.txt", 1, 1)
     b = FileVersion("in", tmp_path, "b.txt", 1, 1)
-    async with Journal.open(tmp_path / "j.db") as j:
+    async with open_journal(database) as j:
         ids = await j.plan_started([step(a), step(b)], time.time())
         assert ids[0] is not None and ids[1] is not None
         odd = b"/out/caf\xe9.txt".decode("utf-8", "surrogateescape")  # a Latin-1 name
@@ -164,3 +196,131 @@ async def test_an_outcome_with_undecodable_text_is_stored_without_failing_the_ot
     assert first is not None and second is not None
     assert first.status == second.status == Status.SUCCEEDED
     assert first.location == "/out/caf\\xe9.txt"
+
+
+async def test_stat_numbers_past_2_63_come_back_exactly(tmp_path: Path, database: Database) -> None:
+    """mtime_ns after 2262, and inode and device numbers, are unsigned 64-bit."""
+    huge = 2**64 - 5
+    v = FileVersion("in", tmp_path, "far.txt", 3, huge, dev=huge - 1, ino=huge - 2, ctime_ns=huge)
+    async with open_journal(database) as j:
+        assert await j.plan([step(v)]) == 1
+        (group,) = await j.claim(10, time.time())
+        row = group[0]
+        assert (row.mtime_ns, row.dev, row.ino, row.ctime_ns) == (huge, huge - 1, huge - 2, huge)
+        assert row.version.key == v.key
+
+
+async def test_history_reads_answer_in_typed_rows(tmp_path: Path, database: Database) -> None:
+    """The reads the API, the command line and the console use, on both backends."""
+    a = FileVersion("in", tmp_path, "a_1%.txt", 10, 1)
+    b = FileVersion("in", tmp_path, "B.PDF", 20, 2)
+    async with open_journal(database) as j:
+        await j.plan([step(a), step(b), step(b, 1, "k1")])
+        groups = await j.claim(10, time.time())
+        ids = {d.relpath: d.id for g in groups for d in g if d.step == 0}
+        await j.finish(
+            [
+                StepResult(ids["a_1%.txt"], Status.SUCCEEDED, 1, started=time.time() - 0.2),
+                StepResult(ids["B.PDF"], Status.FAILED, 1, reason="boom"),
+            ]
+        )
+        async with j.reader() as r:
+            assert await r.counts() == {"SUCCEEDED": 1, "FAILED": 1, "IN_PROGRESS": 1}
+            assert await r.count_entries([Condition("filename", "contains", "1%")]) == 1
+            assert await r.count_entries([Condition("filename", "contains", "b.pd")]) == 2
+            keys = [SortKey("finished", True), SortKey("id", True)]
+            page = await r.page(PageQuery([], keys, 2))
+            assert [e.filename for e in page] == ["B.PDF", "a_1%.txt"]
+            nxt = await r.page(PageQuery([], keys, 2, after=page[-1].sort_values(keys)))
+            assert [(e.filename, e.finished) for e in nxt] == [("B.PDF", None)]
+            detail = await r.detail(ids["B.PDF"])
+            assert detail is not None and (detail.status, detail.reason) == ("FAILED", "boom")
+            assert await r.detail(10**9) is None
+            groups_ = await r.stats([], "week")
+            assert sum(g.count for g in groups_) == 3 and sum(g.bytes for g in groups_) == 50
+            outcomes = await r.outcomes(0, time.time() + 1, (100, 60_000))
+            ok = next(o for o in outcomes if o.status == "SUCCEEDED")
+            assert (ok.count, ok.bytes, ok.timed, ok.within[1]) == (1, 10, 1, 1)
+            waiting = await r.retry_waiting()
+            assert (waiting.count, waiting.first) == (0, None)
+            per_dest = {(d.destination, d.status): d.count for d in await r.by_destination()}
+            assert per_dest[("/dest/0", "SUCCEEDED")] == 1
+            assert [d.relpath for d in await r.recent(5, Status.FAILED)] == ["B.PDF"]
+            days = await r.day_tallies()
+            assert sum(d.succeeded for d in days) == 1 and sum(d.waiting for d in days) == 1
+            assert [p.relpath for p in await r.recorded_paths("B.PDF", "/nowhere")] == ["B.PDF"]
+            assert await r.first_failures() == [ids["B.PDF"]]
+            assert await r.first_failures("a_1%.txt", None) == []
+            await r.ping()
+
+
+async def test_postgres_claims_skip_rows_another_transaction_holds(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """FOR UPDATE SKIP LOCKED: a row another claim holds is passed over, not waited for."""
+    import psycopg
+
+    target = PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)
+    a = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    b = FileVersion("in", tmp_path, "b.txt", 1, 1)
+    async with open_journal(target) as j:
+        await j.plan([step(a), step(b)])
+        other = await psycopg.AsyncConnection.connect(pg_url, password=pgcluster.PASSWORD)
+        try:
+            await other.execute(
+                "SELECT id FROM dispatches WHERE relpath='a.txt' FOR UPDATE"
+            )  # holds a.txt's row until it ends
+            groups = await j.claim(10, time.time())
+            assert [[d.relpath for d in g] for g in groups] == [["b.txt"]]
+        finally:
+            await other.rollback()
+            await other.close()
+        assert [[d.relpath for d in g] for g in await j.claim(10, time.time())] == [["a.txt"]]
+
+
+async def test_postgres_newer_schema_is_refused_and_the_password_is_never_shown(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    target = PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)
+    async with open_journal(target):
+        pass
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM filedispatch_schema").fetchone() == (1,)
+        conn.execute("UPDATE filedispatch_schema SET version = 99")
+    with pytest.raises(JournalError, match="newer than this filedispatch"):
+        async with open_journal(target):
+            pass
+    monkeypatch.setenv(pgcluster.PASSWORD_ENV, "wrong-password-5d1")
+    with pytest.raises(JournalUnavailableError) as caught:
+        async with open_journal(target):
+            pass
+    assert "password authentication failed" in str(caught.value)
+    assert "wrong-password-5d1" not in str(caught.value)
+    assert pg_url in str(caught.value)
+
+
+async def test_postgres_going_away_holds_writes_until_it_is_back(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    """The server stops: writes are held (health failing, writable cleared), not lost or
+    raised; once it is back they are committed and the health is ok again."""
+    target = PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)
+    a = FileVersion("in", tmp_path, "a.txt", 1, 1)
+    async with open_journal(target) as j:
+        await j.plan([step(a)])
+        pg_cluster.stop()
+        try:
+            pending = asyncio.ensure_future(j.plan([step(a, 1, "k1")]))
+            deadline = time.monotonic() + 60
+            while j.health.ok and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert j.health.state == JournalState.FAILING and not j.writable.is_set()
+            assert "cannot take writes" in (j.health.error or "")
+            assert not pending.done()
+        finally:
+            pg_cluster.start()
+        assert await asyncio.wait_for(pending, 120) == 1
+        assert j.health.ok and j.writable.is_set()
+        assert await j.counts() == {"PENDING": 2}

@@ -23,7 +23,7 @@ from ..errors import ServiceError
 from ..journal import Journal
 from .guard import HostNames, auth_guard, host_guard, hosts_key, write_guard
 from .metrics import Outcomes, outcomes_key
-from .state import Reader, ServiceLink, journal_key, link_key, reader_key, token_key
+from .state import ServiceLink, journal_key, link_key, reader_key, token_key
 from .views import error_middleware, json_error, setup_routes
 
 __all__ = ["ServiceLink", "create_app", "resolve_token", "serve"]
@@ -73,7 +73,7 @@ def create_app(
     app[outcomes_key] = Outcomes()
 
     async def open_reader(app: web.Application) -> AsyncIterator[None]:
-        async with Reader.open(journal.path, readers) as reader:
+        async with journal.reader(readers) as reader:
             app[reader_key] = reader
             yield
 

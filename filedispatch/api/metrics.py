@@ -16,21 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
+from ..journal import JournalReader
 from .queries import redact_text
-from .state import Reader
 
 #: histogram buckets of delivery durations, in milliseconds
 BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000, 300_000)
 #: a finish is counted once it is this old, so a commit still in flight is never skipped
 LAG_S = 2.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-_TAIL_SQL = (
-    "SELECT destination, status, COUNT(*), TOTAL(size), COUNT(duration_ms), "
-    "TOTAL(duration_ms), "
-    + ", ".join(f"TOTAL(duration_ms <= {b})" for b in BUCKETS_MS)
-    + " FROM dispatches WHERE finished > ? AND finished <= ? GROUP BY destination, status"
-)
 
 
 @dataclass
@@ -55,21 +48,20 @@ class Outcomes:
         self.durations: dict[str, _Histogram] = defaultdict(_Histogram)
         self._lock = asyncio.Lock()
 
-    async def catch_up(self, reader: Reader, now: float) -> None:
+    async def catch_up(self, reader: JournalReader, now: float) -> None:
         async with self._lock:
             upto = now - LAG_S
             if upto <= self.mark:
                 return
-            rows = await reader.fetch(_TAIL_SQL, (self.mark, upto))
-            for dest, status, n, size, timed, total_ms, *cumulative in rows:
-                dest = redact_text(dest)
-                tally = self.tallies[(dest, status)]
-                tally.count += n
-                tally.bytes += int(size)
+            for row in await reader.outcomes(self.mark, upto, BUCKETS_MS):
+                dest = redact_text(row.destination)
+                tally = self.tallies[(dest, row.status)]
+                tally.count += row.count
+                tally.bytes += row.bytes
                 hist = self.durations[dest]
-                hist.count += timed
-                hist.total_ms += total_ms
-                hist.buckets = [a + int(b) for a, b in zip(hist.buckets, cumulative, strict=True)]
+                hist.count += row.timed
+                hist.total_ms += row.total_ms
+                hist.buckets = [a + b for a, b in zip(hist.buckets, row.within, strict=True)]
             self.mark = upto
 
 

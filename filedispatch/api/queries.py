@@ -1,7 +1,9 @@
-"""History queries for the API: query-string parameters -> validated values -> SQL and JSON.
+"""History queries for the API: query-string parameters -> validated journal queries, and
+the journal's typed rows -> JSON.
 
-Every SQL text here is assembled only from the whitelists below; every value is a bound
-parameter. A bad parameter raises ``BadParameter`` naming it (the views answer 400).
+No SQL here: a filter names a journal column (from the whitelists below) and a value, and the
+journal builds the statement. A bad parameter raises ``BadParameter`` naming it (the views
+answer 400).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any, Literal, cast
 
 from multidict import MultiMapping
 
+from ..journal import Column, Condition, Detail, Entry, PageQuery, SortKey, StatsGroup
 from ..models import Status
-from ..reporting import PERIODS, Period, day_sql, human_size, period_label, period_start
+from ..reporting import PERIODS, Period, human_size, period_label, period_start
 
 UTC = dt.UTC
 DAY = 86400.0
@@ -52,7 +55,7 @@ class Param:
     name: str
     kind: Kind
     description: str
-    column: str = ""  #: the journal column a filter applies to
+    column: Column = "id"  #: the journal column a filter applies to
     op: str = "="  #: for int and time filters: "=", ">=" or "<="
     choices: tuple[str, ...] = ()
 
@@ -115,15 +118,15 @@ def _filters() -> tuple[Param, ...]:
 
 FILTERS: tuple[Param, ...] = _filters()
 
-#: ordering field -> the SQL expression it sorts by (NULLs sort as -1 so cursors stay exact)
-SORT_FIELDS: dict[str, str] = {
+#: ordering field -> the journal column it sorts by (NULLs sort as -1 so cursors stay exact)
+SORT_FIELDS: dict[str, Column] = {
     "created": "created",
-    "finished": "IFNULL(finished, -1)",
+    "finished": "finished",
     "byte_size": "size",
     "filename": "filename",
     "id": "id",
     "status": "status",
-    "duration_ms": "IFNULL(duration_ms, -1)",
+    "duration_ms": "duration_ms",
     "attempts": "attempts",
     "destination": "destination",
     "source": "source",
@@ -149,13 +152,6 @@ STATS_PARAMS: tuple[Param, ...] = (
     Param("period", "enum", "Bucket size (default day).", choices=PERIODS),
     *FILTERS,
 )
-
-ENTRY_SQL = (
-    "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256, mtime_ns"
-)
-DETAIL_SQL = ENTRY_SQL + ", relpath, step, location, detail, error_type, started, next_attempt"
-
 
 # --------------------------------------------------------------------------- values
 
@@ -222,9 +218,6 @@ def parse_time(name: str, text: str) -> tuple[float, bool]:
         raise BadParameter(name, f"{text[:40]!r} is out of range") from None
 
 
-Condition = tuple[str, Any]  # "column op ?" and the value bound to it
-
-
 def choice(name: str, text: str, choices: Sequence[str]) -> str:
     """The one of ``choices`` that ``text`` names, in any case (``failed`` is ``FAILED``)."""
     for c in choices:
@@ -234,47 +227,37 @@ def choice(name: str, text: str, choices: Sequence[str]) -> str:
 
 
 def _filter_conditions(p: Param, text: str) -> list[Condition]:
+    col = p.column
     if p.kind == "enum":
-        return [(f"{p.column} = ?", choice(p.name, text, p.choices))]
+        return [Condition(col, "=", choice(p.name, text, p.choices))]
     if p.kind == "text":
         value = text.lower().lstrip(".") if p.name == "extension" else text
-        return [(f"{p.column} = ?", value)]
+        return [Condition(col, "=", value)]
     if p.kind == "like":
-        escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        return [(f"{p.column} LIKE ? ESCAPE '\\'", f"%{escaped}%")]
+        return [Condition(col, "contains", text)]
     if p.kind == "int":
-        return [(f"{p.column} {p.op} ?", parse_int(p.name, text))]
+        return [
+            Condition(
+                col,
+                ">=" if p.op == ">=" else "<=" if p.op == "<=" else "=",
+                parse_int(p.name, text),
+            )
+        ]
     if p.kind == "time":
         start, is_date = parse_time(p.name, text)
         width = DAY if is_date else 1.0
         if p.op == "=":
             start = start if is_date else math.floor(start)
-            return [(f"{p.column} >= ?", start), (f"{p.column} < ?", start + width)]
+            return [Condition(col, ">=", start), Condition(col, "<", start + width)]
         if p.op == ">=":
-            return [(f"{p.column} >= ?", start)]
+            return [Condition(col, ">=", start)]
         if is_date:  # on or before that day: the whole day counts
-            return [(f"{p.column} < ?", start + DAY)]
-        return [(f"{p.column} <= ?", start)]
+            return [Condition(col, "<", start + DAY)]
+        return [Condition(col, "<=", start)]
     raise AssertionError(p.kind)  # pragma: no cover
 
 
-def _where(conditions: Sequence[Condition]) -> tuple[str, list[Any]]:
-    if not conditions:
-        return "", []
-    return " WHERE " + " AND ".join(c for c, _ in conditions), [v for _, v in conditions]
-
-
 # --------------------------------------------------------------------------- /logs
-
-
-@dataclass(frozen=True, slots=True)
-class SortKey:
-    name: str
-    desc: bool
-
-    @property
-    def expr(self) -> str:
-        return SORT_FIELDS[self.name]
 
 
 @dataclass(slots=True)
@@ -289,42 +272,13 @@ class LogQuery:
     after: list[Any] | None = None  #: the sort values of the last row of the previous page
     given: dict[str, str] = field(default_factory=dict)  #: the parameters as given
 
-    def count_sql(self) -> tuple[str, list[Any]]:
-        where, params = _where(self.conditions)
-        return f"SELECT COUNT(*) FROM dispatches{where}", params
+    def page(self) -> PageQuery:
+        """The page to read (one row more than ``limit`` tells whether a next page exists)."""
+        return PageQuery(self.conditions, self.keys, self.limit + 1, self.offset, self.after)
 
-    def page_sql(self) -> tuple[str, list[Any]]:
-        """Rows of the page (one more than ``limit`` tells whether a next page exists)."""
-        where, values = _where(self.conditions)
-        if self.after is not None:
-            seek, seek_values = self._seek()
-            where = f"{where} AND {seek}" if where else f" WHERE {seek}"
-            values += seek_values
-        order = ", ".join(f"{k.expr} {'DESC' if k.desc else 'ASC'}" for k in self.keys)
-        extra = ", ".join(k.expr for k in self.keys)
-        sql = (
-            f"SELECT {ENTRY_SQL}, {extra} FROM dispatches{where} ORDER BY {order} LIMIT ? OFFSET ?"
-        )
-        return sql, [*values, self.limit + 1, self.offset]
-
-    def _seek(self) -> tuple[str, list[Any]]:
-        """Rows strictly after ``after`` in the sort order (keyset pagination)."""
-        assert self.after is not None
-        keys, after = self.keys, self.after
-        if all(k.desc == keys[0].desc for k in keys):
-            cols = ", ".join(k.expr for k in keys)
-            marks = ", ".join("?" * len(keys))
-            return f"({cols}) {'<' if keys[0].desc else '>'} ({marks})", list(after)
-        parts, params = [], []
-        for i, k in enumerate(keys):
-            eq = [f"{p.expr} = ?" for p in keys[:i]]
-            parts.append("(" + " AND ".join([*eq, f"{k.expr} {'<' if k.desc else '>'} ?"]) + ")")
-            params += [*after[:i], after[i]]
-        return "(" + " OR ".join(parts) + ")", params
-
-    def cursor_after(self, row: Sequence[Any]) -> str:
-        """The cursor for the page after the one ending with ``row`` (a page_sql row)."""
-        values = list(row[-len(self.keys) :])
+    def cursor_after(self, row: Entry) -> str:
+        """The cursor for the page after the one ending with ``row``."""
+        values = row.sort_values(self.keys)
         raw = json.dumps([self.ordering, values], separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -339,14 +293,15 @@ def parse_ordering(text: str) -> list[SortKey]:
             raise BadParameter(
                 "ordering", f"{part[:40]!r} is not a sort field; use {', '.join(SORT_FIELDS)}"
             )
-        if any(k.name == name for k in keys):
+        column = SORT_FIELDS[name]
+        if any(k.column == column for k in keys):
             continue
-        keys.append(SortKey(name, desc))
-        if name == "id":
+        keys.append(SortKey(column, desc))
+        if column == "id":
             break
     if len(keys) > 4:
         raise BadParameter("ordering", "at most 4 fields")
-    if keys[-1].name != "id":  # a unique last key makes the order total, so pages never overlap
+    if keys[-1].column != "id":  # a unique last key makes the order total, so pages never overlap
         keys.append(SortKey("id", keys[-1].desc))
     return keys
 
@@ -363,7 +318,7 @@ def _decode_cursor(text: str, ordering: str, keys: list[SortKey]) -> list[Any]:
     if not isinstance(values, list) or len(values) != len(keys):
         raise bad
     for k, v in zip(keys, values, strict=True):
-        if k.name in _TEXT_SORT:
+        if k.column in _TEXT_SORT:
             ok = isinstance(v, str)
         else:
             ok = isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 2**62
@@ -397,17 +352,6 @@ def parse_log_query(query: MultiMapping[str]) -> LogQuery:
 # --------------------------------------------------------------------------- /stats
 
 
-_DAY_SQL = day_sql("created")
-#: the period a row falls in, as a day number (UTC): the day itself, its Monday (1970-01-01
-#: was a Thursday); months are grouped by day here and folded by ``period_start``, which costs
-#: less than SQLite's strftime() on every row
-_BUCKET_SQL: dict[str, str] = {
-    "day": _DAY_SQL,
-    "week": f"{_DAY_SQL} - ({_DAY_SQL} + 3) % 7",
-    "month": _DAY_SQL,
-}
-
-
 @dataclass(slots=True)
 class StatsQuery:
     """A validated ``GET /api/v1/stats``."""
@@ -416,17 +360,10 @@ class StatsQuery:
     conditions: list[Condition]
     since: float | None  #: the window start when no ``created`` filter was given
 
-    def sql(self) -> tuple[str, list[Any]]:
-        conditions = list(self.conditions)
-        if self.since is not None:
-            conditions.append(("created >= ?", self.since))
-        where, params = _where(conditions)
-        return (
-            f"SELECT {_BUCKET_SQL[self.period]} AS bucket, status, destination, extension, "
-            f"COUNT(*), TOTAL(size) FROM dispatches{where} "
-            "GROUP BY bucket, status, destination, extension",
-            params,
-        )
+    def filters(self) -> list[Condition]:
+        """The conditions the journal applies, the default window included."""
+        window = [Condition("created", ">=", self.since)] if self.since is not None else []
+        return [*self.conditions, *window]
 
 
 def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
@@ -465,12 +402,13 @@ def _add(group: dict[str, Any], status: str, dest: str, ext: str, n: int, size: 
         t["bytes"] += size
 
 
-def rollup(rows: Iterable[Sequence[Any]], period: Period) -> dict[str, Any]:
-    """Groups from ``StatsQuery.sql`` -> per-period buckets and totals."""
+def rollup(rows: Iterable[StatsGroup], period: Period) -> dict[str, Any]:
+    """The journal's stats groups -> per-period buckets and totals."""
     buckets: dict[dt.date, dict[str, Any]] = {}
     totals = _group()
-    for day, status, dest, ext, n, size in rows:
-        start = period_start(int(day), period)
+    for row in rows:
+        status, ext, n, size = row.status, row.extension, row.count, row.bytes
+        start = period_start(row.day, period)
         group = buckets.get(start)
         if group is None:
             group = buckets[start] = {
@@ -478,9 +416,9 @@ def rollup(rows: Iterable[Sequence[Any]], period: Period) -> dict[str, Any]:
                 "label": period_label(start, period),
                 **_group(),
             }
-        dest = redact_text(dest)
-        _add(group, status, dest, ext, int(n), int(size))
-        _add(totals, status, dest, ext, int(n), int(size))
+        dest = redact_text(row.destination)
+        _add(group, status, dest, ext, n, size)
+        _add(totals, status, dest, ext, n, size)
     return {"results": [buckets[k] for k in sorted(buckets)], "totals": totals}
 
 
@@ -507,61 +445,43 @@ def iso(ts: float | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def entry(row: Sequence[Any]) -> dict[str, Any]:
-    """One ``ENTRY_SQL`` row as the API shows it."""
-    (
-        id_,
-        created,
-        finished,
-        filename,
-        source,
-        destination,
-        extension,
-        protocol,
-        rule,
-        status,
-        attempts,
-        size,
-        duration_ms,
-        reason,
-        sha256,
-        mtime_ns,
-    ) = row[:16]
+def entry(row: Entry) -> dict[str, Any]:
+    """One history row as the API shows it."""
     return {
-        "id": id_,
-        "created": iso(created),
-        "finished": iso(finished),
-        "created_ts": created,
-        "finished_ts": finished,
-        "filename": filename,
-        "source": source,
-        "destination": redact_text(destination),
-        "extension": extension,
-        "protocol": protocol,
-        "rule": rule,
-        "status": status,
-        "attempts": attempts,
-        "byte_size": size,
-        "size": human_size(size),
-        "duration_ms": duration_ms,
-        "reason": _redacted(reason),
-        "sha256": sha256,
-        "mtime": iso(mtime_ns / 1e9),
-        "mtime_ns": mtime_ns,
+        "id": row.id,
+        "created": iso(row.created),
+        "finished": iso(row.finished),
+        "created_ts": row.created,
+        "finished_ts": row.finished,
+        "filename": row.filename,
+        "source": row.source,
+        "destination": redact_text(row.destination),
+        "extension": row.extension,
+        "protocol": row.protocol,
+        "rule": row.rule,
+        "status": row.status,
+        "attempts": row.attempts,
+        "byte_size": row.size,
+        "size": human_size(row.size),
+        "duration_ms": row.duration_ms,
+        "reason": _redacted(row.reason),
+        "sha256": row.sha256,
+        "mtime": iso(row.mtime_ns / 1e9),
+        "mtime_ns": row.mtime_ns,
     }
 
 
-def detail(row: Sequence[Any]) -> dict[str, Any]:
-    """One ``DETAIL_SQL`` row: the entry and what the detail view adds."""
-    relpath, step, location, note, error_type, started, next_attempt = row[16:23]
+def detail(row: Detail) -> dict[str, Any]:
+    """One row as the detail view shows it: the entry and what the detail view adds."""
+    waiting = row.next_attempt and row.status == Status.PENDING
     return {
         **entry(row),
-        "relpath": relpath,
-        "step": step,
-        "location": _redacted(location),
-        "detail": _redacted(note),
-        "error_type": error_type,
-        "started": iso(started),
-        "started_ts": started,
-        "next_attempt": iso(next_attempt) if next_attempt and row[9] == "PENDING" else None,
+        "relpath": row.relpath,
+        "step": row.step,
+        "location": _redacted(row.location),
+        "detail": _redacted(row.detail),
+        "error_type": row.error_type,
+        "started": iso(row.started),
+        "started_ts": row.started,
+        "next_attempt": iso(row.next_attempt) if waiting else None,
     }

@@ -1,7 +1,8 @@
 """The HTTP handlers and the error middleware: requests in, JSON (or metrics text) out.
 
-Handlers validate with ``queries``, read through the app's ``Reader`` and write only through
-the journal's retry and forget. Every error leaves as JSON ``{"error", "detail"}``.
+Handlers validate with ``queries``, read typed rows through the app's own journal reader and
+write only through the journal's retry and forget. Every error leaves as JSON
+``{"error", "detail"}``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import JournalError
+from ..journal import Detail
+from ..models import Status
 from . import metrics, queries
 from .queries import BadParameter, parse_int
 from .schema import openapi
@@ -63,11 +66,8 @@ def _id(request: web.Request) -> int:
     return parse_int("id", request.match_info["id"], 1)
 
 
-async def _detail_row(request: web.Request, dispatch_id: int) -> list[Any] | None:
-    rows = await request.app[reader_key].fetch(
-        f"SELECT {queries.DETAIL_SQL} FROM dispatches WHERE id = ?", (dispatch_id,)
-    )
-    return list(rows[0]) if rows else None
+async def _detail_row(request: web.Request, dispatch_id: int) -> Detail | None:
+    return await request.app[reader_key].detail(dispatch_id)
 
 
 def _not_found(dispatch_id: int) -> web.Response:
@@ -80,7 +80,7 @@ def _not_found(dispatch_id: int) -> web.Response:
 async def list_logs(request: web.Request) -> web.Response:
     q = queries.parse_log_query(request.query)
     reader = request.app[reader_key]
-    counted, rows = await asyncio.gather(reader.fetch(*q.count_sql()), reader.fetch(*q.page_sql()))
+    counted, rows = await asyncio.gather(reader.count_entries(q.conditions), reader.page(q.page()))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     next_url = None
@@ -89,7 +89,7 @@ async def list_logs(request: web.Request) -> web.Response:
         params["cursor"] = q.cursor_after(rows[-1])
         next_url = str(request.url.with_query(params))
     return web.json_response(
-        {"count": counted[0][0], "results": [queries.entry(r) for r in rows], "next": next_url}
+        {"count": counted, "results": [queries.entry(r) for r in rows], "next": next_url}
     )
 
 
@@ -106,11 +106,11 @@ async def retry_log(request: web.Request) -> web.Response:
     row = await _detail_row(request, dispatch_id)
     if row is None:
         return _not_found(dispatch_id)
-    if row[9] != "FAILED":
+    if row.status != Status.FAILED:
         return json_error(
             409,
             "not failed",
-            f"dispatch {dispatch_id} is {row[9]}; only a FAILED dispatch can be retried",
+            f"dispatch {dispatch_id} is {row.status}; only a FAILED dispatch can be retried",
         )
     link = request.app[link_key]
     if link.retry is not None:  # the file may need bringing back from failed_dir first
@@ -130,7 +130,7 @@ async def delete_log(request: web.Request) -> web.Response:
     row = await _detail_row(request, dispatch_id)
     if row is None:
         return _not_found(dispatch_id)
-    if row[9] == "IN_PROGRESS" or not await request.app[journal_key].forget(dispatch_id):
+    if row.status == Status.IN_PROGRESS or not await request.app[journal_key].forget(dispatch_id):
         return json_error(
             409, "in progress", f"dispatch {dispatch_id} is being delivered; try again later"
         )
@@ -140,7 +140,7 @@ async def delete_log(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     q = queries.parse_stats_query(request.query, time.time())
-    rows = await request.app[reader_key].fetch(*q.sql())
+    rows = await request.app[reader_key].stats(q.filters(), q.period)
     since = queries.iso(q.since) if q.since is not None else None
     return web.json_response({"period": q.period, "since": since, **queries.rollup(rows, q.period)})
 
@@ -149,21 +149,15 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def _counts(request: web.Request) -> dict[str, int]:
-    rows = await request.app[reader_key].fetch(
-        "SELECT status, COUNT(*) FROM dispatches GROUP BY status"
-    )
-    found = {str(s): int(n) for s, n in rows}
+    found = await request.app[reader_key].counts()
     return {s: found.get(s, 0) for s in ("PENDING", "IN_PROGRESS", "SUCCEEDED", "FAILED")}
 
 
 async def _retry_waiting(request: web.Request) -> dict[str, Any]:
     """Dispatches that failed at least once and wait for their next attempt: how many, and
     when the first of them is due (ISO 8601 UTC; null when none waits)."""
-    rows = await request.app[reader_key].fetch(
-        "SELECT COUNT(*), MIN(next_attempt) FROM dispatches WHERE status='PENDING' AND attempts > 0"
-    )
-    count, first = rows[0] if rows else (0, None)
-    return {"count": int(count or 0), "next_attempt": queries.iso(first) if count else None}
+    waiting = await request.app[reader_key].retry_waiting()
+    return {"count": waiting.count, "next_attempt": queries.iso(waiting.first)}
 
 
 def _scrubbed(value: Any) -> Any:
@@ -217,7 +211,7 @@ async def health(request: web.Request) -> web.Response:
             status=503,
         )
     try:
-        await request.app[reader_key].fetch("SELECT 1 FROM dispatches LIMIT 1")
+        await request.app[reader_key].ping()
     except JournalError as exc:
         return web.json_response({**body, "status": "unavailable", "detail": str(exc)}, status=503)
     return web.json_response(body)

@@ -1,4 +1,4 @@
-"""The journal: one SQLite row per (file version, destination step); the plan, backlog and history.
+"""The SQLite journal: one row per (file version, destination step); the plan, backlog and history.
 
 All writes go through one writer that commits many callers' changes in one transaction (group
 commit), run whole on its own thread in one hop: driving a transaction statement by statement
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import queue
 import sqlite3
@@ -25,68 +24,36 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
-from .errors import JournalError, JournalUnavailableError
-from .models import Dispatch, FileVersion, Status
+from ..errors import JournalError, JournalUnavailableError
+from ..models import Dispatch, FileVersion
+from .base import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    HealthReport,
+    JournalHealth,
+    JournalState,
+    PlannedStep,
+    StepResult,
+    finish_params,
+    log,
+    next_health,
+    resolve,
+)
+from .base import stored_text as _text
+from .reads import COLUMNS, SqlReads, claimed_groups
 
-if TYPE_CHECKING:
-    from .router import Chain
-
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: a write: a function run on the writer thread inside the group transaction
 Op = Callable[[sqlite3.Connection], T]
 
 
-#: the writer retries a refused batch after this many seconds, doubling up to RETRY_MAX_S
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
 #: how often an idle writer checks that the path still names the open journal
 IDENTITY_EVERY_S = 2.0
-
-
-class JournalState(StrEnum):
-    """Whether the journal can take writes now."""
-
-    #: writes are committed
-    OK = "ok"
-    #: writes are refused (disk full, I/O error, read-only, locked too long): held and retried
-    FAILING = "failing"
-    #: the journal's path now names another file: writes are held until the old one is back
-    REPLACED = "replaced"
-    #: the journal's path names no file any more: writes are held until it is back
-    REMOVED = "removed"
-
-
-@dataclass(frozen=True, slots=True)
-class JournalHealth:
-    """The journal's state for the status API, /health and the console.
-
-    ``error`` is one line saying what is wrong and what to do; ``since`` (epoch seconds) is
-    when writes began to be held; ``retries`` counts the attempts since then.
-    """
-
-    state: JournalState = JournalState.OK
-    error: str | None = None
-    since: float | None = None
-    retries: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.state == JournalState.OK
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "error": self.error,
-            "since": self.since,
-            "retries": self.retries,
-        }
 
 
 class _Held(Exception):  # never reaches a caller: the batch is held
@@ -141,12 +108,6 @@ class Rows:
     params: list[tuple[Any, ...]]
     bulk: str | None = None
 
-
-COLUMNS = (
-    "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
-    "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output, dev, ino, ctime_ns, sha256"
-)
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -286,50 +247,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def default_path() -> Path:
-    """The journal's place when neither --db nor ``database:`` names one."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(state) / "filedispatch" / "journal.db"
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedStep:
-    """One row to plan: a step of a chain for a file version."""
-
-    version: FileVersion
-    rule: str
-    step: int
-    step_key: str
-    destination: str
-    protocol: str
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """What the dispatcher reports for one row after an attempt."""
-
-    id: int
-    status: Status
-    attempts: int
-    reason: str | None = None
-    error_type: str | None = None
-    location: str | None = None
-    detail: str | None = None
-    started: float | None = None
-    next_attempt: float = 0.0
-    output: str | None = None
-    sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
-
-
-def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
-    """The rows that plan a routed file version: one per step of each chain."""
-    return [
-        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
-        for chain in chains
-        for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
-    ]
-
-
 #: new rows, one parameter tuple each (``_plan_params``)
 _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
@@ -387,11 +304,6 @@ def _int64(value: int) -> int | bytes:
     return value if value in _INT64 else str(value).encode()
 
 
-def number(value: int | float | bytes | None) -> int | None:
-    """A stored stat number as the int it was (see ``_int64``)."""
-    return int(value) if value is not None else None
-
-
 def _json(params: list[tuple[Any, ...]]) -> str | None:
     """The rows as one JSON array; None when a row holds a BLOB-kept number (JSON has none)."""
     try:
@@ -405,44 +317,54 @@ def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
     return len({p[-1] for p in params}) == len(params)
 
 
-def _opt_text(value: str | None) -> str | None:
-    """Outcome text may hold a name's undecodable bytes (a callable's answer, a path): one such
-    string must not fail the whole group commit it is part of."""
-    return None if value is None else _text(value)
+class SqliteReader(SqlReads):
+    """A small pool of read-only connections to the journal file (the web app's, the command
+    line's): a slow history query never waits behind, or holds up, the dispatcher's reads."""
+
+    def __init__(self, conns: Sequence[aiosqlite.Connection]) -> None:
+        self._free: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        for conn in conns:
+            self._free.put_nowait(conn)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, path: Path, size: int = 2) -> AsyncIterator[SqliteReader]:
+        """Raises JournalError when the file is missing or is not a journal."""
+        conns: list[aiosqlite.Connection] = []
+        try:
+            for _ in range(size):
+                conn = await aiosqlite.connect(f"{path.as_uri()}?mode=ro", uri=True)
+                conns.append(conn)
+                await conn.execute("PRAGMA busy_timeout = 10000")
+                await conn.execute("PRAGMA query_only = 1")
+            await conns[0].execute("SELECT 1 FROM dispatches LIMIT 1")
+        except sqlite3.Error as exc:
+            for conn in conns:
+                await conn.close()
+            raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+        try:
+            yield cls(conns)
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        conn = await self._free.get()
+        try:
+            async with conn.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal read failed: {exc}") from exc
+        finally:
+            self._free.put_nowait(conn)
 
 
-def _resolve(futures: list[asyncio.Future[Any]], results: list[Any]) -> None:
-    """On the loop: hand each caller its result (an exception is raised to that caller)."""
-    for fut, res in zip(futures, results, strict=True):
-        if fut.done():
-            continue
-        if isinstance(res, BaseException):
-            fut.set_exception(res)
-        else:
-            fut.set_result(res)
+def _nothing(conn: sqlite3.Connection) -> None:
+    """A write that changes nothing: committed after everything queued before it."""
 
 
-def _row(r: Sequence[Any]) -> Dispatch:
-    values = list(r)
-    values[10] = Status(values[10])
-    values[5] = number(values[5])  # mtime_ns, dev, ino, ctime_ns: see _int64
-    values[22:25] = map(number, values[22:25])
-    return Dispatch(*values)
-
-
-def _text(value: str) -> str:
-    """Names that are not valid UTF-8 are stored with their odd bytes escaped."""
-    if value.isascii():
-        return value
-    try:
-        value.encode("utf-8")
-        return value
-    except UnicodeEncodeError:
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-class Journal:
-    """The journal database; open it with ``async with Journal.open(path) as journal``."""
+class SqliteJournal(SqlReads, HealthReport):
+    """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
     def __init__(
         self,
@@ -451,6 +373,7 @@ class Journal:
         writer: sqlite3.Connection,
         reader: aiosqlite.Connection,
     ) -> None:
+        HealthReport.__init__(self)
         self.path = path
         self._executor = executor
         self._w = writer  # used only on the executor's single thread
@@ -469,19 +392,14 @@ class Journal:
         #: set: a write the journal refuses fails at once instead of being held (stopping)
         self._give_up = threading.Event()
         self._held: JournalHealth = JournalHealth()  # the writer thread's view
-        self.health = JournalHealth()  #: the loop's view, for status and /health
-        #: set while writes are committed; cleared while they are held (see ``health``)
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self._listeners: list[Callable[[JournalHealth], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, path: str | os.PathLike[str], *, hold: bool = True
-    ) -> AsyncIterator[Journal]:
+        cls, path: str | os.PathLike[str], /, *, hold: bool = True
+    ) -> AsyncIterator[SqliteJournal]:
         """Open (create, migrate) the journal; raises JournalError with one line saying why
         not and what to do, JournalUnavailableError when waiting may help (a full disk).
 
@@ -546,6 +464,14 @@ class Journal:
             await self._loop.run_in_executor(self._executor, self._w.close)
         self._executor.shutdown(wait=finished)
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def reader(self, size: int = 2) -> contextlib.AbstractAsyncContextManager[SqliteReader]:
+        """A pool of ``size`` read-only connections of their own (the web app's)."""
+        return SqliteReader.open(self.path, size)
+
     # ------------------------------------------------------------------ the writer
 
     def _writer(self) -> None:
@@ -577,7 +503,7 @@ class Journal:
                 log.error("journal write failed: %s", exc)
                 results = [JournalError(f"journal write failed: {exc}")] * len(batch)
             try:
-                self._loop.call_soon_threadsafe(_resolve, [fut for _, fut in batch], results)
+                self._loop.call_soon_threadsafe(resolve, [fut for _, fut in batch], results)
             except RuntimeError:  # the loop is gone: nobody is waiting any more
                 return
             if stop:
@@ -649,45 +575,10 @@ class Journal:
 
     def _report(self, state: JournalState, error: str | None) -> None:
         """On the writer thread: record an attempt's outcome, log a change once, tell the loop."""
-        before = self._held
-        if state == JournalState.OK:
-            now = JournalHealth()
-            waited = time.time() - (before.since or time.time())
-            log.warning(
-                "the journal %s takes writes again after %.0fs: intake and delivery resume",
-                self.path,
-                waited,
-            )
-        else:
-            now = JournalHealth(
-                state,
-                error,
-                before.since if not before.ok else time.time(),
-                before.retries + (0 if before.ok else 1),
-            )
-            if (before.state, before.error) != (state, error) and not self._give_up.is_set():
-                log.error(
-                    "%s; intake and delivery are paused until the journal takes writes again "
-                    "(retried every %g s at most)",
-                    error,
-                    RETRY_MAX_S,
-                )
+        now = next_health(self._held, state, error, str(self.path), self._give_up.is_set())
         self._held = now
         with contextlib.suppress(RuntimeError):  # the loop is gone
             self._loop.call_soon_threadsafe(self._set_health, now)
-
-    def _set_health(self, health: JournalHealth) -> None:
-        self.health = health
-        if health.ok:
-            self.writable.set()
-        else:
-            self.writable.clear()
-        for listener in self._listeners:
-            listener(health)
-
-    def on_health(self, listener: Callable[[JournalHealth], None]) -> None:
-        """Call ``listener(health)`` on the loop whenever the journal's health changes."""
-        self._listeners.append(listener)
 
     def stop_retrying(self) -> None:
         """From now on a write the journal refuses fails at once (``JournalError``) rather than
@@ -742,6 +633,10 @@ class Journal:
         """Run ``op`` inside the next group commit and return its result once committed."""
         result: T = await self._enqueue(op)
         return result
+
+    async def flush(self) -> None:
+        """Return once every write queued before this call is committed."""
+        await self.write(_nothing)
 
     def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
         if self._thread is None or self._thread.done():
@@ -855,21 +750,9 @@ class Journal:
                 "AND status='PENDING' AND next_attempt <= ?",
                 (now, *vkeys, now),
             )
-            groups: dict[str, list[Dispatch]] = {v: [] for v in vkeys}
-            for r in rows:
-                d = _row(r[2:])
-                d.step_key = r[1]
-                if d.status == Status.PENDING and d.next_attempt <= now:
-                    d.status = Status.IN_PROGRESS  # ``started`` still tells of earlier claims
-                groups[r[0]].append(d)
-            return list(groups.values())
+            return claimed_groups(vkeys, rows, now)
 
         return await self.write(op)
-
-    async def next_due(self) -> float | None:
-        """When the earliest waiting retry becomes due (None when nothing is pending)."""
-        rows = await self.read("SELECT MIN(next_attempt) FROM dispatches WHERE status='PENDING'")
-        return rows[0][0] if rows and rows[0][0] is not None else None
 
     async def finish(self, results: Sequence[StepResult], now: float | None = None) -> None:
         """Record outcomes: SUCCEEDED/FAILED are final, PENDING waits for ``next_attempt``."""
@@ -883,24 +766,7 @@ class Journal:
         Writes are committed in the order they were queued, so when this future is done every
         write queued before it is committed too.
         """
-        now = time.time() if now is None else now
-        params = [
-            (
-                r.status.value,
-                r.attempts,
-                _opt_text(r.reason),
-                r.error_type,
-                _opt_text(r.location),
-                _opt_text(r.detail),
-                now if r.status in (Status.SUCCEEDED, Status.FAILED) else None,
-                int((now - r.started) * 1000) if r.started is not None else None,
-                r.next_attempt,
-                _opt_text(r.output),
-                r.sha256,
-                r.id,
-            )
-            for r in results
-        ]
+        params = finish_params(results, time.time() if now is None else now)
         return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
 
     def resume_interrupted(self) -> asyncio.Future[int]:
@@ -919,41 +785,7 @@ class Journal:
 
         return self._enqueue(op)
 
-    async def active_version_keys(self) -> set[str]:
-        """Keys of versions that still have PENDING or IN_PROGRESS rows."""
-        rows = await self.read(
-            "SELECT DISTINCT vkey FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
-        )
-        return {r[0] for r in rows}
-
-    async def version_states(
-        self, versions: Sequence[FileVersion]
-    ) -> dict[str, list[tuple[str, str, int]]]:
-        """For each version key: (step_key, status, attempts) of its rows (for after-actions
-        on files seen again)."""
-        keys = [v.key for v in versions]
-        out: dict[str, list[tuple[str, str, int]]] = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = await self.read(
-                "SELECT vkey, step_key, status, attempts FROM dispatches "
-                f"WHERE vkey IN ({','.join('?' * len(chunk))})",
-                chunk,
-            )
-            for k, step_key, status, attempts in rows:
-                out.setdefault(k, []).append((step_key, status, attempts))
-        return out
-
     # ------------------------------------------------------------------ history
-
-    async def get(self, dispatch_id: int) -> Dispatch | None:
-        rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
-        return _row(rows[0]) if rows else None
-
-    def _require_writable(self) -> None:
-        """An operator's request is answered now, not held until the journal is back."""
-        if not self.health.ok:
-            raise JournalError(f"the journal cannot be written now: {self.health.error}")
 
     async def retry(self, dispatch_id: int) -> bool:
         """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED.
@@ -1099,27 +931,6 @@ class Journal:
 
         await self.write(op)
         return new
-
-    async def unfinished(self) -> int:
-        """How many rows are PENDING or IN_PROGRESS (an index range, not a table scan)."""
-        rows = await self.read(
-            "SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS')"
-        )
-        return int(rows[0][0])
-
-    async def progress(self, since: float) -> tuple[int, int]:
-        """(rows finished since ``since``, rows still to do), from one snapshot and two index
-        ranges: a large journal is never counted whole."""
-        rows = await self.read(
-            "SELECT (SELECT COUNT(*) FROM dispatches WHERE finished >= ?), "
-            "(SELECT COUNT(*) FROM dispatches WHERE status IN ('PENDING', 'IN_PROGRESS'))",
-            (since,),
-        )
-        return int(rows[0][0]), int(rows[0][1])
-
-    async def counts(self) -> dict[str, int]:
-        rows = await self.read("SELECT status, COUNT(*) FROM dispatches GROUP BY status")
-        return {s: n for s, n in rows}
 
     async def integrity_check(self) -> str:
         rows = await self.read("PRAGMA integrity_check")

@@ -1,0 +1,73 @@
+"""The journal: one row per (file version, destination step); the plan, backlog and history.
+
+``base`` holds the ``Journal`` protocol and its typed rows, ``sqlite`` the embedded backend,
+``place`` where the journal file lives and its lock. Every SQL statement of filedispatch is in
+this package; nothing in it touches a source file or calls a processor.
+"""
+
+from .backends import open_journal, open_reader
+from .base import (
+    RETRY_FIRST_S,
+    RETRY_MAX_S,
+    Column,
+    Condition,
+    DayTally,
+    DestinationCount,
+    Detail,
+    Entry,
+    Journal,
+    JournalHealth,
+    JournalReader,
+    JournalState,
+    OutcomeGroup,
+    PageQuery,
+    PlannedStep,
+    RecordedPath,
+    RetryWaiting,
+    SortKey,
+    StatsGroup,
+    StepResult,
+    default_path,
+    number,
+    planned_steps,
+)
+from .place import journal_lock, journal_path
+from .sqlite import MIGRATIONS, SqliteJournal
+from .target import Database, PostgresTarget
+
+#: older callers open a journal with ``Journal.open(path)``
+Journal.open = open_journal  # type: ignore[attr-defined]
+
+__all__ = [
+    "MIGRATIONS",
+    "RETRY_FIRST_S",
+    "RETRY_MAX_S",
+    "Column",
+    "Condition",
+    "Database",
+    "DayTally",
+    "DestinationCount",
+    "Detail",
+    "Entry",
+    "Journal",
+    "JournalHealth",
+    "JournalReader",
+    "JournalState",
+    "OutcomeGroup",
+    "PageQuery",
+    "PlannedStep",
+    "PostgresTarget",
+    "RecordedPath",
+    "RetryWaiting",
+    "SortKey",
+    "SqliteJournal",
+    "StatsGroup",
+    "StepResult",
+    "default_path",
+    "journal_lock",
+    "journal_path",
+    "number",
+    "open_journal",
+    "open_reader",
+    "planned_steps",
+]

@@ -1,0 +1,64 @@
+"""Which backend a ``database`` names, and opening it: a path is an SQLite file, a
+``PostgresTarget`` a PostgreSQL database.
+
+Owns no connection itself; each backend module owns its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import JournalError
+from .target import PostgresTarget
+
+if TYPE_CHECKING:
+    from .base import Journal, JournalReader
+
+
+@contextlib.contextmanager
+def needs_psycopg() -> Iterator[None]:
+    """Around an import of the PostgreSQL backend: without psycopg, a JournalError saying
+    what to install (an SQLite journal never needs it)."""
+    try:
+        yield
+    except ImportError as exc:
+        raise JournalError(
+            f"a PostgreSQL journal needs psycopg 3 and psycopg_pool ({exc}): "
+            "pip install 'filedispatch[postgres]'"
+        ) from None
+
+
+def open_journal(
+    database: str | os.PathLike[str] | PostgresTarget, *, hold: bool = True
+) -> AbstractAsyncContextManager[Journal]:
+    """The journal ``database`` names, to open with ``async with``: a path names an SQLite
+    file, a ``PostgresTarget`` a PostgreSQL database. See ``Journal.open``."""
+    if isinstance(database, PostgresTarget):
+        with needs_psycopg():
+            from .postgres import PostgresJournal
+        return PostgresJournal.open(database, hold=hold)
+    from .sqlite import SqliteJournal
+
+    return SqliteJournal.open(database, hold=hold)
+
+
+def open_reader(
+    database: str | os.PathLike[str] | PostgresTarget,
+) -> AbstractAsyncContextManager[JournalReader]:
+    """Reads of a journal that must exist already (the command line's history): raises
+    JournalError naming it when it does not."""
+    if isinstance(database, PostgresTarget):
+        with needs_psycopg():
+            from .postgres import open_reader as postgres_reader
+        return postgres_reader(database)
+    from .sqlite import SqliteReader
+
+    path = Path(database)
+    if not path.exists():
+        raise JournalError(f"no journal at {path}")
+    return SqliteReader.open(path, 1)

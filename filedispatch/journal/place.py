@@ -1,0 +1,108 @@
+"""Where the journal lives and who may write it: the path (or database) the config and ``--db``
+name, and the lock that keeps a second service off one journal.
+
+Never opens the journal itself (``backends`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import JournalError, ServiceError
+from .backends import needs_psycopg
+from .base import default_path
+from .target import Database, PostgresTarget
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+log = logging.getLogger(__name__)
+
+
+def journal_path(config: Config | None, db: Path | None = None) -> Database:
+    """``--db`` (``db``), then the config's ``database:``, then the per-user state folder:
+    a path (SQLite) or a ``PostgresTarget``."""
+    chosen = db or (config.database if config is not None else None) or default_path()
+    if isinstance(chosen, Path):
+        return chosen.expanduser().absolute()
+    return chosen.target()
+
+
+@contextlib.contextmanager
+def journal_lock(database: Database) -> Iterator[None]:
+    """One service per journal: two would dispatch the same files twice (and each would
+    resume the other's work at its start). A file lock beside an SQLite journal; a session
+    advisory lock in a PostgreSQL database.
+
+    Raises ServiceError when another process holds the lock (or it cannot be taken).
+    """
+    if isinstance(database, PostgresTarget):
+        with _database_lock(database):
+            yield
+    else:
+        with _file_lock(database):
+            yield
+
+
+#: any number: the key of the one-service lock in a PostgreSQL database
+_SERVICE_LOCK = 0x66645F73
+
+
+@contextlib.contextmanager
+def _database_lock(target: PostgresTarget) -> Iterator[None]:
+    try:
+        with needs_psycopg():
+            import psycopg
+
+            from .postgres import conninfo
+    except JournalError as exc:
+        raise ServiceError(str(exc)) from None
+    try:
+        conn = psycopg.connect(conninfo(target), autocommit=True)
+    except psycopg.Error as exc:
+        raise ServiceError(
+            f"cannot reach the journal database {target.shown} to take its lock: "
+            f"{target.scrub(' '.join(str(exc).split()))}"
+        ) from None
+    try:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
+        if not row or not row[0]:
+            raise ServiceError(
+                f"another filedispatch is already running on the journal {target.shown}"
+            )
+        yield
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot create the journal's lock file {lock_path}: {exc.strerror or exc}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ServiceError(
+                f"another filedispatch is already running on the journal {path}"
+            ) from None
+        try:  # the pid is for people; the lock alone keeps a second service out
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            log.warning("cannot write the pid into %s: %s", lock_path, exc.strerror or exc)
+        yield
+    finally:
+        os.close(fd)
