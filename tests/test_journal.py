@@ -24,6 +24,7 @@ from filedispatch.journal import (
     SqliteJournal,
     StepResult,
     open_journal,
+    postgres,
 )
 from filedispatch.models import FileVersion, Status
 
@@ -287,7 +288,9 @@ async def test_postgres_newer_schema_is_refused_and_the_password_is_never_shown(
     async with open_journal(target):
         pass
     with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM filedispatch_schema").fetchone() == (1,)
+        assert conn.execute("SELECT version FROM filedispatch_schema").fetchone() == (
+            len(postgres.MIGRATIONS),
+        )
         conn.execute("UPDATE filedispatch_schema SET version = 99")
     with pytest.raises(JournalError, match="newer than this filedispatch"):
         async with open_journal(target):

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -529,6 +529,17 @@ class Journal(JournalReader, Protocol):
         self, found: Sequence[tuple[str, str, int, int, int]], missing: Sequence[str]
     ) -> int:
         """Give old rows the key their file has now; the rows re-keyed."""
+
+    async def requeue_unrun(self, steps: Sequence[tuple[str, str]]) -> int:
+        """Queue again FAILED rows no attempt was made for, given as (vkey, step_key); the rows
+        queued."""
+
+    async def upgrade_due(self, name: str) -> bool:
+        """Whether the one-time upgrade ``name`` is still to be done."""
+
+    async def rekey_steps(self, keys: Mapping[str, str], now: float) -> int:
+        """Give rows today's step keys (old key -> new key) and record the ``step-keys`` upgrade
+        done, in one transaction; the rows changed."""
 
     async def forget(
         self,

@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,7 +66,7 @@ MIGRATIONS: list[list[str]] = [
             mtime_ns NUMERIC(20) NOT NULL, -- stat numbers are unsigned 64-bit
             rule TEXT NOT NULL,
             step INTEGER NOT NULL,
-            step_key TEXT NOT NULL,       -- identifies the step and the steps before it
+            step_key TEXT NOT NULL,       -- identifies the step and the transforms before it
             destination TEXT NOT NULL,    -- redacted
             protocol TEXT NOT NULL,
             status TEXT NOT NULL,
@@ -93,6 +93,11 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dispatches_status_created ON dispatches (status, created)",
         "CREATE INDEX dispatches_path ON dispatches (source, relpath)",
         "CREATE INDEX dispatches_finished ON dispatches (finished) WHERE finished IS NOT NULL",
+    ],
+    [  # one-time upgrades that need the config (see the SQLite journal's migration 5)
+        "CREATE TABLE upgrades (name TEXT PRIMARY KEY, done DOUBLE PRECISION)",
+        "INSERT INTO upgrades (name, done) SELECT 'step-keys', CASE WHEN EXISTS "
+        "(SELECT 1 FROM dispatches) THEN NULL ELSE 0 END",
     ],
 ]
 
@@ -607,6 +612,49 @@ class PostgresJournal(SqlReads, HealthReport):
                 await cur.execute(
                     "UPDATE dispatches SET ino=0 WHERE vkey = ANY(%s) AND ino IS NULL", (olds,)
                 )
+            return changed
+
+        return await self.write(op)
+
+    async def requeue_unrun(self, steps: Sequence[tuple[str, str]]) -> int:
+        """Queue again FAILED rows no attempt was made for (see the SQLite journal)."""
+
+        async def op(conn: Conn) -> int:
+            changed = 0
+            async with conn.cursor() as cur:
+                for vkey, step_key in steps:
+                    await cur.execute(
+                        "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL "
+                        "WHERE vkey=%s AND step_key=%s AND status='FAILED' AND attempts=0",
+                        (vkey, step_key),
+                    )
+                    changed += max(cur.rowcount, 0)
+            return changed
+
+        return await self.write(op)
+
+    async def upgrade_due(self, name: str) -> bool:
+        """Whether the one-time upgrade ``name`` (a row of ``upgrades``) is still to be done."""
+        rows = await self.read("SELECT 1 FROM upgrades WHERE name=? AND done IS NULL", (name,))
+        return bool(rows)
+
+    async def rekey_steps(self, keys: Mapping[str, str], now: float) -> int:
+        """Give rows today's step keys and record the ``step-keys`` upgrade done, in one
+        transaction (see the SQLite journal); a row whose version already has the new key keeps
+        its old one."""
+        pairs = [(new, old, new) for old, new in keys.items() if old != new]
+
+        async def op(conn: Conn) -> int:
+            changed = 0
+            async with conn.cursor() as cur:
+                for new, old, again in pairs:
+                    await cur.execute(
+                        "UPDATE dispatches d SET step_key=%s WHERE d.step_key=%s AND NOT EXISTS "
+                        "(SELECT 1 FROM dispatches o WHERE o.vkey=d.vkey AND o.step_key=%s)",
+                        (new, old, again),
+                    )
+                    changed += max(cur.rowcount, 0)
+                await cur.execute("UPDATE upgrades SET done=%s WHERE name='step-keys'", (now,))
             return changed
 
         return await self.write(op)
