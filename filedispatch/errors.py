@@ -3,8 +3,10 @@
 FileDispatchError
 ├── ConfigError                 bad configuration (the CLI exits 2, no traceback)
 ├── JournalError                the journal cannot be opened or written
-│   └── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
+│   ├── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
+│   └── FencedError             an outcome from a node whose claim was taken over: refused
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
+│   └── NodeConflictError       a live node of the same name shares the journal
 └── DeliveryError               one delivery step did not succeed
     ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
     │   ├── NetworkError        the remote cannot be reached (DNS, refused, reset, timeout)
@@ -39,8 +41,18 @@ class JournalUnavailableError(JournalError):
     """The journal cannot be opened now, for a reason a wait can cure (a full disk, a lock)."""
 
 
+class FencedError(JournalError):
+    """Outcomes refused because the rows are no longer this node's: its lease ran out and its
+    work went back to the queue (another node may have taken it). Nothing is to be done to the
+    source on their account."""
+
+
 class ServiceError(FileDispatchError):
     """The service cannot start or be reached."""
+
+
+class NodeConflictError(ServiceError):
+    """Another live node shares the journal under this node's name."""
 
 
 class DeliveryError(FileDispatchError):
