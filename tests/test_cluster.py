@@ -123,6 +123,20 @@ async def test_one_node_at_a_time_holds_a_shared_sources_listing(pg_url: str) ->
         assert nodes["b"].listing == ("nfs",) and nodes["a"].listing == ()
 
 
+async def test_sqlite_has_one_implicit_node_named_on_its_rows(tmp_path: Path) -> None:
+    version = FileVersion("in", tmp_path, "a.txt", 1, 1, ino=3, ctime_ns=1)
+    async with open_journal(tmp_path / "j.db") as j:
+        assert await j.join("solo", 30.0) == 0
+        await j.plan([_step(version)])
+        [[row]] = await j.claim(10, time.time())
+        [node] = await j.nodes()
+        assert (node.name, node.alive, node.in_flight) == ("solo", True, 1)
+        await j.finish([StepResult(row.id, Status.SUCCEEDED, 1, location="/out/a.txt")])
+        assert await j.renew() and await j.take_listing("in")
+        detail = await j.detail(row.id)
+        assert detail is not None and detail.node == "solo"
+
+
 # ------------------------------------------------------------------ two real services
 
 

@@ -671,8 +671,9 @@ class PostgresJournal(SqlReads, HealthReport):
         takeover: bool = False,
     ) -> int:
         """Register as ``node`` with a lease of ``lease_s`` seconds on the database's clock; a
-        node of that name whose lease ran out is replaced, a live one refuses (NodeConflictError).
-        Work no live node holds goes back to PENDING in the same transaction."""
+        node of that name whose lease ran out is replaced, a live one refuses (NodeConflictError)
+        unless ``takeover`` (the caller holds the name's lock, so that node is gone). Work no
+        live node holds goes back to PENDING in the same transaction."""
         started = time.time()
 
         async def op(conn: Conn) -> int | NodeConflictError:
