@@ -160,7 +160,13 @@ def slow_receiver() -> Iterator[SlowReceiver]:
 
 
 def _node_config(
-    root: Path, url: str, node: str, to: Any, port: int | None = None, **extra: Any
+    root: Path,
+    url: str,
+    node: str,
+    to: Any,
+    port: int | None = None,
+    after: str = "keep",
+    **extra: Any,
 ) -> Path:
     return write_config(
         root / f"{node}.yml",
@@ -177,6 +183,7 @@ def _node_config(
                     "settle": 0,
                     "poll_interval": 0.2,
                     "rescan": 1,
+                    "after": after,
                 }
             ],
             "rules": [{"extensions": ["txt"], "to": to}],
@@ -198,18 +205,25 @@ def _nodes_of_rows(url: str) -> Counter[str]:
     return Counter(r["node"] for r in journal_rows(url, "status='SUCCEEDED'"))
 
 
+def _http_burst(
+    root: Path, url: str, receiver: SlowReceiver, count: int, **source: Any
+) -> tuple[ServiceProcess, ServiceProcess]:
+    """Two nodes on one shared inbox sending to ``receiver``, and ``count`` files in it."""
+    (root / "inbox").mkdir()
+    to = {"url": f"{receiver.url}/up/{{name}}", "method": "PUT"}
+    cfg1, cfg2 = _configs(root, url, to, **source)
+    nodes = ServiceProcess(cfg1).start(), ServiceProcess(cfg2).start()
+    for i in range(count):
+        old(root / "inbox" / f"f{i:04d}.txt", f"file {i}".encode())
+    return nodes
+
+
 def test_two_nodes_share_one_inbox_and_deliver_each_file_once(
     tmp_path: Path, pg_url: str, slow_receiver: SlowReceiver
 ) -> None:
-    (tmp_path / "inbox").mkdir()
-    to = {"url": f"{slow_receiver.url}/up/{{name}}", "method": "PUT"}
-    cfg1, cfg2 = _configs(tmp_path, pg_url, to)
-    n1 = ServiceProcess(cfg1).start()
-    n2 = ServiceProcess(cfg2).start()
+    count = 400
+    n1, n2 = _http_burst(tmp_path, pg_url, slow_receiver, count)
     try:
-        count = 400
-        for i in range(count):
-            old(tmp_path / "inbox" / f"f{i:04d}.txt", f"file {i}".encode())
         wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == count, 180)
         paths = Counter(r.path for r in slow_receiver.received)
         assert len(paths) == count and set(paths.values()) == {1}, paths.most_common(3)
@@ -253,6 +267,33 @@ def test_the_other_node_finishes_after_the_lister_is_killed(tmp_path: Path, pg_u
         assert _nodes_of_rows(pg_url)["n2"] > 0
     finally:
         n1._log.close()
+        assert n2.stop() == 0, n2.log()
+
+
+def test_a_node_stopped_past_its_lease_has_its_late_outcomes_refused(
+    tmp_path: Path, pg_url: str, slow_receiver: SlowReceiver
+) -> None:
+    """SIGSTOP a node mid-burst for longer than its lease: the other takes its work over and
+    finishes; on SIGCONT the stopped node's late outcomes are refused, it touches no source on
+    their account, and the journal has one SUCCEEDED row per file."""
+    count = 600
+    n1, n2 = _http_burst(tmp_path, pg_url, slow_receiver, count, after="delete")
+    try:
+        wait_until(lambda: _nodes_of_rows(pg_url)["n1"] >= 10, 60)
+        n1.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == count, 240)
+        finally:
+            n1.signal(signal.SIGCONT)
+        wait_until(lambda: "outcome(s) refused: node n1 no longer holds the rows" in n1.log(), 60)
+        assert "the source is left in place" in n1.log()
+        wait_until(lambda: "joining again" in n1.log(), 60)
+        rows = journal_rows(pg_url)
+        assert len(rows) == count and {r["status"] for r in rows} == {"SUCCEEDED"}
+        assert len({r.path for r in slow_receiver.received}) == count
+        wait_until(lambda: not any((tmp_path / "inbox").iterdir()), 60)  # n2 consumed them
+    finally:
+        assert n1.stop() == 0, n1.log()
         assert n2.stop() == 0, n2.log()
 
 

@@ -238,6 +238,13 @@ _FINISH_BULK = (
 )
 
 
+#: another transaction's locks (a deadlock, a lock wait past ``lock_timeout``): the batch was
+#: rolled back and is tried again at once, up to CONFLICT_RETRIES times, then held as in an
+#: outage
+_CONFLICTS = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
+CONFLICT_RETRIES = 20
+
+
 def _outage(exc: BaseException) -> bool:
     """Whether an error means "the database cannot take writes now" (the server is gone,
     restarting, out of disk, refusing logins) rather than "this write is wrong"."""
@@ -413,12 +420,17 @@ class PostgresJournal(SqlReads, HealthReport):
         """Commit ``ops``; while the server refuses them, hold them and try again (1 s
         doubling to 30 s) until they are committed, or until ``stop_retrying``."""
         delay = RETRY_FIRST_S
+        conflicts = 0
         while True:
             if self._give_up.is_set() and not self.health.ok:
                 raise JournalError(f"not recorded, the journal is failing: {self.health.error}")
             try:
                 results = await self._commit(ops)
             except Exception as exc:
+                if isinstance(exc, _CONFLICTS) and conflicts < CONFLICT_RETRIES:
+                    conflicts += 1  # rolled back, the connection is fine: again, at once
+                    await asyncio.sleep(0.02 * conflicts)
+                    continue
                 if not _outage(exc):
                     raise
                 await self._drop_connection()
@@ -441,6 +453,8 @@ class PostgresJournal(SqlReads, HealthReport):
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = await _connect(self.target)
+            if self._lease_s:
+                await _limit_waits(conn, self._lease_s)
         results: list[Any] = []
         async with conn.transaction():
             for op in ops:
@@ -699,6 +713,7 @@ class PostgresJournal(SqlReads, HealthReport):
                     f"it is gone, its lease runs out in {float(left[0]) if left else 0:.0f}s"
                 )
             await conn.execute(_ORPHANS)
+            await _limit_waits(conn, lease_s)
             return int(row[0])
 
         epoch = await self.write(op)  # an error returned by the op is raised here
@@ -937,6 +952,20 @@ class PostgresJournal(SqlReads, HealthReport):
 
         await self.write(op)
         return new
+
+
+async def _limit_waits(conn: Conn, lease_s: float) -> None:
+    """A node frozen inside a transaction (SIGSTOP, a VM paused) must not keep its row locks
+    past its lease: the server ends such a session after half a lease, and the locked rows are
+    free for the other nodes (the writer reconnects when the node wakes). And a writer must not
+    wait on another's locks until its own lease runs out: after a quarter of a lease the
+    statement fails, and the batch is tried again (``_CONFLICTS``)."""
+    idle, lock = max(500, int(lease_s * 500)), max(200, int(lease_s * 250))
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+        "set_config('lock_timeout', %s, false)",
+        (str(idle), str(lock)),
+    )
 
 
 async def _nothing(conn: Conn) -> None:
