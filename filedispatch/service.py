@@ -357,8 +357,11 @@ class Service:
         def make(config: SourceConfig) -> SourceWatcher:
             return SourceWatcher(config, self.dispatcher.offer, self.dispatcher.reject, exclude)
 
-        if source.shared:
-            return SharedWatcher(source, make, self.membership.listing[source.key])
+        lease = self.membership.listing.get(source.key) if source.shared else None
+        if lease is not None:
+            return SharedWatcher(source, make, lease)
+        if source.shared:  # made shared by a reload: the node's leases are taken at its start
+            log.warning("source %s: shared: true takes effect at the next start", source.key)
         return make(source)
 
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
