@@ -40,6 +40,11 @@ from tests import pgcluster  # noqa: E402
 
 PAYLOAD = b"x" * 4096
 HTTP_DELAY_S = 0.02
+#: CPU seconds the services used, per run label (less swayed by a busy machine than the time)
+CPU: dict[str, list[float]] = {}
+#: workers per node for the HTTP runs: few enough that the 20 ms per upload, not this 2-core
+#: machine's CPU (shared by the nodes, the database and the receiver), bounds a node
+HTTP_WORKERS = 4
 
 
 class Receiver:
@@ -169,10 +174,17 @@ def burst(
         elapsed = time.perf_counter() - t0
         for p, _ in procs:
             p.send_signal(signal.SIGTERM)
-        for p, _ in procs:
-            p.wait(120)
+        cpu = 0.0
+        for p, _ in procs:  # the CPU the services used, start and stop included
+            _, _, usage = os.wait4(p.pid, 0)
+            p.returncode = 0
+            cpu += usage.ru_utime + usage.ru_stime
+        CPU[label] = [*CPU.get(label, []), cpu]
         rate = files / elapsed
-        print(f"  {label:<40} {files} files in {elapsed:6.2f}s  {rate:8.0f} files/s", flush=True)
+        print(
+            f"  {label:<40} {files} files in {elapsed:6.2f}s  {rate:8.0f} files/s  CPU {cpu:6.2f}s",
+            flush=True,
+        )
         return rate
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -200,16 +212,31 @@ def main() -> int:
     print(f"bench_cluster: {files} files of {len(PAYLOAD)} bytes, {args.rounds} round(s)")
 
     before = checkout(args.before)
+    # this code from a copy as well: both sides start the same way (their own bytecode cache,
+    # the same kind of folder); run from the worktree, it measured 15-30% slower than a copy
+    here = Path(tempfile.mkdtemp(prefix="fd-bench-here-"))
+    shutil.copytree(
+        ROOT / "filedispatch", here / "filedispatch", ignore=shutil.ignore_patterns("__pycache__")
+    )
     try:
         print(f"SQLite, local folder: this code and {args.before}'s, rounds alternating")
         now, then = [], []
-        for _ in range(args.rounds):
+        for i in range(args.rounds):  # which goes first alternates too
+            if i % 2:
+                now.append(burst("sqlite local (this code)", files, 1, "sqlite", None, here))
             then.append(burst(f"sqlite local ({args.before})", files, 1, "sqlite", None, before))
-            now.append(burst("sqlite local (this code)", files, 1, "sqlite", None))
+            if not i % 2:
+                now.append(burst("sqlite local (this code)", files, 1, "sqlite", None, here))
         ratio = statistics.median(now) / statistics.median(then)
-        print(f"  ratio this/{args.before}: {ratio:.3f}")
+        print(f"  throughput ratio this/{args.before} (medians): {ratio:.3f}")
+        cpu_now = statistics.median(CPU["sqlite local (this code)"])
+        cpu_then = statistics.median(CPU[f"sqlite local ({args.before})"])
+        print(
+            f"  CPU ratio this/{args.before} (medians, lower is better): {cpu_now / cpu_then:.3f}"
+        )
     finally:
         shutil.rmtree(before, ignore_errors=True)
+        shutil.rmtree(here, ignore_errors=True)
 
     why = "--sqlite-only" if args.sqlite_only else pgcluster.missing()
     if why:
@@ -223,12 +250,19 @@ def main() -> int:
         one = [burst("postgres 1 node local", files, 1, "pg", None, cluster=cluster)]
         two = [burst("postgres 2 nodes local", files, 2, "pg", None, cluster=cluster)]
         print(f"  two/one: {statistics.median(two) / statistics.median(one):.2f}x")
-        print(f"HTTP receiver taking {HTTP_DELAY_S * 1000:.0f} ms per upload")
-        burst("sqlite 1 node http", files, 1, "sqlite", receiver)
+        print(
+            f"HTTP receiver taking {HTTP_DELAY_S * 1000:.0f} ms per upload, {HTTP_WORKERS} "
+            f"workers per node (at most {HTTP_WORKERS / HTTP_DELAY_S:.0f} files/s per node)"
+        )
+        burst("sqlite 1 node http", files, 1, "sqlite", receiver, ROOT, HTTP_WORKERS)
         one, two = [], []
         for _ in range(args.rounds):
-            one.append(burst("postgres 1 node http", files, 1, "pg", receiver, cluster=cluster))
-            two.append(burst("postgres 2 nodes http", files, 2, "pg", receiver, cluster=cluster))
+            one.append(
+                burst("postgres 1 node http", files, 1, "pg", receiver, HTTP_WORKERS, cluster)
+            )
+            two.append(
+                burst("postgres 2 nodes http", files, 2, "pg", receiver, HTTP_WORKERS, cluster)
+            )
         print(f"  two/one (delivery-bound): {statistics.median(two) / statistics.median(one):.2f}x")
     finally:
         receiver.close()
