@@ -920,6 +920,9 @@ class SourceConfig(_Model):
     poll_interval: PositiveSeconds = 1.0  #: seconds between polls
     rescan: Seconds = 60.0  #: seconds between reconcile scans; 0 turns them off
     stop_on_error: bool = False  #: Rattail: a failure stops dispatching from this source
+    #: several nodes serve this folder (a shared NFS/SMB mount): one node at a time lists it,
+    #: by polling, and any node delivers its files (PostgreSQL journal only)
+    shared: bool = False
 
     @property
     def key(self) -> str:
@@ -1179,6 +1182,10 @@ class Config(_Model):
     workdir: FsPath | None = None  #: where transforms write intermediate files
     workers: int = Field(16, ge=1, le=1024)  #: deliveries in flight at once, all destinations
     shutdown_grace: Seconds = 30.0  #: seconds in-flight work may take at shutdown
+    #: this service's name among the nodes sharing a PostgreSQL journal (default: the host name)
+    node: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    #: seconds a node's lease lasts unless renewed (on the database's clock)
+    lease: Annotated[PositiveSeconds, BeforeValidator(_duration)] = 30.0
     sources: list[SourceConfig] = Field(min_length=1)
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()

@@ -5,7 +5,9 @@ FileDispatchError
 ├── JournalError                the journal cannot be opened or written
 │   ├── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
 │   └── NotFound                a history command named what the journal does not hold
+│   └── FencedError             an outcome from a node whose claim was taken over: refused
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
+│   └── NodeConflictError       a live node of the same name shares the journal
 └── DeliveryError               one delivery step did not succeed
     ├── OutsideWindowError      the destination's window is shut: wait until it opens
     ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
@@ -49,10 +51,18 @@ class JournalUnavailableError(JournalError):
 
 class NotFound(JournalError):
     """A history command named a dispatch or a file the journal does not hold (exit 1)."""
+class FencedError(JournalError):
+    """Outcomes refused because the rows are no longer this node's: its lease ran out and its
+    work went back to the queue (another node may have taken it). Nothing is to be done to the
+    source on their account."""
 
 
 class ServiceError(FileDispatchError):
     """The service cannot start or be reached."""
+
+
+class NodeConflictError(ServiceError):
+    """Another live node shares the journal under this node's name."""
 
 
 class DeliveryError(FileDispatchError):

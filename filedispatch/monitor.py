@@ -439,6 +439,18 @@ async def status_text(journal: Journal, link: ServiceLink) -> str:
     else:
         state = "running"
     lines = [f"filedispatch {st['version']}, up {st['uptime_s']}s, {state}"]
+    try:
+        nodes = await service.journal.nodes()
+    except JournalError:
+        nodes = []
+    if nodes:
+        lines.append("nodes:")
+        for n in nodes:
+            listed = f", lists {shown(', '.join(n.listing))}" if n.listing else ""
+            lines.append(
+                f"  {shown(n.name)}: {'alive' if n.alive else 'lease ran out'}, lease renewed "
+                f"{n.lease_age_s:.1f}s ago (of {n.lease_s:g}s), {n.in_flight} in flight{listed}"
+            )
     if journal_state["state"] != "ok":
         lines.append(
             f"journal {shown(journal_state['path'])}: {shown(journal_state['error'], secrets)} "

@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from . import __version__, recovery
 from .asyncutil import first_completed
-from .config import Config, LocalDestination, load_config, secrets_of, watched_by
+from .cluster import Membership, SharedWatcher, node_name
+from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError
@@ -44,6 +45,8 @@ from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher, no_skips
 
 log = logging.getLogger(__name__)
+#: seconds between looks for work other nodes planned, on a PostgreSQL journal
+CLUSTER_IDLE_CHECK_S = 0.25
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -111,7 +114,8 @@ class Service:
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self.stopping_reason: str | None = None
-        self.watchers: list[SourceWatcher] = []
+        self.watchers: list[SourceWatcher | SharedWatcher] = []
+        self.membership: Membership
         self.journal: Journal
         self.dispatcher: Dispatcher
         self.summary = RunSummary()
@@ -205,11 +209,19 @@ class Service:
             "paused": d.paused or not health.ok,
             "pause_reason": "journal" if not health.ok else "operator" if d.paused else None,
             "journal": {"path": str(self.db_path), **health.as_dict()},
+            "node": {
+                "name": self.membership.name,
+                "alive": self.membership.alive.held.is_set(),
+                "lease_s": self.membership.lease_s,
+                "leases_lost": self.membership.lost,
+            },
             "sources": [
                 {
                     "name": w.config.key,
                     "path": str(w.root),
                     "polling": w.polling,
+                    "shared": w.config.shared,
+                    "listing": getattr(w, "listing", True),
                     "ready": w.ready.is_set(),
                     "last_error": w.last_error,
                     "skipped": dict(w.skipped),
@@ -286,7 +298,7 @@ class Service:
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
         try:
-            with journal_lock(self.db_path):
+            with journal_lock(self.db_path, node_name(self.config)):
                 async with contextlib.AsyncExitStack() as stack:
                     return await self._run(stack)
         finally:
@@ -324,6 +336,11 @@ class Service:
             return 0
         self.journal = journal
         journal.on_health(self._on_journal_health)
+        shared = [s.key for s in self.config.sources if s.shared]
+        self.membership = Membership(journal, node_name(self.config), self.config.lease, shared)
+        # before the resume, so the work of live nodes stays theirs; the name's lock is held
+        # (journal_lock), so a node of this name still on record is a dead one: replaced
+        await self.membership.join(takeover=True)
         journal.resume_interrupted().add_done_callback(_report_resumed)
         rekeyed = await recovery.rekey_old_rows(journal)
         if rekeyed:
@@ -347,6 +364,12 @@ class Service:
             consume_marked=self.options.consume_marked,
         )
         self.summary = self.dispatcher.summary
+        self.dispatcher.state.node_alive = self.membership.alive.held
+        if not isinstance(self.db_path, Path):  # a shared journal: other nodes plan work too
+            self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
+        lease_stop = asyncio.Event()
+        lease_task = asyncio.create_task(self.membership.run(lease_stop), name="node-lease")
+        stack.push_async_callback(self._stop_lease, lease_stop, lease_task)
         from . import notify
 
         if notify.configured(self.config):  # after the dispatcher: closed before it
@@ -378,6 +401,30 @@ class Service:
             return 1 if self.summary.failed else 0
         return 0
 
+    async def _stop_lease(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        """After the drain: stop renewing and end the leases, so other nodes take over now."""
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        await self.membership.leave()
+
+    async def nodes(self) -> list[dict[str, object]]:
+        """The nodes sharing the journal (this one alone with SQLite), for the API/console."""
+        return [n.as_dict() for n in await self.journal.nodes()]
+
+    def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
+        def make(config: SourceConfig) -> SourceWatcher:
+            return SourceWatcher(
+                config, self.dispatcher.offer, self.dispatcher.reject, exclude, self._age_due
+            )
+
+        lease = self.membership.listing.get(source.key) if source.shared else None
+        if lease is not None:
+            return SharedWatcher(source, make, lease)
+        if source.shared:  # made shared by a reload: the node's leases are taken at its start
+            log.warning("source %s: shared: true takes effect at the next start", source.key)
+        return make(source)
+
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
         """Run watchers (restarting them on a reload that changed sources) until stop."""
         ready_reported = False
@@ -395,12 +442,7 @@ class Service:
             exclude = [
                 s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
             ]
-            self.watchers = [
-                SourceWatcher(
-                    s, self.dispatcher.offer, self.dispatcher.reject, exclude, self._age_due
-                )
-                for s in self.config.sources
-            ]
+            self.watchers = [self._watcher(s, exclude) for s in self.config.sources]
             async with asyncio.TaskGroup() as tg:
                 for w in self.watchers:
                     tg.create_task(w.run(watch_stop), name=f"source:{w.config.key}")

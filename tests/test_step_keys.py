@@ -123,6 +123,7 @@ def test_a_journal_with_the_old_step_keys_is_upgraded_once_and_sends_nothing_aga
             conn.execute("UPDATE dispatches SET step_key=? WHERE step_key=?", (o, n))
         conn.execute("DROP TABLE upgrades")
         conn.execute("DROP INDEX IF EXISTS dispatches_sha256")  # schema 4 had neither
+        conn.execute("ALTER TABLE dispatches DROP COLUMN node")  # schema 6's
         conn.execute("PRAGMA user_version = 4")
     conn.close()
 

@@ -94,8 +94,16 @@ class _Doc:
 def render(status: Mapping[str, Any], counts: Iterable[tuple[str, int]], outcomes: Outcomes) -> str:
     """The exposition text from a service snapshot, journal counts and the running totals."""
     doc = _Doc()
-    doc.family("filedispatch_info", "gauge", "The running filedispatch, by version.")
-    doc.sample("filedispatch_info", 1, version=str(status.get("version", "")))
+    node = dict(status.get("node") or {})
+    name = str(node.get("name", ""))
+    doc.family("filedispatch_info", "gauge", "The running filedispatch, by version and node.")
+    doc.sample("filedispatch_info", 1, version=str(status.get("version", "")), node=name)
+    doc.family(
+        "filedispatch_node_lease_held",
+        "gauge",
+        "1 while this node holds its lease (always with SQLite); 0: it delivers nothing.",
+    )
+    doc.sample("filedispatch_node_lease_held", int(bool(node.get("alive", True))), node=name)
     doc.family("filedispatch_uptime_seconds", "gauge", "Seconds since the service started.")
     doc.sample("filedispatch_uptime_seconds", float(status.get("uptime_s", 0.0)))
     journal = dict(status.get("journal") or {})

@@ -485,4 +485,5 @@ def detail(row: Detail) -> dict[str, Any]:
         "started": iso(row.started),
         "started_ts": row.started,
         "next_attempt": iso(row.next_attempt) if waiting else None,
+        "node": row.node,
     }

@@ -61,6 +61,7 @@ DETAIL: dict[str, Any] = {
     "started": _NULL_TIME,
     "started_ts": {"type": "number", "nullable": True},
     "next_attempt": _NULL_TIME,
+    "node": _NULL_STR,
 }
 
 
@@ -191,6 +192,24 @@ def openapi() -> dict[str, Any]:
                 "totals": _object(group),
             }
         ),
+        "Nodes": _object(
+            {
+                "nodes": {
+                    "type": "array",
+                    "items": _object(
+                        {
+                            "name": _STR,
+                            "alive": {"type": "boolean"},
+                            "lease_s": {"type": "number"},
+                            "lease_age_s": {"type": "number"},
+                            "started": {"type": "number"},
+                            "sources_listed": {"type": "array", "items": _STR},
+                            "in_flight": _INT,
+                        }
+                    ),
+                }
+            }
+        ),
         "Status": _object(
             {
                 "version": _STR,
@@ -203,6 +222,7 @@ def openapi() -> dict[str, Any]:
                     "nullable": True,
                 },
                 "journal": {"$ref": "#/components/schemas/Journal"},
+                "node": {"type": "object", "nullable": True},
                 "sources": {"type": "array", "items": {"$ref": "#/components/schemas/Source"}},
                 "stopped_sources": {"type": "array", "items": _STR},
                 "queue_depth": _NULL_INT,
@@ -325,6 +345,15 @@ def openapi() -> dict[str, Any]:
                 "The service: version, uptime, sources, queue depth, in-flight, per-destination "
                 "counts since the start and last error.",
                 {"200": _json({"$ref": ref + "Status"}, "A snapshot.")},
+                ("503", _E503),
+            )
+        },
+        "/api/v1/nodes": {
+            "get": _op(
+                "The nodes sharing the journal (one with SQLite): name, whether its lease is "
+                "held, the lease and its age in seconds, the shared sources it lists, its rows "
+                "in flight.",
+                {"200": _json({"$ref": ref + "Nodes"}, "The nodes, by name.")},
                 ("503", _E503),
             )
         },

@@ -215,6 +215,7 @@ async def status(request: web.Request) -> web.Response:
         "paused": bool(snap.get("paused", False)),
         "pause_reason": snap.get("pause_reason"),
         "journal": journal,
+        "node": snap.get("node"),
         "sources": snap.get("sources", []),
         "stopped_sources": snap.get("stopped_sources", []),
         "queue_depth": counts["PENDING"] if counts is not None else None,
@@ -225,6 +226,12 @@ async def status(request: web.Request) -> web.Response:
         "destinations": snap.get("destinations", {}),
     }
     return web.json_response(_scrubbed(body))
+
+
+async def nodes(request: web.Request) -> web.Response:
+    """The nodes sharing the journal: name, alive, lease age, sources listed, in flight."""
+    found = await request.app[journal_key].nodes()
+    return web.json_response(_scrubbed({"nodes": [n.as_dict() for n in found]}))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -307,4 +314,5 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/api/v1/logs/{id}", delete_log)
     r.add_get("/api/v1/stats", stats)
     r.add_get("/api/v1/status", status)
+    r.add_get("/api/v1/nodes", nodes)
     r.add_get("/api/v1/schema", schema)

@@ -72,7 +72,9 @@ class AfterActions:
                 )
         what = self.fate_of(source, steps, statuses, marked)
         if what in ACTS and not gone:
-            self.outcomes.when_durable(lambda: self.act(source, version, what))
+            self.outcomes.when_durable(lambda: self.act(source, version, what), version)
+        else:
+            self.outcomes.forget_version(version)
 
     def act(self, source: SourceConfig, version: FileVersion, what: Fate) -> None:
         """Delete the source, or move it to done_dir or failed_dir, if it is still the very

@@ -16,14 +16,12 @@ from ..errors import JournalError
 from ..journal import StepResult
 from ..models import Dispatch, Status
 from .outcomes import waiting
-from .state import DispatchState
+from .state import IDLE_CHECK_S, DispatchState
 
 log = logging.getLogger("filedispatch.dispatcher")
 
 #: seconds before claiming again after the journal refused a claim
 RETRY_CLAIM_S = 1.0
-#: seconds the feeder sleeps at most when nothing is due (a wake-up comes sooner)
-IDLE_CHECK_S = 5.0
 #: versions claimed at most per claim
 CLAIM_PAGE = 256
 
@@ -67,6 +65,9 @@ class Feeder:
             if not journal.writable.is_set():
                 await first_completed(stop.wait(), journal.writable.wait())
                 continue
+            if not state.node_alive.is_set():  # the lease may have run out: claim nothing
+                await first_completed(stop.wait(), state.node_alive.wait())
+                continue
             state.wake.clear()
             room = self.queue.maxsize - self.queue.qsize()
             if room < self.queue.maxsize // 2:  # claim in pages, not one group at a time
@@ -88,9 +89,9 @@ class Feeder:
                 continue
             if self._busy == 0 and self.queue.empty():
                 self._idle.set()
-            timeout = IDLE_CHECK_S
+            timeout = state.idle_check_s
             if due is not None:
-                timeout = min(IDLE_CHECK_S, max(0.0, due - time.time()) + 0.01)
+                timeout = min(timeout, max(0.0, due - time.time()) + 0.01)
             await first_completed(stop.wait(), state.wake.wait(), timeout=timeout)
 
     async def release_queued(self) -> int:

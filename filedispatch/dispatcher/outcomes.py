@@ -37,6 +37,10 @@ class Outcomes:
     def __init__(self, state: DispatchState) -> None:
         self.state = state
         self._last_write: asyncio.Future[None] | None = None
+        #: each version's latest outcome write, until its after-action is scheduled: a write
+        #: refused (FencedError: the node's lease ran out) must not let the source be touched
+        #: because a later write of other rows went through
+        self._version_writes: dict[str, asyncio.Future[None]] = {}
 
     def succeeded(self, row_id: int, attempt: int, outcome: Outcome, started: float) -> StepResult:
         """The row's result for a delivery that succeeded (texts scrubbed of secrets);
@@ -100,20 +104,25 @@ class Outcomes:
 
     def record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
         """Write a worker's result and apply it to the row it has in hand."""
-        self.write([result])
+        self._version_writes[version.key] = self.write([result])
         row.status = result.status
         row.attempts = result.attempts
         row.error_type = result.error_type
         self.note(row.destination, result, version, row.rule)
 
-    def write(self, results: list[StepResult]) -> None:
+    def write(self, results: list[StepResult]) -> asyncio.Future[None]:
         # Not awaited: a worker goes on while the writer commits many outcomes at once. The
         # source is only touched once this write is durable (see when_durable).
-        self._last_write = self.state.journal.finish_soon(results)
-        self._last_write.add_done_callback(report_write)
+        fut = self._last_write = self.state.journal.finish_soon(results)
+        fut.add_done_callback(report_write)
         if any(r.status == Status.PENDING for r in results):
             # a retry is planned: the feeder learns when it is due once the row says so
-            self._last_write.add_done_callback(lambda _: self.state.wake.set())
+            fut.add_done_callback(lambda _: self.state.wake.set())
+        return fut
+
+    def forget_version(self, version: FileVersion) -> None:
+        """The version's outcomes need no after-action: forget its latest write."""
+        self._version_writes.pop(version.key, None)
 
     def note(self, destination: str, result: StepResult, version: FileVersion, rule: str) -> None:
         """Count and log an attempt's result (the journal write is separate); tell
@@ -131,15 +140,25 @@ class Outcomes:
         if self.state.on_result is not None and result.status in (Status.SUCCEEDED, Status.FAILED):
             self.state.on_result(rule, version, destination, result)
 
-    def when_durable(self, action: Callable[[], None]) -> None:
-        """Run ``action`` once every outcome recorded so far is committed (never before)."""
+    def when_durable(self, action: Callable[[], None], version: FileVersion | None = None) -> None:
+        """Run ``action`` once every outcome recorded so far is committed (never before), and
+        never if the journal refused ``version``'s own latest outcome."""
         fut = self._last_write
+        own = self._version_writes.pop(version.key, None) if version is not None else None
+
+        def refused(f: asyncio.Future[None]) -> bool:
+            if not f.cancelled() and f.exception() is None:
+                return False
+            why = "" if f.cancelled() else f": {f.exception()}"
+            log.error("the journal did not confirm a delivery; the source is left in place%s", why)
+            return True
 
         def run(f: asyncio.Future[None]) -> None:
-            if f.cancelled() or f.exception() is not None:
-                log.error("the journal did not confirm a delivery; the source is left in place")
+            # writes commit in queue order: when the last is done, the version's own is too
+            if own is not None and own is not f and own.done() and refused(own):
                 return
-            action()
+            if not refused(f):
+                action()
 
         if fut is None:
             action()

@@ -8,6 +8,7 @@ Never delivers a file itself (the lanes and the workers do) and never decides a 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -56,6 +57,8 @@ class Planner:
         state = self.state
         if not versions:
             return 0
+        if source.shared:  # each host numbers devices its own way: the delivering node's differs
+            versions = [dataclasses.replace(v, dev=0) if v.dev else v for v in versions]
         router = state.router
         if router.needs_mime or router.classifiers:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])

@@ -18,6 +18,9 @@ from ..models import Dispatch, FileVersion, Status
 from ..processors import Registry
 from ..router import Router
 
+#: seconds the feeder sleeps at most when nothing is due (a wake-up comes sooner)
+IDLE_CHECK_S = 5.0
+
 
 @dataclass
 class DestinationStats:
@@ -68,6 +71,13 @@ class DispatchState:
         self.running = asyncio.Event()  #: cleared while paused
         self.running.set()
         self.stop = asyncio.Event()  #: the service's stop, once the dispatcher runs
+        #: set while this node's lease is held (always, with one node): cleared, nothing new
+        #: is claimed or started, since another node may take the work over
+        self.node_alive = asyncio.Event()
+        self.node_alive.set()
+        #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
+        #: work too, since their planning wakes no one here
+        self.idle_check_s = IDLE_CHECK_S
         self._on_change = on_change
         #: told (rule, version, destination, result) when a row SUCCEEDED or FAILED for good
         #: (the notifier); must return at once and never raise
@@ -84,7 +94,7 @@ class DispatchState:
     def may_start(self) -> bool:
         """New work starts only while not paused and while the journal takes writes: a
         delivery the journal cannot record is one it would repeat after a restart."""
-        return self.running.is_set() and self.journal.writable.is_set()
+        return self.running.is_set() and self.journal.writable.is_set() and self.node_alive.is_set()
 
     def semaphore(self, step: Step) -> asyncio.Semaphore | None:
         """The bound of a step's ``concurrency`` (None: unbounded), shared by equal steps."""

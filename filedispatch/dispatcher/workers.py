@@ -60,6 +60,10 @@ class Workers:
                     ]
                 )
                 continue
+            if not state.node_alive.is_set():
+                # claimed before this node's lease ran out: another node may run it now, so it
+                # is not started here (its rows go back to the queue with the node's others)
+                continue
             if not journal.writable.is_set():  # claimed before the journal failed
                 await first_completed(journal.writable.wait(), state.stop.wait())
                 if not journal.writable.is_set():

@@ -354,6 +354,37 @@ class Detail(Entry):
     error_type: str | None
     started: float | None
     next_attempt: float
+    #: the node that claimed the row last (the one that delivered it, once it is final)
+    node: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One node of the journal's cluster, for ``/api/v1/nodes`` and the console.
+
+    ``lease_age_s``: seconds since it last renewed its lease (on the database's clock);
+    ``alive``: its lease has not run out; ``listing``: the shared sources it lists;
+    ``in_flight``: its rows IN_PROGRESS.
+    """
+
+    name: str
+    alive: bool
+    lease_s: float
+    lease_age_s: float
+    started: float
+    listing: tuple[str, ...]
+    in_flight: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "alive": self.alive,
+            "lease_s": self.lease_s,
+            "lease_age_s": round(self.lease_age_s, 3),
+            "started": self.started,
+            "sources_listed": list(self.listing),
+            "in_flight": self.in_flight,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,6 +541,35 @@ class Journal(JournalReader, Protocol):
     def stop_retrying(self) -> None:
         """From now on a refused write fails at once instead of being held."""
 
+    async def join(
+        self,
+        node: str,
+        lease_s: float,
+        shared: frozenset[str] = frozenset(),
+        takeover: bool = False,
+    ) -> int:
+        """Register this service as ``node`` with a lease of ``lease_s`` seconds (on the
+        database's clock) and return its epoch, the fencing token its claims carry. Work of
+        nodes whose lease ran out goes back to PENDING. Rows planned from a source not in
+        ``shared`` belong to this node. Raises ``NodeConflictError`` while a live node has the
+        name, unless ``takeover`` (the caller holds the name's lock: that node is gone).
+        SQLite: one implicit node, always alive."""
+
+    async def renew(self) -> bool:
+        """Renew this node's lease (and its listing leases); requeue the work of nodes whose
+        lease ran out. False when this node's lease had run out: it must stop delivering and
+        ``join`` again."""
+
+    async def take_listing(self, source: str) -> bool:
+        """Take or keep the listing lease of the shared source ``source``; whether this node
+        holds it now."""
+
+    async def leave(self) -> None:
+        """At a clean stop: give up the lease and the listing leases at once."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The nodes known to the journal, by name."""
+
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; how many are new."""
 
@@ -530,7 +590,8 @@ class Journal(JournalReader, Protocol):
         """When the earliest waiting row is due (epoch seconds), None when nothing waits."""
 
     async def finish(self, results: Sequence[StepResult], now: float | None = None) -> None:
-        """Record outcomes and return once they are durable."""
+        """Record outcomes and return once they are durable; raises ``FencedError`` for
+        outcomes of rows this node no longer holds (the others are recorded)."""
 
     def finish_soon(
         self, results: Sequence[StepResult], now: float | None = None

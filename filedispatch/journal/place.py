@@ -35,15 +35,18 @@ def journal_path(config: Config | None, db: Path | None = None) -> Database:
 
 
 @contextlib.contextmanager
-def journal_lock(database: Database) -> Iterator[None]:
-    """One service per journal: two would dispatch the same files twice (and each would
-    resume the other's work at its start). A file lock beside an SQLite journal; a session
-    advisory lock in a PostgreSQL database.
+def journal_lock(database: Database, node: str | None = None) -> Iterator[None]:
+    """One service per SQLite journal: two would dispatch the same files twice (and each would
+    resume the other's work at its start). A file lock beside an SQLite journal.
+
+    A PostgreSQL journal takes one service per ``node`` name (session advisory locks, freed
+    the moment a process dies): several nodes share it, none with another's name; without a
+    ``node`` (mark-existing) the lock is exclusive, refused while any service runs.
 
     Raises ServiceError when another process holds the lock (or it cannot be taken).
     """
     if isinstance(database, PostgresTarget):
-        with _database_lock(database):
+        with _database_lock(database, node):
             yield
     else:
         with _file_lock(database):
@@ -52,10 +55,12 @@ def journal_lock(database: Database) -> Iterator[None]:
 
 #: any number: the key of the one-service lock in a PostgreSQL database
 _SERVICE_LOCK = 0x66645F73
+#: the first half of a node name's lock (the second is the name's hash)
+_NODE_LOCK = 0x66645F6E
 
 
 @contextlib.contextmanager
-def _database_lock(target: PostgresTarget) -> Iterator[None]:
+def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
     try:
         with needs_psycopg():
             import psycopg
@@ -71,11 +76,26 @@ def _database_lock(target: PostgresTarget) -> Iterator[None]:
             f"{target.scrub(' '.join(str(exc).split()))}"
         ) from None
     try:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
+        if node is None:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
+        else:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock_shared(%s)", (_SERVICE_LOCK,)
+            ).fetchone()
         if not row or not row[0]:
             raise ServiceError(
                 f"another filedispatch is already running on the journal {target.shown}"
             )
+        if node is not None:
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_NODE_LOCK, node)
+            ).fetchone()
+            if not row or not row[0]:
+                raise ServiceError(
+                    f"another filedispatch is already running as node {node!r} on the journal "
+                    f"{target.shown}: give this one another name (node: in the config) or "
+                    "stop the other"
+                )
         yield
     finally:
         conn.close()

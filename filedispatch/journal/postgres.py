@@ -22,13 +22,14 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import JournalError, JournalUnavailableError
+from ..errors import FencedError, JournalError, JournalUnavailableError, NodeConflictError
 from ..models import Dispatch, FileVersion, Status
 from .base import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
     HealthReport,
     JournalState,
+    NodeInfo,
     PlannedStep,
     StepResult,
     StepState,
@@ -39,7 +40,7 @@ from .base import (
     resolve,
     stored_text,
 )
-from .reads import COLUMNS, POSTGRES, SqlReads, claimed_groups
+from .reads import COLUMNS, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
 
 T = TypeVar("T")
@@ -104,6 +105,28 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dispatches_sha256 ON dispatches (sha256, destination) "
         "WHERE sha256 IS NOT NULL AND status = 'SUCCEEDED'",
     ],
+    [  # several hosts: nodes and their leases, listing leases of shared sources, and on each
+        # row the node that claimed it, its fencing token and the node a local source belongs to
+        "CREATE SEQUENCE node_epochs",
+        """CREATE TABLE nodes (
+            name TEXT PRIMARY KEY,
+            epoch BIGINT NOT NULL,            -- new at each join: the fencing token of claims
+            started DOUBLE PRECISION NOT NULL,
+            lease_s DOUBLE PRECISION NOT NULL,
+            renewed TIMESTAMPTZ NOT NULL,     -- the database's clock
+            lease_until TIMESTAMPTZ NOT NULL
+        )""",
+        """CREATE TABLE listings (
+            source TEXT PRIMARY KEY,
+            node TEXT NOT NULL,
+            epoch BIGINT NOT NULL,
+            lease_until TIMESTAMPTZ NOT NULL
+        )""",
+        "ALTER TABLE dispatches ADD COLUMN node TEXT",
+        "ALTER TABLE dispatches ADD COLUMN epoch BIGINT",
+        "ALTER TABLE dispatches ADD COLUMN owner TEXT",
+        "CREATE INDEX dispatches_in_progress ON dispatches (epoch) WHERE status = 'IN_PROGRESS'",
+    ],
 ]
 
 
@@ -147,21 +170,36 @@ def _stat(value: int | None) -> str | None:
     return None if value is None else str(value)
 
 
-#: planned rows come as one array per column and are inserted in one statement
+#: planned rows come as one array per column and are inserted in one statement; the constants
+#: are status, created, started, node and epoch
 _PLAN = (
     "INSERT INTO dispatches (vkey, source, root, relpath, filename, extension, size, mtime_ns, "
-    "rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, started) "
+    "rule, step, step_key, destination, protocol, dev, ino, ctime_ns, owner, status, created, "
+    "started, node, epoch) "
     "SELECT u.vk, u.src, u.root, u.rel, u.fn, u.ext, u.size, u.mt::numeric, u.rule, u.step, "
-    "u.sk, u.dest, u.proto, u.dev::numeric, u.ino::numeric, u.ct::numeric, %s, %s, %s "
+    "u.sk, u.dest, u.proto, u.dev::numeric, u.ino::numeric, u.ct::numeric, u.owner, "
+    "%s, %s, %s, %s, %s::bigint "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
     "%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[]) "
-    "AS u(vk, src, root, rel, fn, ext, size, mt, rule, step, sk, dest, proto, dev, ino, ct) "
-    "ON CONFLICT (vkey, step_key) DO NOTHING"
+    "%s::text[], %s::text[], %s::text[], %s::text[]) "
+    "AS u(vk, src, root, rel, fn, ext, size, mt, rule, step, sk, dest, proto, dev, ino, ct, "
+    "owner) ON CONFLICT (vkey, step_key) DO NOTHING"
 )
 
+#: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
+#: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
+_ORPHANS = (
+    "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
+    "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
+    "WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN "
+    "(SELECT epoch FROM nodes WHERE lease_until >= now())) FOR UPDATE SKIP LOCKED)"
+)
+_ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
 
-def _plan_columns(steps: Iterable[PlannedStep]) -> list[list[Any]]:
+
+def _plan_columns(
+    steps: Iterable[PlannedStep], owner: Callable[[str], str | None]
+) -> list[list[Any]]:
     rows = [
         (
             s.version.key,
@@ -180,17 +218,36 @@ def _plan_columns(steps: Iterable[PlannedStep]) -> list[list[Any]]:
             _stat(s.version.dev or None),
             _stat(s.version.ino or None),
             _stat(s.version.ctime_ns or None),
+            owner(s.version.source),
         )
         for s in steps
     ]
     return [list(col) for col in zip(*rows, strict=True)] if rows else []
 
 
+#: one outcome, fenced: the row must still carry the claim's token (the last %s)
 _FINISH = (
     "UPDATE dispatches SET status=%s, attempts=%s, reason=%s, error_type=%s, location=%s, "
     "detail=%s, finished=%s, duration_ms=%s, next_attempt=%s, output=COALESCE(%s, output), "
-    "sha256=COALESCE(%s, sha256) WHERE id=%s"
+    "sha256=COALESCE(%s, sha256) WHERE id=%s AND epoch IS NOT DISTINCT FROM %s"
 )
+#: many outcomes (distinct rows) in one statement, fenced the same way; the rows it changed
+_FINISH_BULK = (
+    "UPDATE dispatches d SET status=u.st, attempts=u.att, reason=u.rsn, error_type=u.et, "
+    "location=u.loc, detail=u.det, finished=u.fin, duration_ms=u.dur, next_attempt=u.nxt, "
+    "output=COALESCE(u.outp, d.output), sha256=COALESCE(u.sha, d.sha256) "
+    "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], "
+    "%s::float8[], %s::bigint[], %s::float8[], %s::text[], %s::text[], %s::bigint[]) "
+    "AS u(st, att, rsn, et, loc, det, fin, dur, nxt, outp, sha, id) "
+    "WHERE d.id = u.id AND d.epoch IS NOT DISTINCT FROM %s RETURNING d.id"
+)
+
+
+#: another transaction's locks (a deadlock, a lock wait past ``lock_timeout``): the batch was
+#: rolled back and is tried again at once, up to CONFLICT_RETRIES times, then held as in an
+#: outage
+_CONFLICTS = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
+CONFLICT_RETRIES = 20
 
 
 def _outage(exc: BaseException) -> bool:
@@ -249,6 +306,10 @@ class PostgresJournal(SqlReads, HealthReport):
         self._inbox: asyncio.Queue[tuple[PgOp[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._give_up = asyncio.Event()
+        self.node: str | None = None  #: this service's node name, once joined
+        self.epoch: int | None = None  #: its fencing token, new at each join
+        self._lease_s = 0.0
+        self._shared: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -364,12 +425,17 @@ class PostgresJournal(SqlReads, HealthReport):
         """Commit ``ops``; while the server refuses them, hold them and try again (1 s
         doubling to 30 s) until they are committed, or until ``stop_retrying``."""
         delay = RETRY_FIRST_S
+        conflicts = 0
         while True:
             if self._give_up.is_set() and not self.health.ok:
                 raise JournalError(f"not recorded, the journal is failing: {self.health.error}")
             try:
                 results = await self._commit(ops)
             except Exception as exc:
+                if isinstance(exc, _CONFLICTS) and conflicts < CONFLICT_RETRIES:
+                    conflicts += 1  # rolled back, the connection is fine: again, at once
+                    await asyncio.sleep(0.02 * conflicts)
+                    continue
                 if not _outage(exc):
                     raise
                 await self._drop_connection()
@@ -392,6 +458,8 @@ class PostgresJournal(SqlReads, HealthReport):
         conn = self._conn
         if conn is None or conn.closed:
             conn = self._conn = await _connect(self.target)
+            if self._lease_s:
+                await _limit_waits(conn, self._lease_s)
         results: list[Any] = []
         async with conn.transaction():
             for op in ops:
@@ -454,12 +522,12 @@ class PostgresJournal(SqlReads, HealthReport):
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; returns how many are new."""
         now = time.time() if now is None else now
-        columns = _plan_columns(steps)
+        columns = _plan_columns(steps, self._owner)
         if not columns:
             return 0
 
         async def op(conn: Conn) -> int:
-            cur = await conn.execute(_PLAN.encode(), ("PENDING", now, None, *columns))
+            cur = await conn.execute(_PLAN.encode(), ("PENDING", now, None, None, None, *columns))
             return max(cur.rowcount, 0)
 
         return await self.write(op)
@@ -468,15 +536,16 @@ class PostgresJournal(SqlReads, HealthReport):
         self, steps: Sequence[PlannedStep], now: float
     ) -> asyncio.Future[list[int | None]]:
         """Insert rows already IN_PROGRESS; each step's new id, None where planned before."""
-        columns = _plan_columns(steps)
+        columns = _plan_columns(steps, self._owner)
         keys = [s.version.key + s.step_key for s in steps]
+        node, epoch = self.node, self.epoch
 
         async def op(conn: Conn) -> list[int | None]:
             if not columns:
                 return []
             cur = await conn.execute(
                 (_PLAN + " RETURNING vkey || step_key, id").encode(),
-                ("IN_PROGRESS", now, now, *columns),
+                ("IN_PROGRESS", now, now, node, epoch, *columns),
             )
             new = {k: int(i) for k, i in await cur.fetchall()}
             return [new.pop(k, None) for k in keys]  # a repeat gets None
@@ -506,11 +575,18 @@ class PostgresJournal(SqlReads, HealthReport):
         passed over) and marked IN_PROGRESS in the same transaction.
         """
 
+        node, epoch = self.node, self.epoch
+
         async def op(conn: Conn) -> list[list[Dispatch]]:
+            if epoch is not None:  # a node whose lease ran out claims nothing
+                cur = await conn.execute(_ALIVE, (node, epoch))
+                if await cur.fetchone() is None:
+                    return []
             cur = await conn.execute(
                 "SELECT vkey, source FROM dispatches WHERE status='PENDING' "
-                "AND next_attempt <= %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (now, limit * 4),
+                "AND next_attempt <= %s AND (owner IS NULL OR owner = %s) "
+                "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now, node, limit * 4),
             )
             found = await cur.fetchall()
             vkeys = list(dict.fromkeys(v for v, s in found if s not in skip_sources))[:limit]
@@ -522,14 +598,35 @@ class PostgresJournal(SqlReads, HealthReport):
                 (vkeys,),
             )
             rows = await cur.fetchall()
-            await conn.execute(
+            cur = await conn.execute(
                 # ``started`` is the first try's (the retry policy's ``for`` counts from it)
-                "UPDATE dispatches SET status='IN_PROGRESS', started=COALESCE(started, %s) "
-                "WHERE vkey = ANY(%s) "
-                "AND status='PENDING' AND next_attempt <= %s",
-                (now, vkeys, now),
+                "UPDATE dispatches SET status='IN_PROGRESS', started=COALESCE(started, %s), "
+                "node=%s, epoch=%s "
+                "WHERE vkey = ANY(%s) AND status='PENDING' AND next_attempt <= %s "
+                "AND (owner IS NULL OR owner = %s) RETURNING id",
+                (now, node, epoch, vkeys, now, node),
             )
-            return claimed_groups(vkeys, rows, now)
+            taken = {int(i) for (i,) in await cur.fetchall()}
+            found_due = {
+                d.id
+                for d in map(row_dispatch, (r[2:] for r in rows))
+                if d.status == Status.PENDING and d.next_attempt <= now
+            }
+            # a version one of whose due rows another node took meanwhile (the lock covered
+            # only the rows found): ours go back, so no version runs on two nodes at once
+            groups, back = [], []
+            for group in claimed_groups(vkeys, rows, now):
+                due = [d.id for d in group if d.id in found_due]
+                if all(i in taken for i in due):
+                    groups.append(group)
+                else:
+                    back += [i for i in due if i in taken]
+            if back:
+                await conn.execute(
+                    "UPDATE dispatches SET status='PENDING', epoch=NULL WHERE id = ANY(%s)",
+                    (back,),
+                )
+            return groups
 
         return await self.write(op)
 
@@ -543,11 +640,30 @@ class PostgresJournal(SqlReads, HealthReport):
         """Queue outcomes for the next group commit; the future is done once they (and every
         write queued before them) are committed."""
         params = finish_params(results, time.time() if now is None else now)
+        epoch, node = self.epoch, self.node
 
-        async def op(conn: Conn) -> None:
-            if params:
+        async def op(conn: Conn) -> FencedError | None:
+            if not params:
+                return None
+            ids = [p[-1] for p in params]
+            if len(set(ids)) == len(ids):
+                columns = [list(c) for c in zip(*params, strict=True)]
+                cur = await conn.execute(_FINISH_BULK.encode(), (*columns, epoch))
+                done = len(await cur.fetchall())
+            else:  # the same row twice: in order, one statement each
+                done = 0
                 async with conn.cursor() as cur:
-                    await cur.executemany(_FINISH.encode(), params)
+                    for p in params:
+                        await cur.execute(_FINISH.encode(), (*p, epoch))
+                        done += max(cur.rowcount, 0)
+                ids = list(dict.fromkeys(ids))
+            if done >= len(ids):
+                return None
+            return FencedError(
+                f"{len(ids) - done} outcome(s) refused: node {node} no longer holds the rows "
+                "(its lease ran out and its work went back to the queue); not recorded, and "
+                "nothing is done to the source on their account"
+            )
 
         return self._enqueue(op)
 
@@ -555,13 +671,144 @@ class PostgresJournal(SqlReads, HealthReport):
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""
 
         async def op(conn: Conn) -> int:
-            cur = await conn.execute(
-                "UPDATE dispatches SET status='PENDING', next_attempt=0, "
-                "detail='resumed after an interruption' WHERE status='IN_PROGRESS'"
-            )
+            cur = await conn.execute(_ORPHANS)
             return max(cur.rowcount, 0)
 
         return self._enqueue(op)
+
+    # ------------------------------------------------------------------ nodes and leases
+
+    def _owner(self, source: str) -> str | None:
+        """The node a planned row belongs to: None (any node) for a shared source."""
+        return None if source in self._shared else self.node
+
+    async def join(
+        self,
+        node: str,
+        lease_s: float,
+        shared: frozenset[str] = frozenset(),
+        takeover: bool = False,
+    ) -> int:
+        """Register as ``node`` with a lease of ``lease_s`` seconds on the database's clock; a
+        node of that name whose lease ran out is replaced, a live one refuses (NodeConflictError)
+        unless ``takeover`` (the caller holds the name's lock, so that node is gone). Work no
+        live node holds goes back to PENDING in the same transaction."""
+        started = time.time()
+
+        async def op(conn: Conn) -> int | NodeConflictError:
+            cur = await conn.execute(
+                "INSERT INTO nodes (name, epoch, started, lease_s, renewed, lease_until) "
+                "VALUES (%s, nextval('node_epochs'), %s, %s, now(), "
+                "now() + make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE SET "
+                "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
+                "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
+                "WHERE nodes.lease_until < now() OR %s RETURNING epoch",
+                (node, started, lease_s, lease_s, takeover),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                cur = await conn.execute(
+                    "SELECT EXTRACT(EPOCH FROM lease_until - now()) FROM nodes WHERE name=%s",
+                    (node,),
+                )
+                left = await cur.fetchone()
+                return NodeConflictError(
+                    f"another live node is named {node!r} in the journal {self.target.shown}: "
+                    "give this one another name (node: in the config), or stop the other; if "
+                    f"it is gone, its lease runs out in {float(left[0]) if left else 0:.0f}s"
+                )
+            await conn.execute(_ORPHANS)
+            await _limit_waits(conn, lease_s)
+            return int(row[0])
+
+        epoch = await self.write(op)  # an error returned by the op is raised here
+        if not isinstance(epoch, int):
+            raise epoch
+        self.node, self.epoch, self._lease_s, self._shared = node, epoch, lease_s, shared
+        return epoch
+
+    async def renew(self) -> bool:
+        """Renew the lease and the listing leases held; requeue the work of nodes whose lease
+        ran out. False when this node's lease had run out (it must join again)."""
+        node, epoch, lease_s = self.node, self.epoch, self._lease_s
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(
+                "UPDATE nodes SET renewed=now(), lease_until=now() + make_interval(secs => %s) "
+                "WHERE name=%s AND epoch=%s AND lease_until >= now() RETURNING 1",
+                (lease_s, node, epoch),
+            )
+            alive = await cur.fetchone() is not None
+            if alive:
+                await conn.execute(
+                    "UPDATE listings SET lease_until=now() + make_interval(secs => %s) "
+                    "WHERE epoch=%s AND lease_until >= now()",
+                    (lease_s, epoch),
+                )
+            await conn.execute(_ORPHANS)
+            return alive
+
+        return await self.write(op) if epoch is not None else True
+
+    async def take_listing(self, source: str) -> bool:
+        """Take the listing lease of a shared source if it is free or ran out, or keep it."""
+        node, epoch, lease_s = self.node, self.epoch, self._lease_s
+        if epoch is None:
+            return True
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(_ALIVE, (node, epoch))
+            if await cur.fetchone() is None:
+                return False
+            cur = await conn.execute(
+                "INSERT INTO listings (source, node, epoch, lease_until) VALUES "
+                "(%s, %s, %s, now() + make_interval(secs => %s)) ON CONFLICT (source) DO UPDATE "
+                "SET node=EXCLUDED.node, epoch=EXCLUDED.epoch, lease_until=EXCLUDED.lease_until "
+                "WHERE listings.epoch = EXCLUDED.epoch OR listings.lease_until < now() "
+                "RETURNING 1",
+                (source, node, epoch, lease_s),
+            )
+            return await cur.fetchone() is not None
+
+        return await self.write(op)
+
+    async def leave(self) -> None:
+        """End the lease and the listing leases now, so other nodes take over at once."""
+        epoch = self.epoch
+        if epoch is None:
+            return
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM listings WHERE epoch=%s", (epoch,))
+            await conn.execute(
+                "UPDATE nodes SET lease_until = now() - interval '1 millisecond' WHERE epoch=%s",
+                (epoch,),
+            )
+
+        await self.write(op)
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every node the journal knows, by name, with its listings and rows in flight."""
+        rows = await self.read(
+            "SELECT n.name, n.lease_until >= now(), n.lease_s, "
+            "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
+            "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
+            "AND l.lease_until >= now() ORDER BY l.source), "
+            "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
+            "AND d.epoch = n.epoch) FROM nodes n ORDER BY n.name"
+        )
+        return [
+            NodeInfo(
+                name,
+                bool(alive),
+                float(lease),
+                max(0.0, float(age)),
+                float(started),
+                tuple(listing),
+                int(busy),
+            )
+            for name, alive, lease, age, started, listing, busy in rows
+        ]
 
     async def retry(self, dispatch_id: int) -> bool:
         """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED."""
@@ -711,6 +958,20 @@ class PostgresJournal(SqlReads, HealthReport):
 
         await self.write(op)
         return new
+
+
+async def _limit_waits(conn: Conn, lease_s: float) -> None:
+    """A node frozen inside a transaction (SIGSTOP, a VM paused) must not keep its row locks
+    past its lease: the server ends such a session after half a lease, and the locked rows are
+    free for the other nodes (the writer reconnects when the node wakes). And a writer must not
+    wait on another's locks until its own lease runs out: after a quarter of a lease the
+    statement fails, and the batch is tried again (``_CONFLICTS``)."""
+    idle, lock = max(500, int(lease_s * 500)), max(200, int(lease_s * 250))
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+        "set_config('lock_timeout', %s, false)",
+        (str(idle), str(lock)),
+    )
 
 
 async def _nothing(conn: Conn) -> None:

@@ -45,7 +45,7 @@ ENTRY_COLUMNS = (
     "attempts, size, duration_ms, reason, sha256, mtime_ns"
 )
 DETAIL_COLUMNS = (
-    ENTRY_COLUMNS + ", relpath, step, location, detail, error_type, started, next_attempt"
+    ENTRY_COLUMNS + ", relpath, step, location, detail, error_type, started, next_attempt, node"
 )
 _KNOWN: frozenset[str] = frozenset(get_args(Column))
 #: 1970-01-01 as a Julian day: ``julianday(...) - EPOCH_JULIAN_DAY`` is a day number

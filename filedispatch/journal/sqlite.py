@@ -37,6 +37,7 @@ from .base import (
     HealthReport,
     JournalHealth,
     JournalState,
+    NodeInfo,
     PlannedStep,
     StepResult,
     StepState,
@@ -171,6 +172,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX dispatches_sha256 ON dispatches (sha256, destination) "
         "WHERE sha256 IS NOT NULL AND status = 'SUCCEEDED'",
     ],
+    [  # the node that claimed a row (one implicit node here; see the PostgreSQL journal)
+        "ALTER TABLE dispatches ADD COLUMN node TEXT",
+    ],
 ]
 
 
@@ -294,9 +298,9 @@ _PLAN = (
 _PLAN_BULK = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
     "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, "
-    "started) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
+    "started, node) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
     "value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
-    "value->>13, value->>14, value->>15, 'IN_PROGRESS', ?2, ?2 FROM json_each(?1)"
+    "value->>13, value->>14, value->>15, 'IN_PROGRESS', ?2, ?2, ?3 FROM json_each(?1)"
 )
 
 
@@ -427,6 +431,9 @@ class SqliteJournal(SqlReads, HealthReport):
         #: set: a write the journal refuses fails at once instead of being held (stopping)
         self._give_up = threading.Event()
         self._held: JournalHealth = JournalHealth()  # the writer thread's view
+        self.node: str | None = None  #: the implicit node's name, once joined
+        self._lease_s = 0.0
+        self._joined = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -724,7 +731,7 @@ class SqliteJournal(SqlReads, HealthReport):
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
             payload = _json(params) if self._bulk else None
             if payload is not None:  # one statement, and one row back: no GIL hand-over per row
-                conn.execute(_PLAN_BULK, (payload, now))
+                conn.execute(_PLAN_BULK, (payload, now, self.node))
                 new = json.loads(
                     conn.execute(
                         "SELECT json_group_object(vkey || step_key, id) FROM dispatches "
@@ -734,12 +741,45 @@ class SqliteJournal(SqlReads, HealthReport):
                 )
             else:
                 conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?17"), params)
+                if self.node is not None:
+                    conn.execute("UPDATE dispatches SET node=? WHERE id > ?", (self.node, top))
                 new = dict(
                     conn.execute("SELECT vkey || step_key, id FROM dispatches WHERE id > ?", (top,))
                 )
             return [new.pop(p[0] + p[10], None) for p in params]  # a repeat gets None
 
         return self._enqueue(op)
+
+    # ------------------------------------------------------------------ the one node
+
+    async def join(
+        self,
+        node: str,
+        lease_s: float,
+        shared: frozenset[str] = frozenset(),
+        takeover: bool = False,
+    ) -> int:
+        """SQLite has one implicit node: its name goes on the rows it claims; epoch 0."""
+        self.node, self._lease_s, self._joined = node, lease_s, time.time()
+        return 0
+
+    async def renew(self) -> bool:
+        """The one node's lease never runs out."""
+        return True
+
+    async def take_listing(self, source: str) -> bool:
+        """The one node lists every source."""
+        return True
+
+    async def leave(self) -> None:
+        """Nothing to give up."""
+
+    async def nodes(self) -> list[NodeInfo]:
+        """The implicit node (none before ``join``)."""
+        if self.node is None:
+            return []
+        rows = await self.read("SELECT COUNT(*) FROM dispatches WHERE status='IN_PROGRESS'")
+        return [NodeInfo(self.node, True, self._lease_s, 0.0, self._joined, (), int(rows[0][0]))]
 
     async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
         """A file that cannot even be planned (an undecodable name): one FAILED row says why."""
@@ -782,10 +822,9 @@ class SqliteJournal(SqlReads, HealthReport):
             ).fetchall()
             conn.execute(
                 # ``started`` is the first try's (the retry policy's ``for`` counts from it)
-                "UPDATE dispatches SET status='IN_PROGRESS', started=COALESCE(started, ?) "
-                f"WHERE vkey IN ({marks}) "
-                "AND status='PENDING' AND next_attempt <= ?",
-                (now, *vkeys, now),
+                "UPDATE dispatches SET status='IN_PROGRESS', started=COALESCE(started, ?), node=? "
+                f"WHERE vkey IN ({marks}) AND status='PENDING' AND next_attempt <= ?",
+                (now, self.node, *vkeys, now),
             )
             return claimed_groups(vkeys, rows, now)
 

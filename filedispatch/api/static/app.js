@@ -121,6 +121,18 @@ async function refreshStatus() {
   $("#pause-alert").textContent = pausedBy ? PAUSE_REASONS[pausedBy] || `Paused (${shown(pausedBy)}).` : "";
   renderWindows(s.windows || []);
   renderService(s);
+  renderNodes((await api("/api/v1/nodes")).nodes || []);
+}
+
+function renderNodes(nodes) {
+  const rows = nodes.map((n) => {
+    const tr = el("tr", {}, cell(n.name), cell(n.alive ? "held" : "ran out"), cell(n.lease_age_s.toFixed(1), "num"),
+      cell((n.sources_listed || []).join(", "), "clip"), cell(n.in_flight, "num"));
+    tr.dataset.node = n.name;
+    if (!n.alive) tr.className = "has-error";
+    return tr;
+  });
+  $("#nodes tbody").replaceChildren(...rows);
 }
 
 // destinations with a time window: shut ones say how much waits for them, and until when
@@ -256,7 +268,7 @@ async function openDetail(id) {
     $("#detail-id").textContent = `#${d.id}`;
     const fields = ["status", "filename", "relpath", "source", "rule", "step", "destination", "protocol",
       "location", "size", "byte_size", "attempts", "created", "started", "finished", "duration_ms",
-      "next_attempt", "reason", "error_type", "detail", "extension"];
+      "next_attempt", "reason", "error_type", "detail", "extension", "node"];
     const dl = $("#detail-fields");
     dl.replaceChildren();
     for (const f of fields) {

@@ -1,0 +1,192 @@
+"""This service as a node of several sharing one journal: it joins under its name, renews its
+lease every third of it, stops delivering once the lease may have run out, and lists a shared
+source only while it holds that source's listing lease.
+
+No SQL here (the journal's ``join``, ``renew``, ``take_listing`` and ``leave`` hold it) and no
+delivery. With SQLite there is one implicit node whose lease never runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from .asyncutil import first_completed
+from .config import Config, SourceConfig
+from .errors import JournalError, NodeConflictError
+from .journal import Journal
+from .watcher import SourceWatcher
+
+log = logging.getLogger("filedispatch.cluster")
+
+
+def node_name(config: Config) -> str:
+    """The node's name: ``node:`` in the config, else the host name."""
+    return config.node or socket.gethostname() or "filedispatch"
+
+
+class Lease:
+    """Two events kept opposite: ``held`` while a lease is ours, ``free`` while it is not."""
+
+    def __init__(self) -> None:
+        self.held = asyncio.Event()
+        self.free = asyncio.Event()
+        self.free.set()
+
+    def set(self, held: bool) -> bool:
+        """Hold or drop; whether that changed anything."""
+        if held == self.held.is_set():
+            return False
+        (self.held.set if held else self.held.clear)()
+        (self.free.clear if held else self.free.set)()
+        return True
+
+
+class Membership:
+    """This node's lease and its listing leases.
+
+    ``alive`` is held from a renewal until ``lease_s`` seconds after that renewal was *sent*,
+    measured on this host's monotonic clock: the database dates the lease from a later moment,
+    so the node stops before any other node may take its work.
+    """
+
+    def __init__(
+        self, journal: Journal, name: str, lease_s: float, shared: Sequence[str] = ()
+    ) -> None:
+        self.journal = journal
+        self.name = name
+        self.lease_s = lease_s
+        self.shared = frozenset(shared)
+        self.alive = Lease()
+        self.listing = {key: Lease() for key in sorted(self.shared)}
+        self.epoch: int | None = None
+        self.lost = 0  #: times the lease ran out while the service ran
+        self._expiry: asyncio.TimerHandle | None = None
+
+    async def join(self, takeover: bool = False) -> None:
+        """Register; raises NodeConflictError while a live node has this name (unless
+        ``takeover``: the caller knows that node is gone)."""
+        sent = asyncio.get_running_loop().time()
+        self.epoch = await self.journal.join(self.name, self.lease_s, self.shared, takeover)
+        self._held_from(sent)
+
+    def _held_from(self, sent: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._expiry = loop.call_at(sent + self.lease_s, self._expired)
+        self.alive.set(True)
+
+    def _expired(self) -> None:
+        """The lease may have run out: no new delivery starts and no shared source is listed
+        until it is renewed or the node has joined again."""
+        if self.alive.set(False):
+            self.lost += 1
+            log.error(
+                "node %s: its lease (%gs) was not renewed in time (the journal did not answer): "
+                "it stops delivering and listing; its work goes back to the queue for the "
+                "other nodes, and its late outcomes will be refused",
+                self.name,
+                self.lease_s,
+            )
+        for key, lease in self.listing.items():
+            if lease.set(False):
+                log.info("source %s: this node no longer lists it", key)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew every third of the lease until ``stop``; then give the leases up."""
+        loop = asyncio.get_running_loop()
+        try:
+            while not stop.is_set():
+                await self._tick(loop)
+                await first_completed(stop.wait(), timeout=self.lease_s / 3)
+        finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
+
+    async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        sent = loop.time()
+        try:
+            if await self.journal.renew():
+                self._held_from(sent)
+            else:
+                self._expired()
+                log.warning("node %s: its lease had run out; joining again", self.name)
+                await self.join()
+            for key, lease in self.listing.items():
+                held = self.alive.held.is_set() and await self.journal.take_listing(key)
+                if lease.set(held):
+                    log.info(
+                        "source %s: %s",
+                        key,
+                        "this node lists it now" if held else "another node lists it now",
+                    )
+        except NodeConflictError as exc:
+            log.error("node %s cannot join again: %s", self.name, exc)
+        except JournalError as exc:
+            log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
+
+    async def leave(self) -> None:
+        """At a clean stop: end the leases now so another node lists and works at once."""
+        self.alive.set(False)
+        with contextlib.suppress(JournalError):
+            await self.journal.leave()
+
+
+class SharedWatcher:
+    """A shared source's watcher: it runs (polling) only while this node holds the source's
+    listing lease, and stops when the lease is lost. Reads like a ``SourceWatcher``."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        make: Callable[[SourceConfig], SourceWatcher],
+        lease: Lease,
+    ) -> None:
+        # inotify sees only this host's writes: a shared folder is polled
+        self.config = (
+            config if config.poll is not None else config.model_copy(update={"poll": True})
+        )
+        self.root = config.path
+        self._make = make
+        self._lease = lease
+        self.inner = make(self.config)
+        self.ready = asyncio.Event()  #: listed once by this node, or listed by another
+        self.polling = True
+
+    @property
+    def last_error(self) -> str | None:
+        return self.inner.last_error
+
+    @property
+    def unsettled(self) -> int:
+        return self.inner.unsettled if self._lease.held.is_set() else 0
+
+    @property
+    def listing(self) -> bool:
+        return self._lease.held.is_set()
+
+    def request_rescan(self) -> None:
+        self.inner.request_rescan()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """List while the lease is held, until ``stop``."""
+        while not stop.is_set():
+            if not self._lease.held.is_set():
+                self.ready.set()  # another node lists it: nothing to wait for here
+                await first_completed(stop.wait(), self._lease.held.wait())
+                continue
+            inner = self.inner = self._make(self.config)
+            inner_stop = asyncio.Event()
+            task = asyncio.create_task(inner.run(inner_stop), name=f"shared:{self.config.key}")
+            try:
+                await first_completed(stop.wait(), self._lease.free.wait(), inner.ready.wait())
+                if inner.ready.is_set():
+                    self.ready.set()
+                await first_completed(stop.wait(), self._lease.free.wait(), task)
+            finally:
+                inner_stop.set()
+                await task
