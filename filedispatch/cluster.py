@@ -169,6 +169,16 @@ class SharedWatcher:
     def listing(self) -> bool:
         return self._lease.held.is_set()
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Entries passed over by this node's last full listing, per reason."""
+        return self.inner.skipped
+
+    @property
+    def ageing(self) -> int:
+        """Files a rule waits for until they are old enough (``min_age``)."""
+        return self.inner.ageing
+
     def request_rescan(self) -> None:
         self.inner.request_rescan()
 

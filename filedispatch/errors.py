@@ -51,6 +51,8 @@ class JournalUnavailableError(JournalError):
 
 class NotFound(JournalError):
     """A history command named a dispatch or a file the journal does not hold (exit 1)."""
+
+
 class FencedError(JournalError):
     """Outcomes refused because the rows are no longer this node's: its lease ran out and its
     work went back to the queue (another node may have taken it). Nothing is to be done to the

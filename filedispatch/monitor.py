@@ -440,7 +440,7 @@ async def status_text(journal: Journal, link: ServiceLink) -> str:
         state = "running"
     lines = [f"filedispatch {st['version']}, up {st['uptime_s']}s, {state}"]
     try:
-        nodes = await service.journal.nodes()
+        nodes = await journal.nodes()
     except JournalError:
         nodes = []
     if nodes:
