@@ -254,14 +254,30 @@ def main() -> int:
             f"HTTP receiver taking {HTTP_DELAY_S * 1000:.0f} ms per upload, {HTTP_WORKERS} "
             f"workers per node (at most {HTTP_WORKERS / HTTP_DELAY_S:.0f} files/s per node)"
         )
-        burst("sqlite 1 node http", files, 1, "sqlite", receiver, ROOT, HTTP_WORKERS)
+        burst("sqlite 1 node http", files, 1, "sqlite", receiver, workers=HTTP_WORKERS)
         one, two = [], []
         for _ in range(args.rounds):
             one.append(
-                burst("postgres 1 node http", files, 1, "pg", receiver, HTTP_WORKERS, cluster)
+                burst(
+                    "postgres 1 node http",
+                    files,
+                    1,
+                    "pg",
+                    receiver,
+                    workers=HTTP_WORKERS,
+                    cluster=cluster,
+                )
             )
             two.append(
-                burst("postgres 2 nodes http", files, 2, "pg", receiver, HTTP_WORKERS, cluster)
+                burst(
+                    "postgres 2 nodes http",
+                    files,
+                    2,
+                    "pg",
+                    receiver,
+                    workers=HTTP_WORKERS,
+                    cluster=cluster,
+                )
             )
         print(f"  two/one (delivery-bound): {statistics.median(two) / statistics.median(one):.2f}x")
     finally:
