@@ -17,12 +17,14 @@ from . import __version__
 from .config import Config, folder_problem, load_config, real, watched_by
 from .content import facts_for, import_problems
 from .errors import ConfigError, FileDispatchError
+from .learn import Learned, learn_folders, learn_problems, learned_models
 from .models import FileVersion, Status
 from .router import Router, describe_target
 from .sourcefile import describe_writer_check
 from .textsafe import escape
 
 if TYPE_CHECKING:
+    from .learn.model import Prediction
     from .service import Service
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="filedispatch",
         description="Watch folders and deliver each new file where its rules send it.",
-        epilog="Commands: check, explain, history, mark-existing (see 'filedispatch COMMAND -h'). "
+        epilog="Commands: check, explain, learn-check, history, mark-existing "
+        "(see 'filedispatch COMMAND -h'). "
         "Without a command, the service runs on the config given with -c.",
     )
     parser.add_argument(
@@ -145,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="say which rules take the given files, and why")
     add_config_option(explain, "configuration (also accepted before 'explain')")
     explain.add_argument("files", nargs="+", type=Path)
+    learn_check = sub.add_parser(
+        "learn-check",
+        help="cross-validate the learned rules' models on their examples: accuracy per label "
+        "and the confusion between labels",
+    )
+    add_config_option(learn_check, "configuration (also accepted before 'learn-check')")
+    learn_check.add_argument(
+        "--folds", type=_positive, default=5, metavar="K", help="cross-validation folds (5)"
+    )
     add_history_commands(sub)
     return parser
 
@@ -204,10 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("check", "explain"):
+        if args.command in ("check", "explain", "learn-check"):
             path = args.sub_config or args.config
             if path is None:
                 parser.error(f"{args.command} needs -c CONFIG (before or after '{args.command}')")
+            if args.command == "learn-check":
+                return cmd_learn_check(path, args.folds)
             return cmd_check(path) if args.command == "check" else cmd_explain(path, args.files)
         if args.command in ("history", "mark-existing"):
             from .history import run_command
@@ -239,9 +253,10 @@ def say(line: str, file: TextIO | None = None) -> None:
 
 
 def load_checked(path: Path) -> Config:
-    """Load a config and also import every Python hook it names (so typos fail now)."""
+    """Load a config and also import every Python hook it names (so typos fail now), and
+    check the learned rules' extra and examples."""
     config = load_config(path)
-    problems = import_problems(config)
+    problems = import_problems(config) + learn_problems(config)
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -327,6 +342,11 @@ def print_summary(service: Service) -> None:
 
 def dry_run(config: Config, max_items: int | None) -> int:
     """Print where each file in the sources would go; open nothing for writing."""
+    with learned_models(config, store=False) as learned:
+        return _dry_run(config, max_items, learned)
+
+
+def _dry_run(config: Config, max_items: int | None, learned: Learned | None) -> int:
     from .watcher import SourceWatcher
 
     router = Router(config)
@@ -339,14 +359,15 @@ def dry_run(config: Config, max_items: int | None) -> int:
                 say(f"(stopping at --max-items {max_items})")
                 return EXIT_OK
             version = FileVersion.from_stat(source.key, source.path, rel, st)
-            chains = router.route(version, facts_for(router, version))
+            chains = router.route(version, facts_for(router, version, learned=learned))
             if not chains:
                 say(f"{source.key}/{rel}: no rule matches")
                 continue
             count += 1
             for chain in chains:
                 for step in chain.steps:
-                    say(f"{source.key}/{rel} -> [{chain.rule}] {describe_target(step, version)}")
+                    where = describe_target(step, version, chain.label)
+                    say(f"{source.key}/{rel} -> [{chain.rule}] {where}")
     return EXIT_OK
 
 
@@ -394,7 +415,10 @@ def cmd_check(path: Path) -> int:
             what.append(f">= {cfg.min_size} bytes")
         if cfg.max_size is not None:
             what.append(f"<= {cfg.max_size} bytes")
-        if cfg.classify:
+        if cfg.learned:
+            learn = cfg.learned
+            what.append(f"learned from {learn.learn} (min_confidence {learn.min_confidence:g})")
+        elif cfg.classify:
             what.append(f"classify {cfg.classify}")
         srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
         flag = " (continue)" if cfg.continue_ else ""
@@ -429,6 +453,11 @@ def verify_problems(config: Config) -> list[str]:
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
     config = load_checked(path)
+    with learned_models(config) as learned:
+        return _explain(config, files, learned)
+
+
+def _explain(config: Config, files: list[Path], learned: Learned | None) -> int:
     router = Router(config)
     for file in files:
         absolute = real(file)  # compared resolved, as the sources are
@@ -447,16 +476,65 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
             version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
             say(f"{file}: (does not exist; taken as an empty file)")
         say(f"{file}: source {source.key}, path {rel}, {version.size} bytes")
-        facts = facts_for(router, version)
+        facts = facts_for(router, version, learned=learned)
         if facts.mime:
             say(f"  detected type: {facts.mime}")
         chains = {c.rule: c for c in router.route(version, facts)}
         for check in router.explain(version, facts):
             mark = "+" if check.matched else "-"
             say(f"  {mark} {check.rule}: {check.why}")
+            answer = facts.learned.get(check.rule)
+            if answer is not None and learned is not None:
+                explain_prediction(learned, router.learners[check.rule].learn, answer)
         for chain in chains.values():
             for step in chain.steps:
-                say(f"    -> {describe_target(step, version)}")
+                say(f"    -> {describe_target(step, version, chain.label)}")
         if not chains:
             say("    (no rule takes this file: it stays where it is)")
+    return EXIT_OK
+
+
+def explain_prediction(learned: Learned, folder: Path, answer: Prediction) -> None:
+    """Each label's probability and the words of the file that weighed most for it."""
+    document = answer.document
+    if document.method == "name":
+        say(f"      read: the file name only ({document.note})")
+    else:
+        kind = "" if document.method == "text" else f"{document.method.upper()} "
+        say(f"      read: its {kind}text")
+    model = learned.model(folder)
+    for label, probability in answer.probabilities:
+        words = model.top_words(document, label) if model is not None else []
+        shown = ", ".join(words) if words else "(no word for it)"
+        say(f"      {probability:6.1%}  {label}: {shown}")
+
+
+# ---------------------------------------------------------------------------- learn-check
+
+
+def cmd_learn_check(path: Path, folds: int) -> int:
+    """Cross-validated accuracy per label and the confusion, for each learned rule."""
+    from .learn.extract import Extractor
+    from .learn.model import cross_check, find_examples
+
+    config = load_checked(path)
+    folders = learn_folders(config)
+    if not folders:
+        say(f"{path}: no rule has classify: {{learn: FOLDER}}", sys.stderr)
+        return EXIT_USAGE
+    with Extractor() as extractor:
+        for where, folder in folders.items():
+            examples = find_examples(folder)
+            result = cross_check(extractor, examples, folds)
+            total = sum(len(f) for f in examples.values())
+            say(f"{where}: {folder}: {total} examples, {result.folds}-fold cross-validation")
+            width = max(len(label) for label in result.labels)
+            for label in result.labels:
+                accuracy = result.accuracy[label]
+                say(f"  {label:<{width}}  {accuracy:6.1%}  ({len(examples[label])} examples)")
+            say(f"  {'overall':<{width}}  {result.overall:6.1%}")
+            say("  confusion (rows: the examples' label; columns: the label predicted):")
+            say("  " + " " * width + "".join(f"  {label[:10]:>10}" for label in result.labels))
+            for label, row in zip(result.labels, result.confusion, strict=True):
+                say(f"  {label:<{width}}" + "".join(f"  {n:>10}" for n in row))
     return EXIT_OK

@@ -589,6 +589,17 @@ class SourceConfig(_Model):
         return self
 
 
+class LearnClassify(_Model):
+    """``classify: {learn: ./examples}``: a model trained on example files picks a label.
+
+    ``learn`` holds one sub-folder per label, each with at least five example files. The rule
+    takes a file when the most likely label has at least ``min_confidence`` (0..1).
+    """
+
+    learn: FsPath
+    min_confidence: float = Field(0.6, ge=0, le=1)
+
+
 class RuleConfig(_Model):
     """Which files go where; rules are tried in order."""
 
@@ -603,7 +614,8 @@ class RuleConfig(_Model):
     min_size: Size | None = None
     max_size: Size | None = None
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
-    classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
+    #: ``module:function`` naming the rule a file belongs to, or a learned model's settings
+    classify: str | LearnClassify | None = None
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
 
@@ -638,6 +650,21 @@ class RuleConfig(_Model):
         if isinstance(value, (str, Mapping)):
             value = [value]
         return [_coerce_step(v) for v in value] if isinstance(value, list) else value
+
+    @property
+    def learned(self) -> LearnClassify | None:
+        """The learned model's settings, when this rule classifies by one."""
+        return self.classify if isinstance(self.classify, LearnClassify) else None
+
+    @model_validator(mode="after")
+    def _label_needs_learn(self) -> RuleConfig:
+        if self.learned is None:
+            for step in self.to:
+                if "{label}" in (getattr(step, "name", "") or "") + getattr(step, "url", ""):
+                    raise ValueError(
+                        "the {label} placeholder needs classify: {learn: FOLDER} on the rule"
+                    )
+        return self
 
 
 #: the shortest API token taken: a short one is guessed by anyone who can reach the port
@@ -1144,6 +1171,9 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
     for rule in _items(raw.get("rules")):
         if not isinstance(rule, dict):
             continue
+        learn = rule.get("classify")
+        if isinstance(learn, dict) and isinstance(learn.get("learn"), str):
+            rule["classify"] = {**learn, "learn": fix(os.path.expanduser(learn["learn"]))}
         to = rule.get("to")
         steps = to if isinstance(to, list) else [to]
         fixed = []

@@ -20,12 +20,12 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import fastpath, relocate, sourcefile
 from .asyncutil import first_completed
 from .config import Config, SourceConfig, Step, scrub, secrets_of
-from .content import facts_for
+from .content import facts_for, needs_content
 from .errors import (
     DeliveryError,
     JournalError,
@@ -39,6 +39,9 @@ from .journal import Journal, PlannedStep, StepResult, planned_steps
 from .models import Dispatch, FileVersion, Outcome, Status
 from .processors import BatchCopier, Mover, MoveUnavailable, Registry, StepContext
 from .router import Chain, Router
+
+if TYPE_CHECKING:
+    from .learn import Learned
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,11 @@ class Dispatcher:
         max_items: int | None = None,
         on_change: Callable[[], None] | None = None,
         consume_marked: bool = False,
+        learned: Learned | None = None,
     ) -> None:
         self.config = config
+        #: the learned rules' models (see learn.learning); None: those rules take no file
+        self.learned = learned
         #: files recorded by ``mark-existing`` get their after-action like delivered ones
         self.consume_marked = consume_marked
         self.router = Router(config)
@@ -159,7 +165,8 @@ class Dispatcher:
     # ------------------------------------------------------------------ planning
 
     def route(self, version: FileVersion) -> list[Chain]:
-        return self.router.route(version, facts_for(self.router, version, self._classifiers))
+        facts = facts_for(self.router, version, self._classifiers, self.learned)
+        return self.router.route(version, facts)
 
     async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> None:
         """Plan complete files from a watcher: route them and write PENDING rows."""
@@ -169,8 +176,7 @@ class Dispatcher:
             versions = versions[:room]
         if not versions:
             return
-        needs_io = self.router.needs_mime or bool(self.router.classifiers)
-        if needs_io:
+        if needs_content(self.router):
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [self.router.route(v) for v in versions]
@@ -210,8 +216,8 @@ class Dispatcher:
 
     def _lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
         """How a new file skips the queue and the workers, if it can (see _inline)."""
-        if not fastpath.INLINE_LANES or len(chains) != 1:
-            return None
+        if not fastpath.INLINE_LANES or len(chains) != 1 or chains[0].label is not None:
+            return None  # a label is recorded by plan(), which the lanes do not use
         if not self._may_start() or source.key in self.stopped_sources:
             return None
         key = (source.key, chains[0].rule)
@@ -748,6 +754,7 @@ class Dispatcher:
             workdir=workdir,
             resuming=row.started is not None,  # claimed before: a crash may have hit mid-way
             may_move=may_move,
+            label=row.label,
         )
         self.in_flight[row.id] = row
         sem = self._semaphore(step)

@@ -25,6 +25,7 @@ from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError
 from .journal import COLUMNS, Journal, PlannedStep, number, planned_steps
+from .learn import Learned, learned_models
 from .models import FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
@@ -318,8 +319,8 @@ def existing(config: Config) -> Iterator[tuple[SourceConfig, FileVersion]]:
             yield source, FileVersion.from_stat(source.key, source.path, rel, st)
 
 
-def _route(router: Router, version: FileVersion) -> list[Chain]:
-    return router.route(version, facts_for(router, version))
+def _route(router: Router, version: FileVersion, learned: Learned | None) -> list[Chain]:
+    return router.route(version, facts_for(router, version, learned=learned))
 
 
 def mark_existing(
@@ -328,13 +329,19 @@ def mark_existing(
     """Record the files present now as dispatched to every destination their rules name,
     without sending them (dirsend's ``--store-only``). ``dry_run`` prints and writes nothing.
     """
-    out = out or sys.stdout
+    with learned_models(config, store=not dry_run) as learned:
+        return _mark_existing(config, db, dry_run, out or sys.stdout, learned)
+
+
+def _mark_existing(
+    config: Config, db: Path, dry_run: bool, out: TextIO, learned: Learned | None
+) -> MarkSummary:
     files = list(existing(config))
     router = Router(config)
     summary = MarkSummary()
     if dry_run:
         for _, version in files:
-            chains = _route(router, version)
+            chains = _route(router, version, learned)
             if not chains:
                 summary.unmatched += 1
                 continue
@@ -347,19 +354,23 @@ def mark_existing(
     from .service import journal_lock
 
     with journal_lock(db):  # a running service would send them meanwhile: refuse
-        asyncio.run(_mark(router, db, files, summary))
+        asyncio.run(_mark(router, db, files, summary, learned))
     return summary
 
 
 async def _mark(
-    router: Router, db: Path, files: list[tuple[SourceConfig, FileVersion]], summary: MarkSummary
+    router: Router,
+    db: Path,
+    files: list[tuple[SourceConfig, FileVersion]],
+    summary: MarkSummary,
+    learned: Learned | None,
 ) -> None:
     async with Journal.open(db, hold=False) as journal:
         with Progress("mark-existing", total=len(files)) as progress:
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []
                 for _, version in files[start : start + BATCH]:
-                    chains = _route(router, version)
+                    chains = _route(router, version, learned)
                     if not chains:
                         summary.unmatched += 1
                         continue

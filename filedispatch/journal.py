@@ -145,7 +145,7 @@ class Rows:
 COLUMNS = (
     "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
     "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output, dev, ino, ctime_ns, sha256"
+    "error_type, detail, output, dev, ino, ctime_ns, sha256, label"
 )
 
 MIGRATIONS: list[list[str]] = [
@@ -197,6 +197,9 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE dispatches ADD COLUMN ino INTEGER",
         "ALTER TABLE dispatches ADD COLUMN ctime_ns INTEGER",
         "ALTER TABLE dispatches ADD COLUMN sha256 TEXT",
+    ],
+    [  # the label a learned rule gave the file (docs/learned-routing.md)
+        "ALTER TABLE dispatches ADD COLUMN label TEXT",
     ],
 ]
 
@@ -295,6 +298,7 @@ class PlannedStep:
     step_key: str
     destination: str
     protocol: str
+    label: str | None = None  #: the label a learned rule gave the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +321,7 @@ class StepResult:
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
     """The rows that plan a routed file version: one per step of each chain."""
     return [
-        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
+        PlannedStep(version, chain.rule, i, key, step.display, step.kind, chain.label)
         for chain in chains
         for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
     ]
@@ -367,6 +371,17 @@ def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ..
 
 
 _INT64 = range(-(2**63), 2**63)
+
+
+def _set_labels(conn: sqlite3.Connection, steps: Iterable[PlannedStep]) -> None:
+    """Record the learned labels of rows just planned (in their transaction); a row planned
+    before keeps the label it was given then, as its delivery may already have used it."""
+    labelled = [(s.label, s.version.key, s.step_key) for s in steps if s.label is not None]
+    if labelled:
+        conn.executemany(
+            "UPDATE dispatches SET label=? WHERE vkey=? AND step_key=? AND label IS NULL",
+            labelled,
+        )
 
 
 def _int64(value: int) -> int | bytes:
@@ -756,6 +771,7 @@ class Journal:
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; returns how many are new."""
         now = time.time() if now is None else now
+        steps = list(steps)
         params = _plan_params(steps, now)
         if not params:
             return 0
@@ -765,7 +781,9 @@ class Journal:
             # executemany, not the JSON form: rows a rescan offers again are mostly known, and
             # the JSON form parses every row's fields before the unique key turns it away
             conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
-            return conn.total_changes - before
+            new = conn.total_changes - before
+            _set_labels(conn, steps)
+            return new
 
         return await self.write(op)
 

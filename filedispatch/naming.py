@@ -17,6 +17,7 @@ from .models import FileVersion
 
 PLACEHOLDERS = frozenset(
     {"name", "stem", "ext", "relpath", "reldir", "source", "yyyy", "mm", "dd", "HH", "MM", "SS"}
+    | {"label"}  # a learned rule's label (see docs/learned-routing.md)
 )
 
 
@@ -84,19 +85,32 @@ def placeholders(version: FileVersion, needed: frozenset[str] = PLACEHOLDERS) ->
     return values
 
 
-def render(template: str, version: FileVersion, name: str | None = None) -> PurePosixPath:
-    """The relative path a file gets at its destination; ``name`` overrides the file name."""
-    return PurePosixPath(render_str(template, version, name))
+def render(
+    template: str, version: FileVersion, name: str | None = None, label: str | None = None
+) -> PurePosixPath:
+    """The relative path a file gets at its destination; ``name`` overrides the file name,
+    ``label`` is a learned rule's label (``{label}``; PermanentDeliveryError when needed and
+    None)."""
+    return PurePosixPath(render_str(template, version, name, label))
 
 
-def render_str(template: str, version: FileVersion, name: str | None = None) -> str:
+def render_str(
+    template: str, version: FileVersion, name: str | None = None, label: str | None = None
+) -> str:
     """``render`` as a plain "a/b/c" string (cheaper, for the per-file hot path)."""
     if name is None or name == version.name:
         if template == "{relpath}":  # the defaults: the watcher's relpath is already clean
             return _checked(version.relpath)
         if template == "{name}":
             return _checked(version.name)
-    values = placeholders(version, _fields(template))
+    fields = _fields(template)
+    values = placeholders(version, fields)
+    if "label" in fields:
+        if label is None:
+            raise PermanentDeliveryError(
+                "the name template uses {label}, but no learned rule gave this file a label"
+            )
+        values["label"] = label
     if name is not None and name != version.name:
         dot = name.rfind(".")
         reldir = version.relpath.rpartition("/")[0]

@@ -10,12 +10,16 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import Config, LocalDestination, RuleConfig, Step
 from .errors import PermanentDeliveryError
 from .models import FileVersion
 from .naming import render
 from .patterns import GlobSet
+
+if TYPE_CHECKING:
+    from .learn.model import Prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +29,7 @@ class Chain:
     rule: str
     steps: tuple[Step, ...]
     keys: tuple[str, ...]
+    label: str | None = None  #: the label a learned rule gave the file (``{label}``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +48,8 @@ class Facts:
     mime: str | None = None
     #: the rule name a ``classify`` hook chose, keyed by the classifying rule's name
     classified: dict[str, str | None] = field(default_factory=dict)
+    #: a learned model's answer, keyed by the learned rule's name (None: no model yet)
+    learned: dict[str, Prediction | None] = field(default_factory=dict)
 
 
 def step_keys(steps: Sequence[Step]) -> tuple[str, ...]:
@@ -107,7 +114,11 @@ class Router:
             self.rules.append(CompiledRule(config.rule_name(i), rule, keys))
         self.by_name = {r.name: r for r in self.rules}
         self.needs_mime = any(r.mime is not None for r in self.rules)
-        self.classifiers = {r.name: r.config.classify for r in self.rules if r.config.classify}
+        self.classifiers = {
+            r.name: r.config.classify for r in self.rules if isinstance(r.config.classify, str)
+        }
+        #: learned rules: name -> settings (its examples folder, its min_confidence)
+        self.learners = {r.name: r.config.learned for r in self.rules if r.config.learned}
 
     def route(self, version: FileVersion, facts: Facts = Facts()) -> list[Chain]:
         """The chains this file version goes through, in rule order."""
@@ -138,6 +149,8 @@ class Router:
                     why = f"classifier {self.classifiers[rule.name]} chose {chosen or 'nothing'}"
                 else:
                     chain = Chain(target.name, target.chain.steps, target.chain.keys)
+            if why is None and rule.name in self.learners:
+                why, chain = self._learned(rule, facts)
             if why is not None:
                 out.append((None, RuleCheck(rule.name, False, why)))
                 continue
@@ -147,14 +160,28 @@ class Router:
                 stopped_by = rule.name
         return out
 
+    def _learned(self, rule: CompiledRule, facts: Facts) -> tuple[str | None, Chain | None]:
+        """(why not, the chain with its label) for a learned rule."""
+        least = self.learners[rule.name].min_confidence
+        answer = facts.learned.get(rule.name)
+        if answer is None:
+            return "the learned model is not ready", None
+        if answer.probability < least:
+            return (
+                f"learned label {answer.label!r} at {answer.probability:.2f}, "
+                f"below min_confidence {least:g}",
+                None,
+            )
+        return None, Chain(rule.name, rule.chain.steps, rule.chain.keys, answer.label)
 
-def describe_target(step: Step, version: FileVersion) -> str:
+
+def describe_target(step: Step, version: FileVersion, label: str | None = None) -> str:
     """Where a step would put this file, for ``explain`` and ``--dry-run`` (credentials hidden)."""
     template = getattr(step, "name", None)
     if template is None:
         return step.display
     try:
-        rel = render(template, version)
+        rel = render(template, version, label=label)
     except PermanentDeliveryError as exc:
         return f"{step.display} (refused: {exc})"
     if isinstance(step, LocalDestination):

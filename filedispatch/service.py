@@ -28,6 +28,7 @@ from .config import Config, LocalDestination, load_config, secrets_of, watched_b
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
+from .learn import Learned, learn_folders, learning
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -304,6 +305,7 @@ class Service:
         await self._sweep_workdir()
         registry = Registry()
         stack.push_async_callback(registry.aclose)
+        learned = await self._learning(stack)
         self.dispatcher = Dispatcher(
             self.config,
             self.journal,
@@ -311,6 +313,7 @@ class Service:
             workdir=self.workdir,
             max_items=self.options.max_items,
             consume_marked=self.options.consume_marked,
+            learned=learned,
         )
         self.summary = self.dispatcher.summary
         # the web app and the console are started here, between dispatcher and watchers
@@ -335,6 +338,19 @@ class Service:
         if self.options.once:
             return 1 if self.summary.failed else 0
         return 0
+
+    async def _learning(self, stack: contextlib.AsyncExitStack) -> Learned:
+        """The learned rules' models, trained (or loaded from beside the journal) before any
+        file is routed, then kept current as their examples change (see learn.learning)."""
+
+        def folders() -> list[Path]:
+            return list(learn_folders(self.config).values())
+
+        try:
+            return await stack.enter_async_context(learning(folders, self.db_path.parent))
+        except ValueError as exc:  # the examples changed since the config was checked
+            where = str(self.options.config_path or "<config>")
+            raise ConfigError(where, [f"classify.learn: {exc}"]) from None
 
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
         """Run watchers (restarting them on a reload that changed sources) until stop."""

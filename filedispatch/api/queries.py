@@ -152,7 +152,7 @@ STATS_PARAMS: tuple[Param, ...] = (
 
 ENTRY_SQL = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256, mtime_ns"
+    "attempts, size, duration_ms, reason, sha256, mtime_ns, label"
 )
 DETAIL_SQL = ENTRY_SQL + ", relpath, step, location, detail, error_type, started, next_attempt"
 
@@ -526,7 +526,8 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         reason,
         sha256,
         mtime_ns,
-    ) = row[:16]
+        label,
+    ) = row[:17]
     return {
         "id": id_,
         "created": iso(created),
@@ -548,12 +549,13 @@ def entry(row: Sequence[Any]) -> dict[str, Any]:
         "sha256": sha256,
         "mtime": iso(mtime_ns / 1e9),
         "mtime_ns": mtime_ns,
+        "label": label,
     }
 
 
 def detail(row: Sequence[Any]) -> dict[str, Any]:
     """One ``DETAIL_SQL`` row: the entry and what the detail view adds."""
-    relpath, step, location, note, error_type, started, next_attempt = row[16:23]
+    relpath, step, location, note, error_type, started, next_attempt = row[17:24]
     return {
         **entry(row),
         "relpath": relpath,

@@ -123,7 +123,8 @@ def render_target(template: str, ctx: StepContext) -> PurePosixPath:
 def render_target_str(template: str, ctx: StepContext) -> str:
     """``render_target`` as a plain "a/b" string, for the per-file hot path."""
     transformed = ctx.input is not ctx.version.path and ctx.input != ctx.version.path
-    return naming.render_str(template, ctx.version, ctx.input.name if transformed else None)
+    name = ctx.input.name if transformed else None
+    return naming.render_str(template, ctx.version, name, ctx.label)
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:
