@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import puremagic
 
 from .config import Config, PythonStep
+from .learn.extract import looks_like_text
 from .models import FileVersion
 from .sourcefile import read_head
 
@@ -50,19 +51,9 @@ def detect_mime(version: FileVersion) -> str | None:
     for match in matches:
         if match.mime_type:
             return str(match.mime_type)
-    if _looks_like_text(head):
+    if looks_like_text(head):
         return "text/plain"
     return "application/octet-stream"
-
-
-def _looks_like_text(head: bytes) -> bool:
-    if b"\x00" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 4  # a character cut at the sniffing limit
-    return True
 
 
 def import_problems(config: Config) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import importlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,8 +29,15 @@ REFRESH_S = 5.0
 
 
 def missing_extra() -> list[str]:
-    """The packages of ``filedispatch[learn]`` that are not installed."""
-    return [pkg for mod, pkg in EXTRA_MODULES.items() if importlib.util.find_spec(mod) is None]
+    """The packages of ``filedispatch[learn]`` that cannot be imported (not installed, or
+    broken: both are told the same way)."""
+    missing = []
+    for module, package in EXTRA_MODULES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
 
 
 def learn_folders(config: Config) -> dict[str, Path]:

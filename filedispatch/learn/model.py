@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,11 +236,16 @@ def load_or_train(
     if problems:
         raise ValueError(problems[0])
     digest = fingerprint(examples)
+    total = sum(len(files) for files in examples.values())
     if cache_dir is not None:
         cached = _load(cache_path(cache_dir, digest))
         if cached is not None:
+            log.info("learned model of %d examples loaded from the cache %s", total, cache_dir)
             return cached
+    started = time.perf_counter()
     model = train(extractor, examples, digest)
+    took = time.perf_counter() - started
+    log.info("learned model trained on %d examples in %.1f s", total, took)
     if cache_dir is not None and store:
         _store(cache_dir, model)
     return model
