@@ -9,6 +9,7 @@ document, Helvetica, text lines) or as DOCX (python-docx).
 from __future__ import annotations
 
 import random
+import zlib
 from pathlib import Path
 
 VOCABULARY = {
@@ -47,19 +48,25 @@ def _pdf_escape(line: str) -> str:
 
 
 def pdf_bytes(body: str) -> bytes:
-    """A one-page PDF showing ``body``'s lines (ASCII), every offset in its xref right."""
+    """A one-page PDF showing ``body``'s lines (ASCII)."""
     ops = ["BT", "/F1 10 Tf", "12 TL", "40 800 Td"]
     for line in body.splitlines():
         ops.append(f"({_pdf_escape(line[:110])}) Tj T*")
     ops.append("ET")
-    stream = "\n".join(ops).encode("latin-1", "replace")
+    return pdf_page("\n".join(ops).encode("latin-1", "replace"))
+
+
+def pdf_page(stream: bytes, flate: bool = False) -> bytes:
+    """A one-page PDF whose page content is ``stream`` (``flate``: already zlib-compressed),
+    every offset in its xref right."""
+    filters = b" /Filter /FlateDecode" if flate else b""
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] "
         b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Length %d%s >>\nstream\n" % (len(stream), filters) + stream + b"\nendstream",
     ]
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
@@ -74,6 +81,14 @@ def pdf_bytes(body: str) -> bytes:
         xref,
     )
     return bytes(out)
+
+
+def slow_pdf(operators: int) -> bytes:
+    """A small PDF whose one page holds ``operators`` text operators (compressed): pypdf
+    spends minutes on 5,000,000 of them (150 KB). The hostile input a bounded extraction
+    must survive."""
+    ops = b"BT /F1 1 Tf " + b"(a) Tj 1 0 Td " * operators + b"ET"
+    return pdf_page(zlib.compress(ops, 9), flate=True)
 
 
 def docx_bytes(body: str) -> bytes:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -190,30 +189,8 @@ def test_the_label_placeholder_needs_a_learned_rule(root: Path) -> None:
     assert "rules[1]: the {label} placeholder needs classify: {learn: FOLDER}" in result.stderr
 
 
-def _slow_pdf(operators: int) -> bytes:
-    """A small PDF whose one page holds ``operators`` text operators (compressed): pypdf
-    spends minutes on it. The hostile input a bounded extraction must survive."""
-    ops = zlib.compress(b"BT /F1 1 Tf " + b"(a) Tj 1 0 Td " * operators + b"ET", 9)
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] "
-        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(ops) + ops + b"\nendstream",
-    ]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, obj in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + obj + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 6\n0000000000 65535 f \n" + b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size 6 /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % xref
-    return bytes(out)
-
-
 def test_a_hostile_pdf_costs_the_timeout_and_the_next_file_is_read() -> None:
-    hostile = _slow_pdf(5_000_000)  # about 150 KB; pypdf alone takes minutes on it
+    hostile = corpus.slow_pdf(5_000_000)  # about 150 KB; pypdf alone takes minutes on it
     good = corpus.pdf_bytes(corpus.text(random.Random(3), "medical"))
     with Extractor(timeout_s=2.0) as extractor:
         started = time.monotonic()
