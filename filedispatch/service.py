@@ -28,7 +28,7 @@ from .config import Config, LocalDestination, load_config, secrets_of, watched_b
 from .dispatcher import Dispatcher, RunSummary
 from .errors import ConfigError, JournalUnavailableError, ServiceError
 from .journal import RETRY_FIRST_S, RETRY_MAX_S, Journal, JournalHealth, default_path
-from .learn import Learned, learn_folders, learning
+from .learn import Learned, learn_folders, learn_problems, learning
 from .processors import Registry
 from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher
@@ -134,6 +134,8 @@ class Service:
         self.dispatcher: Dispatcher
         self.summary = RunSummary()
         self.reloads = 0
+        self.learned: Learned
+        self._training: asyncio.Task[None] | None = None  #: a reload's models being trained
 
     # ------------------------------------------------------------------ control
 
@@ -159,9 +161,34 @@ class Service:
             return False
         try:
             new = apply_options(load_config(path), self.options)
+            problems = learn_problems(new)
+            if problems:
+                raise ConfigError(str(path), problems)
         except ConfigError as exc:
             log.error("reload refused, still running on the old config:\n%s", exc)
             return False
+        untrained = [f for f in learn_folders(new).values() if self.learned.model(f) is None]
+        if untrained:  # a learned rule takes files only once its model is there
+            if self._training is not None and not self._training.done():
+                log.error("reload refused: the models of the last reload are still training")
+                return False
+            log.info("reload: training the new learned rules first")
+            self._training = asyncio.get_running_loop().create_task(
+                self._train_then_apply(path, new, untrained), name="reload-training"
+            )
+            return True
+        self._apply(path, new)
+        return True
+
+    async def _train_then_apply(self, path: Path, new: Config, folders: list[Path]) -> None:
+        try:
+            await asyncio.to_thread(self.learned.refresh, folders, True)
+        except ValueError as exc:
+            log.error("reload refused, still running on the old config: %s", exc)
+            return
+        self._apply(path, new)
+
+    def _apply(self, path: Path, new: Config) -> None:
         if journal_path(new, self.options) != self.db_path:
             log.warning("reload: a new database path only takes effect after a restart")
         if new.sources != self.config.sources:
@@ -174,7 +201,6 @@ class Service:
         for w in self.watchers:
             w.request_rescan()
         log.info("reloaded %s", path)
-        return True
 
     async def retry(self, dispatch_id: int) -> recovery.RetryAnswer:
         """Send a FAILED dispatch again, or say why not (API, console; see recovery.retry)."""
@@ -347,10 +373,18 @@ class Service:
             return list(learn_folders(self.config).values())
 
         try:
-            return await stack.enter_async_context(learning(folders, self.db_path.parent))
+            self.learned = await stack.enter_async_context(learning(folders, self.db_path.parent))
         except ValueError as exc:  # the examples changed since the config was checked
             where = str(self.options.config_path or "<config>")
             raise ConfigError(where, [f"classify.learn: {exc}"]) from None
+        stack.push_async_callback(self._stop_training)
+        return self.learned
+
+    async def _stop_training(self) -> None:
+        if self._training is not None:
+            self._training.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._training
 
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
         """Run watchers (restarting them on a reload that changed sources) until stop."""

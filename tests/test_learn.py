@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,29 @@ async def _api_entry(port: int, dispatch_id: int) -> dict[str, Any]:
             assert resp.status == 200, await resp.text()
             body: dict[str, Any] = await resp.json()
             return body
+
+
+def test_a_reload_that_adds_a_learned_rule_trains_it_before_it_takes_files(
+    root: Path, service_factory: Any
+) -> None:
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    data = learn_config(root, examples, api={"enabled": False})
+    learned_rule = data["rules"].pop(0)
+    cfg = write_config(root / "c.yml", data)
+    service = service_factory(cfg).start()
+    doc(root / "inbox" / "first.txt", "invoices", 301)
+    wait_until(lambda: (root / "out" / "unsorted" / "first.txt").exists())
+
+    few = root / "few"  # a reload with too few examples is refused, naming the folder
+    corpus.examples(few, per_label=2, labels=THREE, kinds=("txt",))
+    write_config(cfg, {**data, "rules": [{**learned_rule, "classify": {"learn": str(few)}}]})
+    service.signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in service.log())
+    assert f"{few} each label needs at least 5 example files" in service.log()
+
+    write_config(cfg, {**data, "rules": [learned_rule, *data["rules"]]})
+    service.signal(signal.SIGHUP)
+    wait_until(lambda: f"reloaded {cfg}" in service.log())
+    doc(root / "inbox" / "second.txt", "invoices", 302)
+    wait_until(lambda: (root / "out" / "invoices" / "second.txt").exists())
+    assert service.stop() == 0

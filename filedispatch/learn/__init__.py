@@ -81,7 +81,8 @@ class Learned:
     """The trained models of a config's learned rules, by examples folder.
 
     ``refresh`` (in a thread) trains what changed and swaps each model in whole; ``predict``
-    (in a thread) reads the current one. A retraining that fails keeps the old model.
+    (in a thread) reads the current one. A retraining that fails keeps the old model, and a
+    model is kept until the end (a reload may bring its folder back).
     """
 
     def __init__(self, cache_dir: Path | None = None, store: bool = True) -> None:
@@ -89,6 +90,8 @@ class Learned:
 
         self.cache_dir = cache_dir
         self.store = store  #: write newly trained models into ``cache_dir``
+        #: remove cached models no rule uses now (the service's; a command leaves them)
+        self.prune = False
         self.extractor = Extractor()
         self._models: dict[Path, Model] = {}
         self._refresh_lock = threading.Lock()
@@ -128,9 +131,7 @@ class Learned:
                     log.info("examples in %s changed: retrained (%s)", folder, _counts(model))
                 self._models[folder] = model
                 changed.append(folder)
-            for folder in set(self._models) - set(folders):
-                del self._models[folder]
-            if changed and self.cache_dir is not None and self.store:
+            if changed and self.cache_dir is not None and self.prune:
                 prune(self.cache_dir, (m.fingerprint for m in self._models.values()))
         return changed
 
@@ -173,6 +174,7 @@ async def learning(
     by a task that looks for changed examples every ``every_s`` seconds until the block ends.
     ``folders`` is called each time, so a reloaded config's folders are followed."""
     learned = Learned(cache_dir)
+    learned.prune = True
     try:
         await asyncio.to_thread(learned.refresh, folders(), True)
         task = asyncio.create_task(_keep_current(learned, folders, every_s), name="learning")
