@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from filedispatch.service import Options, Service
 
 from . import learn_corpus as corpus
 from .conftest import (
+    ROOT,
     ServiceProcess,
     cli_env,
     delivered,
@@ -300,3 +304,36 @@ def test_a_reload_that_adds_a_learned_rule_trains_it_before_it_takes_files(
     doc(root / "inbox" / "second.txt", "invoices", 302)
     wait_until(lambda: (root / "out" / "invoices" / "second.txt").exists())
     assert service.stop() == 0
+
+
+def test_the_docs_walkthrough_runs(tmp_path: Path) -> None:
+    """docs/learned-routing.md: its first config and its "Try it" steps, as written."""
+    text = (ROOT / "docs" / "learned-routing.md").read_text(encoding="utf-8")
+    config = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)[0]
+    steps = text.split("## Try it", 1)[1]
+    script = steps.split("python - <<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    commands = [
+        line.split("#", 1)[0].split()
+        for line in steps.split("\nEOF\n", 1)[1].split("```", 1)[0].splitlines()
+        if line.startswith("filedispatch ")
+    ]
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "config.yml").write_text(config, encoding="utf-8")
+    made = subprocess.run(
+        [sys.executable, "-c", script.replace("/path/to/filedispatch", str(ROOT))],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    assert [c[1] for c in commands] == ["check", "learn-check", "explain", "-c"]
+    for command in commands:
+        args = [a if a != "inbox/*" else "inbox/scan.pdf" for a in command[1:]]
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+    assert set(delivered(tmp_path / "sorted")) == {
+        "medical/scan.pdf",
+        "contracts/letter.txt",
+        "unsorted/misc.txt",
+    }
