@@ -56,18 +56,21 @@ def pdf_bytes(body: str) -> bytes:
     return pdf_page("\n".join(ops).encode("latin-1", "replace"))
 
 
-def pdf_page(stream: bytes, flate: bool = False) -> bytes:
-    """A one-page PDF whose page content is ``stream`` (``flate``: already zlib-compressed),
-    every offset in its xref right."""
+def pdf_page(stream: bytes, flate: bool = False, pages: int = 1) -> bytes:
+    """A PDF of ``pages`` pages whose content is ``stream`` (``flate``: already
+    zlib-compressed), every offset in its xref right."""
     filters = b" /Filter /FlateDecode" if flate else b""
+    kids = b" ".join(b"%d 0 R" % (4 + i) for i in range(pages))
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] "
-        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
         b"<< /Length %d%s >>\nstream\n" % (len(stream), filters) + stream + b"\nendstream",
     ]
+    objects += [
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] "
+        b"/Resources << /Font << /F1 %d 0 R >> >> /Contents 3 0 R >>" % (4 + pages)
+    ] * pages
+    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
     for i, obj in enumerate(objects, 1):
@@ -83,12 +86,13 @@ def pdf_page(stream: bytes, flate: bool = False) -> bytes:
     return bytes(out)
 
 
-def slow_pdf(operators: int) -> bytes:
-    """A small PDF whose one page holds ``operators`` text operators (compressed): pypdf
-    spends minutes on 5,000,000 of them (150 KB). The hostile input a bounded extraction
-    must survive."""
+def slow_pdf(operators: int = 250_000, pages: int = 20) -> bytes:
+    """A small PDF (about 8 KB) whose ``pages`` pages share one content stream of
+    ``operators`` text operators (just under pypdf's own limit of tokens per stream): pypdf
+    spends seconds on each page, minutes on the whole. The hostile input a bounded
+    extraction must survive."""
     ops = b"BT /F1 1 Tf " + b"(a) Tj 1 0 Td " * operators + b"ET"
-    return pdf_page(zlib.compress(ops, 9), flate=True)
+    return pdf_page(zlib.compress(ops, 9), flate=True, pages=pages)
 
 
 def docx_bytes(body: str) -> bytes:
