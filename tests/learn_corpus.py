@@ -134,3 +134,24 @@ def examples(
             kind = kinds[i % len(kinds)]
             write(folder / label / f"doc-{i}.{kind}", text(rng, label))
     return folder
+
+
+def docx_bomb(megabytes: int = 1280) -> bytes:
+    """A DOCX of about 6 MB whose document part unpacks to ``megabytes`` MiB of spaces: more
+    than the extraction worker may use."""
+    import io
+    import zipfile
+
+    source = zipfile.ZipFile(io.BytesIO(docx_bytes("x")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as bomb:
+        for info in source.infolist():
+            if info.filename != "word/document.xml":
+                bomb.writestr(info, source.read(info))
+                continue
+            with bomb.open(info.filename, "w", force_zip64=True) as part:
+                part.write(source.read(info)[:-20])  # the opening, not the closing tags
+                chunk = b" " * (1 << 20)
+                for _ in range(megabytes):
+                    part.write(chunk)
+    return out.getvalue()

@@ -209,6 +209,16 @@ def test_a_hostile_pdf_costs_the_timeout_and_the_next_file_is_read() -> None:
         assert "patient" in after.text or "clinic" in after.text or "therapy" in after.text
 
 
+def test_a_docx_that_unpacks_past_the_memory_limit_ends_in_the_worker_not_here() -> None:
+    with Extractor() as extractor:
+        document = extractor.document("bomb.docx", corpus.docx_bomb())
+        assert document.method == "name" and document.note is not None
+        assert document.note.startswith("DOCX not readable: ")
+        assert "memory" in document.note
+        after = extractor.document("fine.docx", corpus.docx_bytes("the agreement is signed"))
+        assert after.method == "docx" and "agreement" in after.text
+
+
 def test_a_corrupt_or_oversized_document_is_known_by_its_name(tmp_path: Path) -> None:
     with Extractor() as extractor:
         corrupt = extractor.document("x.pdf", b"%PDF-1.7\n" + bytes(range(256)) * 4)
