@@ -453,7 +453,7 @@ def verify_problems(config: Config) -> list[str]:
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
     config = load_checked(path)
-    with learned_models(config) as learned:
+    with learned_models(config, where=str(path)) as learned:
         return _explain(config, files, learned)
 
 

@@ -600,6 +600,17 @@ class LearnClassify(_Model):
     min_confidence: float = Field(0.6, ge=0, le=1)
 
 
+def _classify_kind(value: object) -> str:
+    return "classify-hook" if isinstance(value, str) else "classify-learn"
+
+
+#: ``module:function`` (a hook), or a mapping (a learned model); the tags never show in errors
+Classify = Annotated[
+    Annotated[str, Tag("classify-hook")] | Annotated[LearnClassify, Tag("classify-learn")],
+    Discriminator(_classify_kind),
+]
+
+
 class RuleConfig(_Model):
     """Which files go where; rules are tried in order."""
 
@@ -615,7 +626,7 @@ class RuleConfig(_Model):
     max_size: Size | None = None
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
     #: ``module:function`` naming the rule a file belongs to, or a learned model's settings
-    classify: str | LearnClassify | None = None
+    classify: Classify | None = None
     continue_: bool = Field(False, alias="continue")
     to: list[Step] = Field(min_length=1)
 
@@ -1068,7 +1079,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
         after_index, previous = isinstance(previous, int), part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (part in STEP_TAGS and after_index) or part.startswith("function-"):
+        elif (part in STEP_TAGS and after_index) or part.startswith(("function-", "classify-")):
             continue  # a union's tag, not a field (``command`` is both)
         else:
             out += f".{part}" if out else part

@@ -276,6 +276,13 @@ def test_the_service_retrains_when_examples_change_and_a_restart_reuses_the_mode
         again.start()
         assert "loaded from the cache" in again.log()
         assert "trained on" not in again.log()
+        # examples that can no longer train a model: the rule keeps the one it has
+        for path in sorted((examples / "medical").iterdir())[:2]:
+            path.unlink()
+        wait_until(lambda: "the rule keeps its model" in again.log(), 60)
+        assert "'medical' has 3" in again.log()
+        doc(root / "inbox" / "third.txt", "medical", 203)
+        wait_until(lambda: (root / "out" / "medical" / "third.txt").exists())
     finally:
         assert again.stop() == 0
 
@@ -347,3 +354,17 @@ def test_the_docs_walkthrough_runs(tmp_path: Path) -> None:
         "contracts/letter.txt",
         "unsorted/misc.txt",
     }
+
+
+def test_a_bad_learn_setting_names_its_field(root: Path) -> None:
+    data = learn_config(root, root / "examples")
+    data["rules"][0]["classify"] = {"learn": "./examples", "min_confidence": 2, "lern": 1}
+    cfg = write_config(root / "c.yml", data)
+    result = run_cli("check", "-c", cfg)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"filedispatch: invalid configuration {cfg}: rules[0].classify.min_confidence: "
+        "Input should be less than or equal to 1",
+        f"filedispatch: invalid configuration {cfg}: rules[0].classify.lern: "
+        "unknown field (check its spelling)",
+    ]

@@ -95,6 +95,7 @@ class Learned:
         self.extractor = Extractor()
         self._models: dict[Path, Model] = {}
         self._refresh_lock = threading.Lock()
+        self._said: dict[Path, str] = {}  #: the last problem logged per folder (said once)
 
     def model(self, folder: Path) -> Model | None:
         return self._models.get(folder)
@@ -125,8 +126,11 @@ class Learned:
                 except (OSError, ValueError) as exc:
                     if strict:
                         raise ValueError(f"{folder}: {exc}") from None
-                    log.error("examples in %s: %s; the rule keeps its last model", folder, exc)
+                    if self._said.get(folder) != str(exc):
+                        self._said[folder] = str(exc)
+                        log.error("examples in %s: %s; the rule keeps its model", folder, exc)
                     continue
+                self._said.pop(folder, None)
                 if current is not None:
                     log.info("examples in %s changed: retrained (%s)", folder, _counts(model))
                 self._models[folder] = model
@@ -140,10 +144,12 @@ class Learned:
 
 
 @contextlib.contextmanager
-def learned_models(config: Config, store: bool = True) -> Iterator[Learned | None]:
+def learned_models(
+    config: Config, store: bool = True, where: str = "<config>"
+) -> Iterator[Learned | None]:
     """The learned rules' models for a command (loaded from beside the journal, or trained
-    now and, with ``store``, kept there); None when no rule learns. ConfigError if the
-    examples cannot train one."""
+    now and, with ``store``, kept there); None when no rule learns. ConfigError (naming
+    ``where``, the config file) if the examples cannot train one."""
     folders = list(learn_folders(config).values())
     if not folders:
         yield None
@@ -156,7 +162,7 @@ def learned_models(config: Config, store: bool = True) -> Iterator[Learned | Non
         try:
             learned.refresh(folders, strict=True)
         except ValueError as exc:
-            raise ConfigError("<config>", [f"classify.learn: {exc}"]) from None
+            raise ConfigError(where, [f"classify.learn: {exc}"]) from None
         yield learned
     finally:
         learned.close()
