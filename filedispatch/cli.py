@@ -466,12 +466,14 @@ def _explain(config: Config, files: list[Path], learned: Learned | None) -> int:
             config.sources[0],
         )
         root = real(source.path)
-        rel = (
-            absolute.relative_to(root) if absolute.is_relative_to(root) else Path(file.name)
-        ).as_posix()
+        inside = absolute.is_relative_to(root)
+        rel = (absolute.relative_to(root) if inside else Path(file.name)).as_posix()
+        # a file outside the sources is routed as if it were in the first one, by its name,
+        # and read where it is (its type, a learned model's answer)
+        where = source.path if inside else absolute.parent
         try:
             st = absolute.stat()
-            version = FileVersion.from_stat(source.key, source.path, rel, st)
+            version = FileVersion.from_stat(source.key, where, rel, st)
         except OSError:
             version = FileVersion(source.key, source.path, rel, 0, int(os.path.getmtime(".") * 1e9))
             say(f"{file}: (does not exist; taken as an empty file)")

@@ -45,7 +45,7 @@ TOKEN = "t0ken-for-the-learn-tests"
 
 def doc(path: Path, label: str | None, seed: int) -> Path:
     """A generated document of ``label`` (None: filler only) at ``path``, complete (old)."""
-    corpus.write(path, corpus.text(random.Random(seed), label))
+    corpus.write(path, corpus.text(random.Random(seed), label))  # makes its folder
     past = time.time() - 3600
     os.utime(path, (past, past))
     return path
@@ -135,6 +135,11 @@ def test_explain_prints_each_labels_probability_and_its_words(root: Path) -> Non
     assert "- learned: learned label" in noise_part and "below min_confidence 0.6" in noise_part
     assert "+ rest: matched" in noise_part
     assert "read: the file name only (not a text, PDF or DOCX file)" in photo_part
+
+    elsewhere = doc(root / "elsewhere" / "c.pdf", "resumes", 9)  # outside the source
+    result = run_cli("explain", "-c", cfg, elsewhere)
+    assert "read: its PDF text" in result.stdout
+    assert f"-> {root / 'out' / 'resumes' / 'c.pdf'}" in result.stdout
 
 
 def test_learn_check_reports_accuracy_per_label_and_the_confusion(root: Path) -> None:
