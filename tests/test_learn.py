@@ -23,7 +23,7 @@ import pytest
 
 from filedispatch.config import parse_config
 from filedispatch.learn.extract import Extractor
-from filedispatch.learn.model import find_examples, load_or_train
+from filedispatch.learn.model import find_examples, load_or_train, read_document
 from filedispatch.service import Options, Service
 
 from . import learn_corpus as corpus
@@ -102,7 +102,7 @@ def test_files_go_where_their_content_says_and_the_journal_keeps_the_label(root:
     assert labels["filler.txt"] == ("rest", None)
     assert labels["broken.pdf"] == ("rest", None)
     # the model is cached beside the journal under a hash of the examples
-    assert len(list(root.glob("learn-*.pickle"))) == 1
+    assert len(list(root.glob("learn-*.npz"))) == 1
 
     cfg = write_config(root / "c.yml", learn_config(root, examples))
     row = next(r for r in journal_rows(root / "journal.db") if r["filename"] == "scan-1.pdf")
@@ -245,9 +245,19 @@ def test_a_changed_examples_folder_is_a_new_model_and_the_same_one_is_cached(
         again = load_or_train(extractor, find_examples(examples), cache)
         assert again.fingerprint == first.fingerprint
         assert again is not first  # read back from the cache file
+        for label in THREE:  # and it answers as the model it was made from
+            sample = read_document(extractor, corpus.write(tmp_path / "s.txt", label + " x"))
+            assert again.predict(sample).probabilities == first.predict(sample).probabilities
+            assert again.top_words(sample, label) == first.top_words(sample, label)
         corpus.examples(examples, per_label=5, labels=["medical"], kinds=("txt",), seed=9)
         grown = load_or_train(extractor, find_examples(examples), cache)
     assert grown.fingerprint != first.fingerprint
+    # a damaged cache file is trained again, not trusted and not fatal
+    damaged = cache / f"learn-{grown.fingerprint}.npz"
+    damaged.write_bytes(b"PK\x03\x04 not an archive")
+    with Extractor() as extractor:
+        rebuilt = load_or_train(extractor, find_examples(examples), cache)
+    assert rebuilt.fingerprint == grown.fingerprint and rebuilt.labels == grown.labels
     assert grown.labels == sorted([*THREE, "medical"])
 
 

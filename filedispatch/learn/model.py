@@ -2,8 +2,9 @@
 
 Runs in threads (never on the event loop): training and cross-validation take seconds. The
 model is a TF-IDF vectoriser and a logistic regression (see docs/learned-routing.md for the
-measurements behind that choice). Models are cached as ``learn-<hash>.pickle`` beside the
-journal, the hash taken over the examples' names, sizes and times and the model's settings.
+measurements behind that choice). Models are cached as ``learn-<hash>.npz`` beside the
+journal (plain arrays, never a pickle: loading a cache runs no code), the hash taken over the
+examples' names, sizes and times and the model's settings.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 import time
 from collections.abc import Iterable
@@ -124,15 +124,17 @@ class Prediction:
     document: Document
 
 
+#: the vectoriser's and the classifier's settings (the cache keeps only what they learned)
+VECTORIZER = {"sublinear_tf": True, "strip_accents": "unicode", "max_features": 50_000}
+CLASSIFIER = {"C": 10.0, "max_iter": 2000}
+
+
 def _pipeline() -> Any:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    return make_pipeline(
-        TfidfVectorizer(sublinear_tf=True, strip_accents="unicode", max_features=50_000),
-        LogisticRegression(C=10.0, max_iter=2000),
-    )
+    return make_pipeline(TfidfVectorizer(**VECTORIZER), LogisticRegression(**CLASSIFIER))
 
 
 @dataclass
@@ -223,7 +225,7 @@ def cross_check(extractor: Extractor, examples: Examples, folds: int = 5) -> Cro
 
 
 def cache_path(cache_dir: Path, digest: str) -> Path:
-    return cache_dir / f"learn-{digest}.pickle"
+    return cache_dir / f"learn-{digest}.npz"
 
 
 def load_or_train(
@@ -238,7 +240,7 @@ def load_or_train(
     digest = fingerprint(examples)
     total = sum(len(files) for files in examples.values())
     if cache_dir is not None:
-        cached = _load(cache_path(cache_dir, digest))
+        cached = _load(cache_path(cache_dir, digest), digest)
         if cached is not None:
             log.info("learned model of %d examples loaded from the cache %s", total, cache_dir)
             return cached
@@ -251,25 +253,61 @@ def load_or_train(
     return model
 
 
-def _load(path: Path) -> Model | None:
+def _load(path: Path, digest: str) -> Model | None:
+    """A model rebuilt from the arrays ``_store`` wrote (None: no such file, or not usable)."""
+    import numpy as np
+
     try:
-        with path.open("rb") as f:
-            model = pickle.load(f)  # our own file, beside the journal (see module docstring)
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {key: saved[key] for key in saved.files}
     except FileNotFoundError:
         return None
-    except Exception as exc:  # a damaged or foreign cache: train again
+    except Exception as exc:  # damaged, or not ours: train again
         log.warning("the cached model %s cannot be read (%s); training again", path, exc)
         return None
-    return model if isinstance(model, Model) else None
+    try:
+        pipeline = _pipeline()
+        vectorizer, classifier = pipeline[0], pipeline[-1]
+        words = [str(w) for w in arrays["words"]]
+        vectorizer.vocabulary_ = {word: i for i, word in enumerate(words)}
+        vectorizer.fixed_vocabulary_ = False
+        vectorizer.idf_ = arrays["idf"]
+        classifier.classes_ = arrays["classes"]
+        classifier.coef_ = arrays["coef"]
+        classifier.intercept_ = arrays["intercept"]
+        classifier.n_features_in_ = len(words)
+        counts = dict(zip(map(str, arrays["classes"]), map(int, arrays["counts"]), strict=True))
+    except Exception as exc:
+        log.warning("the cached model %s cannot be used (%s); training again", path, exc)
+        return None
+    return Model(digest, pipeline, counts)
 
 
 def _store(cache_dir: Path, model: Model) -> None:
+    import numpy as np
+
+    vectorizer, classifier = model.pipeline[0], model.pipeline[-1]
+    words = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.__getitem__)
+    arrays = {
+        "words": np.array(words, dtype=str),
+        "idf": vectorizer.idf_,
+        "classes": np.array(classifier.classes_, dtype=str),
+        "coef": classifier.coef_,
+        "intercept": classifier.intercept_,
+        "counts": np.array([model.counts.get(str(c), 0) for c in classifier.classes_]),
+    }
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix=".learn-", delete=False) as f:
-            pickle.dump(model, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(f.name, cache_path(cache_dir, model.fingerprint))
+        fd, temporary = tempfile.mkstemp(dir=cache_dir, prefix=".learn-", suffix=".npz")
     except OSError as exc:
+        log.warning("cannot cache the model in %s: %s", cache_dir, exc.strerror or exc)
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(temporary, cache_path(cache_dir, model.fingerprint))
+    except OSError as exc:
+        Path(temporary).unlink(missing_ok=True)
         log.warning("cannot cache the model in %s: %s", cache_dir, exc.strerror or exc)
 
 
@@ -277,7 +315,7 @@ def prune(cache_dir: Path, keep: Iterable[str]) -> None:
     """Remove cached models other than ``keep`` (fingerprints)."""
     names = {cache_path(cache_dir, d).name for d in keep}
     try:
-        for path in cache_dir.glob("learn-*.pickle"):
+        for path in cache_dir.glob("learn-*.npz"):
             if path.name not in names:
                 path.unlink(missing_ok=True)
     except OSError:
