@@ -118,6 +118,11 @@ def test_explain_prints_each_labels_probability_and_its_words(root: Path) -> Non
     noise = doc(root / "inbox" / "b.txt", None, 8)
     photo = root / "inbox" / "invoice-photo.png"
     photo.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    dry = run_cli("-c", cfg, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"inbox/a.pdf -> [learned] {root / 'out' / 'invoices' / 'a.pdf'}" in dry.stdout
+    assert f"inbox/b.txt -> [rest] {root / 'out' / 'unsorted' / 'b.txt'}" in dry.stdout
+    assert not list(root.glob("learn-*.npz"))  # a dry run writes nothing, the cache included
     result = run_cli("explain", "-c", cfg, pdf, noise, photo)
     assert result.returncode == 0, result.stderr
     text = result.stdout
@@ -135,6 +140,13 @@ def test_explain_prints_each_labels_probability_and_its_words(root: Path) -> Non
     assert "- learned: learned label" in noise_part and "below min_confidence 0.6" in noise_part
     assert "+ rest: matched" in noise_part
     assert "read: the file name only (not a text, PDF or DOCX file)" in photo_part
+    assert len(list(root.glob("learn-*.npz"))) == 1  # explain keeps the model it trained
+
+    marked = run_cli("mark-existing", "-c", cfg)  # routes with the model too
+    assert marked.returncode == 0, marked.stderr
+    rows = {r["filename"]: r for r in journal_rows(root / "journal.db")}
+    assert (rows["a.pdf"]["rule"], rows["a.pdf"]["label"]) == ("learned", "invoices")
+    assert (rows["b.txt"]["rule"], rows["b.txt"]["label"]) == ("rest", None)
 
     elsewhere = doc(root / "elsewhere" / "c.pdf", "resumes", 9)  # outside the source
     result = run_cli("explain", "-c", cfg, elsewhere)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..config import Config
     from ..models import FileVersion
+    from .extract import Document
     from .model import Model, Prediction
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Learned:
         self._models: dict[Path, Model] = {}
         self._refresh_lock = threading.Lock()
         self._said: dict[Path, str] = {}  #: the last problem logged per folder (said once)
+        #: the last version read and its document: several learned rules read a file once
+        self._last: tuple[str, Document] | None = None
 
     def model(self, folder: Path) -> Model | None:
         return self._models.get(folder)
@@ -107,7 +110,13 @@ class Learned:
         model = self._models.get(folder)
         if model is None:
             return None
-        return model.predict(version_document(self.extractor, version))
+        last = self._last
+        if last is not None and last[0] == version.key:
+            document = last[1]
+        else:
+            document = version_document(self.extractor, version)
+            self._last = (version.key, document)
+        return model.predict(document)
 
     def refresh(self, folders: list[Path], strict: bool = False) -> list[Path]:
         """Train (or load from the cache) each folder whose examples changed; returns those
