@@ -11,12 +11,16 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config, SourceConfig, Step, scrub, secrets_of
 from ..journal import Journal, StepResult
 from ..models import Dispatch, FileVersion, Status
 from ..processors import Registry
 from ..router import Router
+
+if TYPE_CHECKING:
+    from ..learn import Learned
 
 
 @dataclass
@@ -53,8 +57,11 @@ class DispatchState:
         workdir: Path,
         consume_marked: bool,
         on_change: Callable[[], None] | None,
+        learned: Learned | None = None,
     ) -> None:
         self.journal = journal
+        #: the learned rules' models (see learn.learning); None: those rules take no file
+        self.learned = learned
         self.registry = registry
         self.workdir = workdir
         #: files recorded by ``mark-existing`` get their after-action like delivered ones
