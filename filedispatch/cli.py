@@ -18,13 +18,17 @@ from . import __version__
 from .config import DEFAULT_IGNORE, Config, Step, folder_problem, load_config, real, watched_by
 from .content import import_problems
 from .errors import ConfigError, FileDispatchError
+from .learn import Learned, learn_folders, learn_problems, learned_models
 from .models import Status
 from .router import Router, age_text, describe_target
 from .sourcefile import describe_writer_check
 from .textsafe import escape
 
 if TYPE_CHECKING:
+    from .journal import Database
+    from .learn.model import Prediction
     from .service import Service
+    from .simulate import Decision
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -68,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="filedispatch",
         description="Watch folders and deliver each new file where its rules send it.",
-        epilog="Commands: check, explain, history, mark-existing (see 'filedispatch COMMAND -h'). "
+        epilog="Commands: check, explain, learn-check, history, mark-existing "
+        "(see 'filedispatch COMMAND -h'). "
         "Without a command, the service runs on the config given with -c.",
     )
     parser.add_argument(
@@ -146,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="say which rules take the given files, and why")
     add_config_option(explain, "configuration (also accepted before 'explain')")
     explain.add_argument("files", nargs="+", type=Path)
+    learn_check = sub.add_parser(
+        "learn-check",
+        help="cross-validate the learned rules' models on their examples: accuracy per label "
+        "and the confusion between labels",
+    )
+    add_config_option(learn_check, "configuration (also accepted before 'learn-check')")
+    learn_check.add_argument(
+        "--folds", type=_positive, default=5, metavar="K", help="cross-validation folds (5)"
+    )
     add_history_commands(sub)
     return parser
 
@@ -205,10 +219,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command in ("check", "explain"):
+        if args.command in ("check", "explain", "learn-check"):
             path = args.sub_config or args.config
             if path is None:
                 parser.error(f"{args.command} needs -c CONFIG (before or after '{args.command}')")
+            if args.command == "learn-check":
+                return cmd_learn_check(path, args.folds)
             return cmd_check(path) if args.command == "check" else cmd_explain(path, args.files)
         if args.command in ("history", "mark-existing"):
             from .history import run_command
@@ -240,9 +256,10 @@ def say(line: str, file: TextIO | None = None) -> None:
 
 
 def load_checked(path: Path) -> Config:
-    """Load a config and also import every Python hook it names (so typos fail now)."""
+    """Load a config and also import every Python hook it names (so typos fail now), and
+    check the learned rules' extra and examples."""
     config = load_config(path)
-    problems = import_problems(config)
+    problems = import_problems(config) + learn_problems(config)
     if problems:
         raise ConfigError(str(path), problems)
     return config
@@ -330,12 +347,21 @@ def print_summary(service: Service) -> None:
 
 def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> int:
     """Print what a start would do with each file in the sources, and why a file is not
-    taken; open nothing for writing (the journal is only read). ``max_items`` counts only
-    files that would be sent, as the run does."""
+    taken; open nothing for writing (the journal is only read, a learned model is not
+    cached). ``max_items`` counts only files that would be sent, as the run does."""
     from .journal import journal_path
+
+    database = journal_path(config, db)
+    with learned_models(config, store=False, database=database) as learned:
+        return _dry_run(config, max_items, database, learned)
+
+
+def _dry_run(
+    config: Config, max_items: int | None, database: Database, learned: Learned | None
+) -> int:
     from .simulate import Simulation
 
-    simulation = Simulation(config, journal_path(config, db))
+    simulation = Simulation(config, database, learned=learned)
     count = 0
     for decision in simulation.scan():
         if not decision.taken:
@@ -348,7 +374,7 @@ def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> in
         assert decision.version is not None
         for chain in decision.chains:
             for step in chain.steps:
-                target = describe_target(step, decision.version)
+                target = describe_target(step, decision.version, chain.label)
                 say(f"{decision.shown} -> [{chain.rule}] {target}")
     return EXIT_OK
 
@@ -406,7 +432,10 @@ def cmd_check(path: Path) -> int:
             low = age_text(cfg.min_age) if cfg.min_age is not None else "0s"
             high = age_text(cfg.max_age) if cfg.max_age is not None else ""
             what.append(f"age {low}..{high}")
-        if cfg.classify:
+        if cfg.learned:
+            learn = cfg.learned
+            what.append(f"learned from {learn.learn} (min_confidence {learn.min_confidence:g})")
+        elif cfg.classify:
             what.append(f"classify {cfg.classify}")
         srcs = ",".join(cfg.sources) if cfg.sources else "all sources"
         flag = " (continue)" if cfg.continue_ else ""
@@ -478,30 +507,98 @@ def verify_problems(config: Config) -> list[str]:
 
 def cmd_explain(path: Path, files: list[Path]) -> int:
     """Say for each file what the service would do with it now, and why (see simulate.py)."""
-    from .controls import window_state
     from .journal import journal_path
     from .simulate import Simulation
 
     config = load_checked(path)
-    simulation = Simulation(config, journal_path(config))
-    for file in files:
-        d = simulation.look(file)
-        if d.version is None:
-            say(f"{file}: not taken: {d.why_not}")
-            continue
-        say(f"{file}: source {d.version.source}, path {d.version.relpath}, {d.version.size} bytes")
-        if d.facts.mime:
-            say(f"  detected type: {d.facts.mime}")
-        for check in d.checks:
-            mark = "+" if check.matched else "-"
-            say(f"  {mark} {check.rule}: {check.why}")
-        shut = window_state(step for chain in d.chains for step in chain.steps)
-        for chain in d.chains:
-            for step in chain.steps:
-                say(f"    -> {describe_target(step, d.version)}")
-                for w in shut:
-                    if w.destination == step.display and w.opens is not None:
-                        opens = time.strftime("%Y-%m-%d %H:%M", time.localtime(w.opens))
-                        say(f"       (its window {w.window} is shut: waits until {opens})")
-        say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
+    with learned_models(config, where=str(path)) as learned:
+        simulation = Simulation(config, journal_path(config), learned=learned)
+        folders = {name: rule.learn for name, rule in simulation.router.learners.items()}
+        for file in files:
+            d = simulation.look(file)
+            if d.version is None:
+                say(f"{file}: not taken: {d.why_not}")
+                other = simulation.look_outside(file) if d.source is None else None
+                if other is not None and other.version is not None:
+                    # a sample file for a learned rule: its rules, read where it is
+                    say(
+                        f"  as if in source {other.version.source} (read where it is): "
+                        f"path {other.version.relpath}, {other.version.size} bytes"
+                    )
+                    _show_rules(other, learned, folders)
+                continue
+            v = d.version
+            say(f"{file}: source {v.source}, path {v.relpath}, {v.size} bytes")
+            if d.facts.mime:
+                say(f"  detected type: {d.facts.mime}")
+            _show_rules(d, learned, folders)
+            say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
+    return EXIT_OK
+
+
+def _show_rules(d: Decision, learned: Learned | None, folders: dict[str, Path]) -> None:
+    """Each rule's verdict (with how a learned rule, whose examples are in ``folders`` by rule
+    name, read the file) and the targets."""
+    from .controls import window_state
+
+    assert d.version is not None
+    for check in d.checks:
+        mark = "+" if check.matched else "-"
+        say(f"  {mark} {check.rule}: {check.why}")
+        answer = d.facts.learned.get(check.rule)
+        if answer is not None and learned is not None and check.rule in folders:
+            explain_prediction(learned, folders[check.rule], answer)
+    shut = window_state(step for chain in d.chains for step in chain.steps)
+    for chain in d.chains:
+        for step in chain.steps:
+            say(f"    -> {describe_target(step, d.version, chain.label)}")
+            for w in shut:
+                if w.destination == step.display and w.opens is not None:
+                    opens = time.strftime("%Y-%m-%d %H:%M", time.localtime(w.opens))
+                    say(f"       (its window {w.window} is shut: waits until {opens})")
+
+
+def explain_prediction(learned: Learned, folder: Path, answer: Prediction) -> None:
+    """Each label's probability and the words of the file that weighed most for it."""
+    document = answer.document
+    if document.method == "name":
+        say(f"      read: the file name only ({document.note})")
+    else:
+        kind = "" if document.method == "text" else f"{document.method.upper()} "
+        say(f"      read: its {kind}text")
+    model = learned.model(folder)
+    for label, probability in answer.probabilities:
+        words = model.top_words(document, label) if model is not None else []
+        shown = ", ".join(words) if words else "(no word for it)"
+        say(f"      {probability:6.1%}  {label}: {shown}")
+
+
+# ---------------------------------------------------------------------------- learn-check
+
+
+def cmd_learn_check(path: Path, folds: int) -> int:
+    """Cross-validated accuracy per label and the confusion, for each learned rule."""
+    from .learn.extract import Extractor
+    from .learn.model import cross_check, find_examples
+
+    config = load_checked(path)
+    folders = learn_folders(config)
+    if not folders:
+        say(f"{path}: no rule has classify: {{learn: FOLDER}}", sys.stderr)
+        return EXIT_USAGE
+    with Extractor() as extractor:
+        for where, folder in folders.items():
+            examples = find_examples(folder)
+            result = cross_check(extractor, examples, folds)
+            total = sum(len(f) for f in examples.values())
+            say(f"{where}: {folder}: {total} examples, {result.folds}-fold cross-validation")
+            width = max(len(label) for label in result.labels)
+            for label in result.labels:
+                accuracy = result.accuracy[label]
+                say(f"  {label:<{width}}  {accuracy:6.1%}  ({len(examples[label])} examples)")
+            say(f"  {'overall':<{width}}  {result.overall:6.1%}")
+            say("  confusion (rows: the examples' label; columns: the label predicted):")
+            say("  " + " " * width + "".join(f"  {label[:10]:>10}" for label in result.labels))
+            for label, row in zip(result.labels, result.confusion, strict=True):
+                say(f"  {label:<{width}}" + "".join(f"  {n:>10}" for n in row))
     return EXIT_OK

@@ -949,6 +949,28 @@ class SourceConfig(_Model):
         return self
 
 
+class LearnClassify(_Model):
+    """``classify: {learn: ./examples}``: a model trained on example files picks a label.
+
+    ``learn`` holds one sub-folder per label, each with at least five example files. The rule
+    takes a file when the most likely label has at least ``min_confidence`` (0..1).
+    """
+
+    learn: FsPath
+    min_confidence: float = Field(0.6, ge=0, le=1)
+
+
+def _classify_kind(value: object) -> str:
+    return "classify-hook" if isinstance(value, str) else "classify-learn"
+
+
+#: ``module:function`` (a hook), or a mapping (a learned model); the tags never show in errors
+Classify = Annotated[
+    Annotated[str, Tag("classify-hook")] | Annotated[LearnClassify, Tag("classify-learn")],
+    Discriminator(_classify_kind),
+]
+
+
 class RuleConfig(_Model):
     """Which files go where; rules are tried in order."""
 
@@ -968,7 +990,8 @@ class RuleConfig(_Model):
     #: seconds since the file was last modified: an older file is not taken by this rule
     max_age: Age | None = None
     mime: list[str] = Field(default_factory=list)  #: e.g. image/*, application/pdf
-    classify: str | None = None  #: ``module:function`` naming the rule a file belongs to
+    #: ``module:function`` naming the rule a file belongs to, or a learned model's settings
+    classify: Classify | None = None
     #: ``content``: for every step of the rule that does not say otherwise (see _Step.dedupe)
     dedupe: Dedupe | None = None
     continue_: bool = Field(False, alias="continue")
@@ -1008,6 +1031,11 @@ class RuleConfig(_Model):
             value = [value]
         return [_coerce_step(v) for v in value] if isinstance(value, list) else value
 
+    @property
+    def learned(self) -> LearnClassify | None:
+        """The learned model's settings, when this rule classifies by one."""
+        return self.classify if isinstance(self.classify, LearnClassify) else None
+
     @model_validator(mode="after")
     def _consistent(self) -> RuleConfig:
         if self.min_age is not None and self.max_age is not None and self.min_age > self.max_age:
@@ -1021,6 +1049,16 @@ class RuleConfig(_Model):
                 except ValueError as exc:
                     raise ValueError(f"to[{j}].name: {exc}") from None
                 step._rule_regex = self.regex
+        return self
+
+    @model_validator(mode="after")
+    def _label_needs_learn(self) -> RuleConfig:
+        if self.learned is None:
+            for step in self.to:
+                if "{label}" in (getattr(step, "name", "") or "") + getattr(step, "url", ""):
+                    raise ValueError(
+                        "the {label} placeholder needs classify: {learn: FOLDER} on the rule"
+                    )
         return self
 
 
@@ -1529,7 +1567,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
         after_index, previous = isinstance(previous, int), part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (part in STEP_TAGS and after_index) or part.startswith("function-"):
+        elif (part in STEP_TAGS and after_index) or part.startswith(("function-", "classify-")):
             continue  # a union's tag, not a field (``command`` is both)
         else:
             out += f".{part}" if out else part
@@ -1634,6 +1672,9 @@ def _absolutize(raw: dict[str, Any], base: Path) -> None:
     for rule in _items(raw.get("rules")):
         if not isinstance(rule, dict):
             continue
+        learn = rule.get("classify")
+        if isinstance(learn, dict) and isinstance(learn.get("learn"), str):
+            rule["classify"] = {**learn, "learn": fix(os.path.expanduser(learn["learn"]))}
         to = rule.get("to")
         steps = to if isinstance(to, list) else [to]
         fixed = []

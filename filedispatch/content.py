@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import puremagic
 
 from .config import Config, PythonStep
+from .learn.extract import looks_like_text
 from .models import FileVersion
 from .sourcefile import read_head
 
 if TYPE_CHECKING:
+    from .learn import Learned
     from .router import Facts, Router
 
 log = logging.getLogger(__name__)
@@ -49,26 +51,17 @@ def detect_mime(version: FileVersion) -> str | None:
     for match in matches:
         if match.mime_type:
             return str(match.mime_type)
-    if _looks_like_text(head):
+    if looks_like_text(head):
         return "text/plain"
     return "application/octet-stream"
-
-
-def _looks_like_text(head: bytes) -> bool:
-    if b"\x00" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 4  # a character cut at the sniffing limit
-    return True
 
 
 def import_problems(config: Config) -> list[str]:
     """Every ``python:`` step and ``classify:`` hook that cannot be imported, as config errors."""
     problems = []
     for i, rule in enumerate(config.rules):
-        specs = [(f"rules[{i}].classify", rule.classify)] if rule.classify else []
+        hook = rule.classify if isinstance(rule.classify, str) else None
+        specs = [(f"rules[{i}].classify", hook)] if hook else []
         specs += [
             (f"rules[{i}].to[{j}].python", step.python)
             for j, step in enumerate(rule.to)
@@ -91,14 +84,31 @@ def _calls(cls: type) -> bool:
     return any("__call__" in vars(k) for k in cls.__mro__)
 
 
-def facts_for(router: Router, version: FileVersion, cache: dict[str, Any] | None = None) -> Facts:
-    """What routing needs to know beyond name and size: nothing unless a rule asks for it."""
+def facts_for(
+    router: Router,
+    version: FileVersion,
+    cache: dict[str, Any] | None = None,
+    learned: Learned | None = None,
+) -> Facts:
+    """What routing needs to know beyond name and size: nothing unless a rule asks for it.
+    ``learned`` answers for the learned rules (without it they take no file)."""
     from .router import Facts
 
-    if not router.needs_mime and not router.classifiers:
+    if not needs_content(router):
         return Facts()
-    mime = detect_mime(version)
-    return Facts(mime, classify_all(router, version, mime, cache))
+    mime = detect_mime(version) if router.needs_mime or router.classifiers else None
+    answers = {  # a model reads the file only for a rule whose other conditions hold
+        name: learned.predict(settings.learn, version)
+        if learned is not None and router.by_name[name].check(version, Facts(mime)) is None
+        else None
+        for name, settings in router.learners.items()
+    }
+    return Facts(mime, classify_all(router, version, mime, cache), answers)
+
+
+def needs_content(router: Router) -> bool:
+    """Whether routing reads files (a MIME type, a classifier, a learned model)."""
+    return router.needs_mime or bool(router.classifiers) or bool(router.learners)
 
 
 def classify_all(

@@ -35,6 +35,7 @@ from .journal import (
     planned_steps,
     read_states,
 )
+from .learn import Learned, learned_models
 from .models import Dispatch, FileVersion, Status
 from .progress import Progress
 from .recovery import RetryAnswer
@@ -269,8 +270,8 @@ def existing(config: Config) -> Iterator[tuple[SourceConfig, FileVersion]]:
             yield source, FileVersion.from_stat(source.key, source.path, rel, st)
 
 
-def _route(router: Router, version: FileVersion) -> list[Chain]:
-    return router.route(version, facts_for(router, version))
+def _route(router: Router, version: FileVersion, learned: Learned | None) -> list[Chain]:
+    return router.route(version, facts_for(router, version, learned=learned))
 
 
 def mark_existing(
@@ -279,13 +280,19 @@ def mark_existing(
     """Record the files present now as dispatched to every destination their rules name,
     without sending them (dirsend's ``--store-only``). ``dry_run`` prints and writes nothing.
     """
-    out = out or sys.stdout
+    with learned_models(config, store=not dry_run, database=db) as learned:
+        return _mark_existing(config, db, dry_run, out or sys.stdout, learned)
+
+
+def _mark_existing(
+    config: Config, db: Database, dry_run: bool, out: TextIO, learned: Learned | None
+) -> MarkSummary:
     files = list(existing(config))
     router = Router(config)
     summary = MarkSummary()
     if dry_run:  # the same files, routes and journal rows as the real run, only read
         for start in range(0, len(files), BATCH):
-            batch = [(v, _route(router, v)) for _, v in files[start : start + BATCH]]
+            batch = [(v, _route(router, v, learned)) for _, v in files[start : start + BATCH]]
             states = read_states(db, [v.key for v, chains in batch if chains])
             for version, chains in batch:
                 if not chains:
@@ -301,7 +308,7 @@ def mark_existing(
                     print(escape(line + ("  (recorded before)" if before else "")), file=out)
         return summary
     with journal_lock(db):  # a running service would send them meanwhile: refuse
-        asyncio.run(_mark(config, router, db, files, summary))
+        asyncio.run(_mark(config, router, db, files, summary, learned))
     return summary
 
 
@@ -311,6 +318,7 @@ async def _mark(
     db: Database,
     files: list[tuple[SourceConfig, FileVersion]],
     summary: MarkSummary,
+    learned: Learned | None,
 ) -> None:
     async with open_journal(db, hold=False) as journal:
         await recovery.upgrade_step_keys(journal, config)  # an older journal's rows count as marked
@@ -318,7 +326,7 @@ async def _mark(
             for start in range(0, len(files), BATCH):
                 steps: list[PlannedStep] = []
                 for _, version in files[start : start + BATCH]:
-                    chains = _route(router, version)
+                    chains = _route(router, version, learned)
                     if not chains:
                         summary.unmatched += 1
                         continue

@@ -141,6 +141,7 @@ class Dispatch:
     ino: int | None = None
     ctime_ns: int | None = None
     sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
+    label: str | None = None  #: the label a learned rule gave the file (``{label}``)
     #: the step and the transforms before it (``router.step_keys``; set by a claim, None
     #: elsewhere)
     step_key: str | None = None

@@ -24,6 +24,7 @@ from .models import FileVersion
 PLACEHOLDERS = frozenset(
     {"name", "stem", "ext", "relpath", "reldir", "source", "yyyy", "mm", "dd", "HH", "MM", "SS"}
     | {"parent", "now", "mtime", "counter", "sha256"}
+    | {"label"}  # a learned rule's label (see docs/learned-routing.md)
 )
 #: placeholders that take a strftime format after a colon: ``{now:%Y-%m-%d}``
 TIME_PLACEHOLDERS = frozenset({"now", "mtime"})
@@ -129,12 +130,14 @@ def placeholders(
     counter: int | None = None,
     content: Path | None = None,
     now: float | None = None,
+    label: str | None = None,
 ) -> dict[str, object]:
     """The placeholder values for a file (only the ``needed`` ones are worked out).
 
     ``counter``: the dispatch's id in the journal (None: shown as ``{counter}``); ``content``:
     the file whose bytes ``{sha256}`` hashes (default the version's own); ``now``: seconds
-    since 1970 for ``{now}`` (default the clock).
+    since 1970 for ``{now}`` (default the clock); ``label``: a learned rule's label for
+    ``{label}`` (PermanentDeliveryError when the template needs it and it is None).
     """
     name = version.name
     dot = name.rfind(".")
@@ -167,6 +170,12 @@ def placeholders(
         values["counter"] = COUNTER_UNKNOWN if counter is None else str(counter)
     if "sha256" in needed:
         values["sha256"] = _Digest(content_sha256(version, content))
+    if "label" in needed:
+        if label is None:
+            raise PermanentDeliveryError(
+                "the name template uses {label}, but no learned rule gave this file a label"
+            )
+        values["label"] = label
     if options.regex is not None and needed - PLACEHOLDERS:
         match = options.regex.search(version.relpath)
         groups = match.groupdict() if match else {}
@@ -209,7 +218,7 @@ def render_str(
     **more: Any,
 ) -> str:
     """``render`` as a plain "a/b/c" string (cheaper, for the per-file hot path). ``options``
-    are the destination's; ``more`` (counter, content, now) as for ``placeholders``.
+    are the destination's; ``more`` (counter, content, now, label) as for ``placeholders``.
 
     Raises PermanentDeliveryError when the name would leave the destination.
     """

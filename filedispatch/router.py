@@ -12,12 +12,16 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .config import Config, LocalDestination, RuleConfig, Step
 from .errors import PermanentDeliveryError
 from .models import FileVersion
 from .naming import NO_OPTIONS, render
 from .patterns import GlobSet
+
+if TYPE_CHECKING:
+    from .learn.model import Prediction
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +31,7 @@ class Chain:
     rule: str
     steps: tuple[Step, ...]
     keys: tuple[str, ...]
+    label: str | None = None  #: the label a learned rule gave the file (``{label}``)
 
     def position(self, key: str) -> int | None:
         """The index of the step whose key is ``key``, None if no step of the chain has it."""
@@ -52,6 +57,8 @@ class Facts:
     mime: str | None = None
     #: the rule name a ``classify`` hook chose, keyed by the classifying rule's name
     classified: dict[str, str | None] = field(default_factory=dict)
+    #: a learned model's answer, keyed by the learned rule's name (None: no model yet)
+    learned: dict[str, Prediction | None] = field(default_factory=dict)
 
 
 def step_keys(steps: Sequence[Step]) -> tuple[str, ...]:
@@ -190,7 +197,11 @@ class Router:
             self.rules.append(CompiledRule(config.rule_name(i), rule, keys))
         self.by_name = {r.name: r for r in self.rules}
         self.needs_mime = any(r.mime is not None for r in self.rules)
-        self.classifiers = {r.name: r.config.classify for r in self.rules if r.config.classify}
+        self.classifiers = {
+            r.name: r.config.classify for r in self.rules if isinstance(r.config.classify, str)
+        }
+        #: learned rules: name -> settings (its examples folder, its min_confidence)
+        self.learners = {r.name: r.config.learned for r in self.rules if r.config.learned}
         self.clock = clock
         self.ages = any(r.config.min_age is not None for r in self.rules)
         self.timed = self.ages or any(r.config.max_age is not None for r in self.rules)
@@ -236,6 +247,8 @@ class Router:
                     why = f"classifier {self.classifiers[rule.name]} chose {chosen or 'nothing'}"
                 else:
                     chain = Chain(target.name, target.chain.steps, target.chain.keys)
+            if why is None and rule.name in self.learners and facts is not None:
+                why, chain = self._learned(rule, facts)
             if why is None:
                 why, young = rule.check_age(version, now)
                 if young is not None:
@@ -253,15 +266,30 @@ class Router:
                 stopped_by = f"{rule.name} matched first"
         return out, due
 
+    def _learned(self, rule: CompiledRule, facts: Facts) -> tuple[str | None, Chain | None]:
+        """(why not, the chain with its label) for a learned rule."""
+        least = self.learners[rule.name].min_confidence
+        answer = facts.learned.get(rule.name)
+        if answer is None:
+            return "the learned model is not ready", None
+        if answer.probability < least:
+            return (
+                f"learned label {answer.label!r} at {answer.probability:.2f}, "
+                f"below min_confidence {least:g}",
+                None,
+            )
+        return None, Chain(rule.name, rule.chain.steps, rule.chain.keys, answer.label)
 
-def describe_target(step: Step, version: FileVersion) -> str:
+
+def describe_target(step: Step, version: FileVersion, label: str | None = None) -> str:
     """Where a step would put this file, for ``explain`` and ``--dry-run`` (credentials hidden;
-    ``{counter}`` is shown as it is: the journal gives the number when the file is planned)."""
+    ``{counter}`` is shown as it is: the journal gives the number when the file is planned;
+    ``label``: a learned rule's label for ``{label}``)."""
     template = getattr(step, "name", None)
     if template is None:
         return step.display
     try:
-        rel = render(template, version, None, getattr(step, "naming", NO_OPTIONS))
+        rel = render(template, version, None, getattr(step, "naming", NO_OPTIONS), label=label)
     except PermanentDeliveryError as exc:
         return f"{step.display} (refused: {exc})"
     if isinstance(step, LocalDestination):

@@ -30,14 +30,14 @@ from .errors import ConfigError, JournalUnavailableError
 from .journal import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
-    Database,
     Journal,
     JournalHealth,
-    default_path,
     journal_lock,
     journal_path,
     open_journal,
+    state_folder,
 )
+from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink
 from .models import FileVersion
 from .processors import Registry
@@ -89,11 +89,6 @@ def _amend(model: _M, **changes: object) -> _M:
     return model.model_copy(update=given) if given else model
 
 
-def _state_folder(database: Database) -> Path:
-    """Where the service keeps its own files: beside an SQLite journal, else the state folder."""
-    return database.parent if isinstance(database, Path) else default_path().parent
-
-
 class Service:
     """A running filedispatch: the parts, their order, and the stop story."""
 
@@ -110,7 +105,7 @@ class Service:
                         "choose another --db or database:"
                     ],
                 )
-        self.workdir = (self.config.workdir or _state_folder(self.db_path) / "work").absolute()
+        self.workdir = (self.config.workdir or state_folder(self.db_path) / "work").absolute()
         self.started_at = time.time()
         self.stop_event = asyncio.Event()
         self.stopping_reason: str | None = None
@@ -120,6 +115,8 @@ class Service:
         self.dispatcher: Dispatcher
         self.summary = RunSummary()
         self.reloads = 0
+        self.learned: Learned
+        self._training: asyncio.Task[None] | None = None  #: a reload's models being trained
 
     # ------------------------------------------------------------------ control
 
@@ -145,9 +142,34 @@ class Service:
             return False
         try:
             new = apply_options(load_config(path), self.options)
+            problems = learn_problems(new)
+            if problems:
+                raise ConfigError(str(path), problems)
         except ConfigError as exc:
             log.error("reload refused, still running on the old config:\n%s", exc)
             return False
+        untrained = [f for f in learn_folders(new).values() if self.learned.model(f) is None]
+        if untrained:  # a learned rule takes files only once its model is there
+            if self._training is not None and not self._training.done():
+                log.error("reload refused: the models of the last reload are still training")
+                return False
+            log.info("reload: training the new learned rules first")
+            self._training = asyncio.get_running_loop().create_task(
+                self._train_then_apply(path, new, untrained), name="reload-training"
+            )
+            return True
+        self._apply(path, new)
+        return True
+
+    async def _train_then_apply(self, path: Path, new: Config, folders: list[Path]) -> None:
+        try:
+            await asyncio.to_thread(self.learned.refresh, folders, True)
+        except ValueError as exc:
+            log.error("reload refused, still running on the old config: %s", exc)
+            return
+        self._apply(path, new)
+
+    def _apply(self, path: Path, new: Config) -> None:
         if journal_path(new, self.options.db) != self.db_path:
             log.warning("reload: a new database path only takes effect after a restart")
         if new.sources != self.config.sources:
@@ -160,7 +182,6 @@ class Service:
         for w in self.watchers:
             w.request_rescan()
         log.info("reloaded %s", path)
-        return True
 
     async def retry(self, dispatch_id: int) -> recovery.RetryAnswer:
         """Send a FAILED dispatch again, or say why not (API, console; see recovery.retry)."""
@@ -355,6 +376,7 @@ class Service:
         await self._sweep_workdir()
         registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
+        learned = await self._learning(stack)
         self.dispatcher = Dispatcher(
             self.config,
             self.journal,
@@ -362,6 +384,7 @@ class Service:
             workdir=self.workdir,
             max_items=self.options.max_items,
             consume_marked=self.options.consume_marked,
+            learned=learned,
         )
         self.summary = self.dispatcher.summary
         self.dispatcher.state.node_alive = self.membership.alive.held
@@ -424,6 +447,29 @@ class Service:
         if source.shared:  # made shared by a reload: the node's leases are taken at its start
             log.warning("source %s: shared: true takes effect at the next start", source.key)
         return make(source)
+
+    async def _learning(self, stack: contextlib.AsyncExitStack) -> Learned:
+        """The learned rules' models, trained (or loaded from beside the journal) before any
+        file is routed, then kept current as their examples change (see learn.learning)."""
+
+        def folders() -> list[Path]:
+            return list(learn_folders(self.config).values())
+
+        try:
+            self.learned = await stack.enter_async_context(
+                learning(folders, state_folder(self.db_path))
+            )
+        except ValueError as exc:  # the examples changed since the config was checked
+            where = str(self.options.config_path or "<config>")
+            raise ConfigError(where, [f"classify.learn: {exc}"]) from None
+        stack.push_async_callback(self._stop_training)
+        return self.learned
+
+    async def _stop_training(self) -> None:
+        if self._training is not None:
+            self._training.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._training
 
     async def _watch(self, dispatch_task: asyncio.Task[None]) -> None:
         """Run watchers (restarting them on a reload that changed sources) until stop."""

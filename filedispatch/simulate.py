@@ -9,10 +9,12 @@ it never writes the journal, never creates a file or folder, and never sends any
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Config, SourceConfig, real
 from .content import facts_for
@@ -20,6 +22,9 @@ from .journal import Database, PlannedStep, StepState, planned_steps, read_state
 from .models import FileVersion, Status
 from .router import Chain, Facts, Router, RuleCheck
 from .watcher import SourceWatcher
+
+if TYPE_CHECKING:
+    from .learn import Learned
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +56,21 @@ class Simulation:
     """The service's decisions for files, without running it.
 
     ``db``: the journal to consult for "already done" (read-only; a missing one means nothing
-    was done yet). ``clock``: seconds since 1970, for readiness and ages.
+    was done yet). ``clock``: seconds since 1970, for readiness and ages. ``learned``: the
+    learned rules' models (None: those rules take no file, as in a service without them).
     """
 
     def __init__(
-        self, config: Config, db: Database | None, clock: Callable[[], float] = time.time
+        self,
+        config: Config,
+        db: Database | None,
+        clock: Callable[[], float] = time.time,
+        learned: Learned | None = None,
     ) -> None:
         self.config = config
         self.db = db
         self.clock = clock
+        self.learned = learned
         self.router = Router(config, clock)
         exclude = [folder for _, folder in config.iter_local_roots()]  # as the service does
         self.watchers = {s.key: SourceWatcher(s, _never, _never, exclude) for s in config.sources}
@@ -99,14 +110,10 @@ class Simulation:
         if not os.path.lexists(source.path / rel):
             # a name that is not there yet: the rules, for an empty file of that name
             version = FileVersion(source.key, source.path, rel, 0, int(self.clock() * 1e9))
-            facts = facts_for(self.router, version)
-            return Decision(
+            return self._rules_only(
                 shown,
                 source,
                 version,
-                tuple(self.router.route(version, facts)),
-                tuple(self.router.explain(version, facts)),
-                facts,
                 "does not exist (the rules are shown for an empty file of that name, modified now)",
             )
         why = self.watchers[source.key].why_not(rel)
@@ -115,6 +122,40 @@ class Simulation:
         st = (source.path / rel).stat()
         version = FileVersion.from_stat(source.key, source.path, rel, st)
         return next(iter(self._decide(source, [version], check_name=False)))
+
+    def look_outside(self, path: Path) -> Decision | None:
+        """The rules' verdicts for a regular file outside every source, as if it were in the
+        first one (routed by its name, its content read where it is): how a learned rule
+        would take a sample file. None when no rule learns or ``path`` is no regular file.
+        The decision still says the file is not taken."""
+        if not self.router.learners or not self.config.sources:
+            return None
+        absolute = real(path)
+        try:
+            st = absolute.stat()
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        source = self.config.sources[0]
+        version = FileVersion.from_stat(source.key, absolute.parent, absolute.name, st)
+        return self._rules_only(str(path), source, version, "not inside any source")
+
+    def _rules_only(
+        self, shown: str, source: SourceConfig, version: FileVersion, why_not: str
+    ) -> Decision:
+        """The rules' verdicts for a file the service would not take anyway (``why_not``)."""
+        facts = facts_for(self.router, version, learned=self.learned)
+        route = tuple(self.router.route(version, facts))
+        return Decision(
+            shown,
+            source,
+            version,
+            route,
+            tuple(self.router.explain(version, facts)),
+            facts,
+            why_not,
+        )
 
     # ------------------------------------------------------------------ the decisions
 
@@ -132,7 +173,7 @@ class Simulation:
             if why is not None:
                 out[v.key] = Decision(shown, source, v, why_not=why)
                 continue
-            facts = facts_for(self.router, v)
+            facts = facts_for(self.router, v, learned=self.learned)
             checks = self.router.explain(v, facts)
             due = self.router.waiting(v, facts)
             if due is not None:

@@ -31,7 +31,7 @@ from .conftest import ServiceProcess, free_port, run_cli, wait_until
 ENTRY_FIELDS = {
     "id", "created", "finished", "filename", "source", "destination", "extension", "protocol",
     "rule", "status", "attempts", "byte_size", "size", "duration_ms", "reason",
-    "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns",
+    "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns", "label",
 }  # fmt: skip
 
 

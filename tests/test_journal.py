@@ -327,3 +327,30 @@ async def test_postgres_going_away_holds_writes_until_it_is_back(
         assert await asyncio.wait_for(pending, 120) == 1
         assert j.health.ok and j.writable.is_set()
         assert await j.counts() == {"PENDING": 2}
+
+
+async def test_a_learned_label_is_kept_with_its_rows_on_both_backends(
+    tmp_path: Path, database: Database
+) -> None:
+    """plan() records a learned rule's label in the same write; a row planned before keeps
+    the label it was given then (its delivery may have used it)."""
+    v = FileVersion("in", tmp_path, "scan.pdf", 10, 1)
+    plain = FileVersion("in", tmp_path, "notes.txt", 5, 1)
+
+    def labelled(label: str) -> PlannedStep:
+        return PlannedStep(v, "learned", 0, "k0", "/dest/0", "file", label)
+
+    async with open_journal(database) as j:
+        assert await j.plan([labelled("invoices"), step(plain)]) == 2
+        assert await j.plan([labelled("contracts")]) == 0
+        groups = await j.claim(10, time.time())
+        got = {d.relpath: d.label for g in groups for d in g}
+        assert got == {"scan.pdf": "invoices", "notes.txt": None}
+        async with j.reader() as r:
+            page = await r.page(PageQuery([], [SortKey("id", False)], 10))
+            assert [(e.filename, e.label) for e in page] == [
+                ("scan.pdf", "invoices"),
+                ("notes.txt", None),
+            ]
+            detail = await r.detail(page[0].id)
+            assert detail is not None and detail.label == "invoices"

@@ -469,6 +469,7 @@ def entry(row: Entry) -> dict[str, Any]:
         "sha256": row.sha256,
         "mtime": iso(row.mtime_ns / 1e9),
         "mtime_ns": row.mtime_ns,
+        "label": row.label,
     }
 
 

@@ -50,6 +50,7 @@ ENTRY: dict[str, Any] = {
     "sha256": _NULL_STR,
     "mtime": {"type": "string", "format": "date-time"},
     "mtime_ns": _INT,
+    "label": _NULL_STR,  #: the label a learned rule gave the file
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,

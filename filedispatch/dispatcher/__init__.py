@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config, SourceConfig
 from ..journal import Journal, StepResult
@@ -26,6 +27,9 @@ from .outcomes import Outcomes
 from .planning import Planner
 from .state import DestinationStats, DispatchState, RunSummary
 from .workers import Workers
+
+if TYPE_CHECKING:
+    from ..learn import Learned
 
 __all__ = ["DestinationStats", "Dispatcher", "RunSummary"]
 
@@ -43,6 +47,7 @@ class Dispatcher:
         max_items: int | None = None,
         on_change: Callable[[], None] | None = None,
         consume_marked: bool = False,
+        learned: Learned | None = None,
     ) -> None:
         self.state = state = DispatchState(
             config,
@@ -50,6 +55,7 @@ class Dispatcher:
             registry,
             workdir=workdir,
             consume_marked=consume_marked,
+            learned=learned,
             on_change=on_change,
         )
         self.outcomes = Outcomes(state)

@@ -75,6 +75,8 @@ class InlineLanes:
         """How a new file skips the queue and the workers, if it can."""
         if not fastpath.INLINE_LANES or len(chains) != 1 or source.shared:
             return None  # a shared source's files are queued, for whichever node is free
+        if chains[0].label is not None:
+            return None  # a label is recorded by plan(), which the lanes do not use
         if not self.state.may_start() or source.key in self.state.stopped_sources:
             return None
         key = (source.key, chains[0].rule)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 
 from ..config import SourceConfig
-from ..content import facts_for
+from ..content import facts_for, needs_content
 from ..journal import PlannedStep, planned_steps
 from ..limits import ItemBudget
 from ..models import FileVersion, Status
@@ -49,7 +49,8 @@ class Planner:
     def route(self, version: FileVersion) -> list[Chain]:
         """The chains a version goes through, with the facts its rules need (may do I/O)."""
         router = self.state.router
-        return router.route(version, facts_for(router, version, self._classifiers))
+        facts = facts_for(router, version, self._classifiers, self.state.learned)
+        return router.route(version, facts)
 
     async def offer(self, source: SourceConfig, versions: Sequence[FileVersion]) -> int:
         """Plan complete files from a watcher: route them and write PENDING rows. Returns how
@@ -60,7 +61,7 @@ class Planner:
         if source.shared:  # each host numbers devices its own way: the delivering node's differs
             versions = [dataclasses.replace(v, dev=0) if v.dev else v for v in versions]
         router = state.router
-        if router.needs_mime or router.classifiers:
+        if needs_content(router):
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [router.route(v) for v in versions]

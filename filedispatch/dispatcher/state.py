@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Config, SourceConfig, Step, scrub, secrets_of
 from ..journal import Journal, StepResult
@@ -20,6 +21,9 @@ from ..router import Router
 
 #: seconds the feeder sleeps at most when nothing is due (a wake-up comes sooner)
 IDLE_CHECK_S = 5.0
+
+if TYPE_CHECKING:
+    from ..learn import Learned
 
 
 @dataclass
@@ -56,8 +60,11 @@ class DispatchState:
         workdir: Path,
         consume_marked: bool,
         on_change: Callable[[], None] | None,
+        learned: Learned | None = None,
     ) -> None:
         self.journal = journal
+        #: the learned rules' models (see learn.learning); None: those rules take no file
+        self.learned = learned
         self.registry = registry
         self.workdir = workdir
         #: files recorded by ``mark-existing`` get their after-action like delivered ones

@@ -233,6 +233,7 @@ class Workers:
             workdir=workdir,
             resuming=row.started is not None,  # claimed before: a crash may have hit mid-way
             may_move=may_move,
+            label=row.label,
         )
         self.state.in_flight[row.id] = row
         sem = self.state.semaphore(step)

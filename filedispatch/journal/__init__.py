@@ -35,7 +35,7 @@ from .base import (
     number,
     planned_steps,
 )
-from .place import journal_lock, journal_path
+from .place import journal_lock, journal_path, state_folder
 from .sqlite import MIGRATIONS, SqliteJournal
 from .target import Database, PostgresTarget
 
@@ -79,4 +79,5 @@ __all__ = [
     "open_reader",
     "planned_steps",
     "read_states",
+    "state_folder",
 ]

@@ -160,6 +160,7 @@ class PlannedStep:
     step_key: str
     destination: str
     protocol: str
+    label: str | None = None  #: the label a learned rule gave the file
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +232,7 @@ class Waiting:
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
     """The rows that plan a routed file version: one per step of each chain."""
     return [
-        PlannedStep(version, chain.rule, i, key, step.display, step.kind)
+        PlannedStep(version, chain.rule, i, key, step.display, step.kind, chain.label)
         for chain in chains
         for i, (step, key) in enumerate(zip(chain.steps, chain.keys, strict=True))
     ]
@@ -333,6 +334,7 @@ class Entry:
     reason: str | None
     sha256: str | None
     mtime_ns: int
+    label: str | None  #: the label a learned rule gave the file
 
     def sort_values(self, keys: Sequence[SortKey]) -> list[Any]:
         """This row's values of ``keys`` as the page order sees them (a cursor)."""

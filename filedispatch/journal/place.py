@@ -34,6 +34,12 @@ def journal_path(config: Config | None, db: Path | None = None) -> Database:
     return chosen.target()
 
 
+def state_folder(database: Database) -> Path:
+    """Where the service keeps its own files (work folder, learned models): beside an SQLite
+    journal, else the per-user state folder."""
+    return database.parent if isinstance(database, Path) else default_path().parent
+
+
 @contextlib.contextmanager
 def journal_lock(database: Database, node: str | None = None) -> Iterator[None]:
     """One service per SQLite journal: two would dispatch the same files twice (and each would

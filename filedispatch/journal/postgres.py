@@ -127,6 +127,9 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE dispatches ADD COLUMN owner TEXT",
         "CREATE INDEX dispatches_in_progress ON dispatches (epoch) WHERE status = 'IN_PROGRESS'",
     ],
+    [  # the label a learned rule gave the file (docs/learned-routing.md)
+        "ALTER TABLE dispatches ADD COLUMN label TEXT",
+    ],
 ]
 
 
@@ -223,6 +226,21 @@ def _plan_columns(
         for s in steps
     ]
     return [list(col) for col in zip(*rows, strict=True)] if rows else []
+
+
+#: the labels of rows just planned, as the SQLite journal's ``_set_labels`` records them
+_LABELS = (
+    "UPDATE dispatches d SET label = u.label FROM unnest(%s::text[], %s::text[], %s::text[]) "
+    "AS u(label, vk, sk) WHERE d.vkey = u.vk AND d.step_key = u.sk AND d.label IS NULL"
+)
+
+
+async def _set_labels(conn: Conn, steps: Sequence[PlannedStep]) -> None:
+    """Record the learned labels of rows just planned (in their transaction); a row planned
+    before keeps the label it was given then, as its delivery may already have used it."""
+    labelled = [(s.label, s.version.key, s.step_key) for s in steps if s.label is not None]
+    if labelled:
+        await conn.execute(_LABELS.encode(), [list(col) for col in zip(*labelled, strict=True)])
 
 
 #: one outcome, fenced: the row must still carry the claim's token (the last %s)
@@ -522,13 +540,16 @@ class PostgresJournal(SqlReads, HealthReport):
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; returns how many are new."""
         now = time.time() if now is None else now
+        steps = list(steps)
         columns = _plan_columns(steps, self._owner)
         if not columns:
             return 0
 
         async def op(conn: Conn) -> int:
             cur = await conn.execute(_PLAN.encode(), ("PENDING", now, None, None, None, *columns))
-            return max(cur.rowcount, 0)
+            new = max(cur.rowcount, 0)
+            await _set_labels(conn, steps)
+            return new
 
         return await self.write(op)
 

@@ -37,12 +37,12 @@ from .base import (
 COLUMNS = (
     "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
     "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output, dev, ino, ctime_ns, sha256"
+    "error_type, detail, output, dev, ino, ctime_ns, sha256, label"
 )
 #: the columns of an ``Entry``, and of a ``Detail``
 ENTRY_COLUMNS = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256, mtime_ns"
+    "attempts, size, duration_ms, reason, sha256, mtime_ns, label"
 )
 DETAIL_COLUMNS = (
     ENTRY_COLUMNS + ", relpath, step, location, detail, error_type, started, next_attempt, node"
@@ -75,7 +75,7 @@ def claimed_groups(vkeys: Sequence[str], rows: Sequence[Any], now: float) -> lis
 
 
 def _entry(r: Sequence[Any]) -> Entry:
-    values = list(r[:16])
+    values = list(r[:17])
     values[15] = number(values[15])
     return Entry(*values)
 

@@ -175,6 +175,9 @@ MIGRATIONS: list[list[str]] = [
     [  # the node that claimed a row (one implicit node here; see the PostgreSQL journal)
         "ALTER TABLE dispatches ADD COLUMN node TEXT",
     ],
+    [  # the label a learned rule gave the file (docs/learned-routing.md)
+        "ALTER TABLE dispatches ADD COLUMN label TEXT",
+    ],
 ]
 
 
@@ -330,6 +333,17 @@ def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ..
 
 
 _INT64 = range(-(2**63), 2**63)
+
+
+def _set_labels(conn: sqlite3.Connection, steps: Iterable[PlannedStep]) -> None:
+    """Record the learned labels of rows just planned (in their transaction); a row planned
+    before keeps the label it was given then, as its delivery may already have used it."""
+    labelled = [(s.label, s.version.key, s.step_key) for s in steps if s.label is not None]
+    if labelled:
+        conn.executemany(
+            "UPDATE dispatches SET label=? WHERE vkey=? AND step_key=? AND label IS NULL",
+            labelled,
+        )
 
 
 def _int64(value: int) -> int | bytes:
@@ -700,6 +714,7 @@ class SqliteJournal(SqlReads, HealthReport):
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; returns how many are new."""
         now = time.time() if now is None else now
+        steps = list(steps)
         params = _plan_params(steps, now)
         if not params:
             return 0
@@ -709,7 +724,9 @@ class SqliteJournal(SqlReads, HealthReport):
             # executemany, not the JSON form: rows a rescan offers again are mostly known, and
             # the JSON form parses every row's fields before the unique key turns it away
             conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
-            return conn.total_changes - before
+            new = conn.total_changes - before
+            _set_labels(conn, steps)
+            return new
 
         return await self.write(op)
 

@@ -40,6 +40,7 @@ class StepContext:
     #: this is the source's only destination and the source is consumed once it is delivered:
     #: a local folder on the same filesystem may rename the source into place
     may_move: bool = False
+    label: str | None = None  #: the label a learned rule gave the file (``{label}``)
 
     @property
     def path(self) -> Path:

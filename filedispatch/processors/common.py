@@ -137,6 +137,7 @@ def render_target_str(
         options,
         counter=ctx.dispatch_id,
         content=ctx.input,
+        label=ctx.label,
     )
 
 

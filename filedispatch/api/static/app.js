@@ -220,7 +220,7 @@ function renderRow(e) {
   tr.dataset.status = e.status;
   const cells = [
     [String(e.id), "num"], [when(e.created), ""], [e.filename, "file"], [e.source, ""],
-    [e.destination, "dest"], [e.rule, ""], [null, "status"], [e.size, "num"],
+    [e.destination, "dest"], [e.label ? `${e.rule} (${e.label})` : e.rule, ""], [null, "status"], [e.size, "num"],
     [duration(e.duration_ms), "num"], [String(e.attempts), "num"], [e.reason || "", "reason"],
   ];
   for (const [text, cls] of cells) {
@@ -266,7 +266,7 @@ async function openDetail(id) {
     const d = await api(`/api/v1/logs/${id}`);
     state.detailId = id;
     $("#detail-id").textContent = `#${d.id}`;
-    const fields = ["status", "filename", "relpath", "source", "rule", "step", "destination", "protocol",
+    const fields = ["status", "filename", "relpath", "source", "rule", "label", "step", "destination", "protocol",
       "location", "size", "byte_size", "attempts", "created", "started", "finished", "duration_ms",
       "next_attempt", "reason", "error_type", "detail", "extension", "node"];
     const dl = $("#detail-fields");
