@@ -23,7 +23,7 @@ from aiolimiter import AsyncLimiter
 
 from .errors import OutsideWindowError
 from .journal import DUPLICATE_OF
-from .models import Outcome
+from .models import NAME_TAKEN, Outcome
 from .naming import content_sha256
 
 if TYPE_CHECKING:
@@ -292,6 +292,8 @@ class _Controlled:
                     sha256=digest,
                 )
             outcome = await self._send(ctx)
+            if outcome.detail == NAME_TAKEN:  # nothing written: these bytes are not there
+                return outcome
             if outcome.sha256 is None:
                 outcome = dataclasses.replace(outcome, sha256=digest)
             self.controls.delivered(step.display, digest, ctx.dispatch_id, outcome.location)

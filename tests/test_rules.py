@@ -353,6 +353,26 @@ def test_dedupe_content_sends_the_same_bytes_once_per_destination(
     assert last[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
 
 
+def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
+    workspace: dict[str, Path],
+) -> None:
+    """on_conflict: skip leaves the name's old bytes in place: a later file with the skipped
+    file's bytes must still be sent, not be called a duplicate of the skip."""
+    ws = workspace
+    rules = [{"to": {"url": str(ws["outbox"]), "on_conflict": "skip", "dedupe": "content"}}]
+    cfg = config(ws, rules)
+    ws["outbox"].mkdir(parents=True, exist_ok=True)
+    (ws["outbox"] / "a.txt").write_bytes(b"already there")
+    aged(ws["inbox"] / "a.txt", 3600, b"new bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    aged(ws["inbox"] / "b.txt", 3600, b"new bytes")
+    result = run_cli("-c", cfg, "--once")
+    assert result.returncode == 0, result.stderr
+    assert delivered(ws["outbox"]) == {"a.txt": b"already there", "b.txt": b"new bytes"}
+    row = journal_rows(ws["db"], "filename='b.txt'")[0]
+    assert row["status"] == "SUCCEEDED" and not (row["detail"] or "").startswith("duplicate")
+
+
 # ---------------------------------------------------------------------------- 5. rate
 
 
