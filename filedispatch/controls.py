@@ -97,9 +97,13 @@ class Window:
         match = _WINDOW_RE.match(text)
         if match is None:
             if len(text.split()) == 5:
-                from croniter import croniter
+                from croniter import CroniterBadDateError, croniter
 
                 if croniter.is_valid(text):
+                    try:  # "0 0 31 2 *" is well formed, but February has no 31st
+                        croniter(text).get_next(float)
+                    except CroniterBadDateError:
+                        raise ValueError(f"{text!r} never opens (no date matches it)") from None
                     return cls(text, cron=text)
             raise ValueError(
                 f"{text!r} is not a window (examples: 'Mon-Fri 22:00-06:00', '08:00-18:00', "

@@ -412,6 +412,7 @@ def test_bad_rate_bandwidth_and_window_are_refused(workspace: dict[str, Path]) -
         ("bandwidth", "5MB", "is not a bandwidth"),
         ("window", "Mon-Fry 22:00-06:00", "is not a day"),
         ("window", "25:00-26:00", "is not a time of day"),
+        ("window", "0 0 31 2 *", "never opens"),  # February 31st: cron finds no next date
         ("dedupe", "bytes", "dedupe"),
     ):
         cfg = config(ws, [{"to": {"url": str(ws["outbox"]), key: value}}])
