@@ -1202,6 +1202,7 @@ class Config(_Model):
                 if s not in known:
                     problems.append(f"rules[{i}].sources: no source is named {s!r}")
             problems += _absolute_patterns(i, rule, self.sources)
+        problems += _dedupe_blind_spots(self.rules)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1227,6 +1228,31 @@ _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?
 _REMOTE_SCHEME = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)})://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
+
+
+def _dedupe_blind_spots(rules: list[RuleConfig]) -> list[str]:
+    """``dedupe: content`` finds earlier deliveries by the destination as shown (redacted):
+    a deduped step shown like another step with other credentials (``?api_key=A`` and
+    ``?api_key=B``, another token, another command ``env``) would take that step's
+    deliveries for its own, so such a configuration is refused."""
+    steps = [
+        (f"rules[{i}].to[{j}]", s, frozenset(secrets_of(s)))
+        for i, r in enumerate(rules)
+        for j, s in enumerate(r.to)
+    ]
+    problems = []
+    for where, step, mine in steps:
+        if not step.deduped:
+            continue
+        for other_where, other, theirs in steps:
+            if other.display == step.display and theirs != mine:
+                problems.append(
+                    f"{where}.dedupe: content cannot tell this destination from {other_where} "
+                    f"({step.display}): both are shown alike but use other credentials; give "
+                    "one of them dedupe: none"
+                )
+                break
+    return problems
 
 
 def _absolute_patterns(i: int, rule: RuleConfig, sources: list[SourceConfig]) -> list[str]:

@@ -373,6 +373,29 @@ def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
     assert row["status"] == "SUCCEEDED" and not (row["detail"] or "").startswith("duplicate")
 
 
+def test_dedupe_refuses_destinations_shown_alike_with_other_credentials(
+    workspace: dict[str, Path],
+) -> None:
+    """Two accounts on one server look the same in the journal (``api_key=***``): dedupe
+    there would skip a file the second account never received."""
+    ws = workspace
+    url = "https://dms.example.org/upload?api_key="
+    rules = [
+        {"name": "a", "to": {"url": url + "tenant-a-key-0001", "dedupe": "content"}},
+        {"name": "b", "to": {"url": url + "tenant-b-key-0002", "dedupe": "content"}},
+    ]
+    result = run_cli("check", "-c", config(ws, rules))
+    assert result.returncode == 2, result.stdout
+    assert "rules[0].to[0].dedupe: content cannot tell this destination from rules[1].to[0]" in (
+        result.stderr
+    )
+    assert "tenant-a-key" not in result.stderr and "tenant-b-key" not in result.stderr
+    assert "Traceback" not in result.stderr
+    one = {"url": url + "tenant-a-key-0001", "dedupe": "content"}
+    same = [{"name": n, "to": one} for n in "ab"]
+    assert run_cli("check", "-c", config(ws, same)).returncode == 0
+
+
 # ---------------------------------------------------------------------------- 5. rate
 
 
