@@ -1368,6 +1368,33 @@ def _notify_url_secrets(url: str) -> Iterator[str]:
     for part in _TOKEN_PART.findall(rest):
         if re.search(r"[A-Za-z]", part) and re.search(r"[0-9]", part):
             yield from (part, unquote(part))
+    yield from _apprise_private_parts(url)
+
+
+_URL_PARTS = re.compile(r"[/?#&=@]+")
+
+
+def _apprise_private_parts(url: str) -> Iterator[str]:
+    """The parts of ``url`` that Apprise's privacy mode hides (a token of letters only, which
+    the rule above misses, is one): Apprise itself logs them at DEBUG (a Mattermost or
+    Telegram URL with its token)."""
+    try:
+        import apprise
+    except ImportError:  # without the notify extra, no Apprise logs either
+        return
+    plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    if plugin is None:
+        return
+    private = str(plugin.url(privacy=True))  # type: ignore[no-untyped-call]
+    full = str(plugin.url(privacy=False))  # type: ignore[no-untyped-call]
+    for part in set(_URL_PARTS.split(full)) - set(_URL_PARTS.split(private)):
+        if len(part) >= _MIN_PRIVATE_CHARS:
+            yield from (part, unquote(part))
+
+
+#: shorter parts Apprise hides are left to the rules above (a webhook id of a few digits would
+#: otherwise hide every such number in the log)
+_MIN_PRIVATE_CHARS = 6
 
 
 def _strings(value: Any) -> Iterator[str]:
