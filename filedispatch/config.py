@@ -1235,6 +1235,8 @@ def _dedupe_blind_spots(rules: list[RuleConfig]) -> list[str]:
     a deduped step shown like another step with other credentials (``?api_key=A`` and
     ``?api_key=B``, another token, another command ``env``) would take that step's
     deliveries for its own, so such a configuration is refused."""
+    if not any(s.deduped for r in rules for s in r.to):
+        return []
     steps = [
         (f"rules[{i}].to[{j}]", s, frozenset(secrets_of(s)))
         for i, r in enumerate(rules)
