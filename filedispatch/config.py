@@ -1247,6 +1247,7 @@ class Config(_Model):
                 if s not in known:
                     problems.append(f"rules[{i}].sources: no source is named {s!r}")
             problems += _absolute_patterns(i, rule, self.sources)
+        problems += _dedupe_blind_spots(self.rules)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1272,6 +1273,33 @@ _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?
 _REMOTE_SCHEME = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)})://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
+
+
+def _dedupe_blind_spots(rules: list[RuleConfig]) -> list[str]:
+    """``dedupe: content`` finds earlier deliveries by the destination as shown (redacted):
+    a deduped step shown like another step with other credentials (``?api_key=A`` and
+    ``?api_key=B``, another token, another command ``env``) would take that step's
+    deliveries for its own, so such a configuration is refused."""
+    if not any(s.deduped for r in rules for s in r.to):
+        return []
+    steps = [
+        (f"rules[{i}].to[{j}]", s, frozenset(secrets_of(s)))
+        for i, r in enumerate(rules)
+        for j, s in enumerate(r.to)
+    ]
+    problems = []
+    for where, step, mine in steps:
+        if not step.deduped:
+            continue
+        for other_where, other, theirs in steps:
+            if other.display == step.display and theirs != mine:
+                problems.append(
+                    f"{where}.dedupe: content cannot tell this destination from {other_where} "
+                    f"({step.display}): both are shown alike but use other credentials; give "
+                    "one of them dedupe: none"
+                )
+                break
+    return problems
 
 
 def _absolute_patterns(i: int, rule: RuleConfig, sources: list[SourceConfig]) -> list[str]:
@@ -1387,6 +1415,33 @@ def _notify_url_secrets(url: str) -> Iterator[str]:
     for part in _TOKEN_PART.findall(rest):
         if re.search(r"[A-Za-z]", part) and re.search(r"[0-9]", part):
             yield from (part, unquote(part))
+    yield from _apprise_private_parts(url)
+
+
+_URL_PARTS = re.compile(r"[/?#&=@]+")
+
+
+def _apprise_private_parts(url: str) -> Iterator[str]:
+    """The parts of ``url`` that Apprise's privacy mode hides (a token of letters only, which
+    the rule above misses, is one): Apprise itself logs them at DEBUG (a Mattermost or
+    Telegram URL with its token)."""
+    try:
+        import apprise
+    except ImportError:  # without the notify extra, no Apprise logs either
+        return
+    plugin = apprise.Apprise.instantiate(url, suppress_exceptions=True)
+    if plugin is None:
+        return
+    private = str(plugin.url(privacy=True))  # type: ignore[no-untyped-call]
+    full = str(plugin.url(privacy=False))  # type: ignore[no-untyped-call]
+    for part in set(_URL_PARTS.split(full)) - set(_URL_PARTS.split(private)):
+        if len(part) >= _MIN_PRIVATE_CHARS:
+            yield from (part, unquote(part))
+
+
+#: shorter parts Apprise hides are left to the rules above (a webhook id of a few digits would
+#: otherwise hide every such number in the log)
+_MIN_PRIVATE_CHARS = 6
 
 
 def _strings(value: Any) -> Iterator[str]:

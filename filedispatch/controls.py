@@ -23,7 +23,7 @@ from aiolimiter import AsyncLimiter
 
 from .errors import OutsideWindowError
 from .journal import DUPLICATE_OF
-from .models import Outcome
+from .models import NAME_TAKEN, Outcome
 from .naming import content_sha256
 
 if TYPE_CHECKING:
@@ -97,9 +97,13 @@ class Window:
         match = _WINDOW_RE.match(text)
         if match is None:
             if len(text.split()) == 5:
-                from croniter import croniter
+                from croniter import CroniterBadDateError, croniter
 
                 if croniter.is_valid(text):
+                    try:  # "0 0 31 2 *" is well formed, but February has no 31st
+                        croniter(text).get_next(float)
+                    except CroniterBadDateError:
+                        raise ValueError(f"{text!r} never opens (no date matches it)") from None
                     return cls(text, cron=text)
             raise ValueError(
                 f"{text!r} is not a window (examples: 'Mon-Fri 22:00-06:00', '08:00-18:00', "
@@ -292,6 +296,8 @@ class _Controlled:
                     sha256=digest,
                 )
             outcome = await self._send(ctx)
+            if outcome.detail == NAME_TAKEN:  # nothing written: these bytes are not there
+                return outcome
             if outcome.sha256 is None:
                 outcome = dataclasses.replace(outcome, sha256=digest)
             self.controls.delivered(step.display, digest, ctx.dispatch_id, outcome.location)

@@ -101,13 +101,19 @@ class FileVersion:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a processor reports after a successful step."""
+    """What a processor reports after a successful step (``detail`` NAME_TAKEN: nothing was
+    written, ``on_conflict: skip`` found the name taken)."""
 
     location: str  #: where the file now is, already redacted (shown in the journal and API)
     #: a file that later steps of the chain deliver instead of the input (transforms)
     produced: Path | None = None
     detail: str | None = None  #: a short note recorded with the row (a return value, a status)
     sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
+
+
+#: the detail of an Outcome for which nothing was written (on_conflict: skip): its bytes did
+#: not reach the destination, so content dedupe must not count them as delivered there
+NAME_TAKEN = "skipped: the name is taken"
 
 
 @dataclass(slots=True)

@@ -225,6 +225,22 @@ def test_a_dead_notification_server_never_holds_deliveries_back(
     assert HOOK_TOKEN not in result.stderr
 
 
+def test_a_token_without_digits_stays_out_of_apprise_debug_log(
+    workspace: dict[str, Path],
+) -> None:
+    """Apprise logs a Mattermost webhook's URL, token included, at DEBUG: the token is a
+    secret whatever characters it is made of (Apprise's own privacy mode says which parts)."""
+    ws = workspace
+    old_file(ws["inbox"] / "a.txt", b"x")
+    token = "webhookkeymadeofletters"
+    dead = f"mmost://127.0.0.1:{free_port()}/{token}"
+    cfg = to_outbox(ws, {"url": dead, "on": ["success"], "window": "0.1s", "retry": NO_WAIT})
+    result = run_cli("-c", cfg, "--once", "--log-level", "DEBUG")
+    assert result.returncode == 0, result.stderr
+    assert "Mattermost" in result.stderr and "not sent after 2 attempt(s)" in result.stderr
+    assert token not in result.stderr
+
+
 def test_check_shows_the_targets_without_their_secrets_and_the_s3_kind(
     workspace: dict[str, Path],
 ) -> None:

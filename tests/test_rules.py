@@ -353,6 +353,49 @@ def test_dedupe_content_sends_the_same_bytes_once_per_destination(
     assert last[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
 
 
+def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
+    workspace: dict[str, Path],
+) -> None:
+    """on_conflict: skip leaves the name's old bytes in place: a later file with the skipped
+    file's bytes must still be sent, not be called a duplicate of the skip."""
+    ws = workspace
+    rules = [{"to": {"url": str(ws["outbox"]), "on_conflict": "skip", "dedupe": "content"}}]
+    cfg = config(ws, rules)
+    ws["outbox"].mkdir(parents=True, exist_ok=True)
+    (ws["outbox"] / "a.txt").write_bytes(b"already there")
+    aged(ws["inbox"] / "a.txt", 3600, b"new bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    aged(ws["inbox"] / "b.txt", 3600, b"new bytes")
+    result = run_cli("-c", cfg, "--once")
+    assert result.returncode == 0, result.stderr
+    assert delivered(ws["outbox"]) == {"a.txt": b"already there", "b.txt": b"new bytes"}
+    row = journal_rows(ws["db"], "filename='b.txt'")[0]
+    assert row["status"] == "SUCCEEDED" and not (row["detail"] or "").startswith("duplicate")
+
+
+def test_dedupe_refuses_destinations_shown_alike_with_other_credentials(
+    workspace: dict[str, Path],
+) -> None:
+    """Two accounts on one server look the same in the journal (``api_key=***``): dedupe
+    there would skip a file the second account never received."""
+    ws = workspace
+    url = "https://dms.example.org/upload?api_key="
+    rules = [
+        {"name": "a", "to": {"url": url + "tenant-a-key-0001", "dedupe": "content"}},
+        {"name": "b", "to": {"url": url + "tenant-b-key-0002", "dedupe": "content"}},
+    ]
+    result = run_cli("check", "-c", config(ws, rules))
+    assert result.returncode == 2, result.stdout
+    assert "rules[0].to[0].dedupe: content cannot tell this destination from rules[1].to[0]" in (
+        result.stderr
+    )
+    assert "tenant-a-key" not in result.stderr and "tenant-b-key" not in result.stderr
+    assert "Traceback" not in result.stderr
+    one = {"url": url + "tenant-a-key-0001", "dedupe": "content"}
+    same = [{"name": n, "to": one} for n in "ab"]
+    assert run_cli("check", "-c", config(ws, same)).returncode == 0
+
+
 # ---------------------------------------------------------------------------- 5. rate
 
 
@@ -392,6 +435,7 @@ def test_bad_rate_bandwidth_and_window_are_refused(workspace: dict[str, Path]) -
         ("bandwidth", "5MB", "is not a bandwidth"),
         ("window", "Mon-Fry 22:00-06:00", "is not a day"),
         ("window", "25:00-26:00", "is not a time of day"),
+        ("window", "0 0 31 2 *", "never opens"),  # February 31st: cron finds no next date
         ("dedupe", "bytes", "dedupe"),
     ):
         cfg = config(ws, [{"to": {"url": str(ws["outbox"]), key: value}}])

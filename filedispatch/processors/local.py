@@ -25,7 +25,7 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
-from ..models import FileVersion, Outcome
+from ..models import NAME_TAKEN, FileVersion, Outcome
 from . import MoveUnavailable, Resources, StepContext
 from .common import (
     TMP_PREFIX,
@@ -233,7 +233,7 @@ class LocalProcessor:
             raise
         if final is None:
             unlink_quietly(tmp)
-            return Outcome(str(self.root / rel), detail="skipped: the name is taken")
+            return Outcome(str(self.root / rel), detail=NAME_TAKEN)
         if sync_dir:
             _fsync_dir(self.root / final.parent)
         return Outcome(str(self.root / final), sha256=sent)
@@ -299,7 +299,7 @@ class LocalProcessor:
                 self._forget_folders(exc)
                 raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
             if final is None:
-                return Outcome(f"{root}/{rel}", detail="skipped: the name is taken")
+                return Outcome(f"{root}/{rel}", detail=NAME_TAKEN)
             self._check_moved(version, dirfd, name, st, f"{root}/{final}")
         finally:
             if dirfd != top:

@@ -26,7 +26,7 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
-from ..models import Outcome
+from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, choices, open_input, render_target, temp_name
 
@@ -344,7 +344,7 @@ class RemoteProcessor(ABC, Generic[C]):
             raise
         if final is None:
             await self.remove(conn, tmp)
-            return Outcome(self.target.location(rel), detail="skipped: the name is taken")
+            return Outcome(self.target.location(rel), detail=NAME_TAKEN)
         return Outcome(self.target.location(final), sha256=sent)
 
     async def _deliver_in_place(
@@ -360,7 +360,7 @@ class RemoteProcessor(ABC, Generic[C]):
             if overwrite or not await exists(candidate):
                 sent = await self._send(conn, ctx, self.target.root / candidate)
                 return Outcome(self.target.location(candidate), sha256=sent)
-        return Outcome(self.target.location(rel), detail="skipped: the name is taken")
+        return Outcome(self.target.location(rel), detail=NAME_TAKEN)
 
     async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
         """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.

@@ -37,7 +37,7 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
-from ..models import Outcome
+from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, open_input, render_target
 
@@ -215,7 +215,7 @@ class S3Processor:
         finally:
             os.close(fd)
         if final is None:
-            return Outcome(self.location(self.key(rel)), detail="skipped: the name is taken")
+            return Outcome(self.location(self.key(rel)), detail=NAME_TAKEN)
         return Outcome(self.location(self.key(final)), sha256=sent)
 
     def _free_check(self, client: Any) -> Callable[[PurePosixPath], Awaitable[bool]]:
