@@ -263,6 +263,8 @@ def openapi() -> dict[str, Any]:
                 "name": _STR,
                 "path": _STR,
                 "polling": {"type": "boolean"},
+                "shared": {"type": "boolean"},  # shared: true (several nodes, docs/cluster.md)
+                "listing": {"type": "boolean"},  # this node lists it now (holds its lease)
                 "ready": {"type": "boolean"},
                 "last_error": _NULL_STR,
                 "skipped": _object(dict.fromkeys(SKIP_REASONS, _INT)),
