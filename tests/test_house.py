@@ -1,5 +1,6 @@
 """The house's own rules, checked on the code: the error tree drawn in errors.py is the tree
-the classes make, and the parts the service opens never import service.py (no circle)."""
+the classes make (branch signs included), and the parts the service opens never import
+service.py (no circle)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,30 @@ from .conftest import ROOT
 TREE_LINE = re.compile(r"^(?P<indent>[│ ]*)(?:├── |└── )?(?P<name>[A-Z]\w+)(?:\s|$)")
 
 
+def drawn_lines() -> list[tuple[int, str, str]]:
+    """(depth, branch sign, class name) of each class line of errors.py's drawing."""
+    assert errors.__doc__ is not None
+    lines = []
+    for line in errors.__doc__.splitlines():
+        m = TREE_LINE.match(line)
+        if m is None or not m.group("name").endswith(("Error", "NotFound")):
+            continue
+        if not line.startswith(("FileDispatchError", "│", "├", "└", " ")):
+            continue
+        depth = 0 if line.startswith("FileDispatchError") else len(m.group("indent")) // 4 + 1
+        sign = line[len(m.group("indent")) : len(m.group("indent")) + 4]
+        lines.append((depth, sign, m.group("name")))
+    return lines
+
+
 def drawn_tree() -> dict[str, str | None]:
     """{class name: parent name} as drawn in errors.py's docstring."""
     parents: dict[str, str | None] = {}
     stack: list[str] = []
-    assert errors.__doc__ is not None
-    for line in errors.__doc__.splitlines():
-        m = TREE_LINE.match(line)
-        if m is None or not (line.startswith(("FileDispatchError", "│", "├", "└", " "))):
-            continue
-        if not m.group("name").endswith(("Error", "NotFound")):
-            continue
-        depth = 0 if line.startswith("FileDispatchError") else len(m.group("indent")) // 4 + 1
+    for depth, _, name in drawn_lines():
         del stack[depth:]
-        parents[m.group("name")] = stack[-1] if stack else None
-        stack.append(m.group("name"))
+        parents[name] = stack[-1] if stack else None
+        stack.append(name)
     return parents
 
 
@@ -54,6 +64,18 @@ def test_the_error_tree_drawn_is_the_tree_of_the_classes() -> None:
             actual[sub.__name__] = cls.__name__
             todo.append(sub)
     assert drawn_tree() == actual
+
+
+def test_the_drawing_has_its_branch_signs_right() -> None:
+    """The last child of a class is drawn with └──, the others with ├── (NotFound was drawn
+    as a last child above its sibling FencedError)."""
+    lines = drawn_lines()
+    for i, (depth, sign, name) in enumerate(lines):
+        if depth == 0:
+            continue
+        after = next((d for d, _, _ in lines[i + 1 :] if d <= depth), 0)
+        expected = "├── " if after == depth else "└── "
+        assert sign == expected, f"{name} is drawn with {sign!r}, not {expected!r}"
 
 
 def test_the_drawing_is_read_as_drawn() -> None:
