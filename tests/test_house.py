@@ -1,6 +1,6 @@
 """The house's own rules, checked on the code: the error tree drawn in errors.py is the tree
-the classes make (branch signs included), and the parts the service opens never import
-service.py (no circle)."""
+the classes make (branch signs included), the parts the service opens never import
+service.py, and the imports make no circle at all."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ast
 import importlib
 import pkgutil
 import re
+from pathlib import Path
 
 import filedispatch
 from filedispatch import errors
@@ -117,3 +118,110 @@ def test_no_part_the_service_opens_imports_the_service() -> None:
             m for m in imports_of(path) if m.lstrip(".") in ("service", "filedispatch.service")
         }
         assert not service, f"{path} imports {service}"
+
+
+def _imported(module: str, is_package: bool, tree: ast.Module, known: set[str]) -> set[str]:
+    """The modules of filedispatch ``module`` imports, at its top or inside a function (an
+    import put inside a function hides a circle; it does not remove it); imports under
+    ``if TYPE_CHECKING`` are for the type checker only and are left out."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.AST]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in known)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    package = module.split(".") if is_package else module.split(".")[:-1]
+                    package = package[: len(package) - node.level + 1]
+                    base = ".".join([*package, *([node.module] if node.module else [])])
+                else:
+                    base = node.module or ""
+                subs = {f"{base}.{a.name}" for a in node.names} & known
+                found.update(subs)
+                if len(subs) < len(node.names) and base in known:
+                    found.add(base)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                inner = getattr(node, field, None)
+                if isinstance(inner, list):
+                    visit(inner)
+
+    visit(list(tree.body))
+    found.discard(module)
+    return found
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """The circles of the import graph of the package under ``root`` (each a sorted list)."""
+    names = {}
+    for path in sorted((root / "filedispatch").rglob("*.py")):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    known = set(names)
+    graph = {
+        m: _imported(m, p.name == "__init__.py", ast.parse(p.read_text(encoding="utf-8")), known)
+        for m, p in names.items()
+    }
+    # Tarjan's strongly connected components, iteratively
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
+def test_the_import_graph_has_no_circle() -> None:
+    """Data flows one way, and so do imports: no circle, not even one hidden by an import
+    inside a function (sourcefile -> watcher and config -> controls were two such)."""
+    assert import_cycles(ROOT) == []
+
+
+def test_the_circle_finder_finds_a_circle(tmp_path: Path) -> None:
+    """The finder above can fail: a circle through an import inside a function is seen."""
+    package = tmp_path / "filedispatch"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from . import b\n")
+    (package / "b.py").write_text("def f():\n    from .a import x\n")
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
+    )
+    assert import_cycles(tmp_path) == [["filedispatch.a", "filedispatch.b"]]
