@@ -1,6 +1,7 @@
 """The house's own rules, checked on the code: the error tree drawn in errors.py is the tree
 the classes make (branch signs included), the parts the service opens never import
-service.py, and the imports make no circle at all."""
+service.py, the imports make no circle at all, and every speed-up is behind fastpath.py's
+switch."""
 
 from __future__ import annotations
 
@@ -225,3 +226,44 @@ def test_the_circle_finder_finds_a_circle(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import a\n"
     )
     assert import_cycles(tmp_path) == [["filedispatch.a", "filedispatch.b"]]
+
+
+#: the calls that are speed-ups, each of which FILEDISPATCH_FASTPATH=0 must turn off
+FAST_CALLS = re.compile(
+    r"renameat2|sync_file_range|RWF_NOWAIT|FICLONE|ioctl|os\.(copy_file_range|sendfile)\("
+)
+
+
+def _code_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the lines of ``path`` that are code, not comment or docstring."""
+    text = path.read_text(encoding="utf-8")
+    docs: set[int] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+    return [
+        (i, line.split("#", 1)[0])
+        for i, line in enumerate(text.splitlines(), 1)
+        if i not in docs and line.split("#", 1)[0].strip()
+    ]
+
+
+def test_every_speed_up_is_behind_the_switch() -> None:
+    """The fast calls are made in fastpath.py, which turns them off when
+    FILEDISPATCH_FASTPATH=0; the one exception is processors/local.copy_data's kernel copies,
+    which ask fastpath.KERNEL_COPY first. ctypes is used by fastpath.py and by sourcefile.py
+    (openat2, a safety path whose fallback walk the tests run too) only."""
+    for path in sorted((ROOT / "filedispatch").rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        if rel == "filedispatch/fastpath.py":
+            continue
+        for number, code in _code_lines(path):
+            where = f"{rel}:{number}: {code.strip()}"
+            if "ctypes" in code:
+                assert rel == "filedispatch/sourcefile.py", where
+            if FAST_CALLS.search(code):
+                assert rel == "filedispatch/processors/local.py", where
+                assert re.search(r"os\.(copy_file_range|sendfile)\(", code), where
+    local = (ROOT / "filedispatch/processors/local.py").read_text(encoding="utf-8")
+    copy_data = local[local.index("def copy_data(") : local.index("def _data_extents(")]
+    assert "fastpath.KERNEL_COPY" in copy_data
