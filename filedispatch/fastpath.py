@@ -6,7 +6,7 @@ system without these calls runs, so CI runs the crash, move and copy tests with 
 off too. What the switch covers: ``renameat2(RENAME_NOREPLACE)`` and ``sync_file_range`` (ctypes),
 reflinks (``FICLONE``), kernel copies (``copy_file_range``, ``sendfile``; off, a local
 copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads (``read_cached``: HTTP, FTP,
-SFTP, S3; off, every read in a thread), and the dispatcher's inline
+SFTP; off, every read in a thread), and the dispatcher's inline
 lanes (the inline move and the batched copies; with the switch off every file goes through
 the workers).
 This module never decides what is delivered or when the source goes: only how fast.

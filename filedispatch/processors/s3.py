@@ -29,7 +29,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from .. import fastpath, sourcefile
+from .. import sourcefile
 from ..config import S3Destination, scrub, secrets_of
 from ..errors import (
     DeliveryError,
@@ -45,8 +45,7 @@ log = logging.getLogger(__name__)
 
 #: the user metadata that marks an object as the delivery of one journal row (see resuming)
 ID_META = "filedispatch-id"
-#: a read up to this size whose bytes are cached is made on the event loop, never blocking
-#: (``fastpath.read_cached``): a thread hop costs more than the read
+#: a file up to this size is read on the event loop: a thread hop costs more than the read
 INLINE_READ = 64 * 1024
 #: error codes no retry will cure
 _PERMANENT_CODES = {
@@ -503,13 +502,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 async def _read(fd: int, count: int, offset: int) -> bytes:
-    """``count`` bytes from ``offset``: a small read whose bytes are all in the page cache is
-    made inline (``fastpath.read_cached``, never blocking); anything else in a thread, so a
-    slow disk never stalls the loop."""
     if count <= INLINE_READ:
-        data, _ = fastpath.read_cached(fd, count, offset)
-        if len(data) == count:
-            return bytes(data)
+        return os.pread(fd, count, offset)
     return await asyncio.to_thread(os.pread, fd, count, offset)
 
 
