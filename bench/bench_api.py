@@ -181,7 +181,7 @@ def raw_sql(db: Path, paths: list[str], now: float) -> list[float]:
         t0 = time.perf_counter()
         if route.endswith("/stats"):
             sq = parse_stats_query(params, now)
-            conn.execute(*stats_sql(sq.filters(), sq.period)).fetchall()
+            conn.execute(*stats_sql(sq.filters())).fetchall()
         else:
             q = parse_log_query(params)
             sql_where, values = where(q.conditions)

@@ -21,7 +21,6 @@ from .errors import ConfigError, FileDispatchError
 from .learn import Learned, learn_folders, learn_problems, learned_models
 from .models import Status
 from .router import Router, age_text, describe_target
-from .sourcefile import describe_writer_check
 from .textsafe import escape
 
 if TYPE_CHECKING:
@@ -389,6 +388,7 @@ async def _never(*_: object) -> None:
 def cmd_check(path: Path) -> int:
     config = load_checked(path)
     from .journal import journal_path
+    from .watcher import describe_writer_check
 
     say(f"{path}: valid")
     say(f"journal: {journal_path(config)}")

@@ -38,6 +38,7 @@ from pydantic import (
 from .errors import ConfigError
 from .journal.target import PostgresTarget, is_postgres, url_problem
 from .naming import NameOptions, check_template
+from .quantities import MAX_SIZE, Window, parse_bandwidth, parse_rate, parse_size
 from .shell import compile_command
 
 #: names that are never taken: hidden files and the usual partial-download suffixes
@@ -52,29 +53,10 @@ DEFAULT_IGNORE: tuple[str, ...] = (
     "*~",
 )
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 #: a variable a shell command names, ``${VAR}`` or ``$VAR`` (the shell expands both)
 _SHELL_VAR_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def parse_size(value: int | str) -> int:
-    """``10KB`` -> 10240: sizes take K, M, G, T (powers of 1024), with or without ``B``/``iB``."""
-    if isinstance(value, bool):
-        raise ValueError("a size must be a number of bytes or a string such as 10KB")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    match = _SIZE_RE.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a size (examples: 512, 10KB, 2GB)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    size = number * 1024 ** "_KMGT".index(unit or "_")
-    if not size <= MAX_SIZE:  # also refuses what the float could not hold (inf)
-        raise ValueError("a size can be at most 1 PiB")
-    return int(size)
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d|w)?\s*$", re.IGNORECASE)
@@ -119,8 +101,6 @@ Age = Annotated[
 #: the upper bound of every duration in the config, in seconds (one week): a wait or a timeout
 #: beyond it is a typo, and an infinite one would poison timestamps computed from it
 MAX_SECONDS = 7 * 24 * 3600.0
-#: the largest size a rule can compare with (1 PiB)
-MAX_SIZE = 1024**5
 
 Size = Annotated[int, Field(ge=0, le=MAX_SIZE)]
 #: a duration in seconds, 0 allowed, finite and at most MAX_SECONDS
@@ -258,8 +238,6 @@ class StepModel(_Model):
     @field_validator("rate", "bandwidth", "window")
     @classmethod
     def _control(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from .controls import Window, parse_bandwidth, parse_rate
-
         parse = {"rate": parse_rate, "bandwidth": parse_bandwidth, "window": Window.parse}
         if value is not None:
             parse[str(info.field_name)](value)

@@ -4,7 +4,7 @@ FileDispatchError
 ├── ConfigError                 bad configuration (the CLI exits 2, no traceback)
 ├── JournalError                the journal cannot be opened or written
 │   ├── JournalUnavailableError the journal cannot be opened now (disk full, locked): wait
-│   └── NotFound                a history command named what the journal does not hold
+│   ├── NotFound                a history command named what the journal does not hold
 │   └── FencedError             an outcome from a node whose claim was taken over: refused
 ├── ServiceError                the service cannot start (port taken, pidfile held, ...)
 │   └── NodeConflictError       a live node of the same name shares the journal
@@ -16,9 +16,12 @@ FileDispatchError
     └── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
         └── SourceVanishedError the source file disappeared before it could be sent
 
-Exceptions that never leave the module raising them (``MoveUnavailable``,
-``RenameUnavailable``, the API's ``BadParameter``) signal a fallback, not an error, and are not
-part of this tree; ``tests/test_house.py`` checks that this drawing matches the classes.
+A few exceptions signal a fallback, not an error, and are caught by the code that asked, so
+they are not part of this tree: ``fastpath.RenameUnavailable`` (no rename can do it: copy),
+``processors.MoveUnavailable`` (the source cannot be renamed into place: it is copied),
+``sourcefile.NotRegularFile`` (an ``OSError``), the API's ``BadParameter`` (a 400 answer) and
+the SQLite journal's ``_Held`` (a batch kept for later). ``tests/test_house.py`` checks that
+this drawing matches the classes, branch signs included.
 """
 
 from __future__ import annotations

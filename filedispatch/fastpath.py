@@ -5,7 +5,8 @@ file it did not mean to, never shares fate with a live source); the plain twins 
 system without these calls runs, so CI runs the crash, move and copy tests with the switch
 off too. What the switch covers: ``renameat2(RENAME_NOREPLACE)`` and ``sync_file_range`` (ctypes),
 reflinks (``FICLONE``), kernel copies (``copy_file_range``, ``sendfile``; off, a local
-copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads, and the dispatcher's inline
+copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads (``read_cached``: HTTP, FTP,
+SFTP; off, every read in a thread), and the dispatcher's inline
 lanes (the inline move and the batched copies; with the switch off every file goes through
 the workers).
 This module never decides what is delivered or when the source goes: only how fast.
@@ -126,3 +127,22 @@ def reflink(src_fd: int, dst_fd: int) -> bool | None:
     except OSError as exc:
         return False if exc.errno == errno.EXDEV else None
     return True
+
+
+def read_cached(fd: int, n: int, at: int) -> tuple[bytes | bytearray, bool]:
+    """Up to ``n`` bytes of ``fd`` from offset ``at`` that are in the page cache, read without
+    blocking (``preadv(RWF_NOWAIT)``), and whether to go on trying: b"" when none is cached
+    (read them in a thread), and False once the filesystem cannot say (or the switch is off).
+    A fresh buffer per call is handed on as it is, with no copy."""
+    if not NOWAIT_READS:
+        return b"", False
+    buf = bytearray(n)
+    try:
+        got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return b"", True
+    except OSError:  # EOPNOTSUPP/EINVAL: this filesystem cannot say; use the executor
+        return b"", False
+    if got < n:
+        del buf[got:]
+    return buf, True

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from . import recovery
-from .config import Config, SourceConfig
+from .config import Config, SourceConfig, Step
 from .config import scrub as scrub_secrets
 from .content import facts_for
 from .errors import JournalError, NotFound
+from .fate import Fate, fate
 from .journal import (
     Database,
     JournalReader,
@@ -384,6 +385,16 @@ def _history_command(args: argparse.Namespace, db: Database, secrets: list[str])
     return 0
 
 
+#: the fates in which a source file goes once its version is done
+GOES = (Fate.DELETE, Fate.DONE_DIR)
+
+
+def _steps_of(config: Config, source: SourceConfig) -> list[Step]:
+    """Every step of the rules that may take files of ``source`` (named by key or path)."""
+    names = {source.key, str(source.path)}
+    return [s for r in config.rules if not r.sources or names & set(r.sources) for s in r.to]
+
+
 def _mark_command(config: Config, db: Database, dry_run: bool) -> int:
     summary = mark_existing(config, db, dry_run=dry_run)
     if dry_run:
@@ -399,10 +410,11 @@ def _mark_command(config: Config, db: Database, dry_run: bool) -> int:
         f"step(s) recorded, {summary.steps - summary.new} were recorded before; "
         f"{summary.unmatched} file(s) match no rule"
     )
-    consuming = [s.key for s in config.sources if s.after != "keep"]
+    consuming = [s.key for s in config.sources if fate(s, _steps_of(config, s)) in GOES]
     if consuming and summary.files:
         print(
-            f"note: source(s) {', '.join(consuming)} have after: delete/move; marked files "
-            "were never sent, so they are kept unless a run is given --consume-marked"
+            f"note: source(s) {', '.join(consuming)} consume their files once sent (after: "
+            "delete/move, or a mode: move destination); marked files were never sent, so they "
+            "are kept unless a run is given --consume-marked"
         )
     return 0

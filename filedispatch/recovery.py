@@ -2,8 +2,8 @@
 
 Here the journal's answers meet the files: the journal never touches files, so what needs
 both (is the file still there? was it moved to ``failed_dir``?) lives here. Used by the API,
-the console and ``filedispatch history retry``; the service runs ``rekey_old_rows`` and
-``upgrade_step_keys`` at start.
+the console and ``filedispatch history retry``; the service runs ``at_start`` (old rows
+re-keyed, what a crash left in the destinations and the work folder removed) at start.
 Never sends a file itself: a retried row is queued for the dispatcher, a file brought back is
 found by the watcher.
 """
@@ -13,15 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import fastpath, relocate
-from .config import Config, SourceConfig
+from .config import Config, LocalDestination, SourceConfig
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
+from .processors.local import sweep_temporaries
 from .router import legacy_step_keys, step_keys
 
 log = logging.getLogger(__name__)
@@ -205,3 +207,32 @@ async def upgrade_step_keys(journal: Journal, config: Config) -> int | None:
     for rule in config.rules:
         keys.update(zip(legacy_step_keys(rule.to), step_keys(rule.to), strict=True))
     return await journal.rekey_steps(keys, time.time())
+
+
+async def at_start(journal: Journal, config: Config, workdir: Path) -> None:
+    """Before any delivery: give an older journal's rows today's keys (``rekey_old_rows``,
+    ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations,
+    and the chain work folders (under ``workdir``) no unfinished dispatch needs any more.
+    Every file system walk runs in a thread."""
+    rekeyed = await rekey_old_rows(journal)
+    if rekeyed:
+        log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
+    upgraded = await upgrade_step_keys(journal, config)
+    if upgraded:
+        log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
+    roots = [s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)]
+    await asyncio.to_thread(sweep_temporaries, roots)
+    active = await journal.active_version_keys()
+    stale = await asyncio.to_thread(_stale_work, workdir, active)
+    for folder in stale:
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+    if stale:
+        log.info("removed %d stale work folder(s) from %s", len(stale), workdir)
+
+
+def _stale_work(workdir: Path, active: set[str]) -> list[Path]:
+    """The work folders of versions not in ``active`` (made private first)."""
+    if not workdir.is_dir():
+        return []
+    workdir.chmod(0o700)
+    return [p for p in workdir.iterdir() if p.name.split("-", 1)[0] not in active]

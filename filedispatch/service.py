@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -26,22 +25,19 @@ from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, JournalUnavailableError
+from .errors import ConfigError
 from .journal import (
-    RETRY_FIRST_S,
-    RETRY_MAX_S,
     Journal,
     JournalHealth,
     journal_lock,
     journal_path,
-    open_journal,
+    open_when_ready,
     state_folder,
 )
 from .learn import Learned, learn_folders, learn_problems, learning
-from .link import ServiceLink
+from .link import ServiceLink, status_snapshot
 from .models import FileVersion
 from .processors import Registry
-from .processors.local import sweep_temporaries
 from .watcher import SourceWatcher, no_skips
 
 log = logging.getLogger(__name__)
@@ -221,58 +217,16 @@ class Service:
         )
 
     def status(self) -> dict[str, object]:
-        """A snapshot for the API and the console."""
-        d = self.dispatcher
-        health = self.journal.health
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "paused": d.paused or not health.ok,
-            "pause_reason": "journal" if not health.ok else "operator" if d.paused else None,
-            "journal": {"path": str(self.db_path), **health.as_dict()},
-            "node": {
-                "name": self.membership.name,
-                "alive": self.membership.alive.held.is_set(),
-                "lease_s": self.membership.lease_s,
-                "leases_lost": self.membership.lost,
-            },
-            "sources": [
-                {
-                    "name": w.config.key,
-                    "path": str(w.root),
-                    "polling": w.polling,
-                    "shared": w.config.shared,
-                    "listing": getattr(w, "listing", True),
-                    "ready": w.ready.is_set(),
-                    "last_error": w.last_error,
-                    "skipped": dict(w.skipped),
-                }
-                for w in self.watchers
-            ],
-            "in_flight": d.running,
-            "stopped_sources": sorted(d.stopped_sources),
-            "windows": self.windows(),
-            "destinations": {
-                name: {
-                    "succeeded": s.succeeded,
-                    "failed": s.failed,
-                    "retried": s.retried,
-                    "bytes": s.bytes,
-                    "last_error": s.last_error,
-                }
-                for name, s in sorted(d.stats.items())
-            },
-        }
-
-    def windows(self) -> list[dict[str, object]]:
-        """Each destination with a ``window``: whether it is open now, and if not when it
-        opens (seconds since 1970); the API adds what waits for it."""
-        from dataclasses import asdict
-
-        from .controls import window_state
-
-        steps = (step for rule in self.config.rules for step in rule.to)
-        return [asdict(w) for w in window_state(steps)]
+        """A snapshot for the API and the console (see ``link.status_snapshot``)."""
+        return status_snapshot(
+            started_at=self.started_at,
+            db_path=self.db_path,
+            journal=self.journal,
+            membership=self.membership,
+            watchers=self.watchers,
+            dispatcher=self.dispatcher,
+            steps=[step for rule in self.config.rules for step in rule.to],
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -329,22 +283,6 @@ class Service:
                 # asyncio leaves SIG_DFL: a late SIGTERM would kill the caller's clean-up
                 signal.signal(sig, previous[sig] or signal.SIG_DFL)
 
-    async def _open_journal(self, stack: contextlib.AsyncExitStack) -> Journal | None:
-        """The journal, once it can be opened: a full disk at the start is waited for (with a
-        capped backoff) rather than a crash at every restart; None if stopped meanwhile."""
-        delay, said = RETRY_FIRST_S, ""
-        while True:
-            try:
-                return await stack.enter_async_context(open_journal(self.db_path))
-            except JournalUnavailableError as exc:
-                if str(exc) != said:
-                    said = str(exc)
-                    log.error("%s; waiting for it (retried every %g s at most)", exc, RETRY_MAX_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), delay)
-                return None
-            delay = min(delay * 2, RETRY_MAX_S)
-
     def _on_journal_health(self, health: JournalHealth) -> None:
         if health.ok:  # files that arrived meanwhile: look for them now
             for w in self.watchers:
@@ -352,7 +290,7 @@ class Service:
 
     async def _run(self, stack: contextlib.AsyncExitStack) -> int:
         self._publish_secrets()
-        journal = await self._open_journal(stack)
+        journal = await open_when_ready(stack, self.db_path, self.stop_event)
         if journal is None:
             return 0
         self.journal = journal
@@ -363,17 +301,7 @@ class Service:
         # (journal_lock), so a node of this name still on record is a dead one: replaced
         await self.membership.join(takeover=True)
         journal.resume_interrupted().add_done_callback(_report_resumed)
-        rekeyed = await recovery.rekey_old_rows(journal)
-        if rekeyed:
-            log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
-        upgraded = await recovery.upgrade_step_keys(journal, self.config)
-        if upgraded:
-            log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
-        roots = [
-            s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
-        ]
-        await asyncio.to_thread(sweep_temporaries, roots)
-        await self._sweep_workdir()
+        await recovery.at_start(journal, self.config, self.workdir)
         registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
         learned = await self._learning(stack)
@@ -430,10 +358,6 @@ class Service:
         with contextlib.suppress(Exception):
             await task
         await self.membership.leave()
-
-    async def nodes(self) -> list[dict[str, object]]:
-        """The nodes sharing the journal (this one alone with SQLite), for the API/console."""
-        return [n.as_dict() for n in await self.journal.nodes()]
 
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:
@@ -524,18 +448,6 @@ class Service:
     def _age_due(self, version: FileVersion) -> float | None:
         """When a file some rule waits for (``min_age``) is old enough (the rules in force)."""
         return self.dispatcher.router.waiting(version)
-
-    async def _sweep_workdir(self) -> None:
-        """Remove chain work folders no unfinished dispatch needs any more (left by a crash)."""
-        if not self.workdir.is_dir():
-            return
-        self.workdir.chmod(0o700)
-        active = await self.journal.active_version_keys()
-        stale = [p for p in self.workdir.iterdir() if p.name.split("-", 1)[0] not in active]
-        for folder in stale:
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-        if stale:
-            log.info("removed %d stale work folder(s) from %s", len(stale), self.workdir)
 
     async def _backlog_done(self) -> None:
         """``--once``: files still settling count as backlog too."""

@@ -549,26 +549,3 @@ def proc_writers(proc: str = "/proc") -> tuple[set[tuple[int, int]], bool]:
 def _pids(proc: str) -> Iterator[str]:
     with contextlib.suppress(OSError):
         yield from (p for p in os.listdir(proc) if p.isdigit())
-
-
-def describe_writer_check(root: Path) -> str:
-    """One line for ``check``: how (and whether) files still being written are told apart."""
-    try:
-        with open("/proc/sys/fs/leases-enable", encoding="ascii") as fh:
-            leases = fh.read().strip() == "1"
-    except OSError:
-        leases = False
-    from .watcher import is_network_fs, mount_fstype  # the watcher owns filesystem types
-
-    fstype = mount_fstype(root)
-    if leases and not is_network_fs(fstype):
-        if os.geteuid() == 0:
-            return "leases (root: every file)"
-        return (
-            f"leases for files owned by uid {os.geteuid()}; others by /proc (only this user's "
-            "processes are visible: a writer of another user is not seen)"
-        )
-    why = "leases are off (fs.leases-enable)" if not leases else f"no leases on {fstype}"
-    if os.geteuid() == 0:
-        return f"/proc scan ({why})"
-    return f"/proc scan of this user's processes only ({why}); writers on other hosts unseen"

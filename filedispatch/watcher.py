@@ -107,6 +107,27 @@ def is_network_fs(fstype: str | None) -> bool:
     return fstype is not None and (fstype in NETWORK_FS or fstype.startswith("fuse.sshfs"))
 
 
+def describe_writer_check(root: Path) -> str:
+    """One line for ``check``: how (and whether) files still being written are told apart."""
+    try:
+        with open("/proc/sys/fs/leases-enable", encoding="ascii") as fh:
+            leases = fh.read().strip() == "1"
+    except OSError:
+        leases = False
+    fstype = mount_fstype(root)
+    if leases and not is_network_fs(fstype):
+        if os.geteuid() == 0:
+            return "leases (root: every file)"
+        return (
+            f"leases for files owned by uid {os.geteuid()}; others by /proc (only this user's "
+            "processes are visible: a writer of another user is not seen)"
+        )
+    why = "leases are off (fs.leases-enable)" if not leases else f"no leases on {fstype}"
+    if os.geteuid() == 0:
+        return f"/proc scan ({why})"
+    return f"/proc scan of this user's processes only ({why}); writers on other hosts unseen"
+
+
 def _ident(st: os.stat_result) -> Ident:
     return st.st_ino, st.st_ctime_ns, st.st_dev
 

@@ -308,16 +308,17 @@ def test_a_new_file_with_the_same_name_size_and_mtime_is_a_new_version(tmp_path:
     assert len(journal_rows(tmp_path / "j.db", "status='SUCCEEDED'")) == 2
 
 
-@pytest.mark.parametrize("how", ["--move", "after: delete"])
+@pytest.mark.parametrize("how", ["--move", "after: delete", "mode: move"])
 def test_marked_files_are_not_consumed_without_consume_marked(tmp_path: Path, how: str) -> None:
     out = tmp_path / "out"
     for i in range(3):
         old(tmp_path / "inbox" / f"m{i}.txt", b"marked")
     source = {"after": "delete"} if how == "after: delete" else {}
-    cfg = config(tmp_path, str(out), source=source)
+    to = {"url": str(out), "mode": "move"} if how == "mode: move" else str(out)
+    cfg = config(tmp_path, to, source=source)
     marked = run_cli("mark-existing", "-c", cfg)
     assert marked.returncode == 0, marked.stderr
-    if how == "after: delete":
+    if how != "--move":  # the note asks fate.py, so a mode: move destination counts too
         assert "kept unless a run is given --consume-marked" in marked.stdout
     run = ["-c", cfg, "--once"] + (["--move"] if how == "--move" else [])
     result = run_cli(*run)

@@ -237,7 +237,7 @@ async def test_history_reads_answer_in_typed_rows(tmp_path: Path, database: Data
             detail = await r.detail(ids["B.PDF"])
             assert detail is not None and (detail.status, detail.reason) == ("FAILED", "boom")
             assert await r.detail(10**9) is None
-            groups_ = await r.stats([], "week")
+            groups_ = await r.stats([])
             assert sum(g.count for g in groups_) == 3 and sum(g.bytes for g in groups_) == 50
             outcomes = await r.outcomes(0, time.time() + 1, (100, 60_000))
             ok = next(o for o in outcomes if o.status == "SUCCEEDED")

@@ -449,7 +449,7 @@ def test_bad_rate_bandwidth_and_window_are_refused(workspace: dict[str, Path]) -
 
 
 def test_window_times() -> None:
-    from filedispatch.controls import Window
+    from filedispatch.quantities import Window
 
     def at(text: str) -> float:
         return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()

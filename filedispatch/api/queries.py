@@ -377,11 +377,8 @@ def parse_stats_query(query: MultiMapping[str], now: float) -> StatsQuery:
         conditions += _filter_conditions(allowed[name], text)
     since = None
     if not any(n.startswith("created") for n in given):
-        first = dt.datetime.fromtimestamp(now - DEFAULT_WINDOW[period] * DAY, UTC).date()
-        if period == "week":
-            first -= dt.timedelta(days=first.weekday())
-        elif period == "month":
-            first = first.replace(day=1)
+        # the period (reporting's one rule) holding the UTC day DEFAULT_WINDOW days back
+        first = period_start(int((now - DEFAULT_WINDOW[period] * DAY) // DAY), cast(Period, period))
         since = dt.datetime(first.year, first.month, first.day, tzinfo=UTC).timestamp()
     return StatsQuery(cast(Period, period), conditions, since)
 

@@ -6,15 +6,20 @@ Owns no connection itself; each backend module owns its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import JournalError
+from ..errors import JournalError, JournalUnavailableError
+from .base import RETRY_FIRST_S, RETRY_MAX_S
 from .target import PostgresTarget
+
+log = logging.getLogger("filedispatch.journal")
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -47,6 +52,29 @@ def open_journal(
     from .sqlite import SqliteJournal
 
     return SqliteJournal.open(database, hold=hold)
+
+
+async def open_when_ready(
+    stack: contextlib.AsyncExitStack,
+    database: str | os.PathLike[str] | PostgresTarget,
+    stop: asyncio.Event,
+) -> Journal | None:
+    """The journal ``database`` names, opened into ``stack`` once it can be: a journal that
+    cannot be opened now (``JournalUnavailableError``: a full disk, a server down) is tried
+    again after 1 s, doubling up to RETRY_MAX_S seconds, rather than a crash at every
+    restart; said once per new reason. None when ``stop`` is set meanwhile."""
+    delay, said = RETRY_FIRST_S, ""
+    while True:
+        try:
+            return await stack.enter_async_context(open_journal(database))
+        except JournalUnavailableError as exc:
+            if str(exc) != said:
+                said = str(exc)
+                log.error("%s; waiting for it (retried every %g s at most)", exc, RETRY_MAX_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+            return None
+        delay = min(delay * 2, RETRY_MAX_S)
 
 
 def open_reader(

@@ -55,7 +55,7 @@ class JournalHealth:
 
     state: JournalState = JournalState.OK
     error: str | None = None
-    since: float | None = None
+    since: float | None = None  #: Unix time, seconds
     retries: int = 0
 
     @property
@@ -174,8 +174,8 @@ class StepResult:
     error_type: str | None = None
     location: str | None = None
     detail: str | None = None
-    started: float | None = None
-    next_attempt: float = 0.0
+    started: float | None = None  #: Unix time, seconds: when this attempt began
+    next_attempt: float = 0.0  #: Unix time, seconds: not claimed again before then
     output: str | None = None
     sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
 
@@ -373,7 +373,7 @@ class NodeInfo:
     alive: bool
     lease_s: float
     lease_age_s: float
-    started: float
+    started: float  #: Unix time, seconds: when it joined
     listing: tuple[str, ...]
     in_flight: int
 
@@ -391,7 +391,7 @@ class NodeInfo:
 
 @dataclass(frozen=True, slots=True)
 class StatsGroup:
-    """Rows of one period (``day``: a UTC day number, the first of its period), status,
+    """Rows of one UTC day (``day``: a day number, whole days since 1970-01-01), status,
     destination and extension: how many, and their bytes."""
 
     day: int
@@ -474,10 +474,9 @@ class JournalReader(Protocol):
     async def detail(self, dispatch_id: int) -> Detail | None:
         """One row by id as the detail view shows it, or None."""
 
-    async def stats(
-        self, conditions: Sequence[Condition], period: Literal["day", "week", "month"]
-    ) -> list[StatsGroup]:
-        """Rows matching ``conditions`` grouped by the UTC period they were created in."""
+    async def stats(self, conditions: Sequence[Condition]) -> list[StatsGroup]:
+        """Rows matching ``conditions`` grouped by the UTC day they were created on (the
+        caller folds days into weeks or months: ``reporting.period_start``)."""
 
     async def outcomes(
         self, after: float, upto: float, buckets_ms: Sequence[int]
@@ -522,7 +521,10 @@ class Journal(JournalReader, Protocol):
     Open one with ``open_journal(database)`` (a path: SQLite; a ``PostgresTarget``: PostgreSQL);
     ``Journal.open`` is the same function, for older callers.
     A write the journal cannot take now is held and retried (``health``, ``writable``), not
-    raised, unless ``stop_retrying`` was called.
+    raised, unless ``stop_retrying`` was called. Every time given or returned (``now``,
+    ``since``, ``created``, ``next_attempt`` ...) is Unix time in seconds, a float, as
+    ``time.time()`` gives it (None for ``now``: the journal's own clock); durations carry
+    their unit in their name (``duration_ms``, ``lease_s``).
     """
 
     #: the journal's state for status and /health

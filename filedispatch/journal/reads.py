@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, get_args
 
 from ..models import Dispatch, FileVersion, Status
 from .base import (
@@ -178,20 +178,15 @@ def page_sql(query: PageQuery, dialect: Dialect = SQLITE) -> tuple[str, list[Any
     )
 
 
-def stats_sql(
-    conditions: Sequence[Condition],
-    period: Literal["day", "week", "month"],
-    dialect: Dialect = SQLITE,
-) -> tuple[str, list[Any]]:
-    """The SQL of ``stats`` and its parameters: rows grouped by the period they were created
-    in, as a day number (UTC): the day itself, or its Monday (1970-01-01 was a Thursday);
-    months are grouped by day and folded by the caller, which costs less than SQLite's
-    strftime() on every row."""
+def stats_sql(conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> tuple[str, list[Any]]:
+    """The SQL of ``stats`` and its parameters: rows grouped by the UTC day they were created
+    on (a day number): the caller folds the days into weeks or months
+    with ``reporting.period_start``, the one rule the command line uses too (and cheaper than
+    SQLite's strftime() on every row)."""
     sql_where, params = where(conditions, dialect)
     day = dialect.day("created", False)
-    bucket = f"{day} - ({day} + 3) % 7" if period == "week" else day
     return (
-        f"SELECT {bucket} AS bucket, status, destination, extension, "
+        f"SELECT {day} AS bucket, status, destination, extension, "
         f"COUNT(*), {dialect.total('size')} FROM dispatches{sql_where} "
         "GROUP BY bucket, status, destination, extension",
         params,
@@ -229,10 +224,8 @@ class SqlReads(abc.ABC):
         )
         return _detail(rows[0]) if rows else None
 
-    async def stats(
-        self, conditions: Sequence[Condition], period: Literal["day", "week", "month"]
-    ) -> list[StatsGroup]:
-        rows = await self.read(*stats_sql(conditions, period, self.dialect))
+    async def stats(self, conditions: Sequence[Condition]) -> list[StatsGroup]:
+        rows = await self.read(*stats_sql(conditions, self.dialect))
         return [StatsGroup(int(d), s, dest, ext, int(n), int(b)) for d, s, dest, ext, n, b in rows]
 
     async def outcomes(

@@ -160,7 +160,7 @@ async def copy_to(
         while offset < size:
             data: Chunk = b""
             if pending is None and nowait:
-                data, nowait = _read_cached(fd, min(chunk, size - offset), offset)
+                data, nowait = fastpath.read_cached(fd, min(chunk, size - offset), offset)
             if not data:
                 data = await (pending or read(offset))
                 pending = None
@@ -198,22 +198,6 @@ _NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the e
 HASH_AWAY = 256 * 1024
 #: what ``copy_to`` hands its writer
 Chunk = bytes | bytearray
-
-
-def _read_cached(fd: int, n: int, at: int) -> tuple[Chunk, bool]:
-    """Up to ``n`` bytes that are in the page cache, without blocking; and whether to go on
-    trying (False once the filesystem does not support RWF_NOWAIT). A fresh buffer per chunk
-    is handed on as it is, with no copy: writers only read it."""
-    buf = bytearray(n)
-    try:
-        got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return b"", True
-    except OSError:  # EOPNOTSUPP/EINVAL: this filesystem cannot say; use the executor
-        return b"", False
-    if got < n:
-        del buf[got:]
-    return buf, True
 
 
 class RemoteProcessor(ABC, Generic[C]):
