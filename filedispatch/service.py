@@ -26,7 +26,7 @@ from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, JournalUnavailableError
+from .errors import ConfigError, JournalError, JournalUnavailableError
 from .journal import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
@@ -372,7 +372,10 @@ class Service:
         roots = [
             s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
         ]
-        await asyncio.to_thread(sweep_temporaries, roots)
+        if await self._alone():
+            await asyncio.to_thread(sweep_temporaries, roots)
+        else:  # a live node's copies in progress: each is removed by the node that resumes it
+            log.info("other nodes are live: their temporary files in local destinations stay")
         await self._sweep_workdir()
         registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
@@ -388,6 +391,7 @@ class Service:
         )
         self.summary = self.dispatcher.summary
         self.dispatcher.state.node_alive = self.membership.alive.held
+        self.dispatcher.state.holds_lease = self.membership.holds
         if not isinstance(self.db_path, Path):  # a shared journal: other nodes plan work too
             self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
         lease_stop = asyncio.Event()
@@ -423,6 +427,15 @@ class Service:
         if self.options.once:
             return 1 if self.summary.failed else 0
         return 0
+
+    async def _alone(self) -> bool:
+        """Whether no other node holds a lease on the journal (always, with SQLite): only then
+        is every temporary name in a local destination a crash's leftover."""
+        me = self.membership.name
+        try:
+            return not any(n.alive and n.name != me for n in await self.journal.nodes())
+        except JournalError:
+            return False
 
     async def _stop_lease(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing and end the leases, so other nodes take over now."""
