@@ -162,6 +162,18 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert isinstance(dest, LocalDestination) and dest.folder == tmp_path / "out"
 
 
+def test_the_node_and_its_lease() -> None:
+    """``lease`` defaults to 30 s and takes units; ``node`` defaults to none (the host name)."""
+    base = {"sources": [{"path": "/in"}], "rules": [{"to": "/out"}]}
+    default = parse_config(base)
+    assert (default.lease, default.node) == (30.0, None)
+    assert parse_config({**base, "lease": "2m", "node": "dispatch-a"}).lease == 120.0
+    assert parse_config({**base, "lease": 90}).lease == 90.0
+    for bad in (0, "-5s", "soon"):
+        with pytest.raises(ConfigError, match="lease"):
+            parse_config({**base, "lease": bad})
+
+
 def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yml"
     cfg.write_text(
