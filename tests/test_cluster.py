@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
@@ -21,9 +22,13 @@ from typing import Any
 
 import pytest
 
+from filedispatch.cluster import Membership
+from filedispatch.config import Config
+from filedispatch.dispatcher import Dispatcher
 from filedispatch.errors import FencedError, NodeConflictError
 from filedispatch.journal import PlannedStep, PostgresTarget, StepResult, open_journal
 from filedispatch.models import FileVersion, Status
+from filedispatch.processors import Registry
 from filedispatch.processors.common import TMP_PREFIX
 
 from .apiutil import database_config
@@ -138,6 +143,64 @@ async def test_sqlite_has_one_implicit_node_named_on_its_rows(tmp_path: Path) ->
         assert await j.renew() and await j.take_listing("in")
         detail = await j.detail(row.id)
         assert detail is not None and detail.node == "solo"
+
+
+async def test_a_node_woken_past_its_lease_knows_before_its_expiry_timer_runs(
+    tmp_path: Path,
+) -> None:
+    """After a freeze (SIGSTOP, a suspended VM) the loop may run a worker before the expiry
+    timer: ``holds`` reads the clock, so no delivery starts on a lease that ran out."""
+    async with open_journal(tmp_path / "j.db") as journal:
+        membership = Membership(journal, "solo", 0.2)
+        await membership.join()
+        assert membership.holds()
+        time.sleep(0.3)  # the whole loop frozen past the lease: no callback can run meanwhile
+        assert membership.alive.held.is_set()  # the timer has not run yet
+        assert not membership.holds()
+
+
+async def test_a_version_claimed_while_the_lease_is_in_doubt_goes_back_to_the_queue(
+    tmp_path: Path,
+) -> None:
+    """A worker that takes a claimed version while the lease may have run out starts nothing
+    and puts the rows back to PENDING: the lease may yet be renewed on the same epoch, and then
+    nothing else would requeue rows left IN_PROGRESS (they stayed there for good)."""
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    src = old(inbox / "a.txt", b"payload")
+    config = Config.model_validate(
+        {  # shared: through the queue, as on a cluster (never an inline lane)
+            "sources": [{"path": str(inbox), "name": "in", "shared": True}],
+            "rules": [{"name": "all", "glob": "*", "to": str(out)}],
+            "workers": 1,
+        }
+    )
+    version = FileVersion.from_stat("in", inbox, "a.txt", os.stat(src))
+    async with open_journal(tmp_path / "j.db") as journal:
+        dispatcher = Dispatcher(config, journal, Registry(), workdir=tmp_path / "work")
+        held = [False]
+        dispatcher.state.holds_lease = lambda: held[0]
+        await dispatcher.offer(config.sources[0], [version])
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        try:
+
+            async def given_back() -> bool:
+                [row] = await journal.recent(10)
+                return row.status == Status.PENDING and row.started is not None  # was claimed
+
+            await _until(given_back)
+            assert not out.exists()  # nothing was started
+            held[0] = True
+
+            async def done() -> bool:
+                [row] = await journal.recent(10)
+                return row.status == Status.SUCCEEDED
+
+            await _until(done)
+            assert (out / "a.txt").read_bytes() == b"payload"
+        finally:
+            stop.set()
+            await task
 
 
 # ------------------------------------------------------------------ two real services
