@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from filedispatch.cluster import node_name
 from filedispatch.config import (
     FtpDestination,
     HttpDestination,
@@ -167,7 +169,9 @@ def test_the_node_and_its_lease() -> None:
     base = {"sources": [{"path": "/in"}], "rules": [{"to": "/out"}]}
     default = parse_config(base)
     assert (default.lease, default.node) == (30.0, None)
-    assert parse_config({**base, "lease": "2m", "node": "dispatch-a"}).lease == 120.0
+    assert node_name(default) == socket.gethostname()
+    named = parse_config({**base, "lease": "2m", "node": "dispatch-a"})
+    assert (named.lease, node_name(named)) == (120.0, "dispatch-a")
     assert parse_config({**base, "lease": 90}).lease == 90.0
     for bad in (0, "-5s", "soon"):
         with pytest.raises(ConfigError, match="lease"):
