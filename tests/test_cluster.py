@@ -477,6 +477,7 @@ def test_a_node_stopped_past_its_lease_has_its_late_outcomes_refused(
         n2.signal(signal.SIGSTOP)
         try:
             wait_until(lambda: "n2" not in _live_nodes(pg_url), 60)  # past its lease
+            _frozen_check(tmp_path, pg_url, expected, n1)
             wait_until(lambda: _all_done(tmp_path, pg_url, count), 600)
         finally:
             n2.signal(signal.SIGCONT)
