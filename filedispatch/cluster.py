@@ -65,6 +65,7 @@ class Membership:
         self.epoch: int | None = None
         self.lost = 0  #: times the lease ran out while the service ran
         self._expiry: asyncio.TimerHandle | None = None
+        self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
 
     async def join(self, takeover: bool = False) -> None:
         """Register; raises NodeConflictError while a live node has this name (unless
@@ -77,8 +78,15 @@ class Membership:
         loop = asyncio.get_running_loop()
         if self._expiry is not None:
             self._expiry.cancel()
-        self._expiry = loop.call_at(sent + self.lease_s, self._expired)
+        self._until = sent + self.lease_s
+        self._expiry = loop.call_at(self._until, self._expired)
         self.alive.set(True)
+
+    def holds(self) -> bool:
+        """Whether the lease is surely still ours, read from the clock itself: after a freeze
+        (SIGSTOP, a suspended VM) work may resume before the expiry timer has run, and no
+        delivery may start on the strength of a lease that ran out meanwhile."""
+        return self.alive.held.is_set() and asyncio.get_running_loop().time() < self._until
 
     def _expired(self) -> None:
         """The lease may have run out: no new delivery starts and no shared source is listed

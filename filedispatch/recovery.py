@@ -209,10 +209,11 @@ async def upgrade_step_keys(journal: Journal, config: Config) -> int | None:
     return await journal.rekey_steps(keys, time.time())
 
 
-async def at_start(journal: Journal, config: Config, workdir: Path) -> None:
+async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool = True) -> None:
     """Before any delivery: give an older journal's rows today's keys (``rekey_old_rows``,
-    ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations,
-    and the chain work folders (under ``workdir``) no unfinished dispatch needs any more.
+    ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations
+    (only when ``alone``: no other node is live, whose copies in progress they may be), and the
+    chain work folders (under ``workdir``) no unfinished dispatch needs any more.
     Every file system walk runs in a thread."""
     rekeyed = await rekey_old_rows(journal)
     if rekeyed:
@@ -221,7 +222,10 @@ async def at_start(journal: Journal, config: Config, workdir: Path) -> None:
     if upgraded:
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
     roots = [s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)]
-    await asyncio.to_thread(sweep_temporaries, roots)
+    if alone:
+        await asyncio.to_thread(sweep_temporaries, roots)
+    else:
+        log.info("other nodes are live: their temporary files in local destinations stay")
     active = await journal.active_version_keys()
     stale = await asyncio.to_thread(_stale_work, workdir, active)
     for folder in stale:

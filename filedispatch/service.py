@@ -25,7 +25,7 @@ from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError
+from .errors import ConfigError, JournalError
 from .journal import (
     Journal,
     JournalHealth,
@@ -301,7 +301,8 @@ class Service:
         # (journal_lock), so a node of this name still on record is a dead one: replaced
         await self.membership.join(takeover=True)
         journal.resume_interrupted().add_done_callback(_report_resumed)
-        await recovery.at_start(journal, self.config, self.workdir)
+        # another live node's copies in progress stay: each is removed by the node resuming it
+        await recovery.at_start(journal, self.config, self.workdir, alone=await self._alone())
         registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
         learned = await self._learning(stack)
@@ -316,6 +317,7 @@ class Service:
         )
         self.summary = self.dispatcher.summary
         self.dispatcher.state.node_alive = self.membership.alive.held
+        self.dispatcher.state.holds_lease = self.membership.holds
         if not isinstance(self.db_path, Path):  # a shared journal: other nodes plan work too
             self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
         lease_stop = asyncio.Event()
@@ -351,6 +353,15 @@ class Service:
         if self.options.once:
             return 1 if self.summary.failed else 0
         return 0
+
+    async def _alone(self) -> bool:
+        """Whether no other node holds a lease on the journal (always, with SQLite): only then
+        is every temporary name in a local destination a crash's leftover."""
+        me = self.membership.name
+        try:
+            return not any(n.alive and n.name != me for n in await self.journal.nodes())
+        except JournalError:
+            return False
 
     async def _stop_lease(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing and end the leases, so other nodes take over now."""

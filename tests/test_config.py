@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from filedispatch.cluster import node_name
 from filedispatch.config import (
     FtpDestination,
     HttpDestination,
@@ -160,6 +162,20 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert config.sources[0].path == tmp_path / "in"
     dest = config.rules[0].to[0]
     assert isinstance(dest, LocalDestination) and dest.folder == tmp_path / "out"
+
+
+def test_the_node_and_its_lease() -> None:
+    """``lease`` defaults to 30 s and takes units; ``node`` defaults to none (the host name)."""
+    base = {"sources": [{"path": "/in"}], "rules": [{"to": "/out"}]}
+    default = parse_config(base)
+    assert (default.lease, default.node) == (30.0, None)
+    assert node_name(default) == socket.gethostname()
+    named = parse_config({**base, "lease": "2m", "node": "dispatch-a"})
+    assert (named.lease, node_name(named)) == (120.0, "dispatch-a")
+    assert parse_config({**base, "lease": 90}).lease == 90.0
+    for bad in (0, "-5s", "soon"):
+        with pytest.raises(ConfigError, match="lease"):
+            parse_config({**base, "lease": bad})
 
 
 def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -243,6 +243,7 @@ def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
         ],
         api={"port": port, "token": TOKEN},
         monitor={"port": console_port},
+        node="desk-1",
     )
     svc = service_factory(cfg).start()
     url = f"http://127.0.0.1:{port}"
@@ -252,6 +253,10 @@ def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
     wait_until(lambda: _text(driver, "#failures") == "0", 15)
     assert "bad" not in str(driver.find_element(By.ID, "failures-card").get_attribute("class"))
     assert _text(driver, "#state") == "running"
+    # the node (one, implicit, with SQLite), its lease held
+    node_css = '#nodes tbody tr[data-node="desk-1"]'
+    wait_until(lambda: bool(driver.find_elements(By.CSS_SELECTOR, node_css)), 15)
+    assert "held" in driver.find_element(By.CSS_SELECTOR, node_css).text
 
     old(tmp_path / "inbox" / "big.bin", b"b")
     old(tmp_path / "inbox" / "soon.dat", b"s")

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 from filedispatch.config import Config
 from filedispatch.dispatcher import Dispatcher
+from filedispatch.errors import FencedError
 from filedispatch.journal import Journal, PlannedStep, StepResult
 from filedispatch.models import Dispatch, FileVersion, Status
 from filedispatch.processors import Registry
@@ -108,6 +109,18 @@ async def test_the_source_stays_when_the_journal_cannot_commit(tmp_path: Path) -
     await dispatcher.workers.run_version(rows)
     for _, fut in journal.writes:
         fut.set_exception(RuntimeError("disk I/O error"))
+    await asyncio.sleep(0)
+    assert src.exists()
+
+
+async def test_the_source_stays_when_the_journal_refuses_a_late_outcome(tmp_path: Path) -> None:
+    """A node whose lease ran out delivered anyway (it was frozen mid-delivery): the journal
+    refuses its outcomes (FencedError, another node owns the rows now), and its after-action
+    must not run on their account."""
+    dispatcher, journal, rows, src = _setup(tmp_path)
+    await dispatcher.workers.run_version(rows)
+    for _, fut in journal.writes:
+        fut.set_exception(FencedError("2 outcome(s) refused: node n1 no longer holds the rows"))
     await asyncio.sleep(0)
     assert src.exists()
 

@@ -82,6 +82,9 @@ class DispatchState:
         #: is claimed or started, since another node may take the work over
         self.node_alive = asyncio.Event()
         self.node_alive.set()
+        #: whether the lease is still held, asked right before each delivery starts (the
+        #: event above may lag behind the clock after the process was frozen)
+        self.holds_lease: Callable[[], bool] = self.node_alive.is_set
         #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
         #: work too, since their planning wakes no one here
         self.idle_check_s = IDLE_CHECK_S

@@ -52,17 +52,14 @@ class Workers:
             if not group:
                 return
             if group[0].source in state.stopped_sources:  # stop_on_error: give it back
-                journal.finish_soon(
-                    [
-                        StepResult(d.id, Status.PENDING, d.attempts, reason=d.reason)
-                        for d in group
-                        if d.status == Status.IN_PROGRESS
-                    ]
-                )
+                self._give_back(group)
                 continue
-            if not state.node_alive.is_set():
-                # claimed before this node's lease ran out: another node may run it now, so it
-                # is not started here (its rows go back to the queue with the node's others)
+            if not state.holds_lease():
+                # claimed before this node's lease may have run out: another node may run it
+                # now, so it is not started here. Given back, not dropped: if the lease turns
+                # out to be renewed in time, nothing else would put its rows back in the queue
+                # (if another node took them meanwhile, the journal refuses this, harmlessly)
+                self._give_back(group)
                 continue
             if not journal.writable.is_set():  # claimed before the journal failed
                 await first_completed(journal.writable.wait(), state.stop.wait())
@@ -86,6 +83,11 @@ class Workers:
             finally:
                 self.feeder.finished()
                 state.changed()
+
+    def _give_back(self, group: list[Dispatch]) -> None:
+        """Put a claimed version that is not run here back in the queue, due now, as it was."""
+        now = time.time()
+        self.outcomes.write([waiting(d, now) for d in group if d.status == Status.IN_PROGRESS])
 
     async def _finish_quietly(self, results: list[StepResult]) -> None:
         try:
@@ -235,6 +237,12 @@ class Workers:
             may_move=may_move,
             label=row.label,
         )
+        if not self.state.holds_lease():
+            # the lease may have run out (the node was frozen, or cut off): another node may
+            # run this row now, so it is not started here; it goes back to the queue as it was
+            result = waiting(row, time.time())
+            self.outcomes.record(row, result, version)
+            return result
         self.state.in_flight[row.id] = row
         sem = self.state.semaphore(step)
         try:
