@@ -175,7 +175,7 @@ class DeliveryLog:
 
     A file delivered alone keeps its own INFO line (``a.txt -> /out/a.txt``); a burst gets
     ``128 files -> /out: a.txt, b.txt, c.txt and 125 more``. A log line costs tens of
-    microseconds (format, scrub, escape, write): once per file it was a third of the CPU a
+    microseconds (format, scrub, escape, write): once per file it was about 15% of the CPU a
     burst of small moves takes (docs/benchmarks.md). The journal keeps every file's row.
     """
 
