@@ -30,7 +30,7 @@ NAMES = {  # the name on disk -> how every output must show it
 RAW = re.compile(
     "[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
 )
-TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
 
 def inbox_with_hostile_names(root: Path) -> Path:
@@ -72,7 +72,8 @@ def assert_one_line_per_record(text: str) -> None:
 def test_the_log_has_one_line_per_record_with_names_escaped(tmp_path: Path) -> None:
     cfg = inbox_with_hostile_names(tmp_path)
     log = tmp_path / "service.log"
-    result = run_cli("-c", cfg, "--once", "--log-file", log)
+    # each file's own line is at DEBUG (at INFO a batch has one line naming the first few)
+    result = run_cli("-c", cfg, "--once", "--log-file", log, "--log-level", "DEBUG")
     # the undecodable name fails alone, with its reason; the others arrive as they are named
     assert result.returncode == 1, result.stderr
     assert set(delivered(tmp_path / "outbox")) == set(NAMES)
@@ -85,7 +86,7 @@ def test_the_log_has_one_line_per_record_with_names_escaped(tmp_path: Path) -> N
 
 def test_the_log_on_stderr_too(tmp_path: Path) -> None:
     cfg = inbox_with_hostile_names(tmp_path)
-    result = run_cli("-c", cfg, "--once")
+    result = run_cli("-c", cfg, "--once", "--log-level", "DEBUG")
     assert result.returncode == 1
     assert_one_line_per_record(result.stderr)
 
@@ -108,7 +109,13 @@ def test_a_handler_of_a_log_config_is_filtered_too(tmp_path: Path) -> None:
                     }
                 },
                 # on a logger of its own, not the root: the filter must still be on it
-                "loggers": {"filedispatch.dispatcher": {"handlers": ["file"], "propagate": False}},
+                "loggers": {
+                    "filedispatch.dispatcher": {
+                        "handlers": ["file"],
+                        "propagate": False,
+                        "level": "DEBUG",  # each file's own line
+                    }
+                },
                 "root": {"level": "INFO", "handlers": []},
             }
         )
@@ -158,7 +165,7 @@ def test_the_console_escapes_names(tmp_path: Path, service_factory: Any) -> None
     data["monitor"] = {"port": port, "console_port": free_port()}
     data["sources"][0]["name"] = "in\u202ebox"
     write_config(cfg, data)
-    svc = service_factory(cfg).start()
+    svc = service_factory(cfg, "--log-level", "DEBUG").start()
     db = tmp_path / "journal.db"
     wait_until(lambda: len(journal_rows(db, "status IN ('SUCCEEDED', 'FAILED')")) == 6, 30)
     history, status = console(port, "fd-history 10", "fd-status")

@@ -169,6 +169,7 @@ class Dispatcher:
             for _ in workers:
                 await self.feeder.queue.put([])  # an empty group tells a worker to exit
         await self.after.moves_done()
+        self.outcomes.delivered.flush()  # the last batch's line, before the loop stops
 
     async def wait_idle(self) -> None:
         """Wait until nothing is due, queued, running or waiting for a retry (``--once``)."""
