@@ -359,6 +359,56 @@ def test_dedupe_content_sends_the_same_bytes_once_per_destination(
     assert last[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
 
 
+def test_explain_and_dry_run_say_duplicate_of_the_row_that_has_the_bytes(
+    workspace: dict[str, Path],
+) -> None:
+    ws = workspace
+    rules = [{"name": "all", "dedupe": "content", "to": str(ws["outbox"])}]
+    cfg = config(ws, rules)
+    aged(ws["inbox"] / "a.txt", 3600, b"same bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    (first,) = journal_rows(ws["db"])
+    again = aged(ws["inbox"] / "again.txt", 3500, b"same bytes")
+    twin1 = aged(ws["inbox"] / "twin1.txt", 3400, b"new bytes")
+    twin2 = aged(ws["inbox"] / "twin2.txt", 3300, b"new bytes")
+    explain = run_cli("explain", "-c", cfg, again, twin1, twin2, "/etc/hostname")
+    assert explain.returncode == 0, explain.stderr
+    out = explain.stdout.split(f"{twin1}:")
+    assert f"duplicate of dispatch #{first['id']}: the same bytes (sha256 " in out[0]
+    assert f"=> recorded, not sent: duplicate of dispatch #{first['id']}" in out[0]
+    assert f"delivered to {ws['outbox']} ({ws['outbox'] / 'a.txt'}); not sent again" in out[0]
+    # the first of two new files with the same bytes is sent; the second is its duplicate
+    assert out[1].split(f"{twin2}:")[0].rstrip().endswith("=> would be sent")
+    assert "=> recorded, not sent: duplicate of inbox/twin1.txt" in out[1]
+    assert "/etc/hostname: not taken: not inside any source" in explain.stdout
+    # hostile entries in the source are never hashed: a link out of it, a FIFO (whose read
+    # would block for ever)
+    secret = aged(ws["root"] / "secret.txt", 3600, b"same bytes")
+    (ws["inbox"] / "link.txt").symlink_to(secret)
+    os.mkfifo(ws["inbox"] / "pipe.txt")
+    hostile = run_cli("explain", "-c", cfg, ws["inbox"] / "link.txt", ws["inbox"] / "pipe.txt")
+    assert hostile.returncode == 0, hostile.stderr
+    assert hostile.stdout.count(": not taken: ") == 2 and "duplicate" not in hostile.stdout
+    dry = run_cli("-c", cfg, "--dry-run")
+    assert "link.txt ->" not in dry.stdout and "pipe.txt ->" not in dry.stdout
+    assert dry.returncode == 0, dry.stderr
+    assert f"inbox/again.txt -> [all] {ws['outbox'] / 'again.txt'} (duplicate of dispatch #" in (
+        dry.stdout
+    )
+    assert f"inbox/twin1.txt -> [all] {ws['outbox'] / 'twin1.txt'}\n" in dry.stdout
+    assert "inbox/twin2.txt -> [all]" in dry.stdout and "(duplicate of inbox/twin1.txt:" in (
+        dry.stdout
+    )
+    # the real run agrees
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    rows = {r["filename"]: r for r in journal_rows(ws["db"])}
+    assert rows["again.txt"]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
+    assert rows["twin2.txt"]["detail"].startswith(
+        f"duplicate of dispatch #{rows['twin1.txt']['id']}:"
+    )
+    assert sorted(delivered(ws["outbox"])) == ["a.txt", "twin1.txt"]
+
+
 def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
     workspace: dict[str, Path],
 ) -> None:
