@@ -261,8 +261,12 @@ def test_naming_groups_times_counter_digest_parent(workspace: dict[str, Path]) -
     f = aged(ws["inbox"] / "north" / "acme_20261130_inv.pdf", 0, data)
     when = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()  # 00:30 in Berlin
     os.utime(f, (when, when))
-    result = run_cli("-c", cfg, "--once")
+    # the machine's local time is Berlin's: the step's own timezone (UTC) is what counts
+    result = run_cli("-c", cfg, "--once", env=cli_env(TZ="Europe/Berlin"))
     assert result.returncode == 0, result.stderr
+    check = run_cli("check", "-c", cfg)
+    assert "regex (?P<client>[a-z]+)_(?P<date>\\d{8})_" in check.stdout
+    assert "-{sha256:8}-{name} (times in UTC)" in check.stdout
     digest = hashlib.sha256(data).hexdigest()[:8]
     name = f"acme/20261130/north/20261130-23-1-{digest}-acme_20261130_inv.pdf"
     assert delivered(ws["outbox"]) == {name: data}
@@ -548,6 +552,27 @@ def test_bandwidth_paces_the_bytes_of_one_big_file(
     # paced in 4 KiB pieces, three seconds after the first second's burst; sent whole, the
     # file would go from nothing to complete in a few milliseconds
     assert len(growth.partial) >= 3, sorted(growth.partial)
+
+
+def test_a_stop_ends_a_throttled_local_copy_and_leaves_nothing_half_written(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """A copy waiting for bandwidth in its worker thread lets go when the service stops after
+    its grace: the service exits, the half-written copy is removed, and the next start
+    delivers the file whole (unthrottled this time)."""
+    ws = workspace
+    data = os.urandom(1024 * 1024)  # 32 s at 32KB/s: the stop comes long before the end
+    aged(ws["inbox"] / "big.bin", 3600, data)
+    cfg = remote_config(ws, {"url": str(ws["outbox"]), "bandwidth": "32KB/s"}, shutdown_grace=0.2)
+    svc = service_factory(cfg).start()
+    with Growth(ws["outbox"], len(data)) as growth:
+        wait_until(lambda: len(growth.partial) >= 2, timeout=60)
+    assert svc.stop(timeout=60) == 0, svc.log()
+    assert "cancelled" in svc.log()
+    assert [p.name for p in ws["outbox"].rglob("*") if p.is_file()] == []
+    cfg = remote_config(ws, {"url": str(ws["outbox"])})
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert delivered(ws["outbox"]) == {"big.bin": data}
 
 
 def test_bandwidth_paces_one_http_upload(workspace: dict[str, Path]) -> None:

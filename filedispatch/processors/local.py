@@ -389,7 +389,7 @@ class LocalProcessor:
             os.close(out)
             unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot write {tmp}") from exc
-        except SourceVanishedError:
+        except BaseException:  # the source changed, the delivery ended waiting for bandwidth
             os.close(out)
             unlink_quietly(tmp)
             raise
