@@ -369,12 +369,13 @@ def _dry_run(
         if max_items is not None and count >= max_items:
             say(f"(stopping at --max-items {max_items}: only files to send are counted)")
             return EXIT_OK
-        count += 1
+        count += 1  # a duplicate too: the run records it (as --max-items counts it)
         assert decision.version is not None
         for chain in decision.chains:
-            for step in chain.steps:
+            for step, key in zip(chain.steps, chain.keys, strict=True):
                 target = describe_target(step, decision.version, chain.label)
-                say(f"{decision.shown} -> [{chain.rule}] {target}")
+                dup = decision.duplicates.get(key)
+                say(f"{decision.shown} -> [{chain.rule}] {target}" + (f" ({dup})" if dup else ""))
     return EXIT_OK
 
 
@@ -532,7 +533,10 @@ def cmd_explain(path: Path, files: list[Path]) -> int:
             if d.facts.mime:
                 say(f"  detected type: {d.facts.mime}")
             _show_rules(d, learned, folders)
-            say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
+            if d.sends_nothing:
+                say(f"  => recorded, not sent: {next(iter(d.duplicates.values()))}")
+            else:
+                say(f"  => {'would be sent' if d.taken else f'not taken: {d.why_not}'}")
     return EXIT_OK
 
 
@@ -550,8 +554,10 @@ def _show_rules(d: Decision, learned: Learned | None, folders: dict[str, Path]) 
             explain_prediction(learned, folders[check.rule], answer)
     shut = window_state(step for chain in d.chains for step in chain.steps)
     for chain in d.chains:
-        for step in chain.steps:
+        for step, key in zip(chain.steps, chain.keys, strict=True):
             say(f"    -> {describe_target(step, d.version, chain.label)}")
+            if dup := d.duplicates.get(key):
+                say(f"       ({dup})")
             for w in shut:
                 if w.destination == step.display and w.opens is not None:
                     opens = time.strftime("%Y-%m-%d %H:%M", time.localtime(w.opens))

@@ -2,8 +2,9 @@
 
 A processor with controls is wrapped (``Controls.wrap``) in one that asks them before it
 delivers: skip a file whose bytes the destination already has, wait for the window, take a
-share of the rate and bandwidth. It decides and waits only: it never writes the journal
-(the dispatcher records the outcome) and never touches the source.
+share of the rate; a ``Throttle`` paces the bytes as the processor sends them. It decides and
+waits only: it never writes the journal (the dispatcher records the outcome) and never
+touches the source.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from aiolimiter import AsyncLimiter
 
-from .errors import OutsideWindowError
+from .errors import OutsideWindowError, TransientDeliveryError
 from .journal import DUPLICATE_OF
 from .models import NAME_TAKEN, Outcome
 from .naming import content_sha256
@@ -59,6 +61,51 @@ def window_state(steps: Iterable[Step], now: float | None = None) -> list[Window
 
 
 # ---------------------------------------------------------------------------- at delivery
+
+
+class Throttle:
+    """A destination's ``bandwidth``, paid as the bytes go: a processor that streams calls
+    ``take(n)`` (or, in a worker thread, ``take_blocking(n)``) before it sends the next ``n``
+    bytes, in pieces of at most ``chunk``. Every delivery to the destination draws on the same
+    limiter, so all its connections together stay within the limit (plus one second's worth:
+    the bucket starts full). One Throttle per delivery; ``close`` when it ends."""
+
+    #: the most bytes sent between two takes (an eighth of a second's worth, 4 KiB to 1 MiB)
+    chunk: int
+
+    def __init__(self, limiter: AsyncLimiter) -> None:
+        self.limiter = limiter
+        self.chunk = int(min(max(limiter.max_rate // 8, 4096), 1024 * 1024))
+        self.taken = 0  #: bytes paid for so far, by this delivery
+        self._loop = asyncio.get_running_loop()
+        self._closed = threading.Event()
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be sent (in shares the bucket can hold)."""
+        left = float(n)
+        while left > 0:
+            share = min(left, self.limiter.max_rate)
+            await self.limiter.acquire(share)
+            left -= share
+        self.taken += n
+
+    def take_blocking(self, n: int) -> None:
+        """``take`` for a worker thread (a local copy): waits on the event loop's limiter.
+        Raises TransientDeliveryError once the delivery was closed (cancelled, or the
+        service stops) instead of waiting on."""
+        try:
+            waiting = asyncio.run_coroutine_threadsafe(self.take(n), self._loop)
+        except RuntimeError:  # the loop is closed: the service is gone
+            raise TransientDeliveryError("stopped while waiting for bandwidth") from None
+        while not self._closed.wait(0.2):  # never waits past the delivery's end
+            if waiting.done():
+                waiting.result()
+                return
+        waiting.cancel()
+        raise TransientDeliveryError("stopped while waiting for bandwidth")
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 class Controls:
@@ -179,17 +226,20 @@ class _Controlled:
         if rate is not None:
             await rate.acquire()
         bandwidth = self.controls.bandwidth(self.step)
-        if bandwidth is not None:
-            # paid before sending, in shares the bucket can hold: over any stretch of time the
-            # bytes sent stay within the limit plus one second's worth
-            left: float = ctx.version.size
+        if bandwidth is None:
+            return await self.inner.deliver(ctx)
+        throttle = Throttle(bandwidth)
+        if not getattr(self.inner, "paces", False):
+            # a kind that does not stream (a command, a callable): paid before it runs
+            size = ctx.version.size
             if ctx.input != ctx.version.path:  # a transform's output
-                left = await asyncio.to_thread(os.path.getsize, ctx.input)
-            while left > 0:
-                share = min(left, bandwidth.max_rate)
-                await bandwidth.acquire(share)
-                left -= share
-        return await self.inner.deliver(ctx)
+                size = await asyncio.to_thread(os.path.getsize, ctx.input)
+            await throttle.take(size)
+            return await self.inner.deliver(ctx)
+        try:  # the processor pays per chunk as it sends (see Throttle)
+            return await self.inner.deliver(dataclasses.replace(ctx, throttle=throttle))
+        finally:
+            throttle.close()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

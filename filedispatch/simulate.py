@@ -2,8 +2,10 @@
 would do with a file, by the service's own decisions, and why a file is not taken.
 
 The watcher's gates (ignores, ``recursive``, links, kept-out folders, readiness), the router
-(rules, ages) and the journal ("already done"), each asked as the service asks it. Reads only:
-it never writes the journal, never creates a file or folder, and never sends anything.
+(rules, ages) and the journal ("already done", and for ``dedupe: content`` "duplicate of"),
+each asked as the service asks it. Reads only: it never writes the journal, never creates a
+file or folder, and never sends anything; it reads a file's bytes only for a deduped step,
+and only a file the watcher would take (inside a source, through ``sourcefile``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,23 @@ from typing import TYPE_CHECKING
 
 from .config import Config, SourceConfig, real
 from .content import facts_for
-from .journal import Database, PlannedStep, StepState, planned_steps, read_states
+from .errors import DeliveryError
+from .journal import (
+    DUPLICATE_OF,
+    Database,
+    PlannedStep,
+    StepState,
+    planned_steps,
+    read_digests,
+    read_states,
+)
 from .models import FileVersion, Status
+from .naming import content_sha256
 from .router import Chain, Facts, Router, RuleCheck
 from .watcher import SourceWatcher
 
 if TYPE_CHECKING:
+    from .config import Step
     from .learn import Learned
 
 
@@ -42,6 +55,15 @@ class Decision:
     why_not: str | None = None
     #: the rules matched but the journal has every step: nothing new to do
     done: bool = False
+    #: step key -> why that step would not send (``dedupe: content``: "duplicate of dispatch
+    #: #N ..."); a file all of whose new steps are here is recorded but sends nothing
+    duplicates: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sends_nothing(self) -> bool:
+        """Taken, but every step it would plan is a duplicate: recorded, nothing sent."""
+        keys = [key for chain in self.chains for key in chain.keys]
+        return self.taken and bool(keys) and all(k in self.duplicates for k in keys)
 
     @property
     def taken(self) -> bool:
@@ -72,6 +94,9 @@ class Simulation:
         self.clock = clock
         self.learned = learned
         self.router = Router(config, clock)
+        #: (destination, sha256) -> the file shown first in this simulation that would send
+        #: those bytes there (the real run sends it, then finds the later ones duplicates)
+        self._sending: dict[tuple[str, str], str] = {}
         exclude = [folder for _, folder in config.iter_local_roots()]  # as the service does
         self.watchers = {s.key: SourceWatcher(s, _never, _never, exclude) for s in config.sources}
 
@@ -188,8 +213,14 @@ class Simulation:
                 continue
             routed.append((v, facts, chains, checks))
         states = read_states(self.db, [v.key for v, *_ in routed]) if self.db and routed else {}
+        whys = {
+            v.key: _journal_says(planned_steps(v, chains), states.get(v.key, []))
+            for v, _, chains, _ in routed
+        }
+        new = [(v, chains, states.get(v.key, [])) for v, _, chains, _ in routed if not whys[v.key]]
+        duplicates = self._duplicates(new)
         for v, facts, chains, checks in routed:
-            why = _journal_says(planned_steps(v, chains), states.get(v.key, []))
+            why = whys[v.key]
             out[v.key] = Decision(
                 f"{source.key}/{v.relpath}",
                 source,
@@ -199,9 +230,64 @@ class Simulation:
                 facts,
                 why,
                 done=why is not None and why.startswith("already done"),
+                duplicates=duplicates.get(v.key, {}),
             )
         for v in versions:
             yield out[v.key]
+
+    def _duplicates(
+        self, new: Sequence[tuple[FileVersion, list[Chain], list[StepState]]]
+    ) -> dict[str, dict[str, str]]:
+        """For files with new work: per version key, the deduped steps (by step key) whose
+        bytes their destination already has, as the dispatcher would find them (the journal,
+        or a file earlier in this simulation that would send them first)."""
+        wanted: list[tuple[FileVersion, str, str, str]] = []  # version, step key, dest, sha
+        for v, chains, rows in new:
+            known = {r.step_key for r in rows}
+            steps = [
+                (step, key)
+                for chain in chains
+                for step, key in _on_source_bytes(chain)
+                if step.deduped and key not in known
+            ]
+            if not steps:
+                continue
+            try:
+                digest = content_sha256(v)
+            except DeliveryError:  # unreadable: the delivery would say so itself
+                continue
+            wanted += [(v, key, step.display, digest) for step, key in steps]
+        if not wanted:
+            return {}
+        pairs = list(dict.fromkeys((dest, sha) for _, _, dest, sha in wanted))
+        earlier = read_digests(self.db, pairs) if self.db is not None else {}
+        out: dict[str, dict[str, str]] = {}
+        for v, key, dest, sha in wanted:
+            found = earlier.get((dest, sha))
+            shown = f"{v.source}/{v.relpath}"
+            if found is not None:
+                why = (
+                    f"{DUPLICATE_OF}{found[0]}: the same bytes (sha256 {sha[:12]}...) were "
+                    f"delivered to {dest} ({found[1]}); not sent again"
+                )
+            elif (first := self._sending.setdefault((dest, sha), shown)) != shown:
+                why = (
+                    f"duplicate of {first}: the same bytes (sha256 {sha[:12]}...) go to {dest} "
+                    "with it; not sent again"
+                )
+            else:
+                continue
+            out.setdefault(v.key, {})[key] = why
+        return out
+
+
+def _on_source_bytes(chain: Chain) -> Iterator[tuple[Step, str]]:
+    """The steps of a chain (with their step keys) that get the source's own bytes: those up
+    to and including the first transform (the later ones get its output)."""
+    for step, key in zip(chain.steps, chain.keys, strict=True):
+        yield step, key
+        if step.transforms:
+            return
 
 
 _LEFT_ALONE = (

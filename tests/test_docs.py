@@ -88,3 +88,27 @@ def test_the_ages_example_runs(tmp_path: Path) -> None:
     result = run_cli("-c", tmp_path / "config.yml", "--once", "--db", tmp_path / "j.db")
     assert result.returncode == 0, result.stderr
     assert list(delivered(tmp_path / "outbox" / "reports")) == ["settled.csv"]
+
+
+def test_the_controls_example_runs(tmp_path: Path) -> None:
+    """configuration.md's dedupe/window/rate/bandwidth example: ``check`` shows every control
+    in its routing table, and a dry run takes the file (the window decides at delivery)."""
+    import os
+    import time
+
+    from .conftest import run_cli
+
+    (tmp_path / "config.yml").write_text(_example("nightly-partner"), encoding="utf-8")
+    (tmp_path / "inbox").mkdir()
+    report = tmp_path / "inbox" / "report.csv"
+    report.write_bytes(b"a,b")
+    os.utime(report, (time.time() - 3600, time.time() - 3600))
+    check = run_cli("check", "-c", tmp_path / "config.yml")
+    assert check.returncode == 0, check.stderr
+    assert (
+        "(times in Europe/Berlin); dedupe content; rate 10/s; bandwidth 5MB/s; "
+        "window Mon-Fri 22:00-06:00" in check.stdout
+    )
+    dry = run_cli("-c", tmp_path / "config.yml", "--dry-run", "--db", tmp_path / "j.db")
+    assert dry.returncode == 0, dry.stderr
+    assert f"inbox/report.csv -> [nightly-partner] {tmp_path / 'outbox' / 'partner'}" in dry.stdout

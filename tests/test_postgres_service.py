@@ -128,3 +128,25 @@ def test_the_database_going_away_pauses_the_service_and_it_goes_on(
     finally:
         assert svc.stop() == 0, svc.log()
     assert len(journal_rows(pg_url)) == 4
+
+
+def test_explain_finds_a_duplicate_in_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """``dedupe: content`` in the simulation reads the PostgreSQL journal as the service does."""
+    cfg = write_config(
+        tmp_path / "config.yml",
+        {
+            "database": database_config(pg_url),
+            "sources": [{"path": str(tmp_path / "inbox"), "settle": 0}],
+            "rules": [{"extensions": ["txt"], "dedupe": "content", "to": str(tmp_path / "out")}],
+            "api": {"enabled": False},
+            "monitor": {"enabled": False},
+        },
+    )
+    old(tmp_path / "inbox" / "a.txt", b"same bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    twin = old(tmp_path / "inbox" / "b.txt", b"same bytes")
+    explain = run_cli("explain", "-c", cfg, twin)
+    assert explain.returncode == 0, explain.stderr
+    assert "=> recorded, not sent: duplicate of dispatch #1: the same bytes" in explain.stdout
+    dry = run_cli("-c", cfg, "--dry-run")
+    assert "b.txt (duplicate of dispatch #1:" in dry.stdout, dry.stdout

@@ -6,13 +6,18 @@ Through the real CLI on real folders and a real journal, as an operator would us
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import pytest
+from aiohttp import web
 
 from .apiutil import TOKEN, get_json
 from .conftest import (
@@ -25,6 +30,7 @@ from .conftest import (
     wait_until,
     write_config,
 )
+from .servers import HttpReceiver, remote_config
 from .test_e2e import config
 
 
@@ -255,8 +261,12 @@ def test_naming_groups_times_counter_digest_parent(workspace: dict[str, Path]) -
     f = aged(ws["inbox"] / "north" / "acme_20261130_inv.pdf", 0, data)
     when = datetime(2026, 11, 30, 23, 30, tzinfo=UTC).timestamp()  # 00:30 in Berlin
     os.utime(f, (when, when))
-    result = run_cli("-c", cfg, "--once")
+    # the machine's local time is Berlin's: the step's own timezone (UTC) is what counts
+    result = run_cli("-c", cfg, "--once", env=cli_env(TZ="Europe/Berlin"))
     assert result.returncode == 0, result.stderr
+    check = run_cli("check", "-c", cfg)
+    assert "regex (?P<client>[a-z]+)_(?P<date>\\d{8})_" in check.stdout
+    assert "-{sha256:8}-{name} (times in UTC)" in check.stdout
     digest = hashlib.sha256(data).hexdigest()[:8]
     name = f"acme/20261130/north/20261130-23-1-{digest}-acme_20261130_inv.pdf"
     assert delivered(ws["outbox"]) == {name: data}
@@ -353,6 +363,56 @@ def test_dedupe_content_sends_the_same_bytes_once_per_destination(
     assert last[0]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
 
 
+def test_explain_and_dry_run_say_duplicate_of_the_row_that_has_the_bytes(
+    workspace: dict[str, Path],
+) -> None:
+    ws = workspace
+    rules = [{"name": "all", "dedupe": "content", "to": str(ws["outbox"])}]
+    cfg = config(ws, rules)
+    aged(ws["inbox"] / "a.txt", 3600, b"same bytes")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    (first,) = journal_rows(ws["db"])
+    again = aged(ws["inbox"] / "again.txt", 3500, b"same bytes")
+    twin1 = aged(ws["inbox"] / "twin1.txt", 3400, b"new bytes")
+    twin2 = aged(ws["inbox"] / "twin2.txt", 3300, b"new bytes")
+    explain = run_cli("explain", "-c", cfg, again, twin1, twin2, "/etc/hostname")
+    assert explain.returncode == 0, explain.stderr
+    out = explain.stdout.split(f"{twin1}:")
+    assert f"duplicate of dispatch #{first['id']}: the same bytes (sha256 " in out[0]
+    assert f"=> recorded, not sent: duplicate of dispatch #{first['id']}" in out[0]
+    assert f"delivered to {ws['outbox']} ({ws['outbox'] / 'a.txt'}); not sent again" in out[0]
+    # the first of two new files with the same bytes is sent; the second is its duplicate
+    assert out[1].split(f"{twin2}:")[0].rstrip().endswith("=> would be sent")
+    assert "=> recorded, not sent: duplicate of inbox/twin1.txt" in out[1]
+    assert "/etc/hostname: not taken: not inside any source" in explain.stdout
+    # hostile entries in the source are never hashed: a link out of it, a FIFO (whose read
+    # would block for ever)
+    secret = aged(ws["root"] / "secret.txt", 3600, b"same bytes")
+    (ws["inbox"] / "link.txt").symlink_to(secret)
+    os.mkfifo(ws["inbox"] / "pipe.txt")
+    hostile = run_cli("explain", "-c", cfg, ws["inbox"] / "link.txt", ws["inbox"] / "pipe.txt")
+    assert hostile.returncode == 0, hostile.stderr
+    assert hostile.stdout.count(": not taken: ") == 2 and "duplicate" not in hostile.stdout
+    dry = run_cli("-c", cfg, "--dry-run")
+    assert "link.txt ->" not in dry.stdout and "pipe.txt ->" not in dry.stdout
+    assert dry.returncode == 0, dry.stderr
+    assert f"inbox/again.txt -> [all] {ws['outbox'] / 'again.txt'} (duplicate of dispatch #" in (
+        dry.stdout
+    )
+    assert f"inbox/twin1.txt -> [all] {ws['outbox'] / 'twin1.txt'}\n" in dry.stdout
+    assert "inbox/twin2.txt -> [all]" in dry.stdout and "(duplicate of inbox/twin1.txt:" in (
+        dry.stdout
+    )
+    # the real run agrees
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    rows = {r["filename"]: r for r in journal_rows(ws["db"])}
+    assert rows["again.txt"]["detail"].startswith(f"duplicate of dispatch #{first['id']}:")
+    assert rows["twin2.txt"]["detail"].startswith(
+        f"duplicate of dispatch #{rows['twin1.txt']['id']}:"
+    )
+    assert sorted(delivered(ws["outbox"])) == ["a.txt", "twin1.txt"]
+
+
 def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
     workspace: dict[str, Path],
 ) -> None:
@@ -423,9 +483,120 @@ def test_rate_and_bandwidth_hold_deliveries_back(workspace: dict[str, Path]) -> 
     # 6 files at 2/s (a burst of 2, then one each 0.5 s): the last starts >= 2 s after the first
     txt = sorted(r["finished"] for r in journal_rows(ws["db"], "extension='txt'"))
     assert txt[-1] - txt[0] >= 1.9
-    # 3 x 64 KiB at 64 KiB/s (one second's worth at once): the last >= 2 s after the first
-    binary = sorted(r["finished"] for r in journal_rows(ws["db"], "extension='bin'"))
-    assert binary[-1] - binary[0] >= 1.9
+    # 3 x 64 KiB at 64 KiB/s (one second's worth at once), sent side by side and sharing the
+    # limit: the last ends >= 2 s after the first started
+    binary = journal_rows(ws["db"], "extension='bin'")
+    assert max(r["finished"] for r in binary) - min(r["started"] for r in binary) >= 1.9
+
+
+class Growth:
+    """From a thread, looks again and again at the files below ``root``: every size one of
+    them had while it was still short of ``total`` bytes (a transfer seen in progress)."""
+
+    def __init__(self, root: Path, total: int) -> None:
+        self.root, self.total = root, total
+        self.partial: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._look, daemon=True)
+
+    def _look(self) -> None:
+        while not self._stop.wait(0.005):
+            for folder, _, names in os.walk(self.root):
+                for name in names:
+                    with contextlib.suppress(OSError):
+                        size = os.stat(os.path.join(folder, name)).st_size
+                        if 0 < size < self.total:
+                            self.partial.add(size)
+
+    def __enter__(self) -> Growth:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.mark.parametrize("kind", ["local", "ftp", "sftp"])
+def test_bandwidth_paces_the_bytes_of_one_big_file(
+    workspace: dict[str, Path], kind: str, request: pytest.FixtureRequest
+) -> None:
+    """One file of four seconds' worth at 32KB/s: the receiver sees it grow, piece by piece,
+    rather than the whole file land at once after a wait. No clock is read: the sizes the
+    receiving folder shows while the transfer runs are what is counted."""
+    ws = workspace
+    total = 4 * 32 * 1024
+    dest: dict[str, Any]
+    if kind == "local":
+        receiver = ws["outbox"]
+        dest = {"url": str(receiver)}
+    elif kind == "ftp":
+        ftp = request.getfixturevalue("ftp")
+        receiver, dest = ftp.root, {"url": ftp.url("/in/")}
+    else:
+        sftp = request.getfixturevalue("sftp")
+        receiver = sftp.root
+        dest = {
+            "url": sftp.url("/in/"),
+            "key_file": str(sftp.key_file),
+            "known_hosts": str(sftp.known_hosts),
+        }
+    data = os.urandom(total)
+    aged(ws["inbox"] / "big.bin", 3600, data)
+    cfg = remote_config(ws, {**dest, "bandwidth": "32KB/s"})
+    with Growth(receiver, total) as growth:
+        result = run_cli("-c", cfg, "--once", timeout=120)
+    assert result.returncode == 0, result.stderr
+    arrived = [p for p in receiver.rglob("big.bin")]
+    assert len(arrived) == 1 and arrived[0].read_bytes() == data
+    # paced in 4 KiB pieces, three seconds after the first second's burst; sent whole, the
+    # file would go from nothing to complete in a few milliseconds
+    assert len(growth.partial) >= 3, sorted(growth.partial)
+
+
+def test_a_stop_ends_a_throttled_local_copy_and_leaves_nothing_half_written(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """A copy waiting for bandwidth in its worker thread lets go when the service stops after
+    its grace: the service exits, the half-written copy is removed, and the next start
+    delivers the file whole (unthrottled this time)."""
+    ws = workspace
+    data = os.urandom(1024 * 1024)  # 32 s at 32KB/s: the stop comes long before the end
+    aged(ws["inbox"] / "big.bin", 3600, data)
+    cfg = remote_config(ws, {"url": str(ws["outbox"]), "bandwidth": "32KB/s"}, shutdown_grace=0.2)
+    svc = service_factory(cfg).start()
+    with Growth(ws["outbox"], len(data)) as growth:
+        wait_until(lambda: len(growth.partial) >= 2, timeout=60)
+    assert svc.stop(timeout=60) == 0, svc.log()
+    assert "cancelled" in svc.log()
+    assert [p.name for p in ws["outbox"].rglob("*") if p.is_file()] == []
+    cfg = remote_config(ws, {"url": str(ws["outbox"])})
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert delivered(ws["outbox"]) == {"big.bin": data}
+
+
+def test_bandwidth_paces_one_http_upload(workspace: dict[str, Path]) -> None:
+    """Over HTTP, the receiver's own clock: the bytes of one upload of four seconds' worth
+    arrive over more than a second (a lower bound: a busy machine only makes it longer)."""
+    ws = workspace
+    total = 4 * 32 * 1024
+    arrivals: list[float] = []
+    receiver = HttpReceiver()
+
+    async def record(req: web.Request, _: int) -> web.StreamResponse:
+        async for _chunk in req.content.iter_any():
+            arrivals.append(time.monotonic())
+        return web.Response(status=201)
+
+    receiver.behave["/in/big.bin"] = record
+    try:
+        aged(ws["inbox"] / "big.bin", 3600, os.urandom(total))
+        dest = {"url": receiver.url + "/in/{name}", "bandwidth": "32KB/s"}
+        result = run_cli("-c", remote_config(ws, dest), "--once", timeout=120)
+    finally:
+        receiver.close()
+    assert result.returncode == 0, result.stderr
+    assert arrivals and arrivals[-1] - arrivals[0] >= 1.5, len(arrivals)
 
 
 def test_bad_rate_bandwidth_and_window_are_refused(workspace: dict[str, Path]) -> None:

@@ -5,7 +5,7 @@
 this package; nothing in it touches a source file or calls a processor.
 """
 
-from .backends import open_journal, open_reader, open_when_ready, read_states
+from .backends import open_journal, open_reader, open_when_ready, read_digests, read_states
 from .base import (
     DUPLICATE_OF,
     RETRY_FIRST_S,
@@ -79,6 +79,7 @@ __all__ = [
     "open_reader",
     "open_when_ready",
     "planned_steps",
+    "read_digests",
     "read_states",
     "state_folder",
 ]

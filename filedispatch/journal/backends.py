@@ -107,3 +107,19 @@ def read_states(
     from .sqlite import read_states as sqlite_states
 
     return sqlite_states(Path(database), vkeys)
+
+
+def read_digests(
+    database: str | os.PathLike[str] | PostgresTarget, wanted: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, str]]:
+    """For each (destination as shown, sha256 hex) that the journal holds a delivery of: the
+    (dispatch id, location) of the first, as ``dedupe: content`` finds it at delivery; read
+    without opening the journal for writing (``explain``, ``--dry-run``). ``{}`` for an SQLite
+    journal that does not exist yet. Raises JournalError when it cannot be read."""
+    if isinstance(database, PostgresTarget):
+        with needs_psycopg():
+            from .postgres import read_digests as postgres_digests
+        return postgres_digests(database, wanted)
+    from .sqlite import read_digests as sqlite_digests
+
+    return sqlite_digests(Path(database), wanted)

@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ..errors import FencedError, JournalError, JournalUnavailableError, NodeConflictError
 from ..models import Dispatch, FileVersion, Status
 from .base import (
+    DUPLICATE_OF,
     RETRY_FIRST_S,
     RETRY_MAX_S,
     HealthReport,
@@ -40,7 +41,7 @@ from .base import (
     resolve,
     stored_text,
 )
-from .reads import COLUMNS, POSTGRES, SqlReads, claimed_groups, row_dispatch
+from .reads import COLUMNS, DELIVERED_DIGEST, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
 
 T = TypeVar("T")
@@ -1026,4 +1027,28 @@ def read_states(target: PostgresTarget, vkeys: Sequence[str]) -> dict[str, list[
         ) from None
     for vkey, row_id, step_key, status, attempts in rows:
         out.setdefault(vkey, []).append(StepState(int(row_id), step_key, Status(status), attempts))
+    return out
+
+
+def read_digests(
+    target: PostgresTarget, wanted: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, str]]:
+    """For each (destination, sha256) the journal has a delivery of: its (id, location) (see
+    the SQLite journal's ``read_digests``). Raises JournalError naming the database when it
+    cannot be read."""
+    out: dict[tuple[str, str], tuple[int, str]] = {}
+    if not wanted:
+        return out
+    try:
+        with psycopg.connect(conninfo(target), connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
+            for destination, sha256 in wanted:
+                row = conn.execute(
+                    _pg(DELIVERED_DIGEST), (sha256, destination, DUPLICATE_OF)
+                ).fetchone()
+                if row is not None:
+                    out[(destination, sha256)] = (int(row[0]), str(row[1]))
+    except psycopg.Error as exc:
+        raise JournalError(
+            f"cannot read the journal {target.shown}: {type(exc).__name__}"
+        ) from None
     return out

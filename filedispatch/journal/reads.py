@@ -193,6 +193,16 @@ def stats_sql(conditions: Sequence[Condition], dialect: Dialect = SQLITE) -> tup
     )
 
 
+#: (id, location) of the first delivery of some bytes to a destination, duplicates passed
+#: over; parameters (sha256, destination, DUPLICATE_OF). Also read by the command line's
+#: simulations (``read_digests``)
+DELIVERED_DIGEST = (
+    "SELECT id, COALESCE(location, destination) FROM dispatches "
+    "WHERE sha256=? AND destination=? AND status='SUCCEEDED' "
+    "AND (detail IS NULL OR detail NOT LIKE ? || '%') ORDER BY id LIMIT 1"
+)
+
+
 class SqlReads(abc.ABC):
     """The ``JournalReader`` methods over one ``read(sql, params)``."""
 
@@ -311,12 +321,7 @@ class SqlReads(abc.ABC):
         """(id, location) of the first SUCCEEDED dispatch that sent bytes with this SHA-256
         (hex) to ``destination`` (as the rows show it, redacted), or None. Rows recorded as
         duplicates (``DUPLICATE_OF`` in their detail) name that dispatch, and are passed over."""
-        rows = await self.read(
-            "SELECT id, COALESCE(location, destination) FROM dispatches "
-            "WHERE sha256=? AND destination=? AND status='SUCCEEDED' "
-            "AND (detail IS NULL OR detail NOT LIKE ? || '%') ORDER BY id LIMIT 1",
-            (sha256, destination, DUPLICATE_OF),
-        )
+        rows = await self.read(DELIVERED_DIGEST, (sha256, destination, DUPLICATE_OF))
         return (int(rows[0][0]), str(rows[0][1])) if rows else None
 
     async def waiting_by_destination(self, now: float) -> list[Waiting]:

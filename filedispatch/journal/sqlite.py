@@ -32,6 +32,7 @@ import aiosqlite
 from ..errors import JournalError, JournalUnavailableError
 from ..models import Dispatch, FileVersion, Status
 from .base import (
+    DUPLICATE_OF,
     RETRY_FIRST_S,
     RETRY_MAX_S,
     HealthReport,
@@ -47,7 +48,7 @@ from .base import (
     resolve,
 )
 from .base import stored_text as _text
-from .reads import COLUMNS, SqlReads, claimed_groups
+from .reads import COLUMNS, DELIVERED_DIGEST, SqlReads, claimed_groups
 
 T = TypeVar("T")
 #: a write: a function run on the writer thread inside the group transaction
@@ -282,6 +283,31 @@ def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
                 out.setdefault(vkey, []).append(
                     StepState(row_id, step_key, Status(status), attempts)
                 )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    finally:
+        conn.close()
+    return out
+
+
+def read_digests(
+    path: Path, wanted: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, str]]:
+    """For each (destination, sha256) the journal has a delivery of: that delivery's (id,
+    location), as ``delivered_digest`` finds it, read like ``read_states`` (read-only; a
+    missing journal gives ``{}``). Raises JournalError when it cannot be read."""
+    if not path.exists() or not wanted:
+        return {}
+    out: dict[tuple[str, str], tuple[int, str]] = {}
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
+    try:
+        for destination, sha256 in wanted:
+            row = conn.execute(DELIVERED_DIGEST, (sha256, destination, DUPLICATE_OF)).fetchone()
+            if row is not None:
+                out[(destination, sha256)] = (int(row[0]), str(row[1]))
     except sqlite3.Error as exc:
         raise JournalError(f"cannot read the journal {path}: {exc}") from exc
     finally:

@@ -22,6 +22,7 @@ from ..models import FileVersion, Outcome
 
 if TYPE_CHECKING:
     from ..config import Step
+    from ..controls import Throttle
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,9 @@ class StepContext:
     #: a local folder on the same filesystem may rename the source into place
     may_move: bool = False
     label: str | None = None  #: the label a learned rule gave the file (``{label}``)
+    #: the destination's ``bandwidth``, to pay per chunk as the bytes are sent (None: no
+    #: limit); set only for a processor whose class says ``paces = True``
+    throttle: Throttle | None = None
 
     @property
     def path(self) -> Path:
@@ -56,7 +60,12 @@ class StepContext:
 
 
 class Processor(Protocol):
-    """Delivers files for one configured step."""
+    """Delivers files for one configured step.
+
+    A processor that streams the bytes itself and pays ``ctx.throttle`` per chunk as it sends
+    them says so with a class attribute ``paces = True``; for any other, a destination's
+    ``bandwidth`` is paid for the whole file before ``deliver`` is called.
+    """
 
     async def deliver(self, ctx: StepContext) -> Outcome: ...
 

@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 from pathlib import PurePosixPath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import aioftp
 
@@ -21,6 +21,9 @@ from ..config import FtpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
 from .remote import RemoteProcessor, copy_to
+
+if TYPE_CHECKING:
+    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +121,17 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             return False
 
     async def upload(
-        self, conn: aioftp.Client, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+        self,
+        conn: aioftp.Client,
+        fd: int,
+        st: os.stat_result,
+        path: PurePosixPath,
+        digest: Any,
+        throttle: Throttle | None,
     ) -> None:
         async with conn.upload_stream(path) as stream:
             try:
-                await copy_to(fd, st, stream.write, digest=digest)
+                await copy_to(fd, st, stream.write, digest=digest, throttle=throttle)
             except OSError as exc:
                 # The server closed the data connection mid-file (a quota, a full disk): its
                 # reason is the reply on the control connection, classified by its code.

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
@@ -37,6 +37,9 @@ from ..models import Outcome
 from . import Resources, StepContext
 from .common import open_input, render_target
 from .remote import copy_to
+
+if TYPE_CHECKING:
+    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 SESSION_KEY = "http.session"
@@ -112,9 +115,11 @@ class FileBody(payload.Payload):
         chunk: int,
         progress: Callable[[], None],
         content_type: str,
+        throttle: Throttle | None = None,
     ) -> None:
         super().__init__(None, content_type=content_type)
         self._fd, self._st, self._chunk, self._progress = fd, st, chunk, progress
+        self._throttle = throttle
         self._size = st.st_size
         self.error: DeliveryError | None = None  #: our own error, which aiohttp would wrap
         self.digest = hashlib.sha256()  #: of every byte sent, fed as they are read
@@ -138,7 +143,7 @@ class FileBody(payload.Payload):
 
         try:
             self.digest = hashlib.sha256()  # of this sending only
-            await copy_to(self._fd, self._st, send, self._chunk, self.digest)
+            await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
             self.complete = True
         except DeliveryError as exc:
             self.error = exc
@@ -187,6 +192,8 @@ class _Stall:
 
 class HttpProcessor:
     """Uploads to one configured URL (its path may hold the naming template)."""
+
+    paces: ClassVar[bool] = True  #: the body pays ``ctx.throttle`` per chunk (FileBody)
 
     def __init__(self, dest: HttpDestination, resources: Resources) -> None:
         self.dest = dest
@@ -275,7 +282,7 @@ class HttpProcessor:
         headers.setdefault("Idempotency-Key", str(ctx.dispatch_id))
         ctype = mimetypes.guess_type(PurePosixPath(filename).name)[0] or "application/octet-stream"
         stall = _Stall(dest.http_timeout.read)
-        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype)
+        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, ctx.throttle)
         data: payload.Payload = body
         if dest.fieldname is not None:
             form = aiohttp.MultipartWriter("form-data")

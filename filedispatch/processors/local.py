@@ -16,6 +16,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, ClassVar
 
 from .. import fastpath, sourcefile
 from ..config import LocalDestination
@@ -39,6 +40,9 @@ from .common import (
     unlink_quietly,
 )
 
+if TYPE_CHECKING:
+    from ..controls import Throttle
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +53,8 @@ def create(step: LocalDestination, resources: Resources) -> LocalProcessor:
 
 class LocalProcessor:
     """Delivers into one folder: by copy, or by renaming a consumed source (its one destination)."""
+
+    paces: ClassVar[bool] = True  #: a copy pays ``ctx.throttle`` per chunk (copy_data)
 
     def __init__(self, dest: LocalDestination) -> None:
         self.dest = dest
@@ -162,7 +168,7 @@ class LocalProcessor:
         fd, st = open_input(ctx)
         try:
             tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
-            out = self._copy(fd, st, tmp)
+            out = self._copy(fd, st, tmp, ctx.throttle)
             try:
                 self._verify(fd, out, st, tmp)
             except BaseException:
@@ -354,10 +360,13 @@ class LocalProcessor:
             f"{version.relpath} was replaced while it was moved; put back, not delivered"
         )
 
-    def _copy(self, fd: int, st: os.stat_result, tmp: Path) -> int:
+    def _copy(
+        self, fd: int, st: os.stat_result, tmp: Path, throttle: Throttle | None = None
+    ) -> int:
         """Copy ``fd`` to ``tmp`` (mode, mtime and holes kept, see ``copy_data``); returns the
         copy's fd, still open and not flushed. Removes ``tmp`` and raises if the source changed
-        while it was read."""
+        while it was read. ``throttle``: the bytes are paid for as they are written (no
+        reflink then: the limit holds for every copy)."""
         mode = self.dest.file_mode
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
@@ -367,11 +376,11 @@ class LocalProcessor:
             raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
         try:
             # a reflink shares blocks copy-on-write: as independent of the source as a copy
-            cloned = fastpath.reflink(fd, out) if self._clone else None
+            cloned = fastpath.reflink(fd, out) if self._clone and throttle is None else False
             if cloned is None:
                 self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
             if not cloned:
-                copy_data(fd, out, st)
+                copy_data(fd, out, st, throttle=throttle)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -380,7 +389,7 @@ class LocalProcessor:
             os.close(out)
             unlink_quietly(tmp)
             raise translate_os_error(exc, f"cannot write {tmp}") from exc
-        except SourceVanishedError:
+        except BaseException:  # the source changed, the delivery ended waiting for bandwidth
             os.close(out)
             unlink_quietly(tmp)
             raise
@@ -446,7 +455,13 @@ _NO_KERNEL_COPY = {
 COPY_WAYS = ("copy_file_range", "sendfile", "read/write")
 
 
-def copy_data(src: int, dst: int, st: os.stat_result, first: int | None = None) -> None:
+def copy_data(
+    src: int,
+    dst: int,
+    st: os.stat_result,
+    first: int | None = None,
+    throttle: Throttle | None = None,
+) -> None:
     """Copy the ``st.st_size`` bytes of the open file ``src`` to ``dst`` (empty, open for
     writing), by the kernel where it can, keeping holes as holes.
 
@@ -457,7 +472,10 @@ def copy_data(src: int, dst: int, st: os.stat_result, first: int | None = None) 
     pread/write loop (the only way when FILEDISPATCH_FASTPATH=0); ``first`` (an index in
     COPY_WAYS) skips the ones before it, so that tests run every way. A file that shrinks
     while it is read ends the copy early; the caller's check of size and mtime then refuses
-    the copy. OSError on a failed read or write.
+    the copy. ``throttle`` (a destination's bandwidth): each piece, then at most
+    ``throttle.chunk`` bytes, is paid for before it is copied (this runs in a worker thread:
+    ``take_blocking``). OSError on a failed read or write; TransientDeliveryError when the
+    delivery ends while it waits for bandwidth.
     """
     size = st.st_size
     if size == 0:
@@ -466,11 +484,16 @@ def copy_data(src: int, dst: int, st: os.stat_result, first: int | None = None) 
     if first is None:
         first = 0 if fastpath.KERNEL_COPY else len(COPY_WAYS) - 1
     method = first  # see COPY_WAYS
+    most = _KERNEL_CHUNK if throttle is None else throttle.chunk
+    paid = 0  # bytes paid for and not copied yet (a way that failed copied nothing)
     end = 0
     for start, stop in extents:
         pos = start
         while pos < stop:
-            count = min(stop - pos, _KERNEL_CHUNK)
+            count = min(stop - pos, most)
+            if throttle is not None and paid < count:
+                throttle.take_blocking(count - paid)
+                paid = count
             try:
                 if method == 0:
                     n = os.copy_file_range(src, dst, count, pos, pos)
@@ -488,6 +511,7 @@ def copy_data(src: int, dst: int, st: os.stat_result, first: int | None = None) 
             if n == 0:  # the file is shorter than it was: the caller sees the change
                 return
             pos += n
+            paid = max(paid - n, 0)
         end = stop
     if end < size:
         os.ftruncate(dst, size)  # a hole at the end: the copy gets its full size

@@ -15,7 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import PurePosixPath
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from .. import fastpath, sourcefile
@@ -29,6 +29,9 @@ from ..errors import (
 from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, choices, open_input, render_target, temp_name
+
+if TYPE_CHECKING:
+    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,7 @@ async def copy_to(
     write: Callable[[Any], Awaitable[object]],  # takes bytes or a bytearray (see Chunk)
     chunk: int = CHUNK,
     digest: Any = None,
+    throttle: Throttle | None = None,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
 
@@ -143,13 +147,16 @@ async def copy_to(
     next chunk while the current one is sent: at most two chunks are in memory (three while
     a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
     no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
-    lets go of the GIL), so hashing costs the event loop no time.
+    lets go of the GIL), so hashing costs the event loop no time. ``throttle``: each chunk
+    (then at most ``throttle.chunk`` bytes) is paid for before it is written.
     Raises SourceVanishedError when the file changed while it was sent, before its last
     chunk goes (the caller removes what was sent; the new version is dispatched on its own).
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
     nowait = _NOWAIT
+    if throttle is not None:
+        chunk = min(chunk, throttle.chunk)
 
     def read(at: int) -> asyncio.Future[bytes]:
         return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
@@ -179,6 +186,8 @@ async def copy_to(
                     hashing = loop.run_in_executor(None, digest.update, data)
                 else:
                     digest.update(data)
+            if throttle is not None:
+                await throttle.take(len(data))
             await write(data)
         if hashing is not None:
             await hashing
@@ -214,6 +223,7 @@ class RemoteProcessor(ABC, Generic[C]):
     default_port: ClassVar[int]
     #: errors after which the connection still works (a refused command)
     refusals: ClassVar[tuple[type[Exception], ...]] = ()
+    paces: ClassVar[bool] = True  #: ``upload`` pays ``ctx.throttle`` per chunk (copy_to)
 
     def __init__(self, dest: FtpDestination | SftpDestination, resources: Resources) -> None:
         self.dest = dest
@@ -245,9 +255,16 @@ class RemoteProcessor(ABC, Generic[C]):
 
     @abstractmethod
     async def upload(
-        self, conn: C, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+        self,
+        conn: C,
+        fd: int,
+        st: os.stat_result,
+        path: PurePosixPath,
+        digest: Any,
+        throttle: Throttle | None,
     ) -> None:
-        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on)."""
+        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` and
+        ``throttle`` on)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -353,7 +370,7 @@ class RemoteProcessor(ABC, Generic[C]):
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         fd, st = open_input(ctx)
         try:
-            await self.upload(conn, fd, st, path, digest)
+            await self.upload(conn, fd, st, path, digest, ctx.throttle)
             sent = digest.hexdigest()
             await self._verify(conn, path, st.st_size, sent)
         except cleanup:

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote
 
 import aiohttp
@@ -40,6 +40,9 @@ from ..errors import (
 from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, open_input, render_target
+
+if TYPE_CHECKING:
+    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,10 @@ class _Taken(FileExistsError):
 
 class S3Processor:
     """Delivers objects under one bucket and prefix."""
+
+    #: ``ctx.throttle`` is paid per part (at most ``part_size`` bytes) before it is sent: an
+    #: S3 request's body is handed to the client whole
+    paces: ClassVar[bool] = True
 
     def __init__(self, dest: S3Destination) -> None:
         self.dest = dest
@@ -199,6 +206,8 @@ class S3Processor:
                         detail="found delivered by an earlier attempt",
                     )
             if st.st_size <= self.dest.part_size:
+                if ctx.throttle is not None:
+                    await ctx.throttle.take(st.st_size)
                 body = await _read(fd, st.st_size, 0)
                 sourcefile.check_unchanged(fd, st, "the file")
                 if len(body) != st.st_size:
@@ -316,7 +325,7 @@ class S3Processor:
         upload_id = (await client.create_multipart_upload(**args))["UploadId"]
         ids = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
         try:
-            parts, whole = await self._send_parts(client, ids, fd, st, sha)
+            parts, whole = await self._send_parts(client, ids, fd, st, sha, ctx.throttle)
             done: dict[str, Any] = {"MultipartUpload": {"Parts": parts}, **ids}
             try:
                 answer = await self._write(client.complete_multipart_upload, done, overwrite, key)
@@ -335,11 +344,18 @@ class S3Processor:
         return final, whole
 
     async def _send_parts(
-        self, client: Any, ids: dict[str, Any], fd: int, st: os.stat_result, sha: bool
+        self,
+        client: Any,
+        ids: dict[str, Any],
+        fd: int,
+        st: os.stat_result,
+        sha: bool,
+        throttle: Throttle | None = None,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Read the file part by part, in order, and send up to part_concurrency at once:
         at most part_concurrency + 1 parts are in memory. Returns the parts for completion
-        and, with ``sha``, the SHA-256 of the whole file."""
+        and, with ``sha``, the SHA-256 of the whole file. ``throttle``: each part is paid
+        for before it is read."""
         size, step = st.st_size, self.dest.part_size
         room = asyncio.Semaphore(self.dest.part_concurrency)
         whole = hashlib.sha256() if sha else None
@@ -362,6 +378,8 @@ class S3Processor:
             async with asyncio.TaskGroup() as group:
                 for number, offset in enumerate(range(0, size, step), 1):
                     await room.acquire()
+                    if throttle is not None:
+                        await throttle.take(min(step, size - offset))
                     data = await _read(fd, min(step, size - offset), offset)
                     if len(data) != min(step, size - offset):
                         raise SourceVanishedError("the file shrank while it was sent")

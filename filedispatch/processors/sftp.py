@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import asyncssh
 
@@ -21,6 +21,9 @@ from ..config import SftpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources
 from .remote import CHUNK, RemoteProcessor, copy_to
+
+if TYPE_CHECKING:
+    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +114,16 @@ class SftpProcessor(RemoteProcessor[Session]):
             return False
 
     async def upload(
-        self, conn: Session, fd: int, st: os.stat_result, path: PurePosixPath, digest: Any
+        self,
+        conn: Session,
+        fd: int,
+        st: os.stat_result,
+        path: PurePosixPath,
+        digest: Any,
+        throttle: Throttle | None,
     ) -> None:
         async with conn.sftp.open(_raw(path), "wb") as remote:
-            await copy_to(fd, st, remote.write, digest=digest)
+            await copy_to(fd, st, remote.write, digest=digest, throttle=throttle)
 
     async def exists(self, conn: Session, path: PurePosixPath) -> bool:
         return bool(await conn.sftp.exists(_raw(path)))
