@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__, recovery
+from . import __version__, recovery, retention
 from .asyncutil import first_completed
 from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
@@ -414,6 +414,9 @@ class Service:
         from . import progress
 
         await stack.enter_async_context(progress.backlog(self.journal, link.scanned))
+        await stack.enter_async_context(
+            retention.running(self.journal, lambda: self.config.history)
+        )
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
         try:

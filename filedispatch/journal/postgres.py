@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import FencedError, JournalError, JournalUnavailableError, NodeConflictError
 from ..models import Dispatch, FileVersion, Status
+from . import retention
 from .base import (
     RETRY_FIRST_S,
     RETRY_MAX_S,
@@ -52,6 +53,29 @@ PgOp = Callable[[Conn], Awaitable[T]]
 _MIGRATION_LOCK = 0x66645F6D
 #: seconds to wait for a connection (at open, from the pool)
 CONNECT_TIMEOUT_S = 10.0
+
+#: a row's day number (as ``reads.POSTGRES.day`` counts it)
+_DAY = "FLOOR({row}.created / 86400)::bigint"
+#: a statement trigger's function: its changed rows, grouped, added to the rollup in key order
+_STATS_FUNCTION = (
+    "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN "
+    "INSERT INTO stats_days AS s SELECT day, status, destination, extension, SUM(n), "
+    "SUM(bytes) FROM ({rows}) AS c GROUP BY day, status, destination, extension "
+    "HAVING SUM(n) <> 0 OR SUM(bytes) <> 0 ORDER BY day, status, destination, extension "
+    "ON CONFLICT (day, status, destination, extension) "
+    "DO UPDATE SET n = s.n + excluded.n, bytes = s.bytes + excluded.bytes; "
+    "RETURN NULL; END $fn$"
+)
+#: the rows of a transition table (``o`` old, ``n`` new) as counts to add or take away
+_SIGNED = (
+    "SELECT " + _DAY.format(row="{row}") + " AS day, {row}.status, {row}.destination, "
+    "{row}.extension, {sign}1 AS n, {sign}{row}.size AS bytes FROM {table}"
+)
+#: an update only counts where a grouped column changed (most change ``attempts`` and times)
+_BOTH = (
+    "o JOIN n USING (id) WHERE (o.status, o.created, o.destination, o.extension, o.size) "
+    "IS DISTINCT FROM (n.status, n.created, n.destination, n.extension, n.size)"
+)
 
 #: numbered migrations: MIGRATIONS[n] takes a database from schema version n to n + 1
 MIGRATIONS: list[list[str]] = [
@@ -130,6 +154,50 @@ MIGRATIONS: list[list[str]] = [
     [  # the label a learned rule gave the file (docs/learned-routing.md)
         "ALTER TABLE dispatches ADD COLUMN label TEXT",
     ],
+    [  # history retention (see the SQLite journal's migration 9): the stats rollup, kept by
+        # statement triggers (one upsert per group a statement changed, in key order, so two
+        # nodes' transactions take the rollup's row locks in the same order), and the compact
+        # keys of pruned versions
+        """CREATE TABLE stats_days (
+            day BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            n BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            PRIMARY KEY (day, status, destination, extension)
+        )""",
+        f"INSERT INTO stats_days SELECT {_DAY.format(row='dispatches')}, status, destination, "
+        "extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches GROUP BY 1, 2, 3, 4",
+        _STATS_FUNCTION.format(
+            name="stats_insert", rows=_SIGNED.format(row="n", sign="", table="n")
+        ),
+        _STATS_FUNCTION.format(
+            name="stats_update",
+            rows=_SIGNED.format(row="o", sign="-", table=_BOTH)
+            + " UNION ALL "
+            + _SIGNED.format(row="n", sign="", table=_BOTH),
+        ),
+        _STATS_FUNCTION.format(
+            name="stats_delete", rows=_SIGNED.format(row="o", sign="-", table="o")
+        ),
+        "CREATE TRIGGER stats_insert AFTER INSERT ON dispatches REFERENCING NEW TABLE AS n "
+        "FOR EACH STATEMENT EXECUTE FUNCTION stats_insert()",
+        "CREATE TRIGGER stats_update AFTER UPDATE ON dispatches REFERENCING OLD TABLE AS o "
+        "NEW TABLE AS n FOR EACH STATEMENT EXECUTE FUNCTION stats_update()",
+        "CREATE TRIGGER stats_delete AFTER DELETE ON dispatches REFERENCING OLD TABLE AS o "
+        "FOR EACH STATEMENT EXECUTE FUNCTION stats_delete()",
+        """CREATE TABLE kept (
+            vkey TEXT NOT NULL,
+            step_key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            marked INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            root TEXT NOT NULL,
+            relpath TEXT NOT NULL,
+            PRIMARY KEY (vkey, step_key)
+        )""",
+    ],
 ]
 
 
@@ -186,7 +254,8 @@ _PLAN = (
     "%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], "
     "%s::text[], %s::text[], %s::text[], %s::text[]) "
     "AS u(vk, src, root, rel, fn, ext, size, mt, rule, step, sk, dest, proto, dev, ino, ct, "
-    "owner) ON CONFLICT (vkey, step_key) DO NOTHING"
+    "owner) WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.vkey = u.vk AND k.step_key = u.sk) "
+    "ON CONFLICT (vkey, step_key) DO NOTHING"
 )
 
 #: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
@@ -958,6 +1027,10 @@ class PostgresJournal(SqlReads, HealthReport):
                     "AND (%s::text IS NULL OR source=%s) AND status != 'IN_PROGRESS'",
                     (relpath, source, source),
                 )
+                await conn.execute(
+                    _pg(retention.FORGET_KEPT.replace("? IS NULL", "?::text IS NULL")),
+                    (relpath, source, source),
+                )
             return max(cur.rowcount, 0)
 
         return await self.write(op)
@@ -979,6 +1052,56 @@ class PostgresJournal(SqlReads, HealthReport):
 
         await self.write(op)
         return new
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(
+        self, vkeys: Sequence[str], keep: Sequence[str], before: float
+    ) -> tuple[int, int]:
+        """See ``SqliteJournal.prune``; the rows are locked first, so a node claiming or
+        finishing one of them meanwhile is waited for, and the check is made after it."""
+        if not vkeys:
+            return 0, 0
+        marks = retention.marks(len(vkeys))
+
+        async def op(conn: Conn) -> tuple[int, int]:
+            await conn.execute(
+                _pg(f"SELECT 1 FROM dispatches WHERE vkey IN ({marks}) ORDER BY id FOR UPDATE"),
+                list(vkeys),
+            )
+            cur = await conn.execute(_pg(retention.PRUNABLE.format(keys=marks)), [*vkeys, before])
+            found = [str(r[0]) for r in await cur.fetchall()]
+            if not found:
+                return 0, 0
+            wanted = set(keep)
+            kept = [k for k in found if k in wanted]
+            if kept:
+                await conn.execute(
+                    _pg(retention.KEEP.format(keys=retention.marks(len(kept)))), kept
+                )
+            cur = await conn.execute(
+                _pg(retention.DELETE.format(keys=retention.marks(len(found)))), found
+            )
+            return max(cur.rowcount, 0), len(kept)
+
+        return await self.write(op)
+
+    async def drop_kept(self, vkeys: Sequence[str]) -> int:
+        """Forget the kept keys of these versions (their source is gone); the keys removed."""
+        if not vkeys:
+            return 0
+
+        async def op(conn: Conn) -> int:
+            marks = retention.marks(len(vkeys))
+            cur = await conn.execute(_pg(retention.DROP_KEPT.format(keys=marks)), list(vkeys))
+            return max(cur.rowcount, 0)
+
+        return await self.write(op)
+
+    async def vacuum_step(self, pages: int) -> int:
+        """Nothing to do: the server's autovacuum makes the space of deleted rows reusable
+        (docs/operations.md)."""
+        return 0
 
 
 async def _limit_waits(conn: Conn, lease_s: float) -> None:
@@ -1017,8 +1140,9 @@ def read_states(target: PostgresTarget, vkeys: Sequence[str]) -> dict[str, list[
         with psycopg.connect(conninfo(target), connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
             rows = conn.execute(
                 "SELECT vkey, id, step_key, status, attempts FROM dispatches "
-                "WHERE vkey = ANY(%s) ORDER BY id",
-                (list(vkeys),),
+                "WHERE vkey = ANY(%s) UNION ALL SELECT vkey, 0, step_key, status, marked "
+                "FROM kept WHERE vkey = ANY(%s) ORDER BY 2",
+                (list(vkeys), list(vkeys)),
             ).fetchall()
     except psycopg.Error as exc:
         raise JournalError(
