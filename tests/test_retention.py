@@ -215,3 +215,69 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
     assert checked.returncode == 2
     assert "history.keep" in checked.stderr and str(cfg) in checked.stderr
     assert "Traceback" not in checked.stderr
+
+
+def _back_to_the_schema_before(database: Database) -> None:
+    """The journal as the release before this one left it: no rollup, no kept keys."""
+    if isinstance(database, PostgresTarget):
+        import psycopg
+
+        from .pgcluster import PASSWORD
+
+        with psycopg.connect(database.url, password=PASSWORD) as conn:
+            for name in ("stats_insert", "stats_update", "stats_delete"):
+                conn.execute(f"DROP TRIGGER {name} ON dispatches")
+                conn.execute(f"DROP FUNCTION {name}()")
+            conn.execute("DROP TABLE stats_days, kept")
+            conn.execute("UPDATE filedispatch_schema SET version = version - 1")
+        return
+    import sqlite3
+
+    conn = sqlite3.connect(database)
+    with conn:
+        for name in ("stats_insert", "stats_update", "stats_delete", "kept_not_new"):
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("DROP TABLE stats_days")
+        conn.execute("DROP TABLE kept")
+        conn.execute("PRAGMA user_version = 8")
+    conn.close()
+
+
+async def test_an_older_journal_gets_its_rollup_from_the_rows_it_holds(
+    tmp_path: Path, database: Database
+) -> None:
+    now = time.time()
+    async with open_journal(database) as j:
+        for i in range(30):
+            v = FileVersion("in", tmp_path, f"f{i}.{('txt', 'pdf')[i % 2]}", i + 1, i)
+            await j.plan([step(v, 0, f"/dest/{i % 3}")], now=now - i * DAY / 3)
+        groups = await j.claim(20, now)
+        await j.finish([StepResult(d.id, Status.SUCCEEDED, 1) for g in groups for d in g])
+    _back_to_the_schema_before(database)
+    async with open_journal(database) as j:  # migrated again: the rollup counts the old rows
+        for period in ("day", "week", "month"):
+            rollup = await j.stats([], period)  # type: ignore[arg-type]
+            sql = stats_sql([], period, j.dialect)  # type: ignore[arg-type,attr-defined]
+            rows = [
+                StatsGroup(int(d), s, dest, ext, int(n), int(b))
+                for d, s, dest, ext, n, b in await j.read(*sql)  # type: ignore[attr-defined]
+            ]
+            assert api_stats(rollup, period) == api_stats(rows, period), period  # type: ignore[arg-type]
+            assert sum(g.count for g in rollup) == 30
+
+
+async def test_forgetting_a_pruned_path_lets_it_be_sent_again(
+    tmp_path: Path, database: Database
+) -> None:
+    (tmp_path / "a.txt").write_bytes(b"kept in the source")
+    a = FileVersion("in", tmp_path, "a.txt", 18, 1)
+    newer = FileVersion("in", tmp_path, "b.txt", 1, 1)
+    async with open_journal(database) as j:
+        await j.mark_done([step(a)])
+        await j.mark_done([step(newer)])
+        done = await prune_once(j, HistoryConfig(keep=DAY), now=time.time() + 2 * DAY)
+        assert (done.rows, done.kept) == (1, 1)
+        assert await j.plan([step(a)]) == 0
+        await j.forget(source="in", relpath="a.txt")  # history forget --path a.txt
+        assert await j.kept_keys("", 10) == []
+        assert await j.plan([step(a)]) == 1
