@@ -5,6 +5,7 @@ is still there (a restart does not send it again), and the stats rollup answers 
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,14 @@ async def test_stats_from_the_rollup_equal_stats_from_the_rows(
         await j.resume_interrupted()  # the rest: back to PENDING
         await j.forget(source="in", relpath="f7.csv")
         midnight = (now // DAY - 20) * DAY
+        first = dt.datetime.fromtimestamp(now - 35 * DAY, dt.UTC).date().replace(day=1)
+        month_ago = dt.datetime(first.year, first.month, 1, tzinfo=dt.UTC).timestamp()
         queries: list[list[Condition]] = [
             [],
             [Condition("destination", "=", "/dest/1")],
             [Condition("status", "=", "SUCCEEDED"), Condition("created", ">=", midnight)],
             [Condition("extension", "contains", "t"), Condition("created", "<", midnight)],
+            [Condition("created", ">=", month_ago)],  # months from the month rollup
             [Condition("created", ">=", midnight + 5)],  # not a day's start: read from the rows
         ]
         for conditions in queries:
@@ -236,7 +240,7 @@ def _back_to_the_schema_before(database: Database) -> None:
             for name in ("stats_insert", "stats_update", "stats_delete"):
                 conn.execute(f"DROP TRIGGER {name} ON dispatches")
                 conn.execute(f"DROP FUNCTION {name}()")
-            conn.execute("DROP TABLE stats_days, kept")
+            conn.execute("DROP TABLE stats_days, stats_months, kept")
             conn.execute("UPDATE filedispatch_schema SET version = version - 1")
         return
     import sqlite3
@@ -245,8 +249,8 @@ def _back_to_the_schema_before(database: Database) -> None:
     with conn:
         for name in ("stats_insert", "stats_update", "stats_delete", "kept_not_new"):
             conn.execute(f"DROP TRIGGER {name}")
-        conn.execute("DROP TABLE stats_days")
-        conn.execute("DROP TABLE kept")
+        for table in ("stats_days", "stats_months", "kept"):
+            conn.execute(f"DROP TABLE {table}")
         conn.execute("PRAGMA user_version = 8")
     conn.close()
 

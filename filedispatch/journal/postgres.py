@@ -54,23 +54,68 @@ _MIGRATION_LOCK = 0x66645F6D
 #: seconds to wait for a connection (at open, from the pool)
 CONNECT_TIMEOUT_S = 10.0
 
-#: a row's day number (as ``reads.POSTGRES.day`` counts it)
-_DAY = "FLOOR({row}.created / 86400)::bigint"
-#: a statement trigger's function: its changed rows, grouped, added to the rollup in key order
-_STATS_FUNCTION = (
-    "CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN "
-    "INSERT INTO stats_days AS s SELECT day, status, destination, extension, SUM(n), "
+#: the stats rollups and the day number each counts a row under (UTC): its day (as
+#: ``reads.POSTGRES.day`` counts it), or the first day of its month
+_ROLLUPS = {
+    "stats_days": "FLOOR({row}.created / 86400)::bigint",
+    "stats_months": "(date_trunc('month', to_timestamp({row}.created) AT TIME ZONE 'UTC')::date "
+    "- DATE '1970-01-01')",
+}
+#: one rollup's change for a statement: its rows, grouped, added in key order
+_UPSERT = (
+    "INSERT INTO {table} AS s SELECT day, status, destination, extension, SUM(n), "
     "SUM(bytes) FROM ({rows}) AS c GROUP BY day, status, destination, extension "
     "HAVING SUM(n) <> 0 OR SUM(bytes) <> 0 ORDER BY day, status, destination, extension "
     "ON CONFLICT (day, status, destination, extension) "
     "DO UPDATE SET n = s.n + excluded.n, bytes = s.bytes + excluded.bytes; "
-    "RETURN NULL; END $fn$"
 )
 #: the rows of a transition table (``o`` old, ``n`` new) as counts to add or take away
 _SIGNED = (
-    "SELECT " + _DAY.format(row="{row}") + " AS day, {row}.status, {row}.destination, "
-    "{row}.extension, {sign}1 AS n, {sign}{row}.size AS bytes FROM {table}"
+    "SELECT {bucket} AS day, {row}.status, {row}.destination, {row}.extension, "
+    "{sign}1 AS n, {sign}{row}.size AS bytes FROM {source}"
 )
+
+
+def _stats_function(name: str, parts: list[tuple[str, str, str]]) -> str:
+    """A statement trigger's function: ``parts`` are (transition table, sign, FROM clause)."""
+    body = "".join(
+        _UPSERT.format(
+            table=table,
+            rows=" UNION ALL ".join(
+                _SIGNED.format(bucket=bucket.format(row=row), row=row, sign=sign, source=source)
+                for row, sign, source in parts
+            ),
+        )
+        for table, bucket in _ROLLUPS.items()
+    )
+    return (
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN {body}"
+        "RETURN NULL; END $fn$"
+    )
+
+
+def _rollups() -> list[str]:
+    """Each rollup's table, filled from the rows already there."""
+    return [
+        sql
+        for table, bucket in _ROLLUPS.items()
+        for sql in (
+            f"""CREATE TABLE {table} (
+            day BIGINT NOT NULL,
+            status TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            n BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            PRIMARY KEY (day, status, destination, extension)
+        )""",
+            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
+            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
+            "GROUP BY 1, 2, 3, 4",
+        )
+    ]
+
+
 #: an update only counts where a grouped column changed (most change ``attempts`` and times)
 _BOTH = (
     "o JOIN n USING (id) WHERE (o.status, o.created, o.destination, o.extension, o.size) "
@@ -158,29 +203,10 @@ MIGRATIONS: list[list[str]] = [
         # statement triggers (one upsert per group a statement changed, in key order, so two
         # nodes' transactions take the rollup's row locks in the same order), and the compact
         # keys of pruned versions
-        """CREATE TABLE stats_days (
-            day BIGINT NOT NULL,
-            status TEXT NOT NULL,
-            destination TEXT NOT NULL,
-            extension TEXT NOT NULL,
-            n BIGINT NOT NULL,
-            bytes BIGINT NOT NULL,
-            PRIMARY KEY (day, status, destination, extension)
-        )""",
-        f"INSERT INTO stats_days SELECT {_DAY.format(row='dispatches')}, status, destination, "
-        "extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches GROUP BY 1, 2, 3, 4",
-        _STATS_FUNCTION.format(
-            name="stats_insert", rows=_SIGNED.format(row="n", sign="", table="n")
-        ),
-        _STATS_FUNCTION.format(
-            name="stats_update",
-            rows=_SIGNED.format(row="o", sign="-", table=_BOTH)
-            + " UNION ALL "
-            + _SIGNED.format(row="n", sign="", table=_BOTH),
-        ),
-        _STATS_FUNCTION.format(
-            name="stats_delete", rows=_SIGNED.format(row="o", sign="-", table="o")
-        ),
+        *_rollups(),
+        _stats_function("stats_insert", [("n", "", "n")]),
+        _stats_function("stats_update", [("o", "-", _BOTH), ("n", "", _BOTH)]),
+        _stats_function("stats_delete", [("o", "-", "o")]),
         "CREATE TRIGGER stats_insert AFTER INSERT ON dispatches REFERENCING NEW TABLE AS n "
         "FOR EACH STATEMENT EXECUTE FUNCTION stats_insert()",
         "CREATE TRIGGER stats_update AFTER UPDATE ON dispatches REFERENCING OLD TABLE AS o "

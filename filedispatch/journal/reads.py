@@ -9,6 +9,7 @@ bound parameter. Nothing here writes.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
@@ -225,10 +226,11 @@ def rollup_sql(
     period: Literal["day", "week", "month"],
     dialect: Dialect = SQLITE,
 ) -> tuple[str, list[Any]] | None:
-    """``stats_sql``'s answer from the rollup kept as rows are written (``stats_days``: one
-    row per day, status, destination and extension): the same groups, read from a table a few
-    thousand rows long instead of every row in the window. None when a condition cannot be
-    answered from it (another column, or a ``created`` bound inside a day)."""
+    """``stats_sql``'s answer from the rollups kept as rows are written (``stats_days``: one
+    row per day, status, destination and extension; ``stats_months`` the same per month, for
+    months from a month's start): the same groups, read from a table a few thousand rows long
+    instead of every row in the window. None when a condition cannot be answered from it
+    (another column, or a ``created`` bound inside a day)."""
     kept: list[Condition] = []
     days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
     for c in conditions:
@@ -247,14 +249,22 @@ def rollup_sql(
     clauses = [sql_where.removeprefix(" WHERE ")] if sql_where else []
     clauses += [f"day {op} ?" for op, _ in days]
     params += [day for _, day in days]
-    # a month is grouped here: the rollup has a few rows per day, not one per file
-    buckets = {"day": "day", "week": "day - (day + 3) % 7", "month": dialect.month("day")}
+    table, bucket = "stats_days", {"day": "day", "week": "day - (day + 3) % 7"}.get(period)
+    if period == "month":
+        if all(_month_start(day) for _, day in days):  # the default window is whole months
+            table, bucket = "stats_months", "day"
+        else:  # grouped here: the day rollup has a few rows per day, not one per file
+            bucket = dialect.month("day")
     return (
-        f"SELECT {buckets[period]} AS bucket, status, destination, extension, SUM(n), SUM(bytes) "
-        f"FROM stats_days WHERE {' AND '.join([*clauses, 'n > 0'])} "
+        f"SELECT {bucket} AS bucket, status, destination, extension, SUM(n), SUM(bytes) "
+        f"FROM {table} WHERE {' AND '.join([*clauses, 'n > 0'])} "
         "GROUP BY bucket, status, destination, extension",
         params,
     )
+
+
+def _month_start(day: int) -> bool:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).day == 1
 
 
 class SqlReads(abc.ABC):

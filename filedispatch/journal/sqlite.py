@@ -112,13 +112,51 @@ class Rows:
     bulk: str | None = None
 
 
-#: a row's day number (as ``reads.SQLITE.day`` counts it), and the rollup's change for a row
-_DAY = "CAST({row}.created / 86400 AS INTEGER)"
+#: the stats rollups and the day number each counts a row under (UTC): its day (as
+#: ``reads.SQLITE.day`` counts it), or the first day of its month
+_ROLLUPS = {
+    "stats_days": "CAST({row}.created / 86400 AS INTEGER)",
+    "stats_months": "CAST(julianday({row}.created, 'unixepoch', 'start of month') "
+    "- 2440587.5 AS INTEGER)",
+}
+#: a rollup's change for one row
 _COUNT = (
-    "INSERT INTO stats_days VALUES (" + _DAY + ", {row}.status, {row}.destination, "
-    "{row}.extension, {sign}1, {sign}{row}.size) ON CONFLICT (day, status, destination, "
-    "extension) DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes"
+    "INSERT INTO {table} VALUES ({bucket}, {row}.status, {row}.destination, {row}.extension, "
+    "{sign}1, {sign}{row}.size) ON CONFLICT (day, status, destination, extension) "
+    "DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes"
 )
+
+
+def _counts(row: str, sign: str) -> str:
+    """A trigger's statements: ``row`` (NEW or OLD) added to (or, ``-``, taken from) each
+    rollup."""
+    return "; ".join(
+        _COUNT.format(table=table, bucket=bucket.format(row=row), row=row, sign=sign)
+        for table, bucket in _ROLLUPS.items()
+    )
+
+
+def _rollups() -> list[str]:
+    """Each rollup's table, filled from the rows already there."""
+    return [
+        sql
+        for table, bucket in _ROLLUPS.items()
+        for sql in (
+            f"""CREATE TABLE {table} (
+            day INTEGER NOT NULL,         -- days since 1970-01-01 (UTC)
+            status TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            n INTEGER NOT NULL,           -- rows
+            bytes INTEGER NOT NULL,       -- their sizes' sum
+            PRIMARY KEY (day, status, destination, extension)
+        ) WITHOUT ROWID""",
+            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
+            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
+            "GROUP BY 1, 2, 3, 4",
+        )
+    ]
+
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -189,26 +227,13 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # history retention (docs/operations.md): the stats rollup, kept as rows are written,
         # and the compact keys of pruned versions whose source was still there
-        """CREATE TABLE stats_days (
-            day INTEGER NOT NULL,         -- days since 1970-01-01 (UTC) of ``created``
-            status TEXT NOT NULL,
-            destination TEXT NOT NULL,
-            extension TEXT NOT NULL,
-            n INTEGER NOT NULL,           -- rows
-            bytes INTEGER NOT NULL,       -- their sizes' sum
-            PRIMARY KEY (day, status, destination, extension)
-        ) WITHOUT ROWID""",
-        f"INSERT INTO stats_days SELECT {_DAY.format(row='dispatches')}, status, destination, "
-        "extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches GROUP BY 1, 2, 3, 4",
-        "CREATE TRIGGER stats_insert AFTER INSERT ON dispatches "
-        f"BEGIN {_COUNT.format(row='NEW', sign='')}; END",
+        *_rollups(),
+        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches BEGIN {_counts('NEW', '')}; END",
         "CREATE TRIGGER stats_update AFTER UPDATE OF status, created, destination, extension, "
         "size ON dispatches WHEN OLD.status IS NOT NEW.status OR OLD.created IS NOT NEW.created "
         "OR OLD.destination IS NOT NEW.destination OR OLD.extension IS NOT NEW.extension "
-        f"OR OLD.size IS NOT NEW.size BEGIN {_COUNT.format(row='OLD', sign='-')}; "
-        f"{_COUNT.format(row='NEW', sign='')}; END",
-        "CREATE TRIGGER stats_delete AFTER DELETE ON dispatches "
-        f"BEGIN {_COUNT.format(row='OLD', sign='-')}; END",
+        f"OR OLD.size IS NOT NEW.size BEGIN {_counts('OLD', '-')}; {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches BEGIN {_counts('OLD', '-')}; END",
         """CREATE TABLE kept (
             vkey TEXT NOT NULL,
             step_key TEXT NOT NULL,
