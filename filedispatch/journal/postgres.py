@@ -94,28 +94,6 @@ def _stats_function(name: str, parts: list[tuple[str, str, str]]) -> str:
     )
 
 
-def _rollups() -> list[str]:
-    """Each rollup's table, filled from the rows already there."""
-    return [
-        sql
-        for table, bucket in _ROLLUPS.items()
-        for sql in (
-            f"""CREATE TABLE {table} (
-            day BIGINT NOT NULL,
-            status TEXT NOT NULL,
-            destination TEXT NOT NULL,
-            extension TEXT NOT NULL,
-            n BIGINT NOT NULL,
-            bytes BIGINT NOT NULL,
-            PRIMARY KEY (day, status, destination, extension)
-        )""",
-            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
-            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
-            "GROUP BY 1, 2, 3, 4",
-        )
-    ]
-
-
 #: an update only counts where a grouped column changed (most change ``attempts`` and times)
 _BOTH = (
     "o JOIN n USING (id) WHERE (o.status, o.created, o.destination, o.extension, o.size) "
@@ -203,7 +181,7 @@ MIGRATIONS: list[list[str]] = [
         # statement triggers (one upsert per group a statement changed, in key order, so two
         # nodes' transactions take the rollup's row locks in the same order), and the compact
         # keys of pruned versions
-        *_rollups(),
+        *retention.rollup_schema(_ROLLUPS, "BIGINT"),
         _stats_function("stats_insert", [("n", "", "n")]),
         _stats_function("stats_update", [("o", "-", _BOTH), ("n", "", _BOTH)]),
         _stats_function("stats_delete", [("o", "-", "o")]),

@@ -1,6 +1,7 @@
 """History retention's SQL, written once for both backends (``?`` marks a parameter): the
-versions old enough to prune, pruning them while keeping a compact key of what was sent, and
-the kept keys' sweep. The schema (``stats_days``, ``kept``) is in each backend's migrations.
+stats rollups' tables, the versions old enough to prune, pruning them while keeping a compact
+key of what was sent, and the kept keys' sweep. The triggers that keep the rollups and the
+``kept`` table are in each backend's migrations.
 
 Nothing here touches a file: whether a source still exists is the caller's question
 (``filedispatch.retention``).
@@ -8,6 +9,7 @@ Nothing here touches a file: whether a source still exists is the caller's quest
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 #: rows walked in id order from a cursor: (id, vkey, created, root, relpath)
@@ -51,6 +53,30 @@ STATES = (
     "SELECT vkey, step_key, status, attempts FROM dispatches WHERE vkey IN ({keys}) "
     "UNION ALL SELECT vkey, step_key, status, marked FROM kept WHERE vkey IN ({keys})"
 )
+
+
+def rollup_schema(rollups: Mapping[str, str], integer: str, options: str = "") -> list[str]:
+    """The statements creating each stats rollup (``rollups``: table -> the day number it
+    counts a row under, ``{row}`` naming the table) and filling it from the rows already
+    there; ``integer`` is the backend's 64-bit integer type."""
+    return [
+        sql
+        for table, bucket in rollups.items()
+        for sql in (
+            f"""CREATE TABLE {table} (
+            day {integer} NOT NULL,     -- days since 1970-01-01 (UTC)
+            status TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            n {integer} NOT NULL,       -- rows
+            bytes {integer} NOT NULL,   -- their sizes' sum
+            PRIMARY KEY (day, status, destination, extension)
+        ){options}""",
+            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
+            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
+            "GROUP BY 1, 2, 3, 4",
+        )
+    ]
 
 
 def marks(n: int) -> str:

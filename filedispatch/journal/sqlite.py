@@ -136,28 +136,6 @@ def _counts(row: str, sign: str) -> str:
     )
 
 
-def _rollups() -> list[str]:
-    """Each rollup's table, filled from the rows already there."""
-    return [
-        sql
-        for table, bucket in _ROLLUPS.items()
-        for sql in (
-            f"""CREATE TABLE {table} (
-            day INTEGER NOT NULL,         -- days since 1970-01-01 (UTC)
-            status TEXT NOT NULL,
-            destination TEXT NOT NULL,
-            extension TEXT NOT NULL,
-            n INTEGER NOT NULL,           -- rows
-            bytes INTEGER NOT NULL,       -- their sizes' sum
-            PRIMARY KEY (day, status, destination, extension)
-        ) WITHOUT ROWID""",
-            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
-            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
-            "GROUP BY 1, 2, 3, 4",
-        )
-    ]
-
-
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE dispatches (
@@ -227,7 +205,7 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # history retention (docs/operations.md): the stats rollup, kept as rows are written,
         # and the compact keys of pruned versions whose source was still there
-        *_rollups(),
+        *retention.rollup_schema(_ROLLUPS, "INTEGER", " WITHOUT ROWID"),
         f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches BEGIN {_counts('NEW', '')}; END",
         "CREATE TRIGGER stats_update AFTER UPDATE OF status, created, destination, extension, "
         "size ON dispatches WHEN OLD.status IS NOT NEW.status OR OLD.created IS NOT NEW.created "
