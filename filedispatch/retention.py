@@ -67,10 +67,16 @@ def _present(pairs: Sequence[tuple[str, str, str]]) -> set[str]:
     return {key for key, root, relpath in pairs if source_present(root, relpath)}
 
 
-async def prune_once(journal: Journal, history: HistoryConfig, now: float | None = None) -> Pruned:
+async def prune_once(
+    journal: Journal, history: HistoryConfig, now: float | None = None, *, local: bool = True
+) -> Pruned:
     """One pass: prune what ``history`` allows at ``now`` (epoch seconds), then sweep the kept
     keys and vacuum. Each batch is its own transaction; between them the writer takes other
-    work (dispatching never waits behind more than one batch)."""
+    work (dispatching never waits behind more than one batch).
+
+    ``local``: this host sees every source the journal records (an SQLite journal). A shared
+    PostgreSQL journal also holds other hosts' sources, which a folder of the same path here
+    tells nothing about: every pruned version keeps its key, and no key is dropped."""
     now = time.time() if now is None else now
     done = Pruned()
     cutoff = now - history.keep if history.keep is not None else None
@@ -94,7 +100,10 @@ async def prune_once(journal: Journal, history: HistoryConfig, now: float | None
             by_cap += not aged
             after = r.id
         if chosen:
-            keep = await asyncio.to_thread(_present, list(chosen.values()))
+            if local:
+                keep = await asyncio.to_thread(_present, list(chosen.values()))
+            else:
+                keep = set(chosen)
             before = now if by_cap or cutoff is None else cutoff
             n, kept = await journal.prune(list(chosen), sorted(keep), before)
             done.rows += n
@@ -103,7 +112,8 @@ async def prune_once(journal: Journal, history: HistoryConfig, now: float | None
         if stop and excess <= 0:
             break
         await asyncio.sleep(0)
-    done.forgotten = await sweep_kept(journal)
+    if local:
+        done.forgotten = await sweep_kept(journal)
     while await journal.vacuum_step(VACUUM_PAGES) > 0:
         await asyncio.sleep(0)
     return done
@@ -128,7 +138,7 @@ async def sweep_kept(journal: Journal) -> int:
         await asyncio.sleep(0)
 
 
-async def _run(journal: Journal, history: Callable[[], HistoryConfig]) -> None:
+async def _run(journal: Journal, history: Callable[[], HistoryConfig], local: bool) -> None:
     wait = FIRST_PASS_S
     while True:
         await asyncio.sleep(wait)
@@ -137,7 +147,7 @@ async def _run(journal: Journal, history: Callable[[], HistoryConfig]) -> None:
         if not config.enabled:
             continue
         try:
-            done = await prune_once(journal, config)
+            done = await prune_once(journal, config, local=local)
         except JournalError as exc:  # the journal's health says the rest; try at the next pass
             log.warning("history retention: pass skipped: %s", exc)
             continue
@@ -152,9 +162,11 @@ async def _run(journal: Journal, history: Callable[[], HistoryConfig]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(journal: Journal, history: Callable[[], HistoryConfig]) -> AsyncIterator[None]:
+async def running(
+    journal: Journal, history: Callable[[], HistoryConfig], *, local: bool
+) -> AsyncIterator[None]:
     """Prune every ``history().every`` seconds while inside (the config in force is asked at
     each pass, so a reload applies at the next one); cancelled on the way out (a batch is a
     transaction: a pass stopped half-way leaves nothing half-done)."""
-    async with in_background(_run(journal, history), "history-retention"):
+    async with in_background(_run(journal, history, local), "history-retention"):
         yield

@@ -414,8 +414,10 @@ class Service:
         from . import progress
 
         await stack.enter_async_context(progress.backlog(self.journal, link.scanned))
-        await stack.enter_async_context(
-            retention.running(self.journal, lambda: self.config.history)
+        await stack.enter_async_context(  # an SQLite journal's sources are all on this host
+            retention.running(
+                self.journal, lambda: self.config.history, local=isinstance(self.db_path, Path)
+            )
         )
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")

@@ -288,3 +288,22 @@ async def test_forgetting_a_pruned_path_lets_it_be_sent_again(
         await j.forget(source="in", relpath="a.txt")  # history forget --path a.txt
         assert await j.kept_keys("", 10) == []
         assert await j.plan([step(a)]) == 1
+
+
+async def test_on_a_shared_journal_every_pruned_version_keeps_its_key(
+    tmp_path: Path, database: Database
+) -> None:
+    """Another host's source may sit at a path that is empty here: nothing is judged gone."""
+    here = tmp_path / "inbox"
+    here.mkdir()  # the same path as another host's source, without its file
+    theirs = FileVersion("in", here, "a.txt", 1, 1)
+    newer = FileVersion("in", here, "b.txt", 1, 1)
+    async with open_journal(database) as j:
+        await j.mark_done([step(theirs)])
+        await j.mark_done([step(newer)])
+        later = time.time() + 2 * DAY
+        done = await prune_once(j, HistoryConfig(keep=DAY), now=later, local=False)
+        assert (done.rows, done.kept, done.forgotten) == (1, 1, 0)
+        assert await j.plan([step(theirs)]) == 0
+        done = await prune_once(j, HistoryConfig(keep=DAY), now=later, local=False)
+        assert [k.relpath for k in await j.kept_keys("", 10)] == ["a.txt"]
