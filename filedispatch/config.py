@@ -1191,6 +1191,25 @@ def _database(value: object) -> object:
 Database = Annotated[Path | PostgresDatabase, BeforeValidator(_database)]
 
 
+class HistoryConfig(_Model):
+    """History retention: how long the journal keeps finished rows (docs/operations.md).
+
+    Only versions whose every row SUCCEEDED are pruned; a pruned version whose source is still
+    there keeps a compact key, so it is never sent again. Nothing is pruned by default.
+    """
+
+    #: seconds (or ``90d``, ``12w``) a delivered file's rows are kept after it finished
+    keep: Annotated[float | None, BeforeValidator(_duration), Field(gt=0, le=MAX_AGE)] = None
+    #: at most this many rows: past it, the oldest delivered versions go first, whatever their age
+    max_rows: int | None = Field(None, ge=1000)
+    #: seconds between pruning passes (the first runs a minute after the start)
+    every: Annotated[PositiveSeconds, BeforeValidator(_duration)] = 3600.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep is not None or self.max_rows is not None
+
+
 class Config(_Model):
     """The whole configuration, as validated from YAML."""
 
@@ -1206,6 +1225,7 @@ class Config(_Model):
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()
     monitor: MonitorConfig = MonitorConfig()
+    history: HistoryConfig = HistoryConfig()
     #: notifications about every source and rule, and about the journal (see NotifyTarget)
     notify: list[NotifyTarget] = Field(default_factory=list)
 

@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, TextIO
 
+from .asyncutil import in_background
+
 if TYPE_CHECKING:
     from .journal import Journal
 
@@ -168,13 +170,8 @@ async def backlog(journal: Journal, scanned: Callable[[], bool]) -> AsyncIterato
     Counted in deliveries (journal rows) finished since the start against those still to do;
     ``scanned()`` tells whether every source's start-up scan is done (``ServiceLink.scanned``).
     """
-    task = asyncio.create_task(_report_backlog(journal, scanned), name="progress")
-    try:
+    async with in_background(_report_backlog(journal, scanned), "progress"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _report_backlog(journal: Journal, scanned_now: Callable[[], bool]) -> None:

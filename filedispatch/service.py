@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__, recovery
+from . import __version__, recovery, retention
 from .asyncutil import first_completed
 from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
@@ -344,6 +344,11 @@ class Service:
         from . import progress
 
         await stack.enter_async_context(progress.backlog(self.journal, link.scanned))
+        await stack.enter_async_context(  # an SQLite journal's sources are all on this host
+            retention.running(
+                self.journal, lambda: self.config.history, local=isinstance(self.db_path, Path)
+            )
+        )
         dispatch_stop = asyncio.Event()
         dispatch_task = asyncio.create_task(self.dispatcher.run(dispatch_stop), name="dispatcher")
         try:

@@ -112,3 +112,23 @@ def test_the_controls_example_runs(tmp_path: Path) -> None:
     dry = run_cli("-c", tmp_path / "config.yml", "--dry-run", "--db", tmp_path / "j.db")
     assert dry.returncode == 0, dry.stderr
     assert f"inbox/report.csv -> [nightly-partner] {tmp_path / 'outbox' / 'partner'}" in dry.stdout
+
+
+def test_the_history_example_runs(tmp_path: Path) -> None:
+    """configuration.md's history retention example, run as written (--once): the file is
+    delivered and kept in the source, and a second run sends nothing again."""
+    import os
+    import time
+
+    from .conftest import delivered, run_cli
+
+    (tmp_path / "config.yml").write_text(_example("max_rows: 5000000"), encoding="utf-8")
+    f = tmp_path / "inbox" / "report.csv"
+    f.parent.mkdir()
+    f.write_bytes(b"a,b")
+    os.utime(f, (time.time() - 3600, time.time() - 3600))
+    for _ in range(2):
+        result = run_cli("-c", tmp_path / "config.yml", "--once", "--db", tmp_path / "j.db")
+        assert result.returncode == 0, result.stderr
+        assert delivered(tmp_path / "outbox" / "archive") == {"report.csv": b"a,b"}
+    assert f.exists()

@@ -22,6 +22,7 @@ from ..models import Dispatch, FileVersion, Status
 
 if TYPE_CHECKING:
     from ..router import Chain
+    from .retention import KeptKey, OldRow
 
 #: one logger for the whole package: its lines read "filedispatch.journal" whatever the backend
 log = logging.getLogger("filedispatch.journal")
@@ -657,3 +658,29 @@ class Journal(JournalReader, Protocol):
 
     async def progress(self, since: float) -> tuple[int, int]:
         """(rows finished since ``since``, rows still to do)."""
+
+    # history retention (``filedispatch.retention`` drives these; docs/operations.md)
+
+    async def oldest(self, after_id: int, limit: int) -> list[OldRow]:
+        """Up to ``limit`` rows with ids above ``after_id``, in id (arrival) order."""
+
+    async def kept_keys(self, after: str, limit: int) -> list[KeptKey]:
+        """Up to ``limit`` pruned versions whose compact key is kept, from above ``after``."""
+
+    async def row_count(self) -> int:
+        """How many rows the journal holds (from the stats rollup, without a scan)."""
+
+    async def prune(
+        self, vkeys: Sequence[str], keep: Sequence[str], before: float
+    ) -> tuple[int, int]:
+        """Delete, in one short transaction, the rows of those versions whose every row
+        SUCCEEDED and finished before ``before`` (epoch seconds), except the journal's newest
+        row; the compact keys of those in ``keep`` stay, so the version is never planned
+        again. Returns (rows deleted, versions whose key was kept)."""
+
+    async def drop_kept(self, vkeys: Sequence[str]) -> int:
+        """Forget these versions' kept keys (their source is gone); the keys removed."""
+
+    async def vacuum_step(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the filesystem; the free pages left (0 when
+        the backend has nothing to give back this way)."""

@@ -24,6 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import FencedError, JournalError, JournalUnavailableError, NodeConflictError
 from ..models import Dispatch, FileVersion, Status
+from . import retention
 from .base import (
     DUPLICATE_OF,
     RETRY_FIRST_S,
@@ -53,6 +54,52 @@ PgOp = Callable[[Conn], Awaitable[T]]
 _MIGRATION_LOCK = 0x66645F6D
 #: seconds to wait for a connection (at open, from the pool)
 CONNECT_TIMEOUT_S = 10.0
+
+#: the stats rollups and the day number each counts a row under (UTC): its day (as
+#: ``reads.POSTGRES.day`` counts it), or the first day of its month
+_ROLLUPS = {
+    "stats_days": "FLOOR({row}.created / 86400)::bigint",
+    "stats_months": "(date_trunc('month', to_timestamp({row}.created) AT TIME ZONE 'UTC')::date "
+    "- DATE '1970-01-01')",
+}
+#: one rollup's change for a statement: its rows, grouped, added in key order
+_UPSERT = (
+    "INSERT INTO {table} AS s SELECT day, status, destination, extension, SUM(n), "
+    "SUM(bytes) FROM ({rows}) AS c GROUP BY day, status, destination, extension "
+    "HAVING SUM(n) <> 0 OR SUM(bytes) <> 0 ORDER BY day, status, destination, extension "
+    "ON CONFLICT (day, status, destination, extension) "
+    "DO UPDATE SET n = s.n + excluded.n, bytes = s.bytes + excluded.bytes; "
+)
+#: the rows of a transition table (``o`` old, ``n`` new) as counts to add or take away
+_SIGNED = (
+    "SELECT {bucket} AS day, {row}.status, {row}.destination, {row}.extension, "
+    "{sign}1 AS n, {sign}{row}.size AS bytes FROM {source}"
+)
+
+
+def _stats_function(name: str, parts: list[tuple[str, str, str]]) -> str:
+    """A statement trigger's function: ``parts`` are (transition table, sign, FROM clause)."""
+    body = "".join(
+        _UPSERT.format(
+            table=table,
+            rows=" UNION ALL ".join(
+                _SIGNED.format(bucket=bucket.format(row=row), row=row, sign=sign, source=source)
+                for row, sign, source in parts
+            ),
+        )
+        for table, bucket in _ROLLUPS.items()
+    )
+    return (
+        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN {body}"
+        "RETURN NULL; END $fn$"
+    )
+
+
+#: an update only counts where a grouped column changed (most change ``attempts`` and times)
+_BOTH = (
+    "o JOIN n USING (id) WHERE (o.status, o.created, o.destination, o.extension, o.size) "
+    "IS DISTINCT FROM (n.status, n.created, n.destination, n.extension, n.size)"
+)
 
 #: numbered migrations: MIGRATIONS[n] takes a database from schema version n to n + 1
 MIGRATIONS: list[list[str]] = [
@@ -131,6 +178,31 @@ MIGRATIONS: list[list[str]] = [
     [  # the label a learned rule gave the file (docs/learned-routing.md)
         "ALTER TABLE dispatches ADD COLUMN label TEXT",
     ],
+    [  # history retention (see the SQLite journal's migration 9): the stats rollup, kept by
+        # statement triggers (one upsert per group a statement changed, in key order, so two
+        # nodes' transactions take the rollup's row locks in the same order), and the compact
+        # keys of pruned versions
+        *retention.rollup_schema(_ROLLUPS, "BIGINT"),
+        _stats_function("stats_insert", [("n", "", "n")]),
+        _stats_function("stats_update", [("o", "-", _BOTH), ("n", "", _BOTH)]),
+        _stats_function("stats_delete", [("o", "-", "o")]),
+        "CREATE TRIGGER stats_insert AFTER INSERT ON dispatches REFERENCING NEW TABLE AS n "
+        "FOR EACH STATEMENT EXECUTE FUNCTION stats_insert()",
+        "CREATE TRIGGER stats_update AFTER UPDATE ON dispatches REFERENCING OLD TABLE AS o "
+        "NEW TABLE AS n FOR EACH STATEMENT EXECUTE FUNCTION stats_update()",
+        "CREATE TRIGGER stats_delete AFTER DELETE ON dispatches REFERENCING OLD TABLE AS o "
+        "FOR EACH STATEMENT EXECUTE FUNCTION stats_delete()",
+        """CREATE TABLE kept (
+            vkey TEXT NOT NULL,
+            step_key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            marked INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            root TEXT NOT NULL,
+            relpath TEXT NOT NULL,
+            PRIMARY KEY (vkey, step_key)
+        )""",
+    ],
 ]
 
 
@@ -187,7 +259,8 @@ _PLAN = (
     "%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], "
     "%s::text[], %s::text[], %s::text[], %s::text[]) "
     "AS u(vk, src, root, rel, fn, ext, size, mt, rule, step, sk, dest, proto, dev, ino, ct, "
-    "owner) ON CONFLICT (vkey, step_key) DO NOTHING"
+    "owner) WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.vkey = u.vk AND k.step_key = u.sk) "
+    "ON CONFLICT (vkey, step_key) DO NOTHING"
 )
 
 #: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
@@ -959,6 +1032,10 @@ class PostgresJournal(SqlReads, HealthReport):
                     "AND (%s::text IS NULL OR source=%s) AND status != 'IN_PROGRESS'",
                     (relpath, source, source),
                 )
+                await conn.execute(
+                    _pg(retention.FORGET_KEPT.replace("? IS NULL", "?::text IS NULL")),
+                    (relpath, source, source),
+                )
             return max(cur.rowcount, 0)
 
         return await self.write(op)
@@ -980,6 +1057,56 @@ class PostgresJournal(SqlReads, HealthReport):
 
         await self.write(op)
         return new
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(
+        self, vkeys: Sequence[str], keep: Sequence[str], before: float
+    ) -> tuple[int, int]:
+        """See ``SqliteJournal.prune``; the rows are locked first, so a node claiming or
+        finishing one of them meanwhile is waited for, and the check is made after it."""
+        if not vkeys:
+            return 0, 0
+        marks = retention.marks(len(vkeys))
+
+        async def op(conn: Conn) -> tuple[int, int]:
+            await conn.execute(
+                _pg(f"SELECT 1 FROM dispatches WHERE vkey IN ({marks}) ORDER BY id FOR UPDATE"),
+                list(vkeys),
+            )
+            cur = await conn.execute(_pg(retention.PRUNABLE.format(keys=marks)), [*vkeys, before])
+            found = [str(r[0]) for r in await cur.fetchall()]
+            if not found:
+                return 0, 0
+            wanted = set(keep)
+            kept = [k for k in found if k in wanted]
+            if kept:
+                await conn.execute(
+                    _pg(retention.KEEP.format(keys=retention.marks(len(kept)))), kept
+                )
+            cur = await conn.execute(
+                _pg(retention.DELETE.format(keys=retention.marks(len(found)))), found
+            )
+            return max(cur.rowcount, 0), len(kept)
+
+        return await self.write(op)
+
+    async def drop_kept(self, vkeys: Sequence[str]) -> int:
+        """Forget the kept keys of these versions (their source is gone); the keys removed."""
+        if not vkeys:
+            return 0
+
+        async def op(conn: Conn) -> int:
+            marks = retention.marks(len(vkeys))
+            cur = await conn.execute(_pg(retention.DROP_KEPT.format(keys=marks)), list(vkeys))
+            return max(cur.rowcount, 0)
+
+        return await self.write(op)
+
+    async def vacuum_step(self, pages: int) -> int:
+        """Nothing to do: the server's autovacuum makes the space of deleted rows reusable
+        (docs/operations.md)."""
+        return 0
 
 
 async def _limit_waits(conn: Conn, lease_s: float) -> None:
@@ -1018,8 +1145,9 @@ def read_states(target: PostgresTarget, vkeys: Sequence[str]) -> dict[str, list[
         with psycopg.connect(conninfo(target), connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
             rows = conn.execute(
                 "SELECT vkey, id, step_key, status, attempts FROM dispatches "
-                "WHERE vkey = ANY(%s) ORDER BY id",
-                (list(vkeys),),
+                "WHERE vkey = ANY(%s) UNION ALL SELECT vkey, 0, step_key, status, marked "
+                "FROM kept WHERE vkey = ANY(%s) ORDER BY 2",
+                (list(vkeys), list(vkeys)),
             ).fetchall()
     except psycopg.Error as exc:
         raise JournalError(

@@ -9,11 +9,13 @@ bound parameter. Nothing here writes.
 from __future__ import annotations
 
 import abc
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from ..models import Dispatch, FileVersion, Status
+from . import retention
 from .base import (
     DUPLICATE_OF,
     NULLABLE,
@@ -32,6 +34,7 @@ from .base import (
     Waiting,
     number,
 )
+from .retention import KeptKey, OldRow
 
 #: every column of a row, in ``Dispatch`` order
 COLUMNS = (
@@ -96,6 +99,8 @@ class Dialect:
     total: Callable[[str], str]
     #: the day number (days since 1970-01-01) of an epoch-seconds column, UTC or local time
     day: Callable[[str, bool], str]
+    #: the day number of the first day of the month (UTC) of a day-number column
+    month: Callable[[str], str]
     #: whether a text value may hold a NUL character (PostgreSQL's may not)
     nul_in_text: bool = True
 
@@ -114,8 +119,22 @@ def _postgres_day(column: str, local: bool) -> str:
     return f"FLOOR({column} / 86400)::bigint"
 
 
-SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day)
-POSTGRES = Dialect("ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day, False)
+def _sqlite_month(day: str) -> str:
+    return (
+        f"CAST(julianday(date({day} * 86400, 'unixepoch', 'start of month')) "
+        f"- {EPOCH_JULIAN_DAY} AS INTEGER)"
+    )
+
+
+def _postgres_month(day: str) -> str:
+    utc = f"to_timestamp({day} * 86400) AT TIME ZONE 'UTC'"
+    return f"(date_trunc('month', {utc})::date - DATE '1970-01-01')"
+
+
+SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day, _sqlite_month)
+POSTGRES = Dialect(
+    "ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day, _postgres_month, False
+)
 
 
 def _column(name: str) -> str:
@@ -203,6 +222,56 @@ DELIVERED_DIGEST = (
 )
 
 
+#: the columns the rollup (``stats_days``) is grouped by, beside the day
+_ROLLUP_COLUMNS = frozenset({"status", "destination", "extension"})
+
+
+def rollup_sql(
+    conditions: Sequence[Condition],
+    period: Literal["day", "week", "month"],
+    dialect: Dialect = SQLITE,
+) -> tuple[str, list[Any]] | None:
+    """``stats_sql``'s answer from the rollups kept as rows are written (``stats_days``: one
+    row per day, status, destination and extension; ``stats_months`` the same per month, for
+    months from a month's start): the same groups, read from a table a few thousand rows long
+    instead of every row in the window. None when a condition cannot be answered from it
+    (another column, or a ``created`` bound inside a day)."""
+    kept: list[Condition] = []
+    days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
+    for c in conditions:
+        if c.column in _ROLLUP_COLUMNS:
+            kept.append(c)
+        elif (
+            c.column == "created"
+            and c.op in (">=", "<")
+            and isinstance(c.value, int | float)
+            and c.value % 86400 == 0
+        ):
+            days.append((c.op, int(c.value // 86400)))
+        else:
+            return None
+    sql_where, params = where(kept, dialect)
+    clauses = [sql_where.removeprefix(" WHERE ")] if sql_where else []
+    clauses += [f"day {op} ?" for op, _ in days]
+    params += [day for _, day in days]
+    table, bucket = "stats_days", {"day": "day", "week": "day - (day + 3) % 7"}.get(period)
+    if period == "month":
+        if all(_month_start(day) for _, day in days):  # the default window is whole months
+            table, bucket = "stats_months", "day"
+        else:  # grouped here: the day rollup has a few rows per day, not one per file
+            bucket = dialect.month("day")
+    return (
+        f"SELECT {bucket} AS bucket, status, destination, extension, SUM(n), SUM(bytes) "
+        f"FROM {table} WHERE {' AND '.join([*clauses, 'n > 0'])} "
+        "GROUP BY bucket, status, destination, extension",
+        params,
+    )
+
+
+def _month_start(day: int) -> bool:
+    return (dt.date(1970, 1, 1) + dt.timedelta(days=day)).day == 1
+
+
 class SqlReads(abc.ABC):
     """The ``JournalReader`` methods over one ``read(sql, params)``."""
 
@@ -235,7 +304,10 @@ class SqlReads(abc.ABC):
         return _detail(rows[0]) if rows else None
 
     async def stats(self, conditions: Sequence[Condition]) -> list[StatsGroup]:
-        rows = await self.read(*stats_sql(conditions, self.dialect))
+        """Counts and bytes per day (``reporting`` folds the days into weeks or months), from
+        the day rollup where the conditions allow it, else from the rows."""
+        query = rollup_sql(conditions, "day", self.dialect)
+        rows = await self.read(*(query or stats_sql(conditions, self.dialect)))
         return [StatsGroup(int(d), s, dest, ext, int(n), int(b)) for d, s, dest, ext, n, b in rows]
 
     async def outcomes(
@@ -334,6 +406,24 @@ class SqlReads(abc.ABC):
         )
         return [Waiting(str(d), int(n), float(t)) for d, n, t in rows]
 
+    # ------------------------------------------------------------------ what retention asks
+
+    async def oldest(self, after_id: int, limit: int) -> list[OldRow]:
+        """Up to ``limit`` rows with ids above ``after_id``, oldest first (pass the last id for
+        the next ones: the primary key is walked once in all)."""
+        rows = await self.read(retention.OLDEST, (after_id, limit))
+        return [OldRow(int(i), str(v), float(c), str(r), str(p)) for i, v, c, r, p in rows]
+
+    async def kept_keys(self, after: str, limit: int) -> list[KeptKey]:
+        """Up to ``limit`` pruned versions whose key is kept, in key order from above ``after``."""
+        rows = await self.read(retention.KEPT, (after, limit))
+        return [KeptKey(str(v), str(r), str(p)) for v, r, p in rows]
+
+    async def row_count(self) -> int:
+        """How many rows the journal holds (from the rollup: no table scan)."""
+        rows = await self.read(retention.ROW_COUNT)
+        return int(rows[0][0])
+
     async def ping(self) -> None:
         await self.read("SELECT 1 FROM dispatches LIMIT 1")
 
@@ -361,9 +451,7 @@ class SqlReads(abc.ABC):
         for i in range(0, len(keys), 500):
             chunk = keys[i : i + 500]
             rows = await self.read(
-                "SELECT vkey, step_key, status, attempts FROM dispatches "
-                f"WHERE vkey IN ({','.join('?' * len(chunk))})",
-                chunk,
+                retention.STATES.format(keys=retention.marks(len(chunk))), chunk * 2
             )
             for k, step_key, status, attempts in rows:
                 out.setdefault(k, []).append((step_key, status, attempts))

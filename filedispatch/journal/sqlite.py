@@ -31,6 +31,7 @@ import aiosqlite
 
 from ..errors import JournalError, JournalUnavailableError
 from ..models import Dispatch, FileVersion, Status
+from . import retention
 from .base import (
     DUPLICATE_OF,
     RETRY_FIRST_S,
@@ -112,6 +113,30 @@ class Rows:
     bulk: str | None = None
 
 
+#: the stats rollups and the day number each counts a row under (UTC): its day (as
+#: ``reads.SQLITE.day`` counts it), or the first day of its month
+_ROLLUPS = {
+    "stats_days": "CAST({row}.created / 86400 AS INTEGER)",
+    "stats_months": "CAST(julianday({row}.created, 'unixepoch', 'start of month') "
+    "- 2440587.5 AS INTEGER)",
+}
+#: a rollup's change for one row
+_COUNT = (
+    "INSERT INTO {table} VALUES ({bucket}, {row}.status, {row}.destination, {row}.extension, "
+    "{sign}1, {sign}{row}.size) ON CONFLICT (day, status, destination, extension) "
+    "DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes"
+)
+
+
+def _counts(row: str, sign: str) -> str:
+    """A trigger's statements: ``row`` (NEW or OLD) added to (or, ``-``, taken from) each
+    rollup."""
+    return "; ".join(
+        _COUNT.format(table=table, bucket=bucket.format(row=row), row=row, sign=sign)
+        for table, bucket in _ROLLUPS.items()
+    )
+
+
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE dispatches (
@@ -179,6 +204,29 @@ MIGRATIONS: list[list[str]] = [
     [  # the label a learned rule gave the file (docs/learned-routing.md)
         "ALTER TABLE dispatches ADD COLUMN label TEXT",
     ],
+    [  # history retention (docs/operations.md): the stats rollup, kept as rows are written,
+        # and the compact keys of pruned versions whose source was still there
+        *retention.rollup_schema(_ROLLUPS, "INTEGER", " WITHOUT ROWID"),
+        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches BEGIN {_counts('NEW', '')}; END",
+        "CREATE TRIGGER stats_update AFTER UPDATE OF status, created, destination, extension, "
+        "size ON dispatches WHEN OLD.status IS NOT NEW.status OR OLD.created IS NOT NEW.created "
+        "OR OLD.destination IS NOT NEW.destination OR OLD.extension IS NOT NEW.extension "
+        f"OR OLD.size IS NOT NEW.size BEGIN {_counts('OLD', '-')}; {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches BEGIN {_counts('OLD', '-')}; END",
+        """CREATE TABLE kept (
+            vkey TEXT NOT NULL,
+            step_key TEXT NOT NULL,
+            status TEXT NOT NULL,
+            marked INTEGER NOT NULL,      -- 0: recorded by mark-existing, never sent
+            source TEXT NOT NULL,
+            root TEXT NOT NULL,
+            relpath TEXT NOT NULL,
+            PRIMARY KEY (vkey, step_key)
+        ) WITHOUT ROWID""",
+        # a kept key is never planned again (``plan``, ``plan_started``, ``mark_done``)
+        "CREATE TRIGGER kept_not_new BEFORE INSERT ON dispatches WHEN EXISTS (SELECT 1 FROM kept "
+        "WHERE vkey = NEW.vkey AND step_key = NEW.step_key) BEGIN SELECT RAISE(IGNORE); END",
+    ],
 ]
 
 
@@ -209,6 +257,10 @@ def _connect_writer(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, timeout=10)
     try:
         conn.execute("PRAGMA busy_timeout = 10000")
+        # a new journal gives the pages pruning frees back to the disk a few at a time
+        # (``vacuum_step``); an older one reuses them for new rows (docs/operations.md)
+        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         # a damaged page found now is one line at the start, not a crash at the first write
@@ -274,10 +326,12 @@ def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
     try:
         for i in range(0, len(vkeys), 500):
             chunk = list(vkeys[i : i + 500])
+            keys = retention.marks(len(chunk))
             rows = conn.execute(
                 "SELECT vkey, id, step_key, status, attempts FROM dispatches "
-                f"WHERE vkey IN ({','.join('?' * len(chunk))}) ORDER BY id",
-                chunk,
+                f"WHERE vkey IN ({keys}) UNION ALL SELECT vkey, 0, step_key, status, marked "
+                f"FROM kept WHERE vkey IN ({keys}) ORDER BY 2",
+                chunk * 2,
             )
             for vkey, row_id, step_key, status, attempts in rows:
                 out.setdefault(vkey, []).append(
@@ -746,11 +800,10 @@ class SqliteJournal(SqlReads, HealthReport):
             return 0
 
         def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
             # executemany, not the JSON form: rows a rescan offers again are mostly known, and
-            # the JSON form parses every row's fields before the unique key turns it away
-            conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params)
-            new = conn.total_changes - before
+            # the JSON form parses every row's fields before the unique key turns it away;
+            # rowcount, not total_changes, which counts the rollup's trigger changes too
+            new = conn.executemany(_PLAN.format(status="PENDING", started="NULL"), params).rowcount
             _set_labels(conn, steps)
             return new
 
@@ -955,13 +1008,11 @@ class SqliteJournal(SqlReads, HealthReport):
         """
 
         def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
+            changed = conn.executemany(
                 "UPDATE OR IGNORE dispatches SET vkey=?, dev=?, ino=?, ctime_ns=? "
                 "WHERE vkey=? AND ino IS NULL",
                 [(new, dev, ino, ctime, old) for old, new, dev, ino, ctime in found],
-            )
-            changed = conn.total_changes - before
+            ).rowcount
             conn.executemany(
                 "UPDATE dispatches SET ino=0 WHERE vkey=? AND ino IS NULL",
                 [(old,) for old in missing] + [(old,) for old, *_ in found],
@@ -975,13 +1026,11 @@ class SqliteJournal(SqlReads, HealthReport):
         as (vkey, step_key): the steps before them succeed now. Returns the rows queued."""
 
         def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany(
+            return conn.executemany(
                 "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL, "
                 "started=NULL WHERE vkey=? AND step_key=? AND status='FAILED' AND attempts=0",
                 steps,
-            )
-            return conn.total_changes - before
+            ).rowcount
 
         return await self.write(op)
 
@@ -998,9 +1047,8 @@ class SqliteJournal(SqlReads, HealthReport):
         pairs = [(new, old) for old, new in keys.items() if old != new]
 
         def op(conn: sqlite3.Connection) -> int:
-            before = conn.total_changes
-            conn.executemany("UPDATE OR IGNORE dispatches SET step_key=? WHERE step_key=?", pairs)
-            changed = conn.total_changes - before
+            sql = "UPDATE OR IGNORE dispatches SET step_key=? WHERE step_key=?"
+            changed = conn.executemany(sql, pairs).rowcount
             conn.execute("UPDATE upgrades SET done=? WHERE name='step-keys'", (now,))
             return changed
 
@@ -1030,6 +1078,7 @@ class SqliteJournal(SqlReads, HealthReport):
                     "AND status != 'IN_PROGRESS'",
                     (relpath, source, source),
                 )
+                conn.execute(retention.FORGET_KEPT, (relpath, source, source))
             return cur.rowcount
 
         return await self.write(op)
@@ -1050,6 +1099,56 @@ class SqliteJournal(SqlReads, HealthReport):
 
         await self.write(op)
         return new
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune(
+        self, vkeys: Sequence[str], keep: Sequence[str], before: float
+    ) -> tuple[int, int]:
+        """In one transaction: delete the rows of those ``vkeys`` whose every row SUCCEEDED and
+        finished before ``before`` (any other is left whole), keeping the compact key of those
+        also in ``keep`` (their source is still there). Returns (rows deleted, versions
+        whose key was kept)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            found = [
+                r[0]
+                for r in conn.execute(
+                    retention.PRUNABLE.format(keys=retention.marks(len(vkeys))), [*vkeys, before]
+                )
+            ]
+            if not found:
+                return 0, 0
+            wanted = set(keep)
+            kept = [k for k in found if k in wanted]
+            if kept:
+                conn.execute(retention.KEEP.format(keys=retention.marks(len(kept))), kept)
+            marks = retention.marks(len(found))
+            return conn.execute(retention.DELETE.format(keys=marks), found).rowcount, len(kept)
+
+        return await self.write(op) if vkeys else (0, 0)
+
+    async def drop_kept(self, vkeys: Sequence[str]) -> int:
+        """Forget the kept keys of these versions (their source is gone); the keys removed."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            marks = retention.marks(len(vkeys))
+            return conn.execute(retention.DROP_KEPT.format(keys=marks), list(vkeys)).rowcount
+
+        return await self.write(op) if vkeys else 0
+
+    async def vacuum_step(self, pages: int) -> int:
+        """Give up to ``pages`` free pages back to the filesystem (a journal created with
+        ``auto_vacuum = INCREMENTAL``; an older one keeps them for new rows); returns the free
+        pages left that a later step can give back (0 when none or not possible)."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+                return 0
+            conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
+            return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+        return await self.write(op)
 
     async def integrity_check(self) -> str:
         rows = await self.read("PRAGMA integrity_check")

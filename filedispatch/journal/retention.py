@@ -1,0 +1,104 @@
+"""History retention's SQL, written once for both backends (``?`` marks a parameter): the
+stats rollups' tables, the versions old enough to prune, pruning them while keeping a compact
+key of what was sent, and the kept keys' sweep. The triggers that keep the rollups and the
+``kept`` table are in each backend's migrations.
+
+Nothing here touches a file: whether a source still exists is the caller's question
+(``filedispatch.retention``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: rows walked in id order from a cursor: (id, vkey, created, root, relpath)
+OLDEST = "SELECT id, vkey, created, root, relpath FROM dispatches WHERE id > ? ORDER BY id LIMIT ?"
+
+#: of the given versions (``{keys}``: that many ``?``), those whose every row SUCCEEDED and
+#: finished before ``?``: the only versions pruning ever removes. The newest row stays, so
+#: SQLite never hands a pruned row's id to a new one (a rowid is the largest one plus one)
+PRUNABLE = (
+    "SELECT vkey FROM dispatches WHERE vkey IN ({keys}) GROUP BY vkey "
+    "HAVING SUM(CASE WHEN status = 'SUCCEEDED' THEN 0 ELSE 1 END) = 0 AND MAX(finished) < ? "
+    "AND MAX(id) < (SELECT MAX(id) FROM dispatches)"
+)
+
+#: the compact key of each step of a pruned version whose source is still there: a scan that
+#: meets the file again finds it done (``marked``: 0 for a row mark-existing recorded)
+KEEP = (
+    "INSERT INTO kept (vkey, step_key, status, marked, source, root, relpath) "
+    "SELECT vkey, step_key, status, CASE WHEN attempts = 0 THEN 0 ELSE 1 END, source, root, "
+    "relpath FROM dispatches WHERE vkey IN ({keys}) ON CONFLICT (vkey, step_key) DO NOTHING"
+)
+
+DELETE = "DELETE FROM dispatches WHERE vkey IN ({keys})"
+
+#: kept keys in key order from a cursor, one row per version: (vkey, root, relpath)
+KEPT = (
+    "SELECT vkey, MIN(root), MIN(relpath) FROM kept WHERE vkey > ? GROUP BY vkey "
+    "ORDER BY vkey LIMIT ?"
+)
+
+DROP_KEPT = "DELETE FROM kept WHERE vkey IN ({keys})"
+
+#: ``forget``: the kept keys of a path go with its rows
+FORGET_KEPT = "DELETE FROM kept WHERE relpath = ? AND (? IS NULL OR source = ?)"
+
+#: how many rows the journal holds, from the rollup (an index-free sum of a small table)
+ROW_COUNT = "SELECT COALESCE(SUM(n), 0) FROM stats_days"
+
+#: the rows of a version as the planner asks for them, the kept keys of pruned ones included
+STATES = (
+    "SELECT vkey, step_key, status, attempts FROM dispatches WHERE vkey IN ({keys}) "
+    "UNION ALL SELECT vkey, step_key, status, marked FROM kept WHERE vkey IN ({keys})"
+)
+
+
+def rollup_schema(rollups: Mapping[str, str], integer: str, options: str = "") -> list[str]:
+    """The statements creating each stats rollup (``rollups``: table -> the day number it
+    counts a row under, ``{row}`` naming the table) and filling it from the rows already
+    there; ``integer`` is the backend's 64-bit integer type."""
+    return [
+        sql
+        for table, bucket in rollups.items()
+        for sql in (
+            f"""CREATE TABLE {table} (
+            day {integer} NOT NULL,     -- days since 1970-01-01 (UTC)
+            status TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            extension TEXT NOT NULL,
+            n {integer} NOT NULL,       -- rows
+            bytes {integer} NOT NULL,   -- their sizes' sum
+            PRIMARY KEY (day, status, destination, extension)
+        ){options}""",
+            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
+            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
+            "GROUP BY 1, 2, 3, 4",
+        )
+    ]
+
+
+def marks(n: int) -> str:
+    """``n`` parameter marks, comma-separated."""
+    return ",".join("?" * n)
+
+
+@dataclass(frozen=True, slots=True)
+class OldRow:
+    """A row met walking the journal oldest first (``Journal.oldest``)."""
+
+    id: int
+    vkey: str
+    created: float
+    root: str
+    relpath: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeptKey:
+    """A pruned version whose compact key is kept (``Journal.kept_keys``)."""
+
+    vkey: str
+    root: str
+    relpath: str
