@@ -419,8 +419,8 @@ class WriterCheck:
         """The relpaths of ``versions`` that are not complete: someone holds the file open for
         writing, or it is no longer that version (changed since it was seen: look again).
         It opens files (regular ones only, see ``reopen``): on a local disk only, or in a
-        thread. Five system calls a file (six where SIGIO is not ignored): this runs for
-        every file that arrives."""
+        thread. Six system calls a file (seven where SIGIO is not ignored); files found by
+        an event on a local disk are gated by ``look`` instead, in the watcher's look."""
         busy: set[str] = set()
         ask_proc: dict[tuple[int, int], str] = {}
         try:
