@@ -397,6 +397,11 @@ def read_head(version: FileVersion, size: int) -> bytes | None:
 # ---------------------------------------------------------------------- open writers
 
 
+#: a batch's lease check: (O_PATH handle of a regular file, its fstat, its relpath) -> True
+#: (open for writing), False (not), (device, inode) (ask /proc), None (cannot be opened now)
+Lease = Callable[[int, os.stat_result, str], bool | tuple[int, int] | None]
+
+
 class WriterCheck:
     """Whether files are still open for writing by anyone, for the readiness gate.
 
@@ -414,22 +419,19 @@ class WriterCheck:
         """The relpaths of ``versions`` that are not complete: someone holds the file open for
         writing, or it is no longer that version (changed since it was seen: look again).
         It opens files (regular ones only, see ``reopen``): on a local disk only, or in a
-        thread. Six system calls a file (five where SIGIO is ignored): this runs for every
-        file that arrives."""
+        thread. Six system calls a file (seven where SIGIO is not ignored); files found by
+        an event on a local disk are gated by ``look`` instead, in the watcher's look."""
         busy: set[str] = set()
         ask_proc: dict[tuple[int, int], str] = {}
         try:
             top = open_root(root)
         except OSError:
             return busy  # the source is gone: nothing of it is handed on anyway
-        # a writer opening the file while we hold the lease makes the kernel signal us (SIGIO
-        # by default, whose default action would end the process): SIGURG, ignored, unless
-        # SIGIO is ignored already (the service does that; it saves a call per file)
-        setsig = signal.getsignal(signal.SIGIO) is not signal.SIG_IGN
+        lease = self.leaser(top)
         try:
             for version in versions:
                 rel = version.relpath
-                answer = self._lease(top, root, version, setsig)
+                answer = self._lease(top, root, version, lease)
                 if answer is True:
                     busy.add(rel)
                 elif isinstance(answer, tuple):
@@ -437,16 +439,83 @@ class WriterCheck:
         finally:
             os.close(top)
         if ask_proc:
-            writers, complete = proc_writers()
-            busy.update(rel for key, rel in ask_proc.items() if key in writers)
-            if not complete:
-                left = [rel for key, rel in ask_proc.items() if key not in writers]
-                self.unknown += len(left)
-                self.why_unknown = "no lease and not every process's open files are readable"
+            self.ask_proc(ask_proc, busy)
         return busy
 
+    def ask_proc(self, ask: dict[tuple[int, int], str], busy: set[str]) -> None:
+        """Add to ``busy`` the relpaths of ``ask`` ((device, inode) -> relpath: files no lease
+        could be had on) that ``/proc`` shows open for writing; count the ones it cannot tell."""
+        writers, complete = proc_writers()
+        busy.update(rel for key, rel in ask.items() if key in writers)
+        if not complete:
+            left = [rel for key, rel in ask.items() if key not in writers]
+            self.unknown += len(left)
+            self.why_unknown = "no lease and not every process's open files are readable"
+
+    @staticmethod
+    def leaser(top: int) -> Lease:
+        """The lease check for one batch of files of the source folder ``top``: called with an
+        ``O_PATH`` handle of a regular file (already checked), its fstat and its relpath, it
+        answers True (someone holds it open for writing), False (nobody does), (device,
+        inode) (no lease can be had: ask /proc), or None (it cannot be opened now: gone, or
+        unreadable, which its delivery reports).
+
+        What is the same for the whole batch is found once: this process's ``/proc/PID/fd``
+        (the reopen goes through it) and whether SIGIO is ignored (a writer opening the file
+        while we hold the lease makes the kernel signal us, SIGIO by default, whose default
+        action would end the process: the service ignores it, which saves a call per file;
+        elsewhere SIGURG, ignored, is asked for)."""
+        proc = _proc_fd()
+        setsig = signal.getsignal(signal.SIGIO) is not signal.SIG_IGN
+        os_open, fcntl_, close = os.open, fcntl.fcntl, os.close
+        setlease, rdlck, sigurg = fcntl.F_SETLEASE, fcntl.F_RDLCK, signal.SIGURG
+
+        def lease(handle: int, st: os.stat_result, rel: str) -> bool | tuple[int, int] | None:
+            try:
+                if proc is not None:
+                    fd = os_open(str(handle), READ_FLAGS, dir_fd=proc)
+                else:  # no /proc: the checked name again (O_NONBLOCK: a FIFO never blocks)
+                    fd = open_at(top, rel)
+            except OSError:
+                return None  # gone meanwhile, or unreadable: the delivery will say why
+            try:
+                if setsig:
+                    fcntl_(fd, fcntl.F_SETSIG, sigurg)
+                fcntl_(fd, setlease, rdlck)
+            except OSError as exc:
+                if exc.errno == errno.EAGAIN:
+                    return True
+                return st.st_dev, st.st_ino  # EACCES (not ours), EINVAL (no leases here)
+            finally:
+                # closing gives the lease back: a writer opening the file meanwhile waits that long
+                close(fd)
+            return False
+
+        return lease
+
+    def look(
+        self, top: int, rel: str, lease: Lease
+    ) -> tuple[os.stat_result, bool | tuple[int, int] | None]:
+        """The watcher's look at a one-component name ``rel`` of the source folder ``top``: its
+        lstat (from an ``O_PATH | O_NOFOLLOW`` handle: a link is not followed, nothing is
+        opened) and, for a regular file, the lease check on that very handle (see
+        ``leaser``; None for anything else). One look then gives both the version and
+        whether it is still being written. Raises OSError (ENOENT...) as lstat would."""
+        handle = os.open(rel, PATH_FLAGS | os.O_NOFOLLOW, dir_fd=top)
+        try:
+            st = os.fstat(handle)
+            if not stat.S_ISREG(st.st_mode):
+                return st, None
+            return st, lease(handle, st, rel)
+        finally:
+            os.close(handle)
+
     def _lease(
-        self, top: int, root: Path, version: FileVersion, setsig: bool
+        self,
+        top: int,
+        root: Path,
+        version: FileVersion,
+        lease: Lease,
     ) -> bool | tuple[int, int] | None:
         """True: open for writing, or changed; False: complete; (dev, ino): ask /proc; None:
         gone or not a regular file (nothing to hand on; a FIFO or device is never opened)."""
@@ -459,30 +528,12 @@ class WriterCheck:
                 return None
             if not version.same_file(st):
                 return True  # a newer version (a writer came and went): look again
-            proc = _proc_fd()
-            if proc is not None:
-                fd = os.open(str(handle), READ_FLAGS, dir_fd=proc)
-            else:
-                fd = open_beneath(root, version.relpath)
-        except OSError:
-            return None
+            # nobody holds it open for writing, and it was the version seen a moment before
+            # the lease (one that changed within those microseconds is caught by the
+            # identity check each delivery makes on its own descriptor)
+            return lease(handle, st, version.relpath)
         finally:
             os.close(handle)
-        try:
-            if setsig:
-                fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                return True
-            return st.st_dev, st.st_ino  # EACCES (not ours), EINVAL (no leases here)
-        finally:
-            # closing gives the lease back: a writer opening the file meanwhile waits that long
-            os.close(fd)
-        # nobody holds it open for writing, and it was the version seen a moment before the
-        # lease (one that changed within those microseconds is caught by the identity check
-        # each delivery makes on its own descriptor)
-        return False
 
 
 def _handle(top: int, root: Path, rel: str) -> tuple[int, os.stat_result] | None:

@@ -271,7 +271,8 @@ class SourceWatcher:
                 paths.add(rel[:-5])
                 continue
             paths.add(rel)
-        await self._emit(await self._observe(sorted(paths)), wait=False)
+        ready, cleared = await self._observe(sorted(paths))
+        await self._emit(ready, wait=False, cleared=cleared)
 
     async def _rescan_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.rescan
@@ -541,54 +542,91 @@ class SourceWatcher:
 
     def _look(self, rels: list[str]) -> list[tuple[str, str, os.stat_result | None]]:
         """(relpath, what it is now, its stat) for each: "file" (a regular file to consider),
-        "dir" (a folder to scan), "gone", or "skip". Runs in a thread: a stat may block."""
+        "clear" or "busy" (one the open-writers gate looked at in the same look: nobody, or
+        someone, holds it open for writing), "dir" (a folder to scan), "gone", or "skip".
+        Runs in a thread: a stat may block."""
         cache: dict[str, bool] = {}
         found: list[tuple[str, str, os.stat_result | None]] = []
-        for rel in rels:
-            path = self._prefix + rel
-            folder = rel.rpartition("/")[0]
-            if folder and not self._folder_allowed(folder, cache):
-                self._skip(None, "link", folder)
-                found.append((rel, "skip", None))
-                continue
-            try:
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    if not self._link_allowed(path):
-                        self._skip(None, "link", rel)
-                        found.append((rel, "skip", None))
-                        continue
-                    st = os.stat(path)
-            except OSError:
-                found.append((rel, "gone", None))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                found.append((rel, "dir" if self.config.recursive else "skip", st))
-            elif stat.S_ISREG(st.st_mode) and not self._marker(rel):
-                found.append((rel, "file", st))
-            else:  # FIFOs, sockets, devices: never offered, never opened
-                if not stat.S_ISREG(st.st_mode):
-                    self._skip(None, "not_regular", rel)
-                found.append((rel, "skip", None))
+        top, lease = self._gate_here()
+        try:
+            for rel in rels:
+                path = self._prefix + rel
+                folder = rel.rpartition("/")[0]
+                if folder and not self._folder_allowed(folder, cache):
+                    self._skip(None, "link", folder)
+                    found.append((rel, "skip", None))
+                    continue
+                verdict: bool | tuple[int, int] | None = None
+                try:
+                    if lease is not None and not folder:
+                        st, verdict = self.writers.look(top, rel, lease)
+                    else:
+                        st = os.lstat(path)
+                    if stat.S_ISLNK(st.st_mode):
+                        if not self._link_allowed(path):
+                            self._skip(None, "link", rel)
+                            found.append((rel, "skip", None))
+                            continue
+                        st = os.stat(path)
+                except OSError:
+                    found.append((rel, "gone", None))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    found.append((rel, "dir" if self.config.recursive else "skip", st))
+                elif stat.S_ISREG(st.st_mode) and not self._marker(rel):
+                    # a lease refused or not possible (None, (dev, ino)): the gate asks again
+                    what = "busy" if verdict is True else "clear" if verdict is False else "file"
+                    found.append((rel, what, st))
+                else:  # FIFOs, sockets, devices: never offered, never opened
+                    if not stat.S_ISREG(st.st_mode):
+                        self._skip(None, "not_regular", rel)
+                    found.append((rel, "skip", None))
+        finally:
+            if lease is not None:
+                os.close(top)
         return found
 
-    async def _observe(self, rels: list[str]) -> list[FileVersion]:
-        """Look at files named by events (or due after settling), off the loop: complete ones."""
+    def _gate_here(self) -> tuple[int, sourcefile.Lease | None]:
+        """A descriptor of the source folder and the lease check, when the open-writers gate
+        runs within the look (``open_writers: check`` on a local disk: the handle that gives
+        the file's lstat is the one the lease is taken through, so the gate costs no look of
+        its own); (-1, None) otherwise."""
+        if self.config.open_writers != "check" or not self._local_fs:
+            return -1, None
+        try:
+            top = sourcefile.open_root(self.root)
+        except OSError:
+            return -1, None
+        return top, self.writers.leaser(top)
+
+    async def _observe(self, rels: list[str]) -> tuple[list[FileVersion], set[str]]:
+        """Look at files named by events (or due after settling), off the loop: the complete
+        ones, and the relpaths of those the open-writers gate cleared in the same look."""
         if not rels:
-            return []
+            return [], set()
         looks = await asyncio.to_thread(self._look, rels)
         now = time.time()
         ready: list[FileVersion] = []
+        cleared: set[str] = set()
+        busy: list[FileVersion] = []
         for rel, what, st in looks:
-            if what == "file" and st is not None:
+            if st is not None and what in ("file", "clear", "busy"):
                 v = self._consider(rel, st.st_size, st.st_mtime_ns, now, _ident(st))
-                if v is not None:
-                    ready.append(v)
+                if v is None:
+                    continue
+                if what == "busy":
+                    busy.append(v)
+                    continue
+                if what == "clear":
+                    cleared.add(rel)
+                ready.append(v)
             elif what == "dir":  # a folder moved in whole sends one event
                 await self._scan_tree(Path(self._prefix + rel))
             elif what == "gone":
                 self._pending.pop(rel, None)
-        return ready
+        if busy:
+            self._still_written(busy, now)
+        return ready, cleared
 
     def _consider(
         self, rel: str, size: int, mtime_ns: int, now: float, ident: Ident
@@ -652,14 +690,19 @@ class SourceWatcher:
         ino, ctime_ns, dev = ident
         return FileVersion(self.config.key, self.root, rel, size, mtime_ns, ino, ctime_ns, dev)
 
-    async def _no_writers(self, versions: list[FileVersion]) -> list[FileVersion]:
-        """The versions nobody holds open for writing any more, and still as seen. The others
-        are still being written (a writer that paused is not done) or changed since: they are
-        looked at again shortly."""
+    async def _no_writers(
+        self, versions: list[FileVersion], cleared: set[str]
+    ) -> list[FileVersion]:
+        """The versions nobody holds open for writing any more, and still as seen (those in
+        ``cleared`` were looked at so in the same look). The others are still being written
+        (a writer that paused is not done) or changed since: they are looked at again shortly."""
+        todo = [v for v in versions if v.relpath not in cleared] if cleared else versions
+        if not todo:
+            return versions
         if self._local_fs:  # a lease on a local file is a few syscalls that never wait
-            busy = self.writers.busy(self.root, versions)
+            busy = self.writers.busy(self.root, todo)
         else:
-            busy = await asyncio.to_thread(self.writers.busy, self.root, versions)
+            busy = await asyncio.to_thread(self.writers.busy, self.root, todo)
         if self.writers.unknown and not self._told_unknown:
             self._told_unknown = True
             log.warning(
@@ -670,14 +713,16 @@ class SourceWatcher:
             )
         if not busy:
             return versions
-        now = time.time()
+        self._still_written([v for v in versions if v.relpath in busy], time.time())
+        return [v for v in versions if v.relpath not in busy]
+
+    def _still_written(self, versions: list[FileVersion], now: float) -> None:
+        """Look again shortly at files someone holds open for writing (or that changed)."""
         again = now + min(max(self.config.settle, WRITER_RECHECK), 2.0)
         for v in versions:
-            if v.relpath in busy:
-                log.debug("%s is still open for writing (or changed): not complete yet", v.relpath)
-                self._pending[v.relpath] = ((v.size, v.mtime_ns, v.ino, v.ctime_ns), now)
-                self._look_again(v.relpath, again)
-        return [v for v in versions if v.relpath not in busy]
+            log.debug("%s is still open for writing (or changed): not complete yet", v.relpath)
+            self._pending[v.relpath] = ((v.size, v.mtime_ns, v.ino, v.ctime_ns), now)
+            self._look_again(v.relpath, again)
 
     async def _settle_loop(self, stop: asyncio.Event) -> None:
         """Look again at unsettled files when their quiet period is over."""
@@ -702,33 +747,39 @@ class SourceWatcher:
                 elif self._ageing.get(rel) == due:
                     del self._ageing[rel]
                     due_now.append(rel)
-            await self._emit(await self._observe(sorted(set(due_now))))
+            ready, cleared = await self._observe(sorted(set(due_now)))
+            await self._emit(ready, cleared=cleared)
 
-    async def _emit(self, versions: list[FileVersion], wait: bool = True) -> int:
+    async def _emit(
+        self, versions: list[FileVersion], wait: bool = True, cleared: set[str] | None = None
+    ) -> int:
         """Hand complete files on, in order; how many no rule takes (0 unless waited for).
         With ``wait=False`` it returns once the batch has started, so the next batch of events
         is read while this one is being committed; the next call waits for it first (one
-        batch in flight, never more)."""
+        batch in flight, never more). ``cleared``: relpaths the open-writers gate already
+        passed in the look that found them."""
         await self.drain()
         if not versions:
             return 0
         if wait:
             try:
-                return await self._hand_on(versions)
+                return await self._hand_on(versions, cleared or set())
             except JournalError as exc:  # a scan goes on; the files are offered again
                 self._hand_on_failed(exc)
         else:
-            self._emitting = asyncio.create_task(self._hand_on(versions), name=f"emit:{self.root}")
+            self._emitting = asyncio.create_task(
+                self._hand_on(versions, cleared or set()), name=f"emit:{self.root}"
+            )
             self._emitting.add_done_callback(self._handed_on)
         return 0
 
-    async def _hand_on(self, versions: list[FileVersion]) -> int:
+    async def _hand_on(self, versions: list[FileVersion], cleared: set[str]) -> int:
         good = [v for v in versions if valid_name(v.relpath)]
         for v in versions:
             if not valid_name(v.relpath):
                 await self._reject_cb(self.config, v, "the file name is not valid UTF-8")
         if good and self.config.open_writers == "check":
-            good = await self._no_writers(good)
+            good = await self._no_writers(good, cleared)
         unmatched = (await self._emit_cb(self.config, good) or 0) if good else 0
         waiting = self._wait_for_age(good) if self._age_due is not None else set()
         if self.config.ready == "done":

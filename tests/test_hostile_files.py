@@ -382,6 +382,61 @@ def test_a_writer_that_pauses_is_not_done(
             shutil.rmtree(outbox, ignore_errors=True)
 
 
+def _writer_holding(path: Path, first: bytes) -> subprocess.Popen[bytes]:
+    """Another process that wrote ``first`` to ``path``, flushed, and holds it open; it
+    writes what its stdin gives next, then closes."""
+    script = (
+        "import sys\n"
+        "fh = open(sys.argv[1], 'ab')\n"
+        f"fh.write(sys.stdin.buffer.read({len(first)})); fh.flush()\n"
+        "print(1, flush=True)\n"
+        "fh.write(sys.stdin.buffer.read()); fh.close()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(first)
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == b"1"
+    return proc
+
+
+def test_a_file_held_open_for_writing_is_never_moved_with_settle_0(
+    workspace: dict[str, Path],
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    """``settle: 0`` and ``mode: move`` (the inline move lane): the only thing between a file
+    and its consumption is the open-writers gate, taken in the very look that finds the file
+    (an event) or by the start-up scan. A writer in another process holds one file of each
+    kind open; neither moves until it closes, and then each arrives whole."""
+    ws = workspace
+    first, second = os.urandom(50_000), os.urandom(50_000)
+    ws["outbox"].mkdir()
+    writer = _writer_holding(ws["inbox"] / "early.bin", first)
+    cfg = config(ws, {"url": str(ws["outbox"]), "mode": "move"})
+    svc = service_factory(cfg, "--log-level", "DEBUG").start()
+    late_writer = _writer_holding(ws["inbox"] / "late.bin", first)
+    try:
+        for name in ("early.bin", "late.bin"):
+            wait_until(lambda n=name: f"{n} is still open for writing" in svc.log(), 60)
+        assert not os.listdir(ws["outbox"]), "a file still open for writing was delivered"
+        assert sorted(os.listdir(ws["inbox"])) == ["early.bin", "late.bin"]
+    finally:
+        for w in (writer, late_writer):
+            assert w.stdin is not None
+            w.stdin.write(second)
+            w.stdin.close()
+            w.wait(10)
+    wait_until(lambda: len(os.listdir(ws["outbox"])) == 2 and not os.listdir(ws["inbox"]), 60)
+    assert svc.stop() == 0
+    assert delivered(ws["outbox"]) == {"early.bin": first + second, "late.bin": first + second}
+    assert sorted((r["relpath"], r["size"], r["status"]) for r in journal_rows(ws["db"])) == [
+        ("early.bin", 100_000, "SUCCEEDED"),
+        ("late.bin", 100_000, "SUCCEEDED"),
+    ]
+
+
 def test_check_says_how_open_writers_are_told(workspace: dict[str, Path]) -> None:
     from .conftest import run_cli
 
