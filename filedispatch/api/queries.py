@@ -469,6 +469,8 @@ def entry(row: Entry) -> dict[str, Any]:
         "sha256": row.sha256,
         "mtime": iso(row.mtime_ns / 1e9),
         "mtime_ns": row.mtime_ns,
+        "btime": None if row.btime_ns is None else iso(row.btime_ns / 1e9),
+        "btime_ns": row.btime_ns,
         "label": row.label,
     }
 

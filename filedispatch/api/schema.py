@@ -50,6 +50,9 @@ ENTRY: dict[str, Any] = {
     "sha256": _NULL_STR,
     "mtime": {"type": "string", "format": "date-time"},
     "mtime_ns": _INT,
+    #: the file's birth time where its filesystem keeps one (null otherwise)
+    "btime": _NULL_TIME,
+    "btime_ns": _NULL_INT,
     "label": _NULL_STR,  #: the label a learned rule gave the file
 }
 DETAIL: dict[str, Any] = {

@@ -267,14 +267,14 @@ async function openDetail(id) {
     state.detailId = id;
     $("#detail-id").textContent = `#${d.id}`;
     const fields = ["status", "filename", "relpath", "source", "rule", "label", "step", "destination", "protocol",
-      "location", "size", "byte_size", "attempts", "created", "started", "finished", "duration_ms",
-      "next_attempt", "reason", "error_type", "detail", "extension", "node"];
+      "location", "size", "byte_size", "mtime", "btime", "attempts", "created", "started", "finished",
+      "duration_ms", "next_attempt", "reason", "error_type", "detail", "extension", "node"];
     const dl = $("#detail-fields");
     dl.replaceChildren();
     for (const f of fields) {
       let v = d[f];
       if (v === null || v === undefined || v === "") continue;
-      if (["created", "started", "finished", "next_attempt"].includes(f)) v = `${when(v)} (${v})`;
+      if (["created", "started", "finished", "next_attempt", "mtime", "btime"].includes(f)) v = `${when(v)} (${v})`;
       dl.append(el("dt", { textContent: f }), el("dd", { textContent: shown(v) }));
     }
     $("#detail-retry").hidden = d.status !== "FAILED";
