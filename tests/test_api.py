@@ -33,6 +33,7 @@ ENTRY_FIELDS = {
     "id", "created", "finished", "filename", "source", "destination", "extension", "protocol",
     "rule", "status", "attempts", "byte_size", "size", "duration_ms", "reason",
     "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns", "btime", "btime_ns", "label",
+    "marked",
 }  # fmt: skip
 
 

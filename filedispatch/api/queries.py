@@ -472,6 +472,8 @@ def entry(row: Entry) -> dict[str, Any]:
         "btime": None if row.btime_ns is None else iso(row.btime_ns / 1e9),
         "btime_ns": row.btime_ns,
         "label": row.label,
+        # recorded by mark-existing as already there: SUCCEEDED, but never sent
+        "marked": row.status == Status.SUCCEEDED and row.attempts == 0,
     }
 
 

@@ -54,6 +54,7 @@ ENTRY: dict[str, Any] = {
     "btime": _NULL_TIME,
     "btime_ns": _NULL_INT,
     "label": _NULL_STR,  #: the label a learned rule gave the file
+    "marked": {"type": "boolean"},  #: recorded by mark-existing, never sent
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,

@@ -237,10 +237,13 @@ async function refreshLogs() {
   body.replaceChildren(...rows);
 }
 
+const MARKED = "recorded by mark-existing as already there: never sent";
+
 function renderRow(e) {
   const tr = el("tr", { className: "row" });
   tr.dataset.id = e.id;
   tr.dataset.status = e.status;
+  if (e.marked) tr.dataset.marked = "true";
   const cells = [
     [String(e.id), "num"], [when(e.created), ""], [e.filename, "file"], [e.source, ""],
     [e.destination, "dest"], [e.label ? `${e.rule} (${e.label})` : e.rule, ""], [null, "status"], [e.size, "num"],
@@ -248,7 +251,9 @@ function renderRow(e) {
   ];
   for (const [text, cls] of cells) {
     const td = el("td", { className: cls });
-    if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
+    if (cls === "status" && e.marked) {
+      td.append(el("span", { className: "badge MARKED", textContent: "MARKED", title: MARKED }));
+    } else if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
     else if (CUT.includes(cls)) td.append(cut(text, cls));
     else td.textContent = shown(text);
     tr.append(td);
@@ -294,6 +299,7 @@ async function openDetail(id) {
       "duration_ms", "next_attempt", "reason", "error_type", "detail", "extension", "node"];
     const dl = $("#detail-fields");
     dl.replaceChildren();
+    if (d.marked) dl.append(el("dt", { textContent: "marked" }), el("dd", { textContent: MARKED }));
     for (const f of fields) {
       let v = d[f];
       if (v === null || v === undefined || v === "") continue;
