@@ -395,3 +395,37 @@ def test_the_dashboard_shows_what_waits_for_a_window(
     assert f"{outbox}: window {window} shut; 1 waiting, opens " in text
     assert driver.find_elements(By.CSS_SELECTOR, "#windows li.window.shut")
     assert svc.stop() == 0
+
+
+def test_the_dashboard_tells_a_marked_row_from_a_delivery(
+    tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
+) -> None:
+    from .conftest import run_cli
+
+    driver = browser
+    port = free_port()
+    cfg = ops_config(tmp_path, api={"port": port, "token": TOKEN})
+    old(tmp_path / "inbox" / "there.txt", b"was there")
+    assert run_cli("mark-existing", "-c", cfg).returncode == 0
+    svc = service_factory(cfg).start()
+    old(tmp_path / "inbox" / "new.txt", b"new")
+    wait_until(lambda: journal_rows(tmp_path / "journal.db", "filename='new.txt' AND attempts=1"))
+    url = f"http://127.0.0.1:{port}"
+    driver.get(url + "/")
+    driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
+    driver.get(url + "/")
+    wait_until(lambda: len(visible_rows(driver)) == 2, 15)
+    badges = dict(
+        driver.execute_script(
+            """return [...document.querySelectorAll('#logs tbody tr.row')].map(
+                tr => [tr.querySelector('td.file').textContent,
+                       tr.querySelector('td.status').innerText]);"""
+        )
+    )
+    assert badges == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
+    (marked,) = journal_rows(tmp_path / "journal.db", "filename='there.txt'")
+    click(driver, f'#logs tr[data-id="{marked["id"]}"] td.file')
+    dialog = driver.find_element(By.ID, "detail")
+    wait_until(dialog.is_displayed, 10)
+    assert "never sent" in dialog.text
+    assert svc.stop() == 0
