@@ -3,7 +3,7 @@ through the C library, as Python 3.11's ``os.stat`` gives no ``st_birthtime`` on
 
 Only reads metadata; never opens, changes or decides anything about a file. Where statx is
 missing (glibc before 2.28, a kernel before 4.11, another system) or the filesystem keeps no
-birth time (tmpfs before Linux 5.x, many network filesystems), the answer is None.
+birth time (an older kernel's tmpfs, many network and FUSE filesystems), the answer is None.
 """
 
 from __future__ import annotations
