@@ -267,6 +267,9 @@ def openapi() -> dict[str, Any]:
                 "name": _STR,
                 "path": _STR,
                 "polling": {"type": "boolean"},
+                #: shared by the nodes of a cluster, and whether this node lists it now
+                "shared": {"type": "boolean"},
+                "listing": {"type": "boolean"},
                 "ready": {"type": "boolean"},
                 "last_error": _NULL_STR,
                 "skipped": _object(dict.fromkeys(SKIP_REASONS, _INT)),
