@@ -125,6 +125,7 @@ def test_a_journal_with_the_old_step_keys_is_upgraded_once_and_sends_nothing_aga
         conn.execute("DROP INDEX IF EXISTS dispatches_sha256")  # schema 4 had neither
         conn.execute("ALTER TABLE dispatches DROP COLUMN node")  # schema 6's
         conn.execute("ALTER TABLE dispatches DROP COLUMN label")  # and the label column
+        conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")  # and the birth time
         conn.execute("PRAGMA user_version = 4")
     conn.close()
 
