@@ -391,7 +391,9 @@ def cmd_check(path: Path) -> int:
     from .journal import journal_path
     from .watcher import describe_writer_check
 
-    say(f"{path}: valid")
+    missing = file_problems(config)
+    # "valid" above errors would contradict them: the verdict comes first, and is the same
+    say(f"{path}: valid" if not missing else f"{path}: {len(missing)} problem(s), listed below")
     say(f"journal: {journal_path(config)}")
     say("sources:")
     for s in config.sources:
@@ -452,7 +454,7 @@ def cmd_check(path: Path) -> int:
 
     for line in describe(config):
         say(f"  notify {line}")
-    problems = file_problems(config) + verify_problems(config)
+    problems = missing + verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
     return EXIT_USAGE if problems else EXIT_OK

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from . import recovery
+from .birth import born
 from .config import Config, SourceConfig, Step
 from .config import scrub as scrub_secrets
 from .content import facts_for
@@ -143,10 +145,21 @@ def format_detail(row: dict[str, Any], secrets: Iterable[str] = ()) -> str:
             value = "yes: recorded by mark-existing, never sent"
         if key in ("created", "started", "finished") and value:
             value = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(value))} ({value:.3f})"
+        elif key in ("mtime_ns", "btime_ns"):  # the file's own times: modified, born
+            value = f"{_local_ns(value)} ({value})"
         else:
             value = shown(value, secrets)
         out.append(f"{key + ':':<13} {value}")
     return "\n".join(out)
+
+
+def _local_ns(ns: int) -> str:
+    """Nanoseconds since the epoch as a local date and time (to the microsecond)."""
+    try:
+        moment = dt.datetime.fromtimestamp(ns / 1e9).astimezone()
+    except (OverflowError, OSError, ValueError):  # past what the C library can give a date
+        return "?"
+    return moment.isoformat(sep=" ", timespec="microseconds")
 
 
 def format_stats(rows: Iterable[dict[str, Any]]) -> list[str]:
@@ -332,7 +345,7 @@ async def _mark(
                         summary.unmatched += 1
                         continue
                     summary.files += 1
-                    steps += planned_steps(version, chains)
+                    steps += planned_steps(born(version), chains)
                 summary.steps += len(steps)
                 summary.new += await journal.mark_done(steps) if steps else 0
                 progress.update(min(start + BATCH, len(files)))

@@ -39,6 +39,9 @@ class FileVersion:
     ino: int = 0
     ctime_ns: int = 0
     dev: int = 0  #: the device the file was seen on (not part of the key: it differs per host)
+    #: its birth time, nanoseconds since the epoch, where the filesystem keeps one (``birth``;
+    #: looked up only for a file about to be planned; None otherwise). Not part of the key.
+    btime_ns: int | None = field(default=None, compare=False)
     # worked out on first use and kept: a rescan makes a version of every file it lists, and
     # most of those are only looked up in the journal
     _path: Path | None = field(default=None, init=False, repr=False, compare=False)
@@ -148,6 +151,7 @@ class Dispatch:
     ctime_ns: int | None = None
     sha256: str | None = None  #: hex digest of the bytes delivered, where the step computed it
     label: str | None = None  #: the label a learned rule gave the file (``{label}``)
+    btime_ns: int | None = None  #: the source's birth time, ns since the epoch (None: unknown)
     #: the step and the transforms before it (``router.step_keys``; set by a claim, None
     #: elsewhere)
     step_key: str | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +32,8 @@ from .conftest import ServiceProcess, free_port, run_cli, wait_until
 ENTRY_FIELDS = {
     "id", "created", "finished", "filename", "source", "destination", "extension", "protocol",
     "rule", "status", "attempts", "byte_size", "size", "duration_ms", "reason",
-    "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns", "label",
+    "sha256", "created_ts", "finished_ts", "mtime", "mtime_ns", "btime", "btime_ns", "label",
+    "marked",
 }  # fmt: skip
 
 
@@ -395,6 +397,45 @@ async def test_detail_of_a_failed_dispatch(api: Api) -> None:
     assert body["status"] == "FAILED" and body["relpath"] == "d.bin" and body["step"] == 0
     assert body["reason"] == row["reason"] and body["error_type"] == row["error_type"]
     assert body["destination"] == str(api.root / "blocker" / "sub")
+
+
+async def test_the_files_birth_time_is_what_statx_says(api: Api) -> None:
+    """Each entry gives the source file's birth time as GNU stat(1) reads it with statx(2):
+    the same nanoseconds in the journal, the API (ISO 8601 beside them) and ``history show``,
+    or null on a filesystem that keeps none."""
+    _, body = await call(api, "GET", "/api/v1/logs", {"source": "inbox", "limit": "100"})
+    assert body["results"]
+    for e in body["results"]:
+        born = stat_birth_ns(api.root / "inbox" / e["filename"])
+        (row,) = api.rows("id = ?", (e["id"],))
+        assert e["btime_ns"] == born == (None if row["btime_ns"] is None else int(row["btime_ns"]))
+        if born is None:
+            assert e["btime"] is None
+        else:
+            btime = dt.datetime.fromisoformat(e["btime"].replace("Z", "+00:00"))
+            assert abs(btime.timestamp() - born / 1e9) < 0.001
+    a_txt = next(e for e in body["results"] if e["filename"] == "a.txt")
+    born = stat_birth_ns(api.root / "inbox" / "a.txt")
+    shown = run_cli("-c", api.root / "config.yml", "history", "show", str(a_txt["id"]))
+    assert shown.returncode == 0, shown.stderr
+    lines = [line for line in shown.stdout.splitlines() if line.startswith("btime_ns:")]
+    assert [line.rsplit(" ", 1)[-1] for line in lines] == ([] if born is None else [f"({born})"])
+
+
+def stat_birth_ns(path: Path) -> int | None:
+    """The birth time GNU stat(1) gives for ``path`` (ns since the epoch; None: not known)."""
+    out = subprocess.run(
+        ["stat", "-c", "%w", str(path)], capture_output=True, text=True, check=True, env=_C
+    ).stdout.strip()
+    if out == "-":
+        return None
+    day, clock, zone = out.split()  # 2026-12-01 04:44:16.742911480 +0000
+    whole, _, fraction = clock.partition(".")
+    moment = dt.datetime.fromisoformat(f"{day}T{whole}{zone}")
+    return int(moment.timestamp()) * 1_000_000_000 + int(fraction.ljust(9, "0"))
+
+
+_C = {"LC_ALL": "C", "TZ": "UTC", "PATH": "/usr/bin:/bin"}
 
 
 # --------------------------------------------------------------------------- stats, status

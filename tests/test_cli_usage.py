@@ -103,6 +103,7 @@ def test_check_names_missing_tls_and_ssh_files_and_a_source_to_create(tmp_path: 
     )
     result = run_cli("check", "-c", cfg)
     assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == f"{cfg}: 3 problem(s), listed below"
     assert f"rules[0].to[0].key_file: {tmp_path / 'absent_key'} does not exist" in result.stderr
     assert f"rules[0].to[0].known_hosts: {tmp_path / 'keys'} is not a file" in result.stderr
     assert f"rules[0].to[1].ca_file: {tmp_path / 'no_ca.pem'} does not exist" in result.stderr

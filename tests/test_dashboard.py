@@ -214,6 +214,24 @@ def _text(driver: webdriver.Chrome, css: str) -> str:
     return str(driver.execute_script("return document.querySelector(arguments[0]).innerText", css))
 
 
+def _end_in_view(driver: webdriver.Chrome, css: str) -> bool:
+    """Whether the last character of the cell's text is drawn inside its box (not cut off)."""
+    return bool(
+        driver.execute_script(
+            """const box = document.querySelector(arguments[0] + ' .cut');
+            const walker = document.createTreeWalker(box, NodeFilter.SHOW_TEXT);
+            let text = null;
+            while (walker.nextNode()) text = walker.currentNode;
+            const range = document.createRange();
+            range.setStart(text, text.length - 1);
+            range.setEnd(text, text.length);
+            const c = range.getBoundingClientRect(), b = box.getBoundingClientRect();
+            return c.width > 0 && c.left >= b.left - 1 && c.right <= b.right + 1;""",
+            css,
+        )
+    )
+
+
 def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
     tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
 ) -> None:
@@ -278,19 +296,56 @@ def test_the_dashboard_shows_what_the_service_is_doing_at_1280_px(
     shown_url = long_url.replace("bob:pw@", "bob:***@")
     assert shown_url in dest_errors, dest_errors
     last_error = status["destinations"][shown_url]["last_error"]
-    assert last_error and last_error[:20] in dest_errors[shown_url]
+    # the error without the URL it starts with (the row shows the destination already): the
+    # cause is what shows, not the URL again
+    cause = last_error.removeprefix(shown_url + ": ")
+    assert cause != last_error and cause[:20] in dest_errors[shown_url], dest_errors
     assert "pw@" not in driver.page_source
+    # two long URLs on one server: their ends are on screen, so the rows can be told apart
+    later_url = shown_url.rsplit("/", 2)[0] + "/later"
+    for d, end in ((shown_url, LONG_PATH[-8:]), (later_url, "/later")):
+        css = f'#destinations tr[data-destination="{d}"] td.dest'
+        assert _text(driver, css).endswith(end)
+        assert _end_in_view(driver, css), (css, _text(driver, css))
+    row_css = '#logs tr[data-id="{}"] td.dest'
+    for r in journal_rows(db):
+        assert _end_in_view(driver, row_css.format(r["id"])), r["destination"]
+    # numbers and their headers line up (right-aligned both)
+    for table in ("#destinations", "#nodes"):
+        edges = driver.execute_script(
+            """const t = document.querySelector(arguments[0]);
+            return [...t.querySelectorAll('thead th')].map((th, i) => {
+              const td = t.querySelector(`tbody tr td:nth-child(${i + 1})`);
+              return [th.className, th.getBoundingClientRect().right,
+                      td && getComputedStyle(td).textAlign, getComputedStyle(th).textAlign];
+            });""",
+            table,
+        )
+        for cls, _, td_align, th_align in edges:
+            if "num" in cls:
+                assert td_align == th_align == "right", (table, edges)
+    # the charts follow what just happened, not 30 s later
+    wait_until(
+        lambda: (
+            driver.find_element(By.ID, "chart-status").get_attribute("data-bars")
+            not in (None, "", "0")
+        ),
+        20,
+    )
 
     # the failed row with its long URL: the reason and the Retry button stay on screen
     row = journal_rows(db, "filename='big.bin'")[0]
     retry_css = f'#logs tr[data-id="{row["id"]}"] button.retry'
     wait_until(lambda: bool(driver.find_elements(By.CSS_SELECTOR, retry_css)), 15)
     width = int(driver.execute_script("return document.documentElement.clientWidth"))
-    for css in (retry_css, f'#logs tr[data-id="{row["id"]}"] td.reason'):
+    reason_css = f'#logs tr[data-id="{row["id"]}"] td.reason'
+    for css in (retry_css, reason_css):
         rect = driver.execute_script(
             "return document.querySelector(arguments[0]).getBoundingClientRect().toJSON()", css
         )
         assert rect["width"] > 0 and rect["right"] <= width, (css, rect, width)
+    # the reason says why (the URL is in the destination column beside it)
+    assert _text(driver, reason_css).startswith(row["reason"].removeprefix(shown_url + ": ")[:15])
     assert int(driver.execute_script("return document.documentElement.scrollWidth")) <= width
     if SHOTS:
         driver.save_screenshot(str(Path(SHOTS) / "dashboard-1280.png"))
@@ -344,4 +399,38 @@ def test_the_dashboard_shows_what_waits_for_a_window(
     text = _text(driver, "#windows")
     assert f"{outbox}: window {window} shut; 1 waiting, opens " in text
     assert driver.find_elements(By.CSS_SELECTOR, "#windows li.window.shut")
+    assert svc.stop() == 0
+
+
+def test_the_dashboard_tells_a_marked_row_from_a_delivery(
+    tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
+) -> None:
+    from .conftest import run_cli
+
+    driver = browser
+    port = free_port()
+    cfg = ops_config(tmp_path, api={"port": port, "token": TOKEN})
+    old(tmp_path / "inbox" / "there.txt", b"was there")
+    assert run_cli("mark-existing", "-c", cfg).returncode == 0
+    svc = service_factory(cfg).start()
+    old(tmp_path / "inbox" / "new.txt", b"new")
+    wait_until(lambda: journal_rows(tmp_path / "journal.db", "filename='new.txt' AND attempts=1"))
+    url = f"http://127.0.0.1:{port}"
+    driver.get(url + "/")
+    driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
+    driver.get(url + "/")
+    wait_until(lambda: len(visible_rows(driver)) == 2, 15)
+    badges = dict(
+        driver.execute_script(
+            """return [...document.querySelectorAll('#logs tbody tr.row')].map(
+                tr => [tr.querySelector('td.file').textContent,
+                       tr.querySelector('td.status').innerText]);"""
+        )
+    )
+    assert badges == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
+    (marked,) = journal_rows(tmp_path / "journal.db", "filename='there.txt'")
+    click(driver, f'#logs tr[data-id="{marked["id"]}"] td.file')
+    dialog = driver.find_element(By.ID, "detail")
+    wait_until(dialog.is_displayed, 10)
+    assert "never sent" in dialog.text
     assert svc.stop() == 0

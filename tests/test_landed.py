@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .apiutil import get_json
-from .conftest import free_port, journal_rows, run_cli, wait_until
+from .conftest import free_port, journal_rows, old, run_cli, wait_until
+from .ops import ops_config
 from .servers import FtpServer, SftpServer, old_file, remote_config
 
 TOKEN = "landed-t0ken-for-the-test"
@@ -86,3 +87,30 @@ def test_location_is_the_final_name_after_a_rename(
     finally:
         ftp.stop()
         sftp.close()
+
+
+def test_marked_rows_are_told_from_deliveries(tmp_path: Path, service_factory: Any) -> None:
+    """A file ``mark-existing`` recorded is ``marked`` in the API and says so in the CLI; a file
+    delivered is not."""
+    port = free_port()
+    cfg = ops_config(tmp_path, api={"port": port, "token": TOKEN})
+    old(tmp_path / "inbox" / "there.txt", b"was there")
+    marked = run_cli("mark-existing", "-c", cfg)
+    assert marked.returncode == 0, marked.stderr
+    svc = service_factory(cfg).start()
+    old(tmp_path / "inbox" / "new.txt", b"new")
+    url = f"http://127.0.0.1:{port}/api/v1/logs"
+    wait_until(lambda: (tmp_path / "outbox" / "new.txt").exists(), 30)
+    wait_until(lambda: asyncio.run(get_json(url, TOKEN))["count"] == 2)
+    entries = {e["filename"]: e for e in asyncio.run(get_json(url, TOKEN))["results"]}
+    assert entries["there.txt"]["marked"] is True and entries["there.txt"]["status"] == "SUCCEEDED"
+    assert entries["new.txt"]["marked"] is False and entries["new.txt"]["status"] == "SUCCEEDED"
+    detail = asyncio.run(get_json(f"{url}/{entries['there.txt']['id']}", TOKEN))
+    assert detail["marked"] is True and "mark-existing" in detail["detail"]
+    assert not (tmp_path / "outbox" / "there.txt").exists()
+    assert svc.stop() == 0
+    listed = run_cli("history", "list", "-c", cfg)
+    assert listed.returncode == 0, listed.stderr
+    (there,) = [line for line in listed.stdout.splitlines() if "there.txt" in line]
+    (new,) = [line for line in listed.stdout.splitlines() if "new.txt" in line]
+    assert "marked by mark-existing: not sent" in there and "mark-existing" not in new

@@ -129,6 +129,7 @@ def test_a_journal_with_the_old_step_keys_is_upgraded_once_and_sends_nothing_aga
             conn.execute(f"DROP TRIGGER {trigger}")  # schema 9's rollup and kept keys
         for table in ("stats_days", "stats_months", "kept"):
             conn.execute(f"DROP TABLE {table}")
+        conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")  # and the birth time
         conn.execute("PRAGMA user_version = 4")
     conn.close()
 

@@ -466,7 +466,11 @@ def entry(row: Entry) -> dict[str, Any]:
         "sha256": row.sha256,
         "mtime": iso(row.mtime_ns / 1e9),
         "mtime_ns": row.mtime_ns,
+        "btime": None if row.btime_ns is None else iso(row.btime_ns / 1e9),
+        "btime_ns": row.btime_ns,
         "label": row.label,
+        # recorded by mark-existing as already there: SUCCEEDED, but never sent
+        "marked": row.status == Status.SUCCEEDED and row.attempts == 0,
     }
 
 

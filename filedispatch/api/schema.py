@@ -50,7 +50,11 @@ ENTRY: dict[str, Any] = {
     "sha256": _NULL_STR,
     "mtime": {"type": "string", "format": "date-time"},
     "mtime_ns": _INT,
+    #: the file's birth time where its filesystem keeps one (null otherwise)
+    "btime": _NULL_TIME,
+    "btime_ns": _NULL_INT,
     "label": _NULL_STR,  #: the label a learned rule gave the file
+    "marked": {"type": "boolean"},  #: recorded by mark-existing, never sent
 }
 DETAIL: dict[str, Any] = {
     **ENTRY,
@@ -263,8 +267,9 @@ def openapi() -> dict[str, Any]:
                 "name": _STR,
                 "path": _STR,
                 "polling": {"type": "boolean"},
-                "shared": {"type": "boolean"},  # shared: true (several nodes, docs/cluster.md)
-                "listing": {"type": "boolean"},  # this node lists it now (holds its lease)
+                #: shared by the nodes of a cluster, and whether this node lists it now
+                "shared": {"type": "boolean"},
+                "listing": {"type": "boolean"},
                 "ready": {"type": "boolean"},
                 "last_error": _NULL_STR,
                 "skipped": _object(dict.fromkeys(SKIP_REASONS, _INT)),

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from ..birth import born
 from ..config import SourceConfig
 from ..content import facts_for, needs_content
 from ..journal import PlannedStep, planned_steps
@@ -65,6 +66,10 @@ class Planner:
             routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [router.route(v) for v in versions]
+        if any(routes):  # the files a rule takes are recorded with their birth time
+            versions = await asyncio.to_thread(
+                lambda: [born(v) if c else v for v, c in zip(versions, routes, strict=True)]
+            )
         if self.budget is not None:  # --max-items: only work not done yet counts
             versions, routes = await self.budget.admit(
                 versions, routes, state.journal, state.summary

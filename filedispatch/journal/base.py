@@ -336,6 +336,7 @@ class Entry:
     sha256: str | None
     mtime_ns: int
     label: str | None  #: the label a learned rule gave the file
+    btime_ns: int | None  #: the file's birth time (ns since the epoch) where it was known
 
     def sort_values(self, keys: Sequence[SortKey]) -> list[Any]:
         """This row's values of ``keys`` as the page order sees them (a cursor)."""

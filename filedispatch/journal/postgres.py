@@ -203,6 +203,9 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (vkey, step_key)
         )""",
     ],
+    [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
+        "ALTER TABLE dispatches ADD COLUMN btime_ns NUMERIC(20)",
+    ],
 ]
 
 
@@ -250,16 +253,16 @@ def _stat(value: int | None) -> str | None:
 #: are status, created, started, node and epoch
 _PLAN = (
     "INSERT INTO dispatches (vkey, source, root, relpath, filename, extension, size, mtime_ns, "
-    "rule, step, step_key, destination, protocol, dev, ino, ctime_ns, owner, status, created, "
-    "started, node, epoch) "
+    "rule, step, step_key, destination, protocol, dev, ino, ctime_ns, owner, btime_ns, status, "
+    "created, started, node, epoch) "
     "SELECT u.vk, u.src, u.root, u.rel, u.fn, u.ext, u.size, u.mt::numeric, u.rule, u.step, "
     "u.sk, u.dest, u.proto, u.dev::numeric, u.ino::numeric, u.ct::numeric, u.owner, "
-    "%s, %s, %s, %s, %s::bigint "
+    "u.bt::numeric, %s, %s, %s, %s, %s::bigint "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
     "%s::bigint[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], "
-    "%s::text[], %s::text[], %s::text[], %s::text[]) "
+    "%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) "
     "AS u(vk, src, root, rel, fn, ext, size, mt, rule, step, sk, dest, proto, dev, ino, ct, "
-    "owner) WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.vkey = u.vk AND k.step_key = u.sk) "
+    "owner, bt) WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.vkey = u.vk AND k.step_key = u.sk) "
     "ON CONFLICT (vkey, step_key) DO NOTHING"
 )
 
@@ -296,6 +299,7 @@ def _plan_columns(
             _stat(s.version.ino or None),
             _stat(s.version.ctime_ns or None),
             owner(s.version.source),
+            _stat(s.version.btime_ns),
         )
         for s in steps
     ]

@@ -40,12 +40,12 @@ from .retention import KeptKey, OldRow
 COLUMNS = (
     "id, source, root, relpath, size, mtime_ns, rule, step, destination, protocol, status, "
     "attempts, reason, location, created, started, finished, duration_ms, next_attempt, "
-    "error_type, detail, output, dev, ino, ctime_ns, sha256, label"
+    "error_type, detail, output, dev, ino, ctime_ns, sha256, label, btime_ns"
 )
 #: the columns of an ``Entry``, and of a ``Detail``
 ENTRY_COLUMNS = (
     "id, created, finished, filename, source, destination, extension, protocol, rule, status, "
-    "attempts, size, duration_ms, reason, sha256, mtime_ns, label"
+    "attempts, size, duration_ms, reason, sha256, mtime_ns, label, btime_ns"
 )
 DETAIL_COLUMNS = (
     ENTRY_COLUMNS + ", relpath, step, location, detail, error_type, started, next_attempt, node"
@@ -61,6 +61,7 @@ def row_dispatch(r: Sequence[Any]) -> Dispatch:
     values[10] = Status(values[10])
     values[5] = number(values[5])  # mtime_ns, dev, ino, ctime_ns: see sqlite._int64
     values[22:25] = map(number, values[22:25])
+    values[27] = number(values[27])  # btime_ns
     return Dispatch(*values)
 
 
@@ -78,15 +79,18 @@ def claimed_groups(vkeys: Sequence[str], rows: Sequence[Any], now: float) -> lis
 
 
 def _entry(r: Sequence[Any]) -> Entry:
-    values = list(r[:17])
-    values[15] = number(values[15])
-    return Entry(*values)
+    return Entry(*_entry_values(r[:18]))
 
 
 def _detail(r: Sequence[Any]) -> Detail:
+    return Detail(*_entry_values(r))
+
+
+def _entry_values(r: Sequence[Any]) -> list[Any]:
     values = list(r)
-    values[15] = number(values[15])
-    return Detail(*values)
+    values[15] = number(values[15])  # mtime_ns
+    values[17] = number(values[17])  # btime_ns
+    return values
 
 
 @dataclass(frozen=True, slots=True)

@@ -227,6 +227,9 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TRIGGER kept_not_new BEFORE INSERT ON dispatches WHEN EXISTS (SELECT 1 FROM kept "
         "WHERE vkey = NEW.vkey AND step_key = NEW.step_key) BEGIN SELECT RAISE(IGNORE); END",
     ],
+    [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
+        "ALTER TABLE dispatches ADD COLUMN btime_ns INTEGER",
+    ],
 ]
 
 
@@ -372,18 +375,19 @@ def read_digests(
 #: new rows, one parameter tuple each (``_plan_params``)
 _PLAN = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
-    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, "
-    "started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
+    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, btime_ns, status, "
+    "created, started) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'{status}',?,{started})"
 )
 
 
 #: the same rows as one JSON array, inserted IN_PROGRESS (``plan_started``)
 _PLAN_BULK = (
     "INSERT OR IGNORE INTO dispatches (vkey, source, root, relpath, filename, extension, size, "
-    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, status, created, "
-    "started, node) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, "
-    "value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
-    "value->>13, value->>14, value->>15, 'IN_PROGRESS', ?2, ?2, ?3 FROM json_each(?1)"
+    "mtime_ns, rule, step, step_key, destination, protocol, dev, ino, ctime_ns, btime_ns, status, "
+    "created, started, node) SELECT value->>0, value->>1, value->>2, value->>3, value->>4, "
+    "value->>5, value->>6, value->>7, value->>8, value->>9, value->>10, value->>11, value->>12, "
+    "value->>13, value->>14, value->>15, value->>16, 'IN_PROGRESS', ?2, ?2, ?3 "
+    "FROM json_each(?1)"
 )
 
 
@@ -406,6 +410,7 @@ def _plan_params(steps: Iterable[PlannedStep], now: float) -> list[tuple[Any, ..
             _int64(s.version.dev) or None,
             _int64(s.version.ino) or None,
             _int64(s.version.ctime_ns) or None,
+            None if s.version.btime_ns is None else _int64(s.version.btime_ns),
             now,
         )
         for s in steps
@@ -836,7 +841,7 @@ class SqliteJournal(SqlReads, HealthReport):
                     ).fetchone()[0]
                 )
             else:
-                conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?17"), params)
+                conn.executemany(_PLAN.format(status="IN_PROGRESS", started="?18"), params)
                 if self.node is not None:
                     conn.execute("UPDATE dispatches SET node=? WHERE id > ?", (self.node, top))
                 new = dict(

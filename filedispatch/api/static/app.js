@@ -122,6 +122,7 @@ async function refreshStatus() {
   renderWindows(s.windows || []);
   renderService(s);
   renderNodes((await api("/api/v1/nodes")).nodes || []);
+  return JSON.stringify(s.counts || {});
 }
 
 function renderNodes(nodes) {
@@ -156,22 +157,44 @@ function renderWindows(windows) {
 // bounded width, the whole text as the tooltip (a table cell's own max-width is ignored)
 const CUT = ["file", "dest", "reason", "clip"];
 
-function cut(text) {
-  return el("div", { className: "cut", textContent: shown(text), title: shown(text) });
+function cut(text, className = "") {
+  const whole = shown(text);
+  if (!PATHS.some((c) => className.split(" ").includes(c))) {
+    return el("div", { className: "cut", textContent: whole, title: whole });
+  }
+  // a path or URL keeps its end (what tells two destinations apart, the file's folder): its
+  // middle goes first, then the box cuts at the start what is still too wide
+  const inner = el("bdi", { dir: "ltr", textContent: middle(whole, PATH_CHARS) });
+  return el("div", { className: "cut tail", title: whole }, inner);
+}
+
+const PATHS = ["dest", "path"];
+const PATH_CHARS = 34;
+
+function middle(text, max) {
+  if (text.length <= max) return text;
+  const head = Math.min(14, max - 12);
+  return text.slice(0, head) + "…" + text.slice(text.length - (max - head - 1));
 }
 
 function cell(text, className = "") {
   const td = el("td", { className });
-  if (CUT.some((c) => className.split(" ").includes(c))) td.append(cut(text));
+  if (CUT.some((c) => className.split(" ").includes(c))) td.append(cut(text, className));
   else td.textContent = shown(text);
   return td;
+}
+
+function cause(reason, destination) {
+  // a processor's reason starts with its destination, which the row shows beside it already
+  const prefix = `${destination}: `;
+  return reason && reason.startsWith(prefix) ? reason.slice(prefix.length) : reason || "";
 }
 
 function renderService(s) {
   const sources = (s.sources || []).map((src) => {
     const stopped = (s.stopped_sources || []).includes(src.name);
     const how = `${src.polling ? "polling" : "inotify"}, ${src.ready ? "ready" : "scanning"}${stopped ? ", stopped" : ""}`;
-    const tr = el("tr", {}, cell(src.name), cell(src.path, "clip"), cell(how), cell(src.last_error || "", "reason clip"));
+    const tr = el("tr", {}, cell(src.name), cell(src.path, "path clip"), cell(how), cell(src.last_error || "", "reason clip"));
     tr.dataset.source = src.name;
     if (src.last_error || stopped) tr.className = "has-error";
     return tr;
@@ -179,7 +202,7 @@ function renderService(s) {
   $("#sources tbody").replaceChildren(...sources);
   const dests = Object.entries(s.destinations || {}).map(([name, d]) => {
     const tr = el("tr", {}, cell(name, "dest clip"), cell(d.succeeded, "num"), cell(d.failed, "num"),
-      cell(d.retried, "num"), cell(d.last_error || "", "reason clip"));
+      cell(d.retried, "num"), cell(cause(d.last_error, name), "reason clip"));
     tr.dataset.destination = name;
     if (d.last_error) tr.className = "has-error";
     return tr;
@@ -214,19 +237,24 @@ async function refreshLogs() {
   body.replaceChildren(...rows);
 }
 
+const MARKED = "recorded by mark-existing as already there: never sent";
+
 function renderRow(e) {
   const tr = el("tr", { className: "row" });
   tr.dataset.id = e.id;
   tr.dataset.status = e.status;
+  if (e.marked) tr.dataset.marked = "true";
   const cells = [
     [String(e.id), "num"], [when(e.created), ""], [e.filename, "file"], [e.source, ""],
     [e.destination, "dest"], [e.label ? `${e.rule} (${e.label})` : e.rule, ""], [null, "status"], [e.size, "num"],
-    [duration(e.duration_ms), "num"], [String(e.attempts), "num"], [e.reason || "", "reason"],
+    [duration(e.duration_ms), "num"], [String(e.attempts), "num"], [cause(e.reason, e.destination), "reason"],
   ];
   for (const [text, cls] of cells) {
     const td = el("td", { className: cls });
-    if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
-    else if (CUT.includes(cls)) td.append(cut(text));
+    if (cls === "status" && e.marked) {
+      td.append(el("span", { className: "badge MARKED", textContent: "MARKED", title: MARKED }));
+    } else if (cls === "status") td.append(el("span", { className: `badge ${e.status}`, textContent: e.status }));
+    else if (CUT.includes(cls)) td.append(cut(text, cls));
     else td.textContent = shown(text);
     tr.append(td);
   }
@@ -267,14 +295,15 @@ async function openDetail(id) {
     state.detailId = id;
     $("#detail-id").textContent = `#${d.id}`;
     const fields = ["status", "filename", "relpath", "source", "rule", "label", "step", "destination", "protocol",
-      "location", "size", "byte_size", "attempts", "created", "started", "finished", "duration_ms",
-      "next_attempt", "reason", "error_type", "detail", "extension", "node"];
+      "location", "size", "byte_size", "mtime", "btime", "attempts", "created", "started", "finished",
+      "duration_ms", "next_attempt", "reason", "error_type", "detail", "extension", "node"];
     const dl = $("#detail-fields");
     dl.replaceChildren();
+    if (d.marked) dl.append(el("dt", { textContent: "marked" }), el("dd", { textContent: MARKED }));
     for (const f of fields) {
       let v = d[f];
       if (v === null || v === undefined || v === "") continue;
-      if (["created", "started", "finished", "next_attempt"].includes(f)) v = `${when(v)} (${v})`;
+      if (["created", "started", "finished", "next_attempt", "mtime", "btime"].includes(f)) v = `${when(v)} (${v})`;
       dl.append(el("dt", { textContent: f }), el("dd", { textContent: shown(v) }));
     }
     $("#detail-retry").hidden = d.status !== "FAILED";
@@ -421,8 +450,12 @@ function drawStacked(canvas, labels, series, fmt) {
 async function refreshAll(charts = true) {
   try {
     const work = [refreshStatus(), refreshLogs()];
-    if (charts || Date.now() - state.chartsAt >= CHART_REFRESH_MS) work.push(refreshCharts());
-    await Promise.all(work);
+    const due = charts || Date.now() - state.chartsAt >= CHART_REFRESH_MS;
+    if (due) work.push(refreshCharts());
+    const [counts] = await Promise.all(work);
+    // something was sent or failed since: the charts follow now, not at their next turn
+    if (!due && state.counts !== undefined && counts !== state.counts) await refreshCharts();
+    state.counts = counts;
     $("#updated").textContent = "updated " + new Date().toLocaleTimeString();
     showError(null);
   } catch (err) { showError(err); }
