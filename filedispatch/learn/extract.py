@@ -38,7 +38,9 @@ WORKER_MEMORY = 1024 * 1024 * 1024
 #: how the text was found; ``name`` means the file name only (the content was not read)
 Method = Literal["text", "pdf", "docx", "name"]
 
-_TAG = re.compile(r"<[^>]{0,2000}>")
+#: a tag: no "<" inside, so each character is looked at once (with ``[^>]*`` a text of many
+#: "<" and no ">" is scanned again from each "<": seconds for one file)
+_TAG = re.compile(r"<[^<>]*>")
 _WORD_BREAK = re.compile(r"[\W_]+")
 _TEXT_EXTENSIONS = frozenset({"txt", "text", "csv", "tsv", "json", "xml", "html", "htm", "md"})
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable
@@ -35,15 +36,21 @@ MAX_EXAMPLES = 20_000
 #: words per label ``explain`` shows
 TOP_WORDS = 6
 
-#: label -> example files, labels and files sorted
-Examples = dict[str, list[Path]]
+
+class Examples(dict[str, list[Path]]):
+    """label -> example files, labels and files sorted; ``folder`` is the examples folder they
+    were found in (their files are read beneath it, never through a link; None: as named)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        super().__init__()
+        self.folder = folder
 
 
 def find_examples(folder: Path) -> Examples:
     """One label per sub-folder of ``folder`` (hidden ones skipped), with the regular files in
     it and below it. Symbolic links are not followed. Raises OSError if ``folder`` cannot be
     listed."""
-    examples: Examples = {}
+    examples = Examples(folder)
     count = 0
     with os.scandir(folder) as entries:
         labels = sorted(
@@ -89,20 +96,30 @@ def fingerprint(examples: Examples) -> str:
     return digest.hexdigest()[:32]
 
 
-def read_document(extractor: Extractor, path: Path) -> Document:
-    """An example file's document (at most ``MAX_BYTES + 1`` bytes read)."""
+def read_document(extractor: Extractor, path: Path, folder: Path | None = None) -> Document:
+    """An example file's document (at most ``MAX_BYTES + 1`` bytes read). With ``folder`` (the
+    examples folder, which ``path`` is in) it is opened beneath it without following any link,
+    so a folder swapped for a link after the listing leads nowhere; only a regular file is
+    read."""
+    from ..sourcefile import READ_FLAGS, open_beneath
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        if folder is None:
+            fd = os.open(path, READ_FLAGS | os.O_NOFOLLOW)
+        else:
+            fd = open_beneath(folder, path.relative_to(folder).as_posix(), READ_FLAGS)
+    except (OSError, ValueError):
         return extractor.document(path.name, None)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return extractor.document(path.name, None)
         data = os.pread(fd, MAX_BYTES + 1, 0)
     except OSError:
         return extractor.document(path.name, None)
     finally:
         os.close(fd)
-    return extractor.document(path.name, data, size)
+    return extractor.document(path.name, data, st.st_size)
 
 
 def version_document(extractor: Extractor, version: FileVersion) -> Document:
@@ -175,7 +192,7 @@ def documents(extractor: Extractor, examples: Examples) -> tuple[list[str], list
     texts, labels = [], []
     for label, files in examples.items():
         for path in files:
-            texts.append(read_document(extractor, path).text)
+            texts.append(read_document(extractor, path, examples.folder).text)
             labels.append(label)
     return texts, labels
 
@@ -266,6 +283,7 @@ def _load(path: Path, digest: str) -> Model | None:
         log.warning("the cached model %s cannot be read (%s); training again", path, exc)
         return None
     try:
+        _check_arrays(arrays)
         pipeline = _pipeline()
         vectorizer, classifier = pipeline[0], pipeline[-1]
         words = [str(w) for w in arrays["words"]]
@@ -281,6 +299,37 @@ def _load(path: Path, digest: str) -> Model | None:
         log.warning("the cached model %s cannot be used (%s); training again", path, exc)
         return None
     return Model(digest, pipeline, counts)
+
+
+def _check_arrays(arrays: dict[str, Any]) -> None:
+    """ValueError unless the arrays are a model ``_store`` could have written: a file changed
+    by someone else must be trained again, not fail (or misbehave) on every file it sees."""
+    import numpy as np
+
+    missing = {"words", "idf", "classes", "coef", "intercept", "counts"} - set(arrays)
+    if missing:
+        raise ValueError(f"no {', '.join(sorted(missing))}")
+    words, idf, classes = arrays["words"], arrays["idf"], arrays["classes"]
+    coef, intercept, counts = arrays["coef"], arrays["intercept"], arrays["counts"]
+    if words.ndim != 1 or classes.ndim != 1 or words.dtype.kind != "U":
+        raise ValueError("the words or labels are not a list of strings")
+    distinct = len(set(classes.tolist()))
+    if classes.dtype.kind != "U" or distinct != len(classes) or distinct < 2:
+        raise ValueError("the labels are not two or more distinct strings")
+    if len(set(words.tolist())) != len(words):
+        raise ValueError("a word is there twice")
+    rows = 1 if len(classes) == 2 else len(classes)
+    shapes = {
+        "idf": (idf, (len(words),)),
+        "coef": (coef, (rows, len(words))),
+        "intercept": (intercept, (rows,)),
+        "counts": (counts, (len(classes),)),
+    }
+    for name, (array, shape) in shapes.items():
+        if array.shape != shape or array.dtype.kind not in "fiu":
+            raise ValueError(f"{name} is {array.dtype} {array.shape}, not numbers {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} holds a number that is not finite")
 
 
 def _store(cache_dir: Path, model: Model) -> None:
