@@ -476,3 +476,19 @@ def test_a_label_whose_folder_name_is_not_utf8_is_delivered_and_kept(root: Path)
     assert (row["rule"], row["label"]) == ("learned", "factures-\\xe9")
     sent = root / "out" / "factures-\\xe9" / "note.txt"
     assert sent.read_bytes() == (root / "inbox" / "note.txt").read_bytes()
+
+
+def test_check_refuses_more_labels_than_a_model_can_hold(root: Path) -> None:
+    # a writer of the examples folder makes thousands of labels: training them would take
+    # the service's memory (a weight per label and word), so the folder is refused instead
+    examples = root / "examples"
+    for i in range(101):
+        for j in range(5):
+            corpus.write(examples / f"label-{i}" / f"{j}.txt", f"word{i}x{j} other{i}")
+    cfg = write_config(root / "c.yml", learn_config(root, examples))
+    result = run_cli("check", "-c", cfg)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        f"{cfg}: rules[0].classify.learn: {examples} has 101 labels (sub-folders); "
+        "at most 100 are learned"
+    ) in result.stderr

@@ -33,6 +33,10 @@ MIN_EXAMPLES = 5
 MODEL_FORMAT = 1
 #: the most example files read per folder (a mistaken folder must not take hours)
 MAX_EXAMPLES = 20_000
+#: the most labels per folder: the classifier keeps a weight per label and word (up to 50,000
+#: words) and training holds about 20 copies of them, so 4,000 labels (20,000 examples) would
+#: need tens of GB in the service's own process; 100 need about 1 GB at the very most
+MAX_LABELS = 100
 #: words per label ``explain`` shows
 TOP_WORDS = 6
 
@@ -76,7 +80,13 @@ def example_problems(examples: Examples) -> list[str]:
     if len(examples) < 2:
         found = f"only {next(iter(examples))!r}" if examples else "none"
         return [f"needs at least two labels (one sub-folder of examples per label); found {found}"]
-    few = [f"{label!r} has {len(files)}" for label, files in examples.items() if len(files) < 5]
+    if len(examples) > MAX_LABELS:
+        return [f"has {len(examples)} labels (sub-folders); at most {MAX_LABELS} are learned"]
+    few = [
+        f"{label!r} has {len(files)}"
+        for label, files in examples.items()
+        if len(files) < MIN_EXAMPLES
+    ]
     if few:
         return [f"each label needs at least {MIN_EXAMPLES} example files: " + ", ".join(few)]
     return []
