@@ -492,3 +492,11 @@ def test_check_refuses_more_labels_than_a_model_can_hold(root: Path) -> None:
         f"{cfg}: rules[0].classify.learn: {examples} has 101 labels (sub-folders); "
         "at most 100 are learned"
     ) in result.stderr
+
+
+def test_a_text_file_in_latin_1_keeps_its_accented_words() -> None:
+    data = "Facture: montant dû, échéance réglée.\\n".encode("latin-1") * 5
+    with Extractor() as extractor:
+        document = extractor.document("facture.txt", data)
+    assert document.method == "text"
+    assert "échéance réglée" in document.text and "\\ufffd" not in document.text

@@ -109,11 +109,17 @@ class Extractor:
                 return Document(words, "name", f"{kind.upper()} not readable: {error}")
             return Document(f"{words}\n{text[:MAX_CHARS]}", kind)
         head = data[: MAX_CHARS * 4]
-        if looks_like_text(head) or (ext in _TEXT_EXTENSIONS and b"\x00" not in head[:8192]):
-            text = head.decode("utf-8", "replace")
-            if ext in ("html", "htm", "xml") or text.lstrip()[:1] == "<":
-                text = markup_text(text)
-            return Document(f"{words}\n{text[:MAX_CHARS]}", "text")
+        decoded: str | None = None
+        if looks_like_text(head):
+            decoded = head.decode("utf-8", "replace")
+        elif ext in _TEXT_EXTENSIONS and b"\x00" not in head[:8192]:
+            # not UTF-8: most likely Windows-1252 / Latin-1, whose accented letters would
+            # otherwise each become U+FFFD and cut the words they are in
+            decoded = head.decode("cp1252", "replace")
+        if decoded is not None:
+            if ext in ("html", "htm", "xml") or decoded.lstrip()[:1] == "<":
+                decoded = markup_text(decoded)
+            return Document(f"{words}\n{decoded[:MAX_CHARS]}", "text")
         return Document(words, "name", "not a text, PDF or DOCX file")
 
     def _parse(self, kind: Method, data: bytes) -> tuple[str, str | None]:
