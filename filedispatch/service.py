@@ -36,6 +36,7 @@ from .journal import (
     journal_path,
     open_journal,
     state_folder,
+    state_tag,
 )
 from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink
@@ -457,7 +458,7 @@ class Service:
 
         try:
             self.learned = await stack.enter_async_context(
-                learning(folders, state_folder(self.db_path))
+                learning(folders, state_folder(self.db_path), state_tag(self.db_path))
             )
         except ValueError as exc:  # the examples changed since the config was checked
             where = str(self.options.config_path or "<config>")

@@ -500,3 +500,21 @@ def test_a_text_file_in_latin_1_keeps_its_accented_words() -> None:
         document = extractor.document("facture.txt", data)
     assert document.method == "text"
     assert "échéance réglée" in document.text and "\\ufffd" not in document.text
+
+
+def test_two_services_sharing_a_state_folder_keep_each_others_cached_models(root: Path) -> None:
+    # two journals in one folder (as every PostgreSQL journal's services share the per-user
+    # state folder): each service removes only its own stale models, so neither retrains
+    first = corpus.examples(root / "ex1", per_label=5, labels=THREE, kinds=("txt",))
+    second = corpus.examples(root / "ex2", per_label=5, labels=["medical", "invoices"], seed=3)
+    configs = []
+    for name, examples in (("a", first), ("b", second)):
+        data = learn_config(root, examples, database=str(root / f"{name}.db"))
+        configs.append(write_config(root / f"{name}.yml", data))
+    logs = [run_cli("-c", cfg, "--once", timeout=120) for cfg in (*configs, configs[0])]
+    for result in logs:
+        assert result.returncode == 0, result.stderr
+    assert "trained on 15 examples" in logs[0].stderr
+    assert "trained on 10 examples" in logs[1].stderr
+    assert "loaded from the cache" in logs[2].stderr and "trained on" not in logs[2].stderr
+    assert len(list(root.glob("learn-*.npz"))) == 2

@@ -251,23 +251,28 @@ def cross_check(extractor: Extractor, examples: Examples, folds: int = 5) -> Cro
     return CrossCheck(names, folds, accuracy, [[int(v) for v in row] for row in matrix])
 
 
-def cache_path(cache_dir: Path, digest: str) -> Path:
-    return cache_dir / f"learn-{digest}.npz"
+def cache_path(cache_dir: Path, digest: str, tag: str = "") -> Path:
+    """``learn-[TAG-]DIGEST.npz``: ``tag`` names the journal whose service keeps the file."""
+    return cache_dir / f"learn-{tag}-{digest}.npz" if tag else cache_dir / f"learn-{digest}.npz"
 
 
 def load_or_train(
-    extractor: Extractor, examples: Examples, cache_dir: Path | None, store: bool = True
+    extractor: Extractor,
+    examples: Examples,
+    cache_dir: Path | None,
+    store: bool = True,
+    tag: str = "",
 ) -> Model:
     """The cached model for these examples, or a new one (then cached, with ``store``; a cache
-    that cannot be written is only logged). Raises ValueError if the examples cannot train
-    a model."""
+    that cannot be written is only logged); ``tag`` as for ``cache_path``. Raises ValueError
+    if the examples cannot train a model."""
     problems = example_problems(examples)
     if problems:
         raise ValueError(problems[0])
     digest = fingerprint(examples)
     total = sum(len(files) for files in examples.values())
     if cache_dir is not None:
-        cached = _load(cache_path(cache_dir, digest), digest)
+        cached = _load(cache_path(cache_dir, digest, tag), digest)
         if cached is not None:
             log.info("learned model of %d examples loaded from the cache %s", total, cache_dir)
             return cached
@@ -276,7 +281,7 @@ def load_or_train(
     took = time.perf_counter() - started
     log.info("learned model trained on %d examples in %.1f s", total, took)
     if cache_dir is not None and store:
-        _store(cache_dir, model)
+        _store(cache_path(cache_dir, digest, tag), model)
     return model
 
 
@@ -342,9 +347,10 @@ def _check_arrays(arrays: dict[str, Any]) -> None:
             raise ValueError(f"{name} holds a number that is not finite")
 
 
-def _store(cache_dir: Path, model: Model) -> None:
+def _store(path: Path, model: Model) -> None:
     import numpy as np
 
+    cache_dir = path.parent
     vectorizer, classifier = model.pipeline[0], model.pipeline[-1]
     words = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.__getitem__)
     arrays = {
@@ -364,17 +370,18 @@ def _store(cache_dir: Path, model: Model) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
-        os.replace(temporary, cache_path(cache_dir, model.fingerprint))
+        os.replace(temporary, path)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         log.warning("cannot cache the model in %s: %s", cache_dir, exc.strerror or exc)
 
 
-def prune(cache_dir: Path, keep: Iterable[str]) -> None:
-    """Remove cached models other than ``keep`` (fingerprints)."""
-    names = {cache_path(cache_dir, d).name for d in keep}
+def prune(cache_dir: Path, keep: Iterable[str], tag: str) -> None:
+    """Remove the cached models of ``tag`` other than ``keep`` (fingerprints); the ones of other
+    tags belong to other services."""
+    names = {cache_path(cache_dir, d, tag).name for d in keep}
     try:
-        for path in cache_dir.glob("learn-*.npz"):
+        for path in cache_dir.glob(f"learn-{tag}-*.npz"):
             if path.name not in names:
                 path.unlink(missing_ok=True)
     except OSError:
