@@ -518,3 +518,22 @@ def test_two_services_sharing_a_state_folder_keep_each_others_cached_models(root
     assert "trained on 10 examples" in logs[1].stderr
     assert "loaded from the cache" in logs[2].stderr and "trained on" not in logs[2].stderr
     assert len(list(root.glob("learn-*.npz"))) == 2
+
+
+def test_after_three_examples_stop_the_parser_the_rest_are_known_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a writer of the examples folder fills it with PDFs that each hold the parser until it
+    # is stopped: 20,000 of them would hold the service's start for a day
+    from filedispatch.learn.model import documents
+
+    examples = corpus.examples(tmp_path / "ex", per_label=5, labels=THREE, kinds=("txt",))
+    hostile = corpus.slow_pdf()
+    for i in range(4):
+        (examples / "contracts" / f"slow-{i}.pdf").write_bytes(hostile)
+    corpus.write(examples / "resumes" / "cv.pdf", corpus.text(random.Random(6), "resumes"))
+    with Extractor(timeout_s=1.0) as extractor:
+        texts, labels = documents(extractor, find_examples(examples))
+    assert "3 PDF or DOCX files took too long or too much memory to read" in caplog.text
+    assert texts[labels.index("resumes")] == "cv pdf"  # after them: by its name only
+    assert len(texts) == 20

@@ -37,6 +37,10 @@ MAX_EXAMPLES = 20_000
 #: words) and training holds about 20 copies of them, so 4,000 labels (20,000 examples) would
 #: need tens of GB in the service's own process; 100 need about 1 GB at the very most
 MAX_LABELS = 100
+#: PDF or DOCX examples whose parser is stopped (``PARSE_TIMEOUT_S`` or its memory) before the
+#: rest of one training's are known by their names: 20,000 hostile examples would otherwise hold
+#: the service's start for a day
+MAX_STOPPED = 3
 #: words per label ``explain`` shows
 TOP_WORDS = 6
 
@@ -106,11 +110,13 @@ def fingerprint(examples: Examples) -> str:
     return digest.hexdigest()[:32]
 
 
-def read_document(extractor: Extractor, path: Path, folder: Path | None = None) -> Document:
+def read_document(
+    extractor: Extractor, path: Path, folder: Path | None = None, parse: bool = True
+) -> Document:
     """An example file's document (at most ``MAX_BYTES + 1`` bytes read). With ``folder`` (the
     examples folder, which ``path`` is in) it is opened beneath it without following any link,
     so a folder swapped for a link after the listing leads nowhere; only a regular file is
-    read."""
+    read. ``parse`` as for ``Extractor.document``."""
     from ..sourcefile import READ_FLAGS, open_beneath
 
     try:
@@ -129,7 +135,7 @@ def read_document(extractor: Extractor, path: Path, folder: Path | None = None) 
         return extractor.document(path.name, None)
     finally:
         os.close(fd)
-    return extractor.document(path.name, data, st.st_size)
+    return extractor.document(path.name, data, st.st_size, parse)
 
 
 def version_document(extractor: Extractor, version: FileVersion) -> Document:
@@ -198,12 +204,23 @@ class Model:
 
 
 def documents(extractor: Extractor, examples: Examples) -> tuple[list[str], list[str]]:
-    """(texts, labels) of every example."""
+    """(texts, labels) of every example; once ``MAX_STOPPED`` PDF or DOCX examples were stopped,
+    the rest are known by their names (and the log says so)."""
     texts, labels = [], []
+    stopped = 0
     for label, files in examples.items():
         for path in files:
-            texts.append(read_document(extractor, path, examples.folder).text)
+            document = read_document(extractor, path, examples.folder, stopped < MAX_STOPPED)
+            stopped += document.stopped
+            texts.append(document.text)
             labels.append(label)
+    if stopped >= MAX_STOPPED:
+        log.warning(
+            "examples in %s: %d PDF or DOCX files took too long or too much memory to read; "
+            "the others are known by their names until the examples change",
+            examples.folder,
+            stopped,
+        )
     return texts, labels
 
 
