@@ -33,6 +33,7 @@ from .journal import (
     journal_path,
     open_when_ready,
     state_folder,
+    state_tag,
 )
 from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink, status_snapshot
@@ -397,7 +398,7 @@ class Service:
 
         try:
             self.learned = await stack.enter_async_context(
-                learning(folders, state_folder(self.db_path))
+                learning(folders, state_folder(self.db_path), state_tag(self.db_path))
             )
         except ValueError as exc:  # the examples changed since the config was checked
             where = str(self.options.config_path or "<config>")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -327,6 +328,20 @@ async def test_postgres_going_away_holds_writes_until_it_is_back(
         assert await asyncio.wait_for(pending, 120) == 1
         assert j.health.ok and j.writable.is_set()
         assert await j.counts() == {"PENDING": 2}
+
+
+async def test_a_label_that_is_not_utf8_is_kept_escaped_on_both_backends(
+    tmp_path: Path, database: Database
+) -> None:
+    """A label is an examples sub-folder's name: one that is not UTF-8 is kept as names are
+    (its odd bytes escaped) instead of failing the commit of every file planned with it."""
+    v = FileVersion("in", tmp_path, "scan.pdf", 10, 1)
+    odd = PlannedStep(v, "learned", 0, "k0", "/dest/0", "file", os.fsdecode(b"factures-\xe9"))
+    async with open_journal(database) as j:
+        assert await j.plan([odd, step(FileVersion("in", tmp_path, "b.txt", 5, 1))]) == 2
+        groups = await j.claim(10, time.time())
+        got = {d.relpath: d.label for g in groups for d in g}
+        assert got == {"scan.pdf": "factures-\\xe9", "b.txt": None}
 
 
 async def test_a_learned_label_is_kept_with_its_rows_on_both_backends(

@@ -35,7 +35,7 @@ from .base import (
     number,
     planned_steps,
 )
-from .place import journal_lock, journal_path, state_folder
+from .place import journal_lock, journal_path, state_folder, state_tag
 from .sqlite import MIGRATIONS, SqliteJournal
 from .target import Database, PostgresTarget
 
@@ -82,4 +82,5 @@ __all__ = [
     "read_digests",
     "read_states",
     "state_folder",
+    "state_tag",
 ]

@@ -230,6 +230,13 @@ class Waiting:
     until: float  #: when the first of them is due, seconds since 1970
 
 
+def planned_labels(steps: Iterable[PlannedStep]) -> list[tuple[str, str, str]]:
+    """(label, version key, step key) of the planned rows a learned rule labelled, the label as
+    the journal keeps names (a label is an examples sub-folder's name, which may not be UTF-8:
+    one such must not fail the commit of every file planned with it)."""
+    return [(stored_text(s.label), s.version.key, s.step_key) for s in steps if s.label is not None]
+
+
 def planned_steps(version: FileVersion, chains: Iterable[Chain]) -> list[PlannedStep]:
     """The rows that plan a routed file version: one per step of each chain."""
     return [

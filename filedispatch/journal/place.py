@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
     from ..config import Config
 
 log = logging.getLogger(__name__)
+
+
+def state_tag(database: Database) -> str:
+    """A short name of the journal (8 hex digits) for the files the service keeps in its state
+    folder, which services of other journals may share (every PostgreSQL journal's is the
+    per-user state folder): each service removes only its own."""
+    return hashlib.blake2b(
+        str(database).encode("utf-8", "surrogateescape"), digest_size=4
+    ).hexdigest()
 
 
 def journal_path(config: Config | None, db: Path | None = None) -> Database:

@@ -39,6 +39,7 @@ from .base import (
     log,
     next_health,
     number,
+    planned_labels,
     resolve,
     stored_text,
 )
@@ -316,7 +317,7 @@ _LABELS = (
 async def _set_labels(conn: Conn, steps: Sequence[PlannedStep]) -> None:
     """Record the learned labels of rows just planned (in their transaction); a row planned
     before keeps the label it was given then, as its delivery may already have used it."""
-    labelled = [(s.label, s.version.key, s.step_key) for s in steps if s.label is not None]
+    labelled = planned_labels(steps)
     if labelled:
         await conn.execute(_LABELS.encode(), [list(col) for col in zip(*labelled, strict=True)])
 

@@ -46,6 +46,7 @@ from .base import (
     finish_params,
     log,
     next_health,
+    planned_labels,
     resolve,
 )
 from .base import stored_text as _text
@@ -423,7 +424,7 @@ _INT64 = range(-(2**63), 2**63)
 def _set_labels(conn: sqlite3.Connection, steps: Iterable[PlannedStep]) -> None:
     """Record the learned labels of rows just planned (in their transaction); a row planned
     before keeps the label it was given then, as its delivery may already have used it."""
-    labelled = [(s.label, s.version.key, s.step_key) for s in steps if s.label is not None]
+    labelled = planned_labels(steps)
     if labelled:
         conn.executemany(
             "UPDATE dispatches SET label=? WHERE vkey=? AND step_key=? AND label IS NULL",

@@ -87,10 +87,11 @@ class Learned:
     model is kept until the end (a reload may bring its folder back).
     """
 
-    def __init__(self, cache_dir: Path | None = None, store: bool = True) -> None:
+    def __init__(self, cache_dir: Path | None = None, store: bool = True, tag: str = "") -> None:
         from .extract import Extractor
 
         self.cache_dir = cache_dir
+        self.tag = tag  #: the journal's name in the cache files' names (``model.cache_path``)
         self.store = store  #: write newly trained models into ``cache_dir``
         #: remove cached models no rule uses now (the service's; a command leaves them)
         self.prune = False
@@ -132,7 +133,9 @@ class Learned:
                     current = self._models.get(folder)
                     if current is not None and current.fingerprint == fingerprint(examples):
                         continue
-                    model = load_or_train(self.extractor, examples, self.cache_dir, self.store)
+                    model = load_or_train(
+                        self.extractor, examples, self.cache_dir, self.store, self.tag
+                    )
                 except (OSError, ValueError) as exc:
                     if strict:
                         raise ValueError(f"{folder}: {exc}") from None
@@ -146,7 +149,7 @@ class Learned:
                 self._models[folder] = model
                 changed.append(folder)
             if changed and self.cache_dir is not None and self.prune:
-                prune(self.cache_dir, (m.fingerprint for m in self._models.values()))
+                prune(self.cache_dir, (m.fingerprint for m in self._models.values()), self.tag)
         return changed
 
     def close(self) -> None:
@@ -168,10 +171,10 @@ def learned_models(
         yield None
         return
     from ..errors import ConfigError
-    from ..journal import journal_path, state_folder
+    from ..journal import journal_path, state_folder, state_tag
 
     chosen = journal_path(config) if database is None else database
-    learned = Learned(state_folder(chosen), store=store)
+    learned = Learned(state_folder(chosen), store=store, tag=state_tag(chosen))
     try:
         try:
             learned.refresh(folders, strict=True)
@@ -188,12 +191,17 @@ def _counts(model: Model) -> str:
 
 @contextlib.asynccontextmanager
 async def learning(
-    folders: Callable[[], list[Path]], cache_dir: Path, every_s: float = REFRESH_S
+    folders: Callable[[], list[Path]],
+    cache_dir: Path,
+    tag: str,
+    every_s: float = REFRESH_S,
 ) -> AsyncIterator[Learned]:
     """The models of ``folders()`` trained now (ValueError if one cannot be), then kept current
     by a task that looks for changed examples every ``every_s`` seconds until the block ends.
-    ``folders`` is called each time, so a reloaded config's folders are followed."""
-    learned = Learned(cache_dir)
+    ``folders`` is called each time, so a reloaded config's folders are followed. The models
+    are cached in ``cache_dir`` under ``tag`` (the journal's), and the ones of ``tag`` no rule
+    uses are removed."""
+    learned = Learned(cache_dir, tag=tag)
     learned.prune = True
     try:
         await asyncio.to_thread(learned.refresh, folders(), True)

@@ -38,7 +38,9 @@ WORKER_MEMORY = 1024 * 1024 * 1024
 #: how the text was found; ``name`` means the file name only (the content was not read)
 Method = Literal["text", "pdf", "docx", "name"]
 
-_TAG = re.compile(r"<[^>]{0,2000}>")
+#: a tag: no "<" inside, so each character is looked at once (with ``[^>]*`` a text of many
+#: "<" and no ">" is scanned again from each "<": seconds for one file)
+_TAG = re.compile(r"<[^<>]*>")
 _WORD_BREAK = re.compile(r"[\W_]+")
 _TEXT_EXTENSIONS = frozenset({"txt", "text", "csv", "tsv", "json", "xml", "html", "htm", "md"})
 
@@ -51,6 +53,8 @@ class Document:
     method: Method
     #: why the content was not read (``method == "name"``), for ``explain``
     note: str | None = None
+    #: the parser was stopped (it took longer than its time, or more than its memory)
+    stopped: bool = False
 
 
 def name_words(name: str) -> str:
@@ -86,9 +90,12 @@ class Extractor:
         self._lock = threading.Lock()
         self._worker: subprocess.Popen[bytes] | None = None
 
-    def document(self, name: str, data: bytes | None, size: int | None = None) -> Document:
+    def document(
+        self, name: str, data: bytes | None, size: int | None = None, parse: bool = True
+    ) -> Document:
         """The document for a file called ``name`` whose first bytes are ``data`` (None: it
-        could not be read) and whose whole size is ``size`` (None: ``len(data)``)."""
+        could not be read) and whose whole size is ``size`` (None: ``len(data)``); without
+        ``parse``, a PDF or DOCX is known by its name (no worker is asked)."""
         words = name_words(name)
         if data is None:
             return Document(words, "name", "the file could not be read")
@@ -102,19 +109,29 @@ class Extractor:
         if kind is not None:
             if size > len(data) or size > MAX_BYTES:
                 return Document(words, "name", f"{kind.upper()} larger than {MAX_BYTES} bytes")
-            text, error = self._parse(kind, data)
+            if not parse:
+                return Document(words, "name", f"{kind.upper()} not read (parsing is off)")
+            text, error, stopped = self._parse(kind, data)
             if error is not None:
-                return Document(words, "name", f"{kind.upper()} not readable: {error}")
+                note = f"{kind.upper()} not readable: {error}"
+                return Document(words, "name", note, stopped)
             return Document(f"{words}\n{text[:MAX_CHARS]}", kind)
         head = data[: MAX_CHARS * 4]
-        if looks_like_text(head) or (ext in _TEXT_EXTENSIONS and b"\x00" not in head[:8192]):
-            text = head.decode("utf-8", "replace")
-            if ext in ("html", "htm", "xml") or text.lstrip()[:1] == "<":
-                text = markup_text(text)
-            return Document(f"{words}\n{text[:MAX_CHARS]}", "text")
+        decoded: str | None = None
+        if looks_like_text(head):
+            decoded = head.decode("utf-8", "replace")
+        elif ext in _TEXT_EXTENSIONS and b"\x00" not in head[:8192]:
+            # not UTF-8: most likely Windows-1252 / Latin-1, whose accented letters would
+            # otherwise each become U+FFFD and cut the words they are in
+            decoded = head.decode("cp1252", "replace")
+        if decoded is not None:
+            if ext in ("html", "htm", "xml") or decoded.lstrip()[:1] == "<":
+                decoded = markup_text(decoded)
+            return Document(f"{words}\n{decoded[:MAX_CHARS]}", "text")
         return Document(words, "name", "not a text, PDF or DOCX file")
 
-    def _parse(self, kind: Method, data: bytes) -> tuple[str, str | None]:
+    def _parse(self, kind: Method, data: bytes) -> tuple[str, str | None, bool]:
+        """(text, error, whether the worker was stopped)"""
         with self._lock:
             for attempt in (1, 2):  # a worker that died since its last file is replaced once
                 worker = self._worker
@@ -126,14 +143,14 @@ class Extractor:
                 except (BrokenPipeError, OSError):
                     self._kill()
                     if attempt == 2:
-                        return "", "the parser process is not available"
+                        return "", "the parser process is not available", False
                     continue
                 answer = _receive(worker.stdout, self.timeout_s)
                 if answer is None:
                     self._kill()
-                    return "", f"took longer than {self.timeout_s:g} s or too much memory"
+                    return "", f"took longer than {self.timeout_s:g} s or too much memory", True
                 status, text = answer
-                return (text, None) if status == b"ok" else ("", text)
+                return (text, None, False) if status == b"ok" else ("", text, False)
         raise AssertionError("unreachable")
 
     def _kill(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable
@@ -32,18 +33,32 @@ MIN_EXAMPLES = 5
 MODEL_FORMAT = 1
 #: the most example files read per folder (a mistaken folder must not take hours)
 MAX_EXAMPLES = 20_000
+#: the most labels per folder: the classifier keeps a weight per label and word (up to 50,000
+#: words) and training holds about 20 copies of them, so 4,000 labels (20,000 examples) would
+#: need tens of GB in the service's own process; 100 need about 1 GB at the very most
+MAX_LABELS = 100
+#: PDF or DOCX examples whose parser is stopped (``PARSE_TIMEOUT_S`` or its memory) before the
+#: rest of one training's are known by their names: 20,000 hostile examples would otherwise hold
+#: the service's start for a day
+MAX_STOPPED = 3
 #: words per label ``explain`` shows
 TOP_WORDS = 6
 
-#: label -> example files, labels and files sorted
-Examples = dict[str, list[Path]]
+
+class Examples(dict[str, list[Path]]):
+    """label -> example files, labels and files sorted; ``folder`` is the examples folder they
+    were found in (their files are read beneath it, never through a link; None: as named)."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        super().__init__()
+        self.folder = folder
 
 
 def find_examples(folder: Path) -> Examples:
     """One label per sub-folder of ``folder`` (hidden ones skipped), with the regular files in
     it and below it. Symbolic links are not followed. Raises OSError if ``folder`` cannot be
     listed."""
-    examples: Examples = {}
+    examples = Examples(folder)
     count = 0
     with os.scandir(folder) as entries:
         labels = sorted(
@@ -69,7 +84,13 @@ def example_problems(examples: Examples) -> list[str]:
     if len(examples) < 2:
         found = f"only {next(iter(examples))!r}" if examples else "none"
         return [f"needs at least two labels (one sub-folder of examples per label); found {found}"]
-    few = [f"{label!r} has {len(files)}" for label, files in examples.items() if len(files) < 5]
+    if len(examples) > MAX_LABELS:
+        return [f"has {len(examples)} labels (sub-folders); at most {MAX_LABELS} are learned"]
+    few = [
+        f"{label!r} has {len(files)}"
+        for label, files in examples.items()
+        if len(files) < MIN_EXAMPLES
+    ]
     if few:
         return [f"each label needs at least {MIN_EXAMPLES} example files: " + ", ".join(few)]
     return []
@@ -89,20 +110,32 @@ def fingerprint(examples: Examples) -> str:
     return digest.hexdigest()[:32]
 
 
-def read_document(extractor: Extractor, path: Path) -> Document:
-    """An example file's document (at most ``MAX_BYTES + 1`` bytes read)."""
+def read_document(
+    extractor: Extractor, path: Path, folder: Path | None = None, parse: bool = True
+) -> Document:
+    """An example file's document (at most ``MAX_BYTES + 1`` bytes read). With ``folder`` (the
+    examples folder, which ``path`` is in) it is opened beneath it without following any link,
+    so a folder swapped for a link after the listing leads nowhere; only a regular file is
+    read. ``parse`` as for ``Extractor.document``."""
+    from ..sourcefile import READ_FLAGS, open_beneath
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        if folder is None:
+            fd = os.open(path, READ_FLAGS | os.O_NOFOLLOW)
+        else:
+            fd = open_beneath(folder, path.relative_to(folder).as_posix(), READ_FLAGS)
+    except (OSError, ValueError):
         return extractor.document(path.name, None)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return extractor.document(path.name, None)
         data = os.pread(fd, MAX_BYTES + 1, 0)
     except OSError:
         return extractor.document(path.name, None)
     finally:
         os.close(fd)
-    return extractor.document(path.name, data, size)
+    return extractor.document(path.name, data, st.st_size, parse)
 
 
 def version_document(extractor: Extractor, version: FileVersion) -> Document:
@@ -171,12 +204,23 @@ class Model:
 
 
 def documents(extractor: Extractor, examples: Examples) -> tuple[list[str], list[str]]:
-    """(texts, labels) of every example."""
+    """(texts, labels) of every example; once ``MAX_STOPPED`` PDF or DOCX examples were stopped,
+    the rest are known by their names (and the log says so)."""
     texts, labels = [], []
+    stopped = 0
     for label, files in examples.items():
         for path in files:
-            texts.append(read_document(extractor, path).text)
+            document = read_document(extractor, path, examples.folder, stopped < MAX_STOPPED)
+            stopped += document.stopped
+            texts.append(document.text)
             labels.append(label)
+    if stopped >= MAX_STOPPED:
+        log.warning(
+            "examples in %s: %d PDF or DOCX files took too long or too much memory to read; "
+            "the others are known by their names until the examples change",
+            examples.folder,
+            stopped,
+        )
     return texts, labels
 
 
@@ -224,23 +268,28 @@ def cross_check(extractor: Extractor, examples: Examples, folds: int = 5) -> Cro
     return CrossCheck(names, folds, accuracy, [[int(v) for v in row] for row in matrix])
 
 
-def cache_path(cache_dir: Path, digest: str) -> Path:
-    return cache_dir / f"learn-{digest}.npz"
+def cache_path(cache_dir: Path, digest: str, tag: str = "") -> Path:
+    """``learn-[TAG-]DIGEST.npz``: ``tag`` names the journal whose service keeps the file."""
+    return cache_dir / f"learn-{tag}-{digest}.npz" if tag else cache_dir / f"learn-{digest}.npz"
 
 
 def load_or_train(
-    extractor: Extractor, examples: Examples, cache_dir: Path | None, store: bool = True
+    extractor: Extractor,
+    examples: Examples,
+    cache_dir: Path | None,
+    store: bool = True,
+    tag: str = "",
 ) -> Model:
     """The cached model for these examples, or a new one (then cached, with ``store``; a cache
-    that cannot be written is only logged). Raises ValueError if the examples cannot train
-    a model."""
+    that cannot be written is only logged); ``tag`` as for ``cache_path``. Raises ValueError
+    if the examples cannot train a model."""
     problems = example_problems(examples)
     if problems:
         raise ValueError(problems[0])
     digest = fingerprint(examples)
     total = sum(len(files) for files in examples.values())
     if cache_dir is not None:
-        cached = _load(cache_path(cache_dir, digest), digest)
+        cached = _load(cache_path(cache_dir, digest, tag), digest)
         if cached is not None:
             log.info("learned model of %d examples loaded from the cache %s", total, cache_dir)
             return cached
@@ -249,7 +298,7 @@ def load_or_train(
     took = time.perf_counter() - started
     log.info("learned model trained on %d examples in %.1f s", total, took)
     if cache_dir is not None and store:
-        _store(cache_dir, model)
+        _store(cache_path(cache_dir, digest, tag), model)
     return model
 
 
@@ -266,6 +315,7 @@ def _load(path: Path, digest: str) -> Model | None:
         log.warning("the cached model %s cannot be read (%s); training again", path, exc)
         return None
     try:
+        _check_arrays(arrays)
         pipeline = _pipeline()
         vectorizer, classifier = pipeline[0], pipeline[-1]
         words = [str(w) for w in arrays["words"]]
@@ -283,9 +333,41 @@ def _load(path: Path, digest: str) -> Model | None:
     return Model(digest, pipeline, counts)
 
 
-def _store(cache_dir: Path, model: Model) -> None:
+def _check_arrays(arrays: dict[str, Any]) -> None:
+    """ValueError unless the arrays are a model ``_store`` could have written: a file changed
+    by someone else must be trained again, not fail (or misbehave) on every file it sees."""
     import numpy as np
 
+    missing = {"words", "idf", "classes", "coef", "intercept", "counts"} - set(arrays)
+    if missing:
+        raise ValueError(f"no {', '.join(sorted(missing))}")
+    words, idf, classes = arrays["words"], arrays["idf"], arrays["classes"]
+    coef, intercept, counts = arrays["coef"], arrays["intercept"], arrays["counts"]
+    if words.ndim != 1 or classes.ndim != 1 or words.dtype.kind != "U":
+        raise ValueError("the words or labels are not a list of strings")
+    distinct = len(set(classes.tolist()))
+    if classes.dtype.kind != "U" or distinct != len(classes) or distinct < 2:
+        raise ValueError("the labels are not two or more distinct strings")
+    if len(set(words.tolist())) != len(words):
+        raise ValueError("a word is there twice")
+    rows = 1 if len(classes) == 2 else len(classes)
+    shapes = {
+        "idf": (idf, (len(words),)),
+        "coef": (coef, (rows, len(words))),
+        "intercept": (intercept, (rows,)),
+        "counts": (counts, (len(classes),)),
+    }
+    for name, (array, shape) in shapes.items():
+        if array.shape != shape or array.dtype.kind not in "fiu":
+            raise ValueError(f"{name} is {array.dtype} {array.shape}, not numbers {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} holds a number that is not finite")
+
+
+def _store(path: Path, model: Model) -> None:
+    import numpy as np
+
+    cache_dir = path.parent
     vectorizer, classifier = model.pipeline[0], model.pipeline[-1]
     words = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.__getitem__)
     arrays = {
@@ -305,17 +387,18 @@ def _store(cache_dir: Path, model: Model) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **arrays)
-        os.replace(temporary, cache_path(cache_dir, model.fingerprint))
+        os.replace(temporary, path)
     except OSError as exc:
         Path(temporary).unlink(missing_ok=True)
         log.warning("cannot cache the model in %s: %s", cache_dir, exc.strerror or exc)
 
 
-def prune(cache_dir: Path, keep: Iterable[str]) -> None:
-    """Remove cached models other than ``keep`` (fingerprints)."""
-    names = {cache_path(cache_dir, d).name for d in keep}
+def prune(cache_dir: Path, keep: Iterable[str], tag: str) -> None:
+    """Remove the cached models of ``tag`` other than ``keep`` (fingerprints); the ones of other
+    tags belong to other services."""
+    names = {cache_path(cache_dir, d, tag).name for d in keep}
     try:
-        for path in cache_dir.glob("learn-*.npz"):
+        for path in cache_dir.glob(f"learn-{tag}-*.npz"):
             if path.name not in names:
                 path.unlink(missing_ok=True)
     except OSError:
