@@ -67,6 +67,23 @@ class Membership:
         self._expiry: asyncio.TimerHandle | None = None
         self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
 
+    async def end(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
+        """After the drain: stop renewing (``task``, told by ``stop``) and end the leases, so
+        other nodes take over now."""
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+        await self.leave()
+
+    async def alone(self) -> bool:
+        """Whether no other node holds a lease on the journal (always, with SQLite): only then
+        is every temporary name in a local destination a crash's leftover. A journal that
+        cannot answer counts as not alone."""
+        try:
+            return not any(n.alive and n.name != self.name for n in await self.journal.nodes())
+        except JournalError:
+            return False
+
     async def join(self, takeover: bool = False) -> None:
         """Register; raises NodeConflictError while a live node has this name (unless
         ``takeover``: the caller knows that node is gone)."""

@@ -25,7 +25,7 @@ from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
-from .errors import ConfigError, JournalError
+from .errors import ConfigError
 from .journal import (
     Journal,
     JournalHealth,
@@ -303,7 +303,8 @@ class Service:
         await self.membership.join(takeover=True)
         journal.resume_interrupted().add_done_callback(_report_resumed)
         # another live node's copies in progress stay: each is removed by the node resuming it
-        await recovery.at_start(journal, self.config, self.workdir, alone=await self._alone())
+        alone = await self.membership.alone()
+        await recovery.at_start(journal, self.config, self.workdir, alone=alone)
         registry = Registry(wrap=Controls(self.journal).wrap)
         stack.push_async_callback(registry.aclose)
         learned = await self._learning(stack)
@@ -323,7 +324,7 @@ class Service:
             self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
         lease_stop = asyncio.Event()
         lease_task = asyncio.create_task(self.membership.run(lease_stop), name="node-lease")
-        stack.push_async_callback(self._stop_lease, lease_stop, lease_task)
+        stack.push_async_callback(self.membership.end, lease_stop, lease_task)
         from . import notify
 
         if notify.configured(self.config):  # after the dispatcher: closed before it
@@ -359,22 +360,6 @@ class Service:
         if self.options.once:
             return 1 if self.summary.failed else 0
         return 0
-
-    async def _alone(self) -> bool:
-        """Whether no other node holds a lease on the journal (always, with SQLite): only then
-        is every temporary name in a local destination a crash's leftover."""
-        me = self.membership.name
-        try:
-            return not any(n.alive and n.name != me for n in await self.journal.nodes())
-        except JournalError:
-            return False
-
-    async def _stop_lease(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
-        """After the drain: stop renewing and end the leases, so other nodes take over now."""
-        stop.set()
-        with contextlib.suppress(Exception):
-            await task
-        await self.membership.leave()
 
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:
