@@ -20,7 +20,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__, recovery
+from . import __version__, notify, recovery
 from .asyncutil import first_completed
 from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
@@ -113,6 +113,7 @@ class Service:
         self.membership: Membership
         self.journal: Journal
         self.dispatcher: Dispatcher
+        self.notifier: notify.Notifier
         self.summary = RunSummary()
         self.reloads = 0
         self.learned: Learned
@@ -177,6 +178,7 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
+        self.notifier.reconfigure(new)
         self._publish_secrets()  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
@@ -393,12 +395,11 @@ class Service:
         lease_stop = asyncio.Event()
         lease_task = asyncio.create_task(self.membership.run(lease_stop), name="node-lease")
         stack.push_async_callback(self._stop_lease, lease_stop, lease_task)
-        from . import notify
-
-        if notify.configured(self.config):  # after the dispatcher: closed before it
-            notifier = await stack.enter_async_context(notify.running(self.config, self.status))
-            self.dispatcher.on_result = notifier.on_result
-            journal.on_health(notifier.on_journal_health)
+        # always there, idle without targets, so a reload can add some; after the dispatcher:
+        # closed before it
+        self.notifier = await stack.enter_async_context(notify.running(self.config, self.status))
+        self.dispatcher.on_result = self.notifier.on_result
+        journal.on_health(self.notifier.on_journal_health)
         # the web app and the console are started here, between dispatcher and watchers
         link = self.link()
         if self.config.api.enabled:
