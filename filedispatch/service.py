@@ -42,6 +42,7 @@ from .link import ServiceLink
 from .models import FileVersion
 from .processors import Registry
 from .processors.local import sweep_temporaries
+from .processors.s3uploads import LEDGER, UploadLedger
 from .watcher import SourceWatcher, no_skips
 
 log = logging.getLogger(__name__)
@@ -376,8 +377,13 @@ class Service:
         ]
         await asyncio.to_thread(sweep_temporaries, roots)
         await self._sweep_workdir()
+        # closed after the processors, which end their uploads first
+        ledger = UploadLedger(state_folder(self.db_path) / "s3-uploads")
+        stack.callback(ledger.close)
         registry = Registry(wrap=Controls(self.journal).wrap)
+        registry.resources.items[LEDGER] = ledger
         stack.push_async_callback(registry.aclose)
+        await self._sweep_uploads(stack, ledger)
         learned = await self._learning(stack)
         self.dispatcher = Dispatcher(
             self.config,
@@ -526,6 +532,16 @@ class Service:
         """When a file some rule waits for (``min_age``) is old enough (the rules in force)."""
         return self.dispatcher.router.waiting(version)
 
+    async def _sweep_uploads(self, stack: contextlib.AsyncExitStack, ledger: UploadLedger) -> None:
+        """The S3 multipart uploads a crash left: aborted in the background (an S3 server
+        that cannot be reached must not hold the start up), cancelled at the stop."""
+        if not await asyncio.to_thread(ledger.orphans):
+            return
+        from .processors.s3 import sweep_orphans
+
+        task = asyncio.create_task(sweep_orphans(ledger, self.config), name="s3-sweep")
+        stack.push_async_callback(_cancel, task)
+
     async def _sweep_workdir(self) -> None:
         """Remove chain work folders no unfinished dispatch needs any more (left by a crash)."""
         if not self.workdir.is_dir():
@@ -568,6 +584,12 @@ class Service:
             cancelled,
             self.dispatcher.released,
         )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _report_resumed(fut: asyncio.Future[int]) -> None:
