@@ -4,6 +4,7 @@ a server restarted mid-upload, and kill -9 of the service mid-upload."""
 
 from __future__ import annotations
 
+import base64
 import signal
 from pathlib import Path
 
@@ -315,12 +316,26 @@ def test_one_bucket_name_on_two_servers_is_two_destinations(
         other.stop()
 
 
+WRONG_SHA256 = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="  #: the SHA-256 of no bytes
+
+
 class S3Front:
     """A plain HTTP front on loopback before moto's server, keeping each request's method,
     path and headers; with ``conditional=False`` it plays a server without conditional
-    writes: a request with If-None-Match answers 501 NotImplemented, as such servers do."""
+    writes: a request with If-None-Match answers 501 NotImplemented, as such servers do.
 
-    def __init__(self, behind: S3Server, *, conditional: bool) -> None:
+    moto stores no ``x-amz-checksum-sha256``; ``checksum="echo"`` plays a server that does (a
+    PUT's answer gives back the checksum it was sent), ``"wrong"`` one that stored other bytes
+    (another SHA-256 in the answer); ``longer=True`` says a byte more in a HEAD's length."""
+
+    def __init__(
+        self,
+        behind: S3Server,
+        *,
+        conditional: bool = True,
+        checksum: str | None = None,
+        longer: bool = False,
+    ) -> None:
         from aiohttp import ClientSession, web
 
         from .conftest import free_port
@@ -348,11 +363,17 @@ class S3Front:
                     payload = await answer.read()
                     drop = {"transfer-encoding", "connection", "content-length"}
                     keep = {k: v for k, v in answer.headers.items() if k.lower() not in drop}
+                    sent = headers.get("x-amz-checksum-sha256")
+                    if request.method == "PUT" and answer.status == 200 and sent is not None:
+                        if checksum is not None:
+                            keep["x-amz-checksum-sha256"] = sent
+                        if checksum == "wrong":
+                            keep["x-amz-checksum-sha256"] = WRONG_SHA256
                     if request.method != "HEAD":
                         return web.Response(status=answer.status, body=payload, headers=keep)
                     # a HEAD's length is the object's: sent as it came, with no body
                     reply = web.StreamResponse(status=answer.status, headers=keep)
-                    reply.content_length = answer.content_length
+                    reply.content_length = (answer.content_length or 0) + longer
                     await reply.prepare(request)
                     return reply
 
@@ -449,3 +470,48 @@ def test_the_secret_never_reaches_the_api_the_dashboard_or_the_journal(
             assert secret not in blob
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("verify", ["size", "sha256"])
+def test_a_stored_object_that_does_not_verify_is_removed_and_sent_again(
+    workspace: dict[str, Path], s3: S3Server, verify: str
+) -> None:
+    ws = workspace
+    old_file(ws["inbox"] / "a.txt", b"bytes the server misreports")
+    # a HEAD's length a byte over, or another SHA-256 in the answer to the PUT
+    front = S3Front(s3, longer=True) if verify == "size" else S3Front(s3, checksum="wrong")
+    try:
+        retry = {"attempts": 2, "delay": 0, "jitter": False}
+        dest = {**s3.dest(verify=verify, retry=retry), "endpoint_url": front.endpoint}
+        result = run_cli("-c", remote_config(ws, dest), "--once")
+    finally:
+        front.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(ws["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 2)
+    if verify == "size":
+        assert "verify: 28 bytes stored of 27" in row["reason"]
+    else:
+        assert f"the stored SHA-256 ({WRONG_SHA256}) is not the one sent" in row["reason"]
+    assert s3.objects() == {}  # each attempt's object was removed: none that does not verify
+
+
+def test_verify_sha256_takes_the_checksum_the_server_stored(
+    workspace: dict[str, Path], s3: S3Server
+) -> None:
+    ws = workspace
+    src = old_file(ws["inbox"] / "a.txt", b"checked by the server")
+    front = S3Front(s3, checksum="echo", longer=True)  # a HEAD's length would not pass
+    try:
+        dest = {**s3.dest(verify="sha256"), "endpoint_url": front.endpoint}
+        result = run_cli("-c", remote_config(ws, dest), "--once")
+        sent = front.methods("/a.txt")
+    finally:
+        front.close()
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(ws["db"])
+    assert row["sha256"] == sha256_of(src)
+    assert s3.objects() == {"a.txt": sha256_of(src)}
+    assert sent == [("PUT", True)]  # the checksum in the answer sufficed: no HEAD
+    put = next(h for m, p, h in front.seen if m == "PUT")
+    assert put["x-amz-checksum-sha256"] == base64.b64encode(bytes.fromhex(sha256_of(src))).decode()
