@@ -49,11 +49,25 @@ class UploadLedger:
         self._fd: int | None = None
         self._open: set[str] = set()
         self._lock = asyncio.Lock()
+        self._said = False
 
     async def begun(self, upload: OpenUpload) -> None:
+        """Write the upload down before its first part. Never raises: a ledger that cannot be
+        written costs the clean-up after a crash (said once in the log), never a delivery."""
         line = json.dumps({"begun": asdict(upload)}) + "\n"
         async with self._lock:  # lines never interleave, the file is made once
-            await asyncio.to_thread(self._append, line, True)
+            try:
+                await asyncio.to_thread(self._append, line, True)
+            except OSError as exc:
+                if not self._said:
+                    self._said = True
+                    log.warning(
+                        "cannot write the S3 upload ledger %s (uploads a crash leaves will not "
+                        "be aborted at the next start): %s",
+                        self.path,
+                        exc,
+                    )
+                return
             self._open.add(upload.upload_id)
 
     def ended(self, upload_id: str) -> None:
