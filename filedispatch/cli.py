@@ -341,7 +341,10 @@ def print_summary(service: Service) -> None:
         f"processed: {s.processed}  already done: {s.already_done}  failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
     )
-    say("skipped: " + "  ".join(f"{reason}: {n}" for reason, n in service.skipped().items()))
+    from .watcher import total_skips
+
+    skips = total_skips(service.watchers)
+    say("skipped: " + "  ".join(f"{reason}: {n}" for reason, n in skips.items()))
 
 
 def dry_run(config: Config, max_items: int | None, db: Path | None = None) -> int:

@@ -527,8 +527,8 @@ class S3Destination(_UrlStep):
     part_size: int = Field(8 * _MIB, ge=5 * _MIB, le=5 * 1024 * _MIB)
     #: parts of one file sent at once: memory is at most part_size x (part_concurrency + 1)
     part_concurrency: int = Field(4, ge=1, le=64)
-    #: abort unfinished multipart uploads under the prefix begun before this service started
-    #: (a crash leaves them, and the bucket bills their parts)
+    #: at start, abort the multipart uploads under the prefix that this service began and a
+    #: crash left unfinished (the bucket bills their parts); nobody else's (processors/s3uploads)
     abort_stale_uploads: bool = True
     connect_timeout: PositiveSeconds = 30.0  #: seconds to open a connection
     read_timeout: PositiveSeconds = 300.0  #: seconds, the longest silence of one request

@@ -106,23 +106,49 @@ class Notifier:
         status: Callable[[], dict[str, object]] | None = None,
         send: Callable[[str, str, str], bool] = _send_blocking,
     ) -> None:
-        self.targets = targets_of(config)
-        self._secrets = secrets_of(config)
+        self.targets: list[_Target] = []
+        self._leaving: list[_Target] = []  #: removed by a reload, with events still to tell
+        self._secrets: list[str] = []
         self._status = status
         self._send = send
         self._wake = asyncio.Event()
+        self._sources_wanted = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="notify")
         self._source_errors: dict[str, str | None] = {}
         self._journal_ok = True
         self.sent = 0  #: messages sent, for the tests and the console
         self.dropped = 0  #: messages given up after their retries
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the targets of ``config`` (at start, and at each reload). A target configured
+        as before, in the same place, keeps what it has gathered and its digest's clock; a
+        target no longer configured still sends what it had gathered, at once."""
         now = time.monotonic()
-        for t in self.targets:
-            t.digest_due = now + t.config.every
+        old = {_same(t): t for t in self.targets}
+        targets = []
+        for t in targets_of(config):
+            kept = old.pop(_same(t), None)
+            if kept is None:
+                t.digest_due = now + t.config.every
+            targets.append(kept or t)
+        for gone in old.values():
+            if gone.due is not None:
+                gone.due = now
+                self._leaving.append(gone)
+        self.targets = targets
+        self._secrets = secrets_of(config)
+        if any(t.source is not None or "source_error" in t.config.on for t in targets):
+            self._sources_wanted.set()
+        else:
+            self._sources_wanted.clear()
+        self._wake.set()
 
     # ------------------------------------------------------------------ events in
 
     def event(self, event: Event) -> None:
+        if not self.targets:
+            return
         now = time.monotonic()
         for t in self.targets:
             if not t.wants(event):
@@ -141,6 +167,8 @@ class Notifier:
         self, rule: str, version: FileVersion, destination: str, result: StepResult
     ) -> None:
         """The dispatcher's hook: a row SUCCEEDED or FAILED for good."""
+        if not self.targets:  # none configured (yet): no line to build for each file
+            return
         if result.status == Status.FAILED:
             why = scrub(result.reason or "no reason given", self._secrets)
             line = f"{escape(version.relpath)} -> {destination}: {escape(why)}"
@@ -162,6 +190,7 @@ class Notifier:
         if self._status is None:
             return
         while True:
+            await self._sources_wanted.wait()
             try:
                 await self._look_at_sources(self._status())
             except Exception as exc:  # the status is the service's; never end the notifier
@@ -212,6 +241,9 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _send_due(self, now: float, *, at_stop: bool) -> None:
+        leaving, self._leaving = self._leaving, []
+        for t in leaving:
+            await self._deliver(t.config, *self._message(t))
         for t in self.targets:
             if t.due is not None and (at_stop or t.due <= now):
                 await self._deliver(t.config, *self._message(t))
@@ -257,9 +289,11 @@ async def running(
 ) -> AsyncIterator[Notifier]:
     """A Notifier with its sending task and its look at the sources, for the service's stack."""
     notifier = Notifier(config, status)
-    tasks = [asyncio.create_task(notifier.run(), name="notify")]
-    if any(t.source is not None or "source_error" in t.config.on for t in notifier.targets):
-        tasks.append(asyncio.create_task(notifier._watch_sources(), name="notify-sources"))
+    tasks = [
+        asyncio.create_task(notifier.run(), name="notify"),
+        # idle until a target wants the sources' troubles (at start or after a reload)
+        asyncio.create_task(notifier._watch_sources(), name="notify-sources"),
+    ]
     try:
         yield notifier
     finally:
@@ -269,8 +303,9 @@ async def running(
         await notifier.aclose()
 
 
-def configured(config: Config) -> bool:
-    return bool(targets_of(config))
+def _same(t: _Target) -> tuple[str, str | None, str | None]:
+    """What makes a reloaded target the same target: its whole config and its place."""
+    return (t.config.model_dump_json(), t.source, t.rule)
 
 
 def describe(config: Config) -> Iterable[str]:

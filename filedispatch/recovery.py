@@ -24,6 +24,7 @@ from .config import Config, LocalDestination, SourceConfig
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
 from .processors.local import sweep_temporaries
+from .processors.s3uploads import UploadLedger
 from .router import legacy_step_keys, step_keys
 
 log = logging.getLogger(__name__)
@@ -240,3 +241,14 @@ def _stale_work(workdir: Path, active: set[str]) -> list[Path]:
         return []
     workdir.chmod(0o700)
     return [p for p in workdir.iterdir() if p.name.split("-", 1)[0] not in active]
+
+
+async def sweep_uploads(ledger: UploadLedger, config: Config) -> asyncio.Task[None] | None:
+    """The S3 multipart uploads a crash left (``UploadLedger.orphans``), aborted by a task of
+    their own in the background: an S3 server that cannot be reached must not hold the start
+    up. None when there are none; the caller cancels the task at the stop."""
+    if not await asyncio.to_thread(ledger.orphans):
+        return None
+    from .processors.s3 import sweep_orphans  # aiobotocore only where S3 is used
+
+    return asyncio.create_task(sweep_orphans(ledger, config), name="s3-sweep")

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
-from . import __version__, recovery, retention
+from . import __version__, notify, recovery, retention
 from .asyncutil import first_completed
 from .cluster import Membership, SharedWatcher, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
@@ -39,7 +39,8 @@ from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink, status_snapshot
 from .models import FileVersion
 from .processors import Registry
-from .watcher import SourceWatcher, no_skips
+from .processors.s3uploads import LEDGER, UploadLedger
+from .watcher import SourceWatcher
 
 log = logging.getLogger(__name__)
 #: seconds between looks for work other nodes planned, on a PostgreSQL journal
@@ -110,6 +111,7 @@ class Service:
         self.membership: Membership
         self.journal: Journal
         self.dispatcher: Dispatcher
+        self.notifier: notify.Notifier
         self.summary = RunSummary()
         self.reloads = 0
         self.learned: Learned
@@ -174,6 +176,7 @@ class Service:
             self._restart_watchers.set()
         self.config = new
         self.dispatcher.reconfigure(new)
+        self.notifier.reconfigure(new)
         self._publish_secrets()  # a new password must not reach the log either
         self.reloads += 1
         for w in self.watchers:
@@ -256,14 +259,6 @@ class Service:
         reopen_log_files()
         self.reload()
 
-    def skipped(self) -> dict[str, int]:
-        """Entries the sources' last scans passed over, per reason (see watcher.SKIP_REASONS)."""
-        total = no_skips()
-        for w in self.watchers:
-            for reason, count in w.skipped.items():
-                total[reason] += count
-        return total
-
     async def run(self) -> int:
         """Run until stopped (or, with ``once``, until the backlog is done); the exit status."""
         loop = asyncio.get_running_loop()
@@ -305,8 +300,15 @@ class Service:
         # another live node's copies in progress stay: each is removed by the node resuming it
         alone = await self.membership.alone()
         await recovery.at_start(journal, self.config, self.workdir, alone=alone)
+        # closed after the processors, which end their uploads first
+        ledger = UploadLedger(state_folder(self.db_path) / "s3-uploads")
+        stack.callback(ledger.close)
         registry = Registry(wrap=Controls(self.journal).wrap)
+        registry.resources.items[LEDGER] = ledger
         stack.push_async_callback(registry.aclose)
+        sweep = await recovery.sweep_uploads(ledger, self.config)
+        if sweep is not None:  # cancelled at the stop
+            stack.push_async_callback(_cancel, sweep)
         learned = await self._learning(stack)
         self.dispatcher = Dispatcher(
             self.config,
@@ -325,12 +327,11 @@ class Service:
         lease_stop = asyncio.Event()
         lease_task = asyncio.create_task(self.membership.run(lease_stop), name="node-lease")
         stack.push_async_callback(self.membership.end, lease_stop, lease_task)
-        from . import notify
-
-        if notify.configured(self.config):  # after the dispatcher: closed before it
-            notifier = await stack.enter_async_context(notify.running(self.config, self.status))
-            self.dispatcher.on_result = notifier.on_result
-            journal.on_health(notifier.on_journal_health)
+        # always there, idle without targets, so a reload can add some; after the dispatcher:
+        # closed before it
+        self.notifier = await stack.enter_async_context(notify.running(self.config, self.status))
+        self.dispatcher.on_result = self.notifier.on_result
+        journal.on_health(self.notifier.on_journal_health)
         # the web app and the console are started here, between dispatcher and watchers
         link = self.link()
         if self.config.api.enabled:
@@ -481,6 +482,12 @@ class Service:
             cancelled,
             self.dispatcher.released,
         )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _report_resumed(fut: asyncio.Future[int]) -> None:

@@ -17,8 +17,9 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import watchfiles
 
@@ -135,6 +136,15 @@ def _ident(st: os.stat_result) -> Ident:
 def no_skips() -> dict[str, int]:
     """A zero count for every reason in SKIP_REASONS."""
     return dict.fromkeys(SKIP_REASONS, 0)
+
+
+def total_skips(watchers: Iterable[Any]) -> dict[str, int]:
+    """What the watchers' last scans passed over, per reason (each has ``skipped``)."""
+    total = no_skips()
+    for w in watchers:
+        for reason, count in w.skipped.items():
+            total[reason] += count
+    return total
 
 
 def valid_name(relpath: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import shutil
+import signal
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -292,3 +293,37 @@ def test_a_journal_removed_under_the_service_is_told(
     assert message["title"] == "filedispatch: 1 journal trouble"
     assert str(ws["db"]) in message["message"]
     svc.stop()
+
+
+def test_a_reload_applies_new_targets_and_refuses_a_bad_one_keeping_the_old(
+    workspace: dict[str, Path], webhook: Webhook, service_factory
+) -> None:
+    ws = workspace
+    rules = [{"name": "all", "glob": "*", "to": [str(ws["outbox"])]}]
+    fast = {"on": ["success"], "window": "0.1s", "retry": NO_WAIT}
+    cfg = config(ws, rules)  # no notify at start: a reload adds the first target
+    svc = service_factory(cfg).start()
+    old_file(ws["inbox"] / "before.txt", b"x")
+    wait_until(lambda: (ws["outbox"] / "before.txt").exists(), 30)
+
+    def reload_to(notify: list[dict[str, Any]], said: str, count: int) -> None:
+        config(ws, rules, notify=notify)
+        svc.signal(signal.SIGHUP)
+        wait_until(lambda: svc.log().count(said) == count, 30)
+
+    reload_to([{"url": webhook.url("one"), **fast}], "reloaded ", 1)
+    old_file(ws["inbox"] / "first.txt", b"x")
+    (one,) = wait_until(lambda: webhook.messages("one"), 30)
+    assert one["message"].startswith("first.txt -> ")
+    reload_to([{"url": webhook.url("two"), **fast}], "reloaded ", 2)
+    old_file(ws["inbox"] / "second.txt", b"x")
+    (two,) = wait_until(lambda: webhook.messages("two"), 30)
+    assert two["message"].startswith("second.txt -> ")
+    reload_to([{"url": "nosuchscheme://x", **fast}], "reload refused", 1)  # "two" stays
+    assert "notify[0].url" in svc.log() or "notify.0.url" in svc.log()
+    old_file(ws["inbox"] / "third.txt", b"x")
+    wait_until(lambda: len(webhook.messages("two")) == 2, 30)
+    assert webhook.messages("two")[1]["message"].startswith("third.txt -> ")
+    assert len(webhook.messages("one")) == 1  # the first target was dropped
+    assert svc.stop() == 0
+    assert HOOK_TOKEN not in svc.log()

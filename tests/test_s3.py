@@ -4,6 +4,7 @@ a server restarted mid-upload, and kill -9 of the service mid-upload."""
 
 from __future__ import annotations
 
+import base64
 import signal
 from pathlib import Path
 
@@ -153,6 +154,43 @@ def test_right_secret_with_signature_checks_delivers(
         server.stop()
 
 
+@pytest.mark.parametrize("chain", ["environment", "profile"])
+def test_credentials_from_the_standard_chain(
+    workspace: dict[str, Path], tmp_path: Path, chain: str
+) -> None:
+    """No keys in the config: the environment's, or a profile's in a credentials file, signed
+    and checked by the server (an instance role is the same chain's last link)."""
+    from .conftest import cli_env
+
+    server = S3Server(tmp_path / "s3auth", auth=True)
+    try:
+        src = old_file(workspace["inbox"] / "a.txt", b"chained")
+        dest = server.dest()
+        del dest["access_key_id"], dest["secret_access_key"]
+        env = cli_env()
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+            env.pop(name, None)
+        env["AWS_CONFIG_FILE"] = str(tmp_path / "no-aws-config")
+        if chain == "environment":
+            env["AWS_ACCESS_KEY_ID"] = server.access_key
+            env["AWS_SECRET_ACCESS_KEY"] = server.secret_key
+        else:
+            creds = tmp_path / "credentials"
+            creds.write_text(
+                f"[scanner]\naws_access_key_id = {server.access_key}\n"
+                f"aws_secret_access_key = {server.secret_key}\n"
+            )
+            env["AWS_SHARED_CREDENTIALS_FILE"] = str(creds)
+            dest["profile"] = "scanner"
+        cfg = remote_config(workspace, dest)
+        result = run_cli("-c", cfg, "--once", env=env)
+        assert result.returncode == 0, result.stderr
+        assert server.objects() == {"a.txt": sha256_of(src)}
+        assert server.secret_key not in result.stderr
+    finally:
+        server.stop()
+
+
 def test_missing_bucket_fails_at_once(workspace: dict[str, Path], s3: S3Server) -> None:
     old_file(workspace["inbox"] / "a.txt", b"x")
     dest = s3.dest()
@@ -197,22 +235,45 @@ def test_server_restarted_mid_upload_the_file_is_sent_again_whole(
 
 
 @pytest.mark.slow
-def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan(
+def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan_at_start(
     workspace: dict[str, Path], s3: S3Server, service_factory
 ) -> None:
     ws = workspace
-    cfg = remote_config(ws, s3.dest(part_size=5 * MIB, part_concurrency=1))
+    # short timeouts, so the server held still below is given up on quickly
+    retry = {"delay": 0.2, "max_delay": 1, "jitter": False}
+    dest = s3.dest(
+        "in/", part_size=5 * MIB, part_concurrency=1, read_timeout=2, connect_timeout=2, retry=retry
+    )
+    cfg = remote_config(ws, dest)
+    ledgers = ws["root"] / "s3-uploads"  # beside the journal
+    client = s3.client()
+    # someone else's unfinished uploads, under our prefix and beside it: never ours to abort
+    theirs = {
+        client.create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]: key
+        for key in ("in/their.bin", "other/their.bin")
+    }
     first = service_factory(cfg).start()
     src = old_file(ws["inbox"] / "big.bin", 80 * MIB)
-    wait_until(lambda: _uploading(s3), 60, 0.01)
+    # begun and written down (the server knows of it a moment before the ledger does)
+    wait_until(lambda: any("in/big.bin" in p.read_text() for p in ledgers.glob("*.jsonl")), 60)
     first.kill()
-    assert s3.uploads() == ["big.bin"]  # the orphan a crash leaves
-    second = service_factory(cfg).start()
+    assert sorted(s3.uploads()) == ["in/big.bin", "in/their.bin", "other/their.bin"]
+    assert s3.proc is not None
+    s3.proc.send_signal(signal.SIGSTOP)  # the server hangs: the start must not wait for it
+    try:
+        second = service_factory(cfg).start()
+        wait_until(lambda: "cannot abort the unfinished upload" in second.log(), 60)
+    finally:
+        s3.proc.send_signal(signal.SIGCONT)
+    # retried in the background once the server answers again
+    wait_until(lambda: "aborted 1 unfinished multipart upload" in second.log(), 120)
     wait_until(lambda: _ended(ws["db"]), 120)
     assert second.stop() == 0
-    assert s3.objects() == {"big.bin": sha256_of(src)}  # once, under its own name
-    assert s3.uploads() == []
-    assert "aborted 1 unfinished multipart upload" in second.log()
+    assert s3.objects() == {"in/big.bin": sha256_of(src)}  # once, under its own name
+    listed = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
+    assert {u["UploadId"]: u["Key"] for u in listed} == theirs  # ours aborted, theirs kept
+    assert not list(ledgers.glob("*.jsonl"))  # nothing left to sweep
+    assert s3.secret_key not in second.log()
 
 
 @pytest.mark.slow
@@ -253,3 +314,204 @@ def test_one_bucket_name_on_two_servers_is_two_destinations(
         }
     finally:
         other.stop()
+
+
+WRONG_SHA256 = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="  #: the SHA-256 of no bytes
+
+
+class S3Front:
+    """A plain HTTP front on loopback before moto's server, keeping each request's method,
+    path and headers; with ``conditional=False`` it plays a server without conditional
+    writes: a request with If-None-Match answers 501 NotImplemented, as such servers do.
+
+    moto stores no ``x-amz-checksum-sha256``; ``checksum="echo"`` plays a server that does (a
+    PUT's answer gives back the checksum it was sent), ``"wrong"`` one that stored other bytes
+    (another SHA-256 in the answer); ``longer=True`` says a byte more in a HEAD's length."""
+
+    def __init__(
+        self,
+        behind: S3Server,
+        *,
+        conditional: bool = True,
+        checksum: str | None = None,
+        longer: bool = False,
+    ) -> None:
+        from aiohttp import ClientSession, web
+
+        from .conftest import free_port
+        from .servers import LoopThread
+
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.port = free_port()
+        self.loop = LoopThread()
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            headers = dict(request.headers)
+            self.seen.append((request.method, request.path, headers))
+            if not conditional and "If-None-Match" in headers:
+                body = b"<Error><Code>NotImplemented</Code><Message>no</Message></Error>"
+                return web.Response(status=501, body=body, content_type="application/xml")
+            data = await request.read()
+            async with ClientSession(auto_decompress=False) as session:
+                async with session.request(
+                    request.method,
+                    f"{behind.endpoint}{request.path_qs}",
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                ) as answer:
+                    payload = await answer.read()
+                    drop = {"transfer-encoding", "connection", "content-length"}
+                    keep = {k: v for k, v in answer.headers.items() if k.lower() not in drop}
+                    sent = headers.get("x-amz-checksum-sha256")
+                    if request.method == "PUT" and answer.status == 200 and sent is not None:
+                        if checksum is not None:
+                            keep["x-amz-checksum-sha256"] = sent
+                        if checksum == "wrong":
+                            keep["x-amz-checksum-sha256"] = WRONG_SHA256
+                    if request.method != "HEAD":
+                        return web.Response(status=answer.status, body=payload, headers=keep)
+                    # a HEAD's length is the object's: sent as it came, with no body
+                    reply = web.StreamResponse(status=answer.status, headers=keep)
+                    reply.content_length = (answer.content_length or 0) + longer
+                    await reply.prepare(request)
+                    return reply
+
+        app = web.Application(client_max_size=64 * MIB)
+        app.router.add_route("*", "/{tail:.*}", forward)
+        self.runner = web.AppRunner(app)
+
+        async def start() -> None:
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+        self.loop.call(start())
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def methods(self, key: str) -> list[tuple[str, bool]]:
+        """(method, sent with If-None-Match) of each request for ``key``, in order."""
+        return [(m, "If-None-Match" in h) for m, p, h in self.seen if p.endswith(key)]
+
+    def close(self) -> None:
+        self.loop.call(self.runner.cleanup())
+        self.loop.close()
+
+
+@pytest.mark.parametrize("conditional", [True, False], ids=["if-none-match", "head"])
+def test_conflicts_use_a_conditional_put_where_the_server_has_it_and_a_head_where_not(
+    workspace: dict[str, Path], s3: S3Server, conditional: bool
+) -> None:
+    ws = workspace
+    s3.client().put_object(Bucket=s3.bucket, Key="c/a.txt", Body=b"already there")
+    src = old_file(ws["inbox"] / "a.txt", b"new bytes")
+    front = S3Front(s3, conditional=conditional)
+    try:
+        dest = {**s3.dest("c/", on_conflict="rename"), "endpoint_url": front.endpoint}
+        result = run_cli("-c", remote_config(ws, dest), "--once")
+        assert result.returncode == 0, result.stderr
+        assert s3.objects("c/") == {
+            "c/a.txt": sha256_of(old_file(ws["root"] / "x", b"already there")),
+            "c/a-1.txt": sha256_of(src),
+        }
+        first, second = front.methods("/c/a.txt"), front.methods("/c/a-1.txt")
+        if conditional:  # the write is the check: a 412 for the taken name, no HEAD before
+            assert first == [("PUT", True)]
+            assert second[0] == ("PUT", True)  # (then verify's HEAD)
+        else:  # told once that the server has none, then a HEAD before each plain PUT
+            assert first[0] == ("PUT", True) and ("HEAD", False) in first
+            assert second[:2] == [("HEAD", False), ("PUT", False)]
+            assert "no conditional writes here" in result.stderr
+    finally:
+        front.close()
+
+
+def test_the_secret_never_reaches_the_api_the_dashboard_or_the_journal(
+    workspace: dict[str, Path], tmp_path: Path, service_factory
+) -> None:
+    import json
+    import urllib.request
+
+    from .conftest import free_port
+
+    ws = workspace
+    server = S3Server(tmp_path / "s3auth", auth=True)
+    try:
+        port = free_port()
+        wrong = "wrong-secret-" + server.secret_key[:20]
+        steps = [
+            server.dest("good/"),
+            server.dest("bad/", secret_access_key=wrong, retry=FAST_RETRY),
+        ]
+        rules = [
+            {"name": "good", "glob": "*", "continue": True, "to": steps[:1]},
+            {"name": "bad", "glob": "*", "to": steps[1:]},
+        ]
+        cfg = remote_config(ws, api={"enabled": True, "port": port, "token_env": None})
+        data = yaml.safe_load(cfg.read_text())
+        data["rules"] = rules
+        cfg.write_text(yaml.safe_dump(data))
+        svc = service_factory(cfg).start()
+        old_file(ws["inbox"] / "a.txt", b"x")
+        rows = wait_until(
+            lambda: len(_ended(ws["db"], ("SUCCEEDED", "FAILED"))) == 2 and journal_rows(ws["db"]),
+            60,
+        )
+        base = f"http://127.0.0.1:{port}"
+        pages = ["/", "/metrics", "/api/v1/logs", "/api/v1/status", "/api/v1/stats"]
+        pages += [f"/api/v1/logs/{r['id']}" for r in rows]
+        seen = [urllib.request.urlopen(base + page, timeout=30).read().decode() for page in pages]
+        assert svc.stop() == 0
+        assert "SignatureDoesNotMatch" in "".join(seen)  # the failure is shown, its secret not
+        blob = "\n".join([*seen, svc.log(), json.dumps(rows, default=str)])
+        for secret in (server.secret_key, wrong):
+            assert secret not in blob
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("verify", ["size", "sha256"])
+def test_a_stored_object_that_does_not_verify_is_removed_and_sent_again(
+    workspace: dict[str, Path], s3: S3Server, verify: str
+) -> None:
+    ws = workspace
+    old_file(ws["inbox"] / "a.txt", b"bytes the server misreports")
+    # a HEAD's length a byte over, or another SHA-256 in the answer to the PUT
+    front = S3Front(s3, longer=True) if verify == "size" else S3Front(s3, checksum="wrong")
+    try:
+        retry = {"attempts": 2, "delay": 0, "jitter": False}
+        dest = {**s3.dest(verify=verify, retry=retry), "endpoint_url": front.endpoint}
+        result = run_cli("-c", remote_config(ws, dest), "--once")
+    finally:
+        front.close()
+    assert result.returncode == 1, result.stderr
+    (row,) = journal_rows(ws["db"])
+    assert (row["status"], row["attempts"]) == ("FAILED", 2)
+    if verify == "size":
+        assert "verify: 28 bytes stored of 27" in row["reason"]
+    else:
+        assert f"the stored SHA-256 ({WRONG_SHA256}) is not the one sent" in row["reason"]
+    assert s3.objects() == {}  # each attempt's object was removed: none that does not verify
+
+
+def test_verify_sha256_takes_the_checksum_the_server_stored(
+    workspace: dict[str, Path], s3: S3Server
+) -> None:
+    ws = workspace
+    src = old_file(ws["inbox"] / "a.txt", b"checked by the server")
+    front = S3Front(s3, checksum="echo", longer=True)  # a HEAD's length would not pass
+    try:
+        dest = {**s3.dest(verify="sha256"), "endpoint_url": front.endpoint}
+        result = run_cli("-c", remote_config(ws, dest), "--once")
+        sent = front.methods("/a.txt")
+    finally:
+        front.close()
+    assert result.returncode == 0, result.stderr
+    (row,) = journal_rows(ws["db"])
+    assert row["sha256"] == sha256_of(src)
+    assert s3.objects() == {"a.txt": sha256_of(src)}
+    assert sent == [("PUT", True)]  # the checksum in the answer sufficed: no HEAD
+    put = next(h for m, p, h in front.seen if m == "PUT")
+    assert put["x-amz-checksum-sha256"] == base64.b64encode(bytes.fromhex(sha256_of(src))).decode()

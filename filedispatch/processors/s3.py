@@ -1,8 +1,9 @@
 """S3 destination, with aiobotocore: one PUT for a small file, a multipart upload with bounded
 memory for a large one, conflicts settled by a conditional write where the server has them.
 
-An interrupted multipart upload is aborted; ones a crash left are aborted when the destination
-is first used. No botocore error leaves this module untranslated, and none carries a secret.
+An interrupted multipart upload is aborted; each one begun is written down first (s3uploads.py),
+so the ones a crash left are found and aborted at the next start (``sweep_orphans``), and
+nobody else's are. No botocore error leaves this module untranslated, and none carries a secret.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -30,7 +30,7 @@ from botocore.exceptions import (
 )
 
 from .. import sourcefile
-from ..config import S3Destination, scrub, secrets_of
+from ..config import Config, S3Destination, scrub, secrets_of
 from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -40,6 +40,7 @@ from ..errors import (
 from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, open_input, render_target
+from .s3uploads import LEDGER, OpenUpload, UploadLedger
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -76,9 +77,12 @@ _STATUS_MEANING = {
 _CONFLICT_STATUS = 412  #: If-None-Match: * found the key taken
 
 
+#: seconds between two tries of the start's sweep while the server cannot be reached, at most
+SWEEP_RETRY_MAX_S = 60.0
+
+
 def create(step: S3Destination, resources: Resources) -> S3Processor:
-    del resources
-    return S3Processor(step)
+    return S3Processor(step, resources.items.get(LEDGER))
 
 
 class _Taken(FileExistsError):
@@ -92,16 +96,15 @@ class S3Processor:
     #: S3 request's body is handed to the client whole
     paces: ClassVar[bool] = True
 
-    def __init__(self, dest: S3Destination) -> None:
+    def __init__(self, dest: S3Destination, ledger: UploadLedger | None = None) -> None:
         self.dest = dest
+        self._ledger = ledger
         self.bucket, self.prefix = dest.bucket, dest.prefix
         self.display = dest.display
         self._secrets = secrets_of(dest)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
         self._opening = asyncio.Lock()
-        self._started = dt.datetime.now(dt.UTC)
-        self._swept = False
         #: does the server honour If-None-Match: * on writes? None until a write tells
         self._conditional: bool | None = None
 
@@ -112,10 +115,7 @@ class S3Processor:
             return self._client
         async with self._opening:
             if self._client is None:
-                client = await self._stack.enter_async_context(self._new_client())
-                if self.dest.abort_stale_uploads:
-                    await self._abort_stale(client)
-                self._client = client
+                self._client = await self._stack.enter_async_context(self._new_client())
         return self._client
 
     def _new_client(self) -> Any:
@@ -150,24 +150,6 @@ class S3Processor:
             config=config,
         )
 
-    async def _abort_stale(self, client: Any) -> None:
-        """Abort the multipart uploads under our prefix begun before this service started."""
-        try:
-            pages = client.get_paginator("list_multipart_uploads")
-            stale = []
-            async for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                for upload in page.get("Uploads", []):
-                    if upload["Initiated"] < self._started:
-                        stale.append((upload["Key"], upload["UploadId"]))
-            for key, upload_id in stale:
-                await client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            # not fatal: the first delivery reports what is wrong with the bucket
-            log.warning("%s: cannot list unfinished uploads: %s", self.display, self._why(exc))
-            return
-        if stale:
-            log.info("%s: aborted %d unfinished multipart upload(s)", self.display, len(stale))
-
     async def aclose(self) -> None:
         self._client = None
         await self._stack.aclose()
@@ -186,7 +168,7 @@ class S3Processor:
         except DeliveryError:
             raise
         except Exception as exc:
-            error = self._translate(exc)
+            error = _translate(exc, self.display, self._secrets)
             if error is None:
                 raise
             raise error from exc
@@ -264,15 +246,25 @@ class S3Processor:
         args = self._object_args(ctx) | {"Key": key, "Body": body}
         if self.dest.verify == "sha256":
             args["ChecksumSHA256"] = base64.b64encode(digest).decode()
-        answer = await self._write(client.put_object, args, overwrite, key)
+        # aplace's ``exists`` has just looked, where a HEAD is how names are checked
+        answer = await self._write(client.put_object, args, overwrite, key, looked=True)
         await self._verify(client, key, len(body), answer, args.get("ChecksumSHA256"))
 
     async def _write(
-        self, call: Callable[..., Awaitable[Any]], args: dict[str, Any], overwrite: bool, key: str
+        self,
+        call: Callable[..., Awaitable[Any]],
+        args: dict[str, Any],
+        overwrite: bool,
+        key: str,
+        *,
+        looked: bool = False,
     ) -> Any:
         """``call(**args)``, made conditional on the key being free unless ``overwrite``.
-        Raises _Taken when it is; a server without conditional writes gets a HEAD first."""
+        Raises _Taken when it is; a server without conditional writes gets a HEAD first,
+        unless ``looked``: the caller has just made it (servers known to have none)."""
         if overwrite:
+            return await call(**args)
+        if self._conditional is False and looked:
             return await call(**args)
         if self._conditional is not False:
             try:
@@ -325,6 +317,9 @@ class S3Processor:
         upload_id = (await client.create_multipart_upload(**args))["UploadId"]
         ids = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
         try:
+            if self._ledger is not None:  # before any part: a crash now leaves a known orphan
+                upload = OpenUpload(self.dest.endpoint_url, self.bucket, key, upload_id)
+                await self._ledger.begun(upload)
             parts, whole = await self._send_parts(client, ids, fd, st, sha, ctx.throttle)
             done: dict[str, Any] = {"MultipartUpload": {"Parts": parts}, **ids}
             try:
@@ -336,6 +331,7 @@ class S3Processor:
         except BaseException:
             await asyncio.shield(self._abort(client, ids))
             raise
+        self._ended(upload_id)
         composite = None
         if sha:
             joined = b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts)
@@ -396,14 +392,40 @@ class S3Processor:
     async def _abort(self, client: Any, ids: dict[str, Any]) -> None:
         try:
             await asyncio.wait_for(client.abort_multipart_upload(**ids), self.dest.connect_timeout)
+            self._ended(ids["UploadId"])
         except Exception as exc:
             log.warning(
                 "%s: cannot abort an interrupted upload of %s (it is aborted at the next "
                 "start): %s",
                 self.display,
                 ids["Key"],
-                self._why(exc),
+                _why(exc, self._secrets),
             )
+
+    def _ended(self, upload_id: str) -> None:
+        if self._ledger is not None:
+            self._ledger.ended(upload_id)
+
+    async def abort_orphan(self, upload: OpenUpload) -> bool:
+        """Abort one upload a dead run left: True once it is gone (aborted, or no longer
+        there); False when it is not under this destination's prefix. Raises our errors."""
+        if (upload.endpoint, upload.bucket) != (self.dest.endpoint_url, self.bucket):
+            return False
+        if not upload.key.startswith(self.prefix):
+            return False
+        try:
+            client = await self._get_client()
+            await client.abort_multipart_upload(
+                Bucket=self.bucket, Key=upload.key, UploadId=upload.upload_id
+            )
+        except ClientError as exc:
+            status, code = _status(exc)
+            if code == "NoSuchUpload" or (status == 404 and code != "NoSuchBucket"):
+                return True  # completed before the crash, or aborted already
+            raise _translate(exc, self.display, self._secrets) or exc from exc
+        except (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise _translate(exc, self.display, self._secrets) or exc from exc
+        return True
 
     async def _verify(
         self, client: Any, key: str, size: int, answer: dict[str, Any], checksum: str | None
@@ -467,34 +489,38 @@ class S3Processor:
 
     # -- errors
 
-    def _why(self, exc: BaseException) -> str:
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            status, code = _status(exc)
-            # a HEAD answer has no body, so no code: say what its status means
-            message = error.get("Message") or _STATUS_MEANING.get(status or 0, "no message")
-            text = f"{code or status}: {message}"
-        else:
-            text = f"{type(exc).__name__}: {exc}"
-        return scrub(text, self._secrets)
 
-    def _translate(self, exc: Exception) -> DeliveryError | None:
-        """Our error for a botocore or connection error; None for any other."""
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return PermanentDeliveryError(
-                f"{self.display}: no credentials: give access_key_id and secret_access_key, "
-                "a profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-            )
-        if isinstance(exc, ClientError):
-            status, code = _status(exc)
-            text = f"{self.display}: {self._why(exc)}"
-            transient = code in _TRANSIENT_CODES
-            if code in _PERMANENT_CODES or (status in (400, 403, 404) and not transient):
-                return PermanentDeliveryError(text)
-            return TransientDeliveryError(text)
-        if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)):
-            return TransientDeliveryError(f"{self.display}: {self._why(exc)}")
-        return None
+def _why(exc: BaseException, secrets: list[str]) -> str:
+    """An S3 or connection error in a line, without the ``secrets``."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status, code = _status(exc)
+        # a HEAD answer has no body, so no code: say what its status means
+        message = error.get("Message") or _STATUS_MEANING.get(status or 0, "no message")
+        text = f"{code or status}: {message}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return scrub(text, secrets)
+
+
+def _translate(exc: Exception, display: str, secrets: list[str]) -> DeliveryError | None:
+    """Our error for a botocore or connection error (``display``: the destination, shown);
+    None for any other."""
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return PermanentDeliveryError(
+            f"{display}: no credentials: give access_key_id and secret_access_key, "
+            "a profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if isinstance(exc, ClientError):
+        status, code = _status(exc)
+        text = f"{display}: {_why(exc, secrets)}"
+        transient = code in _TRANSIENT_CODES
+        if code in _PERMANENT_CODES or (status in (400, 403, 404) and not transient):
+            return PermanentDeliveryError(text)
+        return TransientDeliveryError(text)
+    if isinstance(exc, (BotoCoreError, aiohttp.ClientError, OSError, TimeoutError)):
+        return TransientDeliveryError(f"{display}: {_why(exc, secrets)}")
+    return None
 
 
 def _status(exc: ClientError) -> tuple[int | None, str]:
@@ -529,3 +555,78 @@ async def _sha256(data: bytes) -> bytes:
     if len(data) <= INLINE_READ:
         return hashlib.sha256(data).digest()
     return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+
+
+async def sweep_orphans(ledger: UploadLedger, config: Config) -> None:
+    """At start, in the background: abort the multipart uploads the runs that are gone left
+    open (their ledger files), each through a configured destination with its bucket and
+    prefix (``abort_stale_uploads``). A server that cannot be reached is tried again, at
+    growing intervals up to SWEEP_RETRY_MAX_S, until the sweep is done or the service stops;
+    an upload no destination covers any more is kept for the next start. Never raises."""
+    dests = [
+        s
+        for rule in config.rules
+        for s in rule.to
+        if isinstance(s, S3Destination) and s.abort_stale_uploads
+    ]
+    delay = 1.0
+    while True:
+        try:
+            again = await _sweep_once(ledger, dests)
+        except Exception as exc:  # the sweep is a courtesy: it must never end the service
+            log.warning("cannot look for unfinished S3 uploads: %r", exc)
+            return
+        if not again:
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, SWEEP_RETRY_MAX_S)
+
+
+async def _sweep_once(ledger: UploadLedger, dests: list[S3Destination]) -> bool:
+    """One pass over the dead runs' files; True when a server could not be reached."""
+    orphans = await asyncio.to_thread(ledger.orphans)
+    if not orphans:
+        return False
+    processors = [S3Processor(d) for d in dests]
+    unreachable = False
+    try:
+        for path, uploads in orphans.items():
+            left: list[OpenUpload] = []
+            for upload in uploads:
+                done, failed = await _abort_orphan(processors, upload)
+                unreachable |= failed
+                if not done:
+                    left.append(upload)
+            await asyncio.to_thread(ledger.settle, path, left)
+    finally:
+        for p in processors:
+            await p.aclose()
+    return unreachable
+
+
+async def _abort_orphan(processors: list[S3Processor], upload: OpenUpload) -> tuple[bool, bool]:
+    """(gone, a server failed) for one orphan, through the first destination covering it."""
+    for p in processors:
+        try:
+            if not await p.abort_orphan(upload):
+                continue
+        except DeliveryError as exc:
+            log.warning(
+                "%s: cannot abort the unfinished upload of %s a crash left (tried again%s): %s",
+                p.display,
+                upload.key,
+                " at the next start" if isinstance(exc, PermanentDeliveryError) else " soon",
+                exc,
+            )
+            return False, isinstance(exc, TransientDeliveryError)
+        log.info(
+            "%s: aborted 1 unfinished multipart upload a crash left: %s", p.display, upload.key
+        )
+        return True, False
+    log.warning(
+        "an unfinished upload of %s to s3://%s a crash left is under no configured destination "
+        "now: left for the next start",
+        upload.key,
+        upload.bucket,
+    )
+    return False, False
