@@ -65,7 +65,10 @@ def test_once_says_what_it_does_before_the_work(tmp_path: Path) -> None:
     result = run_cli("-c", cfg, "--once", "--log-level", "INFO")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    first_delivery = next(i for i, line in enumerate(lines) if ".txt -> " in line)
+    # a delivery's line: one file's, or a batch's ("N files -> FOLDER: ...")
+    first_delivery = next(
+        i for i, line in enumerate(lines) if "filedispatch.dispatcher: " in line and " -> " in line
+    )
     announce = next(i for i, line in enumerate(lines) if "source(s)" in line)
     assert announce < first_delivery, "\n".join(lines[: first_delivery + 3])
     assert "dispatching what is in 1 source(s) now, then exiting (--once)" in lines[announce]

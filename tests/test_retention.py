@@ -230,7 +230,8 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 
 def _back_to_the_schema_before(database: Database) -> None:
-    """The journal as the release before this one left it: no rollup, no kept keys."""
+    """The journal as the release before this one left it: no rollup, no kept keys (and no
+    birth times, the migration after this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -241,7 +242,8 @@ def _back_to_the_schema_before(database: Database) -> None:
                 conn.execute(f"DROP TRIGGER {name} ON dispatches")
                 conn.execute(f"DROP FUNCTION {name}()")
             conn.execute("DROP TABLE stats_days, stats_months, kept")
-            conn.execute("UPDATE filedispatch_schema SET version = version - 1")
+            conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
+            conn.execute("UPDATE filedispatch_schema SET version = version - 2")
         return
     import sqlite3
 
@@ -251,6 +253,7 @@ def _back_to_the_schema_before(database: Database) -> None:
             conn.execute(f"DROP TRIGGER {name}")
         for table in ("stats_days", "stats_months", "kept"):
             conn.execute(f"DROP TABLE {table}")
+        conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
         conn.execute("PRAGMA user_version = 8")
     conn.close()
 
