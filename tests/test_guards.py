@@ -160,5 +160,8 @@ async def test_two_outcomes_of_one_row_in_one_group_commit_apply_in_order(
         # twice, the rows must go one by one, in order
         bulk = [s for s in statements if s.startswith("UPDATE") and "json_each" in s]
         assert bulk == [], "two outcomes of one row went through the unordered bulk update"
-        single = [s for s in statements if s.startswith("UPDATE dispatches SET status=")]
+        # the trace reports a statement again for each statement of the triggers it fires
+        # (the stats rollup's): count each run of repeats once
+        runs = [s for i, s in enumerate(statements) if i == 0 or statements[i - 1] != s]
+        single = [s for s in runs if s.startswith("UPDATE dispatches SET status=")]
         assert len(single) == 2
