@@ -245,6 +245,35 @@ def test_a_watch_that_fails_is_told(workspace: dict[str, Path], webhook: Webhook
     assert len(webhook.messages("src")) == 1, webhook.messages("src")
 
 
+async def test_a_folder_back_is_not_told_again_by_the_error_its_absence_left(
+    workspace: dict[str, Path], webhook: Webhook
+) -> None:
+    """The watcher keeps the error of a removed folder (its watch ended, and could not begin
+    again while the folder was missing) after the folder is back: the notifier's looks, on
+    the real folder, tell the removal once and not that stale error as news."""
+    from filedispatch.config import load_config
+    from filedispatch.notify import Notifier
+
+    ws = workspace
+    cfg = to_outbox(ws, {"url": webhook.url("src"), "on": ["source_error"], "window": "0.1s"})
+    notifier = Notifier(load_config(cfg))
+    watch_error = f"FileNotFoundError: the folder {ws['inbox']} was removed"
+
+    async def look(error: str | None) -> None:
+        status = {"sources": [{"name": "inbox", "path": str(ws["inbox"]), "last_error": error}]}
+        await notifier._look_at_sources(status)
+
+    await look(None)
+    shutil.rmtree(ws["inbox"])
+    await look(watch_error)
+    ws["inbox"].mkdir()
+    await look(watch_error)
+    await notifier.aclose()
+    (message,) = wait_until(lambda: webhook.messages("src"), 30)
+    assert message["title"] == "filedispatch: 1 source trouble", message
+    assert f"the folder {ws['inbox']} is gone" in message["message"]
+
+
 def test_a_dead_notification_server_never_holds_deliveries_back(
     workspace: dict[str, Path],
 ) -> None:
