@@ -114,7 +114,8 @@ class Notifier:
         self._wake = asyncio.Event()
         self._sources_wanted = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="notify")
-        self._source_errors: dict[str, str | None] = {}
+        #: per source, at the last look: was its folder gone, and the watcher's last error
+        self._source_errors: dict[str, tuple[bool, str | None]] = {}
         self._journal_ok = True
         self.sent = 0  #: messages sent, for the tests and the console
         self.dropped = 0  #: messages given up after their retries
@@ -202,12 +203,17 @@ class Notifier:
         assert isinstance(sources, list)
         for s in sources:
             name, path, error = s["name"], s["path"], s["last_error"]
-            if not await asyncio.to_thread(os.path.isdir, path):
-                error = f"the folder {path} is gone"
-            if error != self._source_errors.get(name) and error is not None:
-                line = f"source {escape(name)}: {escape(scrub(error, self._secrets))}"
+            gone = not await asyncio.to_thread(os.path.isdir, path)
+            was_gone, was_error = self._source_errors.get(name, (False, None))
+            # a folder gone is told once; back, only an error new since the last look is
+            # (not the one its absence left: the watch that could not begin meanwhile)
+            told = f"the folder {path} is gone" if gone and not was_gone else None
+            if not gone and error is not None and error != was_error:
+                told = error
+            if told is not None:
+                line = f"source {escape(name)}: {escape(scrub(told, self._secrets))}"
                 self.event(Event("source_error", name, None, line))
-            self._source_errors[name] = error
+            self._source_errors[name] = (gone, error)
 
     # ------------------------------------------------------------------ messages out
 

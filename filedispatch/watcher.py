@@ -155,6 +155,14 @@ def valid_name(relpath: str) -> bool:
         return False
 
 
+def _end_if_removed(changes: set[tuple[watchfiles.Change, str]], root: Path) -> None:
+    """Raise FileNotFoundError if ``changes`` hold the removal of ``root`` itself: the watch
+    on a removed folder hears nothing of a folder made again at its path, so it must end and
+    a new one begin (which fails, and is retried, while the folder is missing)."""
+    if (watchfiles.Change.deleted, str(root)) in changes:
+        raise FileNotFoundError(f"the folder {root} was removed")
+
+
 class SourceWatcher:
     """Feeds complete files of one source to ``emit``, in batches."""
 
@@ -251,6 +259,7 @@ class SourceWatcher:
                     ignore_permission_denied=True,
                 ):
                     await self._on_changes(changes)
+                    _end_if_removed(changes, self.root)
                 await self.drain()
             except Exception as exc:  # the watch ended: say why, rescan, watch again
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -262,8 +271,7 @@ class SourceWatcher:
                 self._rescan_now.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
-                # files that arrived while no watch ran: rescan once the new watch is up
-                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)
+                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)  # once it is up
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         mode = self.config.ready

@@ -6,6 +6,8 @@ from __future__ import annotations
 import email
 import shutil
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
-from .conftest import free_port, journal_rows, run_cli, wait_until, write_config
+from .conftest import cli_env, free_port, journal_rows, run_cli, wait_until, write_config
 from .servers import LoopThread, old_file
 
 HOOK_TOKEN = "hook-token-5f3a9c2b7e"
@@ -208,6 +210,68 @@ def test_a_source_folder_gone_is_told(
     assert message["title"] == "filedispatch: 1 source trouble"
     assert f"the folder {ws['inbox']} is gone" in message["message"]
     svc.stop()
+
+
+def test_a_watch_that_fails_is_told(workspace: dict[str, Path], webhook: Webhook) -> None:
+    """The kernel refuses the watch (no inotify instance left, as on a host at
+    fs.inotify.max_user_instances): the service runs in a user namespace of its own whose
+    limit is 0, so the refusal is real and touches nothing outside. The target is told the
+    watch failed, once, and files are still found by the rescans that stand in for it."""
+    ws = workspace
+    cfg = to_outbox(ws, {"url": webhook.url("src"), "on": ["source_error"], "window": "0.1s"})
+    limited = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
+    wrap = ["unshare", "--user", "--map-root-user", "sh", "-c", limited, "sh"]
+    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a user namespace of its own (unshare --user)")
+    log_path = ws["root"] / "service.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*wrap, sys.executable, "-m", "filedispatch", "-c", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
+    try:
+        (message,) = wait_until(lambda: webhook.messages("src"), 30)
+        assert message["title"] == "filedispatch: 1 source trouble"
+        assert "source inbox: " in message["message"]
+        assert "Too many open files" in message["message"], message
+        old_file(ws["inbox"] / "a.txt", b"found without a watch")
+        wait_until(lambda: (ws["outbox"] / "a.txt").exists(), 30)
+        assert f"watching {ws['inbox']} failed (" in log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    assert len(webhook.messages("src")) == 1, webhook.messages("src")
+
+
+async def test_a_folder_back_is_not_told_again_by_the_error_its_absence_left(
+    workspace: dict[str, Path], webhook: Webhook
+) -> None:
+    """The watcher keeps the error of a removed folder (its watch ended, and could not begin
+    again while the folder was missing) after the folder is back: the notifier's looks, on
+    the real folder, tell the removal once and not that stale error as news."""
+    from filedispatch.config import load_config
+    from filedispatch.notify import Notifier
+
+    ws = workspace
+    cfg = to_outbox(ws, {"url": webhook.url("src"), "on": ["source_error"], "window": "0.1s"})
+    notifier = Notifier(load_config(cfg))
+    watch_error = f"FileNotFoundError: the folder {ws['inbox']} was removed"
+
+    async def look(error: str | None) -> None:
+        status = {"sources": [{"name": "inbox", "path": str(ws["inbox"]), "last_error": error}]}
+        await notifier._look_at_sources(status)
+
+    await look(None)
+    shutil.rmtree(ws["inbox"])
+    await look(watch_error)
+    ws["inbox"].mkdir()
+    await look(watch_error)
+    await notifier.aclose()
+    (message,) = wait_until(lambda: webhook.messages("src"), 30)
+    assert message["title"] == "filedispatch: 1 source trouble", message
+    assert f"the folder {ws['inbox']} is gone" in message["message"]
 
 
 def test_a_dead_notification_server_never_holds_deliveries_back(

@@ -191,6 +191,32 @@ def test_credentials_from_the_standard_chain(
         server.stop()
 
 
+def test_credentials_from_an_instance_role(workspace: dict[str, Path], s3: S3Server) -> None:
+    """No keys in the config, the environment or a profile: the chain's last link asks the
+    instance metadata service (moto's server answers it: token, role name, the role's
+    temporary keys) and the file arrives, sent with those keys."""
+    from .conftest import cli_env
+
+    src = old_file(workspace["inbox"] / "a.txt", b"from the role")
+    dest = s3.dest()
+    del dest["access_key_id"], dest["secret_access_key"]
+    env = cli_env()
+    for name in list(env):
+        if name.startswith("AWS_") and name != "AWS_CA_BUNDLE":
+            del env[name]
+    empty = workspace["root"] / "empty-aws-file"
+    empty.write_text("")
+    env["AWS_CONFIG_FILE"] = env["AWS_SHARED_CREDENTIALS_FILE"] = str(empty)
+    env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = s3.endpoint + "/"
+    result = run_cli("-c", remote_config(workspace, dest), "--once", env=env)
+    assert result.returncode == 0, result.stderr
+    assert s3.objects() == {"a.txt": sha256_of(src)}
+    asked = (s3.folder / "moto.log").read_text()
+    assert "PUT /latest/api/token" in asked
+    assert "GET /latest/meta-data/iam/security-credentials/default-role" in asked
+    assert "test-secret-key" not in result.stderr
+
+
 def test_missing_bucket_fails_at_once(workspace: dict[str, Path], s3: S3Server) -> None:
     old_file(workspace["inbox"] / "a.txt", b"x")
     dest = s3.dest()

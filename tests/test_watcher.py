@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,26 @@ def test_reconcile_scan_finds_what_events_missed(
     svc.start()
     (ws["inbox"] / "late.txt").write_text("found by the reconcile scan")
     wait_until(lambda: (ws["outbox"] / "late.txt").exists(), 15)
+    assert svc.stop() == 0
+
+
+def test_a_source_folder_removed_and_made_again_is_watched_again(
+    workspace: dict[str, Path], service_factory: Any
+) -> None:
+    """The watch of a removed folder hears nothing of a new folder at its path: the removal
+    ends it and a new one begins once the folder is back. Rescans are off, so only the watch
+    can find the file dropped into the new folder."""
+    ws = workspace
+    svc: ServiceProcess = service_factory(cfg(ws, rescan=0))
+    svc.start()
+    (ws["inbox"] / "a.txt").write_text("before")
+    wait_until(lambda: (ws["outbox"] / "a.txt").exists(), 30)
+    shutil.rmtree(ws["inbox"])
+    wait_until(lambda: f"the folder {ws['inbox']} was removed" in svc.log(), 30)
+    ws["inbox"].mkdir()
+    (ws["inbox"] / "b.txt").write_text("after")
+    wait_until(lambda: (ws["outbox"] / "b.txt").exists(), 30)
+    assert (ws["outbox"] / "b.txt").read_text() == "after"
     assert svc.stop() == 0
 
 

@@ -509,7 +509,8 @@ def _translate(exc: Exception, display: str, secrets: list[str]) -> DeliveryErro
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return PermanentDeliveryError(
             f"{display}: no credentials: give access_key_id and secret_access_key, "
-            "a profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            "a profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or run where an instance or container role supplies them"
         )
     if isinstance(exc, ClientError):
         status, code = _status(exc)
