@@ -391,3 +391,44 @@ def test_a_reload_applies_new_targets_and_refuses_a_bad_one_keeping_the_old(
     assert len(webhook.messages("one")) == 1  # the first target was dropped
     assert svc.stop() == 0
     assert HOOK_TOKEN not in svc.log()
+
+
+def test_the_docs_example_runs_against_a_real_webhook_and_mail_server(
+    tmp_path: Path, webhook: Webhook, mailbox: Mailbox
+) -> None:
+    """notifications.md's example as written, with its paths under tmp_path and its webhook
+    and mail targets pointed at the receivers on loopback (Slack and ntfy are left out: no
+    such servers here). A file that fails for good is told to the webhook, with the counts."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "notifications.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    example = block.group(1).replace("/srv", str(tmp_path / "srv"))
+    example = example.replace("json://127.0.0.1:8080/hook", webhook.url("hook"))
+    data = yaml.safe_load(example)
+    assert data["notify"][0]["url"] == webhook.url("hook")  # the example still has this target
+    data["notify"][1]["url"] = mailbox.url()
+    data["sources"][0].pop("notify")  # slack://
+    data["rules"][0].pop("notify")  # ntfys://
+    data.update(database=str(tmp_path / "j.db"), api={"enabled": False})
+    data["monitor"] = {"enabled": False}
+    for source in data["sources"]:
+        source["settle"] = 0.05
+    # /srv/archive/other cannot be made: a file is in the way, so "rest" fails for good
+    (tmp_path / "srv" / "archive").mkdir(parents=True)
+    (tmp_path / "srv" / "archive" / "other").write_text("in the way")
+    data["rules"][1]["to"] = [
+        {"url": str(tmp_path / "srv/archive/other/x"), "retry": {"attempts": 1}}
+    ]
+    old_file(tmp_path / "srv" / "outgoing" / "notes.txt", b"n")
+    cfg = write_config(tmp_path / "config.yml", data)
+    result = run_cli("-c", cfg, "--once")
+    assert result.returncode == 1, result.stderr  # the file failed for good
+    wait_until(lambda: webhook.messages("hook"), 30)
+    (message,) = webhook.messages("hook")
+    assert "1 failed for good" in message["title"], message
+    assert "notes.txt" in message["message"], message
+    assert HOOK_TOKEN not in result.stderr
