@@ -483,9 +483,13 @@ class JournalReader(Protocol):
     async def detail(self, dispatch_id: int) -> Detail | None:
         """One row by id as the detail view shows it, or None."""
 
-    async def stats(self, conditions: Sequence[Condition]) -> list[StatsGroup]:
+    async def stats(
+        self, conditions: Sequence[Condition], monthly: bool = False
+    ) -> list[StatsGroup]:
         """Rows matching ``conditions`` grouped by the UTC day they were created on (the
-        caller folds days into weeks or months: ``reporting.period_start``)."""
+        caller folds days into weeks or months: ``reporting.period_start``). ``monthly``: the
+        caller folds into months, so a window of whole months may come a group per month
+        (under its first day) from the month rollup."""
 
     async def outcomes(
         self, after: float, upto: float, buckets_ms: Sequence[int]

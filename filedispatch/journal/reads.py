@@ -12,7 +12,7 @@ import abc
 import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, get_args
 
 from ..models import Dispatch, FileVersion, Status
 from . import retention
@@ -103,8 +103,6 @@ class Dialect:
     total: Callable[[str], str]
     #: the day number (days since 1970-01-01) of an epoch-seconds column, UTC or local time
     day: Callable[[str, bool], str]
-    #: the day number of the first day of the month (UTC) of a day-number column
-    month: Callable[[str], str]
     #: whether a text value may hold a NUL character (PostgreSQL's may not)
     nul_in_text: bool = True
 
@@ -123,22 +121,8 @@ def _postgres_day(column: str, local: bool) -> str:
     return f"FLOOR({column} / 86400)::bigint"
 
 
-def _sqlite_month(day: str) -> str:
-    return (
-        f"CAST(julianday(date({day} * 86400, 'unixepoch', 'start of month')) "
-        f"- {EPOCH_JULIAN_DAY} AS INTEGER)"
-    )
-
-
-def _postgres_month(day: str) -> str:
-    utc = f"to_timestamp({day} * 86400) AT TIME ZONE 'UTC'"
-    return f"(date_trunc('month', {utc})::date - DATE '1970-01-01')"
-
-
-SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day, _sqlite_month)
-POSTGRES = Dialect(
-    "ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day, _postgres_month, False
-)
+SQLITE = Dialect("LIKE", lambda e: f"TOTAL({e})", _sqlite_day)
+POSTGRES = Dialect("ILIKE", lambda e: f"COALESCE(SUM({e}), 0)", _postgres_day, False)
 
 
 def _column(name: str) -> str:
@@ -231,15 +215,14 @@ _ROLLUP_COLUMNS = frozenset({"status", "destination", "extension"})
 
 
 def rollup_sql(
-    conditions: Sequence[Condition],
-    period: Literal["day", "week", "month"],
-    dialect: Dialect = SQLITE,
+    conditions: Sequence[Condition], dialect: Dialect = SQLITE, monthly: bool = False
 ) -> tuple[str, list[Any]] | None:
-    """``stats_sql``'s answer from the rollups kept as rows are written (``stats_days``: one
-    row per day, status, destination and extension; ``stats_months`` the same per month, for
-    months from a month's start): the same groups, read from a table a few thousand rows long
-    instead of every row in the window. None when a condition cannot be answered from it
-    (another column, or a ``created`` bound inside a day)."""
+    """``stats_sql``'s answer from a rollup kept as rows are written, a table a few thousand
+    rows long instead of every row in the window: ``stats_days`` (a row per day, status,
+    destination and extension), or with ``monthly`` and a window of whole months
+    ``stats_months`` (the same per month, under the day number of its first day: folding by
+    ``reporting.period_start`` gives the same months). None when a condition cannot be
+    answered from it (another column, or a ``created`` bound inside a day)."""
     kept: list[Condition] = []
     days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
     for c in conditions:
@@ -258,16 +241,12 @@ def rollup_sql(
     clauses = [sql_where.removeprefix(" WHERE ")] if sql_where else []
     clauses += [f"day {op} ?" for op, _ in days]
     params += [day for _, day in days]
-    table, bucket = "stats_days", {"day": "day", "week": "day - (day + 3) % 7"}.get(period)
-    if period == "month":
-        if all(_month_start(day) for _, day in days):  # the default window is whole months
-            table, bucket = "stats_months", "day"
-        else:  # grouped here: the day rollup has a few rows per day, not one per file
-            bucket = dialect.month("day")
+    whole_months = monthly and all(_month_start(day) for _, day in days)
     return (
-        f"SELECT {bucket} AS bucket, status, destination, extension, SUM(n), SUM(bytes) "
-        f"FROM {table} WHERE {' AND '.join([*clauses, 'n > 0'])} "
-        "GROUP BY bucket, status, destination, extension",
+        "SELECT day, status, destination, extension, SUM(n), SUM(bytes) "
+        f"FROM {'stats_months' if whole_months else 'stats_days'} "
+        f"WHERE {' AND '.join([*clauses, 'n > 0'])} "
+        "GROUP BY day, status, destination, extension",
         params,
     )
 
@@ -307,10 +286,12 @@ class SqlReads(abc.ABC):
         )
         return _detail(rows[0]) if rows else None
 
-    async def stats(self, conditions: Sequence[Condition]) -> list[StatsGroup]:
+    async def stats(
+        self, conditions: Sequence[Condition], monthly: bool = False
+    ) -> list[StatsGroup]:
         """Counts and bytes per day (``reporting`` folds the days into weeks or months), from
         the day rollup where the conditions allow it, else from the rows."""
-        query = rollup_sql(conditions, "day", self.dialect)
+        query = rollup_sql(conditions, self.dialect, monthly)
         rows = await self.read(*(query or stats_sql(conditions, self.dialect)))
         return [StatsGroup(int(d), s, dest, ext, int(n), int(b)) for d, s, dest, ext, n, b in rows]
 
