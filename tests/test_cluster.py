@@ -151,10 +151,12 @@ async def test_a_node_woken_past_its_lease_knows_before_its_expiry_timer_runs(
     """After a freeze (SIGSTOP, a suspended VM) the loop may run a worker before the expiry
     timer: ``holds`` reads the clock, so no delivery starts on a lease that ran out."""
     async with open_journal(tmp_path / "j.db") as journal:
-        membership = Membership(journal, "solo", 0.2)
+        # a lease long enough that a busy machine's stall between join and holds() stays
+        # inside it; the freeze below outlasts it whatever the load (a sleep is a lower bound)
+        membership = Membership(journal, "solo", 2.0)
         await membership.join()
         assert membership.holds()
-        time.sleep(0.3)  # the whole loop frozen past the lease: no callback can run meanwhile
+        time.sleep(2.1)  # the whole loop frozen past the lease: no callback can run meanwhile
         assert membership.alive.held.is_set()  # the timer has not run yet
         assert not membership.holds()
 
