@@ -24,6 +24,7 @@ from typing import Any
 import watchfiles
 
 from . import sourcefile
+from .changes import watch_changes
 from .config import DEFAULT_IGNORE, SourceConfig
 from .errors import JournalError
 from .models import FileVersion
@@ -246,20 +247,17 @@ class SourceWatcher:
     async def _events(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                async for changes in watchfiles.awatch(
+                feed = watch_changes(
                     self.root,
-                    watch_filter=None,  # only our ignore rules decide, not DefaultFilter
+                    stop,
                     recursive=self.config.recursive,
-                    debounce=50,
-                    step=10,
-                    stop_event=stop,
                     force_polling=self.polling,
                     poll_delay_ms=int(self.config.poll_interval * 1000),
-                    yield_on_timeout=False,
-                    ignore_permission_denied=True,
-                ):
-                    await self._on_changes(changes)
-                    _end_if_removed(changes, self.root)
+                )
+                async with contextlib.aclosing(feed):
+                    async for changes in feed:
+                        await self._on_changes(changes)
+                        _end_if_removed(changes, self.root)
                 await self.drain()
             except Exception as exc:  # the watch ended: say why, rescan, watch again
                 self.last_error = f"{type(exc).__name__}: {exc}"
