@@ -9,10 +9,10 @@ birth time (an older kernel's tmpfs, many network and FUSE filesystems), the ans
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import os
 import struct
+import threading
 from typing import Any
 
 from .models import FileVersion
@@ -41,6 +41,9 @@ def _load() -> Any:
 
 
 _statx = _load()
+#: each thread's statx buffer, made once (a new 256-byte ctypes buffer per file cost more than
+#: the system call)
+_local = threading.local()
 
 
 def birth_time_ns(path: str | os.PathLike[str]) -> int | None:
@@ -50,7 +53,9 @@ def birth_time_ns(path: str | os.PathLike[str]) -> int | None:
     global _statx
     if _statx is None:
         return None
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = ctypes.create_string_buffer(_STATX_SIZE)
     if _statx(_AT_FDCWD, os.fsencode(path), _AT_STATX_DONT_SYNC, STATX_BTIME, buf) != 0:
         if ctypes.get_errno() == errno.ENOSYS:  # the C library has it, the kernel does not
             _statx = None
@@ -62,8 +67,11 @@ def birth_time_ns(path: str | os.PathLike[str]) -> int | None:
 
 
 def born(version: FileVersion) -> FileVersion:
-    """``version`` carrying its file's birth time (``btime_ns``; None where unknown)."""
-    return dataclasses.replace(version, btime_ns=birth_time_ns(version.path))
+    """``version``, its birth time (``btime_ns``; None where unknown) filled in: the same
+    object (the birth time is no part of its key or equality, and a copy would lose the key
+    and path it worked out already)."""
+    version.note_birth(birth_time_ns(version.path))
+    return version
 
 
 #: whether this system can give birth times at all (each filesystem may still not)

@@ -47,6 +47,10 @@ class FileVersion:
     _path: Path | None = field(default=None, init=False, repr=False, compare=False)
     _key: str | None = field(default=None, init=False, repr=False, compare=False)
 
+    def note_birth(self, btime_ns: int | None) -> None:
+        """Fill in ``btime_ns``, looked up when the file is about to be planned (``birth``)."""
+        object.__setattr__(self, "btime_ns", btime_ns)
+
     @property
     def path(self) -> Path:
         """root / relpath (the same object each time)."""
