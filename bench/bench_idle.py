@@ -7,7 +7,7 @@ INFO logging, ``settle: 0`` so that latency is the service's own.
 - **latency**: ``--trickle`` files renamed into the inbox at 20 per second; for each, the time
   from its drop to its journal row's ``finished``; p50 and p99. Before them one file is
   dropped alone after the quiet start-up, and its latency shown apart ("first file": the
-  watch is idle then, see filedispatch/changes.py); the trickle starts once it arrived. The
+  watch is idle then, see filedispatch/watcher/changes.py); the trickle starts once it arrived. The
   baseline is an
   ``inotifywait | mv`` pipeline in bash over the same drops, timed by ``$EPOCHREALTIME`` after
   each ``mv``.
@@ -119,7 +119,7 @@ def drop(files: list[Path], inbox: Path, rate: float) -> dict[str, float]:
 
 def percentiles(latencies_ms: list[float]) -> tuple[float, float, float]:
     """p50 and p99 of the trickle, and the latency of the first file (dropped alone before
-    it, after a quiet spell: it meets an idle watch, see filedispatch/changes.py)."""
+    it, after a quiet spell: it meets an idle watch, see filedispatch/watcher/changes.py)."""
     lat = sorted(latencies_ms[1:])
     return statistics.median(lat), lat[max(0, int(len(lat) * 0.99) - 1)], latencies_ms[0]
 

@@ -280,7 +280,7 @@ def existing(config: Config) -> Iterator[tuple[SourceConfig, FileVersion]]:
 
     for source in config.sources:
         watcher = SourceWatcher(source, never, never)
-        for rel, st in sorted(watcher.walk(), key=lambda item: item[0]):
+        for rel, st in sorted(watcher.entries.walk(), key=lambda item: item[0]):
             yield source, FileVersion.from_stat(source.key, source.path, rel, st)
 
 

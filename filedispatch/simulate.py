@@ -107,7 +107,7 @@ class Simulation:
         ``starting``: as at a start (``process_existing: false`` leaves them all alone)."""
         for source in self.config.sources:
             watcher = self.watchers[source.key]
-            found = sorted(watcher.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
+            found = sorted(watcher.entries.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
             versions = [FileVersion.from_stat(source.key, source.path, r, st) for r, st in found]
             if starting and not source.process_existing:
                 for v in versions:
@@ -141,7 +141,7 @@ class Simulation:
                 version,
                 "does not exist (the rules are shown for an empty file of that name, modified now)",
             )
-        why = self.watchers[source.key].why_not(rel)
+        why = self.watchers[source.key].entries.why_not(rel)
         if why is not None:
             return Decision(shown, source, why_not=why)
         st = (source.path / rel).stat()
@@ -193,8 +193,8 @@ class Simulation:
         out: dict[str, Decision] = {}
         for v in versions:
             shown = f"{source.key}/{v.relpath}"
-            why = watcher.why_not(v.relpath) if check_name else None
-            why = why or watcher.not_ready(v, now)
+            why = watcher.entries.why_not(v.relpath) if check_name else None
+            why = why or watcher.gates.not_ready(v, now)
             if why is not None:
                 out[v.key] = Decision(shown, source, v, why_not=why)
                 continue

@@ -1,4 +1,4 @@
-"""The change feed (filedispatch/changes.py): watchfiles paced hot and idle, on real folders."""
+"""The change feed (filedispatch/watcher/changes.py): paced hot and idle, on real folders."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from watchfiles import Change
 
-from filedispatch import changes
-from filedispatch.changes import Changes, watch_changes
+from filedispatch.watcher import changes
+from filedispatch.watcher.changes import Changes, watch_changes
 
 
 def _watch(root: Path, stop: asyncio.Event) -> AsyncGenerator[Changes, None]:

@@ -184,7 +184,7 @@ def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
     os.utime(path, ns=(ahead, ahead))
     st = path.stat()
     ident = (st.st_ino, st.st_ctime_ns, st.st_dev)
-    assert watcher._consider("a.txt", st.st_size, st.st_mtime_ns, now, ident) is None
+    assert watcher.gates.consider("a.txt", st.st_size, st.st_mtime_ns, now, ident) is None
     (ws["root"] / "swap").write_bytes(b"other")
     os.utime(ws["root"] / "swap", ns=(ahead, ahead))
     os.rename(ws["root"] / "swap", path)
@@ -192,6 +192,6 @@ def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
     assert (st2.st_size, st2.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     ident2 = (st2.st_ino, st2.st_ctime_ns, st2.st_dev)
     assert ident2 != ident
-    assert watcher._consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 5, ident2) is None
-    v = watcher._consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 10, ident2)
+    assert watcher.gates.consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 5, ident2) is None
+    v = watcher.gates.consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 10, ident2)
     assert v is not None and v.ino == st2.st_ino

@@ -1,0 +1,273 @@
+"""``SourceWatcher``: one source watched, its parts run together: the start-up scan (oldest
+first), watchfiles events, periodic reconcile scans, and the timers of the readiness gates.
+Events are only hints; the folder is the truth. It stats files in threads, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import watchfiles
+
+from ..config import SourceConfig
+from ..models import FileVersion
+from .batches import Batches, Emit, Reject
+from .changes import watch_changes
+from .entries import Entries, Look, no_skips
+from .gates import AgeDue, Gates, ident
+from .mounts import LOCAL_FS, is_network_fs, mount_fstype
+
+log = logging.getLogger(__name__)
+
+#: files handed on together by a scan (each batch one transaction of the journal)
+BATCH = 500
+
+
+def _end_if_removed(changes: set[tuple[watchfiles.Change, str]], root: Path) -> None:
+    """Raise FileNotFoundError if ``changes`` hold the removal of ``root`` itself: the watch
+    on a removed folder hears nothing of a folder made again at its path, so it must end and
+    a new one begin (which fails, and is retried, while the folder is missing)."""
+    if (watchfiles.Change.deleted, str(root)) in changes:
+        raise FileNotFoundError(f"the folder {root} was removed")
+
+
+class SourceWatcher:
+    """Feeds complete files of one source to ``emit``, in batches. Its parts: ``entries``
+    (which entries are candidates), ``gates`` (complete or not, and when to look again),
+    ``batches`` (handing on, one batch in flight)."""
+
+    def __init__(
+        self,
+        config: SourceConfig,
+        emit: Emit,
+        reject: Reject,
+        exclude: list[Path] | None = None,
+        age_due: AgeDue | None = None,
+    ) -> None:
+        self.config = config
+        self.root = config.path
+        self.entries = Entries(config, exclude)
+        self.gates = Gates(config, age_due)
+        self.batches = Batches(config, self.gates, emit, reject, self._hand_on_failed)
+        self._rescan_now = asyncio.Event()
+        self.ready = asyncio.Event()  #: set once the start-up scan has been handed on
+        self.polling = False
+        self.last_error: str | None = None
+        self.scans = 0
+        #: entries the last full scan passed over, per reason (see SKIP_REASONS)
+        self.skipped: dict[str, int] = no_skips()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch until ``stop`` is set."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("source %s cannot be created: %s", self.root, exc.strerror or exc)
+        self.entries.find_root()
+        self.gates.local_fs = mount_fstype(self.root) in LOCAL_FS
+        self.polling = self._decide_polling()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._settle_loop(stop), name=f"settle:{self.config.key}")
+            tg.create_task(self._events(stop), name=f"watch:{self.config.key}")
+            await self.scan(initial=True)
+            self.ready.set()
+            tg.create_task(self._rescan_loop(stop), name=f"rescan:{self.config.key}")
+            await stop.wait()
+            self.gates.wake()
+            self._rescan_now.set()
+
+    def _decide_polling(self) -> bool:
+        if self.config.poll is not None:
+            return self.config.poll
+        fstype = mount_fstype(self.root)
+        if is_network_fs(fstype):
+            log.info(
+                "source %s is on a network filesystem (%s): polling every %.1fs instead of "
+                "inotify, which misses remote writes",
+                self.root,
+                fstype,
+                self.config.poll_interval,
+            )
+            return True
+        return False
+
+    @property
+    def unsettled(self) -> int:
+        """Files seen but not yet complete (still being written, or within ``settle``)."""
+        return self.gates.unsettled
+
+    @property
+    def ageing(self) -> int:
+        """Files a rule waits for until they are old enough (``min_age``)."""
+        return self.gates.ageing
+
+    def request_rescan(self) -> None:
+        self._rescan_now.set()
+
+    def _hand_on_failed(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "handing on files from %s failed (%s); they are offered again at a rescan",
+            self.root,
+            self.last_error,
+        )
+        asyncio.get_running_loop().call_later(1.0, self._rescan_now.set)
+
+    # ------------------------------------------------------------------ events
+
+    async def _events(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                feed = watch_changes(
+                    self.root,
+                    stop,
+                    recursive=self.config.recursive,
+                    force_polling=self.polling,
+                    poll_delay_ms=int(self.config.poll_interval * 1000),
+                )
+                async with contextlib.aclosing(feed):
+                    async for changes in feed:
+                        await self._on_changes(changes)
+                        _end_if_removed(changes, self.root)
+                await self.batches.drain()
+            except Exception as exc:  # the watch ended: say why, rescan, watch again
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "watching %s failed (%s); rescanning and watching again",
+                    self.root,
+                    self.last_error,
+                )
+                self._rescan_now.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)  # once it is up
+
+    async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
+        mode = self.config.ready
+        paths: set[str] = set()
+        for change, raw in changes:
+            rel = self.entries.relative(raw)
+            if rel is None:
+                continue
+            if change == watchfiles.Change.deleted:
+                if mode == "lock" and rel.endswith(".lock"):
+                    paths.add(rel[:-5])
+                self.gates.forget(rel)
+                continue
+            if mode == "done" and rel.endswith(".done"):
+                paths.add(rel[:-5])
+                continue
+            paths.add(rel)
+        ready, cleared = await self._observe(sorted(paths))
+        await self.batches.emit(ready, wait=False, cleared=cleared)
+
+    async def _settle_loop(self, stop: asyncio.Event) -> None:
+        """Look again at unsettled files when their quiet period is over."""
+        while (due := await self.gates.next_due(stop)) is not None:
+            ready, cleared = await self._observe(due)
+            await self.batches.emit(ready, cleared=cleared)
+
+    def _look(self, rels: list[str]) -> list[Look]:
+        """``Entries.look`` with the open-writers gate in the same look where it can be.
+        Runs in a thread: a stat may block."""
+        top, lease = self.gates.lease_here()
+        try:
+            return self.entries.look(rels, top, lease, self.gates.writers)
+        finally:
+            if lease is not None:
+                os.close(top)
+
+    async def _observe(self, rels: list[str]) -> tuple[list[FileVersion], set[str]]:
+        """Look at files named by events (or due after settling), off the loop: the complete
+        ones, and the relpaths of those the open-writers gate cleared in the same look."""
+        if not rels:
+            return [], set()
+        looks = await asyncio.to_thread(self._look, rels)
+        now = time.time()
+        ready: list[FileVersion] = []
+        cleared: set[str] = set()
+        busy: list[FileVersion] = []
+        for rel, what, st in looks:
+            if st is not None and what in ("file", "clear", "busy"):
+                v = self.gates.consider(rel, st.st_size, st.st_mtime_ns, now, ident(st))
+                if v is None:
+                    continue
+                if what == "busy":
+                    busy.append(v)
+                    continue
+                if what == "clear":
+                    cleared.add(rel)
+                ready.append(v)
+            elif what == "dir":  # a folder moved in whole sends one event
+                await self._scan_tree(Path(self.entries.prefix + rel))
+            elif what == "gone":
+                self.gates.forget(rel)
+        if busy:
+            self.gates.still_written(busy, now)
+        return ready, cleared
+
+    # ------------------------------------------------------------------ scans
+
+    async def _rescan_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.rescan
+        while not stop.is_set():
+            timeout = interval if interval > 0 else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rescan_now.wait(), timeout)
+            self._rescan_now.clear()
+            if stop.is_set():
+                return
+            await self.scan(initial=False)
+
+    async def scan(self, initial: bool) -> None:
+        """Walk the source and offer every complete file (oldest first)."""
+        # compact tuples: a folder of 100,000 files must stay cheap to hold
+        skips: Counter[str] = Counter()
+        found = await asyncio.to_thread(
+            lambda: sorted(
+                (st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns, st.st_dev)
+                for rel, st in self.entries.walk(skips=skips)
+            )
+        )
+        self.scans += 1
+        if initial and not self.config.process_existing:
+            self.gates.baseline = {(rel, size, mtime) for mtime, rel, size, *_ in found}
+            self.skipped = no_skips() | skips
+            log.info(
+                "source %s: %d existing file(s) left alone (process_existing: false)",
+                self.root,
+                len(found),
+            )
+            return
+        now = time.time()
+        consider = self.gates.consider
+        ready: list[FileVersion] = []
+        for mtime, rel, size, ino, ctime, dev in found:
+            v = consider(rel, size, mtime, now, (ino, ctime, dev))
+            if v is not None:
+                ready.append(v)
+                if len(ready) >= BATCH:
+                    skips["unmatched"] += await self.batches.emit(ready)
+                    ready = []
+        skips["unmatched"] += await self.batches.emit(ready)
+        self.skipped = no_skips() | skips
+
+    async def _scan_tree(self, folder: Path) -> None:
+        found = await asyncio.to_thread(lambda: list(self.entries.walk(folder)))
+        now = time.time()
+        consider = self.gates.consider
+        await self.batches.emit(
+            [
+                v
+                for rel, st in found
+                if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st)))
+            ]
+        )
