@@ -29,7 +29,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from .. import sourcefile
+from .. import fastpath, sourcefile
 from ..config import Config, S3Destination, scrub, secrets_of
 from ..errors import (
     DeliveryError,
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 #: the user metadata that marks an object as the delivery of one journal row (see resuming)
 ID_META = "filedispatch-id"
-#: a file up to this size is read on the event loop: a thread hop costs more than the read
+#: a file up to this size is read on the event loop if the page cache holds it all: a thread
+#: hop costs more than such a read
 INLINE_READ = 64 * 1024
 #: error codes no retry will cure
 _PERMANENT_CODES = {
@@ -547,8 +548,13 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 
 async def _read(fd: int, count: int, offset: int) -> bytes:
+    """``count`` bytes of ``fd`` at ``offset``: on the event loop when they are small and all
+    in the page cache (``RWF_NOWAIT``: never waits for a disk or a server), else in a thread.
+    The bytes are handed on as ``bytes``: botocore sends other buffers as a stream."""
     if count <= INLINE_READ:
-        return os.pread(fd, count, offset)
+        data, _ = fastpath.read_cached(fd, count, offset)
+        if len(data) == count:
+            return bytes(data)
     return await asyncio.to_thread(os.pread, fd, count, offset)
 
 
