@@ -6,7 +6,7 @@ INFO logging, ``settle: 0`` so that latency is the service's own.
   on the same kind of folder over the same window (the event-driven floor, about 0).
 - **latency**: ``--trickle`` files renamed into the inbox at 20 per second; for each, the time
   from its drop to its journal row's ``finished``; p50 and p99. Before them one file is
-  dropped alone after the quiet start-up, and its latency shown apart ("first file": the
+  dropped alone after 32 s of quiet, and its latency shown apart ("first file": the
   watch is idle then, see filedispatch/watcher/changes.py); the trickle starts once it arrived. The
   baseline is an
   ``inotifywait | mv`` pipeline in bash over the same drops, timed by ``$EPOCHREALTIME`` after
@@ -37,8 +37,9 @@ import bench_core as core
 import yaml
 
 TICK = os.sysconf("SC_CLK_TCK")
-#: quiet before the first drop: longer than the watch's COOL_AFTER_MS, so it starts idle
-COOL_S = 6.0
+#: quiet before the first drop: longer than the watch's hot and warm spells (PACE in
+#: filedispatch/watcher/changes.py), so it is idle
+COOL_S = 32.0
 
 
 def write_config(root: Path) -> Path:

@@ -40,9 +40,9 @@ def _watch_threads() -> list[threading.Thread]:
 async def test_a_file_after_the_watch_went_idle_is_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The watch goes idle after COOL_AFTER_MS without a change (a longer step); the first
+    """The watch steps down to warm and idle after quiet spells (longer steps); the first
     file after that is still seen, and so is the next one (hot again)."""
-    monkeypatch.setattr(changes, "COOL_AFTER_MS", 20)
+    monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (50, 0)))
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):
@@ -50,7 +50,7 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await asyncio.sleep(0.3)  # the watch thread in place (a lower bound is all it needs)
         (tmp_path / "a.txt").write_text("a")
         await first
-        await asyncio.sleep(0.3)  # at least COOL_AFTER_MS without a change: idle now
+        await asyncio.sleep(0.3)  # longer than both quiet spells: idle now
         (tmp_path / "b.txt").write_text("b")
         await _next_with(feed, tmp_path / "b.txt")
         (tmp_path / "c.txt").write_text("c")

@@ -5,13 +5,14 @@ watchfiles' ``RustNotify.watch`` (the loop under ``watchfiles.awatch``) sleeps `
 between looks at what its notify thread collected, and returns a batch one quiet step after
 the last change it saw (its docstring, watchfiles 1.x). So a change waits one to two steps,
 and an idle watch wakes (and takes the GIL) once per step: with a fixed step, low latency and
-a quiet idle service exclude each other. Here the step follows the traffic:
+a quiet idle service exclude each other. Here the step follows the traffic (``PACE``):
 
-- **hot** (``HOT_STEP_MS``): while changes keep coming, and for ``COOL_AFTER_MS`` after the
-  last batch. A steady stream's files are seen 2 to 4 ms after they land.
-- **idle** (``IDLE_STEP_MS``): after ``COOL_AFTER_MS`` without a change; five wake-ups a
-  second. The first change after a quiet spell is seen within one to two idle steps (200 to
-  400 ms); the files after it, hot again.
+- **hot**, a 2 ms step, for a second after each batch: a steady stream's files are seen 2 to
+  4 ms after they land (500 looks a second, while there is work anyway);
+- **warm**, 20 ms, until 30 s after the last batch: a file every few seconds is seen within
+  20 to 40 ms, for 50 looks a second;
+- **idle**, 200 ms, after that: five looks a second; the first file after a quiet spell is
+  seen 200 to 400 ms after it lands, and the ones after it hot again.
 
 Bursts are not cut into more batches than before: the next watch starts only once the event
 loop took the previous batch, and everything that arrived meanwhile comes in one batch.
@@ -28,12 +29,9 @@ from pathlib import Path
 from watchfiles import Change
 from watchfiles._rust_notify import RustNotify
 
-#: the step while changes come (ms): a file is seen 1 to 2 steps after it lands
-HOT_STEP_MS = 2
-#: the step of an idle watch (ms): its wake-ups per second, and the first file's extra wait
-IDLE_STEP_MS = 200
-#: how long without a change (ms) before the watch goes idle
-COOL_AFTER_MS = 5000
+#: (step, how long it lasts without a change) in ms, hot to idle: a batch starts over at the
+#: first, a quiet spell moves on to the next; the last lasts until a change comes
+PACE = ((2, 1_000), (20, 30_000), (200, 0))
 #: longest a batch is grouped once a change was seen (ms), however busy the folder
 DEBOUNCE_MS = 50
 
@@ -77,19 +75,19 @@ async def watch_changes(
     thread = ThreadPoolExecutor(1, thread_name_prefix=f"watch {root.name}")
     waiter = loop.create_task(stop.wait())
     waiter.add_done_callback(lambda _: halt.set())
-    hot = False
+    level = len(PACE) - 1  # idle until the first change
     try:
         while not stop.is_set():
-            step, timeout = (HOT_STEP_MS, COOL_AFTER_MS) if hot else (IDLE_STEP_MS, 0)
-            raw = await loop.run_in_executor(thread, notify.watch, DEBOUNCE_MS, step, timeout, halt)
+            step, lasts = PACE[level]
+            raw = await loop.run_in_executor(thread, notify.watch, DEBOUNCE_MS, step, lasts, halt)
             if raw == "stop":
                 return
-            if raw == "timeout":  # quiet for COOL_AFTER_MS
-                hot = False
+            if raw == "timeout":  # quiet for that long: a longer step
+                level = min(level + 1, len(PACE) - 1)
                 continue
             if raw == "signal":  # only the main thread takes signals; this is not it
                 raise RuntimeError("the watch thread unexpectedly received a signal")
-            hot = True
+            level = 0
             yield {(Change(change), path) for change, path in raw}
     finally:  # a watch still running (its awaiter cancelled) returns within a step: the
         # close queued behind it in the same thread then ends the notify thread
