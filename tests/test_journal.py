@@ -174,8 +174,8 @@ async def test_rows_planned_in_progress_then_finished_in_one_write(
 async def test_sqlite_without_json_batches_writes_the_same_rows(tmp_path: Path) -> None:
     """The other way the SQLite writer sends a batch: executemany (SQLite before 3.38)."""
     async with SqliteJournal.open(tmp_path / "j.db") as j:
-        assert j._bulk, "this SQLite has no ->>: the JSON path is not tested by the others"
-        j._bulk = False
+        assert j.writer.bulk, "this SQLite has no ->>: the JSON path is not tested by the others"
+        j.writer.bulk = False
         await _plan_started_then_finished(j, tmp_path)
 
 

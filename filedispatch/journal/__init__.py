@@ -36,7 +36,8 @@ from .base import (
     planned_steps,
 )
 from .place import journal_lock, journal_path, state_folder, state_tag
-from .sqlite import MIGRATIONS, SqliteJournal
+from .sqlite import SqliteJournal
+from .sqlite_schema import MIGRATIONS
 from .target import Database, PostgresTarget
 
 #: older callers open a journal with ``Journal.open(path)``

@@ -86,7 +86,7 @@ def open_reader(
         with needs_psycopg():
             from .postgres import open_reader as postgres_reader
         return postgres_reader(database)
-    from .sqlite import SqliteReader
+    from .sqlite_reads import SqliteReader
 
     path = Path(database)
     if not path.exists():
@@ -104,7 +104,7 @@ def read_states(
         with needs_psycopg():
             from .postgres import read_states as postgres_states
         return postgres_states(database, vkeys)
-    from .sqlite import read_states as sqlite_states
+    from .sqlite_reads import read_states as sqlite_states
 
     return sqlite_states(Path(database), vkeys)
 
@@ -120,6 +120,6 @@ def read_digests(
         with needs_psycopg():
             from .postgres import read_digests as postgres_digests
         return postgres_digests(database, wanted)
-    from .sqlite import read_digests as sqlite_digests
+    from .sqlite_reads import read_digests as sqlite_digests
 
     return sqlite_digests(Path(database), wanted)

@@ -280,6 +280,11 @@ class SqlReads(abc.ABC):
         rows = await self.read(f"SELECT {COLUMNS} FROM dispatches WHERE id=?", (dispatch_id,))
         return row_dispatch(rows[0]) if rows else None
 
+    async def upgrade_due(self, name: str) -> bool:
+        """Whether the one-time upgrade ``name`` (a row of ``upgrades``) is still to be done."""
+        rows = await self.read("SELECT 1 FROM upgrades WHERE name=? AND done IS NULL", (name,))
+        return bool(rows)
+
     async def detail(self, dispatch_id: int) -> Detail | None:
         rows = await self.read(
             f"SELECT {DETAIL_COLUMNS} FROM dispatches WHERE id = ?", (dispatch_id,)

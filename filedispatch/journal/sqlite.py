@@ -9,6 +9,11 @@ dispatching. The journal never touches files and never calls a processor.
 A write the disk refuses (full, I/O error, read-only, locked too long) or a journal file removed
 or replaced under the service is not an error for the caller: the writer keeps the batch, says
 so once (``health``, ``writable``), retries it with a capped backoff and commits it when it can.
+
+``SqliteJournal`` here is the lifecycle and the write path (plan, claim, finish); its parts:
+``sqlite_writer`` (the group-commit thread), ``sqlite_schema`` (opening the file, migrations,
+what an error code means), ``sqlite_upkeep`` (history edits, retention), ``sqlite_reads``
+(the read-only pools and looks); the history reads are ``reads.SqlReads``, shared.
 """
 
 from __future__ import annotations
@@ -17,221 +22,33 @@ import asyncio
 import contextlib
 import json
 import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from ..errors import JournalError, JournalUnavailableError
-from ..models import Dispatch, FileVersion, Status
-from . import retention
+from ..errors import JournalError
+from ..models import Dispatch, FileVersion
 from .base import (
-    DUPLICATE_OF,
-    RETRY_FIRST_S,
-    RETRY_MAX_S,
     HealthReport,
-    JournalHealth,
-    JournalState,
     NodeInfo,
     PlannedStep,
     StepResult,
-    StepState,
     finish_params,
-    log,
-    next_health,
     planned_labels,
-    resolve,
 )
 from .base import stored_text as _text
-from .reads import COLUMNS, DELIVERED_DIGEST, SqlReads, claimed_groups
+from .reads import COLUMNS, claimed_groups
+from .sqlite_reads import SqliteReader
+from .sqlite_schema import bulk_ok, connect_writer, open_error
+from .sqlite_upkeep import SqliteUpkeep
+from .sqlite_writer import GroupWriter, Op, Rows, nothing
 
 T = TypeVar("T")
-#: a write: a function run on the writer thread inside the group transaction
-Op = Callable[[sqlite3.Connection], T]
-
-
-#: how often an idle writer checks that the path still names the open journal
-IDENTITY_EVERY_S = 2.0
-
-
-class _Held(Exception):  # never reaches a caller: the batch is held
-    """On the writer thread: the journal cannot take this batch now."""
-
-    def __init__(self, state: JournalState, error: str) -> None:
-        super().__init__(error)
-        self.state = state
-        self.error = error
-
-
-#: SQLite primary result codes that say the journal cannot be written now (not that this write
-#: is wrong), with what the operator can do about each
-_OUTAGES = {
-    5: "the journal is locked by another process for too long (find it: fuser {path})",
-    6: "the journal is locked by another process for too long (find it: fuser {path})",
-    8: "the journal is read-only: make {path} and its folder writable",
-    10: "the journal cannot be written (disk I/O error): check the disk of {path} (a full disk "
-    "or a read-only remount also shows this way)",
-    11: "the journal {path} is corrupted: stop filedispatch, move it aside and recover its "
-    "rows (sqlite3 FILE .recover)",
-    13: "the disk holding the journal {path} is full: free space there",
-    14: "the journal {path} cannot be opened: check that its folder exists and is writable",
-    15: "the journal is locked by another process for too long (find it: fuser {path})",
-    26: "the journal {path} is not a database: stop filedispatch, move it aside and recover it "
-    "(sqlite3 FILE .recover)",
-}
-#: of those, the ones a wait can cure when they are met while opening the journal
-_TRANSIENT_AT_OPEN = frozenset({5, 6, 8, 10, 13, 15})
-
-
-def _outage(exc: BaseException, path: Path) -> str | None:
-    """One line for an SQLite error that means "the journal cannot be written now"; None for an
-    error of one write (a constraint, a bad value), which fails that write alone."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if not isinstance(exc, sqlite3.Error) or code is None or code & 0xFF not in _OUTAGES:
-        return None
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return f"{_OUTAGES[code & 0xFF].format(path=path)} ({exc}, {name})"
-
-
-@dataclass(frozen=True, slots=True)
-class Rows:
-    """A write of many parameter rows for one statement; the writer merges these.
-
-    ``bulk`` is the same write as one statement over a JSON array of the rows: SQLite then
-    runs every row in one call, with the GIL released, instead of handing the GIL back and
-    forth with the event loop once per row.
-    """
-
-    sql: str
-    params: list[tuple[Any, ...]]
-    bulk: str | None = None
-
-
-#: the stats rollups and the day number each counts a row under (UTC): its day (as
-#: ``reads.SQLITE.day`` counts it), or the first day of its month
-_ROLLUPS = {
-    "stats_days": "CAST({row}.created / 86400 AS INTEGER)",
-    "stats_months": "CAST(julianday({row}.created, 'unixepoch', 'start of month') "
-    "- 2440587.5 AS INTEGER)",
-}
-#: a rollup's change for one row
-_COUNT = (
-    "INSERT INTO {table} VALUES ({bucket}, {row}.status, {row}.destination, {row}.extension, "
-    "{sign}1, {sign}{row}.size) ON CONFLICT (day, status, destination, extension) "
-    "DO UPDATE SET n = n + excluded.n, bytes = bytes + excluded.bytes"
-)
-
-
-def _counts(row: str, sign: str) -> str:
-    """A trigger's statements: ``row`` (NEW or OLD) added to (or, ``-``, taken from) each
-    rollup."""
-    return "; ".join(
-        _COUNT.format(table=table, bucket=bucket.format(row=row), row=row, sign=sign)
-        for table, bucket in _ROLLUPS.items()
-    )
-
-
-MIGRATIONS: list[list[str]] = [
-    [
-        """CREATE TABLE dispatches (
-            id INTEGER PRIMARY KEY,
-            vkey TEXT NOT NULL,           -- hash of (source, relpath, size, mtime_ns)
-            source TEXT NOT NULL,
-            root TEXT NOT NULL,
-            relpath TEXT NOT NULL,
-            filename TEXT NOT NULL,
-            extension TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            mtime_ns INTEGER NOT NULL,
-            rule TEXT NOT NULL,
-            step INTEGER NOT NULL,
-            step_key TEXT NOT NULL,       -- identifies the step and the transforms before it
-            destination TEXT NOT NULL,    -- redacted
-            protocol TEXT NOT NULL,
-            status TEXT NOT NULL,
-            attempts INTEGER NOT NULL DEFAULT 0,
-            reason TEXT,
-            error_type TEXT,
-            location TEXT,
-            detail TEXT,
-            output TEXT,                  -- a file a transform step produced for later steps
-            created REAL NOT NULL,
-            started REAL,
-            finished REAL,
-            duration_ms INTEGER,
-            next_attempt REAL NOT NULL DEFAULT 0,
-            UNIQUE (vkey, step_key)
-        )""",
-        "CREATE INDEX dispatches_pending ON dispatches (id) WHERE status = 'PENDING'",
-        "CREATE INDEX dispatches_due ON dispatches (next_attempt) WHERE status = 'PENDING'",
-        "CREATE INDEX dispatches_vkey ON dispatches (vkey)",
-        "CREATE INDEX dispatches_created ON dispatches (created)",
-        "CREATE INDEX dispatches_status_created ON dispatches (status, created)",
-        "CREATE INDEX dispatches_path ON dispatches (source, relpath)",
-    ],
-    [  # /metrics counts outcomes incrementally, by the time they finished
-        "CREATE INDEX dispatches_finished ON dispatches (finished) WHERE finished IS NOT NULL",
-    ],
-    [  # UNIQUE (vkey, step_key) already serves lookups by vkey: one index less per insert
-        "DROP INDEX dispatches_vkey",
-    ],
-    [  # the source's identity (a version is also its inode and ctime); what was delivered
-        "ALTER TABLE dispatches ADD COLUMN dev INTEGER",
-        "ALTER TABLE dispatches ADD COLUMN ino INTEGER",
-        "ALTER TABLE dispatches ADD COLUMN ctime_ns INTEGER",
-        "ALTER TABLE dispatches ADD COLUMN sha256 TEXT",
-    ],
-    [  # one-time upgrades that need the config, done at the next start (``done`` NULL until
-        # then); a journal with no rows yet has nothing to upgrade
-        "CREATE TABLE upgrades (name TEXT PRIMARY KEY, done REAL)",
-        # step keys name only the earlier transforms now (recovery.upgrade_step_keys)
-        "INSERT INTO upgrades (name, done) SELECT 'step-keys', CASE WHEN EXISTS "
-        "(SELECT 1 FROM dispatches) THEN NULL ELSE 0 END",
-    ],
-    [  # dedupe: content asks whether a destination already has these bytes
-        "CREATE INDEX dispatches_sha256 ON dispatches (sha256, destination) "
-        "WHERE sha256 IS NOT NULL AND status = 'SUCCEEDED'",
-    ],
-    [  # the node that claimed a row (one implicit node here; see the PostgreSQL journal)
-        "ALTER TABLE dispatches ADD COLUMN node TEXT",
-    ],
-    [  # the label a learned rule gave the file (docs/learned-routing.md)
-        "ALTER TABLE dispatches ADD COLUMN label TEXT",
-    ],
-    [  # history retention (docs/operations.md): the stats rollup, kept as rows are written,
-        # and the compact keys of pruned versions whose source was still there
-        *retention.rollup_schema(_ROLLUPS, "INTEGER", " WITHOUT ROWID"),
-        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches BEGIN {_counts('NEW', '')}; END",
-        "CREATE TRIGGER stats_update AFTER UPDATE OF status, created, destination, extension, "
-        "size ON dispatches WHEN OLD.status IS NOT NEW.status OR OLD.created IS NOT NEW.created "
-        "OR OLD.destination IS NOT NEW.destination OR OLD.extension IS NOT NEW.extension "
-        f"OR OLD.size IS NOT NEW.size BEGIN {_counts('OLD', '-')}; {_counts('NEW', '')}; END",
-        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches BEGIN {_counts('OLD', '-')}; END",
-        """CREATE TABLE kept (
-            vkey TEXT NOT NULL,
-            step_key TEXT NOT NULL,
-            status TEXT NOT NULL,
-            marked INTEGER NOT NULL,      -- 0: recorded by mark-existing, never sent
-            source TEXT NOT NULL,
-            root TEXT NOT NULL,
-            relpath TEXT NOT NULL,
-            PRIMARY KEY (vkey, step_key)
-        ) WITHOUT ROWID""",
-        # a kept key is never planned again (``plan``, ``plan_started``, ``mark_done``)
-        "CREATE TRIGGER kept_not_new BEFORE INSERT ON dispatches WHEN EXISTS (SELECT 1 FROM kept "
-        "WHERE vkey = NEW.vkey AND step_key = NEW.step_key) BEGIN SELECT RAISE(IGNORE); END",
-    ],
-    [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
-        "ALTER TABLE dispatches ADD COLUMN btime_ns INTEGER",
-    ],
-]
 
 
 _FINISH = (
@@ -246,131 +63,6 @@ _FINISH_BULK = (
     "output=COALESCE(r.value->>9, output), sha256=COALESCE(r.value->>10, sha256) "
     "FROM json_each(?) AS r WHERE dispatches.id=r.value->>11"
 )
-
-
-def _bulk_ok(conn: sqlite3.Connection) -> bool:
-    """Whether this SQLite has JSON and ``->>`` (3.38), which the bulk statements use."""
-    try:
-        conn.execute("SELECT '[1]' ->> 0").fetchone()
-    except sqlite3.Error:
-        return False
-    return True
-
-
-def _connect_writer(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    try:
-        conn.execute("PRAGMA busy_timeout = 10000")
-        # a new journal gives the pages pruning frees back to the disk a few at a time
-        # (``vacuum_step``); an older one reuses them for new rows (docs/operations.md)
-        if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        # a damaged page found now is one line at the start, not a crash at the first write
-        found = [" ".join(str(r[0]).split()) for r in conn.execute("PRAGMA quick_check(2)")]
-        if found != ["ok"]:
-            raise JournalError(_corrupted(path, "; ".join(found)))
-        _migrate(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _corrupted(path: Path, what: str) -> str:
-    return (
-        f"the journal {path} is corrupted ({what}); it was left as it is. Move it aside "
-        f"(mv {path} {path}.broken) and recover its rows (sqlite3 {path}.broken .recover | "
-        f"sqlite3 {path}), or start with an empty journal (files still in the sources are "
-        "then sent again)"
-    )
-
-
-def _open_error(exc: sqlite3.Error, path: Path) -> JournalError:
-    """Why the journal cannot be opened, and whether waiting can help."""
-    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    if code in (11, 26):  # SQLITE_CORRUPT, SQLITE_NOTADB
-        return JournalError(_corrupted(path, str(exc)))
-    why = _outage(exc, path) or str(exc)
-    if code in _TRANSIENT_AT_OPEN:
-        return JournalUnavailableError(f"cannot open the journal: {why}")
-    return JournalError(f"cannot open the journal {path}: {why}")
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-    if current > len(MIGRATIONS):
-        raise JournalError(
-            f"the journal has schema version {current}, newer than this filedispatch knows"
-        )
-    for version in range(current, len(MIGRATIONS)):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql in MIGRATIONS[version]:
-                conn.execute(sql)
-            conn.execute(f"PRAGMA user_version = {version + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-
-def read_states(path: Path, vkeys: Sequence[str]) -> dict[str, list[StepState]]:
-    """For each version key: its rows' states, read through a read-only connection (safe
-    while a service writes; nothing is created, so a missing journal gives ``{}``). Raises
-    JournalError when the file is there but cannot be read."""
-    if not path.exists():
-        return {}
-    out: dict[str, list[StepState]] = {}
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-    try:
-        for i in range(0, len(vkeys), 500):
-            chunk = list(vkeys[i : i + 500])
-            keys = retention.marks(len(chunk))
-            rows = conn.execute(
-                "SELECT vkey, id, step_key, status, attempts FROM dispatches "
-                f"WHERE vkey IN ({keys}) UNION ALL SELECT vkey, 0, step_key, status, marked "
-                f"FROM kept WHERE vkey IN ({keys}) ORDER BY 2",
-                chunk * 2,
-            )
-            for vkey, row_id, step_key, status, attempts in rows:
-                out.setdefault(vkey, []).append(
-                    StepState(row_id, step_key, Status(status), attempts)
-                )
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-    finally:
-        conn.close()
-    return out
-
-
-def read_digests(
-    path: Path, wanted: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], tuple[int, str]]:
-    """For each (destination, sha256) the journal has a delivery of: that delivery's (id,
-    location), as ``delivered_digest`` finds it, read like ``read_states`` (read-only; a
-    missing journal gives ``{}``). Raises JournalError when it cannot be read."""
-    if not path.exists() or not wanted:
-        return {}
-    out: dict[tuple[str, str], tuple[int, str]] = {}
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-    try:
-        for destination, sha256 in wanted:
-            row = conn.execute(DELIVERED_DIGEST, (sha256, destination, DUPLICATE_OF)).fetchone()
-            if row is not None:
-                out[(destination, sha256)] = (int(row[0]), str(row[1]))
-    except sqlite3.Error as exc:
-        raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-    finally:
-        conn.close()
-    return out
 
 
 #: new rows, one parameter tuple each (``_plan_params``)
@@ -451,86 +143,23 @@ def _json(params: list[tuple[Any, ...]]) -> str | None:
         return None
 
 
-def _distinct_ids(params: list[tuple[Any, ...]]) -> bool:
-    """A bulk update applies rows in no set order: only safe when each id comes once."""
-    return len({p[-1] for p in params}) == len(params)
-
-
-class SqliteReader(SqlReads):
-    """A small pool of read-only connections to the journal file (the web app's, the command
-    line's): a slow history query never waits behind, or holds up, the dispatcher's reads."""
-
-    def __init__(self, conns: Sequence[aiosqlite.Connection]) -> None:
-        self._free: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        for conn in conns:
-            self._free.put_nowait(conn)
-
-    @classmethod
-    @contextlib.asynccontextmanager
-    async def open(cls, path: Path, size: int = 2) -> AsyncIterator[SqliteReader]:
-        """Raises JournalError when the file is missing or is not a journal."""
-        conns: list[aiosqlite.Connection] = []
-        try:
-            for _ in range(size):
-                conn = await aiosqlite.connect(f"{path.as_uri()}?mode=ro", uri=True)
-                conns.append(conn)
-                await conn.execute("PRAGMA busy_timeout = 10000")
-                await conn.execute("PRAGMA query_only = 1")
-            await conns[0].execute("SELECT 1 FROM dispatches LIMIT 1")
-        except sqlite3.Error as exc:
-            for conn in conns:
-                await conn.close()
-            raise JournalError(f"cannot read the journal {path}: {exc}") from exc
-        try:
-            yield cls(conns)
-        finally:
-            for conn in conns:
-                await conn.close()
-
-    async def read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        conn = await self._free.get()
-        try:
-            async with conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-        except sqlite3.Error as exc:
-            raise JournalError(f"journal read failed: {exc}") from exc
-        finally:
-            self._free.put_nowait(conn)
-
-
-def _nothing(conn: sqlite3.Connection) -> None:
-    """A write that changes nothing: committed after everything queued before it."""
-
-
-class SqliteJournal(SqlReads, HealthReport):
+class SqliteJournal(SqliteUpkeep):
     """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
     def __init__(
         self,
         path: Path,
         executor: ThreadPoolExecutor,
-        writer: sqlite3.Connection,
+        conn: sqlite3.Connection,
         reader: aiosqlite.Connection,
+        identity: tuple[int, int],
     ) -> None:
         HealthReport.__init__(self)
         self.path = path
-        self._executor = executor
-        self._w = writer  # used only on the executor's single thread
+        #: the one writer, on ``conn``; ``identity``: the (device, inode) the path must name
+        self.writer = GroupWriter(path, executor, conn, identity, self._set_health)
         self._r = reader
-        # Writes go straight to the writer thread, not through a task on the loop: a loop busy
-        # moving a burst of files must not hold back the commits that work is waiting for.
-        self._inbox: queue.SimpleQueue[tuple[Op[Any] | Rows, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._loop = asyncio.get_running_loop()
-        self._bulk = False  #: the SQLite can run a batch of rows as one JSON statement
-        self._thread: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
-        #: (device, inode) of the open database: the path must keep naming this file
-        self._identity: tuple[int, int] = (0, 0)
-        #: set: a write the journal refuses fails at once instead of being held (stopping)
-        self._give_up = threading.Event()
-        self._held: JournalHealth = JournalHealth()  # the writer thread's view
         self.node: str | None = None  #: the implicit node's name, once joined
         self._lease_s = 0.0
         self._joined = 0.0
@@ -559,7 +188,7 @@ class SqliteJournal(SqlReads, HealthReport):
         writer: sqlite3.Connection | None = None
         reader: aiosqlite.Connection | None = None
         try:
-            writer = await loop.run_in_executor(executor, _connect_writer, path)
+            writer = await loop.run_in_executor(executor, connect_writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
@@ -574,37 +203,21 @@ class SqliteJournal(SqlReads, HealthReport):
                 raise
             if isinstance(exc, OSError):
                 raise JournalError(f"cannot open the journal {path}: {exc}") from exc
-            raise _open_error(exc, path) from exc
-        journal = cls(path, executor, writer, reader)
-        journal._identity = (st.st_dev, st.st_ino)
+            raise open_error(exc, path) from exc
+        journal = cls(path, executor, writer, reader, (st.st_dev, st.st_ino))
         if not hold:
             journal.stop_retrying()
-        journal._bulk = await loop.run_in_executor(executor, _bulk_ok, writer)
-        journal._thread = loop.run_in_executor(executor, journal._writer)
+        journal.writer.bulk = await loop.run_in_executor(executor, bulk_ok, writer)
+        journal.writer.start()
         try:
             yield journal
         finally:
             await journal._close()
 
     async def _close(self) -> None:
-        thread, self._thread = self._thread, None
-        finished = True
-        if thread is not None:
-            self.stop_retrying()
-            self._inbox.put(None)  # commit what is queued, then stop
-            try:
-                await asyncio.wait_for(asyncio.shield(thread), 30)
-            except TimeoutError:
-                finished = False
-                log.error("the journal writer did not finish within 30s; closing without it")
-        while not self._inbox.empty():  # a write nobody will commit must not hang its caller
-            item = self._inbox.get_nowait()
-            if item is not None and not item[1].done():
-                item[1].set_exception(JournalError("the journal is closed"))
+        finished = await self.writer.stop()
         await self._r.close()
-        if finished:
-            await self._loop.run_in_executor(self._executor, self._w.close)
-        self._executor.shutdown(wait=finished)
+        await self.writer.close(finished)
 
     @property
     def where(self) -> str:
@@ -614,162 +227,12 @@ class SqliteJournal(SqlReads, HealthReport):
         """A pool of ``size`` read-only connections of their own (the web app's)."""
         return SqliteReader.open(self.path, size)
 
-    # ------------------------------------------------------------------ the writer
-
-    def _writer(self) -> None:
-        """The writer thread: take what is queued, commit it as one transaction, report back."""
-        while True:
-            try:
-                first = self._inbox.get(timeout=IDENTITY_EVERY_S)
-            except queue.Empty:
-                self._check_while_idle()
-                continue
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < 5000:
-                try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            try:
-                results = self._commit_held([op for op, _ in batch])
-            except JournalError as exc:
-                results = [exc] * len(batch)
-            except Exception as exc:  # sqlite3.Error, or a bug in an op: fail this batch only
-                log.error("journal write failed: %s", exc)
-                results = [JournalError(f"journal write failed: {exc}")] * len(batch)
-            try:
-                self._loop.call_soon_threadsafe(resolve, [fut for _, fut in batch], results)
-            except RuntimeError:  # the loop is gone: nobody is waiting any more
-                return
-            if stop:
-                return
-
-    def _commit_held(self, ops: list[Op[Any] | Rows]) -> list[Any]:
-        """On the writer thread: commit ``ops``; while the journal refuses them, hold them and
-        try again (1 s doubling to 30 s) until they are committed, or until ``stop_retrying``.
-
-        Callers keep waiting meanwhile, so nothing that waits for a write (a claim, a planned
-        row, an after-action) goes ahead of the journal.
-        """
-        delay = RETRY_FIRST_S
-        while True:
-            if self._give_up.is_set() and not self._held.ok:
-                raise JournalError(f"not recorded, the journal is failing: {self._held.error}")
-            try:
-                self._check_identity()
-                results = self._commit(ops)
-            except (sqlite3.Error, _Held) as exc:
-                held = exc if isinstance(exc, _Held) else None
-                why = held.error if held else _outage(exc, self.path)
-                if why is None:
-                    raise
-                self._report(held.state if held else JournalState.FAILING, why)
-                if self._give_up.is_set():
-                    raise JournalError(f"not recorded, the journal is failing: {why}") from exc
-                self._give_up.wait(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            if not self._held.ok:
-                self._report(JournalState.OK, None)
-            return results
-
-    def _check_identity(self) -> None:
-        """Raise ``_Held`` unless the path still names the open database (same device, inode):
-        a write into a journal that was removed or replaced would be lost at the next start."""
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise _Held(
-                JournalState.REMOVED,
-                f"the journal file {self.path} was removed or renamed while filedispatch ran: "
-                "dispatching stops. Put the same file back to resume, or restart filedispatch "
-                "(with an empty journal, files still in the sources are sent again)",
-            ) from None
-        except OSError as exc:
-            raise _Held(
-                JournalState.FAILING, f"cannot check the journal file {self.path}: {exc}"
-            ) from None
-        if (st.st_dev, st.st_ino) != self._identity:
-            raise _Held(
-                JournalState.REPLACED,
-                f"the journal file {self.path} was replaced by another file while filedispatch "
-                "ran: dispatching stops. Put the original back to resume, or restart "
-                "filedispatch to use the new file",
-            )
-
-    def _check_while_idle(self) -> None:
-        """No write queued: still notice a removed or replaced file (and its return)."""
-        try:
-            self._check_identity()
-        except _Held as held:
-            if (held.state, held.error) != (self._held.state, self._held.error):
-                self._report(held.state, held.error)
-            return
-        if self._held.state in (JournalState.REMOVED, JournalState.REPLACED):
-            self._report(JournalState.OK, None)
-
-    def _report(self, state: JournalState, error: str | None) -> None:
-        """On the writer thread: record an attempt's outcome, log a change once, tell the loop."""
-        now = next_health(self._held, state, error, str(self.path), self._give_up.is_set())
-        self._held = now
-        with contextlib.suppress(RuntimeError):  # the loop is gone
-            self._loop.call_soon_threadsafe(self._set_health, now)
+    # ------------------------------------------------------------------ writes and reads
 
     def stop_retrying(self) -> None:
         """From now on a write the journal refuses fails at once (``JournalError``) rather than
         being held: a stopping service must not wait for a disk to be freed."""
-        self._give_up.set()
-
-    def _commit(self, ops: list[Op[Any] | Rows]) -> list[Any]:
-        """On the writer thread: one transaction for every op; ``Rows`` of one statement merged."""
-        conn = self._w
-        results: list[Any] = []
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            i = 0
-            while i < len(ops):
-                op = ops[i]
-                if isinstance(op, Rows):
-                    j, params = i, list(op.params)
-                    while j + 1 < len(ops):
-                        nxt = ops[j + 1]
-                        if not isinstance(nxt, Rows) or nxt.sql != op.sql:
-                            break
-                        params += nxt.params
-                        j += 1
-                    try:
-                        if op.bulk and self._bulk and _distinct_ids(params):
-                            conn.execute(op.bulk, (json.dumps(params),))
-                        else:
-                            conn.executemany(op.sql, params)
-                        res: Any = None
-                    except sqlite3.Error as exc:
-                        if _outage(exc, self.path):
-                            raise  # the whole transaction is held and tried again
-                        res = JournalError(str(exc))
-                    results += [res] * (j - i + 1)
-                    i = j + 1
-                    continue
-                try:
-                    results.append(op(conn))
-                except sqlite3.Error as exc:
-                    if _outage(exc, self.path):
-                        raise
-                    results.append(JournalError(str(exc)))
-                i += 1
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-        return results
+        self.writer.stop_retrying()
 
     async def write(self, op: Op[T] | Rows) -> T:
         """Run ``op`` inside the next group commit and return its result once committed."""
@@ -778,14 +241,10 @@ class SqliteJournal(SqlReads, HealthReport):
 
     async def flush(self) -> None:
         """Return once every write queued before this call is committed."""
-        await self.write(_nothing)
+        await self.write(nothing)
 
     def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
-        if self._thread is None or self._thread.done():
-            raise JournalError("the journal is closed")
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._inbox.put((op, fut))
-        return fut
+        return self.writer.enqueue(op)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""
@@ -831,7 +290,7 @@ class SqliteJournal(SqlReads, HealthReport):
             # rowids grow past the largest one, and only this thread writes: the new rows are
             # the ones above the old maximum
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM dispatches").fetchone()[0]
-            payload = _json(params) if self._bulk else None
+            payload = _json(params) if self.writer.bulk else None
             if payload is not None:  # one statement, and one row back: no GIL hand-over per row
                 conn.execute(_PLAN_BULK, (payload, now, self.node))
                 new = json.loads(
@@ -962,200 +421,3 @@ class SqliteJournal(SqlReads, HealthReport):
             return cur.rowcount
 
         return self._enqueue(op)
-
-    # ------------------------------------------------------------------ history
-
-    async def retry(self, dispatch_id: int) -> bool:
-        """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED.
-
-        Raises JournalError at once while the journal is failing (``health``).
-        """
-        self._require_writable()
-
-        def op(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT vkey, rule, step FROM dispatches WHERE id=? AND status='FAILED'",
-                (dispatch_id,),
-            ).fetchone()
-            if row is None:
-                return False
-            conn.execute(
-                "UPDATE dispatches SET status='PENDING', attempts=0, next_attempt=0, started=NULL, "
-                "reason=NULL, error_type=NULL, finished=NULL, detail='retry requested' "
-                "WHERE vkey=? AND rule=? AND step>=? AND status='FAILED'",
-                tuple(row),
-            )
-            return True
-
-        return await self.write(op)
-
-    async def unkeyed(
-        self, limit: int = 1000, after: str = ""
-    ) -> list[tuple[str, str, str, str, int, int]]:
-        """Versions recorded before a version was also its inode and ctime (``ino IS NULL``):
-        (vkey, source, root, relpath, size, mtime_ns), at most ``limit`` of them, in key order
-        from the first key above ``after`` (pass the last key of a batch for the next one: the
-        index is walked once in all, not once per batch)."""
-        rows = await self.read(
-            "SELECT vkey, source, root, relpath, size, mtime_ns FROM dispatches "
-            "WHERE vkey > ? AND ino IS NULL GROUP BY vkey ORDER BY vkey LIMIT ?",
-            (after, limit),
-        )
-        return [tuple(r) for r in rows]
-
-    async def rekey(
-        self, found: Sequence[tuple[str, str, int, int, int]], missing: Sequence[str]
-    ) -> int:
-        """Give old rows the key their file has now: ``found`` is (old vkey, new vkey, dev,
-        ino, ctime_ns) for files still there with the recorded size and mtime; ``missing``
-        are old vkeys whose file is gone or changed (marked checked with ino 0, so they are
-        not looked at again). Returns the rows re-keyed. A row whose new key is already
-        planned keeps its old key (its history stays; the new row says what happens now).
-        """
-
-        def op(conn: sqlite3.Connection) -> int:
-            changed = conn.executemany(
-                "UPDATE OR IGNORE dispatches SET vkey=?, dev=?, ino=?, ctime_ns=? "
-                "WHERE vkey=? AND ino IS NULL",
-                [(new, dev, ino, ctime, old) for old, new, dev, ino, ctime in found],
-            ).rowcount
-            conn.executemany(
-                "UPDATE dispatches SET ino=0 WHERE vkey=? AND ino IS NULL",
-                [(old,) for old in missing] + [(old,) for old, *_ in found],
-            )
-            return changed
-
-        return await self.write(op)
-
-    async def requeue_unrun(self, steps: Sequence[tuple[str, str]]) -> int:
-        """Queue again FAILED rows no attempt made ("not run" behind a step that failed), given
-        as (vkey, step_key): the steps before them succeed now. Returns the rows queued."""
-
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.executemany(
-                "UPDATE dispatches SET status='PENDING', next_attempt=0, finished=NULL, "
-                "started=NULL WHERE vkey=? AND step_key=? AND status='FAILED' AND attempts=0",
-                steps,
-            ).rowcount
-
-        return await self.write(op)
-
-    async def upgrade_due(self, name: str) -> bool:
-        """Whether the one-time upgrade ``name`` (a row of ``upgrades``) is still to be done."""
-        rows = await self.read("SELECT 1 FROM upgrades WHERE name=? AND done IS NULL", (name,))
-        return bool(rows)
-
-    async def rekey_steps(self, keys: Mapping[str, str], now: float) -> int:
-        """Give rows the step keys of today (``keys``: old step key -> new one) and record the
-        ``step-keys`` upgrade done, in one transaction. Idempotent: a key already changed is not
-        found again. A row whose new key its version has already keeps its old one (as in
-        ``rekey``). Returns the rows changed."""
-        pairs = [(new, old) for old, new in keys.items() if old != new]
-
-        def op(conn: sqlite3.Connection) -> int:
-            sql = "UPDATE OR IGNORE dispatches SET step_key=? WHERE step_key=?"
-            changed = conn.executemany(sql, pairs).rowcount
-            conn.execute("UPDATE upgrades SET done=? WHERE name='step-keys'", (now,))
-            return changed
-
-        return await self.write(op)
-
-    async def forget(
-        self,
-        dispatch_id: int | None = None,
-        *,
-        source: str | None = None,
-        relpath: str | None = None,
-    ) -> int:
-        """Delete history so the file is sent again at the next rescan or start; the rows removed.
-
-        Raises JournalError at once while the journal is failing (``health``).
-        """
-        self._require_writable()
-
-        def op(conn: sqlite3.Connection) -> int:
-            if dispatch_id is not None:
-                cur = conn.execute(
-                    "DELETE FROM dispatches WHERE id=? AND status != 'IN_PROGRESS'", (dispatch_id,)
-                )
-            else:
-                cur = conn.execute(
-                    "DELETE FROM dispatches WHERE relpath=? AND (? IS NULL OR source=?) "
-                    "AND status != 'IN_PROGRESS'",
-                    (relpath, source, source),
-                )
-                conn.execute(retention.FORGET_KEPT, (relpath, source, source))
-            return cur.rowcount
-
-        return await self.write(op)
-
-    async def mark_done(self, steps: Iterable[PlannedStep]) -> int:
-        """Record steps as SUCCEEDED without sending (dirsend's --store-only)."""
-        steps = list(steps)
-        now = time.time()
-        new = await self.plan(steps, now)
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE dispatches SET status='SUCCEEDED', finished=?, duration_ms=0, "
-                "detail='marked as already dispatched (mark-existing): not sent' "
-                "WHERE vkey=? AND step_key=? AND status='PENDING'",
-                [(now, s.version.key, s.step_key) for s in steps],
-            )
-
-        await self.write(op)
-        return new
-
-    # ------------------------------------------------------------------ retention
-
-    async def prune(
-        self, vkeys: Sequence[str], keep: Sequence[str], before: float
-    ) -> tuple[int, int]:
-        """In one transaction: delete the rows of those ``vkeys`` whose every row SUCCEEDED and
-        finished before ``before`` (any other is left whole), keeping the compact key of those
-        also in ``keep`` (their source is still there). Returns (rows deleted, versions
-        whose key was kept)."""
-
-        def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            found = [
-                r[0]
-                for r in conn.execute(
-                    retention.PRUNABLE.format(keys=retention.marks(len(vkeys))), [*vkeys, before]
-                )
-            ]
-            if not found:
-                return 0, 0
-            wanted = set(keep)
-            kept = [k for k in found if k in wanted]
-            if kept:
-                conn.execute(retention.KEEP.format(keys=retention.marks(len(kept))), kept)
-            marks = retention.marks(len(found))
-            return conn.execute(retention.DELETE.format(keys=marks), found).rowcount, len(kept)
-
-        return await self.write(op) if vkeys else (0, 0)
-
-    async def drop_kept(self, vkeys: Sequence[str]) -> int:
-        """Forget the kept keys of these versions (their source is gone); the keys removed."""
-
-        def op(conn: sqlite3.Connection) -> int:
-            marks = retention.marks(len(vkeys))
-            return conn.execute(retention.DROP_KEPT.format(keys=marks), list(vkeys)).rowcount
-
-        return await self.write(op) if vkeys else 0
-
-    async def vacuum_step(self, pages: int) -> int:
-        """Give up to ``pages`` free pages back to the filesystem (a journal created with
-        ``auto_vacuum = INCREMENTAL``; an older one keeps them for new rows); returns the free
-        pages left that a later step can give back (0 when none or not possible)."""
-
-        def op(conn: sqlite3.Connection) -> int:
-            if int(conn.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
-                return 0
-            conn.execute(f"PRAGMA incremental_vacuum({int(pages)})").fetchall()
-            return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-
-        return await self.write(op)
-
-    async def integrity_check(self) -> str:
-        rows = await self.read("PRAGMA integrity_check")
-        return str(rows[0][0]) if rows else "no answer"

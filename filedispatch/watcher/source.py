@@ -25,7 +25,7 @@ from .mounts import LOCAL_FS, is_network_fs, mount_fstype
 
 log = logging.getLogger(__name__)
 
-#: files handed on together by a scan (each batch one transaction of the journal)
+#: files a scan hands on together, at most
 BATCH = 500
 
 
