@@ -66,6 +66,7 @@ class Membership:
         self.lost = 0  #: times the lease ran out while the service ran
         self._expiry: asyncio.TimerHandle | None = None
         self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
+        self._unreached = False  #: the last renewal failed (told once, not at every try)
 
     async def end(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing (``task``, told by ``stop``) and end the leases, so
@@ -152,7 +153,15 @@ class Membership:
         except NodeConflictError as exc:
             log.error("node %s cannot join again: %s", self.name, exc)
         except JournalError as exc:
-            log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
+            # a renewal fails fast (it has a connection of its own): tried again every third
+            # of the lease, told once
+            if not self._unreached:
+                log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
+            self._unreached = True
+        else:
+            if self._unreached:
+                log.info("node %s: the lease is renewed again", self.name)
+            self._unreached = False
 
     async def leave(self) -> None:
         """At a clean stop: end the leases now so another node lists and works at once."""

@@ -25,7 +25,7 @@ import pytest
 from filedispatch.cluster import Membership
 from filedispatch.config import Config
 from filedispatch.dispatcher import Dispatcher
-from filedispatch.errors import FencedError, NodeConflictError
+from filedispatch.errors import FencedError, JournalError, NodeConflictError
 from filedispatch.journal import PlannedStep, PostgresTarget, StepResult, open_journal
 from filedispatch.models import FileVersion, Status
 from filedispatch.processors import Registry
@@ -203,6 +203,79 @@ async def test_a_version_claimed_while_the_lease_is_in_doubt_goes_back_to_the_qu
         finally:
             stop.set()
             await task
+
+
+async def test_the_lease_is_renewed_while_the_writer_waits(pg_url: str) -> None:
+    """A node's renewals do not queue behind its other journal writes: while the writer is
+    held for longer than a lease by a real statement (a lock wait on a lock this test holds),
+    the lease is still renewed on the database's clock and the node keeps it."""
+    import psycopg
+
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with (
+        open_journal(target) as journal,
+        await psycopg.AsyncConnection.connect(pg_url, password=PASSWORD, autocommit=True) as db,
+    ):
+        membership = Membership(journal, "busy", 3.0)
+        await membership.join()
+        stop = asyncio.Event()
+        renewing = asyncio.create_task(membership.run(stop))
+        await db.execute("SELECT pg_advisory_lock(4242)")
+
+        async def held(conn: Any) -> None:
+            await conn.execute("SET LOCAL lock_timeout = 0")  # wait as long as the test holds
+            await conn.execute("SELECT pg_advisory_xact_lock(4242)")
+
+        busy = asyncio.ensure_future(journal.write(held))
+        try:
+
+            async def writer_waits() -> bool:
+                cur = await db.execute(
+                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return await cur.fetchone() is not None
+
+            await _until(writer_waits)
+            cur = await db.execute("SELECT now() + interval '3 seconds'")
+            (past_a_lease,) = await cur.fetchone() or (None,)
+
+            async def renewed_past_a_lease() -> bool:
+                cur = await db.execute(
+                    "SELECT renewed > %s AND lease_until > now() FROM nodes WHERE name = 'busy'",
+                    (past_a_lease,),
+                )
+                row = await cur.fetchone()
+                return bool(row and row[0])
+
+            await _until(renewed_past_a_lease, 60)
+            assert not busy.done()  # the writer still waits: the renewals went around it
+            assert membership.alive.held.is_set()
+            [node] = await journal.nodes()  # a read on the pool, beside the waiting writer
+            assert (node.name, node.alive) == ("busy", True)
+        finally:
+            await db.execute("SELECT pg_advisory_unlock(4242)")
+            await busy
+            stop.set()
+            await renewing
+
+
+async def test_the_lease_connection_comes_back_after_a_database_restart(
+    pg_cluster: Any, pg_url: str
+) -> None:
+    """The lease's own connection is lost with the server; a renewal then fails at once
+    (JournalError, not a hang), and the next one after the restart connects again."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with open_journal(target) as journal:
+        await journal.join("phoenix", 60.0)
+        assert await journal.renew()
+        pg_cluster.stop()
+        try:
+            with pytest.raises(JournalError, match="no lease statement on"):
+                await journal.renew()
+        finally:
+            pg_cluster.start()
+        assert await journal.renew()
+        assert [(n.name, n.alive) for n in await journal.nodes()] == [("phoenix", True)]
 
 
 # ------------------------------------------------------------------ two real services

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from ..errors import FencedError, JournalError, JournalUnavailableError, NodeConflictError
+from ..errors import FencedError, JournalError, JournalUnavailableError
 from ..models import Dispatch, FileVersion, Status
 from . import retention
 from .base import (
@@ -43,18 +40,25 @@ from .base import (
     resolve,
     stored_text,
 )
+from .pgconn import (
+    CONNECT_TIMEOUT_S,
+    Conn,
+    PgOp,
+    T,
+    configure,
+    connect,
+    conninfo,
+    limit_waits,
+    outage,
+    pg,
+    stat_text,
+)
+from .pgnodes import ALIVE, ORPHANS, PgNodes
 from .reads import COLUMNS, DELIVERED_DIGEST, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
 
-T = TypeVar("T")
-Conn = psycopg.AsyncConnection[Any]
-#: a write: run by the writer inside the group transaction
-PgOp = Callable[[Conn], Awaitable[T]]
-
 #: any number: the key of the migration lock (``pg_advisory_xact_lock``)
 _MIGRATION_LOCK = 0x66645F6D
-#: seconds to wait for a connection (at open, from the pool)
-CONNECT_TIMEOUT_S = 10.0
 
 #: the stats rollups and the day number each counts a row under (UTC): its day (as
 #: ``reads.POSTGRES.day`` counts it), or the first day of its month
@@ -239,17 +243,6 @@ async def migrate(conn: Conn) -> None:
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
 
 
-@functools.lru_cache(maxsize=256)
-def _pg(sql: str) -> bytes:
-    """A statement written with ``?`` marks (the shared reads) as psycopg takes it."""
-    return sql.replace("%", "%%").replace("?", "%s").encode()
-
-
-def _stat(value: int | None) -> str | None:
-    """A stat number for a NUMERIC column (sent as text: it may pass 2**63)."""
-    return None if value is None else str(value)
-
-
 #: planned rows come as one array per column and are inserted in one statement; the constants
 #: are status, created, started, node and epoch
 _PLAN = (
@@ -266,16 +259,6 @@ _PLAN = (
     "owner, bt) WHERE NOT EXISTS (SELECT 1 FROM kept k WHERE k.vkey = u.vk AND k.step_key = u.sk) "
     "ON CONFLICT (vkey, step_key) DO NOTHING"
 )
-
-#: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
-#: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
-_ORPHANS = (
-    "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
-    "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
-    "WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN "
-    "(SELECT epoch FROM nodes WHERE lease_until >= now())) FOR UPDATE SKIP LOCKED)"
-)
-_ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
 
 
 def _plan_columns(
@@ -296,11 +279,11 @@ def _plan_columns(
             s.step_key,
             stored_text(s.destination),
             s.protocol,
-            _stat(s.version.dev or None),
-            _stat(s.version.ino or None),
-            _stat(s.version.ctime_ns or None),
+            stat_text(s.version.dev or None),
+            stat_text(s.version.ino or None),
+            stat_text(s.version.ctime_ns or None),
             owner(s.version.source),
-            _stat(s.version.btime_ns),
+            stat_text(s.version.btime_ns),
         )
         for s in steps
     ]
@@ -347,48 +330,6 @@ _CONFLICTS = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 CONFLICT_RETRIES = 20
 
 
-def _outage(exc: BaseException) -> bool:
-    """Whether an error means "the database cannot take writes now" (the server is gone,
-    restarting, out of disk, refusing logins) rather than "this write is wrong"."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
-
-
-def conninfo(target: PostgresTarget) -> str:
-    """The libpq connection string (with the password from ``password_env``, if set: never
-    log it)."""
-    password = target.password()
-    extra = {"password": password} if password else {}
-    return psycopg.conninfo.make_conninfo(
-        target.url, connect_timeout=int(CONNECT_TIMEOUT_S), **extra
-    )
-
-
-async def _connect(target: PostgresTarget) -> Conn:
-    return await psycopg.AsyncConnection.connect(conninfo(target), autocommit=True)
-
-
-async def _configure(conn: Conn) -> None:
-    """Each pooled connection counts local days in this process's time zone."""
-    zone = _local_zone()
-    if zone:
-        with contextlib.suppress(psycopg.Error):
-            await conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
-
-
-@functools.cache
-def _local_zone() -> str | None:
-    """This process's time zone as an IANA name (``TZ``, else /etc/localtime), or None."""
-    tz = os.environ.get("TZ", "").lstrip(":")
-    if tz and not tz.startswith("/"):
-        return tz
-    link = Path(tz or "/etc/localtime")
-    with contextlib.suppress(OSError):
-        name = str(link.resolve())
-        if "zoneinfo/" in name:
-            return name.split("zoneinfo/", 1)[1]
-    return None
-
-
 class PostgresJournal(SqlReads, HealthReport):
     """The journal in a PostgreSQL database; open it with
     ``async with PostgresJournal.open(target)``."""
@@ -403,10 +344,7 @@ class PostgresJournal(SqlReads, HealthReport):
         self._inbox: asyncio.Queue[tuple[PgOp[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._give_up = asyncio.Event()
-        self.node: str | None = None  #: this service's node name, once joined
-        self.epoch: int | None = None  #: its fencing token, new at each join
-        self._lease_s = 0.0
-        self._shared: frozenset[str] = frozenset()
+        self._nodes = PgNodes(target, self._enqueue, self.read)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -419,7 +357,7 @@ class PostgresJournal(SqlReads, HealthReport):
         reached (waiting may help), JournalError for anything else, each naming the database
         without its password."""
         try:
-            conn = await _connect(target)
+            conn = await connect(target)
         except psycopg.Error as exc:
             raise JournalUnavailableError(
                 f"cannot open the journal {target.shown}: {target.scrub(str(exc))}"
@@ -434,7 +372,7 @@ class PostgresJournal(SqlReads, HealthReport):
                 max_size=4,
                 open=False,
                 timeout=CONNECT_TIMEOUT_S,
-                configure=_configure,
+                configure=configure,
                 check=AsyncConnectionPool.check_connection,
                 name="filedispatch-journal",
             )
@@ -446,7 +384,7 @@ class PostgresJournal(SqlReads, HealthReport):
             if isinstance(exc, JournalError):
                 raise
             why = target.scrub(str(exc))
-            if _outage(exc):  # a PoolTimeout is an OperationalError too
+            if outage(exc):  # a PoolTimeout is an OperationalError too
                 raise JournalUnavailableError(
                     f"cannot open the journal {target.shown}: {why}"
                 ) from None
@@ -478,6 +416,7 @@ class PostgresJournal(SqlReads, HealthReport):
                 item[1].set_exception(JournalError("the journal is closed"))
         if self._conn is not None:
             await self._conn.close()
+        await self._nodes.close()
         await self._pool.close()
 
     @property
@@ -533,7 +472,7 @@ class PostgresJournal(SqlReads, HealthReport):
                     conflicts += 1  # rolled back, the connection is fine: again, at once
                     await asyncio.sleep(0.02 * conflicts)
                     continue
-                if not _outage(exc):
+                if not outage(exc):
                     raise
                 await self._drop_connection()
                 why = (
@@ -554,9 +493,9 @@ class PostgresJournal(SqlReads, HealthReport):
     async def _commit(self, ops: list[PgOp[Any]]) -> list[Any]:
         conn = self._conn
         if conn is None or conn.closed:
-            conn = self._conn = await _connect(self.target)
-            if self._lease_s:
-                await _limit_waits(conn, self._lease_s)
+            conn = self._conn = await connect(self.target)
+            if self._nodes.lease_s:
+                await limit_waits(conn, self._nodes.lease_s)
         results: list[Any] = []
         async with conn.transaction():
             for op in ops:
@@ -564,7 +503,7 @@ class PostgresJournal(SqlReads, HealthReport):
                     async with conn.transaction():  # a savepoint: one bad write fails alone
                         results.append(await op(conn))
                 except psycopg.Error as exc:
-                    if _outage(exc):
+                    if outage(exc):
                         raise
                     results.append(JournalError(self.target.scrub(str(exc))))
         return results
@@ -604,7 +543,7 @@ class PostgresJournal(SqlReads, HealthReport):
         """A read on a pooled connection; ``sql`` marks parameters with ``?``."""
         try:
             async with self._pool.connection() as conn:
-                cur = await conn.execute(_pg(sql), params)
+                cur = await conn.execute(pg(sql), params)
                 return list(await cur.fetchall())
         except PoolTimeout:  # the server is gone
             raise JournalError(
@@ -679,7 +618,7 @@ class PostgresJournal(SqlReads, HealthReport):
 
         async def op(conn: Conn) -> list[list[Dispatch]]:
             if epoch is not None:  # a node whose lease ran out claims nothing
-                cur = await conn.execute(_ALIVE, (node, epoch))
+                cur = await conn.execute(ALIVE, (node, epoch))
                 if await cur.fetchone() is None:
                     return []
             cur = await conn.execute(
@@ -771,16 +710,26 @@ class PostgresJournal(SqlReads, HealthReport):
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""
 
         async def op(conn: Conn) -> int:
-            cur = await conn.execute(_ORPHANS)
+            cur = await conn.execute(ORPHANS)
             return max(cur.rowcount, 0)
 
         return self._enqueue(op)
 
     # ------------------------------------------------------------------ nodes and leases
 
+    @property
+    def node(self) -> str | None:
+        """This service's node name, once joined."""
+        return self._nodes.node
+
+    @property
+    def epoch(self) -> int | None:
+        """Its fencing token, new at each join."""
+        return self._nodes.epoch
+
     def _owner(self, source: str) -> str | None:
         """The node a planned row belongs to: None (any node) for a shared source."""
-        return None if source in self._shared else self.node
+        return None if source in self._nodes.shared else self.node
 
     async def join(
         self,
@@ -792,123 +741,28 @@ class PostgresJournal(SqlReads, HealthReport):
         """Register as ``node`` with a lease of ``lease_s`` seconds on the database's clock; a
         node of that name whose lease ran out is replaced, a live one refuses (NodeConflictError)
         unless ``takeover`` (the caller holds the name's lock, so that node is gone). Work no
-        live node holds goes back to PENDING in the same transaction."""
-        started = time.time()
-
-        async def op(conn: Conn) -> int | NodeConflictError:
-            cur = await conn.execute(
-                "INSERT INTO nodes (name, epoch, started, lease_s, renewed, lease_until) "
-                "VALUES (%s, nextval('node_epochs'), %s, %s, now(), "
-                "now() + make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE SET "
-                "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
-                "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
-                "WHERE nodes.lease_until < now() OR %s RETURNING epoch",
-                (node, started, lease_s, lease_s, takeover),
-            )
-            row = await cur.fetchone()
-            if row is None:
-                cur = await conn.execute(
-                    "SELECT EXTRACT(EPOCH FROM lease_until - now()) FROM nodes WHERE name=%s",
-                    (node,),
-                )
-                left = await cur.fetchone()
-                return NodeConflictError(
-                    f"another live node is named {node!r} in the journal {self.target.shown}: "
-                    "give this one another name (node: in the config), or stop the other; if "
-                    f"it is gone, its lease runs out in {float(left[0]) if left else 0:.0f}s"
-                )
-            await conn.execute(_ORPHANS)
-            await _limit_waits(conn, lease_s)
-            return int(row[0])
-
-        epoch = await self.write(op)  # an error returned by the op is raised here
-        if not isinstance(epoch, int):
-            raise epoch
-        self.node, self.epoch, self._lease_s, self._shared = node, epoch, lease_s, shared
-        return epoch
+        live node holds is queued to go back to PENDING. On the lease connection (``pgnodes``);
+        raises JournalError when it cannot reach the database."""
+        return await self._nodes.join(node, lease_s, shared, takeover)
 
     async def renew(self) -> bool:
-        """Renew the lease and the listing leases held; requeue the work of nodes whose lease
-        ran out. False when this node's lease had run out (it must join again)."""
-        node, epoch, lease_s = self.node, self.epoch, self._lease_s
-
-        async def op(conn: Conn) -> bool:
-            cur = await conn.execute(
-                "UPDATE nodes SET renewed=now(), lease_until=now() + make_interval(secs => %s) "
-                "WHERE name=%s AND epoch=%s AND lease_until >= now() RETURNING 1",
-                (lease_s, node, epoch),
-            )
-            alive = await cur.fetchone() is not None
-            if alive:
-                await conn.execute(
-                    "UPDATE listings SET lease_until=now() + make_interval(secs => %s) "
-                    "WHERE epoch=%s AND lease_until >= now()",
-                    (lease_s, epoch),
-                )
-            await conn.execute(_ORPHANS)
-            return alive
-
-        return await self.write(op) if epoch is not None else True
+        """Renew the lease and the listing leases held, on the lease connection (never behind
+        the writer); queue the requeue of the work of nodes whose lease ran out. False when this
+        node's lease had run out (it must join again); JournalError when the database cannot
+        be reached in a third of a lease."""
+        return await self._nodes.renew()
 
     async def take_listing(self, source: str) -> bool:
         """Take the listing lease of a shared source if it is free or ran out, or keep it."""
-        node, epoch, lease_s = self.node, self.epoch, self._lease_s
-        if epoch is None:
-            return True
-
-        async def op(conn: Conn) -> bool:
-            cur = await conn.execute(_ALIVE, (node, epoch))
-            if await cur.fetchone() is None:
-                return False
-            cur = await conn.execute(
-                "INSERT INTO listings (source, node, epoch, lease_until) VALUES "
-                "(%s, %s, %s, now() + make_interval(secs => %s)) ON CONFLICT (source) DO UPDATE "
-                "SET node=EXCLUDED.node, epoch=EXCLUDED.epoch, lease_until=EXCLUDED.lease_until "
-                "WHERE listings.epoch = EXCLUDED.epoch OR listings.lease_until < now() "
-                "RETURNING 1",
-                (source, node, epoch, lease_s),
-            )
-            return await cur.fetchone() is not None
-
-        return await self.write(op)
+        return await self._nodes.take_listing(source)
 
     async def leave(self) -> None:
         """End the lease and the listing leases now, so other nodes take over at once."""
-        epoch = self.epoch
-        if epoch is None:
-            return
-
-        async def op(conn: Conn) -> None:
-            await conn.execute("DELETE FROM listings WHERE epoch=%s", (epoch,))
-            await conn.execute(
-                "UPDATE nodes SET lease_until = now() - interval '1 millisecond' WHERE epoch=%s",
-                (epoch,),
-            )
-
-        await self.write(op)
+        await self._nodes.leave()
 
     async def nodes(self) -> list[NodeInfo]:
         """Every node the journal knows, by name, with its listings and rows in flight."""
-        rows = await self.read(
-            "SELECT n.name, n.lease_until >= now(), n.lease_s, "
-            "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
-            "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
-            "AND l.lease_until >= now() ORDER BY l.source), "
-            "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
-            "AND d.epoch = n.epoch) FROM nodes n ORDER BY n.name"
-        )
-        return [
-            NodeInfo(
-                name,
-                bool(alive),
-                float(lease),
-                max(0.0, float(age)),
-                float(started),
-                tuple(listing),
-                int(busy),
-            )
-            for name, alive, lease, age, started, listing, busy in rows
-        ]
+        return await self._nodes.nodes()
 
     async def retry(self, dispatch_id: int) -> bool:
         """Re-queue a FAILED row (and the rows after it in its chain); False if not FAILED."""
@@ -957,7 +811,7 @@ class PostgresJournal(SqlReads, HealthReport):
                         "UPDATE dispatches d SET vkey=%s, dev=%s, ino=%s, ctime_ns=%s "
                         "WHERE d.vkey=%s AND d.ino IS NULL AND NOT EXISTS (SELECT 1 FROM "
                         "dispatches o WHERE o.vkey=%s AND o.step_key=d.step_key)",
-                        (new, _stat(dev), _stat(ino), _stat(ctime), old, new),
+                        (new, stat_text(dev), stat_text(ino), stat_text(ctime), old, new),
                     )
                     changed += max(cur.rowcount, 0)
                 olds = [*missing, *(old for old, *_ in found)]
@@ -1038,7 +892,7 @@ class PostgresJournal(SqlReads, HealthReport):
                     (relpath, source, source),
                 )
                 await conn.execute(
-                    _pg(retention.FORGET_KEPT.replace("? IS NULL", "?::text IS NULL")),
+                    pg(retention.FORGET_KEPT.replace("? IS NULL", "?::text IS NULL")),
                     (relpath, source, source),
                 )
             return max(cur.rowcount, 0)
@@ -1076,21 +930,19 @@ class PostgresJournal(SqlReads, HealthReport):
 
         async def op(conn: Conn) -> tuple[int, int]:
             await conn.execute(
-                _pg(f"SELECT 1 FROM dispatches WHERE vkey IN ({marks}) ORDER BY id FOR UPDATE"),
+                pg(f"SELECT 1 FROM dispatches WHERE vkey IN ({marks}) ORDER BY id FOR UPDATE"),
                 list(vkeys),
             )
-            cur = await conn.execute(_pg(retention.PRUNABLE.format(keys=marks)), [*vkeys, before])
+            cur = await conn.execute(pg(retention.PRUNABLE.format(keys=marks)), [*vkeys, before])
             found = [str(r[0]) for r in await cur.fetchall()]
             if not found:
                 return 0, 0
             wanted = set(keep)
             kept = [k for k in found if k in wanted]
             if kept:
-                await conn.execute(
-                    _pg(retention.KEEP.format(keys=retention.marks(len(kept)))), kept
-                )
+                await conn.execute(pg(retention.KEEP.format(keys=retention.marks(len(kept)))), kept)
             cur = await conn.execute(
-                _pg(retention.DELETE.format(keys=retention.marks(len(found)))), found
+                pg(retention.DELETE.format(keys=retention.marks(len(found)))), found
             )
             return max(cur.rowcount, 0), len(kept)
 
@@ -1103,7 +955,7 @@ class PostgresJournal(SqlReads, HealthReport):
 
         async def op(conn: Conn) -> int:
             marks = retention.marks(len(vkeys))
-            cur = await conn.execute(_pg(retention.DROP_KEPT.format(keys=marks)), list(vkeys))
+            cur = await conn.execute(pg(retention.DROP_KEPT.format(keys=marks)), list(vkeys))
             return max(cur.rowcount, 0)
 
         return await self.write(op)
@@ -1112,20 +964,6 @@ class PostgresJournal(SqlReads, HealthReport):
         """Nothing to do: the server's autovacuum makes the space of deleted rows reusable
         (docs/operations.md)."""
         return 0
-
-
-async def _limit_waits(conn: Conn, lease_s: float) -> None:
-    """A node frozen inside a transaction (SIGSTOP, a VM paused) must not keep its row locks
-    past its lease: the server ends such a session after half a lease, and the locked rows are
-    free for the other nodes (the writer reconnects when the node wakes). And a writer must not
-    wait on another's locks until its own lease runs out: after a quarter of a lease the
-    statement fails, and the batch is tried again (``_CONFLICTS``)."""
-    idle, lock = max(500, int(lease_s * 500)), max(200, int(lease_s * 250))
-    await conn.execute(
-        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
-        "set_config('lock_timeout', %s, false)",
-        (str(idle), str(lock)),
-    )
 
 
 async def _nothing(conn: Conn) -> None:
@@ -1176,7 +1014,7 @@ def read_digests(
         with psycopg.connect(conninfo(target), connect_timeout=int(CONNECT_TIMEOUT_S)) as conn:
             for destination, sha256 in wanted:
                 row = conn.execute(
-                    _pg(DELIVERED_DIGEST), (sha256, destination, DUPLICATE_OF)
+                    pg(DELIVERED_DIGEST), (sha256, destination, DUPLICATE_OF)
                 ).fetchone()
                 if row is not None:
                     out[(destination, sha256)] = (int(row[0]), str(row[1]))
