@@ -189,11 +189,16 @@ class SharedWatcher:
         self._lease = lease
         self.inner = make(self.config)
         self.ready = asyncio.Event()  #: listed once by this node, or listed by another
-        self.polling = True
 
     @property
     def last_error(self) -> str | None:
         return self.inner.last_error
+
+    @property
+    def polling(self) -> bool:
+        """Whether this node lists the folder by polling, as its watcher decided when it began
+        (True once it holds the listing lease; False while another node lists it)."""
+        return self.inner.polling
 
     @property
     def unsettled(self) -> int:

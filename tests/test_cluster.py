@@ -702,3 +702,77 @@ def test_the_nodes_api_and_the_node_on_each_row(tmp_path: Path, pg_url: str) -> 
         assert "nodes:" in status and "n1: alive" in status and "lists inbox" in status
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+def _inotify_watched(pid: int) -> set[int]:
+    """The inodes the process ``pid`` has inotify watches on (from /proc: each inotify
+    descriptor's fdinfo lists its watches as ``inotify wd:N ino:HEX ...``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:  # closed meanwhile
+            continue
+        inodes |= {int(m, 16) for m in re.findall(r"^inotify wd:\S+ ino:([0-9a-f]+)", info, re.M)}
+    return inodes
+
+
+def test_a_shared_source_is_listed_by_polling_and_an_unshared_one_by_events(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """inotify sees only this host's writes, so a shared source is listed by polling: the
+    service has no inotify watch on it, says it polls, and still finds a new file (no rescan
+    is left to find it). Its unshared source beside it is watched through inotify."""
+    from .conftest import free_port
+
+    shared, local, out = tmp_path / "shared", tmp_path / "local", tmp_path / "out"
+    for folder in (shared, local):
+        folder.mkdir()
+    port = free_port()
+    source = {"settle": 0, "poll_interval": 0.2, "rescan": 0}  # no reconcile scans
+    cfg = write_config(
+        tmp_path / "n1.yml",
+        {
+            "database": database_config(pg_url),
+            "node": "n1",
+            "lease": "30s",
+            "sources": [
+                {"path": str(shared), "name": "shared", "shared": True, **source},
+                {"path": str(local), "name": "local", **source},
+            ],
+            "rules": [{"extensions": ["txt"], "to": str(out)}],
+            "api": {"enabled": True, "port": port},
+            "monitor": {"enabled": False},
+        },
+    )
+    svc = ServiceProcess(cfg).start()
+    try:
+
+        def sources() -> dict[str, Any] | None:
+            url = f"http://127.0.0.1:{port}/api/v1/status"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                found = {s["name"]: s for s in json.loads(resp.read())["sources"]}
+            ready = all(s["ready"] for s in found.values()) and found["shared"]["listing"]
+            return found if ready else None
+
+        status = wait_until(sources, 60)
+        assert status["shared"]["polling"] is True
+        assert status["local"]["polling"] is False
+        assert svc.proc is not None
+        watched = wait_until(lambda: _inotify_watched(svc.proc.pid) or None, 30)  # type: ignore[union-attr]
+        assert os.stat(local).st_ino in watched
+        assert os.stat(shared).st_ino not in watched  # no event from it can reach the service
+
+        old(shared / "a.txt", b"written by another host")
+        old(local / "b.txt", b"written here")
+        wait_until(
+            lambda: (
+                delivered(out) == {"a.txt": b"written by another host", "b.txt": b"written here"}
+            ),
+            60,
+        )
+        assert os.stat(shared).st_ino not in _inotify_watched(svc.proc.pid)
+    finally:
+        assert svc.stop() == 0, svc.log()
