@@ -1,7 +1,7 @@
 """Connections to a PostgreSQL journal: the libpq connection string, connecting, the session
 settings a node's connections carry, and what counts as an outage.
 
-Shared by the writer (``postgres.py``) and the lease connection (``pgnodes.py``); never logs
+Shared by the writer (``pgwriter.py``) and the lease connection (``pgnodes.py``); never logs
 the password and holds no connection itself.
 """
 
@@ -86,7 +86,7 @@ async def limit_waits(conn: Conn, lease_s: float) -> None:
     past its lease: the server ends such a session after half a lease, and the locked rows are
     free for the other nodes (the writer reconnects when the node wakes). And a writer must not
     wait on another's locks until its own lease runs out: after a quarter of a lease the
-    statement fails, and the batch is tried again (``postgres.CONFLICTS``)."""
+    statement fails, and the batch is tried again (``pgwriter._CONFLICTS``)."""
     idle, lock = max(500, int(lease_s * 500)), max(200, int(lease_s * 250))
     await conn.execute(
         "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "

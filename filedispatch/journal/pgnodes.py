@@ -50,8 +50,10 @@ async def requeue_orphans(conn: Conn) -> int:
 
 
 def _reaped(fut: asyncio.Future[Any]) -> None:
+    """A lease's write on the writer failed (the writer tells why): the requeue is queued again
+    at the next renewal, and a new writer connection gets the limits anyway (``_session``)."""
     if not fut.cancelled() and fut.exception() is not None:
-        log.debug("the work of nodes gone was not requeued this time: %s", fut.exception())
+        log.debug("a lease's write on the writer failed: %s", fut.exception())
 
 
 class PgNodes:
