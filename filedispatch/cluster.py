@@ -180,10 +180,9 @@ class SharedWatcher:
         make: Callable[[SourceConfig], SourceWatcher],
         lease: Lease,
     ) -> None:
-        # inotify sees only this host's writes: a shared folder is polled
-        self.config = (
-            config if config.poll is not None else config.model_copy(update={"poll": True})
-        )
+        # inotify sees only this host's writes: a shared folder is polled (the config refuses
+        # shared: true with poll: false)
+        self.config = config.model_copy(update={"poll": True})
         self.root = config.path
         self._make = make
         self._lease = lease
