@@ -66,6 +66,7 @@ class Membership:
         self.lost = 0  #: times the lease ran out while the service ran
         self._expiry: asyncio.TimerHandle | None = None
         self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
+        self._unreached = False  #: the last renewal failed (told once, not at every try)
 
     async def end(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing (``task``, told by ``stop``) and end the leases, so
@@ -152,7 +153,15 @@ class Membership:
         except NodeConflictError as exc:
             log.error("node %s cannot join again: %s", self.name, exc)
         except JournalError as exc:
-            log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
+            # a renewal fails fast (it has a connection of its own): tried again every third
+            # of the lease, told once
+            if not self._unreached:
+                log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
+            self._unreached = True
+        else:
+            if self._unreached:
+                log.info("node %s: the lease is renewed again", self.name)
+            self._unreached = False
 
     async def leave(self) -> None:
         """At a clean stop: end the leases now so another node lists and works at once."""
@@ -171,20 +180,24 @@ class SharedWatcher:
         make: Callable[[SourceConfig], SourceWatcher],
         lease: Lease,
     ) -> None:
-        # inotify sees only this host's writes: a shared folder is polled
-        self.config = (
-            config if config.poll is not None else config.model_copy(update={"poll": True})
-        )
+        # inotify sees only this host's writes: a shared folder is polled (the config refuses
+        # shared: true with poll: false)
+        self.config = config.model_copy(update={"poll": True})
         self.root = config.path
         self._make = make
         self._lease = lease
         self.inner = make(self.config)
         self.ready = asyncio.Event()  #: listed once by this node, or listed by another
-        self.polling = True
 
     @property
     def last_error(self) -> str | None:
         return self.inner.last_error
+
+    @property
+    def polling(self) -> bool:
+        """Whether this node lists the folder by polling, as its watcher decided when it began
+        (True once it holds the listing lease; False while another node lists it)."""
+        return self.inner.polling
 
     @property
     def unsettled(self) -> int:

@@ -918,6 +918,11 @@ class SourceConfig(_Model):
     def _after_needs_done_dir(self) -> SourceConfig:
         if self.after == "move" and self.done_dir is None:
             raise ValueError("after: move needs done_dir")
+        if self.shared and self.poll is False:
+            raise ValueError(
+                "poll: false cannot go with shared: true: a shared folder is listed by polling "
+                "(inotify does not see the other hosts' writes)"
+            )
         for i, pattern in enumerate(self.ignore):
             if pattern.startswith("/") and not pattern.startswith(str(self.path).rstrip("/") + "/"):
                 raise ValueError(

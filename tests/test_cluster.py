@@ -25,7 +25,7 @@ import pytest
 from filedispatch.cluster import Membership
 from filedispatch.config import Config
 from filedispatch.dispatcher import Dispatcher
-from filedispatch.errors import FencedError, NodeConflictError
+from filedispatch.errors import FencedError, JournalError, NodeConflictError
 from filedispatch.journal import PlannedStep, PostgresTarget, StepResult, open_journal
 from filedispatch.models import FileVersion, Status
 from filedispatch.processors import Registry
@@ -203,6 +203,79 @@ async def test_a_version_claimed_while_the_lease_is_in_doubt_goes_back_to_the_qu
         finally:
             stop.set()
             await task
+
+
+async def test_the_lease_is_renewed_while_the_writer_waits(pg_url: str) -> None:
+    """A node's renewals do not queue behind its other journal writes: while the writer is
+    held for longer than a lease by a real statement (a lock wait on a lock this test holds),
+    the lease is still renewed on the database's clock and the node keeps it."""
+    import psycopg
+
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with (
+        open_journal(target) as journal,
+        await psycopg.AsyncConnection.connect(pg_url, password=PASSWORD, autocommit=True) as db,
+    ):
+        membership = Membership(journal, "busy", 3.0)
+        await membership.join()
+        stop = asyncio.Event()
+        renewing = asyncio.create_task(membership.run(stop))
+        await db.execute("SELECT pg_advisory_lock(4242)")
+
+        async def held(conn: Any) -> None:
+            await conn.execute("SET LOCAL lock_timeout = 0")  # wait as long as the test holds
+            await conn.execute("SELECT pg_advisory_xact_lock(4242)")
+
+        busy = asyncio.ensure_future(journal.write(held))
+        try:
+
+            async def writer_waits() -> bool:
+                cur = await db.execute(
+                    "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+                return await cur.fetchone() is not None
+
+            await _until(writer_waits)
+            cur = await db.execute("SELECT now() + interval '3 seconds'")
+            (past_a_lease,) = await cur.fetchone() or (None,)
+
+            async def renewed_past_a_lease() -> bool:
+                cur = await db.execute(
+                    "SELECT renewed > %s AND lease_until > now() FROM nodes WHERE name = 'busy'",
+                    (past_a_lease,),
+                )
+                row = await cur.fetchone()
+                return bool(row and row[0])
+
+            await _until(renewed_past_a_lease, 60)
+            assert not busy.done()  # the writer still waits: the renewals went around it
+            assert membership.alive.held.is_set()
+            [node] = await journal.nodes()  # a read on the pool, beside the waiting writer
+            assert (node.name, node.alive) == ("busy", True)
+        finally:
+            await db.execute("SELECT pg_advisory_unlock(4242)")
+            await busy
+            stop.set()
+            await renewing
+
+
+async def test_the_lease_connection_comes_back_after_a_database_restart(
+    pg_cluster: Any, pg_url: str
+) -> None:
+    """The lease's own connection is lost with the server; a renewal then fails at once
+    (JournalError, not a hang), and the next one after the restart connects again."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with open_journal(target) as journal:
+        await journal.join("phoenix", 60.0)
+        assert await journal.renew()
+        pg_cluster.stop()
+        try:
+            with pytest.raises(JournalError, match="no lease statement on"):
+                await journal.renew()
+        finally:
+            pg_cluster.start()
+        assert await journal.renew()
+        assert [(n.name, n.alive) for n in await journal.nodes()] == [("phoenix", True)]
 
 
 # ------------------------------------------------------------------ two real services
@@ -627,5 +700,79 @@ def test_the_nodes_api_and_the_node_on_each_row(tmp_path: Path, pg_url: str) -> 
         assert re.search(r'filedispatch_info\{[^}]*node="n1"[^}]*\} 1', metrics), metrics
         (status,) = console(console_port, "fd-status")
         assert "nodes:" in status and "n1: alive" in status and "lists inbox" in status
+    finally:
+        assert svc.stop() == 0, svc.log()
+
+
+def _inotify_watched(pid: int) -> set[int]:
+    """The inodes the process ``pid`` has inotify watches on (from /proc: each inotify
+    descriptor's fdinfo lists its watches as ``inotify wd:N ino:HEX ...``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+        except OSError:  # closed meanwhile
+            continue
+        inodes |= {int(m, 16) for m in re.findall(r"^inotify wd:\S+ ino:([0-9a-f]+)", info, re.M)}
+    return inodes
+
+
+def test_a_shared_source_is_listed_by_polling_and_an_unshared_one_by_events(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """inotify sees only this host's writes, so a shared source is listed by polling: the
+    service has no inotify watch on it, says it polls, and still finds a new file (no rescan
+    is left to find it). Its unshared source beside it is watched through inotify."""
+    from .conftest import free_port
+
+    shared, local, out = tmp_path / "shared", tmp_path / "local", tmp_path / "out"
+    for folder in (shared, local):
+        folder.mkdir()
+    port = free_port()
+    source = {"settle": 0, "poll_interval": 0.2, "rescan": 0}  # no reconcile scans
+    cfg = write_config(
+        tmp_path / "n1.yml",
+        {
+            "database": database_config(pg_url),
+            "node": "n1",
+            "lease": "30s",
+            "sources": [
+                {"path": str(shared), "name": "shared", "shared": True, **source},
+                {"path": str(local), "name": "local", **source},
+            ],
+            "rules": [{"extensions": ["txt"], "to": str(out)}],
+            "api": {"enabled": True, "port": port},
+            "monitor": {"enabled": False},
+        },
+    )
+    svc = ServiceProcess(cfg).start()
+    try:
+
+        def sources() -> dict[str, Any] | None:
+            url = f"http://127.0.0.1:{port}/api/v1/status"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                found = {s["name"]: s for s in json.loads(resp.read())["sources"]}
+            ready = all(s["ready"] for s in found.values()) and found["shared"]["listing"]
+            return found if ready else None
+
+        status = wait_until(sources, 60)
+        assert status["shared"]["polling"] is True
+        assert status["local"]["polling"] is False
+        assert svc.proc is not None
+        watched = wait_until(lambda: _inotify_watched(svc.proc.pid) or None, 30)  # type: ignore[union-attr]
+        assert os.stat(local).st_ino in watched
+        assert os.stat(shared).st_ino not in watched  # no event from it can reach the service
+
+        old(shared / "a.txt", b"written by another host")
+        old(local / "b.txt", b"written here")
+        wait_until(
+            lambda: (
+                delivered(out) == {"a.txt": b"written by another host", "b.txt": b"written here"}
+            ),
+            60,
+        )
+        assert os.stat(shared).st_ino not in _inotify_watched(svc.proc.pid)
     finally:
         assert svc.stop() == 0, svc.log()

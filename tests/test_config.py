@@ -178,6 +178,16 @@ def test_the_node_and_its_lease() -> None:
             parse_config({**base, "lease": bad})
 
 
+def test_a_shared_source_cannot_turn_polling_off() -> None:
+    """inotify does not see other hosts' writes to a shared folder: ``poll: false`` there
+    would leave their files to the rescans, so it is refused, naming both keys."""
+    source = {"path": "/mnt/nfs/in", "name": "in", "shared": True}
+    rules = [{"to": "/out"}]
+    assert parse_config({"sources": [{**source, "poll": True}], "rules": rules})
+    with pytest.raises(ConfigError, match=r"sources\[0\].*poll: false cannot go with shared"):
+        parse_config({"sources": [{**source, "poll": False}], "rules": rules})
+
+
 def test_cli_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yml"
     cfg.write_text(

@@ -25,7 +25,7 @@ from filedispatch.journal import (
     SqliteJournal,
     StepResult,
     open_journal,
-    postgres,
+    pgschema,
 )
 from filedispatch.models import FileVersion, Status
 
@@ -290,7 +290,7 @@ async def test_postgres_newer_schema_is_refused_and_the_password_is_never_shown(
         pass
     with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM filedispatch_schema").fetchone() == (
-            len(postgres.MIGRATIONS),
+            len(pgschema.MIGRATIONS),
         )
         conn.execute("UPDATE filedispatch_schema SET version = 99")
     with pytest.raises(JournalError, match="newer than this filedispatch"):

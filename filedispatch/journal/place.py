@@ -81,7 +81,7 @@ def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
         with needs_psycopg():
             import psycopg
 
-            from .postgres import conninfo
+            from .pgconn import conninfo
     except JournalError as exc:
         raise ServiceError(str(exc)) from None
     try:

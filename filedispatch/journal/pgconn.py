@@ -1,0 +1,95 @@
+"""Connections to a PostgreSQL journal: the libpq connection string, connecting, the session
+settings a node's connections carry, and what counts as an outage.
+
+Shared by the writer (``pgwriter.py``) and the lease connection (``pgnodes.py``); never logs
+the password and holds no connection itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+
+from .target import PostgresTarget
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+#: a write: run by the writer inside the group transaction
+PgOp = Callable[[Conn], Awaitable[T]]
+
+#: seconds to wait for a connection (at open, from the pool)
+CONNECT_TIMEOUT_S = 10.0
+
+
+@functools.lru_cache(maxsize=256)
+def pg(sql: str) -> bytes:
+    """A statement written with ``?`` marks (the shared reads) as psycopg takes it."""
+    return sql.replace("%", "%%").replace("?", "%s").encode()
+
+
+def stat_text(value: int | None) -> str | None:
+    """A stat number for a NUMERIC column (sent as text: it may pass 2**63)."""
+    return None if value is None else str(value)
+
+
+def outage(exc: BaseException) -> bool:
+    """Whether an error means "the database cannot take writes now" (the server is gone,
+    restarting, out of disk, refusing logins) rather than "this write is wrong"."""
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError | OSError)
+
+
+def conninfo(target: PostgresTarget) -> str:
+    """The libpq connection string (with the password from ``password_env``, if set: never
+    log it)."""
+    password = target.password()
+    extra = {"password": password} if password else {}
+    return psycopg.conninfo.make_conninfo(
+        target.url, connect_timeout=int(CONNECT_TIMEOUT_S), **extra
+    )
+
+
+async def connect(target: PostgresTarget) -> Conn:
+    """A new autocommit connection; raises psycopg's errors."""
+    return await psycopg.AsyncConnection.connect(conninfo(target), autocommit=True)
+
+
+async def configure(conn: Conn) -> None:
+    """Each pooled connection counts local days in this process's time zone."""
+    zone = local_zone()
+    if zone:
+        with contextlib.suppress(psycopg.Error):
+            await conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+
+
+@functools.cache
+def local_zone() -> str | None:
+    """This process's time zone as an IANA name (``TZ``, else /etc/localtime), or None."""
+    tz = os.environ.get("TZ", "").lstrip(":")
+    if tz and not tz.startswith("/"):
+        return tz
+    link = Path(tz or "/etc/localtime")
+    with contextlib.suppress(OSError):
+        name = str(link.resolve())
+        if "zoneinfo/" in name:
+            return name.split("zoneinfo/", 1)[1]
+    return None
+
+
+async def limit_waits(conn: Conn, lease_s: float) -> None:
+    """A node frozen inside a transaction (SIGSTOP, a VM paused) must not keep its row locks
+    past its lease: the server ends such a session after half a lease, and the locked rows are
+    free for the other nodes (the writer reconnects when the node wakes). And a writer must not
+    wait on another's locks until its own lease runs out: after a quarter of a lease the
+    statement fails, and the batch is tried again (``pgwriter._CONFLICTS``)."""
+    idle, lock = max(500, int(lease_s * 500)), max(200, int(lease_s * 250))
+    await conn.execute(
+        "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+        "set_config('lock_timeout', %s, false)",
+        (str(idle), str(lock)),
+    )

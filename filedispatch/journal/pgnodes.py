@@ -1,0 +1,264 @@
+"""This node's leases on a PostgreSQL journal, on a connection of their own: joining,
+renewing, the listing leases of shared sources, leaving, and the list of nodes.
+
+The writer's connection can be busy for seconds on a loaded host (a group commit of thousands
+of rows, a wait for another node's locks); a renewal queued behind it let a short lease run
+out while the database was well. So the lease statements never wait for the writer: they run
+on a connection of their own, touch only the tables ``nodes`` and ``listings``, and give up
+after a third of a lease. The work a renewal leads to (putting back to PENDING the rows of
+nodes whose lease ran out) is a write like any other: queued on the writer, never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import psycopg
+
+from ..errors import JournalError, NodeConflictError
+from .base import NodeInfo
+from .pgconn import Conn, PgOp, T, connect, limit_waits
+from .target import PostgresTarget
+
+log = logging.getLogger("filedispatch.journal")
+
+#: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
+#: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
+ORPHANS = (
+    "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
+    "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
+    "WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN "
+    "(SELECT epoch FROM nodes WHERE lease_until >= now())) FOR UPDATE SKIP LOCKED)"
+)
+#: this node's lease (name, epoch) is live on the database's clock
+ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
+
+#: seconds a lease statement may take before the connection is given up, before a join
+#: (when the lease is not known yet)
+_FIRST_DEADLINE_S = 10.0
+
+
+async def requeue_orphans(conn: Conn) -> int:
+    """The writer's half of a renewal: the work of nodes whose lease ran out, PENDING again;
+    how many rows."""
+    cur = await conn.execute(ORPHANS)
+    return max(cur.rowcount, 0)
+
+
+def _reaped(fut: asyncio.Future[Any]) -> None:
+    """A lease's write on the writer failed (the writer tells why): the requeue is queued again
+    at the next renewal, and a new writer connection gets the limits anyway (``_session``)."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.debug("a lease's write on the writer failed: %s", fut.exception())
+
+
+class PgNodes:
+    """This service's node on the journal: its name, its epoch (the fencing token its claims
+    carry) and its leases, kept on a connection of their own (opened at the first use, opened
+    again after a failure). ``enqueue`` queues a write on the journal's writer; ``read`` is a
+    pooled read with ``?`` marks."""
+
+    def __init__(
+        self,
+        target: PostgresTarget,
+        enqueue: Callable[[PgOp[Any]], asyncio.Future[Any]],
+        read: Callable[[str], Awaitable[list[Any]]],
+    ) -> None:
+        self.target = target
+        self._enqueue = enqueue
+        self._read = read
+        self._conn: Conn | None = None
+        self._turn = asyncio.Lock()  # one transaction at a time on the connection
+        self._reaping: asyncio.Future[Any] | None = None
+        self.node: str | None = None  #: this service's node name, once joined
+        self.epoch: int | None = None  #: its fencing token, new at each join
+        self.lease_s = 0.0
+        self.shared: frozenset[str] = frozenset()
+
+    async def close(self) -> None:
+        """Close the lease connection (the leases themselves are ended by ``leave``)."""
+        async with self._turn:
+            await self._drop()
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:  # a broken connection may not close cleanly
+                log.debug("the lease connection did not close cleanly", exc_info=True)
+
+    async def _run(self, op: PgOp[T]) -> T:
+        """``op`` in one transaction on the lease connection, connecting first if there is
+        none. Any failure (the server gone, a statement past its time) drops the connection,
+        so the next call connects again, and raises JournalError naming the database."""
+        async with self._turn:
+            deadline = self.lease_s / 3 if self.lease_s else _FIRST_DEADLINE_S
+            try:
+                async with asyncio.timeout(max(deadline, 1.0) + 1.0):
+                    conn = self._conn
+                    if conn is None or conn.closed:
+                        conn = self._conn = await connect(self.target)
+                        await self._settings(conn)
+                    async with conn.transaction():
+                        return await op(conn)
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                await self._drop()
+                why = self.target.scrub(" ".join(str(exc).split())) or type(exc).__name__
+                raise JournalError(f"no lease statement on {self.target.shown}: {why}") from None
+
+    async def _settings(self, conn: Conn) -> None:
+        """A lease statement waits at most a third of a lease, for a lock or for anything; a
+        frozen node's open transaction is ended after half a lease, as the writer's is."""
+        if self.lease_s:
+            wait, idle = max(200, int(self.lease_s * 1000 / 3)), max(500, int(self.lease_s * 500))
+            await conn.execute(
+                "SELECT set_config('statement_timeout', %s, false), "
+                "set_config('lock_timeout', %s, false), "
+                "set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(wait), str(wait), str(idle)),
+            )
+
+    def _reap(self) -> None:
+        """Queue the requeue of dead nodes' work on the writer, unless one waits there."""
+        if self._reaping is not None and not self._reaping.done():
+            return
+        try:
+            self._reaping = self._enqueue(requeue_orphans)
+        except JournalError:  # closed: nothing to requeue from here
+            return
+        self._reaping.add_done_callback(_reaped)
+
+    async def join(self, node: str, lease_s: float, shared: frozenset[str], takeover: bool) -> int:
+        """See ``Journal.join``. The writer's session gets the lease's limits on lock waits,
+        and the work of dead nodes is queued for requeueing (neither waited for here)."""
+        started = time.time()
+
+        async def op(conn: Conn) -> int | NodeConflictError:
+            cur = await conn.execute(
+                "INSERT INTO nodes (name, epoch, started, lease_s, renewed, lease_until) "
+                "VALUES (%s, nextval('node_epochs'), %s, %s, now(), "
+                "now() + make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE SET "
+                "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
+                "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
+                "WHERE nodes.lease_until < now() OR %s RETURNING epoch",
+                (node, started, lease_s, lease_s, takeover),
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                return int(row[0])
+            cur = await conn.execute(
+                "SELECT EXTRACT(EPOCH FROM lease_until - now()) FROM nodes WHERE name=%s",
+                (node,),
+            )
+            left = await cur.fetchone()
+            return NodeConflictError(
+                f"another live node is named {node!r} in the journal {self.target.shown}: "
+                "give this one another name (node: in the config), or stop the other; if "
+                f"it is gone, its lease runs out in {float(left[0]) if left else 0:.0f}s"
+            )
+
+        epoch = await self._run(op)
+        if not isinstance(epoch, int):
+            raise epoch
+        if lease_s != self.lease_s:  # the lease connection's limits follow the lease
+            self.lease_s = lease_s
+            async with self._turn:
+                await self._drop()
+        self.node, self.epoch, self.shared = node, epoch, shared
+
+        async def writer_limits(conn: Conn) -> None:
+            await limit_waits(conn, lease_s)
+
+        self._enqueue(writer_limits).add_done_callback(_reaped)
+        self._reap()
+        return epoch
+
+    async def renew(self) -> bool:
+        """See ``Journal.renew``: the leases on this connection, the requeue on the writer."""
+        node, epoch, lease_s = self.node, self.epoch, self.lease_s
+        if epoch is None:
+            return True
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(
+                "UPDATE nodes SET renewed=now(), lease_until=now() + make_interval(secs => %s) "
+                "WHERE name=%s AND epoch=%s AND lease_until >= now() RETURNING 1",
+                (lease_s, node, epoch),
+            )
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(
+                "UPDATE listings SET lease_until=now() + make_interval(secs => %s) "
+                "WHERE epoch=%s AND lease_until >= now()",
+                (lease_s, epoch),
+            )
+            return True
+
+        alive = await self._run(op)
+        self._reap()
+        return alive
+
+    async def take_listing(self, source: str) -> bool:
+        """Take the listing lease of a shared source if it is free or ran out, or keep it."""
+        node, epoch, lease_s = self.node, self.epoch, self.lease_s
+        if epoch is None:
+            return True
+
+        async def op(conn: Conn) -> bool:
+            cur = await conn.execute(ALIVE, (node, epoch))
+            if await cur.fetchone() is None:
+                return False
+            cur = await conn.execute(
+                "INSERT INTO listings (source, node, epoch, lease_until) VALUES "
+                "(%s, %s, %s, now() + make_interval(secs => %s)) ON CONFLICT (source) DO UPDATE "
+                "SET node=EXCLUDED.node, epoch=EXCLUDED.epoch, lease_until=EXCLUDED.lease_until "
+                "WHERE listings.epoch = EXCLUDED.epoch OR listings.lease_until < now() "
+                "RETURNING 1",
+                (source, node, epoch, lease_s),
+            )
+            return await cur.fetchone() is not None
+
+        return await self._run(op)
+
+    async def leave(self) -> None:
+        """End the lease and the listing leases now, so other nodes take over at once."""
+        epoch = self.epoch
+        if epoch is None:
+            return
+
+        async def op(conn: Conn) -> None:
+            await conn.execute("DELETE FROM listings WHERE epoch=%s", (epoch,))
+            await conn.execute(
+                "UPDATE nodes SET lease_until = now() - interval '1 millisecond' WHERE epoch=%s",
+                (epoch,),
+            )
+
+        await self._run(op)
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every node the journal knows, by name, with its listings and rows in flight."""
+        rows: Sequence[Any] = await self._read(
+            "SELECT n.name, n.lease_until >= now(), n.lease_s, "
+            "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
+            "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
+            "AND l.lease_until >= now() ORDER BY l.source), "
+            "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
+            "AND d.epoch = n.epoch) FROM nodes n ORDER BY n.name"
+        )
+        return [
+            NodeInfo(
+                name,
+                bool(alive),
+                float(lease),
+                max(0.0, float(age)),
+                float(started),
+                tuple(listing),
+                int(busy),
+            )
+            for name, alive, lease, age, started, listing, busy in rows
+        ]
