@@ -35,8 +35,9 @@ _SIGNED = (
 )
 
 
-def _stats_function(name: str, parts: list[tuple[str, str, str]]) -> str:
-    """A statement trigger's function: ``parts`` are (transition table, sign, FROM clause)."""
+def _stats_function(name: str, parts: list[tuple[str, str, str]], replace: bool = False) -> str:
+    """A statement trigger's function: ``parts`` are (transition table, sign, FROM clause);
+    ``replace``: one that exists already."""
     body = "".join(
         _UPSERT.format(
             table=table,
@@ -48,7 +49,8 @@ def _stats_function(name: str, parts: list[tuple[str, str, str]]) -> str:
         for table, bucket in _ROLLUPS.items()
     )
     return (
-        f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $fn$ BEGIN {body}"
+        f"CREATE {'OR REPLACE ' if replace else ''}FUNCTION {name}() RETURNS trigger "
+        f"LANGUAGE plpgsql AS $fn$ BEGIN {body}"
         "RETURN NULL; END $fn$"
     )
 
@@ -58,6 +60,12 @@ _BOTH = (
     "o JOIN n USING (id) WHERE (o.status, o.created, o.destination, o.extension, o.size) "
     "IS DISTINCT FROM (n.status, n.created, n.destination, n.extension, n.size)"
 )
+
+
+def _settled(row: str) -> str:
+    """The condition: a transition table's row (``o`` or ``n``) is settled."""
+    return f"{row}.status IN {retention.SETTLED}"
+
 
 #: numbered migrations: MIGRATIONS[n] takes a database from schema version n to n + 1
 MIGRATIONS: list[list[str]] = [
@@ -163,6 +171,16 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
         "ALTER TABLE dispatches ADD COLUMN btime_ns NUMERIC(20)",
+    ],
+    [  # the rollups count settled rows only (see the SQLite journal's migration 12)
+        *retention.settled_only(_ROLLUPS),
+        _stats_function("stats_insert", [("n", "", f"n WHERE {_settled('n')}")], True),
+        _stats_function(
+            "stats_update",
+            [("o", "-", f"{_BOTH} AND {_settled('o')}"), ("n", "", f"{_BOTH} AND {_settled('n')}")],
+            True,
+        ),
+        _stats_function("stats_delete", [("o", "-", f"o WHERE {_settled('o')}")], True),
     ],
 ]
 

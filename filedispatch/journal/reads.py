@@ -34,7 +34,7 @@ from .base import (
     Waiting,
     number,
 )
-from .retention import KeptKey, OldRow
+from .retention import UNSETTLED, KeptKey, OldRow
 
 #: every column of a row, in ``Dispatch`` order
 COLUMNS = (
@@ -221,8 +221,10 @@ def rollup_sql(
     rows long instead of every row in the window: ``stats_days`` (a row per day, status,
     destination and extension), or with ``monthly`` and a window of whole months
     ``stats_months`` (the same per month, under the day number of its first day: folding by
-    ``reporting.period_start`` gives the same months). None when a condition cannot be
-    answered from it (another column, or a ``created`` bound inside a day)."""
+    ``reporting.period_start`` gives the same months). The rollups count settled rows
+    (``retention.SETTLED``); the PENDING and IN_PROGRESS rows of the window are counted from
+    the table, per day. None when a condition cannot be answered from the rollup (another
+    column, or a ``created`` bound inside a day)."""
     kept: list[Condition] = []
     days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
     for c in conditions:
@@ -242,12 +244,21 @@ def rollup_sql(
     clauses += [f"day {op} ?" for op, _ in days]
     params += [day for _, day in days]
     whole_months = monthly and all(_month_start(day) for _, day in days)
+    # the rollups count settled rows; the rows still on their way are few, and counted here
+    # (the index on status and created finds them)
+    on_way, on_way_params = where(conditions, dialect)
+    unsettled = f"status IN {UNSETTLED}"
+    on_way = f"{on_way} AND {unsettled}" if on_way else f" WHERE {unsettled}"
+    day = dialect.day("created", False)
     return (
         "SELECT day, status, destination, extension, SUM(n), SUM(bytes) "
         f"FROM {'stats_months' if whole_months else 'stats_days'} "
         f"WHERE {' AND '.join([*clauses, 'n > 0'])} "
-        "GROUP BY day, status, destination, extension",
-        params,
+        "GROUP BY day, status, destination, extension UNION ALL "
+        f"SELECT {day} AS bucket, status, destination, extension, COUNT(*), "
+        f"{dialect.total('size')} FROM dispatches{on_way} "
+        "GROUP BY bucket, status, destination, extension",
+        params + on_way_params,
     )
 
 

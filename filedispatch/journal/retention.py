@@ -55,6 +55,19 @@ STATES = (
 )
 
 
+#: the statuses the stats rollups count: a row is counted once it settles, so planning,
+#: claiming and requeueing (most of a row's writes) touch no rollup; the few rows still on
+#: their way (PENDING, IN_PROGRESS) are counted from the table itself (``reads.rollup_sql``)
+SETTLED = "('SUCCEEDED', 'FAILED')"
+UNSETTLED = "('PENDING', 'IN_PROGRESS')"
+
+
+def settled_only(rollups: Mapping[str, str]) -> list[str]:
+    """The statements that take the counts of unsettled rows out of each rollup (the
+    migration to settled-only rollups; the triggers are the backend's own)."""
+    return [f"DELETE FROM {table} WHERE status NOT IN {SETTLED}" for table in rollups]
+
+
 def rollup_schema(rollups: Mapping[str, str], integer: str, options: str = "") -> list[str]:
     """The statements creating each stats rollup (``rollups``: table -> the day number it
     counts a row under, ``{row}`` naming the table) and filling it from the rows already

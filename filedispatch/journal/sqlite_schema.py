@@ -66,6 +66,15 @@ def _counts(row: str, sign: str) -> str:
     )
 
 
+#: an update trigger's event and its condition: a grouped column changed
+_CHANGED = (
+    "AFTER UPDATE OF status, created, destination, extension, size ON dispatches WHEN "
+    "(OLD.status IS NOT NEW.status OR OLD.created IS NOT NEW.created "
+    "OR OLD.destination IS NOT NEW.destination OR OLD.extension IS NOT NEW.extension "
+    "OR OLD.size IS NOT NEW.size)"
+)
+SETTLED = retention.SETTLED
+
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE dispatches (
@@ -158,6 +167,21 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
         "ALTER TABLE dispatches ADD COLUMN btime_ns INTEGER",
+    ],
+    [  # the rollups count settled rows only (``retention.SETTLED``): a file's insert as
+        # PENDING or IN_PROGRESS and its claim write no rollup; its settling adds it once
+        "DROP TRIGGER stats_insert",
+        "DROP TRIGGER stats_update",
+        "DROP TRIGGER stats_delete",
+        *retention.settled_only(_ROLLUPS),
+        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches WHEN NEW.status IN {SETTLED} "
+        f"BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_update {_CHANGED} AND OLD.status IN {SETTLED} "
+        f"BEGIN {_counts('OLD', '-')}; END",
+        f"CREATE TRIGGER stats_settle {_CHANGED} AND NEW.status IN {SETTLED} "
+        f"BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN OLD.status IN {SETTLED} "
+        f"BEGIN {_counts('OLD', '-')}; END",
     ],
 ]
 
