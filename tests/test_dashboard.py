@@ -111,6 +111,18 @@ def visible_rows(driver: webdriver.Chrome) -> list[tuple[str, str]]:
     return [(str(f), str(s)) for f, s in rows]
 
 
+def column(driver: webdriver.Chrome, css: str) -> dict[str, str]:
+    """File name -> the text shown in the cell ``css`` finds, for each row of the history
+    table (read in one go: it refreshes)."""
+    rows = driver.execute_script(
+        """return [...document.querySelectorAll('#logs tbody tr.row')].map(
+            tr => [tr.querySelector('td.file').textContent,
+                   tr.querySelector(arguments[0]).innerText]);""",
+        css,
+    )
+    return {str(f): str(t) for f, t in rows}
+
+
 def click(driver: webdriver.Chrome, css: str) -> None:
     """Click what ``css`` finds; the table is redrawn every few seconds, so find it again if
     it was replaced between finding and clicking."""
@@ -421,14 +433,7 @@ def test_the_dashboard_tells_a_marked_row_from_a_delivery(
     driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
     driver.get(url + "/")
     wait_until(lambda: len(visible_rows(driver)) == 2, 15)
-    badges = dict(
-        driver.execute_script(
-            """return [...document.querySelectorAll('#logs tbody tr.row')].map(
-                tr => [tr.querySelector('td.file').textContent,
-                       tr.querySelector('td.status').innerText]);"""
-        )
-    )
-    assert badges == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
+    assert column(driver, "td.status") == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
     (marked,) = journal_rows(tmp_path / "journal.db", "filename='there.txt'")
     click(driver, f'#logs tr[data-id="{marked["id"]}"] td.file')
     dialog = driver.find_element(By.ID, "detail")
@@ -475,14 +480,7 @@ def test_the_dashboard_shows_the_label_a_learned_rule_gave_a_file(
     driver.get(url + "/")
     wait_until(lambda: len(visible_rows(driver)) == 3, 15)
     # the rule's column: the rule and, for a learned rule, the label it gave
-    shown = dict(
-        driver.execute_script(
-            """return [...document.querySelectorAll('#logs tbody tr.row')].map(
-                tr => [tr.querySelector('td.file').textContent,
-                       tr.querySelector('td:nth-child(6)').textContent]);"""
-        )
-    )
-    assert shown == {
+    assert column(driver, "td:nth-child(6)") == {
         "scan.txt": "learned (medical)",
         "cv.txt": f"learned ({MARKUP_LABEL})",
         "note.txt": "rest",
