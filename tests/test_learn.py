@@ -416,7 +416,9 @@ def test_a_cache_file_someone_changed_is_trained_again_not_used(tmp_path: Path) 
     sample = corpus.write(tmp_path / "s.txt", corpus.text(random.Random(4), "invoices"))
     # arrays of the right names but the wrong shapes: every file would fail to be classified
     broken = {**arrays, "coef": arrays["coef"][:, :3]}
-    for changed in (broken, {**arrays, "classes": np.array(["a", "b", "c", "d"])}):
+    # labels no sub-folder can have: "{label}/{name}" would climb out of the destination
+    climbing = {**arrays, "classes": np.array(["../x", "invoices", "resumes"])}
+    for changed in (broken, {**arrays, "classes": np.array(["a", "b", "c", "d"])}, climbing):
         with path.open("wb") as f:
             np.savez(f, **changed)
         with Extractor() as extractor:

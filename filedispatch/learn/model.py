@@ -348,6 +348,10 @@ def _check_arrays(arrays: dict[str, Any]) -> None:
     distinct = len(set(classes.tolist()))
     if classes.dtype.kind != "U" or distinct != len(classes) or distinct < 2:
         raise ValueError("the labels are not two or more distinct strings")
+    # a label names a folder at delivery ({label}): only what a sub-folder's name can be
+    odd = [c for c in classes.tolist() if not c or c[0] == "." or "/" in c or "\0" in c]
+    if odd:
+        raise ValueError(f"{odd[0]!r} is not a label (a sub-folder's name)")
     if len(set(words.tolist())) != len(words):
         raise ValueError("a word is there twice")
     rows = 1 if len(classes) == 2 else len(classes)
