@@ -636,3 +636,24 @@ def test_hostile_markup_and_json_are_read_as_plain_text_in_bounded_time() -> Non
         assert xml.method == "text" and "payment due" in xml.text and len(xml.text) < 1000
         deep = extractor.document("deep.json", nested.encode())
         assert deep.method == "text" and len(deep.text) <= 100_000 + len("deep json\n")
+
+
+def test_an_example_nested_a_thousand_folders_deep_is_found_without_a_traceback(
+    root: Path,
+) -> None:
+    # os.walk recursed once per folder level: 1,100 levels ended check (and the service's
+    # start) in a RecursionError
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    deep = examples / "invoices"
+    for _ in range(1100):  # one by one: Path.mkdir(parents=True) recurses too
+        deep /= "d"
+        deep.mkdir()
+    corpus.write(deep / "deep.txt", corpus.text(random.Random(10), "invoices"))
+    cfg = write_config(root / "c.yml", learn_config(root, examples))
+    result = run_cli("check", "-c", cfg)
+    assert result.returncode == 0, result.stderr
+    assert (deep / "deep.txt") in find_examples(examples)["invoices"]
+    checked = run_cli("learn-check", "-c", cfg)
+    assert checked.returncode == 0, checked.stderr
+    rows = [line.split() for line in checked.stdout.splitlines()]
+    assert ["invoices", "100.0%", "(6", "examples)"] in rows, checked.stdout
