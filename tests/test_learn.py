@@ -200,6 +200,25 @@ def test_without_the_learn_extra_a_learned_rule_is_a_config_error(root: Path) ->
         f"{cfg}: rules[0].classify.learn: learned routing needs the 'learn' extra "
         "(missing: scikit-learn); install it with: pip install 'filedispatch[learn]'"
     ) in result.stderr
+    for module in ("pypdf", "docx"):  # each package of the extra is asked for
+        (shadow / f"{module}.py").write_text("raise ImportError('not installed')\n")
+    result = run_cli("-c", cfg, "--once", env=cli_env(PYTHONPATH=str(shadow)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "(missing: scikit-learn, pypdf, python-docx); install it with" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_learn_extra_holds_what_learned_routing_imports_and_the_tests_install_it() -> None:
+    import tomllib
+
+    from filedispatch.learn import EXTRA_MODULES
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {re.split(r"[<>=\[ ]", spec, maxsplit=1)[0] for spec in extras["learn"]}
+    assert names == set(EXTRA_MODULES.values()) == {"scikit-learn", "pypdf", "python-docx"}
+    assert any("learn" in spec for spec in extras["test"]), extras["test"]
 
 
 def test_the_label_placeholder_needs_a_learned_rule(root: Path) -> None:
@@ -642,18 +661,26 @@ def test_an_example_nested_a_thousand_folders_deep_is_found_without_a_traceback(
     root: Path,
 ) -> None:
     # os.walk recursed once per folder level: 1,100 levels ended check (and the service's
-    # start) in a RecursionError
-    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
-    deep = examples / "invoices"
-    for _ in range(1100):  # one by one: Path.mkdir(parents=True) recurses too
-        deep /= "d"
-        deep.mkdir()
-    corpus.write(deep / "deep.txt", corpus.text(random.Random(10), "invoices"))
-    cfg = write_config(root / "c.yml", learn_config(root, examples))
-    result = run_cli("check", "-c", cfg)
-    assert result.returncode == 0, result.stderr
-    assert (deep / "deep.txt") in find_examples(examples)["invoices"]
-    checked = run_cli("learn-check", "-c", cfg)
-    assert checked.returncode == 0, checked.stderr
-    rows = [line.split() for line in checked.stdout.splitlines()]
-    assert ["invoices", "100.0%", "(6", "examples)"] in rows, checked.stdout
+    # start) in a RecursionError. The tree is made outside pytest's temporary folders and
+    # removed by rm: pytest's clean-up of old ones (shutil.rmtree) recurses the same way, and
+    # would fail every later session
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="fd-deep-examples-"))
+    try:
+        examples = corpus.examples(top / "ex", per_label=5, labels=THREE, kinds=("txt",))
+        deep = examples / "invoices"
+        for _ in range(1100):  # one by one: Path.mkdir(parents=True) recurses too
+            deep /= "d"
+            deep.mkdir()
+        corpus.write(deep / "deep.txt", corpus.text(random.Random(10), "invoices"))
+        cfg = write_config(root / "c.yml", learn_config(root, examples))
+        result = run_cli("check", "-c", cfg)
+        assert result.returncode == 0, result.stderr
+        assert (deep / "deep.txt") in find_examples(examples)["invoices"]
+        checked = run_cli("learn-check", "-c", cfg)
+        assert checked.returncode == 0, checked.stderr
+        rows = [line.split() for line in checked.stdout.splitlines()]
+        assert ["invoices", "100.0%", "(6", "examples)"] in rows, checked.stdout
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(top)], check=True)
