@@ -684,3 +684,19 @@ def test_an_example_nested_a_thousand_folders_deep_is_found_without_a_traceback(
         assert ["invoices", "100.0%", "(6", "examples)"] in rows, checked.stdout
     finally:
         subprocess.run(["rm", "-rf", "--", str(top)], check=True)
+
+
+def test_learn_check_shows_a_label_with_a_control_character_escaped_and_lined_up(
+    root: Path,
+) -> None:
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    (examples / "resumes").rename(examples / "cv\nfiles")  # a newline in a folder's name
+    cfg = write_config(root / "c.yml", learn_config(root, examples))
+    result = run_cli("learn-check", "-c", cfg)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    matrix = lines[lines.index(next(x for x in lines if x.startswith("  confusion"))) + 1 :]
+    assert len(matrix) == 4 and matrix[2].startswith("  cv\\nfiles  "), matrix
+    assert len({len(line) for line in matrix}) == 1, matrix  # every row as wide
+    per_label = [line for line in lines if "examples)" in line]
+    assert len({line.index("%") for line in per_label}) == 1, per_label
