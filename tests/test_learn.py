@@ -700,3 +700,24 @@ def test_learn_check_shows_a_label_with_a_control_character_escaped_and_lined_up
     assert len({len(line) for line in matrix}) == 1, matrix  # every row as wide
     per_label = [line for line in lines if "examples)" in line]
     assert len({line.index("%") for line in per_label}) == 1, per_label
+
+
+def test_a_docx_naming_a_local_file_as_an_entity_does_not_read_it(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("topsecretword")
+    source = zipfile.ZipFile(io.BytesIO(corpus.docx_bytes("placeholder")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as hostile:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "word/document.xml":
+                head, _, rest = data.partition(b"?>")
+                doctype = f'<!DOCTYPE w:document [<!ENTITY xxe SYSTEM "file://{secret}">]>'
+                data = head + b"?>" + doctype.encode() + rest.replace(b"placeholder", b"&xxe; due")
+            hostile.writestr(info, data)
+    with Extractor() as extractor:
+        document = extractor.document("letter.docx", out.getvalue())
+    assert document.method == "docx" and "topsecretword" not in document.text
