@@ -603,13 +603,16 @@ def cmd_learn_check(path: Path, folds: int) -> int:
             result = cross_check(extractor, examples, folds)
             total = sum(len(f) for f in examples.values())
             say(f"{where}: {folder}: {total} examples, {result.folds}-fold cross-validation")
-            width = max(len(label) for label in result.labels)
+            # escaped before they are padded, so a label with a control character lines up
+            shown = {label: escape(label) for label in result.labels}
+            width = max(len(name) for name in shown.values())
             for label in result.labels:
                 accuracy = result.accuracy[label]
-                say(f"  {label:<{width}}  {accuracy:6.1%}  ({len(examples[label])} examples)")
+                count = len(examples[label])
+                say(f"  {shown[label]:<{width}}  {accuracy:6.1%}  ({count} examples)")
             say(f"  {'overall':<{width}}  {result.overall:6.1%}")
             say("  confusion (rows: the examples' label; columns: the label predicted):")
-            say("  " + " " * width + "".join(f"  {label[:10]:>10}" for label in result.labels))
+            say("  " + " " * width + "".join(f"  {shown[lb][:10]:>10}" for lb in result.labels))
             for label, row in zip(result.labels, result.confusion, strict=True):
-                say(f"  {label:<{width}}" + "".join(f"  {n:>10}" for n in row))
+                say(f"  {shown[label]:<{width}}" + "".join(f"  {n:>10}" for n in row))
     return EXIT_OK

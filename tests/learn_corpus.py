@@ -47,13 +47,15 @@ def _pdf_escape(line: str) -> str:
     return line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
-def pdf_bytes(body: str) -> bytes:
-    """A one-page PDF showing ``body``'s lines (ASCII)."""
+def pdf_bytes(body: str, flate: bool = False) -> bytes:
+    """A one-page PDF showing ``body``'s lines (ASCII); ``flate``: its content compressed, so
+    none of its words shows in the file's bytes."""
     ops = ["BT", "/F1 10 Tf", "12 TL", "40 800 Td"]
     for line in body.splitlines():
         ops.append(f"({_pdf_escape(line[:110])}) Tj T*")
     ops.append("ET")
-    return pdf_page("\n".join(ops).encode("latin-1", "replace"))
+    stream = "\n".join(ops).encode("latin-1", "replace")
+    return pdf_page(zlib.compress(stream), flate=True) if flate else pdf_page(stream)
 
 
 def pdf_page(stream: bytes, flate: bool = False, pages: int = 1) -> bytes:
@@ -106,6 +108,44 @@ def docx_bytes(body: str) -> bytes:
     buf = io.BytesIO()
     document.save(buf)
     return buf.getvalue()
+
+
+def docx_table_bytes(body: str) -> bytes:
+    """A DOCX whose only text is ``body``'s lines in the cells of a table (one row each)."""
+    import io
+
+    import docx
+
+    document = docx.Document()
+    lines = body.splitlines()
+    table = document.add_table(rows=len(lines), cols=2)
+    for i, line in enumerate(lines):
+        table.cell(i, 0).text = str(i + 1)
+        table.cell(i, 1).text = line
+    buf = io.BytesIO()
+    document.save(buf)
+    return buf.getvalue()
+
+
+def csv_text(body: str) -> str:
+    """``body``'s lines as the rows of a CSV table (id, the line, a date)."""
+    rows = ["id,text,date"]
+    rows += [f'{i},"{line}",2024-03-{i % 28 + 1:02d}' for i, line in enumerate(body.splitlines())]
+    return "\r\n".join(rows) + "\r\n"
+
+
+def json_text(body: str) -> str:
+    """``body``'s lines as the strings of a nested JSON document."""
+    import json
+
+    lines = [{"n": i, "text": line} for i, line in enumerate(body.splitlines())]
+    return json.dumps({"document": {"id": 17, "lines": lines}}, indent=2)
+
+
+def markup_text(body: str, tag: str, attributes: str) -> str:
+    """``body``'s lines each in a ``tag`` element whose ``class`` is ``attributes``: words
+    the reader must drop with the tags."""
+    return "\n".join(f'<{tag} class="{attributes}">{line}</{tag}>' for line in body.splitlines())
 
 
 def write(path: Path, body: str) -> Path:

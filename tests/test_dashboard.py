@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 import urllib.request
@@ -108,6 +109,18 @@ def visible_rows(driver: webdriver.Chrome) -> list[tuple[str, str]]:
             tr => [tr.querySelector('td.file').textContent, tr.dataset.status]);"""
     )
     return [(str(f), str(s)) for f, s in rows]
+
+
+def column(driver: webdriver.Chrome, css: str) -> dict[str, str]:
+    """File name -> the text shown in the cell ``css`` finds, for each row of the history
+    table (read in one go: it refreshes)."""
+    rows = driver.execute_script(
+        """return [...document.querySelectorAll('#logs tbody tr.row')].map(
+            tr => [tr.querySelector('td.file').textContent,
+                   tr.querySelector(arguments[0]).innerText]);""",
+        css,
+    )
+    return {str(f): str(t) for f, t in rows}
 
 
 def click(driver: webdriver.Chrome, css: str) -> None:
@@ -420,14 +433,7 @@ def test_the_dashboard_tells_a_marked_row_from_a_delivery(
     driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
     driver.get(url + "/")
     wait_until(lambda: len(visible_rows(driver)) == 2, 15)
-    badges = dict(
-        driver.execute_script(
-            """return [...document.querySelectorAll('#logs tbody tr.row')].map(
-                tr => [tr.querySelector('td.file').textContent,
-                       tr.querySelector('td.status').innerText]);"""
-        )
-    )
-    assert badges == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
+    assert column(driver, "td.status") == {"there.txt": "MARKED", "new.txt": "SUCCEEDED"}
     (marked,) = journal_rows(tmp_path / "journal.db", "filename='there.txt'")
     click(driver, f'#logs tr[data-id="{marked["id"]}"] td.file')
     dialog = driver.find_element(By.ID, "detail")
@@ -501,3 +507,64 @@ def test_the_dashboard_lists_two_nodes_on_one_postgresql_journal(
         assert driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr.has-error") == []
     assert first.stop() == 0, first.log()
     assert second.stop() == 0, second.log()
+
+
+#: a label whose examples folder is named as markup: the page must show it as text
+MARKUP_LABEL = "<img src=x onerror=window.pwned=1>"
+
+
+def test_the_dashboard_shows_the_label_a_learned_rule_gave_a_file(
+    tmp_path: Path, browser: webdriver.Chrome, service_factory: Any
+) -> None:
+    from . import learn_corpus as corpus
+    from .conftest import write_config
+    from .test_learn import doc, learn_config
+
+    driver = browser
+    port = free_port()
+    examples = corpus.examples(
+        tmp_path / "examples", per_label=5, labels=["medical", "invoices"], kinds=("txt",)
+    )
+    for i in range(5):
+        corpus.write(
+            examples / MARKUP_LABEL / f"doc-{i}.txt",
+            corpus.text(random.Random(i), "resumes"),
+        )
+    (tmp_path / "inbox").mkdir()
+    data = learn_config(tmp_path, examples, api={"port": port, "token": TOKEN})
+    svc = service_factory(write_config(tmp_path / "c.yml", data)).start()
+    doc(tmp_path / "inbox" / "scan.txt", "medical", 11)
+    doc(tmp_path / "inbox" / "cv.txt", "resumes", 12)
+    doc(tmp_path / "inbox" / "note.txt", None, 13)  # no label fits: the next rule takes it
+    db = tmp_path / "journal.db"
+    wait_until(lambda: len(journal_rows(db, "status = 'SUCCEEDED'")) == 3, 30)
+    rows = {r["filename"]: r for r in journal_rows(db)}
+    assert (rows["scan.txt"]["label"], rows["cv.txt"]["label"]) == ("medical", MARKUP_LABEL)
+
+    url = f"http://127.0.0.1:{port}"
+    driver.get(url + "/")
+    driver.execute_script("localStorage.setItem('filedispatch-token', arguments[0])", TOKEN)
+    driver.get(url + "/")
+    wait_until(lambda: len(visible_rows(driver)) == 3, 15)
+    # the rule's column: the rule and, for a learned rule, the label it gave
+    assert column(driver, "td:nth-child(6)") == {
+        "scan.txt": "learned (medical)",
+        "cv.txt": f"learned ({MARKUP_LABEL})",
+        "note.txt": "rest",
+    }
+    # shown as text, never made into an element
+    assert not driver.find_elements(By.CSS_SELECTOR, "#logs img")
+    assert driver.execute_script("return window.pwned") is None
+
+    # the detail view lists it as a field of its own
+    click(driver, f'#logs tr[data-id="{rows["scan.txt"]["id"]}"] td.file')
+    dialog = driver.find_element(By.ID, "detail")
+    wait_until(dialog.is_displayed, 10)
+    fields = dict(
+        driver.execute_script(
+            """return [...document.querySelectorAll('#detail-fields dt')].map(
+                dt => [dt.textContent, dt.nextElementSibling.textContent]);"""
+        )
+    )
+    assert fields["label"] == "medical" and fields["rule"] == "learned"
+    assert svc.stop() == 0

@@ -200,6 +200,25 @@ def test_without_the_learn_extra_a_learned_rule_is_a_config_error(root: Path) ->
         f"{cfg}: rules[0].classify.learn: learned routing needs the 'learn' extra "
         "(missing: scikit-learn); install it with: pip install 'filedispatch[learn]'"
     ) in result.stderr
+    for module in ("pypdf", "docx"):  # each package of the extra is asked for
+        (shadow / f"{module}.py").write_text("raise ImportError('not installed')\n")
+    result = run_cli("-c", cfg, "--once", env=cli_env(PYTHONPATH=str(shadow)))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "(missing: scikit-learn, pypdf, python-docx); install it with" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_learn_extra_holds_what_learned_routing_imports_and_the_tests_install_it() -> None:
+    import tomllib
+
+    from filedispatch.learn import EXTRA_MODULES
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {re.split(r"[<>=\[ ]", spec, maxsplit=1)[0] for spec in extras["learn"]}
+    assert names == set(EXTRA_MODULES.values()) == {"scikit-learn", "pypdf", "python-docx"}
+    assert any("learn" in spec for spec in extras["test"]), extras["test"]
 
 
 def test_the_label_placeholder_needs_a_learned_rule(root: Path) -> None:
@@ -416,7 +435,9 @@ def test_a_cache_file_someone_changed_is_trained_again_not_used(tmp_path: Path) 
     sample = corpus.write(tmp_path / "s.txt", corpus.text(random.Random(4), "invoices"))
     # arrays of the right names but the wrong shapes: every file would fail to be classified
     broken = {**arrays, "coef": arrays["coef"][:, :3]}
-    for changed in (broken, {**arrays, "classes": np.array(["a", "b", "c", "d"])}):
+    # labels no sub-folder can have: "{label}/{name}" would climb out of the destination
+    climbing = {**arrays, "classes": np.array(["../x", "invoices", "resumes"])}
+    for changed in (broken, {**arrays, "classes": np.array(["a", "b", "c", "d"])}, climbing):
         with path.open("wb") as f:
             np.savez(f, **changed)
         with Extractor() as extractor:
@@ -537,3 +558,166 @@ def test_after_three_examples_stop_the_parser_the_rest_are_known_by_name(
     assert "3 PDF or DOCX files took too long or too much memory to read" in caplog.text
     assert texts[labels.index("resumes")] == "cv pdf"  # after them: by its name only
     assert len(texts) == 20
+
+
+def test_a_hostile_pdf_in_the_inbox_costs_its_time_and_the_next_file_goes_by_its_content(
+    root: Path,
+) -> None:
+    # the service's own path: the parser is stopped, the PDF is routed by its name (which
+    # says nothing: the next rule takes it), and the file after it is read and routed
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    inbox = root / "inbox"
+    (inbox / "hostile.pdf").write_bytes(corpus.slow_pdf())
+    past = time.time() - 3600
+    os.utime(inbox / "hostile.pdf", (past, past))
+    doc(inbox / "letter.txt", "contracts", 401)
+    cfg = write_config(root / "c.yml", learn_config(root, examples, api={"enabled": False}))
+    explained = run_cli("explain", "-c", cfg, inbox / "hostile.pdf", timeout=120)
+    assert explained.returncode == 0, explained.stderr
+    assert (
+        "read: the file name only (PDF not readable: took longer than 5 s or too much memory)"
+    ) in explained.stdout
+    result = run_cli("-c", cfg, "--once", timeout=120)  # unbounded: minutes on this PDF
+    assert result.returncode == 0, result.stderr
+    assert set(delivered(root / "out")) == {"unsorted/hostile.pdf", "contracts/letter.txt"}
+    rows = {r["filename"]: (r["rule"], r["label"]) for r in journal_rows(root / "journal.db")}
+    assert rows == {"hostile.pdf": ("rest", None), "letter.txt": ("learned", "contracts")}
+
+
+def test_links_in_the_examples_are_not_followed_and_odd_label_names_are_kept_as_written(
+    root: Path,
+) -> None:
+    examples = corpus.examples(root / "examples", per_label=4, labels=["invoices"], kinds=("txt",))
+    secret = root / "private"
+    corpus.write(secret / "words.txt", "topsecretword " * 50)
+    # a file, a folder and a whole label that are links out of the examples folder
+    (examples / "invoices" / "link.txt").symlink_to(secret / "words.txt")
+    (examples / "invoices" / "folder").symlink_to(secret)
+    (examples / "linked-label").symlink_to(secret)
+    # labels named as naming templates or format strings: folder names, never expanded
+    odd = {"{name}": "contracts", "{}": "resumes", "%s{label}": "medical"}
+    for label, words in odd.items():
+        corpus.examples(examples / label, per_label=5, labels=[words], kinds=("txt",))
+        (examples / label / words).rename(examples / label / "x")
+    cfg = write_config(root / "c.yml", learn_config(root, examples, api={"enabled": False}))
+    refused = run_cli("check", "-c", cfg)  # the links do not count as examples
+    assert refused.returncode == 2, refused.stdout
+    assert "each label needs at least 5 example files: 'invoices' has 4" in refused.stderr
+    corpus.write(examples / "invoices" / "fifth.txt", corpus.text(random.Random(9), "invoices"))
+    found = find_examples(examples)
+    assert sorted(found) == sorted(["invoices", *odd])
+    assert all(not p.is_symlink() and secret not in p.parents for f in found.values() for p in f)
+    for i, words in enumerate(odd.values()):
+        doc(root / "inbox" / f"file-{i}.txt", words, 410 + i)
+    doc(root / "inbox" / "secret.txt", None, 420).write_text("topsecretword " * 50)
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = delivered(root / "out")
+    assert {f"{label}/file-{i}.txt" for i, label in enumerate(odd)} <= set(out), sorted(out)
+    assert "unsorted/secret.txt" in out  # the secret's words were never learned
+    explained = run_cli("explain", "-c", cfg, root / "inbox" / "secret.txt")
+    assert "topsecretword" not in explained.stdout
+
+
+def test_a_learned_rule_and_a_classify_hook_work_side_by_side(root: Path) -> None:
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    data = learn_config(root, examples, api={"enabled": False})
+    learned, rest = data["rules"]
+    hook = {
+        "name": "by-keyword",
+        "glob": "*.md",
+        "classify": "keyword_classifier:classify",
+        "to": str(root / "out" / "unsorted"),
+    }
+    reports = {"name": "reports", "to": str(root / "out" / "reports")}
+    data["rules"] = [hook, learned, rest, reports]
+    cfg = write_config(root / "c.yml", data)
+    (root / "inbox" / "q1.md").write_text("# Quarterly report\nall good\n")
+    doc(root / "inbox" / "cv.txt", "resumes", 430)
+    env = cli_env(PYTHONPATH=str(ROOT / "docs" / "examples"))
+    result = run_cli("-c", cfg, "--once", env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert set(delivered(root / "out")) == {"reports/q1.md", "resumes/cv.txt"}
+    rows = {r["filename"]: (r["rule"], r["label"]) for r in journal_rows(root / "journal.db")}
+    assert rows == {"q1.md": ("reports", None), "cv.txt": ("learned", "resumes")}
+
+
+def test_hostile_markup_and_json_are_read_as_plain_text_in_bounded_time() -> None:
+    # an entity bomb: a parser that expands entities makes gigabytes of it; here the
+    # declarations are tags, dropped, and the references stay what they are
+    lol = '<!ENTITY lol0 "invoice">' + "".join(
+        f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10)
+    )
+    bomb = f'<?xml version="1.0"?><!DOCTYPE r [{lol}]><r>&lol9; payment due</r>'
+    nested = "[" * 2_000_000 + '"patient"' + "]" * 2_000_000  # 4 MB of nesting
+    with Extractor() as extractor:
+        xml = extractor.document("bomb.xml", bomb.encode())
+        assert xml.method == "text" and "payment due" in xml.text and len(xml.text) < 1000
+        deep = extractor.document("deep.json", nested.encode())
+        assert deep.method == "text" and len(deep.text) <= 100_000 + len("deep json\n")
+
+
+def test_an_example_nested_a_thousand_folders_deep_is_found_without_a_traceback(
+    root: Path,
+) -> None:
+    # os.walk recursed once per folder level: 1,100 levels ended check (and the service's
+    # start) in a RecursionError. The tree is made outside pytest's temporary folders and
+    # removed by rm: pytest's clean-up of old ones (shutil.rmtree) recurses the same way, and
+    # would fail every later session
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="fd-deep-examples-"))
+    try:
+        examples = corpus.examples(top / "ex", per_label=5, labels=THREE, kinds=("txt",))
+        deep = examples / "invoices"
+        for _ in range(1100):  # one by one: Path.mkdir(parents=True) recurses too
+            deep /= "d"
+            deep.mkdir()
+        corpus.write(deep / "deep.txt", corpus.text(random.Random(10), "invoices"))
+        cfg = write_config(root / "c.yml", learn_config(root, examples))
+        result = run_cli("check", "-c", cfg)
+        assert result.returncode == 0, result.stderr
+        assert (deep / "deep.txt") in find_examples(examples)["invoices"]
+        checked = run_cli("learn-check", "-c", cfg)
+        assert checked.returncode == 0, checked.stderr
+        rows = [line.split() for line in checked.stdout.splitlines()]
+        assert ["invoices", "100.0%", "(6", "examples)"] in rows, checked.stdout
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(top)], check=True)
+
+
+def test_learn_check_shows_a_label_with_a_control_character_escaped_and_lined_up(
+    root: Path,
+) -> None:
+    examples = corpus.examples(root / "examples", per_label=5, labels=THREE, kinds=("txt",))
+    (examples / "resumes").rename(examples / "cv\nfiles")  # a newline in a folder's name
+    cfg = write_config(root / "c.yml", learn_config(root, examples))
+    result = run_cli("learn-check", "-c", cfg)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    matrix = lines[lines.index(next(x for x in lines if x.startswith("  confusion"))) + 1 :]
+    assert len(matrix) == 4 and matrix[2].startswith("  cv\\nfiles  "), matrix
+    assert len({len(line) for line in matrix}) == 1, matrix  # every row as wide
+    per_label = [line for line in lines if "examples)" in line]
+    assert len({line.index("%") for line in per_label}) == 1, per_label
+
+
+def test_a_docx_naming_a_local_file_as_an_entity_does_not_read_it(tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("topsecretword")
+    source = zipfile.ZipFile(io.BytesIO(corpus.docx_bytes("placeholder")))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as hostile:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "word/document.xml":
+                head, _, rest = data.partition(b"?>")
+                doctype = f'<!DOCTYPE w:document [<!ENTITY xxe SYSTEM "file://{secret}">]>'
+                data = head + b"?>" + doctype.encode() + rest.replace(b"placeholder", b"&xxe; due")
+            hostile.writestr(info, data)
+    with Extractor() as extractor:
+        document = extractor.document("letter.docx", out.getvalue())
+    assert document.method == "docx" and "topsecretword" not in document.text

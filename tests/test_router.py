@@ -106,3 +106,32 @@ def test_step_keys_differ_when_an_earlier_transform_differs() -> None:
     (a,) = r.route(v("f.x"))
     (b,) = r.route(v("f.y"))
     assert a.keys[1] != b.keys[0]
+
+
+def test_a_learned_rule_matches_when_its_label_reaches_min_confidence() -> None:
+    from filedispatch.learn.extract import Document
+    from filedispatch.learn.model import Prediction
+
+    r = router(
+        {
+            "name": "learned",
+            "classify": {"learn": "/examples", "min_confidence": 0.75},
+            "to": {"url": "/out", "name": "{label}/{name}"},
+        },
+        {"name": "rest", "to": "/rest"},
+    )
+
+    def facts(probability: float | None) -> Facts:
+        if probability is None:  # no model yet
+            return Facts(learned={"learned": None})
+        ranked = (("invoices", probability), ("contracts", 1 - probability))
+        answer = Prediction("invoices", probability, ranked, Document("a", "text"))
+        return Facts(learned={"learned": answer})
+
+    reached = r.route(v("a.txt"), facts(0.75))
+    assert [(c.rule, c.label) for c in reached] == [("learned", "invoices")]
+    for below in (0.7499, None):  # below it, or no answer: the next rule, without a label
+        assert [(c.rule, c.label) for c in r.route(v("a.txt"), facts(below))] == [("rest", None)]
+    # the default is 0.6
+    default = router({"classify": {"learn": "/examples"}, "to": "/out"})
+    assert default.learners["rule-1"].min_confidence == 0.6

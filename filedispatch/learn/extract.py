@@ -9,6 +9,7 @@ bytes, not paths.
 
 from __future__ import annotations
 
+import codecs
 import html
 import logging
 import os
@@ -118,8 +119,14 @@ class Extractor:
             return Document(f"{words}\n{text[:MAX_CHARS]}", kind)
         head = data[: MAX_CHARS * 4]
         decoded: str | None = None
-        if looks_like_text(head):
-            decoded = head.decode("utf-8", "replace")
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            # UTF-16 with its byte order mark (Excel's "Unicode text", Windows Notepad): every
+            # other byte is NUL, which would make it look like a binary file
+            decoded = head[: len(head) // 2 * 2].decode("utf-16", "replace")
+            if "\x00" in decoded:
+                decoded = None
+        elif looks_like_text(head):
+            decoded = head.decode("utf-8", "replace").removeprefix("\ufeff")
         elif ext in _TEXT_EXTENSIONS and b"\x00" not in head[:8192]:
             # not UTF-8: most likely Windows-1252 / Latin-1, whose accented letters would
             # otherwise each become U+FFFD and cut the words they are in
@@ -236,16 +243,23 @@ def _pdf_text(data: bytes) -> str:
 
 
 def _docx_text(data: bytes) -> str:
+    """Every paragraph of the body, those in tables and text boxes included (python-docx's
+    ``paragraphs`` holds only the top-level ones: an invoice's table would be unread)."""
     import io
 
     import docx
+    from docx.oxml.ns import qn
 
-    document = docx.Document(io.BytesIO(data))
+    body = docx.Document(io.BytesIO(data)).element.body
+    text, breaks = qn("w:t"), (qn("w:tab"), qn("w:br"), qn("w:cr"))
     parts: list[str] = []
     size = 0
-    for paragraph in document.paragraphs:
-        parts.append(paragraph.text)
-        size += len(paragraph.text)
+    for paragraph in body.iter(qn("w:p")):
+        line = "".join(
+            (node.text or "") if node.tag == text else " " for node in paragraph.iter(text, *breaks)
+        )
+        parts.append(line)
+        size += len(line)
         if size >= MAX_CHARS:
             break
     return "\n".join(parts)[:MAX_CHARS]

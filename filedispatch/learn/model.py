@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,8 @@ MIN_EXAMPLES = 5
 MODEL_FORMAT = 1
 #: the most example files read per folder (a mistaken folder must not take hours)
 MAX_EXAMPLES = 20_000
+#: the most folders walked per examples folder (a tree of empty folders costs its walk too)
+MAX_FOLDERS = 20_000
 #: the most labels per folder: the classifier keeps a weight per label and word (up to 50,000
 #: words) and training holds about 20 copies of them, so 4,000 labels (20,000 examples) would
 #: need tens of GB in the service's own process; 100 need about 1 GB at the very most
@@ -66,17 +68,41 @@ def find_examples(folder: Path) -> Examples:
         )
     for label in labels:
         files: list[Path] = []
-        for root, dirs, names in os.walk(folder / label):
-            dirs[:] = sorted(d for d in dirs if d[0] != ".")
-            for name in sorted(names):
-                path = Path(root) / name
-                if name[0] != "." and path.is_file() and not path.is_symlink():
-                    files.append(path)
-                    count += 1
-                    if count > MAX_EXAMPLES:
-                        raise OSError(f"more than {MAX_EXAMPLES} example files")
+        for path in _files_beneath(folder / label):
+            files.append(path)
+            count += 1
+            if count > MAX_EXAMPLES:
+                raise OSError(f"more than {MAX_EXAMPLES} example files")
         examples[label] = files
     return examples
+
+
+def _files_beneath(top: Path) -> Iterator[Path]:
+    """The regular files in ``top`` and the folders below it (hidden ones skipped, no link
+    followed, a folder that cannot be listed left out), each folder's files by name before its
+    sub-folders. Walked with a list, not by recursion (``os.walk`` in Python 3.11 recurses: a
+    folder nested a thousand deep raised RecursionError); OSError past ``MAX_FOLDERS``."""
+    pending, seen = [top], 0
+    while pending:
+        current = pending.pop()
+        seen += 1
+        if seen > MAX_FOLDERS:
+            raise OSError(f"more than {MAX_FOLDERS} folders of examples")
+        try:
+            with os.scandir(current) as listing:
+                entries = sorted((e for e in listing if e.name[0] != "."), key=lambda e: e.name)
+        except OSError:
+            continue
+        folders = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    yield Path(entry.path)
+            except OSError:
+                continue
+        pending += reversed(folders)
 
 
 def example_problems(examples: Examples) -> list[str]:
@@ -348,6 +374,10 @@ def _check_arrays(arrays: dict[str, Any]) -> None:
     distinct = len(set(classes.tolist()))
     if classes.dtype.kind != "U" or distinct != len(classes) or distinct < 2:
         raise ValueError("the labels are not two or more distinct strings")
+    # a label names a folder at delivery ({label}): only what a sub-folder's name can be
+    odd = [c for c in classes.tolist() if not c or c[0] == "." or "/" in c or "\0" in c]
+    if odd:
+        raise ValueError(f"{odd[0]!r} is not a label (a sub-folder's name)")
     if len(set(words.tolist())) != len(words):
         raise ValueError("a word is there twice")
     rows = 1 if len(classes) == 2 else len(classes)
