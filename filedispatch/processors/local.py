@@ -135,8 +135,8 @@ class LocalProcessor:
     def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]:
         """Copy many small files in one go: each to its temporary name, then all flushed
         together (writeback started for every file before the first fsync waits), then each
-        renamed into place (see _rename), then each folder flushed once. Per file an Outcome, or the error
-        that file met; one file's failure is that file's alone."""
+        renamed into place (see _rename), then each folder flushed once. Per file an Outcome,
+        or the error that file met; one file's failure is that file's alone."""
         results: list[Outcome | Exception] = [PermanentDeliveryError("not copied") for _ in ctxs]
         staged: list[tuple[int, PurePosixPath, Path, int]] = []
         for i, ctx in enumerate(ctxs):
