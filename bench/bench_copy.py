@@ -2,7 +2,7 @@
 baselines measured in the same run. Prints figures and same-run ratios; asserts nothing.
 
     python bench/bench_copy.py [--files 10000] [--copies 1000] [--mib 1] [--rounds 3]
-        [--only burst|large] [--before PATH] [--quick]
+        [--only burst|large|verify] [--before PATH] [--quick]
 
 ``burst`` (goal 2): ``--files`` files of 4 KiB renamed into a watched folder and copied by the
 service with its default configuration (``mode: copy``, ``fsync: true``, ``verify: size``, the
@@ -15,6 +15,10 @@ neither fsyncs nor writes to a temporary name).
 (the default) and ``fsync: false``. Baselines: ``shutil.copyfile`` in a loop (then a rename),
 the same loop with an fsync per file, a shell loop forking ``cp`` per file, ``rclone copy``.
 
+``verify``: the CPU that ``verify: sha256`` costs a local copy per file, the way it is checked
+now (the source hashed, the copy compared with it byte for byte) against hashing both, right
+after a kernel copy (the bytes in the page cache), for 4 KiB, 1 MiB and 64 MiB files.
+
 Each round makes fresh files for every way, syncs the disk, then runs the ways in an order
 that rotates from round to round, so that the machine's busy spells (it is shared) fall on all
 of them alike; figures are medians over ``--rounds``. Beside files/s, the CPU each way used
@@ -26,6 +30,7 @@ under PATH), as one more way: a before/after comparison in the same run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import shutil
@@ -39,6 +44,8 @@ from pathlib import Path
 
 import yaml
 from bench_core import finished_times, stop, succeeded
+
+from filedispatch.processors.local import copy_data, sha256_if_same
 
 #: a way of copying: (folder of files to copy, an empty folder) -> (seconds, CPU seconds)
 Way = Callable[[Path, Path], tuple[float, float]]
@@ -202,13 +209,55 @@ def compare(
     print(f"    (ratio: the service's files/s over each way's; all runs: {rates})")
 
 
+def _sha256_both(src: int, copy: int) -> str | None:
+    """The earlier check: both files hashed, the digests compared."""
+    sums = []
+    for fd in (src, copy):
+        digest, offset = hashlib.sha256(), 0
+        while data := os.pread(fd, 1 << 20, offset):
+            digest.update(data)
+            offset += len(data)
+        sums.append(digest.hexdigest())
+    return sums[0] if sums[0] == sums[1] else None
+
+
+def verify_cost(base: Path, rounds: int) -> None:
+    """CPU per file of verify: sha256 after a kernel copy, the two ways taking turns."""
+    print(f"== verify: sha256 of a local copy, CPU per file (median of {rounds} rounds)")
+    for size, n in ((4096, 2000), (1 << 20, 100), (64 << 20, 4)):
+        folder = base / f"verify-{size}"
+        make_files(folder, n, size)
+        pairs = []
+        for p in sorted(folder.iterdir()):
+            src = os.open(p, os.O_RDONLY)
+            out = os.open(p.with_suffix(".copy"), os.O_RDWR | os.O_CREAT, 0o644)
+            copy_data(src, out, os.fstat(src))
+            pairs.append((src, out))
+        spent: dict[str, list[float]] = {"hash both": [], "hash one, compare": []}
+        for _ in range(rounds):
+            for way, check in (("hash both", _sha256_both), ("hash one, compare", sha256_if_same)):
+                c0 = _self_cpu()
+                for src, out in pairs:
+                    assert check(src, out) is not None
+                spent[way].append((_self_cpu() - c0) / n)
+        for src, out in pairs:
+            os.close(src)
+            os.close(out)
+        both, one = (statistics.median(v) * 1e6 for v in spent.values())
+        print(
+            f"    {size // 1024:8d} KiB   hash both {both:9.0f} us   hash one, compare "
+            f"{one:9.0f} us   ratio {one / both:5.2f}"
+        )
+        shutil.rmtree(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=10_000, help="files of the burst (4 KiB)")
     parser.add_argument("--copies", type=int, default=1000, help="files of the large copies")
     parser.add_argument("--mib", type=float, default=1.0, help="size of each large file")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each way; medians shown")
-    parser.add_argument("--only", choices=("burst", "large"))
+    parser.add_argument("--only", choices=("burst", "large", "verify"))
     parser.add_argument("--before", metavar="PATH", help="also run the service from there")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args, _ = parser.parse_known_args()  # run_all.py hands every script the same arguments
@@ -219,6 +268,10 @@ def main() -> None:
         print("  (rclone is not installed: apt-get install rclone; its baseline is left out)")
     base = Path(tempfile.mkdtemp(prefix="fd-bench-copy-"))
     try:
+        if args.only in (None, "verify"):
+            verify_cost(base, max(args.rounds, 3))
+        if args.only == "verify":
+            return
         idle = {"filedispatch (defaults)": idle_cpu(base / "idle", True, None)}
         idle["filedispatch, fsync: false"] = idle["filedispatch (defaults)"]
         if args.before:
