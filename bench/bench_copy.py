@@ -281,6 +281,7 @@ def main() -> None:
             ways = {
                 "filedispatch (defaults)": service(True, None),
                 "Python copy + fsync loop": python_loop(fsync=True),
+                "filedispatch, fsync: false": service(False, None),
             }
             if args.before:
                 ways["before (defaults)"] = service(True, args.before)
@@ -299,6 +300,7 @@ def main() -> None:
                     "Python copy + fsync loop": "(goal >= 0.8)",
                     "rclone copy (no fsync)": "(goal > 1)",
                 },
+                (("filedispatch, fsync: false", "rclone copy (no fsync)", "(like for like)"),),
             )
         if args.only in (None, "large"):
             size = int(args.mib * (1 << 20))
