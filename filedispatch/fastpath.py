@@ -3,7 +3,8 @@
 Each fast path here has a plain twin with the same guarantees (a delivery never replaces a
 file it did not mean to, never shares fate with a live source); the plain twins are what a
 system without these calls runs, so CI runs the crash, move and copy tests with the switch
-off too. What the switch covers: ``renameat2(RENAME_NOREPLACE)`` and ``sync_file_range`` (ctypes),
+off too. What the switch covers: ``renameat2(RENAME_NOREPLACE)`` (inline moves, and copies
+renamed into place; off, a copy is linked then unlinked) and ``sync_file_range`` (ctypes),
 reflinks (``FICLONE``), kernel copies (``copy_file_range``, ``sendfile``; off, a local
 copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads (``read_cached``: HTTP, FTP,
 SFTP; off, every read in a thread), and the dispatcher's inline

@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,6 +38,10 @@ COPY_CHUNK = 128
 COPY_MAX_SIZE = 1024 * 1024
 #: chunks planned ahead of the one being delivered
 INLINE_AHEAD = 2
+#: copy batches in flight at once: while one waits for the disk (its fsyncs), the next is
+#: copied (the copies are system calls, which release the GIL); each is one delivery against
+#: the destination's ``concurrency``
+COPY_BATCHES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,26 +114,44 @@ class InlineLanes:
 
     async def copies(self, source: SourceConfig, items: list[Item]) -> list[Known]:
         """Copy ``items`` in batches; the versions the journal knew already are returned."""
-        return await self._inline(source, items, COPY_CHUNK, self._copy_chunk)
+        return await self._inline(source, items, COPY_CHUNK, self._copy_chunk, COPY_BATCHES)
 
     async def _inline(
         self,
         source: SourceConfig,
         items: list[Item],
         size: int,
-        run: Callable[[SourceConfig, list[Item], list[int | None]], Awaitable[list[Known]]],
+        run: Callable[
+            [SourceConfig, list[Item], list[int | None]], Coroutine[None, None, list[Known]]
+        ],
+        parallel: int = 1,
     ) -> list[Known]:
-        """Deliver ``items`` in chunks of ``size`` with ``run``. Pipelined: the journal
-        commits the next chunks' rows while one is delivered."""
+        """Deliver ``items`` in chunks of ``size`` with ``run``, ``parallel`` chunks at once.
+        Pipelined: the journal commits the next chunks' rows while one is delivered."""
         known: list[Known] = []
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         ahead = collections.deque(self._plan_started(c) for c in chunks[:INLINE_AHEAD])
+        running: collections.deque[asyncio.Task[list[Known]]] = collections.deque()
         try:
             for i, chunk in enumerate(chunks):
                 ids = await ahead.popleft()
                 if i + INLINE_AHEAD < len(chunks):
                     ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
-                known += await run(source, chunk, ids)
+                if parallel == 1:  # the moves: on the loop, nothing to overlap
+                    known += await run(source, chunk, ids)
+                    continue
+                while len(running) >= parallel:
+                    known += await running.popleft()
+                running.append(asyncio.create_task(run(source, chunk, ids)))
+            while running:
+                known += await running.popleft()
+        except BaseException as exc:
+            # the chunks still running record what they delivered, unless this is a stop
+            if isinstance(exc, asyncio.CancelledError):
+                for task in running:
+                    task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
         finally:
             for planned in ahead:  # after a failure these rows wait for a restart
                 planned.add_done_callback(report_write)
