@@ -526,6 +526,9 @@ class SqliteJournal(SqlReads, HealthReport):
         self._bulk = False  #: the SQLite can run a batch of rows as one JSON statement
         self._thread: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
+        #: outcomes queued in this turn of the loop: (their rows, their callers' futures),
+        #: handed to the writer as one item at the end of the turn (see ``finish_soon``)
+        self._finishing: tuple[list[Any], list[asyncio.Future[None]]] | None = None
         #: (device, inode) of the open database: the path must keep naming this file
         self._identity: tuple[int, int] = (0, 0)
         #: set: a write the journal refuses fails at once instead of being held (stopping)
@@ -591,6 +594,7 @@ class SqliteJournal(SqlReads, HealthReport):
         finished = True
         if thread is not None:
             self.stop_retrying()
+            self._hand_finishing()
             self._inbox.put(None)  # commit what is queued, then stop
             try:
                 await asyncio.wait_for(asyncio.shield(thread), 30)
@@ -783,9 +787,25 @@ class SqliteJournal(SqlReads, HealthReport):
     def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
         if self._thread is None or self._thread.done():
             raise JournalError("the journal is closed")
+        self._hand_finishing()  # queued before this write: committed before it too
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._inbox.put((op, fut))
         return fut
+
+    def _hand_finishing(self) -> None:
+        """Hand the outcomes gathered in this turn of the loop to the writer as one item."""
+        gathered, self._finishing = self._finishing, None
+        if gathered is None:
+            return
+        params, futures = gathered
+        batch: asyncio.Future[None] = self._loop.create_future()
+        self._inbox.put((Rows(_FINISH, params, _FINISH_BULK), batch))
+
+        def settle(done: asyncio.Future[None]) -> None:
+            error = JournalError("cancelled") if done.cancelled() else done.exception()
+            resolve(futures, [error] * len(futures))
+
+        batch.add_done_callback(settle)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""
@@ -945,7 +965,18 @@ class SqliteJournal(SqlReads, HealthReport):
         write queued before it is committed too.
         """
         params = finish_params(results, time.time() if now is None else now)
-        return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
+        if self._thread is None or self._thread.done():
+            raise JournalError("the journal is closed")
+        # Gathered for the rest of this turn of the loop, so outcomes of workers that finish
+        # together are one item for the writer thread (one wake-up of it, not one each);
+        # any other write queued meanwhile hands them over first, so the order holds.
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self._finishing is None:
+            self._finishing = ([], [])
+            self._loop.call_soon(self._hand_finishing)
+        self._finishing[0].extend(params)
+        self._finishing[1].append(fut)
+        return fut
 
     def resume_interrupted(self) -> asyncio.Future[int]:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once.
