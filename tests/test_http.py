@@ -20,6 +20,7 @@ import yaml
 from aiohttp import web
 
 from filedispatch.errors import SourceVanishedError
+from filedispatch.processors.http import FileBody
 from filedispatch.processors.remote import WHOLE_MAX, read_whole
 
 from .conftest import cli_env, journal_rows, run_cli
@@ -665,5 +666,39 @@ async def test_a_small_file_changed_after_it_was_opened_is_not_sent(tmp_path: Pa
             f.write(b" and more")
         with pytest.raises(SourceVanishedError, match="changed while it was sent"):
             await read_whole(fd, st)
+    finally:
+        os.close(fd)
+
+
+async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """aiohttp cancels the body's writer once the answer is complete; a small file handed to
+    the connection in its one write counts as sent whole even if that write's drain was
+    still awaited (else a success would be taken for an answer before the body)."""
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 5000)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        data = await read_whole(fd, st)
+        body = FileBody(fd, st, 1 << 20, lambda: None, "application/octet-stream", None, data)
+
+        class SlowDrain:  # the lowest seam: aiohttp's StreamWriter takes the bytes, then drains
+            taken = b""
+
+            async def write(self, chunk: bytes) -> None:
+                self.taken += bytes(chunk)
+                await asyncio.Event().wait()  # the drain, which the answer cuts short
+
+        writer = SlowDrain()
+        task = asyncio.ensure_future(body.write_with_length(writer, None))
+        while not writer.taken:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert writer.taken == src.read_bytes() and body.complete
+        assert body.digest.hexdigest() == sha256_of(src)
     finally:
         os.close(fd)

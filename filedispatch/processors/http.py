@@ -147,15 +147,14 @@ class FileBody(payload.Payload):
             await writer.write(data)
             self._progress()
 
-        if self._data is not None:
-            if self._throttle is not None:
-                await self._throttle.take(len(self._data))
-            await send(self._data)
-            self.complete = True
-            return
         try:
-            self.digest = hashlib.sha256()  # of this sending only
-            await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
+            if self._data is not None:  # read already (and its identity checked): one write
+                if self._throttle is not None:
+                    await self._throttle.take(len(self._data))
+                await send(self._data)
+            else:
+                self.digest = hashlib.sha256()  # of this sending only
+                await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
             self.complete = True
         except DeliveryError as exc:
             self.error = exc
