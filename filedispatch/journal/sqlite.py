@@ -502,6 +502,47 @@ def _nothing(conn: sqlite3.Connection) -> None:
     """A write that changes nothing: committed after everything queued before it."""
 
 
+class _Inbox(queue.SimpleQueue[tuple[Op[Any] | Rows, asyncio.Future[Any]] | None]):
+    """The writer thread's queue. Outcomes gathered in one turn of the event loop (workers that
+    finish together) go into it as one item at the end of the turn, not one item each: fewer
+    wake-ups of the writer thread, so fewer hand-overs of the GIL. Any other item put in the
+    same turn (a write, the close's None) hands them over first, so the queue order holds.
+    Only the loop's thread puts; the writer thread only takes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        #: the outcomes' rows and their callers' futures, not handed over yet
+        self.gathered: tuple[list[Any], list[asyncio.Future[None]]] | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.hand_over()  # gathered before this item: committed before it too
+        super().put(item)
+
+    def gather(self, params: Sequence[Any]) -> asyncio.Future[None]:
+        """Queue finished rows' parameters for the end of this turn; done once durable."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if self.gathered is None:
+            self.gathered = ([], [])
+            self.loop.call_soon(self.hand_over)
+        self.gathered[0].extend(params)
+        self.gathered[1].append(fut)
+        return fut
+
+    def hand_over(self) -> None:
+        gathered, self.gathered = self.gathered, None
+        if gathered is None:
+            return
+        params, futures = gathered
+        batch: asyncio.Future[None] = self.loop.create_future()
+
+        def settle(done: asyncio.Future[None]) -> None:
+            error = JournalError("cancelled") if done.cancelled() else done.exception()
+            resolve(futures, [error] * len(futures))
+
+        batch.add_done_callback(settle)
+        super().put((Rows(_FINISH, params, _FINISH_BULK), batch))
+
+
 class SqliteJournal(SqlReads, HealthReport):
     """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
@@ -519,16 +560,11 @@ class SqliteJournal(SqlReads, HealthReport):
         self._r = reader
         # Writes go straight to the writer thread, not through a task on the loop: a loop busy
         # moving a burst of files must not hold back the commits that work is waiting for.
-        self._inbox: queue.SimpleQueue[tuple[Op[Any] | Rows, asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._inbox = _Inbox(asyncio.get_running_loop())
         self._loop = asyncio.get_running_loop()
         self._bulk = False  #: the SQLite can run a batch of rows as one JSON statement
         self._thread: asyncio.Future[None] | None = None
         self._read_lock = asyncio.Lock()
-        #: outcomes queued in this turn of the loop: (their rows, their callers' futures),
-        #: handed to the writer as one item at the end of the turn (see ``finish_soon``)
-        self._finishing: tuple[list[Any], list[asyncio.Future[None]]] | None = None
         #: (device, inode) of the open database: the path must keep naming this file
         self._identity: tuple[int, int] = (0, 0)
         #: set: a write the journal refuses fails at once instead of being held (stopping)
@@ -594,7 +630,6 @@ class SqliteJournal(SqlReads, HealthReport):
         finished = True
         if thread is not None:
             self.stop_retrying()
-            self._hand_finishing()
             self._inbox.put(None)  # commit what is queued, then stop
             try:
                 await asyncio.wait_for(asyncio.shield(thread), 30)
@@ -784,28 +819,14 @@ class SqliteJournal(SqlReads, HealthReport):
         """Return once every write queued before this call is committed."""
         await self.write(_nothing)
 
-    def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
+    def _enqueue(self, op: Op[Any] | Rows, gather: bool = False) -> asyncio.Future[Any]:
         if self._thread is None or self._thread.done():
             raise JournalError("the journal is closed")
-        self._hand_finishing()  # queued before this write: committed before it too
+        if gather and isinstance(op, Rows):
+            return self._inbox.gather(op.params)
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._inbox.put((op, fut))
         return fut
-
-    def _hand_finishing(self) -> None:
-        """Hand the outcomes gathered in this turn of the loop to the writer as one item."""
-        gathered, self._finishing = self._finishing, None
-        if gathered is None:
-            return
-        params, futures = gathered
-        batch: asyncio.Future[None] = self._loop.create_future()
-        self._inbox.put((Rows(_FINISH, params, _FINISH_BULK), batch))
-
-        def settle(done: asyncio.Future[None]) -> None:
-            error = JournalError("cancelled") if done.cancelled() else done.exception()
-            resolve(futures, [error] * len(futures))
-
-        batch.add_done_callback(settle)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""
@@ -965,18 +986,7 @@ class SqliteJournal(SqlReads, HealthReport):
         write queued before it is committed too.
         """
         params = finish_params(results, time.time() if now is None else now)
-        if self._thread is None or self._thread.done():
-            raise JournalError("the journal is closed")
-        # Gathered for the rest of this turn of the loop, so outcomes of workers that finish
-        # together are one item for the writer thread (one wake-up of it, not one each);
-        # any other write queued meanwhile hands them over first, so the order holds.
-        fut: asyncio.Future[None] = self._loop.create_future()
-        if self._finishing is None:
-            self._finishing = ([], [])
-            self._loop.call_soon(self._hand_finishing)
-        self._finishing[0].extend(params)
-        self._finishing[1].append(fut)
-        return fut
+        return self._enqueue(Rows(_FINISH, params, _FINISH_BULK), gather=True)
 
     def resume_interrupted(self) -> asyncio.Future[int]:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once.
