@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from filedispatch.processors.http import LIMIT_PER_HOST
+
 FTP_USER, FTP_PASSWORD = "bench", "bench-pw"
 MIB = 1024 * 1024
 
@@ -87,10 +89,12 @@ def start_server(*args: str) -> tuple[subprocess.Popen[str], int]:
 # ----------------------------------------------------------------------------- baselines
 
 
-def in_child(code: str) -> float:
-    """Run a client snippet in a fresh interpreter; it prints the seconds it took."""
+def in_child(code: str, lines: int = 1) -> Any:
+    """Run a client snippet in a fresh interpreter; it prints the seconds it took (or, with
+    ``lines``, that many figures: a list of them)."""
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    figures = [float(x) for x in out.stdout.strip().splitlines()[-lines:]]
+    return figures[0] if lines == 1 else figures
 
 
 def aiohttp_baseline(url: str, path: Path, mode: str) -> float:
@@ -124,6 +128,65 @@ def curl_baseline(url: str, path: Path) -> float | None:
         check=True,
     )
     return float(out.stdout)
+
+
+def curl_parallel_baseline(url: str, folder: Path, parallel: int) -> dict[str, float] | None:
+    """``curl --parallel --parallel-max N`` uploading every file of ``folder`` (PUT, keep-alive
+    connections reused by curl itself): its wall seconds and CPU seconds (user + system)."""
+    if shutil.which("curl") is None:
+        return None
+    names = sorted(os.listdir(folder))
+    config = folder.parent / "curl-parallel.cfg"
+    config.write_text(
+        "".join(
+            f'upload-file = "{folder / name}"\nurl = "{url}/{name}"\noutput = "/dev/null"\n'
+            for name in names
+        )
+    )
+    quiet = ["-sS", "--no-progress-meter", "--fail"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        ["curl", *quiet, "--parallel", "--parallel-max", str(parallel), "-K", str(config)]
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        print(f"  warning: curl --parallel exit {os.waitstatus_to_exitcode(status)}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "n": len(names)}
+
+
+def aiohttp_parallel_baseline(url: str, folder: Path, parallel: int) -> dict[str, float]:
+    """aiohttp alone, ``parallel`` tasks over one session, each file read whole and PUT: the
+    floor of the client library filedispatch uses (wall and CPU seconds)."""
+    out = in_child(
+        f"""
+import asyncio, os, resource, time, aiohttp
+folder = {str(folder)!r}
+names = sorted(os.listdir(folder))
+async def main():
+    todo = list(names)
+    connector = aiohttp.TCPConnector(limit_per_host={parallel})
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async def worker():
+            while todo:
+                name = todo.pop()
+                with open(os.path.join(folder, name), 'rb') as f:
+                    data = f.read()
+                async with s.put({url!r} + '/' + name, data=data) as r:
+                    assert r.status == 201, r.status
+                    await r.read()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range({parallel})))
+        wall = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        print(wall)
+asyncio.run(main())
+""",
+        lines=2,
+    )
+    return {"wall": out[1], "cpu": out[0], "n": len(os.listdir(folder))}
 
 
 def aioftp_baseline(port: int, path: Path, remote: str) -> float:
@@ -191,6 +254,7 @@ def run_filedispatch(root: Path, inbox: Path, dest: dict[str, Any]) -> dict[str,
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     code = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute(
@@ -206,6 +270,7 @@ def run_filedispatch(root: Path, inbox: Path, dest: dict[str, Any]) -> dict[str,
         "span": max(r[2] for r in ok) - min(r[1] for r in ok) if ok else float("nan"),
         "attempt": sum(r[3] for r in ok) / 1000 if ok else float("nan"),
         "rss_mib": usage.ru_maxrss / 1024,
+        "cpu": cpu,
         "n": len(ok),
     }
 
@@ -238,6 +303,47 @@ def best(repeat: int, run: Any, key: str | None = None) -> Any:
     return fastest
 
 
+def http_small(root: Path, small_in: Path, url: str, rep: int) -> None:
+    """filedispatch, ``curl --parallel`` and aiohttp alone with the same parallelism (the
+    default 16 workers, under the session's 32 connections per host), alternating, on the
+    same receiver. CPU per file: filedispatch's whole process (start-up included; a run over
+    an empty folder shows the start-up apart), curl's, aiohttp's sending loop."""
+    parallel = min(16, LIMIT_PER_HOST)
+    empty = root / "empty"
+    empty.mkdir(exist_ok=True)
+    fds: list[dict[str, Any]] = []
+    curls: list[dict[str, float]] = []
+    aios: list[dict[str, float]] = []
+    for _ in range(rep):
+        curl = curl_parallel_baseline(f"{url}/curl", small_in, parallel)
+        if curl is not None:
+            curls.append(curl)
+        fds.append(run_filedispatch(root, small_in, {"url": f"{url}/small/{{name}}"}))
+        aios.append(aiohttp_parallel_baseline(f"{url}/aio", small_in, parallel))
+    idle = run_filedispatch(root, empty, {"url": f"{url}/small/{{name}}"})["cpu"]
+    fd = min(fds, key=lambda r: r["span"])
+    rate = fd["n"] / fd["span"]
+    cpu_fd = min(r["cpu"] for r in fds) / fd["n"] * 1e6
+    aio = min(aios, key=lambda r: r["wall"])
+    arate = aio["n"] / aio["wall"]
+    cpu_aio = min(r["cpu"] for r in aios) / aio["n"] * 1e6
+    ratios = f"ratio {rate / arate:.2f} of aiohttp alone"
+    if curls:
+        curl = min(curls, key=lambda r: r["wall"])
+        crate = curl["n"] / curl["wall"]
+        cpu_curl = min(r["cpu"] for r in curls) / curl["n"] * 1e6
+        print(f"  HTTP curl --parallel-max {parallel}   {crate:6.0f} files/s", end="")
+        print(f"; {cpu_curl:.0f} us CPU/file")
+        ratios = f"ratio {rate / crate:.2f} of curl --parallel, " + ratios
+    print(f"  HTTP aiohttp alone, {parallel} tasks {arate:6.0f} files/s", end="")
+    print(f"; {cpu_aio:.0f} us CPU/file")
+    print(
+        f"  HTTP filedispatch              {rate:6.0f} files/s; {cpu_fd:.0f} us CPU/file "
+        f"({idle * 1e6 / fd['n']:.0f} of them start-up)  {ratios}"
+        f"; peak RSS {fd['rss_mib']:.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -245,6 +351,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each, the best counts")
     parser.add_argument("--ftp-pool", type=int, default=None, help="FTP pool_size (default: 4)")
     parser.add_argument("--quick", action="store_true", help="128 MiB, 300 files, one run each")
+    parser.add_argument(
+        "--http-small", action="store_true", help="only HTTP small files, against curl --parallel"
+    )
     parser.add_argument("--serve-http", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-ftp", metavar="ROOT", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,6 +364,17 @@ def main() -> None:
     if args.quick:
         args.size_mib, args.files, args.repeat = 128, 300, 1
     size, rep = args.size_mib * MIB, args.repeat
+    if args.http_small:
+        with tempfile.TemporaryDirectory(prefix="fd-bench-remote-") as tmp:
+            make_small(Path(tmp) / "small", args.files)
+            http, http_port = start_server("--serve-http")
+            try:
+                print(f"{args.files} files of 4 KiB, loopback, {os.cpu_count()} CPUs:")
+                http_small(Path(tmp), Path(tmp) / "small", f"http://127.0.0.1:{http_port}", rep)
+            finally:
+                http.terminate()
+                http.wait(10)
+        return
     with tempfile.TemporaryDirectory(prefix="fd-bench-remote-") as tmp:
         root = Path(tmp)
         big_in, small_in, ftp_root = root / "big", root / "small", root / "ftproot"
@@ -328,13 +448,7 @@ def main() -> None:
                 f"  ratio {rate / fresh:.2f} of a login per file, {rate / reuse:.2f} of one"
                 f"; peak RSS {fd['rss_mib']:.0f} MiB"
             )
-            dest = {"url": f"{url}/small/{{name}}"}
-            fd = best(rep, lambda i: run_filedispatch(root, small_in, dest), "span")
-            rate = fd["n"] / fd["span"]
-            print(
-                f"  HTTP filedispatch              {rate:7.0f} files/s"
-                f"; peak RSS {fd['rss_mib']:.0f} MiB"
-            )
+            http_small(root, small_in, url, rep)
         finally:
             for proc in (http, ftp):
                 proc.terminate()

@@ -19,6 +19,10 @@ import pytest
 import yaml
 from aiohttp import web
 
+from filedispatch.errors import SourceVanishedError
+from filedispatch.processors.http import FileBody
+from filedispatch.processors.remote import WHOLE_MAX, read_whole
+
 from .conftest import cli_env, journal_rows, run_cli
 from .servers import (
     FAST_RETRY,
@@ -604,3 +608,97 @@ def test_the_sha256_sent_is_shown_by_history_and_the_api(
     assert [e["sha256"] for e in listed] == [sha256_of(src)] == [detail["sha256"]]
     shown = run_cli("history", "show", str(row["id"]), "--db", workspace["db"])
     assert f"sha256:       {sha256_of(src)}" in shown.stdout
+
+
+# ------------------------------------------------------------ small files: one read
+
+
+def test_small_files_are_sent_from_one_read_and_arrive_intact(
+    workspace: dict[str, Path], receiver: HttpReceiver
+) -> None:
+    """Files up to WHOLE_MAX go out from one read (inline when cached, else in a thread),
+    raw and in a form alike; one byte more is streamed. Each arrives whole, with its
+    Content-Length, and the journal keeps the SHA-256 of what was sent."""
+    inbox = workspace["inbox"]
+    files = [
+        old_file(inbox / "empty.txt", b""),
+        old_file(inbox / "small.bin", 4096),
+        old_file(inbox / "edge.bin", WHOLE_MAX),
+        old_file(inbox / "streamed.bin", WHOLE_MAX + 1),
+        old_file(inbox / "cold.bin", 5000),
+    ]
+    fd = os.open(files[-1], os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not cached: read in a thread
+    finally:
+        os.close(fd)
+    url = receiver.url
+    cfg = remote_config(workspace, {"url": f"{url}/raw"}, {"url": f"{url}/f", "fieldname": "f"})
+    result = once(cfg)
+    assert result.returncode == 0, result.stderr
+    rows = journal_rows(workspace["db"])
+    assert len(rows) == 10 and {r["status"] for r in rows} == {"SUCCEEDED"}
+    assert {(r["filename"], r["sha256"]) for r in rows} == {(f.name, sha256_of(f)) for f in files}
+    for path in ("/raw", "/f"):
+        got = sorted(
+            (r.sha256, r.size, r.headers["Content-Length"] if path == "/raw" else "")
+            for r in receiver.received
+            if r.path == path
+        )
+        want = sorted(
+            (sha256_of(f), f.stat().st_size, str(f.stat().st_size) if path == "/raw" else "")
+            for f in files
+        )
+        assert got == want
+
+
+async def test_a_small_file_changed_after_it_was_opened_is_not_sent(tmp_path: Path) -> None:
+    """The one read checks the file's identity after it, as streaming does before the last
+    chunk: a writer that came back makes a new version, and this one is not sent."""
+    src = tmp_path / "a.txt"
+    src.write_bytes(b"first")
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        assert await read_whole(fd, st) == b"first"
+        with src.open("ab") as f:
+            f.write(b" and more")
+        with pytest.raises(SourceVanishedError, match="changed while it was sent"):
+            await read_whole(fd, st)
+    finally:
+        os.close(fd)
+
+
+async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    """aiohttp cancels the body's writer once the answer is complete; a small file handed to
+    the connection in its one write counts as sent whole even if that write's drain was
+    still awaited (else a success would be taken for an answer before the body)."""
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 5000)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        data = await read_whole(fd, st)
+        body = FileBody(fd, st, 1 << 20, lambda: None, "application/octet-stream", None, data)
+
+        class SlowDrain:  # the lowest seam: aiohttp's StreamWriter takes the bytes, then drains
+            taken = b""
+
+            async def write(self, chunk: bytes) -> None:
+                self.taken += bytes(chunk)
+                await asyncio.Event().wait()  # the drain, which the answer cuts short
+
+        writer = SlowDrain()
+        task = asyncio.ensure_future(body.write_with_length(writer, None))
+        while not writer.taken:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert writer.taken == src.read_bytes() and body.complete
+        assert body.digest.hexdigest() == sha256_of(src)
+    finally:
+        os.close(fd)

@@ -369,3 +369,31 @@ async def test_a_learned_label_is_kept_with_its_rows_on_both_backends(
             ]
             detail = await r.detail(page[0].id)
             assert detail is not None and detail.label == "invoices"
+
+
+async def test_outcomes_queued_together_are_one_write_and_keep_their_order(
+    tmp_path: Path,
+) -> None:
+    """SQLite: outcomes queued in one turn of the loop reach the writer thread as one item (one
+    wake-up of it, not one per file); a write queued after them, even in the same turn, still
+    sees them committed, and closing the journal commits outcomes not yet handed over."""
+    files = [FileVersion("in", tmp_path, f"f{i}.txt", 1, 1) for i in range(20)]
+    async with SqliteJournal.open(tmp_path / "j.db") as j:
+        await j.plan([step(v) for v in files])
+        rows = [d for g in await j.claim(100, time.time()) for d in g]
+        futures = [j.finish_soon([StepResult(d.id, Status.SUCCEEDED, 1)]) for d in rows[:10]]
+
+        def seen(conn: sqlite3.Connection) -> int:
+            sql = "SELECT count(*) FROM dispatches WHERE status='SUCCEEDED'"
+            return int(conn.execute(sql).fetchone()[0])
+
+        assert j._inbox.gathered is not None and len(j._inbox.gathered[1]) == 10  # not queued yet
+        # queued in the same turn, after them (awaiting a coroutine does not end the turn):
+        # the gathered outcomes are handed over first, as one item
+        assert await j.write(seen) == 10
+        await asyncio.gather(*futures)
+        last = j.finish_soon([StepResult(d.id, Status.FAILED, 1, reason="x") for d in rows[10:]])
+    # closed before the turn ended: the outcomes were handed over and committed by the close
+    assert last.done() and last.exception() is None
+    async with SqliteJournal.open(tmp_path / "j.db") as j:
+        assert await j.counts() == {"SUCCEEDED": 10, "FAILED": 10}

@@ -243,8 +243,8 @@ class SqliteJournal(SqliteUpkeep):
         """Return once every write queued before this call is committed."""
         await self.write(nothing)
 
-    def _enqueue(self, op: Op[Any] | Rows) -> asyncio.Future[Any]:
-        return self.writer.enqueue(op)
+    def _enqueue(self, op: Op[Any] | Rows, gather: bool = False) -> asyncio.Future[Any]:
+        return self.writer.enqueue(op, gather)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""
@@ -404,7 +404,7 @@ class SqliteJournal(SqliteUpkeep):
         write queued before it is committed too.
         """
         params = finish_params(results, time.time() if now is None else now)
-        return self._enqueue(Rows(_FINISH, params, _FINISH_BULK))
+        return self._enqueue(Rows(_FINISH, params, _FINISH_BULK), gather=True)
 
     def resume_interrupted(self) -> asyncio.Future[int]:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once.

@@ -36,7 +36,7 @@ from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, Transi
 from ..models import Outcome
 from . import Resources, StepContext
 from .common import open_input, render_target
-from .remote import copy_to
+from .remote import WHOLE_MAX, copy_to, read_whole
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -106,7 +106,10 @@ _SENDING: contextvars.ContextVar[FileBody] = contextvars.ContextVar("sending")
 
 class FileBody(payload.Payload):
     """A file streamed from an open descriptor, with a known size (so Content-Length works,
-    for a raw body and inside a multipart form alike). Each chunk sent counts as progress."""
+    for a raw body and inside a multipart form alike). Each chunk sent counts as progress.
+
+    ``data``: the whole file, already read (``remote.read_whole``, its identity checked
+    after the read): sent in one write, with no streaming."""
 
     def __init__(
         self,
@@ -116,13 +119,16 @@ class FileBody(payload.Payload):
         progress: Callable[[], None],
         content_type: str,
         throttle: Throttle | None = None,
+        data: bytes | bytearray | None = None,
     ) -> None:
         super().__init__(None, content_type=content_type)
         self._fd, self._st, self._chunk, self._progress = fd, st, chunk, progress
         self._throttle = throttle
         self._size = st.st_size
+        self._data = data
         self.error: DeliveryError | None = None  #: our own error, which aiohttp would wrap
-        self.digest = hashlib.sha256()  #: of every byte sent, fed as they are read
+        #: of every byte sent, fed as they are read
+        self.digest = hashlib.sha256() if data is None else hashlib.sha256(data)
         self.ended = asyncio.Event()  #: the request's writer ended, sent all or not
         self.complete = False  #: every byte of the file was handed to the connection
 
@@ -142,8 +148,13 @@ class FileBody(payload.Payload):
             self._progress()
 
         try:
-            self.digest = hashlib.sha256()  # of this sending only
-            await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
+            if self._data is not None:  # read already (and its identity checked): one write
+                if self._throttle is not None:
+                    await self._throttle.take(len(self._data))
+                await send(self._data)
+            else:
+                self.digest = hashlib.sha256()  # of this sending only
+                await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
             self.complete = True
         except DeliveryError as exc:
             self.error = exc
@@ -282,7 +293,13 @@ class HttpProcessor:
         headers.setdefault("Idempotency-Key", str(ctx.dispatch_id))
         ctype = mimetypes.guess_type(PurePosixPath(filename).name)[0] or "application/octet-stream"
         stall = _Stall(dest.http_timeout.read)
-        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, ctx.throttle)
+        whole = None
+        throttle = ctx.throttle
+        if st.st_size <= min(WHOLE_MAX, dest.chunk_size) and (
+            throttle is None or st.st_size <= throttle.chunk
+        ):
+            whole = await read_whole(fd, st)  # a small file: one read, one write
+        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, throttle, whole)
         data: payload.Payload = body
         if dest.fieldname is not None:
             form = aiohttp.MultipartWriter("form-data")

@@ -202,6 +202,29 @@ async def copy_to(
         raise SourceVanishedError("the file shrank while it was sent")
 
 
+#: files up to this size may be read in one go (``read_whole``) and sent from memory
+WHOLE_MAX = 64 * 1024
+
+
+async def read_whole(fd: int, st: os.stat_result) -> Chunk:
+    """All ``st.st_size`` bytes (at most WHOLE_MAX) of an open file in one read: inline when
+    they are in the page cache (``RWF_NOWAIT``), else in the default executor. The file's
+    identity is checked once they are read, as ``copy_to`` does before its last chunk.
+    Raises SourceVanishedError when the file changed or shrank since ``st``."""
+    size = st.st_size
+    if size > WHOLE_MAX:
+        raise ValueError(f"read_whole: {size} bytes is more than {WHOLE_MAX}")
+    data: Chunk = b""
+    if _NOWAIT:
+        data, _ = fastpath.read_cached(fd, size, 0)
+    if len(data) != size:
+        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size, 0)
+    sourcefile.check_unchanged(fd, st, "the file")
+    if len(data) != size:
+        raise SourceVanishedError("the file shrank while it was sent")
+    return data
+
+
 _NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the executor
 #: chunks of this size or more are hashed in a worker thread; smaller ones cost less inline
 HASH_AWAY = 256 * 1024
