@@ -387,7 +387,8 @@ async def test_outcomes_queued_together_are_one_write_and_keep_their_order(
             sql = "SELECT count(*) FROM dispatches WHERE status='SUCCEEDED'"
             return int(conn.execute(sql).fetchone()[0])
 
-        assert j._inbox.gathered is not None and len(j._inbox.gathered[1]) == 10  # not queued yet
+        gathered = j.writer._inbox.gathered
+        assert gathered is not None and len(gathered[2]) == 10  # ten callers, not queued yet
         # queued in the same turn, after them (awaiting a coroutine does not end the turn):
         # the gathered outcomes are handed over first, as one item
         assert await j.write(seen) == 10
