@@ -93,11 +93,6 @@ class PgUpkeep(PgWriter):
 
         return await self.write(op)
 
-    async def upgrade_due(self, name: str) -> bool:
-        """Whether the one-time upgrade ``name`` (a row of ``upgrades``) is still to be done."""
-        rows = await self.read("SELECT 1 FROM upgrades WHERE name=? AND done IS NULL", (name,))
-        return bool(rows)
-
     async def rekey_steps(self, keys: Mapping[str, str], now: float) -> int:
         """Give rows today's step keys and record the ``step-keys`` upgrade done, in one
         transaction (see the SQLite journal); a row whose version already has the new key keeps
