@@ -125,8 +125,9 @@ def test_a_journal_with_the_old_step_keys_is_upgraded_once_and_sends_nothing_aga
         conn.execute("DROP INDEX IF EXISTS dispatches_sha256")  # schema 4 had neither
         conn.execute("ALTER TABLE dispatches DROP COLUMN node")  # schema 6's
         conn.execute("ALTER TABLE dispatches DROP COLUMN label")  # and the label column
-        for trigger in ("stats_insert", "stats_update", "stats_delete", "kept_not_new"):
-            conn.execute(f"DROP TRIGGER {trigger}")  # schema 9's rollup and kept keys
+        triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        for (trigger,) in triggers.fetchall():  # schema 9's and 12's rollup and kept keys
+            conn.execute(f"DROP TRIGGER {trigger}")
         for table in ("stats_days", "stats_months", "kept"):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")  # and the birth time
