@@ -195,9 +195,10 @@ class SharedWatcher:
 
     @property
     def polling(self) -> bool:
-        """Whether this node lists the folder by polling, as its watcher decided when it began
-        (True once it holds the listing lease; False while another node lists it)."""
-        return self.inner.polling
+        """Whether the folder is listed by polling, whichever node lists it: what the config
+        this watcher runs with says (``poll`` forced on above), so no status read between two
+        listings of it says otherwise."""
+        return bool(self.config.poll)
 
     @property
     def unsettled(self) -> int:
