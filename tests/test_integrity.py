@@ -259,9 +259,11 @@ def test_api_retry_brings_the_file_back_or_says_why_not(
 
 # ----------------------------------------------------------------------------- 10.3
 
-#: replaces the source (content AAAA) by BBBB of the same size and mtime, in place or anew
+#: replaces the source (content AAAA) by BBBB of the same size and mtime, in place or anew;
+#: in place, the file stays open for writing until its mtime is set back, so that the live
+#: watcher (settle 0) sees one new version, not also the one between the write and the touch
 REWRITE = {
-    "in place": "printf BBBB > {path}; touch -d @1704067200 {path}",
+    "in place": "exec 3>{path}; printf BBBB >&3; touch -d @1704067200 {path}; exec 3>&-",
     "a new file": (
         'printf BBBB > "$FILEDISPATCH_PATH.new"; touch -d @1704067200 "$FILEDISPATCH_PATH.new"; '
         'mv "$FILEDISPATCH_PATH.new" {path}'
