@@ -1,6 +1,7 @@
 """The scan's listing, held compactly: every candidate file a walk found, as the numbers of
-its stat and its relpath packed in sorted runs of arrays (about 50 bytes a file, not 300 as
-tuples), read back merged, oldest first. It never stats, opens or hands on a file itself.
+its stat and its relpath packed in sorted runs of arrays (41 bytes and the name per file,
+about 300 as tuples), read back merged, oldest first. It never stats, opens or hands on a
+file itself.
 """
 
 from __future__ import annotations
