@@ -58,18 +58,20 @@ def test_a_backlog_of_several_runs_goes_exactly_once_and_oldest_first(
 def test_the_packed_listing_gives_back_the_walk_sorted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Odd names (not UTF-8, a newline, sub-folders) and equal times come back as the walk
-    gave them, ordered by time then name, across many runs."""
+    """Odd names (not UTF-8, a newline, sub-folders), equal times and a time past 64 bits
+    come back as the walk gave them, ordered by time then name, across many runs."""
     monkeypatch.setattr(listing, "RUN", 3)
     inbox = tmp_path / "inbox"
     (inbox / "sub" / "deeper").mkdir(parents=True)
     names = [b"a.txt", b"line\nbreak", b"caf\xe9.bin", b"sub/x", b"sub/deeper/y", b"z", b"\xff"]
-    names += [b"same%d" % i for i in range(7)]
+    names += [b"same%d" % i for i in range(7)] + [b"year2446"]
     for i, name in enumerate(names):
         path = os.path.join(os.fsencode(inbox), name)
         with open(path, "wb") as f:
             f.write(b"x" * i)
         t = 10**18 if name.startswith(b"same") else 10**18 - i * 1000
+        if name == b"year2446":  # past 2**63 ns: ext4 keeps it, an int64 does not
+            t = 15_000_000_000 * 10**9
         os.utime(path, ns=(t, t))
     cfg = write_config(
         tmp_path / "c.yml",

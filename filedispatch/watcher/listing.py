@@ -18,6 +18,15 @@ Row = tuple[int, str, int, int, int, int]
 RUN = 4_096
 
 
+def _numbers(code: str, values: list[int]) -> array[int] | list[int]:
+    """``values`` packed 8 bytes each, or kept as a list when one does not fit (ext4 keeps
+    times up to the year 2446, past 2**63 nanoseconds)."""
+    try:
+        return array(code, values)
+    except OverflowError:
+        return values
+
+
 class _Run:
     """Rows sorted, then packed: one array per number, the relpaths joined by NUL (a name
     never holds one), encoded as the walk decoded them."""
@@ -26,12 +35,12 @@ class _Run:
 
     def __init__(self, rows: list[Row]) -> None:
         rows.sort()
-        self.mtimes = array("q", [r[0] for r in rows])
+        self.mtimes = _numbers("q", [r[0] for r in rows])
         self.names = os.fsencode("\0".join(r[1] for r in rows))
-        self.sizes = array("q", [r[2] for r in rows])
-        self.inos = array("Q", [r[3] for r in rows])
-        self.ctimes = array("q", [r[4] for r in rows])
-        self.devs = array("Q", [r[5] for r in rows])
+        self.sizes = _numbers("q", [r[2] for r in rows])
+        self.inos = _numbers("Q", [r[3] for r in rows])
+        self.ctimes = _numbers("q", [r[4] for r in rows])
+        self.devs = _numbers("Q", [r[5] for r in rows])
 
     def __iter__(self) -> Iterator[Row]:
         names, pos = self.names, 0
