@@ -10,6 +10,7 @@ and only a file the watcher would take (inside a source, through ``sourcefile``)
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import time
@@ -34,6 +35,7 @@ from .models import FileVersion, Status
 from .naming import content_sha256
 from .router import Chain, Facts, Router, RuleCheck
 from .watcher import SourceWatcher
+from .watcher.listing import Listing
 
 if TYPE_CHECKING:
     from .config import Step
@@ -107,14 +109,17 @@ class Simulation:
         ``starting``: as at a start (``process_existing: false`` leaves them all alone)."""
         for source in self.config.sources:
             watcher = self.watchers[source.key]
-            found = sorted(watcher.entries.walk(), key=lambda item: (item[1].st_mtime_ns, item[0]))
-            versions = [FileVersion.from_stat(source.key, source.path, r, st) for r, st in found]
-            if starting and not source.process_existing:
-                for v in versions:
-                    yield Decision(f"{source.key}/{v.relpath}", source, v, why_not=_LEFT_ALONE)
-                continue
-            for i in range(0, len(versions), 500):
-                yield from self._decide(source, versions[i : i + 500], check_name=True)
+            rows = iter(Listing(watcher.entries.walk()))  # held packed, as the service does
+            while page := list(itertools.islice(rows, 500)):
+                versions = [
+                    FileVersion(source.key, source.path, rel, size, mtime, ino, ctime, dev)
+                    for mtime, rel, size, ino, ctime, dev in page
+                ]
+                if starting and not source.process_existing:
+                    for v in versions:
+                        yield Decision(f"{source.key}/{v.relpath}", source, v, why_not=_LEFT_ALONE)
+                    continue
+                yield from self._decide(source, versions, check_name=True)
 
     # ------------------------------------------------------------------ one path
 

@@ -21,6 +21,7 @@ from .batches import Batches, Emit, Reject
 from .changes import watch_changes
 from .entries import Entries, Look, no_skips
 from .gates import AgeDue, Gates, ident
+from .listing import Listing
 from .mounts import LOCAL_FS, is_network_fs, mount_fstype
 
 log = logging.getLogger(__name__)
@@ -228,29 +229,30 @@ class SourceWatcher:
             await self.scan(initial=False)
 
     async def scan(self, initial: bool) -> None:
-        """Walk the source and offer every complete file (oldest first)."""
-        # compact tuples: a folder of 100,000 files must stay cheap to hold
+        """Walk the source and offer every complete file (oldest first), a batch at a time.
+        The whole listing is needed before the first file (the oldest may be listed last);
+        it is held packed (see listing.py), and unpacked only a batch at a time."""
         skips: Counter[str] = Counter()
-        found = await asyncio.to_thread(
-            lambda: sorted(
-                (st.st_mtime_ns, rel, st.st_size, st.st_ino, st.st_ctime_ns, st.st_dev)
-                for rel, st in self.entries.walk(skips=skips)
-            )
-        )
-        self.scans += 1
         if initial and not self.config.process_existing:
-            self.gates.baseline = {(rel, size, mtime) for mtime, rel, size, *_ in found}
+            self.gates.baseline = await asyncio.to_thread(
+                lambda: {
+                    (rel, st.st_size, st.st_mtime_ns) for rel, st in self.entries.walk(skips=skips)
+                }
+            )
+            self.scans += 1
             self.skipped = no_skips() | skips
             log.info(
                 "source %s: %d existing file(s) left alone (process_existing: false)",
                 self.root,
-                len(found),
+                len(self.gates.baseline),
             )
             return
+        listing = await asyncio.to_thread(lambda: Listing(self.entries.walk(skips=skips)))
+        self.scans += 1
         now = time.time()
         consider = self.gates.consider
         ready: list[FileVersion] = []
-        for mtime, rel, size, ino, ctime, dev in found:
+        for mtime, rel, size, ino, ctime, dev in listing:
             v = consider(rel, size, mtime, now, (ino, ctime, dev))
             if v is not None:
                 ready.append(v)
