@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from filedispatch.processors.common import TMP_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: a test of a fast path itself (an inline lane...), which FILEDISPATCH_FASTPATH=0 turns off
@@ -104,11 +106,19 @@ def old(path: Path, data: bytes = b"x") -> Path:
 
 
 def delivered(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its relative path, a delivery's temporary one included
+    (so that an equality after a run also says none was left behind)."""
     if not folder.exists():
         return {}
     return {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
     }
+
+
+def arrived(folder: Path) -> dict[str, bytes]:
+    """``delivered`` without the temporaries of deliveries still under way: what a test waits
+    for while the service runs (a copy's hidden temporary is not a file that arrived)."""
+    return {k: v for k, v in delivered(folder).items() if not Path(k).name.startswith(TMP_PREFIX)}
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import telnetlib3
 
-from .conftest import delivered, free_port, write_config
+from .conftest import arrived, delivered, free_port, write_config
 from .conftest import old as old_file
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -121,4 +121,4 @@ def line_console(port: int, *commands: str, timeout: float = 15) -> tuple[str, l
     return intro, answers
 
 
-__all__ = ["console", "delivered", "free_port", "line_console", "old_file", "ops_config"]
+__all__ = ["arrived", "console", "delivered", "free_port", "line_console", "old_file", "ops_config"]

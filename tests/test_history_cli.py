@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .conftest import cli_env, journal_rows, run_cli, wait_until
-from .ops import delivered, old_file, ops_config
+from .ops import arrived, delivered, old_file, ops_config
 
 
 def test_history_commands_while_the_service_writes(tmp_path: Path, service_factory: Any) -> None:
@@ -26,7 +26,7 @@ def test_history_commands_while_the_service_writes(tmp_path: Path, service_facto
     svc = service_factory(cfg).start()
     for i in range(3):
         old_file(tmp_path / "inbox" / f"doc-{i}.txt", b"%d" % i)
-    wait_until(lambda: len(delivered(outbox)) == 3)
+    wait_until(lambda: len(arrived(outbox)) == 3)
 
     # a burst keeps the service writing while we read
     for i in range(300):

@@ -23,6 +23,7 @@ from filedispatch.models import FileVersion
 
 from .conftest import (
     ServiceProcess,
+    arrived,
     delivered,
     free_port,
     journal_rows,
@@ -221,7 +222,7 @@ def test_the_console_says_the_journal_is_failing(
     (status,) = console(console_port, "fd-status")
     assert "PAUSED: journal failing" in status and "is full" in status, status
     blocker.unlink()
-    wait_until(lambda: len(delivered(tmp_path / "outbox")) == 40, 60)
+    wait_until(lambda: len(arrived(tmp_path / "outbox")) == 40, 60)
     (status,) = console(console_port, "fd-status")
     assert "running" in status and "PAUSED" not in status
     assert svc.stop() == 0
