@@ -268,6 +268,8 @@ class Service:
         }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
+        #: per source key, the files process_existing: false left alone at its first watch
+        self._baselines: dict[str, set[tuple[str, int, int]]] = {}
         try:
             with journal_lock(self.db_path, node_name(self.config)):
                 async with contextlib.AsyncExitStack() as stack:
@@ -365,7 +367,12 @@ class Service:
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:
             return SourceWatcher(
-                config, self.dispatcher.offer, self.dispatcher.reject, exclude, self._age_due
+                config,
+                self.dispatcher.offer,
+                self.dispatcher.reject,
+                exclude,
+                self._age_due,
+                baseline=self._baselines.get(config.key),
             )
 
         lease = self.membership.listing.get(source.key) if source.shared else None
@@ -445,6 +452,12 @@ class Service:
                 if dispatch_task.done():
                     self.request_stop("the dispatcher stopped")
                 watch_stop.set()
+            # what process_existing: false left alone at the first start stays left alone,
+            # and only that: files seen since are offered by the watchers made next
+            for w in self.watchers:
+                inner = getattr(w, "inner", w)
+                if isinstance(inner, SourceWatcher) and not w.config.process_existing:
+                    self._baselines.setdefault(w.config.key, inner.gates.baseline)
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 

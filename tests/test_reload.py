@@ -81,3 +81,31 @@ def test_sighup_reopens_log_files_and_log_config_with_log_level(
     wait_until(lambda: "after-hup.txt" in log.read_text())
     assert "after-hup.txt" not in rotated.read_text()
     assert svc.stop() == 0
+
+
+def test_a_reload_that_restarts_the_watchers_keeps_files_still_being_written(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    """process_existing: false leaves alone what was there at the first start, and only that:
+    a file still being written when a reload restarts the watchers is sent once complete
+    (the restarted watcher used to take it for an existing file, and it was never sent)."""
+    old_file(tmp_path / "inbox" / "before.txt")  # there at the start: left alone
+    cfg = ops_config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["sources"][0]["process_existing"] = False
+    cfg.write_text(yaml.safe_dump(data))
+    svc = service_factory(cfg).start()
+    wait_until(lambda: "1 existing file(s) left alone" in svc.log())
+    with open(tmp_path / "inbox" / "late.txt", "wb") as writer:  # open for writing: not ready
+        writer.write(b"written across the reload")
+        writer.flush()
+        (tmp_path / "other").mkdir()
+        data["sources"].append({"path": str(tmp_path / "other"), "name": "other"})
+        cfg.write_text(yaml.safe_dump(data))
+        svc.signal(signal.SIGHUP)
+        wait_until(lambda: "sources changed; watchers restart" in svc.log())
+        wait_until(lambda: svc.log().count("left alone") >= 2)  # the restarted watch scanned
+    wait_until(lambda: "late.txt" in delivered(tmp_path / "outbox"))
+    assert delivered(tmp_path / "outbox") == {"late.txt": b"written across the reload"}
+    assert (tmp_path / "inbox" / "before.txt").exists()
+    assert svc.stop() == 0

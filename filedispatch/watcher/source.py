@@ -50,8 +50,13 @@ class SourceWatcher:
         reject: Reject,
         exclude: list[Path] | None = None,
         age_due: AgeDue | None = None,
+        baseline: set[tuple[str, int, int]] | None = None,
     ) -> None:
+        """``baseline``: the files ``process_existing: false`` left alone when the source was
+        first watched, carried over by a reload that restarts the watchers (a new baseline
+        then would also leave alone the files seen since, still settling: never sent)."""
         self.config = config
+        self._carried = baseline
         self.root = config.path
         self.entries = Entries(config, exclude)
         self.gates = Gates(config, age_due)
@@ -233,7 +238,15 @@ class SourceWatcher:
         The whole listing is needed before the first file (the oldest may be listed last);
         it is held packed (see listing.py), and unpacked only a batch at a time."""
         skips: Counter[str] = Counter()
-        if initial and not self.config.process_existing:
+        if initial and not self.config.process_existing and self._carried is not None:
+            self.gates.baseline = self._carried  # a restart: only the first start's files
+            log.info(
+                "source %s: %d file(s) there at the first start still left alone "
+                "(process_existing: false)",
+                self.root,
+                len(self._carried),
+            )
+        elif initial and not self.config.process_existing:
             self.gates.baseline = await asyncio.to_thread(
                 lambda: {
                     (rel, st.st_size, st.st_mtime_ns) for rel, st in self.entries.walk(skips=skips)
