@@ -102,14 +102,20 @@ async def rows_of(j: Journal, v: FileVersion) -> list[Any]:
 async def test_a_row_cap_prunes_the_oldest_delivered_versions_first(
     tmp_path: Path, database: Database
 ) -> None:
+    """The cap counts every row, those still waiting or at work too (which are never pruned):
+    1,300 delivered, 300 PENDING and 200 IN_PROGRESS against a cap of 1,500."""
     versions = [FileVersion("in", tmp_path, f"f{i:04}.txt", 1, 1) for i in range(1300)]
+    waiting = [FileVersion("in", tmp_path, f"w{i:04}.txt", 1, 1) for i in range(500)]
     async with open_journal(database) as j:
         await j.mark_done([step(v) for v in versions])
-        assert await j.row_count() == 1300
-        done = await prune_once(j, HistoryConfig(max_rows=1000), now=time.time() + 60)
+        await j.plan([step(v) for v in waiting])
+        assert len([d for g in await j.claim(200, time.time()) for d in g]) == 200
+        assert await j.row_count() == 1800
+        done = await prune_once(j, HistoryConfig(max_rows=1500), now=time.time() + 60)
         assert done.rows == 300
-        assert await j.row_count() == 1000 == sum((await j.counts()).values())
-        left = sorted(d.relpath for d in await j.recent(2000))
+        assert await j.row_count() == 1500 == sum((await j.counts()).values())
+        assert await j.counts() == {"SUCCEEDED": 1000, "PENDING": 300, "IN_PROGRESS": 200}
+        left = sorted(d.relpath for d in await j.recent(2000) if d.status == Status.SUCCEEDED)
         assert left == [v.relpath for v in versions[300:]]
 
 
@@ -245,7 +251,7 @@ def _back_to_the_schema_before(database: Database) -> None:
                 conn.execute(f"DROP FUNCTION {name}()")
             conn.execute("DROP TABLE stats_days, stats_months, kept")
             conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
-            conn.execute("UPDATE filedispatch_schema SET version = version - 3")
+            conn.execute("UPDATE filedispatch_schema SET version = version - 4")
         return
     import sqlite3
 

@@ -67,6 +67,11 @@ def _settled(row: str) -> str:
     return f"{row}.status IN {retention.SETTLED}"
 
 
+def _counted(row: str) -> str:
+    """The condition: a transition table's row (``o`` or ``n``) is counted by the rollups."""
+    return f"{row}.status IN {retention.COUNTED}"
+
+
 #: numbered migrations: MIGRATIONS[n] takes a database from schema version n to n + 1
 MIGRATIONS: list[list[str]] = [
     [
@@ -181,6 +186,16 @@ MIGRATIONS: list[list[str]] = [
             True,
         ),
         _stats_function("stats_delete", [("o", "-", f"o WHERE {_settled('o')}")], True),
+    ],
+    [  # the rollups count PENDING rows too (see the SQLite journal's migration 13)
+        *retention.recount(_ROLLUPS),
+        _stats_function("stats_insert", [("n", "", f"n WHERE {_counted('n')}")], True),
+        _stats_function(
+            "stats_update",
+            [("o", "-", f"{_BOTH} AND {_counted('o')}"), ("n", "", f"{_BOTH} AND {_counted('n')}")],
+            True,
+        ),
+        _stats_function("stats_delete", [("o", "-", f"o WHERE {_counted('o')}")], True),
     ],
 ]
 

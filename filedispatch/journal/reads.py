@@ -34,7 +34,7 @@ from .base import (
     Waiting,
     number,
 )
-from .retention import UNSETTLED, KeptKey, OldRow
+from .retention import IN_FLIGHT, KeptKey, OldRow
 
 #: every column of a row, in ``Dispatch`` order
 COLUMNS = (
@@ -221,10 +221,10 @@ def rollup_sql(
     rows long instead of every row in the window: ``stats_days`` (a row per day, status,
     destination and extension), or with ``monthly`` and a window of whole months
     ``stats_months`` (the same per month, under the day number of its first day: folding by
-    ``reporting.period_start`` gives the same months). The rollups count settled rows
-    (``retention.SETTLED``); the PENDING and IN_PROGRESS rows of the window are counted from
-    the table, per day. None when a condition cannot be answered from the rollup (another
-    column, or a ``created`` bound inside a day)."""
+    ``reporting.period_start`` gives the same months). The rollups count every row but
+    those IN_PROGRESS (``retention.COUNTED``), which are counted from the table, per day.
+    None when a condition cannot be answered from the rollup (another column, or a
+    ``created`` bound inside a day)."""
     kept: list[Condition] = []
     days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
     for c in conditions:
@@ -244,11 +244,11 @@ def rollup_sql(
     clauses += [f"day {op} ?" for op, _ in days]
     params += [day for _, day in days]
     whole_months = monthly and all(_month_start(day) for _, day in days)
-    # the rollups count settled rows; the rows still on their way are few, and counted here
-    # (the index on status and created finds them)
+    # the rollups count every row but those in flight (IN_PROGRESS: the work under way, a few
+    # hundred rows at most), counted here (the index on status and created finds them)
     on_way, on_way_params = where(conditions, dialect)
-    unsettled = f"status IN {UNSETTLED}"
-    on_way = f"{on_way} AND {unsettled}" if on_way else f" WHERE {unsettled}"
+    in_flight = f"status IN {IN_FLIGHT}"
+    on_way = f"{on_way} AND {in_flight}" if on_way else f" WHERE {in_flight}"
     day = dialect.day("created", False)
     return (
         "SELECT day, status, destination, extension, SUM(n), SUM(bytes) "
@@ -421,7 +421,8 @@ class SqlReads(abc.ABC):
         return [KeptKey(str(v), str(r), str(p)) for v, r, p in rows]
 
     async def row_count(self) -> int:
-        """How many rows the journal holds (from the rollup: no table scan)."""
+        """How many rows the journal holds (the rollup and the rows in flight: no table
+        scan)."""
         rows = await self.read(retention.ROW_COUNT)
         return int(rows[0][0])
 

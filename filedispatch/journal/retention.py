@@ -45,9 +45,6 @@ DROP_KEPT = "DELETE FROM kept WHERE vkey IN ({keys})"
 #: ``forget``: the kept keys of a path go with its rows
 FORGET_KEPT = "DELETE FROM kept WHERE relpath = ? AND (? IS NULL OR source = ?)"
 
-#: how many rows the journal holds, from the rollup (an index-free sum of a small table)
-ROW_COUNT = "SELECT COALESCE(SUM(n), 0) FROM stats_days"
-
 #: the rows of a version as the planner asks for them, the kept keys of pruned ones included
 STATES = (
     "SELECT vkey, step_key, status, attempts FROM dispatches WHERE vkey IN ({keys}) "
@@ -55,17 +52,44 @@ STATES = (
 )
 
 
-#: the statuses the stats rollups count: a row is counted once it settles, so planning,
-#: claiming and requeueing (most of a row's writes) touch no rollup; the few rows still on
-#: their way (PENDING, IN_PROGRESS) are counted from the table itself (``reads.rollup_sql``)
+#: the statuses the stats rollups counted from migration 12 (SQLite; 13 on PostgreSQL) on:
+#: settled rows only. That left a backlog of PENDING rows to be counted from the table at
+#: every read, so the next migration counts PENDING rows too (``COUNTED``)
 SETTLED = "('SUCCEEDED', 'FAILED')"
-UNSETTLED = "('PENDING', 'IN_PROGRESS')"
+#: the statuses the stats rollups count: all but IN_PROGRESS. A claim (PENDING to
+#: IN_PROGRESS) takes a row out and its outcome puts it back; a row the inline lanes insert
+#: IN_PROGRESS is counted once, when it settles. The rows IN_PROGRESS (the work in flight, a
+#: few hundred at most) are counted from the table itself (``reads.rollup_sql``, ``ROW_COUNT``)
+COUNTED = "('PENDING', 'SUCCEEDED', 'FAILED')"
+IN_FLIGHT = "('IN_PROGRESS')"
+
+#: how many rows the journal holds: the rollup's sum (a small table) and the rows in flight
+#: (found by the index on status)
+ROW_COUNT = (
+    "SELECT (SELECT COALESCE(SUM(n), 0) FROM stats_days) + "
+    f"(SELECT COUNT(*) FROM dispatches WHERE status IN {IN_FLIGHT})"
+)
 
 
 def settled_only(rollups: Mapping[str, str]) -> list[str]:
     """The statements that take the counts of unsettled rows out of each rollup (the
     migration to settled-only rollups; the triggers are the backend's own)."""
     return [f"DELETE FROM {table} WHERE status NOT IN {SETTLED}" for table in rollups]
+
+
+def recount(rollups: Mapping[str, str]) -> list[str]:
+    """The statements that fill each rollup again from the rows, the ``COUNTED`` ones (a
+    migration that changes what the rollups count; the triggers are the backend's own)."""
+    return [
+        sql
+        for table, bucket in rollups.items()
+        for sql in (
+            f"DELETE FROM {table}",
+            f"INSERT INTO {table} SELECT {bucket.format(row='dispatches')}, status, "
+            "destination, extension, COUNT(*), COALESCE(SUM(size), 0) FROM dispatches "
+            f"WHERE status IN {COUNTED} GROUP BY 1, 2, 3, 4",
+        )
+    ]
 
 
 def rollup_schema(rollups: Mapping[str, str], integer: str, options: str = "") -> list[str]:

@@ -74,6 +74,7 @@ _CHANGED = (
     "OR OLD.size IS NOT NEW.size)"
 )
 SETTLED = retention.SETTLED
+COUNTED = retention.COUNTED
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -181,6 +182,22 @@ MIGRATIONS: list[list[str]] = [
         f"CREATE TRIGGER stats_settle {_CHANGED} AND NEW.status IN {SETTLED} "
         f"BEGIN {_counts('NEW', '')}; END",
         f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN OLD.status IN {SETTLED} "
+        f"BEGIN {_counts('OLD', '-')}; END",
+    ],
+    [  # the rollups count PENDING rows too (``retention.COUNTED``): only the rows in flight
+        # are read from the table, so a large backlog does not slow the stats down
+        "DROP TRIGGER stats_insert",
+        "DROP TRIGGER stats_update",
+        "DROP TRIGGER stats_settle",
+        "DROP TRIGGER stats_delete",
+        *retention.recount(_ROLLUPS),
+        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches WHEN NEW.status IN {COUNTED} "
+        f"BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_update {_CHANGED} AND OLD.status IN {COUNTED} "
+        f"BEGIN {_counts('OLD', '-')}; END",
+        f"CREATE TRIGGER stats_settle {_CHANGED} AND NEW.status IN {COUNTED} "
+        f"BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN OLD.status IN {COUNTED} "
         f"BEGIN {_counts('OLD', '-')}; END",
     ],
 ]
