@@ -177,7 +177,7 @@ MIGRATIONS: list[list[str]] = [
     [  # the source file's birth time where its filesystem keeps one (``birth``); NULL otherwise
         "ALTER TABLE dispatches ADD COLUMN btime_ns NUMERIC(20)",
     ],
-    [  # the rollups count settled rows only (see the SQLite journal's migration 12)
+    [  # the rollups count settled rows only (see the SQLite journal's migration 11)
         *retention.settled_only(_ROLLUPS),
         _stats_function("stats_insert", [("n", "", f"n WHERE {_settled('n')}")], True),
         _stats_function(
@@ -187,7 +187,7 @@ MIGRATIONS: list[list[str]] = [
         ),
         _stats_function("stats_delete", [("o", "-", f"o WHERE {_settled('o')}")], True),
     ],
-    [  # the rollups count PENDING rows too (see the SQLite journal's migration 13)
+    [  # the rollups count PENDING rows too (see the SQLite journal's migration 12)
         *retention.recount(_ROLLUPS),
         _stats_function("stats_insert", [("n", "", f"n WHERE {_counted('n')}")], True),
         _stats_function(

@@ -52,7 +52,7 @@ STATES = (
 )
 
 
-#: the statuses the stats rollups counted from migration 12 (SQLite; 13 on PostgreSQL) on:
+#: the statuses the stats rollups counted from migration 11 (SQLite; 8 on PostgreSQL) on:
 #: settled rows only. That left a backlog of PENDING rows to be counted from the table at
 #: every read, so the next migration counts PENDING rows too (``COUNTED``)
 SETTLED = "('SUCCEEDED', 'FAILED')"
