@@ -14,6 +14,9 @@ a quiet idle service exclude each other. Here the step follows the traffic (``PA
 - **idle**, 200 ms, after that: five looks a second; the first file after a quiet spell is
   seen 200 to 400 ms after it lands, and the ones after it hot again.
 
+A polled folder (``force_polling``: a network filesystem, a shared source) is never hot: its
+changes come once per poll, so it starts over at warm.
+
 Bursts are not cut into more batches than before: the next watch starts only once the event
 loop took the previous batch, and everything that arrived meanwhile comes in one batch.
 """
@@ -76,6 +79,8 @@ async def watch_changes(
     waiter = loop.create_task(stop.wait())
     waiter.add_done_callback(lambda _: halt.set())
     level = len(PACE) - 1  # idle until the first change
+    # a polled folder's changes come once per poll: looking every 2 ms in between only costs
+    hottest = 1 if force_polling else 0
     try:
         while not stop.is_set():
             step, lasts = PACE[level]
@@ -87,7 +92,7 @@ async def watch_changes(
                 continue
             if raw == "signal":  # only the main thread takes signals; this is not it
                 raise RuntimeError("the watch thread unexpectedly received a signal")
-            level = 0
+            level = hottest
             yield {(Change(change), path) for change, path in raw}
     finally:  # a watch still running (its awaiter cancelled) returns within a step: the
         # close queued behind it in the same thread then ends the notify thread
