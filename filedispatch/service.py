@@ -40,7 +40,7 @@ from .link import ServiceLink, status_snapshot
 from .models import FileVersion
 from .processors import Registry
 from .processors.s3uploads import LEDGER, UploadLedger
-from .watcher import SourceWatcher
+from .watcher import Baselines, SourceWatcher, keep_baselines
 
 log = logging.getLogger(__name__)
 #: seconds between looks for work other nodes planned, on a PostgreSQL journal
@@ -268,8 +268,7 @@ class Service:
         }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
-        #: per source key, the files process_existing: false left alone at its first watch
-        self._baselines: dict[str, set[tuple[str, int, int]]] = {}
+        self._baselines: Baselines = {}  #: see keep_baselines
         try:
             with journal_lock(self.db_path, node_name(self.config)):
                 async with contextlib.AsyncExitStack() as stack:
@@ -366,14 +365,8 @@ class Service:
 
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:
-            return SourceWatcher(
-                config,
-                self.dispatcher.offer,
-                self.dispatcher.reject,
-                exclude,
-                self._age_due,
-                baseline=self._baselines.get(config.key),
-            )
+            d, baseline = self.dispatcher, self._baselines.get(config.key)
+            return SourceWatcher(config, d.offer, d.reject, exclude, self._age_due, baseline)
 
         lease = self.membership.listing.get(source.key) if source.shared else None
         if lease is not None:
@@ -452,12 +445,7 @@ class Service:
                 if dispatch_task.done():
                     self.request_stop("the dispatcher stopped")
                 watch_stop.set()
-            # what process_existing: false left alone at the first start stays left alone,
-            # and only that: files seen since are offered by the watchers made next
-            for w in self.watchers:
-                inner = getattr(w, "inner", w)
-                if isinstance(inner, SourceWatcher) and not w.config.process_existing:
-                    self._baselines.setdefault(w.config.key, inner.gates.baseline)
+            keep_baselines(self.watchers, self._baselines)
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 

@@ -16,16 +16,18 @@ from .batches import Emit, Reject
 from .entries import SKIP_REASONS, no_skips, total_skips, valid_name
 from .gates import AgeDue
 from .mounts import describe_writer_check, is_network_fs, mount_fstype
-from .source import SourceWatcher
+from .source import Baselines, SourceWatcher, keep_baselines
 
 __all__ = [
     "SKIP_REASONS",
     "AgeDue",
+    "Baselines",
     "Emit",
     "Reject",
     "SourceWatcher",
     "describe_writer_check",
     "is_network_fs",
+    "keep_baselines",
     "mount_fstype",
     "no_skips",
     "total_skips",

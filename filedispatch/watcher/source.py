@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import watchfiles
@@ -286,3 +287,18 @@ class SourceWatcher:
                 if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st)))
             ]
         )
+
+
+#: per source key, the files ``process_existing: false`` left alone when it was first watched
+Baselines = dict[str, set[tuple[str, int, int]]]
+
+
+def keep_baselines(watchers: Iterable[object], baselines: Baselines) -> None:
+    """Keep, in ``baselines``, the first start's baseline of each source of ``watchers`` (a
+    ``SourceWatcher``, or a wrapper holding one as ``inner``) whose ``process_existing`` is
+    false, for the watchers a reload makes next: what was left alone at the first start stays
+    left alone, and only that (files seen since are offered)."""
+    for w in watchers:
+        inner = getattr(w, "inner", w)
+        if isinstance(inner, SourceWatcher) and not inner.config.process_existing:
+            baselines.setdefault(inner.config.key, inner.gates.baseline)
