@@ -47,7 +47,7 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):
         first = asyncio.ensure_future(_next_with(feed, tmp_path / "a.txt"))
-        await asyncio.sleep(0.3)  # the watch thread in place (a lower bound is all it needs)
+        await _until(lambda: bool(_watch_threads()))  # the watch is in place
         (tmp_path / "a.txt").write_text("a")
         await first
         await asyncio.sleep(0.3)  # longer than both quiet spells: idle now

@@ -62,14 +62,17 @@ _BOTH = (
 )
 
 
-def _settled(row: str) -> str:
-    """The condition: a transition table's row (``o`` or ``n``) is settled."""
-    return f"{row}.status IN {retention.SETTLED}"
-
-
-def _counted(row: str) -> str:
-    """The condition: a transition table's row (``o`` or ``n``) is counted by the rollups."""
-    return f"{row}.status IN {retention.COUNTED}"
+def _counting(statuses: str) -> list[str]:
+    """The three statement functions again, counting only rows whose status is among
+    ``statuses`` (an SQL list, e.g. ``retention.COUNTED``)."""
+    n, o = f"n.status IN {statuses}", f"o.status IN {statuses}"
+    return [
+        _stats_function("stats_insert", [("n", "", f"n WHERE {n}")], True),
+        _stats_function(
+            "stats_update", [("o", "-", f"{_BOTH} AND {o}"), ("n", "", f"{_BOTH} AND {n}")], True
+        ),
+        _stats_function("stats_delete", [("o", "-", f"o WHERE {o}")], True),
+    ]
 
 
 #: numbered migrations: MIGRATIONS[n] takes a database from schema version n to n + 1
@@ -179,23 +182,11 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the rollups count settled rows only (see the SQLite journal's migration 11)
         *retention.settled_only(_ROLLUPS),
-        _stats_function("stats_insert", [("n", "", f"n WHERE {_settled('n')}")], True),
-        _stats_function(
-            "stats_update",
-            [("o", "-", f"{_BOTH} AND {_settled('o')}"), ("n", "", f"{_BOTH} AND {_settled('n')}")],
-            True,
-        ),
-        _stats_function("stats_delete", [("o", "-", f"o WHERE {_settled('o')}")], True),
+        *_counting(retention.SETTLED),
     ],
     [  # the rollups count PENDING rows too (see the SQLite journal's migration 12)
         *retention.recount(_ROLLUPS),
-        _stats_function("stats_insert", [("n", "", f"n WHERE {_counted('n')}")], True),
-        _stats_function(
-            "stats_update",
-            [("o", "-", f"{_BOTH} AND {_counted('o')}"), ("n", "", f"{_BOTH} AND {_counted('n')}")],
-            True,
-        ),
-        _stats_function("stats_delete", [("o", "-", f"o WHERE {_counted('o')}")], True),
+        *_counting(retention.COUNTED),
     ],
 ]
 

@@ -76,6 +76,22 @@ _CHANGED = (
 SETTLED = retention.SETTLED
 COUNTED = retention.COUNTED
 
+
+def _counting(statuses: str) -> list[str]:
+    """The four rollup triggers, counting only rows whose status is among ``statuses`` (an
+    SQL list, e.g. ``retention.COUNTED``): an insert, an update's old row taken away and its
+    new row added (two triggers, each with its own WHEN), a delete."""
+    new, old = f"NEW.status IN {statuses}", f"OLD.status IN {statuses}"
+    return [
+        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches WHEN {new} "
+        f"BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_update {_CHANGED} AND {old} BEGIN {_counts('OLD', '-')}; END",
+        f"CREATE TRIGGER stats_settle {_CHANGED} AND {new} BEGIN {_counts('NEW', '')}; END",
+        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN {old} "
+        f"BEGIN {_counts('OLD', '-')}; END",
+    ]
+
+
 MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE dispatches (
@@ -175,14 +191,7 @@ MIGRATIONS: list[list[str]] = [
         "DROP TRIGGER stats_update",
         "DROP TRIGGER stats_delete",
         *retention.settled_only(_ROLLUPS),
-        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches WHEN NEW.status IN {SETTLED} "
-        f"BEGIN {_counts('NEW', '')}; END",
-        f"CREATE TRIGGER stats_update {_CHANGED} AND OLD.status IN {SETTLED} "
-        f"BEGIN {_counts('OLD', '-')}; END",
-        f"CREATE TRIGGER stats_settle {_CHANGED} AND NEW.status IN {SETTLED} "
-        f"BEGIN {_counts('NEW', '')}; END",
-        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN OLD.status IN {SETTLED} "
-        f"BEGIN {_counts('OLD', '-')}; END",
+        *_counting(SETTLED),
     ],
     [  # the rollups count PENDING rows too (``retention.COUNTED``): only the rows in flight
         # are read from the table, so a large backlog does not slow the stats down
@@ -191,14 +200,7 @@ MIGRATIONS: list[list[str]] = [
         "DROP TRIGGER stats_settle",
         "DROP TRIGGER stats_delete",
         *retention.recount(_ROLLUPS),
-        f"CREATE TRIGGER stats_insert AFTER INSERT ON dispatches WHEN NEW.status IN {COUNTED} "
-        f"BEGIN {_counts('NEW', '')}; END",
-        f"CREATE TRIGGER stats_update {_CHANGED} AND OLD.status IN {COUNTED} "
-        f"BEGIN {_counts('OLD', '-')}; END",
-        f"CREATE TRIGGER stats_settle {_CHANGED} AND NEW.status IN {COUNTED} "
-        f"BEGIN {_counts('NEW', '')}; END",
-        f"CREATE TRIGGER stats_delete AFTER DELETE ON dispatches WHEN OLD.status IN {COUNTED} "
-        f"BEGIN {_counts('OLD', '-')}; END",
+        *_counting(COUNTED),
     ],
 ]
 
