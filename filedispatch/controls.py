@@ -123,11 +123,35 @@ class Controls:
         )
         #: (destination, sha256) being sent now -> its lock and how many hold or wait for it
         self._sending: dict[tuple[str, str], tuple[asyncio.Lock, list[int]]] = {}
+        #: destination -> dispatch id -> done once that delivery's bytes are hashed and it
+        #: queues for their lock (see ``in_order``)
+        self._hashing: dict[str, dict[int, asyncio.Future[None]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def in_order(self, destination: str, dispatch_id: int) -> AsyncIterator[None]:
+        """Hash inside this, then take ``one_at_a_time`` right after it: of two files with the
+        same bytes for one destination hashed at the same time, the one planned first (the
+        lower dispatch id, as ``explain`` and ``--dry-run`` predict) is sent and the other
+        finds it, whichever hash ends first. A delivery waits here for the hashes of lower
+        ids under way for that destination, never for their sends."""
+        hashing = self._hashing.setdefault(destination, {})
+        mine = hashing[dispatch_id] = asyncio.get_running_loop().create_future()
+        try:
+            yield
+            while earlier := [f for i, f in hashing.items() if i < dispatch_id]:
+                await asyncio.wait(earlier)
+        finally:
+            # done before this delivery's next await, its ``one_at_a_time``: later ids
+            # wake after it is queued for the lock, and locks are first come, first served
+            mine.set_result(None)
+            del hashing[dispatch_id]
+            if not hashing:
+                del self._hashing[destination]
 
     @contextlib.asynccontextmanager
     async def one_at_a_time(self, key: tuple[str, str]) -> AsyncIterator[None]:
         """One delivery of the same bytes to one destination at a time: the second finds
-        the first's outcome instead of sending them again."""
+        the first's outcome instead of sending them again (in the order of ``in_order``)."""
         lock, users = self._sending.setdefault(key, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
@@ -202,7 +226,8 @@ class _Controlled:
                 )
         if not step.deduped:
             return await self._send(ctx)
-        digest = await asyncio.to_thread(content_sha256, ctx.version, ctx.input)
+        async with self.controls.in_order(step.display, ctx.dispatch_id):
+            digest = await asyncio.to_thread(content_sha256, ctx.version, ctx.input)
         async with self.controls.one_at_a_time((step.display, digest)):
             earlier = await self.controls.duplicate(step.display, digest)
             if earlier is not None and earlier[0] != ctx.dispatch_id:

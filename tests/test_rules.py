@@ -413,6 +413,35 @@ def test_explain_and_dry_run_say_duplicate_of_the_row_that_has_the_bytes(
     assert sorted(delivered(ws["outbox"])) == ["a.txt", "twin1.txt"]
 
 
+async def test_dedupe_sends_the_first_planned_of_two_twins_whichever_hash_ends_first() -> None:
+    """Two files with the same bytes for one destination: the lower dispatch id (planned
+    first, the one ``explain`` calls first) takes the bytes' turn even when its hash ends
+    last (a bigger or colder file ahead of it hashes longer); the other then finds it. The
+    real run's order once depended on which hashing thread ended first, and under load the
+    --once run above disagreed with its own dry run."""
+    from filedispatch.controls import Controls
+
+    controls = Controls(journal=None)  # type: ignore[arg-type]  # in_order never reads it
+    turns: list[int] = []
+    first_hashing, second_hashed = asyncio.Event(), asyncio.Event()
+
+    async def deliver(dispatch_id: int) -> None:
+        async with controls.in_order("/srv/out", dispatch_id):
+            if dispatch_id == 1:
+                await first_hashing.wait()  # the first file's hash is the slow one
+            else:
+                second_hashed.set()
+        async with controls.one_at_a_time(("/srv/out", "same digest")):
+            turns.append(dispatch_id)
+
+    tasks = [asyncio.create_task(deliver(i)) for i in (1, 2)]
+    await second_hashed.wait()
+    first_hashing.set()
+    await asyncio.gather(*tasks)
+    assert turns == [1, 2]
+    assert not controls._hashing and not controls._sending  # nothing left behind
+
+
 def test_dedupe_never_points_at_a_delivery_that_wrote_nothing(
     workspace: dict[str, Path],
 ) -> None:
