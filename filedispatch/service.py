@@ -40,7 +40,7 @@ from .link import ServiceLink, status_snapshot
 from .models import FileVersion
 from .processors import Registry
 from .processors.s3uploads import LEDGER, UploadLedger
-from .watcher import Baselines, SourceWatcher, keep_baselines
+from .watcher import Baselines, SourceWatcher
 
 log = logging.getLogger(__name__)
 #: seconds between looks for work other nodes planned, on a PostgreSQL journal
@@ -268,7 +268,7 @@ class Service:
         }
         installed = self._install_signals(loop)
         self._restart_watchers = asyncio.Event()
-        self._baselines: Baselines = {}  #: see keep_baselines
+        self._baselines: Baselines = {}  #: kept across watchers made again (SourceWatcher)
         try:
             with journal_lock(self.db_path, node_name(self.config)):
                 async with contextlib.AsyncExitStack() as stack:
@@ -365,8 +365,8 @@ class Service:
 
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:
-            d, baseline = self.dispatcher, self._baselines.get(config.key)
-            return SourceWatcher(config, d.offer, d.reject, exclude, self._age_due, baseline)
+            d = self.dispatcher
+            return SourceWatcher(config, d.offer, d.reject, exclude, self._age_due, self._baselines)
 
         lease = self.membership.listing.get(source.key) if source.shared else None
         if lease is not None:
@@ -445,7 +445,6 @@ class Service:
                 if dispatch_task.done():
                     self.request_stop("the dispatcher stopped")
                 watch_stop.set()
-            keep_baselines(self.watchers, self._baselines)
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 

@@ -164,6 +164,43 @@ async def test_a_batch_that_cannot_be_handed_on_is_offered_again(
     assert watcher.last_error == "JournalError: database or disk is full"
 
 
+async def test_a_watcher_made_again_leaves_alone_only_the_first_starts_files(
+    workspace: dict[str, Path],
+) -> None:
+    """``process_existing: false``: the files there at the first start are left alone, and
+    only those. A watcher made again for the same source (a reload that restarts the
+    watchers, a shared source's listing lease lost and regained) takes the first baseline
+    from the store it is given; a baseline of its own would also leave alone what arrived
+    while no watcher ran, never sent."""
+    ws = workspace
+    source = load_config(cfg(ws, process_existing=False, rescan=0)).sources[0]
+    old(ws["inbox"] / "before.txt", b"there at the first start")
+    offered: list[str] = []
+
+    async def emit(_: Any, versions: list[FileVersion]) -> None:
+        offered.extend(v.relpath for v in versions)
+
+    async def never(*_: Any) -> None:
+        raise AssertionError("nothing here is rejected")
+
+    baselines: dict[str, set[tuple[str, int, int]]] = {}
+    for round_ in range(2):
+        watcher = SourceWatcher(source, emit, never, baselines=baselines)
+        stop = asyncio.Event()
+        task = asyncio.create_task(watcher.run(stop))
+        await asyncio.wait_for(watcher.ready.wait(), 10)
+        deadline = time.monotonic() + 20
+        while round_ == 1 and not offered and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # until the second watcher offers what it found
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        if round_ == 0:
+            assert offered == []
+            old(ws["inbox"] / "between.txt", b"arrived while no watcher ran")
+    assert offered == ["between.txt"]
+    assert [p for p, _, _ in baselines[source.key]] == ["before.txt"]
+
+
 def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
     workspace: dict[str, Path],
 ) -> None:

@@ -16,7 +16,7 @@ from .batches import Emit, Reject
 from .entries import SKIP_REASONS, no_skips, total_skips, valid_name
 from .gates import AgeDue
 from .mounts import describe_writer_check, is_network_fs, mount_fstype
-from .source import Baselines, SourceWatcher, keep_baselines
+from .source import Baselines, SourceWatcher
 
 __all__ = [
     "SKIP_REASONS",
@@ -27,7 +27,6 @@ __all__ = [
     "SourceWatcher",
     "describe_writer_check",
     "is_network_fs",
-    "keep_baselines",
     "mount_fstype",
     "no_skips",
     "total_skips",

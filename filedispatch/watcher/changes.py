@@ -41,20 +41,6 @@ DEBOUNCE_MS = 50
 Changes = set[tuple[Change, str]]
 
 
-class _Stop:
-    """A thread-safe ``is_set`` for the Rust loop: the asyncio event it mirrors is only read
-    and set on the event loop."""
-
-    def __init__(self) -> None:
-        self._flag = threading.Event()
-
-    def is_set(self) -> bool:
-        return self._flag.is_set()
-
-    def set(self) -> None:
-        self._flag.set()
-
-
 async def watch_changes(
     root: Path,
     stop: asyncio.Event,
@@ -70,7 +56,7 @@ async def watch_changes(
     and watches again). Unreadable subfolders are passed over, as watchfiles'
     ``ignore_permission_denied`` does.
     """
-    halt = _Stop()
+    halt = threading.Event()  # read by the Rust loop each step (``is_set``)
     loop = asyncio.get_running_loop()
     notify = RustNotify([str(root)], False, force_polling, poll_delay_ms, recursive, True)
     # a thread of its own: an idle watch holds it for as long as the folder is quiet, which

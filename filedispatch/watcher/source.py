@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 import watchfiles
@@ -39,6 +38,10 @@ def _end_if_removed(changes: set[tuple[watchfiles.Change, str]], root: Path) -> 
         raise FileNotFoundError(f"the folder {root} was removed")
 
 
+#: per source key, the files ``process_existing: false`` left alone when it was first watched
+Baselines = dict[str, set[tuple[str, int, int]]]
+
+
 class SourceWatcher:
     """Feeds complete files of one source to ``emit``, in batches. Its parts: ``entries``
     (which entries are candidates), ``gates`` (complete or not, and when to look again),
@@ -51,13 +54,14 @@ class SourceWatcher:
         reject: Reject,
         exclude: list[Path] | None = None,
         age_due: AgeDue | None = None,
-        baseline: set[tuple[str, int, int]] | None = None,
+        baselines: Baselines | None = None,
     ) -> None:
-        """``baseline``: the files ``process_existing: false`` left alone when the source was
-        first watched, carried over by a reload that restarts the watchers (a new baseline
-        then would also leave alone the files seen since, still settling: never sent)."""
+        """``baselines``: per source key, the files ``process_existing: false`` left alone
+        when the source was first watched, kept by whoever makes watchers again (a reload
+        that restarts them, a shared source's listing lease regained): a new baseline then
+        would also leave alone files seen since, still settling, and they were never sent."""
         self.config = config
-        self._carried = baseline
+        self._baselines: Baselines = {} if baselines is None else baselines
         self.root = config.path
         self.entries = Entries(config, exclude)
         self.gates = Gates(config, age_due)
@@ -239,28 +243,32 @@ class SourceWatcher:
         The whole listing is needed before the first file (the oldest may be listed last);
         it is held packed (see listing.py), and unpacked only a batch at a time."""
         skips: Counter[str] = Counter()
-        if initial and not self.config.process_existing and self._carried is not None:
-            self.gates.baseline = self._carried  # a restart: only the first start's files
+        if initial and not self.config.process_existing:
+            kept = self._baselines.get(self.config.key)
+            if kept is None:
+                kept = await asyncio.to_thread(
+                    lambda: {
+                        (rel, st.st_size, st.st_mtime_ns)
+                        for rel, st in self.entries.walk(skips=skips)
+                    }
+                )
+                self._baselines[self.config.key] = kept
+                log.info(
+                    "source %s: %d existing file(s) left alone (process_existing: false)",
+                    self.root,
+                    len(kept),
+                )
+                self.gates.baseline = kept
+                self.scans += 1
+                self.skipped = no_skips() | skips
+                return
+            self.gates.baseline = kept  # watched again: only the first start's files
             log.info(
                 "source %s: %d file(s) there at the first start still left alone "
                 "(process_existing: false)",
                 self.root,
-                len(self._carried),
+                len(kept),
             )
-        elif initial and not self.config.process_existing:
-            self.gates.baseline = await asyncio.to_thread(
-                lambda: {
-                    (rel, st.st_size, st.st_mtime_ns) for rel, st in self.entries.walk(skips=skips)
-                }
-            )
-            self.scans += 1
-            self.skipped = no_skips() | skips
-            log.info(
-                "source %s: %d existing file(s) left alone (process_existing: false)",
-                self.root,
-                len(self.gates.baseline),
-            )
-            return
         listing = await asyncio.to_thread(lambda: Listing(self.entries.walk(skips=skips)))
         self.scans += 1
         now = time.time()
@@ -287,18 +295,3 @@ class SourceWatcher:
                 if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st)))
             ]
         )
-
-
-#: per source key, the files ``process_existing: false`` left alone when it was first watched
-Baselines = dict[str, set[tuple[str, int, int]]]
-
-
-def keep_baselines(watchers: Iterable[object], baselines: Baselines) -> None:
-    """Keep, in ``baselines``, the first start's baseline of each source of ``watchers`` (a
-    ``SourceWatcher``, or a wrapper holding one as ``inner``) whose ``process_existing`` is
-    false, for the watchers a reload makes next: what was left alone at the first start stays
-    left alone, and only that (files seen since are offered)."""
-    for w in watchers:
-        inner = getattr(w, "inner", w)
-        if isinstance(inner, SourceWatcher) and not inner.config.process_existing:
-            baselines.setdefault(inner.config.key, inner.gates.baseline)
