@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from .asyncutil import first_completed
 from .config import Config, SourceConfig
 from .errors import JournalError, NodeConflictError
-from .journal import Journal
+from .journal import Journal, when_ready
 from .watcher import SourceWatcher
 
 log = logging.getLogger("filedispatch.cluster")
@@ -85,12 +85,26 @@ class Membership:
         except JournalError:
             return False
 
-    async def join(self, takeover: bool = False) -> None:
-        """Register; raises NodeConflictError while a live node has this name (unless
-        ``takeover``: the caller knows that node is gone)."""
+    async def join(self, takeover: bool = False) -> int:
+        """Register; the node's epoch (its fencing token). Raises NodeConflictError while a
+        live node has this name (unless ``takeover``: the caller knows that node is gone),
+        JournalError when the journal cannot be reached."""
         sent = asyncio.get_running_loop().time()
         self.epoch = await self.journal.join(self.name, self.lease_s, self.shared, takeover)
         self._held_from(sent)
+        return self.epoch
+
+    async def start(self, stop: asyncio.Event) -> bool:
+        """Join at the service's start, taking over the name: its lock is held (journal_lock),
+        so a node of this name still on record is a dead one. A journal that cannot be reached
+        (it can go away again between its opening and this) is waited for as ``when_ready``
+        says; False when ``stop`` is set meanwhile."""
+        joined = await when_ready(
+            lambda: self.join(takeover=True),
+            stop,
+            what=f"node {self.name} cannot join the journal: ",
+        )
+        return joined is not None
 
     def _held_from(self, sent: float) -> None:
         loop = asyncio.get_running_loop()

@@ -294,9 +294,9 @@ class Service:
         journal.on_health(self._on_journal_health)
         shared = [s.key for s in self.config.sources if s.shared]
         self.membership = Membership(journal, node_name(self.config), self.config.lease, shared)
-        # before the resume, so the work of live nodes stays theirs; the name's lock is held
-        # (journal_lock), so a node of this name still on record is a dead one: replaced
-        await self.membership.join(takeover=True)
+        # before the resume, so the work of live nodes stays theirs
+        if not await self.membership.start(self.stop_event):
+            return 0
         journal.resume_interrupted().add_done_callback(_report_resumed)
         # another live node's copies in progress stay: each is removed by the node resuming it
         alone = await self.membership.alone()

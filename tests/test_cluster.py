@@ -776,3 +776,33 @@ def test_a_shared_source_is_listed_by_polling_and_an_unshared_one_by_events(
         assert os.stat(shared).st_ino not in _inotify_watched(svc.proc.pid)
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+def test_a_node_that_cannot_join_waits_for_the_journal_and_then_works(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The journal can go away again between its opening and the node's join (here: the
+    join's statement cannot get its lock, as during a failover or a long migration). The
+    node waits and says so, and joins and delivers once it can; it does not exit."""
+    import psycopg
+
+    (tmp_path / "inbox").mkdir()
+    cfg, _ = _configs(tmp_path, pg_url, str(tmp_path / "out"))
+    first = ServiceProcess(cfg).start()  # makes the schema
+    assert first.stop() == 0, first.log()
+    cfg.with_suffix(".log").unlink()
+    with psycopg.connect(pg_url, password=PASSWORD) as holder:
+        holder.execute("LOCK TABLE nodes IN ACCESS EXCLUSIVE MODE")
+        node = ServiceProcess(cfg).start(wait_ready=False)
+        try:
+            wait_until(lambda: "node n1 cannot join the journal: " in node.log(), 120)
+            assert node.proc is not None and node.proc.poll() is None, node.log()
+            holder.commit()  # the lock goes: the next try joins
+            wait_until(lambda: "watching" in node.log(), 120)
+            (tmp_path / "inbox" / "a.txt").write_bytes(b"after the wait")
+            wait_until(lambda: (tmp_path / "out" / "a.txt").exists(), 60)
+            assert (tmp_path / "out" / "a.txt").read_bytes() == b"after the wait"
+            assert "waiting for it" in node.log() and "Traceback" not in node.log()
+            assert PASSWORD not in node.log()
+        finally:
+            assert node.stop() == 0, node.log()

@@ -5,7 +5,14 @@
 this package; nothing in it touches a source file or calls a processor.
 """
 
-from .backends import open_journal, open_reader, open_when_ready, read_digests, read_states
+from .backends import (
+    open_journal,
+    open_reader,
+    open_when_ready,
+    read_digests,
+    read_states,
+    when_ready,
+)
 from .base import (
     DUPLICATE_OF,
     RETRY_FIRST_S,
@@ -84,4 +91,5 @@ __all__ = [
     "read_states",
     "state_folder",
     "state_tag",
+    "when_ready",
 ]

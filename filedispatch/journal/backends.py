@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import JournalError, JournalUnavailableError
 from .base import RETRY_FIRST_S, RETRY_MAX_S
 from .target import PostgresTarget
+
+T = TypeVar("T")
 
 log = logging.getLogger("filedispatch.journal")
 
@@ -61,16 +63,32 @@ async def open_when_ready(
 ) -> Journal | None:
     """The journal ``database`` names, opened into ``stack`` once it can be: a journal that
     cannot be opened now (``JournalUnavailableError``: a full disk, a server down) is tried
-    again after 1 s, doubling up to RETRY_MAX_S seconds, rather than a crash at every
-    restart; said once per new reason. None when ``stop`` is set meanwhile."""
+    again as ``when_ready`` says, rather than a crash at every restart. None when ``stop``
+    is set meanwhile."""
+    return await when_ready(
+        lambda: stack.enter_async_context(open_journal(database)), stop, JournalUnavailableError
+    )
+
+
+async def when_ready(
+    attempt: Callable[[], Awaitable[T]],
+    stop: asyncio.Event,
+    retry_on: type[Exception] = JournalError,
+    what: str = "",
+) -> T | None:
+    """``attempt()``'s result once it does not raise ``retry_on``: tried again after 1 s,
+    doubling up to RETRY_MAX_S seconds, each new reason logged once (after ``what``, e.g.
+    "node a cannot join: "). None when ``stop`` is set meanwhile."""
     delay, said = RETRY_FIRST_S, ""
     while True:
         try:
-            return await stack.enter_async_context(open_journal(database))
-        except JournalUnavailableError as exc:
+            return await attempt()
+        except retry_on as exc:
             if str(exc) != said:
                 said = str(exc)
-                log.error("%s; waiting for it (retried every %g s at most)", exc, RETRY_MAX_S)
+                log.error(
+                    "%s%s; waiting for it (retried every %g s at most)", what, exc, RETRY_MAX_S
+                )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
             return None
