@@ -69,8 +69,10 @@ def check_host(cfg: MonitorConfig) -> None:
     )
 
 
-def _check_port(host: str, port: int) -> None:
-    # aiomonitor binds in its own thread and only loses the error there: find out here
+def _check_port(host: str, port: int) -> int:
+    """The port to give aiomonitor: ``port``, or for 0 one the kernel has free now (told in
+    the log, so a client can find it). Raises ServiceError when it cannot be bound: aiomonitor
+    binds in its own thread and only loses the error there, so it is found out here."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -80,6 +82,7 @@ def _check_port(host: str, port: int) -> None:
                 f"the console cannot listen on {host}:{port}: {exc.strerror or exc} "
                 "(--monitor-port to choose another, --no-monitor to go without)"
             ) from None
+        return int(s.getsockname()[1])
 
 
 class FileDispatchMonitor(Monitor):  # type: ignore[misc]
@@ -188,23 +191,24 @@ async def console(
         yield None
         return
     check_host(cfg)
-    _check_port(cfg.host, cfg.port)
+    port = _check_port(cfg.host, cfg.port)
+    repl_port = _check_port(cfg.host, cfg.console_port) if cfg.console else cfg.console_port
     monitor = FileDispatchMonitor(
         asyncio.get_running_loop(),
         journal,
         link,
         host=cfg.host,
-        port=cfg.port,
-        console_port=cfg.console_port,
+        port=port,
+        console_port=repl_port,
         console_enabled=cfg.console,
     )
     monitor.start()
     log.info(
         "console: telnet %s %d (%s; Python REPL %s)",
         cfg.host,
-        cfg.port,
+        port,
         COMMANDS,
-        "on" if cfg.console else "off",
+        f"on, port {repl_port}" if cfg.console else "off",
     )
     try:
         yield monitor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
 import time
@@ -143,6 +144,20 @@ def test_a_plain_line_client_like_nc_gets_the_console(tmp_path: Path, service_fa
         ("fd-history", fd_history.__doc__),
     ):
         assert name + "".join((doc or "").split()) in packed, helptext
+    assert svc.stop() == 0
+
+
+def test_a_console_on_port_0_names_the_port_it_listens_on(
+    tmp_path: Path, service_factory: Any
+) -> None:
+    """``port: 0`` takes a free port; the log line must name that port, not 0, or no client
+    can find the console."""
+    svc = service_factory(ops_config(tmp_path, monitor={"port": 0})).start()
+    line = wait_until(lambda: re.search(r"console: telnet 127\.0\.0\.1 (\d+) ", svc.log()))
+    port = int(line.group(1))
+    assert port != 0
+    _, (status,) = line_console(port, "fd-status")
+    assert "running" in status
     assert svc.stop() == 0
 
 
