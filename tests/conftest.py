@@ -147,20 +147,40 @@ def run_cli(
     )
 
 
+def inotify_limited(setting: str, value: int) -> list[str]:
+    """A command prefix that runs a process in a user namespace of its own whose inotify limit
+    ``setting`` (``max_inotify_instances``, ``max_inotify_watches``: /proc/sys/user/) is
+    ``value``: the kernel's refusals are real, and touch nothing outside. Skips the test where
+    no user namespace can be made."""
+    limited = f'echo {value} > /proc/sys/user/{setting} && exec "$@"'
+    wrap = ["unshare", "--user", "--map-root-user", "sh", "-c", limited, "sh"]
+    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs a user namespace of its own (unshare --user)")
+    return wrap
+
+
 class ServiceProcess:
     """The real service as a subprocess; logs go to a file the test can read."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> None:
+        """``wrap``: a command the service runs under (see ``inotify_limited``)."""
         self.config = config
         self.log_path = config.with_suffix(".log")
         self.args = args
         self.env = env or cli_env()
+        self.wrap = wrap or []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: bool = True) -> ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "filedispatch", "-c", str(self.config), *self.args],
+            [*self.wrap, sys.executable, "-m", "filedispatch", "-c", str(self.config), *self.args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,

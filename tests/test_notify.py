@@ -6,8 +6,6 @@ from __future__ import annotations
 import email
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -17,7 +15,15 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 
-from .conftest import cli_env, free_port, journal_rows, run_cli, wait_until, write_config
+from .conftest import (
+    ServiceProcess,
+    free_port,
+    inotify_limited,
+    journal_rows,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from .servers import LoopThread, old_file
 
 HOOK_TOKEN = "hook-token-5f3a9c2b7e"
@@ -219,18 +225,8 @@ def test_a_watch_that_fails_is_told(workspace: dict[str, Path], webhook: Webhook
     watch failed, once, and files are still found by the rescans that stand in for it."""
     ws = workspace
     cfg = to_outbox(ws, {"url": webhook.url("src"), "on": ["source_error"], "window": "0.1s"})
-    limited = 'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"'
-    wrap = ["unshare", "--user", "--map-root-user", "sh", "-c", limited, "sh"]
-    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs a user namespace of its own (unshare --user)")
-    log_path = ws["root"] / "service.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*wrap, sys.executable, "-m", "filedispatch", "-c", str(cfg)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=cli_env(),
-        )
+    svc = ServiceProcess(cfg, wrap=inotify_limited("max_inotify_instances", 0))
+    svc.start(wait_ready=False)
     try:
         (message,) = wait_until(lambda: webhook.messages("src"), 30)
         assert message["title"] == "filedispatch: 1 source trouble"
@@ -238,10 +234,9 @@ def test_a_watch_that_fails_is_told(workspace: dict[str, Path], webhook: Webhook
         assert "Too many open files" in message["message"], message
         old_file(ws["inbox"] / "a.txt", b"found without a watch")
         wait_until(lambda: (ws["outbox"] / "a.txt").exists(), 30)
-        assert f"watching {ws['inbox']} failed (" in log_path.read_text()
+        assert f"watching {ws['inbox']} failed (" in svc.log()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log_path.read_text()
+        assert svc.stop() == 0, svc.log()
     assert len(webhook.messages("src")) == 1, webhook.messages("src")
 
 

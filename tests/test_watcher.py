@@ -14,7 +14,7 @@ from filedispatch.errors import JournalError
 from filedispatch.models import FileVersion
 from filedispatch.watcher import SourceWatcher, is_network_fs, mount_fstype
 
-from .conftest import ServiceProcess, journal_rows, old, wait_until, write_config
+from .conftest import ServiceProcess, inotify_limited, journal_rows, old, wait_until, write_config
 
 
 def cfg(ws: dict[str, Path], **source: Any) -> Path:
@@ -232,3 +232,28 @@ def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
     assert watcher.gates.consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 5, ident2) is None
     v = watcher.gates.consider("a.txt", st2.st_size, st2.st_mtime_ns, now + 10, ident2)
     assert v is not None and v.ino == st2.st_ino
+
+
+def test_folders_the_kernel_will_not_watch_make_the_source_poll(workspace: dict[str, Path]) -> None:
+    """A host at ``fs.inotify.max_user_watches``: the kernel refuses the watches of most of
+    the source's 31 folders, and watchfiles passes that over without a word, so files in
+    those folders would wait for a rescan (off here). The service runs in a user namespace of
+    its own whose limit is 5, so the refusal is real and touches nothing outside. It must see
+    the shortfall, say so, and poll: every file in every folder is delivered."""
+    ws = workspace
+    for i in range(30):
+        (ws["inbox"] / f"d{i:02d}").mkdir(parents=True)
+    config = cfg(ws, recursive=True, rescan=0, poll_interval=0.2)
+    svc = ServiceProcess(config, wrap=inotify_limited("max_inotify_watches", 5))
+    svc.start(wait_ready=False)
+    try:
+        wait_until(lambda: "watching 1 source(s)" in svc.log(), 60)  # scanned
+        wait_until(lambda: "polling every 0.2s instead" in svc.log(), 60)
+        assert "inotify watches only 5 of its 31 folders" in svc.log()
+        for i in range(30):
+            old(ws["inbox"] / f"d{i:02d}" / "a.txt", f"file {i}".encode())
+        wait_until(lambda: len(list(ws["outbox"].glob("d*/a.txt"))) == 30, 60)
+        assert (ws["outbox"] / "d07" / "a.txt").read_bytes() == b"file 7"
+    finally:
+        assert svc.stop() == 0, svc.log()
+    assert "Traceback" not in svc.log()

@@ -24,8 +24,11 @@ loop took the previous batch, and everything that arrived meanwhile comes in one
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import os
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +44,31 @@ DEBOUNCE_MS = 50
 Changes = set[tuple[Change, str]]
 
 
+def _inotify_fds() -> set[int]:
+    """This process's inotify instances (file descriptors)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+                found.add(int(name))
+    return found
+
+
+def _watch_count(fd: int) -> int | None:
+    """How many folders the inotify instance ``fd`` watches (its ``inotify wd:`` lines in
+    /proc/self/fdinfo, see proc(5)); None when it cannot be read."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+            return sum(1 for line in info if line.startswith("inotify wd:"))
+    except OSError:
+        return None
+
+
+#: told ``(True, count)`` once the watch is set up, ``count`` giving the folders it covers
+#: now (None: not known, as for polling), and ``(False, None)`` as it ends
+OnWatch = Callable[[bool, Callable[[], int | None] | None], None]
+
+
 async def watch_changes(
     root: Path,
     stop: asyncio.Event,
@@ -48,6 +76,7 @@ async def watch_changes(
     recursive: bool,
     force_polling: bool,
     poll_delay_ms: int,
+    on_watch: OnWatch | None = None,
 ) -> AsyncGenerator[Changes, None]:
     """Batches of ``(Change, path)`` under ``root`` until ``stop`` is set (then it ends).
 
@@ -58,7 +87,14 @@ async def watch_changes(
     """
     halt = threading.Event()  # read by the Rust loop each step (``is_set``)
     loop = asyncio.get_running_loop()
+    before = _inotify_fds() if on_watch is not None and not force_polling else None
     notify = RustNotify([str(root)], False, force_polling, poll_delay_ms, recursive, True)
+    if on_watch is not None:
+        # a folder the kernel refuses a watch (fs.inotify.max_user_watches reached) is passed
+        # over by the watch without a word: its owner compares this count with the folders
+        created = set() if before is None else _inotify_fds() - before
+        fd = created.pop() if len(created) == 1 else None
+        on_watch(True, None if fd is None else functools.partial(_watch_count, fd))
     # a thread of its own: an idle watch holds it for as long as the folder is quiet, which
     # the shared default executor (a few threads for every stat and hash) cannot spare
     thread = ThreadPoolExecutor(1, thread_name_prefix=f"watch {root.name}")
@@ -84,5 +120,7 @@ async def watch_changes(
         # close queued behind it in the same thread then ends the notify thread
         halt.set()
         waiter.cancel()
+        if on_watch is not None:
+            on_watch(False, None)  # its descriptor is about to close (its number reused)
         thread.submit(notify.close)
         thread.shutdown(wait=False)

@@ -75,6 +75,8 @@ class Entries:
                 self.exclude.append(extra)
         self._too_long: set[str] = set()  # paths past PATH_MAX, already reported
         self.real_root = os.path.realpath(self.root)
+        #: folders (not links) the last whole walk listed, the source's own included
+        self.folders: int | None = None
 
     def find_root(self) -> None:
         """Resolve the source folder again (at start, once it has been made)."""
@@ -161,6 +163,7 @@ class Entries:
         seen: set[tuple[int, int]] = set()
         stack = [str(top or self.root)]
         follow = self.config.follow_symlinks
+        listed = 0  # folders that are not links: each one inotify must watch
         while stack:
             folder = stack.pop()
             try:
@@ -168,6 +171,7 @@ class Entries:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
+                listed += not os.path.islink(folder)
                 # iterated, not listed: a DirEntry keeps its stat, 100,000 of them add up
                 with os.scandir(folder) as entries:
                     for entry in entries:
@@ -181,6 +185,8 @@ class Entries:
                             yield name, est
             except OSError as exc:
                 log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+        if top is None:
+            self.folders = listed
 
     def _entry(
         self, entry: os.DirEntry[str], root: str, follow: bool, skips: Counter[str] | None

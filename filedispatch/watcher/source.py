@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import watchfiles
@@ -28,6 +30,10 @@ log = logging.getLogger(__name__)
 
 #: files a scan hands on together, at most
 BATCH = 500
+
+
+def _set_on_done(event: asyncio.Event, _: object) -> None:
+    event.set()
 
 
 def _end_if_removed(changes: set[tuple[watchfiles.Change, str]], root: Path) -> None:
@@ -70,6 +76,10 @@ class SourceWatcher:
         self.ready = asyncio.Event()  #: set once the start-up scan has been handed on
         self.polling = False
         self.last_error: str | None = None
+        self._watch_count: Callable[[], int | None] | None = None  #: see _check_watch
+        self._feed_stop = asyncio.Event()  #: ends the current change feed (not the watcher)
+        self._watched_before = False  #: a change feed was set up before (see _watching)
+        self._watch_up = asyncio.Event()  #: the first watch is up, or failed, or never will be
         self.scans = 0
         #: entries the last full scan passed over, per reason (see SKIP_REASONS)
         self.skipped: dict[str, int] = no_skips()
@@ -88,6 +98,9 @@ class SourceWatcher:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._settle_loop(stop), name=f"settle:{self.config.key}")
             tg.create_task(self._events(stop), name=f"watch:{self.config.key}")
+            # the watch first, then the listing: a file that lands meanwhile is seen by one
+            # or the other, never by neither
+            await self._watch_up.wait()
             await self.scan(initial=True)
             self.ready.set()
             tg.create_task(self._rescan_loop(stop), name=f"rescan:{self.config.key}")
@@ -134,15 +147,59 @@ class SourceWatcher:
 
     # ------------------------------------------------------------------ events
 
+    def _watching(self, started: bool, count: Callable[[], int | None] | None) -> None:
+        self._watch_count = count
+        if started and self._watched_before:
+            # a watch made again (after a failure, or polling now): what came in between,
+            # seen by no watch, is found by a scan that starts only now that this one is up
+            self._rescan_now.set()
+        self._watched_before |= started
+        self._watch_up.set()
+        self._check_watch()
+
+    def _check_watch(self) -> None:
+        """Fall back to polling when the watch covers fewer folders than the last whole walk
+        listed: the kernel refused some (``fs.inotify.max_user_watches`` reached), and
+        watchfiles passes that over without a word, so their files would only be found at
+        the rescans. Told once, as the source's error."""
+        folders = self.entries.folders
+        watched = self._watch_count() if self._watch_count is not None else None
+        if self.polling or folders is None or watched is None or watched >= folders:
+            return
+        self.polling = True
+        self.last_error = (
+            f"inotify watches {watched} of its {folders} folders (the kernel refused the "
+            "rest: fs.inotify.max_user_watches?); polling instead"
+        )
+        log.warning(
+            "source %s: inotify watches only %d of its %d folders (the kernel refused the "
+            "rest; raise fs.inotify.max_user_watches): polling every %.1fs instead",
+            self.root,
+            watched,
+            folders,
+            self.config.poll_interval,
+        )
+        self._feed_stop.set()  # the feed ends; the next one polls
+
     async def _events(self, stop: asyncio.Event) -> None:
+        try:
+            await self._watch(stop)
+        finally:
+            self._watch_up.set()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._feed_stop = feed_stop = asyncio.Event()
+            relay = asyncio.create_task(stop.wait())
+            relay.add_done_callback(functools.partial(_set_on_done, feed_stop))
             try:
                 feed = watch_changes(
                     self.root,
-                    stop,
+                    feed_stop,
                     recursive=self.config.recursive,
                     force_polling=self.polling,
                     poll_delay_ms=int(self.config.poll_interval * 1000),
+                    on_watch=self._watching,
                 )
                 async with contextlib.aclosing(feed):
                     async for changes in feed:
@@ -150,6 +207,7 @@ class SourceWatcher:
                         _end_if_removed(changes, self.root)
                 await self.batches.drain()
             except Exception as exc:  # the watch ended: say why, rescan, watch again
+                self._watch_up.set()
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning(
                     "watching %s failed (%s); rescanning and watching again",
@@ -159,7 +217,8 @@ class SourceWatcher:
                 self._rescan_now.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
-                asyncio.get_running_loop().call_later(0.5, self._rescan_now.set)  # once it is up
+            finally:
+                relay.cancel()
 
     async def _on_changes(self, changes: set[tuple[watchfiles.Change, str]]) -> None:
         mode = self.config.ready
@@ -271,6 +330,7 @@ class SourceWatcher:
             )
         listing = await asyncio.to_thread(lambda: Listing(self.entries.walk(skips=skips)))
         self.scans += 1
+        self._check_watch()
         now = time.time()
         consider = self.gates.consider
         ready: list[FileVersion] = []
