@@ -93,6 +93,16 @@ def _send_blocking(url: str, title: str, body: str) -> bool:
     return bool(sender.notify(title=title, body=body))
 
 
+def _load_apprise(urls: list[str]) -> None:
+    """In a thread: import Apprise and load the plugins of ``urls`` (its first ``add`` of a
+    kind loads them, half a second on an idle host); sends nothing."""
+    import apprise
+
+    sender = apprise.Apprise()
+    for url in urls:
+        sender.add(url)
+
+
 class Notifier:
     """Takes events from the dispatcher, the journal and the sources; sends them gathered.
 
@@ -283,7 +293,14 @@ class Notifier:
         log.warning("notify %s: not sent after %d attempt(s)", target.display, attempt)
 
     async def aclose(self) -> None:
-        """Send what was gathered (within FLUSH_AT_STOP_S), then let the threads go."""
+        """Send what was gathered (within FLUSH_AT_STOP_S), then let the threads go. Apprise
+        is loaded first, outside that time: loading its plugins is work on this host (seconds
+        on a busy one), and the limit is for servers that do not answer."""
+        pending = [t.config.url for t in self._leaving]
+        pending += [t.config.url for t in self.targets if t.due is not None]
+        if pending and self._send is _send_blocking:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, _load_apprise, pending)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._send_due(time.monotonic(), at_stop=True), FLUSH_AT_STOP_S)
         self._pool.shutdown(wait=False, cancel_futures=True)
