@@ -68,12 +68,21 @@ def test_check_names_the_database_and_never_its_password(tmp_path: Path, pg_url:
     assert f"journal: {pg_url}" in checked.stdout
     assert PASSWORD not in checked.stdout + checked.stderr
 
-    cfg.write_text(cfg.read_text().replace("fdtest@", f"fdtest:{PASSWORD}@"))
-    refused = run_cli("check", "-c", cfg)
-    assert refused.returncode == 2
-    assert "database" in refused.stderr and "must not hold a password" in refused.stderr
-    assert PASSWORD not in refused.stdout + refused.stderr
-    assert "Traceback" not in refused.stderr
+    plain = cfg.read_text()
+    # in the user part, or as libpq's query parameters (which libpq would use, and which
+    # would otherwise be shown with the URL in the log, the status and check)
+    for secret in (
+        plain.replace("fdtest@", f"fdtest:{PASSWORD}@"),
+        plain.replace(pg_url, f"{pg_url}?password={PASSWORD}"),
+        plain.replace(pg_url, f"{pg_url}?sslmode=disable&PassWord={PASSWORD}"),
+        plain.replace(pg_url, f"{pg_url}?sslpassword={PASSWORD}"),
+    ):
+        cfg.write_text(secret)
+        refused = run_cli("check", "-c", cfg)
+        assert refused.returncode == 2, secret
+        assert "database" in refused.stderr and "must not hold a password" in refused.stderr
+        assert PASSWORD not in refused.stdout + refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 def test_a_wrong_password_is_refused_without_showing_it(tmp_path: Path, pg_url: str) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 #: URL schemes that name a PostgreSQL database
 SCHEMES = ("postgresql://", "postgres://")
+#: libpq connection parameters that are secrets (its documentation, "Parameter Key Words")
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 def is_postgres(text: str) -> bool:
@@ -30,10 +32,13 @@ def url_problem(url: str) -> str | None:
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError as exc:
         return f"is not a valid URL ({exc})"
-    if parts.password is not None:
+    # libpq also takes any connection parameter as a query parameter (?password=...)
+    given = {key.lower() for key, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    if parts.password is not None or given & SECRET_PARAMETERS:
         return (
-            "must not hold a password: put it in PGPASSWORD, in a pgpass file, or in the "
-            "environment variable that database.password_env names"
+            "must not hold a password (user:password@ or ?password=, ?sslpassword=): put it "
+            "in PGPASSWORD, in a pgpass file, or in the environment variable that "
+            "database.password_env names"
         )
     return None
 
