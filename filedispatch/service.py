@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .journal import (
     Journal,
     JournalHealth,
-    journal_lock,
+    journal_lock_when_ready,
     journal_path,
     open_when_ready,
     state_folder,
@@ -270,9 +270,14 @@ class Service:
         self._restart_watchers = asyncio.Event()
         self._baselines: Baselines = {}  #: kept across watchers made again (SourceWatcher)
         try:
-            with journal_lock(self.db_path, node_name(self.config)):
-                async with contextlib.AsyncExitStack() as stack:
-                    return await self._run(stack)
+            # --once fails at once (a cron job tries again); a service waits for its database
+            wait = None if self.options.once else self.stop_event
+            node = node_name(self.config)
+            async with (
+                journal_lock_when_ready(self.db_path, node, wait) as held,
+                contextlib.AsyncExitStack() as stack,
+            ):
+                return await self._run(stack) if held else 0
         finally:
             for sig in installed:
                 if sig != signal.SIGIO:

@@ -806,3 +806,55 @@ def test_a_node_that_cannot_join_waits_for_the_journal_and_then_works(
             assert PASSWORD not in node.log()
         finally:
             assert node.stop() == 0, node.log()
+
+
+def test_two_names_whose_32_bit_hashes_collide_both_run(tmp_path: Path, pg_url: str) -> None:
+    """A node's name lock once keyed on PostgreSQL's 32-bit ``hashtext``: these two names (a
+    review found them by brute force) share that hash, and the second was refused as if it
+    had the first's name."""
+    import psycopg
+
+    names = ("node-35394", "node-42840")
+    with psycopg.connect(pg_url, password=PASSWORD) as conn:
+        one, two = (conn.execute("SELECT hashtext(%s)", (n,)).fetchone() for n in names)
+    assert one == two  # the premise: a 32-bit key cannot tell them apart
+    (tmp_path / "inbox").mkdir()
+    nodes = [
+        ServiceProcess(_node_config(tmp_path, pg_url, name, str(tmp_path / "out")))
+        for name in names
+    ]
+    try:
+        for n in nodes:
+            n.start()  # waits until it watches; fails if it exited
+        assert _live_nodes(pg_url) == set(names)
+    finally:
+        _stop(*nodes)
+
+
+def test_a_node_started_while_the_database_is_down_waits_for_it(
+    tmp_path: Path, pg_cluster: Any, pg_url: str
+) -> None:
+    """A host that boots before its database: the node says it waits, and starts working
+    once the database is up (it once exited at once, taking its name's lock before the
+    journal's wait). ``--once`` still fails at once, for cron to try again."""
+    (tmp_path / "inbox").mkdir()
+    cfg, _ = _configs(tmp_path, pg_url, str(tmp_path / "out"))
+    first = ServiceProcess(cfg).start()  # makes the schema
+    assert first.stop() == 0, first.log()
+    cfg.with_suffix(".log").unlink()
+    pg_cluster.stop()
+    try:
+        once = run_cli("-c", cfg, "--once", timeout=120)
+        assert once.returncode == 1 and "cannot reach the journal database" in once.stderr
+        node = ServiceProcess(cfg).start(wait_ready=False)
+        wait_until(lambda: "to take its lock: " in node.log() and "waiting for it" in node.log())
+        assert node.proc is not None and node.proc.poll() is None, node.log()
+    finally:
+        pg_cluster.start()
+    try:
+        wait_until(lambda: "watching" in node.log(), 120)
+        (tmp_path / "inbox" / "a.txt").write_bytes(b"once the database is up")
+        wait_until(lambda: (tmp_path / "out" / "a.txt").exists(), 60)
+        assert PASSWORD not in node.log() and "Traceback" not in node.log()
+    finally:
+        assert node.stop() == 0, node.log()

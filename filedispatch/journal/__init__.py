@@ -42,7 +42,13 @@ from .base import (
     number,
     planned_steps,
 )
-from .place import journal_lock, journal_path, state_folder, state_tag
+from .place import (
+    journal_lock,
+    journal_lock_when_ready,
+    journal_path,
+    state_folder,
+    state_tag,
+)
 from .sqlite import SqliteJournal
 from .sqlite_schema import MIGRATIONS
 from .target import Database, PostgresTarget
@@ -81,6 +87,7 @@ __all__ = [
     "Waiting",
     "default_path",
     "journal_lock",
+    "journal_lock_when_ready",
     "journal_path",
     "number",
     "open_journal",

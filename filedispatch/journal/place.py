@@ -6,17 +6,18 @@ Never opens the journal itself (``backends`` does).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..errors import JournalError, ServiceError
-from .backends import needs_psycopg
+from ..errors import JournalError, JournalUnavailableError, ServiceError
+from .backends import needs_psycopg, when_ready
 from .base import default_path
 from .target import Database, PostgresTarget
 
@@ -71,12 +72,38 @@ def journal_lock(database: Database, node: str | None = None) -> Iterator[None]:
 
 #: any number: the key of the one-service lock in a PostgreSQL database
 _SERVICE_LOCK = 0x66645F73
-#: the first half of a node name's lock (the second is the name's hash)
+#: the seed of a node name's lock key (the name's 64-bit hash)
 _NODE_LOCK = 0x66645F6E
 
 
-@contextlib.contextmanager
-def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def journal_lock_when_ready(
+    database: Database, node: str | None, stop: asyncio.Event | None
+) -> AsyncIterator[bool]:
+    """``journal_lock`` for a running service: a PostgreSQL database that cannot be reached
+    yet (a host booting before its database, a restart) is waited for as ``when_ready``
+    says, rather than an exit; True once the lock is held, False when ``stop`` came first.
+    Raises ServiceError as ``journal_lock`` does when another process holds it, and without
+    ``stop`` (a run that must not wait) when the database cannot be reached."""
+    if stop is None or not isinstance(database, PostgresTarget):
+        with journal_lock(database, node):
+            yield True
+        return
+    conn = await when_ready(
+        lambda: asyncio.to_thread(_lock_connection, database, JournalUnavailableError),
+        stop,
+        JournalUnavailableError,
+    )
+    if conn is None:
+        yield False
+        return
+    with _database_lock(database, node, conn):
+        yield True
+
+
+def _lock_connection(target: PostgresTarget, error: type[Exception] = ServiceError) -> Any:
+    """A connection to hold the lock on; raises ``error`` naming the database (never its
+    password) when it cannot be made."""
     try:
         with needs_psycopg():
             import psycopg
@@ -85,12 +112,18 @@ def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
     except JournalError as exc:
         raise ServiceError(str(exc)) from None
     try:
-        conn = psycopg.connect(conninfo(target), autocommit=True)
+        return psycopg.connect(conninfo(target), autocommit=True)
     except psycopg.Error as exc:
-        raise ServiceError(
+        raise error(
             f"cannot reach the journal database {target.shown} to take its lock: "
             f"{target.scrub(' '.join(str(exc).split()))}"
         ) from None
+
+
+@contextlib.contextmanager
+def _database_lock(target: PostgresTarget, node: str | None, conn: Any = None) -> Iterator[None]:
+    """The locks, on ``conn`` (made here when None); the connection is closed at the end."""
+    conn = conn or _lock_connection(target)
     try:
         if node is None:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
@@ -103,8 +136,11 @@ def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
                 f"another filedispatch is already running on the journal {target.shown}"
             )
         if node is not None:
+            # a 64-bit hash of the name (hashtextextended, PostgreSQL 11 and later): with
+            # the 32-bit hashtext two names could share a lock, found by a review by brute
+            # force (node-35394 and node-42840), and refuse each other
             row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (_NODE_LOCK, node)
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, %s))", (node, _NODE_LOCK)
             ).fetchone()
             if not row or not row[0]:
                 raise ServiceError(
