@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 from .asyncutil import first_completed
 from .config import Config, SourceConfig
-from .errors import JournalError, NodeConflictError
-from .journal import Journal, when_ready
+from .errors import JournalError, NodeConflictError, ServiceError
+from .journal import Journal, NameLock, when_ready
 from .watcher import SourceWatcher
 
 log = logging.getLogger("filedispatch.cluster")
@@ -54,8 +54,20 @@ class Membership:
     """
 
     def __init__(
-        self, journal: Journal, name: str, lease_s: float, shared: Sequence[str] = ()
+        self,
+        journal: Journal,
+        name: str,
+        lease_s: float,
+        shared: Sequence[str] = (),
+        hold: NameLock | None = None,
+        give_up: Callable[[str], None] | None = None,
     ) -> None:
+        """``hold``: the service's lock on its name, kept at each renewal; ``give_up(why)`` is
+        called when the name is no longer this node's (another live node took it): the
+        service must stop, and ``name_lost`` says why."""
+        self.hold = hold
+        self.give_up = give_up
+        self.name_lost: str | None = None
         self.journal = journal
         self.name = name
         self.lease_s = lease_s
@@ -147,9 +159,19 @@ class Membership:
             if self._expiry is not None:
                 self._expiry.cancel()
 
+    def _lose_name(self, why: str) -> None:
+        if self.name_lost is None:
+            self.name_lost = why
+            log.error("node %s stops: %s", self.name, why)
+            self._expired()
+            if self.give_up is not None:
+                self.give_up(f"the node name {self.name!r} is no longer this node's")
+
     async def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         sent = loop.time()
         try:
+            if self.hold is not None:  # its connection can be lost, and the lock with it
+                await asyncio.to_thread(self.hold.keep)
             if await self.journal.renew():
                 self._held_from(sent)
             else:
@@ -164,8 +186,8 @@ class Membership:
                         key,
                         "this node lists it now" if held else "another node lists it now",
                     )
-        except NodeConflictError as exc:
-            log.error("node %s cannot join again: %s", self.name, exc)
+        except (NodeConflictError, ServiceError) as exc:  # the name is another node's now
+            self._lose_name(str(exc))
         except JournalError as exc:
             # a renewal fails fast (it has a connection of its own): tried again every third
             # of the lease, told once

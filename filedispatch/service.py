@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .journal import (
     Journal,
     JournalHealth,
+    NameLock,
     journal_lock_when_ready,
     journal_path,
     open_when_ready,
@@ -277,7 +278,7 @@ class Service:
                 journal_lock_when_ready(self.db_path, node, wait) as held,
                 contextlib.AsyncExitStack() as stack,
             ):
-                return await self._run(stack) if held else 0
+                return await self._run(stack, held) if held else 0
         finally:
             for sig in installed:
                 if sig != signal.SIGIO:
@@ -290,7 +291,7 @@ class Service:
             for w in self.watchers:
                 w.request_rescan()
 
-    async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+    async def _run(self, stack: contextlib.AsyncExitStack, hold: NameLock) -> int:
         self._publish_secrets()
         journal = await open_when_ready(stack, self.db_path, self.stop_event)
         if journal is None:
@@ -298,7 +299,8 @@ class Service:
         self.journal = journal
         journal.on_health(self._on_journal_health)
         shared = [s.key for s in self.config.sources if s.shared]
-        self.membership = Membership(journal, node_name(self.config), self.config.lease, shared)
+        name, lease = node_name(self.config), self.config.lease
+        self.membership = Membership(journal, name, lease, shared, hold, self.request_stop)
         # before the resume, so the work of live nodes stays theirs
         if not await self.membership.start(self.stop_event):
             return 0
@@ -364,9 +366,8 @@ class Service:
             await self._watch(dispatch_task)
         finally:
             await self._shutdown(dispatch_stop, dispatch_task)
-        if self.options.once:
-            return 1 if self.summary.failed else 0
-        return 0
+        lost = self.membership.name_lost is not None  # another live node took the name
+        return 1 if lost or (self.options.once and self.summary.failed) else 0
 
     def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
         def make(config: SourceConfig) -> SourceWatcher:

@@ -858,3 +858,46 @@ def test_a_node_started_while_the_database_is_down_waits_for_it(
         assert PASSWORD not in node.log() and "Traceback" not in node.log()
     finally:
         assert node.stop() == 0, node.log()
+
+
+def _drop_name_locks(url: str) -> int:
+    """End the connections that hold advisory locks (a node's name lock), as a database
+    restart or an operator's pg_terminate_backend would; how many."""
+    import psycopg
+
+    with psycopg.connect(url, password=PASSWORD, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM (SELECT DISTINCT pid FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()) AS holders"
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_name_lock_lost_with_its_connection_is_taken_again(tmp_path: Path, pg_url: str) -> None:
+    """The database drops a node's name lock with its connection. The node takes it again at
+    its next renewal, so a second service with that name is still refused; and if the second
+    gets in first, one of the two stops (exit 1, saying why): never two nodes of one name."""
+    (tmp_path / "inbox").mkdir()
+    cfg, _ = _configs(tmp_path, pg_url, str(tmp_path / "out"))
+    twin = ServiceProcess(cfg.with_name("twin.yml"))
+    twin.config.write_text(cfg.read_text())
+    n1 = ServiceProcess(cfg).start()
+    try:
+        assert _drop_name_locks(pg_url) == 1
+        wait_until(lambda: "the journal's lock is held again" in n1.log(), 60)
+        again = run_cli("-c", cfg, timeout=60)
+        assert again.returncode == 1 and "already running as node 'n1'" in again.stderr
+        # the race: the lock dropped, and another service of that name starting at once
+        assert _drop_name_locks(pg_url) == 1
+        twin.start(wait_ready=False)
+        both = (n1, twin)
+        wait_until(lambda: any(n.proc is not None and n.proc.poll() is not None for n in both))
+        gone = next(n for n in both if n.proc is not None and n.proc.poll() is not None)
+        kept = twin if gone is n1 else n1
+        assert gone.proc is not None and gone.proc.wait() == 1, gone.log()
+        assert "'n1'" in gone.log() and "Traceback" not in gone.log()
+        (tmp_path / "inbox" / "a.txt").write_bytes(b"one node of that name works")
+        wait_until(lambda: (tmp_path / "out" / "a.txt").exists(), 60)
+        assert kept.proc is not None and kept.proc.poll() is None, kept.log()
+    finally:
+        _stop(*(n for n in (n1, twin) if n.proc is not None))

@@ -43,6 +43,7 @@ from .base import (
     planned_steps,
 )
 from .place import (
+    NameLock,
     journal_lock,
     journal_lock_when_ready,
     journal_path,
@@ -72,6 +73,7 @@ __all__ = [
     "JournalHealth",
     "JournalReader",
     "JournalState",
+    "NameLock",
     "NodeInfo",
     "OutcomeGroup",
     "PageQuery",

@@ -76,29 +76,66 @@ _SERVICE_LOCK = 0x66645F73
 _NODE_LOCK = 0x66645F6E
 
 
+class NameLock:
+    """A running service's hold on its journal: for PostgreSQL, the session advisory locks
+    on one connection. The database drops them with that connection (a restart, a
+    ``pg_terminate_backend``), and then a second service with this node's name could start:
+    ``keep`` notices, connects again and takes them again."""
+
+    def __init__(self, target: PostgresTarget | None, node: str | None, conn: Any) -> None:
+        self.target, self.node, self.conn = target, node, conn
+
+    def keep(self) -> None:
+        """Blocking (call it in a thread): check the hold; take it again if its connection
+        is gone. Raises ServiceError when another process took it meanwhile, JournalError
+        while the database cannot be reached (tried again at the next call)."""
+        if self.target is None:
+            return
+        with contextlib.suppress(Exception):
+            self.conn.execute("SELECT 1")
+            return
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.conn = _lock_connection(self.target, JournalError)
+        _take(self.conn, self.target, self.node, again=True)
+        log.info("the journal's lock is held again (its connection was lost)")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+
 @contextlib.asynccontextmanager
 async def journal_lock_when_ready(
     database: Database, node: str | None, stop: asyncio.Event | None
-) -> AsyncIterator[bool]:
+) -> AsyncIterator[NameLock | None]:
     """``journal_lock`` for a running service: a PostgreSQL database that cannot be reached
     yet (a host booting before its database, a restart) is waited for as ``when_ready``
-    says, rather than an exit; True once the lock is held, False when ``stop`` came first.
-    Raises ServiceError as ``journal_lock`` does when another process holds it, and without
-    ``stop`` (a run that must not wait) when the database cannot be reached."""
-    if stop is None or not isinstance(database, PostgresTarget):
+    says, rather than an exit. The hold (see ``NameLock.keep``), or None when ``stop`` came
+    first. Raises ServiceError as ``journal_lock`` does when another process holds it, and
+    without ``stop`` (a run that must not wait) when the database cannot be reached."""
+    if not isinstance(database, PostgresTarget):
         with journal_lock(database, node):
-            yield True
+            yield NameLock(None, node, None)
         return
-    conn = await when_ready(
-        lambda: asyncio.to_thread(_lock_connection, database, JournalUnavailableError),
-        stop,
-        JournalUnavailableError,
-    )
-    if conn is None:
-        yield False
-        return
-    with _database_lock(database, node, conn):
-        yield True
+    if stop is None:
+        conn = _lock_connection(database)
+    else:
+        conn = await when_ready(
+            lambda: asyncio.to_thread(_lock_connection, database, JournalUnavailableError),
+            stop,
+            JournalUnavailableError,
+        )
+        if conn is None:
+            yield None
+            return
+    held = NameLock(database, node, conn)
+    try:
+        _take(conn, database, node)
+        yield held
+    finally:
+        held.close()
 
 
 def _lock_connection(target: PostgresTarget, error: type[Exception] = ServiceError) -> Any:
@@ -121,36 +158,46 @@ def _lock_connection(target: PostgresTarget, error: type[Exception] = ServiceErr
 
 
 @contextlib.contextmanager
-def _database_lock(target: PostgresTarget, node: str | None, conn: Any = None) -> Iterator[None]:
-    """The locks, on ``conn`` (made here when None); the connection is closed at the end."""
-    conn = conn or _lock_connection(target)
+def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
+    """The locks, on a connection of their own, closed at the end."""
+    conn = _lock_connection(target)
     try:
-        if node is None:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
-        else:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock_shared(%s)", (_SERVICE_LOCK,)
-            ).fetchone()
-        if not row or not row[0]:
-            raise ServiceError(
-                f"another filedispatch is already running on the journal {target.shown}"
-            )
-        if node is not None:
-            # a 64-bit hash of the name (hashtextextended, PostgreSQL 11 and later): with
-            # the 32-bit hashtext two names could share a lock, found by a review by brute
-            # force (node-35394 and node-42840), and refuse each other
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(hashtextextended(%s, %s))", (node, _NODE_LOCK)
-            ).fetchone()
-            if not row or not row[0]:
-                raise ServiceError(
-                    f"another filedispatch is already running as node {node!r} on the journal "
-                    f"{target.shown}: give this one another name (node: in the config) or "
-                    "stop the other"
-                )
+        _take(conn, target, node)
         yield
     finally:
         conn.close()
+
+
+def _take(conn: Any, target: PostgresTarget, node: str | None, again: bool = False) -> None:
+    """Take the locks on ``conn``; ServiceError when another process holds one."""
+    if node is None:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
+    else:
+        row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (_SERVICE_LOCK,)).fetchone()
+    if not row or not row[0]:
+        raise ServiceError(
+            f"another filedispatch is {'now ' if again else 'already '}running on the journal "
+            f"{target.shown}"
+        )
+    if node is not None:
+        # a 64-bit hash of the name (hashtextextended, PostgreSQL 11 and later): with the
+        # 32-bit hashtext two names could share a lock, found by a review by brute force
+        # (node-35394 and node-42840), and refuse each other
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtextextended(%s, %s))", (node, _NODE_LOCK)
+        ).fetchone()
+        if not row or not row[0]:
+            if again:
+                raise ServiceError(
+                    f"another filedispatch took the node name {node!r} on the journal "
+                    f"{target.shown} while this one's lock was lost with its connection: "
+                    "this one stops; give each host its own name (node: in the config)"
+                )
+            raise ServiceError(
+                f"another filedispatch is already running as node {node!r} on the journal "
+                f"{target.shown}: give this one another name (node: in the config) or "
+                "stop the other"
+            )
 
 
 @contextlib.contextmanager
