@@ -76,8 +76,8 @@ def zone_info(name: str) -> ZoneInfo:
 
 
 def parse_duration(value: float | str) -> float:
-    """``90``, ``90s``, ``5m``, ``2h``, ``3d``, ``1w`` -> seconds (a float; a bare number is
-    seconds). Raises ValueError naming the examples."""
+    """``90``, ``500ms``, ``90s``, ``5m`` (or ``5min``), ``2h``, ``3d``, ``1w`` -> seconds (a
+    float; a bare number is seconds). Raises ValueError naming the examples."""
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or a string such as 5m")
     if isinstance(value, (int, float)):
@@ -88,6 +88,12 @@ def parse_duration(value: float | str) -> float:
     if not match:
         raise ValueError(f"{value!r} is not a duration (examples: 30, 30s, 5m, 2h, 3d, 1w)")
     return float(match.group(1)) * _DURATION_UNITS[(match.group(2) or "s").lower()]
+
+
+def _duration(value: object) -> object:
+    """A text such as ``90s``, ``30m``, ``1h``, ``2d`` as seconds (``parse_duration``); any
+    other value is left for the field's own type to check."""
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 #: an age in seconds (``min_age``/``max_age``); written with a unit or as seconds
@@ -103,10 +109,11 @@ Age = Annotated[
 MAX_SECONDS = 7 * 24 * 3600.0
 
 Size = Annotated[int, Field(ge=0, le=MAX_SIZE)]
-#: a duration in seconds, 0 allowed, finite and at most MAX_SECONDS
-Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
-#: a duration in seconds, more than 0, finite and at most MAX_SECONDS
-PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+#: a duration in seconds (or with a unit, see parse_duration), 0 allowed, finite and at most
+#: MAX_SECONDS
+Seconds = Annotated[float, BeforeValidator(_duration), Field(ge=0, le=MAX_SECONDS)]
+#: a duration in seconds (or with a unit), more than 0, finite and at most MAX_SECONDS
+PositiveSeconds = Annotated[float, BeforeValidator(_duration), Field(gt=0, le=MAX_SECONDS)]
 
 
 class Secret:
@@ -153,15 +160,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False
     )
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(value: object) -> object:
-    """A text such as ``90s``, ``30m``, ``1h``, ``2d`` as seconds (``parse_duration``); any
-    other value is left for the field's own type to check."""
-    return parse_duration(value) if isinstance(value, str) else value
 
 
 class RetryPolicy(_Model):
@@ -1224,8 +1222,9 @@ class Config(_Model):
     shutdown_grace: Seconds = 30.0  #: seconds in-flight work may take at shutdown
     #: this service's name among the nodes sharing a PostgreSQL journal (default: the host name)
     node: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
-    #: seconds a node's lease lasts unless renewed (on the database's clock)
-    lease: Annotated[PositiveSeconds, BeforeValidator(_duration)] = 30.0
+    #: seconds a node's lease lasts unless renewed (on the database's clock); at least one
+    #: second: it is renewed every third, and its statements get a third to answer
+    lease: Annotated[float, Field(ge=1, le=MAX_SECONDS), BeforeValidator(_duration)] = 30.0
     sources: list[SourceConfig] = Field(min_length=1)
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()

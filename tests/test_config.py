@@ -14,6 +14,7 @@ from filedispatch.config import (
     LocalDestination,
     load_config,
     parse_config,
+    parse_duration,
     parse_size,
     redact_url,
     secrets_of,
@@ -173,9 +174,28 @@ def test_the_node_and_its_lease() -> None:
     named = parse_config({**base, "lease": "2m", "node": "dispatch-a"})
     assert (named.lease, node_name(named)) == (120.0, "dispatch-a")
     assert parse_config({**base, "lease": 90}).lease == 90.0
-    for bad in (0, "-5s", "soon"):
+    assert parse_config({**base, "lease": "1s"}).lease == 1.0
+    for bad in (0, "-5s", "soon", 0.1, "500ms"):
         with pytest.raises(ConfigError, match="lease"):
             parse_config({**base, "lease": bad})
+
+
+def test_every_duration_unit_parses_in_every_duration_field() -> None:
+    """``ms``, ``min`` and ``w`` were matched by the pattern but missing from a second,
+    shorter table of units defined later in config.py: ``settle: 5min`` or ``min_age: 1w``
+    raised KeyError instead of loading (or being refused by name)."""
+    units = {"500ms": 0.5, "30": 30.0, "30s": 30.0, "5m": 300.0, "5min": 300.0, "2h": 7200.0}
+    units |= {"1d": 86400.0, "1w": 604800.0}
+    for text, seconds in units.items():
+        assert parse_duration(text) == seconds
+        cfg = parse_config(
+            {
+                "sources": [{"path": "/in", "settle": text, "rescan": text}],
+                "rules": [{"to": "/out", "min_age": text}],
+                "lease": text if seconds >= 1 else 1,
+            }
+        )
+        assert (cfg.sources[0].settle, cfg.rules[0].min_age) == (seconds, seconds)
 
 
 def test_a_shared_source_cannot_turn_polling_off() -> None:
