@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from filedispatch.config import load_config
 from filedispatch.errors import JournalError
 from filedispatch.models import FileVersion
@@ -257,3 +259,37 @@ def test_folders_the_kernel_will_not_watch_make_the_source_poll(workspace: dict[
     finally:
         assert svc.stop() == 0, svc.log()
     assert "Traceback" not in svc.log()
+
+
+def test_a_folder_the_service_cannot_read_is_not_a_refused_watch(tmp_path: Path) -> None:
+    """The service as an unprivileged user, with a subfolder it may not read (another
+    user's, mode 0700): neither the scan nor inotify can look into it. That is not the
+    kernel refusing watches, and the source must not fall back to polling for it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the service as another user")
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="fd-nobody-"))
+    try:
+        base.chmod(0o777)
+        ws = {"root": base, "inbox": base / "inbox", "outbox": base / "outbox", "db": base / "j.db"}
+        for name in ("inbox", "outbox"):
+            ws[name].mkdir()
+            ws[name].chmod(0o777)
+        (ws["inbox"] / "open").mkdir(mode=0o777)
+        (ws["inbox"] / "open").chmod(0o777)
+        (ws["inbox"] / "private").mkdir(mode=0o700)  # root's
+        config = cfg(ws, recursive=True, rescan=0)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        svc = ServiceProcess(config, wrap=nobody)
+        svc.start(wait_ready=False)
+        try:
+            wait_until(lambda: "watching 1 source(s)" in svc.log(), 60)  # watched, then listed
+            (ws["inbox"] / "open" / "a.txt").write_bytes(b"seen by its event")
+            (ws["inbox"] / "open" / "a.txt").chmod(0o644)
+            wait_until(lambda: (ws["outbox"] / "open" / "a.txt").exists(), 60)
+            assert "polling" not in svc.log(), svc.log()
+        finally:
+            assert svc.stop() == 0, svc.log()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

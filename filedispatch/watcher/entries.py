@@ -171,9 +171,11 @@ class Entries:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-                listed += not os.path.islink(folder)
                 # iterated, not listed: a DirEntry keeps its stat, 100,000 of them add up
                 with os.scandir(folder) as entries:
+                    # counted once it opens: a folder this process cannot read cannot be
+                    # watched either
+                    listed += not os.path.islink(folder)
                     for entry in entries:
                         found = self._entry(entry, root, follow, skips)
                         if found is None:
