@@ -27,8 +27,13 @@ from .mounts import LOCAL_FS, is_network_fs, mount_fstype
 
 log = logging.getLogger(__name__)
 
-#: files a scan hands on together, at most
-BATCH = 500
+#: files a scan hands on first: a small batch, so the first file goes out soon after the
+#: listing (its gates, routing and journal commit are those of a few files, not thousands)
+FIRST_BATCH = 64
+#: files a scan hands on together, at most; each batch doubles the last up to this. A large
+#: batch lets the inline lanes commit the rows of its next chunks while one chunk is moved
+#: (the commits of a batch of one chunk would each wait for the moves, and the moves for them)
+BATCH = 4096
 
 
 def _end_if_removed(changes: set[tuple[watchfiles.Change, str]], root: Path) -> None:
@@ -266,13 +271,15 @@ class SourceWatcher:
         now = time.time()
         consider = self.gates.consider
         ready: list[FileVersion] = []
+        batch = FIRST_BATCH
         for mtime, rel, size, ino, ctime, dev in listing:
             v = consider(rel, size, mtime, now, (ino, ctime, dev))
             if v is not None:
                 ready.append(v)
-                if len(ready) >= BATCH:
+                if len(ready) >= batch:
                     skips["unmatched"] += await self.batches.emit(ready)
                     ready = []
+                    batch = min(batch * 2, BATCH)
         skips["unmatched"] += await self.batches.emit(ready)
         self.skipped = no_skips() | skips
 
