@@ -251,11 +251,12 @@ def make_waiting(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-def once_backlog(root: Path, n: int, code: str | None = None) -> tuple[float, float, float]:
+def once_backlog(root: Path, n: int, code: str | None = None) -> tuple[float, float, float, float]:
     """``--once`` over ``n`` files waiting, ``mode: move``, the default config otherwise (the
     API and console are off with ``--once``; INFO logging): seconds from the start of the
-    process to the first file moved and to its exit, and its peak RSS in MiB (``code``: a
-    checkout of filedispatch to run instead of this one)."""
+    process to the first file moved and to its exit, its peak RSS in MiB, and the CPU seconds
+    (user + system) it used (``code``: a checkout of filedispatch to run instead of this one).
+    """
     inbox, outbox = root / "inbox", root / "outbox"
     make_waiting(inbox, n)
     outbox.mkdir()
@@ -294,7 +295,7 @@ def once_backlog(root: Path, n: int, code: str | None = None) -> tuple[float, fl
     proc.returncode = os.waitstatus_to_exitcode(status)
     if len(os.listdir(outbox)) != n or proc.returncode != 0:
         print(f"  warning: exit {proc.returncode}, {len(os.listdir(outbox))} of {n} moved")
-    return first, total, usage.ru_maxrss / 1024
+    return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def baseline_rclone(root: Path, n: int) -> float | None:
@@ -326,19 +327,21 @@ def once(base: Path, n: int, rounds: int, before: str | None = None) -> None:
     """``--once`` over a backlog against a rename loop and ``rclone move`` of the same number
     of files, alternated; medians of ``rounds`` (with ``before``: that checkout too)."""
     runs: dict[str, list[float]] = {"rename": [], "rclone": [], "first": [], "total": []}
-    runs |= {"python": [], "before_first": [], "before_total": []}
+    runs |= {"python": [], "cpu": [], "before_first": [], "before_total": [], "before_cpu": []}
     for i in range(rounds):
         if before is not None:
-            first, total, _ = once_backlog(base / f"once-before-{i}", n, code=before)
+            first, total, _, cpu = once_backlog(base / f"once-before-{i}", n, code=before)
             runs["before_first"].append(first)
             runs["before_total"].append(total)
+            runs["before_cpu"].append(cpu)
         runs["rename"].append(n / baseline_rename(base / f"once-rn-{i}", n))
         rc = baseline_rclone(base / f"once-rc-{i}", n)
         if rc is not None:
             runs["rclone"].append(rc)
-        first, total, _ = once_backlog(base / f"once-fd-{i}", n)
+        first, total, _, cpu = once_backlog(base / f"once-fd-{i}", n)
         runs["first"].append(first)
         runs["total"].append(total)
+        runs["cpu"].append(cpu)
         runs["python"].append(python_start())
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     print(f"  (median of {rounds} alternated rounds; seconds, process start included)")
@@ -347,7 +350,7 @@ def once(base: Path, n: int, rounds: int, before: str | None = None) -> None:
         print(f"  rclone move             {med['rclone']:8.3f} s")
     else:
         print("  rclone move             (not installed: apt-get install rclone)")
-    print(f"  filedispatch --once     {med['total']:8.3f} s")
+    print(f"  filedispatch --once     {med['total']:8.3f} s   ({med['cpu']:.3f} s of CPU)")
     print(f"  ratio to os.rename      {med['total'] / med['rename']:8.2f}x   (target <= 3)")
     if "rclone" in med:
         print(f"  ratio to rclone move    {med['total'] / med['rclone']:8.2f}x   (target < 1)")
@@ -358,8 +361,8 @@ def once(base: Path, n: int, rounds: int, before: str | None = None) -> None:
     if before is not None:
         print(
             f"  {before}: --once {med['before_total']:.3f} s "
-            f"({med['before_total'] / med['rename']:.2f}x os.rename), first file moved after "
-            f"{med['before_first']:.3f} s"
+            f"({med['before_total'] / med['rename']:.2f}x os.rename; {med['before_cpu']:.3f} s "
+            f"of CPU), first file moved after {med['before_first']:.3f} s"
         )
 
 
