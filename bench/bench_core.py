@@ -240,12 +240,25 @@ def peak_rss_mib(root: Path, n: int, code: str | None = None) -> float:
     return usage.ru_maxrss / 1024
 
 
-def once_backlog(root: Path, n: int) -> tuple[float, float, float]:
+def make_waiting(folder: Path, n: int) -> list[Path]:
+    """``n`` files that have been waiting a while: their mtime a minute back, so the default
+    ``settle`` (1 s) has passed for all of them, as it has for a real backlog (files written
+    just before the start would be held back by the gate, and the run would time the gate)."""
+    paths = make_files(folder, n)
+    old = time.time() - 60
+    for p in paths:
+        os.utime(p, (old, old))
+    return paths
+
+
+def once_backlog(root: Path, n: int, code: str | None = None) -> tuple[float, float, float, float]:
     """``--once`` over ``n`` files waiting, ``mode: move``, the default config otherwise (the
     API and console are off with ``--once``; INFO logging): seconds from the start of the
-    process to the first file moved and to its exit, and its peak RSS in MiB."""
+    process to the first file moved and to its exit, its peak RSS in MiB, and the CPU seconds
+    (user + system) it used (``code``: a checkout of filedispatch to run instead of this one).
+    """
     inbox, outbox = root / "inbox", root / "outbox"
-    make_files(inbox, n)
+    make_waiting(inbox, n)
     outbox.mkdir()
     cfg = root / "config.yml"
     cfg.write_text(
@@ -257,11 +270,16 @@ def once_backlog(root: Path, n: int) -> tuple[float, float, float]:
             }
         )
     )
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = code
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "filedispatch", "-c", str(cfg), "--once"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=code,
     )
     first = float("nan")
     while True:  # a cheap look: the folder's link count does not change, its size does
@@ -277,14 +295,17 @@ def once_backlog(root: Path, n: int) -> tuple[float, float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if len(os.listdir(outbox)) != n or proc.returncode != 0:
         print(f"  warning: exit {proc.returncode}, {len(os.listdir(outbox))} of {n} moved")
-    return first, total, usage.ru_maxrss / 1024
+    return first, total, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 def baseline_rclone(root: Path, n: int) -> float | None:
-    """Seconds of ``rclone move SRC DST`` over ``n`` files (local to local: renames)."""
+    """Seconds of ``rclone move SRC DST`` over ``n`` files (local to local: renames). DST
+    exists, as filedispatch's destination does: into a missing DST, rclone renames the
+    whole folder at once (its server-side DirMove) and moves no file by itself."""
     if shutil.which("rclone") is None:
         return None
-    make_files(root / "rc-src", n)
+    make_waiting(root / "rc-src", n)
+    (root / "rc-dst").mkdir()
     t0 = time.perf_counter()
     subprocess.run(
         ["rclone", "move", str(root / "rc-src"), str(root / "rc-dst")],
@@ -302,19 +323,25 @@ def python_start() -> float:
     return time.perf_counter() - t0
 
 
-def once(base: Path, n: int, rounds: int) -> None:
+def once(base: Path, n: int, rounds: int, before: str | None = None) -> None:
     """``--once`` over a backlog against a rename loop and ``rclone move`` of the same number
-    of files, alternated; medians of ``rounds``."""
+    of files, alternated; medians of ``rounds`` (with ``before``: that checkout too)."""
     runs: dict[str, list[float]] = {"rename": [], "rclone": [], "first": [], "total": []}
-    runs["python"] = []
+    runs |= {"python": [], "cpu": [], "before_first": [], "before_total": [], "before_cpu": []}
     for i in range(rounds):
+        if before is not None:
+            first, total, _, cpu = once_backlog(base / f"once-before-{i}", n, code=before)
+            runs["before_first"].append(first)
+            runs["before_total"].append(total)
+            runs["before_cpu"].append(cpu)
         runs["rename"].append(n / baseline_rename(base / f"once-rn-{i}", n))
         rc = baseline_rclone(base / f"once-rc-{i}", n)
         if rc is not None:
             runs["rclone"].append(rc)
-        first, total, _ = once_backlog(base / f"once-fd-{i}", n)
+        first, total, _, cpu = once_backlog(base / f"once-fd-{i}", n)
         runs["first"].append(first)
         runs["total"].append(total)
+        runs["cpu"].append(cpu)
         runs["python"].append(python_start())
     med = {k: statistics.median(v) for k, v in runs.items() if v}
     print(f"  (median of {rounds} alternated rounds; seconds, process start included)")
@@ -323,7 +350,7 @@ def once(base: Path, n: int, rounds: int) -> None:
         print(f"  rclone move             {med['rclone']:8.3f} s")
     else:
         print("  rclone move             (not installed: apt-get install rclone)")
-    print(f"  filedispatch --once     {med['total']:8.3f} s")
+    print(f"  filedispatch --once     {med['total']:8.3f} s   ({med['cpu']:.3f} s of CPU)")
     print(f"  ratio to os.rename      {med['total'] / med['rename']:8.2f}x   (target <= 3)")
     if "rclone" in med:
         print(f"  ratio to rclone move    {med['total'] / med['rclone']:8.2f}x   (target < 1)")
@@ -331,6 +358,12 @@ def once(base: Path, n: int, rounds: int) -> None:
         f"  first file moved after  {med['first']:8.3f} s   (target < 0.3; a bare python "
         f"starts and ends in {med['python']:.3f} s)"
     )
+    if before is not None:
+        print(
+            f"  {before}: --once {med['before_total']:.3f} s "
+            f"({med['before_total'] / med['rename']:.2f}x os.rename; {med['before_cpu']:.3f} s "
+            f"of CPU), first file moved after {med['before_first']:.3f} s"
+        )
 
 
 def gates(base: Path, n: int, rounds: int, before: str | None) -> None:
@@ -380,15 +413,18 @@ def memory(base: Path, n: int, before: str | None = None) -> None:
         print(f"  {before}: peak RSS {old:7.1f} MiB")
 
 
-def installed_bytecode(prefix: Path) -> None:
+def installed_bytecode(prefix: Path, before: str | None = None) -> None:
     """Run the service as an installed one does: from compiled bytecode (pip compiles a
     package as it installs it). Without this, a checkout under PYTHONDONTWRITEBYTECODE
     compiles the modules it imports (60 for `--once`) at every start, about 0.4 s of CPU
-    that no installed service pays."""
+    that no installed service pays. ``before``: an older checkout, compiled alike."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)  # beside the bench's files, not the code
-    package = Path(__file__).resolve().parent.parent / "filedispatch"
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+    packages = [Path(__file__).resolve().parent.parent / "filedispatch"]
+    if before is not None:
+        packages.append(Path(before).resolve() / "filedispatch")
+    for package in packages:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
 
 
 def main() -> None:
@@ -403,7 +439,8 @@ def main() -> None:
     parser.add_argument(
         "--before",
         metavar="PATH",
-        help="a checkout of filedispatch without the gates, run in the gates section too",
+        help="an older checkout of filedispatch, run beside this one in the gates, --once and "
+        "memory sections",
     )
     parser.add_argument(
         "--only-gates", action="store_true", help="run only the gates section (with --files)"
@@ -417,11 +454,11 @@ def main() -> None:
     if args.quick:
         args.files, args.trickle, args.backlog = 2000, 60, 10_000
     base = Path(tempfile.mkdtemp(prefix="fd-bench-"))
-    installed_bytecode(base / "pycache")
+    installed_bytecode(base / "pycache", args.before)
     try:
         if args.only_once:
             print(f"== --once: {args.files} x 4 KiB waiting, mode: move, default config")
-            once(base / "o", args.files, args.gate_rounds)
+            once(base / "o", args.files, args.gate_rounds, args.before)
             memory(base / "m", args.backlog, args.before)
             return
         print(f"== gates: {args.files} x 4 KiB moved, open-writers gate on and off")
@@ -459,7 +496,7 @@ def main() -> None:
         print(f"  p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   (target p99 <= 100)")
 
         print(f"== --once: {args.files} x 4 KiB waiting, mode: move, default config")
-        once(base / "o", args.files, args.gate_rounds)
+        once(base / "o", args.files, args.gate_rounds, args.before)
         memory(base / "m", args.backlog, args.before)
     finally:
         shutil.rmtree(base, ignore_errors=True)

@@ -10,10 +10,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-import puremagic
-
 from .config import Config, PythonStep
-from .learn.extract import looks_like_text
 from .models import FileVersion
 from .sourcefile import read_head
 
@@ -41,6 +38,10 @@ def import_object(spec: str) -> Any:
 def detect_mime(version: FileVersion) -> str | None:
     """The MIME type the version's first bytes show (None when unknown, unreadable, or no longer
     that version). Read through ``sourcefile``: never a link out of the source, never a FIFO."""
+    import puremagic  # a config without mime: conditions never loads it
+
+    from .learn.extract import looks_like_text
+
     head = read_head(version, SNIFF_BYTES)
     if not head:
         return None

@@ -8,8 +8,6 @@ log line nor leak a password, whichever logger wrote it and whichever handler wr
 from __future__ import annotations
 
 import logging
-import logging.config
-import logging.handlers
 import sys
 import traceback
 from collections.abc import Iterable, Iterator
@@ -105,11 +103,13 @@ def setup(
     level is INFO.
     """
     if log_config is not None:
+        from logging.config import dictConfig  # a dozen modules only --log-config needs
+
         try:
             data = yaml.safe_load(Path(log_config).read_text(encoding="utf-8"))
             # dictConfig's default would silence every filedispatch logger already imported
             data.setdefault("disable_existing_loggers", False)
-            logging.config.dictConfig(data)
+            dictConfig(data)
         except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
             problem = f"not a usable logging configuration: {exc}"
             raise ConfigError(str(log_config), [problem]) from exc
@@ -118,8 +118,10 @@ def setup(
     else:
         handler: logging.Handler
         if log_file is not None:
+            from logging.handlers import WatchedFileHandler
+
             Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+            handler = WatchedFileHandler(log_file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT))

@@ -3,11 +3,13 @@ names what to type (the real CLI, as a subprocess)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import cli_env, old, run_cli, write_config
 from .ops import ops_config
 
 SUBCOMMANDS = [
@@ -112,3 +114,61 @@ def test_check_names_missing_tls_and_ssh_files_and_a_source_to_create(tmp_path: 
     assert f"rules[0].to[1].ca_file: {tmp_path / 'no_ca.pem'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert f"{tmp_path / 'not-yet'} does not exist yet; the service creates it" in result.stdout
+
+
+#: modules a ``--once`` run of a config that uses none of them must not import: each costs
+#: start-up time before the first file moves (issue 16), and most are optional extras
+NOT_FOR_A_LOCAL_ONCE = [
+    "aiohttp",  # the API (off under --once)
+    "aiomonitor",  # the console (off under --once)
+    "filedispatch.api",
+    "filedispatch.monitor",
+    "apprise",  # notifications: no notify targets
+    "psycopg",  # an SQLite journal
+    "aiobotocore",  # no S3 destination
+    "asyncssh",  # no SFTP destination
+    "aioftp",  # no FTP destination
+    "sklearn",  # no learned rule
+    "pypdf",
+    "filedispatch.learn.model",
+    "puremagic",  # no mime: condition
+    "logging.config",  # no --log-config
+    "logging.handlers",  # no --log-file
+]
+
+#: the real CLI, started as ``python -m filedispatch`` starts it, writing the names of the
+#: modules loaded at its exit to the file named by its first argument
+_REPORT_MODULES = """
+import atexit, runpy, sys
+report, sys.argv = sys.argv[1], ["filedispatch", *sys.argv[2:]]
+atexit.register(lambda: open(report, "w").write("\\n".join(sorted(sys.modules))))
+runpy.run_module("filedispatch", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_once_imports_only_what_its_config_uses(tmp_path: Path) -> None:
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    old(inbox / "a.txt", b"a")
+    # the default config otherwise: the API and the console are on by default
+    cfg = write_config(
+        tmp_path / "config.yml",
+        {
+            "database": str(tmp_path / "journal.db"),
+            "sources": [{"path": str(inbox)}],
+            "rules": [{"name": "all", "glob": "*", "to": {"url": str(outbox), "mode": "move"}}],
+        },
+    )
+    report = tmp_path / "modules.txt"
+    result = subprocess.run(
+        [sys.executable, "-c", _REPORT_MODULES, str(report), "-c", str(cfg), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (outbox / "a.txt").read_bytes() == b"a"
+    loaded = set(report.read_text().split())
+    assert "filedispatch.service" in loaded  # the report is the service's own
+    found = [m for m in NOT_FOR_A_LOCAL_ONCE if m in loaded]
+    assert not found, f"--once of a local config imported {found}"

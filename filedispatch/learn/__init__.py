@@ -123,6 +123,8 @@ class Learned:
     def refresh(self, folders: list[Path], strict: bool = False) -> list[Path]:
         """Train (or load from the cache) each folder whose examples changed; returns those
         retrained. ``strict``: raise ValueError instead of logging a folder that cannot train."""
+        if not folders:  # no rule learns: nothing to load (not even the model module)
+            return []
         from .model import find_examples, fingerprint, load_or_train, prune
 
         changed = []

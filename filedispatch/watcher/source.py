@@ -28,7 +28,12 @@ from .mounts import LOCAL_FS, is_network_fs, mount_fstype
 
 log = logging.getLogger(__name__)
 
-#: files a scan hands on together, at most
+#: files a scan hands on first: a small batch, so the first file goes out soon after the
+#: listing (its gates, routing and journal commit are those of a few files, not thousands)
+FIRST_BATCH = 64
+#: files a scan hands on together, at most; each batch doubles the last up to this. Larger
+#: batches (4,096) did not make a 10,000-file --once measurably faster (its CPU is the
+#: same), and would leave longer between a batch's open-writers check and its last move
 BATCH = 500
 
 
@@ -334,13 +339,15 @@ class SourceWatcher:
         now = time.time()
         consider = self.gates.consider
         ready: list[FileVersion] = []
+        batch = FIRST_BATCH
         for mtime, rel, size, ino, ctime, dev in listing:
             v = consider(rel, size, mtime, now, (ino, ctime, dev))
             if v is not None:
                 ready.append(v)
-                if len(ready) >= BATCH:
+                if len(ready) >= batch:
                     skips["unmatched"] += await self.batches.emit(ready)
                     ready = []
+                    batch = min(batch * 2, BATCH)
         skips["unmatched"] += await self.batches.emit(ready)
         self.skipped = no_skips() | skips
 
