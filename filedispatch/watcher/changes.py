@@ -32,6 +32,8 @@ from pathlib import Path
 from watchfiles import Change
 from watchfiles._rust_notify import RustNotify
 
+from .. import fastpath
+
 #: (step, how long it lasts without a change) in ms, hot to idle: a batch starts over at the
 #: first, a quiet spell moves on to the next; the last lasts until a change comes
 PACE = ((2, 1_000), (20, 30_000), (200, 0))
@@ -72,7 +74,10 @@ async def watch_changes(
     """
     halt = _Stop()
     loop = asyncio.get_running_loop()
+    others = fastpath.inotify_fds() if not force_polling else set()
     notify = RustNotify([str(root)], False, force_polling, poll_delay_ms, recursive, True)
+    if not force_polling:  # the service's own opens of the folder's files wake no thread
+        fastpath.quiet_opens(root, fastpath.inotify_fds() - others)
     # a thread of its own: an idle watch holds it for as long as the folder is quiet, which
     # the shared default executor (a few threads for every stat and hash) cannot spare
     thread = ThreadPoolExecutor(1, thread_name_prefix=f"watch {root.name}")
