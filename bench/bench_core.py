@@ -2,7 +2,7 @@
 measured in the same run. Prints figures; asserts nothing (timings never go in the test suite).
 
     python bench/bench_core.py [--files 10000] [--trickle 200] [--backlog 100000] [--quick]
-        [--gate-rounds 3] [--before PATH-TO-AN-OLDER-CHECKOUT] [--only-gates] [--only-once]
+        [--gate-rounds 5] [--before PATH-TO-AN-OLDER-CHECKOUT] [--only-gates] [--only-once]
 """
 
 from __future__ import annotations
@@ -462,7 +462,7 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument(
-        "--gate-rounds", type=int, default=3, help="bursts per setting in the gates section"
+        "--gate-rounds", type=int, default=5, help="bursts per setting in the gates section"
     )
     parser.add_argument(
         "--before",
