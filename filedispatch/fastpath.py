@@ -163,8 +163,12 @@ def quiet_opens(folder: str | os.PathLike[str], fds: set[int]) -> int:
     changed = 0
     try:
         st = os.fstat(top)
-        # /proc shows the kernel's dev_t: major << 20 | minor
-        want = (st.st_ino, os.major(st.st_dev) << 20 | os.minor(st.st_dev))
+    except OSError:
+        os.close(top)
+        return 0
+    # /proc shows the kernel's dev_t: major << 20 | minor
+    want = (st.st_ino, os.major(st.st_dev) << 20 | os.minor(st.st_dev))
+    try:
         for fd, (wd, ino, dev), mask in _inotify_watches(fds):
             if mask & _IN_OPEN and (ino, dev) == want:
                 new = (mask & _IN_ARG_BITS & ~_IN_OPEN) | _IN_ONLYDIR
