@@ -8,8 +8,9 @@ stat by name, ``rename``, an lstat of the result), looking at each first as the 
   lstat), the handle reopened through ``/proc/PID/fd`` and a read lease asked, both closed
   (``open_writers: check``);
 
-each with and without a watchfiles watch on the folder (a real open raises an inotify
-``IN_OPEN`` that its thread reads, as in the service). Prints the CPU time (user + system of
+each with no watch on the folder, with a watchfiles watch as watchfiles makes it (a real open
+raises an inotify ``IN_OPEN`` that wakes its thread), and with that watch as the service
+keeps it (``fastpath.quiet_opens``: no ``IN_OPEN``). Prints the CPU time (user + system of
 the whole process, watch thread included) per file, medians of alternated rounds.
 Timings never go in the test suite; see docs/benchmarks.md.
 
@@ -31,13 +32,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import watchfiles
+from watchfiles._rust_notify import RustNotify
+
+from filedispatch import fastpath
 
 PATH = os.O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW
 READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def one_round(base: Path, n: int, look: str, watch: bool) -> float:
+def one_round(base: Path, n: int, look: str, watch: str) -> float:
     """CPU microseconds per file for one loop over ``n`` files."""
     src, dst = base / "src", base / "dst"
     shutil.rmtree(base, ignore_errors=True)
@@ -64,16 +67,13 @@ def one_round(base: Path, n: int, look: str, watch: bool) -> float:
 
     first: Callable[[str], None] = by_lease if look == "lease" else by_lstat
     stop = threading.Event()
-    watcher = None
-    if watch:
-
-        def run() -> None:
-            for _ in watchfiles.watch(
-                src, watch_filter=None, debounce=50, step=10, stop_event=stop
-            ):
-                pass
-
-        watcher = threading.Thread(target=run, daemon=True)
+    watcher = notify = None
+    if watch != "none":
+        others = fastpath.inotify_fds()
+        notify = RustNotify([str(src)], False, False, 50, False, True)
+        if watch == "quiet":
+            fastpath.quiet_opens(src, fastpath.inotify_fds() - others)
+        watcher = threading.Thread(target=notify.watch, args=(50, 10, 600_000, stop), daemon=True)
         watcher.start()
         time.sleep(0.5)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -88,6 +88,8 @@ def one_round(base: Path, n: int, look: str, watch: bool) -> float:
     stop.set()
     if watcher is not None:
         watcher.join(5)
+    if notify is not None:
+        notify.close()
     for fd in (top, out, proc):
         os.close(fd)
     used = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -104,8 +106,9 @@ def main() -> None:
         args.files, args.rounds = 2000, 3
     signal.signal(signal.SIGIO, signal.SIG_IGN)  # as the service does
     base = Path(tempfile.mkdtemp(prefix="fd-floor-"))
-    kinds = [(look, watch) for watch in (False, True) for look in ("lstat", "lease")]
-    cpu: dict[tuple[str, bool], list[float]] = {k: [] for k in kinds}
+    watches = ("none", "watch", "quiet")
+    kinds = [(look, watch) for watch in watches for look in ("lstat", "lease")]
+    cpu: dict[tuple[str, str], list[float]] = {k: [] for k in kinds}
     try:
         for _ in range(args.rounds):
             for look, watch in kinds:
@@ -114,9 +117,10 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in cpu.items()}
     print(f"== gate floor: {args.files} x 4 KiB renamed, median of {args.rounds} rounds")
-    for watch in (False, True):
+    labels = {"none": "no watch", "watch": "watchfiles' watch", "quiet": "without IN_OPEN"}
+    for watch in watches:
         plain, leased = med[("lstat", watch)], med[("lease", watch)]
-        label = "with a watch" if watch else "no watch    "
+        label = f"{labels[watch]:18s}"
         print(
             f"  {label}  lstat {plain:6.1f} us/file  lease {leased:6.1f} us/file  "
             f"difference {leased - plain:5.1f} us"

@@ -9,12 +9,13 @@ reflinks (``FICLONE``), kernel copies (``copy_file_range``, ``sendfile``; off, a
 copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads (``read_cached``: HTTP, FTP,
 SFTP; off, every read in a thread), and the dispatcher's inline
 lanes (the inline move and the batched copies; with the switch off every file goes through
-the workers).
+the workers), and ``quiet_opens`` (a watch that is not woken by our own opens).
 This module never decides what is delivered or when the source goes: only how fast.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -50,6 +51,17 @@ _renameat2 = _libc_function(
 _sync_file_range = _libc_function(
     "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
 )
+
+#: inotify_add_watch(2), to take IN_OPEN out of a watch (``quiet_opens``)
+_inotify_add_watch = _libc_function(
+    "inotify_add_watch", ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32
+)
+_inotify_rm_watch = _libc_function("inotify_rm_watch", ctypes.c_int, ctypes.c_int)
+_IN_OPEN = 0x20
+#: what inotify_add_watch takes back of a watch's mask as /proc shows it: the events
+#: (IN_ALL_EVENTS) and IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK, IN_ONESHOT
+_IN_ARG_BITS = 0xFFF | 0x01000000 | 0x02000000 | 0x04000000 | 0x80000000
+_IN_ONLYDIR = 0x01000000
 
 #: the dispatcher's inline lanes (an inline rename per file, copies in batches) are used
 INLINE_LANES = ENABLED
@@ -106,6 +118,87 @@ def rename_noreplace(
         if exc.errno == errno.EXDEV:
             raise RenameUnavailable(exc.strerror) from exc
         raise
+
+
+def inotify_fds() -> set[int]:
+    """The descriptors of this process that are inotify instances (none without /proc):
+    taken before and after a watch is made, the difference is its own (see ``quiet_opens``,
+    and the watch's coverage check in watcher/changes.py, which holds with the switch off
+    too)."""
+    found = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return set()
+    for name in names:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
+                found.add(int(name))
+    return found
+
+
+def quiet_opens(folder: str | os.PathLike[str], fds: set[int]) -> int:
+    """Take ``IN_OPEN`` out of the watches on ``folder`` of the inotify instances ``fds``
+    (those of the watch just made: see ``inotify_fds``; nobody else's watch is touched);
+    returns how many watches were changed (0 where none could be, or the switch is off: the
+    watch then goes on as it was).
+
+    watchfiles' notify thread asks for IN_OPEN, then drops the events it gets (an open is no
+    change). Every file the service opened in the folder (the open-writers gate's lease, a
+    copy, an upload) made the kernel queue such an event and wake that thread: about 6 us of
+    CPU a file on a 2-CPU VM, more than the lease's own system calls. No other event is
+    touched, so the changes seen are the same.
+
+    The watch is found in ``/proc/self/fdinfo/N`` (the folder's device and inode), and its
+    mask set again through a descriptor of that very folder (``/proc/self/fd/M``), so a
+    folder renamed or replaced meanwhile is never given a watch of ours.
+    """
+    if not ENABLED or not fds or _inotify_add_watch is None or _inotify_rm_watch is None:
+        return 0
+    try:
+        top = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    changed = 0
+    try:
+        st = os.fstat(top)
+    except OSError:
+        os.close(top)
+        return 0
+    # /proc shows the kernel's dev_t: major << 20 | minor
+    want = (st.st_ino, os.major(st.st_dev) << 20 | os.minor(st.st_dev))
+    try:
+        for fd, (wd, ino, dev), mask in _inotify_watches(fds):
+            if mask & _IN_OPEN and (ino, dev) == want:
+                new = (mask & _IN_ARG_BITS & ~_IN_OPEN) | _IN_ONLYDIR
+                got = _inotify_add_watch(fd, f"/proc/self/fd/{top}".encode(), new)
+                if got == wd:
+                    changed += 1
+                elif got >= 0:  # not that watch after all (the folder went): take ours away
+                    _inotify_rm_watch(fd, got)
+    finally:
+        os.close(top)
+    return changed
+
+
+def _inotify_watches(fds: set[int]) -> list[tuple[int, tuple[int, int, int], int]]:
+    """(inotify descriptor, (wd, inode, kernel device), mask) of each watch of the inotify
+    instances ``fds``, from /proc/self/fdinfo."""
+    found = []
+    for fd in sorted(fds):
+        try:
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+                lines = [line.split() for line in info if line.startswith("inotify wd:")]
+        except (OSError, ValueError):
+            continue  # closed meanwhile, or not what we expect
+        for fields in lines:
+            try:
+                kv = dict(field.split(":", 1) for field in fields[1:] if ":" in field)
+                key = (int(kv["wd"], 16), int(kv["ino"], 16), int(kv["sdev"], 16))
+                found.append((fd, key, int(kv["mask"], 16)))
+            except (KeyError, ValueError):
+                continue
+    return found
 
 
 def start_writeback(fd: int) -> None:

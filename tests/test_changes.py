@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -11,8 +13,11 @@ from pathlib import Path
 import pytest
 from watchfiles import Change
 
+from filedispatch import fastpath
 from filedispatch.watcher import changes
 from filedispatch.watcher.changes import Changes, watch_changes
+
+from .conftest import needs_fastpath
 
 
 def _watch(root: Path, stop: asyncio.Event) -> AsyncGenerator[Changes, None]:
@@ -101,3 +106,74 @@ async def test_idle_watches_leave_the_shared_executor_free(tmp_path: Path) -> No
         async with asyncio.timeout(30):
             assert await pending is None
         await feed.aclose()
+
+
+#: inotify event bits (linux/inotify.h)
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_OPEN = 0x2, 0x4, 0x8, 0x20
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+
+
+def _watch_masks(folder: Path) -> dict[int, int]:
+    """inotify descriptor -> event mask of this process's watches on ``folder``, as the kernel
+    shows them in /proc/self/fdinfo (its inode, and its device as the kernel writes it)."""
+    st = os.stat(folder)
+    want = (f"ino:{st.st_ino:x}", f"sdev:{os.major(st.st_dev) << 20 | os.minor(st.st_dev):x}")
+    masks = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                for line in info:
+                    fields = line.split()
+                    if line.startswith("inotify ") and all(w in fields for w in want):
+                        masks |= {int(fd): int(f[5:], 16) for f in fields if f[:5] == "mask:"}
+    return masks
+
+
+async def _masks_of_a_watch(folder: Path) -> tuple[int, int, bool]:
+    """With a watch of our own on ``folder`` (IN_OPEN and IN_CREATE, made first): its mask and
+    the feed's watch's mask once that is in place, and whether a file written there afterwards
+    is still seen."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert own >= 0 and libc.inotify_add_watch(own, bytes(folder), IN_OPEN | IN_CREATE) >= 0
+    stop = asyncio.Event()
+    feed = _watch(folder, stop)
+    try:
+        async with contextlib.aclosing(feed):
+            seen = asyncio.ensure_future(_next_with(feed, folder / "a.txt"))
+            await _until(lambda: bool(_watch_threads()))
+            masks = _watch_masks(folder)
+            (folder / "a.txt").write_text("a")
+            await seen
+            stop.set()
+    finally:
+        os.close(own)
+    assert len(masks) == 2, masks
+    theirs = next(mask for fd, mask in masks.items() if fd != own)
+    return masks[own], theirs, seen.done()
+
+
+@needs_fastpath
+async def test_the_services_own_opens_wake_no_watch(tmp_path: Path) -> None:
+    """watchfiles asks the kernel for IN_OPEN and drops those events; each file the service
+    opened in the folder (a lease, a copy) woke its thread for nothing, half of what the
+    open-writers gate cost. The watch keeps every other event, and files are still seen;
+    another watch on the same folder (not the feed's) is left as it was."""
+    own, theirs, seen = await _masks_of_a_watch(tmp_path)
+    assert not theirs & IN_OPEN
+    wanted = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE
+    assert theirs & (wanted | IN_DELETE) == wanted | IN_DELETE
+    assert own == IN_OPEN | IN_CREATE
+    assert seen
+
+
+async def test_without_the_fast_paths_the_watch_is_watchfiles_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FILEDISPATCH_FASTPATH=0: the watch is left as watchfiles made it (IN_OPEN too)."""
+    monkeypatch.setattr(fastpath, "ENABLED", False)
+    own, theirs, seen = await _masks_of_a_watch(tmp_path)
+    assert theirs & IN_OPEN and own == IN_OPEN | IN_CREATE
+    assert seen

@@ -229,7 +229,7 @@ def test_the_circle_finder_finds_a_circle(tmp_path: Path) -> None:
 
 #: the calls that are speed-ups, each of which FILEDISPATCH_FASTPATH=0 must turn off
 FAST_CALLS = re.compile(
-    r"renameat2|sync_file_range|RWF_NOWAIT|FICLONE|ioctl|os\.(copy_file_range|sendfile)\("
+    r"renameat2|sync_file_range|RWF_NOWAIT|FICLONE|ioctl|inotify_add_watch|os\.(copy_file_range|sendfile)\("
 )
 
 

@@ -24,9 +24,7 @@ loop took the previous batch, and everything that arrived meanwhile comes in one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import os
 import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +33,8 @@ from pathlib import Path
 from watchfiles import Change
 from watchfiles._rust_notify import RustNotify
 
+from .. import fastpath
+
 #: (step, how long it lasts without a change) in ms, hot to idle: a batch starts over at the
 #: first, a quiet spell moves on to the next; the last lasts until a change comes
 PACE = ((2, 1_000), (20, 30_000), (200, 0))
@@ -42,16 +42,6 @@ PACE = ((2, 1_000), (20, 30_000), (200, 0))
 DEBOUNCE_MS = 50
 
 Changes = set[tuple[Change, str]]
-
-
-def _inotify_fds() -> set[int]:
-    """This process's inotify instances (file descriptors)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
-                found.add(int(name))
-    return found
 
 
 def _watch_count(fd: int) -> int | None:
@@ -87,13 +77,15 @@ async def watch_changes(
     """
     halt = threading.Event()  # read by the Rust loop each step (``is_set``)
     loop = asyncio.get_running_loop()
-    before = _inotify_fds() if on_watch is not None and not force_polling else None
+    before = None if force_polling else fastpath.inotify_fds()
     notify = RustNotify([str(root)], False, force_polling, poll_delay_ms, recursive, True)
+    created = set() if before is None else fastpath.inotify_fds() - before
+    if created:  # the service's own opens of the folder's files wake no thread
+        fastpath.quiet_opens(root, created)
     if on_watch is not None:
         # a folder the kernel refuses a watch (fs.inotify.max_user_watches reached) is passed
         # over by the watch without a word: its owner compares this count with the folders
-        created = set() if before is None else _inotify_fds() - before
-        fd = created.pop() if len(created) == 1 else None
+        fd = next(iter(created)) if len(created) == 1 else None
         on_watch(True, None if fd is None else functools.partial(_watch_count, fd))
     # a thread of its own: an idle watch holds it for as long as the folder is quiet, which
     # the shared default executor (a few threads for every stat and hash) cannot spare
