@@ -82,9 +82,13 @@ class DispatchState:
         #: is claimed or started, since another node may take the work over
         self.node_alive = asyncio.Event()
         self.node_alive.set()
-        #: whether the lease is still held, asked right before each delivery starts (the
-        #: event above may lag behind the clock after the process was frozen)
-        self.holds_lease: Callable[[], bool] = self.node_alive.is_set
+        #: whether the lease a row was claimed under (its ``epoch``; None: any) is still held,
+        #: asked right before each delivery starts (the event above may lag behind the clock
+        #: after the process was frozen, and a node that joined again holds a new lease, under
+        #: which rows claimed before were never claimed)
+        self.holds_lease: Callable[[int | None], bool] = lambda epoch: self.node_alive.is_set()
+        #: the fencing token rows planned now carry (``Journal.plan_started``; None: SQLite)
+        self.epoch: Callable[[], int | None] = lambda: None
         #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
         #: work too, since their planning wakes no one here
         self.idle_check_s = IDLE_CHECK_S
