@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -129,6 +130,100 @@ async def test_a_late_outcome_of_a_lost_claim_is_refused_after_the_node_joins_ag
         )
         [rec] = journal_rows(pg_url)
         assert (rec["status"], rec["location"]) == ("SUCCEEDED", "/out/a.txt")
+
+
+class CommitCutProxy:
+    """A TCP proxy before PostgreSQL. Once armed, it lets through the COMMIT of the first
+    transaction that sent ``trigger``, then cuts the connection before the server's answer
+    reaches the client: the server commits, and the client never learns it (a network cut
+    or a server crash right after a commit). After the x12 review's reproducer."""
+
+    def __init__(self, target_port: int, trigger: bytes) -> None:
+        from .servers import LoopThread
+
+        self.target_port = target_port
+        self.trigger = trigger
+        self.armed = False
+        self.cuts = 0
+        self.lt = LoopThread()
+        self.port = self.lt.call(self._start())
+
+    async def _start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        cut = asyncio.Event()
+
+        async def up() -> None:
+            seen = False
+            while data := await cr.read(65536):
+                seen = seen or self.trigger in data
+                if self.armed and seen and b"COMMIT" in data:
+                    self.armed = False
+                    cut.set()  # the answer never reaches the client
+                    sw.write(data)
+                    await sw.drain()
+                    self.cuts += 1
+                    break
+                if b"COMMIT" in data or b"ROLLBACK" in data:
+                    seen = False
+                sw.write(data)
+                await sw.drain()
+            cw.close()
+            sw.close()
+
+        async def down() -> None:
+            while data := await sr.read(65536):
+                if cut.is_set():
+                    break
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+            sw.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    def url(self, url: str) -> str:
+        """``url`` (a database's), through this proxy."""
+        port = urllib.parse.urlsplit(url).port
+        return url.replace(f":{port}/", f":{self.port}/")
+
+    def close(self) -> None:
+        self.server.close()
+        self.lt.close()
+
+
+@pytest.mark.parametrize("write", ["claim", "plan_started"])
+async def test_a_write_whose_commit_answer_is_lost_is_not_run_again(
+    tmp_path: Path, pg_url: str, write: str
+) -> None:
+    """The COMMIT of a claim (or of rows inserted IN_PROGRESS) reaches the server, its answer
+    is lost: the writer asks the server whether it committed instead of running the batch
+    again, so the caller gets the rows that batch took (run again, a claim took nothing and
+    left its first rows IN_PROGRESS under a live epoch, with no worker, for good)."""
+    trigger = b"SET status='IN_PROGRESS'" if write == "claim" else b"RETURNING vkey || step_key"
+    proxy = CommitCutProxy(int(urllib.parse.urlsplit(pg_url).port or 0), trigger)
+    versions = [
+        FileVersion("in", tmp_path, f"f{i}.txt", 1, 1, ino=i + 1, ctime_ns=1) for i in range(5)
+    ]
+    try:
+        async with open_journal(PostgresTarget(proxy.url(pg_url), PASSWORD_ENV)) as j:
+            await j.join("n", 30.0, frozenset({"in"}))
+            if write == "claim":
+                await j.plan([_step(v) for v in versions])
+                proxy.armed = True
+                got: list[int | None] = [g[0].id for g in await j.claim(10, time.time())]
+            else:
+                proxy.armed = True
+                got = list(await j.plan_started([_step(v) for v in versions], time.time()))
+            assert proxy.cuts == 1
+        rows = journal_rows(pg_url)
+        assert len(rows) == 5 and {r["status"] for r in rows} == {"IN_PROGRESS"}
+        assert sorted(got, key=lambda i: i or 0) == sorted(r["id"] for r in rows)
+    finally:
+        proxy.close()
 
 
 async def test_a_second_live_node_with_the_same_name_is_refused(pg_url: str) -> None:
@@ -1055,3 +1150,29 @@ def test_a_woken_node_starts_nothing_it_claimed_under_its_lost_lease(
     finally:
         _stop(*(n for n in (n1, n2) if n.proc is not None))
         receiver.close()
+
+
+def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url: str) -> None:
+    """A node's journal connection is cut right after the COMMIT of a claim reached the server
+    (the answer never comes back): the node still delivers every file, and no row is left
+    IN_PROGRESS (before the fix the claim ran again, took nothing, and its 20 rows stayed
+    IN_PROGRESS under the live node's epoch: nothing was delivered)."""
+    proxy = CommitCutProxy(
+        int(urllib.parse.urlsplit(pg_url).port or 0), b"SET status='IN_PROGRESS'"
+    )
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    node = ServiceProcess(_node_config(tmp_path, proxy.url(pg_url), "n1", str(out)))
+    try:
+        node.start()
+        proxy.armed = True
+        expected = {f"f{i:02d}.txt": f"file {i}".encode() for i in range(20)}
+        for name, data in expected.items():
+            old(tmp_path / "inbox" / name, data)
+        wait_until(lambda: proxy.cuts == 1, 60)
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 20, 120)
+        assert delivered(out) == expected
+        assert "unanswered" in node.log()
+    finally:
+        _stop(node)
+        proxy.close()
