@@ -54,8 +54,8 @@ class Workers:
             if group[0].source in state.stopped_sources:  # stop_on_error: give it back
                 self._give_back(group)
                 continue
-            epoch = group[0].epoch
-            if state.epoch() != epoch and epoch is not None:
+            epoch, current = group[0].epoch, state.epoch()
+            if None not in (epoch, current) and epoch != current:
                 # claimed under a lease this node lost (it joined again since): those rows
                 # were requeued for any node to take (a lost epoch's rows are orphans), and
                 # may run elsewhere now; never started here, and nothing to give back
