@@ -42,8 +42,10 @@ from .target import PostgresTarget
 _CONFLICTS = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 CONFLICT_RETRIES = 20
 
-#: the batch's transaction id, read right before its COMMIT (NULL: it wrote nothing)
+#: the batch's transaction id, read right before its COMMIT (NULL: it wrote nothing); from
+#: PostgreSQL 13 (before, an unanswered COMMIT's batch is run again, as any other)
 _XID = "SELECT pg_current_xact_id_if_assigned()::text"
+_XID_SINCE = 130000
 #: ends the session that still holds the unanswered transaction (the same backend and the same
 #: transaction: never another session), so that the server decides its fate now
 _END_DOUBT = (
@@ -239,9 +241,10 @@ class PgWriter(HealthReport):
                         if outage(exc):
                             raise
                         results.append(JournalError(self.target.scrub(str(exc))))
-                cur = await conn.execute(_XID)
-                row = await cur.fetchone()
-                xid = None if row is None else row[0]
+                if conn.info.server_version >= _XID_SINCE:
+                    cur = await conn.execute(_XID)
+                    row = await cur.fetchone()
+                    xid = None if row is None else row[0]
                 pid = conn.info.backend_pid
                 committing = xid is not None  # what fails from here on is the COMMIT itself
         except Exception as exc:
