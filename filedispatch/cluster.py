@@ -181,7 +181,10 @@ class Membership:
             else:
                 self._expired()
                 log.warning("node %s: its lease had run out; joining again", self.name)
-                await self.join()
+                # the name's lock was just found ours, so a live entry of this name can only be
+                # this node's own: a join whose answer was lost (the connection cut after its
+                # COMMIT), not another service's. Without the lock (SQLite: no matter), refused
+                await self.join(takeover=self.hold is not None)
             for key, lease in self.listing.items():
                 held = self.alive.held.is_set() and await self.journal.take_listing(key)
                 if lease.set(held):

@@ -1176,3 +1176,35 @@ def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url
     finally:
         _stop(node)
         proxy.close()
+
+
+def test_a_rejoin_whose_commit_answer_is_lost_does_not_stop_the_node(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A node woken past its lease joins again, and the connection is cut right after that
+    join's COMMIT reached the database: its next try finds its own new entry live. It holds
+    its name's lock, so that entry is its own: it joins again over it and goes on (before,
+    it took the entry for another node's, and stopped with exit 1)."""
+    proxy = CommitCutProxy(int(urllib.parse.urlsplit(pg_url).port or 0), b"INSERT INTO nodes")
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    node = ServiceProcess(_node_config(tmp_path, proxy.url(pg_url), "n1", str(out)))
+    try:
+        node.start()
+        node.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: "n1" not in _live_nodes(pg_url), 60)  # past its lease
+            proxy.armed = True
+        finally:
+            node.signal(signal.SIGCONT)
+        wait_until(lambda: proxy.cuts == 1, 60)
+        old(tmp_path / "inbox" / "a.txt", b"after the cut")
+        proc = node.proc
+        assert proc is not None
+        wait_until(lambda: (out / "a.txt").exists() or proc.poll() is not None, 60)
+        assert proc.poll() is None, node.log()
+        assert (out / "a.txt").read_bytes() == b"after the cut"
+        assert "node n1 stops" not in node.log()
+    finally:
+        _stop(node)
+        proxy.close()
