@@ -105,6 +105,17 @@ class DispatchState:
         self.sources = {s.key: s for s in config.sources}
         self.secrets = secrets_of(config)
 
+    def follow_lease(
+        self,
+        alive: asyncio.Event,
+        holds: Callable[[int | None], bool],
+        epoch: Callable[[], int | None],
+    ) -> None:
+        """Follow this node's lease (``cluster.Membership``): ``alive`` while it is held,
+        ``holds(epoch)`` whether the lease a row was claimed under still is, ``epoch()`` the
+        token rows planned now carry."""
+        self.node_alive, self.holds_lease, self.epoch = alive, holds, epoch
+
     def may_start(self) -> bool:
         """New work starts only while not paused and while the journal takes writes: a
         delivery the journal cannot record is one it would repeat after a restart."""
