@@ -126,10 +126,14 @@ class Membership:
         self._expiry = loop.call_at(self._until, self._expired)
         self.alive.set(True)
 
-    def holds(self) -> bool:
+    def holds(self, epoch: int | None = None) -> bool:
         """Whether the lease is surely still ours, read from the clock itself: after a freeze
         (SIGSTOP, a suspended VM) work may resume before the expiry timer has run, and no
-        delivery may start on the strength of a lease that ran out meanwhile."""
+        delivery may start on the strength of a lease that ran out meanwhile. With ``epoch``
+        (the token a row was claimed under): whether that very lease is, not a later one this
+        node joined under since (the rows of a lost lease are requeued for any node to take)."""
+        if epoch is not None and epoch != self.epoch:
+            return False
         return self.alive.held.is_set() and asyncio.get_running_loop().time() < self._until
 
     def _expired(self) -> None:
@@ -177,7 +181,10 @@ class Membership:
             else:
                 self._expired()
                 log.warning("node %s: its lease had run out; joining again", self.name)
-                await self.join()
+                # the name's lock was just found ours, so a live entry of this name can only be
+                # this node's own: a join whose answer was lost (the connection cut after its
+                # COMMIT), not another service's. Without the lock (SQLite: no matter), refused
+                await self.join(takeover=self.hold is not None)
             for key, lease in self.listing.items():
                 held = self.alive.held.is_set() and await self.journal.take_listing(key)
                 if lease.set(held):

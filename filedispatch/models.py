@@ -159,6 +159,9 @@ class Dispatch:
     #: the step and the transforms before it (``router.step_keys``; set by a claim, None
     #: elsewhere)
     step_key: str | None = None
+    #: the fencing token (the node's epoch) of the claim that handed this row out: its outcome
+    #: is recorded only while the row still carries it (None: SQLite, or not claimed)
+    epoch: int | None = None
 
     @property
     def marked(self) -> bool:

@@ -328,8 +328,8 @@ class Service:
             learned=learned,
         )
         self.summary = self.dispatcher.summary
-        self.dispatcher.state.node_alive = self.membership.alive.held
-        self.dispatcher.state.holds_lease = self.membership.holds
+        m = self.membership
+        self.dispatcher.state.follow_lease(m.alive.held, m.holds, lambda: m.epoch)
         if not isinstance(self.db_path, Path):  # a shared journal: other nodes plan work too
             self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
         lease_stop = asyncio.Event()

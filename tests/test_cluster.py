@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -61,6 +62,15 @@ async def _until(predicate: Any, timeout: float = 30.0) -> None:
 # ------------------------------------------------------------------ the journal
 
 
+async def _lease_gone(journal: Any, name: str) -> None:
+    """Wait until the lease of node ``name`` ran out on the database's clock."""
+
+    async def gone() -> bool:
+        return any(n.name == name and not n.alive for n in await journal.nodes())
+
+    await _until(gone)
+
+
 async def test_a_stale_nodes_late_outcome_is_refused(tmp_path: Path, pg_url: str) -> None:
     """Node a claims, its lease runs out, node b requeues and claims the row: a's outcome is
     refused (FencedError), the row stays b's, and b's outcome is taken."""
@@ -73,10 +83,7 @@ async def test_a_stale_nodes_late_outcome_is_refused(tmp_path: Path, pg_url: str
         [[row]] = await a.claim(10, time.time())
         assert row.status == Status.IN_PROGRESS
 
-        async def a_dead() -> bool:
-            return any(n.name == "a" and not n.alive for n in await b.nodes())
-
-        await _until(a_dead)
+        await _lease_gone(b, "a")
         assert await b.renew()  # b reaps a's work
         [[again]] = await b.claim(10, time.time())
         assert again.id == row.id
@@ -90,6 +97,133 @@ async def test_a_stale_nodes_late_outcome_is_refused(tmp_path: Path, pg_url: str
         [rec] = journal_rows(pg_url)
         assert (rec["status"], rec["node"], rec["location"]) == ("SUCCEEDED", "b", "/out/a.txt")
         assert not await a.renew()  # a learns that its lease ran out
+
+
+async def test_a_late_outcome_of_a_lost_claim_is_refused_after_the_node_joins_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A node whose lease ran out joins again (a new epoch) and claims its own old row anew:
+    the outcome of the first claim is fenced by the token that claim carried, not by the
+    node's current one, so it is refused; the new claim's outcome is taken."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    version = FileVersion("in", tmp_path, "a.txt", 1, 1, ino=7, ctime_ns=1)
+    async with open_journal(target) as a:
+        await a.join("a", 0.5, frozenset({"in"}))
+        await a.plan([_step(version)])
+        [[row]] = await a.claim(10, time.time())
+        assert row.epoch == a.epoch
+
+        await _lease_gone(a, "a")
+        assert not await a.renew()
+        await a.join("a", 30.0, frozenset({"in"}))  # the old epoch's rows go back to the queue
+        [[again]] = await a.claim(10, time.time())
+        assert again.id == row.id and again.epoch == a.epoch != row.epoch
+
+        late = StepResult(row.id, Status.SUCCEEDED, 1, location="/late", epoch=row.epoch)
+        with pytest.raises(FencedError, match="1 outcome"):
+            await a.finish([late])
+        [rec] = journal_rows(pg_url)
+        assert (rec["status"], rec["epoch"], rec["location"]) == ("IN_PROGRESS", a.epoch, None)
+
+        await a.finish(
+            [StepResult(again.id, Status.SUCCEEDED, 1, location="/out/a.txt", epoch=again.epoch)]
+        )
+        [rec] = journal_rows(pg_url)
+        assert (rec["status"], rec["location"]) == ("SUCCEEDED", "/out/a.txt")
+
+
+class CommitCutProxy:
+    """A TCP proxy before PostgreSQL. Once armed, it lets through the COMMIT of the first
+    transaction that sent ``trigger``, then cuts the connection before the server's answer
+    reaches the client: the server commits, and the client never learns it (a network cut
+    or a server crash right after a commit). After the x12 review's reproducer."""
+
+    def __init__(self, target_port: int, trigger: bytes) -> None:
+        from .servers import LoopThread
+
+        self.target_port = target_port
+        self.trigger = trigger
+        self.armed = False
+        self.cuts = 0
+        self.lt = LoopThread()
+        self.port = self.lt.call(self._start())
+
+    async def _start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        cut = asyncio.Event()
+
+        async def up() -> None:
+            seen = False
+            while data := await cr.read(65536):
+                seen = seen or self.trigger in data
+                if self.armed and seen and b"COMMIT" in data:
+                    self.armed = False
+                    cut.set()  # the answer never reaches the client
+                    sw.write(data)
+                    await sw.drain()
+                    self.cuts += 1
+                    break
+                if b"COMMIT" in data or b"ROLLBACK" in data:
+                    seen = False
+                sw.write(data)
+                await sw.drain()
+            cw.close()
+            sw.close()
+
+        async def down() -> None:
+            while data := await sr.read(65536):
+                if cut.is_set():
+                    break
+                cw.write(data)
+                await cw.drain()
+            cw.close()
+            sw.close()
+
+        await asyncio.gather(up(), down(), return_exceptions=True)
+
+    def url(self, url: str) -> str:
+        """``url`` (a database's), through this proxy."""
+        port = urllib.parse.urlsplit(url).port
+        return url.replace(f":{port}/", f":{self.port}/")
+
+    def close(self) -> None:
+        self.server.close()
+        self.lt.close()
+
+
+@pytest.mark.parametrize("write", ["claim", "plan_started"])
+async def test_a_write_whose_commit_answer_is_lost_is_not_run_again(
+    tmp_path: Path, pg_url: str, write: str
+) -> None:
+    """The COMMIT of a claim (or of rows inserted IN_PROGRESS) reaches the server, its answer
+    is lost: the writer asks the server whether it committed instead of running the batch
+    again, so the caller gets the rows that batch took (run again, a claim took nothing and
+    left its first rows IN_PROGRESS under a live epoch, with no worker, for good)."""
+    trigger = b"SET status='IN_PROGRESS'" if write == "claim" else b"RETURNING vkey || step_key"
+    proxy = CommitCutProxy(int(urllib.parse.urlsplit(pg_url).port or 0), trigger)
+    versions = [
+        FileVersion("in", tmp_path, f"f{i}.txt", 1, 1, ino=i + 1, ctime_ns=1) for i in range(5)
+    ]
+    try:
+        async with open_journal(PostgresTarget(proxy.url(pg_url), PASSWORD_ENV)) as j:
+            await j.join("n", 30.0, frozenset({"in"}))
+            if write == "claim":
+                await j.plan([_step(v) for v in versions])
+                proxy.armed = True
+                got: list[int | None] = [g[0].id for g in await j.claim(10, time.time())]
+            else:
+                proxy.armed = True
+                got = list(await j.plan_started([_step(v) for v in versions], time.time()))
+            assert proxy.cuts == 1
+        rows = journal_rows(pg_url)
+        assert len(rows) == 5 and {r["status"] for r in rows} == {"IN_PROGRESS"}
+        assert sorted(got, key=lambda i: i or 0) == sorted(r["id"] for r in rows)
+    finally:
+        proxy.close()
 
 
 async def test_a_second_live_node_with_the_same_name_is_refused(pg_url: str) -> None:
@@ -180,7 +314,7 @@ async def test_a_version_claimed_while_the_lease_is_in_doubt_goes_back_to_the_qu
     async with open_journal(tmp_path / "j.db") as journal:
         dispatcher = Dispatcher(config, journal, Registry(), workdir=tmp_path / "work")
         held = [False]
-        dispatcher.state.holds_lease = lambda: held[0]
+        dispatcher.state.holds_lease = lambda epoch: held[0]
         await dispatcher.offer(config.sources[0], [version])
         stop = asyncio.Event()
         task = asyncio.create_task(dispatcher.run(stop))
@@ -308,6 +442,7 @@ def _node_config(
     port: int | None = None,
     after: str = "keep",
     source: dict[str, Any] | None = None,
+    rules: list[dict[str, Any]] | None = None,
     **extra: Any,
 ) -> Path:
     return write_config(
@@ -329,7 +464,7 @@ def _node_config(
                     **(source or {}),
                 }
             ],
-            "rules": [{"extensions": ["txt"], "to": to}],
+            "rules": rules or [{"extensions": ["txt"], "to": to}],
             "api": {"enabled": port is not None, "port": port or 0},
             **{"monitor": {"enabled": False}, **extra},
         },
@@ -901,3 +1036,175 @@ def test_a_name_lock_lost_with_its_connection_is_taken_again(tmp_path: Path, pg_
         assert kept.proc is not None and kept.proc.poll() is None, kept.log()
     finally:
         _stop(*(n for n in (n1, twin) if n.proc is not None))
+
+
+# ------------------------------------------------------------------ fencing (the x12 review)
+
+
+class GatedReceiver(HttpReceiver):
+    """Holds each upload to a path in ``paths`` until the test opens its gate: ``release(path,
+    n)`` lets the path's n-th request go on. ``starts`` lists the held requests' paths."""
+
+    def __init__(self, *paths: str) -> None:
+        super().__init__()
+        self.starts: list[str] = []
+        self.opened: set[tuple[str, int]] = set()
+        self.all_open = False
+        for path in paths:
+            self.behave[path] = self._held
+
+    async def _held(self, request: Any, hit: int) -> None:
+        self.starts.append(request.path)
+        while not self.all_open and (request.path, hit) not in self.opened:
+            await asyncio.sleep(0.02)  # polls the gate the test opens
+
+    def release(self, path: str, n: int) -> None:
+        self.opened.add((path, n))
+
+    def close(self) -> None:
+        self.all_open = True
+        super().close()
+
+
+def test_a_node_that_joined_again_refuses_the_late_outcome_of_its_lost_claim(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """One node (2 s lease, after: delete) uploads a.txt; the upload is held, the node frozen
+    past its lease and woken: it joins again, its old row is requeued and it claims it anew, a
+    second upload starts. The first upload then ends: its outcome carries the token of the
+    claim it came from, so it is refused, and the source stays in place while the second
+    upload runs; the second's outcome is taken and only then is the source deleted."""
+    receiver = GatedReceiver("/up/a.txt")
+    (tmp_path / "inbox").mkdir()
+    to = {"url": f"{receiver.url}/up/{{name}}", "method": "PUT"}
+    n1 = ServiceProcess(_node_config(tmp_path, pg_url, "n1", to, after="delete", workers=2))
+    src = tmp_path / "inbox" / "a.txt"
+    try:
+        n1.start()
+        old(src, b"payload")
+        wait_until(lambda: len(receiver.starts) == 1, 60)  # the first upload is held
+        [first] = journal_rows(pg_url)
+        n1.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: "n1" not in _live_nodes(pg_url), 60)  # past its lease
+        finally:
+            n1.signal(signal.SIGCONT)
+        wait_until(lambda: len(receiver.starts) == 2, 60)  # claimed anew, a new upload
+        receiver.release("/up/a.txt", 1)
+        wait_until(lambda: "outcome(s) refused" in n1.log() or not src.exists(), 60)
+        assert src.exists(), "deleted on a refused outcome while the live upload runs"
+        assert journal_rows(pg_url, "status='SUCCEEDED'") == []
+        receiver.release("/up/a.txt", 2)
+        wait_until(lambda: not src.exists(), 60)
+        [row] = journal_rows(pg_url)
+        assert row["status"] == "SUCCEEDED" and row["epoch"] != first["epoch"]
+        assert len(receiver.received) == 2  # the frozen upload, and the one that counts
+    finally:
+        _stop(n1)
+        receiver.close()
+
+
+def test_a_woken_node_starts_nothing_it_claimed_under_its_lost_lease(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """n1 (one worker) has claimed a.txt and b.txt: it uploads a.txt (held) while b.txt waits
+    in its queue, and is frozen past its lease. n2 takes both over and copies b.txt. n1 is
+    woken and joins again under a new epoch; when its worker is free it takes b.txt from its
+    queue, and starts nothing: the claim was made under the lease it lost, whichever lease it
+    holds now. b.txt is copied once (before the fix, a second time as b-1.txt)."""
+    receiver = GatedReceiver("/up/a.txt")
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    rules = [
+        {"glob": "a.txt", "to": {"url": f"{receiver.url}/up/{{name}}", "method": "PUT"}},
+        {"glob": "b.txt", "to": str(out)},
+    ]
+    n1 = ServiceProcess(_node_config(tmp_path, pg_url, "n1", None, rules=rules, workers=1))
+    n2 = ServiceProcess(_node_config(tmp_path, pg_url, "n2", None, rules=rules, workers=2))
+    try:
+        n1.start()
+        old(tmp_path / "inbox" / "a.txt", b"A")
+        old(tmp_path / "inbox" / "b.txt", b"B")
+
+        def both_claimed_by_n1() -> bool:
+            rows = journal_rows(pg_url)
+            return len(rows) == 2 and all(
+                (r["status"], r["node"]) == ("IN_PROGRESS", "n1") for r in rows
+            )
+
+        wait_until(lambda: both_claimed_by_n1() and len(receiver.starts) == 1, 60)
+        n2.start()
+        n1.signal(signal.SIGSTOP)
+        try:  # n2 took both over: a.txt's upload held, b.txt copied
+            wait_until(lambda: len(receiver.starts) == 2 and (out / "b.txt").exists(), 60)
+        finally:
+            n1.signal(signal.SIGCONT)
+        wait_until(lambda: "joining again" in n1.log(), 60)
+        receiver.release("/up/a.txt", 1)  # n1's worker is free: it takes b.txt's group
+        wait_until(lambda: "left to the queue" in n1.log() or len(list(out.iterdir())) > 1, 60)
+        assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+        receiver.release("/up/a.txt", 2)
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 2, 60)
+        assert "b.txt: claimed before this node's lease ran out" in n1.log()
+        assert delivered(out) == {"b.txt": b"B"}
+    finally:
+        _stop(*(n for n in (n1, n2) if n.proc is not None))
+        receiver.close()
+
+
+def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url: str) -> None:
+    """A node's journal connection is cut right after the COMMIT of a claim reached the server
+    (the answer never comes back): the node still delivers every file, and no row is left
+    IN_PROGRESS (before the fix the claim ran again, took nothing, and its 20 rows stayed
+    IN_PROGRESS under the live node's epoch: nothing was delivered)."""
+    proxy = CommitCutProxy(
+        int(urllib.parse.urlsplit(pg_url).port or 0), b"SET status='IN_PROGRESS'"
+    )
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    node = ServiceProcess(_node_config(tmp_path, proxy.url(pg_url), "n1", str(out)))
+    try:
+        node.start()
+        proxy.armed = True
+        expected = {f"f{i:02d}.txt": f"file {i}".encode() for i in range(20)}
+        for name, data in expected.items():
+            old(tmp_path / "inbox" / name, data)
+        wait_until(lambda: proxy.cuts == 1, 60)
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 20, 120)
+        assert delivered(out) == expected
+        assert "unanswered" in node.log()
+    finally:
+        _stop(node)
+        proxy.close()
+
+
+def test_a_rejoin_whose_commit_answer_is_lost_does_not_stop_the_node(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A node woken past its lease joins again, and the connection is cut right after that
+    join's COMMIT reached the database: its next try finds its own new entry live. It holds
+    its name's lock, so that entry is its own: it joins again over it and goes on (before,
+    it took the entry for another node's, and stopped with exit 1)."""
+    proxy = CommitCutProxy(int(urllib.parse.urlsplit(pg_url).port or 0), b"INSERT INTO nodes")
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    node = ServiceProcess(_node_config(tmp_path, proxy.url(pg_url), "n1", str(out)))
+    try:
+        node.start()
+        node.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: "n1" not in _live_nodes(pg_url), 60)  # past its lease
+            proxy.armed = True
+        finally:
+            node.signal(signal.SIGCONT)
+        wait_until(lambda: proxy.cuts == 1, 60)
+        old(tmp_path / "inbox" / "a.txt", b"after the cut")
+        proc = node.proc
+        assert proc is not None
+        wait_until(lambda: (out / "a.txt").exists() or proc.poll() is not None, 60)
+        assert proc.poll() is None, node.log()
+        assert (out / "a.txt").read_bytes() == b"after the cut"
+        assert "node n1 stops" not in node.log()
+    finally:
+        _stop(node)
+        proxy.close()

@@ -122,7 +122,8 @@ class InlineLanes:
         items: list[Item],
         size: int,
         run: Callable[
-            [SourceConfig, list[Item], list[int | None]], Coroutine[None, None, list[Known]]
+            [SourceConfig, list[Item], list[int | None], int | None],
+            Coroutine[None, None, list[Known]],
         ],
         parallel: int = 1,
     ) -> list[Known]:
@@ -134,15 +135,16 @@ class InlineLanes:
         running: collections.deque[asyncio.Task[list[Known]]] = collections.deque()
         try:
             for i, chunk in enumerate(chunks):
-                ids = await ahead.popleft()
+                epoch, planned = ahead.popleft()
+                ids = await planned
                 if i + INLINE_AHEAD < len(chunks):
                     ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
                 if parallel == 1:  # the moves: on the loop, nothing to overlap
-                    known += await run(source, chunk, ids)
+                    known += await run(source, chunk, ids, epoch)
                     continue
                 while len(running) >= parallel:
                     known += await running.popleft()
-                running.append(asyncio.create_task(run(source, chunk, ids)))
+                running.append(asyncio.create_task(run(source, chunk, ids, epoch)))
             while running:
                 known += await running.popleft()
         except BaseException as exc:
@@ -153,30 +155,35 @@ class InlineLanes:
             await asyncio.gather(*running, return_exceptions=True)
             raise
         finally:
-            for planned in ahead:  # after a failure these rows wait for a restart
+            for _, planned in ahead:  # after a failure these rows wait for a restart
                 planned.add_done_callback(report_write)
         return known
 
-    def _plan_started(self, chunk: list[Item]) -> asyncio.Future[list[int | None]]:
+    def _plan_started(
+        self, chunk: list[Item]
+    ) -> tuple[int | None, asyncio.Future[list[int | None]]]:
+        """Queue the chunk's rows, IN_PROGRESS; the fencing token they carry (read when they
+        are queued, as the journal does) and their ids to come."""
         steps = [
             PlannedStep(v, c.rule, 0, c.keys[0], lane.step.display, lane.step.kind)
             for v, c, lane in chunk
         ]
-        return self.state.journal.plan_started(steps, time.time())
+        return self.state.epoch(), self.state.journal.plan_started(steps, time.time())
 
     def _begin_chunk(
-        self, chunk: list[Item], ids: list[int | None]
+        self, chunk: list[Item], ids: list[int | None], epoch: int | None
     ) -> tuple[list[Known], list[Done], list[tuple[Lane, StepContext]]]:
         """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
-        was paused meanwhile (the workers take them on resume), and the work to do."""
+        was paused meanwhile or the lease they were planned under may be lost (the workers, of
+        this node or another, take them later), and the work to do."""
         known: list[Known] = []
         given_back: list[Done] = []
         work: list[tuple[Lane, StepContext]] = []
         for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
             if row_id is None:
                 known.append((version, [chain]))
-            elif not self.state.may_start():
-                pending = StepResult(row_id, Status.PENDING, 0)
+            elif not self.state.may_start() or not self.state.holds_lease(epoch):
+                pending = StepResult(row_id, Status.PENDING, 0, epoch=epoch)
                 given_back.append((version, pending, False, lane.step))
             else:
                 ctx = StepContext(
@@ -186,13 +193,14 @@ class InlineLanes:
         return known, given_back, work
 
     async def _move_chunk(
-        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None], epoch: int | None
     ) -> list[Known]:
-        """Rename a chunk whose IN_PROGRESS rows are committed, then queue their outcomes.
+        """Rename a chunk whose IN_PROGRESS rows are committed (under ``epoch``), then queue
+        their outcomes.
 
         No await inside: nothing can interrupt it between a move and its record.
         """
-        known, done, work = self._begin_chunk(chunk, ids)
+        known, done, work = self._begin_chunk(chunk, ids, epoch)
         for lane, ctx in work:
             version = ctx.version
             started = time.time()
@@ -205,23 +213,23 @@ class InlineLanes:
                 if not exc.this_file:
                     self._lanes[(version.source, ctx.rule)] = None
                 self.state.wake.set()  # give it to a worker, which links or copies
-                pending = StepResult(ctx.dispatch_id, Status.PENDING, 0)
+                pending = StepResult(ctx.dispatch_id, Status.PENDING, 0, epoch=epoch)
                 done.append((version, pending, False, lane.step))
                 continue
             except Exception as exc:
                 outcome = exc
-            result = self._result(ctx, lane, outcome, started)
+            result = self._result(ctx, lane, outcome, started, epoch)
             moved = isinstance(outcome, Outcome) and outcome.detail == "moved"
             done.append((version, result, moved, lane.step))
         self._record(source, done)
         return known
 
     async def _copy_chunk(
-        self, source: SourceConfig, chunk: list[Item], ids: list[int | None]
+        self, source: SourceConfig, chunk: list[Item], ids: list[int | None], epoch: int | None
     ) -> list[Known]:
-        """Copy a chunk of small files whose IN_PROGRESS rows are committed, in one thread per
-        destination, then queue their outcomes in one write."""
-        known, done, work = self._begin_chunk(chunk, ids)
+        """Copy a chunk of small files whose IN_PROGRESS rows are committed (under ``epoch``),
+        in one thread per destination, then queue their outcomes in one write."""
+        known, done, work = self._begin_chunk(chunk, ids, epoch)
         groups: dict[int, list[tuple[Lane, StepContext]]] = {}
         for lane, ctx in work:
             groups.setdefault(id(lane.processor), []).append((lane, ctx))
@@ -243,19 +251,25 @@ class InlineLanes:
             for (lane, ctx), outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, Outcome) and outcome.detail is None and len(group) > 1:
                     outcome = dataclasses.replace(outcome, detail=shared)
-                result = self._result(ctx, lane, outcome, started)
+                result = self._result(ctx, lane, outcome, started, epoch)
                 done.append((ctx.version, result, False, lane.step))
         self._record(source, done)
         return known
 
     def _result(
-        self, ctx: StepContext, lane: Lane, outcome: Outcome | Exception, started: float
+        self,
+        ctx: StepContext,
+        lane: Lane,
+        outcome: Outcome | Exception,
+        started: float,
+        epoch: int | None,
     ) -> StepResult:
-        """The row's outcome for one inline delivery (counted and logged)."""
+        """The row's outcome for one inline delivery (counted and logged); ``epoch``: the
+        token its row was planned under."""
         if isinstance(outcome, Outcome):
             result = StepResult(
                 ctx.dispatch_id, Status.SUCCEEDED, 1, location=outcome.location,
-                detail=outcome.detail, started=started, sha256=outcome.sha256,
+                detail=outcome.detail, started=started, sha256=outcome.sha256, epoch=epoch,
             )  # fmt: skip
         else:
             error = as_delivery_error(outcome, ctx)
@@ -263,7 +277,7 @@ class InlineLanes:
             row = Dispatch(
                 ctx.dispatch_id, v.source, str(v.root), v.relpath, v.size, v.mtime_ns, ctx.rule,
                 0, lane.step.display, lane.step.kind, Status.IN_PROGRESS, 0, None, None,
-                started, started, None, None, 0.0,
+                started, started, None, None, 0.0, epoch=epoch,
             )  # fmt: skip
             result = self.outcomes.failed(row, lane.step, 1, error, started)
         self.outcomes.note(lane.step.display, result, ctx.version, ctx.rule)

@@ -43,12 +43,14 @@ class Outcomes:
         self._version_writes: dict[str, asyncio.Future[None]] = {}
         self.delivered = DeliveryLog()
 
-    def succeeded(self, row_id: int, attempt: int, outcome: Outcome, started: float) -> StepResult:
+    def succeeded(
+        self, row: Dispatch, attempt: int, outcome: Outcome, started: float
+    ) -> StepResult:
         """The row's result for a delivery that succeeded (texts scrubbed of secrets);
         ``started``: Unix seconds, when this try started."""
         scrub = self.state.scrub
         return StepResult(
-            row_id,
+            row.id,
             Status.SUCCEEDED,
             attempt,
             location=scrub(outcome.location),  # a URL's query may carry a token
@@ -56,6 +58,7 @@ class Outcomes:
             started=started,
             output=None if outcome.produced is None else str(outcome.produced),
             sha256=outcome.sha256,
+            epoch=row.epoch,
         )
 
     def failed(
@@ -67,7 +70,14 @@ class Outcomes:
         the destination once."""
         reason = self.state.scrub(str(exc) or type(exc).__name__)
         if isinstance(exc, OutsideWindowError):  # not an attempt: it waits for the window
-            return StepResult(row.id, Status.PENDING, row.attempts, reason, next_attempt=exc.until)
+            return StepResult(
+                row.id,
+                Status.PENDING,
+                row.attempts,
+                reason,
+                next_attempt=exc.until,
+                epoch=row.epoch,
+            )
         kind = retry.error_kind(exc)
         # row.started: when its first try started (None: this is its first)
         first = started if row.started is None else row.started
@@ -82,6 +92,7 @@ class Outcomes:
                 reason=reason + decision.note,
                 error_type=kind,
                 started=started,
+                epoch=row.epoch,
             )
         self.state.stats[row.destination].retried += 1
         log.log(
@@ -101,6 +112,7 @@ class Outcomes:
             error_type=kind,
             started=started,
             next_attempt=time.time() + decision.wait_s,
+            epoch=row.epoch,
         )
 
     def record(self, row: Dispatch, result: StepResult, version: FileVersion) -> None:
@@ -228,6 +240,7 @@ def waiting(row: Dispatch, next_attempt: float) -> StepResult:
         reason=row.reason,
         error_type=row.error_type,
         next_attempt=next_attempt,
+        epoch=row.epoch,
     )
 
 

@@ -82,9 +82,13 @@ class DispatchState:
         #: is claimed or started, since another node may take the work over
         self.node_alive = asyncio.Event()
         self.node_alive.set()
-        #: whether the lease is still held, asked right before each delivery starts (the
-        #: event above may lag behind the clock after the process was frozen)
-        self.holds_lease: Callable[[], bool] = self.node_alive.is_set
+        #: whether the lease a row was claimed under (its ``epoch``; None: any) is still held,
+        #: asked right before each delivery starts (the event above may lag behind the clock
+        #: after the process was frozen, and a node that joined again holds a new lease, under
+        #: which rows claimed before were never claimed)
+        self.holds_lease: Callable[[int | None], bool] = lambda epoch: self.node_alive.is_set()
+        #: the fencing token rows planned now carry (``Journal.plan_started``; None: SQLite)
+        self.epoch: Callable[[], int | None] = lambda: None
         #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
         #: work too, since their planning wakes no one here
         self.idle_check_s = IDLE_CHECK_S
@@ -100,6 +104,17 @@ class DispatchState:
         self.router = Router(config)
         self.sources = {s.key: s for s in config.sources}
         self.secrets = secrets_of(config)
+
+    def follow_lease(
+        self,
+        alive: asyncio.Event,
+        holds: Callable[[int | None], bool],
+        epoch: Callable[[], int | None],
+    ) -> None:
+        """Follow this node's lease (``cluster.Membership``): ``alive`` while it is held,
+        ``holds(epoch)`` whether the lease a row was claimed under still is, ``epoch()`` the
+        token rows planned now carry."""
+        self.node_alive, self.holds_lease, self.epoch = alive, holds, epoch
 
     def may_start(self) -> bool:
         """New work starts only while not paused and while the journal takes writes: a

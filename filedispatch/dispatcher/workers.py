@@ -54,7 +54,17 @@ class Workers:
             if group[0].source in state.stopped_sources:  # stop_on_error: give it back
                 self._give_back(group)
                 continue
-            if not state.holds_lease():
+            epoch, current = group[0].epoch, state.epoch()
+            if None not in (epoch, current) and epoch != current:
+                # claimed under a lease this node lost (it joined again since): those rows
+                # were requeued for any node to take (a lost epoch's rows are orphans), and
+                # may run elsewhere now; never started here, and nothing to give back
+                log.info(
+                    "%s: claimed before this node's lease ran out; left to the queue",
+                    group[0].relpath,
+                )
+                continue
+            if not state.holds_lease(epoch):
                 # claimed before this node's lease may have run out: another node may run it
                 # now, so it is not started here. Given back, not dropped: if the lease turns
                 # out to be renewed in time, nothing else would put its rows back in the queue
@@ -75,7 +85,9 @@ class Workers:
                 later = time.time() + BUG_RETRY_S
                 await self._finish_quietly(
                     [
-                        StepResult(d.id, Status.PENDING, d.attempts, next_attempt=later)
+                        StepResult(
+                            d.id, Status.PENDING, d.attempts, next_attempt=later, epoch=d.epoch
+                        )
                         for d in group
                         if d.status == Status.IN_PROGRESS
                     ]
@@ -114,7 +126,10 @@ class Workers:
         if left:
             note = "this step is no longer in the configuration (its rule changed)"
             self.outcomes.write(
-                [StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in left]
+                [
+                    StepResult(d.id, Status.FAILED, d.attempts, reason=note, epoch=d.epoch)
+                    for d in left
+                ]
             )
             for d in left:
                 d.status = Status.FAILED
@@ -199,7 +214,10 @@ class Workers:
         if row.status == Status.FAILED:
             rest = [d for d in rest if d.status in (Status.IN_PROGRESS, Status.PENDING)]
             note = f"not run: step {row.step + 1} ({row.destination}) failed"
-            results = [StepResult(d.id, Status.FAILED, d.attempts, reason=note) for d in rest]
+            results = [
+                StepResult(d.id, Status.FAILED, d.attempts, reason=note, epoch=d.epoch)
+                for d in rest
+            ]
         else:
             rest = [d for d in rest if d.status == Status.IN_PROGRESS]
             results = [waiting(d, row.next_attempt) for d in rest]
@@ -222,6 +240,7 @@ class Workers:
                 row.attempts,
                 started=started,
                 reason="this destination is no longer in the configuration",
+                epoch=row.epoch,
             )
             self.outcomes.record(row, result, version)
             return result
@@ -237,9 +256,10 @@ class Workers:
             may_move=may_move,
             label=row.label,
         )
-        if not self.state.holds_lease():
-            # the lease may have run out (the node was frozen, or cut off): another node may
-            # run this row now, so it is not started here; it goes back to the queue as it was
+        if not self.state.holds_lease(row.epoch):
+            # the lease the row was claimed under may have run out (the node was frozen, or
+            # cut off): another node may run this row now, so it is not started here; it goes
+            # back to the queue as it was (refused by the journal if it was requeued already)
             result = waiting(row, time.time())
             self.outcomes.record(row, result, version)
             return result
@@ -260,7 +280,7 @@ class Workers:
         except DeliveryError as exc:
             result = self.outcomes.failed(row, step, attempt, exc, started)
         else:
-            result = self.outcomes.succeeded(row.id, attempt, outcome, started)
+            result = self.outcomes.succeeded(row, attempt, outcome, started)
         finally:
             self.state.in_flight.pop(row.id, None)
         self.outcomes.record(row, result, version)

@@ -179,6 +179,9 @@ class StepResult:
     next_attempt: float = 0.0  #: Unix time, seconds: not claimed again before then
     output: str | None = None
     sha256: str | None = None  #: hex digest of what was delivered (SUCCEEDED rows)
+    #: the fencing token of the claim the row came from (``Dispatch.epoch``): the outcome is
+    #: refused unless the row still carries it. None: the node's current epoch (SQLite: unused)
+    epoch: int | None = None
 
 
 def finish_params(results: Sequence[StepResult], now: float) -> list[tuple[Any, ...]]:

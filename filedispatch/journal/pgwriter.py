@@ -4,8 +4,10 @@ its own (group commit, in queue order, each write in a savepoint), the pooled re
 
 A server that goes away, refuses a login or runs out of disk is not an error for the caller:
 the writer holds the batch, says so once (``health``, ``writable``), reconnects with a capped
-backoff and commits the batch once the server takes it. Knows no table: the writes it runs are
-the journal's.
+backoff and commits the batch once the server takes it. A batch whose COMMIT was sent but
+never answered is not run again blindly: the server is asked whether that transaction committed
+(``pg_xact_status``), and a committed batch keeps the results of its one run. Knows no table:
+the writes it runs are the journal's.
 """
 
 from __future__ import annotations
@@ -39,6 +41,29 @@ from .target import PostgresTarget
 #: outage
 _CONFLICTS = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 CONFLICT_RETRIES = 20
+
+#: the batch's transaction id, read right before its COMMIT (NULL: it wrote nothing); from
+#: PostgreSQL 13 (before, an unanswered COMMIT's batch is run again, as any other)
+_XID = "SELECT pg_current_xact_id_if_assigned()::text"
+_XID_SINCE = 130000
+#: ends the session that still holds the unanswered transaction (the same backend and the same
+#: transaction: never another session), so that the server decides its fate now
+_END_DOUBT = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+    "WHERE pid = %s AND backend_xid::text = %s"
+)
+#: committed, aborted or in progress; NULL when the id is too old to tell
+_FATE = "SELECT pg_xact_status(%s::xid8)"
+
+
+class _InDoubt(Exception):
+    """The COMMIT of a batch was sent and its answer lost (the connection broke meanwhile):
+    the server may have committed it or not. Holds what deciding needs, and the results of the
+    batch's run, which are the batch's if it committed."""
+
+    def __init__(self, xid: str, pid: int, results: list[Any]) -> None:
+        super().__init__(xid)
+        self.xid, self.pid, self.results = xid, pid, results
 
 
 class PgWriter(HealthReport):
@@ -159,17 +184,28 @@ class PgWriter(HealthReport):
         doubling to 30 s) until they are committed, or until ``stop_retrying``."""
         delay = RETRY_FIRST_S
         conflicts = 0
+        doubt: _InDoubt | None = None
         while True:
             if self._give_up.is_set() and not self.health.ok:
                 raise JournalError(f"not recorded, the journal is failing: {self.health.error}")
             try:
-                results = await self._commit(ops)
+                # a batch whose COMMIT went unanswered runs again only if the server did not
+                # commit it: a claim run twice would take other rows and leave the first
+                # run's IN_PROGRESS, under a live epoch, with no worker
+                if doubt is not None and await self._decide(doubt):
+                    results = doubt.results
+                else:
+                    doubt = None
+                    results = await self._commit(ops)
             except Exception as exc:
-                if isinstance(exc, _CONFLICTS) and conflicts < CONFLICT_RETRIES:
+                if isinstance(exc, _InDoubt):
+                    doubt = exc
+                    exc = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                elif isinstance(exc, _CONFLICTS) and conflicts < CONFLICT_RETRIES:
                     conflicts += 1  # rolled back, the connection is fine: again, at once
                     await asyncio.sleep(0.02 * conflicts)
                     continue
-                if not outage(exc):
+                elif not outage(exc):
                     raise
                 await self._drop_connection()
                 why = (
@@ -193,16 +229,57 @@ class PgWriter(HealthReport):
             conn = self._conn = await connect(self.target)
             await self._session(conn)
         results: list[Any] = []
-        async with conn.transaction():
-            for op in ops:
-                try:
-                    async with conn.transaction():  # a savepoint: one bad write fails alone
-                        results.append(await op(conn))
-                except psycopg.Error as exc:
-                    if outage(exc):
-                        raise
-                    results.append(JournalError(self.target.scrub(str(exc))))
+        xid: str | None = None
+        pid, committing = 0, False
+        try:
+            async with conn.transaction():
+                for op in ops:
+                    try:
+                        async with conn.transaction():  # a savepoint: one bad write fails alone
+                            results.append(await op(conn))
+                    except psycopg.Error as exc:
+                        if outage(exc):
+                            raise
+                        results.append(JournalError(self.target.scrub(str(exc))))
+                if conn.info.server_version >= _XID_SINCE:
+                    cur = await conn.execute(_XID)
+                    row = await cur.fetchone()
+                    xid = None if row is None else row[0]
+                pid = conn.info.backend_pid
+                committing = xid is not None  # what fails from here on is the COMMIT itself
+        except Exception as exc:
+            if xid is not None and committing and outage(exc):
+                raise _InDoubt(xid, pid, results) from exc
+            raise
         return results
+
+    async def _decide(self, doubt: _InDoubt) -> bool:
+        """Whether the server committed the unanswered transaction; raises an outage while
+        it cannot tell yet (the old session still holds it open: it is ended first)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = self._conn = await connect(self.target)
+            await self._session(conn)
+        xid32 = str(int(doubt.xid) & 0xFFFFFFFF)  # pg_stat_activity shows the 32-bit id
+        await conn.execute(_END_DOUBT, (doubt.pid, xid32))
+        try:
+            cur = await conn.execute(_FATE, (doubt.xid,))
+        except psycopg.errors.InvalidParameterValue:  # "in the future": a server that never
+            return False  # saw it (another one took over): it did not commit here
+        row = await cur.fetchone()
+        fate = None if row is None else row[0]
+        if fate == "in progress":
+            raise psycopg.OperationalError("the unanswered commit is not decided yet")
+        log.warning(
+            "the journal's commit of %d write(s) went unanswered: %s",
+            len(doubt.results),
+            "it was made, they are not run again"
+            if fate == "committed"
+            else "it was not made, they are run again"
+            if fate == "aborted"
+            else "the database cannot tell (the transaction is too old), they are run again",
+        )
+        return fate == "committed"
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None

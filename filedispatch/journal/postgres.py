@@ -110,15 +110,16 @@ _FINISH = (
     "detail=%s, finished=%s, duration_ms=%s, next_attempt=%s, output=COALESCE(%s, output), "
     "sha256=COALESCE(%s, sha256) WHERE id=%s AND epoch IS NOT DISTINCT FROM %s"
 )
-#: many outcomes (distinct rows) in one statement, fenced the same way; the rows it changed
+#: many outcomes (distinct rows) in one statement, each fenced by its own claim's token; the
+#: rows it changed
 _FINISH_BULK = (
     "UPDATE dispatches d SET status=u.st, attempts=u.att, reason=u.rsn, error_type=u.et, "
     "location=u.loc, detail=u.det, finished=u.fin, duration_ms=u.dur, next_attempt=u.nxt, "
     "output=COALESCE(u.outp, d.output), sha256=COALESCE(u.sha, d.sha256) "
     "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], "
-    "%s::float8[], %s::bigint[], %s::float8[], %s::text[], %s::text[], %s::bigint[]) "
-    "AS u(st, att, rsn, et, loc, det, fin, dur, nxt, outp, sha, id) "
-    "WHERE d.id = u.id AND d.epoch IS NOT DISTINCT FROM %s RETURNING d.id"
+    "%s::float8[], %s::bigint[], %s::float8[], %s::text[], %s::text[], %s::bigint[], "
+    "%s::bigint[]) AS u(st, att, rsn, et, loc, det, fin, dur, nxt, outp, sha, id, ep) "
+    "WHERE d.id = u.id AND d.epoch IS NOT DISTINCT FROM u.ep RETURNING d.id"
 )
 
 
@@ -255,6 +256,8 @@ class PostgresJournal(PgUpkeep, SqlReads):
             for group in claimed_groups(vkeys, rows, now):
                 due = [d.id for d in group if d.id in found_due]
                 if all(i in taken for i in due):
+                    for d in group:  # their outcomes are fenced by this claim's token
+                        d.epoch = epoch
                     groups.append(group)
                 else:
                     back += [i for i in due if i in taken]
@@ -276,22 +279,27 @@ class PostgresJournal(PgUpkeep, SqlReads):
     ) -> asyncio.Future[None]:
         """Queue outcomes for the next group commit; the future is done once they (and every
         write queued before them) are committed."""
-        params = finish_params(results, time.time() if now is None else now)
-        epoch, node = self.epoch, self.node
+        # each outcome is fenced by the token its row was claimed with, never by the node's
+        # current one: after the node joined again, a late outcome of a claim it lost must not
+        # land on the row it (or another node) claimed anew
+        current, node = self.epoch, self.node
+        tokens = [current if r.epoch is None else r.epoch for r in results]
+        at = time.time() if now is None else now
+        params = [(*p, t) for p, t in zip(finish_params(results, at), tokens, strict=True)]
 
         async def op(conn: Conn) -> FencedError | None:
             if not params:
                 return None
-            ids = [p[-1] for p in params]
+            ids = [p[-2] for p in params]
             if len(set(ids)) == len(ids):
                 columns = [list(c) for c in zip(*params, strict=True)]
-                cur = await conn.execute(_FINISH_BULK.encode(), (*columns, epoch))
+                cur = await conn.execute(_FINISH_BULK.encode(), columns)
                 done = len(await cur.fetchall())
             else:  # the same row twice: in order, one statement each
                 done = 0
                 async with conn.cursor() as cur:
                     for p in params:
-                        await cur.execute(_FINISH.encode(), (*p, epoch))
+                        await cur.execute(_FINISH.encode(), p)
                         done += max(cur.rowcount, 0)
                 ids = list(dict.fromkeys(ids))
             if done >= len(ids):
