@@ -14,6 +14,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.generation import GenerationMode
 from schemathesis.generation.case import Case
 
@@ -54,7 +55,12 @@ def test_the_api_keeps_its_schema(service: Api, mode: GenerationMode) -> None:
             database=None,
         )
         def run(case: Case) -> None:
-            case.call_and_validate(base_url=service.url, headers=AUTH, checks=CHECKS + extra)
+            # a negative case that broke the headers (left out the required Authorization)
+            # goes as generated: the token added back would make it a valid request, which
+            # the service rightly accepts (seen once in a loaded run, with byte_size=0)
+            broken = case.meta is not None and case.meta.is_negative_at(ParameterLocation.HEADER)
+            headers = None if broken else AUTH
+            case.call_and_validate(base_url=service.url, headers=headers, checks=CHECKS + extra)
             calls.append(case.operation.label)
 
         run()
