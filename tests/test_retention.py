@@ -124,7 +124,7 @@ async def both_stats(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What GET /api/v1/stats answers from the journal's ``stats`` (the rollup where it can),
     and from the same groups counted from the rows."""
-    rollup = await j.stats(conditions, monthly=period == "month")
+    rollup = await j.stats(conditions, period)
     sql = stats_sql(conditions, j.dialect)  # type: ignore[attr-defined]
     rows = [
         StatsGroup(int(d), s, dest, ext, int(n), int(b))
@@ -166,7 +166,7 @@ async def test_stats_from_the_rollup_equal_stats_from_the_rows(
         ]
         for conditions in queries:
             for period in ("day", "week", "month"):
-                from_rollup = rollup_sql(conditions, monthly=period == "month") is not None
+                from_rollup = rollup_sql(conditions, period=period) is not None
                 assert from_rollup == (conditions is not queries[-1])
                 rollup, rows = await both_stats(j, conditions, period)
                 assert rollup == rows, (conditions, period)

@@ -141,7 +141,7 @@ async def delete_log(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     q = queries.parse_stats_query(request.query, time.time())
-    rows = await request.app[reader_key].stats(q.filters(), monthly=q.period == "month")
+    rows = await request.app[reader_key].stats(q.filters(), q.period)
     since = queries.iso(q.since) if q.since is not None else None
     return web.json_response({"period": q.period, "since": since, **queries.rollup(rows, q.period)})
 

@@ -21,6 +21,7 @@ from ..errors import JournalError
 from ..models import Dispatch, FileVersion, Status
 
 if TYPE_CHECKING:
+    from ..reporting import Period
     from ..router import Chain
     from .retention import KeptKey, OldRow
 
@@ -487,12 +488,12 @@ class JournalReader(Protocol):
         """One row by id as the detail view shows it, or None."""
 
     async def stats(
-        self, conditions: Sequence[Condition], monthly: bool = False
+        self, conditions: Sequence[Condition], period: Period = "day"
     ) -> list[StatsGroup]:
         """Rows matching ``conditions`` grouped by the UTC day they were created on (the
-        caller folds days into weeks or months: ``reporting.period_start``). ``monthly``: the
-        caller folds into months, so a window of whole months may come a group per month
-        (under its first day) from the month rollup."""
+        caller folds days into ``period``, a week or a month: ``reporting.period_start``).
+        Groups may come already summed per week (under its Monday) or, for a window of whole
+        months, per month (under its first day): the folding gives the same answer."""
 
     async def outcomes(
         self, after: float, upto: float, buckets_ms: Sequence[int]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
 from ..models import Dispatch, FileVersion, Status
+from ..reporting import Period
 from . import retention
 from .base import (
     DUPLICATE_OF,
@@ -215,16 +216,19 @@ _ROLLUP_COLUMNS = frozenset({"status", "destination", "extension"})
 
 
 def rollup_sql(
-    conditions: Sequence[Condition], dialect: Dialect = SQLITE, monthly: bool = False
+    conditions: Sequence[Condition], dialect: Dialect = SQLITE, period: Period = "day"
 ) -> tuple[str, list[Any]] | None:
     """``stats_sql``'s answer from a rollup kept as rows are written, a table a few thousand
     rows long instead of every row in the window: ``stats_days`` (a row per day, status,
-    destination and extension), or with ``monthly`` and a window of whole months
-    ``stats_months`` (the same per month, under the day number of its first day: folding by
-    ``reporting.period_start`` gives the same months). The rollups count every row but
-    those IN_PROGRESS (``retention.COUNTED``), which are counted from the table, per day.
-    None when a condition cannot be answered from the rollup (another column, or a
-    ``created`` bound inside a day)."""
+    destination and extension), or for ``period`` month and a window of whole months
+    ``stats_months`` (the same per month, under the day number of its first day). For
+    ``period`` week the days are summed per ISO week in SQL, under the day number of its
+    Monday (day 0, 1970-01-01, was a Thursday: a day ``d``'s Monday is ``d - (d + 3) % 7``):
+    a seventh of the groups to hand back. Folding by ``reporting.period_start`` gives the
+    same weeks and months either way. The rollups count every row but those IN_PROGRESS
+    (``retention.COUNTED``), which are counted from the table, per day. None when a
+    condition cannot be answered from the rollup (another column, or a ``created`` bound
+    inside a day)."""
     kept: list[Condition] = []
     days: list[tuple[str, int]] = []  #: (op, day number): a bound on ``created`` at midnight
     for c in conditions:
@@ -243,23 +247,31 @@ def rollup_sql(
     clauses = [sql_where.removeprefix(" WHERE ")] if sql_where else []
     clauses += [f"day {op} ?" for op, _ in days]
     params += [day for _, day in days]
-    whole_months = monthly and all(_month_start(day) for _, day in days)
+    whole_months = period == "month" and all(_month_start(day) for _, day in days)
     # the rollups count every row but those in flight (IN_PROGRESS: the work under way, a few
     # hundred rows at most), counted here (the index on status and created finds them)
     on_way, on_way_params = where(conditions, dialect)
     in_flight = f"status IN {IN_FLIGHT}"
     on_way = f"{on_way} AND {in_flight}" if on_way else f" WHERE {in_flight}"
     day = dialect.day("created", False)
+    bucket = "day"
+    if period == "week":
+        bucket, day = _monday("day"), _monday(f"({day})")
     return (
-        "SELECT day, status, destination, extension, SUM(n), SUM(bytes) "
+        f"SELECT {bucket} AS week, status, destination, extension, SUM(n), SUM(bytes) "
         f"FROM {'stats_months' if whole_months else 'stats_days'} "
         f"WHERE {' AND '.join([*clauses, 'n > 0'])} "
-        "GROUP BY day, status, destination, extension UNION ALL "
+        f"GROUP BY {bucket}, status, destination, extension UNION ALL "
         f"SELECT {day} AS bucket, status, destination, extension, COUNT(*), "
         f"{dialect.total('size')} FROM dispatches{on_way} "
         "GROUP BY bucket, status, destination, extension",
         params + on_way_params,
     )
+
+
+def _monday(day: str) -> str:
+    """The day number of the Monday of the ISO week of day number ``day`` (an expression)."""
+    return f"{day} - ({day} + 3) % 7"
 
 
 def _month_start(day: int) -> bool:
@@ -303,11 +315,11 @@ class SqlReads(abc.ABC):
         return _detail(rows[0]) if rows else None
 
     async def stats(
-        self, conditions: Sequence[Condition], monthly: bool = False
+        self, conditions: Sequence[Condition], period: Period = "day"
     ) -> list[StatsGroup]:
         """Counts and bytes per day (``reporting`` folds the days into weeks or months), from
-        the day rollup where the conditions allow it, else from the rows."""
-        query = rollup_sql(conditions, self.dialect, monthly)
+        the rollups where the conditions allow it, else from the rows."""
+        query = rollup_sql(conditions, self.dialect, period)
         rows = await self.read(*(query or stats_sql(conditions, self.dialect)))
         return [StatsGroup(int(d), s, dest, ext, int(n), int(b)) for d, s, dest, ext, n, b in rows]
 
