@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Sequence
 
 from .asyncutil import first_completed
@@ -131,10 +132,12 @@ class Membership:
         (SIGSTOP, a suspended VM) work may resume before the expiry timer has run, and no
         delivery may start on the strength of a lease that ran out meanwhile. With ``epoch``
         (the token a row was claimed under): whether that very lease is, not a later one this
-        node joined under since (the rows of a lost lease are requeued for any node to take)."""
+        node joined under since (the rows of a lost lease are requeued for any node to take).
+        Safe to ask from a worker thread."""
         if epoch is not None and epoch != self.epoch:
             return False
-        return self.alive.held.is_set() and asyncio.get_running_loop().time() < self._until
+        # the loop's own clock (time.monotonic), read directly so a worker thread may ask too
+        return self.alive.held.is_set() and time.monotonic() < self._until
 
     def _expired(self) -> None:
         """The lease may have run out: no new delivery starts and no shared source is listed

@@ -10,6 +10,7 @@ FileDispatchError
 │   └── NodeConflictError       a live node of the same name shares the journal
 └── DeliveryError               one delivery step did not succeed
     ├── OutsideWindowError      the destination's window is shut: wait until it opens
+    ├── LeaseLostError          this node's lease may be lost: called off, not an attempt
     ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
     │   ├── NetworkError        the remote cannot be reached (DNS, refused, reset, timeout)
     │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
@@ -19,7 +20,8 @@ FileDispatchError
 A few exceptions signal a fallback, not an error, and are caught by the code that asked, so
 they are not part of this tree: ``fastpath.RenameUnavailable`` (no rename can do it: copy),
 ``processors.MoveUnavailable`` (the source cannot be renamed into place: it is copied),
-``sourcefile.NotRegularFile`` (an ``OSError``), the API's ``BadParameter`` (a 400 answer) and
+``sourcefile.NotRegularFile`` (an ``OSError``), ``asyncutil.Interrupted`` (a work cancelled
+because an event came first), the API's ``BadParameter`` (a 400 answer) and
 the SQLite journal's ``_Held`` (a batch kept for later). ``tests/test_house.py`` checks that
 this drawing matches the classes, branch signs included.
 """
@@ -81,6 +83,14 @@ class OutsideWindowError(DeliveryError):
     def __init__(self, message: str, until: float) -> None:
         super().__init__(message)
         self.until = until
+
+
+class LeaseLostError(DeliveryError):
+    """The lease this node claimed the row under may have run out (the node was frozen, or
+    cut off from the journal): another node may deliver the file now, so this delivery stops
+    before its result becomes visible (the temporary file is removed, the upload cut short).
+    Not an attempt: the row goes back to the queue as it was, unless another node holds it
+    already (then the journal refuses that, harmlessly)."""
 
 
 class TransientDeliveryError(DeliveryError):

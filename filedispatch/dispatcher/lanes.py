@@ -187,7 +187,14 @@ class InlineLanes:
                 given_back.append((version, pending, False, lane.step))
             else:
                 ctx = StepContext(
-                    row_id, version, version.path, chain.rule, 0, 1, self.state.workdir
+                    row_id,
+                    version,
+                    version.path,
+                    chain.rule,
+                    0,
+                    1,
+                    self.state.workdir,
+                    fence=self.state.fence(epoch),
                 )
                 work.append((lane, ctx))
         return known, given_back, work

@@ -18,6 +18,7 @@ from .. import retry
 from ..config import Step
 from ..errors import (
     DeliveryError,
+    LeaseLostError,
     OutsideWindowError,
     SourceUnreadableError,
     SourceVanishedError,
@@ -78,6 +79,9 @@ class Outcomes:
                 next_attempt=exc.until,
                 epoch=row.epoch,
             )
+        if isinstance(exc, LeaseLostError):  # not an attempt: back to the queue, as it was
+            log.warning("%s: %s stopped: %s", row.relpath, row.destination, reason)
+            return waiting(row, time.time())
         kind = retry.error_kind(exc)
         # row.started: when its first try started (None: this is its first)
         first = started if row.started is None else row.started

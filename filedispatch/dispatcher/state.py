@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import Config, SourceConfig, Step, scrub, secrets_of
+from ..errors import LeaseLostError
 from ..journal import Journal, StepResult
 from ..models import Dispatch, FileVersion, Status
-from ..processors import Registry
+from ..processors import Registry, unfenced
 from ..router import Router
 
 #: seconds the feeder sleeps at most when nothing is due (a wake-up comes sooner)
@@ -87,6 +88,9 @@ class DispatchState:
         #: after the process was frozen, and a node that joined again holds a new lease, under
         #: which rows claimed before were never claimed)
         self.holds_lease: Callable[[int | None], bool] = lambda epoch: self.node_alive.is_set()
+        #: set while the lease may be lost (never, with one node): deliveries under way are
+        #: stopped (``Workers``), since another node may deliver the same files now
+        self.lease_lost = asyncio.Event()
         #: the fencing token rows planned now carry (``Journal.plan_started``; None: SQLite)
         self.epoch: Callable[[], int | None] = lambda: None
         #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
@@ -108,13 +112,31 @@ class DispatchState:
     def follow_lease(
         self,
         alive: asyncio.Event,
+        lost: asyncio.Event,
         holds: Callable[[int | None], bool],
         epoch: Callable[[], int | None],
     ) -> None:
         """Follow this node's lease (``cluster.Membership``): ``alive`` while it is held,
-        ``holds(epoch)`` whether the lease a row was claimed under still is, ``epoch()`` the
-        token rows planned now carry."""
-        self.node_alive, self.holds_lease, self.epoch = alive, holds, epoch
+        ``lost`` while it is not, ``holds(epoch)`` whether the lease a row was claimed under
+        still is (read from the clock; safe from any thread), ``epoch()`` the token rows
+        planned now carry."""
+        self.node_alive, self.lease_lost = alive, lost
+        self.holds_lease, self.epoch = holds, epoch
+
+    def fence(self, epoch: int | None) -> Callable[[], None]:
+        """A row's ``StepContext.fence``: raises LeaseLostError once the lease the row was
+        claimed under (``epoch``; None: one node, no lease) may have run out."""
+        if epoch is None:
+            return unfenced
+
+        def fence() -> None:
+            if not self.holds_lease(epoch):
+                raise LeaseLostError(
+                    "this node's lease may have run out (it was frozen, or cut off from the "
+                    "journal): another node may deliver the file now"
+                )
+
+        return fence
 
     def may_start(self) -> bool:
         """New work starts only while not paused and while the journal takes writes: a

@@ -15,9 +15,15 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..asyncutil import first_completed
+from ..asyncutil import Interrupted, cancel_when, first_completed
 from ..config import Step
-from ..errors import DeliveryError, JournalError, SourceVanishedError, TransientDeliveryError
+from ..errors import (
+    DeliveryError,
+    JournalError,
+    LeaseLostError,
+    SourceVanishedError,
+    TransientDeliveryError,
+)
 from ..fate import renamed_by_delivery
 from ..journal import StepResult
 from ..models import Dispatch, FileVersion, Outcome, Status
@@ -31,6 +37,8 @@ log = logging.getLogger("filedispatch.dispatcher")
 
 #: seconds before a version whose dispatch hit a bug is tried again
 BUG_RETRY_S = 60.0
+#: a claimed version not started: the lease it was claimed under may be lost
+LOST_CLAIM = "%s: claimed under a lease this node may have lost; not started, left to the queue"
 
 
 class Workers:
@@ -59,16 +67,14 @@ class Workers:
                 # claimed under a lease this node lost (it joined again since): those rows
                 # were requeued for any node to take (a lost epoch's rows are orphans), and
                 # may run elsewhere now; never started here, and nothing to give back
-                log.info(
-                    "%s: claimed before this node's lease ran out; left to the queue",
-                    group[0].relpath,
-                )
+                log.info(LOST_CLAIM, group[0].relpath)
                 continue
             if not state.holds_lease(epoch):
                 # claimed before this node's lease may have run out: another node may run it
                 # now, so it is not started here. Given back, not dropped: if the lease turns
                 # out to be renewed in time, nothing else would put its rows back in the queue
                 # (if another node took them meanwhile, the journal refuses this, harmlessly)
+                log.info(LOST_CLAIM, group[0].relpath)
                 self._give_back(group)
                 continue
             if not journal.writable.is_set():  # claimed before the journal failed
@@ -255,6 +261,7 @@ class Workers:
             resuming=row.started is not None,  # claimed before: a crash may have hit mid-way
             may_move=may_move,
             label=row.label,
+            fence=self.state.fence(row.epoch),
         )
         if not self.state.holds_lease(row.epoch):
             # the lease the row was claimed under may have run out (the node was frozen, or
@@ -273,7 +280,15 @@ class Workers:
                     changed = check_unchanged(version, self.state.follows(version))
                     if changed is not None:
                         raise SourceVanishedError(changed)
-                outcome = await self._deliver(step, ctx)
+                ctx.fence()  # the semaphore may have kept it waiting past the lease
+                if row.epoch is None:
+                    outcome = await self._deliver(step, ctx)
+                else:  # stopped once the lease may be lost: another node may deliver it now
+                    try:
+                        outcome = await cancel_when(self.state.lease_lost, self._deliver(step, ctx))
+                    except Interrupted:
+                        ctx.fence()  # raises: the lease is not held
+                        raise LeaseLostError("this node's lease ran out") from None
             finally:
                 if sem is not None:
                     sem.release()

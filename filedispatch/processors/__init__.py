@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from ..controls import Throttle
 
 
+def unfenced() -> None:
+    """The fence of a row no lease can be lost for (one node): always passes."""
+
+
 @dataclass(frozen=True, slots=True)
 class StepContext:
     """What a processor knows about the step it runs; also handed to Python callables."""
@@ -45,6 +49,12 @@ class StepContext:
     #: the destination's ``bandwidth``, to pay per chunk as the bytes are sent (None: no
     #: limit); set only for a processor whose class says ``paces = True``
     throttle: Throttle | None = None
+    #: raises LeaseLostError once the lease the row was claimed under may have run out (a
+    #: node of several, frozen or cut off: another node may deliver the file now). A
+    #: processor calls it right before each step that makes its delivery visible or complete
+    #: (a rename into place, the next chunk of a body, a multipart completion); safe from a
+    #: worker thread. A no-op with one node
+    fence: Callable[[], None] = unfenced
 
     @property
     def path(self) -> Path:

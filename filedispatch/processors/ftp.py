@@ -13,17 +13,14 @@ import logging
 import os
 import ssl
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import aioftp
 
 from ..config import FtpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
-from . import Resources
+from . import Resources, StepContext
 from .remote import RemoteProcessor, copy_to
-
-if TYPE_CHECKING:
-    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +124,13 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         st: os.stat_result,
         path: PurePosixPath,
         digest: Any,
-        throttle: Throttle | None,
+        ctx: StepContext,
     ) -> None:
         async with conn.upload_stream(path) as stream:
             try:
-                await copy_to(fd, st, stream.write, digest=digest, throttle=throttle)
+                await copy_to(
+                    fd, st, stream.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
+                )
             except OSError as exc:
                 # The server closed the data connection mid-file (a quota, a full disk): its
                 # reason is the reply on the control connection, classified by its code.

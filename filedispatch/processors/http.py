@@ -120,10 +120,12 @@ class FileBody(payload.Payload):
         content_type: str,
         throttle: Throttle | None = None,
         data: bytes | bytearray | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(None, content_type=content_type)
         self._fd, self._st, self._chunk, self._progress = fd, st, chunk, progress
         self._throttle = throttle
+        self._fence = fence
         self._size = st.st_size
         self._data = data
         self.error: DeliveryError | None = None  #: our own error, which aiohttp would wrap
@@ -151,10 +153,20 @@ class FileBody(payload.Payload):
             if self._data is not None:  # read already (and its identity checked): one write
                 if self._throttle is not None:
                     await self._throttle.take(len(self._data))
+                if self._fence is not None:
+                    self._fence()
                 await send(self._data)
             else:
                 self.digest = hashlib.sha256()  # of this sending only
-                await copy_to(self._fd, self._st, send, self._chunk, self.digest, self._throttle)
+                await copy_to(
+                    self._fd,
+                    self._st,
+                    send,
+                    self._chunk,
+                    self.digest,
+                    self._throttle,
+                    self._fence,
+                )
             self.complete = True
         except DeliveryError as exc:
             self.error = exc
@@ -299,7 +311,7 @@ class HttpProcessor:
             throttle is None or st.st_size <= throttle.chunk
         ):
             whole = await read_whole(fd, st)  # a small file: one read, one write
-        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, throttle, whole)
+        body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, throttle, whole, ctx.fence)
         data: payload.Payload = body
         if dest.fieldname is not None:
             form = aiohttp.MultipartWriter("form-data")

@@ -128,7 +128,7 @@ class LocalProcessor:
         error = self._flush([(tmp, out)])[0]
         if error is not None:
             raise error
-        return self._place_temp(tmp, rel, sync_dir=self.dest.fsync)
+        return self._place_temp(tmp, rel, ctx, sync_dir=self.dest.fsync)
 
     # -- copying a batch in one thread (see processors.BatchCopier)
 
@@ -153,7 +153,7 @@ class LocalProcessor:
                 results[i] = error
                 continue
             try:
-                results[i] = self._place_temp(tmp, rel, sync_dir=False)
+                results[i] = self._place_temp(tmp, rel, ctxs[i], sync_dir=False)
                 folders.add(rel.parent)
             except Exception as exc:
                 results[i] = exc
@@ -226,10 +226,14 @@ class LocalProcessor:
                 unlink_quietly(tmp)
         return errors
 
-    def _place_temp(self, tmp: Path, rel: PurePosixPath, *, sync_dir: bool) -> Outcome:
-        """Give a complete temporary file its final name under the ``on_conflict`` policy."""
+    def _place_temp(
+        self, tmp: Path, rel: PurePosixPath, ctx: StepContext, *, sync_dir: bool
+    ) -> Outcome:
+        """Give a complete temporary file its final name under the ``on_conflict`` policy,
+        unless ``ctx.fence`` calls the delivery off first (the copy is removed)."""
         sent = self._sums.pop(tmp, None)
         try:
+            ctx.fence()  # runs in a worker thread, which a cancellation does not stop
             final = place(  # no look first: the rename itself refuses a name that is taken
                 lambda p: False,
                 rel,

@@ -139,6 +139,7 @@ async def copy_to(
     chunk: int = CHUNK,
     digest: Any = None,
     throttle: Throttle | None = None,
+    fence: Callable[[], None] | None = None,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
 
@@ -148,7 +149,9 @@ async def copy_to(
     a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
     no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
     lets go of the GIL), so hashing costs the event loop no time. ``throttle``: each chunk
-    (then at most ``throttle.chunk`` bytes) is paid for before it is written.
+    (then at most ``throttle.chunk`` bytes) is paid for before it is written. ``fence``
+    (``StepContext.fence``) is called before each chunk is written: its error stops the
+    upload short of its end.
     Raises SourceVanishedError when the file changed while it was sent, before its last
     chunk goes (the caller removes what was sent; the new version is dispatched on its own).
     """
@@ -188,6 +191,8 @@ async def copy_to(
                     digest.update(data)
             if throttle is not None:
                 await throttle.take(len(data))
+            if fence is not None:
+                fence()
             await write(data)
         if hashing is not None:
             await hashing
@@ -284,10 +289,10 @@ class RemoteProcessor(ABC, Generic[C]):
         st: os.stat_result,
         path: PurePosixPath,
         digest: Any,
-        throttle: Throttle | None,
+        ctx: StepContext,
     ) -> None:
-        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` and
-        ``throttle`` on)."""
+        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on, and the
+        context's ``throttle`` and ``fence``)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -358,6 +363,7 @@ class RemoteProcessor(ABC, Generic[C]):
         sent = await self._send(conn, ctx, tmp)
 
         async def put(p: PurePosixPath, overwrite: bool) -> None:
+            ctx.fence()  # the last moment this delivery can still be called off
             await self._rename(conn, tmp, root / p, overwrite)
 
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
@@ -393,7 +399,7 @@ class RemoteProcessor(ABC, Generic[C]):
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         fd, st = open_input(ctx)
         try:
-            await self.upload(conn, fd, st, path, digest, ctx.throttle)
+            await self.upload(conn, fd, st, path, digest, ctx)
             sent = digest.hexdigest()
             await self._verify(conn, path, st.st_size, sent)
         except cleanup:

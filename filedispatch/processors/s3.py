@@ -43,7 +43,7 @@ from .common import aplace, candidates, open_input, render_target
 from .s3uploads import LEDGER, OpenUpload, UploadLedger
 
 if TYPE_CHECKING:
-    from ..controls import Throttle
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class S3Processor:
                 digest = await _sha256(body)
 
                 async def put(p: PurePosixPath, overwrite: bool) -> None:
+                    ctx.fence()  # one request: the last moment it can be called off
                     await self._put(client, ctx, self.key(p), body, digest, overwrite)
 
                 final = await aplace(self._free_check(client), rel, self.dest.on_conflict, put)
@@ -321,8 +322,9 @@ class S3Processor:
             if self._ledger is not None:  # before any part: a crash now leaves a known orphan
                 upload = OpenUpload(self.dest.endpoint_url, self.bucket, key, upload_id)
                 await self._ledger.begun(upload)
-            parts, whole = await self._send_parts(client, ids, fd, st, sha, ctx.throttle)
+            parts, whole = await self._send_parts(client, ids, fd, st, sha, ctx)
             done: dict[str, Any] = {"MultipartUpload": {"Parts": parts}, **ids}
+            ctx.fence()  # the completion is what makes the object appear
             try:
                 answer = await self._write(client.complete_multipart_upload, done, overwrite, key)
             except _Taken:
@@ -347,13 +349,13 @@ class S3Processor:
         fd: int,
         st: os.stat_result,
         sha: bool,
-        throttle: Throttle | None = None,
+        ctx: StepContext,
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Read the file part by part, in order, and send up to part_concurrency at once:
         at most part_concurrency + 1 parts are in memory. Returns the parts for completion
-        and, with ``sha``, the SHA-256 of the whole file. ``throttle``: each part is paid
-        for before it is read."""
-        size, step = st.st_size, self.dest.part_size
+        and, with ``sha``, the SHA-256 of the whole file. Each part is paid for
+        (``ctx.throttle``) before it is read, and ``ctx.fence`` is asked before it is sent."""
+        size, step, throttle = st.st_size, self.dest.part_size, ctx.throttle
         room = asyncio.Semaphore(self.dest.part_concurrency)
         whole = hashlib.sha256() if sha else None
         parts: list[dict[str, Any]] = []
@@ -382,6 +384,7 @@ class S3Processor:
                         raise SourceVanishedError("the file shrank while it was sent")
                     if whole is not None:
                         await asyncio.to_thread(whole.update, data)
+                    ctx.fence()
                     group.create_task(send(number, data))
                     del data
         except BaseExceptionGroup as group_error:

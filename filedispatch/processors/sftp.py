@@ -13,17 +13,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import asyncssh
 
 from ..config import SftpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
-from . import Resources
+from . import Resources, StepContext
 from .remote import CHUNK, RemoteProcessor, copy_to
-
-if TYPE_CHECKING:
-    from ..controls import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +117,12 @@ class SftpProcessor(RemoteProcessor[Session]):
         st: os.stat_result,
         path: PurePosixPath,
         digest: Any,
-        throttle: Throttle | None,
+        ctx: StepContext,
     ) -> None:
         async with conn.sftp.open(_raw(path), "wb") as remote:
-            await copy_to(fd, st, remote.write, digest=digest, throttle=throttle)
+            await copy_to(
+                fd, st, remote.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
+            )
 
     async def exists(self, conn: Session, path: PurePosixPath) -> bool:
         return bool(await conn.sftp.exists(_raw(path)))
