@@ -9,13 +9,14 @@ import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from watchfiles import Change
 
 from filedispatch import fastpath
 from filedispatch.watcher import changes
-from filedispatch.watcher.changes import Changes, watch_changes
+from filedispatch.watcher.changes import Changes, RustNotify, watch_changes
 
 from .conftest import needs_fastpath
 
@@ -60,6 +61,59 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await _next_with(feed, tmp_path / "b.txt")
         (tmp_path / "c.txt").write_text("c")
         await _next_with(feed, tmp_path / "c.txt")
+
+
+class _StepsSeen:
+    """The real RustNotify, with the step of each ``watch`` call written down (a spy)."""
+
+    steps: ClassVar[list[int]] = []
+
+    def __init__(self, *args: object) -> None:
+        self._notify = RustNotify(*args)
+
+    def watch(self, debounce: int, step: int, *rest: object) -> object:
+        self.steps.append(step)
+        return self._notify.watch(debounce, step, *rest)
+
+    def close(self) -> None:
+        self._notify.close()
+
+
+async def test_a_file_written_slowly_does_not_keep_the_watch_hot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that grows a little at a time makes a batch per write; a batch that only
+    modifies what the batch before it named moves the watch to the warm step (before: hot,
+    2 ms, for as long as the file grew: about 250 batches a second for one slow writer). A
+    new file makes it hot again."""
+    hot, warm = changes.PACE[0][0], changes.PACE[1][0]
+    monkeypatch.setattr(changes, "RustNotify", _StepsSeen)
+    _StepsSeen.steps = steps = []
+    stop = asyncio.Event()
+    feed = _watch(tmp_path, stop)
+    grows = tmp_path / "grows.log"
+    async with contextlib.aclosing(feed):
+        first = asyncio.ensure_future(_next_with(feed, grows))
+        await _until(lambda: bool(_watch_threads()))
+        grows.write_bytes(b"0")
+        await first
+        for i in range(1, 6):  # one write at a time, each seen before the next
+            with grows.open("ab") as f:
+                f.write(b"%d" % i)
+            async with asyncio.timeout(60):
+                while True:
+                    batch = await anext(feed)
+                    if (Change.modified, str(grows)) in batch and grows.stat().st_size == i + 1:
+                        break
+        after_growth = steps[-1]
+        (tmp_path / "new.txt").write_text("new")
+        await _next_with(feed, tmp_path / "new.txt")
+        following = asyncio.ensure_future(anext(feed))  # the watch after the new file's batch
+        await _until(lambda: steps[-1] == hot)
+        following.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await following
+    assert after_growth == warm, steps
 
 
 async def test_stop_ends_an_idle_feed_and_its_thread(tmp_path: Path) -> None:

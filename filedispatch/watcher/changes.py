@@ -15,7 +15,10 @@ a quiet idle service exclude each other. Here the step follows the traffic (``PA
   seen 200 to 400 ms after it lands, and the ones after it hot again.
 
 A polled folder (``force_polling``: a network filesystem, a shared source) is never hot: its
-changes come once per poll, so it starts over at warm.
+changes come once per poll, so it starts over at warm. Nor is a batch that only modifies files
+the batch before it named: a file written slowly (a log, a long download) would otherwise keep
+the watch hot for as long as it grows, at up to 500 batches a second for one file; warm, it
+costs 50 at most, and a file that is new, removed or renamed makes it hot again.
 
 Bursts are not cut into more batches than before: the next watch starts only once the event
 loop took the previous batch, and everything that arrived meanwhile comes in one batch.
@@ -95,6 +98,7 @@ async def watch_changes(
     level = len(PACE) - 1  # idle until the first change
     # a polled folder's changes come once per poll: looking every 2 ms in between only costs
     hottest = 1 if force_polling else 0
+    named: set[str] = set()  # the paths the last batch named
     try:
         while not stop.is_set():
             step, lasts = PACE[level]
@@ -106,8 +110,11 @@ async def watch_changes(
                 continue
             if raw == "signal":  # only the main thread takes signals; this is not it
                 raise RuntimeError("the watch thread unexpectedly received a signal")
-            level = hottest
-            yield {(Change(change), path) for change, path in raw}
+            batch = {(Change(change), path) for change, path in raw}
+            paths = {path for _, path in batch}
+            growing = paths <= named and all(c == Change.modified for c, _ in batch)
+            level, named = max(hottest, 1) if growing else hottest, paths
+            yield batch
     finally:  # a watch still running (its awaiter cancelled) returns within a step: the
         # close queued behind it in the same thread then ends the notify thread
         halt.set()
