@@ -38,7 +38,6 @@ from .journal import (
 )
 from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink, status_snapshot
-from .models import FileVersion
 from .processors import Registry
 from .processors.s3uploads import LEDGER, UploadLedger
 from .watcher import Baselines, SourceWatcher
@@ -369,18 +368,6 @@ class Service:
         lost = self.membership.name_lost is not None  # another live node took the name
         return 1 if lost or (self.options.once and self.summary.failed) else 0
 
-    def _watcher(self, source: SourceConfig, exclude: list[Path]) -> SourceWatcher | SharedWatcher:
-        def make(config: SourceConfig) -> SourceWatcher:
-            d = self.dispatcher
-            return SourceWatcher(config, d.offer, d.reject, exclude, self._age_due, self._baselines)
-
-        lease = self.membership.listing.get(source.key) if source.shared else None
-        if lease is not None:
-            return SharedWatcher(source, make, lease)
-        if source.shared:  # made shared by a reload: the node's leases are taken at its start
-            log.warning("source %s: shared: true takes effect at the next start", source.key)
-        return make(source)
-
     async def _learning(self, stack: contextlib.AsyncExitStack) -> Learned:
         """The learned rules' models, trained (or loaded from beside the journal) before any
         file is routed, then kept current as their examples change (see learn.learning)."""
@@ -415,13 +402,17 @@ class Service:
                 len(self.config.sources),
                 self.db_path,
             )
+        once = self.options.once
         while not self.stop_event.is_set():
             watch_stop = asyncio.Event()
             self._restart_watchers.clear()
             exclude = [
                 s.folder for r in self.config.rules for s in r.to if isinstance(s, LocalDestination)
             ]
-            self.watchers = [self._watcher(s, exclude) for s in self.config.sources]
+            self.watchers = [
+                watcher_for(s, exclude, self.dispatcher, self.membership, self._baselines, once)
+                for s in self.config.sources
+            ]
             async with asyncio.TaskGroup() as tg:
                 for w in self.watchers:
                     tg.create_task(w.run(watch_stop), name=f"source:{w.config.key}")
@@ -454,10 +445,6 @@ class Service:
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 
-    def _age_due(self, version: FileVersion) -> float | None:
-        """When a file some rule waits for (``min_age``) is old enough (the rules in force)."""
-        return self.dispatcher.router.waiting(version)
-
     async def _backlog_done(self) -> None:
         """``--once``: files still settling count as backlog too."""
         while True:
@@ -488,6 +475,38 @@ class Service:
             cancelled,
             self.dispatcher.released,
         )
+
+
+def watcher_for(
+    source: SourceConfig,
+    exclude: list[Path],
+    dispatcher: Dispatcher,
+    membership: Membership,
+    baselines: Baselines,
+    short_run: bool,
+) -> SourceWatcher | SharedWatcher:
+    """The watcher of ``source``: a ``SharedWatcher`` while this node may hold its listing
+    lease, else one of its own, handing its files to ``dispatcher``. ``baselines``: kept
+    across watchers made again; ``short_run``: ``--once``."""
+
+    def make(config: SourceConfig) -> SourceWatcher:
+        d = dispatcher
+        return SourceWatcher(
+            config,
+            d.offer,
+            d.reject,
+            exclude,
+            lambda version: d.router.waiting(version),  # the rules in force, after a reload too
+            baselines,
+            short_run=short_run,
+        )
+
+    lease = membership.listing.get(source.key) if source.shared else None
+    if lease is not None:
+        return SharedWatcher(source, make, lease)
+    if source.shared:  # made shared by a reload: the node's leases are taken at its start
+        log.warning("source %s: shared: true takes effect at the next start", source.key)
+    return make(source)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -203,6 +203,37 @@ async def test_a_watcher_made_again_leaves_alone_only_the_first_starts_files(
     assert [p for p, _, _ in baselines[source.key]] == ["before.txt"]
 
 
+@pytest.mark.parametrize("short_run", [False, True])
+async def test_a_short_runs_watch_never_steps_down_to_idle(
+    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch, short_run: bool
+) -> None:
+    """``--once`` (``short_run``): the watch's longest step is the warm one, so the stop
+    waits at most that long for the watch thread; a long run's idle watch takes the idle
+    step (before: ``--once`` too, and each run's stop waited up to 200 ms for it)."""
+    from filedispatch.watcher import changes
+
+    from .test_changes import _StepsSeen
+
+    monkeypatch.setattr(changes, "RustNotify", _StepsSeen)
+    _StepsSeen.steps = steps = []
+    source = load_config(cfg(workspace, rescan=0)).sources[0]
+
+    async def never(*_: Any) -> None:
+        return None
+
+    watcher = SourceWatcher(source, never, never, short_run=short_run)
+    stop = asyncio.Event()
+    task = asyncio.create_task(watcher.run(stop))
+    await asyncio.wait_for(watcher.ready.wait(), 30)
+    async with asyncio.timeout(30):
+        while not steps:  # the watch's first look is under way
+            await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    warm, idle = changes.PACE[1][0], changes.PACE[-1][0]
+    assert steps[0] == (warm if short_run else idle), steps
+
+
 def test_a_file_swapped_in_during_its_quiet_period_starts_it_again(
     workspace: dict[str, Path],
 ) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +41,10 @@ from .. import fastpath
 #: (step, how long it lasts without a change) in ms, hot to idle: a batch starts over at the
 #: first, a quiet spell moves on to the next; the last lasts until a change comes
 PACE = ((2, 1_000), (20, 30_000), (200, 0))
+#: the pace of a run that ends once its backlog is done (``--once``): no idle level, since
+#: such a run is never idle for long, and its stop then waits at most a warm step for the
+#: watch thread (the Rust loop sees the stop only between two steps), not an idle one
+SHORT_RUN_PACE = PACE[:2]
 #: longest a batch is grouped once a change was seen (ms), however busy the folder
 DEBOUNCE_MS = 50
 
@@ -70,14 +74,16 @@ async def watch_changes(
     force_polling: bool,
     poll_delay_ms: int,
     on_watch: OnWatch | None = None,
+    pace: Sequence[tuple[int, int]] | None = None,
 ) -> AsyncGenerator[Changes, None]:
     """Batches of ``(Change, path)`` under ``root`` until ``stop`` is set (then it ends).
 
     Raises what ``RustNotify`` raises: FileNotFoundError if ``root`` is gone at the start,
     OSError or ``WatchfilesRustInternalError`` if the watch fails later (the caller rescans
     and watches again). Unreadable subfolders are passed over, as watchfiles'
-    ``ignore_permission_denied`` does.
+    ``ignore_permission_denied`` does. ``pace``: ``PACE`` unless given (``SHORT_RUN_PACE``).
     """
+    pace = PACE if pace is None else pace
     halt = threading.Event()  # read by the Rust loop each step (``is_set``)
     loop = asyncio.get_running_loop()
     before = None if force_polling else fastpath.inotify_fds()
@@ -95,18 +101,18 @@ async def watch_changes(
     thread = ThreadPoolExecutor(1, thread_name_prefix=f"watch {root.name}")
     waiter = loop.create_task(stop.wait())
     waiter.add_done_callback(lambda _: halt.set())
-    level = len(PACE) - 1  # idle until the first change
+    level = len(pace) - 1  # idle until the first change
     # a polled folder's changes come once per poll: looking every 2 ms in between only costs
     hottest = 1 if force_polling else 0
     named: set[str] = set()  # the paths the last batch named
     try:
         while not stop.is_set():
-            step, lasts = PACE[level]
+            step, lasts = pace[level]
             raw = await loop.run_in_executor(thread, notify.watch, DEBOUNCE_MS, step, lasts, halt)
             if raw == "stop":
                 return
             if raw == "timeout":  # quiet for that long: a longer step
-                level = min(level + 1, len(PACE) - 1)
+                level = min(level + 1, len(pace) - 1)
                 continue
             if raw == "signal":  # only the main thread takes signals; this is not it
                 raise RuntimeError("the watch thread unexpectedly received a signal")

@@ -20,7 +20,7 @@ import watchfiles
 from ..config import SourceConfig
 from ..models import FileVersion
 from .batches import Batches, Emit, Reject
-from .changes import watch_changes
+from .changes import SHORT_RUN_PACE, watch_changes
 from .entries import Entries, Look, no_skips
 from .gates import AgeDue, Gates, ident
 from .listing import Listing
@@ -66,11 +66,15 @@ class SourceWatcher:
         exclude: list[Path] | None = None,
         age_due: AgeDue | None = None,
         baselines: Baselines | None = None,
+        short_run: bool = False,
     ) -> None:
         """``baselines``: per source key, the files ``process_existing: false`` left alone
         when the source was first watched, kept by whoever makes watchers again (a reload
         that restarts them, a shared source's listing lease regained): a new baseline then
-        would also leave alone files seen since, still settling, and they were never sent."""
+        would also leave alone files seen since, still settling, and they were never sent.
+        ``short_run``: the run ends once its backlog is done (``--once``): the watch never
+        steps down to idle (``changes.SHORT_RUN_PACE``)."""
+        self._pace = SHORT_RUN_PACE if short_run else None
         self.config = config
         self._baselines: Baselines = {} if baselines is None else baselines
         self.root = config.path
@@ -205,6 +209,7 @@ class SourceWatcher:
                     force_polling=self.polling,
                     poll_delay_ms=int(self.config.poll_interval * 1000),
                     on_watch=self._watching,
+                    pace=self._pace,
                 )
                 async with contextlib.aclosing(feed):
                     async for changes in feed:
