@@ -179,6 +179,7 @@ class InlineLanes:
         known: list[Known] = []
         given_back: list[Done] = []
         work: list[tuple[Lane, StepContext]] = []
+        fence = self.state.fence(epoch)  # one for the chunk: its rows share the epoch
         for (version, chain, lane), row_id in zip(chunk, ids, strict=True):
             if row_id is None:
                 known.append((version, [chain]))
@@ -194,7 +195,7 @@ class InlineLanes:
                     0,
                     1,
                     self.state.workdir,
-                    fence=self.state.fence(epoch),
+                    fence=fence,
                 )
                 work.append((lane, ctx))
         return known, given_back, work
