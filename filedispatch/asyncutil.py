@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Coroutine
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 async def first_completed(*aws: Awaitable[Any], timeout: float | None = None) -> None:
@@ -33,32 +31,6 @@ async def first_completed(*aws: Awaitable[Any], timeout: float | None = None) ->
         for fut in own:
             with contextlib.suppress(BaseException):
                 await fut
-
-
-class Interrupted(Exception):
-    """``cancel_when``'s event came first: the work was cancelled, and has ended."""
-
-
-async def cancel_when(event: asyncio.Event, work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work`` and return its result; if ``event`` is set first, cancel the work, wait
-    for it to end (its cleanup runs) and raise Interrupted. A work that ends anyway (it had
-    finished, or it ignores the cancellation) gives its result or its error. Cancelling the
-    caller cancels the work too."""
-    task = asyncio.ensure_future(work)
-    try:
-        await first_completed(task, event.wait())
-    except asyncio.CancelledError:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise
-    if not task.done():
-        task.cancel()
-        try:
-            return await task
-        except asyncio.CancelledError:
-            raise Interrupted from None
-    return task.result()
 
 
 @contextlib.asynccontextmanager

@@ -20,8 +20,7 @@ FileDispatchError
 A few exceptions signal a fallback, not an error, and are caught by the code that asked, so
 they are not part of this tree: ``fastpath.RenameUnavailable`` (no rename can do it: copy),
 ``processors.MoveUnavailable`` (the source cannot be renamed into place: it is copied),
-``sourcefile.NotRegularFile`` (an ``OSError``), ``asyncutil.Interrupted`` (a work cancelled
-because an event came first), the API's ``BadParameter`` (a 400 answer) and
+``sourcefile.NotRegularFile`` (an ``OSError``), the API's ``BadParameter`` (a 400 answer) and
 the SQLite journal's ``_Held`` (a batch kept for later). ``tests/test_house.py`` checks that
 this drawing matches the classes, branch signs included.
 """

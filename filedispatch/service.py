@@ -328,7 +328,7 @@ class Service:
         )
         self.summary = self.dispatcher.summary
         m = self.membership
-        self.dispatcher.state.follow_lease(m.alive.held, m.alive.free, m.holds, lambda: m.epoch)
+        self.dispatcher.state.follow_lease(m.alive.held, m.holds, lambda: m.epoch)
         if not isinstance(self.db_path, Path):  # a shared journal: other nodes plan work too
             self.dispatcher.state.idle_check_s = CLUSTER_IDLE_CHECK_S
         lease_stop = asyncio.Event()

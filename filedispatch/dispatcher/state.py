@@ -88,9 +88,6 @@ class DispatchState:
         #: after the process was frozen, and a node that joined again holds a new lease, under
         #: which rows claimed before were never claimed)
         self.holds_lease: Callable[[int | None], bool] = lambda epoch: self.node_alive.is_set()
-        #: set while the lease may be lost (never, with one node): deliveries under way are
-        #: stopped (``Workers``), since another node may deliver the same files now
-        self.lease_lost = asyncio.Event()
         #: the fencing token rows planned now carry (``Journal.plan_started``; None: SQLite)
         self.epoch: Callable[[], int | None] = lambda: None
         #: seconds the feeder waits at most when nothing is due; shorter when other nodes plan
@@ -112,16 +109,13 @@ class DispatchState:
     def follow_lease(
         self,
         alive: asyncio.Event,
-        lost: asyncio.Event,
         holds: Callable[[int | None], bool],
         epoch: Callable[[], int | None],
     ) -> None:
         """Follow this node's lease (``cluster.Membership``): ``alive`` while it is held,
-        ``lost`` while it is not, ``holds(epoch)`` whether the lease a row was claimed under
-        still is (read from the clock; safe from any thread), ``epoch()`` the token rows
-        planned now carry."""
-        self.node_alive, self.lease_lost = alive, lost
-        self.holds_lease, self.epoch = holds, epoch
+        ``holds(epoch)`` whether the lease a row was claimed under still is (read from the
+        clock; safe from any thread), ``epoch()`` the token rows planned now carry."""
+        self.node_alive, self.holds_lease, self.epoch = alive, holds, epoch
 
     def fence(self, epoch: int | None) -> Callable[[], None]:
         """A row's ``StepContext.fence``: raises LeaseLostError once the lease the row was

@@ -15,12 +15,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..asyncutil import Interrupted, cancel_when, first_completed
+from ..asyncutil import first_completed
 from ..config import Step
 from ..errors import (
     DeliveryError,
     JournalError,
-    LeaseLostError,
     SourceVanishedError,
     TransientDeliveryError,
 )
@@ -281,14 +280,9 @@ class Workers:
                     if changed is not None:
                         raise SourceVanishedError(changed)
                 ctx.fence()  # the semaphore may have kept it waiting past the lease
-                if row.epoch is None:
-                    outcome = await self._deliver(step, ctx)
-                else:  # stopped once the lease may be lost: another node may deliver it now
-                    try:
-                        outcome = await cancel_when(self.state.lease_lost, self._deliver(step, ctx))
-                    except Interrupted:
-                        ctx.fence()  # raises: the lease is not held
-                        raise LeaseLostError("this node's lease ran out") from None
+                # not cancelled when the lease is lost: a processor stops at its next fence,
+                # with its own cleanup; a command or a callable runs to its end
+                outcome = await self._deliver(step, ctx)
             finally:
                 if sem is not None:
                     sem.release()
