@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="filedispatch",
         description="Watch folders and deliver each new file where its rules send it.",
-        epilog="Commands: check, explain, learn-check, history, mark-existing "
+        epilog="Commands: check, explain, learn-check, history, mark-existing, nodes "
         "(see 'filedispatch COMMAND -h'). "
         "Without a command, the service runs on the config given with -c.",
     )
@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser("check", help="validate a config and print its routing table")
     add_config_option(check, "configuration to check (also accepted before 'check')")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also open the journal as the service would (connect to PostgreSQL with the "
+        "configured credentials) and say what it found; writes nothing",
+    )
     explain = sub.add_parser("explain", help="say which rules take the given files, and why")
     add_config_option(explain, "configuration (also accepted before 'explain')")
     explain.add_argument("files", nargs="+", type=Path)
@@ -160,7 +166,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--folds", type=_positive, default=5, metavar="K", help="cross-validation folds (5)"
     )
     add_history_commands(sub)
+    add_nodes_command(sub)
     return parser
+
+
+def add_nodes_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``nodes`` (list them) and ``nodes hand-over OLD [--to NEW]`` (see nodecmd.py)."""
+    nodes = sub.add_parser(
+        "nodes",
+        help="list the nodes sharing the journal, or hand a dead node's work over to another",
+        description="Without an ACTION: list the nodes on record (alive or since when dead, "
+        "their work in flight, the work only they may run).",
+        epilog="Exit status: 0 done; 1 the journal cannot be reached, the node is alive or "
+        "unknown; 2 usage error.",
+    )
+    add_config_option(nodes, "configuration (also accepted before 'nodes')")
+    nsub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
+    hand = nsub.add_parser(
+        "hand-over",
+        help="give the work only a dead node may run (its unshared sources' waiting rows) to "
+        "another node, then forget it; refused while its lease holds",
+    )
+    hand.add_argument(
+        "-c", "--config", type=Path, dest="hand_config", metavar="CONFIG", help="configuration"
+    )
+    hand.add_argument("old", metavar="OLD", help="the dead node's name (see 'nodes')")
+    hand.add_argument(
+        "--to", metavar="NEW", help="the node to give its work to (default: this config's node)"
+    )
 
 
 def add_config_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -224,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{args.command} needs -c CONFIG (before or after '{args.command}')")
             if args.command == "learn-check":
                 return cmd_learn_check(path, args.folds)
-            return cmd_check(path) if args.command == "check" else cmd_explain(path, args.files)
+            if args.command == "check":
+                return cmd_check(path, args.connect)
+            return cmd_explain(path, args.files)
+        if args.command == "nodes":
+            return cmd_nodes(parser, args)
         if args.command in ("history", "mark-existing"):
             from .history import run_command
 
@@ -389,7 +426,22 @@ async def _never(*_: object) -> None:
 # ---------------------------------------------------------------------------- check, explain
 
 
-def cmd_check(path: Path) -> int:
+def cmd_nodes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``nodes`` and ``nodes hand-over`` (see nodecmd.py)."""
+    from . import nodecmd
+
+    path = getattr(args, "hand_config", None) or args.sub_config or args.config
+    if path is None:
+        parser.error("nodes needs -c CONFIG (before or after 'nodes')")
+    config = load_config(path)
+    if args.nodes_command == "hand-over":
+        return nodecmd.hand_over(config, str(path), args.old, args.to)
+    return nodecmd.list_nodes(config)
+
+
+def cmd_check(path: Path, connect: bool = False) -> int:
+    """Validate the config and print its routing table; with ``connect``, also open the
+    journal as the service would (``nodecmd.connect_report``)."""
     config = load_checked(path)
     from .journal import journal_path
     from .watcher import describe_writer_check
@@ -460,7 +512,13 @@ def cmd_check(path: Path) -> int:
     problems = missing + verify_problems(config)
     for problem in problems:
         say(f"{path}: {problem}", sys.stderr)
-    return EXIT_USAGE if problems else EXIT_OK
+    if problems:
+        return EXIT_USAGE
+    if connect:
+        from .nodecmd import connect_report
+
+        return connect_report(config)
+    return EXIT_OK
 
 
 def describe_controls(step: Step) -> str:

@@ -18,15 +18,49 @@ from collections.abc import Callable, Sequence
 from .asyncutil import first_completed
 from .config import Config, SourceConfig
 from .errors import JournalError, NodeConflictError, ServiceError
-from .journal import Journal, NameLock, when_ready
+from .journal import Journal, NameLock, NodeInfo, when_ready
 from .watcher import SourceWatcher
 
 log = logging.getLogger("filedispatch.cluster")
+
+#: seconds between two looks for dead nodes to forget, at most
+FORGET_EVERY_S = 3600.0
 
 
 def node_name(config: Config) -> str:
     """The node's name: ``node:`` in the config, else the host name."""
     return config.node or socket.gethostname() or "filedispatch"
+
+
+def describe_node(node: NodeInfo) -> str:
+    """One line for people (``fd-status``, ``filedispatch nodes``): whether its lease holds,
+    when it was renewed, its work in flight and the work only it may run."""
+    if node.alive:
+        state = "alive"
+    else:
+        state = f"lease ran out {max(0.0, node.lease_age_s - node.lease_s):.0f}s ago"
+    listed = f", lists {', '.join(node.listing)}" if node.listing else ""
+    return (
+        f"{node.name}: {state}, lease renewed {node.lease_age_s:.1f}s ago (of "
+        f"{node.lease_s:g}s), {node.in_flight} in flight, {node.waiting} waiting{listed}"
+    )
+
+
+def membership(
+    journal: Journal, config: Config, hold: NameLock | None, give_up: Callable[[str], None]
+) -> Membership:
+    """The service's ``Membership`` as its config says (name, lease, shared sources, when
+    dead nodes are forgotten)."""
+    shared = [s.key for s in config.sources if s.shared]
+    return Membership(
+        journal,
+        node_name(config),
+        config.lease,
+        shared,
+        hold,
+        give_up,
+        forget_after=config.forget_nodes_after or None,
+    )
 
 
 class Lease:
@@ -62,10 +96,15 @@ class Membership:
         shared: Sequence[str] = (),
         hold: NameLock | None = None,
         give_up: Callable[[str], None] | None = None,
+        forget_after: float | None = None,
     ) -> None:
         """``hold``: the service's lock on its name, kept at each renewal; ``give_up(why)`` is
         called when the name is no longer this node's (another live node took it): the
-        service must stop, and ``name_lost`` says why."""
+        service must stop, and ``name_lost`` says why. ``forget_after``: seconds after the end
+        of its lease that a dead node holding no work is forgotten (None: never); asked after
+        a renewal, at most once per that many seconds and at least once an hour."""
+        self.forget_after = forget_after
+        self._forget_at = 0.0  #: the loop's clock when dead nodes are next looked for
         self.hold = hold
         self.give_up = give_up
         self.name_lost: str | None = None
@@ -181,6 +220,7 @@ class Membership:
                 await asyncio.to_thread(self.hold.keep)
             if await self.journal.renew():
                 self._held_from(sent)
+                self._forget(sent)
             else:
                 self._expired()
                 log.warning("node %s: its lease had run out; joining again", self.name)
@@ -208,6 +248,15 @@ class Membership:
             if self._unreached:
                 log.info("node %s: the lease is renewed again", self.name)
             self._unreached = False
+
+    def _forget(self, now: float) -> None:
+        """Once in a while (not at every renewal: it reads the rows), queue the forgetting of
+        nodes dead for longer than ``forget_after`` that hold no work."""
+        if self.forget_after is None or now < self._forget_at:
+            return
+        self._forget_at = now + min(self.forget_after, FORGET_EVERY_S)
+        with contextlib.suppress(JournalError):  # closed: the next renewal asks again
+            self.journal.forget_nodes(self.forget_after)
 
     async def leave(self) -> None:
         """At a clean stop: end the leases now so another node lists and works at once."""

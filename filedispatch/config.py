@@ -1225,6 +1225,11 @@ class Config(_Model):
     #: seconds a node's lease lasts unless renewed (on the database's clock); at least one
     #: second: it is renewed every third, and its statements get a third to answer
     lease: Annotated[float, Field(ge=1, le=MAX_SECONDS), BeforeValidator(_duration)] = 30.0
+    #: seconds after its lease ended that a dead node holding no work is forgotten (dropped from
+    #: the nodes' list); 0 or null: never. A node that still holds work is never forgotten
+    forget_nodes_after: (
+        Annotated[float, BeforeValidator(_duration), Field(ge=0, le=MAX_AGE)] | None
+    ) = 3 * 86400.0
     sources: list[SourceConfig] = Field(min_length=1)
     rules: list[RuleConfig] = Field(min_length=1)
     api: ApiConfig = ApiConfig()

@@ -37,6 +37,7 @@ from prompt_toolkit.input import DummyInput, create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 from prompt_toolkit.output.vt100 import Vt100_Output
 
+from .cluster import describe_node
 from .config import MonitorConfig, is_loopback
 from .errors import JournalError, ServiceError
 from .history import as_dict, format_rows, shown
@@ -449,12 +450,7 @@ async def status_text(journal: Journal, link: ServiceLink) -> str:
         nodes = []
     if nodes:
         lines.append("nodes:")
-        for n in nodes:
-            listed = f", lists {shown(', '.join(n.listing))}" if n.listing else ""
-            lines.append(
-                f"  {shown(n.name)}: {'alive' if n.alive else 'lease ran out'}, lease renewed "
-                f"{n.lease_age_s:.1f}s ago (of {n.lease_s:g}s), {n.in_flight} in flight{listed}"
-            )
+        lines += [f"  {shown(describe_node(n))}" for n in nodes]
     if journal_state["state"] != "ok":
         lines.append(
             f"journal {shown(journal_state['path'])}: {shown(journal_state['error'], secrets)} "

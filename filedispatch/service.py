@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from . import __version__, notify, recovery, retention
 from .asyncutil import first_completed
-from .cluster import Membership, SharedWatcher, node_name
+from .cluster import Membership, SharedWatcher, membership, node_name
 from .config import Config, LocalDestination, SourceConfig, load_config, secrets_of, watched_by
 from .controls import Controls
 from .dispatcher import Dispatcher, RunSummary
@@ -297,9 +297,7 @@ class Service:
             return 0
         self.journal = journal
         journal.on_health(self._on_journal_health)
-        shared = [s.key for s in self.config.sources if s.shared]
-        name, lease = node_name(self.config), self.config.lease
-        self.membership = Membership(journal, name, lease, shared, hold, self.request_stop)
+        self.membership = membership(journal, self.config, hold, self.request_stop)
         # before the resume, so the work of live nodes stays theirs
         if not await self.membership.start(self.stop_event):
             return 0

@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     ["history", "forget"],
     ["history", "stats"],
     ["mark-existing"],
+    ["nodes"],
+    ["nodes", "hand-over"],
 ]
 
 
@@ -42,6 +44,8 @@ def test_config_before_or_after_every_sub_command(tmp_path: Path) -> None:
         "mark-existing": (["mark-existing"], ["--dry-run"], "would mark 1 file(s)"),
         "history stats": (["history", "stats"], [], "period"),
         "history list": (["history", "list"], [], "a.txt"),
+        "nodes": (["nodes"], [], "one implicit node"),
+        "check --connect": (["check"], ["--connect"], "schema: version"),
     }
     for name, (command, rest, expected) in runs.items():
         before = run_cli("-c", cfg, *command, *rest)
@@ -53,7 +57,7 @@ def test_config_before_or_after_every_sub_command(tmp_path: Path) -> None:
 
 
 def test_a_sub_command_without_a_config_says_so(tmp_path: Path) -> None:
-    for command in (["check"], ["explain", "x.txt"]):
+    for command in (["check"], ["explain", "x.txt"], ["nodes"]):
         result = run_cli(*command, cwd=tmp_path)
         assert result.returncode == 2
         assert f"{command[0]} needs -c CONFIG" in result.stderr

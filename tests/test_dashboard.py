@@ -485,9 +485,9 @@ def test_the_dashboard_lists_two_nodes_on_one_postgresql_journal(
     first = service_factory(config("node-a", "east", ports[0])).start()
     wait_until(lambda: "source inbox: this node lists it now" in first.log(), 60)
     second = service_factory(config("node-b", "west", ports[1])).start()
-    expected = {
-        "node-a": ["node-a", "held", "east, inbox", "0"],
-        "node-b": ["node-b", "held", "west", "0"],
+    expected = {  # name, lease, lists, in flight, waiting
+        "node-a": ["node-a", "held", "east, inbox", "0", "0"],
+        "node-b": ["node-b", "held", "west", "0", "0"],
     }
     for port in ports:  # either node's dashboard shows the whole cluster
         url = f"http://127.0.0.1:{port}"

@@ -210,6 +210,8 @@ def openapi() -> dict[str, Any]:
                             "started": {"type": "number"},
                             "sources_listed": {"type": "array", "items": _STR},
                             "in_flight": _INT,
+                            #: PENDING rows only this node may run (its unshared sources)
+                            "waiting": _INT,
                         }
                     ),
                 }

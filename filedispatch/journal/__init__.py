@@ -50,6 +50,7 @@ from .place import (
     state_folder,
     state_tag,
 )
+from .probe import Probe, probe
 from .sqlite import SqliteJournal
 from .sqlite_schema import MIGRATIONS
 from .target import Database, PostgresTarget
@@ -79,6 +80,7 @@ __all__ = [
     "PageQuery",
     "PlannedStep",
     "PostgresTarget",
+    "Probe",
     "RecordedPath",
     "RetryWaiting",
     "SortKey",
@@ -96,6 +98,7 @@ __all__ = [
     "open_reader",
     "open_when_ready",
     "planned_steps",
+    "probe",
     "read_digests",
     "read_states",
     "state_folder",

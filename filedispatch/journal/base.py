@@ -379,7 +379,8 @@ class NodeInfo:
 
     ``lease_age_s``: seconds since it last renewed its lease (on the database's clock);
     ``alive``: its lease has not run out; ``listing``: the shared sources it lists;
-    ``in_flight``: its rows IN_PROGRESS.
+    ``in_flight``: its rows IN_PROGRESS; ``waiting``: its rows PENDING that no other node may
+    run (those of its unshared sources): a dead node's wait for it, or for a hand-over.
     """
 
     name: str
@@ -389,6 +390,7 @@ class NodeInfo:
     started: float  #: Unix time, seconds: when it joined
     listing: tuple[str, ...]
     in_flight: int
+    waiting: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -399,6 +401,7 @@ class NodeInfo:
             "started": self.started,
             "sources_listed": list(self.listing),
             "in_flight": self.in_flight,
+            "waiting": self.waiting,
         }
 
 
@@ -590,6 +593,19 @@ class Journal(JournalReader, Protocol):
 
     async def nodes(self) -> list[NodeInfo]:
         """The nodes known to the journal, by name."""
+
+    def forget_nodes(self, after_s: float) -> asyncio.Future[list[str]]:
+        """Queue the forgetting of the nodes whose lease ended more than ``after_s`` seconds
+        ago and that hold no work: no row IN_PROGRESS under their epoch, none PENDING or
+        IN_PROGRESS that only they may run. The future (which nobody needs to wait for) gives
+        the names forgotten. Raises JournalError once the journal is closed. SQLite: none."""
+
+    async def hand_over(self, old: str, new: str) -> int:
+        """Give the rows only node ``old`` may run (PENDING or IN_PROGRESS, of its unshared
+        sources) to node ``new`` as PENDING rows with no epoch, and forget ``old``; how many
+        rows moved. Raises ``NodeConflictError`` while ``old``'s lease has not run out,
+        ``NotFound`` when neither a node nor a row has that name, ``JournalError`` on SQLite
+        (one implicit node: nothing to hand over)."""
 
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; how many are new."""

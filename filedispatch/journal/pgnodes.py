@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from ..errors import JournalError, NodeConflictError
+from ..errors import JournalError, NodeConflictError, NotFound
 from .base import NodeInfo
 from .pgconn import Conn, PgOp, T, connect, limit_waits
 from .target import PostgresTarget
@@ -241,24 +241,125 @@ class PgNodes:
         await self._run(op)
 
     async def nodes(self) -> list[NodeInfo]:
-        """Every node the journal knows, by name, with its listings and rows in flight."""
-        rows: Sequence[Any] = await self._read(
-            "SELECT n.name, n.lease_until >= now(), n.lease_s, "
-            "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
-            "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
-            "AND l.lease_until >= now() ORDER BY l.source), "
-            "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
-            "AND d.epoch = n.epoch) FROM nodes n ORDER BY n.name"
-        )
-        return [
-            NodeInfo(
-                name,
-                bool(alive),
-                float(lease),
-                max(0.0, float(age)),
-                float(started),
-                tuple(listing),
-                int(busy),
+        """Every node the journal knows, by name, with its listings, its rows in flight and the
+        rows only it may run."""
+        return [node_info(row) for row in await self._read(NODES)]
+
+    def forget(self, after_s: float) -> asyncio.Future[list[str]]:
+        """Queue on the writer the forgetting of nodes whose lease ended more than ``after_s``
+        seconds ago and that hold no work (``FORGET``); the future gives their names (logged)."""
+
+        async def op(conn: Conn) -> list[str]:
+            cur = await conn.execute(FORGET, (after_s,))
+            names = sorted(str(name) for (name,) in await cur.fetchall())
+            if names:
+                await conn.execute(
+                    "DELETE FROM listings WHERE node = ANY(%s) AND lease_until < now()", (names,)
+                )
+            return names
+
+        def told(fut: asyncio.Future[list[str]]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                _reaped(fut)
+            elif names := fut.result():
+                log.info(
+                    "forgot node(s) %s: their lease ended over %gs ago and they held no work",
+                    ", ".join(names),
+                    after_s,
+                )
+
+        fut: asyncio.Future[list[str]] = self._enqueue(op)
+        fut.add_done_callback(told)
+        return fut
+
+    async def hand_over(self, old: str, new: str) -> int:
+        """Give the work only node ``old`` may run (the PENDING and IN_PROGRESS rows of its
+        unshared sources) to node ``new``, then forget ``old``; how many rows moved. Raises
+        NodeConflictError while ``old``'s lease has not run out, NotFound when the journal
+        knows no node ``old`` and no row is its. The rows moved are PENDING with no epoch:
+        claimable by ``new`` only, and a late outcome of ``old``'s claims is refused."""
+
+        async def op(conn: Conn) -> int | JournalError | NodeConflictError:
+            cur = await conn.execute(
+                "SELECT epoch, EXTRACT(EPOCH FROM lease_until - now())::float8 FROM nodes "
+                "WHERE name=%s FOR UPDATE",
+                (old,),
             )
-            for name, alive, lease, age, started, listing, busy in rows
-        ]
+            row = await cur.fetchone()
+            if row is not None and float(row[1]) >= 0:
+                return NodeConflictError(
+                    f"node {old!r} is alive in the journal {self.target.shown} (its lease runs "
+                    f"out in {float(row[1]):.0f}s): stop it first; its work is handed over only "
+                    "once its lease has run out"
+                )
+            cur = await conn.execute(
+                HAND_OVER, (old, new, old, old, None if row is None else row[0])
+            )
+            moved = max(cur.rowcount, 0)
+            if row is None and moved == 0:
+                return NotFound(
+                    f"no node named {old!r} in the journal {self.target.shown}, and no work "
+                    "waits under that name"
+                )
+            await conn.execute("DELETE FROM listings WHERE node=%s AND lease_until < now()", (old,))
+            await conn.execute("DELETE FROM nodes WHERE name=%s", (old,))
+            return moved
+
+        moved = await self._enqueue(op)
+        if isinstance(moved, Exception):
+            raise moved
+        return int(moved)
+
+
+#: every node, with its live listings, its rows in flight and the rows only it may run (the
+#: PENDING rows of its unshared sources)
+NODES = (
+    "SELECT n.name, n.lease_until >= now(), n.lease_s, "
+    "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
+    "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
+    "AND l.lease_until >= now() ORDER BY l.source), "
+    "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
+    "AND d.epoch = n.epoch), "
+    "(SELECT COUNT(*) FROM dispatches d WHERE d.status = 'PENDING' AND d.owner = n.name) "
+    "FROM nodes n ORDER BY n.name"
+)
+
+#: nodes whose lease ended more than %s seconds ago and that hold no work: nothing IN_PROGRESS
+#: under their epoch, nothing PENDING or IN_PROGRESS that only they may run. Rows another
+#: transaction holds are passed over (a node joining again under that name meanwhile is
+#: live, and the lease condition is checked again on the row it wrote)
+FORGET = (
+    "DELETE FROM nodes n WHERE n.name IN (SELECT name FROM nodes "
+    "WHERE lease_until < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED) "
+    "AND n.lease_until < now() "
+    "AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.status = 'IN_PROGRESS' "
+    "AND d.epoch = n.epoch) "
+    "AND NOT EXISTS (SELECT 1 FROM dispatches d WHERE d.status IN ('PENDING', 'IN_PROGRESS') "
+    "AND d.owner = n.name) RETURNING n.name"
+)
+
+#: a dead node's work (its name, first %s) to another node (%s): its unshared sources' PENDING
+#: and IN_PROGRESS rows become the other node's, and every row IN_PROGRESS under its epoch (the
+#: last %s) goes back to PENDING with no epoch, so its late outcomes are refused; all are due
+#: now (the operator asked for them: a retry's wait is not kept)
+HAND_OVER = (
+    "UPDATE dispatches SET owner = CASE WHEN owner = %s THEN %s ELSE owner END, "
+    "next_attempt = 0, detail = 'handed over from node ' || %s, status = 'PENDING', epoch = NULL "
+    "WHERE (owner = %s AND status IN ('PENDING', 'IN_PROGRESS')) "
+    "OR (status = 'IN_PROGRESS' AND epoch = %s::bigint)"
+)
+
+
+def node_info(row: Sequence[Any]) -> NodeInfo:
+    """A row of ``NODES`` as a ``NodeInfo``."""
+    name, alive, lease, age, started, listing, busy, waiting = row
+    return NodeInfo(
+        name,
+        bool(alive),
+        float(lease),
+        max(0.0, float(age)),
+        float(started),
+        tuple(listing),
+        int(busy),
+        int(waiting),
+    )

@@ -370,6 +370,14 @@ class PostgresJournal(PgUpkeep, SqlReads):
         """Every node the journal knows, by name, with its listings and rows in flight."""
         return await self._nodes.nodes()
 
+    def forget_nodes(self, after_s: float) -> asyncio.Future[list[str]]:
+        """See ``Journal.forget_nodes``: queued on the writer, logged once done."""
+        return self._nodes.forget(after_s)
+
+    async def hand_over(self, old: str, new: str) -> int:
+        """See ``Journal.hand_over``: one transaction on the writer."""
+        return await self._nodes.hand_over(old, new)
+
     async def mark_done(self, steps: Iterable[PlannedStep]) -> int:
         """Record steps as SUCCEEDED without sending (dirsend's --store-only)."""
         steps = list(steps)

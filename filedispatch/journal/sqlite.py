@@ -339,8 +339,24 @@ class SqliteJournal(SqliteUpkeep):
         """The implicit node (none before ``join``)."""
         if self.node is None:
             return []
-        rows = await self.read("SELECT COUNT(*) FROM dispatches WHERE status='IN_PROGRESS'")
-        return [NodeInfo(self.node, True, self._lease_s, 0.0, self._joined, (), int(rows[0][0]))]
+        [(busy, waiting)] = await self.read(
+            "SELECT COALESCE(SUM(status='IN_PROGRESS'), 0), COALESCE(SUM(status='PENDING'), 0) "
+            "FROM dispatches WHERE status IN ('IN_PROGRESS', 'PENDING')"
+        )
+        return [NodeInfo(self.node, True, self._lease_s, 0.0, self._joined, (), busy, waiting)]
+
+    def forget_nodes(self, after_s: float) -> asyncio.Future[list[str]]:
+        """The one node is never forgotten."""
+        done: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        done.set_result([])
+        return done
+
+    async def hand_over(self, old: str, new: str) -> int:
+        """An SQLite journal has one node: nothing to hand over."""
+        raise JournalError(
+            f"the journal {self.path} is an SQLite file, used by one service only: its work "
+            "is that service's whatever its node name, and there is nothing to hand over"
+        )
 
     async def record_failed_name(self, version: FileVersion, rule: str, reason: str) -> None:
         """A file that cannot even be planned (an undecodable name): one FAILED row says why."""

@@ -128,7 +128,8 @@ async function refreshStatus() {
 function renderNodes(nodes) {
   const rows = nodes.map((n) => {
     const tr = el("tr", {}, cell(n.name), cell(n.alive ? "held" : "ran out"), cell(n.lease_age_s.toFixed(1), "num"),
-      cell((n.sources_listed || []).join(", "), "clip"), cell(n.in_flight, "num"));
+      cell((n.sources_listed || []).join(", "), "clip"), cell(n.in_flight, "num"),
+      cell(n.waiting ?? 0, "num"));
     tr.dataset.node = n.name;
     if (!n.alive) tr.className = "has-error";
     return tr;
