@@ -63,6 +63,11 @@ def membership(
     )
 
 
+def _seen(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Lease:
     """Two events kept opposite: ``held`` while a lease is ours, ``free`` while it is not."""
 
@@ -104,6 +109,7 @@ class Membership:
         of its lease that a dead node holding no work is forgotten (None: never); asked after
         a renewal, at most once per that many seconds and at least once an hour."""
         self.forget_after = forget_after
+        self._keeping: asyncio.Future[None] | None = None  #: the name lock's check under way
         self._forget_at = 0.0  #: the loop's clock when dead nodes are next looked for
         self.hold = hold
         self.give_up = give_up
@@ -118,7 +124,8 @@ class Membership:
         self.lost = 0  #: times the lease ran out while the service ran
         self._expiry: asyncio.TimerHandle | None = None
         self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
-        self._unreached = False  #: the last renewal failed (told once, not at every try)
+        #: why the last renewal failed, None if it did not (told once per reason)
+        self._unreached: str | None = None
 
     async def end(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing (``task``, told by ``stop``) and end the leases, so
@@ -195,12 +202,17 @@ class Membership:
                 log.info("source %s: this node no longer lists it", key)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Renew every third of the lease until ``stop``; then give the leases up."""
+        """Renew every third of the lease until ``stop``; then give the leases up. The next
+        renewal is sent a third of a lease after the last was *sent*, however long its answer
+        took: the lease runs from the sending, so a late answer must not push the next
+        renewal past the lease's end."""
         loop = asyncio.get_running_loop()
         try:
             while not stop.is_set():
+                sent = loop.time()
                 await self._tick(loop)
-                await first_completed(stop.wait(), timeout=self.lease_s / 3)
+                wait = max(0.0, sent + self.lease_s / 3 - loop.time())
+                await first_completed(stop.wait(), timeout=wait)
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
@@ -217,7 +229,7 @@ class Membership:
         sent = loop.time()
         try:
             if self.hold is not None:  # its connection can be lost, and the lock with it
-                await asyncio.to_thread(self.hold.keep)
+                await self._keep_hold(self.hold)
             if await self.journal.renew():
                 self._held_from(sent)
                 self._forget(sent)
@@ -240,14 +252,37 @@ class Membership:
             self._lose_name(str(exc))
         except JournalError as exc:
             # a renewal fails fast (it has a connection of its own): tried again every third
-            # of the lease, told once
-            if not self._unreached:
+            # of the lease, told once per reason (a failed join again says why, too)
+            if self._unreached != str(exc):
                 log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
-            self._unreached = True
+            self._unreached = str(exc)
         else:
-            if self._unreached:
+            if self._unreached is not None:
                 log.info("node %s: the lease is renewed again", self.name)
-            self._unreached = False
+            self._unreached = None
+
+    async def _keep_hold(self, hold: NameLock) -> None:
+        """Check the name's lock (taken again if its connection was lost) in a thread, for at
+        most a third of the lease. A lock connection that went silent (a network path that
+        drops packets and sends no reset, a database host frozen) would hold the check, and
+        with it every renewal, for as long as the kernel keeps the connection: past that
+        time it is shut down, which ends the check, and the next renewal connects again.
+        One check at a time: a late one is waited for, never run beside another. Raises
+        JournalError on the time limit, and what ``NameLock.keep`` raises."""
+        if self._keeping is None or self._keeping.done():
+            self._keeping = asyncio.ensure_future(asyncio.to_thread(hold.keep))
+            # one that ends after its time limit passed is read by nobody: its error is
+            # marked as seen here (the next check meets the cause again anyway)
+            self._keeping.add_done_callback(_seen)
+        limit = max(self.lease_s / 3, 1.0)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._keeping), limit)
+        except TimeoutError:
+            hold.interrupt()
+            raise JournalError(
+                f"the connection holding the node name's lock did not answer in {limit:g}s; "
+                "it is closed and made again"
+            ) from None
 
     def _forget(self, now: float) -> None:
         """Once in a while (not at every renewal: it reads the rows), queue the forgetting of

@@ -427,6 +427,19 @@ class HttpDestination(_UrlStep):
         return self
 
 
+def _check_in_place(temp_name: bool, on_conflict: str) -> None:
+    """``temp_name: false`` writes the final name as it uploads: a crash or a cut connection
+    can leave a partial file there, which ``on_conflict: skip`` would take for the file
+    (recorded as delivered, the source consumed unsent)."""
+    if not temp_name and on_conflict == "skip":
+        raise ValueError(
+            "temp_name: false cannot go with on_conflict: skip: a partial file that an "
+            "interrupted upload leaves under the final name would count as the file, and the "
+            "source would be consumed unsent; keep temp_name: true, or choose on_conflict: "
+            "rename, overwrite or fail"
+        )
+
+
 class FtpDestination(_UrlStep):
     """An FTP server (``ftp://``) or FTP with explicit TLS (``ftps://``)."""
 
@@ -461,6 +474,7 @@ class FtpDestination(_UrlStep):
     @model_validator(mode="after")
     def _one_password(self) -> FtpDestination:
         _check_one_password(self)
+        _check_in_place(self.temp_name, self.on_conflict)
         return self
 
 
@@ -490,6 +504,7 @@ class SftpDestination(_UrlStep):
     @model_validator(mode="after")
     def _one_password(self) -> SftpDestination:
         _check_one_password(self)
+        _check_in_place(self.temp_name, self.on_conflict)
         return self
 
 
@@ -1255,6 +1270,8 @@ class Config(_Model):
                     problems.append(f"rules[{i}].sources: no source is named {s!r}")
             problems += _absolute_patterns(i, rule, self.sources)
         problems += _dedupe_blind_spots(self.rules)
+        if isinstance(self.database, PostgresDatabase):
+            problems += _in_place_across_nodes(self.rules)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -1280,6 +1297,23 @@ _HOST_AFTER_AT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(:[0-9]*)?(?
 _REMOTE_SCHEME = re.compile(rf"^({'|'.join(REMOTE_SCHEMES)})://", re.I)
 #: characters left as they are when a userinfo is encoded (RFC 3986 sub-delims and ``%``)
 _USERINFO_SAFE = "!$&'()*+,;=%"
+
+
+def _in_place_across_nodes(rules: list[RuleConfig]) -> list[str]:
+    """With a shared journal two nodes may deliver one file: a node that lost its lease and
+    the node that took its work over. Under temporary names each upload is its own until its
+    rename; written in place (``temp_name: false``) they could mix, or one's clean-up remove
+    the other's delivered file."""
+    return [
+        f"rules[{i}].to[{j}].temp_name: false cannot be used with a PostgreSQL journal: two "
+        "nodes may upload one file at once (one whose lease ran out, and the one that took "
+        "its work over), and written under the final name their uploads could mix or remove "
+        "each other's; keep temp_name: true (a server that cannot rename needs one node, "
+        "with an SQLite journal)"
+        for i, rule in enumerate(rules)
+        for j, step in enumerate(rule.to)
+        if getattr(step, "temp_name", True) is False
+    ]
 
 
 def _dedupe_blind_spots(rules: list[RuleConfig]) -> list[str]:

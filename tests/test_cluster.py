@@ -133,25 +133,45 @@ async def test_a_late_outcome_of_a_lost_claim_is_refused_after_the_node_joins_ag
         assert (rec["status"], rec["location"]) == ("SUCCEEDED", "/out/a.txt")
 
 
-class CommitCutProxy:
-    """A TCP proxy before PostgreSQL. Once armed, it lets through the COMMIT of the first
-    transaction that sent ``trigger``, then cuts the connection before the server's answer
-    reaches the client: the server commits, and the client never learns it (a network cut
-    or a server crash right after a commit). After the x12 review's reproducer."""
+class PgProxy:
+    """A TCP proxy before PostgreSQL, on a loop thread of its own; a subclass passes the
+    bytes on (``_client``), holding some back as its case needs."""
 
-    def __init__(self, target_port: int, trigger: bytes) -> None:
+    def __init__(self, target_port: int) -> None:
         from .servers import LoopThread
 
         self.target_port = target_port
-        self.trigger = trigger
-        self.armed = False
-        self.cuts = 0
         self.lt = LoopThread()
         self.port = self.lt.call(self._start())
 
     async def _start(self) -> int:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def url(self, url: str) -> str:
+        """``url`` (a database's), through this proxy."""
+        port = urllib.parse.urlsplit(url).port
+        return url.replace(f":{port}/", f":{self.port}/")
+
+    def close(self) -> None:
+        self.server.close()
+        self.lt.close()
+
+
+class CommitCutProxy(PgProxy):
+    """Once armed, it lets through the COMMIT of the first transaction that sent
+    ``trigger``, then cuts the connection before the server's answer reaches the client: the
+    server commits, and the client never learns it (a network cut or a server crash right
+    after a commit). After the x12 review's reproducer."""
+
+    def __init__(self, target_port: int, trigger: bytes) -> None:
+        self.trigger = trigger
+        self.armed = False
+        self.cuts = 0
+        super().__init__(target_port)
 
     async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
@@ -186,14 +206,36 @@ class CommitCutProxy:
 
         await asyncio.gather(up(), down(), return_exceptions=True)
 
-    def url(self, url: str) -> str:
-        """``url`` (a database's), through this proxy."""
-        port = urllib.parse.urlsplit(url).port
-        return url.replace(f":{port}/", f":{self.port}/")
 
-    def close(self) -> None:
-        self.server.close()
-        self.lt.close()
+class SilentLockProxy(PgProxy):
+    """Once ``silenced``, the connections that took a node's name lock before (they sent
+    ``pg_try_advisory_lock(hashtextextended``) pass nothing more either way, and stay open:
+    a peer gone silent without a reset (a NAT or a firewall that dropped the connection's
+    state, a database host lost with its power). Connections made since pass. After the z12
+    review's reproducer."""
+
+    def __init__(self, target_port: int) -> None:
+        self.silenced = False
+        self.held = 0  #: messages held back so far
+        super().__init__(target_port)
+
+    async def _client(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        locked = False
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, up: bool) -> None:
+            nonlocal locked
+            while data := await r.read(65536):
+                if up and not self.silenced and b"pg_try_advisory_lock(hashtextextended" in data:
+                    locked = True
+                if locked and self.silenced:
+                    self.held += 1
+                    return  # silent: nothing more passes, and nothing is closed
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        await asyncio.gather(pipe(cr, sw, True), pipe(sr, cw, False), return_exceptions=True)
 
 
 @pytest.mark.parametrize("write", ["claim", "plan_started"])
@@ -1206,6 +1248,7 @@ def test_a_node_woken_past_its_lease_cuts_its_upload_short(tmp_path: Path, pg_ur
         [row] = journal_rows(pg_url)
         assert (row["status"], row["node"]) == ("SUCCEEDED", "n2")
         assert "big.bin: " in n1.log() and "stopped: this node's lease" in n1.log()
+        assert "raise `lease`" in n1.log()
     finally:
         _stop(*(n for n in (n1, n2) if n.proc is not None))
         receiver.close()
@@ -1232,6 +1275,38 @@ def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url
         wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 20, 120)
         assert delivered(out) == expected
         assert "unanswered" in node.log()
+    finally:
+        _stop(node)
+        proxy.close()
+
+
+def test_a_node_whose_name_lock_connection_goes_silent_takes_it_again(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The connection holding n1's name lock goes silent (no reset: see SilentLockProxy)
+    while the database stays reachable. Each renewal checks that lock first, in a thread, on
+    a blocking connection: the check waited for ever, and with it every renewal, so the
+    lease ran out for good and the node delivered nothing more (the z12 review). Now the
+    check gives up after a third of the lease, shuts that connection down and takes the
+    lock again on a new one, and the node delivers a file put in meanwhile."""
+    proxy = SilentLockProxy(int(urllib.parse.urlsplit(pg_url).port or 0))
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    node = ServiceProcess(_node_config(tmp_path, proxy.url(pg_url), "n1", str(out)))
+    try:
+        node.start()
+        old(tmp_path / "inbox" / "a.txt", b"before")
+        wait_until(lambda: (out / "a.txt").exists(), 60)
+        proxy.silenced = True
+        wait_until(lambda: proxy.held >= 1, 60)  # a renewal's check of the lock is held
+        try:
+            wait_until(lambda: "held again" in node.log(), 120)
+        except AssertionError:
+            raise AssertionError(node.log()[-3000:]) from None
+        old(tmp_path / "inbox" / "b.txt", b"after")
+        wait_until(lambda: (out / "b.txt").exists(), 120)
+        assert "lock did not answer in" in node.log()
+        assert delivered(out) == {"a.txt": b"before", "b.txt": b"after"}
     finally:
         _stop(node)
         proxy.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import pytest
 
 from .conftest import journal_rows, run_cli
 from .servers import (
@@ -208,3 +209,47 @@ def test_a_size_that_does_not_match_is_retried_and_leaves_nothing(
         assert files_under(server.root) == {}
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("temp_name", [True, False])
+def test_an_upload_its_timeout_cuts_short_leaves_nothing_on_the_server(
+    workspace: dict[str, Path], sftp: SftpServer, temp_name: bool
+) -> None:
+    """An upload longer than the step's ``timeout`` (8 MiB at 1 MB/s against 2 s) is
+    cancelled mid-way: what it wrote (under its temporary name, or under the final name with
+    ``temp_name: false``) is removed over a connection of its own before the row is FAILED.
+    Before, the cancellation passed the clean-up by: the partial file stayed (the z12
+    review), and with ``temp_name: false`` a later attempt took the name for taken."""
+    old_file(workspace["inbox"] / "big.bin", 8 << 20)
+    dest = _dest(sftp, temp_name=temp_name, bandwidth="1MB/s", timeout=2, retry={"attempts": 1})
+    result = run_cli("-c", remote_config(workspace, dest), "--once", timeout=120)
+    assert result.returncode == 1, result.stderr
+    [row] = journal_rows(workspace["db"])
+    assert (row["status"], row["reason"]) == ("FAILED", "timed out after 2s"), row
+    assert files_under(sftp.root) == {}
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "sftp"])
+def test_temp_name_false_with_on_conflict_skip_is_refused(
+    workspace: dict[str, Path], scheme: str
+) -> None:
+    """A partial file that an interrupted upload leaves under the final name would pass for
+    the file with ``on_conflict: skip``, and the source would be consumed unsent."""
+    url = f"{scheme}://user:pw@127.0.0.1:9/in/" if scheme == "ftp" else "sftp://u@127.0.0.1:9/in/"
+    cfg = remote_config(workspace, {"url": url, "temp_name": False, "on_conflict": "skip"})
+    result = run_cli("-c", cfg, "check", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rules[0].to[0]" in result.stderr and "on_conflict: skip" in result.stderr
+    assert "Traceback" not in result.stderr and "pw@" not in result.stderr
+
+
+def test_temp_name_false_with_a_postgresql_journal_is_refused(workspace: dict[str, Path]) -> None:
+    """Two nodes may upload one file at once (one whose lease ran out, and the one that took
+    its work over): written under the final name, their uploads could mix, or one's clean-up
+    remove the other's delivered file (the z12 review, read from the code)."""
+    dest = {"url": "sftp://u@127.0.0.1:9/in/", "temp_name": False}
+    cfg = remote_config(workspace, dest, database="postgresql://fd@127.0.0.1:9/journal")
+    result = run_cli("-c", cfg, "check", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rules[0].to[0].temp_name: false cannot be used with a PostgreSQL" in result.stderr
+    assert "Traceback" not in result.stderr

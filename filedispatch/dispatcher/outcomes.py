@@ -80,7 +80,15 @@ class Outcomes:
                 epoch=row.epoch,
             )
         if isinstance(exc, LeaseLostError):  # not an attempt: back to the queue, as it was
-            log.warning("%s: %s stopped: %s", row.relpath, row.destination, reason)
+            self.state.lease_stops += 1
+            log.warning(
+                "%s: %s stopped: %s (deliveries stopped so far: %d; if it keeps happening, "
+                "this host or its database pauses for longer than the lease: raise `lease`)",
+                row.relpath,
+                row.destination,
+                reason,
+                self.state.lease_stops,
+            )
             return waiting(row, time.time())
         kind = retry.error_kind(exc)
         # row.started: when its first try started (None: this is its first)

@@ -74,6 +74,7 @@ class DispatchState:
         self.stats: dict[str, DestinationStats] = defaultdict(DestinationStats)
         self.in_flight: dict[int, Dispatch] = {}  #: rows a worker is delivering, by id
         self.batched = 0  #: files in copy batches running now
+        self.lease_stops = 0  #: deliveries stopped by their fence (a lease that may be lost)
         self.stopped_sources: set[str] = set()  #: stopped by ``stop_on_error``
         self.wake = asyncio.Event()  #: new work may be due: the feeder claims again
         self.running = asyncio.Event()  #: cleared while paused

@@ -12,6 +12,8 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,13 +84,23 @@ class NameLock:
     ``pg_terminate_backend``), and then a second service with this node's name could start:
     ``keep`` notices, connects again and takes them again."""
 
+    #: seconds ``keep`` waits for the server to end the old session it asked to end
+    ENDING_S = 10.0
+
     def __init__(self, target: PostgresTarget | None, node: str | None, conn: Any) -> None:
         self.target, self.node, self.conn = target, node, conn
+        #: the server's (pid, backend_start) of the lock's session, to end it if it outlives
+        #: its connection here (see keep)
+        self.session = _session(conn) if target is not None else None
 
     def keep(self) -> None:
         """Blocking (call it in a thread): check the hold; take it again if its connection
-        is gone. Raises ServiceError when another process took it meanwhile, JournalError
-        while the database cannot be reached (tried again at the next call)."""
+        is gone. A connection that went silent (``interrupt``) may leave its session alive
+        on the server, holding the locks until the server's own keepalives end it (two
+        hours by default): that session, known by its pid and start time, is ended first
+        (``pg_terminate_backend``: a role may end its own sessions). Raises ServiceError
+        when another process took the lock meanwhile, JournalError while the database cannot
+        be reached (tried again at the next call)."""
         if self.target is None:
             return
         with contextlib.suppress(Exception):
@@ -96,14 +108,72 @@ class NameLock:
             return
         with contextlib.suppress(Exception):
             self.conn.close()
-        self.conn = _lock_connection(self.target, JournalError)
-        _take(self.conn, self.target, self.node, again=True)
+        conn = _lock_connection(self.target, JournalError)
+        try:
+            self._end_old_session(conn)
+            _take(conn, self.target, self.node, again=True)
+            session = _session(conn)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                conn.close()
+            if isinstance(exc, ServiceError | JournalError) or not isinstance(exc, Exception):
+                raise
+            why = self.target.scrub(" ".join(str(exc).split())) or type(exc).__name__
+            raise JournalError(
+                f"cannot take the journal's lock again on {self.target.shown}: {why}"
+            ) from None
+        self.conn, self.session = conn, session
         log.info("the journal's lock is held again (its connection was lost)")
+
+    def _end_old_session(self, conn: Any) -> None:
+        """End the lock's old session if the server still has it, and wait until it is gone
+        (at most ``ENDING_S``)."""
+        if self.session is None:
+            return
+        same = "FROM pg_stat_activity WHERE pid = %s AND backend_start = %s"
+        rows = conn.execute(f"SELECT pg_terminate_backend(pid) {same}", self.session)
+        if not rows.fetchall():
+            return  # gone already (the usual case: a restart, a terminated backend)
+        log.warning(
+            "the journal lock's old session (server pid %d) outlived its connection here: "
+            "it was ended",
+            self.session[0],
+        )
+        deadline = time.monotonic() + self.ENDING_S
+        while conn.execute(f"SELECT 1 {same}", self.session).fetchall():
+            if time.monotonic() > deadline:
+                raise JournalError(f"the lock's old session (pid {self.session[0]}) did not end")
+            time.sleep(0.05)
+
+    def interrupt(self) -> None:
+        """From another thread: end a ``keep`` blocked on a connection that went silent. Its
+        socket is shut down (not closed: the descriptor stays the connection's), so the
+        blocked call fails at once, and ``keep`` connects again."""
+        conn = self.conn
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
 
     def close(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.close()
+
+
+def _session(conn: Any) -> tuple[int, Any] | None:
+    """The server's (pid, backend_start) of ``conn``'s session; None if it cannot be read."""
+    try:
+        row = conn.execute(
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).fetchone()
+    except Exception:
+        return None
+    return (int(row[0]), row[1]) if row else None
 
 
 @contextlib.asynccontextmanager

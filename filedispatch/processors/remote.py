@@ -394,7 +394,8 @@ class RemoteProcessor(ABC, Generic[C]):
 
     async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
         """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.
-        On any failure the file at ``path`` is removed."""
+        On any failure the file at ``path`` is removed, a cancellation (the step's
+        ``timeout``, a stop) included."""
         digest = hashlib.sha256()
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         fd, st = open_input(ctx)
@@ -405,9 +406,33 @@ class RemoteProcessor(ABC, Generic[C]):
         except cleanup:
             await self.remove(conn, path)
             raise
+        except asyncio.CancelledError:
+            # the connection may be mid-transfer (it is dropped): a partial file under the
+            # final name (temp_name: false) would pass for the file at the next attempt
+            await asyncio.shield(self._remove_aside(path))
+            raise
         finally:
             os.close(fd)
         return sent
+
+    async def _remove_aside(self, path: PurePosixPath) -> None:
+        """Remove ``path`` over a connection of its own, within the connect timeout (twice,
+        for the login and the removal); says so in the log when it cannot, never raises."""
+        try:
+            async with asyncio.timeout(2 * self.dest.connect_timeout):
+                conn = await self.connect()
+                try:
+                    await self.remove(conn, path)
+                finally:
+                    await self.disconnect(conn)
+        except Exception as exc:
+            log.warning(
+                "%s: cannot remove the unfinished upload %s (removed at the next attempt "
+                "with a temporary name): %s",
+                self.target.display,
+                path,
+                self.translate(exc) or exc,
+            )
 
     async def _verify(self, conn: C, path: PurePosixPath, size: int, sent: str) -> None:
         """A mismatch is transient: the next attempt uploads again."""
