@@ -670,6 +670,47 @@ async def test_a_small_file_changed_after_it_was_opened_is_not_sent(tmp_path: Pa
         os.close(fd)
 
 
+async def test_a_streamed_bodys_digest_is_whole_when_its_writer_is_cancelled_twice(
+    tmp_path: Path,
+) -> None:
+    """aiohttp cancels a request's writer from more than one place once the answer is in
+    (the response's release, its end). A second cancellation came while the writer waited
+    for the last chunk's hash, still running in a thread: the writer ended, and the digest
+    read then missed the last chunk, so a delivery the server confirmed whole was recorded
+    with a wrong SHA-256 (seen once in a loaded CI run of
+    test_a_large_file_reaches_a_server_that_ignores_expect). The hash must end first.
+    The last chunk is 64 MiB so its hash takes a while, here about 100 ms."""
+    chunk = 64 << 20
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(1 << 20) * (2 * chunk // (1 << 20)))
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        body = FileBody(fd, st, chunk, lambda: None, "application/octet-stream")
+
+        class SlowDrain:  # takes the bytes, then waits in the drain the answer cuts short
+            taken = 0
+
+            async def write(self, data: bytes) -> None:
+                self.taken += len(data)
+                if self.taken == st.st_size:
+                    await asyncio.Event().wait()
+
+        writer = SlowDrain()
+        task = asyncio.ensure_future(body.write_with_length(writer, None))
+        while writer.taken < st.st_size:
+            await asyncio.sleep(0)
+        task.cancel()  # the answer is in
+        await asyncio.sleep(0)  # the writer is now waiting for the last chunk's hash
+        task.cancel()  # and the response is released
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert body.complete
+        assert body.digest.hexdigest() == sha256_of(src)
+    finally:
+        os.close(fd)
+
+
 async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancelled(
     tmp_path: Path,
 ) -> None:

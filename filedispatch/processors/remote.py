@@ -199,10 +199,19 @@ async def copy_to(
             hashing = None
     finally:
         # sending failed: the read must end before the fd is closed, and the hash before
-        # the digest is read
-        unfinished = [f for f in (pending, hashing) if f is not None]
-        if unfinished:
-            await asyncio.wait(unfinished)
+        # the digest is read. Not cut short by a second cancellation (aiohttp cancels a
+        # request's writer from more than one place once the answer is in): the digest
+        # of a delivery the server confirmed would be recorded without its last chunk
+        unfinished = [f for f in (pending, hashing) if f is not None and not f.done()]
+        cancelled = False
+        while unfinished:
+            try:
+                await asyncio.wait(unfinished)
+            except asyncio.CancelledError:
+                cancelled = True
+            unfinished = [f for f in unfinished if not f.done()]
+        if cancelled:
+            raise asyncio.CancelledError
     if offset != size:
         raise SourceVanishedError("the file shrank while it was sent")
 
