@@ -235,6 +235,31 @@ def service_factory() -> Iterator[Callable[..., ServiceProcess]]:
 
 
 @pytest.fixture
+def watch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The step (ms) of each look the change feed's watch takes, in order: the real
+    ``RustNotify`` runs as it would, with a spy around it that writes the steps down."""
+    from watchfiles._rust_notify import RustNotify
+
+    from filedispatch.watcher import changes
+
+    steps: list[int] = []
+
+    class Spy:
+        def __init__(self, *args: object) -> None:
+            self._notify = RustNotify(*args)
+
+        def watch(self, debounce: int, step: int, *rest: object) -> object:
+            steps.append(step)
+            return self._notify.watch(debounce, step, *rest)
+
+        def close(self) -> None:
+            self._notify.close()
+
+    monkeypatch.setattr(changes, "RustNotify", Spy)
+    return steps
+
+
+@pytest.fixture
 def workspace(tmp_path: Path) -> dict[str, Path]:
     """inbox/, outbox/ and a journal path inside the test's temporary folder."""
     inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"

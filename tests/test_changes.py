@@ -9,14 +9,13 @@ import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 from watchfiles import Change
 
 from filedispatch import fastpath
 from filedispatch.watcher import changes
-from filedispatch.watcher.changes import Changes, RustNotify, watch_changes
+from filedispatch.watcher.changes import Changes, watch_changes
 
 from .conftest import needs_fastpath
 
@@ -63,32 +62,15 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await _next_with(feed, tmp_path / "c.txt")
 
 
-class _StepsSeen:
-    """The real RustNotify, with the step of each ``watch`` call written down (a spy)."""
-
-    steps: ClassVar[list[int]] = []
-
-    def __init__(self, *args: object) -> None:
-        self._notify = RustNotify(*args)
-
-    def watch(self, debounce: int, step: int, *rest: object) -> object:
-        self.steps.append(step)
-        return self._notify.watch(debounce, step, *rest)
-
-    def close(self) -> None:
-        self._notify.close()
-
-
 async def test_a_file_written_slowly_does_not_keep_the_watch_hot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, watch_steps: list[int]
 ) -> None:
     """A file that grows a little at a time makes a batch per write; a batch that only
     modifies what the batch before it named moves the watch to the warm step (before: hot,
     2 ms, for as long as the file grew: about 250 batches a second for one slow writer). A
     new file makes it hot again."""
     hot, warm = changes.PACE[0][0], changes.PACE[1][0]
-    monkeypatch.setattr(changes, "RustNotify", _StepsSeen)
-    _StepsSeen.steps = steps = []
+    steps = watch_steps
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     grows = tmp_path / "grows.log"

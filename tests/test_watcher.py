@@ -205,17 +205,14 @@ async def test_a_watcher_made_again_leaves_alone_only_the_first_starts_files(
 
 @pytest.mark.parametrize("short_run", [False, True])
 async def test_a_short_runs_watch_never_steps_down_to_idle(
-    workspace: dict[str, Path], monkeypatch: pytest.MonkeyPatch, short_run: bool
+    workspace: dict[str, Path], watch_steps: list[int], short_run: bool
 ) -> None:
     """``--once`` (``short_run``): the watch's longest step is the warm one, so the stop
     waits at most that long for the watch thread; a long run's idle watch takes the idle
     step (before: ``--once`` too, and each run's stop waited up to 200 ms for it)."""
     from filedispatch.watcher import changes
 
-    from .test_changes import _StepsSeen
-
-    monkeypatch.setattr(changes, "RustNotify", _StepsSeen)
-    _StepsSeen.steps = steps = []
+    steps = watch_steps
     source = load_config(cfg(workspace, rescan=0)).sources[0]
 
     async def never(*_: Any) -> None:
