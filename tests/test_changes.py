@@ -7,7 +7,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,8 +38,25 @@ async def _until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
-def _watch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("watch ")]
+def _watch_threads(*folders: Path) -> list[threading.Thread]:
+    """The watch threads of these folders' feeds (named ``watch <folder>_<n>``). Only theirs:
+    a thread of an earlier test's feed may still be ending, and counting it said "the watch is
+    in place" before this feed had made its watch (a file written then was never seen)."""
+    names = tuple(f"watch {folder.name}_" for folder in folders)
+    return [t for t in threading.enumerate() if t.name.startswith(names)]
+
+
+@pytest.fixture(autouse=True)
+def _another_feeds_thread(tmp_path: Path) -> Iterator[None]:
+    """A watch thread of some other folder's feed, alive through each test, as an earlier
+    test's can be while it ends on a busy machine: waits for "this feed's watch" must not
+    take it for theirs."""
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, name=f"watch not-{tmp_path.name}_0")
+    other.start()
+    yield
+    done.set()
+    other.join()
 
 
 async def test_a_file_after_the_watch_went_idle_is_seen(
@@ -52,7 +69,7 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):
         first = asyncio.ensure_future(_next_with(feed, tmp_path / "a.txt"))
-        await _until(lambda: bool(_watch_threads()))  # the watch is in place
+        await _until(lambda: bool(_watch_threads(tmp_path)))  # the watch is in place
         (tmp_path / "a.txt").write_text("a")
         await first
         await asyncio.sleep(0.3)  # longer than both quiet spells: idle now
@@ -76,7 +93,7 @@ async def test_a_file_written_slowly_does_not_keep_the_watch_hot(
     grows = tmp_path / "grows.log"
     async with contextlib.aclosing(feed):
         first = asyncio.ensure_future(_next_with(feed, grows))
-        await _until(lambda: bool(_watch_threads()))
+        await _until(lambda: bool(_watch_threads(tmp_path)))
         grows.write_bytes(b"0")
         await first
         for i in range(1, 6):  # one write at a time, each seen before the next
@@ -102,11 +119,11 @@ async def test_stop_ends_an_idle_feed_and_its_thread(tmp_path: Path) -> None:
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     ended = asyncio.ensure_future(anext(feed, None))
-    await _until(lambda: bool(_watch_threads()))  # the watch is running in its thread
+    await _until(lambda: bool(_watch_threads(tmp_path)))  # the watch is running in its thread
     stop.set()
     async with asyncio.timeout(30):
         assert await ended is None  # the feed ended, nothing yielded
-    await _until(lambda: not _watch_threads())
+    await _until(lambda: not _watch_threads(tmp_path))
 
 
 async def test_closing_a_feed_early_ends_its_thread(tmp_path: Path) -> None:
@@ -115,12 +132,12 @@ async def test_closing_a_feed_early_ends_its_thread(tmp_path: Path) -> None:
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     waiting = asyncio.ensure_future(anext(feed))
-    await _until(lambda: bool(_watch_threads()))
+    await _until(lambda: bool(_watch_threads(tmp_path)))
     waiting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
     await feed.aclose()
-    await _until(lambda: not _watch_threads())
+    await _until(lambda: not _watch_threads(tmp_path))
     assert not stop.is_set()
 
 
@@ -129,12 +146,12 @@ async def test_idle_watches_leave_the_shared_executor_free(tmp_path: Path) -> No
     (min(32, CPUs + 4)): with more sources than that, stat and hash work still runs."""
     stop = asyncio.Event()
     feeds = []
-    for i in range(12):
-        folder = tmp_path / f"s{i}"
+    folders = [tmp_path / f"s{i}" for i in range(12)]
+    for folder in folders:
         folder.mkdir()
         feed = _watch(folder, stop)
         feeds.append((feed, asyncio.ensure_future(anext(feed, None))))
-    await _until(lambda: len(_watch_threads()) == 12)  # every watch in flight, idle
+    await _until(lambda: len(_watch_threads(*folders)) == 12)  # every watch in flight, idle
     async with asyncio.timeout(30):
         assert await asyncio.to_thread(lambda: 42) == 42
     stop.set()
@@ -179,7 +196,7 @@ async def _masks_of_a_watch(folder: Path) -> tuple[int, int, bool]:
     try:
         async with contextlib.aclosing(feed):
             seen = asyncio.ensure_future(_next_with(feed, folder / "a.txt"))
-            await _until(lambda: bool(_watch_threads()))
+            await _until(lambda: bool(_watch_threads(folder)))
             masks = _watch_masks(folder)
             (folder / "a.txt").write_text("a")
             await seen
