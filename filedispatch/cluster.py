@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from .asyncutil import first_completed
 from .config import Config, SourceConfig
@@ -126,6 +127,10 @@ class Membership:
         self._until = 0.0  #: the loop's clock (monotonic seconds) when the lease may run out
         #: why the last renewal failed, None if it did not (told once per reason)
         self._unreached: str | None = None
+        #: the name lock's checks run here, never behind the deliveries and hashes that fill
+        #: the loop's default executor (slow local copies held every thread of it, and the
+        #: lease was lost with the database answering at once)
+        self._lock_thread: ThreadPoolExecutor | None = None
 
     async def end(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         """After the drain: stop renewing (``task``, told by ``stop``) and end the leases, so
@@ -144,26 +149,47 @@ class Membership:
         except JournalError:
             return False
 
-    async def join(self, takeover: bool = False) -> int:
+    async def join(self) -> int:
         """Register; the node's epoch (its fencing token). Raises NodeConflictError while a
-        live node has this name (unless ``takeover``: the caller knows that node is gone),
-        JournalError when the journal cannot be reached."""
+        live lease of this name is on record that is not this service's own, JournalError
+        when the journal cannot be reached."""
         sent = asyncio.get_running_loop().time()
-        self.epoch = await self.journal.join(self.name, self.lease_s, self.shared, takeover)
+        self.epoch = await self.journal.join(self.name, self.lease_s, self.shared)
         self._held_from(sent)
         return self.epoch
 
     async def start(self, stop: asyncio.Event) -> bool:
-        """Join at the service's start, taking over the name: its lock is held (journal_lock),
-        so a node of this name still on record is a dead one. A journal that cannot be reached
-        (it can go away again between its opening and this) is waited for as ``when_ready``
-        says; False when ``stop`` is set meanwhile."""
-        joined = await when_ready(
-            lambda: self.join(takeover=True),
-            stop,
-            what=f"node {self.name} cannot join the journal: ",
-        )
-        return joined is not None
+        """Join at the service's start. The name's lock is held (journal_lock), yet a live
+        lease of this name may be on record: a service of this name killed less than a lease
+        ago, or one whose lock's session was cut (a proxy, an idle timeout) while it runs on.
+        That lease is waited out, never taken over: the other service may be mid-delivery,
+        and it stops at its next renewal, which finds the lock taken. A journal that cannot be
+        reached (it can go away again between its opening and this) is waited for as
+        ``when_ready`` says; False when ``stop`` is set meanwhile."""
+        said = False
+        while True:
+            try:
+                joined = await when_ready(
+                    self.join, stop, what=f"node {self.name} cannot join the journal: "
+                )
+                return joined is not None
+            except NodeConflictError as exc:
+                left = exc.left_s if exc.left_s is not None else self.lease_s
+                if not said:
+                    said = True
+                    log.warning(
+                        "node %s: a lease of this name is still live on the journal for %.0fs "
+                        "(a service of this name was killed, or lost its connection and is "
+                        "about to stop): joining once it has run out",
+                        self.name,
+                        left,
+                    )
+                # once more right after it ends; never longer than a third of a lease, so a
+                # lease renewed meanwhile (a twin still running) is seen and waited out again
+                wait = min(max(left, 0.0) + 0.1, max(self.lease_s / 3, 1.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait)
+                    return False
 
     def _held_from(self, sent: float) -> None:
         loop = asyncio.get_running_loop()
@@ -236,10 +262,10 @@ class Membership:
             else:
                 self._expired()
                 log.warning("node %s: its lease had run out; joining again", self.name)
-                # the name's lock was just found ours, so a live entry of this name can only be
-                # this node's own: a join whose answer was lost (the connection cut after its
-                # COMMIT), not another service's. Without the lock (SQLite: no matter), refused
-                await self.join(takeover=self.hold is not None)
+                # a live entry of this name that is not this service's own lost join: another
+                # service of the name whose lock's session was cut. The lock was just found
+                # ours, so it stops at its next renewal: its lease is waited out (below)
+                await self.join()
             for key, lease in self.listing.items():
                 held = self.alive.held.is_set() and await self.journal.take_listing(key)
                 if lease.set(held):
@@ -248,18 +274,26 @@ class Membership:
                         key,
                         "this node lists it now" if held else "another node lists it now",
                     )
-        except (NodeConflictError, ServiceError) as exc:  # the name is another node's now
+        except NodeConflictError as exc:
+            if self.hold is None:  # no lock of the name to tell whose it is: it is theirs
+                self._lose_name(str(exc))
+            else:
+                self._say_unreached(f"waiting for another lease of this name to run out: {exc}")
+        except ServiceError as exc:  # the name is another node's now (its lock is theirs)
             self._lose_name(str(exc))
         except JournalError as exc:
             # a renewal fails fast (it has a connection of its own): tried again every third
             # of the lease, told once per reason (a failed join again says why, too)
-            if self._unreached != str(exc):
-                log.warning("node %s: the lease could not be renewed: %s", self.name, exc)
-            self._unreached = str(exc)
+            self._say_unreached(f"the lease could not be renewed: {exc}")
         else:
             if self._unreached is not None:
                 log.info("node %s: the lease is renewed again", self.name)
             self._unreached = None
+
+    def _say_unreached(self, why: str) -> None:
+        if self._unreached != why:
+            log.warning("node %s: %s", self.name, why)
+        self._unreached = why
 
     async def _keep_hold(self, hold: NameLock) -> None:
         """Check the name's lock (taken again if its connection was lost) in a thread, for at
@@ -270,7 +304,12 @@ class Membership:
         One check at a time: a late one is waited for, never run beside another. Raises
         JournalError on the time limit, and what ``NameLock.keep`` raises."""
         if self._keeping is None or self._keeping.done():
-            self._keeping = asyncio.ensure_future(asyncio.to_thread(hold.keep))
+            if self._lock_thread is None:
+                self._lock_thread = ThreadPoolExecutor(1, thread_name_prefix="name lock")
+            loop = asyncio.get_running_loop()
+            self._keeping = asyncio.ensure_future(
+                loop.run_in_executor(self._lock_thread, hold.keep)
+            )
             # one that ends after its time limit passed is read by nobody: its error is
             # marked as seen here (the next check meets the cause again anyway)
             self._keeping.add_done_callback(_seen)
@@ -296,6 +335,9 @@ class Membership:
     async def leave(self) -> None:
         """At a clean stop: end the leases now so another node lists and works at once."""
         self.alive.set(False)
+        if self._lock_thread is not None:  # a check under way ends with its connection
+            self._lock_thread.shutdown(wait=False)
+            self._lock_thread = None
         with contextlib.suppress(JournalError):
             await self.journal.leave()
 

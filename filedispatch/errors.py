@@ -68,7 +68,12 @@ class ServiceError(FileDispatchError):
 
 
 class NodeConflictError(ServiceError):
-    """Another live node shares the journal under this node's name."""
+    """Another live node shares the journal under this node's name; ``left_s``: seconds its
+    lease has left on the database's clock, where known."""
+
+    def __init__(self, message: str, left_s: float | None = None) -> None:
+        super().__init__(message)
+        self.left_s = left_s
 
 
 class DeliveryError(FileDispatchError):

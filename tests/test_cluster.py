@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from filedispatch.cluster import Membership
@@ -1254,6 +1255,99 @@ def test_a_node_woken_past_its_lease_cuts_its_upload_short(tmp_path: Path, pg_ur
         receiver.close()
 
 
+def _renewed(url: str, node: str) -> Any:
+    with psycopg.connect(url, password=PASSWORD) as db:
+        row = db.execute("SELECT renewed FROM nodes WHERE name=%s", (node,)).fetchone()
+    return None if row is None else row[0]
+
+
+def _epoch(url: str, node: str) -> int | None:
+    with psycopg.connect(url, password=PASSWORD) as db:
+        row = db.execute("SELECT epoch FROM nodes WHERE name=%s", (node,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S)
+def test_a_second_service_of_a_name_waits_out_the_lease_of_one_whose_lock_was_cut(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """n1 (lease 60 s) is mid-upload of a 48 MiB PUT, held by the receiver. The server session
+    holding n1's name lock is ended (an idle timeout, a proxy, an operator), and a second
+    service of the name starts: the lock is free, but n1 runs on, its lease live. The second
+    service waits that lease out; n1 finds the lock taken at its next renewal and stops; the
+    file arrives whole once.
+    Before (r5 review): holding the lock counted as proof that n1 was gone, so the second
+    service took n1's entry over at once and uploaded the file whole while n1, its lease
+    still good on its own clock, finished its own upload: the file arrived whole twice."""
+    receiver = CutAwareReceiver("/up/big.bin")
+    (tmp_path / "inbox").mkdir()
+    rules = [{"glob": "*.bin", "to": {"url": f"{receiver.url}/up/{{name}}", "method": "PUT"}}]
+    n1_config = _node_config(tmp_path, pg_url, "n1", None, rules=rules, workers=1, lease="60s")
+    twin_config = tmp_path / "n1-twin.yml"  # the same service, started a second time
+    twin_config.write_text(n1_config.read_text())
+    n1, twin = ServiceProcess(n1_config), ServiceProcess(twin_config)
+    data = os.urandom(48 << 20)
+    try:
+        n1.start()
+        old(tmp_path / "inbox" / "big.bin", data)
+        wait_until(lambda: receiver.starts == ["/up/big.bin"], 60)  # n1 mid-upload, held
+        receiver.release("/up/big.bin", 2)  # a second upload would be read at once
+        first, epoch = _renewed(pg_url, "n1"), _epoch(pg_url, "n1")
+        wait_until(lambda: _renewed(pg_url, "n1") != first, 60)  # right after a renewal
+        with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as db:
+            [(pid,)] = db.execute(
+                "SELECT DISTINCT pid FROM pg_locks WHERE locktype='advisory'"
+            ).fetchall()  # n1's name lock's session
+            db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        twin.start(wait_ready=False)  # it says "watching" once it has joined
+        wait_until(lambda: "still live on the journal" in twin.log() or receiver.received, 120)
+        assert not receiver.received, "the second service delivered beside n1"
+        receiver.release("/up/big.bin", 1)  # n1's upload is read on
+        wait_until(lambda: "node n1 stops" in n1.log(), 120)  # it found the lock taken
+        assert n1.proc is not None and n1.proc.wait(120) == 1  # the name is not its own now
+        wait_until(lambda: _epoch(pg_url, "n1") not in (None, epoch), 120)  # the twin joined
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 1, 120)
+        [whole] = receiver.received
+        assert (whole.size, whole.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    finally:
+        _stop(*(n for n in (n1, twin) if n.proc is not None and n.proc.poll() is None))
+        receiver.close()
+
+
+@pytest.mark.timeout(SCENARIO_TIMEOUT_S)
+def test_slow_local_copies_do_not_cost_the_node_its_lease(tmp_path: Path, pg_url: str) -> None:
+    """One node, a 6 s lease, eight 4 MiB files copied at once into a local folder held to
+    2 MB/s (a slow disk or share): the copies fill the loop's default executor for about
+    16 s, and the lease holds while the database answers; each file is copied once.
+    Before (r5 review): the name lock's check ran in that executor, waited behind the
+    copies, was taken for a silent connection after a third of the lease, and the lease was
+    lost: every copy under way was stopped at its fence and begun again (a 150 s run
+    delivered none of the eight)."""
+    out = tmp_path / "out"
+    (tmp_path / "inbox").mkdir()
+    rules = [{"glob": "*.bin", "to": {"url": out.as_uri(), "bandwidth": "2MB/s"}}]
+    n1 = ServiceProcess(
+        _node_config(tmp_path, pg_url, "n1", None, rules=rules, workers=8, lease="6s")
+    )
+    files = {f"f{i}.bin": os.urandom(4 << 20) for i in range(8)}
+    try:
+        n1.start()
+        for name, data in files.items():
+            old(tmp_path / "inbox" / name, data)
+        wait_until(
+            lambda: (
+                len(journal_rows(pg_url, "status='SUCCEEDED'")) == len(files)
+                or "was not renewed in time" in n1.log()
+            ),
+            300,
+        )
+        assert "was not renewed in time" not in n1.log(), n1.log()[-3000:]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+        assert "stopped: this node's lease" not in n1.log()
+    finally:
+        _stop(n1)
+
+
 def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url: str) -> None:
     """A node's journal connection is cut right after the COMMIT of a claim reached the server
     (the answer never comes back): the node still delivers every file, and no row is left
@@ -1316,9 +1410,11 @@ def test_a_rejoin_whose_commit_answer_is_lost_does_not_stop_the_node(
     tmp_path: Path, pg_url: str
 ) -> None:
     """A node woken past its lease joins again, and the connection is cut right after that
-    join's COMMIT reached the database: its next try finds its own new entry live. It holds
-    its name's lock, so that entry is its own: it joins again over it and goes on (before,
-    it took the entry for another node's, and stopped with exit 1)."""
+    join's COMMIT reached the database: its next try finds its own new entry live. The entry
+    bears the start stamp of that unanswered join, so it is known for its own: the node joins
+    again over it and goes on (before, it took the entry for another node's, and stopped with
+    exit 1). Holding the name's lock is no such proof: see
+    test_a_second_service_of_a_name_waits_out_the_lease_of_one_whose_lock_was_cut."""
     proxy = CommitCutProxy(int(urllib.parse.urlsplit(pg_url).port or 0), b"INSERT INTO nodes")
     (tmp_path / "inbox").mkdir()
     out = tmp_path / "out"

@@ -570,14 +570,15 @@ class Journal(JournalReader, Protocol):
         node: str,
         lease_s: float,
         shared: frozenset[str] = frozenset(),
-        takeover: bool = False,
     ) -> int:
         """Register this service as ``node`` with a lease of ``lease_s`` seconds (on the
         database's clock) and return its epoch, the fencing token its claims carry. Work of
         nodes whose lease ran out goes back to PENDING. Rows planned from a source not in
-        ``shared`` belong to this node. Raises ``NodeConflictError`` while a live node has the
-        name, unless ``takeover`` (the caller holds the name's lock: that node is gone).
-        SQLite: one implicit node, always alive."""
+        ``shared`` belong to this node. Raises ``NodeConflictError`` while a live lease of the
+        name is on record, unless this very journal object wrote it in a join whose answer was
+        lost: holding the name's lock is no proof that the holder of that lease has stopped
+        (its lock's session can be cut while it runs on). SQLite: one implicit node, always
+        alive."""
 
     async def renew(self) -> bool:
         """Renew this node's lease (and its listing leases); requeue the work of nodes whose

@@ -78,6 +78,8 @@ class PgNodes:
         self.epoch: int | None = None  #: its fencing token, new at each join
         self.lease_s = 0.0
         self.shared: frozenset[str] = frozenset()
+        #: the ``started`` stamps of this object's joins that got no answer (see ``join``)
+        self._unanswered: list[float] = []
 
     async def close(self) -> None:
         """Close the lease connection (the leases themselves are ended by ``leave``)."""
@@ -133,10 +135,17 @@ class PgNodes:
             return
         self._reaping.add_done_callback(_reaped)
 
-    async def join(self, node: str, lease_s: float, shared: frozenset[str], takeover: bool) -> int:
+    async def join(self, node: str, lease_s: float, shared: frozenset[str]) -> int:
         """See ``Journal.join``. The writer's session gets the lease's limits on lock waits,
-        and the work of dead nodes is queued for requeueing (neither waited for here)."""
+        and the work of dead nodes is queued for requeueing (neither waited for here).
+
+        A live entry of the name is taken over only when its ``started`` is the stamp of one
+        of this object's joins that got no answer (the connection cut after the COMMIT): that
+        entry is this service's own. Any other live entry is another process's, even while
+        this one holds the name's lock, and its lease is waited out by the caller."""
         started = time.time()
+        mine = [*self._unanswered, started]
+        self._unanswered.append(started)  # until an answer says what became of it
 
         async def op(conn: Conn) -> int | NodeConflictError:
             cur = await conn.execute(
@@ -145,8 +154,9 @@ class PgNodes:
                 "now() + make_interval(secs => %s)) ON CONFLICT (name) DO UPDATE SET "
                 "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
                 "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
-                "WHERE nodes.lease_until < now() OR %s RETURNING epoch",
-                (node, started, lease_s, lease_s, takeover),
+                "WHERE nodes.lease_until < now() OR nodes.started = ANY(%s::float8[]) "
+                "RETURNING epoch",
+                (node, started, lease_s, lease_s, mine),
             )
             row = await cur.fetchone()
             if row is not None:
@@ -155,14 +165,17 @@ class PgNodes:
                 "SELECT EXTRACT(EPOCH FROM lease_until - now()) FROM nodes WHERE name=%s",
                 (node,),
             )
-            left = await cur.fetchone()
+            row = await cur.fetchone()
+            left = max(0.0, float(row[0])) if row is not None and row[0] is not None else 0.0
             return NodeConflictError(
                 f"another live node is named {node!r} in the journal {self.target.shown}: "
                 "give this one another name (node: in the config), or stop the other; if "
-                f"it is gone, its lease runs out in {float(left[0]) if left else 0:.0f}s"
+                f"it is gone, its lease runs out in {left:.0f}s",
+                left,
             )
 
-        epoch = await self._run(op)
+        epoch = await self._run(op)  # JournalError: no answer, the stamp is kept
+        self._unanswered.clear()  # answered: no entry of ours is on record but this one
         if not isinstance(epoch, int):
             raise epoch
         if lease_s != self.lease_s:  # the lease connection's limits follow the lease

@@ -342,14 +342,13 @@ class PostgresJournal(PgUpkeep, SqlReads):
         node: str,
         lease_s: float,
         shared: frozenset[str] = frozenset(),
-        takeover: bool = False,
     ) -> int:
         """Register as ``node`` with a lease of ``lease_s`` seconds on the database's clock; a
         node of that name whose lease ran out is replaced, a live one refuses (NodeConflictError)
-        unless ``takeover`` (the caller holds the name's lock, so that node is gone). Work no
-        live node holds is queued to go back to PENDING. On the lease connection (``pgnodes``);
-        raises JournalError when it cannot reach the database."""
-        return await self._nodes.join(node, lease_s, shared, takeover)
+        unless it is this service's own join whose answer was lost. Work no live node holds is
+        queued to go back to PENDING. On the lease connection (``pgnodes``); raises JournalError
+        when it cannot reach the database."""
+        return await self._nodes.join(node, lease_s, shared)
 
     async def renew(self) -> bool:
         """Renew the lease and the listing leases held, on the lease connection (never behind

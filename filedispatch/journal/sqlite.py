@@ -318,7 +318,6 @@ class SqliteJournal(SqliteUpkeep):
         node: str,
         lease_s: float,
         shared: frozenset[str] = frozenset(),
-        takeover: bool = False,
     ) -> int:
         """SQLite has one implicit node: its name goes on the rows it claims; epoch 0."""
         self.node, self._lease_s, self._joined = node, lease_s, time.time()
