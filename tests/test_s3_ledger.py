@@ -17,6 +17,7 @@ import pytest
 from filedispatch.config import load_config
 from filedispatch.journal import Database, OpenUpload, PostgresTarget, open_journal
 from filedispatch.processors.s3 import sweep_orphans
+from filedispatch.processors.s3uploads import UploadLedger
 
 from .conftest import ServiceProcess, cli_env, journal_rows, until, wait_until
 from .pgcluster import PASSWORD_ENV
@@ -52,6 +53,22 @@ async def test_the_uploads_of_a_run_that_is_gone_are_orphans_and_this_runs_are_n
         assert await journal.orphan_uploads() == [first]
         await journal.end_uploads([first])
         assert await journal.orphan_uploads() == []
+
+
+async def test_a_ledger_that_cannot_be_written_costs_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal that takes no write (here: closed) neither raises into the upload nor makes it
+    wait: the upload goes on, and the log says so once."""
+    async with open_journal(tmp_path / "j.db") as journal:
+        pass
+    ledger = UploadLedger(journal)
+    upload = OpenUpload(None, "b", "in/a.bin", "u1")
+    for _ in range(2):
+        await ledger.begun(upload)
+        ledger.ended(upload)
+    said = [r for r in caplog.records if "cannot write the S3 upload ledger" in r.message]
+    assert len(said) == 1 and "closed" in said[0].getMessage()
 
 
 async def test_a_live_nodes_upload_is_never_aborted_and_a_gone_ones_are(
