@@ -540,8 +540,9 @@ class S3Destination(_UrlStep):
     part_size: int = Field(8 * _MIB, ge=5 * _MIB, le=5 * 1024 * _MIB)
     #: parts of one file sent at once: memory is at most part_size x (part_concurrency + 1)
     part_concurrency: int = Field(4, ge=1, le=64)
-    #: at start, abort the multipart uploads under the prefix that this service began and a
-    #: crash left unfinished (the bucket bills their parts); nobody else's (processors/s3uploads)
+    #: abort the multipart uploads under the prefix that a run of filedispatch which is gone
+    #: left unfinished (the bucket bills their parts), as the journal's ledger lists them;
+    #: nobody else's (processors/s3uploads, docs/cluster.md)
     abort_stale_uploads: bool = True
     connect_timeout: PositiveSeconds = 30.0  #: seconds to open a connection
     read_timeout: PositiveSeconds = 300.0  #: seconds, the longest silence of one request

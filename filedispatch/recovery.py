@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fastpath, relocate
-from .config import Config, LocalDestination, SourceConfig
+from .config import Config, LocalDestination, S3Destination, SourceConfig
+from .errors import JournalError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
 from .processors.local import sweep_temporaries
-from .processors.s3uploads import UploadLedger
+from .processors.s3uploads import import_files
 from .router import legacy_step_keys, step_keys
 
 log = logging.getLogger(__name__)
@@ -243,12 +244,26 @@ def _stale_work(workdir: Path, active: set[str]) -> list[Path]:
     return [p for p in workdir.iterdir() if p.name.split("-", 1)[0] not in active]
 
 
-async def sweep_uploads(ledger: UploadLedger, config: Config) -> asyncio.Task[None] | None:
-    """The S3 multipart uploads a crash left (``UploadLedger.orphans``), aborted by a task of
-    their own in the background: an S3 server that cannot be reached must not hold the start
-    up. None when there are none; the caller cancels the task at the stop."""
-    if not await asyncio.to_thread(ledger.orphans):
-        return None
+async def sweep_uploads(
+    journal: Journal, config: Config, legacy: Path, every_s: float | None
+) -> asyncio.Task[None] | None:
+    """The S3 multipart uploads runs that are gone left open (the journal's ledger, after the
+    ledger files of older versions in ``legacy`` are moved into it), aborted by a task of their
+    own in the background: an S3 server that cannot be reached must not hold the start up.
+    ``every_s``: the task looks again that often (a shared journal, whose other nodes may go at
+    any time); None: once. None when there is nothing to do; the caller cancels the task at
+    the stop."""
+    await import_files(legacy, journal)
+    covered = any(
+        isinstance(s, S3Destination) and s.abort_stale_uploads for r in config.rules for s in r.to
+    )
+    if every_s is None or not covered:
+        try:
+            if not await journal.orphan_uploads():
+                return None
+        except JournalError as exc:
+            log.warning("cannot look for unfinished S3 uploads: %s", exc)
+            return None
     from .processors.s3 import sweep_orphans  # aiobotocore only where S3 is used
 
-    return asyncio.create_task(sweep_orphans(ledger, config), name="s3-sweep")
+    return asyncio.create_task(sweep_orphans(journal, config, every_s), name="s3-sweep")

@@ -305,13 +305,14 @@ class Service:
         # another live node's copies in progress stay: each is removed by the node resuming it
         alone = await self.membership.alone()
         await recovery.at_start(journal, self.config, self.workdir, alone=alone)
-        # closed after the processors, which end their uploads first
-        ledger = UploadLedger(state_folder(self.db_path) / "s3-uploads")
-        stack.callback(ledger.close)
         registry = Registry(wrap=Controls(self.journal).wrap)
-        registry.resources.items[LEDGER] = ledger
+        # in the journal, closed after the processors, which end their uploads first
+        registry.resources.items[LEDGER] = UploadLedger(journal)
         stack.push_async_callback(registry.aclose)
-        sweep = await recovery.sweep_uploads(ledger, self.config)
+        # a shared journal: a node may go at any time, so its uploads are looked for again
+        every = None if isinstance(self.db_path, Path) else self.config.lease
+        old_ledgers = state_folder(self.db_path) / "s3-uploads"
+        sweep = await recovery.sweep_uploads(journal, self.config, old_ledgers, every)
         if sweep is not None:  # cancelled at the stop
             stack.push_async_callback(_cancel, sweep)
         learned = await self._learning(stack)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,28 +43,28 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
 
 
 def journal_rows(
-    db: Path | str, where: str = "1=1", params: tuple[Any, ...] = ()
+    db: Path | str, where: str = "1=1", params: tuple[Any, ...] = (), table: str = "dispatches"
 ) -> list[dict[str, Any]]:
     """Rows of the journal as dicts (opened read-only, safe while a service runs); ``db`` is a
-    path, or a PostgreSQL URL (``where`` marks parameters with ``?`` either way)."""
+    path, or a PostgreSQL URL (``where`` marks parameters with ``?`` either way). ``table``:
+    ``uploads`` for the S3 upload ledger (ordered by when each began)."""
+    order = "begun" if table == "uploads" else "id"
+    sql = f"SELECT * FROM {table} WHERE {where} ORDER BY {order}"
     if isinstance(db, str):
-        return _pg_rows(db, where, params)
+        return _pg_rows(db, sql, params)
     if not db.exists():
         return []
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
     try:
-        return [
-            dict(r)
-            for r in conn.execute(f"SELECT * FROM dispatches WHERE {where} ORDER BY id", params)
-        ]
+        return [dict(r) for r in conn.execute(sql, params)]
     except sqlite3.OperationalError:
         return []
     finally:
         conn.close()
 
 
-def _pg_rows(url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+def _pg_rows(url: str, sql: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
     import decimal
 
     import psycopg
@@ -71,7 +72,6 @@ def _pg_rows(url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, An
 
     from .pgcluster import PASSWORD
 
-    sql = f"SELECT * FROM dispatches WHERE {where} ORDER BY id"
     try:
         with psycopg.connect(url, password=PASSWORD, row_factory=dict_row) as conn:
             rows = conn.execute(sql.replace("%", "%%").replace("?", "%s"), params).fetchall()
@@ -80,6 +80,15 @@ def _pg_rows(url: str, where: str, params: tuple[Any, ...]) -> list[dict[str, An
     return [
         {k: int(v) if isinstance(v, decimal.Decimal) else v for k, v in r.items()} for r in rows
     ]
+
+
+async def until(predicate: Callable[[], Awaitable[object]], timeout: float = 60.0) -> Any:
+    """``wait_until`` on the event loop: await ``predicate()`` until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := await predicate()):
+        assert time.monotonic() < deadline, "the state was not reached in time"
+        await asyncio.sleep(0.05)
+    return value
 
 
 def wait_until(

@@ -38,6 +38,9 @@ from .conftest import (
     wait_until,
     write_config,
 )
+from .conftest import (
+    until as _until,
+)
 from .pgcluster import PASSWORD, PASSWORD_ENV
 from .servers import HttpReceiver
 
@@ -69,14 +72,6 @@ def _nodes_table(url: str) -> dict[str, bool]:
     with psycopg.connect(url, password=PASSWORD) as conn:
         rows = conn.execute("SELECT name, lease_until >= now() FROM nodes").fetchall()
     return {str(name): bool(alive) for name, alive in rows}
-
-
-async def _until(predicate: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := await predicate()):
-        assert time.monotonic() < deadline, "the state was not reached in time"
-        await asyncio.sleep(0.05)
-    return value
 
 
 def _local(root: Path, name: str, ino: int) -> PlannedStep:

@@ -239,7 +239,7 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 def _back_to_the_schema_before(database: Database) -> None:
     """The journal as the release before this one left it: no rollup, no kept keys (and no
-    birth times nor settled-only rollups, the migrations after this one)."""
+    birth times, settled-only rollups nor upload ledger, the migrations after this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -249,9 +249,9 @@ def _back_to_the_schema_before(database: Database) -> None:
             for name in ("stats_insert", "stats_update", "stats_delete"):
                 conn.execute(f"DROP TRIGGER {name} ON dispatches")
                 conn.execute(f"DROP FUNCTION {name}()")
-            conn.execute("DROP TABLE stats_days, stats_months, kept")
+            conn.execute("DROP TABLE stats_days, stats_months, kept, uploads")
             conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
-            conn.execute("UPDATE filedispatch_schema SET version = version - 4")
+            conn.execute("UPDATE filedispatch_schema SET version = 5")
         return
     import sqlite3
 
@@ -265,7 +265,7 @@ def _back_to_the_schema_before(database: Database) -> None:
             "kept_not_new",
         ):
             conn.execute(f"DROP TRIGGER {name}")
-        for table in ("stats_days", "stats_months", "kept"):
+        for table in ("stats_days", "stats_months", "kept", "uploads"):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
         conn.execute("PRAGMA user_version = 8")

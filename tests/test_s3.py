@@ -271,7 +271,6 @@ def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan_at_st
         "in/", part_size=5 * MIB, part_concurrency=1, read_timeout=2, connect_timeout=2, retry=retry
     )
     cfg = remote_config(ws, dest)
-    ledgers = ws["root"] / "s3-uploads"  # beside the journal
     client = s3.client()
     # someone else's unfinished uploads, under our prefix and beside it: never ours to abort
     theirs = {
@@ -280,8 +279,8 @@ def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan_at_st
     }
     first = service_factory(cfg).start()
     src = old_file(ws["inbox"] / "big.bin", 80 * MIB)
-    # begun and written down (the server knows of it a moment before the ledger does)
-    wait_until(lambda: any("in/big.bin" in p.read_text() for p in ledgers.glob("*.jsonl")), 60)
+    # begun and written down in the journal (the server knows of it a moment before)
+    wait_until(lambda: journal_rows(ws["db"], "key='in/big.bin'", table="uploads"), 60, 0.01)
     first.kill()
     assert sorted(s3.uploads()) == ["in/big.bin", "in/their.bin", "other/their.bin"]
     assert s3.proc is not None
@@ -298,7 +297,7 @@ def test_kill_9_mid_upload_then_resume_delivers_once_and_cleans_the_orphan_at_st
     assert s3.objects() == {"in/big.bin": sha256_of(src)}  # once, under its own name
     listed = client.list_multipart_uploads(Bucket=s3.bucket).get("Uploads", [])
     assert {u["UploadId"]: u["Key"] for u in listed} == theirs  # ours aborted, theirs kept
-    assert not list(ledgers.glob("*.jsonl"))  # nothing left to sweep
+    assert journal_rows(ws["db"], table="uploads") == []  # nothing left to sweep
     assert s3.secret_key not in second.log()
 
 

@@ -54,6 +54,7 @@ from .probe import Probe, probe
 from .sqlite import SqliteJournal
 from .sqlite_schema import MIGRATIONS
 from .target import Database, PostgresTarget
+from .uploads import OpenUpload
 
 #: older callers open a journal with ``Journal.open(path)``
 Journal.open = open_journal  # type: ignore[attr-defined]
@@ -76,6 +77,7 @@ __all__ = [
     "JournalState",
     "NameLock",
     "NodeInfo",
+    "OpenUpload",
     "OutcomeGroup",
     "PageQuery",
     "PlannedStep",

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..reporting import Period
     from ..router import Chain
     from .retention import KeptKey, OldRow
+    from .uploads import OpenUpload
 
 #: one logger for the whole package: its lines read "filedispatch.journal" whatever the backend
 log = logging.getLogger("filedispatch.journal")
@@ -607,6 +608,21 @@ class Journal(JournalReader, Protocol):
         rows moved. Raises ``NodeConflictError`` while ``old``'s lease has not run out,
         ``NotFound`` when neither a node nor a row has that name, ``JournalError`` on SQLite
         (one implicit node: nothing to hand over)."""
+
+    def record_uploads(
+        self, uploads: Sequence[OpenUpload], *, orphaned: bool = False
+    ) -> asyncio.Future[None]:
+        """Queue the S3 multipart uploads this run began (``orphaned``: a run known to be gone
+        began them) into the ledger; the future is done once they are committed. Raises
+        JournalError once the journal is closed."""
+
+    def end_uploads(self, uploads: Sequence[OpenUpload]) -> asyncio.Future[None]:
+        """Queue the removal of ``uploads`` (completed or aborted) from the ledger; nobody
+        needs to wait for the future. Raises JournalError once the journal is closed."""
+
+    async def orphan_uploads(self) -> list[OpenUpload]:
+        """The uploads of the ledger whose run is gone: SQLite, any other run's; PostgreSQL,
+        those whose node's lease ran out or whose node joined again since."""
 
     async def plan(self, steps: Iterable[PlannedStep], now: float | None = None) -> int:
         """Insert PENDING rows for steps not planned before; how many are new."""

@@ -7,7 +7,7 @@ or rewrites a row outside a migration.
 from __future__ import annotations
 
 from ..errors import JournalError
-from . import retention
+from . import retention, uploads
 from .pgconn import Conn
 
 #: any number: the key of the migration lock (``pg_advisory_xact_lock``)
@@ -187,6 +187,10 @@ MIGRATIONS: list[list[str]] = [
     [  # the rollups count PENDING rows too (see the SQLite journal's migration 12)
         *retention.recount(_ROLLUPS),
         *_counting(retention.COUNTED),
+    ],
+    [  # the S3 multipart uploads open, by node and epoch (journal/uploads.py), so that any
+        # live node aborts those of a node that is gone, whatever its host
+        uploads.SCHEMA.format(real="DOUBLE PRECISION"),
     ],
 ]
 

@@ -41,6 +41,7 @@ from .pgnodes import ALIVE, ORPHANS, PgNodes
 from .pgupkeep import PgUpkeep
 from .reads import COLUMNS, DELIVERED_DIGEST, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
+from .uploads import UploadRecords
 
 #: planned rows come as one array per column and are inserted in one statement; the constants
 #: are status, created, started, node and epoch
@@ -123,13 +124,17 @@ _FINISH_BULK = (
 )
 
 
-class PostgresJournal(PgUpkeep, SqlReads):
+class PostgresJournal(PgUpkeep, SqlReads, UploadRecords):
     """The journal in a PostgreSQL database; open it with
     ``async with PostgresJournal.open(target)``. The writer and the pool are ``PgWriter``'s,
-    the upkeep writes ``PgUpkeep``'s, the history reads ``SqlReads``'s and the leases
-    ``PgNodes``'s; here: planning, claiming and recording the work."""
+    the upkeep writes ``PgUpkeep``'s, the history reads ``SqlReads``'s, the leases
+    ``PgNodes``'s and the S3 upload ledger ``UploadRecords``'; here: planning, claiming and
+    recording the work."""
 
     dialect = POSTGRES
+    #: an upload is an orphan once no live node holds its epoch: its node's lease ran out, or
+    #: the node joined again since (the same test as ``ORPHANS`` for the rows in progress)
+    _GONE = "epoch NOT IN (SELECT epoch FROM nodes WHERE lease_until >= now())"
 
     def __init__(self, target: PostgresTarget, conn: Conn, pool: AsyncConnectionPool) -> None:
         super().__init__(target, conn, pool)
@@ -332,6 +337,16 @@ class PostgresJournal(PgUpkeep, SqlReads):
     def epoch(self) -> int | None:
         """Its fencing token, new at each join."""
         return self._nodes.epoch
+
+    def _upload_rows(self, sql: str, params: list[tuple[Any, ...]]) -> asyncio.Future[None]:
+        async def op(conn: Conn) -> None:
+            async with conn.cursor() as cur:
+                await cur.executemany(pg(sql), params)
+
+        return self._enqueue(op)
+
+    def _upload_run(self) -> tuple[str | None, int | None]:
+        return self.node, self.epoch
 
     def _owner(self, source: str) -> str | None:
         """The node a planned row belongs to: None (any node) for a shared source."""

@@ -47,6 +47,7 @@ from .sqlite_reads import SqliteReader
 from .sqlite_schema import bulk_ok, connect_writer, open_error
 from .sqlite_upkeep import SqliteUpkeep
 from .sqlite_writer import GroupWriter, Op, Rows, nothing
+from .uploads import UploadRecords
 
 T = TypeVar("T")
 
@@ -143,8 +144,11 @@ def _json(params: list[tuple[Any, ...]]) -> str | None:
         return None
 
 
-class SqliteJournal(SqliteUpkeep):
+class SqliteJournal(SqliteUpkeep, UploadRecords):
     """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
+
+    #: one service holds the file: every upload another run began is an orphan
+    _GONE = "epoch <> ?"
 
     def __init__(
         self,
@@ -163,6 +167,8 @@ class SqliteJournal(SqliteUpkeep):
         self.node: str | None = None  #: the implicit node's name, once joined
         self._lease_s = 0.0
         self._joined = 0.0
+        #: this run's token on the uploads it begins (``UploadRecords``): new at each open
+        self._run = time.time_ns()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -245,6 +251,15 @@ class SqliteJournal(SqliteUpkeep):
 
     def _enqueue(self, op: Op[Any] | Rows, gather: bool = False) -> asyncio.Future[Any]:
         return self.writer.enqueue(op, gather)
+
+    def _upload_rows(self, sql: str, params: list[tuple[Any, ...]]) -> asyncio.Future[None]:
+        return self._enqueue(Rows(sql, params))
+
+    def _upload_run(self) -> tuple[str | None, int | None]:
+        return self.node, self._run
+
+    def _gone_params(self) -> tuple[Any, ...]:
+        return (self._run,)
 
     async def read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         """A read on the reader connection (sees everything committed)."""

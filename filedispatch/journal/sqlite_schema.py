@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import JournalError, JournalUnavailableError
-from . import retention
+from . import retention, uploads
 
 #: SQLite primary result codes that say the journal cannot be written now (not that this write
 #: is wrong), with what the operator can do about each
@@ -201,6 +201,9 @@ MIGRATIONS: list[list[str]] = [
         "DROP TRIGGER stats_delete",
         *retention.recount(_ROLLUPS),
         *_counting(COUNTED),
+    ],
+    [  # the S3 multipart uploads open, by run (journal/uploads.py; was a file per run)
+        uploads.SCHEMA.format(real="REAL") + " WITHOUT ROWID",
     ],
 ]
 

@@ -1,9 +1,10 @@
 """S3 destination, with aiobotocore: one PUT for a small file, a multipart upload with bounded
 memory for a large one, conflicts settled by a conditional write where the server has them.
 
-An interrupted multipart upload is aborted; each one begun is written down first (s3uploads.py),
-so the ones a crash left are found and aborted at the next start (``sweep_orphans``), and
-nobody else's are. No botocore error leaves this module untranslated, and none carries a secret.
+An interrupted multipart upload is aborted; each one begun is written down first in the
+journal (s3uploads.py), so the ones a run that is gone left are found and aborted by a live
+service (``sweep_orphans``), and nobody else's are. No botocore error leaves this module
+untranslated, and none carries a secret.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from ..errors import (
     SourceVanishedError,
     TransientDeliveryError,
 )
+from ..journal import Journal, OpenUpload
 from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
 from .common import aplace, candidates, open_input, render_target
-from .s3uploads import LEDGER, OpenUpload, UploadLedger
+from .s3uploads import LEDGER, UploadLedger, stored_endpoint
 
 if TYPE_CHECKING:
     pass
@@ -320,8 +322,7 @@ class S3Processor:
         ids = {"Bucket": self.bucket, "Key": key, "UploadId": upload_id}
         try:
             if self._ledger is not None:  # before any part: a crash now leaves a known orphan
-                upload = OpenUpload(self.dest.endpoint_url, self.bucket, key, upload_id)
-                await self._ledger.begun(upload)
+                await self._ledger.begun(_open_upload(self.dest, ids))
             parts, whole = await self._send_parts(client, ids, fd, st, sha, ctx)
             done: dict[str, Any] = {"MultipartUpload": {"Parts": parts}, **ids}
             ctx.fence()  # the completion is what makes the object appear
@@ -334,7 +335,7 @@ class S3Processor:
         except BaseException:
             await asyncio.shield(self._abort(client, ids))
             raise
-        self._ended(upload_id)
+        self._ended(ids)
         composite = None
         if sha:
             joined = b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in parts)
@@ -396,26 +397,27 @@ class S3Processor:
     async def _abort(self, client: Any, ids: dict[str, Any]) -> None:
         try:
             await asyncio.wait_for(client.abort_multipart_upload(**ids), self.dest.connect_timeout)
-            self._ended(ids["UploadId"])
-        except Exception as exc:
-            log.warning(
-                "%s: cannot abort an interrupted upload of %s (it is aborted at the next "
-                "start): %s",
-                self.display,
-                ids["Key"],
-                _why(exc, self._secrets),
-            )
+        except Exception as exc:  # NoSuchUpload: aborted by a node that took this run for gone
+            if not isinstance(exc, ClientError) or _status(exc)[1] != "NoSuchUpload":
+                log.warning(
+                    "%s: cannot abort an interrupted upload of %s (a sweep aborts it once this "
+                    "run is gone): %s",
+                    self.display,
+                    ids["Key"],
+                    _why(exc, self._secrets),
+                )
+                return
+        self._ended(ids)
 
-    def _ended(self, upload_id: str) -> None:
+    def _ended(self, ids: dict[str, Any]) -> None:
         if self._ledger is not None:
-            self._ledger.ended(upload_id)
+            self._ledger.ended(_open_upload(self.dest, ids))
 
     async def abort_orphan(self, upload: OpenUpload) -> bool:
         """Abort one upload a dead run left: True once it is gone (aborted, or no longer
         there); False when it is not under this destination's prefix. Raises our errors."""
-        if (upload.endpoint, upload.bucket) != (self.dest.endpoint_url, self.bucket):
-            return False
-        if not upload.key.startswith(self.prefix):
+        where = (stored_endpoint(self.dest.endpoint_url), self.bucket)
+        if (upload.endpoint, upload.bucket) != where or not upload.key.startswith(self.prefix):
             return False
         try:
             client = await self._get_client()
@@ -494,6 +496,13 @@ class S3Processor:
     # -- errors
 
 
+def _open_upload(dest: S3Destination, ids: dict[str, Any]) -> OpenUpload:
+    """The ledger's entry for the upload ``ids`` (Bucket, Key, UploadId) to ``dest``."""
+    return OpenUpload(
+        stored_endpoint(dest.endpoint_url), ids["Bucket"], ids["Key"], ids["UploadId"]
+    )
+
+
 def _why(exc: BaseException, secrets: list[str]) -> str:
     """An S3 or connection error in a line, without the ``secrets``."""
     if isinstance(exc, ClientError):
@@ -567,76 +576,97 @@ async def _sha256(data: bytes) -> bytes:
     return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
 
 
-async def sweep_orphans(ledger: UploadLedger, config: Config) -> None:
-    """At start, in the background: abort the multipart uploads the runs that are gone left
-    open (their ledger files), each through a configured destination with its bucket and
-    prefix (``abort_stale_uploads``). A server that cannot be reached is tried again, at
-    growing intervals up to SWEEP_RETRY_MAX_S, until the sweep is done or the service stops;
-    an upload no destination covers any more is kept for the next start. Never raises."""
+async def sweep_orphans(journal: Journal, config: Config, every_s: float | None = None) -> None:
+    """In the background: abort the multipart uploads that runs which are gone left open (the
+    journal's ledger, ``Journal.orphan_uploads``), each through a configured destination with
+    their endpoint, bucket and prefix (``abort_stale_uploads``). A server that cannot be
+    reached is tried again, at growing intervals up to SWEEP_RETRY_MAX_S. ``every_s``: look
+    again that often for the service's whole life (a shared journal: a node may go at any
+    time); None: stop once none is left that can be aborted. An upload no destination covers
+    stays in the ledger (said once). Never raises."""
     dests = [
         s
         for rule in config.rules
         for s in rule.to
         if isinstance(s, S3Destination) and s.abort_stale_uploads
     ]
+    sweeper = _Sweeper(dests)
     delay = 1.0
-    while True:
-        try:
-            again = await _sweep_once(ledger, dests)
-        except Exception as exc:  # the sweep is a courtesy: it must never end the service
-            log.warning("cannot look for unfinished S3 uploads: %r", exc)
-            return
-        if not again:
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, SWEEP_RETRY_MAX_S)
-
-
-async def _sweep_once(ledger: UploadLedger, dests: list[S3Destination]) -> bool:
-    """One pass over the dead runs' files; True when a server could not be reached."""
-    orphans = await asyncio.to_thread(ledger.orphans)
-    if not orphans:
-        return False
-    processors = [S3Processor(d) for d in dests]
-    unreachable = False
     try:
-        for path, uploads in orphans.items():
-            left: list[OpenUpload] = []
-            for upload in uploads:
-                done, failed = await _abort_orphan(processors, upload)
-                unreachable |= failed
-                if not done:
-                    left.append(upload)
-            await asyncio.to_thread(ledger.settle, path, left)
-    finally:
-        for p in processors:
-            await p.aclose()
-    return unreachable
-
-
-async def _abort_orphan(processors: list[S3Processor], upload: OpenUpload) -> tuple[bool, bool]:
-    """(gone, a server failed) for one orphan, through the first destination covering it."""
-    for p in processors:
-        try:
-            if not await p.abort_orphan(upload):
+        while True:
+            try:
+                again = await sweeper.once(journal)
+            except Exception as exc:  # the sweep is a courtesy: it must never end the service
+                sweeper.say(f"cannot look for unfinished S3 uploads: {exc!r}")
+                if every_s is None:
+                    return
+                again = False
+            if again:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SWEEP_RETRY_MAX_S)
                 continue
-        except DeliveryError as exc:
-            log.warning(
-                "%s: cannot abort the unfinished upload of %s a crash left (tried again%s): %s",
+            delay = 1.0
+            if every_s is None or not dests:
+                return
+            await asyncio.sleep(every_s)
+    finally:
+        await sweeper.aclose()
+
+
+class _Sweeper:
+    """The sweep's destinations (their clients kept between passes) and what it said."""
+
+    def __init__(self, dests: list[S3Destination]) -> None:
+        self.processors = [S3Processor(d) for d in dests]
+        self._said: set[str] = set()
+
+    async def aclose(self) -> None:
+        for p in self.processors:
+            await p.aclose()
+
+    def say(self, text: str) -> None:
+        """Log ``text`` once for the service's life (a periodic sweep finds the same again)."""
+        if text not in self._said:
+            self._said.add(text)
+            log.warning("%s", text)
+
+    async def once(self, journal: Journal) -> bool:
+        """One pass over the ledger's orphans; True when a server could not be reached."""
+        unreachable = False
+        gone: list[OpenUpload] = []
+        for upload in await journal.orphan_uploads():
+            done, failed = await self._abort(upload)
+            unreachable |= failed
+            if done:
+                gone.append(upload)
+        # rows not ended (an error above, a closed journal) are aborted again: NoSuchUpload
+        if gone:
+            await journal.end_uploads(gone)
+        return unreachable
+
+    async def _abort(self, upload: OpenUpload) -> tuple[bool, bool]:
+        """(gone, a server failed) for one orphan, through the first destination covering it."""
+        for p in self.processors:
+            try:
+                if not await p.abort_orphan(upload):
+                    continue
+            except DeliveryError as exc:
+                transient = isinstance(exc, TransientDeliveryError)
+                self.say(
+                    f"{p.display}: cannot abort the unfinished upload of {upload.key} a run "
+                    f"that is gone left (tried again{'' if transient else ' at the next look'})"
+                    f": {exc}"
+                )
+                return False, transient
+            log.info(
+                "%s: aborted 1 unfinished multipart upload a run that is gone left: %s",
                 p.display,
                 upload.key,
-                " at the next start" if isinstance(exc, PermanentDeliveryError) else " soon",
-                exc,
             )
-            return False, isinstance(exc, TransientDeliveryError)
-        log.info(
-            "%s: aborted 1 unfinished multipart upload a crash left: %s", p.display, upload.key
+            return True, False
+        self.say(
+            f"an unfinished upload of {upload.key} to s3://{upload.bucket} a run that is gone "
+            "left is under no configured destination with abort_stale_uploads now: left in "
+            "the journal's ledger"
         )
-        return True, False
-    log.warning(
-        "an unfinished upload of %s to s3://%s a crash left is under no configured destination "
-        "now: left for the next start",
-        upload.key,
-        upload.bucket,
-    )
-    return False, False
+        return False, False

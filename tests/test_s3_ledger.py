@@ -1,0 +1,220 @@
+"""The ledger of open S3 multipart uploads in the journal (issue 12), against moto's S3 server
+and a real PostgreSQL: whose uploads are orphans on each backend, a live node's never aborted,
+a killed node's aborted by the node that is left, a frozen node's late upload never recorded
+as done, and the ledger files of older versions moved into the journal."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from filedispatch.config import load_config
+from filedispatch.journal import Database, OpenUpload, PostgresTarget, open_journal
+from filedispatch.processors.s3 import sweep_orphans
+from filedispatch.processors.s3uploads import UploadLedger
+
+from .conftest import ServiceProcess, cli_env, journal_rows, until, wait_until
+from .pgcluster import PASSWORD_ENV
+from .servers import S3Server, old_file, remote_config, sha256_of
+from .test_cluster import _node_config
+
+MIB = 1024 * 1024
+
+
+def _upload(s3: S3Server, key: str) -> OpenUpload:
+    """A real multipart upload begun on the server, as the ledger writes it down."""
+    upload_id = s3.client().create_multipart_upload(Bucket=s3.bucket, Key=key)["UploadId"]
+    return OpenUpload(s3.endpoint, s3.bucket, key, upload_id)
+
+
+# ------------------------------------------------------------------ the journal's ledger
+
+
+async def test_the_uploads_of_a_run_that_is_gone_are_orphans_and_this_runs_are_not(
+    database: Database,
+) -> None:
+    """Either backend: what a run that ended (or whose lease ended) began is an orphan to the
+    next one; what the next run began itself is not, nor anything once ended."""
+    first = OpenUpload(None, "b", "in/a.bin", "u1")
+    async with open_journal(database) as before:
+        await before.join("a", 1.0)
+        await before.record_uploads([first])
+        await before.leave()  # PostgreSQL: its lease ends now; SQLite: the run ends with it
+    mine = OpenUpload("http://127.0.0.1:9", "b", "in/b.bin", "u2")
+    async with open_journal(database) as journal:
+        await journal.join("b", 30.0)
+        await journal.record_uploads([mine])
+        assert await journal.orphan_uploads() == [first]
+        await journal.end_uploads([first])
+        assert await journal.orphan_uploads() == []
+
+
+async def test_a_ledger_that_cannot_be_written_costs_no_delivery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A journal that takes no write (here: closed) neither raises into the upload nor makes it
+    wait: the upload goes on, and the log says so once."""
+    async with open_journal(tmp_path / "j.db") as journal:
+        pass
+    ledger = UploadLedger(journal)
+    upload = OpenUpload(None, "b", "in/a.bin", "u1")
+    for _ in range(2):
+        await ledger.begun(upload)
+        ledger.ended(upload)
+    said = [r for r in caplog.records if "cannot write the S3 upload ledger" in r.message]
+    assert len(said) == 1 and "closed" in said[0].getMessage()
+
+
+async def test_a_live_nodes_upload_is_never_aborted_and_a_gone_ones_are(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """Three nodes on one journal: the sweep of B aborts the upload of C, whose lease ran out,
+    and the one A began before it joined again (a run replaced); A's live upload stays open,
+    and so does one under no configured destination (left in the ledger)."""
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "unused.db"}
+    config = load_config(remote_config(ws, s3.dest("in/")))
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with open_journal(target) as a, open_journal(target) as b, open_journal(target) as c:
+        await a.join("a", 60.0)
+        await b.join("b", 60.0)
+        await c.join("c", 1.0)
+        replaced = _upload(s3, "in/replaced.bin")
+        await a.record_uploads([replaced])
+        await a.join("a", 60.0, takeover=True)  # its lease lost: a new epoch
+        live, dead, elsewhere = (
+            _upload(s3, "in/live.bin"),
+            _upload(s3, "in/dead.bin"),
+            _upload(s3, "other/dead.bin"),
+        )
+        await a.record_uploads([live])
+        await c.record_uploads([dead, elsewhere])
+        await until(lambda: _gone(b, 3))  # C's lease ran out (nobody renews it)
+        await sweep_orphans(b, config)
+        assert sorted(s3.uploads()) == ["in/live.bin", "other/dead.bin"]
+        assert await b.orphan_uploads() == [elsewhere]
+        rows = journal_rows(pg_url, table="uploads")
+        assert {r["key"]: r["node"] for r in rows} == {"in/live.bin": "a", "other/dead.bin": "c"}
+        assert all(s3.secret_key not in json.dumps(r, default=str) for r in rows)
+
+
+async def _gone(journal: Any, count: int) -> bool:
+    return len(await journal.orphan_uploads()) == count
+
+
+def test_an_older_versions_ledger_file_is_moved_into_the_journal_and_swept(
+    workspace: dict[str, Path], s3: S3Server, service_factory: Any
+) -> None:
+    """An upgrade loses nothing: the upload a crashed run of an older version wrote down in its
+    ledger file beside the journal is aborted at the start, and the file removed."""
+    ws = workspace
+    left = _upload(s3, "in/old.bin")
+    ended = _upload(s3, "in/done.bin")
+    folder = ws["root"] / "s3-uploads"
+    folder.mkdir()
+    lines = [
+        {"begun": {"endpoint": s3.endpoint, "bucket": s3.bucket, "key": u.key, "upload_id": i}}
+        for u, i in ((left, left.upload_id), (ended, ended.upload_id))
+    ]
+    (folder / "123-456.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in [*lines, {"ended": ended.upload_id}])
+    )
+    svc = service_factory(remote_config(ws, s3.dest("in/"))).start()
+    wait_until(lambda: s3.uploads() == ["in/done.bin"], 60)  # an ended one is not touched
+    wait_until(lambda: not journal_rows(ws["db"], table="uploads"), 60)
+    assert not list(folder.glob("*.jsonl"))
+    assert svc.stop() == 0
+
+
+# ------------------------------------------------------------------ nodes on one journal
+
+
+@contextlib.contextmanager
+def _two_nodes(root: Path, url: str, s3: S3Server) -> Iterator[tuple[ServiceProcess, ...]]:
+    """Nodes a and b of a shared inbox sending to S3 in 5 MiB parts, slowly (a 12 MiB file
+    takes a few seconds), each with a state folder of its own: as on two hosts. Killed at the
+    end if still running."""
+    (root / "inbox").mkdir()
+    dest = s3.dest(part_size=5 * MIB, part_concurrency=1, bandwidth="3MB/s")
+    nodes = tuple(
+        ServiceProcess(
+            _node_config(root, url, name, [dest], rules=[{"glob": "*", "to": [dest]}]),
+            env=cli_env(XDG_STATE_HOME=str(root / f"state-{name}")),
+        )
+        for name in ("a", "b")
+    )
+    try:
+        yield nodes
+    finally:
+        for svc in nodes:
+            if svc.proc is not None and svc.proc.poll() is None:
+                svc.kill()
+
+
+def _begun_by(url: str, node: str) -> str:
+    rows = journal_rows(url, "node=?", (node,), table="uploads")
+    return str(rows[0]["upload_id"]) if rows else ""
+
+
+def _delivered_by(url: str, node: str) -> bool:
+    rows = journal_rows(url)
+    return len(rows) == 1 and rows[0]["status"] == "SUCCEEDED" and rows[0]["node"] == node
+
+
+def _open_ids(s3: S3Server) -> set[str]:
+    found = s3.client().list_multipart_uploads(Bucket=s3.bucket)
+    return {u["UploadId"] for u in found.get("Uploads", [])}
+
+
+@pytest.mark.slow
+def test_a_killed_nodes_open_upload_is_aborted_by_the_node_left(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """Node A begins a multipart upload and is killed (-9), never to come back; node B, already
+    running on another state folder (another host), aborts A's upload once A's lease ran out,
+    and delivers the file once."""
+    with _two_nodes(tmp_path, pg_url, s3) as (a, b):
+        a.start()
+        src = old_file(tmp_path / "inbox" / "big.bin", 12 * MIB)
+        theirs = wait_until(lambda: _begun_by(pg_url, "a"), 60, 0.01)
+        b.start()
+        a.kill()
+        assert theirs in _open_ids(s3)
+        wait_until(lambda: _delivered_by(pg_url, "b"), 120)
+        wait_until(lambda: not _open_ids(s3), 60)  # A's upload aborted, B's completed
+        wait_until(lambda: not journal_rows(pg_url, table="uploads"), 60)
+        assert "aborted 1 unfinished multipart upload" in b.log()
+        assert s3.objects() == {"big.bin": sha256_of(src)}
+        assert b.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_frozen_nodes_aborted_upload_is_never_recorded_as_done(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """Node A is frozen (SIGSTOP) mid-upload past its lease: B aborts A's upload, takes the
+    file back from the queue and delivers it. A, woken, is stopped by its fence or finds its
+    upload gone (NoSuchUpload): its attempt is never recorded as done, nothing is sent twice."""
+    with _two_nodes(tmp_path, pg_url, s3) as (a, b):
+        a.start()
+        src = old_file(tmp_path / "inbox" / "big.bin", 12 * MIB)
+        theirs = wait_until(lambda: _begun_by(pg_url, "a"), 60, 0.01)
+        b.start()
+        a.signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: theirs not in _open_ids(s3), 120)  # aborted by B
+            wait_until(lambda: _delivered_by(pg_url, "b"), 120)
+        finally:
+            a.signal(signal.SIGCONT)
+        wait_until(lambda: "joining again" in a.log(), 60)
+        assert a.stop() == 0  # A's late attempt ends with it
+        assert _delivered_by(pg_url, "b")  # one row, B's: A's outcome was refused
+        assert s3.objects() == {"big.bin": sha256_of(src)}
+        wait_until(lambda: not _open_ids(s3), 60)
+        assert b.stop() == 0
+        assert not journal_rows(pg_url, table="uploads")
