@@ -86,7 +86,8 @@ async def test_a_live_nodes_upload_is_never_aborted_and_a_gone_ones_are(
         await c.join("c", 1.0)
         replaced = _upload(s3, "in/replaced.bin")
         await a.record_uploads([replaced])
-        await a.join("a", 60.0, takeover=True)  # its lease lost: a new epoch
+        await a.leave()  # its lease ended (lost, or given up)
+        await a.join("a", 60.0)  # and it joined again: a new epoch
         live, dead, elsewhere = (
             _upload(s3, "in/live.bin"),
             _upload(s3, "in/dead.bin"),
