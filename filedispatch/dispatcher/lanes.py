@@ -196,6 +196,7 @@ class InlineLanes:
                     1,
                     self.state.workdir,
                     fence=fence,
+                    epoch=epoch,
                 )
                 work.append((lane, ctx))
         return known, given_back, work

@@ -261,6 +261,7 @@ class Workers:
             may_move=may_move,
             label=row.label,
             fence=self.state.fence(row.epoch),
+            epoch=row.epoch,
         )
         if not self.state.holds_lease(row.epoch):
             # the lease the row was claimed under may have run out (the node was frozen, or

@@ -55,6 +55,11 @@ class StepContext:
     #: (a rename into place, the next chunk of a body, a multipart completion); safe from a
     #: worker thread. A no-op with one node
     fence: Callable[[], None] = unfenced
+    #: the fencing token of the claim this step runs under (the node's epoch, with a
+    #: PostgreSQL journal; None or 0 with SQLite's one node). It goes into the temporary name
+    #: a delivery is written under, so that two nodes that hold the row in turn (one frozen
+    #: past its lease, one that took the row over) never write, rename or remove one file
+    epoch: int | None = None
 
     @property
     def path(self) -> Path:

@@ -30,11 +30,30 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def temp_name(dispatch_id: int, name: str) -> str:
-    """The hidden name a delivery is written under before its rename (at most NAME_MAX bytes:
-    the name is shortened by ``naming.shorten`` to leave room for the prefix)."""
-    head = f"{TMP_PREFIX}{dispatch_id}-"
+def temp_name(dispatch_id: int, name: str, epoch: int | None = None) -> str:
+    """The hidden name a delivery of row ``dispatch_id`` is written under before its rename:
+    ``.filedispatch-tmp-<id>-e<epoch>-NAME`` for a claim with a fencing token (``epoch``, a
+    PostgreSQL journal), ``.filedispatch-tmp-<id>-NAME`` without one (None or 0: SQLite).
+
+    Each claim of a row thus writes a file of its own: a node whose lease ran out can rename or
+    remove only its own copy, never the upload of the node that took the row over. At most
+    NAME_MAX bytes: ``name`` is shortened by ``naming.shorten`` to leave room for the head.
+    """
+    head = temp_prefix(dispatch_id) + (f"e{epoch}-" if epoch else "")
     return head + naming.shorten(name, len(head))
+
+
+def temp_prefix(dispatch_id: int) -> str:
+    """How every temporary name of row ``dispatch_id`` begins, whatever its claim (the
+    trailing dash keeps row 7's names apart from row 70's)."""
+    return f"{TMP_PREFIX}{dispatch_id}-"
+
+
+def earlier_temps(names: Iterable[str], dispatch_id: int) -> list[str]:
+    """The names among ``names`` (one folder's entries) that are temporary names of row
+    ``dispatch_id``, of any claim: what a resumed delivery removes before it starts again."""
+    head = temp_prefix(dispatch_id)
+    return [n for n in names if n.startswith(head)]
 
 
 def translate_os_error(exc: OSError, what: str) -> DeliveryError:

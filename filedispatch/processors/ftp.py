@@ -224,6 +224,14 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         except (aioftp.StatusCodeError, OSError, TimeoutError):
             pass
 
+    async def listdir(self, conn: aioftp.Client, folder: PurePosixPath) -> list[str]:
+        # MLSD (LIST where the server has none), which list hidden names on the servers we
+        # know. A refusal (no such folder yet, no right to list) lists nothing
+        try:
+            return [path.name for path, _info in await conn.list(folder)]
+        except aioftp.StatusCodeError:
+            return []
+
     def check_name(self, path: PurePosixPath) -> None:
         text = str(path)
         if "\r" in text or "\n" in text or "\0" in text:

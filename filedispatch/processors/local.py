@@ -31,6 +31,7 @@ from . import MoveUnavailable, Resources, StepContext
 from .common import (
     TMP_PREFIX,
     candidates,
+    earlier_temps,
     open_input,
     place,
     render_target,
@@ -169,7 +170,7 @@ class LocalProcessor:
         self._mkdirs(final_dir)
         fd, st = open_input(ctx)
         try:
-            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name)
+            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name, ctx.epoch)
             out = self._copy(fd, st, tmp, ctx.throttle)
             try:
                 self._verify(fd, out, st, tmp)
@@ -432,7 +433,7 @@ class LocalProcessor:
 
     def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
         """After a crash: a file at one of our candidate names with the input's size and mtime."""
-        unlink_quietly(self.root / rel.parent / temp_name(ctx.dispatch_id, rel.name))
+        _remove_earlier(self.root / rel.parent, ctx, rel.name)
         want = (ctx.version.size, ctx.version.mtime_ns)
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
             try:
@@ -600,6 +601,23 @@ def sha256_if_same(src: int, copy: int) -> str | None:
             return digest.hexdigest()
         digest.update(data)
         offset += len(data)
+
+
+def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
+    """Remove what earlier attempts of a resumed row left in ``folder`` under a temporary
+    name: that one name with one node (no epoch); with several, every claim wrote a name of
+    its own, so the folder is listed and each temporary name of the row goes (an earlier
+    claimant's lease ran out before the row came back: its fence refuses its rename)."""
+    if not ctx.epoch:
+        unlink_quietly(folder / temp_name(ctx.dispatch_id, name))
+        return
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries]
+    except OSError:  # no folder yet (the earlier attempt never made it), or unreadable
+        return
+    for stale in earlier_temps(names, ctx.dispatch_id):
+        unlink_quietly(folder / stale)
 
 
 def _fsync_dir(folder: Path) -> None:

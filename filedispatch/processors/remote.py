@@ -28,7 +28,15 @@ from ..errors import (
 )
 from ..models import NAME_TAKEN, Outcome
 from . import Resources, StepContext
-from .common import aplace, candidates, choices, open_input, render_target, temp_name
+from .common import (
+    aplace,
+    candidates,
+    choices,
+    earlier_temps,
+    open_input,
+    render_target,
+    temp_name,
+)
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -126,7 +134,7 @@ class RemoteTarget:
     def paths(self, ctx: StepContext, rel: PurePosixPath) -> tuple[PurePosixPath, PurePosixPath]:
         """The remote folder and the temporary name a delivery is written under."""
         folder = self.root / rel.parent
-        return folder, folder / temp_name(ctx.dispatch_id, rel.name)
+        return folder, folder / temp_name(ctx.dispatch_id, rel.name, ctx.epoch)
 
 
 CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatever the size
@@ -329,6 +337,13 @@ class RemoteProcessor(ABC, Generic[C]):
         """Remove a file, ignoring every error (used for clean-up only)."""
 
     @abstractmethod
+    async def listdir(self, conn: C, folder: PurePosixPath) -> list[str]:
+        """The names in ``folder`` (hidden ones included); empty when there is no such
+        folder or the server refuses to list it (what is not listed is left behind, never
+        published). Used only by a resumed delivery with claims of several nodes (see
+        ``_remove_earlier``)."""
+
+    @abstractmethod
     def check_name(self, path: PurePosixPath) -> None:
         """Raise PermanentDeliveryError when the protocol cannot carry this name."""
 
@@ -511,7 +526,7 @@ class RemoteProcessor(ABC, Generic[C]):
         self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath
     ) -> PurePosixPath | None:
         """After a crash or a lost connection: our file at a candidate name, with our size."""
-        await self.remove(conn, tmp)
+        await self._remove_earlier(conn, ctx, tmp)
         want = ctx.version.size
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
             try:
@@ -525,3 +540,15 @@ class RemoteProcessor(ABC, Generic[C]):
             if got == want:
                 return cand
         return None
+
+    async def _remove_earlier(self, conn: C, ctx: StepContext, tmp: PurePosixPath) -> None:
+        """Remove what earlier attempts of this row left under a temporary name. With one
+        node (no epoch) that is ``tmp`` itself; with several, every claim wrote a name of its
+        own, so the folder is listed and every temporary name of this row goes: each earlier
+        claimant's lease ran out before the row came back, so its fence refuses any further
+        chunk or rename of that copy."""
+        if not ctx.epoch:
+            await self.remove(conn, tmp)
+            return
+        for name in earlier_temps(await self.listdir(conn, tmp.parent), ctx.dispatch_id):
+            await self.remove(conn, tmp.parent / name)

@@ -163,6 +163,13 @@ class SftpProcessor(RemoteProcessor[Session]):
         except (asyncssh.SFTPError, OSError):
             pass
 
+    async def listdir(self, conn: Session, folder: PurePosixPath) -> list[str]:
+        try:
+            names = await conn.sftp.listdir(_raw(folder))
+        except asyncssh.SFTPError:  # no such folder yet, no right to list: nothing listed
+            return []
+        return [os.fsdecode(n) for n in names]
+
     def check_name(self, path: PurePosixPath) -> None:
         # SFTP names are length-prefixed bytes: only NUL cannot travel (POSIX forbids it too)
         if "\0" in str(path):

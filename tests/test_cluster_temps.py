@@ -1,0 +1,349 @@
+"""Temporary names of their own per claim: two nodes that hold one row in turn never share
+the hidden name a delivery is written under.
+
+End-to-end tests run two real services (the CLI as subprocesses) on one real PostgreSQL
+journal, against real FTP and SFTP servers on loopback or a local folder; one node is frozen
+with SIGSTOP past its lease while the other takes its row over. The unit tests check the
+name itself and the resume clean-up. Nothing waits for a duration: each test waits for a
+state, with a generous deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ServiceProcess, journal_rows, old, wait_until
+from .test_cluster import _node_config
+
+MIB = 1 << 20
+
+
+def _config(root: Path, url: str, node: str, to: Any) -> Path:
+    return _node_config(root, url, node, to, rules=[{"glob": "*", "to": to}], workers=2)
+
+
+def _stop(*nodes: ServiceProcess) -> None:
+    for n in nodes:
+        if n.proc is not None and n.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n.proc.pid, signal.SIGCONT)  # a frozen node must hear the stop
+            n.stop()
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    if not folder.exists():
+        return {}
+    sizes = {}
+    for p in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_file():
+                sizes[p.name] = p.stat().st_size
+    return sizes
+
+
+def _temporaries(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, size) of each temporary file in ``folder`` by name."""
+    found = {}
+    if folder.exists():
+        for p in folder.iterdir():
+            if p.name.startswith(".filedispatch-tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    st = p.stat()
+                    found[p.name] = (st.st_ino, st.st_size)
+    return found
+
+
+def _pair(root: Path, url: str, to: Any, to1: Any = None) -> tuple[ServiceProcess, ServiceProcess]:
+    (root / "inbox").mkdir()
+    return (
+        ServiceProcess(_config(root, url, "n1", to1 or to)),
+        ServiceProcess(_config(root, url, "n2", to)),
+    )
+
+
+def _sftp(tmp_path: Path, sftp_class: Any = None, **options: Any) -> tuple[Any, dict[str, Any]]:
+    """An SFTP server on loopback rooted at tmp_path/root, and a destination to its /in/."""
+    from .servers import SftpServer
+
+    server = SftpServer(tmp_path / "root", tmp_path / "keys", sftp_class=sftp_class)
+    to = {
+        "url": server.url("/in/"),
+        "key_file": str(server.key_file),
+        "known_hosts": str(server.known_hosts),
+        **options,
+    }
+    return server, to
+
+
+def _frozen_at_rename(
+    root: Path, out: Path, data: bytes, n1: ServiceProcess, n2: ServiceProcess, state: Any
+) -> None:
+    """n1 uploads big.bin; n2 starts; the server freezes n1 at its rename (and sets
+    ``state["frozen"]``); n2 takes the row over and is left mid-way through its own upload."""
+    n1.start()
+    assert n1.proc is not None
+    state["pid"] = n1.proc.pid
+    old(root / "inbox" / "big.bin", data)
+    wait_until(lambda: any(0 < s < len(data) for s in _sizes(out).values()), 60)
+    n2.start()  # n1 holds the row (and the listing): n2 waits
+    wait_until(lambda: state["frozen"], 60)  # n1 frozen at its rename, its upload whole
+    # n2 takes the row over and uploads again: mid-way
+    wait_until(lambda: any(MIB // 2 < s < len(data) // 2 for s in _sizes(out).values()), 60)
+
+
+def _logs(*nodes: ServiceProcess) -> str:
+    return "".join(f"\n--- {n.config.stem}:\n{n.log()[-2500:]}" for n in nodes)
+
+
+@pytest.mark.parametrize("taker_killed", [False, True], ids=["seen", "kept"])
+def test_a_frozen_nodes_late_ftp_rename_publishes_only_its_own_whole_copy(
+    tmp_path: Path, pg_url: str, taker_killed: bool
+) -> None:
+    """n1 finishes its FTP upload, passes its fence and sends RNFR; the server freezes it
+    there. Its lease runs out, n2 takes the row over, removes n1's temporary file and uploads
+    again (1 MB/s). n1 wakes mid-way and sends RNTO. Each rename that gives the final name a
+    file must carry the whole file (with a name shared by both claims it published n2's
+    half-written upload). ``kept``: n2 is killed right after n1's RNTO; no partial file may
+    stay under a final name."""
+    from pyftpdlib.handlers import FTPHandler
+
+    from .servers import FtpServer
+
+    data = os.urandom(4 * MIB)
+    state: dict[str, Any] = {"pid": None, "frozen": False}
+    published: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def ftp_RNFR(handler: Any, path: str) -> None:
+        with lock:
+            if state["pid"] is not None and not state["frozen"]:
+                state["frozen"] = True
+                os.kill(state["pid"], signal.SIGSTOP)  # n1 waits for the 350: frozen
+        FTPHandler.ftp_RNFR(handler, path)
+
+    def ftp_RNTO(handler: Any, path: str) -> Any:
+        src = handler._rnfr
+        if src and os.path.exists(src):
+            published.append((os.path.basename(path), os.path.getsize(src)))
+        return FTPHandler.ftp_RNTO(handler, path)
+
+    server = FtpServer(tmp_path / "root", overrides={"ftp_RNFR": ftp_RNFR, "ftp_RNTO": ftp_RNTO})
+    out = tmp_path / "root" / "in"
+    n1, n2 = _pair(tmp_path, pg_url, {"url": server.url("/in/"), "bandwidth": "1MB/s"})
+    try:
+        _frozen_at_rename(tmp_path, out, data, n1, n2, state)
+        os.kill(state["pid"], signal.SIGCONT)  # n1 wakes and sends its RNTO
+        if taker_killed:
+            wait_until(lambda: published, 60)
+            n2.signal(signal.SIGKILL)  # the node that took the row over crashes
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 1, 120)
+        wait_until(lambda: not _temporaries(out), 60)
+        partial = {n: s for n, s in _sizes(out).items() if s != len(data)}
+        assert partial == {}, f"partial file(s) under a final name: {partial}" + _logs(n1, n2)
+        assert [p for p in published if p[1] != len(data)] == [], (
+            f"a rename gave a final name a partial file: {published}" + _logs(n1, n2)
+        )
+    finally:
+        _stop(n1, n2)
+        server.stop()
+
+
+def test_a_late_sftp_rename_publishes_only_its_own_whole_copy(tmp_path: Path, pg_url: str) -> None:
+    """The SFTP form: n1 passes its fence and sends its rename; the request is held by the
+    server (as a lossy path would hold it) and n1 freezes meanwhile. n2 takes the row over and
+    uploads again; the held rename is then carried out. Each rename into a final name must
+    carry the whole file."""
+    import asyncssh
+
+    data = os.urandom(4 * MIB)
+    state: dict[str, Any] = {"pid": None, "frozen": False, "go": False}
+    published: list[tuple[str, int]] = []
+
+    class LateRename(asyncssh.SFTPServer):  # type: ignore[misc]
+        async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+            if state["pid"] is not None and not state["frozen"]:
+                state["frozen"] = True
+                os.kill(state["pid"], signal.SIGSTOP)
+                while not state["go"]:
+                    await asyncio.sleep(0.02)
+            src = self.map_path(oldpath)
+            if os.path.exists(src):
+                published.append((os.path.basename(newpath.decode()), os.path.getsize(src)))
+            super().rename(oldpath, newpath)
+
+    server, to = _sftp(tmp_path, sftp_class=LateRename, bandwidth="1MB/s")
+    out = tmp_path / "root" / "in"
+    n1, n2 = _pair(tmp_path, pg_url, to)
+    try:
+        _frozen_at_rename(tmp_path, out, data, n1, n2, state)
+        state["go"] = True  # the held rename arrives...
+        wait_until(lambda: published, 60)
+        os.kill(state["pid"], signal.SIGCONT)  # ...and n1 wakes
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 1, 120)
+        wait_until(lambda: not _temporaries(out), 60)
+        assert [p for p in published if p[1] != len(data)] == [], (
+            f"a rename gave a final name a partial file: {published}" + _logs(n1, n2)
+        )
+        assert (out / "big.bin").read_bytes() == data
+    finally:
+        state["go"] = True
+        _stop(n1, n2)
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["sftp", "local"])
+def test_a_woken_nodes_clean_up_leaves_the_taker_s_upload_alone(
+    tmp_path: Path, pg_url: str, kind: str
+) -> None:
+    """n1 uploads 8 MiB (1 MB/s) and is frozen mid-way; past its lease n2 takes the row over
+    and uploads again. n1 is woken: it meets its fence (or, over SFTP, its step timeout, long
+    passed) and cleans up. Its clean-up must remove its own temporary file only: n2's upload
+    goes on and its first attempt succeeds."""
+    out = tmp_path / "root" / "in"
+    server: Any = None
+    if kind == "sftp":
+        server, to = _sftp(tmp_path, bandwidth="1MB/s")
+        to1 = {**to, "timeout": 6}  # n1's step timeout passes while it is frozen
+        frozen_at = MIB // 2
+    else:
+        to = to1 = {"url": out.as_uri(), "bandwidth": "1MB/s"}
+        frozen_at = 6 * MIB  # late in its copy: the copying thread is not fenced per chunk
+    n1, n2 = _pair(tmp_path, pg_url, to, to1)
+    data = os.urandom(8 * MIB)
+    try:
+        n1.start()
+        old(tmp_path / "inbox" / "big.bin", data)
+        wait_until(lambda: any(s > frozen_at for _, s in _temporaries(out).values()), 60)
+        n2.start()
+        assert n1.proc is not None
+        os.kill(n1.proc.pid, signal.SIGSTOP)
+        mine = {(n, t[0]) for n, t in _temporaries(out).items()}  # (name, inode)
+        try:  # past n1's lease n2 takes the row over and uploads under a name of its own
+            wait_until(
+                lambda: any(
+                    (n, t[0]) not in mine and t[1] > 3 * MIB for n, t in _temporaries(out).items()
+                ),
+                120,
+            )
+        finally:
+            os.kill(n1.proc.pid, signal.SIGCONT)
+        wait_until(lambda: len(journal_rows(pg_url, "status='SUCCEEDED'")) == 1, 120)
+        assert (out / "big.bin").read_bytes() == data
+        assert "attempt 1 failed" not in n2.log(), "n2's upload was removed" + _logs(n1, n2)
+        wait_until(lambda: not _temporaries(out), 60)
+    finally:
+        _stop(n1, n2)
+        if server is not None:
+            server.close()
+
+
+def test_a_claim_with_an_epoch_has_a_temporary_name_of_its_own() -> None:
+    from filedispatch.naming import NAME_MAX
+    from filedispatch.processors.common import temp_name
+
+    assert temp_name(7, "a.txt") == ".filedispatch-tmp-7-a.txt"  # SQLite: as before
+    assert temp_name(7, "a.txt", 0) == ".filedispatch-tmp-7-a.txt"
+    assert temp_name(7, "a.txt", 3) == ".filedispatch-tmp-7-e3-a.txt"
+    assert temp_name(7, "a.txt", 3) != temp_name(7, "a.txt", 4)
+    long = "€" * 84 + ".csv"  # 256 bytes: cut to leave room for the head
+    tmp = temp_name(123456789, long, 2**62)
+    assert len(tmp.encode()) <= NAME_MAX and tmp.endswith(".csv")
+    assert tmp.startswith(f".filedispatch-tmp-123456789-e{2**62}-€")
+    tmp.encode().decode("utf-8", "strict")
+
+
+def test_earlier_temps_are_the_rows_own_of_any_claim() -> None:
+    from filedispatch.processors.common import earlier_temps
+
+    names = [
+        ".filedispatch-tmp-7-a.txt",
+        ".filedispatch-tmp-7-e1-a.txt",
+        ".filedispatch-tmp-7-e12-b.txt",
+        ".filedispatch-tmp-70-e1-a.txt",
+        ".filedispatch-tmp-x-a.txt",
+        "a.txt",
+    ]
+    assert earlier_temps(names, 7) == names[:3]
+
+
+#: what a folder holds before a resumed delivery of row 7: earlier claims' temporary files
+#: (of epochs 1 and 2, and one from before epochs), which go; and what stays: another row's
+#: temporary file, a user's file named like one, and a user's file
+EARLIER = [
+    ".filedispatch-tmp-7-e1-a.txt",
+    ".filedispatch-tmp-7-e2-a.txt",
+    ".filedispatch-tmp-7-a.txt",
+]
+STAYS = {
+    ".filedispatch-tmp-70-e1-a.txt": b"row 70's",
+    ".filedispatch-tmp-x-a.txt": b"a user's",
+    "b.txt": b"b",
+}
+
+
+def _remote(kind: str, tmp_path: Path) -> tuple[dict[str, Any], Path, Any]:
+    """A destination of ``kind`` (its config mapping), the local folder it writes into, and
+    its server's stop."""
+    out = tmp_path / "root" / "in"
+    if kind == "local":
+        return {"url": out.as_uri()}, out, lambda: None
+    if kind == "ftp":
+        from .servers import FtpServer
+
+        ftp = FtpServer(tmp_path / "root")
+        return {"url": ftp.url("/in/")}, out, ftp.stop
+    server, to = _sftp(tmp_path)
+    return to, out, server.close
+
+
+@pytest.mark.parametrize("epoch", [5, None], ids=["postgresql", "sqlite"])
+@pytest.mark.parametrize("kind", ["local", "ftp", "sftp"])
+def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_else(
+    tmp_path: Path, kind: str, epoch: int | None
+) -> None:
+    """Row 7 is resumed under epoch 5: the temporary files of its earlier claims go, whatever
+    their epoch, and the file is delivered; nothing else in the folder is touched. With
+    SQLite (no epoch) only the row's one temporary name goes, as before: no listing."""
+    from filedispatch.config import load_config
+    from filedispatch.models import FileVersion
+    from filedispatch.processors import Registry, StepContext
+
+    from .servers import old_file, remote_config
+
+    step, out, stop = _remote(kind, tmp_path)
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    config = load_config(remote_config(ws, step))
+    source = config.sources[0]
+    src = old_file(ws["inbox"] / "a.txt", b"the file")
+    out.mkdir(parents=True)
+    for name in EARLIER:
+        (out / name).write_bytes(b"half")
+    for name, data in STAYS.items():
+        (out / name).write_bytes(data)
+    version = FileVersion.from_stat(source.key, source.path, "a.txt", os.stat(src))
+    ctx = StepContext(
+        7, version, src, "remote", 0, 2, tmp_path / "work", resuming=True, epoch=epoch
+    )
+
+    async def run() -> None:
+        registry = Registry()
+        try:
+            await registry.get(config.rules[0].to[0]).deliver(ctx)
+        finally:
+            await registry.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        stop()
+    held = {p.name: p.read_bytes() for p in out.iterdir()}
+    left = EARLIER[:2] if epoch is None else []  # SQLite: the epoch-less name only
+    assert held == {**STAYS, **dict.fromkeys(left, b"half"), "a.txt": b"the file"}
