@@ -26,6 +26,8 @@ log = logging.getLogger("filedispatch.cluster")
 
 #: seconds between two looks for dead nodes to forget, at most
 FORGET_EVERY_S = 3600.0
+#: why a rejoin waits (the reason said once, see ``Membership._tick``)
+_WAITING_OUT = "waiting for another lease of this name to run out"
 
 
 def node_name(config: Config) -> str:
@@ -256,12 +258,25 @@ class Membership:
         try:
             if self.hold is not None:  # its connection can be lost, and the lock with it
                 await self._keep_hold(self.hold)
-            if await self.journal.renew():
+            renewed = await self.journal.renew()
+            if renewed and not self.holds():
+                # answered after the lease had run out here: other nodes may have found it
+                # dead (its rows requeued, its S3 uploads aborted), so it is never taken up
+                # again; the node joins under a new epoch
+                self._expired()
+                log.warning(
+                    "node %s: its lease was renewed only after it had run out here; joining "
+                    "again under a new epoch",
+                    self.name,
+                )
+                await self.join()
+            elif renewed:
                 self._held_from(sent)
                 self._forget(sent)
             else:
                 self._expired()
-                log.warning("node %s: its lease had run out; joining again", self.name)
+                if self._unreached != _WAITING_OUT:  # else said when the wait began
+                    log.warning("node %s: its lease had run out; joining again", self.name)
                 # a live entry of this name that is not this service's own lost join: another
                 # service of the name whose lock's session was cut. The lock was just found
                 # ours, so it stops at its next renewal: its lease is waited out (below)
@@ -278,7 +293,10 @@ class Membership:
             if self.hold is None:  # no lock of the name to tell whose it is: it is theirs
                 self._lose_name(str(exc))
             else:
-                self._say_unreached(f"waiting for another lease of this name to run out: {exc}")
+                # said once, whatever the seconds left (they change at every renewal)
+                if self._unreached != _WAITING_OUT:
+                    log.warning("node %s: %s: %s", self.name, _WAITING_OUT, exc)
+                self._unreached = _WAITING_OUT
         except ServiceError as exc:  # the name is another node's now (its lock is theirs)
             self._lose_name(str(exc))
         except JournalError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ from filedispatch.config import Config
 from filedispatch.dispatcher import Dispatcher
 from filedispatch.errors import FencedError, JournalError, NodeConflictError
 from filedispatch.journal import PlannedStep, PostgresTarget, StepResult, open_journal
+from filedispatch.journal.place import journal_lock_when_ready
 from filedispatch.models import FileVersion, Status
 from filedispatch.processors import Registry
 from filedispatch.processors.common import TMP_PREFIX
@@ -41,6 +43,7 @@ from .conftest import (
     journal_rows,
     old,
     run_cli,
+    until,
     wait_until,
     write_config,
 )
@@ -639,7 +642,13 @@ def _delivered_exactly_once(root: Path, url: str, expected: dict[str, bytes]) ->
         assert got == expected, f"missing or wrong in {d}"
     rows = journal_rows(url)
     per_step = Counter((r["relpath"], r["step_key"]) for r in rows if r["status"] == "SUCCEEDED")
-    assert len(rows) == len(expected) * len(DESTS), len(rows)
+    each = Counter((r["relpath"], r["step_key"]) for r in rows)
+    extra = [
+        {k: r[k] for k in ("id", "relpath", "vkey", "status", "node", "reason")}
+        for r in rows
+        if each[r["relpath"], r["step_key"]] > 1
+    ]
+    assert len(rows) == len(expected) * len(DESTS), (len(rows), extra[:8])
     assert len(per_step) == len(expected) * len(DESTS) and set(per_step.values()) == {1}
 
 
@@ -1346,6 +1355,106 @@ def test_slow_local_copies_do_not_cost_the_node_its_lease(tmp_path: Path, pg_url
         assert "stopped: this node's lease" not in n1.log()
     finally:
         _stop(n1)
+
+
+async def test_a_rejoin_waiting_out_another_lease_of_its_name_says_so_once(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node holding its name's lock whose lease ran out finds a live lease of its name that
+    is not its own (a twin whose lock's session was cut): it waits, and says so once, not at
+    every renewal (v5 review: two warnings every third of a lease, the reason's text
+    carrying the seconds left)."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    stop = asyncio.Event()
+    async with (
+        open_journal(target) as journal,
+        open_journal(target) as twin,
+        journal_lock_when_ready(target, "a", stop) as hold,
+    ):
+        membership = Membership(journal, "a", 3.0, [], hold, lambda why: None)
+        await membership.join()
+
+        async def dead() -> bool:
+            return any(n.name == "a" and not n.alive for n in await twin.nodes())
+
+        await until(dead, 30)  # its lease ran out unrenewed (a freeze)
+        await twin.join("a", 60.0)  # and the twin joined under the name meanwhile
+        renewals = 0
+        renew = journal.renew
+
+        async def counted() -> bool:
+            nonlocal renewals
+            renewals += 1
+            return await renew()
+
+        async def five() -> bool:
+            return renewals >= 5
+
+        journal.renew = counted  # type: ignore[method-assign]
+        caplog.set_level(logging.WARNING, "filedispatch")
+        running = asyncio.create_task(membership.run(stop))
+        try:  # five renewals, a second apart: the twin's lease has 55 s left or more
+            await until(five, 60)
+        finally:
+            stop.set()
+            await running
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("filedispatch")]
+    assert not membership.holds()
+    assert len([m for m in said if "waiting for another lease" in m]) == 1, said
+    assert len([m for m in said if "joining again" in m]) == 1, said
+
+
+async def test_a_renewal_answered_after_the_lease_ran_out_here_never_revives_it(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The answer to a renewal comes back only after the lease has run out on the node's own
+    clock (a commit slow to answer): other nodes may have found the epoch dead meanwhile
+    (rows requeued, S3 uploads aborted), so the node does not take it up again even though
+    the database renewed it: it joins under a new epoch, and nothing claimed under the old
+    one may start. Before, the lease was held again under the old epoch, until a lease after
+    that renewal was sent."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    stop, answer = asyncio.Event(), asyncio.Event()
+    async with open_journal(target) as journal:
+        membership = Membership(journal, "a", 3.0)
+        old_epoch = await membership.join()
+        renew = journal.renew
+
+        calls = 0
+
+        async def late() -> bool:
+            nonlocal calls
+            calls += 1
+            renewed = await renew()
+            if calls > 1:  # sent after the first renewal: it could hold the lease longer
+                await answer.wait()  # the answer is held back
+            return renewed
+
+        async def lapsed() -> bool:
+            return not membership.holds(old_epoch)
+
+        async def decided() -> bool:  # the late answer was taken one way or the other
+            return membership.epoch != old_epoch or membership.holds(old_epoch)
+
+        async def joined_again() -> bool:
+            return membership.epoch != old_epoch and membership.holds()
+
+        journal.renew = late  # type: ignore[method-assign]
+        caplog.set_level(logging.WARNING, "filedispatch")
+        running = asyncio.create_task(membership.run(stop))
+        try:
+            await until(lapsed, 30)  # the lease ran out here, the renewal's answer pending
+            answer.set()
+            journal.renew = renew  # type: ignore[method-assign]
+            await until(decided, 30)
+            assert not membership.holds(old_epoch), "the old epoch was taken up again"
+            await until(joined_again, 30)
+        finally:
+            answer.set()
+            stop.set()
+            await running
+    assert not membership.holds(old_epoch)
+    assert "renewed only after it had run out here" in caplog.text
 
 
 def test_a_claim_whose_commit_answer_is_lost_is_delivered(tmp_path: Path, pg_url: str) -> None:

@@ -5,24 +5,28 @@ as done, and the ledger files of older versions moved into the journal."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from filedispatch.config import load_config
 from filedispatch.journal import Database, OpenUpload, PostgresTarget, open_journal
+from filedispatch.models import FileVersion
 from filedispatch.processors.s3 import sweep_orphans
 from filedispatch.processors.s3uploads import UploadLedger
 
 from .conftest import ServiceProcess, cli_env, journal_rows, until, wait_until
-from .pgcluster import PASSWORD_ENV
+from .pgcluster import PASSWORD, PASSWORD_ENV
 from .servers import S3Server, old_file, remote_config, sha256_of
-from .test_cluster import _node_config
+from .test_cluster import _node_config, _step
 
 MIB = 1024 * 1024
 
@@ -219,3 +223,56 @@ def test_a_frozen_nodes_aborted_upload_is_never_recorded_as_done(
         wait_until(lambda: not _open_ids(s3), 60)
         assert b.stop() == 0
         assert not journal_rows(pg_url, table="uploads")
+
+
+def _left(pg_url: str, node: str) -> float:
+    """Seconds the lease of ``node`` has left on the database's clock (negative: ran out)."""
+    with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT EXTRACT(EPOCH FROM lease_until - now())::float8 FROM nodes WHERE name=%s",
+            (node,),
+        ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+async def _below(pg_url: str, node: str, seconds: float) -> bool:
+    return await asyncio.to_thread(_left, pg_url, node) < seconds
+
+
+async def test_an_epoch_found_dead_stays_dead_when_its_renewal_comes_late(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """Node A's renewal is held up (here a lock on its node row; a slow server does the same)
+    from before its lease ends to after. Meanwhile node B finds A's epoch dead: it aborts A's
+    upload and requeues A's row, which it claims. The late renewal must not bring that epoch
+    back: A would be live again beside B on the same row, its upload gone.
+    Before (v5 review): the renewal's condition was read on now(), the time its transaction
+    began, so it renewed the lease all the same."""
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "unused.db"}
+    config = load_config(remote_config(ws, s3.dest("in/")))
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    version = FileVersion("in", tmp_path, "a.bin", 1, 1, ino=3, ctime_ns=1)
+    async with open_journal(target) as a, open_journal(target) as b:
+        await a.join("a", 30.0, frozenset({"in"}))
+        await b.join("b", 300.0, frozenset({"in"}))
+        await a.plan([_step(version)])
+        [[mine]] = await a.claim(10, time.time())  # A delivers a.bin, under its epoch
+        live = _upload(s3, "in/live.bin")
+        await a.record_uploads([live])
+        with psycopg.connect(pg_url, password=PASSWORD) as locker:
+            locker.execute("SELECT 1 FROM nodes WHERE name='a' FOR UPDATE")
+            await until(lambda: _below(pg_url, "a", 5), 60)
+            renewal = asyncio.create_task(a.renew())  # sent with about 5 s of lease left
+            await until(lambda: _below(pg_url, "a", -0.5), 60)
+            assert live in await b.orphan_uploads()  # A's epoch is dead on the database
+            await sweep_orphans(b, config)  # so B aborts A's upload
+            assert "in/live.bin" not in s3.uploads()
+            assert await b.renew()  # and requeues A's work in progress, which B claims
+            [[theirs]] = await until(lambda: b.claim(10, time.time()), 30)
+            locker.rollback()
+        renewed = await renewal
+        assert theirs.id == mine.id
+        claimed = {n.name: n.in_flight for n in await b.nodes() if n.alive}
+    assert not renewed, f"A's dead epoch was renewed; in flight per live node: {claimed}"
+    assert claimed == {"b": 1}

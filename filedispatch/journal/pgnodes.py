@@ -139,10 +139,12 @@ class PgNodes:
         """See ``Journal.join``. The writer's session gets the lease's limits on lock waits,
         and the work of dead nodes is queued for requeueing (neither waited for here).
 
-        A live entry of the name is taken over only when its ``started`` is the stamp of one
-        of this object's joins that got no answer (the connection cut after the COMMIT): that
-        entry is this service's own. Any other live entry is another process's, even while
-        this one holds the name's lock, and its lease is waited out by the caller."""
+        A live entry of the name is taken over only when it is this service's own: its epoch
+        is the one this object last joined under (a renewal answered after the lease had run
+        out here, see ``Membership._tick``), or its ``started`` is the stamp of one of this
+        object's joins that got no answer (the connection cut after the COMMIT). Any other
+        live entry is another process's, even while this one holds the name's lock, and its
+        lease is waited out by the caller."""
         started = time.time()
         mine = [*self._unanswered, started]
         self._unanswered.append(started)  # until an answer says what became of it
@@ -155,8 +157,8 @@ class PgNodes:
                 "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
                 "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
                 "WHERE nodes.lease_until < now() OR nodes.started = ANY(%s::float8[]) "
-                "RETURNING epoch",
-                (node, started, lease_s, lease_s, mine),
+                "OR nodes.epoch = %s RETURNING epoch",
+                (node, started, lease_s, lease_s, mine, self.epoch),
             )
             row = await cur.fetchone()
             if row is not None:
@@ -198,16 +200,25 @@ class PgNodes:
             return True
 
         async def op(conn: Conn) -> bool:
+            # the row is locked first, and the lease then asked about on the clock of that
+            # moment (clock_timestamp, not now(): the time the transaction began). A renewal
+            # held up past the lease's end (a lock on the row, a slow server) must not bring
+            # back an epoch other nodes already found dead, whose work and S3 uploads they
+            # may have taken over (the update's own condition is read before any lock wait)
+            await conn.execute(
+                "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s FOR UPDATE", (node, epoch)
+            )
             cur = await conn.execute(
-                "UPDATE nodes SET renewed=now(), lease_until=now() + make_interval(secs => %s) "
-                "WHERE name=%s AND epoch=%s AND lease_until >= now() RETURNING 1",
+                "UPDATE nodes SET renewed=clock_timestamp(), "
+                "lease_until=clock_timestamp() + make_interval(secs => %s) "
+                "WHERE name=%s AND epoch=%s AND lease_until >= clock_timestamp() RETURNING 1",
                 (lease_s, node, epoch),
             )
             if await cur.fetchone() is None:
                 return False
             await conn.execute(
-                "UPDATE listings SET lease_until=now() + make_interval(secs => %s) "
-                "WHERE epoch=%s AND lease_until >= now()",
+                "UPDATE listings SET lease_until=clock_timestamp() + make_interval(secs => %s) "
+                "WHERE epoch=%s AND lease_until >= clock_timestamp()",
                 (lease_s, epoch),
             )
             return True
