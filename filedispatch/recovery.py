@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,19 +245,19 @@ def _stale_work(workdir: Path, active: set[str]) -> list[Path]:
 
 
 async def sweep_uploads(
-    journal: Journal, config: Config, legacy: Path, every_s: float | None
+    journal: Journal, config: Callable[[], Config], legacy: Path, every_s: float | None
 ) -> asyncio.Task[None] | None:
     """The S3 multipart uploads runs that are gone left open (the journal's ledger, after the
     ledger files of older versions in ``legacy`` are moved into it), aborted by a task of their
     own in the background: an S3 server that cannot be reached must not hold the start up.
-    ``every_s``: the task looks again that often (a shared journal, whose other nodes may go at
-    any time); None: once. None when there is nothing to do; the caller cancels the task at
-    the stop."""
+    ``config`` gives the service's current config (a reload counts from the task's next
+    look). ``every_s``: the task looks again that often (a shared journal, whose other nodes
+    may go at any time) while the config has an S3 destination, whether or not one may abort
+    now (a reload may turn ``abort_stale_uploads`` on); None: once. None when there is
+    nothing to do; the caller cancels the task at the stop."""
     await import_files(legacy, journal)
-    covered = any(
-        isinstance(s, S3Destination) and s.abort_stale_uploads for r in config.rules for s in r.to
-    )
-    if every_s is None or not covered:
+    any_s3 = any(isinstance(s, S3Destination) for r in config().rules for s in r.to)
+    if every_s is None or not any_s3:
         try:
             if not await journal.orphan_uploads():
                 return None

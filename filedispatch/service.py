@@ -312,7 +312,7 @@ class Service:
         # a shared journal: a node may go at any time, so its uploads are looked for again
         every = None if isinstance(self.db_path, Path) else self.config.lease
         old_ledgers = state_folder(self.db_path) / "s3-uploads"
-        sweep = await recovery.sweep_uploads(journal, self.config, old_ledgers, every)
+        sweep = await recovery.sweep_uploads(journal, lambda: self.config, old_ledgers, every)
         if sweep is not None:  # cancelled at the stop
             stack.push_async_callback(_cancel, sweep)
         learned = await self._learning(stack)

@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from filedispatch.config import load_config
 from filedispatch.journal import Database, OpenUpload, PostgresTarget, open_journal
@@ -276,3 +277,41 @@ async def test_an_epoch_found_dead_stays_dead_when_its_renewal_comes_late(
         claimed = {n.name: n.in_flight for n in await b.nodes() if n.alive}
     assert not renewed, f"A's dead epoch was renewed; in flight per live node: {claimed}"
     assert claimed == {"b": 1}
+
+
+async def _left_by_a_gone_node(pg_url: str, upload: OpenUpload) -> None:
+    """``upload`` written down by node "gone", whose 1 s lease then runs out (never renewed)."""
+    async with open_journal(PostgresTarget(pg_url, PASSWORD_ENV)) as journal:
+        await journal.join("gone", 1.0)
+        await journal.record_uploads([upload])
+
+        async def orphaned() -> bool:
+            return upload in await journal.orphan_uploads()
+
+        await until(orphaned)
+
+
+def test_abort_stale_uploads_turned_on_by_a_reload_aborts_orphans(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """A node starts with ``abort_stale_uploads: false`` on its S3 destination; a gone node's
+    upload is open under its prefix; the config is changed to ``true`` and reloaded (SIGHUP):
+    the orphan is aborted within a few leases, without a restart.
+    Before (v5 review): the sweep knew only the config of the start, and with no destination
+    that could abort then, no sweep ran at all: the upload stayed open, billed."""
+    (tmp_path / "inbox").mkdir()
+    dest = s3.dest("in/", abort_stale_uploads=False)
+    config = _node_config(tmp_path, pg_url, "a", [dest], rules=[{"glob": "*", "to": [dest]}])
+    svc = ServiceProcess(config, env=cli_env(XDG_STATE_HOME=str(tmp_path / "state"))).start()
+    try:
+        left = _upload(s3, "in/left.bin")
+        asyncio.run(_left_by_a_gone_node(pg_url, left))
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data["rules"][0]["to"][0]["abort_stale_uploads"] = True
+        config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        svc.signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in svc.log(), 60)
+        wait_until(lambda: "in/left.bin" not in s3.uploads(), 60)  # the lease is 2 s
+        assert "aborted 1 unfinished multipart upload" in svc.log()
+    finally:
+        assert svc.stop() == 0, svc.log()

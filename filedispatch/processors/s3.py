@@ -576,24 +576,33 @@ async def _sha256(data: bytes) -> bytes:
     return await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
 
 
-async def sweep_orphans(journal: Journal, config: Config, every_s: float | None = None) -> None:
+async def sweep_orphans(
+    journal: Journal, config: Config | Callable[[], Config], every_s: float | None = None
+) -> None:
     """In the background: abort the multipart uploads that runs which are gone left open (the
     journal's ledger, ``Journal.orphan_uploads``), each through a configured destination with
-    their endpoint, bucket and prefix (``abort_stale_uploads``). A server that cannot be
-    reached is tried again, at growing intervals up to SWEEP_RETRY_MAX_S. ``every_s``: look
-    again that often for the service's whole life (a shared journal: a node may go at any
-    time); None: stop once none is left that can be aborted. An upload no destination covers
-    stays in the ledger (said once). Never raises."""
-    dests = [
-        s
-        for rule in config.rules
-        for s in rule.to
-        if isinstance(s, S3Destination) and s.abort_stale_uploads
-    ]
-    sweeper = _Sweeper(dests)
+    their endpoint, bucket and prefix (``abort_stale_uploads``). ``config``: the config, or a
+    function giving the service's current one (read at each pass, so a reload that turns
+    ``abort_stale_uploads`` on or off, or changes a destination, counts from the next pass).
+    A server that cannot be reached is tried again, at growing intervals up to
+    SWEEP_RETRY_MAX_S. ``every_s``: look again that often for the service's whole life (a
+    shared journal: a node may go at any time); None: stop once none is left that can be
+    aborted. An upload no destination covers stays in the ledger (said once). Never raises."""
+    current = config if callable(config) else (lambda: config)
+    sweeper: _Sweeper | None = None
     delay = 1.0
     try:
         while True:
+            dests = _sweep_dests(current())
+            if sweeper is None or sweeper.dests != dests:
+                if sweeper is not None:
+                    await sweeper.aclose()
+                sweeper = _Sweeper(dests)
+            if not dests:  # nothing may abort now: a reload may change that
+                if every_s is None:
+                    return
+                await asyncio.sleep(every_s)
+                continue
             try:
                 again = await sweeper.once(journal)
             except Exception as exc:  # the sweep is a courtesy: it must never end the service
@@ -606,17 +615,29 @@ async def sweep_orphans(journal: Journal, config: Config, every_s: float | None 
                 delay = min(delay * 2, SWEEP_RETRY_MAX_S)
                 continue
             delay = 1.0
-            if every_s is None or not dests:
+            if every_s is None:
                 return
             await asyncio.sleep(every_s)
     finally:
-        await sweeper.aclose()
+        if sweeper is not None:
+            await sweeper.aclose()
+
+
+def _sweep_dests(config: Config) -> list[S3Destination]:
+    """The destinations a sweep may abort through: S3 ones with ``abort_stale_uploads``."""
+    return [
+        s
+        for rule in config.rules
+        for s in rule.to
+        if isinstance(s, S3Destination) and s.abort_stale_uploads
+    ]
 
 
 class _Sweeper:
     """The sweep's destinations (their clients kept between passes) and what it said."""
 
     def __init__(self, dests: list[S3Destination]) -> None:
+        self.dests = dests
         self.processors = [S3Processor(d) for d in dests]
         self._said: set[str] = set()
 
