@@ -260,18 +260,31 @@ def test_a_claim_with_an_epoch_has_a_temporary_name_of_its_own() -> None:
     tmp.encode().decode("utf-8", "strict")
 
 
-def test_earlier_temps_are_the_rows_own_of_any_claim() -> None:
-    from filedispatch.processors.common import earlier_temps
+def test_earlier_temps_are_the_rows_own_file_of_any_claim() -> None:
+    """Only what temp_name gives for this row's own file, with or without an epoch (w5
+    review: every name beginning like row 7's went, another journal's row 7 delivering b.txt
+    into the same folder and a user's file with it)."""
+    from filedispatch.processors.common import earlier_temps, temp_name
 
-    names = [
+    long = "€" * 84 + ".csv"  # shortened differently for each length of epoch
+    ours = [
         ".filedispatch-tmp-7-a.txt",
         ".filedispatch-tmp-7-e1-a.txt",
-        ".filedispatch-tmp-7-e12-b.txt",
+        ".filedispatch-tmp-7-e12-a.txt",
+    ]
+    not_ours = [
+        ".filedispatch-tmp-7-e12-b.txt",  # row 7 of another journal, another file
+        ".filedispatch-tmp-7-b.txt",
+        ".filedispatch-tmp-7-e05-a.txt",  # no temp_name makes this
+        ".filedispatch-tmp-7-ex-a.txt",
+        ".filedispatch-tmp-7-notes",
         ".filedispatch-tmp-70-e1-a.txt",
         ".filedispatch-tmp-x-a.txt",
         "a.txt",
     ]
-    assert earlier_temps(names, 7) == names[:3]
+    assert earlier_temps(ours + not_ours, 7, "a.txt") == ours
+    shortened = [temp_name(7, long, e) for e in (None, 3, 2**40)]
+    assert earlier_temps([*shortened, temp_name(7, "b" + long, 3)], 7, long) == shortened
 
 
 #: what a folder holds before a resumed delivery of row 7: earlier claims' temporary files
@@ -286,6 +299,11 @@ STAYS = {
     ".filedispatch-tmp-70-e1-a.txt": b"row 70's",
     ".filedispatch-tmp-x-a.txt": b"a user's",
     "b.txt": b"b",
+    # row 7 of ANOTHER journal (a second cluster; a single host on SQLite) uploading b.txt
+    # into the same folder, and a user's file named like ours (w5 review: these went too)
+    ".filedispatch-tmp-7-e3-b.txt": b"another cluster's row 7, still uploading b.txt",
+    ".filedispatch-tmp-7-b.txt": b"a SQLite host's row 7, still uploading b.txt",
+    ".filedispatch-tmp-7-notes": b"a user's file",
 }
 
 

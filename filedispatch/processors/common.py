@@ -49,11 +49,24 @@ def temp_prefix(dispatch_id: int) -> str:
     return f"{TMP_PREFIX}{dispatch_id}-"
 
 
-def earlier_temps(names: Iterable[str], dispatch_id: int) -> list[str]:
+def earlier_temps(names: Iterable[str], dispatch_id: int, name: str) -> list[str]:
     """The names among ``names`` (one folder's entries) that are temporary names of row
-    ``dispatch_id``, of any claim: what a resumed delivery removes before it starts again."""
-    head = temp_prefix(dispatch_id)
-    return [n for n in names if n.startswith(head)]
+    ``dispatch_id`` delivering the file ``name``, of any claim: exactly what ``temp_name``
+    gives for it without an epoch or with some epoch, nothing else. What a resumed delivery
+    removes before it starts again. Another journal's row of the same id (ids start at 1 in
+    every journal) delivering another file into the same folder, or a user's file that merely
+    begins like one, is left alone."""
+    plain = temp_name(dispatch_id, name)
+    head = temp_prefix(dispatch_id) + "e"
+    found = []
+    for entry in names:
+        if entry == plain:
+            found.append(entry)
+        elif entry.startswith(head):
+            digits, dash, _ = entry[len(head) :].partition("-")
+            if dash and digits.isdigit() and entry == temp_name(dispatch_id, name, int(digits)):
+                found.append(entry)
+    return found
 
 
 def translate_os_error(exc: OSError, what: str) -> DeliveryError:

@@ -606,7 +606,7 @@ def sha256_if_same(src: int, copy: int) -> str | None:
 def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
     """Remove what earlier attempts of a resumed row left in ``folder`` under a temporary
     name: that one name with one node (no epoch); with several, every claim wrote a name of
-    its own, so the folder is listed and each temporary name of the row goes (an earlier
+    its own, so the folder is listed and each temporary name of the row's file goes (an earlier
     claimant's lease ran out before the row came back: its fence refuses its rename)."""
     if not ctx.epoch:
         unlink_quietly(folder / temp_name(ctx.dispatch_id, name))
@@ -616,7 +616,7 @@ def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
             names = [e.name for e in entries]
     except OSError:  # no folder yet (the earlier attempt never made it), or unreadable
         return
-    for stale in earlier_temps(names, ctx.dispatch_id):
+    for stale in earlier_temps(names, ctx.dispatch_id, name):
         unlink_quietly(folder / stale)
 
 

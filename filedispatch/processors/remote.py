@@ -526,7 +526,7 @@ class RemoteProcessor(ABC, Generic[C]):
         self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath
     ) -> PurePosixPath | None:
         """After a crash or a lost connection: our file at a candidate name, with our size."""
-        await self._remove_earlier(conn, ctx, tmp)
+        await self._remove_earlier(conn, ctx, rel.name, tmp)
         want = ctx.version.size
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
             try:
@@ -541,14 +541,17 @@ class RemoteProcessor(ABC, Generic[C]):
                 return cand
         return None
 
-    async def _remove_earlier(self, conn: C, ctx: StepContext, tmp: PurePosixPath) -> None:
+    async def _remove_earlier(
+        self, conn: C, ctx: StepContext, name: str, tmp: PurePosixPath
+    ) -> None:
         """Remove what earlier attempts of this row left under a temporary name. With one
         node (no epoch) that is ``tmp`` itself; with several, every claim wrote a name of its
-        own, so the folder is listed and every temporary name of this row goes: each earlier
+        own, so the folder is listed and every temporary name of this row's file ``name``
+        goes (``earlier_temps``): each earlier
         claimant's lease ran out before the row came back, so its fence refuses any further
         chunk or rename of that copy."""
         if not ctx.epoch:
             await self.remove(conn, tmp)
             return
-        for name in earlier_temps(await self.listdir(conn, tmp.parent), ctx.dispatch_id):
-            await self.remove(conn, tmp.parent / name)
+        for stale in earlier_temps(await self.listdir(conn, tmp.parent), ctx.dispatch_id, name):
+            await self.remove(conn, tmp.parent / stale)
