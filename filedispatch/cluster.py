@@ -292,11 +292,8 @@ class Membership:
         except NodeConflictError as exc:
             if self.hold is None:  # no lock of the name to tell whose it is: it is theirs
                 self._lose_name(str(exc))
-            else:
-                # said once, whatever the seconds left (they change at every renewal)
-                if self._unreached != _WAITING_OUT:
-                    log.warning("node %s: %s: %s", self.name, _WAITING_OUT, exc)
-                self._unreached = _WAITING_OUT
+            else:  # said once, whatever the seconds left (they change at every renewal)
+                self._say_unreached(_WAITING_OUT, f"{_WAITING_OUT}: {exc}")
         except ServiceError as exc:  # the name is another node's now (its lock is theirs)
             self._lose_name(str(exc))
         except JournalError as exc:
@@ -308,9 +305,10 @@ class Membership:
                 log.info("node %s: the lease is renewed again", self.name)
             self._unreached = None
 
-    def _say_unreached(self, why: str) -> None:
+    def _say_unreached(self, why: str, text: str | None = None) -> None:
+        """Log ``text`` (``why`` itself by default) unless ``why`` was the last reason said."""
         if self._unreached != why:
-            log.warning("node %s: %s", self.name, why)
+            log.warning("node %s: %s", self.name, text or why)
         self._unreached = why
 
     async def _keep_hold(self, hold: NameLock) -> None:

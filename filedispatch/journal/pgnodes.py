@@ -26,13 +26,16 @@ from .target import PostgresTarget
 
 log = logging.getLogger("filedispatch.journal")
 
+#: the fencing tokens live nodes hold: what another row's or upload's epoch is judged by (one
+#: definition for the requeue below and the S3 upload ledger's orphans)
+LIVE_EPOCHS = "SELECT epoch FROM nodes WHERE lease_until >= now()"
 #: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
 #: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
 ORPHANS = (
     "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
     "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
-    "WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN "
-    "(SELECT epoch FROM nodes WHERE lease_until >= now())) FOR UPDATE SKIP LOCKED)"
+    f"WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN ({LIVE_EPOCHS})) "
+    "FOR UPDATE SKIP LOCKED)"
 )
 #: this node's lease (name, epoch) is live on the database's clock
 ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
@@ -146,8 +149,8 @@ class PgNodes:
         live entry is another process's, even while this one holds the name's lock, and its
         lease is waited out by the caller."""
         started = time.time()
-        mine = [*self._unanswered, started]
         self._unanswered.append(started)  # until an answer says what became of it
+        mine = list(self._unanswered)
 
         async def op(conn: Conn) -> int | NodeConflictError:
             cur = await conn.execute(
