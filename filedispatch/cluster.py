@@ -245,6 +245,20 @@ class Membership:
             if self._expiry is not None:
                 self._expiry.cancel()
 
+    def _take_up(self, sent: float, now: float) -> None:
+        """A renewal sent at ``sent`` (the loop's clock) was answered at ``now``: the lease is
+        held until a lease after the sending."""
+        if now >= sent + self.lease_s:
+            return  # the next renewal is sent at once, and decides
+        if not self.alive.held.is_set():
+            log.info(
+                "node %s: the journal took its renewal in time after all (its answer was "
+                "late): it delivers again, under the same epoch",
+                self.name,
+            )
+        self._held_from(sent)
+        self._forget(sent)
+
     def _lose_name(self, why: str) -> None:
         if self.name_lost is None:
             self.name_lost = why
@@ -259,20 +273,12 @@ class Membership:
             if self.hold is not None:  # its connection can be lost, and the lock with it
                 await self._keep_hold(self.hold)
             renewed = await self.journal.renew()
-            if renewed and not self.holds():
-                # answered after the lease had run out here: other nodes may have found it
-                # dead (its rows requeued, its S3 uploads aborted), so it is never taken up
-                # again; the node joins under a new epoch
-                self._expired()
-                log.warning(
-                    "node %s: its lease was renewed only after it had run out here; joining "
-                    "again under a new epoch",
-                    self.name,
-                )
-                await self.join()
-            elif renewed:
-                self._held_from(sent)
-                self._forget(sent)
+            if renewed:
+                # taken up even when the answer came after the lease had run out here: the
+                # database renews only a lease nobody found dead (journal ``gone``), so no
+                # work or upload of this epoch was taken over meanwhile. The lease is dated
+                # from the sending; an answer later than a whole lease holds nothing
+                self._take_up(sent, loop.time())
             else:
                 self._expired()
                 if self._unreached != _WAITING_OUT:  # else said when the wait began

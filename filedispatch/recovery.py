@@ -251,19 +251,28 @@ async def sweep_uploads(
     ledger files of older versions in ``legacy`` are moved into it), aborted by a task of their
     own in the background: an S3 server that cannot be reached must not hold the start up.
     ``config`` gives the service's current config (a reload counts from the task's next
-    look). ``every_s``: the task looks again that often (a shared journal, whose other nodes
-    may go at any time) while the config has an S3 destination, whether or not one may abort
-    now (a reload may turn ``abort_stale_uploads`` on); None: once. None when there is
-    nothing to do; the caller cancels the task at the stop."""
+    look). ``every_s``: the task looks again that often for the service's whole life (a shared
+    journal, whose other nodes may go at any time), and a reload that brings the first S3
+    destination starts the sweeping within that time; None: once, at the start. None when
+    there is nothing to do; the caller cancels the task at the stop."""
     await import_files(legacy, journal)
-    any_s3 = any(isinstance(s, S3Destination) for r in config().rules for s in r.to)
-    if every_s is None or not any_s3:
+    if every_s is None:
         try:
             if not await journal.orphan_uploads():
                 return None
         except JournalError as exc:
             log.warning("cannot look for unfinished S3 uploads: %s", exc)
             return None
+    return asyncio.create_task(_sweep(journal, config, every_s), name="s3-sweep")
+
+
+async def _sweep(journal: Journal, config: Callable[[], Config], every_s: float | None) -> None:
+    """``sweep_orphans``, once the config has an S3 destination (looked at every ``every_s``
+    seconds): a service that sends nothing to S3 never loads the S3 client."""
+    while every_s is not None and not any(
+        isinstance(s, S3Destination) for r in config().rules for s in r.to
+    ):
+        await asyncio.sleep(every_s)
     from .processors.s3 import sweep_orphans  # aiobotocore only where S3 is used
 
-    return asyncio.create_task(sweep_orphans(journal, config, every_s), name="s3-sweep")
+    await sweep_orphans(journal, config, every_s)

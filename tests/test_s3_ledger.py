@@ -245,11 +245,12 @@ async def test_an_epoch_found_dead_stays_dead_when_its_renewal_comes_late(
     tmp_path: Path, pg_url: str, s3: S3Server
 ) -> None:
     """Node A's renewal is held up (here a lock on its node row; a slow server does the same)
-    from before its lease ends to after. Meanwhile node B finds A's epoch dead: it aborts A's
-    upload and requeues A's row, which it claims. The late renewal must not bring that epoch
-    back: A would be live again beside B on the same row, its upload gone.
+    from before its lease ends to after. While the entry is held, node B leaves it for a later
+    look (a renewal may be about to commit); once it is free, the late renewal must find the
+    lease run out, and B then aborts A's upload and requeues A's row, which it claims.
     Before (v5 review): the renewal's condition was read on now(), the time its transaction
-    began, so it renewed the lease all the same."""
+    began, so it renewed the lease all the same: A live again beside B on the same row, its
+    upload gone."""
     ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "unused.db"}
     config = load_config(remote_config(ws, s3.dest("in/")))
     target = PostgresTarget(pg_url, PASSWORD_ENV)
@@ -266,13 +267,14 @@ async def test_an_epoch_found_dead_stays_dead_when_its_renewal_comes_late(
             await until(lambda: _below(pg_url, "a", 5), 60)
             renewal = asyncio.create_task(a.renew())  # sent with about 5 s of lease left
             await until(lambda: _below(pg_url, "a", -0.5), 60)
-            assert live in await b.orphan_uploads()  # A's epoch is dead on the database
-            await sweep_orphans(b, config)  # so B aborts A's upload
-            assert "in/live.bin" not in s3.uploads()
-            assert await b.renew()  # and requeues A's work in progress, which B claims
-            [[theirs]] = await until(lambda: b.claim(10, time.time()), 30)
+            assert live not in await b.orphan_uploads()  # held: judged later
             locker.rollback()
         renewed = await renewal
+        assert live in await b.orphan_uploads()  # A's epoch is dead on the database
+        await sweep_orphans(b, config)  # so B aborts A's upload
+        assert "in/live.bin" not in s3.uploads()
+        assert await b.renew()  # and requeues A's work in progress, which B claims
+        [[theirs]] = await until(lambda: b.claim(10, time.time()), 30)
         assert theirs.id == mine.id
         claimed = {n.name: n.in_flight for n in await b.nodes() if n.alive}
     assert not renewed, f"A's dead epoch was renewed; in flight per live node: {claimed}"
@@ -313,6 +315,31 @@ def test_abort_stale_uploads_turned_on_by_a_reload_aborts_orphans(
         wait_until(lambda: "reloaded" in svc.log(), 60)
         wait_until(lambda: "in/left.bin" not in s3.uploads(), 60)  # the lease is 2 s
         # by this node, which logs it once the server has answered (the line may trail)
+        wait_until(lambda: "aborted 1 unfinished multipart upload" in svc.log(), 60)
+    finally:
+        assert svc.stop() == 0, svc.log()
+
+
+def test_an_s3_destination_added_by_a_reload_sweeps_orphans(
+    tmp_path: Path, pg_url: str, s3: S3Server
+) -> None:
+    """A node starts with a local folder as its only destination (and no orphan on record);
+    a reload (SIGHUP) gives it an S3 destination with ``abort_stale_uploads: true``; then a
+    node dies with an upload open under that prefix: the orphan is aborted within a few
+    leases, without a restart. Before (w5 review): a node without an S3 destination at its
+    start had no sweep at all, and nothing started one at a reload."""
+    (tmp_path / "inbox").mkdir()
+    config = _node_config(tmp_path, pg_url, "a", str(tmp_path / "out"))
+    svc = ServiceProcess(config, env=cli_env(XDG_STATE_HOME=str(tmp_path / "state"))).start()
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data["rules"] = [{"glob": "*", "to": [s3.dest("in/", abort_stale_uploads=True)]}]
+        config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        svc.signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in svc.log(), 60)
+        left = _upload(s3, "in/left.bin")
+        asyncio.run(_left_by_a_gone_node(pg_url, left))
+        wait_until(lambda: "in/left.bin" not in s3.uploads(), 60)  # the lease is 2 s
         wait_until(lambda: "aborted 1 unfinished multipart upload" in svc.log(), 60)
     finally:
         assert svc.stop() == 0, svc.log()

@@ -26,15 +26,37 @@ from .target import PostgresTarget
 
 log = logging.getLogger("filedispatch.journal")
 
-#: the fencing tokens live nodes hold: what another row's or upload's epoch is judged by (one
-#: definition for the requeue below and the S3 upload ledger's orphans)
-LIVE_EPOCHS = "SELECT epoch FROM nodes WHERE lease_until >= now()"
+
+def gone(column: str) -> str:
+    """The SQL condition that the fencing token in ``column`` (qualified by its table: the
+    condition reads ``nodes``, which has an ``epoch`` of its own) is held by no live node: none at
+    all, or its node's entry gone (the node joined again under a new token, or was forgotten:
+    a token is never handed out twice), or that entry's lease ran out on the database's clock
+    of this moment. One definition for the requeue of rows in progress and the S3 upload
+    ledger's orphans.
+
+    A verdict of "dead" must never be undone by a renewal: whoever acts on it takes over the
+    rows and aborts the uploads of that token. So the entries found dead are share-locked
+    while they are judged: a renewal of one waits for the verdict and then finds the lease run
+    out (``renew`` locks the entry, then reads ``clock_timestamp()``). An entry that a renewal
+    (or a join) holds right now is skipped, judged at the next pass: a renewal that succeeds
+    thus proves that nobody found its token dead, and the node may take it up however late
+    its answer came (``Membership._tick``). A renewal frozen with the entry locked ends with
+    its session after half a lease (``_settings``), so the skip delays a verdict, never for
+    ever."""
+    return (
+        f"({column} IS NULL OR NOT EXISTS (SELECT 1 FROM nodes WHERE nodes.epoch = {column}) "
+        f"OR {column} IN (SELECT epoch FROM nodes WHERE lease_until < clock_timestamp() "
+        "FOR SHARE SKIP LOCKED))"
+    )
+
+
 #: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
 #: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
 ORPHANS = (
     "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
     "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
-    f"WHERE status='IN_PROGRESS' AND (epoch IS NULL OR epoch NOT IN ({LIVE_EPOCHS})) "
+    f"WHERE status='IN_PROGRESS' AND {gone('dispatches.epoch')} "
     "FOR UPDATE SKIP LOCKED)"
 )
 #: this node's lease (name, epoch) is live on the database's clock
@@ -142,12 +164,10 @@ class PgNodes:
         """See ``Journal.join``. The writer's session gets the lease's limits on lock waits,
         and the work of dead nodes is queued for requeueing (neither waited for here).
 
-        A live entry of the name is taken over only when it is this service's own: its epoch
-        is the one this object last joined under (a renewal answered after the lease had run
-        out here, see ``Membership._tick``), or its ``started`` is the stamp of one of this
-        object's joins that got no answer (the connection cut after the COMMIT). Any other
-        live entry is another process's, even while this one holds the name's lock, and its
-        lease is waited out by the caller."""
+        A live entry of the name is taken over only when it is this service's own: its
+        ``started`` is the stamp of one of this object's joins that got no answer (the
+        connection cut after the COMMIT). Any other live entry is another process's, even
+        while this one holds the name's lock, and its lease is waited out by the caller."""
         started = time.time()
         self._unanswered.append(started)  # until an answer says what became of it
         mine = list(self._unanswered)
@@ -160,8 +180,8 @@ class PgNodes:
                 "epoch=EXCLUDED.epoch, started=EXCLUDED.started, lease_s=EXCLUDED.lease_s, "
                 "renewed=EXCLUDED.renewed, lease_until=EXCLUDED.lease_until "
                 "WHERE nodes.lease_until < now() OR nodes.started = ANY(%s::float8[]) "
-                "OR nodes.epoch = %s RETURNING epoch",
-                (node, started, lease_s, lease_s, mine, self.epoch),
+                "RETURNING epoch",
+                (node, started, lease_s, lease_s, mine),
             )
             row = await cur.fetchone()
             if row is not None:

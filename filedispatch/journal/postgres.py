@@ -37,7 +37,7 @@ from .pgconn import (
     pg,
     stat_text,
 )
-from .pgnodes import ALIVE, LIVE_EPOCHS, ORPHANS, PgNodes
+from .pgnodes import ALIVE, ORPHANS, PgNodes, gone
 from .pgupkeep import PgUpkeep
 from .reads import COLUMNS, DELIVERED_DIGEST, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
@@ -133,8 +133,8 @@ class PostgresJournal(PgUpkeep, SqlReads, UploadRecords):
 
     dialect = POSTGRES
     #: an upload is an orphan once no live node holds its epoch: its node's lease ran out, or
-    #: the node joined again since (the same test as ``ORPHANS`` for the rows in progress)
-    _GONE = f"epoch NOT IN ({LIVE_EPOCHS})"
+    #: the node joined again since (``gone``: the same verdict as for the rows in progress)
+    _GONE = gone("uploads.epoch")
 
     def __init__(self, target: PostgresTarget, conn: Conn, pool: AsyncConnectionPool) -> None:
         super().__init__(target, conn, pool)
