@@ -7,10 +7,12 @@ the password and holds no connection itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,9 +56,28 @@ def conninfo(target: PostgresTarget) -> str:
     )
 
 
-async def connect(target: PostgresTarget) -> Conn:
-    """A new autocommit connection; raises psycopg's errors."""
-    return await psycopg.AsyncConnection.connect(conninfo(target), autocommit=True)
+async def connect(target: PostgresTarget, resolver: Executor | None = None) -> Conn:
+    """A new autocommit connection; raises psycopg's errors (OSError too, from the look-up).
+
+    psycopg looks a host name up in the loop's default executor, where slow copies may hold
+    every thread for longer than a lease. With ``resolver`` the names are looked up there
+    instead (libpq's own order of attempts: each host, each of its addresses), and psycopg
+    is handed the addresses."""
+    info = conninfo(target)
+    if resolver is None:
+        return await psycopg.AsyncConnection.connect(info, autocommit=True)
+    loop = asyncio.get_running_loop()
+    params = psycopg.conninfo.conninfo_to_dict(info)
+    attempts = await loop.run_in_executor(resolver, psycopg.conninfo.conninfo_attempts, params)
+    failed: psycopg.OperationalError | None = None
+    for attempt in attempts:
+        try:
+            return await psycopg.AsyncConnection.connect(
+                psycopg.conninfo.make_conninfo("", **attempt), autocommit=True
+            )
+        except psycopg.OperationalError as exc:
+            failed = exc
+    raise failed or psycopg.OperationalError(f"no address to connect to {target.shown}")
 
 
 async def configure(conn: Conn) -> None:

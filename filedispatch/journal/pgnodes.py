@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -105,11 +106,15 @@ class PgNodes:
         self.shared: frozenset[str] = frozenset()
         #: the ``started`` stamps of this object's joins that got no answer (see ``join``)
         self._unanswered: list[float] = []
+        #: the database's host name is looked up here, never behind the slow copies that can
+        #: fill the loop's default executor for longer than a lease
+        self._resolver = ThreadPoolExecutor(1, thread_name_prefix="lease look-up")
 
     async def close(self) -> None:
         """Close the lease connection (the leases themselves are ended by ``leave``)."""
         async with self._turn:
             await self._drop()
+        self._resolver.shutdown(wait=False)
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -129,7 +134,7 @@ class PgNodes:
                 async with asyncio.timeout(max(deadline, 1.0) + 1.0):
                     conn = self._conn
                     if conn is None or conn.closed:
-                        conn = self._conn = await connect(self.target)
+                        conn = self._conn = await connect(self.target, self._resolver)
                         await self._settings(conn)
                     async with conn.transaction():
                         return await op(conn)
