@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def first_completed(*aws: Awaitable[Any], timeout: float | None = None) -> None:
@@ -43,3 +45,39 @@ async def in_background(work: Coroutine[Any, Any, None], name: str) -> AsyncIter
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def settle(*futures: asyncio.Future[Any] | None) -> None:
+    """Wait until every future given (None: skipped) is done, however often this wait is
+    cancelled meanwhile; then raise CancelledError if it was. For work that must not go on
+    behind its caller's back: a read whose descriptor is about to be closed, a hash whose
+    digest is about to be read, a copy in a thread that could still rename."""
+    unfinished = [f for f in futures if f is not None and not f.done()]
+    cancelled = False
+    while unfinished:
+        try:
+            await asyncio.wait(unfinished)
+        except asyncio.CancelledError:
+            cancelled = True
+        unfinished = [f for f in unfinished if not f.done()]
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def thread_to_its_end(call_off: Callable[[], None], func: Callable[[], T]) -> T:
+    """``func()`` in a worker thread (``asyncio.to_thread``). A cancellation (a step's
+    timeout, the stop) cannot stop a thread: it calls ``call_off()`` (which the thread is to
+    notice at its next check) and waits for the thread to end before it is passed on, so
+    nothing the thread does lands after its caller has moved on (a retry, a clean-up).
+    What the thread raised or returned then is dropped."""
+    fut = asyncio.ensure_future(asyncio.to_thread(func))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        call_off()
+        try:
+            await settle(fut)
+        finally:
+            if not fut.cancelled():
+                fut.exception()  # seen: the caller was cancelled, the outcome is moot
+        raise

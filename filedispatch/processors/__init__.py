@@ -8,9 +8,11 @@ journal and never removes the source: the dispatcher owns both.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib
 import json
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import SecretStr
 
+from ..errors import TransientDeliveryError
 from ..models import FileVersion, Outcome
 
 if TYPE_CHECKING:
@@ -72,6 +75,21 @@ class StepContext:
     @property
     def source(self) -> str:
         return self.version.source
+
+
+def called_off(ctx: StepContext, off: threading.Event) -> StepContext:
+    """``ctx`` whose fence also raises TransientDeliveryError once ``off`` is set: a delivery
+    that runs in a worker thread, whose caller was cancelled (a step's timeout, the stop) and
+    waits for it to end (``asyncutil.thread_to_its_end``). The copy then stops at its next
+    chunk, or short of its rename, and removes its temporary file."""
+    fence = ctx.fence
+
+    def fence_or_off() -> None:
+        fence()  # first: it may wait (a test holds a delivery there)
+        if off.is_set():
+            raise TransientDeliveryError("called off: the step timed out, or the service stops")
+
+    return dataclasses.replace(ctx, fence=fence_or_off)
 
 
 class Processor(Protocol):

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import fastpath, sourcefile
+from ..asyncutil import thread_to_its_end
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -27,7 +30,7 @@ from ..errors import (
     TransientDeliveryError,
 )
 from ..models import NAME_TAKEN, FileVersion, Outcome
-from . import MoveUnavailable, Resources, StepContext
+from . import MoveUnavailable, Resources, StepContext, called_off
 from .common import (
     TMP_PREFIX,
     candidates,
@@ -103,7 +106,12 @@ class LocalProcessor:
                 return self.move_now(ctx)
             except MoveUnavailable:
                 pass
-        return await asyncio.to_thread(self._deliver, ctx, rel)
+        # a step's timeout or the stop cannot end the thread: it is called off (its fence
+        # refuses the next chunk and the rename, and the copy is removed) and waited for, so
+        # no retry writes or removes the same temporary name while it could still rename
+        off = threading.Event()
+        run = called_off(ctx, off)
+        return await thread_to_its_end(off.set, functools.partial(self._deliver, run, rel))
 
     # -- the synchronous part, run inline (links) or in a thread (copies)
 
@@ -171,7 +179,7 @@ class LocalProcessor:
         fd, st = open_input(ctx)
         try:
             tmp = final_dir / temp_name(ctx.dispatch_id, rel.name, ctx.epoch)
-            out = self._copy(fd, st, tmp, ctx.throttle)
+            out = self._copy(fd, st, tmp, ctx.throttle, ctx.fence)
             try:
                 self._verify(fd, out, st, tmp)
             except BaseException:
@@ -294,12 +302,12 @@ class LocalProcessor:
             ) from None
         try:
             try:
-                st = self._check_name(version, dirfd, name)
+                st = _check_name(version, dirfd, name)
             except SourceVanishedError:
                 if parent or not self._source_replaced(version.root):
                     raise
                 dirfd = top = self._source_dir(version.root, fresh=True)
-                st = self._check_name(version, dirfd, name)
+                st = _check_name(version, dirfd, name)
             try:
                 try:
                     put(name, f"{root}/{rel}", dirfd)  # the usual case: the name is free
@@ -332,28 +340,6 @@ class LocalProcessor:
         return kept is None or (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino)
 
     @staticmethod
-    def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
-        """The planned version at ``name`` in ``dirfd``, looked at: never opened, never followed."""
-        try:
-            st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise SourceVanishedError(
-                f"the file {version.path} vanished before it could be sent"
-            ) from None
-        except OSError as exc:
-            raise PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror}") from exc
-        if stat.S_ISLNK(st.st_mode):  # followed within the source by the copying path
-            raise MoveUnavailable(f"{version.relpath} is a symbolic link", this_file=True)
-        if not stat.S_ISREG(st.st_mode):
-            raise SourceVanishedError(f"{version.relpath} is no longer a regular file: not moved")
-        if not version.same_file(st):
-            raise SourceVanishedError(
-                f"{version.relpath} changed after it was seen; its new version is dispatched "
-                "on its own"
-            )
-        return st
-
-    @staticmethod
     def _check_moved(
         version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
     ) -> None:
@@ -371,12 +357,18 @@ class LocalProcessor:
         )
 
     def _copy(
-        self, fd: int, st: os.stat_result, tmp: Path, throttle: Throttle | None = None
+        self,
+        fd: int,
+        st: os.stat_result,
+        tmp: Path,
+        throttle: Throttle | None = None,
+        check: Callable[[], None] | None = None,
     ) -> int:
         """Copy ``fd`` to ``tmp`` (mode, mtime and holes kept, see ``copy_data``); returns the
         copy's fd, still open and not flushed. Removes ``tmp`` and raises if the source changed
-        while it was read. ``throttle``: the bytes are paid for as they are written (no
-        reflink then: the limit holds for every copy)."""
+        while it was read, or if ``check`` (a step's fence) raises before a chunk.
+        ``throttle``: the bytes are paid for as they are written (no reflink then: the limit
+        holds for every copy)."""
         mode = self.dest.file_mode
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
@@ -390,7 +382,7 @@ class LocalProcessor:
             if cloned is None:
                 self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
             if not cloned:
-                copy_data(fd, out, st, throttle=throttle)
+                copy_data(fd, out, st, throttle=throttle, check=check)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -472,12 +464,34 @@ _NO_KERNEL_COPY = {
 COPY_WAYS = ("copy_file_range", "sendfile", "read/write")
 
 
+def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
+    """The planned version at ``name`` in ``dirfd``, looked at: never opened, never followed."""
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise SourceVanishedError(
+            f"the file {version.path} vanished before it could be sent"
+        ) from None
+    except OSError as exc:
+        raise PermanentDeliveryError(f"cannot read {version.path}: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode):  # followed within the source by the copying path
+        raise MoveUnavailable(f"{version.relpath} is a symbolic link", this_file=True)
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceVanishedError(f"{version.relpath} is no longer a regular file: not moved")
+    if not version.same_file(st):
+        raise SourceVanishedError(
+            f"{version.relpath} changed after it was seen; its new version is dispatched on its own"
+        )
+    return st
+
+
 def copy_data(
     src: int,
     dst: int,
     st: os.stat_result,
     first: int | None = None,
     throttle: Throttle | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Copy the ``st.st_size`` bytes of the open file ``src`` to ``dst`` (empty, open for
     writing), by the kernel where it can, keeping holes as holes.
@@ -491,8 +505,9 @@ def copy_data(
     while it is read ends the copy early; the caller's check of size and mtime then refuses
     the copy. ``throttle`` (a destination's bandwidth): each piece, then at most
     ``throttle.chunk`` bytes, is paid for before it is copied (this runs in a worker thread:
-    ``take_blocking``). OSError on a failed read or write; TransientDeliveryError when the
-    delivery ends while it waits for bandwidth.
+    ``take_blocking``). ``check`` is called before each piece (a step's fence: it raises to
+    end the copy). OSError on a failed read or write; TransientDeliveryError when the
+    delivery ends while it waits for bandwidth; what ``check`` raises.
     """
     size = st.st_size
     if size == 0:
@@ -508,6 +523,8 @@ def copy_data(
         pos = start
         while pos < stop:
             count = min(stop - pos, most)
+            if check is not None:
+                check()
             if throttle is not None and paid < count:
                 throttle.take_blocking(count - paid)
                 paid = count

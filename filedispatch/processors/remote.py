@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from .. import fastpath, sourcefile
+from ..asyncutil import settle
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import (
     DeliveryError,
@@ -210,16 +211,7 @@ async def copy_to(
         # the digest is read. Not cut short by a second cancellation (aiohttp cancels a
         # request's writer from more than one place once the answer is in): the digest
         # of a delivery the server confirmed would be recorded without its last chunk
-        unfinished = [f for f in (pending, hashing) if f is not None and not f.done()]
-        cancelled = False
-        while unfinished:
-            try:
-                await asyncio.wait(unfinished)
-            except asyncio.CancelledError:
-                cancelled = True
-            unfinished = [f for f in unfinished if not f.done()]
-        if cancelled:
-            raise asyncio.CancelledError
+        await settle(pending, hashing)
     if offset != size:
         raise SourceVanishedError("the file shrank while it was sent")
 
