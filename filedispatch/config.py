@@ -589,6 +589,12 @@ class S3Destination(_UrlStep):
             parts = _remote_url(value, ("http", "https"))
             if parts.username or parts.password:
                 raise ValueError("give credentials as access_key_id and secret_access_key")
+            if parts.query or parts.fragment:  # S3 has no use for one, and botocore's own
+                # errors quote the endpoint whole, a token in its query with it
+                raise ValueError(
+                    "an endpoint takes no ?query or #fragment: give credentials as "
+                    "access_key_id and secret_access_key"
+                )
         return value
 
     @field_validator("metadata", "tags")

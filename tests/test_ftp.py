@@ -435,3 +435,73 @@ def test_a_transfer_the_server_breaks_off_is_classified_by_its_reply(
         assert files_under(server.root) == {}
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ a folder anyone writes in
+
+
+def _resume_into(tmp_path: Path, server: FtpServer) -> Any:
+    """Resume row 7 under claim 5 (a node of several took it over), delivering inbox/a.txt to
+    ``server``'s /in/: the outcome, or the exception the delivery raised. A resume lists the
+    folder to remove what earlier claims of the row left."""
+    import asyncio
+
+    from filedispatch.config import load_config
+    from filedispatch.models import FileVersion
+    from filedispatch.processors import Registry, StepContext
+
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    config = load_config(remote_config(ws, {"url": server.url("/in/")}))
+    source = config.sources[0]
+    src = old_file(ws["inbox"] / "a.txt", b"the file")
+    version = FileVersion.from_stat(source.key, source.path, "a.txt", os.stat(src))
+    ctx = StepContext(7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, epoch=5)
+
+    async def run() -> Any:
+        registry = Registry()
+        try:
+            return await registry.get(config.rules[0].to[0]).deliver(ctx)
+        except Exception as exc:
+            return exc
+        finally:
+            await registry.aclose()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("name", "without"),
+    [
+        (os.fsdecode(b"caf\xe9.txt"), ()),  # Latin-1 from an old client, over MLSD
+        (os.fsdecode(b"caf\xe9.txt"), ("MLSD",)),  # the same over LIST (vsftpd has no MLSD)
+        ("two\nlines.txt", ("MLSD",)),  # a line break: a LIST line no parser reads
+    ],
+    ids=["latin-1-mlsd", "latin-1-list", "line-break-list"],
+)
+def test_a_name_aioftp_cannot_read_does_not_stop_a_resumed_delivery(
+    tmp_path: Path, name: str, without: tuple[str, ...]
+) -> None:
+    """Someone else's file in the destination folder has a name aioftp cannot read from the
+    listing (the server sends it as the bytes it is, as vsftpd and ProFTPD do). A resumed
+    delivery lists the folder to remove an earlier claim's temporary file: the file is still
+    delivered, and the earlier claim's copy removed. Before (a6 review): aioftp's
+    UnicodeDecodeError or ValueError ended the delivery, and every retry alike (each a resume
+    that lists again), until the row was FAILED."""
+    from filedispatch.processors.common import temp_name
+
+    out = tmp_path / "root" / "in"
+    out.mkdir(parents=True)
+    (out / name).write_bytes(b"someone else's")
+    earlier = temp_name(7, "a.txt", 2)
+    (out / earlier).write_bytes(b"half")
+    server = FtpServer(
+        tmp_path / "root", overrides={"unicode_errors": "surrogateescape"}, without=without
+    )
+    try:
+        outcome = _resume_into(tmp_path, server)
+    finally:
+        server.stop()
+    assert not isinstance(outcome, BaseException), f"the resumed delivery failed: {outcome!r}"
+    assert (out / "a.txt").read_bytes() == b"the file"
+    assert not (out / earlier).exists()
+    assert (out / name).read_bytes() == b"someone else's"

@@ -540,3 +540,27 @@ def test_verify_sha256_takes_the_checksum_the_server_stored(
     assert sent == [("PUT", True)]  # the checksum in the answer sufficed: no HEAD
     put = next(h for m, p, h in front.seen if m == "PUT")
     assert put["x-amz-checksum-sha256"] == base64.b64encode(bytes.fromhex(sha256_of(src))).decode()
+
+
+def test_a_credential_in_an_s3_endpoints_query_is_refused_and_never_echoed(
+    tmp_path: Path,
+) -> None:
+    """``endpoint_url: http://host:port/?token=...``. Before (a6 review): the config took it,
+    botocore refused the URL at the first request with a message quoting it whole, and that
+    message went to the log at ERROR and into the journal's reason (so the API and the
+    dashboard). Now the config is refused: exit 2, the field named, the token never shown."""
+    token = "SEKRETTOKEN-a6"
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    step = {
+        "url": "s3://inbox-bucket/in/",
+        "endpoint_url": f"http://127.0.0.1:9/?token={token}",
+        "access_key_id": "AKIDA6",
+        "secret_access_key": "a6-secret-key",
+    }
+    config = remote_config(ws, step)
+    for args in (["check"], ["--once"]):
+        done = run_cli("-c", config, *args)
+        said = done.stdout + done.stderr
+        assert done.returncode == 2, said
+        assert "endpoint_url" in said and "takes no ?query" in said, said
+        assert token not in said and "Traceback" not in said, said

@@ -49,6 +49,25 @@ class _Client(aioftp.Client):
             self.binary = True
         return result
 
+    # A folder we list may hold anyone's names: one the server sends in another encoding than
+    # UTF-8 (an old client's Latin-1), or a line no parser reads (a name with a line break in
+    # a LIST answer, a header like ``total 8``). aioftp raises on such a line, which would end
+    # the listing half read and the delivery with it (every retry alike). Such a line is none
+    # of ours (we send UTF-8 names without line breaks): it is passed over, as aioftp passes
+    # over ``.`` and ``..``.
+
+    def parse_mlsx_line(self, b: bytes | str) -> tuple[PurePosixPath, Any]:
+        try:
+            return super().parse_mlsx_line(b)
+        except ValueError:  # UnicodeDecodeError among them
+            return PurePosixPath("."), {"type": "unreadable"}
+
+    def parse_list_line(self, b: bytes) -> tuple[PurePosixPath, Any]:
+        try:
+            return super().parse_list_line(b)
+        except ValueError:
+            return PurePosixPath("."), {"type": "unreadable"}
+
 
 class FtpProcessor(RemoteProcessor[aioftp.Client]):
     """Delivers into one folder of one FTP server."""

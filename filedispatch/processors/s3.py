@@ -666,28 +666,34 @@ class _Sweeper:
         return unreachable
 
     async def _abort(self, upload: OpenUpload) -> tuple[bool, bool]:
-        """(gone, a server failed) for one orphan, through the first destination covering it."""
+        """(gone, a server failed) for one orphan, through the destinations covering it in
+        turn, until one can (two may cover it with different credentials, one of them
+        refused)."""
+        covered = transient = False
         for p in self.processors:
             try:
                 if not await p.abort_orphan(upload):
                     continue
             except DeliveryError as exc:
-                transient = isinstance(exc, TransientDeliveryError)
+                covered = True
+                transient |= isinstance(exc, TransientDeliveryError)
                 self.say(
                     f"{p.display}: cannot abort the unfinished upload of {upload.key} a run "
-                    f"that is gone left (tried again{'' if transient else ' at the next look'})"
+                    "that is gone left (tried again"
+                    f"{'' if isinstance(exc, TransientDeliveryError) else ' at the next look'})"
                     f": {exc}"
                 )
-                return False, transient
+                continue
             log.info(
                 "%s: aborted 1 unfinished multipart upload a run that is gone left: %s",
                 p.display,
                 upload.key,
             )
             return True, False
-        self.say(
-            f"an unfinished upload of {upload.key} to s3://{upload.bucket} a run that is gone "
-            "left is under no configured destination with abort_stale_uploads now: left in "
-            "the journal's ledger"
-        )
-        return False, False
+        if not covered:
+            self.say(
+                f"an unfinished upload of {upload.key} to s3://{upload.bucket} a run that is "
+                "gone left is under no configured destination with abort_stale_uploads now: "
+                "left in the journal's ledger"
+            )
+        return False, transient
