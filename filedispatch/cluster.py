@@ -220,8 +220,9 @@ class Membership:
             self.lost += 1
             log.error(
                 "node %s: its lease (%gs) was not renewed in time (the journal did not answer): "
-                "it stops delivering and listing; its work goes back to the queue for the "
-                "other nodes, and its late outcomes will be refused",
+                "it stops delivering and listing; unless a late answer shows the journal "
+                "renewed it, its work goes back to the queue for the other nodes, and its late "
+                "outcomes will be refused",
                 self.name,
                 self.lease_s,
             )

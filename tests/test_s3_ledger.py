@@ -343,3 +343,31 @@ def test_an_s3_destination_added_by_a_reload_sweeps_orphans(
         wait_until(lambda: "aborted 1 unfinished multipart upload" in svc.log(), 60)
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+async def test_an_orphan_is_aborted_by_the_destination_that_can_when_another_covering_it_cannot(
+    tmp_path: Path,
+) -> None:
+    """Two S3 destinations with the same endpoint, bucket and prefix cover a gone run's upload,
+    the first with credentials that no longer work (rotated away: 403), the second with good
+    ones: the sweep aborts the upload through the one that can. Before (a6 review): it tried
+    only the first covering destination, and the upload stayed open, billed."""
+    s3 = S3Server(tmp_path / "s3", auth=True)
+    try:
+        left = _upload(s3, "in/left.bin")
+        db = tmp_path / "journal.db"
+        async with open_journal(db) as before:  # a run that began it and is gone
+            await before.join("a", 1.0)
+            await before.record_uploads([left])
+            await before.leave()
+        ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": db}
+        stale = s3.dest("in/", secret_access_key="a-key-rotated-away")
+        config = load_config(remote_config(ws, stale, s3.dest("in/")))
+        async with open_journal(db) as journal:
+            await journal.join("b", 30.0)
+            assert await journal.orphan_uploads() == [left]
+            await sweep_orphans(journal, config)
+            assert s3.uploads() == [], "the orphan is still open on the server"
+            assert await journal.orphan_uploads() == []
+    finally:
+        s3.stop()

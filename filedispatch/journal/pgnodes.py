@@ -52,13 +52,18 @@ def gone(column: str) -> str:
     )
 
 
-#: rows IN_PROGRESS under a fencing token no live node holds go back to the queue (rows another
+#: rows IN_PROGRESS under a fencing token no live node holds, locked (rows another
 #: transaction holds are left for the next pass: no waiting, no deadlock between reapers)
 ORPHANS = (
+    "SELECT id FROM dispatches "
+    f"WHERE status='IN_PROGRESS' AND {gone('dispatches.epoch')} FOR UPDATE SKIP LOCKED"
+)
+#: ... go back to the queue, judged again on a snapshot taken once they are locked (``%s``:
+#: their ids)
+REQUEUE = (
     "UPDATE dispatches SET status='PENDING', next_attempt=0, epoch=NULL, "
-    "detail='resumed after an interruption' WHERE id IN (SELECT id FROM dispatches "
-    f"WHERE status='IN_PROGRESS' AND {gone('dispatches.epoch')} "
-    "FOR UPDATE SKIP LOCKED)"
+    "detail='resumed after an interruption' "
+    f"WHERE id = ANY(%s) AND status='IN_PROGRESS' AND {gone('dispatches.epoch')}"
 )
 #: this node's lease (name, epoch) is live on the database's clock
 ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
@@ -70,8 +75,18 @@ _FIRST_DEADLINE_S = 10.0
 
 async def requeue_orphans(conn: Conn) -> int:
     """The writer's half of a renewal: the work of nodes whose lease ran out, PENDING again;
-    how many rows."""
+    how many rows.
+
+    Two statements, for a row changed while the first ran (another node's join requeued it,
+    and that node claimed it under its new epoch): the first locks it and judges its new
+    epoch again, but in its own snapshot, taken before that node had joined, which has no
+    entry for the epoch ("no entry: dead"). The second judges the locked rows on a snapshot
+    of its own, in which every claim of them and the join before it are committed."""
     cur = await conn.execute(ORPHANS)
+    ids = [int(i) for (i,) in await cur.fetchall()]
+    if not ids:
+        return 0
+    cur = await conn.execute(REQUEUE, (ids,))
     return max(cur.rowcount, 0)
 
 
@@ -103,6 +118,8 @@ class PgNodes:
         self.node: str | None = None  #: this service's node name, once joined
         self.epoch: int | None = None  #: its fencing token, new at each join
         self.lease_s = 0.0
+        #: the lease the connection's limits on the server are for (``_settings``)
+        self._limits_s = 0.0
         self.shared: frozenset[str] = frozenset()
         #: the ``started`` stamps of this object's joins that got no answer (see ``join``)
         self._unanswered: list[float] = []
@@ -146,8 +163,9 @@ class PgNodes:
     async def _settings(self, conn: Conn) -> None:
         """A lease statement waits at most a third of a lease, for a lock or for anything; a
         frozen node's open transaction is ended after half a lease, as the writer's is."""
-        if self.lease_s:
-            wait, idle = max(200, int(self.lease_s * 1000 / 3)), max(500, int(self.lease_s * 500))
+        if self._limits_s:
+            lease_ms = self._limits_s * 1000
+            wait, idle = max(200, int(lease_ms / 3)), max(500, int(lease_ms / 2))
             await conn.execute(
                 "SELECT set_config('statement_timeout', %s, false), "
                 "set_config('lock_timeout', %s, false), "
@@ -204,14 +222,15 @@ class PgNodes:
                 left,
             )
 
+        if lease_s != self._limits_s:  # the connection's limits follow the lease, from the
+            self._limits_s = lease_s  # first join on: a join frozen with the entry locked
+            async with self._turn:  # must not hide a dead epoch from every verdict for ever
+                await self._drop()
         epoch = await self._run(op)  # JournalError: no answer, the stamp is kept
         self._unanswered.clear()  # answered: no entry of ours is on record but this one
         if not isinstance(epoch, int):
             raise epoch
-        if lease_s != self.lease_s:  # the lease connection's limits follow the lease
-            self.lease_s = lease_s
-            async with self._turn:
-                await self._drop()
+        self.lease_s = lease_s
         self.node, self.epoch, self.shared = node, epoch, shared
 
         async def writer_limits(conn: Conn) -> None:
@@ -366,7 +385,10 @@ class PgNodes:
 #: every node, with its live listings, its rows in flight and the rows only it may run (the
 #: PENDING rows of its unshared sources)
 NODES = (
-    "SELECT n.name, n.lease_until >= now(), n.lease_s, "
+    # alive: not found dead by the one verdict (``gone``), so an entry whose renewal the
+    # database is taking right now counts as alive (a node starting then is not told it is
+    # alone, and removes no copy of it in progress)
+    f"SELECT n.name, NOT {gone('n.epoch')}, n.lease_s, "
     "EXTRACT(EPOCH FROM now() - n.renewed)::float8, n.started, "
     "ARRAY(SELECT l.source FROM listings l WHERE l.epoch = n.epoch "
     "AND l.lease_until >= now() ORDER BY l.source), "

@@ -37,7 +37,7 @@ from .pgconn import (
     pg,
     stat_text,
 )
-from .pgnodes import ALIVE, ORPHANS, PgNodes, gone
+from .pgnodes import ALIVE, PgNodes, gone, requeue_orphans
 from .pgupkeep import PgUpkeep
 from .reads import COLUMNS, DELIVERED_DIGEST, POSTGRES, SqlReads, claimed_groups, row_dispatch
 from .target import PostgresTarget
@@ -320,11 +320,7 @@ class PostgresJournal(PgUpkeep, SqlReads, UploadRecords):
     def resume_interrupted(self) -> asyncio.Future[int]:
         """At start-up: rows a crash left IN_PROGRESS become PENDING again, due at once."""
 
-        async def op(conn: Conn) -> int:
-            cur = await conn.execute(ORPHANS)
-            return max(cur.rowcount, 0)
-
-        return self._enqueue(op)
+        return self._enqueue(requeue_orphans)
 
     # ------------------------------------------------------------------ nodes and leases
 
