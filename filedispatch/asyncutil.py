@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -64,20 +65,52 @@ async def settle(*futures: asyncio.Future[Any] | None) -> None:
         raise asyncio.CancelledError
 
 
-async def thread_to_its_end(call_off: Callable[[], None], func: Callable[[], T]) -> T:
-    """``func()`` in a worker thread (``asyncio.to_thread``). A cancellation (a step's
-    timeout, the stop) cannot stop a thread: it calls ``call_off()`` (which the thread is to
-    notice at its next check) and waits for the thread to end before it is passed on, so
-    nothing the thread does lands after its caller has moved on (a retry, a clean-up).
-    What the thread raised or returned then is dropped."""
-    fut = asyncio.ensure_future(asyncio.to_thread(func))
+async def thread_to_its_end(
+    off: threading.Event,
+    func: Callable[[], T],
+    patience_s: float,
+    stuck: Callable[[asyncio.Future[T]], None] | None = None,
+) -> T:
+    """``func()`` in a worker thread (``asyncio.to_thread``), for work that must not go on
+    behind its caller's back. A cancellation (a step's timeout, the stop) cannot stop a
+    thread: it sets ``off`` (which ``func`` is to notice at its next check) and waits for the
+    thread to end before it is passed on, so that nothing the thread does lands after its
+    caller has moved on (a retry, a clean-up). A thread that has not started yet never runs
+    ``func``, and is not waited for. The wait is ``patience_s`` at most: a thread stuck in a
+    system call (a hung disk or network mount) would hold the stop and the worker for as long
+    as that lasts; ``stuck(future)`` is told then (the future is done once the thread is), and
+    the cancellation goes on. What the thread raised or returned after a cancellation is
+    dropped."""
+    started = threading.Event()
+
+    def run() -> T:
+        started.set()  # before looking at off: see below
+        if off.is_set():
+            raise CalledOff
+        return func()
+
+    fut = asyncio.ensure_future(asyncio.to_thread(run))
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
-        call_off()
-        try:
-            await settle(fut)
-        finally:
-            if not fut.cancelled():
-                fut.exception()  # seen: the caller was cancelled, the outcome is moot
+        off.set()
+        # the thread has started (and may be inside func) or, if it starts now, it sees off
+        if started.is_set():
+            loop = asyncio.get_running_loop()
+            until = loop.time() + patience_s
+            while not fut.done() and (left := until - loop.time()) > 0:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([fut], timeout=left)
+            if not fut.done() and stuck is not None:
+                stuck(fut)
+        fut.add_done_callback(_seen)  # the outcome is moot: the caller was cancelled
         raise
+
+
+class CalledOff(Exception):
+    """Raised in the thread of ``thread_to_its_end`` that was called off before it began."""
+
+
+def _seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

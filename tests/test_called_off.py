@@ -11,18 +11,26 @@ it) to make the moment deterministic."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
+import select
+import struct
 import threading
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from filedispatch.config import load_config
 from filedispatch.models import FileVersion, Outcome
-from filedispatch.processors import Registry, StepContext, called_off
+from filedispatch.processors import Registry, StepContext
 
+from .conftest import ServiceProcess, old, wait_until
+from .pgcluster import PASSWORD
 from .servers import old_file, remote_config
+from .test_cluster import _node_config
 
 
 def _setup(tmp_path: Path, data: bytes) -> tuple[Any, FileVersion, Path, Path]:
@@ -78,18 +86,214 @@ async def test_a_timed_out_local_copy_ends_with_its_thread_and_publishes_nothing
     assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
 
 
-def test_a_called_off_batch_publishes_nothing_and_leaves_no_temporary(tmp_path: Path) -> None:
+async def test_a_cancelled_batch_publishes_nothing_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
     """The batch lane's copies (``copy_batch``, one thread for many small files) are called
-    off the same way: a batch called off before its renames leaves nothing behind."""
+    off the same way: a batch cancelled with its copy whole, short of its rename, ends once
+    its thread has, and leaves nothing behind."""
     config, version, src, out = _setup(tmp_path, b"small")
+    at_rename, go_on = threading.Event(), threading.Event()
+
+    def held() -> None:
+        at_rename.set()
+        go_on.wait(60)
+
     registry = Registry()
     processor = registry.get(config.rules[0].to[0])
-    off = threading.Event()
-    off.set()
-    base = StepContext(7, version, src, "r", 0, 1, tmp_path / "work")
+    ctx = StepContext(7, version, src, "r", 0, 1, tmp_path / "work", fence=held)
     try:
-        [outcome] = processor.copy_batch([called_off(base, off)])  # type: ignore[attr-defined]
+        batch = asyncio.create_task(processor.copy_batch([ctx]))  # type: ignore[attr-defined]
+        await asyncio.to_thread(at_rename.wait, 60)
+        batch.cancel()
+        for _ in range(20):  # let the cancellation reach the batch (loop turns, no clock)
+            await asyncio.sleep(0)
+        ended_early = batch.done()
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
     finally:
-        asyncio.run(registry.aclose())
-    assert "called off" in str(outcome)
-    assert not out.exists() or list(out.iterdir()) == []
+        go_on.set()
+        await registry.aclose()
+    assert not ended_early, "the cancelled batch ended while its thread could still rename"
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+class _OpenGate:
+    """fanotify permission events on a folder: each open of a file in it waits until the
+    test allows it, as an open or a write waits on a hung NFS or SMB mount (the kernel's own
+    mechanism, no stand-in for the processor's code; needs CAP_SYS_ADMIN, else skipped)."""
+
+    def __init__(self, folder: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [
+            ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p
+        ]  # fmt: skip
+        self.fd = libc.fanotify_init(0x4 | 0x1, os.O_RDONLY)  # FAN_CLASS_CONTENT, CLOEXEC
+        if self.fd < 0:
+            pytest.skip(f"fanotify: {os.strerror(ctypes.get_errno())}")
+        # FAN_OPEN_PERM on the folder's files (FAN_EVENT_ON_CHILD); AT_FDCWD
+        if libc.fanotify_mark(self.fd, 0x1, 0x10000 | 0x08000000, -100, bytes(folder)) != 0:
+            os.close(self.fd)
+            pytest.skip(f"fanotify_mark: {os.strerror(ctypes.get_errno())}")
+        self.held = threading.Event()  # an open waits at the gate
+        self._lock = threading.Lock()
+        self._open = False
+        self._pending: list[int] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _answer(self, efd: int) -> None:
+        os.write(self.fd, struct.pack("iI", efd, 0x01))  # FAN_ALLOW
+        os.close(efd)
+
+    def _serve(self) -> None:
+        while not self._stop:
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
+            buf = os.read(self.fd, 4096)
+            at = 0
+            while at < len(buf):
+                size, _, _, _, _, efd, _ = struct.unpack_from("IBBHQii", buf, at)
+                at += size
+                with self._lock:
+                    if self._open:
+                        self._answer(efd)
+                    else:
+                        self._pending.append(efd)
+                        self.held.set()
+
+    def release(self) -> None:
+        """Let every open through, now and from now on."""
+        with self._lock:
+            self._open = True
+            for efd in self._pending:
+                self._answer(efd)
+            self._pending.clear()
+
+    def close(self) -> None:
+        self.release()
+        self._stop = True
+        self._thread.join(5)
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+async def test_a_timed_out_copy_into_a_hung_folder_ends_and_its_retry_waits(
+    tmp_path: Path,
+) -> None:
+    """A copy into a folder whose filesystem hangs (an NFS or SMB mount that stopped
+    answering: the open of its temporary file waits, inside a system call no fence reaches).
+    Its step times out: the attempt ends after CALL_OFF_PATIENCE_S all the same, saying so,
+    and a retry of the row waits (a transient error) while the stuck thread could still
+    rename that temporary name; once the mount answers, the thread ends (called off: nothing
+    published) and the retry delivers. Before (c6 review of 9c2a93f): the attempt waited for
+    the thread as long as the mount hung, and with it the worker and the service's stop."""
+    from filedispatch.errors import TransientDeliveryError
+
+    data = os.urandom(1 << 20)
+    config, version, src, out = _setup(tmp_path, data)
+    out.mkdir()
+    gate = _OpenGate(out)
+    registry = Registry()
+    processor = registry.get(config.rules[0].to[0])
+
+    def ctx(attempt: int) -> StepContext:
+        return StepContext(7, version, src, "r", 0, attempt, tmp_path / "work")
+
+    try:
+        first = asyncio.create_task(processor.deliver(ctx(1)))
+        assert await asyncio.to_thread(gate.held.wait, 60), "the copy never opened its file"
+        first.cancel()  # the step's timeout
+        with pytest.raises(asyncio.CancelledError):
+            await first  # after CALL_OFF_PATIENCE_S (10 s), the mount still hung
+        with pytest.raises(TransientDeliveryError, match="stuck in a system call"):
+            await processor.deliver(ctx(2))
+        gate.release()  # the mount answers again
+        while True:  # the retry is due again once the stuck thread has ended
+            try:
+                outcome = await processor.deliver(ctx(3))
+                break
+            except TransientDeliveryError:
+                await asyncio.sleep(0.05)
+    finally:
+        gate.close()
+        await registry.aclose()
+    assert isinstance(outcome, Outcome) and (out / "big.bin").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
+
+
+async def test_a_timed_out_copy_still_queued_for_a_thread_ends_at_once(tmp_path: Path) -> None:
+    """The loop's default executor is full of slow work (other copies, hashes); a copy
+    queued there times out before its thread ever started: the attempt ends then, and the
+    copy never runs. Before (c6 review of 9c2a93f): it waited for its turn in the queue,
+    only to find itself called off."""
+    data = os.urandom(1 << 20)
+    config, version, src, out = _setup(tmp_path, data)
+    loop = asyncio.get_running_loop()
+    slow = threading.Event()
+    busy = [asyncio.ensure_future(asyncio.to_thread(slow.wait, 120)) for _ in range(64)]
+    registry = Registry()
+    processor = registry.get(config.rules[0].to[0])
+    try:
+        for _ in range(5):  # the slow work reaches the executor (loop turns, no clock)
+            await asyncio.sleep(0)
+        executor = loop._default_executor  # type: ignore[attr-defined]
+        assert executor is not None and executor._work_queue.qsize() > 0, "precondition"
+        first = asyncio.create_task(
+            processor.deliver(StepContext(7, version, src, "r", 0, 1, tmp_path / "work"))
+        )
+        for _ in range(20):  # the copy reaches the executor's queue (loop turns, no clock)
+            await asyncio.sleep(0)
+        first.cancel()  # the step's timeout
+        for _ in range(20):
+            await asyncio.sleep(0)
+        ended = first.done()
+        slow.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await asyncio.gather(*busy)
+    finally:
+        slow.set()
+        await registry.aclose()
+    assert ended, "the copy timed out while queued for a thread, and waited for its turn"
+    assert not out.exists() or list(out.iterdir()) == [], "a timed-out attempt wrote its file"
+
+
+def test_a_stop_beside_a_hung_folder_ends_the_nodes_lease(tmp_path: Path, pg_url: str) -> None:
+    """A node copies a file into a local folder whose filesystem hangs (the open of the
+    copy's temporary file waits), and is stopped (SIGTERM, ``shutdown_grace: 0.5``). After
+    the grace the dispatcher is cancelled (``Service._shutdown``: ``task.cancel(); await
+    task``, no bound), and the cancelled copy now waits for its thread: the drain never ends,
+    so the node never leaves, and its lease task goes on renewing; the rows it holds
+    (IN_PROGRESS under its live epoch) are never taken over by the other nodes (c6 review of
+    9c2a93f). Now the copy is waited for CALL_OFF_PATIENCE_S at most, and the node leaves."""
+    (tmp_path / "inbox").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _node_config(tmp_path, pg_url, "n1", {"url": out.as_uri()}, shutdown_grace=0.5)
+    gate = _OpenGate(out)
+    node = ServiceProcess(cfg)
+    left = False
+    try:
+        node.start()
+        old(tmp_path / "inbox" / "a.txt", b"a" * 100_000)
+        assert gate.held.wait(60), node.log()
+        node.signal(15)
+
+        def lease_ended() -> bool:
+            with psycopg.connect(pg_url, password=PASSWORD) as db:
+                row = db.execute("SELECT lease_until < now() FROM nodes WHERE name='n1'").fetchone()
+            return bool(row and row[0])
+
+        with contextlib.suppress(AssertionError):  # the mount hangs longer than this
+            left = wait_until(lease_ended, 60)
+    finally:
+        gate.close()
+        with contextlib.suppress(Exception):
+            node.stop(60)
+    assert left, (
+        "the stopped node kept renewing its lease while its drain waited for a copy stuck in "
+        "a hung folder: its work is never taken over. Log:\n" + node.log()[-2000:]
+    )

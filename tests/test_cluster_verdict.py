@@ -267,3 +267,64 @@ async def test_a_node_starting_beside_a_renewal_the_database_takes_is_not_told_i
             raise AssertionError("the renewal never reached the database in time")
     assert renewed, "precondition: the database took the renewal"
     assert not alone, "a starting node was told it is alone beside a node whose renewal was taken"
+
+
+#: the share lock ``gone()`` takes on the dead entries, as another node's requeue takes it
+#: inside its writer's batch (held until that batch commits)
+_VERDICT = "SELECT epoch FROM nodes WHERE lease_until < clock_timestamp() FOR SHARE SKIP LOCKED"
+
+
+async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
+    """Node a was killed; its entry is dead. It starts again while two other nodes' requeues
+    (their writers' batches, which take seconds on a loaded server) hold ``gone()``'s share
+    lock on that dead entry one after the other, overlapping: PostgreSQL lets a new share
+    lock pass a waiting updater, so the join waits as long as the overlap lasts. Before
+    7fe02b1 the first join had no server-side limit and joined as soon as the overlap ended;
+    now it carries the lease's lock_timeout (a third of a lease: 667 ms for a 2 s lease) and
+    fails ("lock timeout"), the start logs an ERROR and tries again 1 s, 2 s, 4 s ... later,
+    each try as short, so the start is held off for as long as the requeues overlap.
+    (c6 review of 7fe02b1.) Now the first join carries only the idle-in-transaction limit,
+    and waits."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    lease = 2.0
+    async with (
+        await _connect(pg_url) as db,
+        await _connect(pg_url, autocommit=False) as b,
+        await _connect(pg_url, autocommit=False) as c,
+    ):
+        async with open_journal(target) as old:
+            await old.join("a", lease, frozenset())
+        await db.execute(  # killed -9: its lease ran out
+            "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
+        )
+        await b.execute(_VERDICT)  # node b's requeue, in its writer's open batch
+        async with open_journal(target) as new:
+            joining = asyncio.create_task(new.join("a", lease, frozenset()))
+
+            async def waiting() -> bool:
+                cur = await db.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO nodes%%'"
+                )
+                return joining.done() or bool((await cur.fetchone() or [0])[0])
+
+            await until(waiting, 60)
+            await c.execute(_VERDICT)  # node c's requeue passes the waiting join
+            cur = await c.execute("SELECT 1 FROM nodes WHERE name='a' FOR SHARE NOWAIT")
+            overlapped = await cur.fetchone() is not None
+            await b.commit()  # b's batch ends; c's still runs
+            # c's batch runs for three leases at most (the join ends first if it gives up)
+            deadline = time.monotonic() + 3 * lease
+            while not joining.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            await c.commit()
+            refused: Exception | None = None
+            try:
+                await joining
+            except JournalError as exc:
+                refused = exc
+    assert overlapped, "precondition: a second share lock passes a waiting join"
+    assert refused is None, (
+        f"node a's first join was refused while other nodes' requeues held its dead entry: "
+        f"{refused}"
+    )

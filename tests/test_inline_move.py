@@ -377,13 +377,13 @@ async def test_files_of_a_running_copy_batch_count_as_in_flight(
     registry = Registry()
     copier = registry.get(config.rules[0].to[0])
     release = threading.Event()
-    copy_batch = copier.copy_batch  # type: ignore[attr-defined]
+    copy_batch = copier._copy_batch  # type: ignore[attr-defined]
 
-    def held(ctxs: list[Any]) -> Any:
+    def held(ctxs: list[Any]) -> Any:  # in the batch's thread
         release.wait(60)
         return copy_batch(ctxs)
 
-    monkeypatch.setattr(copier, "copy_batch", held)
+    monkeypatch.setattr(copier, "_copy_batch", held)
 
     async with Journal.open(ws["db"]) as journal:
         dispatcher = Dispatcher(config, journal, registry, workdir=ws["root"] / "work")

@@ -12,20 +12,17 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from functools import partial
 from typing import cast
 
 from .. import fastpath
-from ..asyncutil import thread_to_its_end
 from ..config import SourceConfig, Step
 from ..fate import renamed_by_delivery
 from ..journal import PlannedStep, StepResult
 from ..models import Dispatch, FileVersion, Outcome, Status
-from ..processors import BatchCopier, Mover, MoveUnavailable, StepContext, called_off
+from ..processors import BatchCopier, Mover, MoveUnavailable, StepContext
 from ..router import Chain
 from .after import AfterActions
 from .outcomes import Outcomes, as_delivery_error, report_write
@@ -253,10 +250,8 @@ class InlineLanes:
             if sem is not None:
                 await sem.acquire()
             self.state.batched += len(group)
-            off = threading.Event()  # see LocalProcessor.deliver: called off, waited for
-            batch = [called_off(c, off) for _, c in group]
             try:
-                outcomes = await thread_to_its_end(off.set, partial(copier.copy_batch, batch))
+                outcomes = await copier.copy_batch([c for _, c in group])
             finally:
                 self.state.batched -= len(group)
                 if sem is not None:

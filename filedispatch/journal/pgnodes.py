@@ -163,14 +163,19 @@ class PgNodes:
     async def _settings(self, conn: Conn) -> None:
         """A lease statement waits at most a third of a lease, for a lock or for anything; a
         frozen node's open transaction is ended after half a lease, as the writer's is."""
-        if self._limits_s:
-            lease_ms = self._limits_s * 1000
-            wait, idle = max(200, int(lease_ms / 3)), max(500, int(lease_ms / 2))
+        if self._limits_s:  # from the first join on: a frozen join keeps no entry locked
+            idle = max(500, int(self._limits_s * 500))
+            await conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(idle),),
+            )
+        if self.lease_s:  # once joined: a join waits its turn behind other nodes' requeues,
+            # which share-lock its dead entry in their batches and may overlap for a while
+            wait = str(max(200, int(self.lease_s * 1000 / 3)))
             await conn.execute(
                 "SELECT set_config('statement_timeout', %s, false), "
-                "set_config('lock_timeout', %s, false), "
-                "set_config('idle_in_transaction_session_timeout', %s, false)",
-                (str(wait), str(wait), str(idle)),
+                "set_config('lock_timeout', %s, false)",
+                (wait, wait),
             )
 
     def _reap(self) -> None:
@@ -230,7 +235,10 @@ class PgNodes:
         self._unanswered.clear()  # answered: no entry of ours is on record but this one
         if not isinstance(epoch, int):
             raise epoch
-        self.lease_s = lease_s
+        if lease_s != self.lease_s:  # the waits' limits follow the lease once joined
+            self.lease_s = lease_s
+            async with self._turn:
+                await self._drop()
         self.node, self.epoch, self.shared = node, epoch, shared
 
         async def writer_limits(conn: Conn) -> None:

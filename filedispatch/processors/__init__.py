@@ -124,11 +124,12 @@ class BatchCopier(Protocol):
     """Optional, for a processor that can copy many small files in one go, in one thread.
 
     New small files whose only step is such a processor are copied in chunks this way
-    instead of one worker and one thread hop per file. ``copy_batch`` runs in a thread; it
-    returns, per context, an Outcome or the exception that file met.
+    instead of one worker and one thread hop per file. ``copy_batch`` runs them in a thread
+    (called off and waited for when it is cancelled: ``threads.CopyThreads``); it returns,
+    per context, an Outcome or the exception that file met.
     """
 
-    def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]: ...
+    async def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]: ...
 
 
 class MoveUnavailable(Exception):

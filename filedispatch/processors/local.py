@@ -10,18 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hashlib
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import fastpath, sourcefile
-from ..asyncutil import thread_to_its_end
 from ..config import LocalDestination
 from ..errors import (
     DeliveryError,
@@ -30,7 +27,7 @@ from ..errors import (
     TransientDeliveryError,
 )
 from ..models import NAME_TAKEN, FileVersion, Outcome
-from . import MoveUnavailable, Resources, StepContext, called_off
+from . import MoveUnavailable, Resources, StepContext
 from .common import (
     TMP_PREFIX,
     candidates,
@@ -43,6 +40,7 @@ from .common import (
     translate_os_error,
     unlink_quietly,
 )
+from .threads import CopyThreads
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -71,6 +69,8 @@ class LocalProcessor:
         self._sums: dict[Path, str] = {}  #: a verified copy's SHA-256, until it is placed
         #: source folder -> a descriptor naming it (O_PATH), for the inline moves' renames
         self._sources: dict[str, int] = {}
+        #: copies run in threads, called off when their delivery is cancelled
+        self._threads = CopyThreads(str(dest.folder))
 
     async def aclose(self) -> None:
         sources, self._sources = self._sources, {}
@@ -106,12 +106,13 @@ class LocalProcessor:
                 return self.move_now(ctx)
             except MoveUnavailable:
                 pass
-        # a step's timeout or the stop cannot end the thread: it is called off (its fence
-        # refuses the next chunk and the rename, and the copy is removed) and waited for, so
-        # no retry writes or removes the same temporary name while it could still rename
-        off = threading.Event()
-        run = called_off(ctx, off)
-        return await thread_to_its_end(off.set, functools.partial(self._deliver, run, rel))
+        self._threads.check(ctx)
+        [outcome] = await self._threads.run([ctx], lambda run: [self._deliver(run[0], rel)])
+        return outcome
+
+    async def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]:
+        """See ``BatchCopier``: ``_copy_batch`` in a thread (``CopyThreads.run``)."""
+        return await self._threads.run(ctxs, self._copy_batch)
 
     # -- the synchronous part, run inline (links) or in a thread (copies)
 
@@ -141,7 +142,7 @@ class LocalProcessor:
 
     # -- copying a batch in one thread (see processors.BatchCopier)
 
-    def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]:
+    def _copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]:
         """Copy many small files in one go: each to its temporary name, then all flushed
         together (writeback started for every file before the first fsync waits), then each
         renamed into place (see _rename), then each folder flushed once. Per file an Outcome,
