@@ -115,6 +115,7 @@ class PgNodes:
         self._conn: Conn | None = None
         self._turn = asyncio.Lock()  # one transaction at a time on the connection
         self._reaping: asyncio.Future[Any] | None = None
+        self._reap_again = False  #: a requeue was asked for while one was under way
         self.node: str | None = None  #: this service's node name, once joined
         self.epoch: int | None = None  #: its fencing token, new at each join
         self.lease_s = 0.0
@@ -179,14 +180,24 @@ class PgNodes:
             )
 
     def _reap(self) -> None:
-        """Queue the requeue of dead nodes' work on the writer, unless one waits there."""
+        """Queue the requeue of dead nodes' work on the writer; while one is under way, one
+        more is queued once it is done (not dropped: the one under way may have run before
+        what asked for this one, e.g. a join that locked and then replaced its name's dead
+        entry, which the verdict passes over while it is locked)."""
         if self._reaping is not None and not self._reaping.done():
+            self._reap_again = True
             return
+        self._reap_again = False
         try:
             self._reaping = self._enqueue(requeue_orphans)
         except JournalError:  # closed: nothing to requeue from here
             return
-        self._reaping.add_done_callback(_reaped)
+        self._reaping.add_done_callback(self._reaped)
+
+    def _reaped(self, fut: asyncio.Future[Any]) -> None:
+        _reaped(fut)
+        if self._reap_again:
+            self._reap()
 
     async def join(self, node: str, lease_s: float, shared: frozenset[str]) -> int:
         """See ``Journal.join``. The writer's session gets the lease's limits on lock waits,
