@@ -654,7 +654,10 @@ def _fsync_dir(folder: Path) -> None:
 def sweep_temporaries(roots: Iterable[Path]) -> int:
     """Remove temporary files a crash left in local destinations; returns how many.
 
-    Called at start-up before any worker runs, so every temporary name found is stale.
+    Called at start-up before any worker runs and only when no other node of this journal is
+    live, so every temporary name of this journal found is stale. Another journal delivering
+    into the same folder (its token in its temporary names) loses its copy in progress: its
+    rename then fails and its next attempt sends the file again (docs/cluster.md).
     """
     removed = 0
     for root in roots:
