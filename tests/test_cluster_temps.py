@@ -249,61 +249,82 @@ def test_a_claim_with_an_epoch_has_a_temporary_name_of_its_own() -> None:
     from filedispatch.naming import NAME_MAX
     from filedispatch.processors.common import temp_name
 
-    assert temp_name(7, "a.txt") == ".filedispatch-tmp-7-a.txt"  # SQLite: as before
-    assert temp_name(7, "a.txt", 0) == ".filedispatch-tmp-7-a.txt"
-    assert temp_name(7, "a.txt", 3) == ".filedispatch-tmp-7-e3-a.txt"
-    assert temp_name(7, "a.txt", 3) != temp_name(7, "a.txt", 4)
+    j = "0a1b2c3d"  # the journal's token (Journal.token)
+    assert temp_name(7, "a.txt", None, j) == f".filedispatch-tmp-{j}-7-a.txt"  # SQLite
+    assert temp_name(7, "a.txt", 0, j) == f".filedispatch-tmp-{j}-7-a.txt"
+    assert temp_name(7, "a.txt", 3, j) == f".filedispatch-tmp-{j}-7-e3-a.txt"
+    assert temp_name(7, "a.txt", 3, j) != temp_name(7, "a.txt", 4, j)
+    # another journal's row 7 (its ids start at 1 too), same file, same epoch
+    assert temp_name(7, "a.txt", 3, j) != temp_name(7, "a.txt", 3, "ffee0011")
+    assert temp_name(7, "a.txt") == ".filedispatch-tmp-7-a.txt"  # no journal: no token
     long = "€" * 84 + ".csv"  # 256 bytes: cut to leave room for the head
-    tmp = temp_name(123456789, long, 2**62)
+    tmp = temp_name(123456789, long, 2**62, j)
     assert len(tmp.encode()) <= NAME_MAX and tmp.endswith(".csv")
-    assert tmp.startswith(f".filedispatch-tmp-123456789-e{2**62}-€")
+    assert tmp.startswith(f".filedispatch-tmp-{j}-123456789-e{2**62}-€")
     tmp.encode().decode("utf-8", "strict")
 
 
-def test_earlier_temps_are_the_rows_own_file_of_any_claim() -> None:
-    """Only what temp_name gives for this row's own file, with or without an epoch (w5
-    review: every name beginning like row 7's went, another journal's row 7 delivering b.txt
-    into the same folder and a user's file with it)."""
+J = "0a1b2c3d"  #: this journal's token
+OTHER = "ffee0011"  #: another journal's
+
+
+def test_earlier_temps_are_the_rows_own_file_of_any_claim_of_this_journal() -> None:
+    """Only what temp_name gives for this journal's row's own file, with or without an epoch
+    (w5 review: every name beginning like row 7's went, another journal's row 7 delivering
+    b.txt into the same folder and a user's file with it). Another journal's row 7 delivering
+    the same a.txt (j6: the same name, ids start at 1 in every journal) stays, and so does a
+    temporary file named as before journals had tokens."""
     from filedispatch.processors.common import earlier_temps, temp_name
 
     long = "€" * 84 + ".csv"  # shortened differently for each length of epoch
     ours = [
-        ".filedispatch-tmp-7-a.txt",
-        ".filedispatch-tmp-7-e1-a.txt",
-        ".filedispatch-tmp-7-e12-a.txt",
+        f".filedispatch-tmp-{J}-7-a.txt",
+        f".filedispatch-tmp-{J}-7-e1-a.txt",
+        f".filedispatch-tmp-{J}-7-e12-a.txt",
     ]
     not_ours = [
-        ".filedispatch-tmp-7-e12-b.txt",  # row 7 of another journal, another file
-        ".filedispatch-tmp-7-b.txt",
-        ".filedispatch-tmp-7-e05-a.txt",  # no temp_name makes this
-        ".filedispatch-tmp-7-ex-a.txt",
-        ".filedispatch-tmp-7-notes",
-        ".filedispatch-tmp-70-e1-a.txt",
-        ".filedispatch-tmp-x-a.txt",
+        f".filedispatch-tmp-{OTHER}-7-a.txt",  # another journal's row 7, the same file
+        f".filedispatch-tmp-{OTHER}-7-e1-a.txt",
+        ".filedispatch-tmp-7-a.txt",  # no token: before the upgrade, or no journal
+        ".filedispatch-tmp-7-e1-a.txt",
+        f".filedispatch-tmp-{J}-7-e12-b.txt",  # this journal's row 7, another file
+        f".filedispatch-tmp-{J}-7-b.txt",
+        f".filedispatch-tmp-{J}-7-e05-a.txt",  # no temp_name makes this
+        f".filedispatch-tmp-{J}-7-ex-a.txt",
+        f".filedispatch-tmp-{J}-7-notes",
+        f".filedispatch-tmp-{J}-70-e1-a.txt",
+        f".filedispatch-tmp-{J}-x-a.txt",
         "a.txt",
     ]
-    assert earlier_temps(ours + not_ours, 7, "a.txt") == ours
-    shortened = [temp_name(7, long, e) for e in (None, 3, 2**40)]
-    assert earlier_temps([*shortened, temp_name(7, "b" + long, 3)], 7, long) == shortened
+    assert earlier_temps(ours + not_ours, 7, "a.txt", J) == ours
+    shortened = [temp_name(7, long, e, J) for e in (None, 3, 2**40)]
+    others = [temp_name(7, "b" + long, 3, J), temp_name(7, long, 3, OTHER)]
+    assert earlier_temps([*shortened, *others], 7, long, J) == shortened
+    # without a journal (no token): the names made without one, as before
+    plain = [".filedispatch-tmp-7-a.txt", ".filedispatch-tmp-7-e1-a.txt"]
+    assert earlier_temps([*plain, *ours], 7, "a.txt") == plain
 
 
 #: what a folder holds before a resumed delivery of row 7: earlier claims' temporary files
 #: (of epochs 1 and 2, and one from before epochs), which go; and what stays: another row's
 #: temporary file, a user's file named like one, and a user's file
 EARLIER = [
-    ".filedispatch-tmp-7-e1-a.txt",
-    ".filedispatch-tmp-7-e2-a.txt",
-    ".filedispatch-tmp-7-a.txt",
+    f".filedispatch-tmp-{J}-7-e1-a.txt",
+    f".filedispatch-tmp-{J}-7-e2-a.txt",
+    f".filedispatch-tmp-{J}-7-a.txt",
 ]
 STAYS = {
-    ".filedispatch-tmp-70-e1-a.txt": b"row 70's",
+    f".filedispatch-tmp-{J}-70-e1-a.txt": b"row 70's",
     ".filedispatch-tmp-x-a.txt": b"a user's",
     "b.txt": b"b",
     # row 7 of ANOTHER journal (a second cluster; a single host on SQLite) uploading b.txt
     # into the same folder, and a user's file named like ours (w5 review: these went too)
-    ".filedispatch-tmp-7-e3-b.txt": b"another cluster's row 7, still uploading b.txt",
-    ".filedispatch-tmp-7-b.txt": b"a SQLite host's row 7, still uploading b.txt",
-    ".filedispatch-tmp-7-notes": b"a user's file",
+    f".filedispatch-tmp-{OTHER}-7-e3-b.txt": b"another cluster's row 7, still uploading b.txt",
+    f".filedispatch-tmp-{OTHER}-7-b.txt": b"a SQLite host's row 7, still uploading b.txt",
+    f".filedispatch-tmp-{J}-7-notes": b"a user's file",
+    # row 7 of another journal uploading the SAME a.txt into the same folder (j6)
+    f".filedispatch-tmp-{OTHER}-7-e3-a.txt": b"another cluster's row 7, uploading a.txt",
+    f".filedispatch-tmp-{OTHER}-7-a.txt": b"a SQLite host's row 7, uploading a.txt",
 }
 
 
@@ -328,8 +349,9 @@ def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_e
     tmp_path: Path, kind: str, epoch: int | None
 ) -> None:
     """Row 7 is resumed under epoch 5: the temporary files of its earlier claims go, whatever
-    their epoch, and the file is delivered; nothing else in the folder is touched. With
-    SQLite (no epoch) only the row's one temporary name goes, as before: no listing."""
+    their epoch, and the file is delivered; nothing else in the folder is touched, another
+    journal's row 7 delivering the same a.txt included (its token differs). With SQLite (no
+    epoch) only the row's one temporary name goes, as before: no listing."""
     from filedispatch.config import load_config
     from filedispatch.models import FileVersion
     from filedispatch.processors import Registry, StepContext
@@ -348,7 +370,7 @@ def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_e
         (out / name).write_bytes(data)
     version = FileVersion.from_stat(source.key, source.path, "a.txt", os.stat(src))
     ctx = StepContext(
-        7, version, src, "remote", 0, 2, tmp_path / "work", resuming=True, epoch=epoch
+        7, version, src, "remote", 0, 2, tmp_path / "work", resuming=True, epoch=epoch, journal=J
     )
 
     async def run() -> None:

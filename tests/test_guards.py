@@ -26,6 +26,8 @@ class RecordingJournal:
     """The journal's write interface, recording each write; a test decides when (and whether)
     each write becomes durable."""
 
+    token = "0a1b2c3d"  #: the journal's identity (``Journal.token``): in temporary names
+
     def __init__(self) -> None:
         self.writes: list[tuple[list[StepResult], asyncio.Future[None]]] = []
 

@@ -114,8 +114,8 @@ def test_every_part_of_a_rendered_name_is_shortened() -> None:
 
 def test_temporary_names_fit() -> None:
     name = "€" * 85  # 255 bytes
-    tmp = temp_name(123456789, name)
-    assert fits(tmp) and tmp.startswith(".filedispatch-tmp-123456789-€")
+    tmp = temp_name(123456789, name, None, "0a1b2c3d")
+    assert fits(tmp) and tmp.startswith(".filedispatch-tmp-0a1b2c3d-123456789-€")
     tmp.encode().decode("utf-8", "strict")
 
 

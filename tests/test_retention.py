@@ -239,7 +239,8 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 def _back_to_the_schema_before(database: Database) -> None:
     """The journal as the release before this one left it: no rollup, no kept keys (and no
-    birth times, settled-only rollups nor upload ledger, the migrations after this one)."""
+    birth times, settled-only rollups, upload ledger nor identity token, the migrations after
+    this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -249,7 +250,7 @@ def _back_to_the_schema_before(database: Database) -> None:
             for name in ("stats_insert", "stats_update", "stats_delete"):
                 conn.execute(f"DROP TRIGGER {name} ON dispatches")
                 conn.execute(f"DROP FUNCTION {name}()")
-            conn.execute("DROP TABLE stats_days, stats_months, kept, uploads")
+            conn.execute("DROP TABLE stats_days, stats_months, kept, uploads, journal_identity")
             conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
             conn.execute("UPDATE filedispatch_schema SET version = 5")
         return
@@ -265,7 +266,7 @@ def _back_to_the_schema_before(database: Database) -> None:
             "kept_not_new",
         ):
             conn.execute(f"DROP TRIGGER {name}")
-        for table in ("stats_days", "stats_months", "kept", "uploads"):
+        for table in ("stats_days", "stats_months", "kept", "uploads", "journal_identity"):
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
         conn.execute("PRAGMA user_version = 8")

@@ -197,6 +197,7 @@ class InlineLanes:
                     self.state.workdir,
                     fence=fence,
                     epoch=epoch,
+                    journal=self.state.journal.token,
                 )
                 work.append((lane, ctx))
         return known, given_back, work

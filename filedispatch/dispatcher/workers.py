@@ -262,6 +262,7 @@ class Workers:
             label=row.label,
             fence=self.state.fence(row.epoch),
             epoch=row.epoch,
+            journal=self.state.journal.token,
         )
         if not self.state.holds_lease(row.epoch):
             # the lease the row was claimed under may have run out (the node was frozen, or

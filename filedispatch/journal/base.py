@@ -554,6 +554,14 @@ class Journal(JournalReader, Protocol):
     writable: asyncio.Event
 
     @property
+    def token(self) -> str:
+        """The journal's identity: 8 lowercase hex characters, random, made once when the
+        journal is created (or upgraded to it) and stored in it; read at open, the same for
+        every node of a PostgreSQL journal and across restarts. Deliveries put it in their
+        temporary names (``StepContext.journal``), so that two journals whose row ids
+        coincide never share a temporary file."""
+
+    @property
     def where(self) -> str:
         """Where the journal is, for people (a path, or a URL without its password)."""
 

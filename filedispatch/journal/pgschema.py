@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..errors import JournalError
 from . import retention, uploads
 from .pgconn import Conn
+from .sqlite_schema import IDENTITY_TABLE, READ_TOKEN
 
 #: any number: the key of the migration lock (``pg_advisory_xact_lock``)
 _MIGRATION_LOCK = 0x66645F6D
@@ -192,6 +193,12 @@ MIGRATIONS: list[list[str]] = [
         # live node aborts those of a node that is gone, whatever its host
         uploads.SCHEMA.format(real="DOUBLE PRECISION"),
     ],
+    [  # the journal's identity token (see the SQLite journal's migration 14), made in the
+        # migration's own SQL, under its lock: exactly once, however many nodes start at once
+        IDENTITY_TABLE,
+        "INSERT INTO journal_identity (token) "
+        "VALUES (substr(md5(random()::text || clock_timestamp()::text), 1, 8))",
+    ],
 ]
 
 
@@ -222,3 +229,13 @@ async def migrate(conn: Conn) -> None:
             for sql in MIGRATIONS[version]:
                 await conn.execute(sql.encode())
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
+
+
+async def journal_token(conn: Conn) -> str:
+    """The journal's identity token (``Journal.token``), made once by the migration to schema
+    version 11."""
+    cur = await conn.execute(READ_TOKEN)
+    row = await cur.fetchone()
+    if row is None:  # the migration wrote it: only a hand-edited database lacks it
+        raise JournalError("the journal has no identity token (table journal_identity is empty)")
+    return str(row[0])

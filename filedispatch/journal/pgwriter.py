@@ -33,7 +33,7 @@ from .pgconn import (
     outage,
     pg,
 )
-from .pgschema import migrate
+from .pgschema import journal_token, migrate
 from .target import PostgresTarget
 
 #: another transaction's locks (a deadlock, a lock wait past ``lock_timeout``): the batch was
@@ -78,6 +78,8 @@ class PgWriter(HealthReport):
         self._inbox: asyncio.Queue[tuple[PgOp[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._give_up = asyncio.Event()
+        #: the journal's identity token (``Journal.token``), read at ``open``
+        self.token = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,6 +98,7 @@ class PgWriter(HealthReport):
         pool: AsyncConnectionPool | None = None
         try:
             await migrate(conn)
+            token = await journal_token(conn)
             pool = AsyncConnectionPool(
                 conninfo(target),
                 kwargs={"autocommit": True},
@@ -121,6 +124,7 @@ class PgWriter(HealthReport):
                 ) from None
             raise JournalError(f"cannot open the journal {target.shown}: {why}") from None
         journal = cls(target, conn, pool)
+        journal.token = token
         if not hold:
             journal.stop_retrying()
         journal._task = asyncio.create_task(journal._writer(), name="journal-writer")

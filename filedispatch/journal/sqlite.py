@@ -44,7 +44,7 @@ from .base import (
 from .base import stored_text as _text
 from .reads import COLUMNS, claimed_groups
 from .sqlite_reads import SqliteReader
-from .sqlite_schema import bulk_ok, connect_writer, open_error
+from .sqlite_schema import bulk_ok, connect_writer, journal_token, open_error
 from .sqlite_upkeep import SqliteUpkeep
 from .sqlite_writer import GroupWriter, Op, Rows, nothing
 from .uploads import UploadRecords
@@ -169,6 +169,8 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
         self._joined = 0.0
         #: this run's token on the uploads it begins (``UploadRecords``): new at each open
         self._run = time.time_ns()
+        #: the journal's identity token (``Journal.token``), read at ``open``
+        self.token = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -195,6 +197,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
         reader: aiosqlite.Connection | None = None
         try:
             writer = await loop.run_in_executor(executor, connect_writer, path)
+            token = await loop.run_in_executor(executor, journal_token, writer)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
@@ -211,6 +214,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
                 raise JournalError(f"cannot open the journal {path}: {exc}") from exc
             raise open_error(exc, path) from exc
         journal = cls(path, executor, writer, reader, (st.st_dev, st.st_ino))
+        journal.token = token
         if not hold:
             journal.stop_retrying()
         journal.writer.bulk = await loop.run_in_executor(executor, bulk_ok, writer)

@@ -12,6 +12,11 @@ from pathlib import Path
 from ..errors import JournalError, JournalUnavailableError
 from . import retention, uploads
 
+#: the one-row table that holds the journal's identity token, 8 lowercase hex characters
+IDENTITY_TABLE = "CREATE TABLE journal_identity (token TEXT NOT NULL)"
+#: reads it (``journal_token``; the PostgreSQL journal asks the same)
+READ_TOKEN = "SELECT token FROM journal_identity"
+
 #: SQLite primary result codes that say the journal cannot be written now (not that this write
 #: is wrong), with what the operator can do about each
 _OUTAGES = {
@@ -205,6 +210,11 @@ MIGRATIONS: list[list[str]] = [
     [  # the S3 multipart uploads open, by run (journal/uploads.py; was a file per run)
         uploads.SCHEMA.format(real="REAL") + " WITHOUT ROWID",
     ],
+    [  # the journal's identity token (``journal_token``), made once here: it goes into the
+        # temporary names of deliveries, so that two journals never write one temporary file
+        IDENTITY_TABLE,
+        "INSERT INTO journal_identity (token) VALUES (lower(hex(randomblob(4))))",
+    ],
 ]
 
 
@@ -215,6 +225,15 @@ def bulk_ok(conn: sqlite3.Connection) -> bool:
     except sqlite3.Error:
         return False
     return True
+
+
+def journal_token(conn: sqlite3.Connection) -> str:
+    """The journal's identity token (``Journal.token``), made once by the migration to
+    schema version 14."""
+    row = conn.execute(READ_TOKEN).fetchone()
+    if row is None:  # the migration wrote it: only a hand-edited journal lacks it
+        raise JournalError("the journal has no identity token (table journal_identity is empty)")
+    return str(row[0])
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:

@@ -63,6 +63,12 @@ class StepContext:
     #: a delivery is written under, so that two nodes that hold the row in turn (one frozen
     #: past its lease, one that took the row over) never write, rename or remove one file
     epoch: int | None = None
+    #: the identity token of the journal the row is in (``Journal.token``: 8 hex characters,
+    #: made once per journal; "" for a caller with no journal). It goes into the temporary
+    #: name too, so that two journals (two hosts or services, each with its own journal, whose
+    #: row ids all start at 1) delivering a file of the same name into one folder never write,
+    #: rename or remove one another's temporary file
+    journal: str = ""
 
     @property
     def path(self) -> Path:

@@ -30,41 +30,53 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def temp_name(dispatch_id: int, name: str, epoch: int | None = None) -> str:
+def temp_name(dispatch_id: int, name: str, epoch: int | None = None, journal: str = "") -> str:
     """The hidden name a delivery of row ``dispatch_id`` is written under before its rename:
-    ``.filedispatch-tmp-<id>-e<epoch>-NAME`` for a claim with a fencing token (``epoch``, a
-    PostgreSQL journal), ``.filedispatch-tmp-<id>-NAME`` without one (None or 0: SQLite).
+    ``.filedispatch-tmp-<journal>-<id>-e<epoch>-NAME`` for a claim with a fencing token
+    (``epoch``, a PostgreSQL journal), ``.filedispatch-tmp-<journal>-<id>-NAME`` without one
+    (None or 0: SQLite). ``journal`` is the journal's identity token (``Journal.token``, 8
+    hex characters); "" (a caller with no journal) leaves it out: ``.filedispatch-tmp-<id>-``.
 
     Each claim of a row thus writes a file of its own: a node whose lease ran out can rename or
-    remove only its own copy, never the upload of the node that took the row over. At most
+    remove only its own copy, never the upload of the node that took the row over; and two
+    journals (two hosts or services, each with its own journal, whose row ids both start at 1)
+    delivering a file of the same name into one folder never write one temporary file. At most
     NAME_MAX bytes: ``name`` is shortened by ``naming.shorten`` to leave room for the head.
     """
-    head = temp_prefix(dispatch_id) + (f"e{epoch}-" if epoch else "")
+    head = temp_prefix(dispatch_id, journal) + (f"e{epoch}-" if epoch else "")
     return head + naming.shorten(name, len(head))
 
 
-def temp_prefix(dispatch_id: int) -> str:
-    """How every temporary name of row ``dispatch_id`` begins, whatever its claim (the
-    trailing dash keeps row 7's names apart from row 70's)."""
-    return f"{TMP_PREFIX}{dispatch_id}-"
+def temp_prefix(dispatch_id: int, journal: str = "") -> str:
+    """How every temporary name of row ``dispatch_id`` of the journal whose token is
+    ``journal`` begins, whatever its claim (the trailing dash keeps row 7's names apart from
+    row 70's)."""
+    return f"{TMP_PREFIX}{journal}-{dispatch_id}-" if journal else f"{TMP_PREFIX}{dispatch_id}-"
 
 
-def earlier_temps(names: Iterable[str], dispatch_id: int, name: str) -> list[str]:
+def earlier_temps(
+    names: Iterable[str], dispatch_id: int, name: str, journal: str = ""
+) -> list[str]:
     """The names among ``names`` (one folder's entries) that are temporary names of row
-    ``dispatch_id`` delivering the file ``name``, of any claim: exactly what ``temp_name``
-    gives for it without an epoch or with some epoch, nothing else. What a resumed delivery
-    removes before it starts again. Another journal's row of the same id (ids start at 1 in
-    every journal) delivering another file into the same folder, or a user's file that merely
-    begins like one, is left alone."""
-    plain = temp_name(dispatch_id, name)
-    head = temp_prefix(dispatch_id) + "e"
+    ``dispatch_id`` of the journal ``journal`` (its token) delivering the file ``name``, of
+    any claim: exactly what ``temp_name`` gives for it without an epoch or with some epoch,
+    nothing else. What a resumed delivery removes before it starts again. Another journal's
+    temporary (its token differs, even for a row of the same id delivering a file of the same
+    name), a row of the same id delivering another file, or a user's file that merely begins
+    like one, is left alone."""
+    plain = temp_name(dispatch_id, name, journal=journal)
+    head = temp_prefix(dispatch_id, journal) + "e"
     found = []
     for entry in names:
         if entry == plain:
             found.append(entry)
         elif entry.startswith(head):
             digits, dash, _ = entry[len(head) :].partition("-")
-            if dash and digits.isdigit() and entry == temp_name(dispatch_id, name, int(digits)):
+            if (
+                dash
+                and digits.isdigit()
+                and entry == temp_name(dispatch_id, name, int(digits), journal)
+            ):
                 found.append(entry)
     return found
 

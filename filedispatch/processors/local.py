@@ -179,7 +179,7 @@ class LocalProcessor:
         self._mkdirs(final_dir)
         fd, st = open_input(ctx)
         try:
-            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name, ctx.epoch)
+            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal)
             out = self._copy(fd, st, tmp, ctx.throttle, ctx.fence)
             try:
                 self._verify(fd, out, st, tmp)
@@ -625,16 +625,17 @@ def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
     """Remove what earlier attempts of a resumed row left in ``folder`` under a temporary
     name: that one name with one node (no epoch); with several, every claim wrote a name of
     its own, so the folder is listed and each temporary name of the row's file goes (an earlier
-    claimant's lease ran out before the row came back: its fence refuses its rename)."""
+    claimant's lease ran out before the row came back: its fence refuses its rename). Only
+    this journal's (``ctx.journal``): another journal's row of the same id is not this row."""
     if not ctx.epoch:
-        unlink_quietly(folder / temp_name(ctx.dispatch_id, name))
+        unlink_quietly(folder / temp_name(ctx.dispatch_id, name, journal=ctx.journal))
         return
     try:
         with os.scandir(folder) as entries:
             names = [e.name for e in entries]
     except OSError:  # no folder yet (the earlier attempt never made it), or unreadable
         return
-    for stale in earlier_temps(names, ctx.dispatch_id, name):
+    for stale in earlier_temps(names, ctx.dispatch_id, name, ctx.journal):
         unlink_quietly(folder / stale)
 
 
@@ -654,7 +655,10 @@ def _fsync_dir(folder: Path) -> None:
 def sweep_temporaries(roots: Iterable[Path]) -> int:
     """Remove temporary files a crash left in local destinations; returns how many.
 
-    Called at start-up before any worker runs, so every temporary name found is stale.
+    Called at start-up before any worker runs and only when no other node of this journal is
+    live, so every temporary name of this journal found is stale. Another journal delivering
+    into the same folder (its token in its temporary names) loses its copy in progress: its
+    rename then fails and its next attempt sends the file again (docs/cluster.md).
     """
     removed = 0
     for root in roots:

@@ -135,7 +135,7 @@ class RemoteTarget:
     def paths(self, ctx: StepContext, rel: PurePosixPath) -> tuple[PurePosixPath, PurePosixPath]:
         """The remote folder and the temporary name a delivery is written under."""
         folder = self.root / rel.parent
-        return folder, folder / temp_name(ctx.dispatch_id, rel.name, ctx.epoch)
+        return folder, folder / temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal)
 
 
 CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatever the size
@@ -545,5 +545,6 @@ class RemoteProcessor(ABC, Generic[C]):
         if not ctx.epoch:
             await self.remove(conn, tmp)
             return
-        for stale in earlier_temps(await self.listdir(conn, tmp.parent), ctx.dispatch_id, name):
+        names = await self.listdir(conn, tmp.parent)
+        for stale in earlier_temps(names, ctx.dispatch_id, name, ctx.journal):
             await self.remove(conn, tmp.parent / stale)
