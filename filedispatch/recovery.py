@@ -225,7 +225,7 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
     roots = [s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)]
     if alone:
-        await asyncio.to_thread(sweep_temporaries, roots)
+        await asyncio.to_thread(sweep_temporaries, roots, journal.token)
     else:
         log.info("other nodes are live: their temporary files in local destinations stay")
     active = await journal.active_version_keys()

@@ -839,8 +839,10 @@ def test_a_starting_node_leaves_a_live_nodes_temporaries_alone(tmp_path: Path, p
     out = tmp_path / "out"
     out.mkdir()
     cfg1, cfg2 = _configs(tmp_path, pg_url, str(out))
-    temp = out / f"{TMP_PREFIX}0a1b2c3d-7-e1-a.txt"  # named as n1's copy of row 7 would be
     n1 = ServiceProcess(cfg1).start()
+    with psycopg.connect(pg_url, password=PASSWORD) as db:
+        [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
+    temp = out / f"{TMP_PREFIX}{token}-7-e1-a.txt"  # named as n1's copy of row 7 would be
     try:
         temp.write_bytes(b"half a copy")
         n2 = ServiceProcess(cfg2).start()  # "watching": its sweep is done

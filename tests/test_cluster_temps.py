@@ -269,11 +269,11 @@ OTHER = "ffee0011"  #: another journal's
 
 
 def test_earlier_temps_are_the_rows_own_file_of_any_claim_of_this_journal() -> None:
-    """Only what temp_name gives for this journal's row's own file, with or without an epoch
-    (w5 review: every name beginning like row 7's went, another journal's row 7 delivering
-    b.txt into the same folder and a user's file with it). Another journal's row 7 delivering
-    the same a.txt (j6: the same name, ids start at 1 in every journal) stays, and so does a
-    temporary file named as before journals had tokens."""
+    """Every temporary name of this journal's row 7, of any claim and any rendered name (a6
+    review: a ``{now}`` template renders another name at each attempt, and the earlier copy
+    was left), and nothing else: another journal's row 7 (j6: ids start at 1 in every
+    journal; w5 review: it went, and a user's file with it), row 70, a temporary file named
+    as before journals had tokens. Without a token only temp_name's names of the file."""
     from filedispatch.processors.common import earlier_temps, temp_name
 
     long = "€" * 84 + ".csv"  # shortened differently for each length of epoch
@@ -281,47 +281,51 @@ def test_earlier_temps_are_the_rows_own_file_of_any_claim_of_this_journal() -> N
         f".filedispatch-tmp-{J}-7-a.txt",
         f".filedispatch-tmp-{J}-7-e1-a.txt",
         f".filedispatch-tmp-{J}-7-e12-a.txt",
+        f".filedispatch-tmp-{J}-7-e12-a-2026-12-01T10.txt",  # an earlier {now} rendering
+        f".filedispatch-tmp-{J}-7-b.txt",  # a name a reload changed since
     ]
     not_ours = [
         f".filedispatch-tmp-{OTHER}-7-a.txt",  # another journal's row 7, the same file
         f".filedispatch-tmp-{OTHER}-7-e1-a.txt",
         ".filedispatch-tmp-7-a.txt",  # no token: before the upgrade, or no journal
         ".filedispatch-tmp-7-e1-a.txt",
-        f".filedispatch-tmp-{J}-7-e12-b.txt",  # this journal's row 7, another file
-        f".filedispatch-tmp-{J}-7-b.txt",
-        f".filedispatch-tmp-{J}-7-e05-a.txt",  # no temp_name makes this
-        f".filedispatch-tmp-{J}-7-ex-a.txt",
-        f".filedispatch-tmp-{J}-7-notes",
-        f".filedispatch-tmp-{J}-70-e1-a.txt",
+        f".filedispatch-tmp-{J}-70-e1-a.txt",  # row 70
         f".filedispatch-tmp-{J}-x-a.txt",
+        f".filedispatch-tmp-{J}7-a.txt",
         "a.txt",
     ]
     assert earlier_temps(ours + not_ours, 7, "a.txt", J) == ours
     shortened = [temp_name(7, long, e, J) for e in (None, 3, 2**40)]
-    others = [temp_name(7, "b" + long, 3, J), temp_name(7, long, 3, OTHER)]
+    others = [temp_name(8, long, 3, J), temp_name(7, long, 3, OTHER)]
     assert earlier_temps([*shortened, *others], 7, long, J) == shortened
-    # without a journal (no token): the names made without one, as before
+    # without a journal (no token): exactly the names temp_name makes for the file
     plain = [".filedispatch-tmp-7-a.txt", ".filedispatch-tmp-7-e1-a.txt"]
-    assert earlier_temps([*plain, *ours], 7, "a.txt") == plain
+    odd = [
+        ".filedispatch-tmp-7-e05-a.txt",
+        ".filedispatch-tmp-7-notes",
+        ".filedispatch-tmp-7-b.txt",
+    ]
+    assert earlier_temps([*plain, *odd, *ours], 7, "a.txt") == plain
 
 
 #: what a folder holds before a resumed delivery of row 7: earlier claims' temporary files
-#: (of epochs 1 and 2, and one from before epochs), which go; and what stays: another row's
-#: temporary file, a user's file named like one, and a user's file
+#: (of epochs 1 and 2, one from before epochs, one under a name an earlier attempt rendered
+#: otherwise: a ``{now}`` template), which go; and what stays: another row's temporary file,
+#: other journals' (their tokens), a user's file named like one, and a user's file
 EARLIER = [
     f".filedispatch-tmp-{J}-7-e1-a.txt",
     f".filedispatch-tmp-{J}-7-e2-a.txt",
     f".filedispatch-tmp-{J}-7-a.txt",
+    f".filedispatch-tmp-{J}-7-e2-a-1200.txt",
 ]
 STAYS = {
     f".filedispatch-tmp-{J}-70-e1-a.txt": b"row 70's",
     ".filedispatch-tmp-x-a.txt": b"a user's",
     "b.txt": b"b",
     # row 7 of ANOTHER journal (a second cluster; a single host on SQLite) uploading b.txt
-    # into the same folder, and a user's file named like ours (w5 review: these went too)
+    # into the same folder (w5 review: these went too)
     f".filedispatch-tmp-{OTHER}-7-e3-b.txt": b"another cluster's row 7, still uploading b.txt",
     f".filedispatch-tmp-{OTHER}-7-b.txt": b"a SQLite host's row 7, still uploading b.txt",
-    f".filedispatch-tmp-{J}-7-notes": b"a user's file",
     # row 7 of another journal uploading the SAME a.txt into the same folder (j6)
     f".filedispatch-tmp-{OTHER}-7-e3-a.txt": b"another cluster's row 7, uploading a.txt",
     f".filedispatch-tmp-{OTHER}-7-a.txt": b"a SQLite host's row 7, uploading a.txt",
@@ -385,5 +389,26 @@ def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_e
     finally:
         stop()
     held = {p.name: p.read_bytes() for p in out.iterdir()}
-    left = EARLIER[:2] if epoch is None else []  # SQLite: the epoch-less name only
+    # SQLite: the one name this attempt would write goes, no listing
+    left = [n for n in EARLIER if n != EARLIER[2]] if epoch is None else []
     assert held == {**STAYS, **dict.fromkeys(left, b"half"), "a.txt": b"the file"}
+
+
+def test_the_start_up_sweep_removes_this_journals_temporaries_and_leaves_anothers(
+    tmp_path: Path,
+) -> None:
+    """At a start with no other node of its journal live, a service removes the temporary
+    files a crash left in its local destinations: its own journal's and the old form's.
+    Another journal's (another token) stay: that may be its copy in progress. Before (j6 left
+    it): every name beginning ``.filedispatch-tmp-`` went."""
+    from filedispatch.processors.local import sweep_temporaries
+
+    folder = tmp_path / "out" / "sub"
+    folder.mkdir(parents=True)
+    gone = [f".filedispatch-tmp-{J}-7-e1-a.txt", f".filedispatch-tmp-{J}-8-b.txt"]
+    gone += [".filedispatch-tmp-7-a.txt", ".filedispatch-tmp-123-e4-b.txt"]
+    stay = [f".filedispatch-tmp-{OTHER}-7-a.txt", ".filedispatch-tmp-12345678-a.txt", "a.txt"]
+    for name in gone + stay:
+        (folder / name).write_bytes(b"x")
+    assert sweep_temporaries([tmp_path / "out"], J) == len(gone)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(stay)

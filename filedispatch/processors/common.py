@@ -57,13 +57,20 @@ def temp_prefix(dispatch_id: int, journal: str = "") -> str:
 def earlier_temps(
     names: Iterable[str], dispatch_id: int, name: str, journal: str = ""
 ) -> list[str]:
-    """The names among ``names`` (one folder's entries) that are temporary names of row
-    ``dispatch_id`` of the journal ``journal`` (its token) delivering the file ``name``, of
-    any claim: exactly what ``temp_name`` gives for it without an epoch or with some epoch,
-    nothing else. What a resumed delivery removes before it starts again. Another journal's
-    temporary (its token differs, even for a row of the same id delivering a file of the same
-    name), a row of the same id delivering another file, or a user's file that merely begins
-    like one, is left alone."""
+    """The names among ``names`` (one folder's entries) that are temporary names earlier
+    claims or attempts of row ``dispatch_id`` of the journal ``journal`` (its token) wrote:
+    what a resumed delivery removes before it starts again.
+
+    With a token, every name that begins with the row's prefix (``temp_prefix``): a row
+    delivers one file, but the name it renders may differ from one attempt to the next (a
+    ``{now}`` template, a reload that changed the name; a6 review: the earlier copy was left),
+    and no other journal, row or user writes that prefix (the token is random, the dash ends
+    the id). Without a token (no journal): exactly what ``temp_name`` gives for the file
+    ``name``, with or without an epoch, since the prefix is shared by every journal's row of
+    that id."""
+    if journal:
+        head = temp_prefix(dispatch_id, journal)
+        return [entry for entry in names if entry.startswith(head)]
     plain = temp_name(dispatch_id, name, journal=journal)
     head = temp_prefix(dispatch_id, journal) + "e"
     found = []

@@ -652,13 +652,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def sweep_temporaries(roots: Iterable[Path]) -> int:
+def sweep_temporaries(roots: Iterable[Path], journal: str = "") -> int:
     """Remove temporary files a crash left in local destinations; returns how many.
 
     Called at start-up before any worker runs and only when no other node of this journal is
-    live, so every temporary name of this journal found is stale. Another journal delivering
-    into the same folder (its token in its temporary names) loses its copy in progress: its
-    rename then fails and its next attempt sends the file again (docs/cluster.md).
+    live, so every temporary name of this journal (its token ``journal``) found is stale, and
+    so is one of the form before journals had tokens (``.filedispatch-tmp-<id>-``). Another
+    journal's (another token) is left alone: it may be that journal's copy in progress. An
+    old-form name of a row id of exactly eight digits reads like a token, and stays too.
     """
     removed = 0
     for root in roots:
@@ -666,7 +667,7 @@ def sweep_temporaries(roots: Iterable[Path]) -> int:
             continue
         for folder, _dirs, files in os.walk(root):
             for name in files:
-                if name.startswith(TMP_PREFIX):
+                if _stale_temp(name, journal):
                     path = os.path.join(folder, name)
                     try:
                         os.unlink(path)
@@ -676,3 +677,13 @@ def sweep_temporaries(roots: Iterable[Path]) -> int:
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     return removed
+
+
+def _stale_temp(name: str, journal: str) -> bool:
+    """Whether ``name`` is a temporary name of the journal ``journal``, or of the old form."""
+    if not name.startswith(TMP_PREFIX):
+        return False
+    if journal and name.startswith(f"{TMP_PREFIX}{journal}-"):
+        return True
+    head = name[len(TMP_PREFIX) :].partition("-")[0]
+    return head.isdigit() and len(head) != 8  # an old-form row id, not another token
