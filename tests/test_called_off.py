@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from filedispatch.config import load_config
+from filedispatch.errors import TransientDeliveryError
 from filedispatch.models import FileVersion, Outcome
 from filedispatch.processors import Registry, StepContext
 
@@ -296,4 +297,60 @@ def test_a_stop_beside_a_hung_folder_ends_the_nodes_lease(tmp_path: Path, pg_url
     assert left, (
         "the stopped node kept renewing its lease while its drain waited for a copy stuck in "
         "a hung folder: its work is never taken over. Log:\n" + node.log()[-2000:]
+    )
+
+
+async def test_a_retry_after_a_reload_waits_for_the_stuck_copy_of_its_row(tmp_path: Path) -> None:
+    """A copy into a hung folder times out and outlives CALL_OFF_PATIENCE_S (stuck in its
+    open). The operator then reloads with a longer ``timeout`` for that step: the Registry
+    keys processors by the step's whole configuration, so the retry gets a new
+    LocalProcessor, whose own CopyThreads knows nothing of the stuck thread
+    (processors/threads.py ``_stuck`` was per processor): the retry of the same row was not
+    refused, and opened the very temporary name the stuck thread holds open with O_TRUNC and
+    may still write, truncate or remove (d6 review). The stuck rows are one registry for the
+    process now."""
+    data = os.urandom(2 << 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    src = old_file(ws["inbox"] / "big.bin", data)
+    before = load_config(remote_config(ws, {"url": out.as_uri(), "timeout": 5}))
+    after = load_config(remote_config(ws, {"url": out.as_uri(), "timeout": 60}, file="b.yml"))
+    source = before.sources[0]
+    version = FileVersion.from_stat(source.key, source.path, "big.bin", os.stat(src))
+
+    def ctx(attempt: int) -> StepContext:
+        return StepContext(7, version, src, "r", 0, attempt, tmp_path / "work")
+
+    gate = _OpenGate(out)
+    registry = Registry()
+    retry: asyncio.Task[object] | None = None
+    refused = False
+    try:
+        first = asyncio.create_task(registry.get(before.rules[0].to[0]).deliver(ctx(1)))
+        assert await asyncio.to_thread(gate.held.wait, 60), "the copy never opened its file"
+        first.cancel()  # the step's timeout
+        with pytest.raises(asyncio.CancelledError):
+            await first  # after CALL_OFF_PATIENCE_S, still stuck in its open
+        registry.retire_unused([after.rules[0].to[0]])  # the reload
+        processor = registry.get(after.rules[0].to[0])
+        retry = asyncio.create_task(processor.deliver(ctx(2)))
+
+        def settled() -> bool:  # refused, or its own open waits at the gate beside the first
+            with gate._lock:
+                return retry.done() or len(gate._pending) >= 2  # type: ignore[union-attr]
+
+        while not settled():
+            await asyncio.sleep(0.05)
+        if retry.done():
+            refused = isinstance(retry.exception(), TransientDeliveryError)
+    finally:
+        gate.close()
+        if retry is not None:
+            with contextlib.suppress(BaseException):
+                await retry
+        await registry.aclose()
+    assert refused, (
+        "after a reload the retry of a row whose copy is stuck in a hung folder was not "
+        "refused: it opened the same temporary name beside the stuck thread"
     )

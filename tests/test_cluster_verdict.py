@@ -20,7 +20,7 @@ import psycopg
 from filedispatch.cluster import Membership
 from filedispatch.errors import FencedError, JournalError
 from filedispatch.journal import PlannedStep, PostgresTarget, StepResult, open_journal
-from filedispatch.journal.pgnodes import requeue_orphans
+from filedispatch.journal.pgnodes import DEAD_ENTRIES, requeue_orphans
 from filedispatch.models import FileVersion, Status
 
 from .conftest import until
@@ -269,9 +269,9 @@ async def test_a_node_starting_beside_a_renewal_the_database_takes_is_not_told_i
     assert not alone, "a starting node was told it is alone beside a node whose renewal was taken"
 
 
-#: the share lock ``gone()`` takes on the dead entries, as another node's requeue takes it
-#: inside its writer's batch (held until that batch commits)
-_VERDICT = "SELECT epoch FROM nodes WHERE lease_until < clock_timestamp() FOR SHARE SKIP LOCKED"
+#: the lock ``gone()`` takes on the dead entries, as another node's requeue takes it inside
+#: its writer's batch (held until that batch commits)
+_VERDICT = DEAD_ENTRIES
 
 
 async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
@@ -310,7 +310,7 @@ async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: s
 
             await until(waiting, 60)
             await c.execute(_VERDICT)  # node c's requeue passes the waiting join
-            cur = await c.execute("SELECT 1 FROM nodes WHERE name='a' FOR SHARE NOWAIT")
+            cur = await c.execute("SELECT 1 FROM nodes WHERE name='a' FOR KEY SHARE NOWAIT")
             overlapped = await cur.fetchone() is not None
             await b.commit()  # b's batch ends; c's still runs
             # c's batch runs for three leases at most (the join ends first if it gives up)
@@ -327,4 +327,52 @@ async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: s
     assert refused is None, (
         f"node a's first join was refused while other nodes' requeues held its dead entry: "
         f"{refused}"
+    )
+
+
+async def test_a_rejoin_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
+    """As test_cluster_verdict's first join behind overlapping requeues, but for a node that
+    lost its lease (frozen, its entry dead) and joins again on the same journal: its lease
+    connection still carries the lease's statement and lock timeouts (pgnodes.py
+    ``_settings``: ``self.lease_s`` is set from the first join on), so the rejoin is refused
+    after a third of a lease ("lock timeout") while the requeues overlap: the very case
+    1d75888 lifted for the first join, and the one where the dead entry is most likely to be
+    share-locked (a rejoin always follows a dead entry). (d6 review.) Now the verdict takes
+    KEY SHARE locks, which a join's upsert (a NO KEY UPDATE) does not wait for."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    lease = 2.0
+    async with (
+        await _connect(pg_url) as db,
+        await _connect(pg_url, autocommit=False) as b,
+        await _connect(pg_url, autocommit=False) as c,
+        open_journal(target) as journal,
+    ):
+        await journal.join("a", lease, frozenset())
+        await db.execute(  # frozen past its lease
+            "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
+        )
+        await b.execute(_VERDICT)  # node b's requeue, in its writer's open batch
+        joining = asyncio.create_task(journal.join("a", lease, frozenset()))
+
+        async def waiting() -> bool:
+            cur = await db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'INSERT INTO nodes%%'"
+            )
+            return joining.done() or bool((await cur.fetchone() or [0])[0])
+
+        await until(waiting, 60)
+        await c.execute(_VERDICT)  # node c's requeue passes the waiting join
+        await b.commit()
+        deadline = time.monotonic() + 3 * lease  # c's batch: three leases at most
+        while not joining.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await c.commit()
+        refused: Exception | None = None
+        try:
+            await joining
+        except JournalError as exc:
+            refused = exc
+    assert refused is None, (
+        f"node a's rejoin was refused while other nodes' requeues held its dead entry: {refused}"
     )

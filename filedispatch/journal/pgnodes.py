@@ -37,19 +37,29 @@ def gone(column: str) -> str:
     ledger's orphans.
 
     A verdict of "dead" must never be undone by a renewal: whoever acts on it takes over the
-    rows and aborts the uploads of that token. So the entries found dead are share-locked
-    while they are judged: a renewal of one waits for the verdict and then finds the lease run
-    out (``renew`` locks the entry, then reads ``clock_timestamp()``). An entry that a renewal
-    (or a join) holds right now is skipped, judged at the next pass: a renewal that succeeds
-    thus proves that nobody found its token dead, and the node may take it up however late
-    its answer came (``Membership._tick``). A renewal frozen with the entry locked ends with
-    its session after half a lease (``_settings``), so the skip delays a verdict, never for
-    ever."""
+    rows and aborts the uploads of that token. So the entries found dead are locked
+    (``DEAD_ENTRIES``) while they are judged: a renewal of one waits for the verdict and then
+    finds the lease run out (``renew`` locks the entry, then reads ``clock_timestamp()``).
+    An entry that a renewal holds right now is skipped, judged at the next pass: a renewal
+    that succeeds thus proves that nobody found its token dead, and the node may take it up
+    however late its answer came (``Membership._tick``). A renewal frozen with the entry
+    locked ends with its session after half a lease (``_settings``), so the skip delays a
+    verdict, never for ever. A join replacing its name's dead entry does not hold the
+    verdict off: the old epoch is dead either way."""
     return (
         f"({column} IS NULL OR NOT EXISTS (SELECT 1 FROM nodes WHERE nodes.epoch = {column}) "
-        f"OR {column} IN (SELECT epoch FROM nodes WHERE lease_until < clock_timestamp() "
-        "FOR SHARE SKIP LOCKED))"
+        f"OR {column} IN ({DEAD_ENTRIES}))"
     )
+
+
+#: the epochs of the entries whose lease ran out, locked while they are judged (``gone``).
+#: KEY SHARE: it conflicts with a renewal's FOR UPDATE of its entry (which then waits, and an
+#: entry a renewal holds is skipped), not with a join's upsert of its name's dead entry (a
+#: NO KEY UPDATE: ``epoch`` is in no unique index), so no join waits behind the verdicts of
+#: other nodes (c6, d6 reviews: overlapping requeues held a join off for as long as they ran)
+DEAD_ENTRIES = (
+    "SELECT epoch FROM nodes WHERE lease_until < clock_timestamp() FOR KEY SHARE SKIP LOCKED"
+)
 
 
 #: rows IN_PROGRESS under a fencing token no live node holds, locked (rows another
@@ -165,18 +175,13 @@ class PgNodes:
         """A lease statement waits at most a third of a lease, for a lock or for anything; a
         frozen node's open transaction is ended after half a lease, as the writer's is."""
         if self._limits_s:  # from the first join on: a frozen join keeps no entry locked
-            idle = max(500, int(self._limits_s * 500))
-            await conn.execute(
-                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
-                (str(idle),),
-            )
-        if self.lease_s:  # once joined: a join waits its turn behind other nodes' requeues,
-            # which share-lock its dead entry in their batches and may overlap for a while
-            wait = str(max(200, int(self.lease_s * 1000 / 3)))
+            lease_ms = self._limits_s * 1000
+            wait, idle = max(200, int(lease_ms / 3)), max(500, int(lease_ms / 2))
             await conn.execute(
                 "SELECT set_config('statement_timeout', %s, false), "
-                "set_config('lock_timeout', %s, false)",
-                (wait, wait),
+                "set_config('lock_timeout', %s, false), "
+                "set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(wait), str(wait), str(idle)),
             )
 
     def _reap(self) -> None:
@@ -246,10 +251,7 @@ class PgNodes:
         self._unanswered.clear()  # answered: no entry of ours is on record but this one
         if not isinstance(epoch, int):
             raise epoch
-        if lease_s != self.lease_s:  # the waits' limits follow the lease once joined
-            self.lease_s = lease_s
-            async with self._turn:
-                await self._drop()
+        self.lease_s = lease_s
         self.node, self.epoch, self.shared = node, epoch, shared
 
         async def writer_limits(conn: Conn) -> None:

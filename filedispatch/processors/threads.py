@@ -29,13 +29,18 @@ T = TypeVar("T")
 CALL_OFF_PATIENCE_S = 10.0
 
 
+#: row -> the thread of an attempt of it that outlived its call-off. One for the process, not
+#: one per processor: a reload that changes a step's settings makes a new processor, and its
+#: retry of the row must still wait (d6 review)
+_STUCK: dict[int, asyncio.Future[Any]] = {}
+
+
 class CopyThreads:
     """One destination's copies in threads: ``run`` them, ``check`` before a retry."""
 
     def __init__(self, where: str) -> None:
         self.where = where  #: the destination, as the log names it
-        #: row -> the thread of an attempt of it that outlived its call-off
-        self._stuck: dict[int, asyncio.Future[Any]] = {}
+        self._stuck = _STUCK
 
     def check(self, ctx: StepContext) -> None:
         """Raise TransientDeliveryError while an earlier attempt of ``ctx``'s row is stuck in
