@@ -17,6 +17,7 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,31 @@ def _setup(tmp_path: Path, data: bytes) -> tuple[Any, FileVersion, Path, Path]:
     return config, version, src, out
 
 
+async def _cancelled_at_its_rename(start: Callable[[Callable[[], None]], Awaitable[Any]]) -> bool:
+    """Start a delivery (``start(fence)``) whose thread is held at its fence (its copy whole,
+    short of its rename, as a slow fsync would hold it), cancel it (a step's timeout), then
+    let the thread go on: whether the cancelled delivery had ended while its thread was held.
+    Fails unless it ends cancelled."""
+    at_rename, go_on = threading.Event(), threading.Event()
+
+    def held() -> None:
+        at_rename.set()
+        go_on.wait(60)
+
+    task = asyncio.ensure_future(start(held))
+    try:
+        await asyncio.to_thread(at_rename.wait, 60)
+        task.cancel()
+        for _ in range(20):  # let the cancellation reach the delivery (loop turns, no clock)
+            await asyncio.sleep(0)
+        ended_early = task.done()
+    finally:
+        go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    return ended_early
+
+
 @pytest.mark.parametrize("epoch", [5, None], ids=["postgresql", "sqlite"])
 async def test_a_timed_out_local_copy_ends_with_its_thread_and_publishes_nothing(
     tmp_path: Path, epoch: int | None
@@ -55,11 +81,6 @@ async def test_a_timed_out_local_copy_ends_with_its_thread_and_publishes_nothing
     renamed whatever lay under the shared temporary name later (a retry's partial copy)."""
     data = os.urandom(8 << 20)
     config, version, src, out = _setup(tmp_path, data)
-    at_rename, go_on = threading.Event(), threading.Event()
-
-    def held() -> None:  # attempt 1's thread, its copy whole, short of its rename
-        at_rename.set()
-        go_on.wait(60)
 
     def ctx(attempt: int, **more: Any) -> StepContext:
         return StepContext(7, version, src, "r", 0, attempt, tmp_path / "work", epoch=epoch, **more)
@@ -67,19 +88,12 @@ async def test_a_timed_out_local_copy_ends_with_its_thread_and_publishes_nothing
     registry = Registry()
     processor = registry.get(config.rules[0].to[0])
     try:
-        first = asyncio.create_task(processor.deliver(ctx(1, fence=held)))
-        await asyncio.to_thread(at_rename.wait, 60)
-        first.cancel()  # the step's timeout: wait_for cancels the await
-        for _ in range(20):  # let the cancellation reach the delivery (loop turns, no clock)
-            await asyncio.sleep(0)
-        ended_early = first.done()
-        go_on.set()
-        with pytest.raises(asyncio.CancelledError):
-            await first
+        ended_early = await _cancelled_at_its_rename(
+            lambda held: processor.deliver(ctx(1, fence=held))
+        )
         left = sorted(p.name for p in out.iterdir())
         outcome = await processor.deliver(ctx(2, resuming=True))
     finally:
-        go_on.set()
         await registry.aclose()
     assert not ended_early, "the timed-out delivery ended while its thread could still rename"
     assert left == [], f"the timed-out attempt left or published: {left}"
@@ -94,27 +108,15 @@ async def test_a_cancelled_batch_publishes_nothing_and_leaves_no_temporary(
     off the same way: a batch cancelled with its copy whole, short of its rename, ends once
     its thread has, and leaves nothing behind."""
     config, version, src, out = _setup(tmp_path, b"small")
-    at_rename, go_on = threading.Event(), threading.Event()
-
-    def held() -> None:
-        at_rename.set()
-        go_on.wait(60)
-
     registry = Registry()
     processor = registry.get(config.rules[0].to[0])
-    ctx = StepContext(7, version, src, "r", 0, 1, tmp_path / "work", fence=held)
     try:
-        batch = asyncio.create_task(processor.copy_batch([ctx]))  # type: ignore[attr-defined]
-        await asyncio.to_thread(at_rename.wait, 60)
-        batch.cancel()
-        for _ in range(20):  # let the cancellation reach the batch (loop turns, no clock)
-            await asyncio.sleep(0)
-        ended_early = batch.done()
-        go_on.set()
-        with pytest.raises(asyncio.CancelledError):
-            await batch
+        ended_early = await _cancelled_at_its_rename(
+            lambda held: processor.copy_batch(  # type: ignore[attr-defined]
+                [StepContext(7, version, src, "r", 0, 1, tmp_path / "work", fence=held)]
+            )
+        )
     finally:
-        go_on.set()
         await registry.aclose()
     assert not ended_early, "the cancelled batch ended while its thread could still rename"
     assert sorted(p.name for p in out.iterdir()) == []

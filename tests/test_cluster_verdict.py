@@ -274,81 +274,19 @@ async def test_a_node_starting_beside_a_renewal_the_database_takes_is_not_told_i
 _VERDICT = DEAD_ENTRIES
 
 
-async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
-    """Node a was killed; its entry is dead. It starts again while two other nodes' requeues
-    (their writers' batches, which take seconds on a loaded server) hold ``gone()``'s share
-    lock on that dead entry one after the other, overlapping: PostgreSQL lets a new share
-    lock pass a waiting updater, so the join waits as long as the overlap lasts. Before
-    7fe02b1 the first join had no server-side limit and joined as soon as the overlap ended;
-    now it carries the lease's lock_timeout (a third of a lease: 667 ms for a 2 s lease) and
-    fails ("lock timeout"), the start logs an ERROR and tries again 1 s, 2 s, 4 s ... later,
-    each try as short, so the start is held off for as long as the requeues overlap.
-    (c6 review of 7fe02b1.) Now the first join carries only the idle-in-transaction limit,
-    and waits."""
-    target = PostgresTarget(pg_url, PASSWORD_ENV)
-    lease = 2.0
+async def _join_behind_overlapping_verdicts(
+    pg_url: str, journal: Any, lease: float
+) -> tuple[bool, Exception | None]:
+    """Node a's entry is dead; ``journal`` joins as a while two other nodes' requeues (their
+    writers' open batches, sessions b and c) hold the verdict's lock on that entry one after
+    the other, overlapping: whether a second lock passed the first (the overlap), and the
+    error the join ended with (None: it joined)."""
     async with (
         await _connect(pg_url) as db,
         await _connect(pg_url, autocommit=False) as b,
         await _connect(pg_url, autocommit=False) as c,
     ):
-        async with open_journal(target) as old:
-            await old.join("a", lease, frozenset())
-        await db.execute(  # killed -9: its lease ran out
-            "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
-        )
-        await b.execute(_VERDICT)  # node b's requeue, in its writer's open batch
-        async with open_journal(target) as new:
-            joining = asyncio.create_task(new.join("a", lease, frozenset()))
-
-            async def waiting() -> bool:
-                cur = await db.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO nodes%%'"
-                )
-                return joining.done() or bool((await cur.fetchone() or [0])[0])
-
-            await until(waiting, 60)
-            await c.execute(_VERDICT)  # node c's requeue passes the waiting join
-            cur = await c.execute("SELECT 1 FROM nodes WHERE name='a' FOR KEY SHARE NOWAIT")
-            overlapped = await cur.fetchone() is not None
-            await b.commit()  # b's batch ends; c's still runs
-            # c's batch runs for three leases at most (the join ends first if it gives up)
-            deadline = time.monotonic() + 3 * lease
-            while not joining.done() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            await c.commit()
-            refused: Exception | None = None
-            try:
-                await joining
-            except JournalError as exc:
-                refused = exc
-    assert overlapped, "precondition: a second share lock passes a waiting join"
-    assert refused is None, (
-        f"node a's first join was refused while other nodes' requeues held its dead entry: "
-        f"{refused}"
-    )
-
-
-async def test_a_rejoin_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
-    """As test_cluster_verdict's first join behind overlapping requeues, but for a node that
-    lost its lease (frozen, its entry dead) and joins again on the same journal: its lease
-    connection still carries the lease's statement and lock timeouts (pgnodes.py
-    ``_settings``: ``self.lease_s`` is set from the first join on), so the rejoin is refused
-    after a third of a lease ("lock timeout") while the requeues overlap: the very case
-    1d75888 lifted for the first join, and the one where the dead entry is most likely to be
-    share-locked (a rejoin always follows a dead entry). (d6 review.) Now the verdict takes
-    KEY SHARE locks, which a join's upsert (a NO KEY UPDATE) does not wait for."""
-    target = PostgresTarget(pg_url, PASSWORD_ENV)
-    lease = 2.0
-    async with (
-        await _connect(pg_url) as db,
-        await _connect(pg_url, autocommit=False) as b,
-        await _connect(pg_url, autocommit=False) as c,
-        open_journal(target) as journal,
-    ):
-        await journal.join("a", lease, frozenset())
-        await db.execute(  # frozen past its lease
+        await db.execute(  # killed -9, or frozen: its lease ran out
             "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
         )
         await b.execute(_VERDICT)  # node b's requeue, in its writer's open batch
@@ -362,17 +300,57 @@ async def test_a_rejoin_behind_other_nodes_requeues_is_not_refused(pg_url: str) 
             return joining.done() or bool((await cur.fetchone() or [0])[0])
 
         await until(waiting, 60)
-        await c.execute(_VERDICT)  # node c's requeue passes the waiting join
-        await b.commit()
-        deadline = time.monotonic() + 3 * lease  # c's batch: three leases at most
+        await c.execute(_VERDICT)  # node c's requeue passes a waiting join
+        cur = await c.execute("SELECT 1 FROM nodes WHERE name='a' FOR KEY SHARE NOWAIT")
+        overlapped = await cur.fetchone() is not None
+        await b.commit()  # b's batch ends; c's still runs
+        # c's batch runs for three leases at most (the join ends first if it gives up)
+        deadline = time.monotonic() + 3 * lease
         while not joining.done() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await c.commit()
-        refused: Exception | None = None
         try:
             await joining
         except JournalError as exc:
-            refused = exc
+            return overlapped, exc
+    return overlapped, None
+
+
+async def test_a_first_join_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
+    """Node a was killed; its entry is dead. It starts again while two other nodes' requeues
+    (their writers' batches, which take seconds on a loaded server) hold ``gone()``'s share
+    lock on that dead entry one after the other, overlapping: PostgreSQL lets a new share
+    lock pass a waiting updater, so the join waits as long as the overlap lasts. Before
+    7fe02b1 the first join had no server-side limit and joined as soon as the overlap ended;
+    now it carries the lease's lock_timeout (a third of a lease: 667 ms for a 2 s lease) and
+    fails ("lock timeout"), the start logs an ERROR and tries again 1 s, 2 s, 4 s ... later,
+    each try as short, so the start is held off for as long as the requeues overlap.
+    (c6 review of 7fe02b1.) Now the verdict takes KEY SHARE locks, which a join's upsert (a
+    NO KEY UPDATE) does not wait for."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    async with open_journal(target) as old:
+        await old.join("a", 2.0, frozenset())
+    async with open_journal(target) as new:
+        overlapped, refused = await _join_behind_overlapping_verdicts(pg_url, new, 2.0)
+    assert overlapped, "precondition: a second share lock passes a waiting join"
+    assert refused is None, (
+        f"node a's first join was refused while other nodes' requeues held its dead entry: "
+        f"{refused}"
+    )
+
+
+async def test_a_rejoin_behind_other_nodes_requeues_is_not_refused(pg_url: str) -> None:
+    """As test_cluster_verdict's first join behind overlapping requeues, but for a node that
+    lost its lease (frozen, its entry dead) and joins again on the same journal: its lease
+    connection still carries the lease's statement and lock timeouts (pgnodes.py
+    ``_settings``: ``self.lease_s`` is set from the first join on), so the rejoin is refused
+    after a third of a lease ("lock timeout") while the requeues overlap: the case 1d75888
+    lifted for the first join only, and the one where the dead entry is most likely to be
+    share-locked (a rejoin always follows a dead entry). (d6 review.) Now the verdict takes
+    KEY SHARE locks, which a join's upsert (a NO KEY UPDATE) does not wait for."""
+    async with open_journal(PostgresTarget(pg_url, PASSWORD_ENV)) as journal:
+        await journal.join("a", 2.0, frozenset())
+        _, refused = await _join_behind_overlapping_verdicts(pg_url, journal, 2.0)
     assert refused is None, (
         f"node a's rejoin was refused while other nodes' requeues held its dead entry: {refused}"
     )

@@ -40,13 +40,12 @@ class CopyThreads:
 
     def __init__(self, where: str) -> None:
         self.where = where  #: the destination, as the log names it
-        self._stuck = _STUCK
 
     def check(self, ctx: StepContext) -> None:
         """Raise TransientDeliveryError while an earlier attempt of ``ctx``'s row is stuck in
         its thread: a new attempt would write the very temporary name that thread may still
         rename into place."""
-        held = self._stuck.get(ctx.dispatch_id)
+        held = _STUCK.get(ctx.dispatch_id)
         if held is not None and not held.done():
             raise TransientDeliveryError(
                 "an earlier attempt of this file is stuck in a system call (a hung disk or "
@@ -70,8 +69,8 @@ class CopyThreads:
                 CALL_OFF_PATIENCE_S,
             )
             for i in ids:
-                self._stuck[i] = fut
-            fut.add_done_callback(lambda _: [self._stuck.pop(i, None) for i in ids])
+                _STUCK[i] = fut
+            fut.add_done_callback(lambda _: [_STUCK.pop(i, None) for i in ids])
 
         calls = [called_off(ctx, off) for ctx in ctxs]
         return await thread_to_its_end(
