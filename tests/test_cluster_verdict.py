@@ -269,8 +269,8 @@ async def test_a_node_starting_beside_a_renewal_the_database_takes_is_not_told_i
     assert not alone, "a starting node was told it is alone beside a node whose renewal was taken"
 
 
-#: the lock ``gone()`` takes on the dead entries, as another node's requeue takes it inside
-#: its writer's batch (held until that batch commits)
+#: the lock ``gone()`` takes on the dead entries, as another node's requeue takes it (held
+#: until its transaction commits, which a loaded server can make take seconds)
 _VERDICT = DEAD_ENTRIES
 
 
@@ -278,7 +278,7 @@ async def _join_behind_overlapping_verdicts(
     pg_url: str, journal: Any, lease: float
 ) -> tuple[bool, Exception | None]:
     """Node a's entry is dead; ``journal`` joins as a while two other nodes' requeues (their
-    writers' open batches, sessions b and c) hold the verdict's lock on that entry one after
+    open transactions, sessions b and c) hold the verdict's lock on that entry one after
     the other, overlapping: whether a second lock passed the first (the overlap), and the
     error the join ended with (None: it joined)."""
     async with (
@@ -289,7 +289,7 @@ async def _join_behind_overlapping_verdicts(
         await db.execute(  # killed -9, or frozen: its lease ran out
             "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
         )
-        await b.execute(_VERDICT)  # node b's requeue, in its writer's open batch
+        await b.execute(_VERDICT)  # node b's requeue, its transaction still open
         joining = asyncio.create_task(journal.join("a", lease, frozenset()))
 
         async def waiting() -> bool:
@@ -353,4 +353,68 @@ async def test_a_rejoin_behind_other_nodes_requeues_is_not_refused(pg_url: str) 
         _, refused = await _join_behind_overlapping_verdicts(pg_url, journal, 2.0)
     assert refused is None, (
         f"node a's rejoin was refused while other nodes' requeues held its dead entry: {refused}"
+    )
+
+
+async def test_a_rejoined_node_renews_while_another_nodes_writer_commits_a_long_batch(
+    pg_url: str,
+) -> None:
+    """Node a froze past its lease (epoch E1 dead). Node b's writer runs a requeue, which
+    judges E1 dead and takes the verdict's KEY SHARE lock on a's entry, and then a long batch
+    of other writes (thousands of outcomes on a loaded server). Node a joins again: its
+    upsert does not wait (498efbf), but PostgreSQL carries KEY SHARE lockers over to the row
+    version of a non-key update, so the lock sits on a's new entry, whose renewals (FOR
+    UPDATE) waited for b's batch to commit and were refused after a third of a lease, again
+    and again while such batches follow each other, till E2's lease ran out (e6 review of
+    498efbf). Now the requeue commits in a transaction of its own. Each wait here is for a
+    state; b's long batch is a write held open by the test until a has renewed."""
+    target = PostgresTarget(pg_url, PASSWORD_ENV)
+    gate, running, blocking = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def long_write(conn: Any) -> None:  # stands for a batch that takes a while
+        running.set()
+        await gate.wait()
+
+    async def blocker(conn: Any) -> None:  # holds b's writer till the two are queued
+        blocking.set()
+        await queued.wait()
+
+    async def flag(event: asyncio.Event) -> bool:
+        return event.is_set()
+
+    queued = asyncio.Event()
+    async with (
+        await _connect(pg_url) as db,
+        open_journal(target) as a,
+        open_journal(target) as b,
+    ):
+        await b.join("b", 60.0, frozenset())
+        await b.flush()  # the requeue b's join queued is done: the one below is the test's
+        old = await a.join("a", 2.0, frozenset({"s"}))
+        await a.plan([_step(_version("x"))])
+        [[row]] = await a.claim(10, time.time())
+        await db.execute(  # frozen past its lease, with a row in progress
+            "UPDATE nodes SET lease_until = clock_timestamp() - interval '1 second' WHERE name='a'"
+        )
+        held = asyncio.ensure_future(b.write(blocker))
+        await until(lambda: flag(blocking), 60)
+        requeue = b.resume_interrupted()  # queued behind the blocker, then the long write:
+        batch = b._enqueue(long_write)  # one batch before this change
+        queued.set()
+        await until(lambda: flag(running), 60)
+        try:
+            new = await a.join("a", 2.0, frozenset({"s"}))
+            assert new != old
+            refused: Exception | None = None
+            try:
+                renewed = await a.renew()
+            except JournalError as exc:
+                refused, renewed = exc, False
+        finally:
+            gate.set()
+            await asyncio.gather(held, requeue, batch)
+        assert await requeue == 1 and await _row(db, row.id) == ("PENDING", None)
+    assert renewed and refused is None, (
+        "node a's renewal of its new epoch waited behind another node's requeue of its old "
+        f"one, held till that node's writer committed a long batch: {refused}"
     )

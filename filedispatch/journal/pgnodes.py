@@ -23,6 +23,7 @@ import psycopg
 from ..errors import JournalError, NodeConflictError, NotFound
 from .base import NodeInfo
 from .pgconn import Conn, PgOp, T, connect, limit_waits
+from .pgwriter import own_transaction
 from .target import PostgresTarget
 
 log = logging.getLogger("filedispatch.journal")
@@ -83,9 +84,12 @@ ALIVE = "SELECT 1 FROM nodes WHERE name=%s AND epoch=%s AND lease_until > now()"
 _FIRST_DEADLINE_S = 10.0
 
 
+@own_transaction
 async def requeue_orphans(conn: Conn) -> int:
     """The writer's half of a renewal: the work of nodes whose lease ran out, PENDING again;
-    how many rows.
+    how many rows. Committed alone (``own_transaction``): the verdict's locks on dead entries
+    go to the new entry of a node that joins again (PostgreSQL keeps KEY SHARE lockers on the
+    row version a non-key update makes), whose renewals wait behind them till they commit.
 
     Two statements, for a row changed while the first ran (another node's join requeued it,
     and that node claimed it under its new epoch): the first locks it and judges its new

@@ -1,6 +1,7 @@
 """The PostgreSQL journal's writer and its connections: opening (connect, migrate, the read
 pool), one writer task that commits every queued write in one transaction on a connection of
-its own (group commit, in queue order, each write in a savepoint), the pooled reads, closing.
+its own (group commit, in queue order, each write in a savepoint; a write marked
+``own_transaction`` is committed alone), the pooled reads, closing.
 
 A server that goes away, refuses a login or runs out of disk is not an error for the caller:
 the writer holds the batch, says so once (``health``, ``writable``), reconnects with a capped
@@ -66,6 +67,22 @@ class _InDoubt(Exception):
         self.xid, self.pid, self.results = xid, pid, results
 
 
+def own_transaction(op: PgOp[T]) -> PgOp[T]:
+    """Mark ``op`` to be committed in a transaction of its own, never in a group batch: for a
+    write whose row locks other sessions wait for (the dead-epoch verdict's, which a renewal of
+    the entry waits behind), so they are held for that write alone, not until a batch of
+    thousands of other writes commits (e6 review). Returns ``op``."""
+    setattr(op, _OWN, True)
+    return op
+
+
+_OWN = "_filedispatch_own_transaction"
+
+
+def _alone(item: tuple[PgOp[Any], asyncio.Future[Any]]) -> bool:
+    return bool(getattr(item[0], _OWN, False))
+
+
 class PgWriter(HealthReport):
     """The writer and the read pool of a PostgreSQL journal; open it with
     ``async with cls.open(target)``."""
@@ -77,6 +94,8 @@ class PgWriter(HealthReport):
         self._pool = pool
         self._inbox: asyncio.Queue[tuple[PgOp[Any], asyncio.Future[Any]] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        #: a write taken from the inbox that goes in the next batch (``own_transaction``)
+        self._held: tuple[PgOp[Any], asyncio.Future[Any]] | None = None
         self._give_up = asyncio.Event()
         #: the journal's identity token (``Journal.token``), read at ``open``
         self.token = ""
@@ -145,6 +164,9 @@ class PgWriter(HealthReport):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        held, self._held = self._held, None
+        if held is not None and not held[1].done():
+            held[1].set_exception(JournalError("the journal is closed"))
         while not self._inbox.empty():  # a write nobody will commit must not hang its caller
             item = self._inbox.get_nowait()
             if item is not None and not item[1].done():
@@ -161,15 +183,18 @@ class PgWriter(HealthReport):
 
     async def _writer(self) -> None:
         while True:
-            first = await self._inbox.get()
+            first, self._held = self._held or await self._inbox.get(), None
             if first is None:
                 return
             batch = [first]
             stop = False
-            while len(batch) < 5000 and not self._inbox.empty():
+            while not _alone(first) and len(batch) < 5000 and not self._inbox.empty():
                 item = self._inbox.get_nowait()
                 if item is None:
                     stop = True
+                    break
+                if _alone(item):  # ends this batch and goes alone in the next
+                    self._held = item
                     break
                 batch.append(item)
             try:
