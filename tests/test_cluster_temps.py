@@ -222,11 +222,11 @@ def test_a_woken_nodes_clean_up_leaves_the_taker_s_upload_alone(
         n1.start()
         old(tmp_path / "inbox" / "big.bin", data)
         wait_until(lambda: any(s > frozen_at for _, s in _temporaries(out).values()), 60)
-        n2.start()
         assert n1.proc is not None
-        os.kill(n1.proc.pid, signal.SIGSTOP)
+        os.kill(n1.proc.pid, signal.SIGSTOP)  # before n2 starts: n1 must not finish meanwhile
         mine = {(n, t[0]) for n, t in _temporaries(out).items()}  # (name, inode)
-        try:  # past n1's lease n2 takes the row over and uploads under a name of its own
+        try:
+            n2.start()  # past n1's lease n2 takes the row over and uploads under a name of its own
             wait_until(
                 lambda: any(
                     (n, t[0]) not in mine and t[1] > 3 * MIB for n, t in _temporaries(out).items()

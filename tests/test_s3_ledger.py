@@ -181,16 +181,17 @@ def _open_ids(s3: S3Server) -> set[str]:
 def test_a_killed_nodes_open_upload_is_aborted_by_the_node_left(
     tmp_path: Path, pg_url: str, s3: S3Server
 ) -> None:
-    """Node A begins a multipart upload and is killed (-9), never to come back; node B, already
-    running on another state folder (another host), aborts A's upload once A's lease ran out,
-    and delivers the file once."""
+    """Node A begins a multipart upload and is killed (-9), never to come back; node B, started
+    on another state folder (another host) while A's lease still runs, aborts A's upload once
+    that lease ran out, and delivers the file once. (A is killed before B starts: a start
+    slowed by a loaded machine must not give A the time to finish its upload.)"""
     with _two_nodes(tmp_path, pg_url, s3) as (a, b):
         a.start()
         src = old_file(tmp_path / "inbox" / "big.bin", 12 * MIB)
         theirs = wait_until(lambda: _begun_by(pg_url, "a"), 60, 0.01)
-        b.start()
         a.kill()
         assert theirs in _open_ids(s3)
+        b.start()
         wait_until(lambda: _delivered_by(pg_url, "b"), 120)
         wait_until(lambda: not _open_ids(s3), 60)  # A's upload aborted, B's completed
         wait_until(lambda: not journal_rows(pg_url, table="uploads"), 60)
@@ -210,9 +211,10 @@ def test_a_frozen_nodes_aborted_upload_is_never_recorded_as_done(
         a.start()
         src = old_file(tmp_path / "inbox" / "big.bin", 12 * MIB)
         theirs = wait_until(lambda: _begun_by(pg_url, "a"), 60, 0.01)
-        b.start()
-        a.signal(signal.SIGSTOP)
+        a.signal(signal.SIGSTOP)  # before B starts, however long its start takes
         try:
+            assert theirs in _open_ids(s3)
+            b.start()
             wait_until(lambda: theirs not in _open_ids(s3), 120)  # aborted by B
             wait_until(lambda: _delivered_by(pg_url, "b"), 120)
         finally:
