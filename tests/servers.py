@@ -545,6 +545,45 @@ def old_file(path: Path, data: bytes | int) -> Path:
     return path
 
 
+def resume(
+    tmp_path: Path,
+    step: dict[str, Any],
+    data: bytes = b"the file",
+    name: str = "a.txt",
+    epoch: int | None = 5,
+    journal: str = "",
+) -> Any:
+    """Resume row 7 (claim ``epoch``; of the journal whose token is ``journal``) delivering
+    tmp_path/inbox/``name`` (``data``) through ``step``, as a worker does after a crash, a
+    lost lease or any failed attempt (``started`` is kept: every retry is a resume); the
+    outcome, or the exception the delivery raised."""
+    import os
+
+    from filedispatch.config import load_config
+    from filedispatch.models import FileVersion
+    from filedispatch.processors import Registry, StepContext
+
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    config = load_config(remote_config(ws, step))
+    source = config.sources[0]
+    src = old_file(ws["inbox"] / name, data)
+    version = FileVersion.from_stat(source.key, source.path, name, os.stat(src))
+    ctx = StepContext(
+        7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, epoch=epoch, journal=journal
+    )
+
+    async def run() -> Any:
+        registry = Registry()
+        try:
+            return await registry.get(config.rules[0].to[0]).deliver(ctx)
+        except Exception as exc:
+            return exc
+        finally:
+            await registry.aclose()
+
+    return asyncio.run(run())
+
+
 def files_under(root: Path) -> dict[str, str]:
     """Every file below ``root`` (relative POSIX path) with its SHA-256."""
     return {p.relative_to(root).as_posix(): sha256_of(p) for p in root.rglob("*") if p.is_file()}

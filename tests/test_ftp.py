@@ -21,6 +21,7 @@ from .servers import (
     files_under,
     old_file,
     remote_config,
+    resume,
     self_signed,
     sha256_of,
     some_files,
@@ -444,29 +445,7 @@ def _resume_into(tmp_path: Path, server: FtpServer) -> Any:
     """Resume row 7 under claim 5 (a node of several took it over), delivering inbox/a.txt to
     ``server``'s /in/: the outcome, or the exception the delivery raised. A resume lists the
     folder to remove what earlier claims of the row left."""
-    import asyncio
-
-    from filedispatch.config import load_config
-    from filedispatch.models import FileVersion
-    from filedispatch.processors import Registry, StepContext
-
-    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
-    config = load_config(remote_config(ws, {"url": server.url("/in/")}))
-    source = config.sources[0]
-    src = old_file(ws["inbox"] / "a.txt", b"the file")
-    version = FileVersion.from_stat(source.key, source.path, "a.txt", os.stat(src))
-    ctx = StepContext(7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, epoch=5)
-
-    async def run() -> Any:
-        registry = Registry()
-        try:
-            return await registry.get(config.rules[0].to[0]).deliver(ctx)
-        except Exception as exc:
-            return exc
-        finally:
-            await registry.aclose()
-
-    return asyncio.run(run())
+    return resume(tmp_path, {"url": server.url("/in/")})
 
 
 @pytest.mark.parametrize(
@@ -505,3 +484,111 @@ def test_a_name_aioftp_cannot_read_does_not_stop_a_resumed_delivery(
     assert (out / "a.txt").read_bytes() == b"the file"
     assert not (out / earlier).exists()
     assert (out / name).read_bytes() == b"someone else's"
+
+
+# ------------------------------------------------------------------ what a resume takes for its own
+
+#: the journal token of the resumed row in the tests below
+_TOKEN = "0a1b2c3d"
+
+
+def _server(kind: str, tmp_path: Path) -> tuple[Any, dict[str, Any]]:
+    """A server of ``kind`` rooted at tmp_path/root, and a destination to its /in/."""
+    if kind == "sftp":
+        from .test_cluster_temps import _sftp
+
+        return _sftp(tmp_path)
+    overrides = {"ftp_XSHA256": _xsha256()} if kind == "ftp-hash" else None
+    server = FtpServer(tmp_path / "root", overrides=overrides)
+    return server, {"url": server.url("/in/")}
+
+
+@pytest.mark.parametrize("kind", ["ftp", "ftp-hash", "sftp"])
+def test_a_resume_takes_only_a_file_with_its_own_bytes_for_an_earlier_delivery(
+    tmp_path: Path, kind: str
+) -> None:
+    """A file of our name and size is at the destination (another journal's delivery into the
+    same folder, a user's). Our row's first attempt failed, so its retry is a resume, which
+    used to take any file of our size for our earlier delivery: ours was never sent, the row
+    SUCCEEDED and the source was consumed (k7 review). Now the candidate is read back (or
+    hashed by the server, ftp-hash) and compared: theirs stays, ours lands beside it
+    (``on_conflict: rename``); a file with our very bytes is still found delivered."""
+    out = tmp_path / "root" / "in"
+    out.mkdir(parents=True)
+    (out / "a.bin").write_bytes(b"T" * 4096)  # someone else's, of our size
+    server, to = _server(kind, tmp_path)
+    try:
+        outcome = resume(tmp_path, to, b"O" * 4096, "a.bin", None, _TOKEN)
+        assert not isinstance(outcome, BaseException), outcome
+        held = {p.name: p.read_bytes()[:1] for p in out.iterdir() if p.is_file()}
+        assert held == {"a.bin": b"T", "a-1.bin": b"O"}, (outcome.detail, outcome.location)
+        (tmp_path / "again").mkdir()
+        again = resume(tmp_path / "again", to, b"O" * 4096, "a.bin", None, _TOKEN)
+    finally:
+        server.close() if kind == "sftp" else server.stop()
+    assert not isinstance(again, BaseException), again
+    assert again.detail == "found delivered by an earlier attempt"
+
+
+def _like_vsftpd(root: Path) -> FtpServer:
+    """An FTP server that lists as vsftpd does by default (``force_dot_files=NO``; pure-ftpd
+    without ``-D`` is alike): no MLSD, and LIST leaves out names that begin with a dot unless
+    the client asks ``LIST -a``."""
+    from pyftpdlib.filesystems import AbstractedFS
+    from pyftpdlib.handlers import FTPHandler
+
+    class HidingFS(AbstractedFS):  # type: ignore[misc]
+        def listdir(self, path: str) -> list[str]:
+            names: list[str] = super().listdir(path)
+            if getattr(self.cmd_channel, "dot_files", False):
+                return names
+            return [n for n in names if not n.startswith(".")]
+
+    def pre_process_command(handler: Any, line: str, cmd: str, arg: str) -> Any:
+        handler.dot_files = False
+        if cmd == "LIST" and arg.startswith("-"):
+            options, _, arg = arg.partition(" ")
+            handler.dot_files = "a" in options
+        return FTPHandler.pre_process_command(handler, line, cmd, arg)
+
+    overrides = {"abstracted_fs": HidingFS, "pre_process_command": pre_process_command}
+    return FtpServer(root, overrides=overrides, without=("MLSD",))
+
+
+@pytest.mark.parametrize(
+    ("case", "earlier", "name", "epoch"),
+    [
+        # an SQLite row (no epoch) whose earlier attempt rendered another name ({now})
+        ("sqlite-now", f".filedispatch-tmp-{_TOKEN}-7-20250101000000-a.txt", "{now}", None),
+        # a file whose name ends in a blank: aioftp strips blanks from the listing's lines
+        ("trailing-blank", f".filedispatch-tmp-{_TOKEN}-7-e2-a.txt ", "a.txt ", 5),
+        # a server that lists dot files only when asked LIST -a (vsftpd, pure-ftpd)
+        ("hides-dot-files", f".filedispatch-tmp-{_TOKEN}-7-e2-a.txt", "a.txt", 5),
+    ],
+)
+def test_a_resume_removes_what_earlier_attempts_of_its_row_left(
+    tmp_path: Path, case: str, earlier: str, name: str, epoch: int | None
+) -> None:
+    """An earlier attempt of row 7 left a half-upload under a temporary name; the resume
+    removes it (no start-up sweep reaches an FTP server: it would stay for good) and delivers.
+    Each case failed before (k7 review): the SQLite resume removed only the name it renders
+    now; aioftp's listing cut the trailing blank, so the removal missed; a plain LIST on
+    vsftpd does not show the dot file. A file that is not ours is left alone."""
+    out = tmp_path / "root" / "in"
+    out.mkdir(parents=True)
+    (out / earlier).write_bytes(b"half an upl")
+    (out / ".filedispatch-tmp-9f8e7d6c-7-e2-a.txt").write_bytes(b"another journal's")
+    root = tmp_path / "root"
+    server = _like_vsftpd(root) if case == "hides-dot-files" else FtpServer(root)
+    step = {"url": server.url("/in/")}
+    if name == "{now}":
+        step["name"], name = "{now:%Y%m%d%H%M%S}-{name}", "a.txt"
+    try:
+        outcome = resume(tmp_path, step, b"the file", name, epoch, _TOKEN)
+    finally:
+        server.stop()
+    assert not isinstance(outcome, BaseException), outcome
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(".filedispatch-tmp-"))
+    assert left == [".filedispatch-tmp-9f8e7d6c-7-e2-a.txt"], f"{case}: {left}"
+    delivered = [p for p in out.iterdir() if not p.name.startswith(".")]
+    assert [p.read_bytes() for p in delivered] == [b"the file"]

@@ -9,6 +9,7 @@ leaves this module untranslated.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import ssl
@@ -20,7 +21,7 @@ import aioftp
 from ..config import FtpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from . import Resources, StepContext
-from .remote import RemoteProcessor, copy_to
+from .remote import CHUNK, RemoteProcessor, copy_to
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,34 @@ class _Client(aioftp.Client):
     # of ours (we send UTF-8 names without line breaks): it is passed over, as aioftp passes
     # over ``.`` and ``..``.
 
+    #
+    # aioftp also strips every blank from the end of a line, and so from a name that ends in
+    # one (``a.txt ``): such a name is given back its blanks (``_blanks``).
+
     def parse_mlsx_line(self, b: bytes | str) -> tuple[PurePosixPath, Any]:
         try:
-            return super().parse_mlsx_line(b)
+            return _blanks(b, self.encoding, *super().parse_mlsx_line(b))
         except ValueError:  # UnicodeDecodeError among them
             return PurePosixPath("."), {"type": "unreadable"}
 
     def parse_list_line(self, b: bytes) -> tuple[PurePosixPath, Any]:
         try:
-            return super().parse_list_line(b)
+            return _blanks(b, self.encoding, *super().parse_list_line(b))
         except ValueError:
             return PurePosixPath("."), {"type": "unreadable"}
+
+
+def _blanks(
+    line: bytes | str, encoding: str, path: PurePosixPath, info: Any
+) -> tuple[PurePosixPath, Any]:
+    """``(path, info)`` of a listing line, the name given back the blanks aioftp stripped from
+    the line's end (a link's ``name -> target`` keeps them on the target: left as it is)."""
+    text = line.decode(encoding) if isinstance(line, bytes) else line
+    text = text.rstrip("\r\n")
+    blanks = text[len(text.rstrip()) :]
+    if blanks and info.get("type") != "link" and " -> " not in text:
+        path = PurePosixPath(str(path) + blanks)
+    return path, info
 
 
 class FtpProcessor(RemoteProcessor[aioftp.Client]):
@@ -214,6 +232,15 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             f"{self.target.display}: verify: cannot read a SHA-256 in {info[-1]!r}"
         )
 
+    async def read_sha256(self, conn: aioftp.Client, path: PurePosixPath) -> str:
+        if await self._hash_command(conn) is not None:
+            return await self.sha256(conn, path)
+        digest = hashlib.sha256()  # no HASH on this server: read the file back (RETR)
+        async with conn.download_stream(path) as stream:
+            async for block in stream.iter_by_block(CHUNK):
+                digest.update(block)
+        return digest.hexdigest()
+
     async def _hash_command(self, conn: aioftp.Client) -> str | None:
         """HASH (draft-bryan-ftpext-hash, set to SHA-256) or XSHA256, if FEAT lists one."""
         if not hasattr(conn, "hash_command"):
@@ -244,12 +271,33 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
             pass
 
     async def listdir(self, conn: aioftp.Client, folder: PurePosixPath) -> list[str]:
-        # MLSD (LIST where the server has none), which list hidden names on the servers we
-        # know. A refusal (no such folder yet, no right to list) lists nothing
+        # MLSD lists hidden names. A server without it is asked ``LIST -a``: vsftpd and
+        # pure-ftpd leave names that begin with a dot (every temporary name of ours) out of a
+        # plain LIST; a server that refuses the option is asked plain LIST. A refusal of that
+        # too (no such folder yet, no right to list) lists nothing
         try:
-            return [path.name for path, _info in await conn.list(folder)]
+            return [path.name for path, _info in await conn.list(folder, raw_command="MLSD")]
+        except aioftp.StatusCodeError as exc:
+            if not exc.received_codes[-1].matches("50x"):
+                return []
+        try:
+            return await self._list_all(conn, folder)
+        except aioftp.StatusCodeError:
+            pass
+        try:
+            return [path.name for path, _info in await conn.list(folder, raw_command="LIST")]
         except aioftp.StatusCodeError:
             return []
+
+    async def _list_all(self, conn: aioftp.Client, folder: PurePosixPath) -> list[str]:
+        """The names ``LIST -a`` gives for ``folder`` (``.`` and ``..`` left out)."""
+        names: list[str] = []
+        async with conn.get_stream(f"LIST -a {folder}", "1xx") as stream:
+            while line := await stream.readline():
+                path, _info = conn.parse_list_line(line)
+                if str(path) not in (".", ".."):
+                    names.append(path.name)
+        return names
 
     def check_name(self, path: PurePosixPath) -> None:
         text = str(path)

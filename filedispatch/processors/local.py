@@ -623,12 +623,13 @@ def sha256_if_same(src: int, copy: int) -> str | None:
 
 def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
     """Remove what earlier attempts of a resumed row left in ``folder`` under a temporary
-    name: that one name with one node (no epoch); with several, every claim wrote a name of
-    its own, so the folder is listed and each temporary name of the row's file goes (an earlier
-    claimant's lease ran out before the row came back: its fence refuses its rename). Only
-    this journal's (``ctx.journal``): another journal's row of the same id is not this row."""
-    if not ctx.epoch:
-        unlink_quietly(folder / temp_name(ctx.dispatch_id, name, journal=ctx.journal))
+    name: the name this attempt writes, and with a journal token (or several nodes' claims,
+    each writing a name of its own) every temporary name of the row in the folder, whatever
+    name an earlier attempt rendered (``earlier_temps``; an earlier claimant's lease ran out
+    before the row came back: its fence refuses its rename). Only this journal's
+    (``ctx.journal``): another journal's row of the same id is not this row."""
+    unlink_quietly(folder / temp_name(ctx.dispatch_id, name, ctx.epoch, ctx.journal))
+    if not ctx.epoch and not ctx.journal:
         return
     try:
         with os.scandir(folder) as entries:

@@ -315,6 +315,11 @@ class RemoteProcessor(ABC, Generic[C]):
         """The hex SHA-256 of the file at ``path``, as the server sees it. Raises
         PermanentDeliveryError when the server cannot tell it."""
 
+    async def read_sha256(self, conn: C, path: PurePosixPath) -> str:
+        """The hex SHA-256 of the file at ``path``: asked of the server where it can tell,
+        else read back (slow for big files: used by a resume only, see ``_find_previous``)."""
+        return await self.sha256(conn, path)
+
     @abstractmethod
     async def rename(
         self, conn: C, src: PurePosixPath, dst: PurePosixPath, overwrite: bool
@@ -332,8 +337,7 @@ class RemoteProcessor(ABC, Generic[C]):
     async def listdir(self, conn: C, folder: PurePosixPath) -> list[str]:
         """The names in ``folder`` (hidden ones included); empty when there is no such
         folder or the server refuses to list it (what is not listed is left behind, never
-        published). Used only by a resumed delivery with claims of several nodes (see
-        ``_remove_earlier``)."""
+        published). Used only by a resumed delivery (see ``_remove_earlier``)."""
 
     @abstractmethod
     def check_name(self, path: PurePosixPath) -> None:
@@ -517,7 +521,12 @@ class RemoteProcessor(ABC, Generic[C]):
     async def _find_previous(
         self, conn: C, ctx: StepContext, rel: PurePosixPath, tmp: PurePosixPath
     ) -> PurePosixPath | None:
-        """After a crash or a lost connection: our file at a candidate name, with our size."""
+        """After a crash or a failed attempt: our file at a candidate name, with our size and
+        our bytes. The size alone took another's file for ours (another journal's delivery of a
+        file of the same name and size into this folder, or a user's): ours was never sent,
+        the row SUCCEEDED and the source was consumed (k7 review). A candidate of our size is
+        read back and compared (the server's hash where it has one); a read that fails counts
+        as not ours (the delivery then goes on as ``on_conflict`` says)."""
         await self._remove_earlier(conn, ctx, rel.name, tmp)
         want = ctx.version.size
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
@@ -525,26 +534,52 @@ class RemoteProcessor(ABC, Generic[C]):
                 want = ctx.input.stat().st_size
             except OSError:
                 return None
+        ours: str | None = None
         for cand in candidates(rel, self.dest.on_conflict):
             got = await self.size(conn, self.target.root / cand)
             if got is None:
                 return None
-            if got == want:
+            if got != want:
+                continue
+            if ours is None:
+                ours = await asyncio.to_thread(_input_sha256, ctx)
+            unreadable: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
+            try:
+                theirs = await self.read_sha256(conn, self.target.root / cand)
+            except unreadable as exc:
+                log.info(
+                    "%s: cannot read %s back to tell whether an earlier attempt delivered it "
+                    "(%s); taken for another file",
+                    self.target.display,
+                    cand,
+                    exc,
+                )
+                continue
+            if theirs == ours:
                 return cand
         return None
 
     async def _remove_earlier(
         self, conn: C, ctx: StepContext, name: str, tmp: PurePosixPath
     ) -> None:
-        """Remove what earlier attempts of this row left under a temporary name. With one
-        node (no epoch) that is ``tmp`` itself; with several, every claim wrote a name of its
-        own, so the folder is listed and every temporary name of this row's file ``name``
-        goes (``earlier_temps``): each earlier
-        claimant's lease ran out before the row came back, so its fence refuses any further
-        chunk or rename of that copy."""
-        if not ctx.epoch:
-            await self.remove(conn, tmp)
+        """Remove what earlier attempts of this row left under a temporary name: ``tmp``
+        itself, and with a journal token every temporary name of this row in the folder
+        (``earlier_temps``), whatever name an earlier attempt rendered (a ``{now}``
+        template, a reload, another claim's epoch). Each earlier claimant's lease ran out
+        before the row came back, so its fence refuses any further chunk or rename of that
+        copy. Without a token (no journal) only names of this file ``name``."""
+        await self.remove(conn, tmp)
+        if not ctx.epoch and not ctx.journal:
             return
         names = await self.listdir(conn, tmp.parent)
         for stale in earlier_temps(names, ctx.dispatch_id, name, ctx.journal):
-            await self.remove(conn, tmp.parent / stale)
+            if stale != tmp.name:
+                await self.remove(conn, tmp.parent / stale)
+
+
+def _input_sha256(ctx: StepContext) -> str:
+    """The hex SHA-256 of the file the step delivers, opened as promised (``open_input``:
+    SourceVanishedError when it is gone or changed); blocking."""
+    fd, _ = open_input(ctx)
+    with os.fdopen(fd, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
