@@ -128,3 +128,55 @@ def test_verify_sha256_hashes_the_source_and_compares_the_copy(tmp_path: Path, c
             os.close(fd)
     same = copy == src.read_bytes()
     assert got == (hashlib.sha256(copy).hexdigest() if same else None)
+
+
+@pytest.mark.parametrize("planted", ["same-size-and-mtime", "link-to-the-source"])
+def test_a_local_resume_takes_only_its_own_bytes_for_an_earlier_delivery(
+    tmp_path: Path, planted: str
+) -> None:
+    """Someone who may write into the destination folder puts a file at our final name with
+    our size and mtime (both readable from the inbox), or a link to our source there, and our
+    row's attempt fails (any retry is a resume). The resume took either for our earlier
+    delivery (size and mtime matched): ours was never copied, the row SUCCEEDED and the source
+    was consumed. Now what is there must hold our very bytes, as a regular file: ours lands
+    beside it (``rename``); a file with our bytes is still found delivered."""
+    import asyncio
+
+    from filedispatch.config import load_config
+    from filedispatch.models import FileVersion
+    from filedispatch.processors import Registry, StepContext
+
+    out = tmp_path / "out"
+    out.mkdir()
+    ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+    src = old_file(ws["inbox"] / "a.bin", b"O" * 4096)
+    st = os.stat(src)
+    if planted == "link-to-the-source":
+        (out / "a.bin").symlink_to(src)
+    else:
+        (out / "a.bin").write_bytes(b"T" * 4096)
+        os.utime(out / "a.bin", ns=(st.st_atime_ns, st.st_mtime_ns))
+    config = load_config(remote_config(ws, {"url": out.as_uri()}))
+    source = config.sources[0]
+    version = FileVersion.from_stat(source.key, source.path, "a.bin", st)
+
+    def deliver() -> object:
+        ctx = StepContext(
+            7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, journal="0a1b2c3d"
+        )
+
+        async def run() -> object:
+            registry = Registry()
+            try:
+                return await registry.get(config.rules[0].to[0]).deliver(ctx)
+            finally:
+                await registry.aclose()
+
+        return asyncio.run(run())
+
+    outcome = deliver()
+    assert getattr(outcome, "detail", None) is None, f"{outcome}: ours was never copied"
+    assert (out / "a-1.bin").read_bytes() == b"O" * 4096
+    assert os.path.islink(out / "a.bin") == (planted == "link-to-the-source")
+    again = deliver()  # our copy at a-1.bin, of our size, mtime and bytes
+    assert getattr(again, "detail", None) == "found delivered by an earlier attempt"

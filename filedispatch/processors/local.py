@@ -425,7 +425,8 @@ class LocalProcessor:
         os.unlink(tmp)
 
     def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
-        """After a crash: a file at one of our candidate names with the input's size and mtime."""
+        """After a crash or a failed attempt: a regular file at one of our candidate names with
+        the input's size and mtime that holds our delivery (``_holds_ours``)."""
         _remove_earlier(self.root / rel.parent, ctx, rel.name)
         want = (ctx.version.size, ctx.version.mtime_ns)
         if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
@@ -437,10 +438,14 @@ class LocalProcessor:
         for cand in candidates(rel, self.dest.on_conflict):
             path = self.root / cand
             try:
-                got = path.stat()
+                got = path.stat(follow_symlinks=False)  # a link planted there is not ours
             except OSError:
                 return None
-            if (got.st_size, got.st_mtime_ns) == want:
+            if (
+                stat.S_ISREG(got.st_mode)
+                and (got.st_size, got.st_mtime_ns) == want
+                and _holds_ours(ctx, path, got)
+            ):
                 return path
         return None
 
@@ -619,6 +624,40 @@ def sha256_if_same(src: int, copy: int) -> str | None:
             return digest.hexdigest()
         digest.update(data)
         offset += len(data)
+
+
+def _holds_ours(ctx: StepContext, path: Path, got: os.stat_result) -> bool:
+    """Whether the file at ``path`` (``got``: its lstat, of our size and mtime) is our earlier
+    delivery: the version itself (a move renamed it there: its device and inode), or a file
+    with the input's very bytes. Size and mtime alone took a file someone put there with our
+    name, size and mtime (both readable in the inbox) for ours, and the source was consumed
+    (k7 review). When the input cannot be opened any more (gone, changed), size and mtime
+    decide, as before: nothing of ours is left to send. Blocking."""
+    version = ctx.version
+    if (
+        ctx.input == version.path
+        and version.ino
+        and got.st_ino == version.ino
+        and (not version.dev or got.st_dev == version.dev)
+    ):
+        return True
+    try:
+        src, _ = open_input(ctx)
+    except (OSError, SourceVanishedError):
+        return True
+    try:
+        try:
+            copy = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return False
+        try:  # swapped for something else since the lstat: not ours
+            return stat.S_ISREG(os.fstat(copy).st_mode) and sha256_if_same(src, copy) is not None
+        except OSError:
+            return False
+        finally:
+            os.close(copy)
+    finally:
+        os.close(src)
 
 
 def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
