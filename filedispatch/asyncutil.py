@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -65,13 +66,83 @@ async def settle(*futures: asyncio.Future[Any] | None) -> None:
         raise asyncio.CancelledError
 
 
+#: seconds an idle thread of ``in_daemon_thread`` waits for more work before it ends
+DAEMON_IDLE_S = 60.0
+
+
+class _DaemonThreads:
+    """Daemon threads for calls that may never return (a system call on a hung mount): one
+    is started when none is idle, an idle one ends after DAEMON_IDLE_S. Unlike the loop's
+    default executor, nothing joins them: neither ``asyncio.run`` nor the interpreter's
+    exit waits for a stuck one, and a stuck one takes no thread from anyone else."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  #: threads waiting for a job; a job is put only for one of them
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        threading.Thread(target=self._serve, args=(job,), name="fd-blocking", daemon=True).start()
+
+    def _serve(self, job: Callable[[], None]) -> None:
+        while True:
+            job()
+            with self._lock:
+                self._idle += 1
+            while True:
+                try:
+                    job = self._jobs.get(timeout=DAEMON_IDLE_S)
+                    break
+                except queue.Empty:
+                    with self._lock:
+                        if self._jobs.empty():  # no job was put for this thread: it ends
+                            self._idle -= 1
+                            return
+
+
+_DAEMONS = _DaemonThreads()
+
+
+def in_daemon_thread(func: Callable[[], T]) -> asyncio.Future[T]:
+    """``func()`` in a daemon thread of our own, never the loop's default executor; the
+    future is done once ``func`` has returned or raised. Cancelling the future does not stop
+    the call (nothing can), and the call never holds the process's exit."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def done(ok: bool, value: Any) -> None:
+        if fut.done():  # cancelled: nobody waits
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def job() -> None:
+        value: Any
+        try:
+            ok, value = True, func()
+        except BaseException as exc:  # handed to the future, never to this thread
+            ok, value = False, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: abandoned long ago
+            loop.call_soon_threadsafe(done, ok, value)
+
+    _DAEMONS.submit(job)
+    return fut
+
+
 async def thread_to_its_end(
     off: threading.Event,
     func: Callable[[], T],
     patience_s: float,
     stuck: Callable[[asyncio.Future[T]], None] | None = None,
 ) -> T:
-    """``func()`` in a worker thread (``asyncio.to_thread``), for work that must not go on
+    """``func()`` in a daemon thread (``in_daemon_thread``), for work that must not go on
     behind its caller's back. A cancellation (a step's timeout, the stop) cannot stop a
     thread: it sets ``off`` (which ``func`` is to notice at its next check) and waits for the
     thread to end before it is passed on, so that nothing the thread does lands after its
@@ -89,7 +160,7 @@ async def thread_to_its_end(
             raise CalledOff
         return func()
 
-    fut = asyncio.ensure_future(asyncio.to_thread(run))
+    fut = in_daemon_thread(run)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:

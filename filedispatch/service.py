@@ -440,6 +440,8 @@ class Service:
                 )
                 if dispatch_task.done():
                     self.request_stop("the dispatcher stopped")
+                if self.stop_event.is_set():  # a watcher may be inside an inline batch
+                    self.dispatcher.stopping(self.config.shutdown_grace)
                 watch_stop.set()
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]

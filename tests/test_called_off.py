@@ -190,8 +190,9 @@ async def test_a_timed_out_copy_into_a_hung_folder_ends_and_its_retry_waits(
     answering: the open of its temporary file waits, inside a system call no fence reaches).
     Its step times out: the attempt ends after CALL_OFF_PATIENCE_S all the same, saying so,
     and a retry of the row waits (a transient error) while the stuck thread could still
-    rename that temporary name; once the mount answers, the thread ends (called off: nothing
-    published) and the retry delivers. Before (c6 review of 9c2a93f): the attempt waited for
+    rename that temporary name, as does any other file's attempt into that folder, without a
+    thread; once the mount answers, the thread ends (called off: nothing published) and the
+    retry delivers. Before (c6 review of 9c2a93f): the attempt waited for
     the thread as long as the mount hung, and with it the worker and the service's stop."""
     from filedispatch.errors import TransientDeliveryError
 
@@ -202,8 +203,8 @@ async def test_a_timed_out_copy_into_a_hung_folder_ends_and_its_retry_waits(
     registry = Registry()
     processor = registry.get(config.rules[0].to[0])
 
-    def ctx(attempt: int) -> StepContext:
-        return StepContext(7, version, src, "r", 0, attempt, tmp_path / "work")
+    def ctx(attempt: int, row: int = 7) -> StepContext:
+        return StepContext(row, version, src, "r", 0, attempt, tmp_path / "work")
 
     try:
         first = asyncio.create_task(processor.deliver(ctx(1)))
@@ -213,6 +214,17 @@ async def test_a_timed_out_copy_into_a_hung_folder_ends_and_its_retry_waits(
             await first  # after CALL_OFF_PATIENCE_S (10 s), the mount still hung
         with pytest.raises(TransientDeliveryError, match="stuck in a system call"):
             await processor.deliver(ctx(2))
+        # another file (a worker's copy, a batch) fails at once too, naming the folder: a
+        # thread per attempt would stick beside the first for as long as the mount hangs
+        with pytest.raises(TransientDeliveryError, match=f"{out}: .*stuck in a system call"):
+            await asyncio.wait_for(processor.deliver(ctx(1, row=8)), 60)  # a bound, no timing
+        batch = await asyncio.wait_for(
+            processor.copy_batch([ctx(1, row=9), ctx(1, row=10)]),  # type: ignore[attr-defined]
+            60,
+        )
+        assert [type(r) for r in batch] == [TransientDeliveryError] * 2, batch
+        with gate._lock:
+            assert len(gate._pending) == 1, "a refused attempt opened a file in the hung folder"
         gate.release()  # the mount answers again
         while True:  # the retry is due again once the stuck thread has ended
             try:
@@ -227,11 +239,11 @@ async def test_a_timed_out_copy_into_a_hung_folder_ends_and_its_retry_waits(
     assert sorted(p.name for p in out.iterdir()) == ["big.bin"]
 
 
-async def test_a_timed_out_copy_still_queued_for_a_thread_ends_at_once(tmp_path: Path) -> None:
-    """The loop's default executor is full of slow work (other copies, hashes); a copy
-    queued there times out before its thread ever started: the attempt ends then, and the
-    copy never runs. Before (c6 review of 9c2a93f): it waited for its turn in the queue,
-    only to find itself called off."""
+async def test_a_copy_does_not_wait_for_the_loops_default_executor(tmp_path: Path) -> None:
+    """The loop's default executor is full of slow work (other ``to_thread`` calls of the
+    service); a copy still runs at once, in a daemon thread of its own. Before, copies took
+    that executor's threads: a copy waited behind the slow work, and copies stuck in a hung
+    folder left every ``to_thread`` of the service waiting (d6 review)."""
     data = os.urandom(1 << 20)
     config, version, src, out = _setup(tmp_path, data)
     loop = asyncio.get_running_loop()
@@ -244,24 +256,15 @@ async def test_a_timed_out_copy_still_queued_for_a_thread_ends_at_once(tmp_path:
             await asyncio.sleep(0)
         executor = loop._default_executor  # type: ignore[attr-defined]
         assert executor is not None and executor._work_queue.qsize() > 0, "precondition"
-        first = asyncio.create_task(
-            processor.deliver(StepContext(7, version, src, "r", 0, 1, tmp_path / "work"))
-        )
-        for _ in range(20):  # the copy reaches the executor's queue (loop turns, no clock)
-            await asyncio.sleep(0)
-        first.cancel()  # the step's timeout
-        for _ in range(20):
-            await asyncio.sleep(0)
-        ended = first.done()
-        slow.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await first
-        await asyncio.gather(*busy)
+        ctx = StepContext(7, version, src, "r", 0, 1, tmp_path / "work")
+        outcome = await asyncio.wait_for(processor.deliver(ctx), 60)  # a bound, not a timing
+        still_busy = not any(f.done() for f in busy)
     finally:
         slow.set()
+        await asyncio.gather(*busy)
         await registry.aclose()
-    assert ended, "the copy timed out while queued for a thread, and waited for its turn"
-    assert not out.exists() or list(out.iterdir()) == [], "a timed-out attempt wrote its file"
+    assert still_busy, "precondition: the slow work was still running"
+    assert isinstance(outcome, Outcome) and (out / "big.bin").read_bytes() == data
 
 
 def test_a_stop_beside_a_hung_folder_ends_the_nodes_lease(tmp_path: Path, pg_url: str) -> None:

@@ -129,6 +129,11 @@ class Dispatcher:
         self.state.registry.retire_unused(step for rule in config.rules for step in rule.to)
         self.state.wake.set()
 
+    def stopping(self, grace_s: float) -> None:
+        """The service stops: inline copy batches still running ``grace_s`` seconds from now
+        are called off, as the workers' deliveries are once the drain's grace has passed."""
+        asyncio.get_running_loop().call_later(grace_s, self.state.halted.set)
+
     def pause(self) -> None:
         self.state.running.clear()
 

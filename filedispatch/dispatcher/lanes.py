@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import cast
 
 from .. import fastpath
+from ..asyncutil import first_completed, settle
 from ..config import SourceConfig, Step
+from ..errors import TransientDeliveryError
 from ..fate import renamed_by_delivery
 from ..journal import PlannedStep, StepResult
 from ..models import Dispatch, FileVersion, Outcome, Status
@@ -135,6 +137,8 @@ class InlineLanes:
         running: collections.deque[asyncio.Task[list[Known]]] = collections.deque()
         try:
             for i, chunk in enumerate(chunks):
+                if self.state.halted.is_set():  # planned rows resume at the next start
+                    break
                 epoch, planned = ahead.popleft()
                 ids = await planned
                 if i + INLINE_AHEAD < len(chunks):
@@ -246,17 +250,18 @@ class InlineLanes:
         for group in groups.values():
             started = time.time()  # each group is one batch: its files share its duration
             lane = group[0][0]
-            copier = cast(BatchCopier, lane.processor)
             sem = self.state.semaphore(lane.step)  # a batch is one delivery in flight
             if sem is not None:
                 await sem.acquire()
             self.state.batched += len(group)
             try:
-                outcomes = await copier.copy_batch([c for _, c in group])
+                outcomes = await self._batch(lane, [c for _, c in group])
             finally:
                 self.state.batched -= len(group)
                 if sem is not None:
                     sem.release()
+            if outcomes is None:  # the stop: left IN_PROGRESS, as a cancelled attempt is
+                continue
             shared = f"copied in a batch of {len(group)} files; the duration is the batch's"
             for (lane, ctx), outcome in zip(group, outcomes, strict=True):
                 if isinstance(outcome, Outcome) and outcome.detail is None and len(group) > 1:
@@ -265,6 +270,34 @@ class InlineLanes:
                 done.append((ctx.version, result, False, lane.step))
         self._record(source, done)
         return known
+
+    async def _batch(self, lane: Lane, ctxs: list[StepContext]) -> list[Outcome | Exception] | None:
+        """``copy_batch`` within the step's ``timeout``, which bounds the batch as a whole
+        (each of its files then fails that attempt, transient), and until the stop's grace
+        runs out (``state.halted``: None, the rows resume at the next start). Either way the
+        batch is called off as a worker's copy is (``threads.CopyThreads.run``): what it had
+        not renamed yet is never published, and a retry finds what it had."""
+        if self.state.halted.is_set():
+            return None
+        step = lane.step
+        task = asyncio.ensure_future(cast(BatchCopier, lane.processor).copy_batch(ctxs))
+        try:
+            await first_completed(task, self.state.halted.wait(), timeout=step.timeout)
+        finally:
+            if not task.done():
+                task.cancel()
+            await settle(task)
+        if not task.cancelled():  # done before it could be called off
+            return task.result()
+        if self.state.halted.is_set():
+            log.warning(
+                "%s: a batch of %d new file(s) called off at the stop (resumed at the next start)",
+                step.display,
+                len(ctxs),
+            )
+            return None
+        timed_out = TransientDeliveryError(f"timed out after {step.timeout:g}s")
+        return [timed_out] * len(ctxs)
 
     def _result(
         self,

@@ -80,6 +80,8 @@ class DispatchState:
         self.running = asyncio.Event()  #: cleared while paused
         self.running.set()
         self.stop = asyncio.Event()  #: the service's stop, once the dispatcher runs
+        #: the stop's grace has run out: inline copy batches still running are called off
+        self.halted = asyncio.Event()
         #: set while this node's lease is held (always, with one node): cleared, nothing new
         #: is claimed or started, since another node may take the work over
         self.node_alive = asyncio.Event()

@@ -7,9 +7,9 @@ otherwise it copies, and the dispatcher's after-action removes the source later.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -95,8 +95,11 @@ class LocalProcessor:
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = self._target(ctx)
+        # before anything touches the folder: a stuck earlier attempt may hold its temporary
+        # name, and a folder whose copies are stuck would hold this attempt's thread too
+        self._threads.check(ctx)
         if ctx.resuming:
-            found = await asyncio.to_thread(self._find_previous, ctx, rel)
+            found = await self._threads.call(functools.partial(self._find_previous, ctx, rel))
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
         if ctx.may_move and ctx.input is ctx.version.path:
@@ -106,13 +109,16 @@ class LocalProcessor:
                 return self.move_now(ctx)
             except MoveUnavailable:
                 pass
-        self._threads.check(ctx)
         [outcome] = await self._threads.run([ctx], lambda run: [self._deliver(run[0], rel)])
         return outcome
 
     async def copy_batch(self, ctxs: list[StepContext]) -> list[Outcome | Exception]:
-        """See ``BatchCopier``: ``_copy_batch`` in a thread (``CopyThreads.run``)."""
-        return await self._threads.run(ctxs, self._copy_batch)
+        """See ``BatchCopier``: ``_copy_batch`` in a thread (``CopyThreads.run``); every file
+        fails at once (transient) while a copy into this folder is stuck."""
+        try:
+            return await self._threads.run(ctxs, self._copy_batch)
+        except TransientDeliveryError as exc:  # refused before a thread was taken
+            return [exc] * len(ctxs)
 
     # -- the synchronous part, run inline (links) or in a thread (copies)
 
@@ -277,6 +283,7 @@ class LocalProcessor:
         """Rename the source into place, inline: the delivery and the source's removal are one
         atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
         the ordinary path, which links and removes the source later)."""
+        self._threads.check_folder()  # on the loop: a hung folder must not hold it too
         rel = render_target_str(self.dest.name, ctx, self.dest.naming)
         return self._put_source(
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
