@@ -52,7 +52,8 @@ async def main(calls: int, rounds: int, parallel: int) -> None:
     base = statistics.median(times["asyncio.to_thread"])
     for name, runs in times.items():
         med = statistics.median(runs)
-        print(f"    {name:20s} {med / calls * 1e6:8.1f} us/call   ratio to to_thread {med / base:5.2f}x")
+        per_call = med / calls * 1e6
+        print(f"    {name:20s} {per_call:8.1f} us/call   ratio to to_thread {med / base:5.2f}x")
 
 
 if __name__ == "__main__":
