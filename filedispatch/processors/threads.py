@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..asyncutil import in_daemon_thread, thread_to_its_end
-from ..errors import TransientDeliveryError
+from ..errors import NetworkError
 from . import StepContext, called_off
 
 log = logging.getLogger(__name__)
@@ -59,25 +59,27 @@ class CopyThreads:
         self.where = where  #: the destination folder, as the log names it
 
     def check(self, ctx: StepContext | None = None) -> None:
-        """Raise TransientDeliveryError while an earlier attempt of ``ctx``'s row is stuck in
-        its thread (a new attempt would write the very temporary name that thread may still
-        rename into place), or while any copy into this destination is (``check_folder``)."""
+        """Raise NetworkError while an earlier attempt of ``ctx``'s row is stuck in its
+        thread (a new attempt would write the very temporary name that thread may still
+        rename into place), or while any copy into this destination is (``check_folder``).
+        A network error: a hung mount is a remote that does not answer, retried for as long
+        as an outage lasts (``retry.NETWORK_FOR_S``), not a number of attempts."""
         if ctx is not None:
             held = _STUCK.get(ctx.dispatch_id)
             if held is not None and not held.done():
-                raise TransientDeliveryError(
+                raise NetworkError(
                     "an earlier attempt of this file is stuck in a system call (a hung disk or "
                     "mount?): it is tried again once that has ended"
                 )
         self.check_folder()
 
     def check_folder(self) -> None:
-        """Raise TransientDeliveryError, naming the folder and for how long, while a copy into
-        this destination is stuck in a system call: the mount hangs, and an attempt now would
-        only add a thread stuck beside it. Cheap: one dict lookup."""
+        """Raise NetworkError (see ``check``), naming the folder and for how long, while a
+        copy into this destination is stuck in a system call: the mount hangs, and an attempt
+        now would only add a thread stuck beside it. Cheap: one dict lookup."""
         hung = _HUNG.get(self.where)
         if hung is not None:
-            raise TransientDeliveryError(
+            raise NetworkError(
                 f"{self.where}: a copy into it has been stuck in a system call for "
                 f"{time.monotonic() - hung.since:.0f}s (a hung disk or mount?); nothing new "
                 "is started there until it has ended"
