@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar
 
 from .. import fastpath, sourcefile
-from ..config import LocalDestination
+from ..config import LocalDestination, OnConflict
 from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -99,7 +99,8 @@ class LocalProcessor:
         # name, and a folder whose copies are stuck would hold this attempt's thread too
         self._threads.check(ctx)
         if ctx.resuming:
-            found = await self._threads.call(functools.partial(self._find_previous, ctx, rel))
+            look = functools.partial(_find_previous, self.root, ctx, rel, self.dest.on_conflict)
+            found = await self._threads.call(look)
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
         if ctx.may_move and ctx.input is ctx.version.path:
@@ -431,31 +432,6 @@ class LocalProcessor:
             return
         os.unlink(tmp)
 
-    def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
-        """After a crash or a failed attempt: a regular file at one of our candidate names with
-        the input's size and mtime that holds our delivery (``_holds_ours``)."""
-        _remove_earlier(self.root / rel.parent, ctx, rel.name)
-        want = (ctx.version.size, ctx.version.mtime_ns)
-        if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
-            try:
-                st = ctx.input.stat()
-                want = (st.st_size, st.st_mtime_ns)
-            except OSError:
-                return None
-        for cand in candidates(rel, self.dest.on_conflict):
-            path = self.root / cand
-            try:
-                got = path.stat(follow_symlinks=False)  # a link planted there is not ours
-            except OSError:
-                return None
-            if (
-                stat.S_ISREG(got.st_mode)
-                and (got.st_size, got.st_mtime_ns) == want
-                and _holds_ours(ctx, path, got)
-            ):
-                return path
-        return None
-
 
 #: bytes one kernel copy call is asked for: large enough that a big file takes few calls,
 #: small enough that no single call (which cannot be interrupted) runs for long
@@ -665,6 +641,35 @@ def _holds_ours(ctx: StepContext, path: Path, got: os.stat_result) -> bool:
             os.close(copy)
     finally:
         os.close(src)
+
+
+def _find_previous(
+    root: Path, ctx: StepContext, rel: PurePosixPath, on_conflict: OnConflict
+) -> Path | None:
+    """After a crash or a failed attempt: a regular file at one of our candidate names under
+    ``root`` with the input's size and mtime that holds our delivery (``_holds_ours``); what
+    earlier attempts left under a temporary name is removed first (``_remove_earlier``)."""
+    _remove_earlier(root / rel.parent, ctx, rel.name)
+    want = (ctx.version.size, ctx.version.mtime_ns)
+    if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
+        try:
+            st = ctx.input.stat()
+            want = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+    for cand in candidates(rel, on_conflict):
+        path = root / cand
+        try:
+            got = path.stat(follow_symlinks=False)  # a link planted there is not ours
+        except OSError:
+            return None
+        if (
+            stat.S_ISREG(got.st_mode)
+            and (got.st_size, got.st_mtime_ns) == want
+            and _holds_ours(ctx, path, got)
+        ):
+            return path
+    return None
 
 
 def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
