@@ -301,3 +301,35 @@ def test_two_services_on_a_copied_sqlite_journal_never_mix_their_bytes(tmp_path:
         f"mixed or missing files: { {n: len(d) for n, d in held.items()} }" + logs
     )
     assert "copied or moved" in b.log() and "copied or moved" not in a.log()
+
+
+async def test_a_postgres_role_that_may_not_read_the_control_data_binds_to_the_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Where ``pg_control_system()`` is revoked from the journal's role, the token is bound to
+    the database's oid alone: the journal opens, keeps its token across opens, and a copy
+    made from it as a template (another oid) still gets a token of its own."""
+    import psycopg
+
+    from . import pgcluster
+
+    base, _, name = pg_url.rpartition("/")
+    role = f"plain_{name}"
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{pgcluster.PASSWORD}'")
+        conn.execute(f'ALTER DATABASE "{name}" OWNER TO {role}')
+        conn.execute(f"ALTER SCHEMA public OWNER TO {role}")
+        conn.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+    host = base.rpartition("@")[2]
+    plain = PostgresTarget(f"postgresql://{role}@{host}/{name}", pgcluster.PASSWORD_ENV)
+    token = await _token(plain)
+    assert await _token(plain) == token
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        [(place,)] = conn.execute("SELECT place FROM journal_identity").fetchall()
+        [(oid,)] = conn.execute(
+            "SELECT oid FROM pg_database WHERE datname = current_database()"
+        ).fetchall()
+    assert place == f"-:{oid}"
+    _cloned(PostgresTarget(pg_url, pgcluster.PASSWORD_ENV), tmp_path)
+    copy = PostgresTarget(f"postgresql://{role}@{host}/{name}_copy", pgcluster.PASSWORD_ENV)
+    assert await _token(copy) != token

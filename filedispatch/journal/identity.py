@@ -1,5 +1,5 @@
 """The journal's identity token bound to where the journal lives: the fingerprint of its place
-(an SQLite file's device and inode with the machine's id; a PostgreSQL cluster's system
+(an SQLite file's inode and birth time with the machine's id; a PostgreSQL cluster's system
 identifier with the database's oid) is stored beside the token, and a journal found in another
 place (a copy: a disk image, a restored backup, ``CREATE DATABASE ... TEMPLATE``) gets a token
 of its own at open. Both backends' SQL for it is here; nothing here reads a row of history.
@@ -11,6 +11,8 @@ import logging
 import os
 import secrets
 from pathlib import Path
+
+from ..birth import birth_time_ns
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,16 @@ PG_PLACE_DATABASE = "SELECT '-:' || oid::text FROM pg_database WHERE datname = c
 
 
 def sqlite_place(path: Path) -> str:
-    """The place of the SQLite journal at ``path``: ``<st_dev>:<st_ino>:<machine id>``. A copy
-    of the file has another inode, or another machine's id; ``mv`` within one filesystem keeps
-    both (the same journal). Raises OSError if ``path`` cannot be stat'ed."""
+    """The place of the SQLite journal at ``path``: ``<inode>:<birth>:<machine id>``, where
+    birth is the file's birth time (``b<ns>``) or, on a filesystem that keeps none, its device
+    number (``d<st_dev>``). A copy of the file is a new file (another inode, another birth
+    time) or on another machine; ``mv`` within one filesystem keeps both (the same journal),
+    and so does a container's restart (its overlay's device number may change, the upper
+    file's birth time does not). Raises OSError if ``path`` cannot be stat'ed."""
     st = os.stat(path)
-    return f"{st.st_dev}:{st.st_ino}:{machine_id()}"
+    born = birth_time_ns(path)
+    birth = f"d{st.st_dev}" if born is None else f"b{born}"
+    return f"{st.st_ino}:{birth}:{machine_id()}"
 
 
 def machine_id() -> str:
