@@ -243,8 +243,8 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 def _back_to_the_schema_before(database: Database) -> None:
     """The journal as the release before this one left it: no rollup, no kept keys (and no
-    birth times, settled-only rollups, upload ledger nor identity token, the migrations after
-    this one)."""
+    birth times, settled-only rollups, upload ledger, identity token nor id mark, the
+    migrations after this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -268,9 +268,12 @@ def _back_to_the_schema_before(database: Database) -> None:
             "stats_settle",
             "stats_delete",
             "kept_not_new",
+            "id_mark_insert",
+            "id_mark_delete",
         ):
             conn.execute(f"DROP TRIGGER {name}")
-        for table in ("stats_days", "stats_months", "kept", "uploads", "journal_identity"):
+        tables = ("stats_days", "stats_months", "kept", "uploads", "journal_identity", "id_mark")
+        for table in tables:
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
         conn.execute("PRAGMA user_version = 8")
@@ -300,10 +303,8 @@ async def test_forgetting_a_pruned_path_lets_it_be_sent_again(
 ) -> None:
     (tmp_path / "a.txt").write_bytes(b"kept in the source")
     a = FileVersion("in", tmp_path, "a.txt", 18, 1)
-    newer = FileVersion("in", tmp_path, "b.txt", 1, 1)
     async with open_journal(database) as j:
         await j.mark_done([step(a)])
-        await j.mark_done([step(newer)])
         done = await prune_once(j, HistoryConfig(keep=DAY), now=time.time() + 2 * DAY)
         assert (done.rows, done.kept) == (1, 1)
         assert await j.plan([step(a)]) == 0
@@ -319,10 +320,8 @@ async def test_on_a_shared_journal_every_pruned_version_keeps_its_key(
     here = tmp_path / "inbox"
     here.mkdir()  # the same path as another host's source, without its file
     theirs = FileVersion("in", here, "a.txt", 1, 1)
-    newer = FileVersion("in", here, "b.txt", 1, 1)
     async with open_journal(database) as j:
         await j.mark_done([step(theirs)])
-        await j.mark_done([step(newer)])
         later = time.time() + 2 * DAY
         done = await prune_once(j, HistoryConfig(keep=DAY), now=later, local=False)
         assert (done.rows, done.kept, done.forgotten) == (1, 1, 0)
