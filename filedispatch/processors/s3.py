@@ -489,9 +489,7 @@ class S3Processor:
             head = await self._head(client, self.key(cand))
             if head is None:
                 return None
-            # ours only if it carries this journal's token and row id: another journal's row of
-            # the same id (or an object of an older filedispatch, without the token) is not
-            mine = head.get("Metadata", {}).get(ID_META) == ctx.delivery_id
+            mine = head.get("Metadata", {}).get(ID_META) == ctx.delivery_id  # token and id
             if mine and head.get("ContentLength") == size:
                 return cand
         return None
