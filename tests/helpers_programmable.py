@@ -31,6 +31,7 @@ def _ctx(context: StepContext) -> dict[str, Any]:
         "source": context.source,
         "rule": context.rule,
         "dispatch_id": context.dispatch_id,
+        "delivery_id": context.delivery_id,
         "attempt": context.attempt,
         "step": context.step,
     }

@@ -584,6 +584,28 @@ def resume(
     return asyncio.run(run())
 
 
+def keep_idempotency_keys(receiver: HttpReceiver, path: str) -> list[str]:
+    """Make ``receiver`` honour ``Idempotency-Key`` on ``path`` as the docs invite a receiver
+    to: the first request with a key is stored, a repeat is answered 201 and dropped. Returns
+    the keys of the dropped requests (filled in as they come)."""
+    seen: set[str] = set()
+    dropped: list[str] = []
+
+    async def behave(request: web.Request, hits: int) -> web.StreamResponse | None:
+        del hits
+        key = request.headers.get("Idempotency-Key")
+        if key is None or key not in seen:
+            if key is not None:
+                seen.add(key)
+            return None  # stored by the receiver's own handler
+        await request.read()
+        dropped.append(key)
+        return web.Response(status=201, text="already received")
+
+    receiver.behave[path] = behave
+    return dropped
+
+
 def files_under(root: Path) -> dict[str, str]:
     """Every file below ``root`` (relative POSIX path) with its SHA-256."""
     return {p.relative_to(root).as_posix(): sha256_of(p) for p in root.rglob("*") if p.is_file()}

@@ -3,6 +3,7 @@ written by a running service; and the progress reporter on a terminal and off it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -15,6 +16,7 @@ from typing import Any
 
 from .conftest import cli_env, journal_rows, run_cli, wait_until
 from .ops import arrived, delivered, old_file, ops_config
+from .servers import HttpReceiver, keep_idempotency_keys, remote_config
 
 
 def test_history_commands_while_the_service_writes(tmp_path: Path, service_factory: Any) -> None:
@@ -168,3 +170,33 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     text = output.decode()
     assert "\rmark-existing [" in text.replace("\x1b[K", "") and "/1200" in text
     assert "#" in text and "marked 1200 file(s)" in text
+
+
+def test_a_forgotten_rows_id_is_never_given_to_another_file(tmp_path: Path) -> None:
+    """One SQLite journal, one receiver that drops a request whose ``Idempotency-Key`` it has
+    seen. a.csv is delivered as row 1 and its source removed; ``history forget 1`` deletes
+    that row, the journal's newest. The next file, b.csv, gets a new id (2), so its key is
+    new and it is stored. Before, SQLite gave id 1 again (``INTEGER PRIMARY KEY`` hands out
+    the largest id plus one): the receiver dropped b.csv as a repeat of a.csv."""
+    receiver = HttpReceiver()
+    try:
+        dropped = keep_idempotency_keys(receiver, "/upload")
+        ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
+        cfg = remote_config(ws, {"url": f"{receiver.url}/upload"}, source={"after": "delete"})
+        sent = []
+        for name, data in (("a.csv", b"monday\n"), ("b.csv", b"tuesday, other\n")):
+            old_file(ws["inbox"] / name, data)
+            result = run_cli("-c", cfg, "--once", timeout=90)
+            assert result.returncode == 0, result.stderr
+            assert not (ws["inbox"] / name).exists()  # consumed
+            sent.append(data)
+            if name == "a.csv":
+                forgot = run_cli("-c", cfg, "history", "forget", "1", timeout=60)
+                assert forgot.returncode == 0, forgot.stderr
+                assert journal_rows(ws["db"]) == []
+        ids = [r["id"] for r in journal_rows(ws["db"])]
+        stored = {r.sha256 for r in receiver.received if r.path == "/upload"}
+    finally:
+        receiver.close()
+    assert ids == [2], f"b.csv was given id {ids}"
+    assert {hashlib.sha256(d).hexdigest() for d in sent} <= stored, f"dropped: {dropped}"

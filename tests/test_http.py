@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from .servers import (
     FtpServer,
     HttpReceiver,
     fails_at_once,
+    keep_idempotency_keys,
     old_file,
     remote_config,
     self_signed,
@@ -67,6 +69,8 @@ def test_raw_post_put_chunked_and_multipart_arrive_intact(
     assert len(rows) == 8 and {r["status"] for r in rows} == {"SUCCEEDED"}
     assert {r["attempts"] for r in rows} == {1}, result.stderr
     ids = {(r["filename"], r["step"]): r["id"] for r in rows}
+    with sqlite3.connect(ws["db"]) as db:
+        [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
     year = time.strftime("%Y", time.localtime(a.stat().st_mtime))
     got = {(r.path, r.method): r for r in receiver.received}
     assert len(got) == 5  # /raw, /chunked and /form got both files
@@ -75,7 +79,8 @@ def test_raw_post_put_chunked_and_multipart_arrive_intact(
         put = got[(f"/dav/{year}/{src.name}", "PUT")]
         assert (put.sha256, put.size) == (digest, size)
         assert put.headers["Content-Length"] == str(size)
-        assert put.headers["Idempotency-Key"] == str(ids[(src.name, 1)])
+        # the journal's token and the row id: unique across journals
+        assert put.headers["Idempotency-Key"] == f"{token}-{ids[(src.name, 1)]}"
     raws = [r for r in receiver.received if r.path == "/raw"]
     assert {(r.sha256, r.headers["Content-Length"]) for r in raws} == {
         (sha256_of(a), str(a.stat().st_size)),
@@ -743,3 +748,29 @@ async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancel
         assert body.digest.hexdigest() == sha256_of(src)
     finally:
         os.close(fd)
+
+
+def test_two_journals_posting_to_one_idempotent_receiver_each_deliver_their_own_file(
+    tmp_path: Path, receiver: HttpReceiver
+) -> None:
+    """Two hosts, each with its own SQLite journal (row ids start at 1 in each), post a file
+    of their own to one receiver that drops a request whose ``Idempotency-Key`` it has seen,
+    as the docs invite a receiver to. Both files are stored: the key names the journal as
+    well as the row. With the bare row id as key, host B's row 1 carried A's key: the
+    receiver dropped B's file as a repeat, B recorded SUCCEEDED and deleted its source."""
+    dropped = keep_idempotency_keys(receiver, "/upload")
+    sent = set()
+    for host, data in (("a", b"host a's readings\n"), ("b", b"host b's other readings\n")):
+        ws = {"root": tmp_path / host, "inbox": tmp_path / host / "inbox"}
+        ws["db"] = ws["root"] / "journal.db"
+        old_file(ws["inbox"] / f"{host}.csv", data)
+        cfg = remote_config(ws, {"url": f"{receiver.url}/upload"}, source={"after": "delete"})
+        result = once(cfg)
+        assert result.returncode == 0, result.stderr
+        ((row),) = journal_rows(ws["db"])
+        assert row["status"] == "SUCCEEDED", row
+        assert not (ws["inbox"] / f"{host}.csv").exists()  # consumed
+        sent.add(hashlib.sha256(data).hexdigest())
+    stored = {r.sha256 for r in receiver.received if r.path == "/upload"}
+    assert sent <= stored, f"the receiver dropped a file as a repeat (keys {dropped})"
+    assert dropped == []

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 import struct
 import tarfile
 import time
@@ -109,6 +110,8 @@ def test_sync_async_and_class_callables_get_path_args_kwargs_and_context(
     for note in notes(log):
         by_kind.setdefault(note["kind"], []).append(note)
     rows = rows_by(ws)
+    with sqlite3.connect(ws["db"]) as db:
+        [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
 
     [sync] = by_kind["sync"]
     assert sync["path"] == str(ws["inbox"] / "a.one")
@@ -120,6 +123,7 @@ def test_sync_async_and_class_callables_get_path_args_kwargs_and_context(
         "source": "inbox",
         "rule": "sync",
         "dispatch_id": rows[("a.one", 0)]["id"],
+        "delivery_id": f"{token}-{rows[('a.one', 0)]['id']}",  # unique across journals
         "attempt": 1,
         "step": 0,
     }
@@ -285,6 +289,26 @@ def test_awkward_file_names_are_only_names_to_a_command(workspace: dict[str, Pat
     leftovers = [p for p in ws["root"].rglob("*") if p.name in ("pwned", "pwned2", "p3")]
     assert leftovers == [] and list(cwd.iterdir()) == []
     assert sorted(os.listdir(ws["inbox"])) == sorted(AWKWARD)
+
+
+def test_a_command_gets_its_row_id_its_journal_and_a_delivery_id_unique_across_journals(
+    workspace: dict[str, Path],
+) -> None:
+    """``FILEDISPATCH_DISPATCH_ID`` stays the row id (what ``history show`` takes);
+    ``FILEDISPATCH_JOURNAL`` is the journal's token and ``FILEDISPATCH_DELIVERY_ID`` both
+    (``<token>-<id>``), the key a command records to recognise a repeat: row ids alone
+    coincide between journals."""
+    ws, seen = workspace, workspace["root"] / "seen.txt"
+    (ws["inbox"] / "a.txt").write_text("a")
+    command = (
+        'printf "%s %s %s" "$FILEDISPATCH_DISPATCH_ID" "$FILEDISPATCH_JOURNAL" '
+        f'"$FILEDISPATCH_DELIVERY_ID" > {seen}'
+    )
+    assert run_once(ws, [{"to": {"command": command, "retry": ONE_TRY}}]) == 0
+    ((row),) = journal_rows(ws["db"])
+    with sqlite3.connect(ws["db"]) as db:
+        [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
+    assert seen.read_text().split() == [str(row["id"]), token, f"{token}-{row['id']}"]
 
 
 def test_a_failing_command_records_exit_code_and_stderr_tail(workspace: dict[str, Path]) -> None:

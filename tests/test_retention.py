@@ -208,17 +208,21 @@ async def test_a_kept_source_is_not_sent_again_after_its_rows_are_pruned(
 
     async with open_journal(database) as j:  # 100 days on: every row is past ``keep``
         done = await prune_once(j, HistoryConfig(keep=90 * DAY), now=time.time() + 100 * DAY)
-    # the journal's newest row always stays (SQLite would hand its id to the next row)
-    assert done.rows == 1 and done.kept == 1
-    assert len(left := _rows(database)) == 1
+    assert done.rows == 2 and done.kept == 2
+    assert _rows(database) == []
 
     for name in ("a.txt", "b.txt"):  # so a second delivery would show
         (tmp_path / "out" / name).unlink()
     again = run_cli("-c", cfg, "--once")
     assert again.returncode == 0, again.stderr
     assert delivered(tmp_path / "out") == {}
-    assert _rows(database) == left
+    assert _rows(database) == []
     assert (tmp_path / "inbox" / "a.txt").read_bytes() == b"delivered once"
+    # a pruned row's id, the newest's too, is never given to another file (it names the
+    # delivery outside the journal: an HTTP Idempotency-Key, an S3 object's filedispatch-id)
+    old(tmp_path / "inbox" / "c.txt", b"new")
+    assert run_cli("-c", cfg, "--once").returncode == 0
+    assert [r["id"] for r in _rows(database)] == [3]
 
 
 def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
@@ -239,8 +243,8 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 def _back_to_the_schema_before(database: Database) -> None:
     """The journal as the release before this one left it: no rollup, no kept keys (and no
-    birth times, settled-only rollups, upload ledger nor identity token, the migrations after
-    this one)."""
+    birth times, settled-only rollups, upload ledger, identity token nor id mark, the
+    migrations after this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -264,9 +268,12 @@ def _back_to_the_schema_before(database: Database) -> None:
             "stats_settle",
             "stats_delete",
             "kept_not_new",
+            "id_mark_insert",
+            "id_mark_delete",
         ):
             conn.execute(f"DROP TRIGGER {name}")
-        for table in ("stats_days", "stats_months", "kept", "uploads", "journal_identity"):
+        tables = ("stats_days", "stats_months", "kept", "uploads", "journal_identity", "id_mark")
+        for table in tables:
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
         conn.execute("PRAGMA user_version = 8")
@@ -296,10 +303,8 @@ async def test_forgetting_a_pruned_path_lets_it_be_sent_again(
 ) -> None:
     (tmp_path / "a.txt").write_bytes(b"kept in the source")
     a = FileVersion("in", tmp_path, "a.txt", 18, 1)
-    newer = FileVersion("in", tmp_path, "b.txt", 1, 1)
     async with open_journal(database) as j:
         await j.mark_done([step(a)])
-        await j.mark_done([step(newer)])
         done = await prune_once(j, HistoryConfig(keep=DAY), now=time.time() + 2 * DAY)
         assert (done.rows, done.kept) == (1, 1)
         assert await j.plan([step(a)]) == 0
@@ -315,10 +320,8 @@ async def test_on_a_shared_journal_every_pruned_version_keeps_its_key(
     here = tmp_path / "inbox"
     here.mkdir()  # the same path as another host's source, without its file
     theirs = FileVersion("in", here, "a.txt", 1, 1)
-    newer = FileVersion("in", here, "b.txt", 1, 1)
     async with open_journal(database) as j:
         await j.mark_done([step(theirs)])
-        await j.mark_done([step(newer)])
         later = time.time() + 2 * DAY
         done = await prune_once(j, HistoryConfig(keep=DAY), now=later, local=False)
         assert (done.rows, done.kept, done.forgotten) == (1, 1, 0)

@@ -5,6 +5,7 @@ a server restarted mid-upload, and kill -9 of the service mid-upload."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import signal
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .servers import (
     fails_at_once,
     old_file,
     remote_config,
+    resume,
     sha256_of,
     some_files,
 )
@@ -564,3 +566,35 @@ def test_a_credential_in_an_s3_endpoints_query_is_refused_and_never_echoed(
         assert done.returncode == 2, said
         assert "endpoint_url" in said and "takes no ?query" in said, said
         assert token not in said and "Traceback" not in said, said
+
+
+def test_an_s3_resume_never_takes_another_journals_object_for_its_own(tmp_path: Path) -> None:
+    """Another host (a journal of its own) delivered its a.bin from its row 7 into the same
+    bucket and prefix. Our row 7 delivers another a.bin of the same size and is resumed (its
+    first attempt failed, or the service was killed mid-way: every retry is a resume). The
+    resume looks for an object an earlier attempt of this row completed: the other one is
+    not ours (its ``filedispatch-id`` lacks our journal's token), so our bytes are sent
+    (beside it, ``on_conflict: rename``). Before, the bare row id and the size matched:
+    SUCCEEDED, "found delivered by an earlier attempt", and our bytes never arrived."""
+    s3 = S3Server(tmp_path / "s3")
+    try:
+        theirs, ours = b"T" * 4096, b"O" * 4096
+        for other in ("7", "9f8e7d6c-7"):  # an older filedispatch's, another journal's
+            s3.client().put_object(
+                Bucket=s3.bucket, Key="in/a.bin", Body=theirs, Metadata={"filedispatch-id": other}
+            )
+            (tmp_path / other).mkdir()
+            outcome = resume(tmp_path / other, s3.dest("in/"), ours, "a.bin", None, "0a1b2c3d")
+            assert not isinstance(outcome, BaseException), outcome
+            held = s3.objects("in/")
+            assert hashlib.sha256(ours).hexdigest() in held.values(), (
+                f"our a.bin never reached the bucket ({outcome.detail!r} at {outcome.location})"
+            )
+            assert held["in/a.bin"] == hashlib.sha256(theirs).hexdigest()
+            (key,) = (k for k, digest in held.items() if digest == hashlib.sha256(ours).hexdigest())
+            head = s3.client().head_object(Bucket=s3.bucket, Key=key)
+            assert head["Metadata"]["filedispatch-id"] == "0a1b2c3d-7"
+            for key in held:
+                s3.client().delete_object(Bucket=s3.bucket, Key=key)
+    finally:
+        s3.stop()

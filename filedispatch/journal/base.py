@@ -731,9 +731,9 @@ class Journal(JournalReader, Protocol):
         self, vkeys: Sequence[str], keep: Sequence[str], before: float
     ) -> tuple[int, int]:
         """Delete, in one short transaction, the rows of those versions whose every row
-        SUCCEEDED and finished before ``before`` (epoch seconds), except the journal's newest
-        row; the compact keys of those in ``keep`` stay, so the version is never planned
-        again. Returns (rows deleted, versions whose key was kept)."""
+        SUCCEEDED and finished before ``before`` (epoch seconds); the compact keys of those in
+        ``keep`` stay, so the version is never planned again. A deleted row's id is never
+        given again. Returns (rows deleted, versions whose key was kept)."""
 
     async def drop_kept(self, vkeys: Sequence[str]) -> int:
         """Forget these versions' kept keys (their source is gone); the keys removed."""

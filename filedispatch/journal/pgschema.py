@@ -6,10 +6,12 @@ or rewrites a row outside a migration.
 
 from __future__ import annotations
 
+import psycopg
+
 from ..errors import JournalError
-from . import retention, uploads
+from . import identity, retention, uploads
 from .pgconn import Conn
-from .sqlite_schema import IDENTITY_TABLE, READ_TOKEN
+from .sqlite_schema import IDENTITY_PLACE, IDENTITY_TABLE
 
 #: any number: the key of the migration lock (``pg_advisory_xact_lock``)
 _MIGRATION_LOCK = 0x66645F6D
@@ -199,6 +201,11 @@ MIGRATIONS: list[list[str]] = [
         "INSERT INTO journal_identity (token) "
         "VALUES (substr(md5(random()::text || clock_timestamp()::text), 1, 8))",
     ],
+    [  # the place the token was made for (``identity``; NULL: bound at the next open). Row
+        # ids need no mark here: an identity's sequence never goes back (a deleted row's id
+        # is never given again; pg_dump restores the sequence where it was)
+        *IDENTITY_PLACE,
+    ],
 ]
 
 
@@ -231,11 +238,40 @@ async def migrate(conn: Conn) -> None:
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
 
 
-async def journal_token(conn: Conn) -> str:
+async def journal_token(conn: Conn) -> tuple[str, str | None]:
     """The journal's identity token (``Journal.token``), made once by the migration to schema
-    version 11."""
-    cur = await conn.execute(READ_TOKEN)
+    version 11 and made again when the database is not where it was made (a copy:
+    ``identity``); with the token it replaced then (else None). Nodes starting at once take
+    turns (the row is locked), so they all read the one new token."""
+    place = await _place(conn)
+    row = await _identity(conn, "")
+    if row[1] == place:  # the common case: no write, no lock
+        return row[0], None
+    async with conn.transaction():
+        row = await _identity(conn, " FOR UPDATE")  # as it is under the lock
+        new = identity.rebind(row, place)
+        if new is not None or row[1] is None:
+            await conn.execute(identity.BIND.format(p="%s").encode(), (new or row[0], place))
+    return (str(row[0]), None) if new is None else (new, str(row[0]))
+
+
+async def _identity(conn: Conn, lock: str) -> tuple[str, str | None]:
+    cur = await conn.execute((identity.READ_IDENTITY + lock).encode())
     row = await cur.fetchone()
     if row is None:  # the migration wrote it: only a hand-edited database lacks it
         raise JournalError("the journal has no identity token (table journal_identity is empty)")
+    return str(row[0]), row[1]
+
+
+async def _place(conn: Conn) -> str:
+    """The cluster's system identifier and the database's oid (``identity.PG_PLACE``); the oid
+    alone where the role may not read the cluster's control data."""
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(identity.PG_PLACE.encode())
+            row = await cur.fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        cur = await conn.execute(identity.PG_PLACE_DATABASE.encode())
+        row = await cur.fetchone()
+    assert row is not None
     return str(row[0])

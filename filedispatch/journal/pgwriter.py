@@ -22,6 +22,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..errors import JournalError, JournalUnavailableError
+from . import identity
 from .base import RETRY_FIRST_S, RETRY_MAX_S, HealthReport, JournalState, log, next_health, resolve
 from .pgconn import (
     CONNECT_TIMEOUT_S,
@@ -117,7 +118,7 @@ class PgWriter(HealthReport):
         pool: AsyncConnectionPool | None = None
         try:
             await migrate(conn)
-            token = await journal_token(conn)
+            token, old = await journal_token(conn)
             pool = AsyncConnectionPool(
                 conninfo(target),
                 kwargs={"autocommit": True},
@@ -142,6 +143,8 @@ class PgWriter(HealthReport):
                     f"cannot open the journal {target.shown}: {why}"
                 ) from None
             raise JournalError(f"cannot open the journal {target.shown}: {why}") from None
+        if old is not None:
+            identity.moved(target.shown, old, token)
         journal = cls(target, conn, pool)
         journal.token = token
         if not hold:

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 OLDEST = "SELECT id, vkey, created, root, relpath FROM dispatches WHERE id > ? ORDER BY id LIMIT ?"
 
 #: of the given versions (``{keys}``: that many ``?``), those whose every row SUCCEEDED and
-#: finished before ``?``: the only versions pruning ever removes. The newest row stays, so
-#: SQLite never hands a pruned row's id to a new one (a rowid is the largest one plus one)
+#: finished before ``?``: the only versions pruning ever removes. A pruned row's id is never
+#: given again, the newest's included (SQLite's ``id_mark``; PostgreSQL's sequence)
 PRUNABLE = (
     "SELECT vkey FROM dispatches WHERE vkey IN ({keys}) GROUP BY vkey "
-    "HAVING SUM(CASE WHEN status = 'SUCCEEDED' THEN 0 ELSE 1 END) = 0 AND MAX(finished) < ? "
-    "AND MAX(id) < (SELECT MAX(id) FROM dispatches)"
+    "HAVING SUM(CASE WHEN status = 'SUCCEEDED' THEN 0 ELSE 1 END) = 0 AND MAX(finished) < ?"
 )
 
 #: the compact key of each step of a pruned version whose source is still there: a scan that

@@ -33,6 +33,7 @@ import aiosqlite
 
 from ..errors import JournalError
 from ..models import Dispatch, FileVersion
+from . import identity
 from .base import (
     HealthReport,
     NodeInfo,
@@ -197,7 +198,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
         reader: aiosqlite.Connection | None = None
         try:
             writer = await loop.run_in_executor(executor, connect_writer, path)
-            token = await loop.run_in_executor(executor, journal_token, writer)
+            token, old = await loop.run_in_executor(executor, journal_token, writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
@@ -213,6 +214,8 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
             if isinstance(exc, OSError):
                 raise JournalError(f"cannot open the journal {path}: {exc}") from exc
             raise open_error(exc, path) from exc
+        if old is not None:
+            identity.moved(str(path), old, token)
         journal = cls(path, executor, writer, reader, (st.st_dev, st.st_ino))
         journal.token = token
         if not hold:

@@ -10,12 +10,12 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import JournalError, JournalUnavailableError
-from . import retention, uploads
+from . import identity, retention, uploads
 
 #: the one-row table that holds the journal's identity token, 8 lowercase hex characters
 IDENTITY_TABLE = "CREATE TABLE journal_identity (token TEXT NOT NULL)"
-#: reads it (``journal_token``; the PostgreSQL journal asks the same)
-READ_TOKEN = "SELECT token FROM journal_identity"
+#: the place the token was made for (``identity``), added by a later migration
+IDENTITY_PLACE = ["ALTER TABLE journal_identity ADD COLUMN place TEXT"]
 
 #: SQLite primary result codes that say the journal cannot be written now (not that this write
 #: is wrong), with what the operator can do about each
@@ -215,6 +215,20 @@ MIGRATIONS: list[list[str]] = [
         IDENTITY_TABLE,
         "INSERT INTO journal_identity (token) VALUES (lower(hex(randomblob(4))))",
     ],
+    [  # the place the token was made for (``identity``; NULL: bound at the next open), and
+        # the highest row id ever given: a row id names a delivery outside the journal (an
+        # HTTP Idempotency-Key, an S3 object's filedispatch-id), so it is never given again,
+        # whatever deleted the newest row (``history forget``, pruning). SQLite hands out
+        # the largest id plus one: a row given an id at or below the mark is moved above it
+        *IDENTITY_PLACE,
+        "CREATE TABLE id_mark (id INTEGER NOT NULL)",
+        "INSERT INTO id_mark SELECT COALESCE(MAX(id), 0) FROM dispatches",
+        "CREATE TRIGGER id_mark_delete AFTER DELETE ON dispatches "
+        "WHEN OLD.id > (SELECT id FROM id_mark) BEGIN UPDATE id_mark SET id = OLD.id; END",
+        "CREATE TRIGGER id_mark_insert AFTER INSERT ON dispatches "
+        "WHEN NEW.id <= (SELECT id FROM id_mark) "
+        "BEGIN UPDATE dispatches SET id = (SELECT id FROM id_mark) + 1 WHERE id = NEW.id; END",
+    ],
 ]
 
 
@@ -227,13 +241,32 @@ def bulk_ok(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def journal_token(conn: sqlite3.Connection) -> str:
+def journal_token(conn: sqlite3.Connection, path: Path) -> tuple[str, str | None]:
     """The journal's identity token (``Journal.token``), made once by the migration to
-    schema version 14."""
-    row = conn.execute(READ_TOKEN).fetchone()
+    schema version 14 and made again when the file at ``path`` is not where it was made (a
+    copy: ``identity``); with the token it replaced then (else None)."""
+    place = identity.sqlite_place(path)
+    row = _identity(conn)
+    if row[1] == place:  # the common case: no write, no lock
+        return str(row[0]), None
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = _identity(conn)  # as it is under the lock
+        new = identity.rebind(row, place)
+        if new is not None or row[1] is None:
+            conn.execute(identity.BIND.format(p="?"), (new or row[0], place))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return (str(row[0]), None) if new is None else (new, str(row[0]))
+
+
+def _identity(conn: sqlite3.Connection) -> tuple[str, str | None]:
+    row = conn.execute(identity.READ_IDENTITY).fetchone()
     if row is None:  # the migration wrote it: only a hand-edited journal lacks it
         raise JournalError("the journal has no identity token (table journal_identity is empty)")
-    return str(row[0])
+    return str(row[0]), row[1]
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:

@@ -36,7 +36,9 @@ def unfenced() -> None:
 class StepContext:
     """What a processor knows about the step it runs; also handed to Python callables."""
 
-    dispatch_id: int  #: the journal row; also sent as an idempotency key where a protocol allows
+    #: the journal row: unique within its journal only (every journal counts from 1); what
+    #: names the delivery outside the journal is ``delivery_id``
+    dispatch_id: int
     version: FileVersion  #: the source file this chain started from
     input: Path  #: the file to deliver: the source, or the output of an earlier transform
     rule: str
@@ -69,6 +71,14 @@ class StepContext:
     #: row ids all start at 1) delivering a file of the same name into one folder never write,
     #: rename or remove one another's temporary file
     journal: str = ""
+
+    @property
+    def delivery_id(self) -> str:
+        """What names this delivery outside the journal, unique across journals:
+        ``<journal token>-<row id>`` (``"0a1b2c3d-42"``; the bare row id for a caller with no
+        journal). Sent as HTTP's ``Idempotency-Key``, stored as an S3 object's
+        ``filedispatch-id``, given to commands as ``FILEDISPATCH_DELIVERY_ID``."""
+        return f"{self.journal}-{self.dispatch_id}" if self.journal else str(self.dispatch_id)
 
     @property
     def path(self) -> Path:

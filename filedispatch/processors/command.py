@@ -59,6 +59,8 @@ class CommandProcessor:
             placeholder_values(str(ctx.input), ctx.relpath, str(ctx.version.root)),
             FILEDISPATCH_RULE=ctx.rule,
             FILEDISPATCH_DISPATCH_ID=str(ctx.dispatch_id),
+            FILEDISPATCH_JOURNAL=ctx.journal,
+            FILEDISPATCH_DELIVERY_ID=ctx.delivery_id,
             FILEDISPATCH_ATTEMPT=str(ctx.attempt),
         )
         return env

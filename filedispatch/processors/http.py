@@ -302,7 +302,7 @@ class HttpProcessor:
         dest = self.dest
         session = shared_session(self.resources)
         headers = CIMultiDict(self.headers)
-        headers.setdefault("Idempotency-Key", str(ctx.dispatch_id))
+        headers.setdefault("Idempotency-Key", ctx.delivery_id)
         ctype = mimetypes.guess_type(PurePosixPath(filename).name)[0] or "application/octet-stream"
         stall = _Stall(dest.http_timeout.read)
         whole = None
