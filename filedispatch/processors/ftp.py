@@ -162,7 +162,10 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
+        fresh: bool = False,
     ) -> None:
+        # FTP has no exclusive create (``fresh`` cannot be asked for): STOR opens what is
+        # there, as the server does (docs/integrity.md, "Temporary names")
         async with conn.upload_stream(path) as stream:
             try:
                 await copy_to(

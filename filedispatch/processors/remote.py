@@ -299,9 +299,12 @@ class RemoteProcessor(ABC, Generic[C]):
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
+        fresh: bool = False,
     ) -> None:
         """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on, and the
-        context's ``throttle`` and ``fence``)."""
+        context's ``throttle`` and ``fence``). ``fresh``: ``path`` is a temporary name of
+        ours, to be created anew, never opened through whatever is there already (a link
+        someone planted) where the protocol can say so (SFTP; FTP cannot)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -380,7 +383,7 @@ class RemoteProcessor(ABC, Generic[C]):
         if not self.dest.temp_name:
             return await self._deliver_in_place(conn, ctx, rel, exists)
 
-        sent = await self._send(conn, ctx, tmp)
+        sent = await self._send(conn, ctx, tmp, fresh=True)
 
         async def put(p: PurePosixPath, overwrite: bool) -> None:
             ctx.fence()  # the last moment this delivery can still be called off
@@ -412,15 +415,18 @@ class RemoteProcessor(ABC, Generic[C]):
                 return Outcome(self.target.location(candidate), sha256=sent)
         return Outcome(self.target.location(rel), detail=NAME_TAKEN)
 
-    async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
-        """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.
+    async def _send(
+        self, conn: C, ctx: StepContext, path: PurePosixPath, fresh: bool = False
+    ) -> str:
+        """Upload the input to ``path`` (``fresh``: see ``upload``) and check it as ``verify``
+        says; the SHA-256 sent.
         On any failure the file at ``path`` is removed, a cancellation (the step's
         ``timeout``, a stop) included."""
         digest = hashlib.sha256()
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         fd, st = open_input(ctx)
         try:
-            await self.upload(conn, fd, st, path, digest, ctx)
+            await self.upload(conn, fd, st, path, digest, ctx, fresh)
             sent = digest.hexdigest()
             await self._verify(conn, path, st.st_size, sent)
         except cleanup:
