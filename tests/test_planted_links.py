@@ -162,3 +162,26 @@ def test_a_plain_file_of_ours_at_the_temporary_name_is_replaced_and_a_salted_nam
     assert sweep_temporaries([out], token) == 1
     assert not (out / salted).exists()
     assert (out / temp_name(7, "a.txt", None, other, salt)).exists()
+
+
+def test_a_link_planted_at_a_moves_hidden_name_is_never_written_through(tmp_path: Path) -> None:
+    """A move by copy (``done_dir``, ``failed_dir`` on another filesystem) writes its copy
+    under ``.filedispatch-move-<tag>-NAME`` (the tag is a hash of the source's path, so
+    anyone can work it out) beside the target. It used to open that name with ``wb``
+    (following a link, truncating); now what is there is removed and the name made anew."""
+    import hashlib
+
+    from filedispatch.relocate import move_by_copy
+
+    src = old_file(tmp_path / "inbox" / "a.txt", b"the inbox file")
+    done = tmp_path / "done"
+    done.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"the account's own file")
+    tag = hashlib.sha256(os.fsencode(src)).hexdigest()[:12]
+    (done / f".filedispatch-move-{tag}-a.txt").symlink_to(victim)
+    placed = move_by_copy(src, done / "a.txt", lambda: True, any_free_name=True)
+    assert victim.read_bytes() == b"the account's own file"
+    assert placed == done / "a.txt" and not placed.is_symlink()
+    assert placed.read_bytes() == b"the inbox file"
+    assert sorted(p.name for p in done.iterdir()) == ["a.txt"] and not src.exists()

@@ -51,7 +51,9 @@ def temp_name(
     ``...-<id>-[e<epoch>-]<salt>-NAME``, a name no one could know in advance, taken when the
     predictable one is already there and is not ours to remove (a planted link, see
     ``local.create_temp``). It keeps the row's prefix, so ``earlier_temps`` with a token and
-    the start-up sweep find it like any other temporary name of the journal.
+    the start-up sweep find it like any other temporary name of the journal (``earlier_temps``
+    without a token, and a resume without an epoch, which removes the one predictable name,
+    do not).
     """
     head = temp_prefix(dispatch_id, journal) + (f"e{epoch}-" if epoch else "")
     head += f"{salt}-" if salt else ""
