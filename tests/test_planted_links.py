@@ -39,6 +39,19 @@ def _token_of(db: Path) -> str:
     return asyncio.run(read())
 
 
+def _plant(tmp_path: Path, victim: Path, data: bytes) -> tuple[Path, Path, dict[str, Path]]:
+    """A server's upload folder root/in, a symbolic link planted there at the next temporary
+    name of row 1 (a.txt), to ``victim`` (made, with ``data``); (the folder, the link, the
+    service's workspace, its inbox holding a.txt)."""
+    out = tmp_path / "root" / "in"
+    out.mkdir(parents=True)
+    victim.write_bytes(data)
+    ws = _ws(tmp_path / "svc")
+    planted = out / f".filedispatch-tmp-{_token_of(ws['db'])}-1-a.txt"
+    planted.symlink_to(victim)
+    return out, planted, ws
+
+
 def test_a_link_planted_at_the_next_temporary_name_over_sftp_is_never_written_through(
     tmp_path: Path,
 ) -> None:
@@ -48,14 +61,8 @@ def test_a_link_planted_at_the_next_temporary_name_over_sftp_is_never_written_th
     truncated that file and wrote the inbox file into it, and the rename gave the link the
     final name. Now the link is removed and the file uploaded: a.txt is a file, not a link."""
     server = SftpServer(tmp_path / "root", tmp_path / "keys")
-    out = tmp_path / "root" / "in"
-    out.mkdir(parents=True)
     victim = tmp_path / "victim.txt"
-    victim.write_bytes(b"the account's own file")
-    ws = _ws(tmp_path / "svc")
-    token = _token_of(ws["db"])
-    planted = out / f".filedispatch-tmp-{token}-1-a.txt"
-    planted.symlink_to(victim)
+    out, planted, ws = _plant(tmp_path, victim, b"the account's own file")
     old_file(ws["inbox"] / "a.txt", b"ssh-ed25519 AAAA... the inbox writer's key")
     step = {
         "url": server.url("/in/"),
@@ -75,6 +82,31 @@ def test_a_link_planted_at_the_next_temporary_name_over_sftp_is_never_written_th
     assert (out / "a.txt").read_bytes() == b"ssh-ed25519 AAAA... the inbox writer's key"
     assert not os.path.lexists(planted)
     assert journal_rows(ws["db"], "status = 'SUCCEEDED'")
+
+
+def test_a_link_planted_at_the_predictable_ftp_temporary_name_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """FTP has no exclusive create: ``STOR`` writes whatever the server finds at the name,
+    through a link if the server follows it (pyftpdlib does, inside the user's home). So an
+    FTP temporary name has six random characters after the id: a link planted at what used
+    to be the next temporary name (here to another file of the upload area) is never
+    reached, and stays as it was."""
+    from .servers import FtpServer
+
+    server = FtpServer(tmp_path / "root")
+    victim = tmp_path / "root" / "keep.txt"
+    out, planted, ws = _plant(tmp_path, victim, b"another user's file")
+    old_file(ws["inbox"] / "a.txt", b"the inbox file")
+    try:
+        result = run_cli("-c", remote_config(ws, {"url": server.url("/in/")}), "--once")
+    finally:
+        server.stop()
+    assert victim.read_bytes() == b"another user's file", result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "a.txt").read_bytes() == b"the inbox file"
+    assert planted.is_symlink() and os.readlink(planted) == str(victim)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.txt", planted.name])
 
 
 @pytest.mark.parametrize("link", ["hard", "symbolic"])

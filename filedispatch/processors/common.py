@@ -48,12 +48,11 @@ def temp_name(
     NAME_MAX bytes: ``name`` is shortened by ``naming.shorten`` to leave room for the head.
 
     ``salt`` (``fresh_salt``, "" for none) goes after the id and epoch:
-    ``...-<id>-[e<epoch>-]<salt>-NAME``, a name no one could know in advance, taken when the
-    predictable one is already there and is not ours to remove (a planted link, see
-    ``local.create_temp``). It keeps the row's prefix, so ``earlier_temps`` with a token and
-    the start-up sweep find it like any other temporary name of the journal (``earlier_temps``
-    without a token, and a resume without an epoch, which removes the one predictable name,
-    do not).
+    ``...-<id>-[e<epoch>-]<salt>-NAME``, a name no one could know in advance: every FTP
+    attempt's (no exclusive create), and a local copy's when the predictable name is taken by
+    what is not ours to remove (a planted link, see ``local.create_temp``). It keeps the
+    row's prefix, so ``earlier_temps`` with a token (a resume) and the start-up sweep find it
+    like any other temporary name of the journal; without a token it is not looked for.
     """
     head = temp_prefix(dispatch_id, journal) + (f"e{epoch}-" if epoch else "")
     head += f"{salt}-" if salt else ""

@@ -34,6 +34,7 @@ from .common import (
     candidates,
     choices,
     earlier_temps,
+    fresh_salt,
     open_input,
     render_target,
     temp_name,
@@ -132,10 +133,16 @@ class RemoteTarget:
         """The redacted URL of a delivered file, for the journal."""
         return f"{self.display.rstrip('/')}/{rel}"
 
-    def paths(self, ctx: StepContext, rel: PurePosixPath) -> tuple[PurePosixPath, PurePosixPath]:
-        """The remote folder and the temporary name a delivery is written under."""
+    def paths(
+        self, ctx: StepContext, rel: PurePosixPath, salted: bool = False
+    ) -> tuple[PurePosixPath, PurePosixPath]:
+        """The remote folder and the temporary name a delivery is written under; ``salted``:
+        with six random characters (``fresh_salt``) when the row has a journal token, whose
+        prefix a resume lists the folder for (``earlier_temps``)."""
         folder = self.root / rel.parent
-        return folder, folder / temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal)
+        salt = fresh_salt() if salted and ctx.journal else ""
+        name = temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal, salt)
+        return folder, folder / name
 
 
 CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatever the size
@@ -261,6 +268,9 @@ class RemoteProcessor(ABC, Generic[C]):
     #: errors after which the connection still works (a refused command)
     refusals: ClassVar[tuple[type[Exception], ...]] = ()
     paces: ClassVar[bool] = True  #: ``upload`` pays ``ctx.throttle`` per chunk (copy_to)
+    #: every attempt's temporary name has a random part (``RemoteTarget.paths``): for a
+    #: protocol with no exclusive create, so that no one can plant a link at it in advance
+    salted: ClassVar[bool] = False
 
     def __init__(self, dest: FtpDestination | SftpDestination, resources: Resources) -> None:
         self.dest = dest
@@ -368,7 +378,7 @@ class RemoteProcessor(ABC, Generic[C]):
 
     async def _deliver(self, conn: C, ctx: StepContext, rel: PurePosixPath) -> Outcome:
         root = self.target.root
-        folder, tmp = self.target.paths(ctx, rel)
+        folder, tmp = self.target.paths(ctx, rel, self.salted)
         if ctx.resuming:
             found = await self._find_previous(conn, ctx, rel, tmp)
             if found is not None:
