@@ -63,8 +63,14 @@ def rename_free(path: Path, target: Path) -> Path:
 
 def _copy(src: Path, dst: Path) -> None:
     """``shutil.copy2`` (bytes, mode, times; a link's target), made in the kernel where it can
-    and keeping a sparse file's holes (``processors.local.copy_data``)."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    and keeping a sparse file's holes (``processors.local.copy_data``). ``dst`` is our hidden
+    name, which anyone who may write in its folder can know: what is there (a crash's
+    leftover, or a link someone planted) is removed, never opened, and ``dst`` created new
+    (O_EXCL, O_NOFOLLOW), so a link is never written through."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(dst)  # a link goes, never the file it points to
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    with open(src, "rb") as fin, open(os.open(dst, flags, 0o666), "wb") as fout:
         copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()))
     shutil.copystat(src, dst)
 

@@ -6,8 +6,10 @@ compress, python) builds on them. Nothing here writes to a destination.
 
 from __future__ import annotations
 
+import base64
 import errno
 import os
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -30,7 +32,9 @@ _PERMANENT_ERRNOS = {
 }
 
 
-def temp_name(dispatch_id: int, name: str, epoch: int | None = None, journal: str = "") -> str:
+def temp_name(
+    dispatch_id: int, name: str, epoch: int | None = None, journal: str = "", salt: str = ""
+) -> str:
     """The hidden name a delivery of row ``dispatch_id`` is written under before its rename:
     ``.filedispatch-tmp-<journal>-<id>-e<epoch>-NAME`` for a claim with a fencing token
     (``epoch``, a PostgreSQL journal), ``.filedispatch-tmp-<journal>-<id>-NAME`` without one
@@ -42,9 +46,22 @@ def temp_name(dispatch_id: int, name: str, epoch: int | None = None, journal: st
     journals (two hosts or services, each with its own journal, whose row ids both start at 1)
     delivering a file of the same name into one folder never write one temporary file. At most
     NAME_MAX bytes: ``name`` is shortened by ``naming.shorten`` to leave room for the head.
+
+    ``salt`` (``fresh_salt``, "" for none) goes after the id and epoch:
+    ``...-<id>-[e<epoch>-]<salt>-NAME``, a name no one could know in advance: every FTP
+    attempt's (no exclusive create), and a local copy's when the predictable name is taken by
+    what is not ours to remove (a planted link, see ``local.create_temp``). It keeps the
+    row's prefix, so ``earlier_temps`` with a token (a resume) and the start-up sweep find it
+    like any other temporary name of the journal; without a token it is not looked for.
     """
     head = temp_prefix(dispatch_id, journal) + (f"e{epoch}-" if epoch else "")
+    head += f"{salt}-" if salt else ""
     return head + naming.shorten(name, len(head))
+
+
+def fresh_salt() -> str:
+    """Six random lower-case base32 characters (30 bits) for ``temp_name``'s ``salt``."""
+    return base64.b32encode(secrets.token_bytes(4)).decode("ascii")[:6].lower()
 
 
 def temp_prefix(dispatch_id: int, journal: str = "") -> str:

@@ -93,6 +93,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
     kind = "ftp"
     default_port = 21
     refusals: ClassVar[tuple[type[Exception], ...]] = (aioftp.StatusCodeError,)
+    salted = True  # STOR cannot create exclusively: a name no one knows in advance instead
 
     def __init__(self, dest: FtpDestination, resources: Resources) -> None:
         super().__init__(dest, resources)
@@ -162,7 +163,10 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
+        fresh: bool = False,
     ) -> None:
+        # FTP has no exclusive create (``fresh`` cannot be asked for): STOR opens what is
+        # there, as the server does; the name is salted instead (docs/integrity.md, 5)
         async with conn.upload_stream(path) as stream:
             try:
                 await copy_to(

@@ -32,6 +32,7 @@ from .common import (
     TMP_PREFIX,
     candidates,
     earlier_temps,
+    fresh_salt,
     open_input,
     place,
     render_target,
@@ -186,8 +187,7 @@ class LocalProcessor:
         self._mkdirs(final_dir)
         fd, st = open_input(ctx)
         try:
-            tmp = final_dir / temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal)
-            out = self._copy(fd, st, tmp, ctx.throttle, ctx.fence)
+            tmp, out = self._copy(fd, st, final_dir, ctx, rel.name)
             try:
                 self._verify(fd, out, st, tmp)
             except BaseException:
@@ -366,32 +366,27 @@ class LocalProcessor:
         )
 
     def _copy(
-        self,
-        fd: int,
-        st: os.stat_result,
-        tmp: Path,
-        throttle: Throttle | None = None,
-        check: Callable[[], None] | None = None,
-    ) -> int:
-        """Copy ``fd`` to ``tmp`` (mode, mtime and holes kept, see ``copy_data``); returns the
-        copy's fd, still open and not flushed. Removes ``tmp`` and raises if the source changed
-        while it was read, or if ``check`` (a step's fence) raises before a chunk.
-        ``throttle``: the bytes are paid for as they are written (no reflink then: the limit
-        holds for every copy)."""
-        mode = self.dest.file_mode
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        self, fd: int, st: os.stat_result, folder: Path, ctx: StepContext, name: str
+    ) -> tuple[Path, int]:
+        """Copy ``fd`` to a new temporary file in ``folder`` for ``ctx``'s delivery of
+        ``name`` (``create_temp``; mode, mtime and holes kept, see ``copy_data``); returns its
+        path and the copy's fd, still open and not flushed. Removes the copy and raises if the
+        source changed while it was read, or if ``ctx.fence`` raises before a chunk.
+        ``ctx.throttle``: the bytes are paid for as they are written (no reflink then: the
+        limit holds for every copy)."""
+        mode, throttle = self.dest.file_mode, ctx.throttle
         try:
-            out = os.open(tmp, flags, 0o666 if mode is None else mode)
+            tmp, out = create_temp(folder, ctx, name, 0o666 if mode is None else mode)
         except OSError as exc:
             self._forget_folders(exc)
-            raise translate_os_error(exc, f"cannot write in {tmp.parent}") from exc
+            raise translate_os_error(exc, f"cannot write in {folder}") from exc
         try:
             # a reflink shares blocks copy-on-write: as independent of the source as a copy
             cloned = fastpath.reflink(fd, out) if self._clone and throttle is None else False
             if cloned is None:
                 self._clone = False  # this filesystem cannot: one failed ioctl, not one per file
             if not cloned:
-                copy_data(fd, out, st, throttle=throttle, check=check)
+                copy_data(fd, out, st, throttle=throttle, check=ctx.fence)
             if mode is not None:
                 os.fchmod(out, mode)
             os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -404,7 +399,7 @@ class LocalProcessor:
             os.close(out)
             unlink_quietly(tmp)
             raise
-        return out
+        return tmp, out
 
     def _rename(self, tmp: Path, final: Path, overwrite: bool) -> None:
         """Give ``tmp`` the name ``final``; unless ``overwrite``, FileExistsError if it is
@@ -670,6 +665,52 @@ def _find_previous(
         ):
             return path
     return None
+
+
+#: how a temporary file is created: a new file or nothing, never through a link
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def create_temp(folder: Path, ctx: StepContext, name: str, perm: int) -> tuple[Path, int]:
+    """Create a new temporary file in ``folder`` for ``ctx``'s delivery of ``name`` and open
+    it for writing (mode ``perm`` before the umask); returns its path and fd.
+
+    Nothing already at the name is ever opened (O_EXCL, O_NOFOLLOW): anyone who may write in
+    the destination folder can know the next temporary name (``temp_name``), and a symbolic
+    or hard link planted there would have the file it points to overwritten. What is there is
+    removed only when it is a plain file of ours (regular, one link, owned by this process's
+    user: a copy an earlier attempt left); anything else is left as it is, with a warning,
+    and the copy takes a salted name no one could know (``temp_name``'s ``salt``). Raises
+    OSError as ``os.open`` does, or TransientDeliveryError when every name tried was taken.
+    """
+    tmp = folder / temp_name(ctx.dispatch_id, name, ctx.epoch, ctx.journal)
+    for _ in range(4):
+        try:
+            return tmp, os.open(tmp, _CREATE_NEW, perm)
+        except FileExistsError:
+            pass
+        if _ours(tmp):
+            unlink_quietly(tmp)
+            continue
+        log.warning(
+            "%s is already there and is not a file of ours (a link someone put there?): left "
+            "as it is; this copy takes another temporary name",
+            tmp,
+        )
+        tmp = folder / temp_name(ctx.dispatch_id, name, ctx.epoch, ctx.journal, fresh_salt())
+    raise TransientDeliveryError(f"cannot create a temporary file in {folder}: {tmp} is taken")
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a plain file this process may take for its own: a regular file
+    with one link, owned by our user (or gone already)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
 
 
 def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:

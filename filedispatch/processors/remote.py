@@ -34,6 +34,7 @@ from .common import (
     candidates,
     choices,
     earlier_temps,
+    fresh_salt,
     open_input,
     render_target,
     temp_name,
@@ -132,10 +133,16 @@ class RemoteTarget:
         """The redacted URL of a delivered file, for the journal."""
         return f"{self.display.rstrip('/')}/{rel}"
 
-    def paths(self, ctx: StepContext, rel: PurePosixPath) -> tuple[PurePosixPath, PurePosixPath]:
-        """The remote folder and the temporary name a delivery is written under."""
+    def paths(
+        self, ctx: StepContext, rel: PurePosixPath, salted: bool = False
+    ) -> tuple[PurePosixPath, PurePosixPath]:
+        """The remote folder and the temporary name a delivery is written under; ``salted``:
+        with six random characters (``fresh_salt``) when the row has a journal token, whose
+        prefix a resume lists the folder for (``earlier_temps``)."""
         folder = self.root / rel.parent
-        return folder, folder / temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal)
+        salt = fresh_salt() if salted and ctx.journal else ""
+        name = temp_name(ctx.dispatch_id, rel.name, ctx.epoch, ctx.journal, salt)
+        return folder, folder / name
 
 
 CHUNK = 1024 * 1024  #: bytes read from disk at a time: memory stays flat whatever the size
@@ -261,6 +268,9 @@ class RemoteProcessor(ABC, Generic[C]):
     #: errors after which the connection still works (a refused command)
     refusals: ClassVar[tuple[type[Exception], ...]] = ()
     paces: ClassVar[bool] = True  #: ``upload`` pays ``ctx.throttle`` per chunk (copy_to)
+    #: every attempt's temporary name has a random part (``RemoteTarget.paths``): for a
+    #: protocol with no exclusive create, so that no one can plant a link at it in advance
+    salted: ClassVar[bool] = False
 
     def __init__(self, dest: FtpDestination | SftpDestination, resources: Resources) -> None:
         self.dest = dest
@@ -299,9 +309,12 @@ class RemoteProcessor(ABC, Generic[C]):
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
+        fresh: bool = False,
     ) -> None:
         """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on, and the
-        context's ``throttle`` and ``fence``)."""
+        context's ``throttle`` and ``fence``). ``fresh``: ``path`` is a temporary name of
+        ours, to be created anew, never opened through whatever is there already (a link
+        someone planted) where the protocol can say so (SFTP; FTP cannot)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -365,7 +378,7 @@ class RemoteProcessor(ABC, Generic[C]):
 
     async def _deliver(self, conn: C, ctx: StepContext, rel: PurePosixPath) -> Outcome:
         root = self.target.root
-        folder, tmp = self.target.paths(ctx, rel)
+        folder, tmp = self.target.paths(ctx, rel, self.salted)
         if ctx.resuming:
             found = await self._find_previous(conn, ctx, rel, tmp)
             if found is not None:
@@ -380,7 +393,7 @@ class RemoteProcessor(ABC, Generic[C]):
         if not self.dest.temp_name:
             return await self._deliver_in_place(conn, ctx, rel, exists)
 
-        sent = await self._send(conn, ctx, tmp)
+        sent = await self._send(conn, ctx, tmp, fresh=True)
 
         async def put(p: PurePosixPath, overwrite: bool) -> None:
             ctx.fence()  # the last moment this delivery can still be called off
@@ -412,15 +425,18 @@ class RemoteProcessor(ABC, Generic[C]):
                 return Outcome(self.target.location(candidate), sha256=sent)
         return Outcome(self.target.location(rel), detail=NAME_TAKEN)
 
-    async def _send(self, conn: C, ctx: StepContext, path: PurePosixPath) -> str:
-        """Upload the input to ``path`` and check it as ``verify`` says; the SHA-256 sent.
+    async def _send(
+        self, conn: C, ctx: StepContext, path: PurePosixPath, fresh: bool = False
+    ) -> str:
+        """Upload the input to ``path`` (``fresh``: see ``upload``) and check it as ``verify``
+        says; the SHA-256 sent.
         On any failure the file at ``path`` is removed, a cancellation (the step's
         ``timeout``, a stop) included."""
         digest = hashlib.sha256()
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
         fd, st = open_input(ctx)
         try:
-            await self.upload(conn, fd, st, path, digest, ctx)
+            await self.upload(conn, fd, st, path, digest, ctx, fresh)
             sent = digest.hexdigest()
             await self._verify(conn, path, st.st_size, sent)
         except cleanup:

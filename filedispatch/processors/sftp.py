@@ -118,11 +118,32 @@ class SftpProcessor(RemoteProcessor[Session]):
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
+        fresh: bool = False,
     ) -> None:
-        async with conn.sftp.open(_raw(path), "wb") as remote:
+        opened = await (self._create(conn, path) if fresh else conn.sftp.open(_raw(path), "wb"))
+        async with opened as remote:
             await copy_to(
                 fd, st, remote.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
             )
+
+    async def _create(self, conn: Session, path: PurePosixPath) -> asyncssh.SFTPClientFile:
+        """Open our temporary name ``path`` as a new file (create exclusively: the server
+        never opens what is there, so never writes through a link someone planted at the
+        name, which is known in advance). What is there is removed first: the name is ours
+        (``temp_name``), and a removal takes away a link, never what it points to."""
+        for _ in range(3):
+            try:
+                return await conn.sftp.open(_raw(path), "xb")
+            except asyncssh.SFTPError:
+                if not await conn.sftp.lexists(_raw(path)):
+                    raise  # not taken: the refusal is the answer (permissions, no folder...)
+            log.warning(
+                "%s: %s was already there (a link someone put there?): removed, not written to",
+                self.target.display,
+                path,
+            )
+            await conn.sftp.remove(_raw(path))
+        raise TransientDeliveryError(f"{self.target.display}: {path} keeps being taken")
 
     async def exists(self, conn: Session, path: PurePosixPath) -> bool:
         return bool(await conn.sftp.exists(_raw(path)))
