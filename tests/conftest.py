@@ -128,20 +128,29 @@ def old(path: Path, data: bytes = b"x") -> Path:
     return path
 
 
-def delivered(folder: Path) -> dict[str, bytes]:
+def delivered(folder: Path, temporaries: bool = True) -> dict[str, bytes]:
     """Every file under ``folder`` by its relative path, a delivery's temporary one included
-    (so that an equality after a run also says none was left behind)."""
+    (so that an equality after a run also says none was left behind). Read while the service
+    runs, a file can go between the listing and its read (a temporary renamed into place):
+    it is left out, and its new name shows at the next look."""
+    found: dict[str, bytes] = {}
     if not folder.exists():
-        return {}
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
-    }
+        return found
+    for p in folder.rglob("*"):
+        if not temporaries and p.name.startswith(TMP_PREFIX):
+            continue
+        try:
+            if p.is_file():
+                found[p.relative_to(folder).as_posix()] = p.read_bytes()
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def arrived(folder: Path) -> dict[str, bytes]:
     """``delivered`` without the temporaries of deliveries still under way: what a test waits
     for while the service runs (a copy's hidden temporary is not a file that arrived)."""
-    return {k: v for k, v in delivered(folder).items() if not Path(k).name.startswith(TMP_PREFIX)}
+    return delivered(folder, temporaries=False)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
