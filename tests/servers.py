@@ -561,7 +561,7 @@ def resume(
 
     from filedispatch.config import load_config
     from filedispatch.models import FileVersion
-    from filedispatch.processors import Registry, StepContext
+    from filedispatch.processors import StepContext
 
     ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
     config = load_config(remote_config(ws, step))
@@ -572,12 +572,22 @@ def resume(
         7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, epoch=epoch, journal=journal
     )
 
+    try:
+        return deliver_once(config.rules[0].to[0], ctx)
+    except Exception as exc:
+        return exc
+
+
+def deliver_once(step: Any, ctx: Any) -> Any:
+    """Deliver ``ctx`` (a StepContext) through ``step`` (a step of a loaded config) with a
+    registry of its own, in a loop of its own, as one worker's attempt; the outcome (the
+    delivery's exception is raised)."""
+    from filedispatch.processors import Registry
+
     async def run() -> Any:
         registry = Registry()
         try:
-            return await registry.get(config.rules[0].to[0]).deliver(ctx)
-        except Exception as exc:
-            return exc
+            return await registry.get(step).deliver(ctx)
         finally:
             await registry.aclose()
 

@@ -359,9 +359,9 @@ def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_e
     attempt renders went, and a ``{now}`` template's earlier name stayed: k7 review)."""
     from filedispatch.config import load_config
     from filedispatch.models import FileVersion
-    from filedispatch.processors import Registry, StepContext
+    from filedispatch.processors import StepContext
 
-    from .servers import old_file, remote_config
+    from .servers import deliver_once, old_file, remote_config
 
     step, out, stop = _remote(kind, tmp_path)
     ws = {"root": tmp_path, "inbox": tmp_path / "inbox", "db": tmp_path / "journal.db"}
@@ -378,15 +378,8 @@ def test_a_resumed_delivery_removes_every_earlier_claims_temporary_and_nothing_e
         7, version, src, "remote", 0, 2, tmp_path / "work", resuming=True, epoch=epoch, journal=J
     )
 
-    async def run() -> None:
-        registry = Registry()
-        try:
-            await registry.get(config.rules[0].to[0]).deliver(ctx)
-        finally:
-            await registry.aclose()
-
     try:
-        asyncio.run(run())
+        deliver_once(config.rules[0].to[0], ctx)
     finally:
         stop()
     held = {p.name: p.read_bytes() for p in out.iterdir()}

@@ -15,7 +15,7 @@ from filedispatch.dispatcher.lanes import COPY_CHUNK
 from filedispatch.processors.local import sha256_if_same
 
 from .conftest import cli_env, journal_rows, run_cli
-from .servers import old_file, remote_config, sha256_of
+from .servers import deliver_once, old_file, remote_config, sha256_of
 from .test_edges import sparse
 
 MIB = 1 << 20
@@ -140,11 +140,9 @@ def test_a_local_resume_takes_only_its_own_bytes_for_an_earlier_delivery(
     delivery (size and mtime matched): ours was never copied, the row SUCCEEDED and the source
     was consumed. Now what is there must hold our very bytes, as a regular file: ours lands
     beside it (``rename``); a file with our bytes is still found delivered."""
-    import asyncio
-
     from filedispatch.config import load_config
     from filedispatch.models import FileVersion
-    from filedispatch.processors import Registry, StepContext
+    from filedispatch.processors import StepContext
 
     out = tmp_path / "out"
     out.mkdir()
@@ -164,15 +162,7 @@ def test_a_local_resume_takes_only_its_own_bytes_for_an_earlier_delivery(
         ctx = StepContext(
             7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, journal="0a1b2c3d"
         )
-
-        async def run() -> object:
-            registry = Registry()
-            try:
-                return await registry.get(config.rules[0].to[0]).deliver(ctx)
-            finally:
-                await registry.aclose()
-
-        return asyncio.run(run())
+        return deliver_once(config.rules[0].to[0], ctx)
 
     outcome = deliver()
     assert getattr(outcome, "detail", None) is None, f"{outcome}: ours was never copied"

@@ -21,7 +21,7 @@ import pytest
 from filedispatch.journal import open_journal
 
 from .conftest import ServiceProcess, journal_rows, run_cli, wait_until
-from .servers import SftpServer, old_file, remote_config
+from .servers import SftpServer, deliver_once, old_file, remote_config
 
 
 def _ws(root: Path) -> dict[str, Path]:
@@ -156,7 +156,7 @@ def test_a_plain_file_of_ours_at_the_temporary_name_is_replaced_and_a_salted_nam
     like any temporary name of the journal, and another journal's stays."""
     from filedispatch.config import load_config
     from filedispatch.models import FileVersion
-    from filedispatch.processors import Registry, StepContext
+    from filedispatch.processors import StepContext
     from filedispatch.processors.common import earlier_temps, fresh_salt, temp_name
     from filedispatch.processors.local import sweep_temporaries
 
@@ -171,14 +171,7 @@ def test_a_plain_file_of_ours_at_the_temporary_name_is_replaced_and_a_salted_nam
     version = FileVersion.from_stat(source.key, source.path, "a.txt", os.stat(src))
     ctx = StepContext(7, version, src, "remote", 0, 2, tmp_path / "work", journal=token)
 
-    async def run() -> None:
-        registry = Registry()
-        try:
-            await registry.get(config.rules[0].to[0]).deliver(ctx)
-        finally:
-            await registry.aclose()
-
-    asyncio.run(run())
+    deliver_once(config.rules[0].to[0], ctx)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.txt": b"the file"}
 
     salt = fresh_salt()
