@@ -13,7 +13,8 @@ FileDispatchError
     ├── LeaseLostError          this node's lease may be lost: called off, not an attempt
     ├── TransientDeliveryError  worth retrying (5xx, busy, a full disk)
     │   ├── NetworkError        the remote cannot be reached (DNS, refused, reset, timeout)
-    │   └── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
+    │   ├── SourceUnreadableError  the source may not be read yet (EACCES, EPERM)
+    │   └── TempNameTakenError  something we may not remove holds our temporary name
     └── PermanentDeliveryError  retrying cannot help (403, bad name, read-only target)
         └── SourceVanishedError the source file disappeared before it could be sent
 
@@ -119,6 +120,12 @@ class NetworkError(TransientDeliveryError):
         if isinstance(exc, socket.gaierror):
             reason = f"the name does not resolve ({exc.strerror})"
         return cls(f"{where}: {what}: {reason}" if what else f"{where}: {reason}")
+
+
+class TempNameTakenError(TransientDeliveryError):
+    """Our temporary name is held by something we may not remove (a folder someone made
+    there: the name can be known in advance). An upload that meets it takes a salted name
+    instead (``processors.remote``); raised on, it fails that attempt."""
 
 
 class SourceUnreadableError(TransientDeliveryError):

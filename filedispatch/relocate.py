@@ -15,7 +15,7 @@ import contextlib
 import filecmp
 import hashlib
 import os
-import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
@@ -61,18 +61,34 @@ def rename_free(path: Path, target: Path) -> Path:
             target = free_name(target)
 
 
-def _copy(src: Path, dst: Path) -> None:
-    """``shutil.copy2`` (bytes, mode, times; a link's target), made in the kernel where it can
-    and keeping a sparse file's holes (``processors.local.copy_data``). ``dst`` is our hidden
-    name, which anyone who may write in its folder can know: what is there (a crash's
-    leftover, or a link someone planted) is removed, never opened, and ``dst`` created new
-    (O_EXCL, O_NOFOLLOW), so a link is never written through."""
+def _copy(src: Path, dst: Path) -> os.stat_result:
+    """``shutil.copy2`` (bytes, mode, times, extended attributes; a link's target), made in
+    the kernel where it can and keeping a sparse file's holes (``processors.local.copy_data``);
+    returns the copy's stat. ``dst`` is our hidden name, which anyone who may write in its
+    folder can know: what is there (a crash's leftover, or a link someone planted) is
+    removed, never opened, and ``dst`` created new (O_EXCL, O_NOFOLLOW), so a link is never
+    written through; mode, times and attributes are set through the copy's descriptor, never
+    by name (a name swapped for a link meanwhile would have them set on what it points to)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dst)  # a link goes, never the file it points to
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     with open(src, "rb") as fin, open(os.open(dst, flags, 0o666), "wb") as fout:
-        copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()))
-    shutil.copystat(src, dst)
+        st = os.fstat(fin.fileno())
+        copy_data(fin.fileno(), fout.fileno(), st)
+        for name in _xattrs(fin.fileno()):
+            with contextlib.suppress(OSError):  # as copy2: what the target refuses is left
+                os.setxattr(fout.fileno(), name, os.getxattr(fin.fileno(), name))
+        os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
+        os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+        return os.fstat(fout.fileno())
+
+
+def _xattrs(fd: int) -> list[str]:
+    """The extended attributes of the file open as ``fd`` (none where the filesystem has none)."""
+    try:
+        return os.listxattr(fd)
+    except OSError:
+        return []
 
 
 def move_by_copy(
@@ -104,9 +120,12 @@ def move_by_copy(
     head = f".filedispatch-move-{tag}-"
     tmp = target.with_name(head + naming.shorten(target.name, len(head)))
     try:
-        _copy(src, tmp)
+        made = _copy(src, tmp)
         if not unchanged():
             raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+        there = os.lstat(tmp)  # a file renamed onto our hidden name would be placed as ours
+        if (there.st_dev, there.st_ino) != (made.st_dev, made.st_ino):
+            raise OSError(f"{tmp} was replaced by another file while {src} was copied; it stays")
         if any_free_name:
             placed = rename_free(tmp, target)
         else:

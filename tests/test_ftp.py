@@ -562,6 +562,9 @@ def _like_vsftpd(root: Path) -> FtpServer:
         ("sqlite-now", f".filedispatch-tmp-{_TOKEN}-7-20250101000000-a.txt", "{now}", None),
         # a file whose name ends in a blank: aioftp strips blanks from the listing's lines
         ("trailing-blank", f".filedispatch-tmp-{_TOKEN}-7-e2-a.txt ", "a.txt ", 5),
+        # the same in a name holding " -> ", which only a LIST line of a link has a meaning
+        # for (r8 review: MLSD's lines were read as a link's, and kept the blank off)
+        ("arrow-and-blank", f".filedispatch-tmp-{_TOKEN}-7-e2-x -> y.txt ", "x -> y.txt ", 5),
         # a server that lists dot files only when asked LIST -a (vsftpd, pure-ftpd)
         ("hides-dot-files", f".filedispatch-tmp-{_TOKEN}-7-e2-a.txt", "a.txt", 5),
     ],
@@ -571,9 +574,9 @@ def test_a_resume_removes_what_earlier_attempts_of_its_row_left(
 ) -> None:
     """An earlier attempt of row 7 left a half-upload under a temporary name; the resume
     removes it (no start-up sweep reaches an FTP server: it would stay for good) and delivers.
-    Each case failed before (k7 review): the SQLite resume removed only the name it renders
-    now; aioftp's listing cut the trailing blank, so the removal missed; a plain LIST on
-    vsftpd does not show the dot file. A file that is not ours is left alone."""
+    Each case failed before (k7 review; r8 for the arrow): the SQLite resume removed only the
+    name it renders now; aioftp's listing cut the trailing blank, so the removal missed; a
+    plain LIST on vsftpd does not show the dot file. A file that is not ours is left alone."""
     out = tmp_path / "root" / "in"
     out.mkdir(parents=True)
     (out / earlier).write_bytes(b"half an upl")

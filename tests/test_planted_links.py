@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -210,3 +211,96 @@ def test_a_link_planted_at_a_moves_hidden_name_is_never_written_through(tmp_path
     assert placed == done / "a.txt" and not placed.is_symlink()
     assert placed.read_bytes() == b"the inbox file"
     assert sorted(p.name for p in done.iterdir()) == ["a.txt"] and not src.exists()
+
+
+@pytest.mark.parametrize("kind", ["local", "sftp"])
+def test_a_folder_planted_at_the_temporary_name_does_not_stop_the_delivery(
+    tmp_path: Path, kind: str
+) -> None:
+    """Anyone who may write in the destination folder can know the next temporary name (the
+    token is in every earlier one, row ids count up) and make a folder there. A local copy
+    takes a salted name; an SFTP upload did not (r8 review): its exclusive create found the
+    name taken, the removal of a folder failed, and every attempt failed "Is a directory"
+    until the row FAILED. Now both take a salted name and deliver; the folder stays."""
+    from .servers import resume
+    from .test_cluster_temps import _sftp
+
+    token = "0a1b2c3d"
+    server: Any = None
+    if kind == "sftp":
+        server, to = _sftp(tmp_path)
+        out = tmp_path / "root" / "in"
+    else:
+        out = tmp_path / "out"
+        to = {"url": out.as_uri()}
+    out.mkdir(parents=True)
+    planted = out / f".filedispatch-tmp-{token}-7-a.txt"
+    planted.mkdir()
+    try:
+        got = resume(tmp_path, to, b"the file's bytes\n", "a.txt", None, token)
+    finally:
+        if server is not None:
+            server.close()
+    assert not isinstance(got, BaseException), f"{type(got).__name__}: {got}"
+    assert (out / "a.txt").read_bytes() == b"the file's bytes\n"
+    assert planted.is_dir()
+    assert sorted(p.name for p in out.iterdir()) == [planted.name, "a.txt"]
+
+
+def test_a_file_renamed_onto_our_temporary_while_we_write_is_never_published(
+    tmp_path: Path,
+) -> None:
+    """While a paced copy (``bandwidth``) of a.bin is written under its temporary name, a
+    writer of the destination folder renames a file of their own onto that name. The copy
+    wrote on into its own, now nameless, file and the rename by name published theirs as
+    a.bin, SUCCEEDED (r8 review). Now the name is checked to still be our file just before
+    the rename: that attempt fails, the next delivers our bytes."""
+    ws = _ws(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = remote_config(ws, {"url": out.as_uri(), "bandwidth": "1MB/s"})
+    data = os.urandom(3 << 20)
+    theirs = out / "theirs"
+    theirs.write_bytes(b"not what was sent\n")
+
+    def temporary() -> list[str]:
+        return [n for n in os.listdir(out) if n.startswith(".filedispatch-tmp-")]
+
+    svc = ServiceProcess(cfg)
+    try:
+        svc.start()
+        old_file(ws["inbox"] / "a.bin", data)
+        wait_until(lambda: bool(temporary()), 60)
+        os.rename(theirs, out / temporary()[0])
+        wait_until(lambda: [r["status"] for r in journal_rows(ws["db"])] == ["SUCCEEDED"], 90)
+    finally:
+        svc.stop(60)
+    assert (out / "a.bin").read_bytes() == data
+    assert [r["attempts"] for r in journal_rows(ws["db"])] == [2]
+
+
+def test_a_file_renamed_onto_a_moves_hidden_name_is_never_placed_for_the_source(
+    tmp_path: Path,
+) -> None:
+    """A move by copy (``done_dir`` on another filesystem) is renamed into place by name: a
+    file renamed onto its hidden name after the copy was placed instead, and the source
+    removed, so the source's bytes were nowhere (r8 review, same kind as the copy above).
+    Now the move sees the hidden name no longer holds its copy and stops: the source stays,
+    the other file is not placed."""
+    from filedispatch.relocate import move_by_copy
+
+    src = old_file(tmp_path / "inbox" / "a.txt", b"the inbox file")
+    done = tmp_path / "done"
+    done.mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes(b"someone else's")
+
+    def swap_then_say_unchanged() -> bool:  # runs after the copy, before its rename
+        (hidden,) = done.iterdir()
+        os.rename(theirs, hidden)
+        return True
+
+    with pytest.raises(OSError, match="was replaced by another file"):
+        move_by_copy(src, done / "a.txt", swap_then_say_unchanged, any_free_name=True)
+    assert src.read_bytes() == b"the inbox file"
+    assert not (done / "a.txt").exists()

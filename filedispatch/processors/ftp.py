@@ -63,7 +63,7 @@ class _Client(aioftp.Client):
 
     def parse_mlsx_line(self, b: bytes | str) -> tuple[PurePosixPath, Any]:
         try:
-            return _blanks(b, self.encoding, *super().parse_mlsx_line(b))
+            return _blanks(b, self.encoding, *super().parse_mlsx_line(b), listed=False)
         except ValueError:  # UnicodeDecodeError among them
             return PurePosixPath("."), {"type": "unreadable"}
 
@@ -75,14 +75,16 @@ class _Client(aioftp.Client):
 
 
 def _blanks(
-    line: bytes | str, encoding: str, path: PurePosixPath, info: Any
+    line: bytes | str, encoding: str, path: PurePosixPath, info: Any, listed: bool = True
 ) -> tuple[PurePosixPath, Any]:
     """``(path, info)`` of a listing line, the name given back the blanks aioftp stripped from
-    the line's end (a link's ``name -> target`` keeps them on the target: left as it is)."""
+    the line's end. In a ``LIST`` line (``listed``) a link's ``name -> target`` keeps them on
+    the target: left as it is; an MLSD line has no such form, so there a name holding
+    `` -> `` is a name like any other."""
     text = line.decode(encoding) if isinstance(line, bytes) else line
     text = text.rstrip("\r\n")
     blanks = text[len(text.rstrip()) :]
-    if blanks and info.get("type") != "link" and " -> " not in text:
+    if blanks and info.get("type") != "link" and not (listed and " -> " in text):
         path = PurePosixPath(str(path) + blanks)
     return path, info
 

@@ -225,7 +225,8 @@ class LocalProcessor:
 
     def _flush(self, staged: list[tuple[Path, int]]) -> list[DeliveryError | None]:
         """Flush (with ``fsync``) and close copies; per copy None or its error (the copy is
-        then removed). Writeback of all of them starts before the first fsync waits."""
+        then removed). Writeback of all of them starts before the first fsync waits. A copy
+        whose temporary name no longer names the file written (``same_file``) fails."""
         errors: list[DeliveryError | None] = [None] * len(staged)
         if self.dest.fsync and len(staged) > 1:
             for _, out in staged:  # only a hint: a failure is met again by the fsync below
@@ -234,8 +235,11 @@ class LocalProcessor:
             try:
                 if self.dest.fsync:
                     os.fsync(out)
+                same_file(out, tmp)
             except OSError as exc:
                 errors[i] = translate_os_error(exc, f"cannot write {tmp}")
+            except DeliveryError as exc:
+                errors[i] = exc
             finally:
                 os.close(out)
             if errors[i] is not None:
@@ -699,6 +703,21 @@ def create_temp(folder: Path, ctx: StepContext, name: str, perm: int) -> tuple[P
         )
         tmp = folder / temp_name(ctx.dispatch_id, name, ctx.epoch, ctx.journal, fresh_salt())
     raise TransientDeliveryError(f"cannot create a temporary file in {folder}: {tmp} is taken")
+
+
+def same_file(fd: int, path: Path) -> None:
+    """Raise TransientDeliveryError unless ``path`` names the very file open as ``fd`` (device
+    and inode): another writer of the folder may have renamed a file of theirs onto our
+    temporary name while we wrote, and a rename by name would then publish theirs as our
+    delivery. Checked just before the rename, it leaves a window of the few system calls
+    between; a rename cannot be asked to move only a given inode. Raises OSError if ``path``
+    cannot be looked at (gone: FileNotFoundError)."""
+    ours, there = os.fstat(fd), os.lstat(path)
+    if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino):
+        raise TransientDeliveryError(
+            f"{path} was replaced by another file while it was written (another writer in "
+            "that folder?): not published; the copy is made again"
+        )
 
 
 def _ours(path: Path) -> bool:

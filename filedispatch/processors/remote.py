@@ -25,6 +25,7 @@ from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
     SourceVanishedError,
+    TempNameTakenError,
     TransientDeliveryError,
 )
 from ..models import NAME_TAKEN, Outcome
@@ -393,7 +394,11 @@ class RemoteProcessor(ABC, Generic[C]):
         if not self.dest.temp_name:
             return await self._deliver_in_place(conn, ctx, rel, exists)
 
-        sent = await self._send(conn, ctx, tmp, fresh=True)
+        try:
+            sent = await self._send(conn, ctx, tmp, fresh=True)
+        except TempNameTakenError:  # a folder planted at our name: a name no one knows instead
+            _, tmp = self.target.paths(ctx, rel, salted=True)
+            sent = await self._send(conn, ctx, tmp, fresh=True)
 
         async def put(p: PurePosixPath, overwrite: bool) -> None:
             ctx.fence()  # the last moment this delivery can still be called off

@@ -18,7 +18,13 @@ from typing import Any, ClassVar
 import asyncssh
 
 from ..config import SftpDestination
-from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
+from ..errors import (
+    DeliveryError,
+    NetworkError,
+    PermanentDeliveryError,
+    TempNameTakenError,
+    TransientDeliveryError,
+)
 from . import Resources, StepContext
 from .remote import CHUNK, RemoteProcessor, copy_to
 
@@ -130,7 +136,9 @@ class SftpProcessor(RemoteProcessor[Session]):
         """Open our temporary name ``path`` as a new file (create exclusively: the server
         never opens what is there, so never writes through a link someone planted at the
         name, which is known in advance). What is there is removed first: the name is ours
-        (``temp_name``), and a removal takes away a link, never what it points to."""
+        (``temp_name``), and a removal takes away a link, never what it points to; what
+        cannot be removed (a folder) raises TempNameTakenError, and the upload takes a salted
+        name."""
         for _ in range(3):
             try:
                 return await conn.sftp.open(_raw(path), "xb")
@@ -142,7 +150,10 @@ class SftpProcessor(RemoteProcessor[Session]):
                 self.target.display,
                 path,
             )
-            await conn.sftp.remove(_raw(path))
+            try:
+                await conn.sftp.remove(_raw(path))
+            except asyncssh.SFTPError as exc:
+                raise TempNameTakenError(f"{self.target.display}: {path}: {exc.reason}") from exc
         raise TransientDeliveryError(f"{self.target.display}: {path} keeps being taken")
 
     async def exists(self, conn: Session, path: PurePosixPath) -> bool:
