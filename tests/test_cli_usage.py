@@ -135,6 +135,7 @@ NOT_FOR_A_LOCAL_ONCE = [
     "sklearn",  # no learned rule
     "pypdf",
     "filedispatch.learn.model",
+    "filedispatch.learn.extract",  # the learned rules' text reader
     "puremagic",  # no mime: condition
     "logging.config",  # no --log-config
     "logging.handlers",  # no --log-file
