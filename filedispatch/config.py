@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainValidator,
     PrivateAttr,
     SecretStr,
     Tag,
@@ -34,6 +35,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .journal.target import PostgresTarget, is_postgres, url_problem
@@ -157,8 +159,14 @@ FsPath = Annotated[Path, BeforeValidator(_path_text)]
 
 
 class _Model(BaseModel):
+    #: ``defer_build``: a model's validator is built when it first validates, not at import;
+    #: the models a run never uses (most step kinds, see _validate_step) cost it nothing
     model_config = ConfigDict(
-        extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False
+        extra="forbid",
+        frozen=True,
+        defer_build=True,
+        hide_input_in_errors=True,
+        allow_inf_nan=False,
     )
 
 
@@ -756,7 +764,6 @@ STEP_MODELS: tuple[type[StepModel], ...] = (
 )
 #: the kinds' names: their tags in the config, their protocols in the journal and the API
 STEP_KINDS: tuple[str, ...] = tuple(m.kind_name() for m in STEP_MODELS)
-STEP_TAGS = frozenset(STEP_KINDS)
 _SCHEME_KIND = {scheme: m.kind_name() for m in STEP_MODELS for scheme in m.schemes}
 _KEYED_KINDS = tuple(m.kind_name() for m in STEP_MODELS if not m.schemes)
 #: URL schemes of destinations on another host (whose URL may hold a user and password)
@@ -789,22 +796,29 @@ def _or(words: Iterable[str]) -> str:
     return f"{', '.join(head)} or {last}" if head else last
 
 
+_NOT_A_STEP = (
+    "not a destination: give a path, a URL "
+    f"({', '.join(s for s in _SCHEME_KIND if s)}) "
+    f"or a mapping with {_or(('url', *_KEYED_KINDS))}"
+)
+_MODEL_OF_KIND = {m.kind_name(): m for m in STEP_MODELS}
+
+
+def _validate_step(value: Any) -> StepModel:
+    """One step, validated by the model of its kind alone: a kind's model (and its validator)
+    is built the first time a config uses that kind, not at import (start-up time, issue 16).
+    The model's errors keep their places under the step (``rules[0].to[1].mode``)."""
+    kind = _step_kind(value)
+    if kind is None:
+        raise PydanticCustomError("destination", _NOT_A_STEP)
+    return _MODEL_OF_KIND[kind].model_validate(value)
+
+
 if TYPE_CHECKING:
     #: one configured step of a rule's ``to`` list, of any kind in STEP_MODELS
     Step: TypeAlias = StepModel
-else:
-    Step = Annotated[
-        Union[tuple(Annotated[m, Tag(m.kind_name())] for m in STEP_MODELS)],  # noqa: UP007
-        Discriminator(
-            _step_kind,
-            custom_error_type="destination",
-            custom_error_message=(
-                "not a destination: give a path, a URL "
-                f"({', '.join(s for s in _SCHEME_KIND if s)}) "
-                f"or a mapping with {_or(('url', *_KEYED_KINDS))}"
-            ),
-        ),
-    ]
+else:  # validated as its kind's model; written out (model_dump) as the model it is
+    Step = Annotated[Any, PlainValidator(_validate_step)]
 
 # --------------------------------------------------------------------------- notifications
 
@@ -1665,13 +1679,12 @@ def _from_seed_format(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    out, previous = "", None
+    out = ""
     for part in loc:
-        after_index, previous = isinstance(previous, int), part
         if isinstance(part, int):
             out += f"[{part}]"
-        elif (part in STEP_TAGS and after_index) or part.startswith(("function-", "classify-")):
-            continue  # a union's tag, not a field (``command`` is both)
+        elif part.startswith(("function-", "classify-")):
+            continue  # a union's tag, not a field
         else:
             out += f".{part}" if out else part
     return out or "<top>"

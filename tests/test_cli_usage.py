@@ -135,17 +135,22 @@ NOT_FOR_A_LOCAL_ONCE = [
     "sklearn",  # no learned rule
     "pypdf",
     "filedispatch.learn.model",
+    "filedispatch.learn.extract",  # the learned rules' text reader
     "puremagic",  # no mime: condition
     "logging.config",  # no --log-config
     "logging.handlers",  # no --log-file
 ]
 
 #: the real CLI, started as ``python -m filedispatch`` starts it, writing the names of the
-#: modules loaded at its exit to the file named by its first argument
+#: modules loaded at its exit to the file named by its first argument, and ``built:NAME`` for
+#: each step kind's model whose validator was built
 _REPORT_MODULES = """
 import atexit, runpy, sys
 report, sys.argv = sys.argv[1], ["filedispatch", *sys.argv[2:]]
-atexit.register(lambda: open(report, "w").write("\\n".join(sorted(sys.modules))))
+def built():
+    from filedispatch.config import STEP_MODELS
+    return [f"built:{m.__name__}" for m in STEP_MODELS if m.__pydantic_complete__]
+atexit.register(lambda: open(report, "w").write("\\n".join(sorted(sys.modules) + built())))
 runpy.run_module("filedispatch", run_name="__main__", alter_sys=True)
 """
 
@@ -176,3 +181,5 @@ def test_once_imports_only_what_its_config_uses(tmp_path: Path) -> None:
     assert "filedispatch.service" in loaded  # the report is the service's own
     found = [m for m in NOT_FOR_A_LOCAL_ONCE if m in loaded]
     assert not found, f"--once of a local config imported {found}"
+    # nor did it build the validators of the step kinds it does not use (issue 16)
+    assert sorted(m for m in loaded if m.startswith("built:")) == ["built:LocalDestination"]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..journal import Database
     from ..models import FileVersion
-    from .extract import Document
+    from .extract import Document, Extractor
     from .model import Model, Prediction
 
 log = logging.getLogger(__name__)
@@ -88,19 +88,27 @@ class Learned:
     """
 
     def __init__(self, cache_dir: Path | None = None, store: bool = True, tag: str = "") -> None:
-        from .extract import Extractor
-
         self.cache_dir = cache_dir
         self.tag = tag  #: the journal's name in the cache files' names (``model.cache_path``)
         self.store = store  #: write newly trained models into ``cache_dir``
         #: remove cached models no rule uses now (the service's; a command leaves them)
         self.prune = False
-        self.extractor = Extractor()
+        self._extractor: Extractor | None = None  #: made on first need: most configs learn nothing
+        self._extractor_lock = threading.Lock()
         self._models: dict[Path, Model] = {}
         self._refresh_lock = threading.Lock()
         self._said: dict[Path, str] = {}  #: the last problem logged per folder (said once)
         #: the last version read and its document: several learned rules read a file once
         self._last: tuple[str, Document] | None = None
+
+    @property
+    def extractor(self) -> Extractor:
+        with self._extractor_lock:
+            if self._extractor is None:
+                from .extract import Extractor
+
+                self._extractor = Extractor()
+            return self._extractor
 
     def model(self, folder: Path) -> Model | None:
         return self._models.get(folder)
@@ -155,7 +163,9 @@ class Learned:
         return changed
 
     def close(self) -> None:
-        self.extractor.close()
+        with self._extractor_lock:
+            if self._extractor is not None:
+                self._extractor.close()
 
 
 @contextlib.contextmanager
