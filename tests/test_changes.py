@@ -59,12 +59,18 @@ def _another_feeds_thread(tmp_path: Path) -> Iterator[None]:
     other.join()
 
 
+@pytest.mark.parametrize("doorbell", [True, False])
 async def test_a_file_after_the_watch_went_idle_is_seen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doorbell: bool
 ) -> None:
     """The watch steps down to warm and idle after quiet spells (longer steps); the first
-    file after that is still seen, and so is the next one (hot again)."""
+    file after that is still seen, and so is the next one (hot again). So too without a
+    doorbell to wait on (``changes.DOORBELLS`` taken by other sources)."""
     monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (50, 0)))
+    bells = threading.BoundedSemaphore(1)
+    if not doorbell:
+        bells.acquire()
+    monkeypatch.setattr(changes, "_DOORBELLS", bells)
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):
@@ -87,6 +93,8 @@ async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
     to see it and one to see the change was over; with this 60 s idle step, two minutes).
     Each later file is seen as promptly: the watch goes idle again after each one."""
     monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (60_000, 0)))
+    # its own place for a doorbell, whatever feeds of other tests are still ending
+    monkeypatch.setattr(changes, "_DOORBELLS", threading.BoundedSemaphore(1))
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):

@@ -89,17 +89,37 @@ def _idle_wait(
         bell.disarm()
 
 
+#: doorbells at once in the process. Each is an inotify instance, and a user may have few
+#: (fs.inotify.max_user_instances, often 128, for all of its processes), which the sources'
+#: own watches need first: past this many, a source's idle watch goes without one (its first
+#: file is then seen within 200 to 400 ms, as before doorbells)
+DOORBELLS = 4
+_DOORBELLS = threading.BoundedSemaphore(DOORBELLS)
+
+
 def _doorbell(
     root: Path, force_polling: bool, pace: Sequence[tuple[int, int]]
 ) -> fastpath.Doorbell | None:
-    """A ``fastpath.Doorbell`` for the idle wait, or None: a polled folder (its changes come
-    once per poll), a pace with one level, no inotify to spare or the switch off."""
+    """A ``fastpath.Doorbell`` for the idle wait (``_ring_off`` when done), or None: a polled
+    folder (its changes come once per poll), a pace with one level, DOORBELLS taken, no
+    inotify instance to spare, or the switch off."""
     if force_polling or len(pace) < 2 or not fastpath.ENABLED:
+        return None
+    if not _DOORBELLS.acquire(blocking=False):
         return None
     try:
         return fastpath.Doorbell(root)
     except OSError:
+        _DOORBELLS.release()
         return None
+
+
+def _ring_off(bell: fastpath.Doorbell) -> None:
+    """Close a doorbell of ``_doorbell`` and give its place back."""
+    try:
+        bell.close()
+    finally:
+        _DOORBELLS.release()
 
 
 def _watch_count(fd: int) -> int | None:
@@ -188,5 +208,5 @@ async def watch_changes(
             on_watch(False, None)  # its descriptor is about to close (its number reused)
         thread.submit(notify.close)
         if bell is not None:
-            thread.submit(bell.close)  # after the wait in flight, if any
+            thread.submit(_ring_off, bell)  # after the wait in flight, if any
         thread.shutdown(wait=False)
