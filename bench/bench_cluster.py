@@ -42,6 +42,10 @@ PAYLOAD = b"x" * 4096
 HTTP_DELAY_S = 0.02
 #: CPU seconds the services used, per run label (less swayed by a busy machine than the time)
 CPU: dict[str, list[float]] = {}
+#: of which in the kernel: the part that swings from round to round on an ext4 without a
+#: journal (its inode allocator passes over every recently deleted inode of a group, whoever
+#: deleted them: docs/benchmarks.md, "Several nodes")
+SYS: dict[str, list[float]] = {}
 #: workers per node for the HTTP runs: few enough that the 20 ms per upload, not this 2-core
 #: machine's CPU (shared by the nodes, the database and the receiver), bounds a node
 HTTP_WORKERS = 4
@@ -174,15 +178,18 @@ def burst(
         elapsed = time.perf_counter() - t0
         for p, _ in procs:
             p.send_signal(signal.SIGTERM)
-        cpu = 0.0
+        cpu = kernel = 0.0
         for p, _ in procs:  # the CPU the services used, start and stop included
             _, _, usage = os.wait4(p.pid, 0)
             p.returncode = 0
             cpu += usage.ru_utime + usage.ru_stime
+            kernel += usage.ru_stime
         CPU[label] = [*CPU.get(label, []), cpu]
+        SYS[label] = [*SYS.get(label, []), kernel]
         rate = files / elapsed
         print(
-            f"  {label:<40} {files} files in {elapsed:6.2f}s  {rate:8.0f} files/s  CPU {cpu:6.2f}s",
+            f"  {label:<40} {files} files in {elapsed:6.2f}s  {rate:8.0f} files/s  CPU {cpu:6.2f}s"
+            f" (sys {kernel:5.2f}s)",
             flush=True,
         )
         return rate
@@ -233,6 +240,21 @@ def main() -> int:
         cpu_then = statistics.median(CPU[f"sqlite local ({args.before})"])
         print(
             f"  CPU ratio this/{args.before} (medians, lower is better): {cpu_now / cpu_then:.3f}"
+        )
+        split = {
+            side: (
+                statistics.median(c - k for c, k in zip(CPU[label], SYS[label], strict=True)),
+                statistics.median(SYS[label]),
+            )
+            for side, label in (
+                ("this", "sqlite local (this code)"),
+                ("then", f"sqlite local ({args.before})"),
+            )
+        }
+        print(
+            "  medians, user / sys CPU: this code {:.2f}s / {:.2f}s, {} {:.2f}s / {:.2f}s".format(
+                *split["this"], args.before, *split["then"]
+            )
         )
     finally:
         shutil.rmtree(before, ignore_errors=True)

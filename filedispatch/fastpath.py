@@ -57,6 +57,10 @@ _inotify_add_watch = _libc_function(
     "inotify_add_watch", ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32
 )
 _inotify_rm_watch = _libc_function("inotify_rm_watch", ctypes.c_int, ctypes.c_int)
+#: inotify_init1(2), for a ``Doorbell``
+_inotify_init1 = _libc_function("inotify_init1", ctypes.c_int)
+#: the events a ``Doorbell`` rings for: a name made, removed, renamed, written or changed
+_IN_CHANGES = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200
 _IN_OPEN = 0x20
 #: what inotify_add_watch takes back of a watch's mask as /proc shows it: the events
 #: (IN_ALL_EVENTS) and IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK, IN_ONESHOT
@@ -135,6 +139,46 @@ def inotify_fds() -> set[int]:
             if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:inotify":
                 found.add(int(name))
     return found
+
+
+class Doorbell:
+    """An inotify instance of our own on one folder (not its subfolders), for a thread to
+    wait on (``fd`` turns readable) while the folder is quiet: the change feed's idle wait
+    (watcher/changes.py). Only a wake-up: what changed is still read from the feed's own
+    watch; the events queued here are read and dropped. Its watch is made by ``arm`` and
+    removed by ``disarm``, so that the kernel queues nothing here while the folder is busy.
+    Raises OSError when no inotify instance can be made (or the switch is off)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        if _inotify_init1 is None or _inotify_add_watch is None or _inotify_rm_watch is None:
+            raise OSError(errno.ENOSYS, "no inotify here")
+        fd = _inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.fd = fd
+        self._folder = os.fsencode(folder)
+        self._wd = -1
+
+    def arm(self) -> bool:
+        """Watch the folder from now on; False if it cannot be (gone, no watch left)."""
+        self.drain()
+        self._wd = _inotify_add_watch(self.fd, self._folder, _IN_CHANGES | _IN_ONLYDIR)
+        return self._wd >= 0
+
+    def disarm(self) -> None:
+        if self._wd >= 0:
+            _inotify_rm_watch(self.fd, self._wd)
+            self._wd = -1
+        self.drain()
+
+    def drain(self) -> None:
+        """Read and drop what is queued."""
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing (more) queued
+            while os.read(self.fd, 65536):
+                pass
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def quiet_opens(folder: str | os.PathLike[str], fds: set[int]) -> int:

@@ -269,7 +269,9 @@ def service_factory() -> Iterator[Callable[..., ServiceProcess]]:
 @pytest.fixture
 def watch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The step (ms) of each look the change feed's watch takes, in order: the real
-    ``RustNotify`` runs as it would, with a spy around it that writes the steps down."""
+    ``RustNotify`` runs as it would, with a spy around it that writes the steps down (an idle
+    wait, ``changes._idle_wait``, is written down as its step, then its looks at the hot
+    step)."""
     from watchfiles._rust_notify import RustNotify
 
     from filedispatch.watcher import changes
@@ -287,7 +289,14 @@ def watch_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         def close(self) -> None:
             self._notify.close()
 
+    real_idle_wait = changes._idle_wait
+
+    def idle_wait(notify: object, bell: object, step: int, *rest: object) -> object:
+        steps.append(step)  # the idle level's wait counts as a look of its step
+        return real_idle_wait(notify, bell, step, *rest)  # type: ignore[arg-type]
+
     monkeypatch.setattr(changes, "RustNotify", Spy)
+    monkeypatch.setattr(changes, "_idle_wait", idle_wait)
     return steps
 
 

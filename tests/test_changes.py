@@ -59,12 +59,18 @@ def _another_feeds_thread(tmp_path: Path) -> Iterator[None]:
     other.join()
 
 
+@pytest.mark.parametrize("doorbell", [True, False])
 async def test_a_file_after_the_watch_went_idle_is_seen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doorbell: bool
 ) -> None:
     """The watch steps down to warm and idle after quiet spells (longer steps); the first
-    file after that is still seen, and so is the next one (hot again)."""
+    file after that is still seen, and so is the next one (hot again). So too without a
+    doorbell to wait on (``changes.DOORBELLS`` taken by other sources)."""
     monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (50, 0)))
+    bells = threading.BoundedSemaphore(1)
+    if not doorbell:
+        bells.acquire()
+    monkeypatch.setattr(changes, "_DOORBELLS", bells)
     stop = asyncio.Event()
     feed = _watch(tmp_path, stop)
     async with contextlib.aclosing(feed):
@@ -77,6 +83,28 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await _next_with(feed, tmp_path / "b.txt")
         (tmp_path / "c.txt").write_text("c")
         await _next_with(feed, tmp_path / "c.txt")
+
+
+async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
+) -> None:
+    """An idle watch waits on its inotify descriptor between looks: a file landing in an idle
+    folder is looked for at once, not at the end of the idle step (before: two idle steps, one
+    to see it and one to see the change was over; with this 60 s idle step, two minutes).
+    Each later file is seen as promptly: the watch goes idle again after each one."""
+    monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (60_000, 0)))
+    # its own place for a doorbell, whatever feeds of other tests are still ending
+    monkeypatch.setattr(changes, "_DOORBELLS", threading.BoundedSemaphore(1))
+    stop = asyncio.Event()
+    feed = _watch(tmp_path, stop)
+    async with contextlib.aclosing(feed):
+        for name in ("a.txt", "b.txt", "c.txt"):
+            seen = asyncio.ensure_future(_next_with(feed, tmp_path / name))
+            await _until(lambda: bool(watch_steps) and watch_steps[-1] == 60_000)  # idle
+            (tmp_path / name).write_text(name)
+            async with asyncio.timeout(30):  # half the idle step: only the wait can see it
+                await seen
+        stop.set()
 
 
 async def test_a_file_written_slowly_does_not_keep_the_watch_hot(
@@ -168,7 +196,8 @@ IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
 
 def _watch_masks(folder: Path) -> dict[int, int]:
     """inotify descriptor -> event mask of this process's watches on ``folder``, as the kernel
-    shows them in /proc/self/fdinfo (its inode, and its device as the kernel writes it)."""
+    shows them in /proc/self/fdinfo (its inode, and its device as the kernel writes it); not
+    the idle feed's doorbell (``fastpath.Doorbell``, a watch of its own that only wakes it)."""
     st = os.stat(folder)
     want = (f"ino:{st.st_ino:x}", f"sdev:{os.major(st.st_dev) << 20 | os.minor(st.st_dev):x}")
     masks = {}
@@ -181,7 +210,7 @@ def _watch_masks(folder: Path) -> dict[int, int]:
                     fields = line.split()
                     if line.startswith("inotify ") and all(w in fields for w in want):
                         masks |= {int(fd): int(f[5:], 16) for f in fields if f[:5] == "mask:"}
-    return masks
+    return {fd: mask for fd, mask in masks.items() if mask != fastpath._IN_CHANGES}
 
 
 async def _masks_of_a_watch(folder: Path) -> tuple[int, int, bool]:
