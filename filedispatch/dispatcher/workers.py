@@ -263,6 +263,8 @@ class Workers:
             fence=self.state.fence(row.epoch),
             epoch=row.epoch,
             journal=self.state.journal.token,
+            planned=row.created,
+            named_under=self.state.journal.token_of(row.id),
         )
         if not self.state.holds_lease(row.epoch):
             # the lease the row was claimed under may have run out (the node was frozen, or

@@ -561,6 +561,11 @@ class Journal(JournalReader, Protocol):
         temporary names (``StepContext.journal``), so that two journals whose row ids
         coincide never share a temporary file."""
 
+    def token_of(self, row_id: int) -> str:
+        """The token row ``row_id`` was planned under (``token`` unless the journal took a
+        new one since, found elsewhere): its delivery's name keeps it
+        (``StepContext.named_under``)."""
+
     @property
     def where(self) -> str:
         """Where the journal is, for people (a path, or a URL without its password)."""
