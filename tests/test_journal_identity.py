@@ -346,6 +346,12 @@ async def test_a_postgres_role_that_may_not_read_the_control_data_binds_to_the_d
     _cloned(PostgresTarget(pg_url, pgcluster.PASSWORD_ENV), tmp_path)
     copy = PostgresTarget(f"postgresql://{role}@{host}/{name}_copy", pgcluster.PASSWORD_ENV)
     assert await _token(copy) != token
+    # a role that may read the control data opens it: the same journal, its place made full
+    assert await _token(PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)) == token
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        [(place,)] = conn.execute("SELECT place FROM journal_identity").fetchall()
+    assert place.endswith(f":{oid}") and not place.startswith("-:"), place
+    assert await _token(plain) == token
 
 
 # ------------------------------------------------------------------ a journal given back its past
@@ -427,18 +433,24 @@ def test_a_journal_restored_as_a_new_file_is_a_journal_of_its_own(tmp_path: Path
 
 
 async def _next_name(journal: Journal, name: str) -> str:
-    """The delivery name (``StepContext.delivery_id``) of a row planned now in ``journal``
-    for a new file ``name``, as a worker names it."""
+    """The delivery name of a row planned now in ``journal`` for a new file ``name``."""
     version = FileVersion("in", Path("/in"), name, 1, 1, ino=1, ctime_ns=1)
     await journal.plan([PlannedStep(version, "r", 0, "k0", "/dest/0", "file")])
+    return await _name(journal, name)
+
+
+async def _name(journal: Journal, name: str) -> str:
+    """The delivery name (``StepContext.delivery_id``) of the row of file ``name`` in
+    ``journal``, as a worker names it."""
     [row] = [r for r in await journal.recent(10) if r.relpath == name]
+    version = FileVersion("in", Path("/in"), name, 1, 1, ino=1, ctime_ns=1)
     return StepContext(
         row.id,
         version,
         version.path,
         "r",
         0,
-        1,
+        row.attempts + 1,
         Path("/"),
         journal=journal.token,
         planned=row.created,
@@ -504,6 +516,27 @@ async def test_a_postgres_journal_cloned_by_a_base_backup_names_its_deliveries_a
     assert ours != theirs, f"two files of two journals were both named {ours}"
 
 
+async def test_a_row_planned_before_its_journal_was_copied_keeps_its_name_in_the_copy(
+    database: Any, tmp_path: Path
+) -> None:
+    """A row planned in a journal that is then copied (``_cloned``) keeps, in the copy, the
+    name it was planned under (the first journal's token), though the copy took a token of
+    its own at its open; a row planned in the copy afterwards is named with the new token.
+    So a row in flight at the copy (a volume moved to another host) is sent again under its
+    old key, which an idempotent receiver drops, while new rows of the two journals stay
+    apart. The earlier token is kept in the journal: a later open still knows it."""
+    async with open_journal(database) as journal:
+        first = await _next_name(journal, "before.csv")
+        token = journal.token
+    copy = _cloned(database, tmp_path)
+    for _ in range(2):  # the rebind's open, then a later one
+        async with open_journal(copy) as journal:
+            assert journal.token != token and await _name(journal, "before.csv") == first
+    async with open_journal(copy) as journal:
+        after = await _next_name(journal, "after.csv")
+        assert after.startswith(f"{journal.token}-"), after
+
+
 async def test_a_postgres_journal_opened_by_a_role_with_other_rights_keeps_its_token(
     pg_url: str,
 ) -> None:
@@ -538,6 +571,9 @@ async def test_a_postgres_journal_opened_by_a_role_with_other_rights_keeps_its_t
     plain = PostgresTarget(f"postgresql://{role}@{host}/{name}", pgcluster.PASSWORD_ENV)
     seen = [first, await _token(plain), await _token(full)]
     assert seen == [first] * 3, f"the one database's token changed at each open: {seen}"
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        [(place,)] = conn.execute("SELECT place FROM journal_identity").fetchall()
+    assert not place.startswith("-:"), place  # the fuller place is the one kept
 
 
 # ------------------------------------------------------------------ a journal moved mid-delivery
