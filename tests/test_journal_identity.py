@@ -443,6 +443,7 @@ async def _name(journal: Journal, name: str) -> str:
     """The delivery name (``StepContext.delivery_id``) of the row of file ``name`` in
     ``journal``, as a worker names it."""
     [row] = [r for r in await journal.recent(10) if r.relpath == name]
+    named_under, planned = journal.named(row.id, row.created)
     version = FileVersion("in", Path("/in"), name, 1, 1, ino=1, ctime_ns=1)
     return StepContext(
         row.id,
@@ -453,8 +454,8 @@ async def _name(journal: Journal, name: str) -> str:
         row.attempts + 1,
         Path("/"),
         journal=journal.token,
-        planned=row.created,
-        named_under=journal.token_of(row.id),
+        planned=planned,
+        named_under=named_under,
     ).delivery_id
 
 
@@ -535,6 +536,25 @@ async def test_a_row_planned_before_its_journal_was_copied_keeps_its_name_in_the
     async with open_journal(copy) as journal:
         after = await _next_name(journal, "after.csv")
         assert after.startswith(f"{journal.token}-"), after
+
+
+async def test_a_row_planned_before_the_upgrade_keeps_its_name(tmp_path: Path) -> None:
+    """A row planned by the version before delivery names carried the planned time, resumed
+    after the upgrade, keeps the name it was sent under (``<token>-<row id>``), so a receiver
+    that has it recognises the repeat; a row planned after the upgrade carries the time."""
+    path = tmp_path / "j.db"
+    async with open_journal(path) as journal:
+        await _next_name(journal, "before.csv")
+    conn = sqlite3.connect(path)  # the journal as schema 15 left it, with that row
+    conn.execute("DROP TABLE journal_tokens")
+    conn.execute("ALTER TABLE journal_identity DROP COLUMN plain_upto")
+    conn.execute("PRAGMA user_version = 15")
+    conn.commit()
+    conn.close()
+    async with open_journal(path) as journal:
+        token = journal.token
+        assert await _name(journal, "before.csv") == f"{token}-1"
+        assert re.fullmatch(rf"{token}-2-\d+", await _next_name(journal, "after.csv"))
 
 
 async def test_a_postgres_journal_opened_by_a_role_with_other_rights_keeps_its_token(

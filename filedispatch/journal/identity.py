@@ -28,6 +28,13 @@ BIND = "UPDATE journal_identity SET token = {p}, place = {p}"
 TOKENS_TABLE = "CREATE TABLE journal_tokens (token TEXT NOT NULL, upto {bigint} NOT NULL)"
 #: the earlier tokens, the oldest first
 READ_TOKENS = "SELECT upto, token FROM journal_tokens ORDER BY upto"
+#: the highest row id planned before delivery names carried the planned time (``Named``),
+#: stored by the migration that made ``journal_tokens``
+PLAIN_UPTO = [
+    "ALTER TABLE journal_identity ADD COLUMN plain_upto {bigint}",
+    "UPDATE journal_identity SET plain_upto = (SELECT COALESCE(MAX(id), 0) FROM dispatches)",
+]
+READ_PLAIN_UPTO = "SELECT COALESCE(plain_upto, 0) FROM journal_identity"
 #: the token replaced at a rebind kept for the rows planned under it (``{p}``: parameter mark)
 KEEP_TOKEN = (
     "INSERT INTO journal_tokens (token, upto) "
@@ -99,22 +106,32 @@ def same_database(stored: str, place: str) -> bool:
     return stored.rpartition(":")[2] == place.rpartition(":")[2]
 
 
+#: what names the rows planned before: ``Named.earlier`` and ``Named.plain_upto``
+Names = tuple[tuple[tuple[int, str], ...], int]
+
+
 class Named:
-    """The journal's token, and the tokens it had before, for the rows planned under them."""
+    """The journal's token, the tokens it had before for the rows planned under them, and the
+    rows planned before delivery names carried the planned time."""
 
     #: the journal's identity token (``Journal.token``), read at ``open``
     token = ""
     #: (highest row id, token) of each earlier token, the oldest first (``READ_TOKENS``)
     earlier: tuple[tuple[int, str], ...] = ()
+    #: the highest row id planned before names carried the planned time (``PLAIN_UPTO``)
+    plain_upto = 0
 
-    def token_of(self, row_id: int) -> str:
-        """The token row ``row_id`` was planned under: the token of its journal then, which
-        the row's delivery name keeps (``StepContext.named_under``) whatever the journal's
-        token is now."""
-        for upto, token in self.earlier:
+    def named(self, row_id: int, created: float) -> tuple[str, float]:
+        """The token and the planned time the delivery name of row ``row_id`` (planned at
+        ``created``) carries (``StepContext.named_under`` and ``planned``): the token of its
+        journal when it was planned, whatever the journal's token is now; 0.0 for the time
+        of a row planned before names carried it, which keeps ``<token>-<row id>``."""
+        token = self.token
+        for upto, earlier in self.earlier:
             if row_id <= upto:
-                return token
-        return self.token
+                token = earlier
+                break
+        return token, (0.0 if row_id <= self.plain_upto else created)
 
 
 def moved(where: str, old: str, new: str) -> None:

@@ -208,6 +208,7 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # the tokens the journal had before a rebind (see the SQLite journal's migration 16)
         identity.TOKENS_TABLE.format(bigint="BIGINT"),
+        *(sql.format(bigint="BIGINT") for sql in identity.PLAIN_UPTO),
     ],
 ]
 
@@ -241,12 +242,12 @@ async def migrate(conn: Conn) -> None:
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
 
 
-async def journal_token(conn: Conn) -> tuple[str, str | None, tuple[tuple[int, str], ...]]:
+async def journal_token(conn: Conn) -> tuple[str, str | None, identity.Names]:
     """The journal's identity token (``Journal.token``), made once by the migration to schema
     version 11 and made again when the database is not where it was made (a copy:
-    ``identity``); the token it replaced then (else None); and the earlier tokens with the
-    highest row id of each (``identity.Named.earlier``). Nodes starting at once take turns
-    (the row is locked), so they all read the one new token."""
+    ``identity``); the token it replaced then (else None); and what names the rows planned
+    before (``identity.Names``). Nodes starting at once take turns (the row is locked), so
+    they all read the one new token."""
     place = await _place(conn)
     row = await _identity(conn, "")
     bind = identity.rebind(row, place)
@@ -260,9 +261,11 @@ async def journal_token(conn: Conn) -> tuple[str, str | None, tuple[tuple[int, s
                     await conn.execute(identity.KEEP_TOKEN.format(p="%s").encode(), (row[0],))
     cur = await conn.execute(identity.READ_TOKENS.encode())
     earlier = tuple((int(u), str(t)) for u, t in await cur.fetchall())
+    cur = await conn.execute(identity.READ_PLAIN_UPTO.encode())
+    [(plain,)] = await cur.fetchall()
     if bind is None or bind[0] == row[0]:
-        return str(row[0]), None, earlier
-    return bind[0], str(row[0]), earlier
+        return str(row[0]), None, (earlier, int(plain))
+    return bind[0], str(row[0]), (earlier, int(plain))
 
 
 async def _identity(conn: Conn, lock: str) -> tuple[str, str | None]:

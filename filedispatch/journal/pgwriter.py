@@ -116,7 +116,7 @@ class PgWriter(HealthReport, identity.Named):
         pool: AsyncConnectionPool | None = None
         try:
             await migrate(conn)
-            token, old, earlier = await journal_token(conn)
+            token, old, names = await journal_token(conn)
             pool = AsyncConnectionPool(
                 conninfo(target),
                 kwargs={"autocommit": True},
@@ -144,7 +144,8 @@ class PgWriter(HealthReport, identity.Named):
         if old is not None:
             identity.moved(target.shown, old, token)
         journal = cls(target, conn, pool)
-        journal.token, journal.earlier = token, earlier
+        journal.token = token
+        journal.earlier, journal.plain_upto = names
         if not hold:
             journal.stop_retrying()
         journal._task = asyncio.create_task(journal._writer(), name="journal-writer")

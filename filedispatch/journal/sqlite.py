@@ -196,7 +196,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords, identity.Named):
         reader: aiosqlite.Connection | None = None
         try:
             writer = await loop.run_in_executor(executor, connect_writer, path)
-            token, old, earlier = await loop.run_in_executor(executor, journal_token, writer, path)
+            token, old, names = await loop.run_in_executor(executor, journal_token, writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
@@ -215,7 +215,8 @@ class SqliteJournal(SqliteUpkeep, UploadRecords, identity.Named):
         if old is not None:
             identity.moved(str(path), old, token)
         journal = cls(path, executor, writer, reader, (st.st_dev, st.st_ino))
-        journal.token, journal.earlier = token, earlier
+        journal.token = token
+        journal.earlier, journal.plain_upto = names
         if not hold:
             journal.stop_retrying()
         journal.writer.bulk = await loop.run_in_executor(executor, bulk_ok, writer)

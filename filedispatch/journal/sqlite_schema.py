@@ -230,8 +230,10 @@ MIGRATIONS: list[list[str]] = [
         "BEGIN UPDATE dispatches SET id = (SELECT id FROM id_mark) + 1 WHERE id = NEW.id; END",
     ],
     [  # the tokens the journal had before a rebind, with the highest row id of each: a row
-        # planned under one keeps its delivery's name (``identity.Named.token_of``)
+        # planned under one keeps its delivery's name (``identity.Named.named``)
         identity.TOKENS_TABLE.format(bigint="INTEGER"),
+        # and the rows planned so far keep the name they were sent under, ``<token>-<id>``
+        *(sql.format(bigint="INTEGER") for sql in identity.PLAIN_UPTO),
     ],
 ]
 
@@ -245,13 +247,11 @@ def bulk_ok(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def journal_token(
-    conn: sqlite3.Connection, path: Path
-) -> tuple[str, str | None, tuple[tuple[int, str], ...]]:
+def journal_token(conn: sqlite3.Connection, path: Path) -> tuple[str, str | None, identity.Names]:
     """The journal's identity token (``Journal.token``), made once by the migration to
     schema version 14 and made again when the file at ``path`` is not where it was made (a
-    copy: ``identity``); the token it replaced then (else None); and the earlier tokens with
-    the highest row id of each (``identity.Named.earlier``)."""
+    copy: ``identity``); the token it replaced then (else None); and what names the rows
+    planned before (``identity.Names``)."""
     place = identity.sqlite_place(path)
     row = _identity(conn)
     bind = identity.rebind(row, place)
@@ -269,9 +269,10 @@ def journal_token(
             conn.execute("ROLLBACK")
             raise
     earlier = tuple((int(u), str(t)) for u, t in conn.execute(identity.READ_TOKENS))
+    [(plain,)] = conn.execute(identity.READ_PLAIN_UPTO).fetchall()
     if bind is None or bind[0] == row[0]:
-        return str(row[0]), None, earlier
-    return bind[0], str(row[0]), earlier
+        return str(row[0]), None, (earlier, int(plain))
+    return bind[0], str(row[0]), (earlier, int(plain))
 
 
 def _identity(conn: sqlite3.Connection) -> tuple[str, str | None]:

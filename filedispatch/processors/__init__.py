@@ -71,12 +71,13 @@ class StepContext:
     #: row ids all start at 1) delivering a file of the same name into one folder never write,
     #: rename or remove one another's temporary file
     journal: str = ""
-    #: when the row was planned (``Dispatch.created``, Unix time; 0.0 for a caller with no
-    #: journal): part of the delivery's name, so that a row id given again (a journal
-    #: restored from a backup, a PostgreSQL cluster cloned) names another delivery
+    #: when the row was planned (``Dispatch.created``, Unix time): part of the delivery's
+    #: name, so that a row id given again (a journal restored from a backup, a PostgreSQL
+    #: cluster cloned) names another delivery. 0.0 (a caller with no journal; a row planned
+    #: before names carried it, ``Journal.named``): left out of the name
     planned: float = 0.0
     #: the journal token the row was planned under, when the journal took a new token since
-    #: (``Journal.token_of``; "": ``journal``): the row keeps its name across the rebind
+    #: (``Journal.named``; "": ``journal``): the row keeps its name across the rebind
     named_under: str = ""
 
     @property
@@ -89,6 +90,8 @@ class StepContext:
         token = self.named_under or self.journal
         if not token:
             return str(self.dispatch_id)
+        if not self.planned:  # a row planned before names carried the time keeps its name
+            return f"{token}-{self.dispatch_id}"
         return f"{token}-{self.dispatch_id}-{round(self.planned * 1_000_000)}"
 
     @property
