@@ -497,17 +497,27 @@ async def test_a_postgres_journal_cloned_by_a_base_backup_names_its_deliveries_a
     database oid: it keeps the journal's token and goes on from the same last row id.
     Before, the next file of each was named ``<token>-<id>`` alike (an idempotent receiver
     they share dropped one as a repeat). Each row's name now carries when it was planned,
-    so the two journals' next rows are named apart."""
+    so the two journals' next rows are named apart. A clone meant to run beside its original
+    is given a token of its own as docs/cluster.md says (its place changed by hand), the
+    row it holds from the original keeping its name."""
+    import psycopg
+
     from . import pgcluster
 
     async with open_journal(PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)) as journal:
-        await _next_name(journal, "first.csv")
+        first = await _next_name(journal, "first.csv")
+        token = journal.token
     clone = _base_backup(pg_cluster)
     try:
         name = pg_url.rpartition("/")[2]
         there = PostgresTarget(clone.url(name), pgcluster.PASSWORD_ENV)
         async with open_journal(there) as journal:
             theirs = await _next_name(journal, "theirs.csv")
+        with psycopg.connect(clone.url(name), password=pgcluster.PASSWORD) as conn:
+            conn.execute("UPDATE journal_identity SET place = 'clone'")
+        async with open_journal(there) as journal:
+            assert journal.token != token
+            assert await _name(journal, "first.csv") == first
     finally:
         clone.close()
         shutil.rmtree(clone.root, ignore_errors=True)  # what the stopping server still wrote
