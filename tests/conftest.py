@@ -42,6 +42,15 @@ def write_config(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def delivery_name(db: Path, row: dict[str, Any]) -> str:
+    """The name the SQLite journal ``db``'s ``row`` (from ``journal_rows``) gives its delivery
+    outside the journal (``StepContext.delivery_id``): the journal's token, the row id and
+    when the row was planned, in integer microseconds."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        [(token,)] = conn.execute("SELECT token FROM journal_identity").fetchall()
+    return f"{token}-{row['id']}-{round(row['created'] * 1_000_000)}"
+
+
 def journal_rows(
     db: Path | str, where: str = "1=1", params: tuple[Any, ...] = (), table: str = "dispatches"
 ) -> list[dict[str, Any]]:

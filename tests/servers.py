@@ -545,6 +545,19 @@ def old_file(path: Path, data: bytes | int) -> Path:
     return path
 
 
+def consumed_once(cfg: Path, inbox: Path, name: str, data: bytes) -> None:
+    """``name`` (``data``) put in ``inbox`` and dispatched by ``filedispatch --once``, whose
+    source deletes what it delivered: the run ends well and the file is gone."""
+    old_file(inbox / name, data)
+    result = run_cli("-c", cfg, "--once", timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert not (inbox / name).exists()  # consumed
+
+
+#: when ``resume``'s row 7 was planned (``StepContext.planned``): 2026-01-01 00:00:00.5 UTC
+RESUMED_PLANNED = 1767225600.5
+
+
 def resume(
     tmp_path: Path,
     step: dict[str, Any],
@@ -569,7 +582,17 @@ def resume(
     src = old_file(ws["inbox"] / name, data)
     version = FileVersion.from_stat(source.key, source.path, name, os.stat(src))
     ctx = StepContext(
-        7, version, src, "r", 0, 2, tmp_path / "work", resuming=True, epoch=epoch, journal=journal
+        7,
+        version,
+        src,
+        "r",
+        0,
+        2,
+        tmp_path / "work",
+        resuming=True,
+        epoch=epoch,
+        journal=journal,
+        planned=RESUMED_PLANNED,
     )
 
     try:

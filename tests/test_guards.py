@@ -17,14 +17,16 @@ from filedispatch.config import Config
 from filedispatch.dispatcher import Dispatcher
 from filedispatch.errors import FencedError
 from filedispatch.journal import Journal, PlannedStep, StepResult
+from filedispatch.journal.identity import Named
 from filedispatch.models import Dispatch, FileVersion, Status
 from filedispatch.processors import Registry
 from filedispatch.router import Router
 
 
-class RecordingJournal:
+class RecordingJournal(Named):
     """The journal's write interface, recording each write; a test decides when (and whether)
-    each write becomes durable."""
+    each write becomes durable. Its names (``Journal.named``) are a journal's that never took
+    a new token."""
 
     token = "0a1b2c3d"  #: the journal's identity (``Journal.token``): in temporary names
 

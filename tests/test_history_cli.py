@@ -16,7 +16,7 @@ from typing import Any
 
 from .conftest import cli_env, journal_rows, run_cli, wait_until
 from .ops import arrived, delivered, old_file, ops_config
-from .servers import HttpReceiver, keep_idempotency_keys, remote_config
+from .servers import HttpReceiver, consumed_once, keep_idempotency_keys, remote_config
 
 
 def test_history_commands_while_the_service_writes(tmp_path: Path, service_factory: Any) -> None:
@@ -185,10 +185,7 @@ def test_a_forgotten_rows_id_is_never_given_to_another_file(tmp_path: Path) -> N
         cfg = remote_config(ws, {"url": f"{receiver.url}/upload"}, source={"after": "delete"})
         sent = []
         for name, data in (("a.csv", b"monday\n"), ("b.csv", b"tuesday, other\n")):
-            old_file(ws["inbox"] / name, data)
-            result = run_cli("-c", cfg, "--once", timeout=90)
-            assert result.returncode == 0, result.stderr
-            assert not (ws["inbox"] / name).exists()  # consumed
+            consumed_once(cfg, ws["inbox"], name, data)
             sent.append(data)
             if name == "a.csv":
                 forgot = run_cli("-c", cfg, "history", "forget", "1", timeout=60)

@@ -31,7 +31,7 @@ from filedispatch.content import import_problems
 from filedispatch.service import Options, Service
 
 from . import helpers_programmable as helpers
-from .conftest import ROOT, cli_env, journal_rows, run_cli, write_config
+from .conftest import ROOT, cli_env, delivery_name, journal_rows, run_cli, write_config
 
 H = "tests.helpers_programmable"
 FAST_RETRY = {"attempts": 3, "delay": 0.05, "jitter": False}
@@ -110,8 +110,6 @@ def test_sync_async_and_class_callables_get_path_args_kwargs_and_context(
     for note in notes(log):
         by_kind.setdefault(note["kind"], []).append(note)
     rows = rows_by(ws)
-    with sqlite3.connect(ws["db"]) as db:
-        [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
 
     [sync] = by_kind["sync"]
     assert sync["path"] == str(ws["inbox"] / "a.one")
@@ -123,7 +121,7 @@ def test_sync_async_and_class_callables_get_path_args_kwargs_and_context(
         "source": "inbox",
         "rule": "sync",
         "dispatch_id": rows[("a.one", 0)]["id"],
-        "delivery_id": f"{token}-{rows[('a.one', 0)]['id']}",  # unique across journals
+        "delivery_id": delivery_name(ws["db"], rows[("a.one", 0)]),  # unique across journals
         "attempt": 1,
         "step": 0,
     }
@@ -296,8 +294,9 @@ def test_a_command_gets_its_row_id_its_journal_and_a_delivery_id_unique_across_j
 ) -> None:
     """``FILEDISPATCH_DISPATCH_ID`` stays the row id (what ``history show`` takes);
     ``FILEDISPATCH_JOURNAL`` is the journal's token and ``FILEDISPATCH_DELIVERY_ID`` both
-    (``<token>-<id>``), the key a command records to recognise a repeat: row ids alone
-    coincide between journals."""
+    with when the row was planned (``<token>-<id>-<microseconds>``), the key a command records
+    to recognise a repeat: row ids alone coincide between journals, and within one journal
+    restored from a backup."""
     ws, seen = workspace, workspace["root"] / "seen.txt"
     (ws["inbox"] / "a.txt").write_text("a")
     command = (
@@ -308,7 +307,7 @@ def test_a_command_gets_its_row_id_its_journal_and_a_delivery_id_unique_across_j
     ((row),) = journal_rows(ws["db"])
     with sqlite3.connect(ws["db"]) as db:
         [(token,)] = db.execute("SELECT token FROM journal_identity").fetchall()
-    assert seen.read_text().split() == [str(row["id"]), token, f"{token}-{row['id']}"]
+    assert seen.read_text().split() == [str(row["id"]), token, delivery_name(ws["db"], row)]
 
 
 def test_a_failing_command_records_exit_code_and_stderr_tail(workspace: dict[str, Path]) -> None:

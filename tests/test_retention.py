@@ -243,8 +243,8 @@ def test_a_bad_history_setting_names_the_field(tmp_path: Path) -> None:
 
 def _back_to_the_schema_before(database: Database) -> None:
     """The journal as the release before this one left it: no rollup, no kept keys (and no
-    birth times, settled-only rollups, upload ledger, identity token nor id mark, the
-    migrations after this one)."""
+    birth times, settled-only rollups, upload ledger, identity token, id mark nor earlier
+    tokens, the migrations after this one)."""
     if isinstance(database, PostgresTarget):
         import psycopg
 
@@ -254,7 +254,10 @@ def _back_to_the_schema_before(database: Database) -> None:
             for name in ("stats_insert", "stats_update", "stats_delete"):
                 conn.execute(f"DROP TRIGGER {name} ON dispatches")
                 conn.execute(f"DROP FUNCTION {name}()")
-            conn.execute("DROP TABLE stats_days, stats_months, kept, uploads, journal_identity")
+            conn.execute(
+                "DROP TABLE stats_days, stats_months, kept, uploads, journal_identity, "
+                "journal_tokens"
+            )
             conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")
             conn.execute("UPDATE filedispatch_schema SET version = 5")
         return
@@ -272,7 +275,10 @@ def _back_to_the_schema_before(database: Database) -> None:
             "id_mark_delete",
         ):
             conn.execute(f"DROP TRIGGER {name}")
-        tables = ("stats_days", "stats_months", "kept", "uploads", "journal_identity", "id_mark")
+        tables = (
+            *("stats_days", "stats_months", "kept", "uploads"),
+            *("journal_identity", "id_mark", "journal_tokens"),
+        )
         for table in tables:
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")

@@ -593,7 +593,7 @@ def test_an_s3_resume_never_takes_another_journals_object_for_its_own(tmp_path: 
             assert held["in/a.bin"] == hashlib.sha256(theirs).hexdigest()
             (key,) = (k for k, digest in held.items() if digest == hashlib.sha256(ours).hexdigest())
             head = s3.client().head_object(Bucket=s3.bucket, Key=key)
-            assert head["Metadata"]["filedispatch-id"] == "0a1b2c3d-7"
+            assert head["Metadata"]["filedispatch-id"] == "0a1b2c3d-7-1767225600500000"
             for key in held:
                 s3.client().delete_object(Bucket=s3.bucket, Key=key)
     finally:

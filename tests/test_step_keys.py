@@ -128,8 +128,11 @@ def test_a_journal_with_the_old_step_keys_is_upgraded_once_and_sends_nothing_aga
         triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
         for (trigger,) in triggers.fetchall():  # schema 9's and 12's rollup and kept keys
             conn.execute(f"DROP TRIGGER {trigger}")
-        # and schema 14's and 15's, the identity token and the id mark
-        tables = ("stats_days", "stats_months", "kept", "uploads", "journal_identity", "id_mark")
+        # and schema 14's to 16's, the identity token, the id mark and the earlier tokens
+        tables = (
+            *("stats_days", "stats_months", "kept", "uploads"),
+            *("journal_identity", "id_mark", "journal_tokens"),
+        )
         for table in tables:
             conn.execute(f"DROP TABLE {table}")
         conn.execute("ALTER TABLE dispatches DROP COLUMN btime_ns")  # and the birth time

@@ -61,6 +61,8 @@ Item = tuple[FileVersion, Chain, Lane]
 Done = tuple[FileVersion, StepResult, bool, Step]
 #: a file the journal knew already, with the chains its rules route it through now
 Known = tuple[FileVersion, list[Chain]]
+#: a chunk's new row ids, None where the version was planned before
+Ids = list[int | None]
 
 
 class InlineLanes:
@@ -124,7 +126,7 @@ class InlineLanes:
         items: list[Item],
         size: int,
         run: Callable[
-            [SourceConfig, list[Item], list[int | None], int | None],
+            [SourceConfig, list[Item], list[int | None], int | None, float],
             Coroutine[None, None, list[Known]],
         ],
         parallel: int = 1,
@@ -139,16 +141,16 @@ class InlineLanes:
             for i, chunk in enumerate(chunks):
                 if self.state.halted.is_set():  # planned rows resume at the next start
                     break
-                epoch, planned = ahead.popleft()
+                epoch, now, planned = ahead.popleft()
                 ids = await planned
                 if i + INLINE_AHEAD < len(chunks):
                     ahead.append(self._plan_started(chunks[i + INLINE_AHEAD]))
                 if parallel == 1:  # the moves: on the loop, nothing to overlap
-                    known += await run(source, chunk, ids, epoch)
+                    known += await run(source, chunk, ids, epoch, now)
                     continue
                 while len(running) >= parallel:
                     known += await running.popleft()
-                running.append(asyncio.create_task(run(source, chunk, ids, epoch)))
+                running.append(asyncio.create_task(run(source, chunk, ids, epoch, now)))
             while running:
                 known += await running.popleft()
         except BaseException as exc:
@@ -159,23 +161,25 @@ class InlineLanes:
             await asyncio.gather(*running, return_exceptions=True)
             raise
         finally:
-            for _, planned in ahead:  # after a failure these rows wait for a restart
+            for _, _, planned in ahead:  # after a failure these rows wait for a restart
                 planned.add_done_callback(report_write)
         return known
 
     def _plan_started(
         self, chunk: list[Item]
-    ) -> tuple[int | None, asyncio.Future[list[int | None]]]:
+    ) -> tuple[int | None, float, asyncio.Future[list[int | None]]]:
         """Queue the chunk's rows, IN_PROGRESS; the fencing token they carry (read when they
-        are queued, as the journal does) and their ids to come."""
+        are queued, as the journal does), the time they are planned at (their ``created``,
+        part of each delivery's name) and their ids to come."""
         steps = [
             PlannedStep(v, c.rule, 0, c.keys[0], lane.step.display, lane.step.kind)
             for v, c, lane in chunk
         ]
-        return self.state.epoch(), self.state.journal.plan_started(steps, time.time())
+        now = time.time()
+        return self.state.epoch(), now, self.state.journal.plan_started(steps, now)
 
     def _begin_chunk(
-        self, chunk: list[Item], ids: list[int | None], epoch: int | None
+        self, chunk: list[Item], ids: list[int | None], epoch: int | None, now: float
     ) -> tuple[list[Known], list[Done], list[tuple[Lane, StepContext]]]:
         """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
         was paused meanwhile or the lease they were planned under may be lost (the workers, of
@@ -202,19 +206,20 @@ class InlineLanes:
                     fence=fence,
                     epoch=epoch,
                     journal=self.state.journal.token,
+                    planned=now,  # the rows' ``created``
                 )
                 work.append((lane, ctx))
         return known, given_back, work
 
     async def _move_chunk(
-        self, source: SourceConfig, chunk: list[Item], ids: list[int | None], epoch: int | None
+        self, source: SourceConfig, chunk: list[Item], ids: Ids, epoch: int | None, now: float
     ) -> list[Known]:
         """Rename a chunk whose IN_PROGRESS rows are committed (under ``epoch``), then queue
         their outcomes.
 
         No await inside: nothing can interrupt it between a move and its record.
         """
-        known, done, work = self._begin_chunk(chunk, ids, epoch)
+        known, done, work = self._begin_chunk(chunk, ids, epoch, now)
         for lane, ctx in work:
             version = ctx.version
             started = time.time()
@@ -239,11 +244,11 @@ class InlineLanes:
         return known
 
     async def _copy_chunk(
-        self, source: SourceConfig, chunk: list[Item], ids: list[int | None], epoch: int | None
+        self, source: SourceConfig, chunk: list[Item], ids: Ids, epoch: int | None, now: float
     ) -> list[Known]:
         """Copy a chunk of small files whose IN_PROGRESS rows are committed (under ``epoch``),
         in one thread per destination, then queue their outcomes in one write."""
-        known, done, work = self._begin_chunk(chunk, ids, epoch)
+        known, done, work = self._begin_chunk(chunk, ids, epoch, now)
         groups: dict[int, list[tuple[Lane, StepContext]]] = {}
         for lane, ctx in work:
             groups.setdefault(id(lane.processor), []).append((lane, ctx))

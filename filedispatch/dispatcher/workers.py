@@ -249,6 +249,7 @@ class Workers:
             )
             self.outcomes.record(row, result, version)
             return result
+        named_under, planned = self.state.journal.named(row.id, row.created)
         ctx = StepContext(
             dispatch_id=row.id,
             version=version,
@@ -263,6 +264,8 @@ class Workers:
             fence=self.state.fence(row.epoch),
             epoch=row.epoch,
             journal=self.state.journal.token,
+            planned=planned,
+            named_under=named_under,
         )
         if not self.state.holds_lease(row.epoch):
             # the lease the row was claimed under may have run out (the node was frozen, or

@@ -561,6 +561,12 @@ class Journal(JournalReader, Protocol):
         temporary names (``StepContext.journal``), so that two journals whose row ids
         coincide never share a temporary file."""
 
+    def named(self, row_id: int, created: float) -> tuple[str, float]:
+        """What the delivery name of row ``row_id``, planned at ``created``, carries
+        (``StepContext.named_under`` and ``planned``): the token the row was planned under
+        (``token`` unless the journal took a new one since, found elsewhere), and
+        ``created``, or 0.0 for a row planned before names carried it."""
+
     @property
     def where(self) -> str:
         """Where the journal is, for people (a path, or a URL without its password)."""

@@ -206,6 +206,10 @@ MIGRATIONS: list[list[str]] = [
         # is never given again; pg_dump restores the sequence where it was)
         *IDENTITY_PLACE,
     ],
+    [  # the tokens the journal had before a rebind (see the SQLite journal's migration 16)
+        identity.TOKENS_TABLE.format(bigint="BIGINT"),
+        *(sql.format(bigint="BIGINT") for sql in identity.PLAIN_UPTO),
+    ],
 ]
 
 
@@ -238,21 +242,30 @@ async def migrate(conn: Conn) -> None:
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
 
 
-async def journal_token(conn: Conn) -> tuple[str, str | None]:
+async def journal_token(conn: Conn) -> tuple[str, str | None, identity.Names]:
     """The journal's identity token (``Journal.token``), made once by the migration to schema
     version 11 and made again when the database is not where it was made (a copy:
-    ``identity``); with the token it replaced then (else None). Nodes starting at once take
-    turns (the row is locked), so they all read the one new token."""
+    ``identity``); the token it replaced then (else None); and what names the rows planned
+    before (``identity.Names``). Nodes starting at once take turns (the row is locked), so
+    they all read the one new token."""
     place = await _place(conn)
     row = await _identity(conn, "")
-    if row[1] == place:  # the common case: no write, no lock
-        return row[0], None
-    async with conn.transaction():
-        row = await _identity(conn, " FOR UPDATE")  # as it is under the lock
-        new = identity.rebind(row, place)
-        if new is not None or row[1] is None:
-            await conn.execute(identity.BIND.format(p="%s").encode(), (new or row[0], place))
-    return (str(row[0]), None) if new is None else (new, str(row[0]))
+    bind = identity.rebind(row, place)
+    if bind is not None:  # else the common case: no write, no lock
+        async with conn.transaction():
+            row = await _identity(conn, " FOR UPDATE")  # as it is under the lock
+            bind = identity.rebind(row, place)
+            if bind is not None:
+                await conn.execute(identity.BIND.format(p="%s").encode(), bind)
+                if bind[0] != row[0]:  # the rows planned so far keep their token
+                    await conn.execute(identity.KEEP_TOKEN.format(p="%s").encode(), (row[0],))
+    cur = await conn.execute(identity.READ_TOKENS.encode())
+    earlier = tuple((int(u), str(t)) for u, t in await cur.fetchall())
+    cur = await conn.execute(identity.READ_PLAIN_UPTO.encode())
+    [(plain,)] = await cur.fetchall()
+    if bind is None or bind[0] == row[0]:
+        return str(row[0]), None, (earlier, int(plain))
+    return bind[0], str(row[0]), (earlier, int(plain))
 
 
 async def _identity(conn: Conn, lock: str) -> tuple[str, str | None]:

@@ -84,7 +84,7 @@ def _alone(item: tuple[PgOp[Any], asyncio.Future[Any]]) -> bool:
     return bool(getattr(item[0], _OWN, False))
 
 
-class PgWriter(HealthReport):
+class PgWriter(HealthReport, identity.Named):
     """The writer and the read pool of a PostgreSQL journal; open it with
     ``async with cls.open(target)``."""
 
@@ -98,8 +98,6 @@ class PgWriter(HealthReport):
         #: a write taken from the inbox that goes in the next batch (``own_transaction``)
         self._held: tuple[PgOp[Any], asyncio.Future[Any]] | None = None
         self._give_up = asyncio.Event()
-        #: the journal's identity token (``Journal.token``), read at ``open``
-        self.token = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -118,7 +116,7 @@ class PgWriter(HealthReport):
         pool: AsyncConnectionPool | None = None
         try:
             await migrate(conn)
-            token, old = await journal_token(conn)
+            token, old, names = await journal_token(conn)
             pool = AsyncConnectionPool(
                 conninfo(target),
                 kwargs={"autocommit": True},
@@ -147,6 +145,7 @@ class PgWriter(HealthReport):
             identity.moved(target.shown, old, token)
         journal = cls(target, conn, pool)
         journal.token = token
+        journal.earlier, journal.plain_upto = names
         if not hold:
             journal.stop_retrying()
         journal._task = asyncio.create_task(journal._writer(), name="journal-writer")

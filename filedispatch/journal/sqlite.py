@@ -145,7 +145,7 @@ def _json(params: list[tuple[Any, ...]]) -> str | None:
         return None
 
 
-class SqliteJournal(SqliteUpkeep, UploadRecords):
+class SqliteJournal(SqliteUpkeep, UploadRecords, identity.Named):
     """The journal in one SQLite file; open it with ``async with SqliteJournal.open(path)``."""
 
     #: one service holds the file: every upload another run began is an orphan
@@ -170,8 +170,6 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
         self._joined = 0.0
         #: this run's token on the uploads it begins (``UploadRecords``): new at each open
         self._run = time.time_ns()
-        #: the journal's identity token (``Journal.token``), read at ``open``
-        self.token = ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -198,7 +196,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
         reader: aiosqlite.Connection | None = None
         try:
             writer = await loop.run_in_executor(executor, connect_writer, path)
-            token, old = await loop.run_in_executor(executor, journal_token, writer, path)
+            token, old, names = await loop.run_in_executor(executor, journal_token, writer, path)
             reader = await aiosqlite.connect(path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
@@ -218,6 +216,7 @@ class SqliteJournal(SqliteUpkeep, UploadRecords):
             identity.moved(str(path), old, token)
         journal = cls(path, executor, writer, reader, (st.st_dev, st.st_ino))
         journal.token = token
+        journal.earlier, journal.plain_upto = names
         if not hold:
             journal.stop_retrying()
         journal.writer.bulk = await loop.run_in_executor(executor, bulk_ok, writer)

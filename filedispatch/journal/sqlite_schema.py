@@ -229,6 +229,12 @@ MIGRATIONS: list[list[str]] = [
         "WHEN NEW.id <= (SELECT id FROM id_mark) "
         "BEGIN UPDATE dispatches SET id = (SELECT id FROM id_mark) + 1 WHERE id = NEW.id; END",
     ],
+    [  # the tokens the journal had before a rebind, with the highest row id of each: a row
+        # planned under one keeps its delivery's name (``identity.Named.named``)
+        identity.TOKENS_TABLE.format(bigint="INTEGER"),
+        # and the rows planned so far keep the name they were sent under, ``<token>-<id>``
+        *(sql.format(bigint="INTEGER") for sql in identity.PLAIN_UPTO),
+    ],
 ]
 
 
@@ -241,25 +247,32 @@ def bulk_ok(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def journal_token(conn: sqlite3.Connection, path: Path) -> tuple[str, str | None]:
+def journal_token(conn: sqlite3.Connection, path: Path) -> tuple[str, str | None, identity.Names]:
     """The journal's identity token (``Journal.token``), made once by the migration to
     schema version 14 and made again when the file at ``path`` is not where it was made (a
-    copy: ``identity``); with the token it replaced then (else None)."""
+    copy: ``identity``); the token it replaced then (else None); and what names the rows
+    planned before (``identity.Names``)."""
     place = identity.sqlite_place(path)
     row = _identity(conn)
-    if row[1] == place:  # the common case: no write, no lock
-        return str(row[0]), None
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        row = _identity(conn)  # as it is under the lock
-        new = identity.rebind(row, place)
-        if new is not None or row[1] is None:
-            conn.execute(identity.BIND.format(p="?"), (new or row[0], place))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return (str(row[0]), None) if new is None else (new, str(row[0]))
+    bind = identity.rebind(row, place)
+    if bind is not None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = _identity(conn)  # as it is under the lock
+            bind = identity.rebind(row, place)
+            if bind is not None:
+                conn.execute(identity.BIND.format(p="?"), bind)
+                if bind[0] != row[0]:  # the rows planned so far keep their token
+                    conn.execute(identity.KEEP_TOKEN.format(p="?"), (row[0],))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    earlier = tuple((int(u), str(t)) for u, t in conn.execute(identity.READ_TOKENS))
+    [(plain,)] = conn.execute(identity.READ_PLAIN_UPTO).fetchall()
+    if bind is None or bind[0] == row[0]:
+        return str(row[0]), None, (earlier, int(plain))
+    return bind[0], str(row[0]), (earlier, int(plain))
 
 
 def _identity(conn: sqlite3.Connection) -> tuple[str, str | None]:

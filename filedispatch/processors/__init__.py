@@ -71,14 +71,28 @@ class StepContext:
     #: row ids all start at 1) delivering a file of the same name into one folder never write,
     #: rename or remove one another's temporary file
     journal: str = ""
+    #: when the row was planned (``Dispatch.created``, Unix time): part of the delivery's
+    #: name, so that a row id given again (a journal restored from a backup, a PostgreSQL
+    #: cluster cloned) names another delivery. 0.0 (a caller with no journal; a row planned
+    #: before names carried it, ``Journal.named``): left out of the name
+    planned: float = 0.0
+    #: the journal token the row was planned under, when the journal took a new token since
+    #: (``Journal.named``; "": ``journal``): the row keeps its name across the rebind
+    named_under: str = ""
 
     @property
     def delivery_id(self) -> str:
-        """What names this delivery outside the journal, unique across journals:
-        ``<journal token>-<row id>`` (``"0a1b2c3d-42"``; the bare row id for a caller with no
-        journal). Sent as HTTP's ``Idempotency-Key``, stored as an S3 object's
-        ``filedispatch-id``, given to commands as ``FILEDISPATCH_DELIVERY_ID``."""
-        return f"{self.journal}-{self.dispatch_id}" if self.journal else str(self.dispatch_id)
+        """What names this delivery outside the journal, unique across journals and across
+        a journal's past: ``<journal token>-<row id>-<planned, integer microseconds>``
+        (``"0a1b2c3d-42-1767225600123456"``; the bare row id for a caller with no journal).
+        Sent as HTTP's ``Idempotency-Key``, stored as an S3 object's ``filedispatch-id``,
+        given to commands as ``FILEDISPATCH_DELIVERY_ID``."""
+        token = self.named_under or self.journal
+        if not token:
+            return str(self.dispatch_id)
+        if not self.planned:  # a row planned before names carried the time keeps its name
+            return f"{token}-{self.dispatch_id}"
+        return f"{token}-{self.dispatch_id}-{round(self.planned * 1_000_000)}"
 
     @property
     def path(self) -> Path:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: the user metadata that marks an object as the delivery of one journal row, by its
-#: ``StepContext.delivery_id`` (journal token and row id; see resuming)
+#: ``StepContext.delivery_id`` (journal token, row id, planned time; see resuming)
 ID_META = "filedispatch-id"
 #: a file up to this size is read on the event loop if the page cache holds it all: a thread
 #: hop costs more than such a read
@@ -484,12 +484,12 @@ class S3Processor:
         self, client: Any, ctx: StepContext, rel: PurePosixPath, size: int
     ) -> PurePosixPath | None:
         """After a crash: the object an earlier attempt of this row completed, if any (it
-        carries this journal's token and row id in its metadata, and our size)."""
+        carries this row's delivery name in its metadata, and our size)."""
         for cand in candidates(rel, self.dest.on_conflict):
             head = await self._head(client, self.key(cand))
             if head is None:
                 return None
-            mine = head.get("Metadata", {}).get(ID_META) == ctx.delivery_id  # token and id
+            mine = head.get("Metadata", {}).get(ID_META) == ctx.delivery_id  # token, id, planned
             if mine and head.get("ContentLength") == size:
                 return cand
         return None
