@@ -11,6 +11,7 @@ found by the watcher.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fastpath, relocate
+from .asyncutil import in_daemon_thread
 from .config import Config, LocalDestination, S3Destination, SourceConfig
 from .errors import JournalError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
+from .processors import threads
 from .processors.local import sweep_temporaries
 from .processors.s3uploads import import_files
 from .router import legacy_step_keys, step_keys
@@ -216,16 +219,21 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
     ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations
     (only when ``alone``: no other node is live, whose copies in progress they may be), and the
     chain work folders (under ``workdir``) no unfinished dispatch needs any more.
-    Every file system walk runs in a thread."""
+    Every file system walk runs in a thread. The sweep of each local destination runs in a
+    daemon thread beside the start, not awaited: the destination takes no copy until it has
+    returned (``threads.sweeping``), and one whose mount hangs holds nothing else."""
     rekeyed = await rekey_old_rows(journal)
     if rekeyed:
         log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
     upgraded = await upgrade_step_keys(journal, config)
     if upgraded:
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
-    roots = [s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)]
+    roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
-        await asyncio.to_thread(sweep_temporaries, roots, journal.token)
+        for root in sorted(roots):  # each beside the start: see threads.sweeping
+            sweep = in_daemon_thread(functools.partial(sweep_temporaries, [root], journal.token))
+            threads.sweeping(str(root), sweep)
+            sweep.add_done_callback(_swept)
     else:
         log.info("other nodes are live: their temporary files in local destinations stay")
     active = await journal.active_version_keys()
@@ -234,6 +242,11 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         await asyncio.to_thread(shutil.rmtree, folder, True)
     if stale:
         log.info("removed %d stale work folder(s) from %s", len(stale), workdir)
+
+
+def _swept(sweep: asyncio.Future[int]) -> None:
+    if not sweep.cancelled() and sweep.exception() is not None:
+        log.error("the start-up sweep of temporary files failed: %s", sweep.exception())
 
 
 def _stale_work(workdir: Path, active: set[str]) -> list[Path]:
