@@ -61,7 +61,7 @@ def rename_free(path: Path, target: Path) -> Path:
             target = free_name(target)
 
 
-def _copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path, check: Callable[[], None] | None = None) -> None:
     """``shutil.copy2`` (bytes, mode, times; a link's target), made in the kernel where it can
     and keeping a sparse file's holes (``processors.local.copy_data``). ``dst`` is our hidden
     name, which anyone who may write in its folder can know: what is there (a crash's
@@ -71,12 +71,17 @@ def _copy(src: Path, dst: Path) -> None:
         os.unlink(dst)  # a link goes, never the file it points to
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     with open(src, "rb") as fin, open(os.open(dst, flags, 0o666), "wb") as fout:
-        copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()))
+        copy_data(fin.fileno(), fout.fileno(), os.fstat(fin.fileno()), check=check)
     shutil.copystat(src, dst)
 
 
 def move_by_copy(
-    src: Path, target: Path, unchanged: Callable[[], bool], *, any_free_name: bool
+    src: Path,
+    target: Path,
+    unchanged: Callable[[], bool],
+    check: Callable[[], None] | None = None,
+    *,
+    any_free_name: bool,
 ) -> Path:
     """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
 
@@ -88,6 +93,8 @@ def move_by_copy(
     copy an interrupted move already placed: only ``src`` is removed then. Otherwise the copy
     takes ``target`` or nothing (FileExistsError).
 
+    ``check`` (if given) is called before each piece of the copy and before the rename: what
+    it raises ends the move there, the hidden copy removed (a move called off at a stop).
     A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
     a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
     error is raised: the file is never in both places. Returns where the file is now.
@@ -104,9 +111,11 @@ def move_by_copy(
     head = f".filedispatch-move-{tag}-"
     tmp = target.with_name(head + naming.shorten(target.name, len(head)))
     try:
-        _copy(src, tmp)
+        _copy(src, tmp, check)
         if not unchanged():
             raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+        if check is not None:
+            check()
         if any_free_name:
             placed = rename_free(tmp, target)
         else:
