@@ -214,14 +214,20 @@ async def upgrade_step_keys(journal: Journal, config: Config) -> int | None:
     return await journal.rekey_steps(keys, time.time())
 
 
+#: seconds the start waits for the sweeps of the local destinations' temporary files (a few
+#: milliseconds each on a healthy disk), so that the first files are not refused while one
+#: runs; past it the start goes on beside those still running (a hung mount)
+SWEEP_WAIT_S = 2.0
+
+
 async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool = True) -> None:
     """Before any delivery: give an older journal's rows today's keys (``rekey_old_rows``,
     ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations
     (only when ``alone``: no other node is live, whose copies in progress they may be), and the
     chain work folders (under ``workdir``) no unfinished dispatch needs any more.
     Every file system walk runs in a thread. The sweep of each local destination runs in a
-    daemon thread beside the start, not awaited: the destination takes no copy until it has
-    returned (``threads.sweeping``), and one whose mount hangs holds nothing else."""
+    daemon thread, waited for SWEEP_WAIT_S at most: a destination takes no copy until its
+    sweep has returned (``threads.sweeping``), and one whose mount hangs holds nothing else."""
     rekeyed = await rekey_old_rows(journal)
     if rekeyed:
         log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
@@ -230,10 +236,21 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
     roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
+        sweeps = {}
         for root in sorted(roots):  # each beside the start: see threads.sweeping
             sweep = in_daemon_thread(functools.partial(sweep_temporaries, [root], journal.token))
             threads.sweeping(str(root), sweep)
             sweep.add_done_callback(_swept)
+            sweeps[sweep] = root
+        if sweeps:
+            _done, left = await asyncio.wait(sweeps, timeout=SWEEP_WAIT_S)
+            for sweep in left:
+                log.warning(
+                    "%s: the sweep of its temporary files has not returned after %gs (a hung "
+                    "disk or mount?); the start goes on, and it takes no copy until it has",
+                    sweeps[sweep],
+                    SWEEP_WAIT_S,
+                )
     else:
         log.info("other nodes are live: their temporary files in local destinations stay")
     active = await journal.active_version_keys()
