@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import ServiceProcess, old, wait_until
+from .conftest import ServiceProcess, old, run_cli, wait_until
 from .servers import remote_config
 from .test_called_off import _OpenGate
 
@@ -444,3 +444,23 @@ def test_a_source_file_whose_open_hangs_does_not_freeze_the_service(tmp_path: Pa
     assert (delivered, exited) == (True, True), (
         f"b.txt delivered: {delivered}; exited at SIGTERM: {exited}. Log:\n{log[-2000:]}"
     )
+
+
+def test_once_moves_every_file_to_a_done_dir_on_another_filesystem(tmp_path: Path) -> None:
+    """The healthy case of the moves above: ``--once`` with 40 files whose ``done_dir`` is on
+    another filesystem (moved by copy, one at a time per folder) ends once every file is
+    delivered and moved, none left in the source folder and no hidden copy in ``done_dir``."""
+    done = _tmpfs_folder(tmp_path)
+    try:
+        cfg = _done_dir_config(tmp_path, done)
+        names = [f"{i}.txt" for i in range(40)]
+        for name in names:
+            old(tmp_path / "a" / name, name.encode())
+        result = run_cli("-c", cfg, "--once", timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert sorted(os.listdir(done)) == sorted(names)
+        assert all((done / n).read_bytes() == n.encode() for n in names)
+    finally:
+        shutil.rmtree(done, ignore_errors=True)
+    assert os.listdir(tmp_path / "a") == []
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(names)

@@ -123,7 +123,7 @@ class AfterActions:
             move = functools.partial(
                 relocate.move_by_copy, path, target, unchanged, any_free_name=True
             )  # told a check that raises once the move is called off (see _move)
-            task = asyncio.get_running_loop().create_task(self._move(folder, move))
+            task = asyncio.get_running_loop().create_task(self._move(folder, path, move))
             self._moving.add(task)
             task.add_done_callback(self._moving.discard)
         except NetworkError as exc:
@@ -131,7 +131,9 @@ class AfterActions:
         except OSError as exc:
             log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
 
-    async def _move(self, folder: Path, move: Callable[[Callable[[], None]], Path]) -> None:
+    async def _move(
+        self, folder: Path, path: Path, move: Callable[[Callable[[], None]], Path]
+    ) -> None:
         """``move(check)`` (a move by copy into ``folder``) in a daemon thread once the moves
         before it into ``folder`` have ended: never the loop's default executor, whose
         threads moves stuck in a hung folder would take one by one, and whose exit joins
@@ -152,9 +154,15 @@ class AfterActions:
                 threads.refuse_if_hung(str(folder))
                 await thread_to_its_end(off, functools.partial(move, check), CALL_OFF_PATIENCE_S)
         except NetworkError as exc:
-            log.warning("a file stays where it is (a later scan moves it): %s", exc)
-        except OSError as exc:
-            log.error("after-action: moving a source by copying failed: %s", exc)
+            log.warning("%s stays where it is (a later scan moves it): %s", path, exc)
+        except Exception as exc:  # said here: nobody awaits this task
+            log.error("after-action: moving %s by copying failed: %s", path, exc)
+
+    async def moves_idle(self) -> None:
+        """Wait until no move to another filesystem is running or waiting (a cancellation of
+        this wait leaves them running)."""
+        while self._moving:
+            await asyncio.wait(set(self._moving))
 
     async def moves_done(self) -> None:
         """Wait for the after-actions running in threads (moves to another filesystem). A
@@ -162,8 +170,7 @@ class AfterActions:
         CALL_OFF_PATIENCE_S (one stuck in a hung folder's system call is left to its daemon
         thread: an interrupted move is safe, ``relocate.move_by_copy``)."""
         try:
-            while self._moving:
-                await asyncio.wait(set(self._moving))
+            await self.moves_idle()
         except asyncio.CancelledError:
             left = set(self._moving)
             for task in left:
