@@ -88,12 +88,18 @@ def _amend(model: _M, **changes: object) -> _M:
     return model.model_copy(update=given) if given else model
 
 
+#: seconds a watcher's inline batch is given, once its copies have been called off and waited
+#: for, to record their outcomes before the watcher is taken for stuck (``_watchers_end``)
+RECORD_MARGIN_S = 5.0
+
+
 async def _watchers_end(runs: list[asyncio.Task[None]], within_s: float) -> None:
     """Once told to stop, watchers end within ``shutdown_grace`` (an inline batch is called
-    off then, as a worker's copy is) and CALL_OFF_PATIENCE_S; one still running after that
-    waits in a look at its folder that does not return (a hung disk or mount: a daemon
-    thread's ``open`` or ``stat``), and is cancelled, leaving that thread to end on its own.
-    Nothing is lost: what it had not handed on is found again by the next scan."""
+    off then, as a worker's copy is), CALL_OFF_PATIENCE_S and RECORD_MARGIN_S; one still
+    running after that waits in a look at its folder that does not return (a hung disk or
+    mount: a daemon thread's ``open`` or ``stat``), and is cancelled, leaving that thread to
+    end on its own. Nothing is lost: what it had not handed on is found again by the next
+    scan."""
     _done, left = await asyncio.wait(runs, timeout=within_s)
     for task in left:
         log.error(
@@ -463,7 +469,9 @@ class Service:
                 if self.stop_event.is_set():  # a watcher may be inside an inline batch
                     self.dispatcher.stopping(self.config.shutdown_grace)
                 watch_stop.set()
-                await _watchers_end(runs, self.config.shutdown_grace + CALL_OFF_PATIENCE_S)
+                await _watchers_end(
+                    runs, self.config.shutdown_grace + CALL_OFF_PATIENCE_S + RECORD_MARGIN_S
+                )
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 
