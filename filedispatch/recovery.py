@@ -11,6 +11,7 @@ found by the watcher.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import fastpath, relocate
+from .asyncutil import in_daemon_thread
 from .config import Config, LocalDestination, S3Destination, SourceConfig
 from .errors import JournalError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
+from .processors import threads
 from .processors.local import sweep_temporaries
 from .processors.s3uploads import import_files
 from .router import legacy_step_keys, step_keys
@@ -78,14 +81,14 @@ async def retry(
             dispatch_id, reason=f"it is {row.status}; only a FAILED dispatch can be retried"
         )
     source = None if sources is None else sources.get(row.source)
-    where = await asyncio.to_thread(_locate, row, source)
+    where = await in_daemon_thread(functools.partial(_locate, row, source))
     if where == "here":
         if await journal.retry(dispatch_id):
             return RetryAnswer(dispatch_id, queued=True)
         return RetryAnswer(dispatch_id, reason="it is no longer FAILED")
     if isinstance(where, Path):
         try:
-            back = await asyncio.to_thread(_restore, row, where)
+            back = await in_daemon_thread(functools.partial(_restore, row, where))
         except OSError as exc:
             return RetryAnswer(
                 dispatch_id, reason=f"cannot move {where} back: {exc.strerror or exc}"
@@ -175,7 +178,7 @@ async def rekey_old_rows(journal: Journal, batch: int = 1000) -> int:
         if not rows:
             return total
         after = rows[-1][0]
-        found, missing = await asyncio.to_thread(_stat_old, rows)
+        found, missing = await in_daemon_thread(functools.partial(_stat_old, rows))
         total += await journal.rekey(found, missing)
 
 
@@ -211,21 +214,43 @@ async def upgrade_step_keys(journal: Journal, config: Config) -> int | None:
     return await journal.rekey_steps(keys, time.time())
 
 
+#: seconds the start waits for the sweeps of the local destinations' temporary files (a few
+#: milliseconds each on a healthy disk), so that the first files are not refused while one
+#: runs; past it the start goes on beside those still running (a hung mount)
+SWEEP_WAIT_S = 2.0
+
+
 async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool = True) -> None:
     """Before any delivery: give an older journal's rows today's keys (``rekey_old_rows``,
     ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations
     (only when ``alone``: no other node is live, whose copies in progress they may be), and the
     chain work folders (under ``workdir``) no unfinished dispatch needs any more.
-    Every file system walk runs in a thread."""
+    Every file system walk runs in a thread. The sweep of each local destination runs in a
+    daemon thread, waited for SWEEP_WAIT_S at most: a destination takes no copy until its
+    sweep has returned (``threads.sweeping``), and one whose mount hangs holds nothing else."""
     rekeyed = await rekey_old_rows(journal)
     if rekeyed:
         log.info("gave %d dispatch(es) of an older journal the files' identity", rekeyed)
     upgraded = await upgrade_step_keys(journal, config)
     if upgraded:
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
-    roots = [s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)]
+    roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
-        await asyncio.to_thread(sweep_temporaries, roots, journal.token)
+        sweeps = {}
+        for root in sorted(roots):  # each beside the start: see threads.sweeping
+            sweep = in_daemon_thread(functools.partial(sweep_temporaries, [root], journal.token))
+            threads.sweeping(str(root), sweep)
+            sweep.add_done_callback(_swept)
+            sweeps[sweep] = root
+        if sweeps:
+            _done, left = await asyncio.wait(sweeps, timeout=SWEEP_WAIT_S)
+            for sweep in left:
+                log.warning(
+                    "%s: the sweep of its temporary files has not returned after %gs (a hung "
+                    "disk or mount?); the start goes on, and it takes no copy until it has",
+                    sweeps[sweep],
+                    SWEEP_WAIT_S,
+                )
     else:
         log.info("other nodes are live: their temporary files in local destinations stay")
     active = await journal.active_version_keys()
@@ -234,6 +259,11 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         await asyncio.to_thread(shutil.rmtree, folder, True)
     if stale:
         log.info("removed %d stale work folder(s) from %s", len(stale), workdir)
+
+
+def _swept(sweep: asyncio.Future[int]) -> None:
+    if not sweep.cancelled() and sweep.exception() is not None:
+        log.error("the start-up sweep of temporary files failed: %s", sweep.exception())
 
 
 def _stale_work(workdir: Path, active: set[str]) -> list[Path]:

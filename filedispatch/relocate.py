@@ -61,20 +61,21 @@ def rename_free(path: Path, target: Path) -> Path:
             target = free_name(target)
 
 
-def _copy(src: Path, dst: Path) -> os.stat_result:
+def _copy(src: Path, dst: Path, check: Callable[[], None] | None = None) -> os.stat_result:
     """``shutil.copy2`` (bytes, mode, times, extended attributes; a link's target), made in
-    the kernel where it can and keeping a sparse file's holes (``processors.local.copy_data``);
-    returns the copy's stat. ``dst`` is our hidden name, which anyone who may write in its
-    folder can know: what is there (a crash's leftover, or a link someone planted) is
-    removed, never opened, and ``dst`` created new (O_EXCL, O_NOFOLLOW), so a link is never
-    written through; mode, times and attributes are set through the copy's descriptor, never
-    by name (a name swapped for a link meanwhile would have them set on what it points to)."""
+    the kernel where it can and keeping a sparse file's holes (``processors.local.copy_data``;
+    ``check`` is called before each piece); returns the copy's stat. ``dst`` is our hidden
+    name, which anyone who may write in its folder can know: what is there (a crash's
+    leftover, or a link someone planted) is removed, never opened, and ``dst`` created new
+    (O_EXCL, O_NOFOLLOW), so a link is never written through; mode, times and attributes are
+    set through the copy's descriptor, never by name (a name swapped for a link meanwhile
+    would have them set on what it points to)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dst)  # a link goes, never the file it points to
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     with open(src, "rb") as fin, open(os.open(dst, flags, 0o666), "wb") as fout:
         st = os.fstat(fin.fileno())
-        copy_data(fin.fileno(), fout.fileno(), st)
+        copy_data(fin.fileno(), fout.fileno(), st, check=check)
         for name in _xattrs(fin.fileno()):
             with contextlib.suppress(OSError):  # as copy2: what the target refuses is left
                 os.setxattr(fout.fileno(), name, os.getxattr(fin.fileno(), name))
@@ -92,7 +93,12 @@ def _xattrs(fd: int) -> list[str]:
 
 
 def move_by_copy(
-    src: Path, target: Path, unchanged: Callable[[], bool], *, any_free_name: bool
+    src: Path,
+    target: Path,
+    unchanged: Callable[[], bool],
+    check: Callable[[], None] | None = None,
+    *,
+    any_free_name: bool,
 ) -> Path:
     """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
 
@@ -104,6 +110,8 @@ def move_by_copy(
     copy an interrupted move already placed: only ``src`` is removed then. Otherwise the copy
     takes ``target`` or nothing (FileExistsError).
 
+    ``check`` (if given) is called before each piece of the copy and before the rename: what
+    it raises ends the move there, the hidden copy removed (a move called off at a stop).
     A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
     a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
     error is raised: the file is never in both places. Returns where the file is now.
@@ -120,9 +128,11 @@ def move_by_copy(
     head = f".filedispatch-move-{tag}-"
     tmp = target.with_name(head + naming.shorten(target.name, len(head)))
     try:
-        made = _copy(src, tmp)
+        made = _copy(src, tmp, check)
         if not unchanged():
             raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+        if check is not None:
+            check()
         there = os.lstat(tmp)  # a file renamed onto our hidden name would be placed as ours
         if (there.st_dev, there.st_ino) != (made.st_dev, made.st_ino):
             raise OSError(f"{tmp} was replaced by another file while {src} was copied; it stays")

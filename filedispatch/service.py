@@ -40,6 +40,7 @@ from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink, status_snapshot
 from .processors import Registry
 from .processors.s3uploads import LEDGER, UploadLedger
+from .processors.threads import CALL_OFF_PATIENCE_S
 from .watcher import Baselines, SourceWatcher
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,29 @@ def _amend(model: _M, **changes: object) -> _M:
     """A copy of ``model`` with the options that were given (None means not given)."""
     given = {k: v for k, v in changes.items() if v is not None}
     return model.model_copy(update=given) if given else model
+
+
+#: seconds a watcher's inline batch is given, once its copies have been called off and waited
+#: for, to record their outcomes before the watcher is taken for stuck (``_watchers_end``)
+RECORD_MARGIN_S = 5.0
+
+
+async def _watchers_end(runs: list[asyncio.Task[None]], within_s: float) -> None:
+    """Once told to stop, watchers end within ``shutdown_grace`` (an inline batch is called
+    off then, as a worker's copy is), CALL_OFF_PATIENCE_S and RECORD_MARGIN_S; one still
+    running after that waits in a look at its folder that does not return (a hung disk or
+    mount: a daemon thread's ``open`` or ``stat``), and is cancelled, leaving that thread to
+    end on its own. Nothing is lost: what it had not handed on is found again by the next
+    scan."""
+    _done, left = await asyncio.wait(runs, timeout=within_s)
+    for task in left:
+        log.error(
+            "%s: still in a look at its folder %gs after the stop (a hung disk or mount?); "
+            "left to end on its own",
+            task.get_name(),
+            within_s,
+        )
+        task.cancel()
 
 
 class Service:
@@ -413,8 +437,10 @@ class Service:
                 for s in self.config.sources
             ]
             async with asyncio.TaskGroup() as tg:
-                for w in self.watchers:
+                runs = [
                     tg.create_task(w.run(watch_stop), name=f"source:{w.config.key}")
+                    for w in self.watchers
+                ]
                 for w in self.watchers:
                     await first_completed(w.ready.wait(), self.stop_event.wait(), dispatch_task)
                 if not ready_reported:
@@ -443,6 +469,9 @@ class Service:
                 if self.stop_event.is_set():  # a watcher may be inside an inline batch
                     self.dispatcher.stopping(self.config.shutdown_grace)
                 watch_stop.set()
+                await _watchers_end(
+                    runs, self.config.shutdown_grace + CALL_OFF_PATIENCE_S + RECORD_MARGIN_S
+                )
             if dispatch_task.done() and dispatch_task.exception() is not None:
                 raise dispatch_task.exception()  # type: ignore[misc]
 

@@ -177,8 +177,10 @@ class Dispatcher:
         self.outcomes.delivered.flush()  # the last batch's line, before the loop stops
 
     async def wait_idle(self) -> None:
-        """Wait until nothing is due, queued, running or waiting for a retry (``--once``)."""
+        """Wait until nothing is due, queued, running or waiting for a retry, nor moving to a
+        ``done_dir`` or ``failed_dir`` (``--once``: its stop would call the moves off)."""
         await self.feeder.wait_idle()
+        await self.after.moves_idle()
 
     async def moves_done(self) -> None:
         """Wait for the after-actions running in threads (moves to another filesystem)."""

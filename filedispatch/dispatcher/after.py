@@ -12,13 +12,18 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import fastpath, relocate, sourcefile
+from ..asyncutil import CalledOff, thread_to_its_end
 from ..config import SourceConfig, Step
+from ..errors import NetworkError
 from ..fate import Fate, fate
 from ..models import FileVersion, Status
+from ..processors import threads
+from ..processors.threads import CALL_OFF_PATIENCE_S
 from .outcomes import Outcomes
 from .state import DispatchState
 
@@ -34,8 +39,12 @@ class AfterActions:
     def __init__(self, state: DispatchState, outcomes: Outcomes) -> None:
         self.state = state
         self.outcomes = outcomes
-        #: after-actions that move a file to another filesystem, run in threads
-        self._moving: set[asyncio.Task[object]] = set()
+        #: after-actions that move a file to another filesystem, each a task that waits its
+        #: turn in its folder, then copies in a daemon thread
+        self._moving: set[asyncio.Task[None]] = set()
+        #: folder moved into -> its lock: one move by copy at a time per ``done_dir`` or
+        #: ``failed_dir``, so a hung one holds one thread, not one per file
+        self._lanes: dict[Path, asyncio.Lock] = {}
 
     def fate_of(
         self,
@@ -83,7 +92,9 @@ class AfterActions:
 
         Inline: an unlink or a same-filesystem rename is one quick syscall, and a thread hop
         per file would cost more than the work itself. A move to another filesystem copies
-        the bytes, so it runs in a thread.
+        the bytes, so it runs in a daemon thread, one at a time per folder (``_move``). No
+        move starts in a folder that hangs (a call into it is stuck: ``threads``): the file
+        stays where it is, and a later scan moves it.
         """
         path = version.path
         try:
@@ -103,30 +114,75 @@ class AfterActions:
             folder = source.done_dir if what is Fate.DONE_DIR else source.failed_dir
             assert folder is not None
             target = folder / version.relpath
+            threads.refuse_if_hung(str(target.parent))
             target.parent.mkdir(parents=True, exist_ok=True)
             relocate.rename_free(path, target)
         except fastpath.RenameUnavailable:
+            assert folder is not None
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(
-                    relocate.move_by_copy, path, target, unchanged, any_free_name=True
-                )
-            )
+            move = functools.partial(
+                relocate.move_by_copy, path, target, unchanged, any_free_name=True
+            )  # told a check that raises once the move is called off (see _move)
+            task = asyncio.get_running_loop().create_task(self._move(folder, path, move))
             self._moving.add(task)
-            task.add_done_callback(self._moved)
+            task.add_done_callback(self._moving.discard)
+        except NetworkError as exc:
+            log.warning("%s stays where it is (a later scan moves it): %s", path, exc)
         except OSError as exc:
             log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
 
-    def _moved(self, task: asyncio.Task[object]) -> None:
-        self._moving.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("after-action: moving a source by copying failed: %s", exc)
+    async def _move(
+        self, folder: Path, path: Path, move: Callable[[Callable[[], None]], Path]
+    ) -> None:
+        """``move(check)`` (a move by copy into ``folder``) in a daemon thread once the moves
+        before it into ``folder`` have ended: never the loop's default executor, whose
+        threads moves stuck in a hung folder would take one by one, and whose exit joins
+        them. A cancellation (the stop, once its grace is over) calls the move off as a
+        copy's is (``check`` raises at its next piece, before its rename;
+        ``asyncutil.thread_to_its_end``: waited for CALL_OFF_PATIENCE_S at most); its file
+        stays, moved at a later start. A folder that hangs meanwhile is refused: the file
+        stays, for a later scan."""
+        lane = self._lanes.setdefault(folder, asyncio.Lock())
+        off = threading.Event()
 
-    async def moves_done(self) -> None:
-        """Wait for the after-actions running in threads (moves to another filesystem)."""
+        def check() -> None:
+            if off.is_set():
+                raise CalledOff
+
+        try:
+            async with lane:
+                threads.refuse_if_hung(str(folder))
+                await thread_to_its_end(off, functools.partial(move, check), CALL_OFF_PATIENCE_S)
+        except NetworkError as exc:
+            log.warning("%s stays where it is (a later scan moves it): %s", path, exc)
+        except Exception as exc:  # said here: nobody awaits this task
+            log.error("after-action: moving %s by copying failed: %s", path, exc)
+
+    async def moves_idle(self) -> None:
+        """Wait until no move to another filesystem is running or waiting (a cancellation of
+        this wait leaves them running)."""
         while self._moving:
             await asyncio.wait(set(self._moving))
+
+    async def moves_done(self) -> None:
+        """Wait for the after-actions running in threads (moves to another filesystem). A
+        cancellation (the stop's grace is over) calls them off, and waits for each at most
+        CALL_OFF_PATIENCE_S (one stuck in a hung folder's system call is left to its daemon
+        thread: an interrupted move is safe, ``relocate.move_by_copy``)."""
+        try:
+            await self.moves_idle()
+        except asyncio.CancelledError:
+            left = set(self._moving)
+            for task in left:
+                task.cancel()
+            if left:
+                log.warning(
+                    "%d move(s) to a done_dir or failed_dir called off at the stop; their "
+                    "files stay, moved at a later start",
+                    len(left),
+                )
+                await asyncio.wait(left)
+            raise
 
 
 def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:

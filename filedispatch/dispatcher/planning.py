@@ -7,11 +7,11 @@ Never delivers a file itself (the lanes and the workers do) and never decides a 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
 
+from ..asyncutil import in_daemon_thread
 from ..birth import born
 from ..config import SourceConfig
 from ..content import facts_for, needs_content
@@ -63,11 +63,11 @@ class Planner:
             versions = [dataclasses.replace(v, dev=0) if v.dev else v for v in versions]
         router = state.router
         if needs_content(router):
-            routes = await asyncio.to_thread(lambda: [self.route(v) for v in versions])
+            routes = await in_daemon_thread(lambda: [self.route(v) for v in versions])
         else:
             routes = [router.route(v) for v in versions]
         if any(routes):  # the files a rule takes are recorded with their birth time
-            versions = await asyncio.to_thread(
+            versions = await in_daemon_thread(
                 lambda: [born(v) if c else v for v, c in zip(versions, routes, strict=True)]
             )
         if self.budget is not None:  # --max-items: only work not done yet counts

@@ -96,12 +96,13 @@ class LocalProcessor:
 
     async def deliver(self, ctx: StepContext) -> Outcome:
         rel = self._target(ctx)
+        folder = str(self.root / rel.parent)
         # before anything touches the folder: a stuck earlier attempt may hold its temporary
         # name, and a folder whose copies are stuck would hold this attempt's thread too
-        self._threads.check(ctx)
+        self._threads.check(ctx, folder)
         if ctx.resuming:
             look = functools.partial(_find_previous, self.root, ctx, rel, self.dest.on_conflict)
-            found = await self._threads.call(look)
+            found = await self._threads.call(look, ctx, folder)
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
         if ctx.may_move and ctx.input is ctx.version.path:
@@ -177,6 +178,7 @@ class LocalProcessor:
                 results[i] = exc
         if self.dest.fsync:
             for folder in folders:
+                self._threads.entering(self.root / folder)
                 _fsync_dir(self.root / folder)
         return results
 
@@ -184,6 +186,8 @@ class LocalProcessor:
         """Copy the input to a temporary name beside ``rel``; returns it and its open fd (the
         caller flushes and closes it, see _flush)."""
         final_dir = self.root / rel.parent
+        self._threads.check_folder(str(final_dir))  # another file's copy may be stuck there
+        self._threads.entering(final_dir)
         self._mkdirs(final_dir)
         fd, st = open_input(ctx)
         try:
@@ -288,8 +292,9 @@ class LocalProcessor:
         """Rename the source into place, inline: the delivery and the source's removal are one
         atomic step. Raises MoveUnavailable when the filesystem cannot (the caller then takes
         the ordinary path, which links and removes the source later)."""
-        self._threads.check_folder()  # on the loop: a hung folder must not hold it too
         rel = render_target_str(self.dest.name, ctx, self.dest.naming)
+        # on the loop: a hung folder must not hold it too
+        self._threads.check_folder(f"{self._root}/{rel.rpartition('/')[0]}")
         return self._put_source(
             ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
         )
@@ -767,11 +772,12 @@ def _fsync_dir(folder: Path) -> None:
 def sweep_temporaries(roots: Iterable[Path], journal: str = "") -> int:
     """Remove temporary files a crash left in local destinations; returns how many.
 
-    Called at start-up before any worker runs and only when no other node of this journal is
-    live, so every temporary name of this journal (its token ``journal``) found is stale, and
-    so is one of the form before journals had tokens (``.filedispatch-tmp-<id>-``). Another
-    journal's (another token) is left alone: it may be that journal's copy in progress. An
-    old-form name of a row id of exactly eight digits reads like a token, and stays too.
+    Called at start-up, before any copy into ``roots`` can start (``threads.sweeping``), and
+    only when no other node of this journal is live, so every temporary name of this journal
+    (its token ``journal``) found is stale, and so is one of the form before journals had
+    tokens (``.filedispatch-tmp-<id>-``). Another journal's (another token) is left alone:
+    it may be that journal's copy in progress. An old-form name of a row id of exactly eight
+    digits reads like a token, and stays too.
     """
     removed = 0
     for root in roots:

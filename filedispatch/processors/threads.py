@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..asyncutil import in_daemon_thread, thread_to_its_end
+from ..asyncutil import thread_to_its_end
 from ..errors import NetworkError
 from . import StepContext, called_off
 
@@ -39,17 +40,71 @@ _STUCK: dict[int, asyncio.Future[Any]] = {}
 
 @dataclass
 class _Hung:
-    """A destination with copies stuck past their call-off: since when (``time.monotonic``,
-    the first call-off), and the threads still stuck."""
+    """A folder with calls stuck in it (copies past their call-off, a start-up sweep not
+    returned yet): since when (``time.monotonic``), the threads still stuck, what the
+    refusal says is stuck, and what the log says once they have ended."""
 
     since: float
     threads: set[asyncio.Future[Any]] = field(default_factory=set)
+    stuck: str = "a copy into it has been stuck in a system call"
+    ended: str = "the stuck copies have ended"
 
 
-#: destination folder -> its stuck copies. While a folder has one, no new copy (nor any other
-#: call into it) starts there: each would take one more thread, stuck too, for as long as the
-#: mount hangs. One for the process, as ``_STUCK`` is
+#: folder -> the calls stuck in it (a copy, a resume's look), keyed by the folder the call was
+#: working in, not the destination's root: one hung mount below a destination (``name:
+#: {relpath}``, a mount per site) stops only what is written there. While a folder, or a
+#: folder above it, has one, no new call into it starts: each would take one more thread,
+#: stuck too, for as long as the mount hangs. One for the process, as ``_STUCK`` is
 _HUNG: dict[str, _Hung] = {}
+
+#: the folder each copy thread is working in (``CopyThreads.entering``), told to ``stuck``
+_PLACE = threading.local()
+
+
+def hung_above(folder: str) -> tuple[str, _Hung] | None:
+    """The hung folder ``folder`` is in (itself, or a folder above it), or None. Cheap: no
+    lookup at all while nothing hangs, else one per level of the path."""
+    if not _HUNG:
+        return None
+    at = folder.rstrip("/") or "/"
+    while True:
+        hung = _HUNG.get(at)
+        if hung is not None:
+            return at, hung
+        up = os.path.dirname(at)
+        if up == at:
+            return None
+        at = up
+
+
+def refuse_if_hung(folder: str) -> None:
+    """Raise NetworkError, naming the hung folder and for how long, while a call into
+    ``folder`` (or a folder above it) is stuck in a system call: the mount hangs, and a call
+    now would only add a thread stuck beside it."""
+    found = hung_above(folder)
+    if found is not None:
+        at, hung = found
+        raise NetworkError(
+            f"{at}: {hung.stuck} for {time.monotonic() - hung.since:.0f}s (a hung disk or "
+            "mount?); nothing new is started there until it has ended"
+        )
+
+
+def sweeping(folder: str, sweep: asyncio.Future[Any]) -> None:
+    """A start-up sweep of ``folder``'s temporary files runs in a daemon thread (``sweep``),
+    beside the start rather than before it: a hung destination must hold neither the other
+    destinations nor the stop. Until it has returned, ``folder`` is refused as a hung one is
+    (``refuse_if_hung``): a copy there now could have its temporary file swept away, and
+    were the folder hung, it would only add a stuck thread."""
+    hung = _HUNG.get(folder)
+    if hung is None:
+        hung = _HUNG[folder] = _Hung(
+            time.monotonic(),
+            stuck="its start-up sweep of temporary files has been running",
+            ended="the start-up sweep of temporary files has returned",
+        )
+    hung.threads.add(sweep)
+    sweep.add_done_callback(functools.partial(_ended, folder, []))
 
 
 class CopyThreads:
@@ -58,12 +113,13 @@ class CopyThreads:
     def __init__(self, where: str) -> None:
         self.where = where  #: the destination folder, as the log names it
 
-    def check(self, ctx: StepContext | None = None) -> None:
+    def check(self, ctx: StepContext | None = None, folder: str | None = None) -> None:
         """Raise NetworkError while an earlier attempt of ``ctx``'s row is stuck in its
         thread (a new attempt would write the very temporary name that thread may still
-        rename into place), or while any copy into this destination is (``check_folder``).
-        A network error: a hung mount is a remote that does not answer, retried for as long
-        as an outage lasts (``retry.NETWORK_FOR_S``), not a number of attempts."""
+        rename into place), or while a call into ``folder`` (default: the destination's) is
+        (``check_folder``). A network error: a hung mount is a remote that does not answer,
+        retried for as long as an outage lasts (``retry.NETWORK_FOR_S``), not a number of
+        attempts."""
         if ctx is not None:
             held = _STUCK.get(ctx.dispatch_id)
             if held is not None and not held.done():
@@ -71,32 +127,55 @@ class CopyThreads:
                     "an earlier attempt of this file is stuck in a system call (a hung disk or "
                     "mount?): it is tried again once that has ended"
                 )
-        self.check_folder()
+        self.check_folder(folder)
 
-    def check_folder(self) -> None:
-        """Raise NetworkError (see ``check``), naming the folder and for how long, while a
-        copy into this destination is stuck in a system call: the mount hangs, and an attempt
-        now would only add a thread stuck beside it. Cheap: one dict lookup."""
-        hung = _HUNG.get(self.where)
-        if hung is not None:
-            raise NetworkError(
-                f"{self.where}: a copy into it has been stuck in a system call for "
-                f"{time.monotonic() - hung.since:.0f}s (a hung disk or mount?); nothing new "
-                "is started there until it has ended"
-            )
+    def check_folder(self, folder: str | None = None) -> None:
+        """``refuse_if_hung(folder)``, the destination's folder by default."""
+        refuse_if_hung(self.where if folder is None else folder)
+
+    @staticmethod
+    def entering(folder: str | os.PathLike[str]) -> None:
+        """Said by the work of ``run`` (in its thread) as it starts on a folder: were it to
+        stick there, that folder is the one marked hung. Outside ``run``: nothing."""
+        place = getattr(_PLACE, "place", None)
+        if place is not None:
+            place[0] = os.fspath(folder)
 
     async def run(self, ctxs: list[StepContext], work: Callable[[list[StepContext]], T]) -> T:
         """``work(ctxs)`` in a worker thread. A cancellation of this call (a step's timeout,
         the stop) calls the work off (each fence refuses the next chunk and the rename from
         then on, and the copy removes its temporary file: ``called_off``) and waits for the
         thread, up to CALL_OFF_PATIENCE_S (``asyncutil.thread_to_its_end``). A thread that
-        outlives that is said once per delivery, and its rows wait for it (``check``)."""
+        outlives that is said once per hang of the folder it was working in (``entering``;
+        the destination's folder until it says one), and its rows and that folder wait for it
+        (``check``)."""
         self.check_folder()
         off = threading.Event()
-        ids = [ctx.dispatch_id for ctx in ctxs]
-        where = self.where
+        calls = [called_off(ctx, off) for ctx in ctxs]
+        return await self._to_its_end(off, [c.dispatch_id for c in ctxs], self.where, work, calls)
+
+    async def call(self, func: Callable[[], T], ctx: StepContext, folder: str) -> T:
+        """``func()`` (a look into ``folder``: a resume's stat and clean-up) in a daemon
+        thread, once ``check`` lets it. A cancellation waits for it as for a copy (``run``),
+        and a call stuck past that marks ``folder`` hung as a stuck copy does: later attempts
+        there are refused at once, without a thread."""
+        self.check(ctx, folder)
+        return await self._to_its_end(threading.Event(), [ctx.dispatch_id], folder, func)
+
+    async def _to_its_end(
+        self, off: threading.Event, ids: list[int], folder: str, func: Callable[..., T], *args: Any
+    ) -> T:
+        place = [folder]  #: the folder the thread works in (``entering``)
+
+        def job() -> T:
+            _PLACE.place = place
+            try:
+                return func(*args)
+            finally:
+                _PLACE.place = None
 
         def stuck(fut: asyncio.Future[Any]) -> None:
+            where = place[0]
             hung = _HUNG.get(where)
             if hung is None:  # said once per hang of the folder, not once per file
                 hung = _HUNG[where] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S)
@@ -112,16 +191,7 @@ class CopyThreads:
                 _STUCK[i] = fut
             fut.add_done_callback(functools.partial(_ended, where, ids))
 
-        calls = [called_off(ctx, off) for ctx in ctxs]
-        return await thread_to_its_end(
-            off, functools.partial(work, calls), CALL_OFF_PATIENCE_S, stuck
-        )
-
-    async def call(self, func: Callable[[], T]) -> T:
-        """``func()`` (a look into the destination: a resume's stat and clean-up) in a daemon
-        thread, once ``check_folder`` lets it; a cancellation leaves it to end on its own."""
-        self.check_folder()
-        return await in_daemon_thread(func)
+        return await thread_to_its_end(off, job, CALL_OFF_PATIENCE_S, stuck)
 
 
 def _ended(where: str, ids: list[int], fut: asyncio.Future[Any]) -> None:
@@ -136,8 +206,6 @@ def _ended(where: str, ids: list[int], fut: asyncio.Future[Any]) -> None:
     hung.threads.discard(fut)
     if not hung.threads:
         del _HUNG[where]
-        log.warning(
-            "%s: the stuck copies have ended after %.0fs; copies into it start again",
-            where,
-            time.monotonic() - hung.since,
-        )
+        took = time.monotonic() - hung.since
+        if took >= CALL_OFF_PATIENCE_S:  # not said for a sweep that took no time to speak of
+            log.warning("%s: %s after %.0fs; copies into it start again", where, hung.ended, took)

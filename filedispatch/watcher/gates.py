@@ -2,13 +2,14 @@
 period with the same inode and ctime, ``lock`` marker gone, ``done`` marker there), whether
 someone still holds it open for writing, and when a file a rule waits for (``min_age``) is
 old enough; the timers to look again at the files not complete yet. It never hands a file
-on itself, and never opens one on the event loop except a lease on a local disk.
+on itself, and never opens one on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
 import os
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from .. import sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import SourceConfig
 from ..models import FileVersion
 from ..sourcefile import WriterCheck
@@ -156,10 +158,10 @@ class Gates:
         todo = [v for v in versions if v.relpath not in cleared] if cleared else versions
         if not todo:
             return versions
-        if self.local_fs:  # a lease on a local file is a few syscalls that never wait
-            busy = self.writers.busy(self.root, todo)
-        else:
-            busy = await asyncio.to_thread(self.writers.busy, self.root, todo)
+        # off the loop, one hop per batch: even a local file's open may hang (a network block
+        # device that stopped answering, an on-access scanner), and a daemon thread, unlike
+        # the default executor's, holds neither the other sources' threads nor the exit
+        busy = await in_daemon_thread(functools.partial(self.writers.busy, self.root, todo))
         if self.writers.unknown and not self._told_unknown:
             self._told_unknown = True
             log.warning(

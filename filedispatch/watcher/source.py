@@ -1,6 +1,7 @@
 """``SourceWatcher``: one source watched, its parts run together: the start-up scan (oldest
 first), watchfiles events, periodic reconcile scans, and the timers of the readiness gates.
-Events are only hints; the folder is the truth. It stats files in threads, off the loop.
+Events are only hints; the folder is the truth. It stats files in daemon threads, off the loop
+(never the default executor: a hung source takes no thread of the others, and holds no exit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import watchfiles
 
+from ..asyncutil import in_daemon_thread
 from ..config import SourceConfig
 from ..models import FileVersion
 from .batches import Batches, Emit, Reject
@@ -270,7 +272,7 @@ class SourceWatcher:
         ones, and the relpaths of those the open-writers gate cleared in the same look."""
         if not rels:
             return [], set()
-        looks = await asyncio.to_thread(self._look, rels)
+        looks = await in_daemon_thread(functools.partial(self._look, rels))
         now = time.time()
         ready: list[FileVersion] = []
         cleared: set[str] = set()
@@ -315,7 +317,7 @@ class SourceWatcher:
         if initial and not self.config.process_existing:
             kept = self._baselines.get(self.config.key)
             if kept is None:
-                kept = await asyncio.to_thread(
+                kept = await in_daemon_thread(
                     lambda: {
                         (rel, st.st_size, st.st_mtime_ns)
                         for rel, st in self.entries.walk(skips=skips)
@@ -338,7 +340,7 @@ class SourceWatcher:
                 self.root,
                 len(kept),
             )
-        listing = await asyncio.to_thread(lambda: Listing(self.entries.walk(skips=skips)))
+        listing = await in_daemon_thread(lambda: Listing(self.entries.walk(skips=skips)))
         self.scans += 1
         self._check_watch()
         now = time.time()
@@ -357,7 +359,7 @@ class SourceWatcher:
         self.skipped = no_skips() | skips
 
     async def _scan_tree(self, folder: Path) -> None:
-        found = await asyncio.to_thread(lambda: list(self.entries.walk(folder)))
+        found = await in_daemon_thread(lambda: list(self.entries.walk(folder)))
         now = time.time()
         consider = self.gates.consider
         await self.batches.emit(
