@@ -108,10 +108,11 @@ class _DaemonThreads:
 _DAEMONS = _DaemonThreads()
 
 
-def in_daemon_thread(func: Callable[[], T]) -> asyncio.Future[T]:
-    """``func()`` in a daemon thread of our own, never the loop's default executor; the
-    future is done once ``func`` has returned or raised. Cancelling the future does not stop
-    the call (nothing can), and the call never holds the process's exit."""
+def in_daemon_thread(func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``func(*args)`` in a daemon thread of our own (as ``asyncio.to_thread``, but never the
+    loop's default executor); the future is done once ``func`` has returned or raised.
+    Cancelling the future does not stop the call (nothing can), and the call never holds the
+    process's exit."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[T] = loop.create_future()
 
@@ -126,7 +127,7 @@ def in_daemon_thread(func: Callable[[], T]) -> asyncio.Future[T]:
     def job() -> None:
         value: Any
         try:
-            ok, value = True, func()
+            ok, value = True, func(*args)
         except BaseException as exc:  # handed to the future, never to this thread
             ok, value = False, exc
         with contextlib.suppress(RuntimeError):  # the loop is closed: abandoned long ago

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import functools
 import os
 import threading
 import time
@@ -229,9 +228,7 @@ class _Controlled:
         if not step.deduped:
             return await self._send(ctx)
         async with self.controls.in_order(step.display, ctx.dispatch_id):
-            digest = await in_daemon_thread(
-                functools.partial(content_sha256, ctx.version, ctx.input)
-            )
+            digest = await in_daemon_thread(content_sha256, ctx.version, ctx.input)
         async with self.controls.one_at_a_time((step.display, digest)):
             earlier = await self.controls.duplicate(step.display, digest)
             if earlier is not None and earlier[0] != ctx.dispatch_id:
@@ -262,7 +259,7 @@ class _Controlled:
             # a kind that does not stream (a command, a callable): paid before it runs
             size = ctx.version.size
             if ctx.input != ctx.version.path:  # a transform's output
-                size = await in_daemon_thread(functools.partial(os.path.getsize, ctx.input))
+                size = await in_daemon_thread(os.path.getsize, ctx.input)
             await throttle.take(size)
             return await self.inner.deliver(ctx)
         try:  # the processor pays per chunk as it sends (see Throttle)

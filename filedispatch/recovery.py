@@ -11,7 +11,6 @@ found by the watcher.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import shutil
@@ -81,14 +80,14 @@ async def retry(
             dispatch_id, reason=f"it is {row.status}; only a FAILED dispatch can be retried"
         )
     source = None if sources is None else sources.get(row.source)
-    where = await in_daemon_thread(functools.partial(_locate, row, source))
+    where = await in_daemon_thread(_locate, row, source)
     if where == "here":
         if await journal.retry(dispatch_id):
             return RetryAnswer(dispatch_id, queued=True)
         return RetryAnswer(dispatch_id, reason="it is no longer FAILED")
     if isinstance(where, Path):
         try:
-            back = await in_daemon_thread(functools.partial(_restore, row, where))
+            back = await in_daemon_thread(_restore, row, where)
         except OSError as exc:
             return RetryAnswer(
                 dispatch_id, reason=f"cannot move {where} back: {exc.strerror or exc}"
@@ -178,7 +177,7 @@ async def rekey_old_rows(journal: Journal, batch: int = 1000) -> int:
         if not rows:
             return total
         after = rows[-1][0]
-        found, missing = await in_daemon_thread(functools.partial(_stat_old, rows))
+        found, missing = await in_daemon_thread(_stat_old, rows)
         total += await journal.rekey(found, missing)
 
 
@@ -238,7 +237,7 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
     if alone:
         sweeps = {}
         for root in sorted(roots):  # each beside the start: see threads.sweeping
-            sweep = in_daemon_thread(functools.partial(sweep_temporaries, [root], journal.token))
+            sweep = in_daemon_thread(sweep_temporaries, [root], journal.token)
             threads.sweeping(str(root), sweep)
             sweep.add_done_callback(_swept)
             sweeps[sweep] = root

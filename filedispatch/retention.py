@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import stat
@@ -102,7 +101,7 @@ async def prune_once(
             after = r.id
         if chosen:
             if local:
-                keep = await in_daemon_thread(functools.partial(_present, list(chosen.values())))
+                keep = await in_daemon_thread(_present, list(chosen.values()))
             else:
                 keep = set(chosen)
             before = now if by_cap or cutoff is None else cutoff
@@ -131,7 +130,7 @@ async def sweep_kept(journal: Journal) -> int:
             return dropped
         after = keys[-1].vkey
         pairs = [(k.vkey, k.root, k.relpath) for k in keys]
-        present = await in_daemon_thread(functools.partial(_present, pairs))
+        present = await in_daemon_thread(_present, pairs)
         gone = [k for k, _, _ in pairs if k not in present]
         if gone:
             await journal.drop_kept(gone)

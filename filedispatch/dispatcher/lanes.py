@@ -126,7 +126,7 @@ class InlineLanes:
         items: list[Item],
         size: int,
         run: Callable[
-            [SourceConfig, list[Item], list[int | None], int | None, float],
+            [SourceConfig, list[Item], Ids, int | None, float],
             Coroutine[None, None, list[Known]],
         ],
         parallel: int = 1,
@@ -165,9 +165,7 @@ class InlineLanes:
                 planned.add_done_callback(report_write)
         return known
 
-    def _plan_started(
-        self, chunk: list[Item]
-    ) -> tuple[int | None, float, asyncio.Future[list[int | None]]]:
+    def _plan_started(self, chunk: list[Item]) -> tuple[int | None, float, asyncio.Future[Ids]]:
         """Queue the chunk's rows, IN_PROGRESS; the fencing token they carry (read when they
         are queued, as the journal does), the time they are planned at (their ``created``,
         part of each delivery's name) and their ids to come."""
@@ -179,7 +177,7 @@ class InlineLanes:
         return self.state.epoch(), now, self.state.journal.plan_started(steps, now)
 
     def _begin_chunk(
-        self, chunk: list[Item], ids: list[int | None], epoch: int | None, now: float
+        self, chunk: list[Item], ids: Ids, epoch: int | None, now: float
     ) -> tuple[list[Known], list[Done], list[tuple[Lane, StepContext]]]:
         """Sort a planned chunk: versions the journal knew, rows handed back because dispatching
         was paused meanwhile or the lease they were planned under may be lost (the workers, of

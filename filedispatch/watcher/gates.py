@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
 import logging
 import os
@@ -161,7 +160,7 @@ class Gates:
         # off the loop, one hop per batch: even a local file's open may hang (a network block
         # device that stopped answering, an on-access scanner), and a daemon thread, unlike
         # the default executor's, holds neither the other sources' threads nor the exit
-        busy = await in_daemon_thread(functools.partial(self.writers.busy, self.root, todo))
+        busy = await in_daemon_thread(self.writers.busy, self.root, todo)
         if self.writers.unknown and not self._told_unknown:
             self._told_unknown = True
             log.warning(

@@ -272,7 +272,7 @@ class SourceWatcher:
         ones, and the relpaths of those the open-writers gate cleared in the same look."""
         if not rels:
             return [], set()
-        looks = await in_daemon_thread(functools.partial(self._look, rels))
+        looks = await in_daemon_thread(self._look, rels)
         now = time.time()
         ready: list[FileVersion] = []
         cleared: set[str] = set()
