@@ -66,6 +66,21 @@ async def settle(*futures: asyncio.Future[Any] | None) -> None:
         raise asyncio.CancelledError
 
 
+async def joined(future: asyncio.Future[T]) -> T:
+    """The result of ``future`` (work already running in a thread), awaited to its end: a
+    cancellation of this wait is raised only once the work is done. A bare ``await`` on an
+    executor's future, when cancelled, cancels the future and returns at once while its
+    thread goes on: a hash then read without its last chunk, a read of a descriptor about
+    to be closed."""
+    await settle(future)
+    return future.result()
+
+
+async def to_thread_joined(func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` in the loop's default executor, awaited with ``joined``."""
+    return await joined(asyncio.get_running_loop().run_in_executor(None, func, *args))
+
+
 #: seconds an idle thread of ``in_daemon_thread`` waits for more work before it ends
 DAEMON_IDLE_S = 60.0
 

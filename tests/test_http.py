@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from aiohttp import web
 
 from filedispatch.errors import SourceVanishedError
 from filedispatch.processors.http import FileBody
-from filedispatch.processors.remote import WHOLE_MAX, read_whole
+from filedispatch.processors.remote import HASH_AWAY, WHOLE_MAX, copy_to, read_whole
 
 from .conftest import cli_env, delivery_name, journal_rows, run_cli
 from .servers import (
@@ -712,6 +713,57 @@ async def test_a_streamed_bodys_digest_is_whole_when_its_writer_is_cancelled_twi
         assert body.digest.hexdigest() == sha256_of(src)
     finally:
         os.close(fd)
+
+
+async def test_an_upload_cancelled_while_its_last_chunk_is_hashed_waits_for_that_hash(
+    tmp_path: Path,
+) -> None:
+    """The answer can come once the last chunk is handed over and drained, while its hash
+    still runs in a thread. A bare ``await`` of that thread's future, when the writer is
+    cancelled, cancelled the future and returned at once: the digest was read without the
+    last chunk and the journal recorded a SHA-256 the server never got (seen in a loaded run
+    of test_a_large_file_reaches_a_server_that_ignores_expect: right bytes at the server, a
+    wrong digest in the row). Here the last chunk's hash waits until the test has looked."""
+    chunk = HASH_AWAY
+    data = os.urandom(3 * chunk)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    gate = threading.Event()
+
+    class LastChunkWaits:  # a real SHA-256 whose last update waits for the gate
+        def __init__(self) -> None:
+            self.real, self.fed = hashlib.sha256(), 0
+
+        def update(self, part: bytes) -> None:
+            self.fed += len(part)
+            if self.fed == len(data):
+                gate.wait()
+            self.real.update(part)
+
+    digest = LastChunkWaits()
+    sent = bytearray()
+    all_sent = asyncio.Event()
+
+    async def write(part: bytes) -> None:
+        sent.extend(part)
+        if len(sent) == len(data):
+            all_sent.set()
+
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        task = asyncio.ensure_future(copy_to(fd, os.fstat(fd), write, chunk, digest))
+        await all_sent.wait()  # every byte handed over; the last hash is held at the gate
+        task.cancel()  # the answer is in
+        await asyncio.sleep(0)  # one turn of the loop: the task takes its cancellation
+        ended_before_its_hash = task.done()
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        gate.set()
+        os.close(fd)
+    assert not ended_before_its_hash
+    assert (bytes(sent), digest.real.hexdigest()) == (data, hashlib.sha256(data).hexdigest())
 
 
 async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancelled(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from .. import fastpath, sourcefile
-from ..asyncutil import settle
+from ..asyncutil import joined, settle, to_thread_joined
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import (
     DeliveryError,
@@ -189,7 +189,7 @@ async def copy_to(
             if pending is None and nowait:
                 data, nowait = fastpath.read_cached(fd, min(chunk, size - offset), offset)
             if not data:
-                data = await (pending or read(offset))
+                data = await joined(pending or read(offset))
                 pending = None
                 if not data:
                     break
@@ -200,7 +200,7 @@ async def copy_to(
                 sourcefile.check_unchanged(fd, st, "the file")  # chunk completes the upload
             if digest is not None:
                 if hashing is not None:  # in order: one chunk's hash at a time
-                    await hashing
+                    await joined(hashing)
                     hashing = None
                 if len(data) >= HASH_AWAY:
                     hashing = loop.run_in_executor(None, digest.update, data)
@@ -212,7 +212,7 @@ async def copy_to(
                 fence()
             await write(data)
         if hashing is not None:
-            await hashing
+            await joined(hashing)
             hashing = None
     finally:
         # sending failed: the read must end before the fd is closed, and the hash before
@@ -240,7 +240,7 @@ async def read_whole(fd: int, st: os.stat_result) -> Chunk:
     if _NOWAIT:
         data, _ = fastpath.read_cached(fd, size, 0)
     if len(data) != size:
-        data = await asyncio.get_running_loop().run_in_executor(None, os.pread, fd, size, 0)
+        data = await to_thread_joined(os.pread, fd, size, 0)
     sourcefile.check_unchanged(fd, st, "the file")
     if len(data) != size:
         raise SourceVanishedError("the file shrank while it was sent")

@@ -31,6 +31,7 @@ from botocore.exceptions import (
 )
 
 from .. import fastpath, sourcefile
+from ..asyncutil import to_thread_joined
 from ..config import Config, S3Destination, scrub, secrets_of
 from ..errors import (
     DeliveryError,
@@ -385,7 +386,7 @@ class S3Processor:
                     if len(data) != min(step, size - offset):
                         raise SourceVanishedError("the file shrank while it was sent")
                     if whole is not None:
-                        await asyncio.to_thread(whole.update, data)
+                        await to_thread_joined(whole.update, data)
                     ctx.fence()
                     group.create_task(send(number, data))
                     del data
@@ -568,7 +569,8 @@ async def _read(fd: int, count: int, offset: int) -> bytes:
         data, _ = fastpath.read_cached(fd, count, offset)
         if len(data) == count:
             return bytes(data)
-    return await asyncio.to_thread(os.pread, fd, count, offset)
+    # to its end even when cancelled: the caller closes the descriptor next
+    return await to_thread_joined(os.pread, fd, count, offset)
 
 
 async def _sha256(data: bytes) -> bytes:
