@@ -97,8 +97,10 @@ async def test_a_migration_waits_for_every_node_of_an_older_version_to_stop(
 ) -> None:
     """With a node of the older version running, a newer version's open refuses to migrate
     (naming the node and its session) and leaves the schema as it is; a node of the newer
-    version running meanwhile does not hold it up. Once the older node has stopped, the
-    migration runs, and the row the older node planned keeps the name it gave it."""
+    version running meanwhile does not hold it up. While the older node's lease runs after
+    its session ended (killed, or cut off), it is still refused. Once the older node has
+    stopped, the migration runs, and the row the older node planned keeps the name it gave
+    it."""
     target = PostgresTarget(pg_url, PASSWORD_ENV)
     _schema_before_the_newest(pg_url)
     with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as conn:
@@ -108,10 +110,16 @@ async def test_a_migration_waits_for_every_node_of_an_older_version_to_stop(
             async with open_journal(target):
                 pass
         said = str(refused.value)
-        assert "older version" in said and "old-a" in said, said
+        assert "older version" in said and "lease runs: old-a" in said, said
         assert f"server pid {older.info.backend_pid}" in said, said
         assert _version(pg_url) == len(MIGRATIONS) - 1
         row_id, created = _plan_as_older_node(older, "late.txt")
+    # its session ended, its lease still runs: a node killed, or one cut off that may be back
+    with pytest.raises(JournalError, match="nodes whose lease runs: old-a"):
+        async with open_journal(target):
+            pass
+    with psycopg.connect(pg_url, password=PASSWORD, autocommit=True) as conn:  # as it stops
+        conn.execute("UPDATE nodes SET lease_until = now() - interval '1 millisecond'")
     with journal_lock(target, "new-b"):
         async with open_journal(target) as journal:
             assert _version(pg_url) == len(MIGRATIONS)

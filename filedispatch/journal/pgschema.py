@@ -283,30 +283,31 @@ async def _refuse_older(conn: Conn, version: int) -> None:
     """Refuse to migrate from ``version`` while a service of an older version runs on the
     journal: it would go on planning rows as the schema it opened says (naming their
     deliveries the old way, which a newer node resuming one would not), since it never reads
-    the schema version again. Under the migration lock, so a service that takes its lock
-    after this look reads its schema version after the migration, and is refused as too old
-    (``migrate``)."""
+    the schema version again. Such a service holds the journal's lock without the schema
+    lock of the newest version, or a lease that runs (no node of this version has one while
+    the schema is older: it migrates before it joins; a node killed keeps its lease until
+    it runs out). Under the migration lock, so a service that takes its lock after this look
+    reads its schema version after the migration, and is refused as too old (``migrate``)."""
     cur = await conn.execute(_OLDER_SERVICES.encode(), (SERVICE_LOCK, SCHEMA_LOCK, len(MIGRATIONS)))
-    older = await cur.fetchall()
-    if not older:
-        return
+    sessions = [
+        f"server pid {pid}" + (f" from {addr}" if addr else "") + (f" since {at}" if at else "")
+        for pid, addr, at in await cur.fetchall()
+    ]
     live: list[str] = []
     if version >= _NODES_FROM:
         cur = await conn.execute(_LIVE_NODES.encode())
         live = [str(name) for (name,) in await cur.fetchall()]
-    sessions = ", ".join(
-        f"server pid {pid}"
-        + (f" from {addr}" if addr else "")
-        + (f" since {since}" if since else "")
-        for pid, addr, since in older
-    )
-    nodes = f"; live nodes on record: {', '.join(live)}" if live else ""
+    if not sessions and not live:
+        return
+    found = [f"sessions holding its lock: {', '.join(sessions)}"] if sessions else []
+    found += [f"nodes whose lease runs: {', '.join(live)}"] if live else []
     raise JournalError(
         f"the journal's schema is to be upgraded from version {version} to "
-        f"{len(MIGRATIONS)}, and {len(older)} filedispatch service(s) of an older version "
-        f"run on it ({sessions}{nodes}): stop every node of the older version first (a node "
-        "of an older version goes on planning rows under the schema it opened, and a row "
-        "could be named two ways); the journal is left as it is"
+        f"{len(MIGRATIONS)}, but filedispatch of an older version still runs on it "
+        f"({'; '.join(found)}): stop every node of the older version first (such a node goes "
+        "on planning rows under the schema it opened, and a row could be named two ways; one "
+        "killed without stopping holds its lease until it runs out). The journal is left as "
+        "it is"
     )
 
 
