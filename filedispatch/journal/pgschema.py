@@ -217,9 +217,10 @@ MIGRATIONS: list[list[str]] = [
 
 
 #: the sessions of services running on the journal (holding its one-service lock,
-#: ``place.SERVICE_LOCK``) that do not hold the schema lock of version ``{p}`` beside it
-#: (``place.SCHEMA_LOCK``): services whose code knows an older schema, or predates that lock.
-#: Their server pid, address and start (NULL where the role may not see another's session)
+#: ``locks.SERVICE_LOCK``, the first parameter) without the schema lock (``locks.SCHEMA_LOCK``,
+#: the second) of the version migrated to (the third) beside it: services whose code knows
+#: an older schema, or predates that lock. Their server pid, address and start (NULL where
+#: the role may not see another's session)
 _OLDER_SERVICES = """
     SELECT l.pid, host(a.client_addr), to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
     FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
