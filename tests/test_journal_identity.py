@@ -690,3 +690,29 @@ def test_a_row_in_flight_when_its_journal_moves_to_another_machine_keeps_its_nam
     assert stored == [hashlib.sha256(data).hexdigest()], (
         f"a.csv stored {len(stored)} times: the resumed row's key was new:\n{result.stderr}"
     )
+
+
+async def test_a_postgres_row_reads_back_the_microsecond_its_name_carries(pg_url: str) -> None:
+    """A row's delivery name carries its planned time in whole microseconds: the inline lane
+    names its first attempt from the time it planned with, every later attempt (a resume, or
+    another node) from ``created`` read back. A server that gives floats as text with 15
+    significant digits (PostgreSQL 11 by default; any version where a role or database sets
+    ``extra_float_digits = 0``) read 1796212235.9022577 back as 1796212235.90226: the resumed
+    row was named with another microsecond, a second delivery to a receiver that drops
+    repeats. Read back through the writer's connection (a claim) and the pool's (a read)."""
+    import psycopg
+
+    from . import pgcluster
+
+    name = pg_url.rpartition("/")[2]
+    with psycopg.connect(pg_url, password=pgcluster.PASSWORD, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" SET extra_float_digits = 0')
+    planned = 1796212235.9022577  # 15 significant digits lose its last microseconds
+    version = FileVersion("in", Path("/in"), "a.csv", 1, 1, ino=1, ctime_ns=1)
+    async with open_journal(PostgresTarget(pg_url, pgcluster.PASSWORD_ENV)) as journal:
+        await journal.plan([PlannedStep(version, "r", 0, "k0", "/dest/0", "file")], planned)
+        [[claimed]] = await journal.claim(10, planned + 1)
+        [read] = await journal.recent(10)
+    wanted = round(planned * 1_000_000)
+    assert round(claimed.created * 1_000_000) == wanted, claimed.created
+    assert round(read.created * 1_000_000) == wanted, read.created

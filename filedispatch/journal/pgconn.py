@@ -65,23 +65,36 @@ async def connect(target: PostgresTarget, resolver: Executor | None = None) -> C
     is handed the addresses."""
     info = conninfo(target)
     if resolver is None:
-        return await psycopg.AsyncConnection.connect(info, autocommit=True)
+        return await exact_floats(await psycopg.AsyncConnection.connect(info, autocommit=True))
     loop = asyncio.get_running_loop()
     params = psycopg.conninfo.conninfo_to_dict(info)
     attempts = await loop.run_in_executor(resolver, psycopg.conninfo.conninfo_attempts, params)
     failed: psycopg.OperationalError | None = None
     for attempt in attempts:
         try:
-            return await psycopg.AsyncConnection.connect(
+            conn = await psycopg.AsyncConnection.connect(
                 psycopg.conninfo.make_conninfo("", **attempt), autocommit=True
             )
+            return await exact_floats(conn)
         except psycopg.OperationalError as exc:
             failed = exc
     raise failed or psycopg.OperationalError(f"no address to connect to {target.shown}")
 
 
+async def exact_floats(conn: Conn) -> Conn:
+    """``conn``, its floats given as text exact to the last bit: a row's ``created`` names
+    its delivery in whole microseconds (``StepContext.planned``), so it must read back as it
+    was written, on every node. PostgreSQL 11 gives 15 significant digits by default (a
+    time of day to 10 microseconds), and a role or database may set ``extra_float_digits``
+    to 0 on any version; 3 gives 17 digits on 11, the shortest exact text from 12 on."""
+    await conn.execute("SELECT set_config('extra_float_digits', '3', false)")
+    return conn
+
+
 async def configure(conn: Conn) -> None:
-    """Each pooled connection counts local days in this process's time zone."""
+    """Each pooled connection reads floats exactly (``exact_floats``) and counts local days in
+    this process's time zone."""
+    await exact_floats(conn)
     zone = local_zone()
     if zone:
         with contextlib.suppress(psycopg.Error):

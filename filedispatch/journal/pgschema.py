@@ -6,10 +6,13 @@ or rewrites a row outside a migration.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 
 from ..errors import JournalError
 from . import identity, retention, uploads
+from .locks import SCHEMA_LOCK, SERVICE_LOCK
 from .pgconn import Conn
 from .sqlite_schema import IDENTITY_PLACE, IDENTITY_TABLE
 
@@ -213,9 +216,43 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+#: the sessions of services running on the journal (holding its one-service lock,
+#: ``locks.SERVICE_LOCK``, the first parameter) without the schema lock (``locks.SCHEMA_LOCK``,
+#: the second) of the version migrated to (the third) beside it: services whose code knows
+#: an older schema, or predates that lock. Their server pid, address and start (NULL where
+#: the role may not see another's session)
+_OLDER_SERVICES = """
+    SELECT l.pid, host(a.client_addr), to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ')
+    FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.classid = 0 AND l.objid = %s::oid
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND NOT EXISTS (
+        SELECT 1 FROM pg_locks v
+        WHERE v.pid = l.pid AND v.locktype = 'advisory' AND v.granted AND v.objsubid = 2
+          AND v.classid = %s::oid AND v.objid = %s::oid AND v.database = l.database)
+    ORDER BY l.pid"""
+#: the names of the nodes whose lease runs, from schema version ``_NODES_FROM`` on
+_LIVE_NODES = "SELECT name FROM nodes WHERE lease_until > now() ORDER BY name"
+_NODES_FROM = 4
+#: the journal's schema version (0: none yet)
+_VERSION = (
+    "SELECT CASE WHEN to_regclass('filedispatch_schema') IS NULL THEN 0 "
+    "ELSE (SELECT COALESCE(MAX(version), 0) FROM filedispatch_schema) END"
+)
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The journal's schema version, on a connection of ``place`` (not the journal's)."""
+    row = conn.execute(_VERSION).fetchone()
+    return int(row[0]) if row else 0
+
+
 async def migrate(conn: Conn) -> None:
     """Bring the schema to the newest version, one numbered migration per transaction; two
-    services starting at once take turns (an advisory lock)."""
+    services starting at once take turns (an advisory lock). Raises JournalError, the
+    journal left as it is, while a service of an older version runs on it (``_refuse_older``).
+    """
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute(
@@ -237,9 +274,42 @@ async def migrate(conn: Conn) -> None:
             row = await cur.fetchone()
             if row is not None and int(row[0]) > version:
                 continue  # another service migrated meanwhile
+            await _refuse_older(conn, version)
             for sql in MIGRATIONS[version]:
                 await conn.execute(sql.encode())
             await conn.execute("UPDATE filedispatch_schema SET version = %s", (version + 1,))
+
+
+async def _refuse_older(conn: Conn, version: int) -> None:
+    """Refuse to migrate from ``version`` while a service of an older version runs on the
+    journal: it would go on planning rows as the schema it opened says (naming their
+    deliveries the old way, which a newer node resuming one would not), since it never reads
+    the schema version again. Such a service holds the journal's lock without the schema
+    lock of the newest version, or a lease that runs (no node of this version has one while
+    the schema is older: it migrates before it joins; a node killed keeps its lease until
+    it runs out). Under the migration lock, so a service that takes its lock after this look
+    reads its schema version after the migration, and is refused as too old (``migrate``)."""
+    cur = await conn.execute(_OLDER_SERVICES.encode(), (SERVICE_LOCK, SCHEMA_LOCK, len(MIGRATIONS)))
+    sessions = [
+        f"server pid {pid}" + (f" from {addr}" if addr else "") + (f" since {at}" if at else "")
+        for pid, addr, at in await cur.fetchall()
+    ]
+    live: list[str] = []
+    if version >= _NODES_FROM:
+        cur = await conn.execute(_LIVE_NODES.encode())
+        live = [str(name) for (name,) in await cur.fetchall()]
+    if not sessions and not live:
+        return
+    found = [f"sessions holding its lock: {', '.join(sessions)}"] if sessions else []
+    found += [f"nodes whose lease runs: {', '.join(live)}"] if live else []
+    raise JournalError(
+        f"the journal's schema is to be upgraded from version {version} to "
+        f"{len(MIGRATIONS)}, but filedispatch of an older version still runs on it "
+        f"({'; '.join(found)}): stop every node of the older version first (such a node goes "
+        "on planning rows under the schema it opened, and a row could be named two ways; one "
+        "killed without stopping holds its lease until it runs out). The journal is left as "
+        "it is"
+    )
 
 
 async def journal_token(conn: Conn) -> tuple[str, str | None, identity.Names]:

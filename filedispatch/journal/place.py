@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JournalError, JournalUnavailableError, ServiceError
 from .backends import needs_psycopg, when_ready
 from .base import default_path
+from .locks import SCHEMA_LOCK, SERVICE_LOCK, flocked, open_lock_file
 from .target import Database, PostgresTarget
 
 if TYPE_CHECKING:
@@ -72,8 +72,6 @@ def journal_lock(database: Database, node: str | None = None) -> Iterator[None]:
             yield
 
 
-#: any number: the key of the one-service lock in a PostgreSQL database
-_SERVICE_LOCK = 0x66645F73
 #: the seed of a node name's lock key (the name's 64-bit hash)
 _NODE_LOCK = 0x66645F6E
 
@@ -239,11 +237,23 @@ def _database_lock(target: PostgresTarget, node: str | None) -> Iterator[None]:
 
 
 def _take(conn: Any, target: PostgresTarget, node: str | None, again: bool = False) -> None:
-    """Take the locks on ``conn``; ServiceError when another process holds one."""
+    """Take the locks on ``conn``; ServiceError when another process holds one, or when the
+    journal was upgraded to a schema this code does not know while its lock was lost
+    (``again``)."""
+    from .pgschema import MIGRATIONS, schema_version  # psycopg is there: ``conn`` is its
+
+    # first, so that a session holding the one-service lock without it is an older version's
+    conn.execute("SELECT pg_advisory_lock_shared(%s, %s)", (SCHEMA_LOCK, len(MIGRATIONS)))
+    if again and (found := schema_version(conn)) > len(MIGRATIONS):
+        raise ServiceError(
+            f"the journal {target.shown} was upgraded to schema version {found} by a newer "
+            f"filedispatch while this one's lock was lost (this one knows {len(MIGRATIONS)}): "
+            "this one stops; upgrade it"
+        )
     if node is None:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (_SERVICE_LOCK,)).fetchone()
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SERVICE_LOCK,)).fetchone()
     else:
-        row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (_SERVICE_LOCK,)).fetchone()
+        row = conn.execute("SELECT pg_try_advisory_lock_shared(%s)", (SERVICE_LOCK,)).fetchone()
     if not row or not row[0]:
         raise ServiceError(
             f"another filedispatch is {'now ' if again else 'already '}running on the journal "
@@ -272,26 +282,15 @@ def _take(conn: Any, target: PostgresTarget, node: str | None, again: bool = Fal
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    lock_path = path.with_name(path.name + ".lock")
+    fd = open_lock_file(path, ServiceError)
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise ServiceError(
-            f"cannot create the journal's lock file {lock_path}: {exc.strerror or exc}"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ServiceError(
-                f"another filedispatch is already running on the journal {path}"
-            ) from None
-        try:  # the pid is for people; the lock alone keeps a second service out
+        if not flocked(fd):
+            raise ServiceError(f"another filedispatch is already running on the journal {path}")
+        try:  # for people, and for a migration in this process (``locks.migrating``)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:
-            log.warning("cannot write the pid into %s: %s", lock_path, exc.strerror or exc)
+            log.warning("cannot write the pid into %s.lock: %s", path, exc.strerror or exc)
         yield
     finally:
         os.close(fd)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import JournalError, JournalUnavailableError
 from . import identity, retention, uploads
+from .locks import migrating
 
 #: the one-row table that holds the journal's identity token, 8 lowercase hex characters
 IDENTITY_TABLE = "CREATE TABLE journal_identity (token TEXT NOT NULL)"
@@ -296,7 +297,7 @@ def connect_writer(path: Path) -> sqlite3.Connection:
         found = [" ".join(str(r[0]).split()) for r in conn.execute("PRAGMA quick_check(2)")]
         if found != ["ok"]:
             raise JournalError(_corrupted(path, "; ".join(found)))
-        _migrate(conn)
+        _migrate(conn, path)
     except BaseException:
         conn.close()
         raise
@@ -323,12 +324,19 @@ def open_error(exc: sqlite3.Error, path: Path) -> JournalError:
     return JournalError(f"cannot open the journal {path}: {why}")
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     current = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if current > len(MIGRATIONS):
         raise JournalError(
             f"the journal has schema version {current}, newer than this filedispatch knows"
         )
+    if current == len(MIGRATIONS):
+        return
+    with migrating(path):  # never under a service of an older version
+        _migrate_from(conn, int(conn.execute("PRAGMA user_version").fetchone()[0]))
+
+
+def _migrate_from(conn: sqlite3.Connection, current: int) -> None:
     for version in range(current, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
         try:
