@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import ServiceProcess, old, wait_until
+from .conftest import ServiceProcess, old, run_cli, wait_until
 from .servers import remote_config
 from .test_called_off import _OpenGate
 
@@ -93,3 +94,84 @@ def test_copies_into_many_subfolders_of_one_hung_mount_take_two_threads_at_most(
             svc.stop(60)
     assert stuck <= 2, f"{stuck} threads stuck in one hung mount, one per subfolder:\n{log[-3000:]}"
     assert refused in log, log[-3000:]
+
+
+def _moving_config(tmp_path: Path, done: Path, **top: object) -> Path:
+    """Source ``a`` (recursive) delivered to ``out``, then moved to ``done``: a file's own
+    subfolder there (a/s1/1.txt -> done/s1/1.txt)."""
+    inbox, out = tmp_path / "a", tmp_path / "out"
+    for folder in (inbox, out):
+        folder.mkdir()
+    source = {"path": str(inbox), "name": "a", "settle": 0.05, "recursive": True}
+    source.update({"after": "move", "done_dir": str(done)})
+    cfg = tmp_path / "config.yml"
+    settings = {
+        "database": str(tmp_path / "journal.db"),
+        "sources": [source],
+        "rules": [{"name": "all", "glob": "*", "to": [{"url": out.as_uri()}]}],
+        "api": {"enabled": False},
+        "monitor": {"enabled": False},
+        **top,
+    }
+    cfg.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    return cfg
+
+
+def test_a_move_stuck_in_a_hung_done_dir_marks_it_and_the_loop_never_works_there(
+    tmp_path: Path,
+) -> None:
+    """``done_dir`` is a mount that hangs (another filesystem: a move there is a copy). The
+    first delivered file's move sticks in its copy; having made no progress for
+    CALL_OFF_PATIENCE_S, it marks the folder hung (saying so). A second file, delivered
+    meanwhile, stays in its source folder, refused at once: nothing, not even the mkdir of
+    its subfolder done/s2, is asked of the hung mount, and never by the event loop.
+
+    Before (hung9, review finding A): a move was never marked stuck, so the second file's
+    after-action made done/s2 and looked for a free name there on the event loop (on a real
+    hung mount, a mkdir or lstat that never returns: the whole service frozen), then queued
+    behind the stuck move until the stop."""
+    done, inbox = tmp_path / "done", tmp_path / "a"
+    with _hung_mount(done) as gate:
+        svc = ServiceProcess(_moving_config(tmp_path, done))
+        try:
+            svc.start()
+            old(inbox / "s1" / "1.txt", b"one\n")
+            assert gate.held.wait(60), svc.log()  # the move's copy is stuck
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: "a move into it has made no progress" in svc.log(), 60)
+            old(inbox / "s2" / "2.txt", b"two\n")
+            wait_until(lambda: any((tmp_path / "out").rglob("2.txt")), 60)
+            stays = "2.txt stays where it is"
+            with contextlib.suppress(AssertionError):  # either is the answer
+                wait_until(lambda: stays in svc.log() or (done / "s2").exists(), 60)
+            made = (done / "s2").exists()
+            log = svc.log()
+        finally:
+            gate.release()
+            svc.stop(60)
+    assert not made, f"done/s2 was made in the hung mount, on the event loop:\n{log[-3000:]}"
+    assert stays in log, log[-3000:]
+    assert (inbox / "s2" / "2.txt").exists()
+
+
+def test_once_ends_beside_a_move_stuck_in_a_hung_done_dir(tmp_path: Path) -> None:
+    """``--once`` whose one file's move into a hung ``done_dir`` sticks: once the move is
+    known stuck (CALL_OFF_PATIENCE_S without progress) and ``shutdown_grace`` more has
+    passed, the run stops, calls the move off, says the file was not moved and exits with
+    status 1; the file was delivered and is still in its source folder (a later run moves
+    it).
+
+    Before (hung9, review finding MEDIUM): ``--once`` waited for every move without a
+    limit, so a cron run never ended while the mount hung."""
+    done, inbox = tmp_path / "done", tmp_path / "a"
+    with _hung_mount(done):
+        cfg = _moving_config(tmp_path, done, shutdown_grace=0.5)
+        old(inbox / "s1" / "1.txt", b"one\n")
+        try:
+            result = run_cli("-c", cfg, "--once", timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("--once never ended beside a move stuck in a hung done_dir")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "not moved (a done_dir or failed_dir hangs): 1" in result.stdout, result.stdout
+    assert (inbox / "s1" / "1.txt").read_bytes() == b"one\n"
+    assert (tmp_path / "out" / "s1" / "1.txt").read_bytes() == b"one\n"

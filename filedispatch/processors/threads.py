@@ -249,7 +249,7 @@ def _widened(where: str) -> str | None:
         return None
     hung = _HUNG.get(wide)
     if hung is None:
-        below = frozenset(m for m in mounts if _under(m, wide) and m != wide)
+        below = frozenset(m for m in mounts if _under(m, wide) and m != wide)  # mounts_below
         hung = _HUNG[wide] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S, wide=True, below=below)
         hung.stuck = f"calls into {len(others) + 1} of its folders have been stuck"
         log.error(
@@ -280,6 +280,11 @@ def _mount_points() -> list[str]:
         if len(fields) > 4:  # octal escapes: a space is \040
             points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
     return points
+
+
+def mounts_below(folder: str) -> list[str]:
+    """The mount points strictly below ``folder`` (other filesystems in it), by name."""
+    return [m for m in _mount_points() if _under(m, folder) and m != folder]
 
 
 def _under(path: str, folder: str) -> bool:
