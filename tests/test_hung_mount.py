@@ -175,3 +175,39 @@ def test_once_ends_beside_a_move_stuck_in_a_hung_done_dir(tmp_path: Path) -> Non
     assert "not moved (a done_dir or failed_dir hangs): 1" in result.stdout, result.stdout
     assert (inbox / "s1" / "1.txt").read_bytes() == b"one\n"
     assert (tmp_path / "out" / "s1" / "1.txt").read_bytes() == b"one\n"
+
+
+async def test_a_widened_mark_spares_the_mounts_below_it(tmp_path: Path) -> None:
+    """Calls stuck in two folders of one mount (``m/a``, ``m/b``) mark the mount ``m`` hung,
+    but not ``m/inner``, another filesystem mounted below it; the mark goes once both calls
+    have ended. Real mounts, read from /proc/self/mountinfo."""
+    import asyncio
+
+    from filedispatch.errors import NetworkError
+    from filedispatch.processors import threads
+
+    m = tmp_path / "m"
+    with contextlib.ExitStack() as stack:
+        for folder in (m, m / "inner"):
+            folder.mkdir()
+            made = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if made.returncode != 0:
+                pytest.skip(f"mount: {made.stderr.strip()}")
+            stack.callback(subprocess.run, ["umount", "-l", str(folder)], check=False)
+        loop = asyncio.get_running_loop()
+        first, second = loop.create_future(), loop.create_future()
+        threads.mark_stuck(str(m / "a"), first, "stuck (test)")
+        assert threads.hung_above(str(m / "c")) is None  # one folder: only itself
+        threads.mark_stuck(str(m / "b"), second, "stuck (test)")
+        with pytest.raises(NetworkError, match="of its folders have been stuck"):
+            threads.refuse_if_hung(str(m / "c" / "d"))
+        assert threads.hung_above(str(m / "inner" / "x")) is None
+        first.set_result(None)
+        second.set_result(None)
+        await asyncio.sleep(0)  # the futures' callbacks run
+        assert threads.hung_above(str(m / "c")) is None
