@@ -24,9 +24,8 @@ from .test_called_off import _OpenGate
 
 
 @contextlib.contextmanager
-def _hung_mount(folder: Path) -> Iterator[_OpenGate]:
-    """``folder``, a new tmpfs mount whose every open (of a file anywhere in it) waits at
-    the gate it yields; on the way out the gate opens and the mount goes."""
+def _mounted(folder: Path) -> Iterator[None]:
+    """``folder``, made, a new tmpfs mount while inside (skipped where none can be made)."""
     folder.mkdir()
     made = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
@@ -37,6 +36,16 @@ def _hung_mount(folder: Path) -> Iterator[_OpenGate]:
     if made.returncode != 0:
         pytest.skip(f"mount: {made.stderr.strip()}")
     try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@contextlib.contextmanager
+def _hung_mount(folder: Path) -> Iterator[_OpenGate]:
+    """``folder``, a new tmpfs mount whose every open (of a file anywhere in it) waits at
+    the gate it yields; on the way out the gate opens and the mount goes."""
+    with _mounted(folder):
         gate = _OpenGate(folder)
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -49,8 +58,6 @@ def _hung_mount(folder: Path) -> Iterator[_OpenGate]:
             yield gate
         finally:
             gate.close()
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _stuck(gate: _OpenGate) -> int:
@@ -189,16 +196,7 @@ async def test_a_widened_mark_spares_the_mounts_below_it(tmp_path: Path) -> None
     m = tmp_path / "m"
     with contextlib.ExitStack() as stack:
         for folder in (m, m / "inner"):
-            folder.mkdir()
-            made = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if made.returncode != 0:
-                pytest.skip(f"mount: {made.stderr.strip()}")
-            stack.callback(subprocess.run, ["umount", "-l", str(folder)], check=False)
+            stack.enter_context(_mounted(folder))
         loop = asyncio.get_running_loop()
         first, second = loop.create_future(), loop.create_future()
         threads.mark_stuck(str(m / "a"), first, "stuck (test)")
