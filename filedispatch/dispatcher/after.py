@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import fastpath, relocate, sourcefile
-from ..asyncutil import CalledOff, settle, thread_to_its_end
+from ..asyncutil import CalledOff, thread_to_its_end
 from ..config import SourceConfig, Step
 from ..errors import NetworkError
 from ..fate import Fate, fate
@@ -60,6 +60,9 @@ class AfterActions:
         #: into the folder is renamed inline: a rename there was seen to work (one filesystem),
         #: and no mount lies below the folder. Looked at again every INLINE_FOR_S
         self._inline: dict[tuple[Path, Path], float] = {}
+        #: the same, for a folder where a rename was seen to fail (another filesystem): its
+        #: moves copy at once, without a rename tried first
+        self._copies: dict[tuple[Path, Path], float] = {}
 
     def fate_of(
         self,
@@ -134,18 +137,28 @@ class AfterActions:
             threads.refuse_if_hung(str(target.parent))
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
             move = _Move(path, target, unchanged, source.path)
-            if self._inline.get((folder, source.path), 0.0) > time.monotonic():
-                try:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    relocate.rename_free(path, target)
-                    return
-                except fastpath.RenameUnavailable:
-                    del self._inline[(folder, source.path)]
-            self._queue(folder, move)
+            if not self._renamed_inline(folder, move):
+                self._queue(folder, move)
         except NetworkError as exc:
             self._stays(path, exc)
         except OSError as exc:
             log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
+
+    def _renamed_inline(self, folder: Path, move: _Move, look: bool = False) -> bool:
+        """``move`` made on the loop, if a rename into ``folder`` was seen to work lately
+        (``_inline``); whether it was. ``look``: first see that the source is still the file
+        delivered (``act`` has just seen it; a move that waited in a lane has not). Raises
+        OSError as ``rename_free`` does."""
+        key = (folder, move.source)
+        if self._inline.get(key, 0.0) <= time.monotonic() or (look and not _still(move)):
+            return False
+        try:
+            move.target.parent.mkdir(parents=True, exist_ok=True)
+            relocate.rename_free(move.path, move.target)
+            return True
+        except fastpath.RenameUnavailable:
+            del self._inline[key]
+            return False
 
     def _stays(self, path: Path, why: Exception) -> None:
         """``path`` is not moved now (its folder hangs); a later scan moves it."""
@@ -172,7 +185,8 @@ class AfterActions:
                 move = lane.running = lane.waiting.popleft()
                 try:
                     threads.refuse_if_hung(str(move.target.parent))
-                    await self._one(folder, lane, move)
+                    if not self._renamed_inline(folder, move, look=True):
+                        await self._one(folder, lane, move)
                 except NetworkError as exc:
                     self._stays(move.path, exc)
                 except Exception as exc:  # said here: nobody awaits this task
@@ -189,8 +203,10 @@ class AfterActions:
         ``folder`` hung (``threads.mark_stuck``; not called off: it may yet end) while it
         lasts; the moves waiting behind it stay where they are."""
         loop = asyncio.get_running_loop()
+        key = (folder, move.source)
+        rename = self._copies.get(key, 0.0) <= time.monotonic()
         off = threading.Event()
-        ended: asyncio.Future[None] = loop.create_future()  #: the thread's work has ended
+        ended = _Ended()
         progress: list[float | None] = [None]
 
         def check() -> None:
@@ -200,10 +216,9 @@ class AfterActions:
 
         def job() -> tuple[Path, bool] | None:
             try:
-                return _place(move, check)
+                return _place(move, check, rename)
             finally:
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    loop.call_soon_threadsafe(_finish, ended)
+                ended.end()
 
         said = (
             f"a move into it has made no progress for {CALL_OFF_PATIENCE_S:g}s (stuck in a "
@@ -214,27 +229,28 @@ class AfterActions:
         def stuck(fut: asyncio.Future[Any]) -> None:
             threads.mark_stuck(str(folder), fut, said, stuck=MOVE_STUCK)
 
-        task = asyncio.ensure_future(thread_to_its_end(off, job, CALL_OFF_PATIENCE_S, stuck))
+        def look() -> None:  # on the loop, every CALL_OFF_PATIENCE_S while the move runs
+            last, now = progress[0], time.monotonic()
+            if last is not None and now - last >= CALL_OFF_PATIENCE_S:
+                if threads.hung_above(str(folder)) is None and (fut := ended.future(loop)):
+                    stuck(fut)
+                while lane.waiting:
+                    self._stays(lane.waiting.popleft().path, NetworkError(said))
+                last = now  # looked at again a patience later
+            wait = CALL_OFF_PATIENCE_S if last is None else last + CALL_OFF_PATIENCE_S - now
+            timer[0] = loop.call_later(max(wait, 0.1), look)
+
+        timer = [loop.call_later(CALL_OFF_PATIENCE_S, look)]
         try:
-            while not task.done():
-                last = progress[0]
-                now = time.monotonic()
-                if last is not None and now - last >= CALL_OFF_PATIENCE_S:
-                    if threads.hung_above(str(folder)) is None:
-                        stuck(ended)
-                    while lane.waiting:
-                        self._stays(lane.waiting.popleft().path, NetworkError(said))
-                    last = now  # looked again a patience later
-                wait = CALL_OFF_PATIENCE_S if last is None else last + CALL_OFF_PATIENCE_S - now
-                await asyncio.wait([task], timeout=max(wait, 0.1))
-        except asyncio.CancelledError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await settle(task)  # thread_to_its_end: CALL_OFF_PATIENCE_S at most
-            raise
-        done = task.result()
-        if done is not None and done[1] and not threads.mounts_below(str(folder)):
-            self._inline[(folder, move.source)] = time.monotonic() + INLINE_FOR_S
+            done = await thread_to_its_end(off, job, CALL_OFF_PATIENCE_S, stuck)
+        finally:
+            timer[0].cancel()
+        if done is None:
+            return
+        if not done[1]:
+            self._copies[key] = time.monotonic() + INLINE_FOR_S
+        elif not threads.mounts_below(str(folder)):
+            self._inline[key] = time.monotonic() + INLINE_FOR_S
 
     async def moves_idle(self) -> None:
         """Wait until no move to a ``done_dir`` or ``failed_dir`` runs or waits, or until each
@@ -300,13 +316,18 @@ class _Lane:
     task: asyncio.Task[None] | None = None
 
 
-def _place(move: _Move, check: Callable[[], None]) -> tuple[Path, bool] | None:
+def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, bool] | None:
     """In a lane's thread: make ``move``'s folder and rename the file into it, or where no
-    rename can, copy it (``relocate.move_by_copy``). Returns where it went and whether by a
-    rename; None if the source is gone."""
+    rename can (or ``rename`` is false), copy it (``relocate.move_by_copy``, which sees the
+    source unchanged itself). Returns where it went and whether by a rename; None if the
+    source is gone."""
     check()
     move.target.parent.mkdir(parents=True, exist_ok=True)
     check()
+    if not rename:
+        return relocate.move_by_copy(
+            move.path, move.target, move.unchanged, check, any_free_name=True
+        ), False
     try:
         if not move.unchanged():
             raise OSError(f"{move.path} changed since it was dispatched; it stays (a new version)")
@@ -319,6 +340,43 @@ def _place(move: _Move, check: Callable[[], None]) -> tuple[Path, bool] | None:
             move.path, move.target, move.unchanged, check, any_free_name=True
         )
         return placed, False
+
+
+def _still(move: _Move) -> bool:
+    """Whether ``move``'s source is still the file delivered (a look on its own filesystem,
+    as ``act`` makes), before a move waiting in a lane is renamed inline."""
+    try:
+        return move.unchanged()
+    except OSError:
+        return False  # gone, or not to be seen: the thread's move says why
+
+
+class _Ended:
+    """Whether a lane thread's work has ended, as a future made only when one is asked for
+    (a stuck move's mark): none for a move that ends in time, which is nearly every one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ended = False
+        self._fut: asyncio.Future[None] | None = None
+
+    def end(self) -> None:
+        """Said by the thread as its work ends."""
+        with self._lock:
+            self._ended = True
+            fut = self._fut
+        if fut is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                fut.get_loop().call_soon_threadsafe(_finish, fut)
+
+    def future(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None] | None:
+        """A future done once the work has ended; None if it has already."""
+        with self._lock:
+            if self._ended:
+                return None
+            if self._fut is None:
+                self._fut = loop.create_future()
+            return self._fut
 
 
 def _finish(fut: asyncio.Future[None]) -> None:
