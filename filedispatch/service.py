@@ -389,7 +389,9 @@ class Service:
         finally:
             await self._shutdown(dispatch_stop, dispatch_task)
         lost = self.membership.name_lost is not None  # another live node took the name
-        return 1 if lost or (self.options.once and self.summary.failed) else 0
+        # --once: a delivered file not moved (its done_dir hangs) is one to look at too
+        unfinished = self.summary.failed or self.summary.unmoved
+        return 1 if lost or (self.options.once and unfinished) else 0
 
     async def _learning(self, stack: contextlib.AsyncExitStack) -> Learned:
         """The learned rules' models, trained (or loaded from beside the journal) before any

@@ -178,7 +178,8 @@ class Dispatcher:
 
     async def wait_idle(self) -> None:
         """Wait until nothing is due, queued, running or waiting for a retry, nor moving to a
-        ``done_dir`` or ``failed_dir`` (``--once``: its stop would call the moves off)."""
+        ``done_dir`` or ``failed_dir`` (``--once``: its stop would call the moves off), but a
+        move stuck in a hung folder only for a while (``AfterActions.moves_idle``)."""
         await self.feeder.wait_idle()
         await self.after.moves_idle()
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import cast
 
 from .. import fastpath
-from ..asyncutil import first_completed, settle
+from ..asyncutil import first_completed, in_daemon_thread, settle
 from ..config import SourceConfig, Step
 from ..errors import TransientDeliveryError
 from ..fate import renamed_by_delivery
 from ..journal import PlannedStep, StepResult
 from ..models import Dispatch, FileVersion, Outcome, Status
 from ..processors import BatchCopier, Mover, MoveUnavailable, StepContext
+from ..processors.threads import CALL_OFF_PATIENCE_S
 from ..router import Chain
 from .after import AfterActions
 from .outcomes import Outcomes, as_delivery_error, report_write
@@ -55,6 +56,15 @@ class Lane:
     move: bool  #: renamed inline (Mover), else copied in a batch (BatchCopier)
 
 
+def _key(source: SourceConfig, chains: list[Chain]) -> tuple[str, str] | None:
+    """The key of the lane a new file of ``source`` routed through ``chains`` may take, or
+    None where none can: a shared source's files are queued, for whichever node is free, and
+    a label is recorded by plan(), which the lanes do not use."""
+    if not fastpath.INLINE_LANES or len(chains) != 1 or source.shared:
+        return None
+    return None if chains[0].label is not None else (source.key, chains[0].rule)
+
+
 #: a file on an inline lane: its version, its rule's chain, the lane
 Item = tuple[FileVersion, Chain, Lane]
 #: an inline delivery's outcome: version, result, source already gone (renamed), its step
@@ -79,35 +89,46 @@ class InlineLanes:
         """Forget the lanes chosen (the configuration changed)."""
         self._lanes.clear()
 
+    async def prepare(self, source: SourceConfig, routes: list[list[Chain]]) -> None:
+        """Find the lanes of ``source``'s rules among ``routes`` not looked at yet (``lane``
+        then only reads what was found)."""
+        for chains in routes:
+            key = _key(source, chains)
+            if key is not None and key not in self._lanes:
+                self._lanes[key] = await self._find(source, chains[0].steps)
+
     def lane(self, source: SourceConfig, chains: list[Chain], version: FileVersion) -> Lane | None:
-        """How a new file skips the queue and the workers, if it can."""
-        if not fastpath.INLINE_LANES or len(chains) != 1 or source.shared:
-            return None  # a shared source's files are queued, for whichever node is free
-        if chains[0].label is not None:
-            return None  # a label is recorded by plan(), which the lanes do not use
-        if not self.state.may_start() or source.key in self.state.stopped_sources:
+        """How a new file skips the queue and the workers, if it can (as ``prepare`` found)."""
+        key = _key(source, chains)
+        if key is None or not self.state.may_start() or source.key in self.state.stopped_sources:
             return None
-        key = (source.key, chains[0].rule)
-        if key in self._lanes:
-            lane = self._lanes[key]
-        else:
-            lane = self._lanes[key] = self._find(source, chains[0].steps)
+        lane = self._lanes.get(key)
         if lane is None or (not lane.move and version.size > COPY_MAX_SIZE):
             return None
         sem = self.state.semaphore(lane.step)
         return None if sem is not None and sem.locked() else lane
 
-    def _find(self, source: SourceConfig, steps: tuple[Step, ...]) -> Lane | None:
+    async def _find(self, source: SourceConfig, steps: tuple[Step, ...]) -> Lane | None:
         if len(steps) != 1 or source.stop_on_error:  # stop_on_error: strictly in order
             return None
         step = steps[0]
         processor = self.state.registry.get(step)
-        if (
-            renamed_by_delivery(source, steps)
-            and isinstance(processor, Mover)
-            and processor.can_move_from(source.path)
-        ):
-            return Lane(step, processor, move=True)
+        if renamed_by_delivery(source, steps) and isinstance(processor, Mover):
+            # a mkdir and two stats, one of them in the destination: in a thread, never the
+            # loop (a destination on a mount that hangs), and given CALL_OFF_PATIENCE_S
+            look = in_daemon_thread(processor.can_move_from, source.path)
+            try:
+                if await asyncio.wait_for(asyncio.shield(look), CALL_OFF_PATIENCE_S):
+                    return Lane(step, processor, move=True)
+            except TimeoutError:
+                look.add_done_callback(lambda f: f.cancelled() or f.exception())
+                log.warning(
+                    "%s: looking whether its files can be renamed into their destination has not "
+                    "ended in %gs (a hung disk or mount?); they go through the workers",
+                    source.key,
+                    CALL_OFF_PATIENCE_S,
+                )
+                return None
         if isinstance(processor, BatchCopier):
             return Lane(step, processor, move=False)
         return None

@@ -79,6 +79,7 @@ class Planner:
         moves: list[Item] = []
         copies: list[Item] = []
         unmatched = 0
+        await self.lanes.prepare(source, routes)
         for version, chains in zip(versions, routes, strict=True):
             if not chains:
                 unmatched += 1

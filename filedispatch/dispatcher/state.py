@@ -47,6 +47,9 @@ class RunSummary:
     unmatched: int = 0  #: files no rule takes
     failed: int = 0  #: versions with a destination FAILED for good in this run
     skipped: int = 0  #: not offered because of --max-items
+    #: delivered files left in their source folder, not moved: their done_dir or failed_dir
+    #: hangs, or the stop called the move off (a later scan or start moves them)
+    unmoved: int = 0
 
 
 class DispatchState:

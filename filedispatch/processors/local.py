@@ -41,7 +41,7 @@ from .common import (
     translate_os_error,
     unlink_quietly,
 )
-from .threads import CopyThreads
+from .threads import CopyThreads, mounts_below
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -281,12 +281,16 @@ class LocalProcessor:
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
     def can_move_from(self, folder: Path) -> bool:
-        """Whether files of ``folder`` can be renamed into this destination (one filesystem)."""
+        """Whether files of ``folder`` can be renamed into this destination: one filesystem,
+        and none other mounted below the destination (a rename runs on the event loop, which
+        must never wait on another mount, one that may hang). Asked in a thread."""
         try:
             self._mkdirs(self.root)
-            return os.stat(folder).st_dev == os.stat(self.root).st_dev
+            if os.stat(folder).st_dev != os.stat(self.root).st_dev:
+                return False
         except (OSError, DeliveryError):
             return False
+        return not mounts_below(str(self.root))
 
     def move_now(self, ctx: StepContext) -> Outcome:
         """Rename the source into place, inline: the delivery and the source's removal are one

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,13 +49,23 @@ class _Hung:
     threads: set[asyncio.Future[Any]] = field(default_factory=set)
     stuck: str = "a copy into it has been stuck in a system call"
     ended: str = "the stuck copies have ended"
+    #: a start-up sweep's mark (``sweeping``): not a call stuck in the mount (``_widened``)
+    sweep: bool = False
+    #: a mark widened to the folder that stuck calls of one filesystem share (``_widened``)
+    wide: bool = False
+    #: mount points below a widened mark: other filesystems, not refused with it
+    below: frozenset[str] = frozenset()
 
 
-#: folder -> the calls stuck in it (a copy, a resume's look), keyed by the folder the call was
-#: working in, not the destination's root: one hung mount below a destination (``name:
-#: {relpath}``, a mount per site) stops only what is written there. While a folder, or a
-#: folder above it, has one, no new call into it starts: each would take one more thread,
-#: stuck too, for as long as the mount hangs. One for the process, as ``_STUCK`` is
+#: folder -> the calls stuck in it (a copy, a resume's look, a move), keyed by the folder the
+#: call was working in, not the destination's root: one hung mount below a destination
+#: (``name: {relpath}``, a mount per site) stops only what is written there. A second folder
+#: of the same filesystem with a stuck call widens the mark to the folder both are in (at
+#: most its mount point: ``_widened``): a mount hangs as a whole, and marks kept per folder
+#: would let each new subfolder (a per-file ``{relpath}``) take one more stuck thread. While a
+#: folder, or a folder above it, has one, no new call into it starts: each would take one
+#: more thread, stuck too, for as long as the mount hangs. One for the process, as
+#: ``_STUCK`` is
 _HUNG: dict[str, _Hung] = {}
 
 #: the folder each copy thread is working in (``CopyThreads.entering``), told to ``stuck``
@@ -67,10 +78,12 @@ def hung_above(folder: str) -> tuple[str, _Hung] | None:
     if not _HUNG:
         return None
     at = folder.rstrip("/") or "/"
+    passed: list[str] = []  #: the folders below ``at`` on the way up
     while True:
         hung = _HUNG.get(at)
-        if hung is not None:
+        if hung is not None and not (hung.below and any(p in hung.below for p in passed)):
             return at, hung
+        passed.append(at)
         up = os.path.dirname(at)
         if up == at:
             return None
@@ -102,6 +115,7 @@ def sweeping(folder: str, sweep: asyncio.Future[Any]) -> None:
             time.monotonic(),
             stuck="its start-up sweep of temporary files has been running",
             ended="the start-up sweep of temporary files has returned",
+            sweep=True,
         )
     hung.threads.add(sweep)
     sweep.add_done_callback(functools.partial(_ended, folder, []))
@@ -175,23 +189,112 @@ class CopyThreads:
                 _PLACE.place = None
 
         def stuck(fut: asyncio.Future[Any]) -> None:
-            where = place[0]
-            hung = _HUNG.get(where)
-            if hung is None:  # said once per hang of the folder, not once per file
-                hung = _HUNG[where] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S)
-                log.error(
-                    "%s: a copy called off %gs ago has not ended (stuck in a system call: a "
-                    "hung disk or mount?); its file(s) are tried again once it has, and no "
-                    "new copy starts in this folder until then",
-                    where,
-                    CALL_OFF_PATIENCE_S,
-                )
-            hung.threads.add(fut)
-            for i in ids:
-                _STUCK[i] = fut
-            fut.add_done_callback(functools.partial(_ended, where, ids))
+            said = (
+                f"a copy called off {CALL_OFF_PATIENCE_S:g}s ago has not ended (stuck in a "
+                "system call: a hung disk or mount?); its file(s) are tried again once it has, "
+                "and no new copy starts in this folder until then"
+            )
+            mark_stuck(place[0], fut, said, ids)
 
         return await thread_to_its_end(off, job, CALL_OFF_PATIENCE_S, stuck)
+
+
+def mark_stuck(
+    where: str,
+    fut: asyncio.Future[Any],
+    said: str,
+    ids: list[int] | None = None,
+    stuck: str = _Hung.stuck,
+) -> None:
+    """A call working in ``where`` is stuck in a system call; ``fut`` is done once its
+    thread has ended. Until then ``where`` is hung (``refuse_if_hung``), and so, when another
+    folder of its filesystem has a stuck call too, is the folder both are in (``_widened``);
+    ``ids``' rows wait for it (``CopyThreads.check``). ``said`` is logged once per hang of the
+    folder; ``stuck`` is what a refusal says is stuck there."""
+    wide = _widened(where)
+    for key, text in ((where, said), (wide, None)):
+        if key is None:
+            continue
+        hung = _HUNG.get(key)
+        if hung is None:  # said once per hang of the folder, not once per file
+            hung = _HUNG[key] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S, stuck=stuck)
+            if text is not None:
+                log.error("%s: %s", key, text)
+        if fut not in hung.threads:
+            hung.threads.add(fut)
+            fut.add_done_callback(functools.partial(_ended, key, ids or []))
+    for i in ids or []:
+        _STUCK[i] = fut
+
+
+def _widened(where: str) -> str | None:
+    """Where a stuck call in ``where`` shows a whole filesystem to hang: when another folder
+    of the same mount (``/proc/self/mountinfo``, by path: nothing is asked of the mount) has
+    a stuck call too, the folder both are in, or the mount point if that is lower; marked
+    too, with those folders' stuck calls, and the mounts below it left out (``_Hung.below``).
+    None while ``where`` is the only one, or where the folder both are in is ``/`` (paths
+    through a symbolic link can look like one mount; a whole root is never refused)."""
+    mounts = _mount_points()
+    mount = _mount_of(where, mounts)
+    others = [
+        key
+        for key, hung in _HUNG.items()
+        if key != where and not (hung.sweep or hung.wide) and _mount_of(key, mounts) == mount
+    ]
+    if not others:
+        return None
+    shared = os.path.commonpath([where, *others])
+    wide = shared if len(shared) > len(mount) else mount
+    if wide == "/":
+        return None
+    hung = _HUNG.get(wide)
+    if hung is None:
+        below = frozenset(m for m in mounts if _under(m, wide) and m != wide)  # mounts_below
+        hung = _HUNG[wide] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S, wide=True, below=below)
+        hung.stuck = f"calls into {len(others) + 1} of its folders have been stuck"
+        log.error(
+            "%s: calls into %s and %s are stuck (one filesystem: the mount hangs?); nothing new "
+            "starts anywhere in %s until they have ended",
+            wide,
+            where,
+            ", ".join(others),
+            wide,
+        )
+    for key in others:
+        for fut in _HUNG[key].threads - hung.threads:
+            hung.threads.add(fut)
+            fut.add_done_callback(functools.partial(_ended, wide, []))
+    return wide
+
+
+def _mount_points() -> list[str]:
+    """The mount points this process sees (``/proc/self/mountinfo``; none where unreadable)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    points = []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) > 4:  # octal escapes: a space is \040
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]))
+    return points
+
+
+def mounts_below(folder: str) -> list[str]:
+    """The mount points strictly below ``folder`` (other filesystems in it), by name."""
+    return [m for m in _mount_points() if _under(m, folder) and m != folder]
+
+
+def _under(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it (by name)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _mount_of(path: str, mounts: list[str]) -> str:
+    """The mount point ``path`` is on, by name: the longest of ``mounts`` above it."""
+    return max((m for m in mounts if _under(path, m)), key=len, default="/")
 
 
 def _ended(where: str, ids: list[int], fut: asyncio.Future[Any]) -> None:
