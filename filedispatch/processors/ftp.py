@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import ssl
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
@@ -20,7 +19,7 @@ import aioftp
 
 from ..config import FtpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
-from . import Resources, StepContext
+from . import Resources, StepContext, inputs
 from .remote import CHUNK, RemoteProcessor, copy_to
 
 log = logging.getLogger(__name__)
@@ -160,8 +159,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
     async def upload(
         self,
         conn: aioftp.Client,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
@@ -172,7 +170,13 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         async with conn.upload_stream(path) as stream:
             try:
                 await copy_to(
-                    fd, st, stream.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
+                    source.fd,
+                    source.st,
+                    stream.write,
+                    digest=digest,
+                    throttle=ctx.throttle,
+                    fence=ctx.fence,
+                    whole=source.data,
                 )
             except OSError as exc:
                 # The server closed the data connection mid-file (a quota, a full disk): its

@@ -25,7 +25,7 @@ from ..errors import (
     TempNameTakenError,
     TransientDeliveryError,
 )
-from . import Resources, StepContext
+from . import Resources, StepContext, inputs
 from .remote import CHUNK, RemoteProcessor, copy_to
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,7 @@ class SftpProcessor(RemoteProcessor[Session]):
     async def upload(
         self,
         conn: Session,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
@@ -129,7 +128,13 @@ class SftpProcessor(RemoteProcessor[Session]):
         opened = await (self._create(conn, path) if fresh else conn.sftp.open(_raw(path), "wb"))
         async with opened as remote:
             await copy_to(
-                fd, st, remote.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
+                source.fd,
+                source.st,
+                remote.write,
+                digest=digest,
+                throttle=ctx.throttle,
+                fence=ctx.fence,
+                whole=source.data,
             )
 
     async def _create(self, conn: Session, path: PurePosixPath) -> asyncssh.SFTPClientFile:

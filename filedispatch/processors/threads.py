@@ -96,15 +96,23 @@ def sweeping(folder: str, sweep: asyncio.Future[Any]) -> None:
     destinations nor the stop. Until it has returned, ``folder`` is refused as a hung one is
     (``refuse_if_hung``): a copy there now could have its temporary file swept away, and
     were the folder hung, it would only add a stuck thread."""
+    stuck_in(
+        folder,
+        sweep,
+        stuck="its start-up sweep of temporary files has been running",
+        ended="the start-up sweep of temporary files has returned",
+    )
+
+
+def stuck_in(folder: str, call: asyncio.Future[Any], stuck: str, ended: str) -> None:
+    """``call`` (a call into ``folder`` in a daemon thread) may be stuck there: until it is
+    done, ``folder`` is refused as a hung one is (``refuse_if_hung``, which says ``stuck``;
+    the log says ``ended`` once every such call has returned)."""
     hung = _HUNG.get(folder)
     if hung is None:
-        hung = _HUNG[folder] = _Hung(
-            time.monotonic(),
-            stuck="its start-up sweep of temporary files has been running",
-            ended="the start-up sweep of temporary files has returned",
-        )
-    hung.threads.add(sweep)
-    sweep.add_done_callback(functools.partial(_ended, folder, []))
+        hung = _HUNG[folder] = _Hung(time.monotonic(), stuck=stuck, ended=ended)
+    hung.threads.add(call)
+    call.add_done_callback(functools.partial(_ended, folder, []))
 
 
 class CopyThreads:
