@@ -15,6 +15,7 @@ import signal
 from asyncio.subprocess import DEVNULL, PIPE
 
 from .. import sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import CommandStep, scrub, secrets_of
 from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
@@ -72,7 +73,7 @@ class CommandProcessor:
         # file or out of the source (the command may have read that instead).
         async with inputs.opened(ctx) as (fd, _, _):
             outcome = await self._run(ctx, fd)
-            sourcefile.recheck(ctx.version, ctx.input, "the command")
+            await in_daemon_thread(sourcefile.recheck, ctx.version, ctx.input, "the command")
         return outcome
 
     async def _run(self, ctx: StepContext, fd: int) -> Outcome:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import PythonStep, scrub, secrets_of
 from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -93,7 +94,7 @@ class PythonProcessor:
         async with inputs.opened(ctx):
             pass
         value = await self._call(target, args, kwargs)
-        sourcefile.recheck(ctx.version, ctx.input, "the callable")
+        await in_daemon_thread(sourcefile.recheck, ctx.version, ctx.input, "the callable")
         return self._outcome(ctx, value)
 
     async def _call(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:
