@@ -347,7 +347,7 @@ class SourceWatcher:
                 self.root,
                 len(kept),
             )
-        listing = await in_daemon_thread(lambda: Listing(self.entries.walk(skips=skips)))
+        listing, held = await in_daemon_thread(self._list, skips)
         self.scans += 1
         self._check_watch()
         now = time.time()
@@ -355,7 +355,7 @@ class SourceWatcher:
         ready: list[FileVersion] = []
         batch = FIRST_BATCH
         for mtime, rel, size, ino, ctime, dev in listing:
-            v = consider(rel, size, mtime, now, (ino, ctime, dev))
+            v = consider(rel, size, mtime, now, (ino, ctime, dev), rel in held)
             if v is not None:
                 ready.append(v)
                 if len(ready) >= batch:
@@ -365,14 +365,25 @@ class SourceWatcher:
         skips["unmatched"] += await self.batches.emit(ready)
         self.skipped = no_skips() | skips
 
+    def _list(self, skips: Counter[str]) -> tuple[Listing, set[str]]:
+        """The scan's walk, and the files a ``ready`` marker holds back. Runs in a thread."""
+        listing = Listing(self.entries.walk(skips=skips))
+        return listing, self.gates.held_by_marker(entry[1] for entry in listing)
+
+    def _walk(self, folder: Path) -> tuple[list[tuple[str, os.stat_result]], set[str]]:
+        """A folder moved in whole, walked, and the files a ``ready`` marker holds back. Runs
+        in a thread."""
+        found = list(self.entries.walk(folder))
+        return found, self.gates.held_by_marker(rel for rel, _ in found)
+
     async def _scan_tree(self, folder: Path) -> None:
-        found = await in_daemon_thread(lambda: list(self.entries.walk(folder)))
+        found, held = await in_daemon_thread(self._walk, folder)
         now = time.time()
         consider = self.gates.consider
         await self.batches.emit(
             [
                 v
                 for rel, st in found
-                if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st)))
+                if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st), rel in held))
             ]
         )
