@@ -1,7 +1,8 @@
 """A source file whose open or read never returns (a hung network mount, an on-access
 scanner holding it), delivered by an upload (HTTP, SFTP): the other source's files still go,
-the step's ``timeout`` ends the attempt and says so in its row, and a stop (SIGTERM) ends the
-process while the source still hangs.
+the step's ``timeout`` ends the attempt and says so in its row, its retries add no thread
+stuck beside the first (the folder is refused while that call hangs), and a stop (SIGTERM)
+ends the process while the source still hangs.
 
 The hang is the kernel's own: fanotify permission events hold each open (or each read) of
 the source folder's files (``test_called_off._OpenGate``; needs root, else skipped).
@@ -66,11 +67,12 @@ def _sftp(tmp_path: Path) -> Iterator[tuple[dict[str, Any], Callable[[str], bool
 
 def _served_beside_a_hung_source(
     tmp_path: Path, transport: str, size: int, reads: bool, **env: str
-) -> tuple[bool, str, bool, str]:
+) -> tuple[bool, str, bool, int, str]:
     """Sources ``hung`` (a.bin, ``size`` bytes, its opens, or with ``reads`` its reads, held)
     and ``fine``, both uploaded by ``transport`` with ``timeout: 2``; once the upload of
     a.bin waits at the gate, b.txt is put in ``fine``. Whether b.txt arrived, a.bin's row's
-    error once it has one, whether SIGTERM then ended the process, and the log. ``env``: for
+    error once it has one, whether SIGTERM then ended the process, how many calls were
+    held at the gate (each one a stuck thread) once a.bin had been tried again, and the log. ``env``: for
     the service's environment."""
     hung, fine = tmp_path / "hung", tmp_path / "fine"
     for folder in (hung, fine):
@@ -106,8 +108,18 @@ def _served_beside_a_hung_source(
             with contextlib.suppress(AssertionError):
                 wait_until(a_error, 30)
             error = a_error()
+            with contextlib.suppress(AssertionError):  # retried, each 0.2 s after the last
+                wait_until(
+                    lambda: (
+                        (journal_rows(db, "relpath = ?", ("a.bin",)) or [{}])[0].get("attempts", 0)
+                        >= 4
+                    ),
+                    30,
+                )
+            with gate._lock:
+                stuck = len(gate._pending)
             exited = _stops(svc, 60)
-        return delivered, error, exited, svc.log()
+        return delivered, error, exited, stuck, svc.log()
 
 
 @pytest.mark.parametrize("transport", ["http", "sftp"])
@@ -118,11 +130,14 @@ def test_an_upload_whose_source_open_hangs_freezes_neither_the_service_nor_its_s
     """The open of a.bin never returns. Before: the uploads opened their source on the event
     loop (``open_input``), so the loop itself hung in that open: the healthy source's file
     was never sent, the step's timeout never fired, and SIGTERM was never handled."""
-    delivered, error, exited, log = _served_beside_a_hung_source(tmp_path, transport, size, False)
+    delivered, error, exited, stuck, log = _served_beside_a_hung_source(
+        tmp_path, transport, size, False
+    )
     assert (delivered, exited) == (True, True), (
         f"b.txt delivered: {delivered}; exited at SIGTERM: {exited}. Log:\n{log[-2500:]}"
     )
     assert "timed out after 2s" in error or "stuck" in error, (error, log[-2500:])
+    assert stuck == 1, f"{stuck} calls stuck on the hung source: one, not one per attempt"
 
 
 @pytest.mark.parametrize("transport", ["http", "sftp"])
@@ -134,11 +149,14 @@ def test_an_upload_whose_source_read_hangs_freezes_neither_the_service_nor_its_s
     on the loop (``RWF_NOWAIT``, which a permission check holds all the same), so the loop
     hung in it: nothing else was sent, no timeout fired, SIGTERM was not handled."""
     size = 1000
-    delivered, error, exited, log = _served_beside_a_hung_source(tmp_path, transport, size, True)
+    delivered, error, exited, stuck, log = _served_beside_a_hung_source(
+        tmp_path, transport, size, True
+    )
     assert (delivered, exited) == (True, True), (
         f"b.txt delivered: {delivered}; exited at SIGTERM: {exited}. Log:\n{log[-2500:]}"
     )
     assert "timed out after 2s" in error or "stuck" in error, (error, log[-2500:])
+    assert stuck == 1, f"{stuck} calls stuck on the hung source: one, not one per attempt"
 
 
 @pytest.mark.parametrize("transport", ["http", "sftp"])
@@ -151,10 +169,11 @@ def test_a_large_upload_whose_source_read_hangs_ends_at_its_timeout(
     refuse RWF_NOWAIT). Before: the reads ran in the loop's default executor and a
     cancelled upload awaited its read to the end (its descriptor was to be closed next): the
     step's timeout never ended the attempt, and the stop waited for it."""
-    delivered, error, exited, log = _served_beside_a_hung_source(
+    delivered, error, exited, stuck, log = _served_beside_a_hung_source(
         tmp_path, transport, 2 << 20, True, FILEDISPATCH_FASTPATH="0"
     )
     assert (delivered, exited) == (True, True), (
         f"b.txt delivered: {delivered}; exited at SIGTERM: {exited}. Log:\n{log[-2500:]}"
     )
     assert "timed out after 2s" in error or "stuck" in error, (error, log[-2500:])
+    assert stuck == 1, f"{stuck} calls stuck on the hung source: one, not one per attempt"
