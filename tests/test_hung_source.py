@@ -72,8 +72,8 @@ def _served_beside_a_hung_source(
     and ``fine``, both uploaded by ``transport`` with ``timeout: 2``; once the upload of
     a.bin waits at the gate, b.txt is put in ``fine``. Whether b.txt arrived, a.bin's row's
     error once it has one, whether SIGTERM then ended the process, how many calls were
-    held at the gate (each one a stuck thread) once a.bin had been tried again, and the log. ``env``: for
-    the service's environment."""
+    held at the gate (each one a stuck thread) once a.bin had been tried again, and the log.
+    ``env``: for the service's environment."""
     hung, fine = tmp_path / "hung", tmp_path / "fine"
     for folder in (hung, fine):
         folder.mkdir()
@@ -95,9 +95,12 @@ def _served_beside_a_hung_source(
         error = ""
         db = tmp_path / "journal.db"
 
-        def a_error() -> str:
+        def a_row() -> dict[str, Any]:
             rows = journal_rows(db, "relpath = ?", ("a.bin",))
-            return str(rows[0]["reason"] or "") if rows else ""
+            return rows[0] if rows else {}
+
+        def a_error() -> str:
+            return str(a_row().get("reason") or "")
 
         with _closed(gate, svc):
             svc.start(wait_ready=False)
@@ -109,13 +112,7 @@ def _served_beside_a_hung_source(
                 wait_until(a_error, 30)
             error = a_error()
             with contextlib.suppress(AssertionError):  # retried, each 0.2 s after the last
-                wait_until(
-                    lambda: (
-                        (journal_rows(db, "relpath = ?", ("a.bin",)) or [{}])[0].get("attempts", 0)
-                        >= 4
-                    ),
-                    30,
-                )
+                wait_until(lambda: int(a_row().get("attempts", 0)) >= 4, 30)
             with gate._lock:
                 stuck = len(gate._pending)
             exited = _stops(svc, 60)
