@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..asyncutil import first_completed
+from ..asyncutil import first_completed, in_daemon_thread
 from ..config import Step
 from ..errors import (
     DeliveryError,
@@ -281,7 +281,7 @@ class Workers:
                 await sem.acquire()
             try:
                 if row.attempts and current is version.path:
-                    changed = check_unchanged(version, self.state.follows(version))
+                    changed = await self._unchanged(version, step)
                     if changed is not None:
                         raise SourceVanishedError(changed)
                 ctx.fence()  # the semaphore may have kept it waiting past the lease
@@ -299,6 +299,17 @@ class Workers:
             self.state.in_flight.pop(row.id, None)
         self.outcomes.record(row, result, version)
         return result
+
+    async def _unchanged(self, version: FileVersion, step: Step) -> str | None:
+        """``check_unchanged`` before a retry, in a daemon thread (a stat on a hung mount never
+        returns), within the step's ``timeout``."""
+        look = in_daemon_thread(check_unchanged, version, self.state.follows(version))
+        try:
+            return await asyncio.wait_for(asyncio.shield(look), step.timeout)
+        except TimeoutError:
+            raise TransientDeliveryError(
+                f"timed out after {step.timeout:g}s looking at the source file"
+            ) from None
 
     async def _deliver(self, step: Step, ctx: StepContext) -> Outcome:
         registry = self.state.registry

@@ -15,12 +15,13 @@ import signal
 from asyncio.subprocess import DEVNULL, PIPE
 
 from .. import sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import CommandStep, scrub, secrets_of
 from ..errors import PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
 from ..shell import compile_command, placeholder_values
-from . import Resources, StepContext
-from .common import open_input, translate_os_error
+from . import Resources, StepContext, inputs
+from .common import translate_os_error
 from .compress import ensure_workdir
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,9 @@ class CommandProcessor:
         # descriptor (FILEDISPATCH_FD: /dev/fd/N reads exactly the checked file, whatever is
         # put at the name meanwhile). Afterwards the name must not lead to a link, a special
         # file or out of the source (the command may have read that instead).
-        fd, _ = open_input(ctx)
-        try:
+        async with inputs.opened(ctx) as (fd, _, _):
             outcome = await self._run(ctx, fd)
-            sourcefile.recheck(ctx.version, ctx.input, "the command")
-        finally:
-            os.close(fd)
+            await in_daemon_thread(sourcefile.recheck, ctx.version, ctx.input, "the command")
         return outcome
 
     async def _run(self, ctx: StepContext, fd: int) -> Outcome:

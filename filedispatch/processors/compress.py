@@ -7,7 +7,6 @@ source; the dispatcher removes the work folder when the chain ends.
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import math
 import os
@@ -23,6 +22,7 @@ from typing import IO
 import zstandard
 
 from .. import naming, sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import CompressStep
 from ..errors import PermanentDeliveryError
 from ..models import Outcome
@@ -64,7 +64,9 @@ class CompressProcessor:
         return None
 
     async def deliver(self, ctx: StepContext) -> Outcome:
-        return await asyncio.to_thread(self._compress, ctx)
+        # a daemon thread: a source whose open or read hangs holds no thread of anyone else's
+        # and not the exit (cancelled, the wait ends; the thread goes on into its own files)
+        return await in_daemon_thread(self._compress, ctx)
 
     def _compress(self, ctx: StepContext) -> Outcome:
         # one folder per step, so two transforms of one chain can never collide

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import ssl
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
@@ -20,8 +19,8 @@ import aioftp
 
 from ..config import FtpDestination
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
-from . import Resources, StepContext
-from .remote import CHUNK, RemoteProcessor, copy_to
+from . import Resources, StepContext, inputs
+from .remote import CHUNK, RemoteProcessor, send_source
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +159,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
     async def upload(
         self,
         conn: aioftp.Client,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
@@ -171,9 +169,7 @@ class FtpProcessor(RemoteProcessor[aioftp.Client]):
         # there, as the server does; the name is salted instead (docs/integrity.md, 5)
         async with conn.upload_stream(path) as stream:
             try:
-                await copy_to(
-                    fd, st, stream.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
-                )
+                await send_source(source, stream.write, digest, ctx)
             except OSError as exc:
                 # The server closed the data connection mid-file (a quota, a full disk): its
                 # reason is the reply on the control connection, classified by its code.

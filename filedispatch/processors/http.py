@@ -34,9 +34,9 @@ from yarl import URL
 from ..config import HttpDestination, redact_url
 from ..errors import DeliveryError, NetworkError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
-from . import Resources, StepContext
-from .common import open_input, render_target
-from .remote import WHOLE_MAX, copy_to, read_whole
+from . import Resources, StepContext, inputs
+from .common import render_target
+from .remote import copy_to
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -108,7 +108,7 @@ class FileBody(payload.Payload):
     """A file streamed from an open descriptor, with a known size (so Content-Length works,
     for a raw body and inside a multipart form alike). Each chunk sent counts as progress.
 
-    ``data``: the whole file, already read (``remote.read_whole``, its identity checked
+    ``data``: the whole file, already read (``inputs.Source.data``, its identity checked
     after the read): sent in one write, with no streaming."""
 
     def __init__(
@@ -283,17 +283,13 @@ class HttpProcessor:
         path = self._url(ctx)
         location = self.display_base + path
         sslsetting = self._ssl_setting()
-        fd, st = open_input(ctx)
-        try:
-            return await self._send(ctx, fd, st, path, filename, location, sslsetting)
-        finally:
-            os.close(fd)
+        async with inputs.opened(ctx) as source:
+            return await self._send(ctx, source, path, filename, location, sslsetting)
 
     async def _send(
         self,
         ctx: StepContext,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: str,
         filename: str,
         location: str,
@@ -307,10 +303,13 @@ class HttpProcessor:
         stall = _Stall(dest.http_timeout.read)
         whole = None
         throttle = ctx.throttle
-        if st.st_size <= min(WHOLE_MAX, dest.chunk_size) and (
-            throttle is None or st.st_size <= throttle.chunk
+        fd, st = source.fd, source.st
+        if (
+            source.data is not None
+            and st.st_size <= dest.chunk_size
+            and (throttle is None or st.st_size <= throttle.chunk)
         ):
-            whole = await read_whole(fd, st)  # a small file: one read, one write
+            whole = source.data  # a small file, read in its open's thread: one write
         body = FileBody(fd, st, dest.chunk_size, stall.progress, ctype, throttle, whole, ctx.fence)
         data: payload.Payload = body
         if dest.fieldname is not None:

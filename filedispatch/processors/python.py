@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import sourcefile
+from ..asyncutil import in_daemon_thread
 from ..config import PythonStep, scrub, secrets_of
 from ..content import import_object
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from ..models import Outcome
-from . import Resources, StepContext
-from .common import open_input
+from . import Resources, StepContext, inputs
 from .compress import ensure_workdir
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,10 @@ class PythonProcessor:
         args = (str(ctx.input), *self.step.args)
         # checked before the call and after it (the callable gets a path, which it may open
         # after someone put a link there): a link or special file found after discards it
-        fd, _ = open_input(ctx)
-        os.close(fd)
+        async with inputs.opened(ctx):
+            pass
         value = await self._call(target, args, kwargs)
-        sourcefile.recheck(ctx.version, ctx.input, "the callable")
+        await in_daemon_thread(sourcefile.recheck, ctx.version, ctx.input, "the callable")
         return self._outcome(ctx, value)
 
     async def _call(self, target: Callable[..., Any], args: tuple[Any, ...], kwargs: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from .. import fastpath, sourcefile
-from ..asyncutil import joined, settle, to_thread_joined
+from ..asyncutil import in_daemon_thread, joined, settle
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import (
     DeliveryError,
@@ -29,7 +29,7 @@ from ..errors import (
     TransientDeliveryError,
 )
 from ..models import NAME_TAKEN, Outcome
-from . import Resources, StepContext
+from . import Resources, StepContext, inputs
 from .common import (
     aplace,
     candidates,
@@ -40,6 +40,7 @@ from .common import (
     render_target,
     temp_name,
 )
+from .inputs import WHOLE_MAX
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -157,12 +158,16 @@ async def copy_to(
     digest: Any = None,
     throttle: Throttle | None = None,
     fence: Callable[[], None] | None = None,
+    whole: bytes | None = None,
 ) -> None:
     """Stream ``st.st_size`` bytes of the open file to ``write``, a chunk at a time.
+    ``whole``: every byte of it, read and checked already (``inputs.Source.data``): sent from
+    memory, with no read.
 
     Data already in the page cache is read inline with ``RWF_NOWAIT``, which never blocks;
-    what is not is read in the default executor (so a slow disk never stalls the loop), the
-    next chunk while the current one is sent: at most two chunks are in memory (three while
+    what is not is read in a daemon thread (``inputs.read``: a slow disk never stalls the
+    loop, and a read stuck on a hung mount holds no thread of anyone else's), the next chunk
+    while the current one is sent: at most two chunks are in memory (three while
     a chunk is being hashed). ``digest`` (a hashlib object) is fed every byte sent, in order:
     no second read; a large chunk is hashed in a worker thread while it is sent (hashlib
     lets go of the GIL), so hashing costs the event loop no time. ``throttle``: each chunk
@@ -171,6 +176,8 @@ async def copy_to(
     upload short of its end.
     Raises SourceVanishedError when the file changed while it was sent, before its last
     chunk goes (the caller removes what was sent; the new version is dispatched on its own).
+    Cancelled, it returns without waiting for a read still running (which may never end):
+    ``fd`` is to be closed with ``inputs.close``, which waits for that read.
     """
     loop = asyncio.get_running_loop()
     size, offset = st.st_size, 0
@@ -179,25 +186,27 @@ async def copy_to(
         chunk = min(chunk, throttle.chunk)
 
     def read(at: int) -> asyncio.Future[bytes]:
-        return loop.run_in_executor(None, os.pread, fd, min(chunk, size - at), at)
+        return inputs.read(fd, min(chunk, size - at), at)
 
     pending: asyncio.Future[bytes] | None = None
     hashing: asyncio.Future[None] | None = None  # the chunk before this one, being hashed
     try:
         while offset < size:
             data: Chunk = b""
-            if pending is None and nowait:
+            if whole is not None:
+                data = whole[offset : offset + chunk]
+            elif pending is None and nowait:
                 data, nowait = fastpath.read_cached(fd, min(chunk, size - offset), offset)
             if not data:
-                data = await joined(pending or read(offset))
+                data = await asyncio.shield(pending or read(offset))
                 pending = None
                 if not data:
                     break
             offset += len(data)
-            if offset < size and not nowait:
+            if offset < size and not nowait and whole is None:
                 pending = read(offset)
-            if offset >= size:  # every byte is read: a change since is caught before the last
-                sourcefile.check_unchanged(fd, st, "the file")  # chunk completes the upload
+            if offset >= size and whole is None:  # every byte is read: a change since is
+                sourcefile.check_unchanged(fd, st, "the file")  # caught before the last chunk
             if digest is not None:
                 if hashing is not None:  # in order: one chunk's hash at a time
                     await joined(hashing)
@@ -215,22 +224,35 @@ async def copy_to(
             await joined(hashing)
             hashing = None
     finally:
-        # sending failed: the read must end before the fd is closed, and the hash before
-        # the digest is read. Not cut short by a second cancellation (aiohttp cancels a
-        # request's writer from more than one place once the answer is in): the digest
-        # of a delivery the server confirmed would be recorded without its last chunk
-        await settle(pending, hashing)
+        # sending failed: the hash must end before the digest is read. Not cut short by a
+        # second cancellation (aiohttp cancels a request's writer from more than one place
+        # once the answer is in): the digest of a delivery the server confirmed would be
+        # recorded without its last chunk. A read still running is not waited for (it may
+        # be stuck on a hung mount): ``inputs.close`` closes the fd once it has returned
+        await settle(hashing)
     if offset != size:
         raise SourceVanishedError("the file shrank while it was sent")
 
 
-#: files up to this size may be read in one go (``read_whole``) and sent from memory
-WHOLE_MAX = 64 * 1024
+async def send_source(
+    source: inputs.Source, write: Callable[[Any], Awaitable[object]], digest: Any, ctx: StepContext
+) -> None:
+    """``copy_to`` of an opened source (``inputs.opened``) with its step's throttle and fence."""
+    await copy_to(
+        source.fd,
+        source.st,
+        write,
+        digest=digest,
+        throttle=ctx.throttle,
+        fence=ctx.fence,
+        whole=source.data,
+    )
 
 
 async def read_whole(fd: int, st: os.stat_result) -> Chunk:
     """All ``st.st_size`` bytes (at most WHOLE_MAX) of an open file in one read: inline when
-    they are in the page cache (``RWF_NOWAIT``), else in the default executor. The file's
+    they are in the page cache (``RWF_NOWAIT``), else in a daemon thread (``inputs.read``;
+    close ``fd`` with ``inputs.close``). The file's
     identity is checked once they are read, as ``copy_to`` does before its last chunk.
     Raises SourceVanishedError when the file changed or shrank since ``st``."""
     size = st.st_size
@@ -240,7 +262,7 @@ async def read_whole(fd: int, st: os.stat_result) -> Chunk:
     if _NOWAIT:
         data, _ = fastpath.read_cached(fd, size, 0)
     if len(data) != size:
-        data = await to_thread_joined(os.pread, fd, size, 0)
+        data = await asyncio.shield(inputs.read(fd, size, 0))
     sourcefile.check_unchanged(fd, st, "the file")
     if len(data) != size:
         raise SourceVanishedError("the file shrank while it was sent")
@@ -305,17 +327,17 @@ class RemoteProcessor(ABC, Generic[C]):
     async def upload(
         self,
         conn: C,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
         fresh: bool = False,
     ) -> None:
-        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on, and the
-        context's ``throttle`` and ``fence``). ``fresh``: ``path`` is a temporary name of
-        ours, to be created anew, never opened through whatever is there already (a link
-        someone planted) where the protocol can say so (SFTP; FTP cannot)."""
+        """Stream the open file to ``path`` (use ``copy_to``, passing ``digest`` on, the
+        context's ``throttle`` and ``fence``, and the bytes read already, ``source.data``).
+        ``fresh``: ``path`` is a temporary name of ours, to be created anew, never opened
+        through whatever is there already (a link someone planted) where the protocol can
+        say so (SFTP; FTP cannot)."""
 
     @abstractmethod
     async def exists(self, conn: C, path: PurePosixPath) -> bool: ...
@@ -439,21 +461,20 @@ class RemoteProcessor(ABC, Generic[C]):
         ``timeout``, a stop) included."""
         digest = hashlib.sha256()
         cleanup: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
-        fd, st = open_input(ctx)
-        try:
-            await self.upload(conn, fd, st, path, digest, ctx, fresh)
-            sent = digest.hexdigest()
-            await self._verify(conn, path, st.st_size, sent)
-        except cleanup:
-            await self.remove(conn, path)
-            raise
-        except asyncio.CancelledError:
-            # the connection may be mid-transfer (it is dropped): a partial file under the
-            # final name (temp_name: false) would pass for the file at the next attempt
-            await asyncio.shield(self._remove_aside(path))
-            raise
-        finally:
-            os.close(fd)
+        async with inputs.opened(ctx) as source:
+            try:
+                await self.upload(conn, source, path, digest, ctx, fresh)
+                sent = digest.hexdigest()
+                await self._verify(conn, path, source.st.st_size, sent)
+            except cleanup:
+                await self.remove(conn, path)
+                raise
+            except asyncio.CancelledError:
+                # the connection may be mid-transfer (it is dropped): a partial file under
+                # the final name (temp_name: false) would pass for the file at the next
+                # attempt
+                await asyncio.shield(self._remove_aside(path))
+                raise
         return sent
 
     async def _remove_aside(self, path: PurePosixPath) -> None:
@@ -563,7 +584,7 @@ class RemoteProcessor(ABC, Generic[C]):
             if got != want:
                 continue
             if ours is None:
-                ours = await asyncio.to_thread(_input_sha256, ctx)
+                ours = await in_daemon_thread(_input_sha256, ctx)
             unreadable: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
             try:
                 theirs = await self.read_sha256(conn, self.target.root / cand)

@@ -41,8 +41,8 @@ from ..errors import (
 )
 from ..journal import Journal, OpenUpload
 from ..models import NAME_TAKEN, Outcome
-from . import Resources, StepContext
-from .common import aplace, candidates, open_input, render_target
+from . import Resources, StepContext, inputs
+from .common import aplace, candidates, render_target
 from .s3uploads import LEDGER, UploadLedger, stored_endpoint
 
 if TYPE_CHECKING:
@@ -183,8 +183,7 @@ class S3Processor:
         if len(self.key(rel).encode("utf-8", "surrogateescape")) > 1024:
             raise PermanentDeliveryError(f"{self.display}: the key {rel} is over 1024 bytes")
         client = await self._get_client()
-        fd, st = open_input(ctx)
-        try:
+        async with inputs.opened(ctx) as (fd, st, whole):
             if ctx.resuming:
                 found = await self._find_previous(client, ctx, rel, st.st_size)
                 if found is not None:
@@ -195,10 +194,13 @@ class S3Processor:
             if st.st_size <= self.dest.part_size:
                 if ctx.throttle is not None:
                     await ctx.throttle.take(st.st_size)
-                body = await _read(fd, st.st_size, 0)
-                sourcefile.check_unchanged(fd, st, "the file")
-                if len(body) != st.st_size:
-                    raise SourceVanishedError("the file shrank while it was sent")
+                if whole is not None:  # read and checked in its open's thread
+                    body = whole
+                else:
+                    body = await _read(fd, st.st_size, 0)
+                    sourcefile.check_unchanged(fd, st, "the file")
+                    if len(body) != st.st_size:
+                        raise SourceVanishedError("the file shrank while it was sent")
                 digest = await _sha256(body)
 
                 async def put(p: PurePosixPath, overwrite: bool) -> None:
@@ -209,8 +211,6 @@ class S3Processor:
                 sent: str | None = digest.hex()
             else:
                 final, sent = await self._deliver_multipart(client, ctx, rel, fd, st)
-        finally:
-            os.close(fd)
         if final is None:
             return Outcome(self.location(self.key(rel)), detail=NAME_TAKEN)
         return Outcome(self.location(self.key(final)), sha256=sent)
@@ -563,14 +563,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 async def _read(fd: int, count: int, offset: int) -> bytes:
     """``count`` bytes of ``fd`` at ``offset``: on the event loop when they are small and all
-    in the page cache (``RWF_NOWAIT``: never waits for a disk or a server), else in a thread.
+    in the page cache (``RWF_NOWAIT``: never waits for a disk or a server), else in a daemon
+    thread (``inputs.read``).
     The bytes are handed on as ``bytes``: botocore sends other buffers as a stream."""
     if count <= INLINE_READ:
         data, _ = fastpath.read_cached(fd, count, offset)
         if len(data) == count:
             return bytes(data)
-    # to its end even when cancelled: the caller closes the descriptor next
-    return await to_thread_joined(os.pread, fd, count, offset)
+    # a cancelled wait leaves the read to end on its own: ``inputs.close`` waits for it
+    return await asyncio.shield(inputs.read(fd, count, offset))
 
 
 async def _sha256(data: bytes) -> bytes:

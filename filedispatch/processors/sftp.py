@@ -25,8 +25,8 @@ from ..errors import (
     TempNameTakenError,
     TransientDeliveryError,
 )
-from . import Resources, StepContext
-from .remote import CHUNK, RemoteProcessor, copy_to
+from . import Resources, StepContext, inputs
+from .remote import CHUNK, RemoteProcessor, send_source
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class SftpProcessor(RemoteProcessor[Session]):
     async def upload(
         self,
         conn: Session,
-        fd: int,
-        st: os.stat_result,
+        source: inputs.Source,
         path: PurePosixPath,
         digest: Any,
         ctx: StepContext,
@@ -128,9 +127,7 @@ class SftpProcessor(RemoteProcessor[Session]):
     ) -> None:
         opened = await (self._create(conn, path) if fresh else conn.sftp.open(_raw(path), "wb"))
         async with opened as remote:
-            await copy_to(
-                fd, st, remote.write, digest=digest, throttle=ctx.throttle, fence=ctx.fence
-            )
+            await send_source(source, remote.write, digest, ctx)
 
     async def _create(self, conn: Session, path: PurePosixPath) -> asyncssh.SFTPClientFile:
         """Open our temporary name ``path`` as a new file (create exclusively: the server

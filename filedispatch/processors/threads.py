@@ -205,19 +205,23 @@ def mark_stuck(
     said: str,
     ids: list[int] | None = None,
     stuck: str = _Hung.stuck,
+    ended: str = _Hung.ended,
 ) -> None:
     """A call working in ``where`` is stuck in a system call; ``fut`` is done once its
     thread has ended. Until then ``where`` is hung (``refuse_if_hung``), and so, when another
     folder of its filesystem has a stuck call too, is the folder both are in (``_widened``);
     ``ids``' rows wait for it (``CopyThreads.check``). ``said`` is logged once per hang of the
-    folder; ``stuck`` is what a refusal says is stuck there."""
+    folder; ``stuck`` is what a refusal says is stuck there, ``ended`` what the log says once
+    every stuck call there has returned."""
     wide = _widened(where)
     for key, text in ((where, said), (wide, None)):
         if key is None:
             continue
         hung = _HUNG.get(key)
         if hung is None:  # said once per hang of the folder, not once per file
-            hung = _HUNG[key] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S, stuck=stuck)
+            hung = _HUNG[key] = _Hung(
+                time.monotonic() - CALL_OFF_PATIENCE_S, stuck=stuck, ended=ended
+            )
             if text is not None:
                 log.error("%s: %s", key, text)
         if fut not in hung.threads:

@@ -13,7 +13,7 @@ import heapq
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .. import sourcefile
 from ..asyncutil import in_daemon_thread
@@ -77,18 +77,26 @@ class Gates:
 
     # ------------------------------------------------------------------ complete or not
 
+    def held_by_marker(self, rels: Iterable[str]) -> set[str]:
+        """The files among ``rels`` a ``ready`` marker holds back: NAME.lock there, or
+        NAME.done not there yet; none for ``ready: settle``. Stats: not for the event loop
+        (a hung mount would hold it)."""
+        mode = self.config.ready
+        if mode == "settle":
+            return set()
+        lock = mode == "lock"
+        return {rel for rel in rels if os.path.lexists(f"{self._prefix}{rel}.{mode}") == lock}
+
     def consider(
-        self, rel: str, size: int, mtime_ns: int, now: float, ident: Ident
+        self, rel: str, size: int, mtime_ns: int, now: float, ident: Ident, held: bool = False
     ) -> FileVersion | None:
-        """The version if the file is complete now; otherwise remember to look again."""
+        """The version if the file is complete now; otherwise remember to look again.
+        ``held``: its ``ready`` marker holds it back (``held_by_marker``, looked at off the
+        loop)."""
         if self.baseline and (rel, size, mtime_ns) in self.baseline:
             return None
-        mode = self.config.ready
-        if mode != "settle":
-            marker = f"{self._prefix}{rel}.{mode}"  # NAME.lock must be gone, NAME.done there
-            if os.path.lexists(marker) == (mode == "lock"):
-                return None
-            return self.version(rel, size, mtime_ns, ident)
+        if self.config.ready != "settle":
+            return None if held else self.version(rel, size, mtime_ns, ident)
         settle = self.config.settle
         age = now - mtime_ns / 1e9
         if settle <= 0 or (age >= 0 and age >= settle):

@@ -37,6 +37,8 @@ FIRST_BATCH = 64
 #: batches (4,096) did not make a 10,000-file --once measurably faster (its CPU is the
 #: same), and would leave longer between a batch's open-writers check and its last move
 BATCH = 500
+#: what ``Entries.look`` says of a file (a folder, a name gone: not a file)
+_FILES = ("file", "clear", "busy")
 
 
 def _set_on_done(event: asyncio.Event, _: object) -> None:
@@ -257,29 +259,34 @@ class SourceWatcher:
             ready, cleared = await self._observe(due)
             await self.batches.emit(ready, cleared=cleared)
 
-    def _look(self, rels: list[str]) -> list[Look]:
-        """``Entries.look`` with the open-writers gate in the same look where it can be.
-        Runs in a thread: a stat may block."""
+    def _look(self, rels: list[str]) -> tuple[list[Look], set[str]]:
+        """``Entries.look`` with the open-writers gate in the same look where it can be, and
+        the files a ``ready`` marker holds back (``Gates.held_by_marker``). Runs in a thread:
+        a stat may block."""
         top, lease = self.gates.lease_here()
         try:
-            return self.entries.look(rels, top, lease, self.gates.writers)
+            looks = self.entries.look(rels, top, lease, self.gates.writers)
         finally:
             if lease is not None:
                 os.close(top)
+        files = (rel for rel, what, st in looks if st is not None and what in _FILES)
+        return looks, self.gates.held_by_marker(files)
 
     async def _observe(self, rels: list[str]) -> tuple[list[FileVersion], set[str]]:
         """Look at files named by events (or due after settling), off the loop: the complete
         ones, and the relpaths of those the open-writers gate cleared in the same look."""
         if not rels:
             return [], set()
-        looks = await in_daemon_thread(self._look, rels)
+        looks, held = await in_daemon_thread(self._look, rels)
         now = time.time()
         ready: list[FileVersion] = []
         cleared: set[str] = set()
         busy: list[FileVersion] = []
         for rel, what, st in looks:
-            if st is not None and what in ("file", "clear", "busy"):
-                v = self.gates.consider(rel, st.st_size, st.st_mtime_ns, now, ident(st))
+            if st is not None and what in _FILES:
+                v = self.gates.consider(
+                    rel, st.st_size, st.st_mtime_ns, now, ident(st), rel in held
+                )
                 if v is None:
                     continue
                 if what == "busy":
@@ -340,7 +347,7 @@ class SourceWatcher:
                 self.root,
                 len(kept),
             )
-        listing = await in_daemon_thread(lambda: Listing(self.entries.walk(skips=skips)))
+        listing, held = await in_daemon_thread(self._list, skips)
         self.scans += 1
         self._check_watch()
         now = time.time()
@@ -348,7 +355,7 @@ class SourceWatcher:
         ready: list[FileVersion] = []
         batch = FIRST_BATCH
         for mtime, rel, size, ino, ctime, dev in listing:
-            v = consider(rel, size, mtime, now, (ino, ctime, dev))
+            v = consider(rel, size, mtime, now, (ino, ctime, dev), rel in held)
             if v is not None:
                 ready.append(v)
                 if len(ready) >= batch:
@@ -358,14 +365,25 @@ class SourceWatcher:
         skips["unmatched"] += await self.batches.emit(ready)
         self.skipped = no_skips() | skips
 
+    def _list(self, skips: Counter[str]) -> tuple[Listing, set[str]]:
+        """The scan's walk, and the files a ``ready`` marker holds back. Runs in a thread."""
+        listing = Listing(self.entries.walk(skips=skips))
+        return listing, self.gates.held_by_marker(entry[1] for entry in listing)
+
+    def _walk(self, folder: Path) -> tuple[list[tuple[str, os.stat_result]], set[str]]:
+        """A folder moved in whole, walked, and the files a ``ready`` marker holds back. Runs
+        in a thread."""
+        found = list(self.entries.walk(folder))
+        return found, self.gates.held_by_marker(rel for rel, _ in found)
+
     async def _scan_tree(self, folder: Path) -> None:
-        found = await in_daemon_thread(lambda: list(self.entries.walk(folder)))
+        found, held = await in_daemon_thread(self._walk, folder)
         now = time.time()
         consider = self.gates.consider
         await self.batches.emit(
             [
                 v
                 for rel, st in found
-                if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st)))
+                if (v := consider(rel, st.st_size, st.st_mtime_ns, now, ident(st), rel in held))
             ]
         )
