@@ -26,7 +26,7 @@ from .asyncutil import in_daemon_thread
 from .errors import OutsideWindowError, TransientDeliveryError
 from .journal import DUPLICATE_OF
 from .models import NAME_TAKEN, Outcome
-from .naming import content_sha256
+from .processors import inputs
 from .quantities import Window, parse_bandwidth, parse_rate
 
 if TYPE_CHECKING:
@@ -228,7 +228,8 @@ class _Controlled:
         if not step.deduped:
             return await self._send(ctx)
         async with self.controls.in_order(step.display, ctx.dispatch_id):
-            digest = await in_daemon_thread(content_sha256, ctx.version, ctx.input)
+            digest = ctx.sha256 or await inputs.content_sha256(ctx)
+        ctx = dataclasses.replace(ctx, sha256=digest)
         async with self.controls.one_at_a_time((step.display, digest)):
             earlier = await self.controls.duplicate(step.display, digest)
             if earlier is not None and earlier[0] != ctx.dispatch_id:

@@ -85,6 +85,12 @@ def _fields(template: str) -> frozenset[str]:
     return frozenset(f for _, f, _, _ in string.Formatter().parse(template) if f)
 
 
+def by_content(*templates: str | None) -> bool:
+    """Whether any of ``templates`` names a file by its bytes (``{sha256}``): the file must
+    then be read whole before its name is known."""
+    return any(t is not None and "sha256" in _fields(t) for t in templates)
+
+
 _TIME_FIELDS = frozenset({"yyyy", "mm", "dd", "HH", "MM", "SS", "mtime"})
 
 #: bytes in one name (path component) on Linux filesystems: ext4, xfs, btrfs, tmpfs
@@ -131,13 +137,15 @@ def placeholders(
     content: Path | None = None,
     now: float | None = None,
     label: str | None = None,
+    sha256: str | None = None,
 ) -> dict[str, object]:
     """The placeholder values for a file (only the ``needed`` ones are worked out).
 
     ``counter``: the dispatch's id in the journal (None: shown as ``{counter}``); ``content``:
     the file whose bytes ``{sha256}`` hashes (default the version's own); ``now``: seconds
     since 1970 for ``{now}`` (default the clock); ``label``: a learned rule's label for
-    ``{label}`` (PermanentDeliveryError when the template needs it and it is None).
+    ``{label}`` (PermanentDeliveryError when the template needs it and it is None);
+    ``sha256``: the content's hex SHA-256 when known already (else read here, blocking).
     """
     name = version.name
     dot = name.rfind(".")
@@ -169,7 +177,7 @@ def placeholders(
     if "counter" in needed:
         values["counter"] = COUNTER_UNKNOWN if counter is None else str(counter)
     if "sha256" in needed:
-        values["sha256"] = _Digest(content_sha256(version, content))
+        values["sha256"] = _Digest(sha256 or content_sha256(version, content))
     if "label" in needed:
         if label is None:
             raise PermanentDeliveryError(

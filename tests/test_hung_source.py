@@ -60,20 +60,26 @@ def _sftp(tmp_path: Path) -> Iterator[tuple[dict[str, Any], Callable[[str], bool
             "key_file": str(server.key_file),
             "known_hosts": str(server.known_hosts),
         }
-        yield step, lambda name: (server.root / "up" / name).is_file()
+        up = server.root / "up"
+
+        def arrived(name: str) -> bool:  # as it is, or after a name by content ("…-name")
+            there = up.iterdir() if up.is_dir() else ()
+            return any(p.name in (name, f"{p.name[:8]}-{name}") for p in there)
+
+        yield step, arrived
     finally:
         server.close()
 
 
 def _served_beside_a_hung_source(
-    tmp_path: Path, transport: str, size: int, reads: bool, **env: str
+    tmp_path: Path, transport: str, size: int, reads: bool, name: str | None = None, **env: str
 ) -> tuple[bool, str, bool, int, str]:
     """Sources ``hung`` (a.bin, ``size`` bytes, its opens, or with ``reads`` its reads, held)
     and ``fine``, both uploaded by ``transport`` with ``timeout: 2``; once the upload of
     a.bin waits at the gate, b.txt is put in ``fine``. Whether b.txt arrived, a.bin's row's
     error once it has one, whether SIGTERM then ended the process, how many calls were
     held at the gate (each one a stuck thread) once a.bin had been tried again, and the log.
-    ``env``: for the service's environment."""
+    ``name``: the step's name template; ``env``: for the service's environment."""
     hung, fine = tmp_path / "hung", tmp_path / "fine"
     for folder in (hung, fine):
         folder.mkdir()
@@ -81,6 +87,8 @@ def _served_beside_a_hung_source(
     with contextlib.ExitStack() as stack:
         make = _http() if transport == "http" else _sftp(tmp_path)
         step, arrived = stack.enter_context(make)
+        if name is not None:
+            step = {**step, "name": name}
         sources = [  # open_writers: ignore: the watcher opens nothing, the upload is the first
             {"path": str(hung), "name": "hung", "settle": 0.05, "open_writers": "ignore"},
             {"path": str(fine), "name": "fine", "settle": 0.05},
@@ -164,3 +172,15 @@ def test_a_large_upload_whose_source_read_hangs_ends_at_its_timeout(
     _survived(
         *_served_beside_a_hung_source(tmp_path, transport, 2 << 20, True, FILEDISPATCH_FASTPATH="0")
     )
+
+
+@pytest.mark.parametrize("transport", ["http", "sftp"])
+def test_a_name_by_content_of_a_source_whose_open_hangs_freezes_nothing(
+    tmp_path: Path, transport: str
+) -> None:
+    """The step names files by their bytes (``{sha256:8}``), and the open of a.bin never
+    returns. Before: the name was rendered at the start of the upload, on the event loop,
+    which opened and hashed the whole file there (``naming.content_sha256``): the loop hung
+    in that open, as it did in the upload's own before uploads opened their source in a
+    thread (a large file's hash held it for as long as the hash took, too)."""
+    _survived(*_served_beside_a_hung_source(tmp_path, transport, 1000, False, "{sha256:8}-{name}"))

@@ -9,6 +9,7 @@ exceptions: processors raise our Transient/Permanent errors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import shutil
 import time
@@ -26,7 +27,8 @@ from ..errors import (
 from ..fate import renamed_by_delivery
 from ..journal import StepResult
 from ..models import Dispatch, FileVersion, Outcome, Status
-from ..processors import StepContext
+from ..processors import Processor, StepContext, inputs
+from ..processors.common import named_by_content
 from .after import AfterActions, check_unchanged
 from .feeder import Feeder
 from .outcomes import Outcomes, as_delivery_error, waiting
@@ -316,8 +318,8 @@ class Workers:
         processor = registry.acquire(step)
         try:
             if step.timeout is not None:
-                return await asyncio.wait_for(processor.deliver(ctx), step.timeout)
-            return await processor.deliver(ctx)
+                return await asyncio.wait_for(_named_then_sent(step, processor, ctx), step.timeout)
+            return await _named_then_sent(step, processor, ctx)
         except TimeoutError as exc:
             if step.timeout is None:  # a processor's own timeout it did not translate
                 raise TransientDeliveryError(f"timed out: {exc}") from exc
@@ -333,3 +335,11 @@ class Workers:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+
+
+async def _named_then_sent(step: Step, processor: Processor, ctx: StepContext) -> Outcome:
+    """``processor.deliver(ctx)``, the input's SHA-256 worked out first, off the event loop,
+    when the destination names files by it (``{sha256}``)."""
+    if ctx.sha256 is None and named_by_content(step):
+        ctx = dataclasses.replace(ctx, sha256=await inputs.content_sha256(ctx))
+    return await processor.deliver(ctx)

@@ -51,6 +51,9 @@ class StepContext:
     #: a local folder on the same filesystem may rename the source into place
     may_move: bool = False
     label: str | None = None  #: the label a learned rule gave the file (``{label}``)
+    #: the hex SHA-256 of ``input``, when worked out before the step (``inputs.content_sha256``,
+    #: off the event loop) for a name by content (``{sha256}``); None: worked out if needed
+    sha256: str | None = None
     #: the destination's ``bandwidth``, to pay per chunk as the bytes are sent (None: no
     #: limit); set only for a processor whose class says ``paces = True``
     throttle: Throttle | None = None

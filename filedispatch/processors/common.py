@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from .. import naming, sourcefile
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -206,7 +207,16 @@ def render_target_str(
         counter=ctx.dispatch_id,
         content=ctx.input,
         label=ctx.label,
+        sha256=ctx.sha256,
     )
+
+
+def named_by_content(step: Any) -> bool:
+    """Whether the step's destination names a file by its bytes (``{sha256}`` in its
+    ``name``, or in an HTTP URL's path): its digest is then worked out before the step
+    (``inputs.content_sha256``), off the event loop."""
+    parts = getattr(step, "parts", None)
+    return naming.by_content(getattr(step, "name", None), parts.path if parts else None)
 
 
 def open_input(ctx: StepContext) -> tuple[int, os.stat_result]:

@@ -19,7 +19,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
-from .. import sourcefile
+from .. import naming, sourcefile
 from ..asyncutil import in_daemon_thread
 from ..errors import SourceVanishedError
 from . import StepContext, threads
@@ -89,6 +89,21 @@ async def opened(ctx: StepContext) -> AsyncIterator[Source]:
         raise
     finally:
         close(source.fd)
+
+
+async def content_sha256(ctx: StepContext) -> str:
+    """The hex SHA-256 of the step's input (``naming.content_sha256``) read in a daemon
+    thread, refused and marked as ``opened`` does: for a name by content (``{sha256}``),
+    which would otherwise read the whole file on the event loop."""
+    folder = str(ctx.input.parent)
+    threads.refuse_if_hung(folder)
+    hashing = in_daemon_thread(naming.content_sha256, ctx.version, ctx.input)
+    try:
+        return await asyncio.shield(hashing)
+    except asyncio.CancelledError:
+        if not hashing.done():
+            _left(folder, [hashing], "hashing")
+        raise
 
 
 def read(fd: int, count: int, offset: int) -> asyncio.Future[bytes]:
