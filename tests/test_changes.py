@@ -86,6 +86,7 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await _next_with(feed, tmp_path / "c.txt")
 
 
+@needs_fastpath
 async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
 ) -> None:
@@ -108,6 +109,7 @@ async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
         stop.set()
 
 
+@needs_fastpath
 async def test_a_stop_ends_an_idle_watch_without_waiting_out_its_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
 ) -> None:
@@ -126,6 +128,7 @@ async def test_a_stop_ends_an_idle_watch_without_waiting_out_its_step(
             assert await ended is None
 
 
+@needs_fastpath
 async def test_a_first_change_in_a_subfolder_is_still_seen_within_the_idle_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
 ) -> None:
