@@ -20,6 +20,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import threading
 from typing import Any
 
 #: False when the environment says ``FILEDISPATCH_FASTPATH=0`` (read once, at import)
@@ -59,8 +60,9 @@ _inotify_add_watch = _libc_function(
 _inotify_rm_watch = _libc_function("inotify_rm_watch", ctypes.c_int, ctypes.c_int)
 #: inotify_init1(2), for a ``Doorbell``
 _inotify_init1 = _libc_function("inotify_init1", ctypes.c_int)
-#: the events a ``Doorbell`` rings for: a name made, removed, renamed, written or changed
-_IN_CHANGES = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200
+#: the events a ``Doorbell`` rings for: a name made, removed, renamed, written or changed,
+#: and the folder itself renamed (removed, its watch goes: IN_IGNORED, which always rings)
+_IN_CHANGES = 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x100 | 0x200 | 0x800
 _IN_OPEN = 0x20
 #: what inotify_add_watch takes back of a watch's mask as /proc shows it: the events
 #: (IN_ALL_EVENTS) and IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK, IN_ONESHOT
@@ -147,6 +149,8 @@ class Doorbell:
     (watcher/changes.py). Only a wake-up: what changed is still read from the feed's own
     watch; the events queued here are read and dropped. Its watch is made by ``arm`` and
     removed by ``disarm``, so that the kernel queues nothing here while the folder is busy.
+    ``knock`` turns ``knock_fd`` (an eventfd) readable for good, so that the waiter can be
+    told to stop without waiting out its timeout.
     Raises OSError when no inotify instance can be made (or the switch is off)."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -155,9 +159,16 @@ class Doorbell:
         fd = _inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
+        try:
+            self.knock_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            raise
         self.fd = fd
         self._folder = os.fsencode(folder)
         self._wd = -1
+        self._lock = threading.Lock()  # a knock from another thread never meets a closed fd
+        self._closed = False
 
     def arm(self) -> bool:
         """Watch the folder from now on; False if it cannot be (gone, no watch left)."""
@@ -177,8 +188,25 @@ class Doorbell:
             while os.read(self.fd, 65536):
                 pass
 
+    def covers(self, fd: int) -> bool:
+        """Whether every folder the inotify instance ``fd`` (another's: the feed's own watch)
+        watches is one this doorbell watches (armed): then a change it is told of rings here
+        too. False when either cannot be read."""
+        theirs = inotify_watched(fd)
+        return bool(theirs) and theirs <= inotify_watched(self.fd)
+
+    def knock(self) -> None:
+        """Make ``knock_fd`` readable (from any thread; nothing once closed)."""
+        with self._lock:
+            if not self._closed:
+                with contextlib.suppress(OSError):  # the counter is full: readable anyway
+                    os.eventfd_write(self.knock_fd, 1)
+
     def close(self) -> None:
-        os.close(self.fd)
+        with self._lock:
+            self._closed = True
+            os.close(self.fd)
+            os.close(self.knock_fd)
 
 
 def quiet_opens(folder: str | os.PathLike[str], fds: set[int]) -> int:
@@ -223,6 +251,12 @@ def quiet_opens(folder: str | os.PathLike[str], fds: set[int]) -> int:
     finally:
         os.close(top)
     return changed
+
+
+def inotify_watched(fd: int) -> set[tuple[int, int]]:
+    """(inode, kernel device) of each folder the inotify instance ``fd`` watches, from
+    /proc/self/fdinfo (none where it cannot be read)."""
+    return {(ino, dev) for _, (_, ino, dev), _ in _inotify_watches({fd})}
 
 
 def _inotify_watches(fds: set[int]) -> list[tuple[int, tuple[int, int, int], int]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from watchfiles import Change
+from watchfiles._rust_notify import RustNotify
 
 from filedispatch import fastpath
 from filedispatch.watcher import changes
@@ -85,6 +86,7 @@ async def test_a_file_after_the_watch_went_idle_is_seen(
         await _next_with(feed, tmp_path / "c.txt")
 
 
+@needs_fastpath
 async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
 ) -> None:
@@ -105,6 +107,79 @@ async def test_the_first_file_after_a_quiet_spell_is_seen_within_the_idle_step(
             async with asyncio.timeout(30):  # half the idle step: only the wait can see it
                 await seen
         stop.set()
+
+
+@needs_fastpath
+async def test_a_stop_ends_an_idle_watch_without_waiting_out_its_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
+) -> None:
+    """A stop knocks an idle watch awake (``Doorbell.knock``): the feed ends at once, not at
+    the end of the wait on the doorbell (before: the step, here a minute; and a quiet
+    folder's wait is now QUIET_LOOK_MS)."""
+    monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (60_000, 0)))
+    monkeypatch.setattr(changes, "_DOORBELLS", threading.BoundedSemaphore(1))
+    stop = asyncio.Event()
+    feed = _watch(tmp_path, stop)
+    async with contextlib.aclosing(feed):
+        ended = asyncio.ensure_future(anext(feed, None))
+        await _until(lambda: bool(watch_steps) and watch_steps[-1] == 60_000)  # waiting
+        stop.set()
+        async with asyncio.timeout(30):  # half the step: only the knock can end it
+            assert await ended is None
+
+
+@needs_fastpath
+async def test_a_first_change_in_a_subfolder_is_still_seen_within_the_idle_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch_steps: list[int]
+) -> None:
+    """The doorbell watches the folder, not its subfolders: where the watch covers a
+    subfolder (a recursive source that has one), the idle wait keeps looking once per idle
+    step, also after its first look, rather than every QUIET_LOOK_MS (here ten minutes)."""
+    monkeypatch.setattr(changes, "PACE", ((2, 20), (5, 20), (50, 0)))
+    monkeypatch.setattr(changes, "QUIET_LOOK_MS", 600_000)
+    monkeypatch.setattr(changes, "_DOORBELLS", threading.BoundedSemaphore(1))
+    (tmp_path / "sub").mkdir()
+    stop = asyncio.Event()
+    feed = _watch(tmp_path, stop)
+    async with contextlib.aclosing(feed):
+        seen = asyncio.ensure_future(_next_with(feed, tmp_path / "sub" / "a.txt"))
+        # idle, and past the wait's first look (a look at the hot step after the idle one)
+        await _until(lambda: watch_steps[-2:] == [50, changes.PACE[0][0]])
+        (tmp_path / "sub" / "a.txt").write_text("a")
+        async with asyncio.timeout(60):
+            await seen
+        stop.set()
+
+
+@needs_fastpath
+@pytest.mark.parametrize(
+    ("recursive", "subfolder", "covers"),
+    [(False, True, True), (True, False, True), (True, True, False)],
+)
+def test_a_doorbell_covers_a_watch_only_where_it_watches_each_of_its_folders(
+    tmp_path: Path, recursive: bool, subfolder: bool, covers: bool
+) -> None:
+    """``Doorbell.covers``, which lets the idle wait look only every QUIET_LOOK_MS: true for
+    a folder watched alone (not recursive, or without subfolders), false where watchfiles
+    also watches a subfolder, and false while the doorbell is not armed."""
+    if subfolder:
+        (tmp_path / "sub").mkdir()
+    before = fastpath.inotify_fds()
+    notify = RustNotify([str(tmp_path)], False, False, 300, recursive, True)
+    try:
+        (fd,) = fastpath.inotify_fds() - before
+        assert len(fastpath.inotify_watched(fd)) == (2 if recursive and subfolder else 1)
+        bell = fastpath.Doorbell(tmp_path)
+        try:
+            assert not bell.covers(fd)
+            assert bell.arm()
+            assert bell.covers(fd) is covers
+            bell.disarm()
+            assert not bell.covers(fd)
+        finally:
+            bell.close()
+    finally:
+        notify.close()
 
 
 async def test_a_file_written_slowly_does_not_keep_the_watch_hot(

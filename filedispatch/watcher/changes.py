@@ -11,13 +11,19 @@ a quiet idle service exclude each other. Here the step follows the traffic (``PA
   4 ms after they land (500 looks a second, while there is work anyway);
 - **warm**, 20 ms, until 30 s after the last batch: a file every few seconds is seen within
   20 to 40 ms, for 50 looks a second;
-- **idle**, 200 ms, after that: five looks a second. Between two looks the watch thread
-  waits on a ``fastpath.Doorbell`` of the folder (``_idle_wait``), so the first file after
-  a quiet spell is looked for as soon as the kernel has an event for it, at the hot step,
-  rather than 200 to 400 ms later (two idle steps: one to see the change, one to see it is
-  over); a burst into an idle folder lost that much at its start (s8: 0.3 s of a 10,000-file
-  burst's 1.4 s, on a tmpfs). The doorbell watches the folder itself, not its subfolders: a
-  first change deeper down is still seen within the idle step.
+- **idle**, 200 ms, after that. Between two looks the watch thread waits on a
+  ``fastpath.Doorbell`` of the folder (``_idle_wait``), so the first file after a quiet
+  spell is looked for as soon as the kernel has an event for it, at the hot step, rather
+  than 200 to 400 ms later (two idle steps: one to see the change, one to see it is over);
+  a burst into an idle folder lost that much at its start (s8: 0.3 s of a 10,000-file
+  burst's 1.4 s, on a tmpfs). The doorbell watches the folder itself, not its subfolders:
+  where the watch covers subfolders too (a recursive source that has some), the idle wait
+  still looks once per idle step, so a first change deeper down is seen within it. Where
+  the doorbell covers every folder the watch does (the default, a source that is not
+  recursive, or a recursive one without subfolders), every change rings it, and the idle
+  wait looks only every ``QUIET_LOOK_MS`` besides: five looks a second, each a Python call
+  and a Rust one taking the GIL, were most of an idle service's CPU (s9: 23 of its 36 ms
+  in 30 s). A stop knocks the waiting thread awake (``Doorbell.knock``).
 
 A polled folder (``force_polling``: a network filesystem, a shared source) is never hot: its
 changes come once per poll, so it starts over at warm. Nor is a batch that only modifies files
@@ -54,6 +60,10 @@ PACE = ((2, 1_000), (20, 30_000), (200, 0))
 SHORT_RUN_PACE = PACE[:2]
 #: longest a batch is grouped once a change was seen (ms), however busy the folder
 DEBOUNCE_MS = 50
+#: the idle wait's longest sleep (ms) between two looks on a doorbell that covers every
+#: folder of the watch: each change rings it, so a look only makes sure (one 2 ms look of
+#: the watch thread with the GIL every 5 s, against five a second at the idle step)
+QUIET_LOOK_MS = 5_000
 
 Changes = set[tuple[Change, str]]
 #: what a look of ``RustNotify.watch`` returns: the changes, or why there are none
@@ -66,25 +76,34 @@ def _idle_wait(
     step_ms: int,
     look_ms: int,
     halt: threading.Event,
+    covered: Callable[[], bool] | None = None,
 ) -> Looked:
-    """The idle level's watch, in the watch thread, until a change comes (or ``halt``): wait
-    up to ``step_ms`` for ``bell`` to ring; rung, look at the ``look_ms`` step (the hot one)
-    for up to ``step_ms`` for watchfiles' thread to have the change; not rung, look once (a
-    change in a subfolder, or one made before the bell was armed). Returns what
-    ``RustNotify.watch`` does, never "timeout". The wait holds no GIL and takes no CPU."""
+    """The idle level's watch, in the watch thread, until a change comes (or ``halt``, told
+    by ``bell.knock()``): wait for ``bell`` to ring; rung, look at the ``look_ms`` step (the
+    hot one) for up to ``step_ms`` for watchfiles' thread to have the change; not rung, look
+    once. The first wait is ``step_ms`` (a change made before the bell was armed); the later
+    ones too unless ``covered()`` says the bell watches every folder the feed's watch does
+    (no subfolder watched: a change deeper down would not ring), then QUIET_LOOK_MS. Returns
+    what ``RustNotify.watch`` does, never "timeout". The wait holds no GIL and takes no CPU."""
     if not bell.arm():  # the folder is gone, or no watch is left: the plain idle step
         return notify.watch(DEBOUNCE_MS, step_ms, 0, halt)
     try:
         poller = select.poll()
         poller.register(bell.fd, select.POLLIN)
-        while not halt.is_set():
-            rung = poller.poll(step_ms)
+        poller.register(bell.knock_fd, select.POLLIN)
+        wait_ms = step_ms
+        while True:
+            woken = {fd for fd, _ in poller.poll(wait_ms)}
+            if halt.is_set():
+                return "stop"
+            rung = bell.fd in woken
             if rung:
                 bell.drain()
             raw = notify.watch(DEBOUNCE_MS, look_ms, step_ms if rung else 1, halt)
             if raw != "timeout":
                 return raw
-        return "stop"
+            quiet = covered is not None and covered()
+            wait_ms = max(step_ms, QUIET_LOOK_MS) if quiet else step_ms
     finally:
         bell.disarm()
 
@@ -168,11 +187,20 @@ async def watch_changes(
         fd = next(iter(created)) if len(created) == 1 else None
         on_watch(True, None if fd is None else functools.partial(_watch_count, fd))
     bell = _doorbell(root, force_polling, pace)
+    covered = None
+    if bell is not None and len(created) == 1:
+        covered = functools.partial(bell.covers, next(iter(created)))
+
+    def halt_now() -> None:  # the Rust loop reads ``halt``, the idle wait is knocked awake
+        halt.set()
+        if bell is not None:
+            bell.knock()
+
     # a thread of its own: an idle watch holds it for as long as the folder is quiet, which
     # the shared default executor (a few threads for every stat and hash) cannot spare
     thread = ThreadPoolExecutor(1, thread_name_prefix=f"watch {root.name}")
     waiter = loop.create_task(stop.wait())
-    waiter.add_done_callback(lambda _: halt.set())
+    waiter.add_done_callback(lambda _: halt_now())
     level = len(pace) - 1  # idle until the first change
     # a polled folder's changes come once per poll: looking every 2 ms in between only costs
     hottest = 1 if force_polling else 0
@@ -182,7 +210,7 @@ async def watch_changes(
             step, lasts = pace[level]
             if bell is not None and level == len(pace) - 1:
                 raw = await loop.run_in_executor(
-                    thread, _idle_wait, notify, bell, step, pace[0][0], halt
+                    thread, _idle_wait, notify, bell, step, pace[0][0], halt, covered
                 )
             else:
                 raw = await loop.run_in_executor(
@@ -202,7 +230,7 @@ async def watch_changes(
             yield batch
     finally:  # a watch still running (its awaiter cancelled) returns within a step: the
         # close queued behind it in the same thread then ends the notify thread
-        halt.set()
+        halt_now()
         waiter.cancel()
         if on_watch is not None:
             on_watch(False, None)  # its descriptor is about to close (its number reused)
