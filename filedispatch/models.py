@@ -93,17 +93,18 @@ class FileVersion:
             source, root, relpath, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev
         )
 
-    def same_file(self, st: os.stat_result) -> bool:
+    def same_file(self, st: os.stat_result, renamed: bool = False) -> bool:
         """Whether ``st`` (an lstat, a stat or an fstat) is still this very version: the same
         device, inode, size, mtime and ctime. Identity fields left 0 (a version made from an
-        old journal row, or by hand) are not compared."""
+        old journal row, or by hand) are not compared. ``renamed``: ``st`` is of a file we
+        have just renamed, which moved its ctime (Linux: ext4, xfs, tmpfs...): not compared."""
         if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
             return False
         if self.ino and st.st_ino != self.ino:
             return False
         if self.dev and st.st_dev != self.dev:
             return False
-        return not (self.ctime_ns and st.st_ctime_ns != self.ctime_ns)
+        return renamed or not (self.ctime_ns and st.st_ctime_ns != self.ctime_ns)
 
 
 @dataclass(frozen=True, slots=True)

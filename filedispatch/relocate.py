@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import hashlib
+import logging
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,8 @@ from pathlib import Path, PurePosixPath
 
 from . import fastpath, naming
 from .processors.local import copy_data
+
+log = logging.getLogger(__name__)
 
 #: how many numbered names (``a-1.bin``, ``a-2.bin``...) are tried before a clock-based one
 MAX_NUMBERED = 10_000
@@ -59,6 +63,46 @@ def rename_free(path: Path, target: Path) -> Path:
             return target
         except FileExistsError:
             target = free_name(target)
+
+
+def consume(src: Path, same: Callable[[Path], bool]) -> bool:
+    """Remove ``src`` if it is still the file meant (``same(path)``); returns whether it was.
+
+    A check then an unlink by name would remove whatever the name holds by then: a new
+    version a writer renamed over it meanwhile (write ``.x.tmp``, rename it to ``x``: the
+    usual way to write a file) would be lost, never delivered. So the file is first renamed
+    to a hidden name in its own folder (one step: whatever is at ``src`` now), looked at
+    there, and only then unlinked; a file that is not the one meant is put back
+    (``put_back``). Raises FileNotFoundError when ``src`` is gone, OSError as ``rename``."""
+    hidden = src.with_name(f".filedispatch-gone-{secrets.token_hex(6)}")
+    os.rename(src, hidden)
+    try:
+        meant = same(hidden)
+    except OSError:
+        meant = False
+    if meant:
+        os.unlink(hidden)
+        return True
+    put_back(hidden, src)
+    return False
+
+
+def put_back(path: Path, src: Path) -> Path:
+    """Give a file taken by mistake (a new version renamed over a source that was being
+    consumed) its name ``src`` back, or the next free numbered name if another file has
+    taken it meanwhile; the log says so. Returns where it is."""
+    try:
+        back = rename_free(path, src)
+    except fastpath.RenameUnavailable:  # its own folder: only a plain rename's fallback
+        back = free_name(src)
+        os.rename(path, back)
+    log.warning(
+        "%s changed while it was moved or removed (a new version renamed over it): the new "
+        "version is left at %s, to be dispatched on its own",
+        src,
+        back,
+    )
+    return back
 
 
 def _copy(src: Path, dst: Path, check: Callable[[], None] | None = None) -> os.stat_result:
@@ -99,6 +143,7 @@ def move_by_copy(
     check: Callable[[], None] | None = None,
     *,
     any_free_name: bool,
+    same: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
 
@@ -112,6 +157,9 @@ def move_by_copy(
 
     ``check`` (if given) is called before each piece of the copy and before the rename: what
     it raises ends the move there, the hidden copy removed (a move called off at a stop).
+    ``same(path)`` (if given): whether the file at ``path`` is the one meant; ``src`` is then
+    removed with ``consume``, so a new version renamed over it as the move ends is left,
+    never removed (the copy placed is of the version meant, which no longer has a name).
     A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
     a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
     error is raised: the file is never in both places. Returns where the file is now.
@@ -121,7 +169,7 @@ def move_by_copy(
         if placed is not None:
             if not unchanged():
                 raise OSError(f"{src} changed while it was moved; it stays (a new version)")
-            os.unlink(src)
+            _remove(src, same)
             return placed
     # one hidden name per source and target: a crash's leftover is overwritten next time
     tag = hashlib.sha256(os.fsencode(src)).hexdigest()[:12]
@@ -146,12 +194,22 @@ def move_by_copy(
             os.unlink(tmp)
         raise
     try:
-        os.unlink(src)
+        _remove(src, same)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(placed)
         raise
     return placed
+
+
+def _remove(src: Path, same: Callable[[Path], bool] | None) -> None:
+    """``src`` removed once its copy is placed; gone already, it is not missed (the copy is
+    then the file's only place, and is kept)."""
+    with contextlib.suppress(FileNotFoundError):
+        if same is None:
+            os.unlink(src)
+        else:
+            consume(src, same)
 
 
 def _placed_before(src: Path, target: Path) -> Path | None:

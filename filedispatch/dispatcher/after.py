@@ -128,15 +128,16 @@ class AfterActions:
             log.info("%s changed since it was dispatched; it stays (a new version)", path)
             return
         try:
-            if what is Fate.DELETE:
-                os.unlink(path)  # a symbolic link itself, never its target
+            same = functools.partial(_same_at, version, source.follow_symlinks)
+            if what is Fate.DELETE:  # a symbolic link itself, never its target
+                relocate.consume(path, same)
                 return
             folder = source.done_dir if what is Fate.DONE_DIR else source.failed_dir
             assert folder is not None
             target = folder / version.relpath
             threads.refuse_if_hung(str(target.parent))
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
-            move = _Move(path, target, unchanged, source.path)
+            move = _Move(path, target, unchanged, source.path, same)
             if not self._renamed_inline(folder, move):
                 self._queue(folder, move)
         except NetworkError as exc:
@@ -154,7 +155,7 @@ class AfterActions:
             return False
         try:
             move.target.parent.mkdir(parents=True, exist_ok=True)
-            relocate.rename_free(move.path, move.target)
+            _renamed(move)
             return True
         except fastpath.RenameUnavailable:
             del self._inline[key]
@@ -304,6 +305,8 @@ class _Move:
     target: Path
     unchanged: Callable[[], bool]
     source: Path
+    #: whether the file at a path is the one delivered (``relocate.consume``)
+    same: Callable[[Path], bool]
 
 
 @dataclass
@@ -326,7 +329,7 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
     check()
     if not rename:
         return relocate.move_by_copy(
-            move.path, move.target, move.unchanged, check, any_free_name=True
+            move.path, move.target, move.unchanged, check, any_free_name=True, same=move.same
         ), False
     try:
         if not move.unchanged():
@@ -334,12 +337,28 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
     except FileNotFoundError:
         return None
     try:
-        return relocate.rename_free(move.path, move.target), True
+        return _renamed(move), True
     except fastpath.RenameUnavailable:
         placed = relocate.move_by_copy(
-            move.path, move.target, move.unchanged, check, any_free_name=True
+            move.path, move.target, move.unchanged, check, any_free_name=True, same=move.same
         )
         return placed, False
+
+
+def _renamed(move: _Move) -> Path:
+    """``move``'s file renamed into its folder, then looked at there: a rename takes whatever
+    the name holds by then, and a new version renamed over the source since it was last
+    looked at is not the file delivered: it is put back (``relocate.put_back``), to be
+    dispatched on its own, and OSError raised. Returns where the file went."""
+    placed = relocate.rename_free(move.path, move.target)
+    try:
+        meant = move.same(placed)
+    except OSError:
+        meant = False
+    if not meant:
+        relocate.put_back(placed, move.path)
+        raise OSError(f"{move.path} changed as it was moved; the new version stays")
+    return placed
 
 
 def _still(move: _Move) -> bool:
@@ -390,6 +409,12 @@ def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:
     if follow_symlinks and stat.S_ISLNK(st.st_mode):
         st = os.stat(path)
     return st
+
+
+def _same_at(version: FileVersion, follow_symlinks: bool, path: Path) -> bool:
+    """Whether the file at ``path`` (the source, renamed by us) is the very file of
+    ``version``."""
+    return version.same_file(_identity(path, follow_symlinks), renamed=True)
 
 
 def _unchanged(version: FileVersion, follow_symlinks: bool) -> bool:

@@ -1,0 +1,243 @@
+"""Moves and removals of a delivered source (``done_dir``, ``failed_dir``, ``delete``) while
+its writer, or anyone who may write the inbox, swaps or replaces it: a new version renamed
+over the source as the move ends is never removed (``relocate.consume``), a file replaced
+while its move waits is not moved, a mount made below a ``done_dir`` gets the file whole, a
+move called off at the stop leaves the file in one place. First written as attacks by the
+session-9 review (rev9); the first was a finding (the new version was deleted, never
+delivered), the others held. Real files, real mounts and fanotify gates (root, else
+skipped), the real CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from .conftest import ServiceProcess, old, wait_until, write_config
+
+
+def _config(tmp_path: Path, sources: list[dict[str, object]], **top: object) -> Path:
+    """Every source delivered to ``tmp_path/out`` (a subfolder per source: ``{source}``)."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    settings = {
+        "database": str(tmp_path / "journal.db"),
+        "sources": sources,
+        "rules": [{"name": "all", "glob": "*", "to": [{"url": out.as_uri()}]}],
+        "api": {"enabled": False},
+        "monitor": {"enabled": False},
+        **top,
+    }
+    return write_config(tmp_path / "config.yml", settings)
+
+
+# -- finding: --once says all is well while a delivered file was not moved -----------------
+
+
+def test_a_source_replaced_while_its_move_waits_in_the_lane_is_not_moved(
+    tmp_path: Path,
+) -> None:
+    """``done`` is another filesystem whose opens wait at a gate: the first file's move sticks
+    in its copy, and the second file, delivered meanwhile, waits behind it in the folder's
+    lane. Its source is then replaced (another file renamed over its name: a second version).
+    Once the gate opens, the version delivered is not moved (it is gone), the new one is not
+    moved in its place under the first's delivery: it is delivered and moved on its own.
+    Held: done/2.txt holds the second version's bytes, once; no hidden copy is left."""
+    from .test_hung_mount import _hung_mount
+
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    source = {"path": str(inbox), "name": "in", "settle": 0.05}
+    source.update({"after": "move", "done_dir": str(done)})
+    with _hung_mount(done) as gate:
+        svc = ServiceProcess(_config(tmp_path, [source]))
+        try:
+            svc.start()
+            old(inbox / "1.txt", b"one\n")
+            assert gate.held.wait(60), svc.log()  # the first move's copy waits
+            old(inbox / "2.txt", b"two, first\n")
+            wait_until(lambda: (tmp_path / "out" / "2.txt").exists(), 60)
+            old(inbox / "2.txt", b"two, second\n")  # renamed over it: another file
+            gate.release()
+            wait_until(lambda: not any(inbox.iterdir()), 90)
+            placed = {p.name: p.read_bytes() for p in done.iterdir()}
+            log = svc.log()
+        finally:
+            gate.release()
+            svc.stop(60)
+    assert placed == {"1.txt": b"one\n", "2.txt": b"two, second\n"}, log[-3000:]
+
+
+def test_a_mount_made_below_a_done_dir_seen_to_rename_is_moved_into_whole(
+    tmp_path: Path,
+) -> None:
+    """A rename into ``done`` was seen to work (``_inline``: for 60 s, moves there go
+    inline); then another filesystem is mounted at done/s2. The next file's move (s2/2.txt)
+    is tried inline, meets EXDEV, and goes to the lane, which copies it. Held: the file ends
+    in done/s2 whole, once, and not in the inbox. (Not shown, since a mkdir or stat cannot
+    be made to hang here: for that minute the event loop makes the folder and looks for a
+    free name in the new mount.)"""
+    from .test_hung_mount import _mounted
+
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    source = {"path": str(inbox), "name": "in", "settle": 0.05, "recursive": True}
+    source.update({"after": "move", "done_dir": str(done)})
+    svc = ServiceProcess(_config(tmp_path, [source]))
+    try:
+        svc.start()
+        old(inbox / "s1" / "1.txt", b"one\n")
+        wait_until(lambda: (done / "s1" / "1.txt").exists(), 60)
+        with _mounted(done / "s2"):
+            old(inbox / "s2" / "2.txt", b"two\n")
+            wait_until(lambda: not (inbox / "s2" / "2.txt").exists(), 60)
+            moved = (done / "s2" / "2.txt").read_bytes()
+            names = sorted(p.name for p in (done / "s2").iterdir())
+            log = svc.log()
+    finally:
+        svc.stop(60)
+    assert (moved, names) == (b"two\n", ["2.txt"]), log[-3000:]
+
+
+def test_a_move_called_off_at_the_stop_mid_copy_leaves_the_file_in_one_place(
+    tmp_path: Path,
+) -> None:
+    """The move's copy into ``done`` (another filesystem) waits at a gate when the service is
+    stopped: the stop calls it off, waits for it CALL_OFF_PATIENCE_S, and ends the process
+    with the thread still stuck. Held: the file is in the inbox and nowhere in ``done`` but
+    for an empty hidden copy the stuck open had made; the next start moves it, the hidden
+    copy goes, and ``done`` holds the file once."""
+    from .test_hung_mount import _hung_mount
+
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    source = {"path": str(inbox), "name": "in", "settle": 0.05}
+    source.update({"after": "move", "done_dir": str(done)})
+    cfg = _config(tmp_path, [source], shutdown_grace=0.5)
+    with _hung_mount(done) as gate:
+        svc = ServiceProcess(cfg)
+        try:
+            svc.start()
+            old(inbox / "1.txt", b"one\n")
+            assert gate.held.wait(60), svc.log()
+            code = svc.stop(120)
+        finally:
+            gate.release()
+            svc.stop(60)
+        left = sorted(p.name for p in done.iterdir() if p.stat().st_size)
+        assert (inbox / "1.txt").read_bytes() == b"one\n", svc.log()[-3000:]
+        assert left == [], f"exit {code}; a copy with bytes left in done: {left}"
+        again = ServiceProcess(cfg)
+        try:
+            again.start()
+            wait_until(lambda: not (inbox / "1.txt").exists(), 60)
+            placed = {p.name: p.read_bytes() for p in done.iterdir()}
+        finally:
+            again.stop(60)
+    assert placed == {"1.txt": b"one\n"}, placed
+
+
+# -- finding: a file renamed over the source as its move's copy is placed is deleted --------
+
+
+class _ClosedWrites:
+    """inotify on a folder: ``wait(prefix)`` returns once a file whose name starts with
+    ``prefix`` has been closed after writing there."""
+
+    def __init__(self, folder: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0:
+            pytest.skip(f"inotify_init1: {os.strerror(ctypes.get_errno())}")
+        if self._libc.inotify_add_watch(self.fd, bytes(folder), 0x8) < 0:  # IN_CLOSE_WRITE
+            os.close(self.fd)
+            pytest.skip(f"inotify_add_watch: {os.strerror(ctypes.get_errno())}")
+
+    def wait(self, prefix: str, until: threading.Event) -> bool:
+        while not until.is_set():
+            if not select.select([self.fd], [], [], 0.05)[0]:
+                continue
+            buf = os.read(self.fd, 65536)
+            at = 0
+            while at < len(buf):
+                _, _, _, size = struct.unpack_from("iIII", buf, at)
+                name = buf[at + 16 : at + 16 + size].rstrip(b"\0").decode()
+                at += 16 + size
+                if name.startswith(prefix):
+                    return True
+        return False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def test_a_new_version_renamed_over_the_source_as_its_move_by_copy_ends_is_not_deleted(
+    tmp_path: Path,
+) -> None:
+    """A producer that replaces its files atomically (write ``.a.txt.tmp``, rename it over
+    ``a.txt``: the careful writer's way, no attacker needed) does so just as the move of the
+    version delivered into a ``done_dir`` on another filesystem has written its copy.
+    ``move_by_copy`` looks at the source (``unchanged()``), places the copy, then removes the
+    source by name: a rename over the name between the look and the removal makes it remove
+    the new version, never delivered. The window is the rename of the copy into place,
+    widened here as a full ``done_dir`` widens it (a-1.txt ... taken: ``free_name`` looks at
+    each); the new version is renamed in as soon as the copy is closed (inotify).
+
+    Found: the new version is gone: not delivered, not in ``done``, not in the inbox
+    (relocate.py ``move_by_copy``: ``unchanged()`` then ``rename_free`` then
+    ``os.unlink(src)`` by name, nothing tying the unlink to the file looked at)."""
+    from .test_hung_mount import _mounted
+
+    inbox, done, out = tmp_path / "in", tmp_path / "done", tmp_path / "out"
+    inbox.mkdir()
+    # settle: the new version is delivered 2 s after it appeared, the old one's move ends first
+    source = {"path": str(inbox), "name": "in", "settle": 2.0}
+    source.update({"after": "move", "done_dir": str(done)})
+    with _mounted(done):
+        for n in range(1, 10_000):  # a done_dir where many a.txt went before
+            (done / f"a-{n}.txt").write_bytes(b"")
+        (done / "a.txt").write_bytes(b"")
+        closed = _ClosedWrites(done)
+        stop = threading.Event()
+        swapped: list[bool] = []
+        staged = inbox / ".a.txt.tmp"
+
+        def producer() -> None:
+            if closed.wait(".filedispatch-move-", stop):
+                os.rename(staged, inbox / "a.txt")
+                swapped.append(True)
+
+        staged.write_bytes(b"a, second\n")
+        thread = threading.Thread(target=producer, daemon=True)
+        svc = ServiceProcess(_config(tmp_path, [source]))
+        try:
+            svc.start()
+            thread.start()
+            old(inbox / "a.txt", b"a, first\n")
+            wait_until(lambda: swapped, 60)
+
+            def holds(folder: Path, data: bytes) -> bool:
+                return any(p.is_file() and p.read_bytes() == data for p in folder.iterdir())
+
+            # the first version's move has ended: its copy placed, or refused as changed
+            wait_until(
+                lambda: holds(done, b"a, first\n") or "changed while it was moved" in svc.log(),
+                60,
+            )
+            with contextlib.suppress(AssertionError):  # the second is delivered 2 s later
+                wait_until(lambda: holds(out, b"a, second\n"), 30)
+            found = holds(out, b"a, second\n") or holds(inbox, b"a, second\n")
+            log = svc.log()
+        finally:
+            stop.set()
+            thread.join(10)
+            closed.close()
+            svc.stop(60)
+    assert found, f"the second version, never delivered, was deleted:\n{log[-3000:]}"
