@@ -187,20 +187,24 @@ sys.stdin.read()
 """
 
 
+def _sqlite_journal_before_the_newest(tmp_path: Path) -> Path:
+    path = tmp_path / "j.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        for migration in SQLITE_MIGRATIONS[:-1]:
+            for sql in migration:
+                conn.execute(sql)
+        conn.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS) - 1}")
+        conn.commit()
+    return path
+
+
 async def test_a_command_of_a_newer_version_does_not_migrate_an_sqlite_journal_in_use(
     tmp_path: Path,
 ) -> None:
     """An SQLite journal of the schema before the newest, its service (of that version)
     running: a newer version's open refuses to migrate it, naming the service's pid, and
     leaves it as it is; once the service has stopped, the open migrates it."""
-    path = tmp_path / "j.db"
-    conn = sqlite3.connect(path)
-    for migration in SQLITE_MIGRATIONS[:-1]:
-        for sql in migration:
-            conn.execute(sql)
-    conn.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS) - 1}")
-    conn.commit()
-    conn.close()
+    path = _sqlite_journal_before_the_newest(tmp_path)
     older = subprocess.Popen(
         [sys.executable, "-c", _OLDER_SERVICE, f"{path}.lock"],
         stdin=subprocess.PIPE,
@@ -222,3 +226,64 @@ async def test_a_command_of_a_newer_version_does_not_migrate_an_sqlite_journal_i
         pass
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == len(SQLITE_MIGRATIONS)
+
+
+#: a command of the newer version opening the journal (as ``history`` does), its pid first
+_NEWER_OPEN = """
+import asyncio, os, sys
+from pathlib import Path
+from filedispatch.journal import open_journal
+print("pid", os.getpid(), flush=True)
+async def main():
+    async with open_journal(Path(sys.argv[1]), hold=False):
+        pass
+try:
+    asyncio.run(main())
+except Exception as exc:
+    print("refused", exc, flush=True)
+    sys.exit(1)
+"""
+
+
+def _in_own_pid_namespace(args: list[str]) -> list[str]:
+    """``args`` run as pid 1 of a new pid namespace (as a container's main process is)."""
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "true"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid: {probe.stderr.strip()}")
+    return ["unshare", "--pid", "--fork", *args]
+
+
+def test_a_newer_command_in_another_container_does_not_migrate_an_sqlite_journal_in_use(
+    tmp_path: Path,
+) -> None:
+    """The older service runs as pid 1 of its container, and a newer version's command as
+    pid 1 of another, on the same journal: refused as on one host. Before, the lock held by
+    another process was taken for this one's own because the pid written in it was the same
+    (found by the session-9 review, rev9): the journal was migrated under the running older
+    service."""
+    path = _sqlite_journal_before_the_newest(tmp_path)
+    older = subprocess.Popen(
+        _in_own_pid_namespace([sys.executable, "-c", _OLDER_SERVICE, f"{path}.lock"]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert older.stdout is not None and older.stdout.readline() == "held\n"
+        newer = subprocess.run(
+            _in_own_pid_namespace([sys.executable, "-c", _NEWER_OPEN, str(path)]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        older.communicate("", timeout=30)
+    said = newer.stdout + newer.stderr[-2000:]
+    assert said.startswith("pid 1\n"), said
+    assert "older version runs on it (pid 1)" in said, said
+    assert version == len(SQLITE_MIGRATIONS) - 1, f"migrated under the older service: {said}"

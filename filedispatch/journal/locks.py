@@ -33,18 +33,42 @@ def migrating(path: Path) -> Iterator[None]:
     during the migration finds the lock taken, and after it a schema newer than it knows."""
     fd = open_lock_file(path, JournalError)
     try:
-        if not flocked(fd):
+        if not flocked(fd) and _key(fd) not in _HELD:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            if holder != str(os.getpid()):
-                raise JournalError(
-                    f"the journal {path} needs an upgrade of its schema, and a filedispatch "
-                    f"of an older version runs on it (pid {holder or 'unknown'}): stop it "
-                    "first (it goes on writing rows under the schema it opened, and a row "
-                    "could be named two ways); the journal is left as it is"
-                )
+            # another process: told by the lock file, not by the pid written in it (two
+            # processes in their own pid namespaces may both be pid 1)
+            raise JournalError(
+                f"the journal {path} needs an upgrade of its schema, and a filedispatch "
+                f"of an older version runs on it (pid {holder or 'unknown'}): stop it "
+                "first (it goes on writing rows under the schema it opened, and a row "
+                "could be named two ways); the journal is left as it is"
+            )
         yield
     finally:
         os.close(fd)
+
+
+#: (device, inode) of the lock files whose one-service lock this process holds (``held``):
+#: told apart by the file, not by the pid written in it, which two processes in their own
+#: pid namespaces (containers) may share
+_HELD: set[tuple[int, int]] = set()
+
+
+def _key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def held(fd: int) -> Iterator[None]:
+    """While inside, this process holds the one-service lock of the lock file open as
+    ``fd`` (for ``migrating``)."""
+    key = _key(fd)
+    _HELD.add(key)
+    try:
+        yield
+    finally:
+        _HELD.discard(key)
 
 
 def open_lock_file(path: Path, error: type[Exception]) -> int:

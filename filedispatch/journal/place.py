@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import JournalError, JournalUnavailableError, ServiceError
 from .backends import needs_psycopg, when_ready
 from .base import default_path
-from .locks import SCHEMA_LOCK, SERVICE_LOCK, flocked, open_lock_file
+from .locks import SCHEMA_LOCK, SERVICE_LOCK, flocked, held, open_lock_file
 from .target import Database, PostgresTarget
 
 if TYPE_CHECKING:
@@ -291,6 +291,7 @@ def _file_lock(path: Path) -> Iterator[None]:
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:
             log.warning("cannot write the pid into %s.lock: %s", path, exc.strerror or exc)
-        yield
+        with held(fd):
+            yield
     finally:
         os.close(fd)
