@@ -377,7 +377,12 @@ def print_summary(service: Service) -> None:
     say(
         f"processed: {s.processed}  already done: {s.already_done}  failed: {s.failed}"
         + (f"  left for later (--max-items): {s.skipped}" if s.skipped else "")
-        + (f"  not moved (a done_dir or failed_dir hangs): {s.unmoved}" if s.unmoved else "")
+        + (
+            f"  not moved (a done_dir or failed_dir hangs, or a move failed: see the log): "
+            f"{s.unmoved}"
+            if s.unmoved
+            else ""
+        )
     )
     from .watcher import total_skips
 

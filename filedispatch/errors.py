@@ -21,8 +21,9 @@ FileDispatchError
 A few exceptions signal a fallback, not an error, and are caught by the code that asked, so
 they are not part of this tree: ``fastpath.RenameUnavailable`` (no rename can do it: copy),
 ``processors.MoveUnavailable`` (the source cannot be renamed into place: it is copied),
-``sourcefile.NotRegularFile`` (an ``OSError``), the API's ``BadParameter`` (a 400 answer) and
-the SQLite journal's ``_Held`` (a batch kept for later). ``tests/test_house.py`` checks that
+``sourcefile.NotRegularFile`` and ``NewVersionError`` (``OSError``s: a source no longer the
+file delivered stays), the API's ``BadParameter`` (a 400 answer) and the SQLite journal's
+``_Held`` (a batch kept for later). ``tests/test_house.py`` checks that
 this drawing matches the classes, branch signs included.
 """
 
@@ -139,3 +140,9 @@ class PermanentDeliveryError(DeliveryError):
 
 class SourceVanishedError(PermanentDeliveryError):
     """The source file was removed or replaced before it could be delivered."""
+
+
+class NewVersionError(OSError):
+    """A source about to be moved or removed after its delivery is no longer the file
+    delivered (a new version was written or renamed over it): it stays, and is dispatched on
+    its own. A signal for the after-actions, not an error (not in the tree)."""

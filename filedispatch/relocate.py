@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from . import fastpath, naming
+from .errors import NewVersionError
 from .processors.local import copy_data
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def move_by_copy(
         placed = _placed_before(src, target)
         if placed is not None:
             if not unchanged():
-                raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+                raise NewVersionError(f"{src} changed while it was moved; it stays (a new version)")
             _remove(src, same)
             return placed
     # one hidden name per source and target: a crash's leftover is overwritten next time
@@ -178,7 +179,7 @@ def move_by_copy(
     try:
         made = _copy(src, tmp, check)
         if not unchanged():
-            raise OSError(f"{src} changed while it was moved; it stays (a new version)")
+            raise NewVersionError(f"{src} changed while it was moved; it stays (a new version)")
         if check is not None:
             check()
         there = os.lstat(tmp)  # a file renamed onto our hidden name would be placed as ours

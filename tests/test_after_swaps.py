@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ServiceProcess, old, wait_until, write_config
+from .conftest import ServiceProcess, old, run_cli, wait_until, write_config
 
 
 def _config(tmp_path: Path, sources: list[dict[str, object]], **top: object) -> Path:
@@ -241,3 +241,29 @@ def test_a_new_version_renamed_over_the_source_as_its_move_by_copy_ends_is_not_d
             closed.close()
             svc.stop(60)
     assert found, f"the second version, never delivered, was deleted:\n{log[-3000:]}"
+
+
+def test_once_exits_1_when_a_delivered_file_could_not_be_moved(tmp_path: Path) -> None:
+    """``after: move`` of a recursive source: in/s1/a.txt goes to done/s1/a.txt, but a
+    regular file stands at done/s1 (left by someone, or a file of that name moved there
+    earlier by a non-recursive source sharing the done_dir). ``--once`` delivers the file,
+    its move fails (the subfolder cannot be made), the file stays in the inbox: the run did
+    not do what it was asked, and a cron job must be told (exit status 1, as for a done_dir
+    that hangs). Before, the failure was only logged, the summary said nothing and the exit
+    status was 0 (found by the session-9 review)."""
+    inbox, done = tmp_path / "in", tmp_path / "done"
+    inbox.mkdir()
+    done.mkdir()
+    (done / "s1").write_bytes(b"not a folder\n")
+    source = {"path": str(inbox), "name": "in", "settle": 0.05, "recursive": True}
+    source.update({"after": "move", "done_dir": str(done)})
+    cfg = _config(tmp_path, [source])
+    old(inbox / "s1" / "a.txt", b"a\n")
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert (tmp_path / "out" / "s1" / "a.txt").read_bytes() == b"a\n", result.stderr[-3000:]
+    assert (inbox / "s1" / "a.txt").exists()  # not moved: its folder cannot be made
+    assert result.returncode == 1, (
+        f"--once exited {result.returncode} with a delivered file left unmoved:\n"
+        f"{result.stdout}\n{result.stderr[-2000:]}"
+    )
+    assert "a move failed: see the log): 1" in result.stdout, result.stdout

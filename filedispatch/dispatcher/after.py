@@ -24,7 +24,7 @@ from typing import Any
 from .. import fastpath, relocate, sourcefile
 from ..asyncutil import CalledOff, thread_to_its_end
 from ..config import SourceConfig, Step
-from ..errors import NetworkError
+from ..errors import NetworkError, NewVersionError
 from ..fate import Fate, fate
 from ..models import FileVersion, Status
 from ..processors import threads
@@ -142,7 +142,10 @@ class AfterActions:
                 self._queue(folder, move)
         except NetworkError as exc:
             self._stays(path, exc)
+        except NewVersionError as exc:
+            log.info("%s", exc)
         except OSError as exc:
+            self.state.summary.unmoved += 1
             log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
 
     def _renamed_inline(self, folder: Path, move: _Move, look: bool = False) -> bool:
@@ -190,7 +193,10 @@ class AfterActions:
                         await self._one(folder, lane, move)
                 except NetworkError as exc:
                     self._stays(move.path, exc)
+                except NewVersionError as exc:
+                    log.info("%s", exc)
                 except Exception as exc:  # said here: nobody awaits this task
+                    self.state.summary.unmoved += 1
                     log.error("after-action: moving %s failed: %s", move.path, exc)
         finally:
             lane.running = None
@@ -333,7 +339,9 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
         ), False
     try:
         if not move.unchanged():
-            raise OSError(f"{move.path} changed since it was dispatched; it stays (a new version)")
+            raise NewVersionError(
+                f"{move.path} changed since it was dispatched; it stays (a new version)"
+            )
     except FileNotFoundError:
         return None
     try:
@@ -357,7 +365,7 @@ def _renamed(move: _Move) -> Path:
         meant = False
     if not meant:
         relocate.put_back(placed, move.path)
-        raise OSError(f"{move.path} changed as it was moved; the new version stays")
+        raise NewVersionError(f"{move.path} changed as it was moved; the new version stays")
     return placed
 
 

@@ -48,7 +48,8 @@ class RunSummary:
     failed: int = 0  #: versions with a destination FAILED for good in this run
     skipped: int = 0  #: not offered because of --max-items
     #: delivered files left in their source folder, not moved: their done_dir or failed_dir
-    #: hangs, or the stop called the move off (a later scan or start moves them)
+    #: hangs, the stop called the move off (a later scan or start moves them), or the move
+    #: or removal failed (the log says why)
     unmoved: int = 0
 
 
