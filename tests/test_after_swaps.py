@@ -15,11 +15,13 @@ import os
 import select
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import ServiceProcess, old, run_cli, wait_until, write_config
+from .test_called_off import _OpenGate
 
 
 def _config(tmp_path: Path, sources: list[dict[str, object]], **top: object) -> Path:
@@ -267,3 +269,75 @@ def test_once_exits_1_when_a_delivered_file_could_not_be_moved(tmp_path: Path) -
         f"{result.stdout}\n{result.stderr[-2000:]}"
     )
     assert "a move failed: see the log): 1" in result.stdout, result.stdout
+
+
+def _let_pending(gate: _OpenGate) -> None:
+    """Let the opens waiting at ``gate`` through, the gate staying closed to later ones."""
+    with gate._lock:
+        for efd in gate._pending:
+            gate._answer(efd)
+        gate._pending.clear()
+        gate.held.clear()
+
+
+def test_moves_slow_to_open_their_sources_do_not_mark_healthy_local_folders_hung(
+    tmp_path: Path,
+) -> None:
+    """Two sources ``m/a`` and ``m/b`` on a filesystem of their own (a tmpfs here; an NFS
+    share in life) whose opens are slow (an on-access virus scanner, a network share
+    answering opens late: a fanotify gate here), each with ``after: move`` into a
+    ``done_dir`` on the local disk (``da``, ``db``); a third source ``c`` on the local disk,
+    delivered to ``out`` on the local disk. Once the two deliveries are in, the moves' opens
+    of their sources wait at the gate. Nothing on the local disk hangs: ``c``'s file must be
+    delivered.
+
+    Before (found by the session-9 review): a move that makes no progress marks its
+    ``done_dir`` hung whatever it waits for (here the source's open), and the second such
+    move widened the mark to the folder both done_dirs are in, here ``tmp_path``: the local
+    disk's healthy ``out`` was refused to every source for as long as the scanner was slow.
+    A move's mark now stays on its own folder (``mark_stuck(..., alone=True)``)."""
+    from .test_hung_mount import _mounted
+
+    m, out = tmp_path / "m", tmp_path / "out"
+    with _mounted(m):
+        sources: list[dict[str, object]] = []
+        for name in ("a", "b"):
+            (m / name).mkdir()
+            (m / name / f"{name}.txt").write_bytes(f"{name}\n".encode())
+            sources.append(
+                {"path": str(m / name), "name": name, "settle": 0.05, "after": "move"}
+                | {"done_dir": str(tmp_path / f"d{name}")}
+            )
+        (tmp_path / "c").mkdir()
+        sources.append({"path": str(tmp_path / "c"), "name": "c", "settle": 0.05})
+        cfg = _config(tmp_path, sources)
+        gates = [_OpenGate(m / "a"), _OpenGate(m / "b")]
+        done = threading.Event()
+
+        def deliveries_through() -> None:  # until each delivery is in, its opens go through
+            while not done.is_set():
+                for name, gate in zip(("a", "b"), gates, strict=True):
+                    if not (out / f"{name}.txt").exists():
+                        _let_pending(gate)
+                time.sleep(0.01)
+
+        releaser = threading.Thread(target=deliveries_through, daemon=True)
+        releaser.start()
+        svc = ServiceProcess(cfg)
+        try:
+            svc.start()
+            wait_until(lambda: all((out / f"{n}.txt").exists() for n in ("a", "b")), 60)
+            # the moves' opens wait at the gates: stuck moves, two done_dirs of one disk
+            wait_until(lambda: svc.log().count("a move into it has made no progress") >= 2, 90)
+            old(tmp_path / "c" / "c.txt", b"c\n")
+            refused = "of its folders have been stuck"
+            wait_until(lambda: (out / "c.txt").exists() or refused in svc.log(), 90)
+            delivered = (out / "c.txt").exists()
+            log = svc.log()
+        finally:
+            done.set()
+            releaser.join(10)
+            for gate in gates:
+                gate.close()
+            svc.stop(60)
+    assert delivered, f"a healthy local folder refused as hung:\n{log[-4000:]}"

@@ -234,7 +234,9 @@ class AfterActions:
         )
 
         def stuck(fut: asyncio.Future[Any]) -> None:
-            threads.mark_stuck(str(folder), fut, said, stuck=MOVE_STUCK)
+            # alone: a move's stall may be its source's (a scanner holding its open), and a
+            # mark widened from it would refuse healthy destinations of that filesystem
+            threads.mark_stuck(str(folder), fut, said, stuck=MOVE_STUCK, alone=True)
 
         def look() -> None:  # on the loop, every CALL_OFF_PATIENCE_S while the move runs
             last, now = progress[0], time.monotonic()

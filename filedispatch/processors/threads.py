@@ -49,8 +49,9 @@ class _Hung:
     threads: set[asyncio.Future[Any]] = field(default_factory=set)
     stuck: str = "a copy into it has been stuck in a system call"
     ended: str = "the stuck copies have ended"
-    #: a start-up sweep's mark (``sweeping``): not a call stuck in the mount (``_widened``)
-    sweep: bool = False
+    #: a mark that shows nothing of its filesystem (``_widened`` leaves it out): a start-up
+    #: sweep's (``sweeping``), or a move's, whose stall may be the source's side as well
+    alone: bool = False
     #: a mark widened to the folder that stuck calls of one filesystem share (``_widened``)
     wide: bool = False
     #: mount points below a widened mark: other filesystems, not refused with it
@@ -115,7 +116,7 @@ def sweeping(folder: str, sweep: asyncio.Future[Any]) -> None:
             time.monotonic(),
             stuck="its start-up sweep of temporary files has been running",
             ended="the start-up sweep of temporary files has returned",
-            sweep=True,
+            alone=True,
         )
     hung.threads.add(sweep)
     sweep.add_done_callback(functools.partial(_ended, folder, []))
@@ -206,21 +207,27 @@ def mark_stuck(
     ids: list[int] | None = None,
     stuck: str = _Hung.stuck,
     ended: str = _Hung.ended,
+    alone: bool = False,
 ) -> None:
     """A call working in ``where`` is stuck in a system call; ``fut`` is done once its
     thread has ended. Until then ``where`` is hung (``refuse_if_hung``), and so, when another
     folder of its filesystem has a stuck call too, is the folder both are in (``_widened``);
     ``ids``' rows wait for it (``CopyThreads.check``). ``said`` is logged once per hang of the
     folder; ``stuck`` is what a refusal says is stuck there, ``ended`` what the log says once
-    every stuck call there has returned."""
-    wide = _widened(where)
+    every stuck call there has returned. ``alone``: the stall may not be ``where``'s own (a
+    move waits on its source as much as on its target): ``where`` is marked, never widened
+    over, nor counted to widen another mark."""
+    wide = None if alone else _widened(where)
     for key, text in ((where, said), (wide, None)):
         if key is None:
             continue
         hung = _HUNG.get(key)
         if hung is None:  # said once per hang of the folder, not once per file
             hung = _HUNG[key] = _Hung(
-                time.monotonic() - CALL_OFF_PATIENCE_S, stuck=stuck, ended=ended
+                time.monotonic() - CALL_OFF_PATIENCE_S,
+                stuck=stuck,
+                ended=ended,
+                alone=alone and key == where,
             )
             if text is not None:
                 log.error("%s: %s", key, text)
@@ -243,7 +250,7 @@ def _widened(where: str) -> str | None:
     others = [
         key
         for key, hung in _HUNG.items()
-        if key != where and not (hung.sweep or hung.wide) and _mount_of(key, mounts) == mount
+        if key != where and not (hung.alone or hung.wide) and _mount_of(key, mounts) == mount
     ]
     if not others:
         return None
