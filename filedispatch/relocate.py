@@ -12,6 +12,7 @@ file back from ``failed_dir``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import filecmp
 import hashlib
 import logging
@@ -64,6 +65,65 @@ def rename_free(path: Path, target: Path) -> Path:
             return target
         except FileExistsError:
             target = free_name(target)
+
+
+#: a folder held open is named through its descriptor here (no /proc: by its real path)
+_FD_NAMES = Path("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
+
+
+@contextlib.contextmanager
+def held_folder(folder: Path) -> Iterator[Path]:
+    """``folder`` (absolute, its links resolved once at start: ``config.real``), made where it
+    is missing and held open while the ``with`` lasts; yields a name of the very folder opened
+    (``/proc/self/fd/N``), for a move into it by ``rename_free`` or ``move_by_copy``.
+
+    No symbolic link is followed on the way to it (``fastpath.open_folder_no_symlinks``), and
+    each missing part is made then opened the same way, relative to the one above: a
+    ``done_dir`` inside a hostile inbox, or one of its subfolders, replaced by a link to
+    somewhere else (/etc/cron.d...) is refused with OSError, never moved into. The name
+    yielded goes to the folder opened, whatever is renamed or linked in its place meanwhile.
+    """
+    path = os.fspath(folder)
+    try:
+        try:
+            fd = fastpath.open_folder_no_symlinks(path)
+        except FileNotFoundError:
+            fd = _made(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise OSError(
+            exc.errno,
+            f"{path}: a symbolic link or a file stands in its path; nothing is moved "
+            f"through it ({exc.strerror})",
+        ) from exc
+    try:
+        yield folder if _FD_NAMES is None else _FD_NAMES / str(fd)
+    finally:
+        os.close(fd)
+
+
+def _made(path: str) -> int:
+    """``held_folder`` where a part of ``path`` is missing: from ``/``, each part opened
+    (O_NOFOLLOW) relative to the one above, made first where it is missing."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open("/", flags)
+    try:
+        for part in path.split("/"):
+            if not part:
+                continue
+            try:
+                below = os.open(part, flags, dir_fd=fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):  # made by another meanwhile
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                below = os.open(part, flags, dir_fd=fd)
+            fd, above = below, fd
+            os.close(above)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def consume(src: Path, same: Callable[[Path], bool]) -> bool:

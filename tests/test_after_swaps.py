@@ -39,6 +39,12 @@ def _config(tmp_path: Path, sources: list[dict[str, object]], **top: object) -> 
     return write_config(tmp_path / "config.yml", settings)
 
 
+def _moving(inbox: Path, done: Path, recursive: bool = False) -> dict[str, object]:
+    """A source ``inbox`` whose files are moved to ``done`` once delivered."""
+    source: dict[str, object] = {"path": str(inbox), "name": "in", "settle": 0.05}
+    return source | {"recursive": recursive, "after": "move", "done_dir": str(done)}
+
+
 # -- finding: --once says all is well while a delivered file was not moved -----------------
 
 
@@ -90,9 +96,7 @@ def test_a_mount_made_below_a_done_dir_seen_to_rename_is_moved_into_whole(
     inbox, done = tmp_path / "in", tmp_path / "done"
     inbox.mkdir()
     done.mkdir()
-    source = {"path": str(inbox), "name": "in", "settle": 0.05, "recursive": True}
-    source.update({"after": "move", "done_dir": str(done)})
-    svc = ServiceProcess(_config(tmp_path, [source]))
+    svc = ServiceProcess(_config(tmp_path, [_moving(inbox, done, recursive=True)]))
     try:
         svc.start()
         old(inbox / "s1" / "1.txt", b"one\n")
@@ -341,3 +345,81 @@ def test_moves_slow_to_open_their_sources_do_not_mark_healthy_local_folders_hung
                 gate.close()
             svc.stop(60)
     assert delivered, f"a healthy local folder refused as hung:\n{log[-4000:]}"
+
+
+# -- a done_dir inside the hostile inbox, swapped for a link ----------------------
+
+#: what the log says of a move refused for a link in its folder's path
+_REFUSED = "nothing is moved through it"
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["same-fs", "other-fs"])
+def test_a_done_dir_in_the_inbox_swapped_for_a_link_moves_nothing_out_through_it(
+    tmp_path: Path, elsewhere: bool
+) -> None:
+    """``after: move`` with ``done_dir: in/done``, inside the source (allowed: the watcher
+    keeps it out). The inbox is hostile: whoever may write there replaces the folder ``done``
+    with a symbolic link to a folder of their choosing (``outside``; on a host, say
+    /etc/cron.d or a home's .ssh, written with the service's rights), then drops a file of
+    theirs. The file is delivered; its move must not follow the link: it stays in the inbox
+    and the log says why. ``outside`` on the inbox's filesystem (a rename through the link)
+    or on another (a tmpfs: a move by copy through it).
+
+    Found by the session-9 review: the file was renamed or copied into ``outside`` (after.py
+    ``_place``: ``mkdir(parents=True, exist_ok=True)`` took the link for the folder, and
+    ``rename_free`` / ``move_by_copy`` used a path resolved through it)."""
+    from .test_hung_mount import _mounted
+
+    inbox, outside = tmp_path / "in", tmp_path / "outside"
+    done = inbox / "done"
+    inbox.mkdir()
+    done.mkdir()
+    with _mounted(outside) if elsewhere else contextlib.nullcontext(outside.mkdir()):
+        svc = ServiceProcess(_config(tmp_path, [_moving(inbox, done)]))
+        try:
+            svc.start()
+            done.rmdir()
+            done.symlink_to(outside, target_is_directory=True)  # the inbox writer's swap
+            old(inbox / "evil.txt", b"* * * * * root id > /tmp/owned\n")
+            wait_until(lambda: (tmp_path / "out" / "evil.txt").exists(), 60)
+            wait_until(lambda: not (inbox / "evil.txt").exists() or _REFUSED in svc.log(), 60)
+            log = svc.log()
+        finally:
+            svc.stop(60)
+        assert not (outside / "evil.txt").exists(), f"moved out through the link:\n{log[-3000:]}"
+        assert sorted(p.name for p in outside.iterdir()) == [], log[-3000:]
+    assert (inbox / "evil.txt").exists(), log[-3000:]
+    assert _REFUSED in log, log[-3000:]
+
+
+def test_a_subfolder_of_a_done_dir_swapped_for_a_link_while_moves_go_inline_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The same attack on a subfolder (a recursive source: in/s1/a.txt goes to
+    in/done/s1/a.txt) while renames into ``done`` go inline on the loop (one was seen to
+    work: ``_inline``): done/s1, made by the first move, is replaced by a link to
+    ``outside``. The next file of s1 is delivered and stays in the inbox; ``outside`` gets
+    nothing; a file of another subfolder is still moved."""
+    inbox, outside = tmp_path / "in", tmp_path / "outside"
+    done = inbox / "done"
+    for folder in (inbox, outside):
+        folder.mkdir()
+    cfg = _config(tmp_path, [_moving(inbox, done, recursive=True)])
+    svc = ServiceProcess(cfg)
+    try:
+        svc.start()
+        old(inbox / "s1" / "ok.txt", b"ok\n")
+        wait_until(lambda: (done / "s1" / "ok.txt").exists(), 60)
+        (done / "s1" / "ok.txt").rename(outside / "was-ok.txt")
+        (done / "s1").rmdir()
+        (done / "s1").symlink_to(outside, target_is_directory=True)
+        old(inbox / "s1" / "evil.txt", b"evil\n")
+        wait_until(lambda: not (inbox / "s1" / "evil.txt").exists() or _REFUSED in svc.log(), 60)
+        old(inbox / "s2" / "fine.txt", b"fine\n")
+        wait_until(lambda: (done / "s2" / "fine.txt").exists(), 60)
+        log = svc.log()
+    finally:
+        svc.stop(60)
+    assert sorted(p.name for p in outside.iterdir()) == ["was-ok.txt"], log[-3000:]
+    assert (inbox / "s1" / "evil.txt").read_bytes() == b"evil\n", log[-3000:]
+    assert _REFUSED in log, log[-3000:]

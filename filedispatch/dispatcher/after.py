@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import fastpath, relocate, sourcefile
 from ..asyncutil import CalledOff, thread_to_its_end
-from ..config import SourceConfig, Step
+from ..config import SourceConfig, Step, real
 from ..errors import NetworkError, NewVersionError
 from ..fate import Fate, fate
 from ..models import FileVersion, Status
@@ -63,6 +63,14 @@ class AfterActions:
         #: the same, for a folder where a rename was seen to fail (another filesystem): its
         #: moves copy at once, without a rename tried first
         self._copies: dict[tuple[Path, Path], float] = {}
+        #: each ``done_dir`` and ``failed_dir`` -> its links resolved at start: the folder
+        #: moved into, reached later without following any link (``relocate.held_folder``)
+        self._real = {
+            folder: real(folder)
+            for src in state.config.sources
+            for folder in (src.done_dir, src.failed_dir)
+            if folder is not None
+        }
 
     def fate_of(
         self,
@@ -137,7 +145,8 @@ class AfterActions:
             target = folder / version.relpath
             threads.refuse_if_hung(str(target.parent))
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
-            move = _Move(path, target, unchanged, source.path, same)
+            into = self._real.get(folder) or real(folder)
+            move = _Move(path, target, unchanged, source.path, same, into / version.relpath)
             if not self._renamed_inline(folder, move):
                 self._queue(folder, move)
         except NetworkError as exc:
@@ -157,8 +166,8 @@ class AfterActions:
         if self._inline.get(key, 0.0) <= time.monotonic() or (look and not _still(move)):
             return False
         try:
-            move.target.parent.mkdir(parents=True, exist_ok=True)
-            _renamed(move)
+            with relocate.held_folder(move.into.parent) as there:
+                _renamed(move, there / move.into.name)
             return True
         except fastpath.RenameUnavailable:
             del self._inline[key]
@@ -315,6 +324,9 @@ class _Move:
     source: Path
     #: whether the file at a path is the one delivered (``relocate.consume``)
     same: Callable[[Path], bool]
+    #: ``target`` under its folder's real path, as resolved at start: where the file goes,
+    #: reached without following a link (``relocate.held_folder``)
+    into: Path
 
 
 @dataclass
@@ -330,37 +342,41 @@ class _Lane:
 def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, bool] | None:
     """In a lane's thread: make ``move``'s folder and rename the file into it, or where no
     rename can (or ``rename`` is false), copy it (``relocate.move_by_copy``, which sees the
-    source unchanged itself). Returns where it went and whether by a rename; None if the
-    source is gone."""
+    source unchanged itself); the folder is reached without following a link and held open
+    meanwhile (``relocate.held_folder``). Returns where it went and whether by a rename; None
+    if the source is gone."""
     check()
-    move.target.parent.mkdir(parents=True, exist_ok=True)
-    check()
-    if not rename:
-        return relocate.move_by_copy(
-            move.path, move.target, move.unchanged, check, any_free_name=True, same=move.same
-        ), False
-    try:
-        if not move.unchanged():
-            raise NewVersionError(
-                f"{move.path} changed since it was dispatched; it stays (a new version)"
+    with relocate.held_folder(move.into.parent) as there:
+        check()
+        target = there / move.into.name
+        if not rename:
+            placed = relocate.move_by_copy(
+                move.path, target, move.unchanged, check, any_free_name=True, same=move.same
             )
-    except FileNotFoundError:
-        return None
-    try:
-        return _renamed(move), True
-    except fastpath.RenameUnavailable:
-        placed = relocate.move_by_copy(
-            move.path, move.target, move.unchanged, check, any_free_name=True, same=move.same
-        )
-        return placed, False
+            return move.into.with_name(placed.name), False
+        try:
+            if not move.unchanged():
+                raise NewVersionError(
+                    f"{move.path} changed since it was dispatched; it stays (a new version)"
+                )
+        except FileNotFoundError:
+            return None
+        try:
+            return move.into.with_name(_renamed(move, target).name), True
+        except fastpath.RenameUnavailable:
+            placed = relocate.move_by_copy(
+                move.path, target, move.unchanged, check, any_free_name=True, same=move.same
+            )
+            return move.into.with_name(placed.name), False
 
 
-def _renamed(move: _Move) -> Path:
-    """``move``'s file renamed into its folder, then looked at there: a rename takes whatever
-    the name holds by then, and a new version renamed over the source since it was last
-    looked at is not the file delivered: it is put back (``relocate.put_back``), to be
-    dispatched on its own, and OSError raised. Returns where the file went."""
-    placed = relocate.rename_free(move.path, move.target)
+def _renamed(move: _Move, target: Path) -> Path:
+    """``move``'s file renamed to ``target`` (a name in its folder held open), then looked at
+    there: a rename takes whatever the name holds by then, and a new version renamed over the
+    source since it was last looked at is not the file delivered: it is put back
+    (``relocate.put_back``), to be dispatched on its own, and OSError raised. Returns where
+    the file went."""
+    placed = relocate.rename_free(move.path, target)
     try:
         meant = move.same(placed)
     except OSError:
