@@ -85,7 +85,9 @@ def test_a_source_that_cannot_be_removed_is_never_doubled_in_done_dir(
     cfg = config(tmp_path, inbox, str(out), after="move", done_dir=str(done))
     for _ in range(3):  # each run settles the delivered file again
         result = run_cli("-c", cfg, "--once")
-        assert result.returncode == 0, result.stderr
+        # the file was delivered but could not be moved: said, and the run exits 1
+        assert result.returncode == 1, result.stderr
+        assert "a move failed: see the log): 1" in result.stdout, result.stdout
     assert delivered(out) == {"a.bin": b"payload"}
     assert src.read_bytes() == b"payload"
     assert delivered(done) == {}, "the source stayed, so done_dir must not hold a copy of it"

@@ -154,8 +154,7 @@ class AfterActions:
         except NewVersionError as exc:
             log.info("%s", exc)
         except OSError as exc:
-            self.state.summary.unmoved += 1
-            log.error("after-action %s on %s failed: %s", what, path, exc.strerror or exc)
+            self._failed(path, f"after-action {what}", exc)
 
     def _renamed_inline(self, folder: Path, move: _Move, look: bool = False) -> bool:
         """``move`` made on the loop, if a rename into ``folder`` was seen to work lately
@@ -172,6 +171,17 @@ class AfterActions:
         except fastpath.RenameUnavailable:
             del self._inline[key]
             return False
+
+    def _failed(self, path: Path, doing: str, exc: Exception) -> None:
+        """An after-action on ``path`` failed: counted (``--once`` exits 1) and said, unless
+        the source is gone (moved or removed already, by a resumed row or a later scan's
+        settling): nothing is left to move then."""
+        if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
+            log.info("%s on %s: it is gone already", doing, path)
+            return
+        self.state.summary.unmoved += 1
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        log.error("%s %s failed: %s", doing, path, text)
 
     def _stays(self, path: Path, why: Exception) -> None:
         """``path`` is not moved now (its folder hangs); a later scan moves it."""
@@ -205,8 +215,7 @@ class AfterActions:
                 except NewVersionError as exc:
                     log.info("%s", exc)
                 except Exception as exc:  # said here: nobody awaits this task
-                    self.state.summary.unmoved += 1
-                    log.error("after-action: moving %s failed: %s", move.path, exc)
+                    self._failed(move.path, "after-action: moving", exc)
         finally:
             lane.running = None
             lane.task = None
