@@ -228,7 +228,7 @@ class _Controlled:
         if not step.deduped:
             return await self._send(ctx)
         async with self.controls.in_order(step.display, ctx.dispatch_id):
-            digest = ctx.sha256 or await inputs.content_sha256(ctx)
+            digest = await inputs.content_sha256(ctx)
         ctx = dataclasses.replace(ctx, sha256=digest)
         async with self.controls.one_at_a_time((step.display, digest)):
             earlier = await self.controls.duplicate(step.display, digest)

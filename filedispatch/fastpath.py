@@ -9,9 +9,7 @@ reflinks (``FICLONE``), kernel copies (``copy_file_range``, ``sendfile``; off, a
 copy reads and writes, holes still kept), ``RWF_NOWAIT`` reads (``read_cached``: HTTP, FTP,
 SFTP; off, every read in a thread), and the dispatcher's inline
 lanes (the inline move and the batched copies; with the switch off every file goes through
-the workers), ``quiet_opens`` (a watch that is not woken by our own opens), and
-``openat2(RESOLVE_NO_SYMLINKS)`` (a folder opened with no symbolic link followed, in one
-call; off, one ``openat(O_NOFOLLOW)`` per component).
+the workers), and ``quiet_opens`` (a watch that is not woken by our own opens).
 This module never decides what is delivered or when the source goes: only how fast.
 """
 
@@ -71,19 +69,6 @@ _IN_OPEN = 0x20
 _IN_ARG_BITS = 0xFFF | 0x01000000 | 0x02000000 | 0x04000000 | 0x80000000
 _IN_ONLYDIR = 0x01000000
 
-#: syscall(2) and openat2(2)'s number (Linux 5.6; one number on every architecture)
-_syscall = _libc_function("syscall", ctypes.c_long)
-_SYS_OPENAT2 = 437
-_RESOLVE_NO_SYMLINKS = 0x04
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-#: openat2 is tried (cleared where the kernel or a seccomp filter refuses it)
-_openat2_ok = [_syscall is not None]
-
 #: the dispatcher's inline lanes (an inline rename per file, copies in batches) are used
 INLINE_LANES = ENABLED
 #: local copies are made in the kernel (``processors.local.copy_data``: copy_file_range,
@@ -139,40 +124,6 @@ def rename_noreplace(
         if exc.errno == errno.EXDEV:
             raise RenameUnavailable(exc.strerror) from exc
         raise
-
-
-def open_folder_no_symlinks(path: str) -> int:
-    """An ``O_PATH`` descriptor of the folder ``path`` (absolute), reached without following
-    a symbolic link anywhere on the way: OSError (ELOOP, ENOTDIR) where one is met, as where a
-    part is no folder, FileNotFoundError where a part is missing. Fast: one
-    ``openat2(RESOLVE_NO_SYMLINKS)``. Plain (the switch off, a kernel before 5.6, a seccomp
-    filter refusing it): ``openat(O_NOFOLLOW)`` from ``/``, one component at a time."""
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-    if _openat2_ok[0]:
-        how = _OpenHow(flags, 0, _RESOLVE_NO_SYMLINKS)
-        fd = _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(_AT_FDCWD),
-            ctypes.c_char_p(os.fsencode(path)),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
-            raise OSError(err, os.strerror(err), path)
-        _openat2_ok[0] = False
-    fd = os.open("/", flags)
-    try:
-        for part in path.split("/"):
-            if part:
-                fd, parent = os.open(part, flags, dir_fd=fd), fd
-                os.close(parent)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def inotify_fds() -> set[int]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from . import fastpath, naming
+from . import fastpath, naming, sourcefile
 from .errors import NewVersionError
 from .processors.local import copy_data
 
@@ -67,6 +67,9 @@ def rename_free(path: Path, target: Path) -> Path:
             target = free_name(target)
 
 
+#: how ``held_folder`` opens a folder: a handle to it only
+_FOLDER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
 #: a folder held open is named through its descriptor here (no /proc: by its real path)
 _FD_NAMES = Path("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
 
@@ -77,7 +80,7 @@ def held_folder(folder: Path) -> Iterator[Path]:
     is missing and held open while the ``with`` lasts; yields a name of the very folder opened
     (``/proc/self/fd/N``), for a move into it by ``rename_free`` or ``move_by_copy``.
 
-    No symbolic link is followed on the way to it (``fastpath.open_folder_no_symlinks``), and
+    No symbolic link is followed on the way to it (``sourcefile.open_beneath`` from ``/``), and
     each missing part is made then opened the same way, relative to the one above: a
     ``done_dir`` inside a hostile inbox, or one of its subfolders, replaced by a link to
     somewhere else (/etc/cron.d...) is refused with OSError, never moved into. The name
@@ -86,7 +89,7 @@ def held_folder(folder: Path) -> Iterator[Path]:
     path = os.fspath(folder)
     try:
         try:
-            fd = fastpath.open_folder_no_symlinks(path)
+            fd = sourcefile.open_beneath("/", path.lstrip("/"), _FOLDER_FLAGS)
         except FileNotFoundError:
             fd = _made(path)
     except OSError as exc:
@@ -106,7 +109,7 @@ def held_folder(folder: Path) -> Iterator[Path]:
 def _made(path: str) -> int:
     """``held_folder`` where a part of ``path`` is missing: from ``/``, each part opened
     (O_NOFOLLOW) relative to the one above, made first where it is missing."""
-    flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+    flags = _FOLDER_FLAGS | os.O_NOFOLLOW
     fd = os.open("/", flags)
     try:
         for part in path.split("/"):
@@ -137,15 +140,23 @@ def consume(src: Path, same: Callable[[Path], bool]) -> bool:
     (``put_back``). Raises FileNotFoundError when ``src`` is gone, OSError as ``rename``."""
     hidden = src.with_name(f".filedispatch-gone-{secrets.token_hex(6)}")
     os.rename(src, hidden)
+    if not meant_or_put_back(hidden, src, same):
+        return False
+    os.unlink(hidden)
+    return True
+
+
+def meant_or_put_back(path: Path, src: Path, same: Callable[[Path], bool]) -> bool:
+    """Whether the file just renamed from ``src`` to ``path`` is the one meant
+    (``same(path)``; one that cannot be looked at is not); if not, it is put back
+    (``put_back``). A rename takes whatever the name holds at that instant."""
     try:
-        meant = same(hidden)
+        meant = same(path)
     except OSError:
         meant = False
-    if meant:
-        os.unlink(hidden)
-        return True
-    put_back(hidden, src)
-    return False
+    if not meant:
+        put_back(path, src)
+    return meant
 
 
 def put_back(path: Path, src: Path) -> Path:

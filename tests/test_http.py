@@ -22,7 +22,8 @@ from aiohttp import web
 
 from filedispatch.errors import SourceVanishedError
 from filedispatch.processors.http import FileBody
-from filedispatch.processors.remote import HASH_AWAY, WHOLE_MAX, copy_to, read_whole
+from filedispatch.processors.inputs import WHOLE_MAX, read_checked
+from filedispatch.processors.remote import HASH_AWAY, copy_to
 
 from .conftest import cli_env, delivery_name, journal_rows, run_cli
 from .servers import (
@@ -665,11 +666,11 @@ async def test_a_small_file_changed_after_it_was_opened_is_not_sent(tmp_path: Pa
     fd = os.open(src, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        assert await read_whole(fd, st) == b"first"
+        assert read_checked(fd, st) == b"first"
         with src.open("ab") as f:
             f.write(b" and more")
         with pytest.raises(SourceVanishedError, match="changed while it was sent"):
-            await read_whole(fd, st)
+            read_checked(fd, st)
     finally:
         os.close(fd)
 
@@ -777,7 +778,7 @@ async def test_a_small_body_handed_whole_counts_as_sent_when_its_drain_is_cancel
     fd = os.open(src, os.O_RDONLY)
     try:
         st = os.fstat(fd)
-        data = await read_whole(fd, st)
+        data = read_checked(fd, st)
         body = FileBody(fd, st, 1 << 20, lambda: None, "application/octet-stream", None, data)
 
         class SlowDrain:  # the lowest seam: aiohttp's StreamWriter takes the bytes, then drains

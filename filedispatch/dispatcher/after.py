@@ -154,7 +154,7 @@ class AfterActions:
         except NewVersionError as exc:
             log.info("%s", exc)
         except OSError as exc:
-            self._failed(path, f"after-action {what}", exc)
+            self._failed(path, f"after-action {what} on", exc)
 
     def _renamed_inline(self, folder: Path, move: _Move, look: bool = False) -> bool:
         """``move`` made on the loop, if a rename into ``folder`` was seen to work lately
@@ -386,12 +386,7 @@ def _renamed(move: _Move, target: Path) -> Path:
     (``relocate.put_back``), to be dispatched on its own, and OSError raised. Returns where
     the file went."""
     placed = relocate.rename_free(move.path, target)
-    try:
-        meant = move.same(placed)
-    except OSError:
-        meant = False
-    if not meant:
-        relocate.put_back(placed, move.path)
+    if not relocate.meant_or_put_back(placed, move.path, move.same):
         raise NewVersionError(f"{move.path} changed as it was moved; the new version stays")
     return placed
 

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from ..asyncutil import first_completed, in_daemon_thread
+from ..asyncutil import first_completed
 from ..config import Step
 from ..errors import (
     DeliveryError,
@@ -305,9 +305,11 @@ class Workers:
     async def _unchanged(self, version: FileVersion, step: Step) -> str | None:
         """``check_unchanged`` before a retry, in a daemon thread (a stat on a hung mount never
         returns), within the step's ``timeout``."""
-        look = in_daemon_thread(check_unchanged, version, self.state.follows(version))
+        look = inputs.in_source_thread(
+            version.path.parent, "looking at", check_unchanged, version, self.state.follows(version)
+        )
         try:
-            return await asyncio.wait_for(asyncio.shield(look), step.timeout)
+            return await asyncio.wait_for(look, step.timeout)
         except TimeoutError:
             raise TransientDeliveryError(
                 f"timed out after {step.timeout:g}s looking at the source file"
@@ -340,6 +342,6 @@ def _safe(name: str) -> str:
 async def _named_then_sent(step: Step, processor: Processor, ctx: StepContext) -> Outcome:
     """``processor.deliver(ctx)``, the input's SHA-256 worked out first, off the event loop,
     when the destination names files by it (``{sha256}``)."""
-    if ctx.sha256 is None and named_by_content(step):
+    if named_by_content(step):
         ctx = dataclasses.replace(ctx, sha256=await inputs.content_sha256(ctx))
     return await processor.deliver(ctx)

@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 from .. import naming, sourcefile
 from ..asyncutil import in_daemon_thread
@@ -26,6 +27,8 @@ from . import StepContext, threads
 from .common import open_input
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: descriptor -> its reads still running in their threads; while there are, ``close`` waits
 #: (a number closed under a read not yet begun could name another file by then)
@@ -53,14 +56,21 @@ def _open(ctx: StepContext) -> Source:
     if st.st_size > WHOLE_MAX:
         return Source(fd, st, None)
     try:
-        data = os.pread(fd, st.st_size, 0)
-        sourcefile.check_unchanged(fd, st, "the file")
-        if len(data) != st.st_size:
-            raise SourceVanishedError("the file shrank while it was sent")
+        return Source(fd, st, read_checked(fd, st))
     except BaseException:
         os.close(fd)
         raise
-    return Source(fd, st, data)
+
+
+def read_checked(fd: int, st: os.stat_result) -> bytes:
+    """All ``st.st_size`` bytes of the open file ``fd`` in one read, its identity checked
+    after the read (as ``remote.copy_to`` does before its last chunk); blocking. Raises
+    SourceVanishedError when the file changed or shrank since ``st``."""
+    data = os.pread(fd, st.st_size, 0)
+    sourcefile.check_unchanged(fd, st, "the file")
+    if len(data) != st.st_size:
+        raise SourceVanishedError("the file shrank while it was sent")
+    return data
 
 
 @contextlib.asynccontextmanager
@@ -74,10 +84,9 @@ async def opened(ctx: StepContext) -> AsyncIterator[Source]:
     threads.refuse_if_hung(folder)
     opening = in_daemon_thread(_open, ctx)
     try:
-        source = await asyncio.shield(opening)
+        source = await _watched(folder, opening, "opening")
     except asyncio.CancelledError:
         if not opening.done():
-            _left(folder, [opening], "opening")
             opening.add_done_callback(_close_opened)
         raise
     try:
@@ -93,16 +102,34 @@ async def opened(ctx: StepContext) -> AsyncIterator[Source]:
 
 async def content_sha256(ctx: StepContext) -> str:
     """The hex SHA-256 of the step's input (``naming.content_sha256``) read in a daemon
-    thread, refused and marked as ``opened`` does: for a name by content (``{sha256}``),
-    which would otherwise read the whole file on the event loop."""
-    folder = str(ctx.input.parent)
-    threads.refuse_if_hung(folder)
-    hashing = in_daemon_thread(naming.content_sha256, ctx.version, ctx.input)
+    thread, refused and marked as ``opened`` does (``in_source_thread``): for a name by
+    content (``{sha256}``) or a resume's look at an earlier delivery, which would otherwise
+    read the whole file on the event loop."""
+    if ctx.sha256 is not None:
+        return ctx.sha256
+    return await in_source_thread(
+        ctx.input.parent, "hashing", naming.content_sha256, ctx.version, ctx.input
+    )
+
+
+async def in_source_thread(folder: Path, doing: str, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)``, a call into the source folder ``folder`` (a look, a hash), in a daemon
+    thread: refused at once while a call there is stuck (``threads.refuse_if_hung``); when
+    this wait is cancelled (the step's ``timeout``, the stop) before the call returns, the
+    folder is marked hung until it has (``doing`` says what it was doing)."""
+    where = str(folder)
+    threads.refuse_if_hung(where)
+    return await _watched(where, in_daemon_thread(func, *args), doing)
+
+
+async def _watched(folder: str, call: asyncio.Future[T], doing: str) -> T:
+    """``call`` (into ``folder``, in a daemon thread) awaited; a cancellation of this wait
+    while it runs marks ``folder`` hung until it has returned (``_left``)."""
     try:
-        return await asyncio.shield(hashing)
+        return await asyncio.shield(call)
     except asyncio.CancelledError:
-        if not hashing.done():
-            _left(folder, [hashing], "hashing")
+        if not call.done():
+            _left(folder, [call], doing)
         raise
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from urllib.parse import unquote
 
 from .. import fastpath, sourcefile
-from ..asyncutil import in_daemon_thread, joined, settle
+from ..asyncutil import joined, settle
 from ..config import FtpDestination, SftpDestination, redact_url
 from ..errors import (
     DeliveryError,
@@ -36,11 +36,9 @@ from .common import (
     choices,
     earlier_temps,
     fresh_salt,
-    open_input,
     render_target,
     temp_name,
 )
-from .inputs import WHOLE_MAX
 
 if TYPE_CHECKING:
     from ..controls import Throttle
@@ -247,26 +245,6 @@ async def send_source(
         fence=ctx.fence,
         whole=source.data,
     )
-
-
-async def read_whole(fd: int, st: os.stat_result) -> Chunk:
-    """All ``st.st_size`` bytes (at most WHOLE_MAX) of an open file in one read: inline when
-    they are in the page cache (``RWF_NOWAIT``), else in a daemon thread (``inputs.read``;
-    close ``fd`` with ``inputs.close``). The file's
-    identity is checked once they are read, as ``copy_to`` does before its last chunk.
-    Raises SourceVanishedError when the file changed or shrank since ``st``."""
-    size = st.st_size
-    if size > WHOLE_MAX:
-        raise ValueError(f"read_whole: {size} bytes is more than {WHOLE_MAX}")
-    data: Chunk = b""
-    if _NOWAIT:
-        data, _ = fastpath.read_cached(fd, size, 0)
-    if len(data) != size:
-        data = await asyncio.shield(inputs.read(fd, size, 0))
-    sourcefile.check_unchanged(fd, st, "the file")
-    if len(data) != size:
-        raise SourceVanishedError("the file shrank while it was sent")
-    return data
 
 
 _NOWAIT = fastpath.NOWAIT_READS  #: FILEDISPATCH_FASTPATH=0: every read in the executor
@@ -584,7 +562,7 @@ class RemoteProcessor(ABC, Generic[C]):
             if got != want:
                 continue
             if ours is None:
-                ours = await in_daemon_thread(_input_sha256, ctx)
+                ours = await inputs.content_sha256(ctx)
             unreadable: tuple[type[Exception], ...] = (DeliveryError, *self.refusals)
             try:
                 theirs = await self.read_sha256(conn, self.target.root / cand)
@@ -617,11 +595,3 @@ class RemoteProcessor(ABC, Generic[C]):
         for stale in earlier_temps(names, ctx.dispatch_id, name, ctx.journal):
             if stale != tmp.name:
                 await self.remove(conn, tmp.parent / stale)
-
-
-def _input_sha256(ctx: StepContext) -> str:
-    """The hex SHA-256 of the file the step delivers, opened as promised (``open_input``:
-    SourceVanishedError when it is gone or changed); blocking."""
-    fd, _ = open_input(ctx)
-    with os.fdopen(fd, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -260,7 +260,7 @@ def _widened(where: str) -> str | None:
         return None
     hung = _HUNG.get(wide)
     if hung is None:
-        below = frozenset(m for m in mounts if _under(m, wide) and m != wide)  # mounts_below
+        below = frozenset(mounts_below(wide, mounts))
         hung = _HUNG[wide] = _Hung(time.monotonic() - CALL_OFF_PATIENCE_S, wide=True, below=below)
         hung.stuck = f"calls into {len(others) + 1} of its folders have been stuck"
         log.error(
@@ -293,9 +293,11 @@ def _mount_points() -> list[str]:
     return points
 
 
-def mounts_below(folder: str) -> list[str]:
-    """The mount points strictly below ``folder`` (other filesystems in it), by name."""
-    return [m for m in _mount_points() if _under(m, folder) and m != folder]
+def mounts_below(folder: str, mounts: list[str] | None = None) -> list[str]:
+    """The mount points strictly below ``folder`` (other filesystems in it), by name, among
+    ``mounts`` (default: those this process sees now)."""
+    points = _mount_points() if mounts is None else mounts
+    return [m for m in points if _under(m, folder) and m != folder]
 
 
 def _under(path: str, folder: str) -> bool:
