@@ -21,6 +21,10 @@ from typing import Any
 from .errors import PermanentDeliveryError
 from .models import FileVersion
 
+#: how every name filedispatch gives a file of its own work begins (a copy in progress, a
+#: source being removed or moved): never taken from a source, whatever its ignore patterns
+OWN_PREFIX = ".filedispatch-"
+
 PLACEHOLDERS = frozenset(
     {"name", "stem", "ext", "relpath", "reldir", "source", "yyyy", "mm", "dd", "HH", "MM", "SS"}
     | {"parent", "now", "mtime", "counter", "sha256"}

@@ -11,6 +11,7 @@ found by the watcher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,19 +19,22 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from . import fastpath, relocate
+from . import fastpath, relocate, sourcefile
 from .asyncutil import in_daemon_thread
 from .config import Config, LocalDestination, S3Destination, SourceConfig
-from .errors import JournalError
+from .errors import JournalError, NetworkError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
-from .processors import threads
+from .processors import inputs, threads
 from .processors.local import sweep_temporaries
 from .processors.s3uploads import import_files
 from .router import legacy_step_keys, step_keys
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +225,8 @@ SWEEP_WAIT_S = 2.0
 
 async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool = True) -> None:
     """Before any delivery: give an older journal's rows today's keys (``rekey_old_rows``,
-    ``upgrade_step_keys``), remove the temporary files a crash left in the local destinations
+    ``upgrade_step_keys``), end the removals of sources a stop interrupted
+    (``finish_removals``), remove the temporary files a crash left in the local destinations
     (only when ``alone``: no other node is live, whose copies in progress they may be), and the
     chain work folders (under ``workdir``) no unfinished dispatch needs any more.
     Every file system walk runs in a thread. The sweep of each local destination runs in a
@@ -233,6 +238,7 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
     upgraded = await upgrade_step_keys(journal, config)
     if upgraded:
         log.info("gave %d dispatch(es) of an older journal today's step keys", upgraded)
+    await finish_removals(journal, config, alone)
     roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
         sweeps = {}
@@ -258,6 +264,100 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         await asyncio.to_thread(shutil.rmtree, folder, True)
     if stale:
         log.info("removed %d stale work folder(s) from %s", len(stale), workdir)
+
+
+async def finish_removals(journal: Journal, config: Config, alone: bool = True) -> None:
+    """End what a stop (kill -9, power loss) interrupted in ``relocate.consume``: a source an
+    after-action was removing is renamed to a hidden name carrying its version's key first,
+    and unlinked only after a look. Each such file found in a source (its subfolders too if
+    recursive) is removed if it is still the version the journal has under that key (it was
+    delivered, and its move's copy placed, before the rename), else put back under its own
+    name (a new version renamed over the source at that instant: dispatched on its own). A
+    key the journal does not know leaves the file where it is, with a warning.
+
+    Run before any delivery, when this service's own removals cannot be under way. Shared
+    sources only when ``alone``: another live node's removal in progress looks the same.
+    Each source's look and each file's end run in daemon threads, waited for
+    ``SWEEP_WAIT_S`` at most (a hung mount holds nothing: its folder is marked hung)."""
+    for source in config.sources:
+        if source.shared and not alone:
+            continue
+        found = await _in_source(
+            source, "a look for interrupted removals", _leftovers, source.path, source.recursive
+        )
+        if not found:
+            continue
+        versions = await journal.versions([key for _path, key in found])
+        for path, key in found:
+            version = versions.get(key)
+            if version is None:
+                log.warning(
+                    "%s: left by an interrupted removal, but no dispatch of this journal has "
+                    "its version (key %s); it stays where it is",
+                    path,
+                    key,
+                )
+                continue
+            # the device number is not compared: it differs between hosts that share a folder
+            version = dataclasses.replace(version, dev=0)
+            await _in_source(
+                source, f"ending the removal of {path}", _finish, path, version, source
+            )
+
+
+async def _in_source(
+    source: SourceConfig, doing: str, func: Callable[..., T], *args: Any
+) -> T | None:
+    """``func(*args)``, a call into ``source``'s folder (``inputs.in_source_thread``), waited
+    for ``SWEEP_WAIT_S`` at most; None (logged) when it fails or takes longer."""
+    try:
+        return await asyncio.wait_for(
+            inputs.in_source_thread(source.path, doing, func, *args), SWEEP_WAIT_S
+        )
+    except TimeoutError:
+        log.warning(
+            "%s: %s has not returned after %gs (a hung disk or mount?); the start goes on",
+            source.path,
+            doing,
+            SWEEP_WAIT_S,
+        )
+    except (OSError, NetworkError) as exc:
+        log.warning("%s: %s failed: %s", source.path, doing, exc)
+    return None
+
+
+def _leftovers(root: Path, recursive: bool) -> list[tuple[Path, str]]:
+    """The files ``relocate.consume`` renamed and a stop left in ``root`` (its subfolders too
+    if ``recursive``, no link followed), with the version key each name carries."""
+    found = []
+    for folder, _dirs, names in os.walk(root) if recursive else [(str(root), [], _names(root))]:
+        for name in names:
+            key = relocate.gone_key(name)
+            if key is not None:
+                found.append((Path(folder, name), key))
+    return found
+
+
+def _names(folder: Path) -> list[str]:
+    """The names in ``folder`` (none if it cannot be listed: the scan says why)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _finish(path: Path, version: FileVersion, source: SourceConfig) -> None:
+    """Remove ``path`` if it is the very file of ``version``, else put it back under its
+    name in its folder (``relocate.put_back``: the next free numbered name if taken)."""
+    if sourcefile.same_at(version, source.follow_symlinks, path):
+        os.unlink(path)
+        log.info(
+            "removed %s: the source %s, delivered, whose removal a stop interrupted",
+            path,
+            path.with_name(version.name),
+        )
+    else:
+        relocate.put_back(path, path.with_name(version.name))
 
 
 def _swept(sweep: asyncio.Future[int]) -> None:

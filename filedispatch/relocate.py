@@ -129,7 +129,12 @@ def _made(path: str) -> int:
     return fd
 
 
-def consume(src: Path, same: Callable[[Path], bool]) -> bool:
+#: how the hidden name of a source being removed begins (``consume``); then the journal's key
+#: of the version meant, a dash and a random part
+GONE_PREFIX = naming.OWN_PREFIX + "gone-"
+
+
+def consume(src: Path, same: Callable[[Path], bool], key: str) -> bool:
     """Remove ``src`` if it is still the file meant (``same(path)``); returns whether it was.
 
     A check then an unlink by name would remove whatever the name holds by then: a new
@@ -137,13 +142,25 @@ def consume(src: Path, same: Callable[[Path], bool]) -> bool:
     usual way to write a file) would be lost, never delivered. So the file is first renamed
     to a hidden name in its own folder (one step: whatever is at ``src`` now), looked at
     there, and only then unlinked; a file that is not the one meant is put back
-    (``put_back``). Raises FileNotFoundError when ``src`` is gone, OSError as ``rename``."""
-    hidden = src.with_name(f".filedispatch-gone-{secrets.token_hex(6)}")
+    (``put_back``). The hidden name carries ``key``, the journal's key of the version meant
+    (``FileVersion.key``): a stop between the rename and the unlink (kill -9, power loss)
+    leaves the file there, and the next start finishes the work from the journal
+    (``recovery.finish_removals``). Raises FileNotFoundError when ``src`` is gone, OSError as
+    ``rename``."""
+    hidden = src.with_name(f"{GONE_PREFIX}{key}-{secrets.token_hex(6)}")
     os.rename(src, hidden)
     if not meant_or_put_back(hidden, src, same):
         return False
     os.unlink(hidden)
     return True
+
+
+def gone_key(name: str) -> str | None:
+    """The version key in a hidden name ``consume`` gave (None: not such a name)."""
+    if not name.startswith(GONE_PREFIX):
+        return None
+    key, dash, tail = name[len(GONE_PREFIX) :].rpartition("-")
+    return key if dash and key and tail else None
 
 
 def meant_or_put_back(path: Path, src: Path, same: Callable[[Path], bool]) -> bool:
@@ -216,6 +233,7 @@ def move_by_copy(
     *,
     any_free_name: bool,
     same: Callable[[Path], bool] | None = None,
+    key: str = "",
 ) -> Path:
     """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
 
@@ -229,9 +247,10 @@ def move_by_copy(
 
     ``check`` (if given) is called before each piece of the copy and before the rename: what
     it raises ends the move there, the hidden copy removed (a move called off at a stop).
-    ``same(path)`` (if given): whether the file at ``path`` is the one meant; ``src`` is then
-    removed with ``consume``, so a new version renamed over it as the move ends is left,
-    never removed (the copy placed is of the version meant, which no longer has a name).
+    ``same(path)`` (if given): whether the file at ``path`` is the one meant (of the version
+    whose journal key is ``key``); ``src`` is then removed with ``consume``, so a new version
+    renamed over it as the move ends is left, never removed (the copy placed is of the
+    version meant, which no longer has a name).
     A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
     a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
     error is raised: the file is never in both places. Returns where the file is now.
@@ -241,7 +260,7 @@ def move_by_copy(
         if placed is not None:
             if not unchanged():
                 raise NewVersionError(f"{src} changed while it was moved; it stays (a new version)")
-            _remove(src, same)
+            _remove(src, same, key)
             return placed
     # one hidden name per source and target: a crash's leftover is overwritten next time
     tag = hashlib.sha256(os.fsencode(src)).hexdigest()[:12]
@@ -266,7 +285,7 @@ def move_by_copy(
             os.unlink(tmp)
         raise
     try:
-        _remove(src, same)
+        _remove(src, same, key)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(placed)
@@ -274,14 +293,14 @@ def move_by_copy(
     return placed
 
 
-def _remove(src: Path, same: Callable[[Path], bool] | None) -> None:
+def _remove(src: Path, same: Callable[[Path], bool] | None, key: str) -> None:
     """``src`` removed once its copy is placed; gone already, it is not missed (the copy is
     then the file's only place, and is kept)."""
     with contextlib.suppress(FileNotFoundError):
         if same is None:
             os.unlink(src)
         else:
-            consume(src, same)
+            consume(src, same, key)
 
 
 def _placed_before(src: Path, target: Path) -> Path | None:

@@ -334,6 +334,21 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def seen_as(path: Path, follow_symlinks: bool) -> os.stat_result:
+    """The source file at ``path`` as its version saw it: the link's target where its source
+    follows links (``follow_symlinks``), else the entry itself. OSError as ``lstat``."""
+    st = os.lstat(path)
+    if follow_symlinks and stat.S_ISLNK(st.st_mode):
+        st = os.stat(path)
+    return st
+
+
+def same_at(version: FileVersion, follow_symlinks: bool, path: Path) -> bool:
+    """Whether the file at ``path`` (the source, renamed by us: its ctime moved) is the very
+    file of ``version`` (``seen_as``, ``FileVersion.same_file``). OSError as ``lstat``."""
+    return version.same_file(seen_as(path, follow_symlinks), renamed=True)
+
+
 def check_unchanged(fd: int, before: os.stat_result, what: str) -> None:
     """Raise SourceVanishedError if the open file changed since ``before`` (checked once its
     bytes are read: a writer that came back meanwhile makes a new version, sent on its own;

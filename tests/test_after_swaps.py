@@ -20,7 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ServiceProcess, old, run_cli, wait_until, write_config
+from .conftest import (
+    ServiceProcess,
+    delivered,
+    journal_rows,
+    old,
+    run_cli,
+    wait_until,
+    write_config,
+)
 from .test_called_off import _OpenGate
 
 
@@ -423,3 +431,97 @@ def test_a_subfolder_of_a_done_dir_swapped_for_a_link_while_moves_go_inline_is_r
     assert sorted(p.name for p in outside.iterdir()) == ["was-ok.txt"], log[-3000:]
     assert (inbox / "s1" / "evil.txt").read_bytes() == b"evil\n", log[-3000:]
     assert _REFUSED in log, log[-3000:]
+
+
+# -- a removal a stop interrupted (relocate.consume, recovery.finish_removals) ---------------
+# A source being removed is renamed to ``.filedispatch-gone-<version key>-<random>`` in its
+# own folder, looked at, then unlinked. A kill -9 between the rename and the unlink leaves it
+# there (seen in a loaded CI run of test_redteam_integrity's kill -9 chain test). The state a
+# kill leaves is made here by that very rename, after a run that delivered the file.
+
+
+def _delivered_then_interrupted(
+    tmp_path: Path, rel: str, data: bytes, **source: object
+) -> tuple[Path, Path, dict[str, object], str]:
+    """``rel`` delivered by ``--once`` (after: keep), then left as a stop between consume's
+    rename and its unlink leaves it; returns the inbox, the hidden file, the source's
+    settings and the version key."""
+    inbox = tmp_path / "in"
+    settings: dict[str, object] = {"path": str(inbox), "name": "in", "settle": 0} | source
+    old(inbox / rel, data)
+    result = run_cli("-c", _config(tmp_path, [settings]), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = journal_rows(tmp_path / "journal.db")
+    assert row["status"] == "SUCCEEDED"
+    hidden = (inbox / rel).with_name(f".filedispatch-gone-{row['vkey']}-0123456789ab")
+    os.rename(inbox / rel, hidden)
+    return inbox, hidden, settings, row["vkey"]
+
+
+@pytest.mark.parametrize("rel", ["a.txt", "sub/a.txt"])
+@pytest.mark.parametrize("after", ["delete", "move"])
+def test_a_delivered_source_left_by_a_kill_mid_removal_is_removed_at_the_next_start(
+    tmp_path: Path, rel: str, after: str
+) -> None:
+    """The delivered version under its hidden name: the next start removes it (the move's
+    copy was placed before the rename: it stays, once), sends nothing again, and the inbox is
+    empty. Before: the file stayed in the inbox for ever (a recursive source, a subfolder)."""
+    done = tmp_path / "done"
+    inbox, hidden, settings, _key = _delivered_then_interrupted(
+        tmp_path, rel, b"delivered\n", recursive=True
+    )
+    if after == "move":  # consume runs once the move's copy is in place
+        (done / rel).parent.mkdir(parents=True)
+        (done / rel).write_bytes(b"delivered\n")
+        settings |= {"after": "move", "done_dir": str(done)}
+    else:
+        settings |= {"after": "delete"}
+    result = run_cli("-c", _config(tmp_path, [settings]), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not hidden.exists(), result.stderr[-3000:]
+    assert [p for p in inbox.rglob("*") if p.is_file()] == []
+    assert delivered(tmp_path / "out") == {rel: b"delivered\n"}
+    assert delivered(done) == ({rel: b"delivered\n"} if after == "move" else {})
+    assert [r["status"] for r in journal_rows(tmp_path / "journal.db")] == ["SUCCEEDED"]
+    assert "whose removal a stop interrupted" in result.stderr
+
+
+def test_a_new_version_left_by_a_kill_mid_removal_is_put_back_and_delivered(
+    tmp_path: Path,
+) -> None:
+    """What the hidden name holds is not the version delivered (a new version a writer
+    renamed over the source just as it was taken): the next start puts it back under its
+    name, and it is delivered as a new version. Before: it stayed hidden, never delivered."""
+    inbox, hidden, settings, _key = _delivered_then_interrupted(tmp_path, "a.txt", b"first\n")
+    hidden.unlink()
+    (tmp_path / "new").write_bytes(b"second, renamed over it\n")
+    os.rename(tmp_path / "new", hidden)
+    settings |= {"after": "delete"}
+    result = run_cli("-c", _config(tmp_path, [settings]), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not hidden.exists()
+    assert list(inbox.iterdir()) == []  # put back, delivered, then removed
+    assert sorted(delivered(tmp_path / "out").values()) == [
+        b"first\n",
+        b"second, renamed over it\n",
+    ]
+    assert [r["status"] for r in journal_rows(tmp_path / "journal.db")] == ["SUCCEEDED"] * 2
+
+
+def test_names_of_filedispatch_s_own_work_are_never_taken_even_without_the_default_ignores(
+    tmp_path: Path,
+) -> None:
+    """``ignore_defaults: false`` (hidden names are wanted): a hidden removal the journal does
+    not know (another journal's, or made by hand) and a copy in progress of ours are not
+    files to send. The unknown one stays, with a warning. Before: both were delivered, the
+    leftover a second time under another name."""
+    inbox = tmp_path / "in"
+    gone = old(inbox / ".filedispatch-gone-00112233445566778899aabb-0123456789ab", b"g\n")
+    old(inbox / ".filedispatch-tmp-abcd1234-7-a.txt", b"half\n")
+    old(inbox / ".wanted", b"a hidden file, wanted\n")
+    source = {"path": str(inbox), "name": "in", "settle": 0, "ignore_defaults": False}
+    result = run_cli("-c", _config(tmp_path, [source]), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert delivered(tmp_path / "out") == {".wanted": b"a hidden file, wanted\n"}
+    assert gone.read_bytes() == b"g\n"
+    assert "no dispatch of this journal has its version" in result.stderr

@@ -212,6 +212,19 @@ async def test_stat_numbers_past_2_63_come_back_exactly(tmp_path: Path, database
         assert row.version.key == v.key
 
 
+async def test_a_version_is_read_back_by_its_key(tmp_path: Path, database: Database) -> None:
+    """``versions``: what a key stands for (the start-up's end of an interrupted removal reads
+    the name and identity of the file a hidden name's key is of); unknown keys left out."""
+    huge = 2**64 - 5
+    a = FileVersion("in", tmp_path, "sub/a.txt", 3, huge, dev=7, ino=huge - 2, ctime_ns=9)
+    b = FileVersion("in", tmp_path, "b.txt", 4, 5, dev=7, ino=8, ctime_ns=9)
+    async with open_journal(database) as j:
+        assert await j.plan([step(a), step(a, 1, "k1"), step(b)]) == 3
+        got = await j.versions([a.key, "0" * 24, b.key, a.key])
+        assert got == {a.key: a, b.key: b}
+        assert got[a.key].key == a.key and got[a.key].path == tmp_path / "sub/a.txt"
+
+
 async def test_history_reads_answer_in_typed_rows(tmp_path: Path, database: Database) -> None:
     """The reads the API, the command line and the console use, on both backends."""
     a = FileVersion("in", tmp_path, "a_1%.txt", 10, 1)

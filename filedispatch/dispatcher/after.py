@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import os
-import stat
 import threading
 import time
 from collections import deque
@@ -126,7 +125,7 @@ class AfterActions:
         """
         path = version.path
         try:
-            st = _identity(path, source.follow_symlinks)
+            st = sourcefile.seen_as(path, source.follow_symlinks)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -136,9 +135,9 @@ class AfterActions:
             log.info("%s changed since it was dispatched; it stays (a new version)", path)
             return
         try:
-            same = functools.partial(_same_at, version, source.follow_symlinks)
+            same = functools.partial(sourcefile.same_at, version, source.follow_symlinks)
             if what is Fate.DELETE:  # a symbolic link itself, never its target
-                relocate.consume(path, same)
+                relocate.consume(path, same, version.key)
                 return
             folder = source.done_dir if what is Fate.DONE_DIR else source.failed_dir
             assert folder is not None
@@ -146,7 +145,9 @@ class AfterActions:
             threads.refuse_if_hung(str(target.parent))
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
             into = self._real.get(folder) or real(folder)
-            move = _Move(path, target, unchanged, source.path, same, into / version.relpath)
+            move = _Move(
+                path, target, unchanged, source.path, same, into / version.relpath, version.key
+            )
             if not self._renamed_inline(folder, move):
                 self._queue(folder, move)
         except NetworkError as exc:
@@ -336,6 +337,8 @@ class _Move:
     #: ``target`` under its folder's real path, as resolved at start: where the file goes,
     #: reached without following a link (``relocate.held_folder``)
     into: Path
+    #: the journal's key of the version delivered (``relocate.consume``)
+    key: str
 
 
 @dataclass
@@ -359,10 +362,7 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
         check()
         target = there / move.into.name
         if not rename:
-            placed = relocate.move_by_copy(
-                move.path, target, move.unchanged, check, any_free_name=True, same=move.same
-            )
-            return move.into.with_name(placed.name), False
+            return _copied(move, target, check), False
         try:
             if not move.unchanged():
                 raise NewVersionError(
@@ -373,10 +373,22 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
         try:
             return move.into.with_name(_renamed(move, target).name), True
         except fastpath.RenameUnavailable:
-            placed = relocate.move_by_copy(
-                move.path, target, move.unchanged, check, any_free_name=True, same=move.same
-            )
-            return move.into.with_name(placed.name), False
+            return _copied(move, target, check), False
+
+
+def _copied(move: _Move, target: Path, check: Callable[[], None]) -> Path:
+    """``move``'s file copied to ``target`` (a name in its folder held open), then its source
+    removed (``relocate.move_by_copy``); returns where the file went, by its real path."""
+    placed = relocate.move_by_copy(
+        move.path,
+        target,
+        move.unchanged,
+        check,
+        any_free_name=True,
+        same=move.same,
+        key=move.key,
+    )
+    return move.into.with_name(placed.name)
 
 
 def _renamed(move: _Move, target: Path) -> Path:
@@ -433,23 +445,9 @@ def _finish(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _identity(path: Path, follow_symlinks: bool) -> os.stat_result:
-    """The source as its version saw it: the link's target where links are followed."""
-    st = os.lstat(path)
-    if follow_symlinks and stat.S_ISLNK(st.st_mode):
-        st = os.stat(path)
-    return st
-
-
-def _same_at(version: FileVersion, follow_symlinks: bool, path: Path) -> bool:
-    """Whether the file at ``path`` (the source, renamed by us) is the very file of
-    ``version``."""
-    return version.same_file(_identity(path, follow_symlinks), renamed=True)
-
-
 def _unchanged(version: FileVersion, follow_symlinks: bool) -> bool:
     """Whether the source is still the very file of ``version`` (for a move by copy)."""
-    return version.same_file(_identity(version.path, follow_symlinks))
+    return version.same_file(sourcefile.seen_as(version.path, follow_symlinks))
 
 
 def check_unchanged(version: FileVersion, follow_symlinks: bool) -> str | None:
@@ -458,7 +456,7 @@ def check_unchanged(version: FileVersion, follow_symlinks: bool) -> str | None:
     why this version cannot be sent any more, or None. An error other than a vanished file
     is left to the delivery, which meets it again and says why."""
     try:
-        st = _identity(version.path, follow_symlinks)
+        st = sourcefile.seen_as(version.path, follow_symlinks)
     except FileNotFoundError:
         return f"the file {version.path} vanished before it was sent"
     except OSError:

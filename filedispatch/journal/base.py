@@ -680,6 +680,10 @@ class Journal(JournalReader, Protocol):
     ) -> dict[str, list[tuple[str, str, int]]]:
         """For each version key: (step_key, status, attempts) of its rows."""
 
+    async def versions(self, vkeys: Sequence[str]) -> dict[str, FileVersion]:
+        """The file version each key stands for (from one of its rows); keys without rows
+        are left out."""
+
     async def retry(self, dispatch_id: int) -> bool:
         """Re-queue a FAILED row and the rest of its chain; False if it is not FAILED."""
 

@@ -471,6 +471,23 @@ class SqlReads(abc.ABC):
                 out.setdefault(k, []).append((step_key, status, attempts))
         return out
 
+    async def versions(self, vkeys: Sequence[str]) -> dict[str, FileVersion]:
+        """The file version each of these keys stands for (read from one of its rows), by
+        key; a key with no row (pruned by retention, or another journal's) is left out."""
+        keys = list(dict.fromkeys(vkeys))
+        out: dict[str, FileVersion] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = await self.read(
+                f"SELECT vkey, {COLUMNS} FROM dispatches "
+                f"WHERE vkey IN ({retention.marks(len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                if r[0] not in out:
+                    out[r[0]] = row_dispatch(r[1:]).version
+        return out
+
     async def unfinished(self) -> int:
         """How many rows are PENDING or IN_PROGRESS (an index range, not a table scan)."""
         rows = await self.read(

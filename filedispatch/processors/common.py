@@ -18,7 +18,7 @@ from .. import naming, sourcefile
 from ..errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from . import StepContext
 
-TMP_PREFIX = ".filedispatch-tmp-"
+TMP_PREFIX = naming.OWN_PREFIX + "tmp-"
 MAX_RENAME = 10_000
 _PERMANENT_ERRNOS = {
     errno.EACCES,

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import sourcefile
 from ..config import DEFAULT_IGNORE, SourceConfig
+from ..naming import OWN_PREFIX
 from ..patterns import GlobSet
 from ..sourcefile import WriterCheck
 from ..textsafe import escape
@@ -101,6 +102,12 @@ class Entries:
         return rel
 
     def ignored(self, rel: str) -> bool:
+        """Whether an ignore pattern (the defaults included, unless turned off) matches a part
+        of ``rel``, or a part is a name of filedispatch's own work (``OWN_PREFIX``), which is
+        never taken whatever the patterns say: a crash's leftover taken as a new file would be
+        delivered a second time under another name."""
+        if OWN_PREFIX in rel and any(p.startswith(OWN_PREFIX) for p in rel.split("/")):
+            return True
         if self.ignore.on_name is not None:
             for part in rel.split("/"):
                 if self.ignore.on_name.match(part):
@@ -279,8 +286,10 @@ class Entries:
         it stats the file, so it is not for the event loop."""
         parts = rel.split("/")
         for i in range(len(parts)):
+            what = "name" if i == len(parts) - 1 else "folder"
+            if parts[i].startswith(OWN_PREFIX):
+                return f"its {what} is one filedispatch gives its own work files ({OWN_PREFIX}...)"
             if self.ignored("/".join(parts[: i + 1])):
-                what = "name" if i == len(parts) - 1 else "folder"
                 defaults = (
                     " (the defaults: see ignore_defaults)"
                     if self._ignored_by_default("/".join(parts[: i + 1]))
