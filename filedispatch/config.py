@@ -7,6 +7,7 @@ and no secret (password, token) ever appears in an error message or in ``repr``.
 from __future__ import annotations
 
 import base64
+import errno
 import importlib.util
 import ipaddress
 import math
@@ -1706,6 +1707,53 @@ def real(path: Path) -> Path:
     included) and the rest appended, so two spellings of one place compare equal.
     """
     return Path(os.path.realpath(os.path.expanduser(path)))
+
+
+#: how many symbolic links ``real_outside`` follows before it gives up (Linux's MAXSYMLINKS)
+MAX_LINKS = 40
+
+
+def real_outside(path: Path, roots: Iterable[Path]) -> Path:
+    """``path`` resolved as ``real`` does, except that no symbolic link is followed inside a
+    source: ``roots`` are the sources' folders, resolved (``real``). The walk resolves part
+    by part; once it stands in a source folder, the rest of the path is appended as written,
+    and any link there is left for the caller to refuse (``relocate.held_folder``).
+
+    For a ``done_dir`` or ``failed_dir`` inside an inbox, which whoever writes the inbox may
+    replace with a link (to /etc/cron.d...) while the service is stopped: resolved by
+    ``real`` at the next start, files would be moved through it. Links the operator made
+    outside the sources (``/srv/done`` -> ``/mnt/big/done``) are followed. Raises OSError
+    (ELOOP) past ``MAX_LINKS`` links."""
+    inside = [str(r) for r in roots]
+
+    def in_a_source(p: str) -> bool:
+        return any(p == r or p.startswith(r.rstrip("/") + "/") for r in inside)
+
+    raw = os.path.join(os.getcwd(), os.path.expanduser(path))  # ".." is walked, not cut
+    parts = raw.split("/")
+    done, links = "/", 0
+    while parts:
+        if in_a_source(done):
+            return Path(os.path.normpath(os.path.join(done, *parts)))
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            done = os.path.dirname(done)
+            continue
+        step = os.path.join(done, part)
+        try:
+            target = os.readlink(step)
+        except OSError:  # not a link, or not there (yet): as it is written
+            done = step
+            continue
+        links += 1
+        if links > MAX_LINKS:
+            raise OSError(errno.ELOOP, f"{path}: too many levels of symbolic links")
+        if target.startswith("/"):
+            done = "/"
+        parts[:0] = target.split("/")
+    return Path(done)
 
 
 def _check_paths(config: Config) -> list[str]:

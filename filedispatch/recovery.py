@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 from . import fastpath, relocate, sourcefile
 from .asyncutil import in_daemon_thread
-from .config import Config, LocalDestination, S3Destination, SourceConfig
+from .config import Config, LocalDestination, S3Destination, SourceConfig, real, real_outside
 from .errors import JournalError, NetworkError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
@@ -84,14 +85,15 @@ async def retry(
             dispatch_id, reason=f"it is {row.status}; only a FAILED dispatch can be retried"
         )
     source = None if sources is None else sources.get(row.source)
-    where = await in_daemon_thread(_locate, row, source)
+    roots = [] if sources is None else [real(s.path) for s in sources.values()]
+    where = await in_daemon_thread(_locate, row, source, roots)
     if where == "here":
         if await journal.retry(dispatch_id):
             return RetryAnswer(dispatch_id, queued=True)
         return RetryAnswer(dispatch_id, reason="it is no longer FAILED")
     if isinstance(where, Path):
         try:
-            back = await in_daemon_thread(_restore, row, where)
+            back = await in_daemon_thread(_restore, row, where, roots)
         except OSError as exc:
             return RetryAnswer(
                 dispatch_id, reason=f"cannot move {where} back: {exc.strerror or exc}"
@@ -113,9 +115,10 @@ def _same(version: FileVersion, st: os.stat_result, *, moved: bool) -> bool:
     return not (version.ino and st.st_ino != version.ino)
 
 
-def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
+def _locate(row: Dispatch, source: SourceConfig | None, roots: list[Path]) -> str | Path:
     """Where the row's file is: "here" (still in its source, unchanged), a Path in
-    failed_dir, or the reason it cannot be found."""
+    failed_dir, or the reason it cannot be found. ``roots``: every source folder, resolved
+    (no link is followed inside one: ``config.real_outside``)."""
     version = row.version
     try:
         st = os.lstat(version.path)
@@ -123,7 +126,10 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
         st = None
     if st is not None and _same(version, st, moved=False):
         return "here"
-    parked = _in_failed_dir(version, source)
+    try:
+        parked = _in_failed_dir(version, source, roots)
+    except OSError as exc:
+        return f"cannot look in failed_dir: {exc.strerror or exc}"
     if st is not None:
         if parked is not None:  # the failed file cannot come back: its name is taken
             return (
@@ -138,30 +144,47 @@ def _locate(row: Dispatch, source: SourceConfig | None) -> str | Path:
     return f"{version.path} is no longer in its source (nor in failed_dir): nothing to send"
 
 
-def _in_failed_dir(version: FileVersion, source: SourceConfig | None) -> Path | None:
-    """The file of ``version`` in its source's failed_dir (under a numbered name maybe)."""
+def _in_failed_dir(
+    version: FileVersion, source: SourceConfig | None, roots: list[Path]
+) -> Path | None:
+    """The file of ``version`` in its source's failed_dir (under a numbered name maybe): a
+    regular file, looked for in the folder reached without following a link inside a source
+    (a failed_dir in a hostile inbox swapped for a link to elsewhere is refused: OSError)."""
     if source is None or source.failed_dir is None:
         return None
-    for candidate in relocate.numbered(source.failed_dir / version.relpath):
-        try:
-            found = os.lstat(candidate)
-        except FileNotFoundError:
-            return None
-        if _same(version, found, moved=True):
-            return candidate
+    target = real_outside(source.failed_dir / version.relpath, roots)
+    try:
+        with relocate.held_folder(target.parent, make=False) as there:
+            for candidate in relocate.numbered(target):
+                try:
+                    found = os.lstat(there / candidate.name)
+                except FileNotFoundError:
+                    return None
+                if stat.S_ISREG(found.st_mode) and _same(version, found, moved=True):
+                    return candidate
+    except FileNotFoundError:
+        return None
     return None
 
 
-def _restore(row: Dispatch, found: Path) -> Path:
-    """Move ``found`` back to the row's place in its source, never over another file."""
+def _restore(row: Dispatch, found: Path, roots: list[Path]) -> Path:
+    """Move ``found`` back to the row's place in its source, never over another file. Both
+    folders are reached without following a link inside a source (``relocate.held_folder``):
+    a subfolder of the inbox swapped for a link would have the file put where it points;
+    the file itself is never read through a link."""
     path = row.version.path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    into = real_outside(path, roots)
     try:
-        try:
-            fastpath.rename_noreplace(os.fspath(found), os.fspath(path))
-        except fastpath.RenameUnavailable:  # failed_dir on another filesystem
-            # copied under a hidden name, renamed once whole: never a half file in the source
-            relocate.move_by_copy(found, path, lambda: True, any_free_name=False)
+        with (
+            relocate.held_folder(found.parent, make=False) as there,
+            relocate.held_folder(into.parent) as here,
+        ):
+            src, dst = there / found.name, here / into.name
+            try:
+                fastpath.rename_noreplace(os.fspath(src), os.fspath(dst))
+            except fastpath.RenameUnavailable:  # failed_dir on another filesystem
+                # copied under a hidden name, renamed once whole: never a half file there
+                relocate.move_by_copy(src, dst, lambda: True, any_free_name=False, follow=False)
     except FileExistsError:
         raise OSError(f"another file now has the name {path}") from None
     return path

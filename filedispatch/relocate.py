@@ -75,10 +75,11 @@ _FD_NAMES = Path("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
 
 
 @contextlib.contextmanager
-def held_folder(folder: Path) -> Iterator[Path]:
-    """``folder`` (absolute, its links resolved once at start: ``config.real``), made where it
-    is missing and held open while the ``with`` lasts; yields a name of the very folder opened
-    (``/proc/self/fd/N``), for a move into it by ``rename_free`` or ``move_by_copy``.
+def held_folder(folder: Path, make: bool = True) -> Iterator[Path]:
+    """``folder`` (absolute, its links resolved once at start: ``config.real_outside``), made
+    where it is missing (``make``; else FileNotFoundError) and held open while the ``with``
+    lasts; yields a name of the very folder opened (``/proc/self/fd/N``), for a move into it
+    by ``rename_free`` or ``move_by_copy``, or for a look at what it holds.
 
     No symbolic link is followed on the way to it (``sourcefile.open_beneath`` from ``/``), and
     each missing part is made then opened the same way, relative to the one above: a
@@ -91,6 +92,8 @@ def held_folder(folder: Path) -> Iterator[Path]:
         try:
             fd = sourcefile.open_beneath("/", path.lstrip("/"), _FOLDER_FLAGS)
         except FileNotFoundError:
+            if not make:
+                raise
             fd = _made(path)
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -194,7 +197,9 @@ def put_back(path: Path, src: Path) -> Path:
     return back
 
 
-def _copy(src: Path, dst: Path, check: Callable[[], None] | None = None) -> os.stat_result:
+def _copy(
+    src: Path, dst: Path, check: Callable[[], None] | None = None, follow: bool = True
+) -> os.stat_result:
     """``shutil.copy2`` (bytes, mode, times, extended attributes; a link's target), made in
     the kernel where it can and keeping a sparse file's holes (``processors.local.copy_data``;
     ``check`` is called before each piece); returns the copy's stat. ``dst`` is our hidden
@@ -202,19 +207,33 @@ def _copy(src: Path, dst: Path, check: Callable[[], None] | None = None) -> os.s
     leftover, or a link someone planted) is removed, never opened, and ``dst`` created new
     (O_EXCL, O_NOFOLLOW), so a link is never written through; mode, times and attributes are
     set through the copy's descriptor, never by name (a name swapped for a link meanwhile
-    would have them set on what it points to)."""
+    would have them set on what it points to). ``follow``: false, a link at ``src`` is
+    refused (ELOOP) rather than read; anything but a regular file is refused (EINVAL)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(dst)  # a link goes, never the file it points to
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    with open(src, "rb") as fin, open(os.open(dst, flags, 0o666), "wb") as fout:
+    # O_NONBLOCK: a FIFO put in its place must not hold the open for ever
+    how = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    with open(os.open(src, how), "rb") as fin:
         st = os.fstat(fin.fileno())
-        copy_data(fin.fileno(), fout.fileno(), st, check=check)
-        for name in _xattrs(fin.fileno()):
-            with contextlib.suppress(OSError):  # as copy2: what the target refuses is left
-                os.setxattr(fout.fileno(), name, os.getxattr(fin.fileno(), name))
-        os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
-        os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
-        return os.fstat(fout.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{src} is not a regular file; it is not copied")
+        os.set_blocking(fin.fileno(), True)
+        with open(os.open(dst, flags, 0o666), "wb") as fout:
+            return _copied(fin.fileno(), fout.fileno(), st, check)
+
+
+def _copied(
+    fin: int, fout: int, st: os.stat_result, check: Callable[[], None] | None
+) -> os.stat_result:
+    """``_copy``'s work, between the two files open: bytes, attributes, mode and times."""
+    copy_data(fin, fout, st, check=check)
+    for name in _xattrs(fin):
+        with contextlib.suppress(OSError):  # as copy2: what the target refuses is left
+            os.setxattr(fout, name, os.getxattr(fin, name))
+    os.fchmod(fout, stat.S_IMODE(st.st_mode))
+    os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return os.fstat(fout)
 
 
 def _xattrs(fd: int) -> list[str]:
@@ -234,6 +253,7 @@ def move_by_copy(
     any_free_name: bool,
     same: Callable[[Path], bool] | None = None,
     key: str = "",
+    follow: bool = True,
 ) -> Path:
     """Move ``src`` to ``target`` by copying (in a thread: it reads and writes the bytes).
 
@@ -244,6 +264,9 @@ def move_by_copy(
     ``failed_dir``), and a file among those names with ``src``'s size, mtime and bytes is a
     copy an interrupted move already placed: only ``src`` is removed then. Otherwise the copy
     takes ``target`` or nothing (FileExistsError).
+
+    ``follow``: whether a link at ``src`` is copied as its target (a source that follows
+    links) or refused (``_copy``).
 
     ``check`` (if given) is called before each piece of the copy and before the rename: what
     it raises ends the move there, the hidden copy removed (a move called off at a stop).
@@ -267,7 +290,7 @@ def move_by_copy(
     head = f".filedispatch-move-{tag}-"
     tmp = target.with_name(head + naming.shorten(target.name, len(head)))
     try:
-        made = _copy(src, tmp, check)
+        made = _copy(src, tmp, check, follow)
         if not unchanged():
             raise NewVersionError(f"{src} changed while it was moved; it stays (a new version)")
         if check is not None:

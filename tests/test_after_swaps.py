@@ -400,6 +400,28 @@ def test_a_done_dir_in_the_inbox_swapped_for_a_link_moves_nothing_out_through_it
     assert _REFUSED in log, log[-3000:]
 
 
+def test_a_done_dir_in_the_inbox_swapped_for_a_link_while_the_service_is_stopped_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The same swap made while no service runs (before a restart, a reboot, a cron run of
+    ``--once``): the start must not resolve the link and take its target for the done_dir.
+    The file is delivered and stays in the inbox, ``--once`` exits 1, ``outside`` gets
+    nothing. Before: the start resolved ``in/done`` through the link (``config.real``) and
+    the file was moved into ``outside``."""
+    inbox, outside = tmp_path / "in", tmp_path / "outside"
+    done = inbox / "done"
+    for folder in (inbox, outside):
+        folder.mkdir()
+    done.symlink_to(outside, target_is_directory=True)  # the inbox writer's swap
+    old(inbox / "evil.txt", b"* * * * * root id > /tmp/owned\n")
+    result = run_cli("-c", _config(tmp_path, [_moving(inbox, done)]), "--once", timeout=120)
+    assert (tmp_path / "out" / "evil.txt").exists(), result.stderr[-3000:]
+    assert sorted(p.name for p in outside.iterdir()) == [], result.stderr[-3000:]
+    assert (inbox / "evil.txt").exists()
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    assert _REFUSED in result.stderr, result.stderr[-3000:]
+
+
 def test_a_subfolder_of_a_done_dir_swapped_for_a_link_while_moves_go_inline_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -525,3 +547,90 @@ def test_names_of_filedispatch_s_own_work_are_never_taken_even_without_the_defau
     assert delivered(tmp_path / "out") == {".wanted": b"a hidden file, wanted\n"}
     assert gone.read_bytes() == b"g\n"
     assert "no dispatch of this journal has its version" in result.stderr
+
+
+# -- a retry's return from failed_dir, with links swapped in ---------------------------------
+
+
+def _failed_once(tmp_path: Path, failed: Path, rel: str, data: bytes) -> tuple[Path, Path, int]:
+    """``rel`` sent to a command that fails, so moved to ``failed``; then the config says a
+    folder instead (the retry will succeed). Returns the inbox, the config and the row id."""
+    inbox = tmp_path / "in"
+    source = {"path": str(inbox), "name": "in", "settle": 0, "recursive": True}
+    source |= {"failed_dir": str(failed)}
+    settings = {
+        "database": str(tmp_path / "journal.db"),
+        "sources": [source],
+        "rules": [{"name": "all", "glob": "*", "to": [{"command": "exit 4"}]}],
+        "api": {"enabled": False},
+        "monitor": {"enabled": False},
+    }
+    cfg = write_config(tmp_path / "config.yml", settings)
+    old(inbox / rel, data)
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 1
+    assert delivered(failed) == {rel: data}
+    [row] = journal_rows(tmp_path / "journal.db")
+    settings["rules"] = [{"name": "all", "glob": "*", "to": [str(tmp_path / "out")]}]
+    write_config(cfg, settings)
+    return inbox, cfg, row["id"]
+
+
+def test_a_retry_never_brings_a_file_back_through_a_failed_dir_swapped_for_a_link(
+    tmp_path: Path, other_fs: Path
+) -> None:
+    """``failed_dir: in/failed`` inside the hostile inbox. A file of the inbox writer's fails
+    and is moved there; they then replace ``in/failed`` with a link to another filesystem
+    where a file of the same name, size and mtime waits (on a host: any file the service may
+    read, its size and mtime being readable by anyone). ``history retry`` must not take that
+    file for the failed one: it would be moved into the inbox (removed from its place) and
+    delivered. Before: the retry said it was moved back, and its bytes were sent."""
+    failed = tmp_path / "in" / "failed"
+    _inbox, cfg, row_id = _failed_once(tmp_path, failed, "x.txt", b"12345678\n")
+    st = (failed / "x.txt").stat()
+    secret = other_fs / "elsewhere"
+    secret.mkdir()
+    (secret / "x.txt").write_bytes(b"SECRET!!\n")  # the same size
+    os.utime(secret / "x.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (failed / "x.txt").unlink()
+    failed.rmdir()
+    failed.symlink_to(secret, target_is_directory=True)  # the inbox writer's swap
+    answer = run_cli("history", "retry", str(row_id), "-c", cfg)
+    run_cli("-c", cfg, "--once", timeout=120)
+    assert (secret / "x.txt").read_bytes() == b"SECRET!!\n", answer.stdout + answer.stderr
+    assert delivered(tmp_path / "out") == {}, answer.stdout + answer.stderr
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert "cannot look in failed_dir" in answer.stderr, answer.stderr
+
+
+def test_a_retry_never_puts_a_file_back_through_a_source_folder_swapped_for_a_link(
+    tmp_path: Path,
+) -> None:
+    """A recursive source: in/s1/a.txt failed and was moved to failed/s1/a.txt (outside the
+    inbox). The inbox writer replaces in/s1 with a link to ``outside`` (on a host,
+    /etc/cron.d). ``history retry`` must not move the failed file (their bytes) into
+    ``outside``. Before: it was moved there (``mkdir(parents=True)`` and the rename went
+    through the link)."""
+    failed, outside = tmp_path / "failed", tmp_path / "outside"
+    inbox, cfg, row_id = _failed_once(tmp_path, failed, "s1/a.txt", b"* * * * * root id\n")
+    outside.mkdir()
+    (inbox / "s1").rmdir()
+    (inbox / "s1").symlink_to(outside, target_is_directory=True)
+    answer = run_cli("history", "retry", str(row_id), "-c", cfg)
+    assert sorted(outside.iterdir()) == [], answer.stdout + answer.stderr
+    assert delivered(failed) == {"s1/a.txt": b"* * * * * root id\n"}
+    assert answer.returncode == 1, answer.stdout + answer.stderr
+    assert "nothing is moved through it" in answer.stderr, answer.stderr
+
+
+def test_a_retry_still_brings_a_file_back_from_a_failed_dir_on_another_filesystem(
+    tmp_path: Path, other_fs: Path
+) -> None:
+    """The control: nothing swapped, ``failed_dir`` on another filesystem (a copy back), a
+    subfolder: the retry brings the file back and it is delivered."""
+    failed = other_fs / "failed"
+    _inbox, cfg, row_id = _failed_once(tmp_path, failed, "s1/a.txt", b"back\n")
+    answer = run_cli("history", "retry", str(row_id), "-c", cfg)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
+    assert delivered(tmp_path / "out") == {"s1/a.txt": b"back\n"}
+    assert delivered(failed) == {}

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import fastpath, relocate, sourcefile
 from ..asyncutil import CalledOff, thread_to_its_end
-from ..config import SourceConfig, Step, real
+from ..config import SourceConfig, Step, real, real_outside
 from ..errors import NetworkError, NewVersionError
 from ..fate import Fate, fate
 from ..models import FileVersion, Status
@@ -62,14 +62,19 @@ class AfterActions:
         #: the same, for a folder where a rename was seen to fail (another filesystem): its
         #: moves copy at once, without a rename tried first
         self._copies: dict[tuple[Path, Path], float] = {}
-        #: each ``done_dir`` and ``failed_dir`` -> its links resolved at start: the folder
-        #: moved into, reached later without following any link (``relocate.held_folder``)
+        #: each ``done_dir`` and ``failed_dir`` -> its links resolved at start, those inside a
+        #: source excepted (``real_outside``): the folder moved into, reached later without
+        #: following any link (``relocate.held_folder``)
         self._real = {
-            folder: real(folder)
+            folder: self._resolved(folder)
             for src in state.config.sources
             for folder in (src.done_dir, src.failed_dir)
             if folder is not None
         }
+
+    def _resolved(self, folder: Path) -> Path:
+        """``folder`` resolved (``real_outside``): no link followed inside the sources."""
+        return real_outside(folder, [real(s.path) for s in self.state.config.sources])
 
     def fate_of(
         self,
@@ -144,7 +149,9 @@ class AfterActions:
             target = folder / version.relpath
             threads.refuse_if_hung(str(target.parent))
             unchanged = functools.partial(_unchanged, version, source.follow_symlinks)
-            into = self._real.get(folder) or real(folder)
+            into = self._real.get(folder)
+            if into is None:  # a folder a reload brought
+                into = self._real[folder] = self._resolved(folder)
             move = _Move(
                 path, target, unchanged, source.path, same, into / version.relpath, version.key
             )
