@@ -351,22 +351,14 @@ async def _in_source(
 
 def _leftovers(root: Path, recursive: bool) -> list[tuple[Path, str]]:
     """The files ``relocate.consume`` renamed and a stop left in ``root`` (its subfolders too
-    if ``recursive``, no link followed), with the version key each name carries."""
+    if ``recursive``, no link followed: ``sourcefile.entries_beneath``), with the version key
+    each name carries."""
     found = []
-    for folder, _dirs, names in os.walk(root) if recursive else [(str(root), [], _names(root))]:
-        for name in names:
-            key = relocate.gone_key(name)
-            if key is not None:
-                found.append((Path(folder, name), key))
+    for entry in sourcefile.entries_beneath(root, recursive):
+        key = relocate.gone_key(entry.name)
+        if key is not None:
+            found.append((Path(entry.path), key))
     return found
-
-
-def _names(folder: Path) -> list[str]:
-    """The names in ``folder`` (none if it cannot be listed: the scan says why)."""
-    try:
-        return os.listdir(folder)
-    except OSError:
-        return []
 
 
 def _finish(path: Path, version: FileVersion, source: SourceConfig) -> None:

@@ -334,6 +334,27 @@ def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def entries_beneath(top: str | Path, recursive: bool = True) -> Iterator[os.DirEntry[str]]:
+    """Every entry of the folder ``top`` and, if ``recursive``, of the folders below it (each
+    folder's entry comes before what it holds); no link followed, a folder that cannot be
+    listed passed over. Walked with a list, not by recursion: ``os.walk`` recurses in Python
+    3.11, and a folder nested a thousand deep (a hostile inbox may hold one) raised
+    RecursionError."""
+    pending = [os.fspath(top)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as listing:
+                for entry in listing:
+                    yield entry
+                    try:
+                        if recursive and entry.is_dir(follow_symlinks=False):
+                            pending.append(entry.path)
+                    except OSError:
+                        continue
+        except OSError:
+            continue
+
+
 def seen_as(path: Path, follow_symlinks: bool) -> os.stat_result:
     """The source file at ``path`` as its version saw it: the link's target where its source
     follows links (``follow_symlinks``), else the entry itself. OSError as ``lstat``."""

@@ -634,3 +634,50 @@ def test_a_retry_still_brings_a_file_back_from_a_failed_dir_on_another_filesyste
     assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
     assert delivered(tmp_path / "out") == {"s1/a.txt": b"back\n"}
     assert delivered(failed) == {}
+
+
+def _chain(top: Path, depth: int) -> list[int]:
+    """``depth`` folders ``d`` one in the other under ``top``, made by descriptors
+    (``os.makedirs`` and ``shutil.rmtree`` recurse); the descriptors, top first, for
+    ``_unchain``."""
+    fds = [os.open(top, os.O_RDONLY | os.O_DIRECTORY)]
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fds[-1])
+        fds.append(os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fds[-1]))
+    return fds
+
+
+def _unchain(fds: list[int]) -> None:
+    """Remove what ``_chain`` made, and the files left in it, deepest first."""
+    while fds:
+        fd = fds.pop()
+        for name in os.listdir(fd):
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=fd)
+        os.close(fd)
+        if fds:
+            with contextlib.suppress(OSError):
+                os.rmdir("d", dir_fd=fds[-1])
+
+
+def test_a_tree_deeper_than_python_recursion_does_not_stop_the_start(tmp_path: Path) -> None:
+    """The start walks a recursive source (interrupted removals) and each local destination
+    (temporary files a crash left): a chain of 1,500 folders, deeper than Python's recursion
+    limit (a hostile inbox may hold one, and a destination inside it), must neither end the
+    start nor hide what lies at its bottom. Before: ``os.walk`` recursed (Python 3.11): the
+    start failed on the source, and the sweep of the destination stopped a thousand deep."""
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    old(inbox / "a.txt", b"a\n")
+    out.mkdir()
+    chains = [_chain(inbox, 1500), _chain(out, 1500)]
+    try:
+        stale = Path(f"/proc/self/fd/{chains[1][-1]}/.filedispatch-tmp-5-a.txt")
+        stale.write_bytes(b"half a copy")  # the old form of a temporary name: stale
+        source = {"path": str(inbox), "name": "in", "settle": 0, "recursive": True}
+        result = run_cli("-c", _config(tmp_path, [source]), "--once", timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "a.txt").read_bytes() == b"a\n"
+        assert not stale.exists(), result.stderr[-3000:]
+    finally:
+        for fds in chains:
+            _unchain(fds)

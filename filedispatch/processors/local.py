@@ -787,15 +787,13 @@ def sweep_temporaries(roots: Iterable[Path], journal: str = "") -> int:
     for root in roots:
         if not root.is_dir():
             continue
-        for folder, _dirs, files in os.walk(root):
-            for name in files:
-                if _stale_temp(name, journal):
-                    path = os.path.join(folder, name)
-                    try:
-                        os.unlink(path)
-                        removed += 1
-                    except OSError:
-                        pass
+        for entry in sourcefile.entries_beneath(root):
+            if _stale_temp(entry.name, journal):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
     return removed
