@@ -310,7 +310,11 @@ async def finish_removals(journal: Journal, config: Config, alone: bool = True) 
         )
         if not found:
             continue
-        versions = await journal.versions([key for _path, key in found])
+        try:
+            versions = await journal.versions([key for _path, key in found])
+        except JournalError as exc:  # they stay; the next start looks again
+            log.warning("cannot end the removals a stop interrupted in %s: %s", source.path, exc)
+            continue
         for path, key in found:
             version = versions.get(key)
             if version is None:
