@@ -5,7 +5,7 @@ work, where a second host helps). Prints figures; asserts nothing.
 
     python bench/bench_cluster.py [--files 10000] [--rounds 1] [--before REF] [--quick]
 
-The SQLite path is also run from the code of ``--before`` (a git ref, default ``int1``: the
+The SQLite path is also run from the code of ``--before`` (a git ref, default ``INT1``: the
 code before this issue's node work) in the same run, rounds alternating, and the ratio
 printed. PostgreSQL is a throwaway cluster (tests/pgcluster.py: needs root and Debian's
 postgresql package).
@@ -34,6 +34,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+#: the tip of the ``int1`` integration (the journal package and the split dispatcher, before
+#: the node work), as a commit of main's history: a fresh clone has no ``int1`` branch
+INT1 = "72b2d88"
 sys.path.insert(0, str(ROOT))
 
 from tests import pgcluster  # noqa: E402
@@ -211,7 +214,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--before", default="int1")
+    parser.add_argument("--before", default=INT1)
     parser.add_argument("--quick", action="store_true", help="1,000 files")
     parser.add_argument("--sqlite-only", action="store_true", help="only the SQLite ratio")
     args, _ = parser.parse_known_args()
