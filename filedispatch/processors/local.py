@@ -524,12 +524,15 @@ def _holding(root: Path) -> Iterator[Held]:
 
 
 def _refused(path: Path, exc: OSError) -> DeliveryError:
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-        return PermanentDeliveryError(
-            f"{path} lies inside a source folder and a symbolic link (or a file) stands in its "
-            "path there: nothing is delivered through it"
-        )
-    return translate_os_error(exc, f"cannot create {path}")
+    """The error of a delivery whose folder ``path`` could not be held: for good, naming the
+    link, where a link (or a file) stands in its path."""
+    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+        return translate_os_error(exc, f"cannot create {path}")
+    link = next((p for p in (*reversed(path.parents), path) if os.path.islink(p)), None)
+    what = f"{link} is a symbolic link" if link else "a symbolic link or a file stands in its path"
+    return PermanentDeliveryError(
+        f"{path} lies inside a source folder and {what}: nothing is delivered through it"
+    )
 
 
 #: bytes one kernel copy call is asked for: large enough that a big file takes few calls,
