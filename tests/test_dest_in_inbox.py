@@ -12,10 +12,15 @@ batch lane, a copy by a worker, a move by one rename. Real files, the real CLI.
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from filedispatch import sourcefile
+from filedispatch.errors import PermanentDeliveryError
+from filedispatch.processors.local import Inside
 
 from .conftest import ServiceProcess, journal_rows, old, run_cli, wait_until, write_config
 
@@ -156,3 +161,37 @@ def test_a_destination_in_the_inbox_is_still_delivered_into_and_one_outside_take
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.read_bytes() for p in (inbox / "sorted").rglob("a.txt")] == [b"a\n"]
     assert (real_out / "a.txt").read_bytes() == b"a\n"
+
+
+@pytest.mark.parametrize("way", ["openat2", "walk"])
+def test_the_folders_of_a_destination_inside_a_source_are_held_without_a_link_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """``Inside`` itself, with openat2 and with the O_NOFOLLOW walk kept for kernels without
+    it (which the service's subprocess cannot be made to take): missing folders are made and
+    held; a template's subfolder swapped for a link is refused naming it, and nothing is
+    made where it points; a destination outside the sources is not held at all."""
+    if way == "walk":
+        monkeypatch.setattr(sourcefile, "openat2", None)
+    elif sourcefile.openat2 is None:
+        pytest.skip("this kernel has no openat2")
+    inbox, outside = tmp_path / "in", tmp_path / "outside"
+    for folder in (inbox, outside):
+        folder.mkdir()
+    sources = [SimpleNamespace(path=inbox)]
+    inside = Inside(inbox / "sorted", lambda: sources)  # type: ignore[arg-type, return-value]
+    with inside.holding() as held:
+        assert held is not None
+        assert held(PurePosixPath("2026")).is_dir()
+    assert (inbox / "sorted" / "2026").is_dir()
+    (inbox / "sorted" / "2026").rmdir()
+    (inbox / "sorted" / "2026").symlink_to(outside, target_is_directory=True)
+    with inside.holding() as held:
+        assert held is not None
+        for rel in ("2026", "2026/07"):
+            with pytest.raises(PermanentDeliveryError, match="2026 is a symbolic link"):
+                held(PurePosixPath(rel))
+    assert list(outside.iterdir()) == []
+    outer = Inside(tmp_path / "out", lambda: sources)  # type: ignore[arg-type, return-value]
+    with outer.holding() as held:
+        assert held is None
