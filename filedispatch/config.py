@@ -1717,7 +1717,7 @@ def real_outside(path: Path, roots: Iterable[Path]) -> Path:
     """``path`` resolved as ``real`` does, except that no symbolic link is followed inside a
     source: ``roots`` are the sources' folders, resolved (``real``). The walk resolves part
     by part; once it stands in a source folder, the rest of the path is appended as written,
-    and any link there is left for the caller to refuse (``relocate.held_folder``).
+    and any link there is left for the caller to refuse (``sourcefile.held_folder``).
 
     For a ``done_dir`` or ``failed_dir`` inside an inbox, which whoever writes the inbox may
     replace with a link (to /etc/cron.d...) while the service is stopped: resolved by

@@ -154,7 +154,7 @@ def _in_failed_dir(
         return None
     target = real_outside(source.failed_dir / version.relpath, roots)
     try:
-        with relocate.held_folder(target.parent, make=False) as there:
+        with sourcefile.held_folder(target.parent, make=False) as there:
             for candidate in relocate.numbered(target):
                 try:
                     found = os.lstat(there / candidate.name)
@@ -169,15 +169,15 @@ def _in_failed_dir(
 
 def _restore(row: Dispatch, found: Path, roots: list[Path]) -> Path:
     """Move ``found`` back to the row's place in its source, never over another file. Both
-    folders are reached without following a link inside a source (``relocate.held_folder``):
+    folders are reached without following a link inside a source (``sourcefile.held_folder``):
     a subfolder of the inbox swapped for a link would have the file put where it points;
     the file itself is never read through a link."""
     path = row.version.path
     into = real_outside(path, roots)
     try:
         with (
-            relocate.held_folder(found.parent, make=False) as there,
-            relocate.held_folder(into.parent) as here,
+            sourcefile.held_folder(found.parent, make=False) as there,
+            sourcefile.held_folder(into.parent) as here,
         ):
             src, dst = there / found.name, here / into.name
             try:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from . import fastpath, naming, sourcefile
+from . import fastpath, naming
 from .errors import NewVersionError
 from .processors.local import copy_data
 
@@ -65,71 +65,6 @@ def rename_free(path: Path, target: Path) -> Path:
             return target
         except FileExistsError:
             target = free_name(target)
-
-
-#: how ``held_folder`` opens a folder: a handle to it only
-_FOLDER_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-
-#: a folder held open is named through its descriptor here (no /proc: by its real path)
-_FD_NAMES = Path("/proc/self/fd") if os.path.isdir("/proc/self/fd") else None
-
-
-@contextlib.contextmanager
-def held_folder(folder: Path, make: bool = True) -> Iterator[Path]:
-    """``folder`` (absolute, its links resolved once at start: ``config.real_outside``), made
-    where it is missing (``make``; else FileNotFoundError) and held open while the ``with``
-    lasts; yields a name of the very folder opened (``/proc/self/fd/N``), for a move into it
-    by ``rename_free`` or ``move_by_copy``, or for a look at what it holds.
-
-    No symbolic link is followed on the way to it (``sourcefile.open_beneath`` from ``/``), and
-    each missing part is made then opened the same way, relative to the one above: a
-    ``done_dir`` inside a hostile inbox, or one of its subfolders, replaced by a link to
-    somewhere else (/etc/cron.d...) is refused with OSError, never moved into. The name
-    yielded goes to the folder opened, whatever is renamed or linked in its place meanwhile.
-    """
-    path = os.fspath(folder)
-    try:
-        try:
-            fd = sourcefile.open_beneath("/", path.lstrip("/"), _FOLDER_FLAGS)
-        except FileNotFoundError:
-            if not make:
-                raise
-            fd = _made(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-            raise
-        raise OSError(
-            exc.errno,
-            f"{path}: a symbolic link or a file stands in its path; nothing is moved "
-            f"through it ({exc.strerror})",
-        ) from exc
-    try:
-        yield folder if _FD_NAMES is None else _FD_NAMES / str(fd)
-    finally:
-        os.close(fd)
-
-
-def _made(path: str) -> int:
-    """``held_folder`` where a part of ``path`` is missing: from ``/``, each part opened
-    (O_NOFOLLOW) relative to the one above, made first where it is missing."""
-    flags = _FOLDER_FLAGS | os.O_NOFOLLOW
-    fd = os.open("/", flags)
-    try:
-        for part in path.split("/"):
-            if not part:
-                continue
-            try:
-                below = os.open(part, flags, dir_fd=fd)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):  # made by another meanwhile
-                    os.mkdir(part, 0o777, dir_fd=fd)
-                below = os.open(part, flags, dir_fd=fd)
-            fd, above = below, fd
-            os.close(above)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 #: how the hidden name of a source being removed begins (``consume``); then the journal's key

@@ -38,7 +38,7 @@ from .journal import (
 )
 from .learn import Learned, learn_folders, learn_problems, learning
 from .link import ServiceLink, status_snapshot
-from .processors import Registry
+from .processors import SOURCES, Registry
 from .processors.s3uploads import LEDGER, UploadLedger
 from .processors.threads import CALL_OFF_PATIENCE_S
 from .watcher import Baselines, SourceWatcher
@@ -332,6 +332,7 @@ class Service:
         registry = Registry(wrap=Controls(self.journal).wrap)
         # in the journal, closed after the processors, which end their uploads first
         registry.resources.items[LEDGER] = UploadLedger(journal)
+        registry.resources.items[SOURCES] = lambda: self.config.sources
         stack.push_async_callback(registry.aclose)
         # a shared journal: a node may go at any time, so its uploads are looked for again
         every = None if isinstance(self.db_path, Path) else self.config.lease

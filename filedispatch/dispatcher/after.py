@@ -64,7 +64,7 @@ class AfterActions:
         self._copies: dict[tuple[Path, Path], float] = {}
         #: each ``done_dir`` and ``failed_dir`` -> its links resolved at start, those inside a
         #: source excepted (``real_outside``): the folder moved into, reached later without
-        #: following any link (``relocate.held_folder``)
+        #: following any link (``sourcefile.held_folder``)
         self._real = {
             folder: self._resolved(folder)
             for src in state.config.sources
@@ -173,7 +173,7 @@ class AfterActions:
         if self._inline.get(key, 0.0) <= time.monotonic() or (look and not _still(move)):
             return False
         try:
-            with relocate.held_folder(move.into.parent) as there:
+            with sourcefile.held_folder(move.into.parent) as there:
                 _renamed(move, there / move.into.name)
             return True
         except fastpath.RenameUnavailable:
@@ -342,7 +342,7 @@ class _Move:
     #: whether the file at a path is the one delivered (``relocate.consume``)
     same: Callable[[Path], bool]
     #: ``target`` under its folder's real path, as resolved at start: where the file goes,
-    #: reached without following a link (``relocate.held_folder``)
+    #: reached without following a link (``sourcefile.held_folder``)
     into: Path
     #: the journal's key of the version delivered (``relocate.consume``)
     key: str
@@ -362,10 +362,10 @@ def _place(move: _Move, check: Callable[[], None], rename: bool) -> tuple[Path, 
     """In a lane's thread: make ``move``'s folder and rename the file into it, or where no
     rename can (or ``rename`` is false), copy it (``relocate.move_by_copy``, which sees the
     source unchanged itself); the folder is reached without following a link and held open
-    meanwhile (``relocate.held_folder``). Returns where it went and whether by a rename; None
+    meanwhile (``sourcefile.held_folder``). Returns where it went and whether by a rename; None
     if the source is gone."""
     check()
-    with relocate.held_folder(move.into.parent) as there:
+    with sourcefile.held_folder(move.into.parent) as there:
         check()
         target = there / move.into.name
         if not rename:

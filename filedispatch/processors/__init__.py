@@ -175,6 +175,11 @@ class MoveUnavailable(Exception):
         self.this_file = this_file
 
 
+#: ``Resources.items`` key: a callable giving the sources of the configuration in force (a
+#: local destination inside one refuses links there: ``processors.local.Inside``)
+SOURCES = "sources"
+
+
 @dataclass
 class Resources:
     """Things processors share across the service (one HTTP session, FTP/SFTP pools)."""

@@ -8,18 +8,19 @@ otherwise it copies, and the dispatcher's after-action removes the source later.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from .. import fastpath, sourcefile
-from ..config import LocalDestination, OnConflict
+from ..config import LocalDestination, OnConflict, SourceConfig, real, real_outside
 from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -27,7 +28,7 @@ from ..errors import (
     TransientDeliveryError,
 )
 from ..models import NAME_TAKEN, FileVersion, Outcome
-from . import MoveUnavailable, Resources, StepContext
+from . import SOURCES, MoveUnavailable, Resources, StepContext
 from .common import (
     TMP_PREFIX,
     candidates,
@@ -50,8 +51,7 @@ log = logging.getLogger(__name__)
 
 
 def create(step: LocalDestination, resources: Resources) -> LocalProcessor:
-    del resources
-    return LocalProcessor(step)
+    return LocalProcessor(step, resources.items.get(SOURCES))
 
 
 class LocalProcessor:
@@ -59,8 +59,12 @@ class LocalProcessor:
 
     paces: ClassVar[bool] = True  #: a copy pays ``ctx.throttle`` per chunk (copy_data)
 
-    def __init__(self, dest: LocalDestination) -> None:
+    def __init__(
+        self, dest: LocalDestination, sources: Callable[[], Sequence[SourceConfig]] | None = None
+    ) -> None:
         self.dest = dest
+        #: where the destination lies inside a source, its folders are held (``Inside``)
+        self._inside = Inside(dest.folder, sources)
         self.root = dest.folder
         self._root = str(dest.folder)
         self._made: set[str] = set()  #: folders made (or found) so far
@@ -101,7 +105,7 @@ class LocalProcessor:
         # name, and a folder whose copies are stuck would hold this attempt's thread too
         self._threads.check(ctx, folder)
         if ctx.resuming:
-            look = functools.partial(_find_previous, self.root, ctx, rel, self.dest.on_conflict)
+            look = functools.partial(self._find_previous, ctx, rel)
             found = await self._threads.call(look, ctx, folder)
             if found is not None:
                 return Outcome(str(found), detail="found delivered by an earlier attempt")
@@ -142,12 +146,17 @@ class LocalProcessor:
         if exc.errno == errno.ENOENT:
             self._made.clear()
 
+    def _find_previous(self, ctx: StepContext, rel: PurePosixPath) -> Path | None:
+        with self._inside.holding() as held:
+            return _find_previous(self.root, ctx, rel, self.dest.on_conflict, held)
+
     def _deliver(self, ctx: StepContext, rel: PurePosixPath) -> Outcome:
-        tmp, out = self._stage_copy(ctx, rel)
-        error = self._flush([(tmp, out)])[0]
-        if error is not None:
-            raise error
-        return self._place_temp(tmp, rel, ctx, sync_dir=self.dest.fsync)
+        with self._inside.holding() as held:
+            tmp, out = self._stage_copy(ctx, rel, held)
+            error = self._flush([(tmp, out)])[0]
+            if error is not None:
+                raise error
+            return self._place_temp(tmp, rel, ctx, held, sync_dir=self.dest.fsync)
 
     # -- copying a batch in one thread (see processors.BatchCopier)
 
@@ -156,12 +165,16 @@ class LocalProcessor:
         together (writeback started for every file before the first fsync waits), then each
         renamed into place (see _rename), then each folder flushed once. Per file an Outcome,
         or the error that file met; one file's failure is that file's alone."""
+        with self._inside.holding() as held:
+            return self._copy_held(ctxs, held)
+
+    def _copy_held(self, ctxs: list[StepContext], held: Held) -> list[Outcome | Exception]:
         results: list[Outcome | Exception] = [PermanentDeliveryError("not copied") for _ in ctxs]
         staged: list[tuple[int, PurePosixPath, Path, int]] = []
         for i, ctx in enumerate(ctxs):
             try:
                 rel = self._target(ctx)
-                tmp, out = self._stage_copy(ctx, rel)
+                tmp, out = self._stage_copy(ctx, rel, held)
                 staged.append((i, rel, tmp, out))
             except Exception as exc:
                 results[i] = exc
@@ -172,23 +185,27 @@ class LocalProcessor:
                 results[i] = error
                 continue
             try:
-                results[i] = self._place_temp(tmp, rel, ctxs[i], sync_dir=False)
+                results[i] = self._place_temp(tmp, rel, ctxs[i], held, sync_dir=False)
                 folders.add(rel.parent)
             except Exception as exc:
                 results[i] = exc
         if self.dest.fsync:
             for folder in folders:
                 self._threads.entering(self.root / folder)
-                _fsync_dir(self.root / folder)
+                _fsync_dir(self.root / folder if held is None else held(folder))
         return results
 
-    def _stage_copy(self, ctx: StepContext, rel: PurePosixPath) -> tuple[Path, int]:
-        """Copy the input to a temporary name beside ``rel``; returns it and its open fd (the
-        caller flushes and closes it, see _flush)."""
+    def _stage_copy(self, ctx: StepContext, rel: PurePosixPath, held: Held) -> tuple[Path, int]:
+        """Copy the input to a temporary name beside ``rel`` (in its folder ``held``, if the
+        destination lies in a source); returns it and its open fd (the caller flushes and
+        closes it, see _flush)."""
         final_dir = self.root / rel.parent
         self._threads.check_folder(str(final_dir))  # another file's copy may be stuck there
         self._threads.entering(final_dir)
-        self._mkdirs(final_dir)
+        if held is None:
+            self._mkdirs(final_dir)
+        else:
+            final_dir = held(rel.parent)
         fd, st = open_input(ctx)
         try:
             tmp, out = self._copy(fd, st, final_dir, ctx, rel.name)
@@ -252,18 +269,19 @@ class LocalProcessor:
         return errors
 
     def _place_temp(
-        self, tmp: Path, rel: PurePosixPath, ctx: StepContext, *, sync_dir: bool
+        self, tmp: Path, rel: PurePosixPath, ctx: StepContext, held: Held, *, sync_dir: bool
     ) -> Outcome:
         """Give a complete temporary file its final name under the ``on_conflict`` policy,
         unless ``ctx.fence`` calls the delivery off first (the copy is removed)."""
         sent = self._sums.pop(tmp, None)
+        into = self.root if held is None else held(rel.parent)
         try:
             ctx.fence()  # runs in a worker thread, which a cancellation does not stop
             final = place(  # no look first: the rename itself refuses a name that is taken
                 lambda p: False,
-                rel,
+                rel if held is None else PurePosixPath(rel.name),
                 self.dest.on_conflict,
-                lambda p, overwrite: self._rename(tmp, self.root / p, overwrite),
+                lambda p, overwrite: self._rename(tmp, into / p, overwrite),
             )
         except OSError as exc:
             unlink_quietly(tmp)
@@ -275,8 +293,9 @@ class LocalProcessor:
             unlink_quietly(tmp)
             return Outcome(str(self.root / rel), detail=NAME_TAKEN)
         if sync_dir:
-            _fsync_dir(self.root / final.parent)
-        return Outcome(str(self.root / final), sha256=sent)
+            _fsync_dir(into / final.parent)
+        shown = self.root / final if held is None else self.root / rel.parent / final.name
+        return Outcome(str(shown), sha256=sent)
 
     # -- moving inline (see processors.Mover): one rename instead of link + unlink
 
@@ -285,9 +304,12 @@ class LocalProcessor:
         and none other mounted below the destination (a rename runs on the event loop, which
         must never wait on another mount, one that may hang). Asked in a thread."""
         try:
-            self._mkdirs(self.root)
-            if os.stat(folder).st_dev != os.stat(self.root).st_dev:
-                return False
+            with self._inside.holding() as held:
+                root = self.root if held is None else held(PurePosixPath())
+                if held is None:
+                    self._mkdirs(root)
+                if os.stat(folder).st_dev != os.stat(root).st_dev:
+                    return False
         except (OSError, DeliveryError):
             return False
         return not mounts_below(str(self.root))
@@ -299,18 +321,28 @@ class LocalProcessor:
         rel = render_target_str(self.dest.name, ctx, self.dest.naming)
         # on the loop: a hung folder must not hold it too
         self._threads.check_folder(f"{self._root}/{rel.rpartition('/')[0]}")
-        return self._put_source(
-            ctx, rel, _replace if self.dest.on_conflict == "overwrite" else _move
-        )
+        put = _replace if self.dest.on_conflict == "overwrite" else _move
+        with self._inside.holding() as held:
+            if held is None:
+                folder = rel.rpartition("/")[0]
+                self._mkdirs(f"{self._root}/{folder}" if folder else self._root)
+                return self._put_source(ctx, rel, put, self._root)
+            folder, _, name = rel.rpartition("/")
+            into = str(held(PurePosixPath(folder)))
+            outcome = self._put_source(ctx, name, put, into)
+            if outcome.location.startswith(into):  # its name, not the held folder's
+                shown = f"{self._root}/{folder}" if folder else self._root
+                outcome = dataclasses.replace(
+                    outcome, location=shown + outcome.location[len(into) :]
+                )
+            return outcome
 
-    def _put_source(self, ctx: StepContext, rel: str, put: Rename) -> Outcome:
-        """Rename the source itself to its final name, once the name is checked to be the
-        planned version (a regular file, not a link: a link is never moved into a
-        destination, its target is copied instead). Plain strings, not Paths: this runs once
-        per file, inline, so it only looks at files (lstat) and never opens one."""
-        root = self._root
-        folder = rel.rpartition("/")[0]
-        self._mkdirs(f"{root}/{folder}" if folder else root)
+    def _put_source(self, ctx: StepContext, rel: str, put: Rename, root: str) -> Outcome:
+        """Rename the source itself to its final name ``rel`` under ``root``, once the name is
+        checked to be the planned version (a regular file, not a link: a link is never moved
+        into a destination, its target is copied instead). Plain strings, not Paths: this runs
+        once per file, inline, so it only looks at files (lstat) and never opens one. ``root``
+        is made already (``move_now``)."""
         version = ctx.version
         parent, _, name = version.relpath.rpartition("/")
         try:
@@ -326,7 +358,7 @@ class LocalProcessor:
             try:
                 st = _check_name(version, dirfd, name)
             except SourceVanishedError:
-                if parent or not self._source_replaced(version.root):
+                if parent or not _source_replaced(self._sources, version.root):
                     raise
                 dirfd = top = self._source_dir(version.root, fresh=True)
                 st = _check_name(version, dirfd, name)
@@ -346,37 +378,11 @@ class LocalProcessor:
                 raise translate_os_error(exc, f"cannot deliver to {root}/{rel}") from exc
             if final is None:
                 return Outcome(f"{root}/{rel}", detail=NAME_TAKEN)
-            self._check_moved(version, dirfd, name, st, f"{root}/{final}")
+            _check_moved(version, dirfd, name, st, f"{root}/{final}")
         finally:
             if dirfd != top:
                 os.close(dirfd)
         return Outcome(f"{root}/{final}", detail="moved")
-
-    def _source_replaced(self, root: Path) -> bool:
-        """Whether the kept descriptor of ``root`` no longer names the folder at that path."""
-        fd = self._sources.get(str(root))
-        try:
-            kept, now = os.fstat(fd) if fd is not None else None, os.stat(root)
-        except OSError:
-            return False
-        return kept is None or (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino)
-
-    @staticmethod
-    def _check_moved(
-        version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
-    ) -> None:
-        """The name was swapped between the check and the rename: put back what was moved."""
-        try:
-            got = os.lstat(final)
-        except OSError:
-            return  # gone already (a consumer of the destination): it was ours a moment ago
-        if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
-            return
-        with contextlib.suppress(OSError, MoveUnavailable):
-            _move(final, name, dst_dir_fd=dirfd)
-        raise SourceVanishedError(
-            f"{version.relpath} was replaced while it was moved; put back, not delivered"
-        )
 
     def _copy(
         self, fd: int, st: os.stat_result, folder: Path, ctx: StepContext, name: str
@@ -441,6 +447,94 @@ class LocalProcessor:
         os.unlink(tmp)
 
 
+#: a delivery's folders held open (``Inside.holding``): a folder (relative to the destination)
+#: -> a name of the very folder opened; None where the destination lies outside every source
+Held: TypeAlias = Callable[[PurePosixPath], Path] | None
+
+_NOT_HELD: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+class Inside:
+    """Whether a local destination lies inside a source folder the source does not watch
+    (``in/sorted`` below a non-recursive ``in``), and its folders reached there with no link
+    followed.
+
+    Whoever may write the inbox may swap the destination, or a subfolder a name template
+    makes there, for a symbolic link to a folder of their choosing (/etc/cron.d, ~/.ssh),
+    while the service runs or while it is stopped: the delivered file, whose bytes they chose,
+    would be written where it points. Inside a source, each delivery's folders are opened from
+    ``/`` with no link followed (``sourcefile.held_folder``: openat2, else O_NOFOLLOW part by
+    part, missing parts made there), held open while it writes its temporary file and renames
+    it, and named through their descriptors; a link on the way is refused
+    (PermanentDeliveryError naming it). Outside every source: nothing (the fast path)."""
+
+    def __init__(self, folder: Path, sources: Callable[[], Sequence[SourceConfig]] | None) -> None:
+        self.folder = folder
+        self._sources = sources
+        self._seen: object = None  #: the sources ``_where`` was found for
+        self._where: Path | None = None
+
+    def where(self) -> Path | None:
+        """The destination resolved (``config.real_outside``: no link followed inside a
+        source) if it lies inside a source of the configuration in force, else None. Found
+        again when the configuration's sources change (a reload)."""
+        if self._sources is None:
+            return None
+        sources = self._sources()
+        if sources is not self._seen:
+            roots = [real(s.path) for s in sources]
+            self._where = _within(self.folder, roots)
+            self._seen = sources
+        return self._where
+
+    def holding(self) -> contextlib.AbstractContextManager[Held]:
+        """For one delivery, or one batch: None outside the sources, else a function giving
+        a folder's name held open (``_holding``)."""
+        where = self.where()
+        return _NOT_HELD if where is None else _holding(where)
+
+
+def _within(folder: Path, roots: list[Path]) -> Path | None:
+    """``folder`` resolved as ``config.real_outside`` does if it lies in one of ``roots``."""
+    try:
+        resolved = real_outside(folder, roots)
+    except OSError:  # a loop of links: as written (where no link will be followed)
+        resolved = Path(os.path.abspath(folder))
+    return resolved if any(resolved == r or r in resolved.parents for r in roots) else None
+
+
+@contextlib.contextmanager
+def _holding(root: Path) -> Iterator[Held]:
+    """Folders below ``root`` opened on first use with no link followed, made where missing,
+    and held until the ``with`` ends; yields the function giving each one's held name."""
+    names: dict[PurePosixPath, Path] = {}
+    with contextlib.ExitStack() as stack:
+
+        def folder(rel: PurePosixPath) -> Path:
+            name = names.get(rel)
+            if name is None:
+                path = root / rel
+                try:
+                    name = names[rel] = stack.enter_context(sourcefile.held_folder(path))
+                except OSError as exc:
+                    raise _refused(path, exc) from exc
+            return name
+
+        yield folder
+
+
+def _refused(path: Path, exc: OSError) -> DeliveryError:
+    """The error of a delivery whose folder ``path`` could not be held: for good, naming the
+    link, where a link (or a file) stands in its path."""
+    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+        return translate_os_error(exc, f"cannot create {path}")
+    link = next((p for p in (*reversed(path.parents), path) if os.path.islink(p)), None)
+    what = f"{link} is a symbolic link" if link else "a symbolic link or a file stands in its path"
+    return PermanentDeliveryError(
+        f"{path} lies inside a source folder and {what}: nothing is delivered through it"
+    )
+
+
 #: bytes one kernel copy call is asked for: large enough that a big file takes few calls,
 #: small enough that no single call (which cannot be interrupted) runs for long
 _KERNEL_CHUNK = 64 * 1024 * 1024
@@ -459,6 +553,34 @@ _NO_KERNEL_COPY = {
 
 #: the ways ``copy_data`` copies an extent, each the fallback of the one before
 COPY_WAYS = ("copy_file_range", "sendfile", "read/write")
+
+
+def _source_replaced(sources: dict[str, int], root: Path) -> bool:
+    """Whether the descriptor kept of ``root`` (in ``sources``) no longer names the folder
+    at that path."""
+    fd = sources.get(str(root))
+    try:
+        kept, now = os.fstat(fd) if fd is not None else None, os.stat(root)
+    except OSError:
+        return False
+    return kept is None or (kept.st_dev, kept.st_ino) != (now.st_dev, now.st_ino)
+
+
+def _check_moved(
+    version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
+) -> None:
+    """The name was swapped between the check and the rename: put back what was moved."""
+    try:
+        got = os.lstat(final)
+    except OSError:
+        return  # gone already (a consumer of the destination): it was ours a moment ago
+    if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
+        return
+    with contextlib.suppress(OSError, MoveUnavailable):
+        _move(final, name, dst_dir_fd=dirfd)
+    raise SourceVanishedError(
+        f"{version.relpath} was replaced while it was moved; put back, not delivered"
+    )
 
 
 def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
@@ -652,12 +774,14 @@ def _holds_ours(ctx: StepContext, path: Path, got: os.stat_result) -> bool:
 
 
 def _find_previous(
-    root: Path, ctx: StepContext, rel: PurePosixPath, on_conflict: OnConflict
+    root: Path, ctx: StepContext, rel: PurePosixPath, on_conflict: OnConflict, held: Held
 ) -> Path | None:
     """After a crash or a failed attempt: a regular file at one of our candidate names under
     ``root`` with the input's size and mtime that holds our delivery (``_holds_ours``); what
-    earlier attempts left under a temporary name is removed first (``_remove_earlier``)."""
-    _remove_earlier(root / rel.parent, ctx, rel.name)
+    earlier attempts left under a temporary name is removed first (``_remove_earlier``).
+    ``held``: the folders of a destination inside a source (``Inside.holding``)."""
+    folder = root / rel.parent if held is None else held(rel.parent)
+    _remove_earlier(folder, ctx, rel.name)
     want = (ctx.version.size, ctx.version.mtime_ns)
     if ctx.input != ctx.version.path:  # a transform's output, in our own work folder
         try:
@@ -666,7 +790,7 @@ def _find_previous(
         except OSError:
             return None
     for cand in candidates(rel, on_conflict):
-        path = root / cand
+        path = folder / cand.name
         try:
             got = path.stat(follow_symlinks=False)  # a link planted there is not ours
         except OSError:
@@ -676,7 +800,7 @@ def _find_previous(
             and (got.st_size, got.st_mtime_ns) == want
             and _holds_ours(ctx, path, got)
         ):
-            return path
+            return root / cand
     return None
 
 
