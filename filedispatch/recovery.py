@@ -264,9 +264,10 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
     await finish_removals(journal, config, alone)
     roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
+        inside = [real(s.path) for s in config.sources]
         sweeps = {}
         for root in sorted(roots):  # each beside the start: see threads.sweeping
-            sweep = in_daemon_thread(sweep_temporaries, [root], journal.token)
+            sweep = in_daemon_thread(sweep_temporaries, [root], journal.token, inside)
             threads.sweeping(str(root), sweep)
             sweep.add_done_callback(_swept)
             sweeps[sweep] = root

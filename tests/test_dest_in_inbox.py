@@ -111,15 +111,20 @@ def test_a_destination_in_the_inbox_swapped_for_a_link_while_the_service_is_stop
 ) -> None:
     """The swap made while no service runs: ``in/sorted`` is a link to ``outside`` at the
     start. ``--once`` delivers nothing through it (the start must not resolve the link and
-    take its target for the destination), every file stays in the inbox, exit 1."""
+    take its target for the destination), every file stays in the inbox, exit 1. Nor does
+    the start's sweep of stale temporary files reach through it: a file there named like one
+    of ours stays (before: removed)."""
     inbox, outside = tmp_path / "in", tmp_path / "outside"
     for folder in (inbox, outside):
         folder.mkdir()
+    (outside / ".filedispatch-tmp-5-theirs.txt").write_bytes(b"not ours to remove\n")
     (inbox / "sorted").symlink_to(outside, target_is_directory=True)
     for n in range(count):
         old(inbox / f"evil{n}.txt", _EVIL)
     result = run_cli("-c", _config(tmp_path, mode), "--once", timeout=120)
-    assert sorted(p.name for p in outside.iterdir()) == [], result.stderr[-3000:]
+    assert sorted(p.name for p in outside.iterdir()) == [".filedispatch-tmp-5-theirs.txt"], (
+        result.stderr[-3000:]
+    )
     assert sorted(p.name for p in inbox.iterdir() if p.name != "sorted") == sorted(
         f"evil{n}.txt" for n in range(count)
     ), result.stderr[-3000:]

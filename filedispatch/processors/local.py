@@ -897,7 +897,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def sweep_temporaries(roots: Iterable[Path], journal: str = "") -> int:
+def sweep_temporaries(
+    roots: Iterable[Path], journal: str = "", sources: Sequence[Path] = ()
+) -> int:
     """Remove temporary files a crash left in local destinations; returns how many.
 
     Called at start-up, before any copy into ``roots`` can start (``threads.sweeping``), and
@@ -905,21 +907,37 @@ def sweep_temporaries(roots: Iterable[Path], journal: str = "") -> int:
     (its token ``journal``) found is stale, and so is one of the form before journals had
     tokens (``.filedispatch-tmp-<id>-``). Another journal's (another token) is left alone:
     it may be that journal's copy in progress. An old-form name of a row id of exactly eight
-    digits reads like a token, and stays too.
+    digits reads like a token, and stays too. ``sources``: the source folders, resolved; a
+    destination inside one is reached with no link followed there (``Inside``), so a link
+    swapped in for it leads the sweep nowhere.
     """
     removed = 0
     for root in roots:
-        if not root.is_dir():
-            continue
-        for entry in sourcefile.entries_beneath(root):
-            if _stale_temp(entry.name, journal):
-                try:
-                    os.unlink(entry.path)
-                    removed += 1
-                except OSError:
-                    pass
+        where = _within(root, list(sources)) if sources else None
+        try:
+            with (
+                contextlib.nullcontext(root)
+                if where is None
+                else sourcefile.held_folder(where, make=False) as there
+            ):
+                removed += _swept(there, journal)
+        except OSError:
+            continue  # missing, or a link where none may be: nothing of ours to sweep
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    return removed
+
+
+def _swept(root: Path, journal: str) -> int:
+    """``sweep_temporaries`` in one destination folder; how many were removed."""
+    removed = 0
+    for entry in sourcefile.entries_beneath(root):
+        if _stale_temp(entry.name, journal):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
     return removed
 
 
