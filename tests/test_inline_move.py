@@ -400,3 +400,39 @@ async def test_files_of_a_running_copy_batch_count_as_in_flight(
     rows = {r["filename"]: r["status"] for r in journal_rows(ws["db"])}
     assert rows == dict.fromkeys(names, "SUCCEEDED")
     assert delivered(ws["outbox"]) == dict.fromkeys(names, b"x")
+
+
+def test_a_new_version_the_rename_took_goes_back_under_a_free_name_if_its_own_is_taken(
+    tmp_path: Path,
+) -> None:
+    """``mode: move`` renames the source into the destination after a look; a writer may
+    rename a new version over the source in between, and the rename takes that one. The look
+    after the rename (``processors.local._check_moved``) puts it back; if yet another file has
+    taken the source's name meanwhile, it goes back under the next free name, never left in
+    the destination, delivered by nobody's account. The state of that instant is made here
+    with real renames. Before: the put-back failed quietly and the new version stayed in
+    the destination."""
+    from filedispatch.errors import SourceVanishedError
+    from filedispatch.processors.local import _check_moved
+
+    inbox, out = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    out.mkdir()
+    (inbox / "a.txt").write_bytes(b"the version planned\n")
+    st = os.lstat(inbox / "a.txt")
+    version = FileVersion(
+        "in", inbox, "a.txt", st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_dev
+    )
+    (inbox / ".a.txt.part").write_bytes(b"a new version\n")
+    os.rename(inbox / ".a.txt.part", inbox / "a.txt")  # the writer's swap
+    os.rename(inbox / "a.txt", out / "a.txt")  # the service's rename took the new version
+    (inbox / "a.txt").write_bytes(b"a third file\n")  # and the name is taken again
+    folder = os.open(inbox, os.O_PATH | os.O_DIRECTORY)
+    try:
+        with pytest.raises(SourceVanishedError, match=r"put back as a-1\.txt"):
+            _check_moved(version, folder, "a.txt", st, str(out / "a.txt"))
+    finally:
+        os.close(folder)
+    assert list(out.iterdir()) == []
+    assert (inbox / "a-1.txt").read_bytes() == b"a new version\n"
+    assert (inbox / "a.txt").read_bytes() == b"a third file\n"

@@ -569,18 +569,40 @@ def _source_replaced(sources: dict[str, int], root: Path) -> bool:
 def _check_moved(
     version: FileVersion, dirfd: int, name: str, st: os.stat_result, final: str
 ) -> None:
-    """The name was swapped between the check and the rename: put back what was moved."""
+    """Whether the file renamed to ``final`` is the version meant (``st``): a writer may have
+    renamed a new version over the source between the check and the rename. If it is not,
+    it is put back in the source folder ``dirfd``, under ``name`` or, if yet another file took
+    that name meanwhile, the next free numbered one (``stem-1.ext``...), never left in the
+    destination recorded nowhere; SourceVanishedError says where it went."""
     try:
         got = os.lstat(final)
     except OSError:
         return  # gone already (a consumer of the destination): it was ours a moment ago
     if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
         return
-    with contextlib.suppress(OSError, MoveUnavailable):
-        _move(final, name, dst_dir_fd=dirfd)
-    raise SourceVanishedError(
-        f"{version.relpath} was replaced while it was moved; put back, not delivered"
+    back = _put_back(final, name, dirfd)
+    where = f"put back as {back}" if back else f"left at {final}: it could not be put back"
+    log.warning(
+        "%s was replaced while it was moved (a new version renamed over it): the new version "
+        "is %s, to be dispatched on its own",
+        version.relpath,
+        where,
     )
+    raise SourceVanishedError(f"{version.relpath} was replaced while it was moved; {where}")
+
+
+def _put_back(final: str, name: str, dirfd: int) -> str | None:
+    """``final`` renamed into the folder ``dirfd`` under ``name``, or the first free numbered
+    name after it; the name it got, None if it could not be moved."""
+    for candidate in candidates(PurePosixPath(name), "rename"):
+        try:
+            _move(final, candidate.name, dst_dir_fd=dirfd)
+            return candidate.name
+        except FileExistsError:
+            continue
+        except (OSError, MoveUnavailable):
+            return None
+    return None
 
 
 def _check_name(version: FileVersion, dirfd: int, name: str) -> os.stat_result:
