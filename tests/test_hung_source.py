@@ -71,6 +71,14 @@ def _sftp(tmp_path: Path) -> Iterator[tuple[dict[str, Any], Callable[[str], bool
         server.close()
 
 
+@contextlib.contextmanager
+def _local(tmp_path: Path) -> Iterator[tuple[dict[str, Any], Callable[[str], bool]]]:
+    """A local folder both sources copy into: a copy stuck opening its source must be
+    blamed on the source, not on this folder, which the healthy source's files still reach."""
+    out = tmp_path / "out"
+    yield {"url": str(out)}, lambda name: (out / name).is_file()
+
+
 def _served_beside_a_hung_source(
     tmp_path: Path, transport: str, size: int, reads: bool, name: str | None = None, **env: str
 ) -> tuple[bool, str, bool, int, str]:
@@ -85,7 +93,8 @@ def _served_beside_a_hung_source(
         folder.mkdir()
     old(hung / "a.bin", os.urandom(size))
     with contextlib.ExitStack() as stack:
-        make = _http() if transport == "http" else _sftp(tmp_path)
+        makers = {"http": _http, "sftp": lambda: _sftp(tmp_path), "local": lambda: _local(tmp_path)}
+        make = makers[transport]()
         step, arrived = stack.enter_context(make)
         if name is not None:
             step = {**step, "name": name}
@@ -184,3 +193,41 @@ def test_a_name_by_content_of_a_source_whose_open_hangs_freezes_nothing(
     in that open, as it did in the upload's own before uploads opened their source in a
     thread (a large file's hash held it for as long as the hash took, too)."""
     _survived(*_served_beside_a_hung_source(tmp_path, transport, 1000, False, "{sha256:8}-{name}"))
+
+
+def test_a_copy_stuck_opening_its_source_leaves_its_destination_folder_open_to_others(
+    tmp_path: Path,
+) -> None:
+    """A local copy whose source's open never returns: once its attempt has timed out and the
+    call is known stuck, the folder marked hung must be the source's, not the destination's,
+    which the healthy source's files still reach (``CopyThreads.entering``). Before: the copy
+    entered its destination folder before opening the source, so the stuck open marked the
+    destination hung, and c.txt from the healthy source, bound for it, was refused."""
+    hung, fine, out = tmp_path / "hung", tmp_path / "fine", tmp_path / "out"
+    for folder in (hung, fine):
+        folder.mkdir()
+    old(hung / "a.bin", os.urandom(1000))
+    sources = [
+        {"path": str(hung), "name": "hung", "settle": 0.05, "open_writers": "ignore"},
+        {"path": str(fine), "name": "fine", "settle": 0.05},
+    ]
+    step = {"url": str(out), "timeout": 2, "retry": RETRY}
+    rules = [{"name": "all", "glob": "*", "to": [step]}]
+    svc = ServiceProcess(_config(tmp_path, sources, rules, shutdown_grace=0.5))
+    gate = _OpenGate(hung)
+    db = tmp_path / "journal.db"
+
+    def a_reason() -> str:
+        rows = journal_rows(db, "relpath = ?", ("a.bin",))
+        return str(rows[0]["reason"] or "") if rows else ""
+
+    with _closed(gate, svc):
+        svc.start(wait_ready=False)
+        assert gate.held.wait(60), svc.log()
+        wait_until(lambda: "stuck" in a_reason(), 60)  # tried again: the call is known stuck
+        old(fine / "c.txt", b"a file of a healthy source\n")
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: (out / "c.txt").is_file(), 30)
+        log = svc.log()
+        assert (out / "c.txt").is_file(), f"refused beside a stuck source open:\n{log[-3000:]}"
+        assert _stops(svc, 60), log[-2500:]

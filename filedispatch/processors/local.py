@@ -201,13 +201,18 @@ class LocalProcessor:
         closes it, see _flush)."""
         final_dir = self.root / rel.parent
         self._threads.check_folder(str(final_dir))  # another file's copy may be stuck there
-        self._threads.entering(final_dir)
-        if held is None:
-            self._mkdirs(final_dir)
-        else:
-            final_dir = held(rel.parent)
+        # the open waits on the source's side (a hung mount, an on-access scanner): stuck
+        # there, the source's folder is marked hung, never this destination for it
+        source_dir = ctx.input.parent
+        self._threads.check_folder(str(source_dir))
+        self._threads.entering(source_dir)
         fd, st = open_input(ctx)
         try:
+            self._threads.entering(final_dir)
+            if held is None:
+                self._mkdirs(final_dir)
+            else:
+                final_dir = held(rel.parent)
             tmp, out = self._copy(fd, st, final_dir, ctx, rel.name)
             try:
                 self._verify(fd, out, st, tmp)
