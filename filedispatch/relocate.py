@@ -168,6 +168,7 @@ def _copied(
             os.setxattr(fout, name, os.getxattr(fin, name))
     os.fchmod(fout, stat.S_IMODE(st.st_mode))
     os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.fsync(fout)  # on disk before the source goes: a power loss must not take both
     return os.fstat(fout)
 
 
@@ -209,7 +210,9 @@ def move_by_copy(
     whose journal key is ``key``); ``src`` is then removed with ``consume``, so a new version
     renamed over it as the move ends is left, never removed (the copy placed is of the
     version meant, which no longer has a name).
-    A stop before the rename leaves at worst the hidden copy (replaced by the next attempt);
+    The copy and its name are flushed to disk (fsync of the file, then of its folder) before
+    ``src`` is removed: a power loss never leaves neither. A stop before the rename leaves at
+    worst the hidden copy (replaced by the next attempt);
     a source that cannot be removed (EPERM, EROFS...) takes its placed copy back and the
     error is raised: the file is never in both places. Returns where the file is now.
     """
@@ -242,6 +245,7 @@ def move_by_copy(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _sync_folder(placed.parent)  # the copy's name too, before the source goes
     try:
         _remove(src, same, key)
     except BaseException:
@@ -249,6 +253,19 @@ def move_by_copy(
             os.unlink(placed)
         raise
     return placed
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync ``folder`` (a name given in it is durable then); a filesystem that cannot sync a
+    folder (EINVAL on some network ones) is left as it is."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _remove(src: Path, same: Callable[[Path], bool] | None, key: str) -> None:
