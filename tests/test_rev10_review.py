@@ -1,0 +1,219 @@
+"""Session-10 review (rev10) of the day's integrity fixes, as an inbox writer and an operator
+would attack them: the start's end of interrupted removals (``recovery.finish_removals``,
+hidden names ``.filedispatch-gone-<key>-<random>``), links resolved only outside the
+sources (``config.real_outside``) and the walk by list (``sourcefile.entries_beneath``).
+Each test says in its docstring whether it is a finding (it failed on main 3d28da7) or a
+control (the attack held). Real files, real mounts and fanotify gates (root, else
+skipped), the real CLI and service."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ServiceProcess, delivered, journal_rows, old, run_cli, wait_until
+from .test_after_swaps import _config, _delivered_then_interrupted
+from .test_called_off import _OpenGate
+from .test_hung_mount import FAN_ONDIR, FAN_OPEN_PERM, _hung_mount, _mark_mount, _mounted
+
+# -- the start's look for interrupted removals meets a hung mount below a recursive source --
+
+
+def _folders_hang(folder: Path) -> contextlib.AbstractContextManager[_OpenGate]:
+    """``folder``, a new ramfs mount (a filesystem the watcher does not take for a local
+    disk, ``watcher.mounts.LOCAL_FS``: as an NFS or SMB share) on which every open of a
+    folder (an ``opendir``, as ``os.scandir`` makes) or file waits at the gate yielded: a
+    hung share as a walk meets it."""
+    return _hung_mount(folder, "ramfs", FAN_OPEN_PERM | FAN_ONDIR)
+
+
+def test_a_hung_mount_below_a_recursive_source_freezes_nothing_else(tmp_path: Path) -> None:
+    """FINDING (rev10-1; older than today's commits: it fails on 2f6fa63 too). A recursive
+    source ``in`` on the local disk holds ``in/share``, a mount that hangs (every opendir
+    waits, as on an NFS share whose server is gone), and a plain file ``in/a.txt``. The
+    service must go on: ``a.txt``, on the healthy disk, delivered; the lease renewed. On
+    main (and 2f6fa63): nothing is delivered until the mount answers; the log says the
+    lease of this SQLite node was not renewed in time (the event loop was held) and the
+    start never reports it is watching. Today's look for interrupted removals adds its own
+    share: given up after 2 s, it marks the whole source hung ("no file of this folder is
+    sent until it has") until the walk returns."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    with _folders_hang(inbox / "share") as gate:
+        source = {"path": str(inbox), "name": "in", "settle": 0.05, "recursive": True}
+        svc = ServiceProcess(_config(tmp_path, [source]))
+        try:
+            svc.start(wait_ready=False)
+            assert gate.held.wait(60), svc.log()[-3000:]  # a walk waits in in/share
+            old(inbox / "a.txt", b"on the healthy disk\n")
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: (tmp_path / "out" / "a.txt").exists(), 45)
+            got = delivered(tmp_path / "out")
+        finally:
+            gate.release()
+            svc.stop(60)
+        log = svc.log()
+    assert got == {"a.txt": b"on the healthy disk\n"}, log[-4000:]
+    assert "was not renewed in time" not in log, log[-4000:]
+
+
+class _SlowFolders(_OpenGate):
+    """fanotify permission events on a whole mount: every open there (of a folder too) is
+    let through ``delay`` seconds after it was asked for, one after the other, as on a slow
+    network share (an NFS mount over a distant link)."""
+
+    def __init__(self, mount: Path, delay: float) -> None:
+        super().__init__(mount)
+        self.delay = delay
+        try:
+            _mark_mount(self.fd, mount, FAN_OPEN_PERM | FAN_ONDIR)
+        except BaseException:
+            self.close()
+            raise
+        self.release()
+
+    def _answer(self, efd: int) -> None:
+        time.sleep(self.delay)
+        super()._answer(efd)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.1])
+def test_an_interrupted_removal_in_a_slow_recursive_source_is_still_finished(
+    tmp_path: Path, delay: float
+) -> None:
+    """FINDING (rev10-2). A recursive source on a slow share (every opendir or open answered
+    after 0.1 s) holding 40 folders: a walk of it takes about 4 s, longer than the 2 s the
+    start gives its look for interrupted removals (``recovery.SWEEP_WAIT_S``). A kill -9 in
+    ``consume`` left a new version (renamed over the source as it was taken) under the
+    hidden name carrying the delivered version's key. The next start must put it back and
+    deliver it. On main: the look is given up after 2 s, on this start and on every later
+    one, so the new version stays hidden in the inbox, never delivered (any recursive
+    source whose walk takes over 2 s: a large tree, a share on a slow link). ``delay`` 0:
+    the control (no gate), which holds on main."""
+    inbox = tmp_path / "in"
+    with _mounted(inbox, "ramfs"):
+        for n in range(40):
+            (inbox / f"d{n:02}").mkdir()
+        inbox2, hidden, settings, _key = _delivered_then_interrupted(
+            tmp_path, "a.txt", b"first\n", recursive=True
+        )
+        assert inbox2 == inbox
+        hidden.unlink()
+        (inbox / "new").write_bytes(b"second, renamed over it\n")
+        os.utime(inbox / "new", (1_000_000_000, 1_000_000_000))
+        os.rename(inbox / "new", hidden)
+        gate = _SlowFolders(inbox, delay) if delay else None
+        try:
+            result = run_cli("-c", _config(tmp_path, [settings]), "--once", timeout=300)
+        finally:
+            if gate is not None:
+                gate.close()
+        left = sorted(p.name for p in inbox.iterdir() if p.is_file())
+    assert sorted(delivered(tmp_path / "out").values()) == [
+        b"first\n",
+        b"second, renamed over it\n",
+    ], (left, result.stderr[-3000:])
+
+
+# -- names an inbox writer gives that parse as a hidden removal ---------------------------
+
+
+def test_a_hidden_removal_name_cannot_forge_lines_in_the_log(tmp_path: Path) -> None:
+    """CONTROL. The inbox writer names a file ``.filedispatch-gone-<key>-x``
+    followed by a newline and a made-up log line (the key unknown to the journal). The
+    start's warning about it must not print the name raw: a forged line (or terminal
+    escapes) would land in the operator's log, as the watcher's own lines avoid by escaping
+    names (``textsafe.escape``). Held: the log filter (``logs.ScrubFilter``) escapes every
+    message, this one included."""
+    inbox = tmp_path / "in"
+    forged = "FORGED filedispatch: all files delivered"
+    name = f".filedispatch-gone-00112233445566778899aabb-x\n{forged}"
+    old(inbox / name, b"g\n")
+    old(inbox / "a.txt", b"a\n")
+    source = {"path": str(inbox), "name": "in", "settle": 0}
+    result = run_cli("-c", _config(tmp_path, [source]), "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (inbox / name).read_bytes() == b"g\n"  # it stays, unknown
+    assert delivered(tmp_path / "out") == {"a.txt": b"a\n"}
+    lines = result.stderr.splitlines()
+    assert not any(line.startswith(forged) for line in lines), result.stderr[-3000:]
+
+
+def test_hidden_removal_names_that_are_not_files_are_only_put_back(tmp_path: Path) -> None:
+    """CONTROL. Beside the delivered version left under its hidden name by an interrupted
+    removal, the inbox writer leaves a FIFO and a folder (holding a file) under hidden
+    removal names carrying that version's key. The start never opens the FIFO (no hang),
+    removes the delivered version, and takes neither attack for it: each is put back under
+    the version's name (numbered where taken); nothing is delivered twice; the start ends."""
+    inbox, hidden, settings, key = _delivered_then_interrupted(
+        tmp_path, "a.txt", b"delivered\n", recursive=True
+    )
+    fifo = inbox / f".filedispatch-gone-{key}-f1f0"
+    os.mkfifo(fifo)
+    folder = inbox / f".filedispatch-gone-{key}-d1d0"
+    old(folder / "inside.txt", b"inside\n")
+    result = run_cli("-c", _config(tmp_path, [settings]), "--once", timeout=120)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert not hidden.exists() and not fifo.exists() and not folder.exists(), result.stderr
+    names = sorted(p.name for p in inbox.iterdir())
+    assert names == ["a-1.txt", "a.txt"], names
+    out = delivered(tmp_path / "out")
+    assert sorted(out.values()) == [b"delivered\n", b"inside\n"], out
+
+
+def test_a_hard_link_of_an_undelivered_file_under_its_hidden_name_leaves_the_file(
+    tmp_path: Path,
+) -> None:
+    """CONTROL. ``a.txt`` failed (kept in the source, its row FAILED: not delivered). The
+    inbox writer hard-links it under the hidden removal name carrying its own version's key,
+    as if a removal had been interrupted. The start removes only that extra name (the very
+    file of the version): ``a.txt`` itself stays, and nothing of it is marked delivered."""
+    inbox = tmp_path / "in"
+    old(inbox / "a.txt", b"not delivered\n")
+    source = {"path": str(inbox), "name": "in", "settle": 0}
+    failing = [{"name": "all", "glob": "*", "to": [{"command": "exit 4"}]}]
+    cfg = _config(tmp_path, [source], rules=failing)
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 1
+    [row] = journal_rows(tmp_path / "journal.db")
+    assert row["status"] == "FAILED"
+    link = inbox / f".filedispatch-gone-{row['vkey']}-0123456789ab"
+    os.link(inbox / "a.txt", link)
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert (inbox / "a.txt").read_bytes() == b"not delivered\n", result.stderr[-3000:]
+    assert not link.exists(), result.stderr[-3000:]
+    # the extra link moved a.txt's ctime: a new version, sent (and failed) on its own
+    assert {r["status"] for r in journal_rows(tmp_path / "journal.db")} == {"FAILED"}
+
+
+def test_a_hidden_name_with_extra_dashes_or_another_source_s_key_is_not_removed(
+    tmp_path: Path,
+) -> None:
+    """CONTROL. Two sources; ``b/a.txt`` was delivered and is kept (after: keep). In source
+    ``in`` the inbox writer leaves (1) a file of their own under the hidden name carrying
+    the key of ``b``'s version, and (2) one whose name adds dashes after the key. Neither is
+    the very file of a version: nothing is removed; (1) comes back under the version's
+    name in ``in`` (a file of its own, delivered), (2) stays (its key is unknown), and
+    ``b/a.txt`` is untouched."""
+    inbox, other = tmp_path / "in", tmp_path / "b"
+    inbox.mkdir()
+    old(other / "a.txt", b"kept in b\n")
+    sources = [
+        {"path": str(inbox), "name": "in", "settle": 0},
+        {"path": str(other), "name": "b", "settle": 0},
+    ]
+    cfg = _config(tmp_path, sources)
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
+    [row] = journal_rows(tmp_path / "journal.db")
+    key = row["vkey"]
+    mine = old(inbox / f".filedispatch-gone-{key}-0123456789ab", b"attacker's\n")
+    dashes = old(inbox / f".filedispatch-gone-{key}-extra-0123", b"dashes\n")
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (other / "a.txt").read_bytes() == b"kept in b\n"
+    assert not mine.exists()
+    assert (inbox / "a.txt").read_bytes() == b"attacker's\n", result.stderr[-3000:]
+    assert dashes.read_bytes() == b"dashes\n"
