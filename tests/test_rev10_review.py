@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ServiceProcess, delivered, journal_rows, old, run_cli, wait_until
-from .test_after_swaps import _config, _delivered_then_interrupted
+from .test_after_swaps import _config, _delivered_then_interrupted, _moving
 from .test_called_off import _OpenGate
 from .test_hung_mount import FAN_ONDIR, FAN_OPEN_PERM, _hung_mount, _mark_mount, _mounted
 
@@ -37,8 +37,11 @@ def test_a_hung_mount_below_a_recursive_source_freezes_nothing_else(tmp_path: Pa
     waits, as on an NFS share whose server is gone), and a plain file ``in/a.txt``. The
     service must go on: ``a.txt``, on the healthy disk, delivered; the lease renewed. On
     main (and 2f6fa63): nothing is delivered until the mount answers; the log says the
-    lease of this SQLite node was not renewed in time (the event loop was held) and the
-    start never reports it is watching. Today's look for interrupted removals adds its own
+    lease of this SQLite node was not renewed in time and the start never reports it is
+    watching: the event loop itself is held, in ``watcher.changes.watch_changes`` where
+    ``RustNotify(...)`` (watchfiles) walks the tree to add its inotify watches, on the
+    loop's thread, into the hung share (a faulthandler dump at 15 s showed the main thread
+    there). Today's look for interrupted removals adds its own
     share: given up after 2 s, it marks the whole source hung ("no file of this folder is
     sent until it has") until the walk returns."""
     inbox = tmp_path / "in"
@@ -217,3 +220,88 @@ def test_a_hidden_name_with_extra_dashes_or_another_source_s_key_is_not_removed(
     assert not mine.exists()
     assert (inbox / "a.txt").read_bytes() == b"attacker's\n", result.stderr[-3000:]
     assert dashes.read_bytes() == b"dashes\n"
+
+
+# -- links: an operator's on purpose outside the inbox, an inbox writer's inside ----------
+
+
+@pytest.mark.parametrize("via", ["source-given-through-a-link", "done-dir-in-another-source"])
+def test_a_done_dir_reached_through_operator_links_still_refuses_a_swap_in_the_inbox(
+    tmp_path: Path, via: str
+) -> None:
+    """CONTROL. The done_dir lies in a hostile inbox, but the config reaches it another way
+    than the source's own path: (1) the source and its done_dir are given through an
+    operator's link outside the inbox (``inlink`` -> ``in``); (2) the done_dir of source
+    ``in`` lies inside another source ``b`` (also written by the attacker). While the
+    service is stopped the attacker replaces that done_dir with a link to ``outside``. The
+    start must not resolve it: nothing lands in ``outside``, the file stays, ``--once``
+    exits 1."""
+    inbox, other, outside = tmp_path / "in", tmp_path / "b", tmp_path / "outside"
+    for folder in (inbox, other, outside):
+        folder.mkdir()
+    if via == "source-given-through-a-link":
+        (tmp_path / "inlink").symlink_to(inbox, target_is_directory=True)
+        done = inbox / "done"
+        moving = _moving(tmp_path / "inlink", tmp_path / "inlink" / "done")
+        sources = [moving]
+    else:
+        done = other / "done"
+        sources = [_moving(inbox, done), {"path": str(other), "name": "b", "settle": 0}]
+    done.symlink_to(outside, target_is_directory=True)  # the inbox writer's swap
+    old(inbox / "evil.txt", b"* * * * * root id > /tmp/owned\n")
+    result = run_cli("-c", _config(tmp_path, sources), "--once", timeout=120)
+    assert (tmp_path / "out" / "evil.txt").exists(), result.stderr[-3000:]
+    assert sorted(p.name for p in outside.iterdir()) == [], result.stderr[-3000:]
+    assert (inbox / "evil.txt").exists(), result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+
+
+def test_a_retry_brings_a_file_back_from_a_failed_dir_that_is_an_operator_s_link(
+    tmp_path: Path,
+) -> None:
+    """CONTROL. ``failed_dir: failed``, a link the operator made on purpose outside the
+    inbox (to ``store/failed``). The failed file is moved there through it, and ``history
+    retry`` brings it back through it (a link outside the sources is followed), then it
+    is delivered, once."""
+    from .test_after_swaps import _failed_once
+
+    store = tmp_path / "store" / "failed"
+    store.mkdir(parents=True)
+    (tmp_path / "failed").symlink_to(store, target_is_directory=True)
+    _inbox, cfg, row_id = _failed_once(tmp_path, tmp_path / "failed", "s1/a.txt", b"back\n")
+    assert delivered(store) == {"s1/a.txt": b"back\n"}
+    answer = run_cli("history", "retry", str(row_id), "-c", cfg)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
+    assert delivered(tmp_path / "out") == {"s1/a.txt": b"back\n"}
+    assert delivered(store) == {}
+
+
+def test_hidden_removal_names_in_a_source_that_follows_links(tmp_path: Path) -> None:
+    """CONTROL. ``follow_symlinks: true``: ``l.txt`` is a link to ``data/t.txt`` in the
+    source; both were delivered (after: keep). A kill -9 left the link under the hidden name
+    of ``l.txt``'s version (as ``consume`` renames the link, not its target), and the inbox
+    writer adds, under another hidden name with that key, a link to a secret outside the
+    inbox. The start removes only the link of the version (``data/t.txt`` stays), puts the
+    other back (a link leading outside: never followed, never delivered), nothing is sent
+    twice, the secret is not sent."""
+    inbox = tmp_path / "in"
+    secret = old(tmp_path / "secret.txt", b"SECRET\n")
+    old(inbox / "data" / "t.txt", b"target\n")
+    (inbox / "l.txt").symlink_to("data/t.txt")
+    source = {"path": str(inbox), "name": "in", "settle": 0, "recursive": True}
+    source |= {"follow_symlinks": True}
+    cfg = _config(tmp_path, [source])
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
+    assert delivered(tmp_path / "out") == {"l.txt": b"target\n", "data/t.txt": b"target\n"}
+    [key] = [r["vkey"] for r in journal_rows(tmp_path / "journal.db") if r["relpath"] == "l.txt"]
+    hidden = inbox / f".filedispatch-gone-{key}-0123456789ab"
+    os.rename(inbox / "l.txt", hidden)
+    planted = inbox / f".filedispatch-gone-{key}-ba9876543210"
+    planted.symlink_to(secret)
+    result = run_cli("-c", cfg, "--once", timeout=120)
+    assert not hidden.exists() and not planted.exists(), result.stderr[-3000:]
+    assert (inbox / "data" / "t.txt").read_bytes() == b"target\n"
+    assert os.readlink(inbox / "l.txt") == str(secret), result.stderr[-3000:]  # put back
+    out = delivered(tmp_path / "out")
+    assert out == {"l.txt": b"target\n", "data/t.txt": b"target\n"}, result.stderr[-3000:]
