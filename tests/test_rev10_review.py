@@ -305,3 +305,46 @@ def test_hidden_removal_names_in_a_source_that_follows_links(tmp_path: Path) -> 
     assert os.readlink(inbox / "l.txt") == str(secret), result.stderr[-3000:]  # put back
     out = delivered(tmp_path / "out")
     assert out == {"l.txt": b"target\n", "data/t.txt": b"target\n"}, result.stderr[-3000:]
+
+
+# -- a cluster on PostgreSQL, with a shared source ------------------------------------------
+
+
+def test_an_interrupted_removal_in_a_shared_source_is_finished_in_a_rolling_cluster(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """FINDING (rev10-3). Two nodes share the source ``inbox`` (PostgreSQL journal). A kill
+    -9 of one in ``consume`` left a new version (renamed over ``a.txt`` as it was taken)
+    under the hidden name carrying the delivered version's key. The cluster is restarted
+    the way a cluster is: one node at a time, the other live. The new version must be put
+    back and delivered. On main: a node finishes interrupted removals of a shared source
+    only when it starts alone, and a live node never looks again, so in a cluster that is
+    never wholly stopped the new version stays hidden for ever, never delivered."""
+    from .test_cluster import _node_config
+
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    n1, n2 = (_node_config(tmp_path, pg_url, n, str(out)) for n in ("n1", "n2"))
+    first = ServiceProcess(n1).start()
+    second: ServiceProcess | None = None
+    try:
+        old(inbox / "a.txt", b"first\n")
+        wait_until(lambda: journal_rows(pg_url, "status='SUCCEEDED'"), 60)
+        [row] = journal_rows(pg_url)
+        hidden = inbox / f".filedispatch-gone-{row['vkey']}-0123456789ab"
+        os.rename(inbox / "a.txt", hidden)  # the kill's leftover: a new version there
+        hidden.unlink()
+        old(tmp_path / "new", b"second, renamed over it\n")
+        os.rename(tmp_path / "new", hidden)
+        second = ServiceProcess(n2).start()  # n1 live
+        first.stop(60)
+        first = ServiceProcess(n1).start()  # n2 live: a rolling restart
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: len(delivered(out)) == 2, 30)
+        got = sorted(delivered(out).values())
+        log = first.log()[-2000:] + second.log()[-2000:]
+    finally:
+        first.stop(60)
+        if second is not None:
+            second.stop(60)
+    assert got == [b"first\n", b"second, renamed over it\n"], (sorted(os.listdir(inbox)), log)
