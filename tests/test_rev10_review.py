@@ -122,6 +122,30 @@ def test_an_interrupted_removal_in_a_slow_recursive_source_is_still_finished(
     ], (left, result.stderr[-3000:])
 
 
+def test_a_slow_but_healthy_source_is_not_reported_hung_at_the_start(tmp_path: Path) -> None:
+    """FINDING (rev10-4, low). The slow share of the test above (40 folders, each open
+    answered after 0.1 s), nothing left by a kill: a healthy source whose walk takes 4 s.
+    The start must not log an ERROR that the source is stuck, nor refuse its files. On
+    main: "a look for interrupted removals a file to send has not returned by the end of its
+    attempt (stuck in a system call: a hung disk or mount...); no file of this folder is sent
+    until it has" (the wording of a stuck read, given the look's name), then "the stuck open
+    or read of a file to send has returned ...; copies into it start again", at every start
+    of any recursive source whose walk takes over 2 s."""
+    inbox = tmp_path / "in"
+    with _mounted(inbox, "ramfs"):
+        for n in range(40):
+            (inbox / f"d{n:02}").mkdir()
+        old(inbox / "a.txt", b"a\n")
+        source = {"path": str(inbox), "name": "in", "settle": 0, "recursive": True}
+        gate = _SlowFolders(inbox, 0.1)
+        try:
+            result = run_cli("-c", _config(tmp_path, [source]), "--once", timeout=300)
+        finally:
+            gate.close()
+    assert delivered(tmp_path / "out") == {"a.txt": b"a\n"}, result.stderr[-3000:]
+    assert " ERROR " not in result.stderr, result.stderr[-3000:]
+
+
 # -- names an inbox writer gives that parse as a hidden removal ---------------------------
 
 
