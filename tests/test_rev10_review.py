@@ -372,3 +372,40 @@ def test_an_interrupted_removal_in_a_shared_source_is_finished_in_a_rolling_clus
         if second is not None:
             second.stop(60)
     assert got == [b"first\n", b"second, renamed over it\n"], (sorted(os.listdir(inbox)), log)
+
+
+# -- a retry from failed_dir cut short by a kill ---------------------------------------------
+
+
+def test_a_retry_cut_short_by_a_kill_is_not_delivered_twice_by_the_next_retry(
+    tmp_path: Path, other_fs: Path
+) -> None:
+    """FINDING (rev10-5; older than today's commits). ``a.txt`` failed and was moved to
+    ``failed_dir`` on another filesystem; the source consumes its files (after: delete).
+    ``history retry`` moves it back by copying: the copy is renamed into the source, then
+    the file in failed_dir is removed. A kill -9 between the two (the CLI's process, or the
+    service's when the API retries) leaves the file in both places (made here by hand: a
+    copy with its bytes and mtime, as the rename places it). The copy is delivered and
+    consumed; the operator, whose first retry gave no answer, retries again. The file must
+    not be delivered a second time. On main: the second retry finds the failed_dir copy
+    (another filesystem: size and mtime are all it compares), moves it back, and it is
+    delivered again: two SUCCEEDED rows for one failure."""
+    import shutil
+
+    import yaml
+
+    from .conftest import write_config
+    from .test_after_swaps import _failed_once
+
+    failed = other_fs / "failed"
+    inbox, cfg, row_id = _failed_once(tmp_path, failed, "a.txt", b"once\n")
+    settings = yaml.safe_load(cfg.read_text(encoding="utf-8"))
+    settings["sources"][0]["after"] = "delete"
+    write_config(cfg, settings)
+    shutil.copy2(failed / "a.txt", inbox / "a.txt")  # the kill's state: in both places
+    assert run_cli("-c", cfg, "--once", timeout=120).returncode == 0
+    assert delivered(tmp_path / "out") == {"a.txt": b"once\n"}
+    answer = run_cli("history", "retry", str(row_id), "-c", cfg)
+    run_cli("-c", cfg, "--once", timeout=120)
+    sent = journal_rows(tmp_path / "journal.db", "status='SUCCEEDED'")
+    assert len(sent) == 1, (answer.stdout + answer.stderr, sent)
