@@ -24,11 +24,13 @@ from .test_called_off import _OpenGate
 
 
 @contextlib.contextmanager
-def _mounted(folder: Path) -> Iterator[None]:
-    """``folder``, made, a new tmpfs mount while inside (skipped where none can be made)."""
+def _mounted(folder: Path, fstype: str = "tmpfs") -> Iterator[None]:
+    """``folder``, made, a new ``fstype`` mount (tmpfs; ramfs: one the watcher does not take
+    for a local disk) while inside (skipped where none can be made)."""
     folder.mkdir()
+    size = ["-o", "size=64m"] if fstype == "tmpfs" else []
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)],
+        ["mount", "-t", fstype, *size, fstype, str(folder)],
         capture_output=True,
         text=True,
         check=False,
@@ -41,20 +43,33 @@ def _mounted(folder: Path) -> Iterator[None]:
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
+#: fanotify masks: FAN_OPEN_PERM (an open of a file), FAN_ONDIR (of a folder too)
+FAN_OPEN_PERM, FAN_ONDIR = 0x10000, 0x40000000
+
+
+def _mark_mount(fd: int, folder: Path, mask: int = FAN_OPEN_PERM) -> None:
+    """Mark the whole mount of ``folder`` for the fanotify group ``fd`` (skipped where the
+    kernel refuses)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fanotify_mark.argtypes = [
+        ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p
+    ]  # fmt: skip
+    # FAN_MARK_ADD | FAN_MARK_MOUNT; AT_FDCWD
+    if libc.fanotify_mark(fd, 0x1 | 0x10, mask, -100, bytes(folder)):
+        pytest.skip(f"fanotify_mark: {os.strerror(ctypes.get_errno())}")
+
+
 @contextlib.contextmanager
-def _hung_mount(folder: Path) -> Iterator[_OpenGate]:
-    """``folder``, a new tmpfs mount whose every open (of a file anywhere in it) waits at
-    the gate it yields; on the way out the gate opens and the mount goes."""
-    with _mounted(folder):
+def _hung_mount(
+    folder: Path, fstype: str = "tmpfs", mask: int = FAN_OPEN_PERM
+) -> Iterator[_OpenGate]:
+    """``folder``, a new ``fstype`` mount whose every open (of a file anywhere in it; of a
+    folder too with ``FAN_ONDIR`` in ``mask``) waits at the gate it yields; on the way out
+    the gate opens and the mount goes."""
+    with _mounted(folder, fstype):
         gate = _OpenGate(folder)
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.fanotify_mark.argtypes = [
-                ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p
-            ]  # fmt: skip
-            # FAN_MARK_ADD | FAN_MARK_MOUNT; FAN_OPEN_PERM; AT_FDCWD
-            if libc.fanotify_mark(gate.fd, 0x1 | 0x10, 0x10000, -100, bytes(folder)):
-                pytest.skip(f"fanotify_mark: {os.strerror(ctypes.get_errno())}")
+            _mark_mount(gate.fd, folder, mask)
             yield gate
         finally:
             gate.close()
