@@ -20,15 +20,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from . import fastpath, relocate, sourcefile
 from .asyncutil import in_daemon_thread
 from .config import Config, LocalDestination, S3Destination, SourceConfig, real, real_outside
-from .errors import JournalError, NetworkError
+from .errors import JournalError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
-from .processors import inputs, threads
+from .processors import threads
 from .processors.local import sweep_temporaries
 from .processors.s3uploads import import_files
 from .router import legacy_step_keys, step_keys
@@ -290,7 +290,14 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
         log.info("removed %d stale work folder(s) from %s", len(stale), workdir)
 
 
-async def finish_removals(journal: Journal, config: Config, alone: bool = True) -> None:
+#: how long a look for interrupted removals, or the end of one, may go without a single entry
+#: listed (or without returning) before the start goes on without it: a hung mount
+STALL_S = 10.0
+
+
+async def finish_removals(
+    journal: Journal, config: Config, alone: bool = True, shared_only: bool = False
+) -> None:
     """End what a stop (kill -9, power loss) interrupted in ``relocate.consume``: a source an
     after-action was removing is renamed to a hidden name carrying its version's key first,
     and unlinked only after a look. Each such file found in a source (its subfolders too if
@@ -299,16 +306,19 @@ async def finish_removals(journal: Journal, config: Config, alone: bool = True) 
     name (a new version renamed over the source at that instant: dispatched on its own). A
     key the journal does not know leaves the file where it is, with a warning.
 
-    Run before any delivery, when this service's own removals cannot be under way. Shared
-    sources only when ``alone``: another live node's removal in progress looks the same.
-    Each source's look and each file's end run in daemon threads, waited for
-    ``SWEEP_WAIT_S`` at most (a hung mount holds nothing: its folder is marked hung)."""
+    Run at start before any delivery, when this service's own removals cannot be under way,
+    and, in a cluster, once a lease for the shared sources (``removals_task``). A shared
+    source while other nodes are live (``alone`` false): only files renamed more than two
+    leases ago (by their ctime), whose node is gone or stuck (a removal's rename and unlink
+    are microseconds apart); were two nodes to end one, they decide alike, and the second
+    finds it gone. ``shared_only``: the unshared sources are left out (the periodic look).
+    Each look and each end runs in a daemon thread; a look that lists nothing for
+    ``STALL_S`` (a hung mount) is given up and the start goes on."""
     for source in config.sources:
-        if source.shared and not alone:
+        if shared_only and not source.shared:
             continue
-        found = await _in_source(
-            source, "a look for interrupted removals", _leftovers, source.path, source.recursive
-        )
+        older = 2 * config.lease if source.shared and not alone else None
+        found = await _looked(source, older)
         if not found:
             continue
         try:
@@ -328,41 +338,82 @@ async def finish_removals(journal: Journal, config: Config, alone: bool = True) 
                 continue
             # the device number is not compared: it differs between hosts that share a folder
             version = dataclasses.replace(version, dev=0)
-            await _in_source(
-                source, f"ending the removal of {path}", _finish, path, version, source
-            )
+            try:
+                await _waited(in_daemon_thread(_finish, path, version, source))
+            except (TimeoutError, OSError) as exc:
+                log.warning("cannot end the interrupted removal of %s: %s", path, exc or "stuck")
 
 
-async def _in_source(
-    source: SourceConfig, doing: str, func: Callable[..., T], *args: Any
-) -> T | None:
-    """``func(*args)``, a call into ``source``'s folder (``inputs.in_source_thread``), waited
-    for ``SWEEP_WAIT_S`` at most; None (logged) when it fails or takes longer."""
-    try:
-        return await asyncio.wait_for(
-            inputs.in_source_thread(source.path, doing, func, *args), SWEEP_WAIT_S
-        )
-    except TimeoutError:
-        log.warning(
-            "%s: %s has not returned after %gs (a hung disk or mount?); the start goes on",
-            source.path,
-            doing,
-            SWEEP_WAIT_S,
-        )
-    except (OSError, NetworkError) as exc:
-        log.warning("%s: %s failed: %s", source.path, doing, exc)
-    return None
+def removals_task(
+    journal: Journal, config: Callable[[], Config], every_s: float
+) -> asyncio.Task[None]:
+    """A task that ends other nodes' interrupted removals in the shared sources once every
+    ``every_s`` seconds (a lease): in a cluster that is never stopped whole, a node that
+    crashed mid-removal and came back while others were live would leave its file for ever.
+    ``config`` gives the service's current config. The caller cancels it at the stop."""
+
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await finish_removals(journal, config(), alone=False, shared_only=True)
+            except Exception as exc:  # one look's failure ends nothing: the next one comes
+                log.warning("the look for interrupted removals failed: %s", exc)
+
+    return asyncio.create_task(run(), name="finish-removals")
 
 
-def _leftovers(root: Path, recursive: bool) -> list[tuple[Path, str]]:
+async def _looked(source: SourceConfig, older: float | None) -> list[tuple[Path, str]] | None:
+    """``_leftovers`` of ``source`` in a daemon thread, waited for as long as it lists
+    something every ``STALL_S``; None (logged) if it stalls or fails. ``older``: only files
+    renamed more than that many seconds ago."""
+    progress = [0]
+    look = in_daemon_thread(_leftovers, source.path, source.recursive, progress, older)
+    seen = -1
+    while True:
+        try:
+            return await asyncio.wait_for(asyncio.shield(look), STALL_S)
+        except TimeoutError:
+            if progress[0] == seen:
+                log.warning(
+                    "%s: the look for removals a stop interrupted has listed nothing for %gs "
+                    "(a hung disk or mount?); the start goes on without it",
+                    source.path,
+                    STALL_S,
+                )
+                return None
+            seen = progress[0]
+        except OSError as exc:
+            log.warning("%s: cannot look for removals a stop interrupted: %s", source.path, exc)
+            return None
+
+
+async def _waited(call: asyncio.Future[T]) -> T:
+    """``call`` (in a daemon thread) waited for ``STALL_S`` at most (TimeoutError)."""
+    return await asyncio.wait_for(asyncio.shield(call), STALL_S)
+
+
+def _leftovers(
+    root: Path, recursive: bool, progress: list[int], older: float | None = None
+) -> list[tuple[Path, str]]:
     """The files ``relocate.consume`` renamed and a stop left in ``root`` (its subfolders too
     if ``recursive``, no link followed: ``sourcefile.entries_beneath``), with the version key
-    each name carries."""
+    each name carries; ``older``: only those renamed more than that many seconds ago.
+    ``progress[0]`` counts the entries listed (for ``_looked``)."""
     found = []
+    before = time.time() - older if older is not None else None
     for entry in sourcefile.entries_beneath(root, recursive):
+        progress[0] += 1
         key = relocate.gone_key(entry.name)
-        if key is not None:
-            found.append((Path(entry.path), key))
+        if key is None:
+            continue
+        if before is not None:
+            try:
+                if entry.stat(follow_symlinks=False).st_ctime >= before:
+                    continue  # another live node's removal may be under way
+            except OSError:
+                continue
+        found.append((Path(entry.path), key))
     return found
 
 

@@ -340,6 +340,9 @@ class Service:
         sweep = await recovery.sweep_uploads(journal, lambda: self.config, old_ledgers, every)
         if sweep is not None:  # cancelled at the stop
             stack.push_async_callback(_cancel, sweep)
+        if every is not None and any(s.shared for s in self.config.sources):
+            removals = recovery.removals_task(journal, lambda: self.config, every)
+            stack.push_async_callback(_cancel, removals)
         learned = await self._learning(stack)
         self.dispatcher = Dispatcher(
             self.config,
