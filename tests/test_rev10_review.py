@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ServiceProcess, delivered, journal_rows, old, run_cli, wait_until
+from .conftest import (
+    ServiceProcess,
+    arrived,
+    delivered,
+    journal_rows,
+    old,
+    run_cli,
+    wait_until,
+)
 from .test_after_swaps import _config, _delivered_then_interrupted, _moving
 from .test_called_off import _OpenGate
 from .test_hung_mount import FAN_ONDIR, FAN_OPEN_PERM, _mark_mount, _mounted
@@ -328,8 +336,9 @@ def test_an_interrupted_removal_in_a_shared_source_is_finished_in_a_rolling_clus
         second = ServiceProcess(n2).start()  # n1 live
         first.stop(60)
         first = ServiceProcess(n1).start()  # n2 live: a rolling restart
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: len(delivered(out)) == 2, 30)
+        want = [b"first\n", b"second, renamed over it\n"]
+        with contextlib.suppress(AssertionError):  # arrived: a copy under way is not counted
+            wait_until(lambda: sorted(arrived(out).values()) == want, 60)
         got = sorted(delivered(out).values())
         log = first.log()[-2000:] + second.log()[-2000:]
     finally:
