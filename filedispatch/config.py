@@ -1709,6 +1709,11 @@ def real(path: Path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(path)))
 
 
+def real_roots(sources: Iterable[SourceConfig]) -> list[Path]:
+    """The folders of ``sources``, resolved (``real``): the ``roots`` of ``real_outside``."""
+    return [real(s.path) for s in sources]
+
+
 #: how many symbolic links ``real_outside`` follows before it gives up (Linux's MAXSYMLINKS)
 MAX_LINKS = 40
 

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from . import fastpath, relocate, sourcefile
 from .asyncutil import in_daemon_thread
-from .config import Config, LocalDestination, S3Destination, SourceConfig, real, real_outside
+from .config import Config, LocalDestination, S3Destination, SourceConfig, real_outside, real_roots
 from .errors import JournalError
 from .journal import Journal
 from .models import Dispatch, FileVersion, Status
@@ -85,7 +85,7 @@ async def retry(
             dispatch_id, reason=f"it is {row.status}; only a FAILED dispatch can be retried"
         )
     source = None if sources is None else sources.get(row.source)
-    roots = [] if sources is None else [real(s.path) for s in sources.values()]
+    roots = [] if sources is None else real_roots(sources.values())
     where = await in_daemon_thread(_locate, row, source, roots)
     if where == "here":
         if await journal.retry(dispatch_id):
@@ -264,7 +264,7 @@ async def at_start(journal: Journal, config: Config, workdir: Path, alone: bool 
     await finish_removals(journal, config, alone)
     roots = {s.folder for r in config.rules for s in r.to if isinstance(s, LocalDestination)}
     if alone:
-        inside = [real(s.path) for s in config.sources]
+        inside = real_roots(config.sources)
         sweeps = {}
         for root in sorted(roots):  # each beside the start: see threads.sweeping
             sweep = in_daemon_thread(sweep_temporaries, [root], journal.token, inside)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import fastpath, relocate, sourcefile
 from ..asyncutil import CalledOff, thread_to_its_end
-from ..config import SourceConfig, Step, real, real_outside
+from ..config import SourceConfig, Step, real_outside, real_roots
 from ..errors import NetworkError, NewVersionError
 from ..fate import Fate, fate
 from ..models import FileVersion, Status
@@ -74,7 +74,7 @@ class AfterActions:
 
     def _resolved(self, folder: Path) -> Path:
         """``folder`` resolved (``real_outside``): no link followed inside the sources."""
-        return real_outside(folder, [real(s.path) for s in self.state.config.sources])
+        return real_outside(folder, real_roots(self.state.config.sources))
 
     def fate_of(
         self,

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 from .. import fastpath, sourcefile
-from ..config import LocalDestination, OnConflict, SourceConfig, real, real_outside
+from ..config import LocalDestination, OnConflict, SourceConfig, real_outside, real_roots
 from ..errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -487,7 +487,7 @@ class Inside:
             return None
         sources = self._sources()
         if sources is not self._seen:
-            roots = [real(s.path) for s in sources]
+            roots = real_roots(sources)
             self._where = _within(self.folder, roots)
             self._seen = sources
         return self._where
