@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from . import fastpath, naming
 from .errors import NewVersionError
-from .processors.local import copy_data
+from .processors.local import copy_data, sync_folder
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def move_by_copy(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _sync_folder(placed.parent)  # the copy's name too, before the source goes
+    sync_folder(placed.parent)  # the copy's name too, before the source goes
     try:
         _remove(src, same, key)
     except BaseException:
@@ -253,19 +253,6 @@ def move_by_copy(
             os.unlink(placed)
         raise
     return placed
-
-
-def _sync_folder(folder: Path) -> None:
-    """fsync ``folder`` (a name given in it is durable then); a filesystem that cannot sync a
-    folder (EINVAL on some network ones) is left as it is."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _remove(src: Path, same: Callable[[Path], bool] | None, key: str) -> None:

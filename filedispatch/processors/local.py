@@ -912,14 +912,21 @@ def _remove_earlier(folder: Path, ctx: StepContext, name: str) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
+    """``sync_folder``, its errors passed over: the delivery is in place already, and a
+    folder that cannot be flushed only weakens its durability."""
+    with contextlib.suppress(OSError):
+        sync_folder(folder)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync ``folder`` (a name given in it is durable then); a filesystem that cannot sync a
+    folder (EINVAL on some network ones) is left as it is. OSError as ``open``, ``fsync``."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 
